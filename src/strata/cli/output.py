@@ -1,0 +1,98 @@
+"""Printing for the CLI: Rich for people, JSON for machines, and progress bars on a TTY."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from strata.engine.progress import Progress as EngineProgress
+
+T = TypeVar("T")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(doc: object) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def show_progress() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("STRATA_NO_PROGRESS")
+
+
+def count_tree(root: str, progress: EngineProgress) -> None:
+    """Fill in totals so the bar can show an ETA (runs beside the real work)."""
+    files = size = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except OSError:
+                continue
+            files += 1
+            size += st.st_size
+    progress.total_files, progress.total_bytes = files, size
+
+
+def run_with_progress(label: str, work: Callable[[EngineProgress], T],
+                      counter: Callable[[EngineProgress], None] | None = None,
+                      json_mode: bool = False) -> T:
+    """Run `work` in a thread while a Rich bar follows its counters (TTY only)."""
+    prog = EngineProgress()
+    if json_mode or not show_progress():
+        return work(prog)
+    if counter:
+        threading.Thread(target=counter, args=(prog,), daemon=True).start()
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = work(prog)
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.fields[files]} files"), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(label, total=None, files=0)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            bar.update(task, completed=prog.bytes_done, total=prog.total_bytes,
+                       files=f"{prog.files_done}" + (f"/{prog.total_files}"
+                                                      if prog.total_files else ""))
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def count_progress(label: str) -> Progress:
+    """A simple counting bar (packs checked, snapshots marked)."""
+    return Progress(TextColumn("[bold]" + label), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=err_console, transient=True,
+                    disable=not show_progress())

@@ -1,0 +1,367 @@
+"""`strata store …`: the single-instance store as a standalone backup tool.
+
+Each command turns its arguments into one library call and its result into a Rich
+table or, with --json, a JSON document.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from strata.engine import prune as prune_mod
+from strata.engine.backup import backup as run_backup
+from strata.engine.check import check as run_check
+from strata.engine.diff import diff_snapshots
+from strata.engine.restore import normalize_include
+from strata.engine.restore import restore as run_restore
+from strata.engine.retention import RetentionPolicy, SnapshotInfo, apply_policy
+from strata.engine.stats import store_stats
+from strata.errors import StrataError
+from strata.model.entry import Entry, EntryType
+from strata.store.repository import Store
+
+from .output import console, count_tree, human_bytes, print_json, run_with_progress
+
+app = typer.Typer(help="The deduplicating, snapshotting store (usable on its own for backup).",
+                  no_args_is_help=True)
+
+JSON = typer.Option(False, "--json", help="Print a JSON document instead of a table.")
+PASSFILE = typer.Option(None, "--passphrase-file", envvar="STRATA_PASSPHRASE_FILE",
+                        help="File holding the store passphrase (or set STRATA_PASSPHRASE).")
+StoreDir = typer.Argument(..., help="The store directory.")
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B?|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise typer.BadParameter(f"not a size: {text!r} (e.g. 64KiB, 16MiB)")
+    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
+
+
+def get_passphrase(passfile: Path | None, *, confirm: bool = False) -> str | None:
+    if passfile is not None:
+        try:
+            return passfile.read_text().rstrip("\n")
+        except OSError as exc:
+            raise StrataError(f"cannot read passphrase file {passfile}: {exc.strerror}") from None
+    if "STRATA_PASSPHRASE" in os.environ:
+        return os.environ["STRATA_PASSPHRASE"]
+    if sys.stdin.isatty():
+        return typer.prompt("Store passphrase", hide_input=True,
+                            confirmation_prompt=confirm)
+    return None
+
+
+def open_store(path: Path, passfile: Path | None) -> Store:
+    return Store.open(path, lambda: get_passphrase(passfile))
+
+
+@app.command()
+def init(store_dir: Path = StoreDir,
+         chunk_avg: str = typer.Option("64KiB", help="Average chunk size (power of two)."),
+         compression: str = typer.Option("zstd:3", help="zstd:LEVEL or none."),
+         encrypt: bool = typer.Option(False, help="Encrypt at rest (AES-256-GCM, scrypt key)."),
+         pack_size: str = typer.Option("16MiB", help="Target pack size."),
+         passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
+    """Create a new, empty store."""
+    passphrase = None
+    if encrypt:
+        passphrase = get_passphrase(passfile, confirm=True)
+        if not passphrase:
+            raise StrataError("--encrypt needs a passphrase (STRATA_PASSPHRASE, "
+                              "--passphrase-file, or a terminal to type it)")
+    try:
+        avg = parse_size(chunk_avg)
+        store = Store.init(store_dir, chunk_avg=avg, compression=compression,
+                           passphrase=passphrase, pack_size=parse_size(pack_size))
+    except ValueError as exc:
+        raise StrataError(str(exc)) from None
+    doc = {"store": str(store_dir), "id": store.config.id, "chunk_avg": avg,
+           "compression": store.config.compression, "encryption": store.config.encryption}
+    store.close()
+    if json:
+        print_json(doc)
+    else:
+        console.print(f"created store {store.config.id[:8]} at {store_dir} "
+                      f"({doc['encryption']}, {doc['compression']})")
+
+
+@app.command()
+def backup(store_dir: Path = StoreDir,
+           source: Path = typer.Argument(..., help="Directory to back up."),
+           tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
+           exclude: list[str] = typer.Option([], "--exclude", help="Pattern to skip."),
+           passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
+    """Back up SOURCE; prints the new snapshot id."""
+    with open_store(store_dir, passfile) as store:
+        result = run_with_progress(
+            "backup", lambda p: run_backup(store, source, tags=tag, excludes=exclude,
+                                           progress=p),
+            counter=lambda p: count_tree(str(source), p), json_mode=json)
+    if json:
+        print_json(result.to_dict())
+        return
+    for err in result.errors:
+        console.print(f"[yellow]warning:[/] {err}")
+    console.print(
+        f"snapshot [bold]{result.snapshot[:8]}[/] saved: {result.files} files "
+        f"({result.files_new} new, {result.files_changed} changed, "
+        f"{result.files_unmodified} unmodified), read {human_bytes(result.bytes_read)}, "
+        f"added {human_bytes(result.bytes_new)} ({human_bytes(result.bytes_stored)} stored) "
+        f"in {result.seconds:.1f}s")
+
+
+@app.command()
+def snapshots(store_dir: Path = StoreDir, passfile: Path | None = PASSFILE,
+              json: bool = JSON) -> None:
+    """List snapshots, oldest first."""
+    with open_store(store_dir, passfile) as store:
+        snaps = store.snapshots()
+    if json:
+        print_json([{"id": s.id, "time": s.time, "host": s.host, "paths": s.paths,
+                     "tags": s.tags, "parent": s.parent, "trigger": s.trigger,
+                     "files": s.stats.get("files"), "bytes": s.stats.get("bytes_total")}
+                    for s in snaps])
+        return
+    table = Table("ID", "Time", "Host", "Tags", "Paths", "Files", "Size")
+    for s in snaps:
+        table.add_row(s.short_id, s.datetime.astimezone().strftime("%Y-%m-%d %H:%M:%S"), s.host,
+                      ",".join(s.tags), " ".join(s.paths), str(s.stats.get("files", "")),
+                      human_bytes(s.stats.get("bytes_total", 0)))
+    console.print(table)
+    console.print(f"{len(snaps)} snapshot(s)")
+
+
+def _mode_string(e: Entry) -> str:
+    kind = {EntryType.DIR: "d", EntryType.SYMLINK: "l", EntryType.FIFO: "p",
+            EntryType.CHARDEV: "c", EntryType.BLOCKDEV: "b"}.get(e.type, "-")
+    bits = "".join(ch if e.mode & (1 << (8 - i)) else "-" for i, ch in enumerate("rwxrwxrwx"))
+    return kind + bits
+
+
+def _entry_doc(e: Entry) -> dict:
+    return {"path": os.fsdecode(e.path), "type": e.type.name.lower(), "mode": oct(e.mode),
+            "uid": e.uid, "gid": e.gid, "size": e.size, "mtime_ns": e.mtime_ns,
+            "link_target": os.fsdecode(e.link_target) if e.link_target else None}
+
+
+@app.command("ls")
+def ls_cmd(store_dir: Path = StoreDir, snapshot: str = typer.Argument(...),
+           path: str = typer.Argument("", help="Only entries under this path."),
+           passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
+    """List the entries of a snapshot."""
+    prefix = normalize_include(path) if path.strip("/") else b""
+    with open_store(store_dir, passfile) as store:
+        snap = store.resolve_snapshot(snapshot)
+        entries = [e for e in store.iter_manifest(snap)
+                   if not prefix or e.path == prefix or e.path.startswith(prefix + b"/")]
+    if json:
+        print_json([_entry_doc(e) for e in entries])
+        return
+    for e in entries:
+        when = datetime.fromtimestamp(e.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M")
+        name = os.fsdecode(e.path)
+        if e.type is EntryType.SYMLINK:
+            name += " -> " + os.fsdecode(e.link_target)
+        elif e.type is EntryType.HARDLINK:
+            name += " => " + os.fsdecode(e.link_target)
+        console.print(f"{_mode_string(e)} {e.uid:>5} {e.gid:>5} {e.size:>12} {when} {name}",
+                      markup=False, highlight=False)
+
+
+@app.command()
+def diff(store_dir: Path = StoreDir, snap1: str = typer.Argument(...),
+         snap2: str = typer.Argument(...), passfile: Path | None = PASSFILE,
+         json: bool = JSON) -> None:
+    """Show what changed between two snapshots (+ added, - removed, M modified, U metadata)."""
+    with open_store(store_dir, passfile) as store:
+        a, b = store.resolve_snapshot(snap1), store.resolve_snapshot(snap2)
+        changes = list(diff_snapshots(store, a, b))
+    counts = {k: sum(1 for s, _ in changes if s == k) for k in "+-MU"}
+    if json:
+        print_json({"from": a.id, "to": b.id, "changes": [
+            {"status": s, "path": os.fsdecode(e.path), "type": e.type.name.lower()}
+            for s, e in changes], "added": counts["+"], "removed": counts["-"],
+            "modified": counts["M"], "metadata": counts["U"]})
+        return
+    for status, e in changes:
+        console.print(f"{status}  {os.fsdecode(e.path)}", markup=False, highlight=False)
+    console.print(f"{counts['+']} added, {counts['-']} removed, {counts['M']} modified, "
+                  f"{counts['U']} metadata only")
+
+
+@app.command()
+def restore(store_dir: Path = StoreDir, snapshot: str = typer.Argument(...),
+            target: Path = typer.Argument(..., help="Directory to restore into."),
+            include: list[str] = typer.Option([], "--include", help="Restore only this path."),
+            passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
+    """Restore a snapshot (or some of its paths) into TARGET."""
+    with open_store(store_dir, passfile) as store:
+        snap = store.resolve_snapshot(snapshot)
+
+        def count(p: object) -> None:
+            p.total_files = snap.stats.get("files")  # type: ignore[attr-defined]
+            p.total_bytes = snap.stats.get("bytes_total")  # type: ignore[attr-defined]
+        result = run_with_progress(
+            "restore", lambda p: run_restore(store, snap, target, includes=include, progress=p),
+            counter=None if include else count, json_mode=json)
+    if json:
+        print_json(result.to_dict())
+    else:
+        for w in result.warnings:
+            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        for e in result.errors:
+            console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(f"restored {result.files} files, {result.dirs} dirs, {result.other} "
+                      f"other ({human_bytes(result.bytes_written)}) from {snap.short_id} "
+                      f"into {target} in {result.seconds:.1f}s")
+    if result.errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def check(store_dir: Path = StoreDir,
+          read_data: bool = typer.Option(False, "--read-data",
+                                         help="Read and verify every chunk."),
+          passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
+    """Verify the store; exit 0 only if it is whole."""
+    with open_store(store_dir, passfile) as store:
+        result = run_with_progress(
+            "check", lambda p: run_check(store, read_data=read_data,
+                                         on_pack=lambda n: p.advance(files=1, nbytes=n)),
+            counter=lambda p: setattr(p, "total_bytes", sum(store.index.packs().values())),
+            json_mode=json)
+    if json:
+        print_json(result.to_dict())
+    else:
+        for w in result.warnings:
+            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        for d in result.damaged_packs:
+            console.print(f"[red]damaged pack[/] {d['pack']}: {d['reason']}", highlight=False)
+        for d in result.damaged_snapshots:
+            console.print(f"[red]damaged snapshot[/] {d['snapshot'][:8]}: {d['reason']}",
+                          highlight=False)
+        for h in result.hurt:
+            console.print(f"[red]snapshot {h['snapshot'][:8]}[/]: {h['count']} file(s) damaged",
+                          highlight=False)
+            for f in h["files"]:
+                console.print(f"    {f}", markup=False, highlight=False)
+        what = "read and verified " + str(result.chunks_verified) + " chunks, " \
+            if read_data else ""
+        verdict = "[green]no errors[/]" if result.ok else "[red]the store is damaged[/]"
+        console.print(f"checked {result.snapshots} snapshots, {result.packs} packs, "
+                      f"{what}{verdict}")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def forget(store_dir: Path = StoreDir,
+           keep_last: int = typer.Option(0, "--keep-last"),
+           keep_hourly: int = typer.Option(0, "--keep-hourly"),
+           keep_daily: int = typer.Option(0, "--keep-daily"),
+           keep_weekly: int = typer.Option(0, "--keep-weekly"),
+           keep_monthly: int = typer.Option(0, "--keep-monthly"),
+           keep_yearly: int = typer.Option(0, "--keep-yearly"),
+           keep_tag: list[str] = typer.Option([], "--keep-tag"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would go."),
+           prune: bool = typer.Option(False, "--prune", help="Prune right after."),
+           passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
+    """Remove snapshots not kept by the policy (restic's forget semantics; -1 = unlimited)."""
+    policy = RetentionPolicy(last=keep_last, hourly=keep_hourly, daily=keep_daily,
+                             weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly,
+                             tags=tuple(keep_tag))
+    if policy.is_empty():
+        raise StrataError("no policy given: pass at least one --keep-* option")
+    with open_store(store_dir, passfile) as store:
+        snaps = {s.id: s for s in store.snapshots()}
+        infos = [SnapshotInfo(id=s.id, time=s.datetime, host=s.host, paths=tuple(s.paths),
+                              tags=tuple(s.tags)) for s in snaps.values()]
+        decisions = apply_policy(infos, policy)
+        removed = [d.snapshot.id for d in decisions if not d.keep]
+        if not dry_run:
+            for sid in removed:
+                store.remove_snapshot(sid)
+        pruned = prune_mod.prune(store) if prune and not dry_run else None
+    if json:
+        print_json({"dry_run": dry_run, "keep": [
+            {"id": d.snapshot.id, "reasons": list(d.reasons)} for d in decisions if d.keep],
+            "remove": removed, "prune": pruned.to_dict() if pruned else None})
+        return
+    table = Table("ID", "Time", "Host", "Decision", "Reasons")
+    for d in decisions:
+        table.add_row(d.snapshot.id[:8], snaps[d.snapshot.id].time[:19], d.snapshot.host,
+                      "keep" if d.keep else ("[red]would remove[/]" if dry_run else
+                                             "[red]removed[/]"), ", ".join(d.reasons))
+    console.print(table)
+    console.print(f"{len(decisions) - len(removed)} kept, {len(removed)} "
+                  f"{'would be removed' if dry_run else 'removed'}")
+    if pruned:
+        _print_prune(pruned, False)
+
+
+def _print_prune(result: prune_mod.PruneResult, dry_run: bool) -> None:
+    p = result.plan
+    console.print(f"{p.used_chunks} chunks in use across {len(p.snapshots)} snapshots; "
+                  f"{len(p.delete)} dead pack(s), {len(p.repack)} to repack, "
+                  f"{p.exempt} too new to judge; frees about {human_bytes(p.bytes_freed)}")
+    if not dry_run:
+        console.print(f"deleted {result.deleted_packs} pack(s), repacked "
+                      f"{result.repacked_packs} into {result.new_packs} in {result.seconds:.1f}s")
+
+
+@app.command("prune")
+def prune_cmd(store_dir: Path = StoreDir,
+              dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only."),
+              passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
+    """Delete chunks no snapshot uses; repack mostly-dead packs."""
+    with open_store(store_dir, passfile) as store:
+        result = prune_mod.prune(store, dry_run=dry_run)
+    if json:
+        print_json(result.to_dict())
+    else:
+        _print_prune(result, dry_run)
+
+
+@app.command()
+def stats(store_dir: Path = StoreDir, passfile: Path | None = PASSFILE,
+          json: bool = JSON) -> None:
+    """Logical bytes, stored bytes, dedup ratio, chunks and packs."""
+    with open_store(store_dir, passfile) as store:
+        s = store_stats(store)
+    if json:
+        print_json(s.to_dict())
+        return
+    table = Table("", "", show_header=False)
+    table.add_row("snapshots", str(s.snapshots))
+    table.add_row("logical size", human_bytes(s.logical_bytes))
+    table.add_row("unique data", human_bytes(s.unique_bytes))
+    table.add_row("stored on disk", human_bytes(s.stored_bytes))
+    table.add_row("dedup ratio", f"{s.dedup_ratio:.2f}x")
+    table.add_row("compression ratio", f"{s.compression_ratio:.2f}x")
+    table.add_row("total saving", f"{s.space_saving_ratio:.2f}x")
+    table.add_row("chunks / packs", f"{s.chunks} / {s.packs}")
+    console.print(table)
+
+
+@app.command("repair-index")
+def repair_index(store_dir: Path = StoreDir, passfile: Path | None = PASSFILE,
+                 json: bool = JSON) -> None:
+    """Rebuild the index from the pack trailers alone."""
+    with open_store(store_dir, passfile) as store:
+        count, damaged = store.rebuild_index()
+        chunks = store.index.chunk_count()
+    if json:
+        print_json({"packs": count, "chunks": chunks, "damaged_packs": damaged})
+        return
+    console.print(f"indexed {chunks} chunks from {count} packs")
+    for name in damaged:
+        console.print(f"[red]unreadable pack[/] {name} (its trailer is damaged)")

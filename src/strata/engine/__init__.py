@@ -1,0 +1,1 @@
+"""Operations on a store: backup, restore, diff, check, retention and prune."""

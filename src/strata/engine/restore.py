@@ -1,0 +1,151 @@
+"""Restore: materialize a snapshot (or part of it) under a target directory.
+
+Chunks are fetched and verified by worker threads ahead of the writer, in manifest
+order, with a bounded lookahead; the writer (strata.tree.writer) refuses any path that
+would land outside the target. A damaged chunk costs only the files that use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import TypeVar
+
+from strata.errors import CorruptData
+from strata.model.entry import Entry, EntryType
+from strata.model.snapshot import Snapshot
+from strata.store.repository import Store
+from strata.tree.writer import TreeWriter, validate_path
+
+from .progress import Progress
+
+T = TypeVar("T")
+R = TypeVar("R")
+_LOOKAHEAD = 64  # chunks decoded ahead of the writer
+
+
+@dataclass
+class RestoreResult:
+    snapshot: str
+    files: int = 0
+    dirs: int = 0
+    other: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalize_include(path: str) -> bytes:
+    p = os.fsencode(path).strip(b"/")
+    validate_path(p)
+    return p
+
+
+def _selector(includes: list[bytes]) -> Callable[[bytes], bool]:
+    if not includes:
+        return lambda p: True
+    ancestors = {b"/".join(inc.split(b"/")[:i]) for inc in includes
+                 for i in range(1, inc.count(b"/") + 1)}
+
+    def wanted(p: bytes) -> bool:
+        if p in ancestors:
+            return True
+        return any(p == inc or p.startswith(inc + b"/") for inc in includes)
+    return wanted
+
+
+def prefetch(pool: ThreadPoolExecutor, items: Iterable[T], fn: Callable[[T], R],
+             ahead: int) -> Iterator[Future[R]]:
+    """Yield futures of fn(item) in order, keeping at most `ahead` running."""
+    queue: deque[Future[R]] = deque()
+    for item in items:
+        queue.append(pool.submit(fn, item))
+        if len(queue) >= ahead:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def select_entries(store: Store, snap: Snapshot, includes: list[str] | None) -> Iterator[Entry]:
+    """Entries to restore; a hardlink whose first name is not included becomes that file."""
+    incs = [normalize_include(i) for i in includes or []]
+    wanted = _selector(incs)
+    if not incs:
+        yield from store.iter_manifest(snap)
+        return
+    # First pass: which excluded files are the first name of an included hardlink.
+    needed = {e.link_target for e in store.iter_manifest(snap)
+              if e.type is EntryType.HARDLINK and wanted(e.path) and not wanted(e.link_target)}
+    stash: dict[bytes, Entry] = {}  # excluded first names that included links need
+    moved: dict[bytes, bytes] = {}  # excluded first name -> where its data was restored
+    for e in store.iter_manifest(snap):
+        if e.path in needed:
+            stash[e.path] = e
+        if not wanted(e.path):
+            continue
+        if e.type is EntryType.HARDLINK and not wanted(e.link_target):
+            if e.link_target in moved:
+                e.link_target = moved[e.link_target]
+            elif e.link_target in stash:
+                first = stash.pop(e.link_target)
+                moved[first.path] = e.path
+                e = dataclasses.replace(first, path=e.path)
+        yield e
+
+
+def restore(store: Store, snap: Snapshot, target: str | os.PathLike, *,
+            includes: list[str] | None = None, progress: Progress | None = None,
+            workers: int | None = None) -> RestoreResult:
+    started = time.monotonic()
+    result = RestoreResult(snapshot=snap.id)
+    entries_a, entries_b = itertools.tee(select_entries(store, snap, includes))
+    chunk_ids = (cid for e in entries_b if e.type is EntryType.FILE for cid, _ in e.chunks)
+    with ThreadPoolExecutor(max_workers=workers or (os.cpu_count() or 2) + 1) as pool, \
+            TreeWriter(target) as writer:
+        stream = prefetch(pool, chunk_ids, store.load_chunk, _LOOKAHEAD)
+        for entry in entries_a:
+            if entry.type is EntryType.FILE:
+                futures = list(itertools.islice(stream, len(entry.chunks)))
+                _restore_file(writer, entry, futures, result, progress)
+            else:
+                writer.write(entry)
+                if entry.type is EntryType.DIR:
+                    result.dirs += 1
+                else:
+                    result.other += 1
+        writer.finish()
+        result.warnings.extend(writer.warnings)
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _restore_file(writer: TreeWriter, entry: Entry, futures: list[Future[bytes]],
+                  result: RestoreResult, progress: Progress | None) -> None:
+    written = 0
+
+    def data() -> Iterator[bytes]:
+        nonlocal written
+        for fut in futures:
+            chunk = fut.result()
+            written += len(chunk)
+            yield chunk
+    try:
+        writer.write(entry, data())
+        result.files += 1
+    except CorruptData as exc:
+        for fut in futures:  # let the rest finish so no worker result is left dangling
+            fut.exception()
+        result.errors.append(f"{os.fsdecode(entry.path)}: {exc}")
+    result.bytes_written += written
+    if progress:
+        progress.advance(files=1, nbytes=written)

@@ -1,0 +1,157 @@
+"""The chunk index: chunk id -> (pack, offset, length), kept on disk in SQLite.
+
+SQLite keeps the ids in a B-tree on disk, so a store of tens of millions of chunks is
+looked up without holding them in RAM, and several processes (backups, prune, check)
+can share it safely. The index is derived data: `rebuild` recreates it from pack
+trailers alone.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from strata.store.pack import PackEntry
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS packs (
+    pid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    id BLOB PRIMARY KEY, pid INTEGER NOT NULL, offset INTEGER NOT NULL,
+    length INTEGER NOT NULL, raw_length INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks(pid);
+"""
+_BATCH = 500  # ids per IN (...) query: well under SQLite's variable limit
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    pack: str
+    offset: int
+    length: int
+    raw_length: int
+
+
+class ChunkIndex:
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=60, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a killed process; a power cut may drop the newest
+        # rows, which only leaves packs unindexed, and `reconcile` indexes them again.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache at most
+        self.db.executescript(_SCHEMA)
+        self._pack_names: dict[int, str] = {}
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- lookups ---------------------------------------------------------------
+    def has(self, cid: bytes) -> bool:
+        return self.db.execute("SELECT 1 FROM chunks WHERE id=?", (cid,)).fetchone() is not None
+
+    def present(self, ids: Iterable[bytes]) -> set[bytes]:
+        """The subset of `ids` that the index holds."""
+        ids = list(ids)
+        found: set[bytes] = set()
+        for i in range(0, len(ids), _BATCH):
+            part = ids[i:i + _BATCH]
+            q = f"SELECT id FROM chunks WHERE id IN ({','.join('?' * len(part))})"
+            found.update(row[0] for row in self.db.execute(q, part))
+        return found
+
+    def _pack_name(self, pid: int) -> str:
+        name = self._pack_names.get(pid)
+        if name is None:
+            row = self.db.execute("SELECT name FROM packs WHERE pid=?", (pid,)).fetchone()
+            name = row[0] if row else ""
+            self._pack_names[pid] = name
+        return name
+
+    def lookup(self, cid: bytes) -> Location | None:
+        row = self.db.execute("SELECT pid, offset, length, raw_length FROM chunks WHERE id=?",
+                              (cid,)).fetchone()
+        if row is None:
+            return None
+        return Location(self._pack_name(row[0]), row[1], row[2], row[3])
+
+    # -- packs -----------------------------------------------------------------
+    def add_pack(self, name: str, size: int, entries: Iterable[PackEntry]) -> None:
+        """Index a pack's chunks; a chunk already indexed elsewhere keeps its location."""
+        with self.transaction():
+            self.db.execute("INSERT OR IGNORE INTO packs(name, size) VALUES (?, ?)", (name, size))
+            pid = self.db.execute("SELECT pid FROM packs WHERE name=?", (name,)).fetchone()[0]
+            self.db.executemany(
+                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?)",
+                ((e.id, pid, e.offset, e.length, e.raw_length) for e in entries))
+
+    def move_chunks(self, name: str, size: int, entries: Iterable[PackEntry]) -> None:
+        """Index a pack and point its chunks at it (repack: the new copy wins)."""
+        with self.transaction():
+            self.db.execute("INSERT OR IGNORE INTO packs(name, size) VALUES (?, ?)", (name, size))
+            pid = self.db.execute("SELECT pid FROM packs WHERE name=?", (name,)).fetchone()[0]
+            self.db.executemany(
+                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
+                ((e.id, pid, e.offset, e.length, e.raw_length) for e in entries))
+
+    def drop_packs(self, names: Iterable[str]) -> None:
+        """Forget packs and every chunk still located in them (one transaction)."""
+        with self.transaction():
+            for name in names:
+                row = self.db.execute("SELECT pid FROM packs WHERE name=?", (name,)).fetchone()
+                if row:
+                    self.db.execute("DELETE FROM chunks WHERE pid=?", (row[0],))
+                    self.db.execute("DELETE FROM packs WHERE pid=?", (row[0],))
+                    self._pack_names.pop(row[0], None)
+
+    def packs(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT name, size FROM packs"))
+
+    def pack_chunks(self, name: str) -> list[PackEntry]:
+        rows = self.db.execute(
+            "SELECT c.id, c.offset, c.length, c.raw_length FROM chunks c "
+            "JOIN packs p ON p.pid=c.pid WHERE p.name=? ORDER BY c.offset", (name,))
+        return [PackEntry(*r) for r in rows]
+
+    def chunk_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+
+    def totals(self) -> tuple[int, int, int]:
+        """(chunks, stored bytes of chunks, raw bytes of chunks)."""
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(length),0), COALESCE(SUM(raw_length),0) FROM chunks"
+        ).fetchone()
+        return row[0], row[1], row[2]
+
+    def iter_chunks(self) -> Iterator[tuple[bytes, str, int, int]]:
+        """(id, pack, stored length, raw length) for every chunk, in id order."""
+        yield from self.db.execute(
+            "SELECT c.id, p.name, c.length, c.raw_length FROM chunks c JOIN packs p "
+            "ON p.pid=c.pid")
+
+    def clear(self) -> None:
+        with self.transaction():
+            self.db.execute("DELETE FROM chunks")
+            self.db.execute("DELETE FROM packs")
+        self._pack_names.clear()
+
+    def transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error; takes the write lock up front."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,352 @@
+"""The store: chunks in packs, an index over them, and snapshots that name them.
+
+This is the single-instance store shared by the local CLI, the server, the agent cache
+and the reflector. Writers call `store_chunk` from any number of threads; chunks already
+held anywhere in the store are never written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from strata.errors import (
+    CorruptData,
+    MissingChunks,
+    SnapshotNotFound,
+    StoreExists,
+    StoreNotFound,
+    StrataError,
+)
+from strata.model.ids import content_id
+from strata.model.manifest import decode_manifest
+from strata.model.snapshot import Snapshot
+from strata.store import crypto
+from strata.store.backend import LocalBackend, atomic_write
+from strata.store.chunker import Chunker, ChunkerParams
+from strata.store.index import ChunkIndex
+from strata.store.locks import Session, file_lock
+from strata.store.pack import (
+    BlobCodec,
+    PackWriter,
+    footer_trailer_length,
+    parse_trailer,
+    trailer_read_size,
+)
+
+FORMAT_VERSION = 1
+DEFAULT_PACK_SIZE = 16 << 20
+SNAPSHOT_AAD = b"strata-snapshot"
+
+PassphraseSource = Callable[[], str]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    id: str
+    chunker: ChunkerParams
+    compression: str  # "zstd:N" or "none"
+    encryption: str  # "aes-256-gcm" or "none"
+    pack_size: int = DEFAULT_PACK_SIZE
+    version: int = FORMAT_VERSION
+
+    @property
+    def zstd_level(self) -> int:
+        if self.compression == "none":
+            return 0
+        algo, _, level = self.compression.partition(":")
+        if algo != "zstd" or not level.isdigit() or not 1 <= int(level) <= 22:
+            raise StrataError(f"unsupported compression {self.compression!r} "
+                              "(use zstd:1..22 or none)")
+        return int(level)
+
+    def to_json(self) -> bytes:
+        doc = {"version": self.version, "id": self.id, "compression": self.compression,
+               "encryption": self.encryption, "pack_size": self.pack_size,
+               "chunker": {"min": self.chunker.min_size, "avg": self.chunker.avg_size,
+                           "max": self.chunker.max_size}}
+        return json.dumps(doc, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> StoreConfig:
+        try:
+            d = json.loads(data)
+            c = d["chunker"]
+            cfg = cls(id=d["id"], chunker=ChunkerParams(c["min"], c["avg"], c["max"]),
+                      compression=d["compression"], encryption=d["encryption"],
+                      pack_size=int(d["pack_size"]), version=int(d["version"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptData(f"store config is malformed ({exc})") from None
+        if cfg.version != FORMAT_VERSION:
+            raise StrataError(f"store format {cfg.version} is not supported by this version")
+        return cfg
+
+
+class Store:
+    def __init__(self, path: Path, config: StoreConfig, cipher: crypto.Cipher):
+        self.path = Path(path)
+        self.config = config
+        self.backend = LocalBackend(self.path)
+        self.cipher = cipher
+        self.codec = BlobCodec(cipher, config.zstd_level)
+        self.chunker = Chunker(config.chunker)
+        self.index = ChunkIndex(self.path / "index.sqlite")
+        self.locks_dir = self.path / "locks"
+        self._lock = threading.Lock()
+        self._writer = PackWriter(cipher)
+        self._pending: set[bytes] = set()  # claimed ids not yet in an indexed pack
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fd_lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------
+    @classmethod
+    def init(cls, path: Path, *, chunk_avg: int = 64 * 1024, compression: str = "zstd:3",
+             passphrase: str | None = None, pack_size: int = DEFAULT_PACK_SIZE) -> Store:
+        path = Path(path)
+        if (path / "config").exists():
+            raise StoreExists(f"a store already exists at {path}")
+        if path.exists() and any(path.iterdir()):
+            raise StoreExists(f"{path} is not empty; choose an empty or new directory")
+        config = StoreConfig(id=uuid.uuid4().hex, chunker=ChunkerParams.from_avg(chunk_avg),
+                             compression=compression,
+                             encryption="aes-256-gcm" if passphrase is not None else "none",
+                             pack_size=pack_size)
+        config.zstd_level  # noqa: B018 -- validates the compression spec before writing
+        path.mkdir(parents=True, exist_ok=True)
+        backend = LocalBackend(path)
+        cipher: crypto.Cipher = crypto.PlainCipher()
+        if passphrase is not None:
+            master, keyfile = crypto.make_key_file(passphrase)
+            backend.save("keys", content_id(keyfile).hex()[:16], keyfile)
+            cipher = crypto.AesGcmCipher(master)
+        for kind in ("packs", "snapshots", "locks"):
+            (path / kind).mkdir(exist_ok=True)
+        atomic_write(path / "config", config.to_json())
+        return cls(path, config, cipher)
+
+    @classmethod
+    def open(cls, path: Path, passphrase: str | PassphraseSource | None = None) -> Store:
+        path = Path(path)
+        cfg_path = path / "config"
+        if not cfg_path.is_file():
+            raise StoreNotFound(f"no Strata store at {path}")
+        config = StoreConfig.from_json(cfg_path.read_bytes())
+        cipher: crypto.Cipher = crypto.PlainCipher()
+        if config.encryption != "none":
+            if callable(passphrase):
+                passphrase = passphrase()
+            if passphrase is None:
+                raise StrataError("this store is encrypted: give a passphrase "
+                                  "(STRATA_PASSPHRASE or --passphrase-file)")
+            backend = LocalBackend(path)
+            names = list(backend.list("keys"))
+            if not names:
+                raise CorruptData("encrypted store has no key file")
+            master = None
+            for name in names:
+                try:
+                    master = crypto.open_key_file(backend.load("keys", name), passphrase)
+                    break
+                except StrataError as exc:
+                    last = exc
+            if master is None:
+                raise last
+            cipher = crypto.AesGcmCipher(master)
+        return cls(path, config, cipher)
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+        self.index.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def session(self, kind: str) -> Session:
+        return Session(self.locks_dir, kind)
+
+    def commit_lock(self) -> object:
+        return file_lock(self.locks_dir / "commit.lock")
+
+    # -- writing chunks -------------------------------------------------------
+    def claim(self, cid: bytes) -> bool:
+        """True if the caller must store `cid` (nobody holds or is storing it yet)."""
+        with self._lock:
+            if cid in self._pending or self.index.has(cid):
+                return False
+            self._pending.add(cid)
+            return True
+
+    def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int:
+        """Store a chunk unless the store already has it; return the stored bytes added."""
+        if not self.claim(cid):
+            return 0
+        return self.put_claimed(cid, self.codec.encode(cid, data), len(data))
+
+    def put_claimed(self, cid: bytes, blob: bytes, raw_length: int) -> int:
+        """Add an already-encoded blob for an id this writer claimed."""
+        full = None
+        with self._lock:
+            self._writer.add(cid, blob, raw_length)
+            if self._writer.size >= self.config.pack_size:
+                full, self._writer = self._writer, PackWriter(self.cipher)
+        if full is not None:
+            self._write_pack(full)
+        return len(blob)
+
+    def _write_pack(self, writer: PackWriter) -> None:
+        name, data, entries = writer.finish()
+        self.backend.save("packs", name, data)
+        with self._lock:
+            self.index.add_pack(name, len(data), entries)
+            self._pending.difference_update(e.id for e in entries)
+
+    def flush(self) -> None:
+        """Write out the partly filled pack so every stored chunk is durable and indexed."""
+        with self._lock:
+            writer, self._writer = self._writer, PackWriter(self.cipher)
+        if writer.entries:
+            self._write_pack(writer)
+
+    # -- reading chunks -------------------------------------------------------
+    def _pack_fd(self, name: str) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(name)
+            if fd is not None:
+                self._fds.move_to_end(name)
+                return fd
+            fd = os.open(self.backend.path("packs", name), os.O_RDONLY)
+            self._fds[name] = fd
+            if len(self._fds) > 64:
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
+
+    def read_blob(self, pack: str, offset: int, length: int) -> bytes:
+        try:
+            data = os.pread(self._pack_fd(pack), length, offset)
+        except FileNotFoundError:
+            raise CorruptData(f"pack {pack[:16]} is missing") from None
+        if len(data) != length:
+            raise CorruptData(f"pack {pack[:16]} is truncated")
+        return data
+
+    def load_chunk(self, cid: bytes) -> bytes:
+        with self._lock:
+            loc = self.index.lookup(cid)
+        if loc is None:
+            raise CorruptData(f"chunk {cid.hex()[:16]} is not in the store")
+        return self.codec.decode(cid, self.read_blob(loc.pack, loc.offset, loc.length),
+                                 loc.raw_length)
+
+    def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
+        want = list(dict.fromkeys(ids))
+        with self._lock:
+            have = self.index.present(want)
+        return [c for c in want if c not in have]
+
+    # -- packs and index ------------------------------------------------------
+    def read_pack_trailer(self, name: str) -> list:
+        size = self.backend.size("packs", name)
+        tail = self.backend.load("packs", name, max(0, size - trailer_read_size(size)))
+        need = footer_trailer_length(tail) if len(tail) >= 12 else 0
+        if need > len(tail) and need <= size:
+            tail = self.backend.load("packs", name, size - need)
+        return parse_trailer(tail, size, self.cipher)
+
+    def unindexed_packs(self) -> list[str]:
+        known = self.index.packs()
+        return [n for n in self.backend.list("packs") if n not in known]
+
+    def reconcile_index(self) -> list[str]:
+        """Index packs that exist but are unknown (a writer died before indexing them)."""
+        added = []
+        with self.commit_lock():
+            for name in self.unindexed_packs():
+                try:
+                    entries = self.read_pack_trailer(name)
+                except (CorruptData, OSError):
+                    continue  # damaged: `check` reports it
+                with self._lock:
+                    self.index.add_pack(name, self.backend.size("packs", name), entries)
+                added.append(name)
+        return added
+
+    def rebuild_index(self, progress: Callable[[str], None] | None = None) -> tuple[int, list[str]]:
+        """Recreate the index from pack trailers alone. Returns (packs indexed, damaged)."""
+        damaged, count = [], 0
+        with self.commit_lock(), self._lock:
+            self.index.clear()
+            for name in self.backend.list("packs"):
+                try:
+                    entries = self.read_pack_trailer(name)
+                except (CorruptData, OSError):
+                    damaged.append(name)
+                    continue
+                self.index.add_pack(name, self.backend.size("packs", name), entries)
+                count += 1
+                if progress:
+                    progress(name)
+        return count, damaged
+
+    # -- snapshots ------------------------------------------------------------
+    def commit_snapshot(self, snap: Snapshot, referenced: Iterable[bytes]) -> str:
+        """Atomically record a snapshot, refusing if any referenced chunk is absent."""
+        self.flush()
+        with self.commit_lock():
+            missing = self.missing_chunks(referenced)
+            if missing:
+                raise MissingChunks(missing)
+            sid = snap.compute_id()
+            self.backend.save("snapshots", sid, self.cipher.seal(snap.to_bytes(), SNAPSHOT_AAD))
+        snap.id = sid
+        return sid
+
+    def load_snapshot(self, sid: str) -> Snapshot:
+        try:
+            raw = self.backend.load("snapshots", sid)
+        except FileNotFoundError:
+            raise SnapshotNotFound(f"no snapshot {sid[:8]} in this store") from None
+        data = self.cipher.open(raw, SNAPSHOT_AAD)
+        snap = Snapshot.from_bytes(data, sid)
+        if snap.compute_id() != sid:
+            raise CorruptData(f"snapshot {sid[:8]} does not match its id")
+        return snap
+
+    def snapshot_ids(self) -> list[str]:
+        return list(self.backend.list("snapshots"))
+
+    def snapshots(self) -> list[Snapshot]:
+        """All snapshots, oldest first."""
+        return sorted((self.load_snapshot(s) for s in self.snapshot_ids()),
+                      key=lambda s: (s.time, s.id))
+
+    def resolve_snapshot(self, ref: str) -> Snapshot:
+        """A snapshot by full id, unique id prefix, or 'latest'."""
+        if ref == "latest":
+            snaps = self.snapshots()
+            if not snaps:
+                raise SnapshotNotFound("the store has no snapshots yet")
+            return snaps[-1]
+        matches = [s for s in self.snapshot_ids() if s.startswith(ref.lower())] if ref else []
+        if not matches:
+            raise SnapshotNotFound(f"no snapshot {ref!r} in this store")
+        if len(matches) > 1:
+            raise SnapshotNotFound(f"snapshot id {ref!r} is ambiguous; give more characters")
+        return self.load_snapshot(matches[0])
+
+    def remove_snapshot(self, sid: str) -> None:
+        self.backend.remove("snapshots", sid)
+
+    def iter_manifest(self, snap: Snapshot) -> Iterator:
+        return decode_manifest(self.load_chunk(cid) for cid in snap.manifest_chunk_ids())
