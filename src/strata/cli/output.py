@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -23,8 +24,15 @@ from rich.progress import (
 from strata.engine.progress import Progress as EngineProgress
 
 T = TypeVar("T")
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: never fold long paths or messages when output goes to a pipe or a file.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, whatever its length, so scripts can read it."""
+    err_console.print(f"[red]error:[/] {escape(' '.join(message.split()))}",
+                      highlight=False, soft_wrap=True)
 
 
 def print_json(doc: object) -> None:

@@ -8,6 +8,7 @@ compression (all release the GIL); entries are written to the manifest in tree o
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import tempfile
@@ -15,11 +16,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import blake3
 
 from strata.errors import MissingChunks, StrataError
 from strata.model.entry import Entry, EntryType
@@ -31,10 +30,15 @@ from strata.tree.excludes import ExcludeMatcher
 from strata.tree.order import path_key
 from strata.tree.scan import scan_tree
 
+from .filechunks import FileChunks, FileHasher, chunk_files_in_worker, init_worker, read_chunks
 from .progress import Progress
 
-READ_BLOCK = 8 << 20  # files above this are streamed through the chunker, not slurped
-_WINDOW = 256  # files in flight; bounds memory while keeping the workers busy
+_WINDOW = 8192  # entries in flight; bounds memory while keeping the workers busy
+_WINDOW_BYTES = 256 << 20  # and their bytes
+_PROCESS_POOL_AFTER = 64 << 20  # bytes queued for reading before worker processes start
+_PROCESS_MAX_FILE = 16 << 20  # larger files stream through threads instead
+_BATCH_FILES = 64  # small files per worker task: one round trip for many files
+_BATCH_BYTES = 4 << 20
 
 
 @dataclass
@@ -97,56 +101,116 @@ def find_parent(store: Store, host: str, paths: list[str]) -> Snapshot | None:
     return None
 
 
-def _read_chunks(store: Store, path: bytes, size: int) -> Iterator[memoryview | bytes]:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0)) \
-        if os.geteuid() == 0 else os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        if size <= READ_BLOCK:
-            buf = f.read()
-            yield from store.chunker.cut(buf)
-            return
-        # Stream: keep the tail after the last cut and prepend it to the next block, so
-        # cut points are the same as if the file were chunked in one piece.
-        tail = b""
-        while True:
-            block = f.read(READ_BLOCK)
-            buf = tail + block if tail else block
-            if not block:
-                if buf:
-                    yield from store.chunker.cut(buf)
-                return
-            pieces = list(store.chunker.cut(buf))
-            if len(buf) < store.chunker.params.max_size * 2:
-                tail = buf
-                continue
-            yield from pieces[:-1]
-            tail = bytes(pieces[-1])
-
-
-def _archive_file(store: Store, counters: _Counters, progress: Progress | None, abspath: bytes,
-                  entry: Entry) -> Entry:
-    hasher = blake3.blake3()
-    chunks: list[tuple[bytes, int]] = []
-    read = new = stored = nchunks = 0
-    for data in _read_chunks(store, abspath, entry.size):
-        cid = content_id(data)
-        hasher.update(data)
+def _archive_large_file(store: Store, counters: _Counters, progress: Progress | None,
+                        abspath: bytes, entry: Entry) -> FileChunks:
+    """Thread path: stream a big file chunk by chunk straight into the store."""
+    hasher = FileHasher()
+    new = stored = nchunks = 0
+    for data in read_chunks(store.chunker, abspath, entry.size):
+        cid = hasher.add(data)
         added = store.store_chunk(cid, data)
         if added:
-            new += len(data)
-            stored += added
-            nchunks += 1
-        read += len(data)
-        chunks.append((cid, len(data)))
+            new, stored, nchunks = new + len(data), stored + added, nchunks + 1
         if progress:
             progress.advance(nbytes=len(data))
-    entry.chunks = chunks
-    entry.content_hash = hasher.digest()
-    entry.size = read  # the file may have changed size since it was stat'ed
-    counters.add(read, new, stored, nchunks)
+    counters.add(hasher.size, new, stored, nchunks)
+    return hasher.result()
+
+
+def _absorb(store: Store, counters: _Counters, progress: Progress | None,
+            results: list[FileChunks | OSError]) -> None:
+    """Main-thread half of the process path: keep the chunks the store lacks."""
+    files = [fc for fc in results if isinstance(fc, FileChunks)]
+    mine = store.claim_many([cid for fc in files for cid, _ in fc.chunks])
+    new = stored = nchunks = size = 0
+    for fc in files:
+        size += fc.size
+        for (cid, n), payload in zip(fc.chunks, fc.payloads or (), strict=True):
+            if cid in mine:
+                mine.discard(cid)  # a chunk repeated within the batch is stored once
+                added = store.put_claimed(cid, store.codec.seal(cid, payload), n)
+                new, stored, nchunks = new + n, stored + added, nchunks + 1
+        fc.payloads = None  # free the memory as soon as it is stored
+    counters.add(size, new, stored, nchunks)
     if progress:
-        progress.advance(files=1)
-    return entry
+        progress.advance(nbytes=size)
+
+
+class _Batch:
+    """Small files sent to a worker process together; each is a `_BatchItem` below."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[bytes, int]] = []
+        self.bytes = 0
+        self.future: Future[list[FileChunks | OSError]] | None = None
+        self.absorbed = False
+
+
+class _BatchItem:
+    """Future-like handle on one file of a batch."""
+
+    def __init__(self, readers: _FileReaders, batch: _Batch, index: int):
+        self.readers, self.batch, self.index = readers, batch, index
+
+    def done(self) -> bool:
+        return self.batch.future is not None and self.batch.future.done()
+
+    def result(self) -> FileChunks:
+        if self.batch.future is None:
+            self.readers.send_batch()
+        assert self.batch.future is not None
+        results = self.batch.future.result()
+        if not self.batch.absorbed:
+            self.batch.absorbed = True
+            _absorb(self.readers.store, self.readers.counters, self.readers.progress, results)
+        out = results[self.index]
+        if isinstance(out, OSError):
+            raise out
+        return out
+
+
+class _FileReaders:
+    """Hands files to worker processes (small and medium files, in batches) or to threads
+    (large files, and everything until enough work is queued to pay for starting the
+    processes, so small backups stay on threads)."""
+
+    def __init__(self, store: Store, counters: _Counters, progress: Progress | None,
+                 workers: int | None):
+        self.store, self.counters, self.progress = store, counters, progress
+        self.nproc = workers or os.cpu_count() or 2
+        self.threads = ThreadPoolExecutor(max_workers=self.nproc + 1)
+        self.procs: ProcessPoolExecutor | None = None
+        self.queued_bytes = 0
+        self.batch = _Batch()
+
+    def submit(self, abspath: bytes, entry: Entry) -> Future[FileChunks] | _BatchItem:
+        self.queued_bytes += entry.size
+        if self.procs is None and self.queued_bytes > _PROCESS_POOL_AFTER:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["strata.engine.filechunks"])
+            self.procs = ProcessPoolExecutor(
+                max_workers=self.nproc, mp_context=ctx, initializer=init_worker,
+                initargs=(self.store.config.chunker, self.store.config.zstd_level))
+        if self.procs is None or entry.size > _PROCESS_MAX_FILE:
+            return self.threads.submit(_archive_large_file, self.store, self.counters,
+                                       self.progress, abspath, entry)
+        batch = self.batch
+        batch.files.append((abspath, entry.size))
+        batch.bytes += entry.size
+        item = _BatchItem(self, batch, len(batch.files) - 1)
+        if len(batch.files) >= _BATCH_FILES or batch.bytes >= _BATCH_BYTES:
+            self.send_batch()
+        return item
+
+    def send_batch(self) -> None:
+        batch, self.batch = self.batch, _Batch()
+        if batch.files and self.procs is not None:
+            batch.future = self.procs.submit(chunk_files_in_worker, batch.files)
+
+    def close(self) -> None:
+        self.threads.shutdown(cancel_futures=True)
+        if self.procs is not None:
+            self.procs.shutdown(cancel_futures=True)
 
 
 def backup(store: Store, source: str | os.PathLike, *, tags: list[str] | None = None,
@@ -171,9 +235,10 @@ def backup(store: Store, source: str | os.PathLike, *, tags: list[str] | None = 
     with store.session("backup") as session:
         store.reconcile_index()
         cursor = _ParentCursor(store.iter_manifest(parent) if parent else None)
-        with tempfile.TemporaryFile(prefix="strata-manifest-") as mf, \
-                ThreadPoolExecutor(max_workers=workers or (os.cpu_count() or 2) + 1) as pool:
-            inflight: deque[tuple[Entry, Future[Entry] | None]] = deque()
+        readers = _FileReaders(store, counters, progress, workers)
+        with tempfile.TemporaryFile(prefix="strata-manifest-") as mf:
+            inflight: deque[tuple[Entry, Future[FileChunks] | _BatchItem | None]] = deque()
+            inflight_bytes = 0
 
             def emit(entry: Entry) -> None:
                 for piece in encode_manifest_entries([entry]):
@@ -185,11 +250,23 @@ def backup(store: Store, source: str | os.PathLike, *, tags: list[str] | None = 
                 elif entry.type is EntryType.DIR:
                     result.dirs += 1
 
-            def drain(limit: int) -> None:
-                while len(inflight) > limit or (inflight and (inflight[0][1] is None
-                                                              or inflight[0][1].done())):
+            def drain(limit: int, byte_limit: int) -> None:
+                nonlocal inflight_bytes
+                while len(inflight) > limit or inflight_bytes > byte_limit or (
+                        inflight and (inflight[0][1] is None or inflight[0][1].done())):
                     entry, fut = inflight.popleft()
-                    emit(fut.result() if fut is not None else entry)
+                    if fut is not None:
+                        inflight_bytes -= entry.size
+                        try:
+                            fc = fut.result()
+                        except OSError as exc:  # vanished or unreadable since the scan
+                            result.errors.append(f"{os.fsdecode(entry.path)}: {exc.strerror}")
+                            continue
+                        entry.chunks, entry.content_hash, entry.size = \
+                            fc.chunks, fc.content_hash, fc.size
+                        if progress:
+                            progress.advance(files=1)
+                    emit(entry)
 
             mf.write(next(encode_manifest([])))  # header
             for entry, abspath in scan_tree(src, matcher, errors=result.errors):
@@ -206,11 +283,12 @@ def backup(store: Store, source: str | os.PathLike, *, tags: list[str] | None = 
                             result.files_new += 1
                         else:
                             result.files_changed += 1
-                        fut = pool.submit(_archive_file, store, counters, progress, abspath,
-                                          entry)
+                        fut = readers.submit(abspath, entry)
+                        inflight_bytes += entry.size
                 inflight.append((entry, fut))
-                drain(_WINDOW)
-            drain(0)
+                drain(_WINDOW, _WINDOW_BYTES)
+            drain(0, 0)
+            readers.close()
             store.flush()
             session.refresh()
             mf.seek(0)

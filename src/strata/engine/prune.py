@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from strata.errors import StrataError
-from strata.store.locks import file_lock, live_sessions
+from strata.store.locks import Session, file_lock, live_sessions
 from strata.store.pack import PackWriter
 from strata.store.repository import Store
 
@@ -64,7 +64,8 @@ def _mark(store: Store, sids: list[str]) -> None:
                                ((c,) for c, _ in entry.chunks))
 
 
-def plan_prune(store: Store, *, repack_fraction: float = REPACK_DEAD_FRACTION) -> PrunePlan:
+def plan_prune(store: Store, *, repack_fraction: float = REPACK_DEAD_FRACTION,
+               own_session: Session | None = None) -> PrunePlan:
     """Decide what to delete and repack. Leaves marks in temp.used for execute."""
     store.reconcile_index()
     db = store.index.db
@@ -81,7 +82,7 @@ def plan_prune(store: Store, *, repack_fraction: float = REPACK_DEAD_FRACTION) -
     if lost:
         raise StrataError(f"{lost} chunk(s) that snapshots need are missing: run "
                           "`strata store check` before pruning")
-    sessions = live_sessions(store.locks_dir)
+    sessions = live_sessions(store.locks_dir, exclude=own_session)
     cutoff = min((s["started"] for s in sessions), default=time.time()) - _SLACK_SECONDS
     rows = db.execute(
         "SELECT p.name, p.size, COUNT(c.id), "
@@ -170,8 +171,8 @@ def execute_prune(store: Store, plan: PrunePlan,
 def prune(store: Store, *, dry_run: bool = False,
           on_step: Callable[[str], None] | None = None) -> PruneResult:
     with file_lock(store.locks_dir / "prune.lock", blocking=False, what="prune"), \
-            store.session("prune"):
-        plan = plan_prune(store)
+            store.session("prune") as session:
+        plan = plan_prune(store, own_session=session)
         if dry_run:
             return PruneResult(plan=plan)
         return execute_prune(store, plan, on_step)

@@ -57,12 +57,19 @@ class BlobCodec:
             ctx = self._local.d = zstandard.ZstdDecompressor()
         return ctx
 
-    def encode(self, cid: bytes, data: bytes | memoryview) -> bytes:
+    def compress(self, data: bytes | memoryview) -> bytes:
+        """The unsealed payload: a flag byte, then zstd output or the raw bytes."""
         if self.level > 0:
             packed = self._cctx().compress(data)
             if len(packed) < len(data) * (1 - _MIN_SAVING):
-                return self.cipher.seal(b"\x01" + packed, cid)
-        return self.cipher.seal(b"\x00" + bytes(data), cid)
+                return b"\x01" + packed
+        return b"\x00" + bytes(data)
+
+    def seal(self, cid: bytes, payload: bytes) -> bytes:
+        return self.cipher.seal(payload, cid)
+
+    def encode(self, cid: bytes, data: bytes | memoryview) -> bytes:
+        return self.seal(cid, self.compress(data))
 
     def decode(self, cid: bytes, blob: bytes, raw_length: int) -> bytes:
         body = self.cipher.open(blob, cid)
@@ -91,24 +98,23 @@ class PackWriter:
 
     def __init__(self, cipher: Cipher):
         self.cipher = cipher
-        self.buf = bytearray(MAGIC)
+        self.parts: list[bytes] = [MAGIC]
+        self.size = len(MAGIC)
         self.entries: list[PackEntry] = []
 
     def add(self, cid: bytes, blob: bytes, raw_length: int) -> None:
-        self.entries.append(PackEntry(cid, len(self.buf), len(blob), raw_length))
-        self.buf += blob
-
-    @property
-    def size(self) -> int:
-        return len(self.buf)
+        self.entries.append(PackEntry(cid, self.size, len(blob), raw_length))
+        self.parts.append(blob)
+        self.size += len(blob)
 
     def finish(self) -> tuple[str, bytes, list[PackEntry]]:
         """Return (pack name, pack bytes, entries); the name is the hash of the bytes."""
         trailer = b"".join(_ENTRY.pack(e.id, e.offset, e.length, e.raw_length)
                            for e in self.entries)
         sealed = self.cipher.seal(trailer, TRAILER_AAD)
-        self.buf += sealed + _FOOTER.pack(len(sealed), END_MAGIC)
-        data = bytes(self.buf)
+        self.parts += [sealed, _FOOTER.pack(len(sealed), END_MAGIC)]
+        data = b"".join(self.parts)
+        self.parts = []
         return content_id(data).hex(), data, self.entries
 
 

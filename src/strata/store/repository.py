@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,9 @@ class Store:
         self._lock = threading.Lock()
         self._writer = PackWriter(cipher)
         self._pending: set[bytes] = set()  # claimed ids not yet in an indexed pack
+        self._pack_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-writer")
+        self._writes: list[Future[None]] = []
+        self._writes_slots = threading.Semaphore(2)
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._fd_lock = threading.Lock()
 
@@ -161,6 +165,7 @@ class Store:
         return cls(path, config, cipher)
 
     def close(self) -> None:
+        self._pack_io.shutdown(wait=True)
         with self._fd_lock:
             for fd in self._fds.values():
                 os.close(fd)
@@ -188,6 +193,15 @@ class Store:
             self._pending.add(cid)
             return True
 
+    def claim_many(self, ids: list[bytes]) -> set[bytes]:
+        """The ids among `ids` the caller must store; one index query for the lot."""
+        with self._lock:
+            fresh = [c for c in dict.fromkeys(ids) if c not in self._pending]
+            held = self.index.present(fresh) if fresh else set()
+            mine = {c for c in fresh if c not in held}
+            self._pending.update(mine)
+            return mine
+
     def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int:
         """Store a chunk unless the store already has it; return the stored bytes added."""
         if not self.claim(cid):
@@ -202,7 +216,12 @@ class Store:
             if self._writer.size >= self.config.pack_size:
                 full, self._writer = self._writer, PackWriter(self.cipher)
         if full is not None:
-            self._write_pack(full)
+            # Write in the background so the caller keeps producing; at most two packs
+            # wait in memory.
+            self._writes_slots.acquire()
+            fut = self._pack_io.submit(self._write_pack, full)
+            fut.add_done_callback(lambda _f: self._writes_slots.release())
+            self._writes.append(fut)
         return len(blob)
 
     def _write_pack(self, writer: PackWriter) -> None:
@@ -216,6 +235,9 @@ class Store:
         """Write out the partly filled pack so every stored chunk is durable and indexed."""
         with self._lock:
             writer, self._writer = self._writer, PackWriter(self.cipher)
+            writes, self._writes = self._writes, []
+        for fut in writes:
+            fut.result()  # re-raises a failed write (e.g. a full disk)
         if writer.entries:
             self._write_pack(writer)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from collections.abc import Iterator
 
 from strata.model.entry import Entry, EntryType
@@ -21,6 +22,9 @@ _PATH_MAX = 4096
 # Missing xattr support, unreadable namespaces, or an attribute removed between list and get.
 _XATTR_QUIET = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES,
                           errno.ENODATA})
+_FS_ENCODING = sys.getfilesystemencoding()
+_FILE, _DIR, _SYMLINK = EntryType.FILE, EntryType.DIR, EntryType.SYMLINK
+_DEVICES = (EntryType.CHARDEV, EntryType.BLOCKDEV)
 _TYPES = {
     stat.S_IFREG: EntryType.FILE,
     stat.S_IFDIR: EntryType.DIR,
@@ -86,8 +90,8 @@ class _Level:
         self.rel = rel  # b"" for the root, else b"a/b/"
         self.abs = abs_  # always ends with b"/"
         with os.scandir(fd) as it:
-            # scandir(fd) yields str names (surrogateescape), which round-trip via fsencode.
-            names = sorted((os.fsencode(d.name), d) for d in it)
+            # scandir(fd) yields str names (surrogateescape), which round-trip via encode.
+            names = sorted((d.name.encode(_FS_ENCODING, "surrogateescape"), d) for d in it)
         names.reverse()  # pop() from the end visits names in ascending order
         self.names = names
 
@@ -114,6 +118,10 @@ def scan_tree(
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             errors.append(f"{display(rel)}: {reason}")
 
+    # Hot loop (one pass per path): bind lookups locally.
+    types_get, s_ifmt, s_imode = _TYPES.get, stat.S_IFMT, stat.S_IMODE
+    readlink, xattrs_of = os.readlink, read_xattrs
+
     root_fd = os.open(root_abs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     stack: list[_Level] = []
     try:
@@ -131,11 +139,12 @@ def scan_tree(
             name, dirent = level.names.pop()
             rel = level.rel + name
             try:
-                is_dir = dirent.is_dir(follow_symlinks=False)
-                if excludes is not None and excludes.excluded(rel, is_dir):
+                if excludes is not None and excludes.excluded(
+                    rel, dirent.is_dir(follow_symlinks=False)
+                ):
                     continue
                 st = dirent.stat(follow_symlinks=False)
-                etype = _TYPES.get(stat.S_IFMT(st.st_mode))
+                etype = types_get(s_ifmt(st.st_mode))
                 if etype is None:  # sockets (recreated by their daemons) and oddities
                     continue
                 abs_path = level.abs + name
@@ -146,16 +155,16 @@ def scan_tree(
                 entry = Entry(
                     path=rel,
                     type=etype,
-                    mode=stat.S_IMODE(st.st_mode),
+                    mode=s_imode(st.st_mode),
                     uid=st.st_uid,
                     gid=st.st_gid,
                     mtime_ns=st.st_mtime_ns,
-                    xattrs=read_xattrs(xa_path),
+                    xattrs=xattrs_of(xa_path),
                     ctime_ns=st.st_ctime_ns,
                     inode=st.st_ino,
                     dev=st.st_dev,
                 )
-                if etype is EntryType.FILE:
+                if etype is _FILE:
                     entry.size = st.st_size
                     entry.sparse = st.st_blocks * 512 < st.st_size
                     if st.st_nlink > 1:
@@ -166,15 +175,15 @@ def scan_tree(
                         else:
                             entry.type = EntryType.HARDLINK
                             entry.link_target = first
-                elif etype is EntryType.SYMLINK:
-                    entry.link_target = os.readlink(name, dir_fd=level.fd)
-                elif etype is EntryType.CHARDEV or etype is EntryType.BLOCKDEV:
+                elif etype is _SYMLINK:
+                    entry.link_target = readlink(name, dir_fd=level.fd)
+                elif etype in _DEVICES:
                     entry.rdev = st.st_rdev
             except OSError as e:  # vanished, unreadable, or an I/O error on this one path
                 note(rel, e)
                 continue
             yield entry, abs_path
-            if etype is EntryType.DIR:
+            if etype is _DIR:
                 try:
                     fd = os.open(name, _DIR_FLAGS, dir_fd=level.fd)
                 except OSError as e:  # vanished, replaced by a symlink, unreadable, EMFILE

@@ -14,12 +14,14 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from types import TracebackType
+from typing import TypeVar
 
 from strata.errors import StrataError, UnsafePath
 from strata.model.entry import Entry, EntryType
 from strata.tree.order import path_key
 from strata.tree.scan import display
 
+_T = TypeVar("_T")
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _FD_CACHE_SIZE = 64
@@ -262,12 +264,13 @@ class TreeWriter:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _create(self, make: Callable[[], int | None], pfd: int, name: bytes, rel: bytes) -> int:
+    def _create(self, make: Callable[[], _T], pfd: int, name: bytes, rel: bytes) -> _T:
+        # Try first, clear on EEXIST: a fresh restore pays no extra unlink per path.
         try:
-            return make() or 0
+            return make()
         except FileExistsError:
             self._clear(pfd, name, rel)
-            return make() or 0
+            return make()
 
     def _clear(self, pfd: int, name: bytes, rel: bytes) -> None:
         """Remove whatever is at `name` (a symlink itself, never its target)."""
