@@ -28,7 +28,7 @@ from strata.model.snapshot import Snapshot, now_iso
 from strata.store.repository import Store
 from strata.tree.excludes import ExcludeMatcher
 from strata.tree.order import path_key
-from strata.tree.scan import scan_tree
+from strata.tree.scan import open_path, scan_tree
 
 from .filechunks import FileChunks, FileHasher, chunk_files_in_worker, init_worker, read_chunks
 from .progress import Progress
@@ -356,7 +356,7 @@ def _reupload(store: Store, missing: set[bytes], src: Path, manifest_bytes: byte
         offsets = [0]
         for _, n in entry.chunks:
             offsets.append(offsets[-1] + n)
-        with open(os.path.join(os.fsencode(src), entry.path), "rb") as f:
+        with os.fdopen(open_path(os.path.join(os.fsencode(src), entry.path)), "rb") as f:
             for i, cid in wanted:
                 f.seek(offsets[i])
                 data = f.read(entry.chunks[i][1])

@@ -17,6 +17,7 @@ from strata.model.ids import content_id
 from strata.store.chunker import Chunker, ChunkerParams
 from strata.store.crypto import PlainCipher
 from strata.store.pack import BlobCodec
+from strata.tree.scan import open_path
 
 READ_BLOCK = 8 << 20  # files above this are streamed through the chunker, not slurped
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW
@@ -33,9 +34,9 @@ class FileChunks:
 def _open(path: bytes) -> int:
     try:
         # O_NOATIME keeps backups from touching atime; only the owner (or root) may ask.
-        return os.open(path, _OPEN_FLAGS | getattr(os, "O_NOATIME", 0))
+        return open_path(path, _OPEN_FLAGS | getattr(os, "O_NOATIME", 0))
     except PermissionError:
-        return os.open(path, _OPEN_FLAGS)
+        return open_path(path, _OPEN_FLAGS)
 
 
 def read_chunks(chunker: Chunker, path: bytes, size: int) -> Iterator[memoryview | bytes]:
