@@ -38,7 +38,7 @@ def build_endpoint(root: Path) -> None:
     rng = random.Random(7)
     (root / "etc").mkdir(parents=True)
     (root / "etc/hostname").write_text("laptop-042\n")
-    (root / "etc/machine-id").write_text("%032x\n" % rng.getrandbits(128))
+    (root / "etc/machine-id").write_text(f"{rng.getrandbits(128):032x}\n")
     for name in ("os-release", "passwd", "group", "services"):
         src = Path("/etc") / name
         if src.is_file():

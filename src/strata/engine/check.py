@@ -19,6 +19,7 @@ from strata.store.pack import parse_trailer
 from strata.store.repository import Store
 
 MAX_FILES_LISTED = 1000  # per snapshot, so a wrecked store still gives a readable report
+_IDS_PER_QUERY_BATCH = 8192  # bounds memory however large one file's chunk list is
 
 
 @dataclass
@@ -128,9 +129,11 @@ def _check_snapshot(store: Store, snap: Snapshot, bad_chunks: set[bytes],
     files: list[str] = []
     count = 0
     batch: list[tuple[bytes, list[bytes]]] = []
+    batch_ids = 0
 
     def flush() -> None:
-        nonlocal count
+        nonlocal count, batch_ids
+        batch_ids = 0
         ids = [c for _, cs in batch for c in cs]
         lost = set(store.missing_chunks(ids))
         res.missing_chunks += len(lost)
@@ -145,7 +148,8 @@ def _check_snapshot(store: Store, snap: Snapshot, bad_chunks: set[bytes],
     for entry in store.iter_manifest(snap):
         if entry.chunks:
             batch.append((entry.path, [c for c, _ in entry.chunks]))
-            if len(batch) >= 256:
+            batch_ids += len(entry.chunks)
+            if batch_ids >= _IDS_PER_QUERY_BATCH:
                 flush()
     flush()
     if count:

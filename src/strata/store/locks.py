@@ -91,8 +91,10 @@ def live_sessions(locks_dir: Path, exclude: Session | None = None) -> list[dict]
             doc = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        dead = (doc.get("host") == host and not _pid_alive(int(doc.get("pid", 0)))) or \
-            now - float(doc.get("refreshed", 0)) > SESSION_STALE_SECONDS
+        if doc.get("host") == host:  # on this host, the process itself is the truth
+            dead = not _pid_alive(int(doc.get("pid", 0)))
+        else:
+            dead = now - float(doc.get("refreshed", 0)) > SESSION_STALE_SECONDS
         if dead:
             p.unlink(missing_ok=True)
         else:
