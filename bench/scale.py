@@ -29,14 +29,12 @@ CHUNKS_PER_ENTRY = 10_000
 
 def synthesize_store(path: Path, n_chunks: int) -> None:
     store = Store.init(path, compression="none")
-    writer = PackWriter(store.cipher)
+    writer = store.new_pack_writer()
     entries: list[Entry] = []
     chunks: list[tuple[bytes, int]] = []
 
     def write_pack(w: PackWriter) -> None:
-        name, data, pentries = w.finish()
-        store.backend.save("packs", name, data)
-        store.index.add_pack(name, len(data), pentries)
+        store.install_pack(w)
 
     for i in range(n_chunks):
         data = i.to_bytes(8, "little") * 8
@@ -49,7 +47,7 @@ def synthesize_store(path: Path, n_chunks: int) -> None:
             chunks = []
         if writer.size >= store.config.pack_size:
             write_pack(writer)
-            writer = PackWriter(store.cipher)
+            writer = store.new_pack_writer()
     if chunks:
         entries.append(Entry(path=b"f%09d" % len(entries), type=EntryType.FILE,
                              size=len(chunks) * 64, chunks=chunks, content_hash=chunks[0][0]))

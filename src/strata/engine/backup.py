@@ -15,16 +15,19 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from strata.errors import MissingChunks, StrataError
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest, encode_manifest
 from strata.model.snapshot import Snapshot, now_iso
+from strata.store.chunker import Chunker
+from strata.store.pack import BlobCodec
 from strata.store.repository import Store
 from strata.tree.excludes import ExcludeMatcher
 from strata.tree.order import path_key
@@ -34,12 +37,12 @@ from .filechunks import FileChunks, FileHasher, chunk_files_in_worker, init_work
 from .progress import Progress
 
 _WINDOW = 8192  # entries in flight; bounds memory while keeping the workers busy
-_WINDOW_BYTES = 256 << 20  # and their bytes
+_WINDOW_BYTES = 48 << 20  # and their bytes (results wait in memory until emitted)
 _PROCESS_POOL_AFTER = 64 << 20  # bytes queued for reading before worker processes start
 _PROCESS_MAX_FILE = 16 << 20  # larger files stream through threads instead
 _BATCH_FILES = 64  # small files per worker task: one round trip for many files
 _BATCH_BYTES = 4 << 20
-_SESSION_REFRESH_SECONDS = 60
+_KEEPALIVE_SECONDS = 60  # how often a long scan tells others it is still alive
 
 
 @dataclass
@@ -102,7 +105,7 @@ def find_parent(store: Store, host: str, paths: list[str]) -> Snapshot | None:
     return None
 
 
-def _archive_large_file(store: Store, counters: _Counters, progress: Progress | None,
+def _archive_large_file(store: ChunkSink, counters: _Counters, progress: Progress | None,
                         abspath: bytes, entry: Entry) -> FileChunks:
     """Thread path: stream a big file chunk by chunk straight into the store."""
     hasher = FileHasher()
@@ -118,7 +121,7 @@ def _archive_large_file(store: Store, counters: _Counters, progress: Progress | 
     return hasher.result()
 
 
-def _absorb(store: Store, counters: _Counters, progress: Progress | None,
+def _absorb(store: ChunkSink, counters: _Counters, progress: Progress | None,
             results: list[FileChunks | OSError]) -> None:
     """Main-thread half of the process path: keep the chunks the store lacks."""
     files = [fc for fc in results if isinstance(fc, FileChunks)]
@@ -175,7 +178,7 @@ class _FileReaders:
     (large files, and everything until enough work is queued to pay for starting the
     processes, so small backups stay on threads)."""
 
-    def __init__(self, store: Store, counters: _Counters, progress: Progress | None,
+    def __init__(self, store: ChunkSink, counters: _Counters, progress: Progress | None,
                  workers: int | None):
         self.store, self.counters, self.progress = store, counters, progress
         self.nproc = workers or os.cpu_count() or 2
@@ -191,7 +194,7 @@ class _FileReaders:
             ctx.set_forkserver_preload(["strata.engine.filechunks"])
             self.procs = ProcessPoolExecutor(
                 max_workers=self.nproc, mp_context=ctx, initializer=init_worker,
-                initargs=(self.store.config.chunker, self.store.config.zstd_level))
+                initargs=(self.store.chunker.params, self.store.codec.level))
         if self.procs is None or entry.size > _PROCESS_MAX_FILE:
             return self.threads.submit(_archive_large_file, self.store, self.counters,
                                        self.progress, abspath, entry)
@@ -214,6 +217,133 @@ class _FileReaders:
             self.procs.shutdown(cancel_futures=True)
 
 
+class ChunkSink(Protocol):
+    """Where backup puts chunks: the local Store, or a server reached over the network
+    (the agent). Both hand out only the chunks they lack."""
+
+    chunker: Chunker
+    codec: BlobCodec
+
+    def claim_many(self, ids: list[bytes]) -> set[bytes]: ...
+    def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int: ...
+    def put_claimed(self, cid: bytes, blob: bytes, raw_length: int) -> int: ...
+    def flush(self) -> None: ...
+
+
+@dataclass
+class Archive:
+    """A tree turned into chunks held by the sink, and the manifest that lists them."""
+
+    result: BackupResult
+    manifest_bytes: bytes
+    manifest: list[tuple[bytes, int]]  # the manifest's own chunks
+    referenced: set[bytes]  # every chunk the snapshot will need
+
+
+def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] | None,
+                 excludes: list[str] | None = None, progress: Progress | None = None,
+                 workers: int | None = None,
+                 keepalive: Callable[[], None] | None = None) -> Archive:
+    """Scan `src`, send new data to `sink`, and build the manifest (stored in the sink).
+
+    This is the one implementation of backup shared by `strata store backup` and the
+    agent's centralization."""
+    result = BackupResult(snapshot="")
+    counters = _Counters()
+    matcher = ExcludeMatcher(excludes or [])
+    referenced: set[bytes] = set()
+    cursor = _ParentCursor(parent_entries)
+    readers = _FileReaders(sink, counters, progress, workers)
+    with tempfile.TemporaryFile(prefix="strata-manifest-") as mf:
+        inflight: deque[tuple[Entry, Future[FileChunks] | _BatchItem | None]] = deque()
+        inflight_bytes = 0
+
+        def emit(entry: Entry) -> None:
+            for piece in encode_manifest_entries([entry]):
+                mf.write(piece)
+            referenced.update(cid for cid, _ in entry.chunks)
+            if entry.type is EntryType.FILE:
+                result.files += 1
+                result.bytes_total += entry.size
+            elif entry.type is EntryType.DIR:
+                result.dirs += 1
+
+        def drain(limit: int, byte_limit: int) -> None:
+            nonlocal inflight_bytes
+            while len(inflight) > limit or inflight_bytes > byte_limit or (
+                    inflight and (inflight[0][1] is None or inflight[0][1].done())):
+                entry, fut = inflight.popleft()
+                if fut is not None:
+                    inflight_bytes -= entry.size
+                    try:
+                        fc = fut.result()
+                    except OSError as exc:  # vanished or unreadable since the scan
+                        result.errors.append(f"{os.fsdecode(entry.path)}: {exc.strerror}")
+                        continue
+                    entry.chunks, entry.content_hash, entry.size = \
+                        fc.chunks, fc.content_hash, fc.size
+                    if progress:
+                        progress.advance(files=1)
+                emit(entry)
+
+        mf.write(next(encode_manifest([])))  # header
+        last_tick = time.monotonic()
+        try:
+            for entry, abspath in scan_tree(src, matcher, errors=result.errors):
+                fut = None
+                if keepalive and time.monotonic() - last_tick > _KEEPALIVE_SECONDS:
+                    keepalive()
+                    last_tick = time.monotonic()
+                if entry.type is EntryType.FILE:
+                    prev = cursor.find(entry.path)
+                    if prev is not None and prev.type is EntryType.FILE and \
+                            prev.same_stat(entry):
+                        entry.chunks, entry.content_hash = prev.chunks, prev.content_hash
+                        result.files_unmodified += 1
+                        if progress:
+                            progress.advance(files=1, nbytes=entry.size)
+                    else:
+                        if prev is None:
+                            result.files_new += 1
+                        else:
+                            result.files_changed += 1
+                        fut = readers.submit(abspath, entry)
+                        inflight_bytes += entry.size
+                inflight.append((entry, fut))
+                drain(_WINDOW, _WINDOW_BYTES)
+            drain(0, 0)
+        finally:
+            readers.close()
+        sink.flush()
+        mf.seek(0)
+        manifest_bytes = mf.read()
+    manifest = []
+    for piece in sink.chunker.cut(manifest_bytes):
+        cid = content_id(piece)
+        added = sink.store_chunk(cid, piece)
+        if added:
+            counters.add(0, len(piece), added, 1)
+        manifest.append((cid, len(piece)))
+    sink.flush()
+    referenced.update(cid for cid, _ in manifest)
+    result.bytes_read = counters.bytes_read
+    result.bytes_new = counters.bytes_new
+    result.bytes_stored = counters.bytes_stored
+    result.chunks_new = counters.chunks_new
+    return Archive(result, manifest_bytes, manifest, referenced)
+
+
+def make_snapshot(archive: Archive, *, host: str, paths: list[str], tags: list[str] | None,
+                  parent: str | None, trigger: str) -> Snapshot:
+    snap = Snapshot(time=now_iso(), host=host, paths=paths, tags=list(tags or []),
+                    parent=parent, trigger=trigger,
+                    manifest=[(c.hex(), n) for c, n in archive.manifest],
+                    manifest_id=content_id(archive.manifest_bytes).hex())
+    snap.stats = {k: v for k, v in archive.result.to_dict().items()
+                  if k not in ("snapshot", "errors", "seconds")}
+    return snap
+
+
 def backup(store: Store, source: str | os.PathLike, *, tags: list[str] | None = None,
            excludes: list[str] | None = None, host: str | None = None, trigger: str = "user",
            parent: Snapshot | None | bool = True, progress: Progress | None = None,
@@ -229,89 +359,17 @@ def backup(store: Store, source: str | os.PathLike, *, tags: list[str] | None = 
         parent = find_parent(store, host, paths)
     elif parent is False:
         parent = None
-    result = BackupResult(snapshot="")
-    counters = _Counters()
-    matcher = ExcludeMatcher(excludes or [])
-    referenced: set[bytes] = set()
     with store.session("backup") as session:
         store.reconcile_index()
-        cursor = _ParentCursor(store.iter_manifest(parent) if parent else None)
-        readers = _FileReaders(store, counters, progress, workers)
-        with tempfile.TemporaryFile(prefix="strata-manifest-") as mf:
-            inflight: deque[tuple[Entry, Future[FileChunks] | _BatchItem | None]] = deque()
-            inflight_bytes = 0
-
-            def emit(entry: Entry) -> None:
-                for piece in encode_manifest_entries([entry]):
-                    mf.write(piece)
-                referenced.update(cid for cid, _ in entry.chunks)
-                if entry.type is EntryType.FILE:
-                    result.files += 1
-                    result.bytes_total += entry.size
-                elif entry.type is EntryType.DIR:
-                    result.dirs += 1
-
-            def drain(limit: int, byte_limit: int) -> None:
-                nonlocal inflight_bytes
-                while len(inflight) > limit or inflight_bytes > byte_limit or (
-                        inflight and (inflight[0][1] is None or inflight[0][1].done())):
-                    entry, fut = inflight.popleft()
-                    if fut is not None:
-                        inflight_bytes -= entry.size
-                        try:
-                            fc = fut.result()
-                        except OSError as exc:  # vanished or unreadable since the scan
-                            result.errors.append(f"{os.fsdecode(entry.path)}: {exc.strerror}")
-                            continue
-                        entry.chunks, entry.content_hash, entry.size = \
-                            fc.chunks, fc.content_hash, fc.size
-                        if progress:
-                            progress.advance(files=1)
-                    emit(entry)
-
-            mf.write(next(encode_manifest([])))  # header
-            last_refresh = time.monotonic()
-            for entry, abspath in scan_tree(src, matcher, errors=result.errors):
-                fut = None
-                if time.monotonic() - last_refresh > _SESSION_REFRESH_SECONDS:
-                    session.refresh()  # other hosts judge us alive by this timestamp
-                    last_refresh = time.monotonic()
-                if entry.type is EntryType.FILE:
-                    prev = cursor.find(entry.path)
-                    if prev is not None and prev.type is EntryType.FILE and prev.same_stat(entry):
-                        entry.chunks, entry.content_hash = prev.chunks, prev.content_hash
-                        result.files_unmodified += 1
-                        if progress:
-                            progress.advance(files=1, nbytes=entry.size)
-                    else:
-                        if prev is None:
-                            result.files_new += 1
-                        else:
-                            result.files_changed += 1
-                        fut = readers.submit(abspath, entry)
-                        inflight_bytes += entry.size
-                inflight.append((entry, fut))
-                drain(_WINDOW, _WINDOW_BYTES)
-            drain(0, 0)
-            readers.close()
-            store.flush()
-            session.refresh()
-            mf.seek(0)
-            manifest_bytes = mf.read()
-        manifest, mstats = _store_manifest(store, manifest_bytes)
-        counters.add(0, *mstats)
-        referenced.update(cid for cid, _ in manifest)
-        snap = Snapshot(time=now_iso(), host=host, paths=paths, tags=list(tags or []),
-                        parent=parent.id if parent else None, trigger=trigger,
-                        manifest=[(c.hex(), n) for c, n in manifest],
-                        manifest_id=content_id(manifest_bytes).hex())
-        result.bytes_read = counters.bytes_read
-        result.bytes_new = counters.bytes_new
-        result.bytes_stored = counters.bytes_stored
-        result.chunks_new = counters.chunks_new
-        snap.stats = {k: v for k, v in result.to_dict().items()
-                      if k not in ("snapshot", "errors", "seconds")}
-        _commit_with_heal(store, snap, referenced, src, manifest_bytes)
+        archive = archive_tree(store, src,
+                               parent_entries=store.iter_manifest(parent) if parent else None,
+                               excludes=excludes, progress=progress, workers=workers,
+                               keepalive=session.refresh)
+        snap = make_snapshot(archive, host=host, paths=paths, tags=tags,
+                             parent=parent.id if parent else None, trigger=trigger)
+        commit_with_heal(lambda: store.commit_snapshot(snap, archive.referenced), store, src,
+                         archive.manifest_bytes)
+    result = archive.result
     result.snapshot = snap.id
     result.seconds = round(time.monotonic() - started, 3)
     return result
@@ -323,36 +381,24 @@ def encode_manifest_entries(entries: list[Entry]) -> Iterator[bytes]:
     return it
 
 
-def _store_manifest(store: Store, data: bytes) -> tuple[list[tuple[bytes, int]], tuple]:
-    out, new, stored, n = [], 0, 0, 0
-    for piece in store.chunker.cut(data):
-        cid = content_id(piece)
-        added = store.store_chunk(cid, piece)
-        if added:
-            new, stored, n = new + len(piece), stored + added, n + 1
-        out.append((cid, len(piece)))
-    store.flush()
-    return out, (new, stored, n)
-
-
-def _commit_with_heal(store: Store, snap: Snapshot, referenced: set[bytes], src: Path,
-                      manifest_bytes: bytes) -> None:
-    """Commit; if a concurrent prune removed chunks we deduplicated against, store them
-    again from the source (their bytes are still there) and retry."""
+def commit_with_heal(commit: Callable[[], object], sink: ChunkSink, src: Path,
+                     manifest_bytes: bytes) -> None:
+    """Commit; if chunks we deduplicated against vanished meanwhile (a concurrent prune),
+    store them again from the source, whose bytes are still there, and retry."""
     for _ in range(3):
         try:
-            store.commit_snapshot(snap, referenced)
+            commit()
             return
         except MissingChunks as exc:
-            _reupload(store, set(exc.missing), src, manifest_bytes)
+            reupload(sink, set(exc.missing), src, manifest_bytes)
     raise StrataError("chunks keep disappearing during commit: is a prune running? retry")
 
 
-def _reupload(store: Store, missing: set[bytes], src: Path, manifest_bytes: bytes) -> None:
-    for piece in store.chunker.cut(manifest_bytes):
+def reupload(sink: ChunkSink, missing: set[bytes], src: Path, manifest_bytes: bytes) -> None:
+    for piece in sink.chunker.cut(manifest_bytes):
         cid = content_id(piece)
         if cid in missing:
-            store.store_chunk(cid, piece)
+            sink.store_chunk(cid, piece)
             missing.discard(cid)
     for entry in decode_manifest([manifest_bytes]):
         wanted = [(i, c) for i, (c, _) in enumerate(entry.chunks) if c in missing]
@@ -368,6 +414,9 @@ def _reupload(store: Store, missing: set[bytes], src: Path, manifest_bytes: byte
                 if content_id(data) != cid:
                     raise StrataError(f"{os.fsdecode(entry.path)} changed during backup; "
                                       "run the backup again")
-                store.store_chunk(cid, data)
+                sink.store_chunk(cid, data)
                 missing.discard(cid)
-    store.flush()
+    if missing:
+        raise StrataError(f"{len(missing)} chunk(s) the server asked for are not part of "
+                          "this backup")
+    sink.flush()

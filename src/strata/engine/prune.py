@@ -21,6 +21,7 @@ from strata.store.repository import Store
 
 REPACK_DEAD_FRACTION = 0.5  # "mostly dead": at least half of a pack's bytes unused
 _SLACK_SECONDS = 60  # clock slack between a session's start and its first pack
+_STALE_TEMP_SECONDS = 86400
 
 
 @dataclass
@@ -46,6 +47,7 @@ class PruneResult:
     repacked_packs: int = 0
     new_packs: int = 0
     kept_for_new_snapshots: int = 0
+    stale_temp_files: int = 0
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -90,9 +92,11 @@ def plan_prune(store: Store, *, repack_fraction: float = REPACK_DEAD_FRACTION,
         "COALESCE(SUM(CASE WHEN u.id IS NULL THEN 0 ELSE c.length END), 0) "
         "FROM packs p LEFT JOIN chunks c ON c.pid=p.pid "
         "LEFT JOIN temp.used u ON u.id=c.id GROUP BY p.pid").fetchall()
-    for name, size, _count, dead, live in rows:
+    for name, size, count, dead, live in rows:
         plan.packs += 1
-        if dead == 0:
+        # A pack none of whose chunks are indexed here (their ids are indexed in another
+        # pack: a killed repack, two writers racing on one chunk) is wholly redundant.
+        if dead == 0 and count > 0:
             continue
         try:
             mtime = store.backend.path("packs", name).stat().st_mtime
@@ -101,7 +105,7 @@ def plan_prune(store: Store, *, repack_fraction: float = REPACK_DEAD_FRACTION,
         if mtime >= cutoff and sessions:
             plan.exempt += 1
             continue
-        plan.dead_bytes += dead
+        plan.dead_bytes += dead if count else size
         if live == 0:
             plan.delete.append(name)
             plan.bytes_freed += size
@@ -117,14 +121,12 @@ def execute_prune(store: Store, plan: PrunePlan,
     started = time.monotonic()
     result = PruneResult(plan=plan)
     db = store.index.db
-    writer = PackWriter(store.cipher)
+    writer = store.new_pack_writer()
     new_packs = 0
 
     def write(w: PackWriter) -> None:
         nonlocal new_packs
-        name, data, entries = w.finish()
-        store.backend.save("packs", name, data)
-        store.index.move_chunks(name, len(data), entries)
+        store.install_pack(w, move=True)
         new_packs += 1
 
     for name in plan.repack:
@@ -137,11 +139,13 @@ def execute_prune(store: Store, plan: PrunePlan,
             writer.add(cid, blob, raw_length)
             if writer.size >= store.config.pack_size:
                 write(writer)
-                writer = PackWriter(store.cipher)
+                writer = store.new_pack_writer()
         if on_step:
             on_step(name)
     if writer.entries:
         write(writer)
+    else:
+        writer.discard()
     result.new_packs = new_packs
     doomed = set(plan.delete) | set(plan.repack)
     with store.commit_lock():
@@ -164,8 +168,27 @@ def execute_prune(store: Store, plan: PrunePlan,
     result.deleted_packs = len(doomed & set(plan.delete))
     result.repacked_packs = len(doomed & set(plan.repack))
     db.execute("DROP TABLE IF EXISTS temp.used")
+    result.stale_temp_files = _remove_stale_temp_files(store)
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def _remove_stale_temp_files(store: Store) -> int:
+    """Partial packs of killed writers. A live writer's file is left alone: only files
+    idle for a day, or any when no other writer is registered, go."""
+    tmp = store.path / "tmp"
+    if not tmp.is_dir():
+        return 0
+    others = [s for s in live_sessions(store.locks_dir) if s.get("kind") != "prune"]
+    removed = 0
+    for p in tmp.glob("pack-*.tmp"):
+        try:
+            if not others or time.time() - p.stat().st_mtime > _STALE_TEMP_SECONDS:
+                p.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def prune(store: Store, *, dry_run: bool = False,

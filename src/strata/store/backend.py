@@ -23,6 +23,7 @@ class StoreFull(StrataError):
 
 class Backend(Protocol):
     def save(self, kind: str, name: str, data: bytes) -> None: ...
+    def save_file(self, kind: str, name: str, path: Path) -> None: ...
     def load(self, kind: str, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
     def size(self, kind: str, name: str) -> int: ...
     def exists(self, kind: str, name: str) -> bool: ...
@@ -82,6 +83,13 @@ class LocalBackend:
         path = self._path(kind, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)
+
+    def save_file(self, kind: str, name: str, path: Path) -> None:
+        """Move a finished, fsynced file (on the same filesystem) into place atomically."""
+        dest = self._path(kind, name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, dest)
+        fsync_dir(dest.parent)
 
     def load(self, kind: str, name: str, offset: int = 0, length: int | None = None) -> bytes:
         with open(self._path(kind, name), "rb") as f:

@@ -17,7 +17,9 @@ from strata.store.pack import PackEntry
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs (
-    pid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, size INTEGER NOT NULL);
+    -- AUTOINCREMENT: a pid is never reused, so a pid -> name cached by another process
+    -- can never come to name a different pack after a prune.
+    pid INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (
     id BLOB PRIMARY KEY, pid INTEGER NOT NULL, offset INTEGER NOT NULL,
     length INTEGER NOT NULL, raw_length INTEGER NOT NULL) WITHOUT ROWID;
@@ -43,7 +45,7 @@ class ChunkIndex:
         # NORMAL in WAL mode survives a killed process; a power cut may drop the newest
         # rows, which only leaves packs unindexed, and `reconcile` indexes them again.
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache at most
+        self.db.execute("PRAGMA cache_size=-16384")  # 16 MiB page cache: the OS caches the rest
         self.db.executescript(_SCHEMA)
         self._pack_names: dict[int, str] = {}
 

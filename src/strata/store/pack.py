@@ -7,10 +7,14 @@ zstd) and the payload, sealed by the store's cipher with the chunk id as associa
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
+import blake3
 import zstandard
 
 from strata.errors import CorruptData
@@ -93,29 +97,51 @@ class BlobCodec:
         return data
 
 
-class PackWriter:
-    """Accumulates blobs in memory until the pack reaches its target size."""
+@dataclass(frozen=True, slots=True)
+class FinishedPack:
+    name: str  # hex BLAKE3 of the pack bytes
+    path: Path  # durable temp file, ready to be moved into the store
+    size: int
+    entries: list[PackEntry]
 
-    def __init__(self, cipher: Cipher):
+
+class PackWriter:
+    """Streams blobs into a temp file, hashing as it goes, so no pack sits in memory."""
+
+    def __init__(self, cipher: Cipher, spool_dir: Path):
         self.cipher = cipher
-        self.parts: list[bytes] = [MAGIC]
-        self.size = len(MAGIC)
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self.path = spool_dir / f"pack-{uuid.uuid4().hex}.tmp"
+        self._file = open(self.path, "xb", buffering=1 << 20)  # noqa: SIM115 -- closed in finish
+        self._hash = blake3.blake3()
+        self.size = 0
         self.entries: list[PackEntry] = []
+        self._write(MAGIC)
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
 
     def add(self, cid: bytes, blob: bytes, raw_length: int) -> None:
         self.entries.append(PackEntry(cid, self.size, len(blob), raw_length))
-        self.parts.append(blob)
-        self.size += len(blob)
+        self._write(blob)
 
-    def finish(self) -> tuple[str, bytes, list[PackEntry]]:
-        """Return (pack name, pack bytes, entries); the name is the hash of the bytes."""
+    def finish(self) -> FinishedPack:
+        """Append the trailer and make the file durable; the caller moves it into place."""
         trailer = b"".join(_ENTRY.pack(e.id, e.offset, e.length, e.raw_length)
                            for e in self.entries)
         sealed = self.cipher.seal(trailer, TRAILER_AAD)
-        self.parts += [sealed, _FOOTER.pack(len(sealed), END_MAGIC)]
-        data = b"".join(self.parts)
-        self.parts = []
-        return content_id(data).hex(), data, self.entries
+        self._write(sealed)
+        self._write(_FOOTER.pack(len(sealed), END_MAGIC))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return FinishedPack(self._hash.hexdigest(), self.path, self.size, self.entries)
+
+    def discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def parse_trailer(tail: bytes, pack_size: int, cipher: Cipher) -> list[PackEntry]:

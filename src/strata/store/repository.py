@@ -100,7 +100,7 @@ class Store:
         self.index = ChunkIndex(self.path / "index.sqlite")
         self.locks_dir = self.path / "locks"
         self._lock = threading.Lock()
-        self._writer = PackWriter(cipher)
+        self._writer: PackWriter | None = None  # opened on the first new chunk
         self._pending: set[bytes] = set()  # claimed ids not yet in an indexed pack
         self._pack_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-writer")
         self._writes: list[Future[None]] = []
@@ -129,7 +129,7 @@ class Store:
             master, keyfile = crypto.make_key_file(passphrase)
             backend.save("keys", content_id(keyfile).hex()[:16], keyfile)
             cipher = crypto.AesGcmCipher(master)
-        for kind in ("packs", "snapshots", "locks"):
+        for kind in ("packs", "snapshots", "locks", "tmp"):
             (path / kind).mkdir(exist_ok=True)
         atomic_write(path / "config", config.to_json())
         return cls(path, config, cipher)
@@ -166,6 +166,8 @@ class Store:
 
     def close(self) -> None:
         self._pack_io.shutdown(wait=True)
+        if self._writer is not None:  # chunks never flushed belong to no snapshot
+            self._writer.discard()
         with self._fd_lock:
             for fd in self._fds.values():
                 os.close(fd)
@@ -212,9 +214,11 @@ class Store:
         """Add an already-encoded blob for an id this writer claimed."""
         full = None
         with self._lock:
+            if self._writer is None:
+                self._writer = self.new_pack_writer()
             self._writer.add(cid, blob, raw_length)
             if self._writer.size >= self.config.pack_size:
-                full, self._writer = self._writer, PackWriter(self.cipher)
+                full, self._writer = self._writer, None
         if full is not None:
             # Write in the background so the caller keeps producing; at most two packs
             # wait in memory.
@@ -224,21 +228,33 @@ class Store:
             self._writes.append(fut)
         return len(blob)
 
-    def _write_pack(self, writer: PackWriter) -> None:
-        name, data, entries = writer.finish()
-        self.backend.save("packs", name, data)
+    def new_pack_writer(self) -> PackWriter:
+        return PackWriter(self.cipher, self.path / "tmp")
+
+    def install_pack(self, writer: PackWriter, *, move: bool = False) -> str:
+        """Finish a pack, move it into the store and index it. `move` repoints chunks
+        already indexed elsewhere at this pack (repack); otherwise they keep theirs."""
+        done = writer.finish()
+        self.backend.save_file("packs", done.name, done.path)
         with self._lock:
-            self.index.add_pack(name, len(data), entries)
-            self._pending.difference_update(e.id for e in entries)
+            if move:
+                self.index.move_chunks(done.name, done.size, done.entries)
+            else:
+                self.index.add_pack(done.name, done.size, done.entries)
+            self._pending.difference_update(e.id for e in done.entries)
+        return done.name
+
+    def _write_pack(self, writer: PackWriter) -> None:
+        self.install_pack(writer)
 
     def flush(self) -> None:
         """Write out the partly filled pack so every stored chunk is durable and indexed."""
         with self._lock:
-            writer, self._writer = self._writer, PackWriter(self.cipher)
+            writer, self._writer = self._writer, None
             writes, self._writes = self._writes, []
         for fut in writes:
             fut.result()  # re-raises a failed write (e.g. a full disk)
-        if writer.entries:
+        if writer is not None:
             self._write_pack(writer)
 
     # -- reading chunks -------------------------------------------------------
