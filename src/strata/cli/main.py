@@ -8,12 +8,20 @@ import typer
 
 from strata.errors import StrataError
 
+from . import admin as admin_cli
+from . import agent as agent_cli
+from . import server as server_cli
 from . import store as store_cli
 from .output import err_console, print_error
 
 app = typer.Typer(help="Strata: layered endpoint management on a single-instance store.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(store_cli.app, name="store")
+app.add_typer(agent_cli.app, name="agent")
+app.add_typer(admin_cli.token_app, name="token")
+app.add_typer(admin_cli.endpoint_app, name="endpoint")
+app.add_typer(admin_cli.policy_app, name="policy")
+app.command("server")(server_cli.serve)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from strata.errors import StrataError
 from strata.model.entry import Entry, EntryType
 from strata.store.repository import Store
 
-from .output import console, count_tree, human_bytes, print_json, run_with_progress
+from .output import console, count_tree, err_console, human_bytes, print_json, run_with_progress
 
 app = typer.Typer(help="The deduplicating, snapshotting store (usable on its own for backup).",
                   no_args_is_help=True)
@@ -123,8 +123,12 @@ def backup(store_dir: Path = StoreDir,
 def snapshots(store_dir: Path = StoreDir, passfile: Path | None = PASSFILE,
               json: bool = JSON) -> None:
     """List snapshots, oldest first."""
+    damaged: list[str] = []
     with open_store(store_dir, passfile) as store:
-        snaps = store.snapshots()
+        snaps = store.snapshots(damaged)
+    for sid in damaged:
+        err_console.print(f"[yellow]warning:[/] snapshot {sid[:8]} is damaged and not listed "
+                          "(see `strata store check`)", highlight=False)
     if json:
         print_json([{"id": s.id, "time": s.time, "host": s.host, "paths": s.paths,
                      "tags": s.tags, "parent": s.parent, "trigger": s.trigger,
@@ -265,6 +269,8 @@ def check(store_dir: Path = StoreDir,
 
 @app.command()
 def forget(store_dir: Path = StoreDir,
+           snapshot_ids: list[str] = typer.Argument(None, help="Remove these snapshots "
+                                                     "(ids or prefixes) instead of a policy."),
            keep_last: int = typer.Option(0, "--keep-last"),
            keep_hourly: int = typer.Option(0, "--keep-hourly"),
            keep_daily: int = typer.Option(0, "--keep-daily"),
@@ -279,8 +285,12 @@ def forget(store_dir: Path = StoreDir,
     policy = RetentionPolicy(last=keep_last, hourly=keep_hourly, daily=keep_daily,
                              weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly,
                              tags=tuple(keep_tag))
+    if snapshot_ids:
+        if not policy.is_empty():
+            raise StrataError("give snapshot ids or --keep-* options, not both")
+        return _forget_ids(store_dir, snapshot_ids, passfile, dry_run, json)
     if policy.is_empty():
-        raise StrataError("no policy given: pass at least one --keep-* option")
+        raise StrataError("no policy given: pass at least one --keep-* option or snapshot ids")
     with open_store(store_dir, passfile) as store:
         snaps = {s.id: s for s in store.snapshots()}
         infos = [SnapshotInfo(id=s.id, time=s.datetime, host=s.host, paths=tuple(s.paths),
@@ -306,6 +316,27 @@ def forget(store_dir: Path = StoreDir,
                   f"{'would be removed' if dry_run else 'removed'}")
     if pruned:
         _print_prune(pruned, False)
+
+
+def _forget_ids(store_dir: Path, refs: list[str], passfile: Path | None, dry_run: bool,
+               json: bool) -> None:
+    with open_store(store_dir, passfile) as store:
+        ids = store.snapshot_ids()
+        chosen = []
+        for ref in refs:
+            matches = [s for s in ids if s.startswith(ref.lower())]
+            if len(matches) != 1:
+                raise StrataError(f"no snapshot {ref!r} in this store" if not matches
+                                  else f"snapshot id {ref!r} is ambiguous")
+            chosen.append(matches[0])
+        if not dry_run:
+            for sid in chosen:  # by file name: works for damaged records too
+                store.remove_snapshot(sid)
+    if json:
+        print_json({"dry_run": dry_run, "remove": chosen})
+    else:
+        verb = "would remove" if dry_run else "removed"
+        console.print(f"{verb} {len(chosen)} snapshot(s): {' '.join(s[:8] for s in chosen)}")
 
 
 def _print_prune(result: prune_mod.PruneResult, dry_run: bool) -> None:

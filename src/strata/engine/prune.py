@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from strata.errors import StrataError
+from strata.errors import CorruptData, StrataError
 from strata.store.locks import Session, file_lock, live_sessions
 from strata.store.pack import PackWriter
 from strata.store.repository import Store
@@ -57,7 +57,12 @@ class PruneResult:
 def _mark(store: Store, sids: list[str]) -> None:
     db = store.index.db
     for sid in sids:
-        snap = store.load_snapshot(sid)
+        try:
+            snap = store.load_snapshot(sid)
+        except CorruptData as exc:
+            # Its chunks are unknown, so nothing can be judged dead: refuse, do not guess.
+            raise StrataError(f"snapshot {sid[:8]} is damaged ({exc}); remove it with "
+                              f"`strata store forget DIR {sid[:8]}` before pruning") from None
         mids = snap.manifest_chunk_ids()
         db.executemany("INSERT OR IGNORE INTO temp.used VALUES (?)", ((c,) for c in mids))
         for entry in store.iter_manifest(snap):

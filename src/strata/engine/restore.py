@@ -15,18 +15,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TypeVar
+from typing import Protocol
 
 from strata.errors import CorruptData
 from strata.model.entry import Entry, EntryType
 from strata.model.snapshot import Snapshot
-from strata.store.repository import Store
 from strata.tree.writer import TreeWriter, validate_path
 
 from .progress import Progress
 
-T = TypeVar("T")
-R = TypeVar("R")
 _LOOKAHEAD = 64  # chunks decoded ahead of the writer
 
 
@@ -64,19 +61,52 @@ def _selector(includes: list[bytes]) -> Callable[[bytes], bool]:
     return wanted
 
 
-def prefetch(pool: ThreadPoolExecutor, items: Iterable[T], fn: Callable[[T], R],
-             ahead: int) -> Iterator[Future[R]]:
-    """Yield futures of fn(item) in order, keeping at most `ahead` running."""
-    queue: deque[Future[R]] = deque()
-    for item in items:
-        queue.append(pool.submit(fn, item))
-        if len(queue) >= ahead:
-            yield queue.popleft()
+class ChunkSource(Protocol):
+    """Where restore reads from: the local Store, or the server (the agent's restore)."""
+
+    def iter_manifest(self, snap: Snapshot) -> Iterator[Entry]: ...
+    def load_chunks(self, ids: list[bytes]) -> list[bytes | CorruptData]: ...
+
+
+def prefetch(pool: ThreadPoolExecutor, ids: Iterable[bytes],
+             load_many: Callable[[list[bytes]], list[bytes | CorruptData]],
+             batch: int, ahead: int) -> Iterator[Future[bytes]]:
+    """Yield one future per id, in order, loading `batch` ids per task and keeping at most
+    `ahead` tasks running. A damaged chunk fails only its own future."""
+    queue: deque[Future[bytes]] = deque()
+
+    def run(part: list[bytes], futs: list[Future[bytes]]) -> None:
+        try:
+            results: list[bytes | BaseException] = list(load_many(part))
+        except BaseException as exc:  # e.g. the server went away: every chunk fails
+            results = [exc] * len(part)
+        for fut, res in zip(futs, results, strict=True):
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+    def submit(part: list[bytes]) -> None:
+        futs: list[Future[bytes]] = [Future() for _ in part]
+        pool.submit(run, part, futs)
+        queue.extend(futs)
+
+    part: list[bytes] = []
+    for cid in ids:
+        part.append(cid)
+        if len(part) == batch:
+            submit(part)
+            part = []
+            while len(queue) >= ahead * batch:
+                yield queue.popleft()
+    if part:
+        submit(part)
     while queue:
         yield queue.popleft()
 
 
-def select_entries(store: Store, snap: Snapshot, includes: list[str] | None) -> Iterator[Entry]:
+def select_entries(store: ChunkSource, snap: Snapshot,
+                   includes: list[str] | None) -> Iterator[Entry]:
     """Entries to restore; a hardlink whose first name is not included becomes that file."""
     incs = [normalize_include(i) for i in includes or []]
     wanted = _selector(incs)
@@ -103,16 +133,17 @@ def select_entries(store: Store, snap: Snapshot, includes: list[str] | None) -> 
         yield e
 
 
-def restore(store: Store, snap: Snapshot, target: str | os.PathLike, *,
+def restore(store: ChunkSource, snap: Snapshot, target: str | os.PathLike, *,
             includes: list[str] | None = None, progress: Progress | None = None,
-            workers: int | None = None) -> RestoreResult:
+            workers: int | None = None, batch: int = 8) -> RestoreResult:
     started = time.monotonic()
     result = RestoreResult(snapshot=snap.id)
     entries_a, entries_b = itertools.tee(select_entries(store, snap, includes))
     chunk_ids = (cid for e in entries_b if e.type is EntryType.FILE for cid, _ in e.chunks)
     with ThreadPoolExecutor(max_workers=workers or (os.cpu_count() or 2) + 1) as pool, \
             TreeWriter(target) as writer:
-        stream = prefetch(pool, chunk_ids, store.load_chunk, _LOOKAHEAD)
+        stream = prefetch(pool, chunk_ids, store.load_chunks, batch,
+                          max(2, _LOOKAHEAD // batch))
         for entry in entries_a:
             if entry.type is EntryType.FILE:
                 futures = list(itertools.islice(stream, len(entry.chunks)))

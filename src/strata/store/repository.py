@@ -31,6 +31,7 @@ from strata.model.snapshot import Snapshot
 from strata.store import crypto
 from strata.store.backend import LocalBackend, atomic_write
 from strata.store.chunker import Chunker, ChunkerParams
+from strata.store.crypto import PlainCipher
 from strata.store.index import ChunkIndex
 from strata.store.locks import Session, file_lock
 from strata.store.pack import (
@@ -287,6 +288,27 @@ class Store:
         return self.codec.decode(cid, self.read_blob(loc.pack, loc.offset, loc.length),
                                  loc.raw_length)
 
+    def load_chunks(self, ids: list[bytes]) -> list[bytes | CorruptData]:
+        """Load several chunks; a damaged one is returned as its error, not raised."""
+        out: list[bytes | CorruptData] = []
+        for cid in ids:
+            try:
+                out.append(self.load_chunk(cid))
+            except CorruptData as exc:
+                out.append(exc)
+        return out
+
+    def load_payload(self, cid: bytes) -> tuple[bytes, int]:
+        """The chunk's unsealed stored form (flag + zstd or raw bytes) and its raw length,
+        verified against its id: what a chunk bundle carries, without recompressing."""
+        with self._lock:
+            loc = self.index.lookup(cid)
+        if loc is None:
+            raise CorruptData(f"chunk {cid.hex()[:16]} is not in the store")
+        payload = self.cipher.open(self.read_blob(loc.pack, loc.offset, loc.length), cid)
+        BlobCodec(PlainCipher(), 0).decode(cid, payload, loc.raw_length)
+        return payload, loc.raw_length
+
     def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
         want = list(dict.fromkeys(ids))
         with self._lock:
@@ -364,10 +386,17 @@ class Store:
     def snapshot_ids(self) -> list[str]:
         return list(self.backend.list("snapshots"))
 
-    def snapshots(self) -> list[Snapshot]:
-        """All snapshots, oldest first."""
-        return sorted((self.load_snapshot(s) for s in self.snapshot_ids()),
-                      key=lambda s: (s.time, s.id))
+    def snapshots(self, damaged: list[str] | None = None) -> list[Snapshot]:
+        """All readable snapshots, oldest first. A damaged record is skipped (its id added
+        to `damaged`), so one bad file never stops backups: `check` reports it."""
+        out = []
+        for sid in self.snapshot_ids():
+            try:
+                out.append(self.load_snapshot(sid))
+            except CorruptData:
+                if damaged is not None:
+                    damaged.append(sid)
+        return sorted(out, key=lambda s: (s.time, s.id))
 
     def resolve_snapshot(self, ref: str) -> Snapshot:
         """A snapshot by full id, unique id prefix, or 'latest'."""

@@ -1,0 +1,1 @@
+"""The endpoint agent: enrolls, centralizes on a schedule, reports inventory, restores."""

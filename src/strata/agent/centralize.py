@@ -1,0 +1,111 @@
+"""Centralization: one pass of the sync protocol, built on the shared backup engine."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from strata.agent.client import ServerClient
+from strata.agent.inventory import collect_inventory
+from strata.agent.sink import RemoteSink
+from strata.agent.state import AgentState
+from strata.engine.backup import archive_tree, commit_with_heal, make_snapshot
+from strata.engine.progress import Progress
+from strata.errors import MissingChunks
+from strata.model.manifest import decode_manifest
+from strata.model.wire import CheckinResponse
+
+
+@dataclass
+class CentralizeResult:
+    snapshot: str
+    kind: str  # centralize (the first) or incremental
+    files: int = 0
+    files_changed: int = 0
+    bytes_read: int = 0  # read from disk (files the files cache could not skip)
+    bytes_total: int = 0
+    bytes_new: int = 0  # raw bytes the server lacked (what dedup could not save)
+    bytes_uploaded: int = 0  # those bytes compressed, as sent in bundles
+    chunks_uploaded: int = 0
+    bytes_sent: int = 0  # everything on the wire, requests and headers included
+    bytes_received: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def checkin(client: ServerClient, root: Path, state: AgentState) -> CheckinResponse:
+    status = state.status()
+    body = {"inventory": collect_inventory(root),
+            "status": {k: status.get(k) for k in ("last_centralization", "pending_work")}}
+    resp = client.request("POST", "/api/v1/agent/checkin", json=body)
+    info = CheckinResponse.model_validate(resp.json())
+    state.update_status(server_reachable=True, last_checkin=datetime.now(UTC).isoformat(),
+                        policy=info.policy.model_dump())
+    return info
+
+
+def own_exclusions(root: Path, state: AgentState) -> list[str]:
+    """The agent's state directory is never centralized, wherever it lives."""
+    try:
+        rel = Path(os.path.realpath(state.path)).relative_to(os.path.realpath(root))
+    except ValueError:
+        return []
+    return [f"/{rel.as_posix()}/"] if str(rel) != "." else []
+
+
+def centralize(client: ServerClient, state: AgentState, root: Path, info: CheckinResponse, *,
+               trigger: str = "scheduled", tags: list[str] | None = None,
+               progress: Progress | None = None) -> CentralizeResult:
+    started = time.monotonic()
+    sent0, recv0, retried0 = client.bytes_sent, client.bytes_received, client.retried
+    sink = RemoteSink(client, info.chunker)
+    parent_id, parent_bytes = state.parent()
+    parent_entries = decode_manifest([parent_bytes]) if parent_bytes else None
+    kind = "incremental" if info.last_snapshot else "centralize"
+    archive = archive_tree(sink, root, parent_entries=parent_entries,
+                           excludes=info.policy.exclusions + own_exclusions(root, state),
+                           progress=progress)
+    sink.flush()
+    # The sink, not the engine, knows what the server lacked: record its figures.
+    archive.result.bytes_new = sink.raw_uploaded
+    archive.result.bytes_stored = sink.payload_uploaded
+    archive.result.chunks_new = sink.chunks_uploaded
+    snap = make_snapshot(archive, host=info.endpoint_id, paths=[str(root)], tags=tags,
+                         parent=parent_id, trigger=trigger)
+    result: dict = {}
+
+    def commit() -> None:
+        body = {"manifest": snap.manifest, "manifest_id": snap.manifest_id,
+                "paths": snap.paths, "tags": snap.tags, "trigger": trigger,
+                "stats": snap.stats, "kind": kind, "retries": client.retried - retried0,
+                "bytes_on_wire": client.bytes_sent - sent0,
+                "seconds": round(time.monotonic() - started, 3)}
+        resp = client.request("POST", "/api/v1/agent/snapshots", json=body)
+        if resp.status_code == 409:
+            missing = {bytes.fromhex(h) for h in resp.json()["missing"]}
+            sink.forget(missing)
+            raise MissingChunks(sorted(missing))
+        result["snapshot"] = resp.json()["snapshot"]
+
+    commit_with_heal(commit, sink, root, archive.manifest_bytes)
+    state.save_parent(result["snapshot"], archive.manifest_bytes)
+    r = archive.result
+    out = CentralizeResult(
+        snapshot=result["snapshot"], kind=kind, files=r.files,
+        files_changed=r.files_new + r.files_changed, bytes_read=r.bytes_read,
+        bytes_total=r.bytes_total, bytes_new=sink.raw_uploaded,
+        bytes_uploaded=sink.payload_uploaded, chunks_uploaded=sink.chunks_uploaded,
+        bytes_sent=client.bytes_sent - sent0, bytes_received=client.bytes_received - recv0,
+        retries=client.retried - retried0, seconds=round(time.monotonic() - started, 3),
+        errors=r.errors)
+    state.update_status(last_centralization={
+        "time": datetime.now(UTC).isoformat(), "snapshot": out.snapshot, "result": "ok",
+        "kind": kind, "bytes_sent": out.bytes_sent})
+    return out

@@ -1,0 +1,94 @@
+"""The agent's HTTP client: authentication, retries with backoff, bandwidth limits, and
+a count of every byte that crosses the wire in either direction."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from strata.agent.throttle import TokenBucket
+from strata.errors import StrataError
+
+RETRY_STATUS = {502, 503, 504}
+
+
+class ServerUnreachable(StrataError):
+    exit_code = 3
+
+
+class ServerRefused(StrataError):
+    """The server answered with a client error; retrying will not help."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+def _header_bytes(headers: httpx.Headers) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in headers.raw) + 2
+
+
+class ServerClient:
+    def __init__(self, server: str, credential: str | None = None, *, retries: int = 5,
+                 timeout: float = 120.0, upload_rate: float | None = None,
+                 download_rate: float | None = None, verify: bool | str = True):
+        self.server = server.rstrip("/")
+        headers = {"Authorization": f"Bearer {credential}"} if credential else {}
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout,
+                                 verify=verify)
+        self.retries = retries
+        self.upload = TokenBucket(upload_rate)
+        self.download = TokenBucket(download_rate)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.retried = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def set_limits(self, upload_rate: float | None, download_rate: float | None) -> None:
+        self.upload = TokenBucket(upload_rate)
+        self.download = TokenBucket(download_rate)
+
+    def request(self, method: str, path: str, *, json: object = None,
+                content: bytes | None = None) -> httpx.Response:
+        """Send with retries on network errors and 502-504; raise one clear error."""
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            req = self.http.build_request(
+                method, path, json=json, content=content,
+                headers={"Content-Type": "application/octet-stream"} if content else None)
+            body = req.content
+            self.upload.consume(len(body))
+            try:
+                resp = self.http.send(req)
+            except httpx.TransportError as exc:
+                failure: str = f"cannot reach {self.server}: {exc.__class__.__name__}"
+            else:
+                with self._lock:
+                    self.bytes_sent += len(body) + _header_bytes(req.headers) + len(path) + 16
+                    self.bytes_received += len(resp.content) + _header_bytes(resp.headers) + 16
+                self.download.consume(len(resp.content))
+                if resp.status_code not in RETRY_STATUS:
+                    if resp.status_code >= 400 and resp.status_code != 409:
+                        raise ServerRefused(resp.status_code, _message(resp))
+                    return resp
+                failure = f"server busy ({resp.status_code})"
+            if attempt == self.retries:
+                raise ServerUnreachable(failure)
+            with self._lock:
+                self.retried += 1
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        detail = resp.json().get("detail")
+    except ValueError:
+        detail = resp.text[:200]
+    return f"server refused ({resp.status_code}): {detail}"

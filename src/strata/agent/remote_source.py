@@ -1,0 +1,56 @@
+"""Reading the endpoint's own snapshots back from the server, for file restore."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from strata.agent.client import ServerClient
+from strata.errors import CorruptData
+from strata.model.entry import Entry
+from strata.model.ids import content_id
+from strata.model.manifest import decode_manifest
+from strata.model.transfer import read_bundle
+from strata.store.crypto import PlainCipher
+from strata.store.pack import BlobCodec
+
+_codec = BlobCodec(PlainCipher(), 0)
+
+
+@dataclass
+class RemoteSnapshot:
+    id: str
+    manifest: bytes
+
+
+class RemoteSource:
+    """A ChunkSource over the agent API; every chunk is verified against its id."""
+
+    def __init__(self, client: ServerClient):
+        self.client = client
+
+    def snapshot(self, ref: str) -> RemoteSnapshot:
+        resp = self.client.request("GET", f"/api/v1/agent/snapshots/{ref}/manifest")
+        return RemoteSnapshot(resp.headers["X-Strata-Snapshot"], resp.content)
+
+    def iter_manifest(self, snap: RemoteSnapshot) -> Iterator[Entry]:  # type: ignore[override]
+        return decode_manifest([snap.manifest])
+
+    def bind(self, snap: RemoteSnapshot) -> None:
+        self._sid = snap.id
+
+    def load_chunks(self, ids: list[bytes]) -> list[bytes | CorruptData]:
+        resp = self.client.request("POST", f"/api/v1/agent/snapshots/{self._sid}/chunks",
+                                   json={"ids": [c.hex() for c in ids]})
+        got: dict[bytes, bytes | CorruptData] = {}
+        for cid, raw_length, payload in read_bundle(resp.content):
+            try:
+                got[cid] = _codec.decode(cid, payload, raw_length)
+            except CorruptData as exc:
+                got[cid] = exc
+        return [got.get(c, CorruptData(f"server did not send chunk {c.hex()[:16]}"))
+                for c in ids]
+
+
+def manifest_matches(snap: RemoteSnapshot, manifest_id: str) -> bool:
+    return content_id(snap.manifest).hex() == manifest_id

@@ -1,0 +1,97 @@
+"""The agent's side of the sync protocol, as a ChunkSink for the shared backup engine:
+ask the server which chunks it lacks, in batches, and upload only those, compressed,
+in bundles. Nothing the server acknowledged is ever sent again: after a crash the next
+run asks again and the server answers with what is still missing."""
+
+from __future__ import annotations
+
+import threading
+
+from strata.agent.client import ServerClient
+from strata.model.transfer import BundleWriter
+from strata.model.wire import MAX_IDS_PER_QUERY, ChunkerSpec
+from strata.store.chunker import Chunker, ChunkerParams
+from strata.store.crypto import PlainCipher
+from strata.store.pack import BlobCodec
+
+BUNDLE_BYTES = 8 << 20  # upload request size: big enough to amortize, small to resume
+_QUEUE_CHUNKS = 512  # chunks held back until one "missing?" query covers them all
+
+
+class RemoteSink:
+    def __init__(self, client: ServerClient, spec: ChunkerSpec):
+        self.client = client
+        self.chunker = Chunker(ChunkerParams(spec.min_size, spec.avg_size, spec.max_size))
+        self.codec = BlobCodec(PlainCipher(), spec.zstd_level)
+        self._lock = threading.Lock()
+        self._known: set[bytes] = set()  # asked about during this run (held or queued)
+        self._queue: list[tuple[bytes, int, bytes]] = []  # (id, raw length, payload)
+        self._bundle = BundleWriter()
+        self.chunks_uploaded = 0
+        self.raw_uploaded = 0  # raw bytes of chunks the server lacked
+        self.payload_uploaded = 0  # their compressed size
+
+    def _ask(self, ids: list[bytes]) -> set[bytes]:
+        lacking: set[bytes] = set()
+        for i in range(0, len(ids), MAX_IDS_PER_QUERY):
+            part = ids[i:i + MAX_IDS_PER_QUERY]
+            resp = self.client.request("POST", "/api/v1/agent/chunks/missing",
+                                       json={"ids": [c.hex() for c in part]})
+            lacking.update(bytes.fromhex(h) for h in resp.json()["missing"])
+        return lacking
+
+    def claim_many(self, ids: list[bytes]) -> set[bytes]:
+        with self._lock:
+            fresh = [c for c in dict.fromkeys(ids) if c not in self._known]
+            self._known.update(fresh)
+        return self._ask(fresh) if fresh else set()
+
+    def put_claimed(self, cid: bytes, blob: bytes, raw_length: int) -> int:
+        full = None
+        with self._lock:
+            self._bundle.add(cid, raw_length, blob)
+            self.chunks_uploaded += 1
+            self.raw_uploaded += raw_length
+            self.payload_uploaded += len(blob)
+            if self._bundle.size >= BUNDLE_BYTES:
+                full, self._bundle = self._bundle, BundleWriter()
+        if full is not None:
+            self._send(full)
+        return len(blob)
+
+    def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int:
+        """Queue a chunk; it is sent only if the server turns out to lack it."""
+        with self._lock:
+            if cid in self._known:
+                return 0
+            self._known.add(cid)
+            self._queue.append((cid, len(data), self.codec.compress(data)))
+            if len(self._queue) < _QUEUE_CHUNKS:
+                return 0
+            queue, self._queue = self._queue, []
+        self._resolve(queue)
+        return 0
+
+    def _resolve(self, queue: list[tuple[bytes, int, bytes]]) -> None:
+        lacking = self._ask([cid for cid, _, _ in queue])
+        for cid, n, payload in queue:
+            if cid in lacking:
+                self.put_claimed(cid, payload, n)
+
+    def _send(self, bundle: BundleWriter) -> None:
+        self.client.request("POST", "/api/v1/agent/chunks", content=bundle.getvalue())
+
+    def flush(self) -> None:
+        with self._lock:
+            queue, self._queue = self._queue, []
+        if queue:
+            self._resolve(queue)
+        with self._lock:
+            bundle, self._bundle = self._bundle, BundleWriter()
+        if bundle.count:
+            self._send(bundle)
+
+    def forget(self, ids: set[bytes]) -> None:
+        """The server lost these since we asked (a prune): ask again next time."""
+        with self._lock:
+            self._known.difference_update(ids)

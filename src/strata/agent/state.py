@@ -1,0 +1,109 @@
+"""The agent's own state directory: credential, files-cache parent manifest, status.
+
+Never centralized itself. Every file is replaced atomically, and the credential is
+readable by its owner only (mode 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from strata.errors import StrataError
+from strata.store.backend import atomic_write
+
+
+def default_state_dir() -> Path:
+    if platform.system() == "Windows":
+        return Path(os.environ.get("PROGRAMDATA", r"C:\ProgramData")) / "Strata"
+    return Path("/var/lib/strata-agent")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("SYSTEMDRIVE", "C:") + "\\") if platform.system() == "Windows" \
+        else Path("/")
+
+
+class NotEnrolled(StrataError):
+    pass
+
+
+@dataclass
+class Credential:
+    server: str
+    endpoint_id: str
+    credential: str
+    root: str
+
+
+class AgentState:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # -- credential -----------------------------------------------------------
+    def save_credential(self, cred: Credential) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(self.path / "credential.json", json.dumps(cred.__dict__).encode())
+        os.chmod(self.path / "credential.json", 0o600)
+
+    def credential(self) -> Credential:
+        try:
+            return Credential(**json.loads((self.path / "credential.json").read_text()))
+        except FileNotFoundError:
+            raise NotEnrolled(f"this agent is not enrolled (no credential in {self.path}); "
+                              "run `strata agent enroll`") from None
+        except (ValueError, TypeError) as exc:
+            raise StrataError(f"agent credential in {self.path} is malformed ({exc})") from None
+
+    # -- status ---------------------------------------------------------------
+    def status(self) -> dict:
+        try:
+            return json.loads((self.path / "status.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {"bytes_sent": 0, "bytes_received": 0}
+
+    def update_status(self, **changes: object) -> dict:
+        doc = self.status()
+        doc.update(changes)
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(self.path / "status.json", json.dumps(doc, indent=1, default=str).encode(),
+                     durable=False)
+        return doc
+
+    def add_wire_bytes(self, sent: int, received: int) -> None:
+        doc = self.status()
+        self.update_status(bytes_sent=int(doc.get("bytes_sent", 0)) + sent,
+                           bytes_received=int(doc.get("bytes_received", 0)) + received)
+
+    # -- files cache ----------------------------------------------------------
+    def save_parent(self, snapshot: str, manifest: bytes) -> None:
+        atomic_write(self.path / "parent.manifest", manifest)
+        atomic_write(self.path / "parent.json", json.dumps({"snapshot": snapshot}).encode())
+
+    def parent(self) -> tuple[str | None, bytes | None]:
+        try:
+            sid = json.loads((self.path / "parent.json").read_text())["snapshot"]
+            return sid, (self.path / "parent.manifest").read_bytes()
+        except (FileNotFoundError, ValueError, KeyError):
+            return None, None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """One agent run at a time per state directory."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StrataError("another agent run is in progress for this state "
+                                  "directory") from None
+            yield
+        finally:
+            os.close(fd)

@@ -1,0 +1,250 @@
+"""`strata agent …`: enroll an endpoint and keep it centralized."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from strata.agent.centralize import centralize, checkin
+from strata.agent.client import ServerClient, ServerUnreachable
+from strata.agent.inventory import collect_inventory
+from strata.agent.remote_source import RemoteSource
+from strata.agent.state import AgentState, Credential, default_root, default_state_dir
+from strata.agent.throttle import parse_rate
+from strata.engine.restore import restore as run_restore
+from strata.errors import StrataError
+
+from .output import console, err_console, human_bytes, print_json, run_with_progress
+
+app = typer.Typer(help="The endpoint agent.", no_args_is_help=True)
+STATE = typer.Option(None, "--state", help="Agent state directory (credential, caches).")
+JSON = typer.Option(False, "--json", help="Print JSON.")
+LIMIT_UP = typer.Option(None, "--limit-upload", help="Upload cap, e.g. 512K or 2M "
+                        "(bytes per second).")
+
+
+def _state(state: Path | None) -> AgentState:
+    return AgentState(state or default_state_dir())
+
+
+def _client(cred: Credential, limit_upload: str | None = None) -> ServerClient:
+    try:
+        rate = parse_rate(limit_upload)
+    except ValueError as exc:
+        raise StrataError(str(exc)) from None
+    return ServerClient(cred.server, cred.credential, upload_rate=rate)
+
+
+def _apply_limits(client: ServerClient, policy_bw: dict, local_up: str | None) -> None:
+    up = policy_bw.get("upload_kbps")
+    down = policy_bw.get("download_kbps")
+    local = parse_rate(local_up)
+    rates = [r for r in (up * 1024 if up else None, local) if r]
+    client.set_limits(min(rates) if rates else None, down * 1024 if down else None)
+
+
+@app.command()
+def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
+           token: str = typer.Option(..., "--token", help="Enrollment token from the admin."),
+           root: Path = typer.Option(None, "--root", help="The endpoint's root (default /)."),
+           state: Path | None = STATE, json: bool = JSON) -> None:
+    """Enroll this endpoint with a one-time token; stores the device credential (0600)."""
+    st = _state(state)
+    root = (root or default_root()).resolve()
+    if not root.is_dir():
+        raise StrataError(f"root {root} is not a directory")
+    inv = collect_inventory(root)
+    client = ServerClient(server, retries=2)
+    try:
+        resp = client.request("POST", "/api/v1/agent/enroll", json={
+            "token": token, "hostname": inv["hostname"] or socket.gethostname(),
+            "os": inv["os"], "inventory": inv}).json()
+    finally:
+        client.close()
+    st.save_credential(Credential(server=server, endpoint_id=resp["endpoint_id"],
+                                  credential=resp["credential"], root=str(root)))
+    st.add_wire_bytes(client.bytes_sent, client.bytes_received)
+    if json:
+        print_json({"endpoint_id": resp["endpoint_id"], "state": resp["state"]})
+    else:
+        note = " (waiting for an administrator's approval)" if resp["state"] == "pending" else ""
+        console.print(f"enrolled as {resp['endpoint_id']}{note}")
+
+
+def _cycle(st: AgentState, cred: Credential, *, force: bool, trigger: str,
+           limit_upload: str | None, json: bool) -> dict:
+    """Check in; centralize if due (or forced). Returns what happened."""
+    client = _client(cred, limit_upload)
+    root = Path(cred.root)
+    try:
+        try:
+            info = checkin(client, root, st)
+        except ServerUnreachable as exc:
+            st.update_status(server_reachable=False)
+            return {"checked_in": False, "offline": str(exc)}
+        _apply_limits(client, info.policy.bandwidth.model_dump(), limit_upload)
+        last = st.status().get("last_centralization") or {}
+        due = force or not info.last_snapshot or not last.get("time") or \
+            time.time() - _ts(last["time"]) >= info.policy.interval_seconds
+        out: dict = {"checked_in": True, "endpoint_id": info.endpoint_id, "centralized": False}
+        if due:
+            st.update_status(pending_work=["centralize"])
+            try:
+                result = run_with_progress(
+                    "centralize", lambda p: centralize(client, st, root, info, trigger=trigger,
+                                                       progress=p), json_mode=json)
+            except ServerUnreachable as exc:
+                st.update_status(server_reachable=False, pending_work=["centralize"])
+                return {**out, "offline": str(exc)}
+            st.update_status(pending_work=[])
+            out.update(centralized=True, result=result.to_dict())
+        return out
+    finally:
+        st.add_wire_bytes(client.bytes_sent, client.bytes_received)
+        client.close()
+
+
+def _ts(iso: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def _report(out: dict, json: bool) -> None:
+    if json:
+        print_json(out)
+        return
+    if not out.get("checked_in") or out.get("offline"):
+        err_console.print(f"offline: {out.get('offline')}; will retry", highlight=False)
+    if out.get("centralized"):
+        r = out["result"]
+        console.print(f"{r['kind']} {r['snapshot'][:8]}: {r['files']} files, "
+                      f"{r['files_changed']} changed, read {human_bytes(r['bytes_read'])}, "
+                      f"server lacked {human_bytes(r['bytes_new'])}, sent "
+                      f"{human_bytes(r['bytes_sent'])} on the wire in {r['seconds']:.1f}s")
+    elif out.get("checked_in"):
+        console.print("checked in; nothing due")
+
+
+@app.command()
+def run(once: bool = typer.Option(False, "--once", help="One cycle, then exit."),
+        state: Path | None = STATE, limit_upload: str | None = LIMIT_UP,
+        poll: float = typer.Option(60, "--poll", help="Seconds between check-ins."),
+        json: bool = JSON) -> None:
+    """The agent daemon: check in, centralize when due, work offline, resume."""
+    st = _state(state)
+    cred = st.credential()
+    backoff = poll
+    while True:
+        with st.exclusive():
+            out = _cycle(st, cred, force=False, trigger="scheduled", limit_upload=limit_upload,
+                         json=json)
+        _report(out, json)
+        if once:
+            return
+        backoff = poll if out.get("checked_in") and not out.get("offline") else \
+            min(backoff * 2, 3600)
+        time.sleep(backoff)
+
+
+@app.command()
+def backup(state: Path | None = STATE, limit_upload: str | None = LIMIT_UP,
+           json: bool = JSON) -> None:
+    """Centralize now (user-initiated)."""
+    st = _state(state)
+    with st.exclusive():
+        out = _cycle(st, st.credential(), force=True, trigger="user",
+                     limit_upload=limit_upload, json=json)
+    _report(out, json)
+    if out.get("offline"):
+        raise typer.Exit(3)
+
+
+@app.command()
+def snapshots(state: Path | None = STATE, json: bool = JSON) -> None:
+    """This endpoint's snapshots on the server."""
+    st = _state(state)
+    client = _client(st.credential())
+    try:
+        rows = client.request("GET", "/api/v1/agent/snapshots").json()
+    finally:
+        st.add_wire_bytes(client.bytes_sent, client.bytes_received)
+        client.close()
+    if json:
+        print_json(rows)
+        return
+    table = Table("ID", "Time", "Trigger", "Files", "Size")
+    for r in rows:
+        table.add_row(r["id"][:8], r["time"][:19], r["trigger"], str(r["files"]),
+                      human_bytes(r["bytes_total"]))
+    console.print(table)
+
+
+@app.command()
+def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relative to the "
+                                              "endpoint root, e.g. home/alice/report.txt)."),
+            snapshot: str = typer.Option("latest", "--snapshot", help="Snapshot id or prefix."),
+            to: Path | None = typer.Option(None, "--to", help="Restore under this directory "
+                                           "instead of in place."),
+            state: Path | None = STATE, json: bool = JSON) -> None:
+    """Restore files from any of this endpoint's snapshots."""
+    st = _state(state)
+    cred = st.credential()
+    client = _client(cred)
+    try:
+        source = RemoteSource(client)
+        snap = source.snapshot(snapshot)
+        source.bind(snap)
+        target = to or Path(cred.root)
+        result = run_with_progress("restore", lambda p: run_restore(
+            source, snap, target, includes=paths, progress=p), json_mode=json)  # type: ignore[arg-type]
+    finally:
+        st.add_wire_bytes(client.bytes_sent, client.bytes_received)
+        client.close()
+    if json:
+        print_json(result.to_dict())
+    else:
+        for e in result.errors:
+            err_console.print(f"error: {e}", highlight=False)
+        console.print(f"restored {result.files} files ({human_bytes(result.bytes_written)}) "
+                      f"from {snap.id[:8]} into {target}")
+    if result.errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(state: Path | None = STATE, json: bool = JSON) -> None:
+    """Last centralization, pending work, server reachability and bytes on the wire."""
+    st = _state(state)
+    cred = st.credential()
+    doc = st.status()
+    client = ServerClient(cred.server, cred.credential, retries=0, timeout=5)
+    try:
+        client.request("GET", "/api/v1/health")
+        reachable = True
+    except StrataError:
+        reachable = False
+    finally:
+        client.close()
+    st.add_wire_bytes(client.bytes_sent, client.bytes_received)
+    doc = st.status()
+    out = {"endpoint_id": cred.endpoint_id, "server": cred.server, "root": cred.root,
+           "server_reachable": reachable,
+           "last_centralization": doc.get("last_centralization"),
+           "last_checkin": doc.get("last_checkin"),
+           "pending_work": doc.get("pending_work", []),
+           "bytes_sent": int(doc.get("bytes_sent", 0)),
+           "bytes_received": int(doc.get("bytes_received", 0))}
+    if json:
+        print_json(out)
+        return
+    last = out["last_centralization"] or {}
+    console.print(f"endpoint {out['endpoint_id']} on {out['server']} "
+                  f"({'reachable' if reachable else 'unreachable'})\n"
+                  f"last centralization: {last.get('time', 'never')} {last.get('result', '')}\n"
+                  f"pending: {', '.join(out['pending_work']) or 'nothing'}\n"
+                  f"on the wire: sent {human_bytes(out['bytes_sent'])}, received "
+                  f"{human_bytes(out['bytes_received'])}", highlight=False)

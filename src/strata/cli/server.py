@@ -1,0 +1,49 @@
+"""`strata server`: run the datacenter server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+import uvicorn
+
+from strata.errors import StrataError
+from strata.server.app import create_app
+from strata.server.context import ServerSettings
+
+from .output import err_console
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("STRATA_DATA", "/var/lib/strata-server"))
+
+
+def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalog, store, "
+                                    "admin token). Default: $STRATA_DATA or "
+                                    "/var/lib/strata-server."),
+          listen: str = typer.Option("127.0.0.1:8470", "--listen", help="HOST:PORT to serve."),
+          tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate."),
+          tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key."),
+          catalog: str = typer.Option("", "--catalog", help="SQLAlchemy URL of the catalog "
+                                      "(default: SQLite in the data directory)."),
+          maintenance_interval: float = typer.Option(
+              3600, "--maintenance-interval", help="Seconds between retention and prune runs."),
+          ) -> None:
+    """Run the Strata server (agent sync API, admin API, retention and GC)."""
+    data_dir = (data or default_data_dir()).resolve()
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise StrataError(f"--listen must be HOST:PORT, not {listen!r}")
+    if bool(tls_cert) != bool(tls_key):
+        raise StrataError("--tls-cert and --tls-key go together")
+    settings = ServerSettings(data_dir=data_dir, catalog_url=catalog,
+                              maintenance_interval=maintenance_interval)
+    app = create_app(settings)
+    scheme = "https" if tls_cert else "http"
+    err_console.print(f"Strata server on {scheme}://{listen}  data: {data_dir}\n"
+                      f"admin token: {app.state.admin_token_path} (mode 0600)",
+                      highlight=False)
+    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning",
+                ssl_certfile=str(tls_cert) if tls_cert else None,
+                ssl_keyfile=str(tls_key) if tls_key else None)

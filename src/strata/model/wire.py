@@ -1,0 +1,101 @@
+"""Request and response schemas of the HTTP API, shared by server, agent and CLI."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+MAX_IDS_PER_QUERY = 10_000
+
+
+class ChunkerSpec(BaseModel):
+    min_size: int
+    avg_size: int
+    max_size: int
+    zstd_level: int
+
+
+class BandwidthLimits(BaseModel):
+    upload_kbps: int | None = None  # None: unlimited
+    download_kbps: int | None = None
+
+
+class AgentPolicy(BaseModel):
+    interval_seconds: int = 3600
+    exclusions: list[str] = Field(default_factory=list)
+    bandwidth: BandwidthLimits = Field(default_factory=BandwidthLimits)
+
+
+class EnrollRequest(BaseModel):
+    token: str = Field(min_length=8, max_length=256)
+    hostname: str = Field(default="", max_length=255)
+    os: str = Field(default="", max_length=64)
+    inventory: dict = Field(default_factory=dict)
+
+
+class EnrollResponse(BaseModel):
+    endpoint_id: str
+    credential: str
+    state: str  # active or pending (waiting for an admin's approval)
+
+
+class CheckinRequest(BaseModel):
+    inventory: dict = Field(default_factory=dict)
+    status: dict = Field(default_factory=dict)
+
+
+class CheckinResponse(BaseModel):
+    endpoint_id: str
+    state: str
+    policy: AgentPolicy
+    chunker: ChunkerSpec
+    last_snapshot: str | None = None
+    last_snapshot_time: datetime | None = None
+    server_time: datetime
+
+
+class MissingRequest(BaseModel):
+    ids: list[str] = Field(max_length=MAX_IDS_PER_QUERY)
+
+
+class MissingResponse(BaseModel):
+    missing: list[str]
+
+
+class UploadResponse(BaseModel):
+    chunks: int
+    stored: int  # chunks the server did not hold before
+    duplicates: int
+    bytes_stored: int
+
+
+class CommitRequest(BaseModel):
+    manifest: list[tuple[str, int]]
+    manifest_id: str
+    paths: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    trigger: str = "scheduled"
+    stats: dict = Field(default_factory=dict)
+    kind: str = "incremental"  # centralize (first) or incremental
+    retries: int = 0
+    bytes_on_wire: int = 0
+    seconds: float = 0.0
+
+
+class CommitResponse(BaseModel):
+    snapshot: str
+
+
+class SnapshotSummary(BaseModel):
+    id: str
+    time: datetime
+    trigger: str
+    files: int
+    bytes_total: int
+    bytes_new: int
+    tags: list[str]
+
+
+class ChunkRequest(BaseModel):
+    ids: list[str] = Field(max_length=MAX_IDS_PER_QUERY)

@@ -1,0 +1,1 @@
+"""The datacenter server: sync API for agents, admin API, catalog, store, maintenance."""

@@ -1,0 +1,83 @@
+"""Building the FastAPI application: the store, the catalog, routes, metrics, upkeep."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from strata import __version__
+from strata.errors import StrataError
+from strata.server import metrics
+from strata.server.auth import digest, ensure_admin_token, read_token_file
+from strata.server.catalog.db import open_catalog
+from strata.server.context import ServerContext, ServerSettings
+from strata.server.maintenance import MaintenanceThread
+from strata.server.routes import admin, agent
+from strata.store.repository import Store
+
+
+def open_server_store(data_dir: Path) -> Store:
+    path = data_dir / "store"
+    if not (path / "config").exists():
+        return Store.init(path)
+    return Store.open(path)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    token_path, _ = ensure_admin_token(settings.data_dir)
+    _, sessions = open_catalog(settings.catalog_url)
+    ctx = ServerContext(settings=settings, store=open_server_store(settings.data_dir),
+                        db=sessions)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upkeep = MaintenanceThread(ctx)
+        upkeep.start()
+        yield
+        upkeep.stop.set()
+        ctx.store.close()
+
+    app = FastAPI(title="Strata server", version=__version__, lifespan=lifespan,
+                  openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs")
+    app.state.ctx = ctx
+    app.state.admin_digest = digest(read_token_file(token_path))
+    app.state.admin_token_path = token_path
+    app.include_router(agent.router)
+    app.include_router(admin.router)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):  # noqa: ANN001, ANN202
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        metrics.REQUESTS.labels(request.method, name, str(response.status_code)).inc()
+        metrics.LATENCY.labels(name).observe(time.perf_counter() - started)
+        size = request.headers.get("content-length")
+        if size and size.isdigit():
+            metrics.BYTES_RECEIVED.inc(int(size))
+        out = response.headers.get("content-length")
+        if out and out.isdigit():
+            metrics.BYTES_SENT.inc(int(out))
+        return response
+
+    @app.exception_handler(StrataError)
+    async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400 if exc.exit_code == 2 else 500)
+
+    @app.get("/api/v1/health", tags=["health"])
+    def health() -> dict:
+        return {"status": "ok", "version": __version__, "store": ctx.store.config.id}
+
+    @app.get("/metrics", tags=["health"])
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return app

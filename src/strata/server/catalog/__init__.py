@@ -1,0 +1,1 @@
+"""The catalog: endpoints, CVDs, snapshots, policies, tokens, transactions and audit log."""

@@ -1,0 +1,104 @@
+"""SQLAlchemy 2 models of the catalog. The schema itself is owned by Alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict: JSON, list: JSON}
+
+
+class Endpoint(Base):
+    __tablename__ = "endpoints"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    os: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[str] = mapped_column(String(16), default="active")  # pending/active/revoked
+    credential_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    last_ip: Mapped[str] = mapped_column(String(64), default="")
+    inventory: Mapped[dict] = mapped_column(default=dict)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)  # from the agent
+    bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)  # to the agent
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("enrollment_tokens.id"))
+
+
+class Cvd(Base):
+    """The endpoint's centralized virtual desktop: its snapshot stream (layers later)."""
+
+    __tablename__ = "cvds"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id"), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_snapshot: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class SnapshotRecord(Base):
+    __tablename__ = "snapshots"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cvd_id: Mapped[int] = mapped_column(ForeignKey("cvds.id"), index=True)
+    time: Mapped[datetime] = mapped_column()
+    trigger: Mapped[str] = mapped_column(String(16), default="scheduled")
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_new: Mapped[int] = mapped_column(BigInteger, default=0)
+    tags: Mapped[list] = mapped_column(default=list)
+
+
+class EnrollmentToken(Base):
+    __tablename__ = "enrollment_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    uses_left: Mapped[int | None] = mapped_column(Integer, default=1)  # None: unlimited
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    require_approval: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Policy(Base):
+    """A named policy document: upload (exclusions, interval), retention, bandwidth."""
+
+    __tablename__ = "policies"
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    document: Mapped[dict] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Transaction(Base):
+    """One centralization, incremental upload or restore, as the server saw it."""
+
+    __tablename__ = "transactions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # centralize / incremental / restore
+    started: Mapped[datetime] = mapped_column(default=utcnow)
+    finished: Mapped[datetime | None] = mapped_column(default=None)
+    snapshot: Mapped[str | None] = mapped_column(String(64), default=None)
+    files_changed: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_before_dedup: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_after_dedup: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_on_wire: Mapped[int] = mapped_column(BigInteger, default=0)
+    seconds: Mapped[float] = mapped_column(default=0.0)
+    result: Mapped[str] = mapped_column(String(16), default="running")  # ok / failed
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))  # "admin" or "endpoint:<id>"
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(128), default="")
+    detail: Mapped[dict] = mapped_column(default=dict)

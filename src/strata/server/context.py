@@ -1,0 +1,85 @@
+"""What every request handler shares: settings, the store, the catalog, live uploads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import sessionmaker
+
+from strata.store.locks import Session as StoreSession
+from strata.store.repository import Store
+
+UPLOAD_IDLE_SECONDS = 3600  # an upload session nobody touched for this long is over
+
+
+@dataclass
+class ServerSettings:
+    data_dir: Path
+    catalog_url: str = ""
+    max_upload_bytes: int = 64 << 20
+    maintenance_interval: float = 3600.0  # seconds between retention + prune runs
+
+    def __post_init__(self) -> None:
+        if not self.catalog_url:
+            self.catalog_url = f"sqlite:///{self.data_dir / 'catalog.sqlite'}"
+
+
+@dataclass
+class ServerContext:
+    settings: ServerSettings
+    store: Store
+    db: sessionmaker
+    uploads: dict[str, tuple[StoreSession, float]] = field(default_factory=dict)
+    _uploads_lock: threading.Lock = field(default_factory=threading.Lock)
+    _snapshot_chunks: OrderedDict[str, frozenset[bytes]] = field(default_factory=OrderedDict)
+
+    def session(self) -> DbSession:
+        return self.db()
+
+    def touch_upload(self, endpoint_id: str) -> None:
+        """Register (or refresh) the endpoint's upload session in the store, so a prune
+        running meanwhile leaves its not-yet-committed chunks alone."""
+        with self._uploads_lock:
+            entry = self.uploads.get(endpoint_id)
+            if entry is None:
+                self.uploads[endpoint_id] = (self.store.session(f"upload:{endpoint_id}"),
+                                             time.monotonic())
+            else:
+                entry[0].refresh()
+                self.uploads[endpoint_id] = (entry[0], time.monotonic())
+
+    def end_upload(self, endpoint_id: str) -> None:
+        with self._uploads_lock:
+            entry = self.uploads.pop(endpoint_id, None)
+        if entry:
+            entry[0].close()
+
+    def expire_uploads(self) -> None:
+        now = time.monotonic()
+        with self._uploads_lock:
+            idle = [k for k, (_, t) in self.uploads.items() if now - t > UPLOAD_IDLE_SECONDS]
+        for k in idle:
+            self.end_upload(k)
+
+    def snapshot_chunks(self, snapshot_id: str) -> frozenset[bytes]:
+        """Every chunk a snapshot needs (cached): what its owner may download."""
+        with self._uploads_lock:
+            hit = self._snapshot_chunks.get(snapshot_id)
+            if hit is not None:
+                self._snapshot_chunks.move_to_end(snapshot_id)
+                return hit
+        snap = self.store.load_snapshot(snapshot_id)
+        ids = set(snap.manifest_chunk_ids())
+        for entry in self.store.iter_manifest(snap):
+            ids.update(c for c, _ in entry.chunks)
+        result = frozenset(ids)
+        with self._uploads_lock:
+            self._snapshot_chunks[snapshot_id] = result
+            while len(self._snapshot_chunks) > 16:
+                self._snapshot_chunks.popitem(last=False)
+        return result

@@ -1,0 +1,57 @@
+"""FastAPI dependencies: the shared context and who is calling (admin or a device)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from fastapi import Depends, Header, HTTPException, Request
+from sqlalchemy import select
+
+from strata.server.auth import digest, same_secret
+from strata.server.catalog.models import AuditEntry, Endpoint
+from strata.server.context import ServerContext
+
+
+def get_ctx(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+def _bearer(authorization: str | None) -> str:
+    if not authorization or not authorization.startswith("Bearer "):
+        raise HTTPException(401, "missing credentials: send 'Authorization: Bearer <token>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return authorization[len("Bearer "):].strip()
+
+
+def require_admin(request: Request, authorization: str | None = Header(None),
+                  ctx: ServerContext = Depends(get_ctx)) -> str:
+    token = _bearer(authorization)
+    if not same_secret(token, request.app.state.admin_digest):
+        raise HTTPException(403, "this token is not an admin token")
+    return "admin"
+
+
+def require_device(request: Request, authorization: str | None = Header(None),
+                   ctx: ServerContext = Depends(get_ctx)) -> Endpoint:
+    """The calling endpoint, which must be enrolled and approved."""
+    token = _bearer(authorization)
+    with ctx.session() as db:
+        ep = db.scalar(select(Endpoint).where(Endpoint.credential_hash == digest(token)))
+        if ep is None:
+            raise HTTPException(401, "unknown device credential: enroll this endpoint again")
+        if ep.state == "revoked":
+            raise HTTPException(403, "this endpoint's access was revoked by an administrator")
+        if ep.state == "pending":
+            raise HTTPException(403, "this endpoint is waiting for an administrator's approval")
+        ep.last_seen = datetime.now(UTC)
+        ep.last_ip = request.client.host if request.client else ""
+        db.commit()
+        request.state.endpoint_id = ep.id
+        return ep
+
+
+def audit(ctx: ServerContext, actor: str, action: str, target: str = "",
+          **detail: object) -> None:
+    with ctx.session() as db:
+        db.add(AuditEntry(actor=actor, action=action, target=target, detail=detail))
+        db.commit()

@@ -1,0 +1,23 @@
+"""Prometheus metrics of the server (served at /metrics)."""
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry()
+
+REQUESTS = Counter("strata_requests_total", "HTTP requests", ["method", "route", "status"],
+                   registry=REGISTRY)
+LATENCY = Histogram("strata_request_seconds", "HTTP request latency", ["route"],
+                    registry=REGISTRY,
+                    buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+BYTES_RECEIVED = Counter("strata_bytes_received_total", "Request body bytes received",
+                         registry=REGISTRY)
+BYTES_SENT = Counter("strata_bytes_sent_total", "Response body bytes sent", registry=REGISTRY)
+BYTES_DEDUPLICATED = Counter(
+    "strata_bytes_deduplicated_total",
+    "Raw bytes of uploaded chunks the store already held", registry=REGISTRY)
+REJECTED_CHUNKS = Counter("strata_rejected_uploads_total",
+                          "Uploads refused because a chunk did not match its id",
+                          registry=REGISTRY)
+CHECKINS = Counter("strata_checkins_total", "Agent check-ins", registry=REGISTRY)
+SNAPSHOTS = Counter("strata_snapshots_committed_total", "Snapshots committed",
+                    registry=REGISTRY)

@@ -1,0 +1,119 @@
+"""Policies the administrator edits: upload (what is never centralized, how often),
+retention, and bandwidth rules by subnet/site and time window. Defaults apply until
+an administrator stores a document of the same kind."""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import datetime, time
+
+from sqlalchemy.orm import Session
+
+from strata.engine.retention import RetentionPolicy
+from strata.model.wire import AgentPolicy, BandwidthLimits
+from strata.server.catalog.models import Endpoint, Policy
+
+# Never centralized: caches, temp, swap and paging files, trash, the agent's own state.
+LINUX_EXCLUSIONS = [
+    "/proc/", "/sys/", "/dev/", "/run/", "/tmp/", "/var/tmp/", "/var/cache/",
+    "/var/lib/strata-agent/", "/lost+found/", "/swapfile", "/swap.img",
+    "/home/*/.cache/", "/root/.cache/", "/home/*/.local/share/Trash/",
+]
+WINDOWS_EXCLUSIONS = [
+    "/pagefile.sys", "/hiberfil.sys", "/swapfile.sys", "/$Recycle.Bin/",
+    "/System Volume Information/", "/Windows/Temp/", "/Windows/SoftwareDistribution/Download/",
+    "/ProgramData/Strata/", "/Users/*/AppData/Local/Temp/",
+    "/Users/*/AppData/Local/Microsoft/Windows/INetCache/",
+]
+
+DEFAULTS: dict[str, dict] = {
+    "upload": {"interval_seconds": 3600, "exclusions": {"linux": LINUX_EXCLUSIONS,
+                                                         "windows": WINDOWS_EXCLUSIONS}},
+    "retention": {"hourly": 24, "daily": 31, "monthly": 12},
+    # rules: [{"subnet": "10.1.0.0/16" | None, "site": "paris" | None, "start": "08:00",
+    #          "end": "18:00", "upload_kbps": 512, "download_kbps": 2048}], first match wins
+    "bandwidth": {"rules": []},
+}
+
+
+def get_policy(db: Session, kind: str) -> dict:
+    if kind not in DEFAULTS:
+        raise KeyError(kind)
+    row = db.get(Policy, kind)
+    return row.document if row else DEFAULTS[kind]
+
+
+def validate_policy(kind: str, doc: dict) -> dict:
+    """Check a document an administrator wants to store; raise ValueError if malformed."""
+    if kind == "upload":
+        interval = int(doc.get("interval_seconds", 3600))
+        if interval < 60:
+            raise ValueError("interval_seconds must be at least 60")
+        excl = doc.get("exclusions", {})
+        if not isinstance(excl, dict) or not all(
+                isinstance(v, list) and all(isinstance(p, str) for p in v)
+                for v in excl.values()):
+            raise ValueError("exclusions must map an OS name to a list of patterns")
+        return {"interval_seconds": interval, "exclusions": excl}
+    if kind == "retention":
+        policy = retention_policy(doc)
+        if policy.is_empty():
+            raise ValueError("a retention policy must keep something")
+        return {k: int(v) for k, v in doc.items()}
+    if kind == "bandwidth":
+        rules = doc.get("rules", [])
+        for r in rules:
+            if r.get("subnet"):
+                ipaddress.ip_network(r["subnet"], strict=False)
+            for key in ("start", "end"):
+                if r.get(key):
+                    time.fromisoformat(r[key])
+            for key in ("upload_kbps", "download_kbps"):
+                if r.get(key) is not None and int(r[key]) <= 0:
+                    raise ValueError(f"{key} must be positive")
+        return {"rules": rules}
+    raise ValueError(f"unknown policy kind {kind!r}")
+
+
+def retention_policy(doc: dict) -> RetentionPolicy:
+    allowed = {"last", "hourly", "daily", "weekly", "monthly", "yearly"}
+    unknown = set(doc) - allowed
+    if unknown:
+        raise ValueError(f"unknown retention keys: {', '.join(sorted(unknown))}")
+    return RetentionPolicy(**{k: int(v) for k, v in doc.items()})
+
+
+def _in_window(rule: dict, now: datetime) -> bool:
+    start, end = rule.get("start"), rule.get("end")
+    if not start or not end:
+        return True
+    t, a, b = now.time(), time.fromisoformat(start), time.fromisoformat(end)
+    return a <= t < b if a <= b else (t >= a or t < b)  # windows may wrap midnight
+
+
+def bandwidth_for(rules: list[dict], ip: str, site: str, now: datetime) -> BandwidthLimits:
+    for rule in rules:
+        if rule.get("subnet"):
+            try:
+                if ipaddress.ip_address(ip) not in ipaddress.ip_network(rule["subnet"],
+                                                                        strict=False):
+                    continue
+            except ValueError:
+                continue
+        if rule.get("site") and rule["site"] != site:
+            continue
+        if _in_window(rule, now):
+            return BandwidthLimits(upload_kbps=rule.get("upload_kbps"),
+                                   download_kbps=rule.get("download_kbps"))
+    return BandwidthLimits()
+
+
+def agent_policy(db: Session, ep: Endpoint, now: datetime) -> AgentPolicy:
+    upload = get_policy(db, "upload")
+    os_name = "windows" if ep.os.lower().startswith("win") else "linux"
+    site = str((ep.inventory or {}).get("site", ""))
+    return AgentPolicy(
+        interval_seconds=int(upload.get("interval_seconds", 3600)),
+        exclusions=list(upload.get("exclusions", {}).get(os_name, [])),
+        bandwidth=bandwidth_for(get_policy(db, "bandwidth").get("rules", []), ep.last_ip,
+                                site, now))

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per audience: agents, administrators, health and metrics."""
