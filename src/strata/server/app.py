@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from strata import __version__
 from strata.errors import StrataError
 from strata.server import metrics
+from strata.server.asgi_metrics import MetricsMiddleware
 from strata.server.auth import digest, ensure_admin_token, read_token_file
 from strata.server.catalog.db import open_catalog
 from strata.server.context import ServerContext, ServerSettings
@@ -52,21 +52,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(agent.router)
     app.include_router(admin.router)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):  # noqa: ANN001, ANN202
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(request.method, name, str(response.status_code)).inc()
-        metrics.LATENCY.labels(name).observe(time.perf_counter() - started)
-        size = request.headers.get("content-length")
-        if size and size.isdigit():
-            metrics.BYTES_RECEIVED.inc(int(size))
-        out = response.headers.get("content-length")
-        if out and out.isdigit():
-            metrics.BYTES_SENT.inc(int(out))
-        return response
+    app.add_middleware(MetricsMiddleware)
 
     @app.exception_handler(StrataError)
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:

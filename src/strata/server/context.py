@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
+from strata.server.catalog.models import Endpoint
 from strata.store.locks import Session as StoreSession
 from strata.store.repository import Store
 
 UPLOAD_IDLE_SECONDS = 3600  # an upload session nobody touched for this long is over
+SEEN_FLUSH_SECONDS = 2.0
+CACHE_SECONDS = 10.0
 
 
 @dataclass
@@ -37,9 +44,59 @@ class ServerContext:
     uploads: dict[str, tuple[StoreSession, float]] = field(default_factory=dict)
     _uploads_lock: threading.Lock = field(default_factory=threading.Lock)
     _snapshot_chunks: OrderedDict[str, frozenset[bytes]] = field(default_factory=OrderedDict)
+    _write_lock: threading.Lock = field(default_factory=threading.Lock)
+    _seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
+    _seen_flushed: float = 0.0
+    _cache: dict[str, tuple[object, float]] = field(default_factory=dict)
 
     def session(self) -> DbSession:
+        """A session for reading (SQLite in WAL mode lets reads run side by side)."""
         return self.db()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[DbSession]:
+        """A session for writing, committed at the end. Writers take turns on a lock here
+        rather than in SQLite's busy handler, whose back-off sleeps would add latency."""
+        with self._write_lock, self.db() as db:
+            yield db
+            db.commit()
+
+    def cached(self, key: str, load: Callable[[], object], ttl: float = CACHE_SECONDS) -> object:
+        """Small read-through cache for what every check-in needs (credentials, policies):
+        an admin change clears it (`invalidate`), and entries expire anyway after `ttl`."""
+        now = time.monotonic()
+        with self._uploads_lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[1] > now:
+                return hit[0]
+        value = load()
+        if value is not None:  # never cache a miss: unknown keys must not fill memory
+            with self._uploads_lock:
+                self._cache[key] = (value, now + ttl)
+        return value
+
+    def invalidate(self) -> None:
+        with self._uploads_lock:
+            self._cache.clear()
+
+    def mark_seen(self, endpoint_id: str, ip: str) -> None:
+        """Note a device's visit; written in batches so check-ins stay read-only."""
+        with self._uploads_lock:
+            self._seen[endpoint_id] = (datetime.now(UTC), ip)
+            due = time.monotonic() - self._seen_flushed > SEEN_FLUSH_SECONDS
+        if due:
+            self.flush_seen()
+
+    def flush_seen(self) -> None:
+        with self._uploads_lock:
+            seen, self._seen = self._seen, {}
+            self._seen_flushed = time.monotonic()
+        if not seen:
+            return
+        with self.write() as db:
+            for eid, (when, ip) in seen.items():
+                db.execute(update(Endpoint).where(Endpoint.id == eid)
+                           .values(last_seen=when, last_ip=ip))
 
     def touch_upload(self, endpoint_id: str) -> None:
         """Register (or refresh) the endpoint's upload session in the store, so a prune

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy import select
 
@@ -35,23 +33,28 @@ def require_device(request: Request, authorization: str | None = Header(None),
                    ctx: ServerContext = Depends(get_ctx)) -> Endpoint:
     """The calling endpoint, which must be enrolled and approved."""
     token = _bearer(authorization)
-    with ctx.session() as db:
-        ep = db.scalar(select(Endpoint).where(Endpoint.credential_hash == digest(token)))
-        if ep is None:
-            raise HTTPException(401, "unknown device credential: enroll this endpoint again")
-        if ep.state == "revoked":
-            raise HTTPException(403, "this endpoint's access was revoked by an administrator")
-        if ep.state == "pending":
-            raise HTTPException(403, "this endpoint is waiting for an administrator's approval")
-        ep.last_seen = datetime.now(UTC)
-        ep.last_ip = request.client.host if request.client else ""
-        db.commit()
-        request.state.endpoint_id = ep.id
-        return ep
+    key = digest(token)
+
+    def load() -> Endpoint | None:
+        with ctx.session() as db:
+            row = db.scalar(select(Endpoint).where(Endpoint.credential_hash == key))
+            if row is not None:
+                db.expunge(row)
+            return row
+    ep = ctx.cached(f"device:{key}", load)
+    if ep is None:
+        raise HTTPException(401, "unknown device credential: enroll this endpoint again")
+    if ep.state == "revoked":
+        raise HTTPException(403, "this endpoint's access was revoked by an administrator")
+    if ep.state == "pending":
+        raise HTTPException(403, "this endpoint is waiting for an administrator's approval")
+    ctx.mark_seen(ep.id, request.client.host if request.client else "")
+    request.state.endpoint_id = ep.id
+    return ep
 
 
 def audit(ctx: ServerContext, actor: str, action: str, target: str = "",
           **detail: object) -> None:
-    with ctx.session() as db:
+    with ctx.write() as db:
         db.add(AuditEntry(actor=actor, action=action, target=target, detail=detail))
         db.commit()

@@ -25,7 +25,7 @@ log = logging.getLogger("strata.server")
 def run_maintenance(ctx: ServerContext) -> dict:
     """One pass: forget what the retention policy does not keep, then prune."""
     ctx.expire_uploads()
-    with ctx.session() as db:
+    with ctx.write() as db:
         policy = retention_policy(get_policy(db, "retention"))
         removed: list[str] = []
         for cvd in db.scalars(select(Cvd)):

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from strata.engine.retention import RetentionPolicy
 from strata.model.wire import AgentPolicy, BandwidthLimits
 from strata.server.catalog.models import Endpoint, Policy
+from strata.server.context import ServerContext
 
 # Never centralized: caches, temp, swap and paging files, trash, the agent's own state.
 LINUX_EXCLUSIONS = [
@@ -108,12 +109,13 @@ def bandwidth_for(rules: list[dict], ip: str, site: str, now: datetime) -> Bandw
     return BandwidthLimits()
 
 
-def agent_policy(db: Session, ep: Endpoint, now: datetime) -> AgentPolicy:
-    upload = get_policy(db, "upload")
+def agent_policy(ctx: ServerContext, db: Session, ep: Endpoint, now: datetime,
+                 ip: str = "") -> AgentPolicy:
+    upload = ctx.cached("policy:upload", lambda: get_policy(db, "upload"))
+    rules = ctx.cached("policy:bandwidth", lambda: get_policy(db, "bandwidth"))
     os_name = "windows" if ep.os.lower().startswith("win") else "linux"
     site = str((ep.inventory or {}).get("site", ""))
     return AgentPolicy(
         interval_seconds=int(upload.get("interval_seconds", 3600)),
         exclusions=list(upload.get("exclusions", {}).get(os_name, [])),
-        bandwidth=bandwidth_for(get_policy(db, "bandwidth").get("rules", []), ep.last_ip,
-                                site, now))
+        bandwidth=bandwidth_for(rules.get("rules", []), ip or ep.last_ip, site, now))

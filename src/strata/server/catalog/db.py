@@ -21,13 +21,18 @@ def alembic_config(url: str) -> Config:
 
 def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
     """Connect (SQLite file by default, PostgreSQL by URL) and migrate to the newest schema."""
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    # Enough pooled connections for every worker thread, so none is opened per request.
+    engine = create_engine(url, pool_size=32, max_overflow=32,
+                           connect_args={"timeout": 30} if url.startswith("sqlite") else {})
     if url.startswith("sqlite"):
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn: object, _record: object) -> None:
             cur = conn.cursor()  # type: ignore[attr-defined]
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
+            # WAL + NORMAL: a crash never corrupts the catalog; a power cut may lose the
+            # last few check-in timestamps, while snapshots live durably in the store.
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
     with engine.begin() as conn:
         cfg = alembic_config(url)

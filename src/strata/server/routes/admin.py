@@ -54,7 +54,7 @@ def parse_duration(text: str) -> timedelta:
 def create_token(body: TokenCreate, ctx: ServerContext = Depends(get_ctx)) -> TokenCreated:
     token = new_secret("senr")
     expires = datetime.now(UTC) + parse_duration(body.expires) if body.expires else None
-    with ctx.session() as db:
+    with ctx.write() as db:
         row = EnrollmentToken(token_hash=digest(token), uses_left=body.uses, expires_at=expires,
                               require_approval=body.require_approval)
         db.add(row)
@@ -115,24 +115,26 @@ def show_endpoint(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
 
 @router.post("/endpoints/{ref}/approve")
 def approve(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
-    with ctx.session() as db:
+    with ctx.write() as db:
         ep = _find_endpoint(db, ref)
         if ep.state == "revoked":
             raise HTTPException(409, "a revoked endpoint cannot be approved; enroll it again")
         ep.state = "active"
         db.commit()
         eid = ep.id
+    ctx.invalidate()
     audit(ctx, "admin", "approve-endpoint", eid)
     return {"id": eid, "state": "active"}
 
 
 @router.post("/endpoints/{ref}/revoke")
 def revoke(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
-    with ctx.session() as db:
+    with ctx.write() as db:
         ep = _find_endpoint(db, ref)
         ep.state = "revoked"
         db.commit()
         eid = ep.id
+    ctx.invalidate()
     audit(ctx, "admin", "revoke-endpoint", eid)
     return {"id": eid, "state": "revoked"}
 
@@ -153,13 +155,14 @@ def write_policy(kind: str, document: dict, ctx: ServerContext = Depends(get_ctx
         doc = validate_policy(kind, document)
     except (ValueError, TypeError) as exc:
         raise HTTPException(422, f"invalid {kind} policy: {exc}") from None
-    with ctx.session() as db:
+    with ctx.write() as db:
         row = db.get(Policy, kind)
         if row is None:
             db.add(Policy(kind=kind, document=doc))
         else:
             row.document, row.updated_at = doc, datetime.now(UTC)
         db.commit()
+    ctx.invalidate()
     audit(ctx, "admin", "set-policy", kind, document=doc)
     return doc
 

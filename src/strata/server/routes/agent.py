@@ -57,7 +57,7 @@ def enroll(body: EnrollRequest, request: Request,
            ctx: ServerContext = Depends(get_ctx)) -> EnrollResponse:
     """Exchange a one-time enrollment token for a device credential."""
     now = datetime.now(UTC)
-    with ctx.session() as db:
+    with ctx.write() as db:
         tok = db.scalar(select(EnrollmentToken).where(
             EnrollmentToken.token_hash == digest(body.token)))
         if tok is None or tok.revoked:
@@ -85,19 +85,21 @@ def enroll(body: EnrollRequest, request: Request,
 
 
 @router.post("/checkin", response_model=CheckinResponse)
-def checkin(body: CheckinRequest, ep: Endpoint = Depends(require_device),
+def checkin(body: CheckinRequest, request: Request, ep: Endpoint = Depends(require_device),
             ctx: ServerContext = Depends(get_ctx)) -> CheckinResponse:
     now = datetime.now(UTC)
     metrics.CHECKINS.inc()
-    with ctx.session() as db:
-        row = db.get(Endpoint, ep.id)
-        assert row is not None
-        if body.inventory:
+    if body.inventory and body.inventory != ep.inventory:  # most check-ins change nothing
+        with ctx.write() as db:
+            row = db.get(Endpoint, ep.id)
+            assert row is not None
             row.inventory = body.inventory
             row.hostname = str(body.inventory.get("hostname", row.hostname))
             row.os = str(body.inventory.get("os", row.os))
-        db.commit()
-        policy = agent_policy(db, row, now)
+        ctx.invalidate()
+    with ctx.session() as db:
+        policy = agent_policy(ctx, db, ep, now,
+                              ip=request.client.host if request.client else "")
         cvd = db.scalar(select(Cvd).where(Cvd.endpoint_id == ep.id))
         last = db.get(SnapshotRecord, cvd.last_snapshot) if cvd and cvd.last_snapshot else None
     cfg = ctx.store.config
@@ -205,7 +207,7 @@ def commit(body: CommitRequest, request: Request, ep: Endpoint = Depends(require
         raise HTTPException(422, f"commit rejected: {exc}") from None
     snap = ctx.store.load_snapshot(sid)
     stats = body.stats
-    with ctx.session() as db:
+    with ctx.write() as db:
         cvd = db.scalar(select(Cvd).where(Cvd.endpoint_id == ep.id))
         assert cvd is not None
         if db.get(SnapshotRecord, sid) is None:
