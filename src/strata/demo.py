@@ -18,13 +18,15 @@ WORDS = ("quarterly budget endpoint layer driver image snapshot restore policy l
          "office travel invoice meeting roadmap customer support network update").split()
 
 
-def run(*args: str) -> str:
+def run(*args: str, quiet: bool = False) -> str:
+    """Run a strata command, echoing it; its output too unless `quiet`."""
     cmd = ["strata", *args]
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     exe = Path(sys.executable).with_name("strata")
     out = subprocess.run([str(exe), *args], check=True, text=True, stdout=subprocess.PIPE,
                          env={**os.environ, "STRATA_NO_PROGRESS": "1", "COLUMNS": "110"})
-    print(out.stdout, end="", flush=True)
+    if not quiet:
+        print(out.stdout, end="", flush=True)
     return out.stdout
 
 
@@ -98,10 +100,8 @@ def same_tree(a: Path, b: Path) -> list[str]:
     return problems
 
 
-def main() -> None:
-    work = Path(os.environ.get("STRATA_DEMO_DIR", "demo-work")).resolve()
-    if work.exists():
-        shutil.rmtree(work)
+def store_tour(work: Path) -> None:
+    """The store on its own: two backups of one endpoint, browse, diff, restore, check."""
     endpoint, store, restored = work / "endpoint", work / "store", work / "restored"
     print(f"Building a sample endpoint in {endpoint} ...")
     build_endpoint(endpoint)
@@ -128,6 +128,124 @@ def main() -> None:
     print(f"\nEverything is in {work}; try `strata store --help`.")
     if problems:
         sys.exit(1)
+
+
+def build_fleet_endpoint(root: Path, name: str, seed: int, shared: Path) -> int:
+    """An endpoint: the shared OS part, company documents, and this user's own files.
+    Returns the bytes of the user's own files."""
+    shutil.copytree(shared, root, symlinks=True)
+    (root / "etc/hostname").write_text(f"{name}\n")
+    (root / "etc/machine-id").write_text(f"{random.Random(seed).getrandbits(128):032x}\n")
+    rng = random.Random(seed)
+    home = root / "home" / name / "Documents"
+    home.mkdir(parents=True)
+    own = 0
+    for i in range(8):
+        text = document(rng, 25)
+        (home / f"{name}-notes-{i}.txt").write_text(text)
+        own += len(text)
+    blob = rng.randbytes(2 << 20)  # a photo: incompressible and only this user's
+    (home / "photo.jpg").write_bytes(blob)
+    return own + len(blob)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fleet(work: Path) -> None:
+    """A server, three endpoints that share an OS and company documents, centralized."""
+    import json
+    import time
+    import urllib.request
+
+    exe = str(Path(sys.executable).with_name("strata"))
+    port = int(os.environ.get("STRATA_DEMO_PORT", "0")) or free_port()
+    url = f"http://127.0.0.1:{port}"
+    data = work / "server"
+    print(f"$ strata server --data {data} --listen 127.0.0.1:{port} &", flush=True)
+    server = subprocess.Popen([exe, "server", "--data", str(data), "--listen",
+                               f"127.0.0.1:{port}"], env={**os.environ, "STRATA_NO_PROGRESS": "1"})
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/api/v1/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        admin = data / "admin.token"
+        os.environ.update(STRATA_SERVER=url)
+        token = run("token", "create", "--uses", "3", "--admin-token-file", str(admin)).strip()
+        shared = work / "os-image"
+        build_endpoint(shared)
+        shutil.rmtree(shared / "home")
+        shutil.rmtree(shared / "var/cache")
+        company = shared / "srv/company"
+        company.mkdir(parents=True)
+        rng = random.Random(99)
+        for i in range(10):
+            (company / f"policy-{i}.txt").write_text(document(rng, 40))
+        rows = []
+        for i, name in enumerate(("alice", "bob", "carol")):
+            root = work / "endpoints" / name
+            own = build_fleet_endpoint(root, name, 100 + i, shared)
+            state = work / "agents" / name
+            run("agent", "enroll", "--token", token, "--root", str(root), "--state", str(state))
+            out = json.loads(run("agent", "run", "--once", "--state", str(state), "--json",
+                                 quiet=True))
+            r = out["result"]
+            rows.append((name, r["bytes_total"], own, r["bytes_new"], r["bytes_sent"]))
+        print("\nWhat each endpoint sent (the OS and company documents travel once):")
+        print(f"{'endpoint':10} {'tree':>10} {'own data':>10} {'new to server':>14} "
+              f"{'on the wire':>12}")
+        for name, total, own, new, sent in rows:
+            print(f"{name:10} {total / 2**20:9.1f}M {own / 2**20:9.1f}M {new / 2**20:13.1f}M "
+                  f"{sent / 2**20:11.2f}M  ({100 * sent / total:.1f}% of its tree)")
+        print("\n# alice edits a document and backs up; only the change travels.")
+        note = work / "endpoints/alice/home/alice/Documents/alice-notes-0.txt"
+        note.write_text(note.read_text() + "\nOne more line.\n")
+        run("agent", "backup", "--state", str(work / "agents/alice"))
+        print("# bob deletes a file by mistake and restores it from his last snapshot.")
+        lost = work / "endpoints/bob/home/bob/Documents/bob-notes-3.txt"
+        lost.unlink()
+        run("agent", "restore", "home/bob/Documents/bob-notes-3.txt", "--state",
+            str(work / "agents/bob"))
+        print(f"restored: {lost.exists()}")
+        run("endpoint", "list", "--admin-token-file", str(admin))
+        req = urllib.request.Request(url + "/api/v1/admin/stats",
+                                     headers={"Authorization": "Bearer "
+                                              + admin.read_text().strip()})
+        stats = json.load(urllib.request.urlopen(req))
+        print(f"\nserver store: {stats['logical_bytes'] / 2**20:.1f} MiB in "
+              f"{stats['snapshots']} snapshots kept in {stats['stored_bytes'] / 2**20:.1f} MiB: "
+              f"dedup {stats['dedup_ratio']:.1f}x, compression {stats['compression_ratio']:.1f}x,"
+              f" total saving {stats['space_saving_ratio']:.1f}x")
+        print(f"\nThe server keeps serving at {url} (admin token in {admin}).")
+        print(f"Try: STRATA_SERVER={url} strata endpoint list --admin-token-file {admin}")
+        if os.environ.get("STRATA_DEMO_EXIT"):
+            return
+        print("Ctrl-C to stop.", flush=True)
+        server.wait()
+    except KeyboardInterrupt:
+        print("\nstopping the server")
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def main() -> None:
+    work = Path(os.environ.get("STRATA_DEMO_DIR", "demo-work")).resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    if "--store" in sys.argv:
+        store_tour(work)
+    else:
+        fleet(work)
 
 
 def _ids(store: Path) -> list[str]:
