@@ -201,6 +201,10 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
         target = to or Path(cred.root)
         result = run_with_progress("restore", lambda p: run_restore(
             source, snap, target, includes=paths, progress=p), json_mode=json)  # type: ignore[arg-type]
+        client.request("POST", "/api/v1/agent/transactions/restore", json={
+            "snapshot": snap.id, "files": result.files, "bytes_written": result.bytes_written,
+            "seconds": result.seconds, "result": "failed" if result.errors else "ok",
+            "error": "; ".join(result.errors)[:2000], "bytes_on_wire": client.bytes_received})
     finally:
         st.add_wire_bytes(client.bytes_sent, client.bytes_received)
         client.close()

@@ -99,3 +99,13 @@ class SnapshotSummary(BaseModel):
 
 class ChunkRequest(BaseModel):
     ids: list[str] = Field(max_length=MAX_IDS_PER_QUERY)
+
+
+class RestoreReport(BaseModel):
+    snapshot: str
+    files: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    result: str = "ok"  # ok / failed
+    error: str = Field(default="", max_length=2000)
+    bytes_on_wire: int = 0

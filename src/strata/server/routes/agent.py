@@ -26,6 +26,7 @@ from strata.model.wire import (
     EnrollResponse,
     MissingRequest,
     MissingResponse,
+    RestoreReport,
     SnapshotSummary,
     UploadResponse,
 )
@@ -286,3 +287,18 @@ def fetch_chunks(ref: str, body: ChunkRequest, ep: Endpoint = Depends(require_de
         payload, raw_length = ctx.store.load_payload(cid)  # verified on the way out
         out.add(cid, raw_length, payload)
     return Response(content=out.getvalue(), media_type="application/octet-stream")
+
+
+@router.post("/transactions/restore")
+def report_restore(body: RestoreReport, ep: Endpoint = Depends(require_device),
+                   ctx: ServerContext = Depends(get_ctx)) -> dict:
+    """The agent's account of a file restore, for the transaction log."""
+    sid = _own_snapshot(ctx, ep, body.snapshot)
+    with ctx.write() as db:
+        db.add(Transaction(endpoint_id=ep.id, kind="restore", finished=datetime.now(UTC),
+                           snapshot=sid, files_changed=body.files,
+                           bytes_before_dedup=body.bytes_written,
+                           bytes_on_wire=body.bytes_on_wire, seconds=body.seconds,
+                           result=body.result, error=body.error))
+    audit(ctx, f"endpoint:{ep.id}", "restore", sid, files=body.files, result=body.result)
+    return {"recorded": True}
