@@ -40,6 +40,11 @@ class Credential:
     endpoint_id: str
     credential: str
     root: str
+    ca_cert: str = ""  # PEM bundle to trust for a server with a private CA ("" = system)
+
+    @property
+    def verify(self) -> bool | str:
+        return self.ca_cert or True
 
 
 class AgentState:

@@ -36,7 +36,7 @@ def _client(cred: Credential, limit_upload: str | None = None) -> ServerClient:
         rate = parse_rate(limit_upload)
     except ValueError as exc:
         raise StrataError(str(exc)) from None
-    return ServerClient(cred.server, cred.credential, upload_rate=rate)
+    return ServerClient(cred.server, cred.credential, upload_rate=rate, verify=cred.verify)
 
 
 def _apply_limits(client: ServerClient, policy_bw: dict, local_up: str | None) -> None:
@@ -51,6 +51,8 @@ def _apply_limits(client: ServerClient, policy_bw: dict, local_up: str | None) -
 def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
            token: str = typer.Option(..., "--token", help="Enrollment token from the admin."),
            root: Path = typer.Option(None, "--root", help="The endpoint's root (default /)."),
+           ca_cert: Path | None = typer.Option(None, "--ca-cert", help="CA bundle to trust "
+                                               "for a server with a private certificate."),
            state: Path | None = STATE, json: bool = JSON) -> None:
     """Enroll this endpoint with a one-time token; stores the device credential (0600)."""
     st = _state(state)
@@ -58,7 +60,8 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
     if not root.is_dir():
         raise StrataError(f"root {root} is not a directory")
     inv = collect_inventory(root)
-    client = ServerClient(server, retries=2)
+    ca = str(ca_cert.resolve()) if ca_cert else ""
+    client = ServerClient(server, retries=2, verify=ca or True)
     try:
         resp = client.request("POST", "/api/v1/agent/enroll", json={
             "token": token, "hostname": inv["hostname"] or socket.gethostname(),
@@ -66,7 +69,7 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
     finally:
         client.close()
     st.save_credential(Credential(server=server, endpoint_id=resp["endpoint_id"],
-                                  credential=resp["credential"], root=str(root)))
+                                  credential=resp["credential"], root=str(root), ca_cert=ca))
     st.add_wire_bytes(client.bytes_sent, client.bytes_received)
     if json:
         print_json({"endpoint_id": resp["endpoint_id"], "state": resp["state"]})
@@ -225,7 +228,8 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
     st = _state(state)
     cred = st.credential()
     doc = st.status()
-    client = ServerClient(cred.server, cred.credential, retries=0, timeout=5)
+    client = ServerClient(cred.server, cred.credential, retries=0, timeout=5,
+                          verify=cred.verify)
     try:
         client.request("GET", "/api/v1/health")
         reachable = True
