@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import UTC
 
 from sqlalchemy import delete, select
 
@@ -31,7 +32,9 @@ def run_maintenance(ctx: ServerContext) -> dict:
         for cvd in db.scalars(select(Cvd)):
             rows = list(db.scalars(select(SnapshotRecord)
                                    .where(SnapshotRecord.cvd_id == cvd.id)))
-            infos = [SnapshotInfo(id=r.id, time=r.time, host=cvd.endpoint_id,
+            # SQLite hands datetimes back naive; they were stored as UTC.
+            infos = [SnapshotInfo(id=r.id, time=r.time if r.time.tzinfo
+                                  else r.time.replace(tzinfo=UTC), host=cvd.endpoint_id,
                                   tags=tuple(r.tags or ())) for r in rows]
             gone = [d.snapshot.id for d in apply_policy(infos, policy) if not d.keep]
             for sid in gone:
