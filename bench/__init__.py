@@ -1,0 +1,1 @@
+"""Benchmark: Strata's local store against restic and borg on the same data (`make bench`)."""

@@ -1,0 +1,196 @@
+"""Turn the measured steps into BENCHMARKS.md, bench/results.json and a table on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+from .tools import Step
+
+MiB = 1 << 20
+SCENARIOS = {
+    "first": "1. First backup into an empty repository",
+    "nochange": "2. Re-backup, nothing changed",
+    "changed": "3. Re-backup after 1% of the files changed",
+    "restore": "4. Full restore of the latest snapshot into an empty directory",
+}
+
+
+def machine() -> dict:
+    mem = next(line for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal"))
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.machine())
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": cpu,
+            "ram_gib": round(int(mem.split()[1]) / (1 << 20), 1),
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def _find(steps: list[Step], tool: str, scenario: str) -> Step | None:
+    return next((s for s in steps if s.tool == tool and s.scenario == scenario), None)
+
+
+def _speed(restic: float, strata: float) -> str:
+    r = restic / strata
+    return f"{r:.2f}x faster" if r >= 1 else f"{1 / r:.2f}x slower ({r:.2f}x)"
+
+
+def targets(steps: list[Step]) -> list[dict]:
+    """The goals from the issue, each judged on this run's figures."""
+    def pair(scenario: str) -> tuple[Step | None, Step | None]:
+        return _find(steps, "strata", scenario), _find(steps, "restic", scenario)
+
+    out = []
+
+    def add(goal: str, scenario: str, value, met) -> None:
+        s, r = pair(scenario)
+        if s is None or r is None or not (s.ok and r.ok):
+            out.append({"goal": goal, "measured": "n/a (strata or restic did not run cleanly)",
+                        "met": None})
+        else:
+            measured, ok = value(s, r), met(s, r)
+            out.append({"goal": goal, "measured": measured, "met": ok})
+
+    add("First backup at least 2x faster than restic (wall)", "first",
+        lambda s, r: f"{r.wall_s / s.wall_s:.2f}x ({s.wall_s:.1f} s vs {r.wall_s:.1f} s)",
+        lambda s, r: r.wall_s / s.wall_s >= 2)
+    for scenario, what in (("nochange", "No-change re-backup"), ("restore", "Full restore")):
+        add(f"{what} no slower than restic (wall)", scenario,
+            lambda s, r: f"{s.wall_s:.1f} s vs {r.wall_s:.1f} s",
+            lambda s, r: s.wall_s <= r.wall_s)
+    add("Store size at most 1.05x restic's (after the last backup)", "changed",
+        lambda s, r: f"{s.store_bytes / r.store_bytes:.3f}x "
+                     f"({s.store_bytes / MiB:.1f} MiB vs {r.store_bytes / MiB:.1f} MiB)",
+        lambda s, r: s.store_bytes <= 1.05 * r.store_bytes)
+    rss = [(sc, pair(sc)) for sc in SCENARIOS]
+    rss = [(sc, s, r) for sc, (s, r) in rss if s and r and s.ok and r.ok]
+    if len(rss) == len(SCENARIOS):
+        worse = [sc for sc, s, r in rss if s.peak_kib >= r.peak_kib]
+        out.append({"goal": "Peak memory under restic's (in every scenario)",
+                    "measured": ", ".join(f"{sc} {s.peak_kib / r.peak_kib:.2f}x"
+                                          for sc, s, r in rss),
+                    "met": not worse})
+    else:
+        out.append({"goal": "Peak memory under restic's (in every scenario)",
+                    "measured": "n/a (strata or restic did not run cleanly)", "met": None})
+    return out
+
+
+def _row(s: Step, encrypted: bool) -> str:
+    notes = []
+    if encrypted:
+        notes.append("encrypted (always, in restic)")
+    if s.procs > 1:
+        notes.append(f"{s.procs} processes")
+    if s.returncode:
+        notes.append(f"**FAILED, exit code {s.returncode}**")
+    if s.verify is not None:
+        notes.append("restored tree verified identical" if not s.verify else
+                     f"**RESTORED TREE DIFFERS: {len(s.verify)} differences**")
+    return (f"| {s.tool} | {s.wall_s:.1f} | {s.cpu_s:.1f} | {s.peak_kib / 1024:.0f} "
+            f"| {s.store_bytes / MiB:.1f} | {s.other_cpu_s:.1f} | {'; '.join(notes)} |")
+
+
+def tables(steps: list[Step], encrypted: dict[str, bool]) -> str:
+    lines = []
+    for scenario, title in SCENARIOS.items():
+        rows = [s for s in steps if s.scenario == scenario]
+        if not rows:
+            continue
+        lines += [f"### {title}", "",
+                  "| Tool | Wall s | CPU s | Peak memory MiB | Store MiB | Other CPU s | Notes |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+                  *[_row(s, encrypted.get(s.tool, False)) for s in rows], ""]
+        s, r = _find(steps, "strata", scenario), _find(steps, "restic", scenario)
+        if s and r and s.ok and r.ok:
+            lines += [f"Strata vs restic: {_speed(r.wall_s, s.wall_s)} (wall), "
+                      f"CPU {s.cpu_s / r.cpu_s:.2f}x restic's, "
+                      f"store size {s.store_bytes / r.store_bytes:.3f}x, "
+                      f"peak memory {s.peak_kib / r.peak_kib:.2f}x.", ""]
+    return "\n".join(lines)
+
+
+def target_table(goals: list[dict]) -> str:
+    mark = {True: "met", False: "**not met**", None: "n/a"}
+    return "\n".join(["| Target | Measured | Verdict |", "| --- | --- | --- |",
+                      *[f"| {g['goal']} | {g['measured']} | {mark[g['met']]} |"
+                        for g in goals]])
+
+
+def data_description(info: dict, mutation: dict | None) -> list[str]:
+    usr, docs, p = info["usr"], info["docs"], info["params"]
+    lines = [
+        f"- **/usr copy**: {usr['files']} files, {usr['symlinks']} symlinks, {usr['dirs']} "
+        f"directories, {usr['bytes'] / MiB:.1f} MiB of this machine's /usr, copied in sorted "
+        f"depth-first order until the {p['usr_bytes'] / MiB:.0f} MiB budget was reached (last "
+        f"file: `{usr['last']}`); modes, mtimes and symlinks kept; {usr['skipped']} special "
+        f"files skipped.",
+        f"- **Generated documents** ({docs['bytes'] / MiB:.1f} MiB, seed {p['seed']}): "
+        f"{docs['text_files']} text files ({docs['text_bytes'] / MiB:.1f} MiB, "
+        f"{docs['vocabulary']}), {docs['csv_files']} CSV files "
+        f"({docs['csv_bytes'] / MiB:.1f} MiB), {docs['binary_files']} incompressible random "
+        f"binaries ({docs['binary_bytes'] / MiB:.1f} MiB), {docs['duplicate_files']} "
+        f"duplicates of those in other folders ({docs['duplicate_bytes'] / MiB:.1f} MiB).",
+    ]
+    if mutation:
+        lines.append(
+            f"- **1% change** (before scenario 3): {mutation['files_changed']} of "
+            f"{mutation['files_total']} regular files picked with a fixed seed; three in four "
+            f"had 4 KiB overwritten in the middle (the whole file if smaller), one in four had "
+            f"1 KiB appended ({mutation['bytes_written'] / 1024:.0f} KiB written in all).")
+    return lines
+
+
+def markdown(meta: dict, steps: list[Step], goals: list[dict]) -> str:
+    m, v = meta["machine"], meta["versions"]
+    encrypted = meta["encrypted"]
+    lines = [
+        "# Benchmarks: Strata's store vs restic and borg", "",
+        "Written by `bench/run.py`; do not edit by hand. Regenerate with:", "",
+        "```", meta["command"], "```", "",
+        f"(`make bench{meta['make_args']}` runs the same.)", "",
+        f"- Date: {meta['date']}",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, "
+        f"Linux {m['kernel']}, Python {m['python']}",
+        f"- Versions: {'; '.join(v.values())}",
+        f"- Page cache dropped before every step: {meta['cache_dropped']}",
+        f"- Whole run, data preparation included: {meta['total_seconds']:.0f} s",
+        "- One run of each step. Wall time is elapsed time; CPU time is user+sys of the tool's "
+        "processes, helpers included; peak memory is the larger of ru_maxrss (the largest "
+        "single process) and the peak of the summed PSS of the tool's process tree sampled "
+        "every 0.1 s (see bench/launch.py, which starts each tool so that the benchmark's own "
+        "memory does not leak into these figures); "
+        "store size is the apparent size of all files in the repository after the step "
+        "(restic's and borg's client-side caches live outside the repository and are not "
+        "counted). Other CPU s is the CPU time the rest of the machine used during the step "
+        "(kernel I/O threads included): a large value means the step competed with other "
+        "load and its times are suspect.", "",
+        "## Data set", "",
+        f"{meta['data_bytes'] / MiB:.1f} MiB in {meta['data_files']} files.", "",
+        *data_description(meta["data"], meta.get("mutation")), "",
+        "## Settings", "",
+        *[f"- **{name}**: {s}" for name, s in meta["settings"].items()],
+        "- Order: every tool's first backup, then every tool's no-change backup, then the "
+        "1% change, every tool's changed backup, then every tool's restore (verified against "
+        "the source: paths, types, sizes, permission bits, symlink targets, BLAKE3 of contents).",
+        "",
+        "## Results", "",
+        tables(steps, encrypted), "",
+        "## Targets (from the issue)", "",
+        target_table(goals), "",
+    ]
+    if meta["notes"]:
+        lines += ["## Notes", "", *[f"- {n}" for n in meta["notes"]], ""]
+    return "\n".join(lines)
+
+
+def write(root: Path, meta: dict, steps: list[Step]) -> str:
+    goals = targets(steps)
+    doc = markdown(meta, steps, goals)
+    (root / "BENCHMARKS.md").write_text(doc)
+    results = {**meta, "steps": [s.to_dict() for s in steps], "targets": goals}
+    (root / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return doc

@@ -1,0 +1,188 @@
+"""`make bench`: Strata's store against restic and borg on the same data, in one run.
+
+    .venv/bin/python -m bench.run [--usr-bytes 1.5G] [--docs-bytes 200M]
+                                  [--tools strata,restic,borg] [--wait-idle 60] [--keep-work]
+
+Writes BENCHMARKS.md at the top of the repository and the raw figures to bench/results.json.
+Data, repositories and restores live in bench/work/ (gitignored); the data set is kept
+and reused by later runs with the same parameters, the rest is removed unless --keep-work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+from . import data, report
+from .tools import ROOT, TOOLS, Step, Tool, busy_cpu_s, ensure_installed, run
+
+WORK = ROOT / "bench" / "work"
+
+
+def size(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 200M, 1.5G)")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_"))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--usr-bytes", type=size, default=size("1.5G"),
+                   help="how much of /usr to copy into the data set (default 1.5G)")
+    p.add_argument("--docs-bytes", type=size, default=size("200M"),
+                   help="how many bytes of user documents to generate (default 200M)")
+    p.add_argument("--tools", default="strata,restic,borg",
+                   help="comma-separated tools to run (default strata,restic,borg)")
+    p.add_argument("--wait-idle", type=float, default=60, metavar="SECONDS",
+                   help="wait up to this long for other load on the machine to stop before "
+                        "measuring (default 60)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep repositories, restores and logs in bench/work afterwards")
+    args = p.parse_args(argv)
+    args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if unknown := set(args.tools) - TOOLS.keys():
+        p.error(f"unknown tools: {', '.join(sorted(unknown))} (known: {', '.join(TOOLS)})")
+    return args
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def measured(tool: Tool, scenario: str, cmd: list[str], cwd=None) -> Step:
+    say(f"  {tool.name:<7} {scenario:<9} …")
+    step = run(tool, scenario, cmd, cwd)
+    say(f"  {tool.name:<7} {scenario:<9} {step.wall_s:7.1f} s wall {step.cpu_s:7.1f} s CPU "
+        f"{step.peak_kib / 1024:6.0f} MiB mem {step.store_bytes / (1 << 20):8.1f} MiB store"
+        f" {step.other_cpu_s:5.1f} s other CPU"
+        + ("" if step.returncode == 0 else f"  FAILED ({step.returncode})"))
+    return step
+
+
+def wait_idle(limit: float) -> bool:
+    """Wait (up to `limit` s) for a 2 s window in which the machine is nearly idle."""
+    deadline = time.monotonic() + limit
+    while True:
+        busy = busy_cpu_s()
+        time.sleep(2)
+        if busy_cpu_s() - busy < 0.2:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        if deadline - time.monotonic() > limit - 2.5:  # first time round
+            say(f"the machine is busy with other work; waiting up to {limit:.0f} s for it to stop")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.monotonic()
+    python = os.path.relpath(sys.executable, ROOT)
+    command = f"{python} -m bench.run {shlex.join(argv)}".strip()
+    notes = ensure_installed(args.tools)
+    tools = [TOOLS[n](WORK) for n in args.tools if n == "strata" or shutil.which(n)]
+
+    say(f"data set: {args.usr_bytes / (1 << 20):.0f} MiB of /usr + "
+        f"{args.docs_bytes / (1 << 20):.0f} MiB of documents in {WORK / 'data'}")
+    info = data.prepare(WORK, args.usr_bytes, args.docs_bytes)
+    say("  reused from an earlier run" if info["reused"] else
+        f"  made in {info['prepare_seconds']} s")
+    src = WORK / "data" / "src"
+    for d in ("repos", "restore", "cache", "logs"):
+        shutil.rmtree(WORK / d, ignore_errors=True)
+    (WORK / "repos").mkdir(parents=True)
+
+    if not wait_idle(args.wait_idle):
+        notes.append(f"the machine was still busy with other work after waiting "
+                     f"{args.wait_idle:.0f} s; see the Other CPU column")
+    steps: list[Step] = []
+    say("scenario 1: first backup")
+    for tool in list(tools):
+        init = subprocess.run(tool.init_cmd(), env=tool.env, capture_output=True, text=True)
+        if init.returncode != 0:
+            notes.append(f"{tool.name}: init failed, skipped: {init.stderr.strip()[-300:]}")
+            say(f"!!! {notes[-1]}")
+            tools.remove(tool)
+            continue
+        steps.append(measured(tool, "first", *tool.backup_cmd(src, 1)))
+    say("scenario 2: re-backup, nothing changed")
+    for tool in tools:
+        steps.append(measured(tool, "nochange", *tool.backup_cmd(src, 2)))
+    mutation = None
+    try:
+        mutation = data.mutate(WORK / "data")
+        say(f"scenario 3: re-backup after changing {mutation['files_changed']} files")
+        for tool in tools:
+            steps.append(measured(tool, "changed", *tool.backup_cmd(src, 3)))
+        say("scenario 4: full restore (hashing the source for verification first)")
+        expected = data.tree_digest(src)
+        for tool in tools:
+            target = WORK / "restore" / tool.name
+            target.mkdir(parents=True)
+            cmd, cwd, restored = tool.restore_cmd(src, 3, target)
+            step = measured(tool, "restore", cmd, cwd)
+            step.verify = (data.compare_trees(expected, data.tree_digest(restored))
+                           if restored.is_dir() else [f"nothing restored at {restored}"])
+            if step.verify:
+                say(f"!!! {tool.name}: RESTORED TREE DIFFERS FROM THE SOURCE "
+                    f"({len(step.verify)} differences):")
+                for line in step.verify[:10]:
+                    say(f"!!!   {line}")
+            else:
+                say(f"  {tool.name}: restored tree identical to the source")
+            steps.append(step)
+            if not args.keep_work:
+                shutil.rmtree(target, ignore_errors=True)
+    finally:
+        data.undo_mutation(WORK / "data")
+        if not args.keep_work:
+            for d in ("repos", "restore", "cache", "logs"):
+                shutil.rmtree(WORK / d, ignore_errors=True)
+
+    dropped = [s.cache_dropped for s in steps]
+    if not all(dropped):
+        notes.append("dropping the page cache failed for some steps (needs root): those steps "
+                     "may have read warm data")
+    busy = [f"{s.tool} {s.scenario} ({s.other_cpu_s:.1f} s)" for s in steps
+            if s.other_cpu_s > 0.25 * s.wall_s]
+    if busy:
+        notes.append("other processes used more than a quarter of a CPU during: "
+                     + ", ".join(busy) + "; those timings are likely disturbed")
+    if "restic" not in [t.name for t in tools]:
+        notes.append("restic did not run, so the targets (relative to restic) are not judged")
+    usr, docs = info["usr"], info["docs"]
+    meta = {
+        "command": command,
+        "make_args": f" BENCH_ARGS={shlex.quote(shlex.join(argv))}" if argv else "",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": report.machine(),
+        "versions": {t.name: t.version() for t in tools},
+        "settings": {t.name: t.settings for t in tools},
+        "encrypted": {t.name: t.encrypted for t in tools},
+        "cache_dropped": "yes" if all(dropped) else
+                         ("no (not permitted)" if not any(dropped) else "only for some steps"),
+        "data": info,
+        "data_bytes": usr["bytes"] + docs["bytes"],
+        "data_files": usr["files"] + docs["text_files"] + docs["csv_files"]
+        + docs["binary_files"] + docs["duplicate_files"],
+        "mutation": mutation,
+        "notes": notes,
+        "total_seconds": round(time.monotonic() - started, 1),
+    }
+    doc = report.write(ROOT, meta, steps)
+    say("\n" + doc[doc.index("## Results"):])
+    say(f"wrote {ROOT / 'BENCHMARKS.md'} and {ROOT / 'bench' / 'results.json'} "
+        f"in {meta['total_seconds']:.0f} s")
+    return 0 if all(s.ok for s in steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
