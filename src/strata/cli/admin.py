@@ -7,7 +7,6 @@ import json as jsonlib
 import os
 from pathlib import Path
 
-import httpx
 import typer
 from rich.table import Table
 
@@ -27,6 +26,8 @@ policy_app = typer.Typer(help="Upload, retention and bandwidth policies.", no_ar
 
 def admin_call(server: str | None, token_file: Path | None, method: str, path: str,
                body: object = None) -> object:
+    import httpx  # only admin commands need it: keep it off every command's start-up
+
     if not server:
         raise StrataError("no server: pass --server URL or set STRATA_SERVER")
     token = os.environ.get("STRATA_ADMIN_TOKEN")

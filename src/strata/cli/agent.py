@@ -5,18 +5,20 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from strata.agent.centralize import centralize, checkin
-from strata.agent.client import ServerClient, ServerUnreachable
-from strata.agent.inventory import collect_inventory
-from strata.agent.remote_source import RemoteSource
 from strata.agent.state import AgentState, Credential, default_root, default_state_dir
 from strata.agent.throttle import parse_rate
-from strata.engine.restore import restore as run_restore
 from strata.errors import StrataError
+
+if TYPE_CHECKING:
+    from strata.agent.client import ServerClient
+
+# The HTTP client and the wire schemas are imported inside the commands that use them,
+# so `strata store …` does not pay for them at start-up.
 
 from .output import console, err_console, human_bytes, print_json, run_with_progress
 
@@ -32,6 +34,8 @@ def _state(state: Path | None) -> AgentState:
 
 
 def _client(cred: Credential, limit_upload: str | None = None) -> ServerClient:
+    from strata.agent.client import ServerClient
+
     try:
         rate = parse_rate(limit_upload)
     except ValueError as exc:
@@ -55,6 +59,9 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
                                                "for a server with a private certificate."),
            state: Path | None = STATE, json: bool = JSON) -> None:
     """Enroll this endpoint with a one-time token; stores the device credential (0600)."""
+    from strata.agent.client import ServerClient
+    from strata.agent.inventory import collect_inventory
+
     st = _state(state)
     root = (root or default_root()).resolve()
     if not root.is_dir():
@@ -81,6 +88,9 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
 def _cycle(st: AgentState, cred: Credential, *, force: bool, trigger: str,
            limit_upload: str | None, json: bool) -> dict:
     """Check in; centralize if due (or forced). Returns what happened."""
+    from strata.agent.centralize import centralize, checkin
+    from strata.agent.client import ServerUnreachable
+
     client = _client(cred, limit_upload)
     root = Path(cred.root)
     try:
@@ -194,6 +204,9 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
                                            "instead of in place."),
             state: Path | None = STATE, json: bool = JSON) -> None:
     """Restore files from any of this endpoint's snapshots."""
+    from strata.agent.remote_source import RemoteSource
+    from strata.engine.restore import restore as run_restore
+
     st = _state(state)
     cred = st.credential()
     client = _client(cred)
@@ -225,6 +238,8 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
 @app.command()
 def status(state: Path | None = STATE, json: bool = JSON) -> None:
     """Last centralization, pending work, server reachability and bytes on the wire."""
+    from strata.agent.client import ServerClient
+
     st = _state(state)
     cred = st.credential()
     doc = st.status()

@@ -6,11 +6,8 @@ import os
 from pathlib import Path
 
 import typer
-import uvicorn
 
 from strata.errors import StrataError
-from strata.server.app import create_app
-from strata.server.context import ServerSettings
 
 from .output import err_console
 
@@ -31,6 +28,13 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
               3600, "--maintenance-interval", help="Seconds between retention and prune runs."),
           ) -> None:
     """Run the Strata server (agent sync API, admin API, retention and GC)."""
+    # Imported here: the server stack costs a second of start-up every other command
+    # would pay for nothing.
+    import uvicorn
+
+    from strata.server.app import create_app
+    from strata.server.context import ServerSettings
+
     data_dir = (data or default_data_dir()).resolve()
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
