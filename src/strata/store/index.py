@@ -8,6 +8,7 @@ trailers alone.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -82,9 +83,10 @@ class ChunkIndex:
         return Location(self._pack_name(row[0]), row[1], row[2], row[3])
 
     # -- packs -----------------------------------------------------------------
-    def add_pack(self, name: str, size: int, entries: Iterable[PackEntry]) -> None:
+    def add_pack(self, name: str, size: int, entries: Iterable[PackEntry],
+                 *, in_transaction: bool = False) -> None:
         """Index a pack's chunks; a chunk already indexed elsewhere keeps its location."""
-        with self.transaction():
+        with contextlib.nullcontext() if in_transaction else self.transaction():
             self.db.execute("INSERT OR IGNORE INTO packs(name, size) VALUES (?, ?)", (name, size))
             pid = self.db.execute("SELECT pid FROM packs WHERE name=?", (name,)).fetchone()[0]
             self.db.executemany(
@@ -109,6 +111,9 @@ class ChunkIndex:
                     self.db.execute("DELETE FROM chunks WHERE pid=?", (row[0],))
                     self.db.execute("DELETE FROM packs WHERE pid=?", (row[0],))
                     self._pack_names.pop(row[0], None)
+
+    def has_pack(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM packs WHERE name=?", (name,)).fetchone() is not None
 
     def packs(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT name, size FROM packs"))
@@ -135,8 +140,8 @@ class ChunkIndex:
             "SELECT c.id, p.name, c.length, c.raw_length FROM chunks c JOIN packs p "
             "ON p.pid=c.pid")
 
-    def clear(self) -> None:
-        with self.transaction():
+    def clear(self, *, in_transaction: bool = False) -> None:
+        with contextlib.nullcontext() if in_transaction else self.transaction():
             self.db.execute("DELETE FROM chunks")
             self.db.execute("DELETE FROM packs")
         self._pack_names.clear()

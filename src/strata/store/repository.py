@@ -345,15 +345,17 @@ class Store:
     def rebuild_index(self, progress: Callable[[str], None] | None = None) -> tuple[int, list[str]]:
         """Recreate the index from pack trailers alone. Returns (packs indexed, damaged)."""
         damaged, count = [], 0
-        with self.commit_lock(), self._lock:
-            self.index.clear()
+        # One transaction: a rebuild killed midway leaves the old index, never half of one.
+        with self.commit_lock(), self._lock, self.index.transaction():
+            self.index.clear(in_transaction=True)
             for name in self.backend.list("packs"):
                 try:
                     entries = self.read_pack_trailer(name)
                 except (CorruptData, OSError):
                     damaged.append(name)
                     continue
-                self.index.add_pack(name, self.backend.size("packs", name), entries)
+                self.index.add_pack(name, self.backend.size("packs", name), entries,
+                                    in_transaction=True)
                 count += 1
                 if progress:
                     progress(name)

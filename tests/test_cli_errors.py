@@ -1,0 +1,126 @@
+"""The CLI's failures: one clear line on stderr, no traceback, exit code 2.
+
+Paths are given relative to the CLI's working directory; a long message (wider than the
+80 columns Rich assumes without a terminal) is tested on its own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from strata.engine.backup import backup
+from strata.store.repository import Store
+
+PASS = "s3cret passphrase"
+UNKNOWN = "deadbeef"
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip(), "nothing was printed on stderr"
+    assert proc.stderr.strip().count("\n") == 0, f"more than one line:\n{proc.stderr}"
+    assert proc.stderr.lower().startswith("error"), proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr)
+
+
+@pytest.fixture
+def store_with_snapshot(tmp_path: Path) -> tuple[str, str]:
+    """A plain store "st" (relative to the CLI's cwd) holding one snapshot; (dir, id)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello.txt").write_bytes(b"hello\n")
+    with Store.init(tmp_path / "st") as store:
+        sid = backup(store, src).snapshot
+    return "st", sid
+
+
+@pytest.fixture
+def encrypted_store(tmp_path: Path) -> str:
+    Store.init(tmp_path / "enc", passphrase=PASS).close()
+    return "enc"
+
+
+def test_restore_of_unknown_snapshot_id_is_one_line(cli, store_with_snapshot):
+    store, _ = store_with_snapshot
+    assert_one_line_error(cli.run("restore", store, UNKNOWN, "out"), UNKNOWN)
+
+
+def test_ls_of_unknown_snapshot_id_is_one_line(cli, store_with_snapshot):
+    store, _ = store_with_snapshot
+    assert_one_line_error(cli.run("ls", store, UNKNOWN), UNKNOWN)
+
+
+def test_diff_with_unknown_snapshot_id_is_one_line(cli, store_with_snapshot):
+    store, sid = store_with_snapshot
+    assert_one_line_error(cli.run("diff", store, sid[:8], UNKNOWN), UNKNOWN)
+    assert_one_line_error(cli.run("diff", store, UNKNOWN, sid), UNKNOWN)
+
+
+def test_latest_of_an_empty_store_is_one_line(cli, tmp_path):
+    Store.init(tmp_path / "empty").close()
+    assert_one_line_error(cli.run("restore", "empty", "latest", "out"), "no snapshots")
+
+
+def test_missing_store_directory_is_one_line(cli):
+    for args in (("snapshots", "nope"), ("backup", "nope", "."),
+                 ("restore", "nope", "latest", "out")):
+        assert_one_line_error(cli.run(*args), "no Strata store", "nope")
+
+
+def test_directory_that_is_not_a_store_is_one_line(cli, tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "some-file").write_text("not a store")
+    assert_one_line_error(cli.run("snapshots", "plain"), "no Strata store", "plain")
+    assert_one_line_error(cli.run("check", "plain", "--read-data"), "no Strata store")
+
+
+def test_wrong_passphrase_is_one_line(cli, encrypted_store):
+    proc = cli.run("snapshots", encrypted_store, passphrase="not the passphrase")
+    assert_one_line_error(proc, "wrong passphrase")
+
+
+def test_encrypted_store_without_passphrase_is_one_line(cli, encrypted_store):
+    # stdin is not a TTY, so there is no prompt to fall back on
+    proc = cli.run("snapshots", encrypted_store)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert_one_line_error(cli.run("snapshots", encrypted_store), "passphrase")
+
+
+def test_unreadable_passphrase_file_is_one_line(cli, encrypted_store):
+    proc = cli.run("snapshots", encrypted_store, "--passphrase-file", "no-such-file")
+    assert_one_line_error(proc, "no-such-file")
+
+
+def test_init_on_non_empty_dir_is_one_line(cli, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "data.txt").write_text("precious")
+    assert_one_line_error(cli.run("init", "busy"), "not empty")
+    assert (tmp_path / "busy" / "data.txt").read_text() == "precious"
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["data.txt"]
+
+
+def test_init_over_an_existing_store_is_one_line(cli, store_with_snapshot):
+    store, _ = store_with_snapshot
+    assert_one_line_error(cli.run("init", store), "already exists")
+
+
+def test_init_encrypt_without_passphrase_or_tty_is_one_line(cli, tmp_path):
+    assert_one_line_error(cli.run("init", "new", "--encrypt"), "passphrase")
+    assert not (tmp_path / "new").exists(), "a store was created without a passphrase"
+
+
+def test_forget_without_policy_is_one_line(cli, store_with_snapshot):
+    store, sid = store_with_snapshot
+    assert_one_line_error(cli.run("forget", store), "--keep")
+    assert cli.snapshot_ids(store) == [sid]
+
+
+def test_long_error_message_stays_on_one_line(cli, tmp_path):
+    deep = tmp_path / ("a-rather-long-directory-name-" * 3) / "and-the-store-that-is-not-there"
+    assert len(str(deep)) > 100
+    assert_one_line_error(cli.run("snapshots", deep), "no Strata store")

@@ -1,0 +1,169 @@
+"""A fleet of endpoints centralized onto one real server: single-instance storage across
+endpoints (only new data crosses the wire), cheap rescans, file restore from snapshots,
+agent status, and a whole store at the end.
+
+One server and five enrolled endpoints are shared by the module (building and centralizing
+them is most of the cost); the tests run in file order and the last one stops the server.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from server_fixtures import (
+    MIB,
+    Agent,
+    Server,
+    build_os_tree,
+    centralized,
+    run_all,
+    strata,
+    strata_json,
+    tree_bytes,
+    write_documents,
+    write_random,
+)
+
+OS_BUDGET = 28 * MIB  # real files from /usr/lib: the shared "OS layer"
+ENDPOINTS = 4
+OVERHEAD = 64 << 10  # fixed allowance per run: check-in-free protocol chatter, headers
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory):
+    """Five endpoints on one server, each centralized once with `agent run --once`.
+
+    Endpoints 1-4: the same OS tree and common documents, plus their own user data
+    (random, 1-3 MB) and their own etc/hostname. Endpoint 5: a copy of endpoint 1 with
+    another hostname, so everything it holds is already on the server."""
+    base = tmp_path_factory.mktemp("fleet")
+    os_tree = base / "os-tree"
+    build_os_tree(os_tree, OS_BUDGET)
+    write_documents(os_tree / "home/common/docs", seed=11, count=40, size=48_000)
+    roots, user_bytes = [], []
+    for i in range(1, ENDPOINTS + 1):
+        root = base / f"endpoint-{i}"
+        shutil.copytree(os_tree, root, symlinks=True)
+        rng = random.Random(1000 + i)
+        own = 0
+        for name in ("mail.pst", "photos.tar"):
+            own += len(write_random(root / f"home/user{i}/{name}",
+                                    rng.randint(MIB // 2, 3 * MIB // 2), rng))
+        (root / "etc/hostname").write_text(f"endpoint-{i}\n")
+        roots.append(root)
+        user_bytes.append(own)
+    clone = base / "endpoint-5"
+    shutil.copytree(roots[0], clone, symlinks=True)
+    (clone / "etc/hostname").write_text("endpoint-5-clone\n")
+    roots.append(clone)
+    user_bytes.append(0)
+
+    server = Server(base / "server-data").start()
+    try:
+        agents = [Agent(server, root, base / f"state-{i}") for i, root in enumerate(roots, 1)]
+        token = strata_json("token", "create", "--uses", ENDPOINTS, "--server", server.url,
+                            "--admin-token-file", server.token_file)["token"]
+        clone_token = server.create_token(uses=1)
+        enrolled = run_all([a.enroll_cmd(token) for a in agents[:ENDPOINTS]]
+                           + [agents[-1].enroll_cmd(clone_token)])
+        assert [e["state"] for e in enrolled] == ["active"] * len(agents)
+        assert len({e["endpoint_id"] for e in enrolled}) == len(agents)
+        # The first endpoint brings the OS layer; the others then centralize side by side.
+        outs = [agents[0].run_once()]
+        outs += run_all([a.cmd("run", "--once") for a in agents[1:]])
+        results = [centralized(o) for o in outs]
+        yield SimpleNamespace(server=server, agents=agents, roots=roots, results=results,
+                              user_bytes=user_bytes, sizes=[tree_bytes(r) for r in roots])
+    finally:
+        server.stop()
+        server.kill()
+
+
+def test_second_endpoint_sends_only_new_data(fleet):
+    print()
+    for i, (r, own, size) in enumerate(zip(fleet.results, fleet.user_bytes, fleet.sizes,
+                                           strict=True), 1):
+        print(f"endpoint {i}: tree {size:>10,} B, own data {own:>9,} B, sent {r['bytes_sent']:>10,}"
+              f" B ({r['bytes_sent'] / size:6.2%} of tree), server lacked {r['bytes_new']:,} B,"
+              f" {r['files']} files in {r['seconds']:.1f}s")
+    for r, size in zip(fleet.results, fleet.sizes, strict=True):
+        assert r["kind"] == "centralize"
+        assert r["bytes_total"] == size  # the whole tree was scanned
+    first = fleet.results[0]
+    assert first["bytes_new"] >= fleet.sizes[0] * 0.5  # it brought the OS layer
+    for i in range(1, ENDPOINTS):
+        r, own, size = fleet.results[i], fleet.user_bytes[i], fleet.sizes[i]
+        budget = own * 1.05 + 0.01 * (size - own) + OVERHEAD
+        assert r["bytes_sent"] <= budget, (i + 1, r, own, size)
+        assert r["bytes_sent"] >= own  # its own (random) data did have to travel
+    clone, size = fleet.results[-1], fleet.sizes[-1]
+    assert clone["bytes_sent"] < 0.01 * size, clone
+
+
+def test_unchanged_endpoint_rescan_sends_almost_nothing(fleet):
+    agent = fleet.agents[0]
+    r = centralized(agent.backup())
+    print(f"\nrescan of an unchanged endpoint: read {r['bytes_read']} B, sent "
+          f"{r['bytes_sent']:,} B, received {r['bytes_received']:,} B in {r['seconds']:.1f}s")
+    assert r["kind"] == "incremental"
+    assert r["bytes_read"] == 0 and r["files_changed"] == 0
+    assert r["bytes_new"] == 0 and r["chunks_uploaded"] == 0
+    assert r["files"] == fleet.results[0]["files"]
+    assert r["bytes_sent"] < OVERHEAD, r
+    assert r["snapshot"] != fleet.results[0]["snapshot"]
+
+
+def test_agent_restores_files_from_its_snapshots(fleet, tmp_path: Path):
+    agent, root = fleet.agents[1], fleet.roots[1]
+    first = fleet.results[1]["snapshot"]
+    mail, photos = root / "home/user2/mail.pst", root / "home/user2/photos.tar"
+    hostname = root / "etc/hostname"
+    before = {p: p.read_bytes() for p in (mail, photos, hostname)}
+    mail.write_bytes(b"overwritten by mistake\n")
+    photos.unlink()
+    later = centralized(agent.backup())
+    assert later["files_changed"] == 1 and later["snapshot"] != first
+
+    out = tmp_path / "restored"
+    r = agent.restore("home/user2", "etc/hostname", snapshot=first[:12], to=out)
+    assert r["files"] == 3 and not r["errors"], r
+    for p, data in before.items():
+        assert (out / p.relative_to(root)).read_bytes() == data, p
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == \
+        ["etc/hostname", "home/user2/mail.pst", "home/user2/photos.tar"]
+    # The endpoint's own tree was left as it is (restore went to --to).
+    assert mail.read_bytes() == b"overwritten by mistake\n" and not photos.exists()
+
+
+def test_status_reports_wire_bytes_and_last_centralization(fleet):
+    agent = fleet.agents[2]
+    st = agent.status()
+    assert st["endpoint_id"] == agent.endpoint_id
+    assert st["server_reachable"] is True
+    assert st["root"] == str(fleet.roots[2].resolve())
+    assert st["last_centralization"]["snapshot"] == fleet.results[2]["snapshot"]
+    assert st["last_centralization"]["result"] == "ok"
+    assert st["pending_work"] == []
+    # Lifetime totals: at least the centralization, plus enrollment and check-in.
+    assert st["bytes_sent"] > fleet.results[2]["bytes_sent"] > 0
+    assert st["bytes_received"] > fleet.results[2]["bytes_received"] > 0
+
+
+def test_store_check_passes_after_fleet_centralization(fleet):
+    server: Server = fleet.server
+    endpoints = server.admin("GET", "/endpoints")
+    assert sorted(e["hostname"] for e in endpoints) == \
+        [f"endpoint-{i}" for i in range(1, ENDPOINTS + 1)] + ["endpoint-5-clone"]
+    snapshots = sum(e["snapshots"] for e in endpoints)
+    server.stop()
+    assert server.proc.returncode is not None
+    proc = strata("store", "check", server.store, "--read-data")
+    assert "no errors" in proc.stdout, proc.stdout
+    listed = strata_json("store", "snapshots", server.store)
+    assert len(listed) == snapshots
+    assert {s["host"] for s in listed} == {a.endpoint_id for a in fleet.agents}
