@@ -31,6 +31,7 @@ def free_port() -> int:
 
 def start_server(data: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    data.mkdir(parents=True, exist_ok=True)
     exe = str(Path(sys.executable).with_name("strata"))
     proc = subprocess.Popen([exe, "server", "--data", str(data), "--listen",
                              f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
