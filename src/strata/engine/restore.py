@@ -146,7 +146,9 @@ def restore(store: ChunkSource, snap: Snapshot, target: str | os.PathLike, *,
                           max(2, _LOOKAHEAD // batch))
         for entry in entries_a:
             if entry.type is EntryType.FILE:
-                futures = list(itertools.islice(stream, len(entry.chunks)))
+                # Pulled as the file is written: a large file never has all of its
+                # chunks in memory at once, only the lookahead.
+                futures = itertools.islice(stream, len(entry.chunks))
                 _restore_file(writer, entry, futures, result, progress)
             else:
                 writer.write(entry)
@@ -160,7 +162,7 @@ def restore(store: ChunkSource, snap: Snapshot, target: str | os.PathLike, *,
     return result
 
 
-def _restore_file(writer: TreeWriter, entry: Entry, futures: list[Future[bytes]],
+def _restore_file(writer: TreeWriter, entry: Entry, futures: Iterator[Future[bytes]],
                   result: RestoreResult, progress: Progress | None) -> None:
     written = 0
 
@@ -174,7 +176,7 @@ def _restore_file(writer: TreeWriter, entry: Entry, futures: list[Future[bytes]]
         writer.write(entry, data())
         result.files += 1
     except CorruptData as exc:
-        for fut in futures:  # let the rest finish so no worker result is left dangling
+        for fut in futures:  # consume this file's remaining chunks: the stream stays aligned
             fut.exception()
         result.errors.append(f"{os.fsdecode(entry.path)}: {exc}")
     result.bytes_written += written
