@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +34,14 @@ from strata.tree.excludes import ExcludeMatcher
 from strata.tree.order import path_key
 from strata.tree.scan import open_path, scan_tree
 
-from .filechunks import FileChunks, FileHasher, chunk_files_in_worker, init_worker, read_chunks
+from .filechunks import (
+    FileChunks,
+    FileHasher,
+    chunk_files,
+    chunk_files_in_worker,
+    init_worker,
+    read_chunks,
+)
 from .progress import Progress
 
 _WINDOW = 8192  # entries in flight; bounds memory while keeping the workers busy
@@ -147,7 +155,7 @@ class _Batch:
         self.files: list[tuple[bytes, int]] = []
         self.bytes = 0
         self.future: Future[list[FileChunks | OSError]] | None = None
-        self.absorbed = False
+        self.results: list[FileChunks | OSError] | None = None
 
 
 class _BatchItem:
@@ -160,14 +168,22 @@ class _BatchItem:
         return self.batch.future is not None and self.batch.future.done()
 
     def result(self) -> FileChunks:
-        if self.batch.future is None:
-            self.readers.send_batch()
-        assert self.batch.future is not None
-        results = self.batch.future.result()
-        if not self.batch.absorbed:
-            self.batch.absorbed = True
+        batch = self.batch
+        if batch.results is None:
+            if batch.future is None:
+                self.readers.send_batch()
+            assert batch.future is not None
+            try:
+                results = batch.future.result()
+            except BrokenProcessPool:
+                # A worker died (killed, out of memory): do this batch here and send
+                # the rest of the backup through threads. Slower, but it completes.
+                self.readers.procs_broken = True
+                store = self.readers.store
+                results = chunk_files(store.chunker, store.codec, batch.files)
+            batch.results = results
             _absorb(self.readers.store, self.readers.counters, self.readers.progress, results)
-        out = results[self.index]
+        out = batch.results[self.index]
         if isinstance(out, OSError):
             raise out
         return out
@@ -186,6 +202,7 @@ class _FileReaders:
         self.procs: ProcessPoolExecutor | None = None
         self.queued_bytes = 0
         self.batch = _Batch()
+        self.procs_broken = False
 
     def submit(self, abspath: bytes, entry: Entry) -> Future[FileChunks] | _BatchItem:
         self.queued_bytes += entry.size
@@ -195,7 +212,7 @@ class _FileReaders:
             self.procs = ProcessPoolExecutor(
                 max_workers=self.nproc, mp_context=ctx, initializer=init_worker,
                 initargs=(self.store.chunker.params, self.store.codec.level))
-        if self.procs is None or entry.size > _PROCESS_MAX_FILE:
+        if self.procs is None or self.procs_broken or entry.size > _PROCESS_MAX_FILE:
             return self.threads.submit(_archive_large_file, self.store, self.counters,
                                        self.progress, abspath, entry)
         batch = self.batch
@@ -208,8 +225,14 @@ class _FileReaders:
 
     def send_batch(self) -> None:
         batch, self.batch = self.batch, _Batch()
-        if batch.files and self.procs is not None:
+        if not batch.files or self.procs is None:
+            return
+        try:
             batch.future = self.procs.submit(chunk_files_in_worker, batch.files)
+        except BrokenProcessPool:
+            self.procs_broken = True
+            batch.future = self.threads.submit(chunk_files, self.store.chunker,
+                                               self.store.codec, batch.files)
 
     def close(self) -> None:
         self.threads.shutdown(cancel_futures=True)

@@ -104,22 +104,28 @@ def init_worker(params: ChunkerParams, level: int) -> None:
     _worker["codec"] = BlobCodec(PlainCipher(), level)
 
 
-def chunk_file_in_worker(path: bytes, size: int) -> FileChunks:
-    """Process-pool entry point: the whole file, compressed payloads included."""
-    hasher, codec = FileHasher(), _worker["codec"]
+def chunk_file(chunker: Chunker, codec: BlobCodec, path: bytes, size: int) -> FileChunks:
+    """A whole file's chunks, compressed payloads included."""
+    hasher = FileHasher()
     payloads = []
-    for data in read_chunks(_worker["chunker"], path, size):
+    for data in read_chunks(chunker, path, size):
         hasher.add(data)
         payloads.append(codec.compress(data))
     return hasher.result(payloads)
 
 
-def chunk_files_in_worker(files: list[tuple[bytes, int]]) -> list[FileChunks | OSError]:
-    """A batch of small files per task: one round trip to the worker for many files."""
+def chunk_files(chunker: Chunker, codec: BlobCodec,
+                files: list[tuple[bytes, int]]) -> list[FileChunks | OSError]:
+    """A batch of files; a file that cannot be read is returned as its error."""
     out: list[FileChunks | OSError] = []
     for path, size in files:
         try:
-            out.append(chunk_file_in_worker(path, size))
+            out.append(chunk_file(chunker, codec, path, size))
         except OSError as exc:
             out.append(exc)
     return out
+
+
+def chunk_files_in_worker(files: list[tuple[bytes, int]]) -> list[FileChunks | OSError]:
+    """Process-pool entry point: a batch of small files per task, one round trip."""
+    return chunk_files(_worker["chunker"], _worker["codec"], files)
