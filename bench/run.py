@@ -11,6 +11,7 @@ and reused by later runs with the same parameters, the rest is removed unless --
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -20,7 +21,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from . import data, report
+from . import checkins, data, fleet, report, scale
 from .tools import ROOT, TOOLS, Step, Tool, busy_cpu_s, ensure_installed, run
 
 WORK = ROOT / "bench" / "work"
@@ -44,6 +45,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--wait-idle", type=float, default=60, metavar="SECONDS",
                    help="wait up to this long for other load on the machine to stop before "
                         "measuring (default 60)")
+    p.add_argument("--no-fleet", action="store_true",
+                   help="skip centralization over loopback and the check-in load test")
+    p.add_argument("--agents", type=int, default=1000, help="simulated agents (check-ins)")
+    p.add_argument("--scale", type=int, default=0, metavar="CHUNKS",
+                   help="also measure peak memory on a synthetic store of this many chunks "
+                        "(10000000 takes about 20 minutes)")
     p.add_argument("--keep-work", action="store_true",
                    help="keep repositories, restores and logs in bench/work afterwards")
     args = p.parse_args(argv)
@@ -147,6 +154,20 @@ def main(argv: list[str] | None = None) -> int:
             for d in ("repos", "restore", "cache", "logs"):
                 shutil.rmtree(WORK / d, ignore_errors=True)
 
+    extra: dict = {}
+    if not args.no_fleet and "strata" in args.tools:
+        say("centralization: a server on loopback, four endpoints sharing the data set")
+        extra["fleet"] = fleet.measure(src, WORK / "fleet")
+        shutil.rmtree(WORK / "fleet", ignore_errors=True)
+        say(f"check-ins: {args.agents} simulated agents against one server process")
+        extra["checkins"] = checkins.measure(args.agents, checkins_total(args.agents), 64)
+    if args.scale:
+        say(f"memory on a store of {args.scale} chunks")
+        scale.run(args.scale, WORK / "scale")
+    scale_file = ROOT / "bench" / "scale-results.json"
+    if scale_file.exists():
+        extra["scale"] = json.loads(scale_file.read_text())
+
     dropped = [s.cache_dropped for s in steps]
     if not all(dropped):
         notes.append("dropping the page cache failed for some steps (needs root): those steps "
@@ -176,12 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         "mutation": mutation,
         "notes": notes,
         "total_seconds": round(time.monotonic() - started, 1),
+        **extra,
     }
     doc = report.write(ROOT, meta, steps)
     say("\n" + doc[doc.index("## Results"):])
     say(f"wrote {ROOT / 'BENCHMARKS.md'} and {ROOT / 'bench' / 'results.json'} "
         f"in {meta['total_seconds']:.0f} s")
     return 0 if all(s.ok for s in steps) else 1
+
+
+def checkins_total(agents: int) -> int:
+    return max(5 * agents, 1000)
 
 
 if __name__ == "__main__":

@@ -95,22 +95,28 @@ def measure(store: Path, small_tree: Path, work: Path) -> dict[str, dict]:
     return out
 
 
+def run(chunks: int, work: Path) -> dict:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t = time.monotonic()
+    synthesize_store(work / "store", chunks)
+    print(f"synthesized {chunks} chunks in {time.monotonic() - t:.0f}s", flush=True)
+    tree = work / "tree"
+    shutil.copytree(Path(__file__).parent.parent / "src", tree)
+    result = {"chunks": chunks, "command": f"python -m bench.scale --chunks {chunks}",
+              "runs": measure(work / "store", tree, work)}
+    (Path(__file__).parent / "scale-results.json").write_text(
+        json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--chunks", type=int, default=10_000_000)
     ap.add_argument("--work", type=Path, default=Path("bench/work/scale"))
     args = ap.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
-    t = time.monotonic()
-    synthesize_store(args.work / "store", args.chunks)
-    print(f"synthesized {args.chunks} chunks in {time.monotonic() - t:.0f}s", flush=True)
-    tree = args.work / "tree"
-    shutil.copytree("src", tree)
-    result = {"chunks": args.chunks, "runs": measure(args.work / "store", tree, args.work)}
-    print(json.dumps(result, indent=2))
-    Path("bench/scale-results.json").write_text(json.dumps(result, indent=2) + "\n")
-    shutil.rmtree(args.work, ignore_errors=True)
+    print(json.dumps(run(args.chunks, args.work), indent=2))
 
 
 if __name__ == "__main__":
