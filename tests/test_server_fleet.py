@@ -154,6 +154,13 @@ def test_status_reports_wire_bytes_and_last_centralization(fleet):
     # Lifetime totals: at least the centralization, plus enrollment and check-in.
     assert st["bytes_sent"] > fleet.results[2]["bytes_sent"] > 0
     assert st["bytes_received"] > fleet.results[2]["bytes_received"] > 0
+    # The credential is the owner's secret.
+    assert (agent.state / "credential.json").stat().st_mode & 0o777 == 0o600
+    assert agent.state.stat().st_mode & 0o077 == 0
+    # Within the policy's interval a scheduled cycle only checks in.
+    again = agent.run_once()
+    assert again["checked_in"] is True and again["centralized"] is False, again
+    assert agent.status()["bytes_sent"] > st["bytes_sent"]
 
 
 def test_transaction_log_records_every_centralization(fleet):
