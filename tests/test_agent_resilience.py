@@ -164,14 +164,6 @@ def test_agent_works_offline_and_resumes(offline_run):
     assert after["last_centralization"]["snapshot"] == r["snapshot"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: src/strata/cli/agent.py _cycle(): when checkin() raises ServerUnreachable it only "
-    "records server_reachable=False and returns, so an endpoint that is due (here: never "
-    "centralized) reports pending_work == [] while offline, although docs/centralization.md "
-    "says 'when the server is unreachable the agent records pending_work'. Fix: in that "
-    "except branch decide due-ness from local state (no last_centralization, or the cached "
-    "status['policy']['interval_seconds'] elapsed) and update_status(pending_work="
-    "['centralize'])."))
 def test_offline_agent_records_centralization_as_pending_work(offline_run):
     assert "centralize" in offline_run.status["pending_work"], offline_run.status
 

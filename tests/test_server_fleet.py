@@ -183,12 +183,6 @@ def test_transaction_log_records_every_centralization(fleet):
     assert restores[0]["snapshot"] == fleet.results[1]["snapshot"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: src/strata/server/routes/agent.py commit() and report_restore() build "
-    "Transaction(finished=datetime.now(UTC), ...) without `started`, so the column default "
-    "(catalog/models.py Transaction.started = utcnow at INSERT) stamps a time AFTER "
-    "`finished`: every logged transaction ends before it starts and the window does not "
-    "cover the transfer. Fix: pass started=finished - timedelta(seconds=body.seconds)."))
 def test_transaction_start_precedes_its_end(fleet):
     txs = fleet.server.admin("GET", "/transactions")
     assert txs
@@ -199,13 +193,6 @@ def test_transaction_start_precedes_its_end(fleet):
         assert abs((finished - started).total_seconds() - t["seconds"]) < 1.0, t
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `strata agent restore PATH` (src/strata/cli/agent.py restore(), via "
-    "engine/restore.py select_entries) exits 0 and reports 'restored 0 files' when PATH is "
-    "not in the snapshot (a typo, or a file that did not exist then), so the user is told "
-    "the restore worked. Fix: count matches per include in select_entries and make the "
-    "CLI fail with one line 'PATH is not in snapshot XXXXXXXX' (exit 2) when one matched "
-    "nothing."))
 def test_restoring_a_path_the_snapshot_lacks_is_an_error(fleet, tmp_path):
     agent = fleet.agents[3]
     proc = strata(*agent.cmd("restore", "home/user4/no-such-file.doc", "--to", tmp_path),

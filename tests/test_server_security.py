@@ -287,16 +287,6 @@ def test_malformed_and_oversized_bodies_are_refused_and_nothing_is_stored(server
     assert server.metric("strata_rejected_uploads_total") >= 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: only POST /api/v1/agent/chunks caps its body (routes/agent.py _read_body with "
-    "ServerSettings.max_upload_bytes). Every JSON route - including the unauthenticated "
-    "POST /api/v1/agent/enroll, and checkin, chunks/missing, snapshots - lets FastAPI buffer "
-    "and json-parse a body of any size (a 65 MiB enroll body is read, parsed and answered "
-    "422 with the 65 MiB input echoed back; a 65 MiB check-in is accepted with 200): "
-    "anyone who can reach the port can make the server hold arbitrary amounts of memory. "
-    "Fix: a pure-ASGI middleware in server/app.py that answers 413 when Content-Length, or "
-    "the bytes streamed so far, exceed a per-route cap (64 MiB for /chunks, a few MiB for "
-    "JSON routes)."))
 def test_oversized_json_bodies_are_refused_before_parsing(server):
     def huge_json():
         yield b'{"token": "'
@@ -308,13 +298,6 @@ def test_oversized_json_bodies_are_refused_before_parsing(server):
     assert resp.status_code == 413, (resp.status_code, resp.text[:200])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: src/strata/server/routes/admin.py _find_endpoint() matches the id prefix with "
-    "Endpoint.id.startswith(ref), which SQLAlchemy renders as LIKE 'ref%' without escaping: "
-    "'_' and '%' in the reference are wildcards, so `strata endpoint show/approve/revoke %` "
-    "acts on the only endpoint (or reports 'ambiguous'), and 'abcdefg_' selects an endpoint "
-    "whose id is 'abcdefgX...'. Fix: startswith(ref, autoescape=True) (or reject refs that "
-    "are not [0-9a-f-])."))
 def test_admin_endpoint_references_are_literal_prefixes(server):
     eid, _ = enrolled_device(server, "wildcards")
     server.admin("GET", f"/endpoints/{eid[:8]}", status=200)

@@ -23,6 +23,10 @@ class SnapshotNotFound(StrataError):
     pass
 
 
+class PathNotInSnapshot(StrataError):
+    pass
+
+
 class StoreLocked(StrataError):
     pass
 

@@ -44,7 +44,8 @@ def checkin(client: ServerClient, root: Path, state: AgentState) -> CheckinRespo
     status = state.status()
     body = {"inventory": collect_inventory(root),
             "status": {k: status.get(k) for k in ("last_centralization", "pending_work")}}
-    resp = client.request("POST", "/api/v1/agent/checkin", json=body)
+    # Few retries: an unreachable server means "offline, try next cycle", not a stall.
+    resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
     info = CheckinResponse.model_validate(resp.json())
     state.update_status(server_reachable=True, last_checkin=datetime.now(UTC).isoformat(),
                         policy=info.policy.model_dump())

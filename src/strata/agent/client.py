@@ -54,10 +54,11 @@ class ServerClient:
         self.download = TokenBucket(download_rate)
 
     def request(self, method: str, path: str, *, json: object = None,
-                content: bytes | None = None) -> httpx.Response:
+                content: bytes | None = None, retries: int | None = None) -> httpx.Response:
         """Send with retries on network errors and 502-504; raise one clear error."""
         delay = 0.5
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             req = self.http.build_request(
                 method, path, json=json, content=content,
                 headers={"Content-Type": "application/octet-stream"} if content else None)
@@ -77,7 +78,7 @@ class ServerClient:
                         raise ServerRefused(resp.status_code, _message(resp))
                     return resp
                 failure = f"server busy ({resp.status_code})"
-            if attempt == self.retries:
+            if attempt == retries:
                 raise ServerUnreachable(failure)
             with self._lock:
                 self.retried += 1

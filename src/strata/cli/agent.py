@@ -97,7 +97,15 @@ def _cycle(st: AgentState, cred: Credential, *, force: bool, trigger: str,
         try:
             info = checkin(client, root, st)
         except ServerUnreachable as exc:
-            st.update_status(server_reachable=False)
+            # Offline: decide from what we know locally whether a centralization is owed,
+            # so status shows it as pending until the server is back.
+            status = st.status()
+            interval = (status.get("policy") or {}).get("interval_seconds", 3600)
+            last = (status.get("last_centralization") or {}).get("time")
+            owed = force or not last or time.time() - _ts(last) >= interval
+            st.update_status(server_reachable=False,
+                             pending_work=["centralize"] if owed else
+                             status.get("pending_work", []))
             return {"checked_in": False, "offline": str(exc)}
         _apply_limits(client, info.policy.bandwidth.model_dump(), limit_upload)
         last = st.status().get("last_centralization") or {}

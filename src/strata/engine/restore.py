@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from strata.errors import CorruptData
+from strata.errors import CorruptData, PathNotInSnapshot
 from strata.model.entry import Entry, EntryType
 from strata.model.snapshot import Snapshot
 from strata.tree.writer import TreeWriter, validate_path
@@ -107,15 +107,32 @@ def prefetch(pool: ThreadPoolExecutor, ids: Iterable[bytes],
 
 def select_entries(store: ChunkSource, snap: Snapshot,
                    includes: list[str] | None) -> Iterator[Entry]:
-    """Entries to restore; a hardlink whose first name is not included becomes that file."""
+    """Entries to restore; a hardlink whose first name is not included becomes that file.
+
+    Raises at once (before anything is written) if an include names nothing in the
+    snapshot: a user asking for a file that is not there must not be told it worked."""
     incs = [normalize_include(i) for i in includes or []]
-    wanted = _selector(incs)
     if not incs:
-        yield from store.iter_manifest(snap)
-        return
-    # First pass: which excluded files are the first name of an included hardlink.
-    needed = {e.link_target for e in store.iter_manifest(snap)
-              if e.type is EntryType.HARDLINK and wanted(e.path) and not wanted(e.link_target)}
+        return store.iter_manifest(snap)
+    wanted = _selector(incs)
+    # First pass: which includes exist, and which excluded files are the first name of
+    # an included hardlink.
+    found: set[bytes] = set()
+    needed: set[bytes] = set()
+    for e in store.iter_manifest(snap):
+        for inc in incs:
+            if e.path == inc or e.path.startswith(inc + b"/"):
+                found.add(inc)
+        if e.type is EntryType.HARDLINK and wanted(e.path) and not wanted(e.link_target):
+            needed.add(e.link_target)
+    absent = [os.fsdecode(i) for i in incs if i not in found]
+    if absent:
+        raise PathNotInSnapshot(f"not in snapshot {snap.id[:8]}: {', '.join(absent)}")
+    return _select(store, snap, wanted, needed)
+
+
+def _select(store: ChunkSource, snap: Snapshot, wanted: Callable[[bytes], bool],
+            needed: set[bytes]) -> Iterator[Entry]:
     stash: dict[bytes, Entry] = {}  # excluded first names that included links need
     moved: dict[bytes, bytes] = {}  # excluded first name -> where its data was restored
     for e in store.iter_manifest(snap):

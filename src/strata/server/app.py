@@ -15,6 +15,7 @@ from strata.errors import StrataError
 from strata.server import metrics
 from strata.server.asgi_metrics import MetricsMiddleware
 from strata.server.auth import digest, ensure_admin_token, read_token_file
+from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import open_catalog
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.maintenance import MaintenanceThread
@@ -52,7 +53,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(agent.router)
     app.include_router(admin.router)
 
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware)  # added last = outermost: it sees the 413s too
 
     @app.exception_handler(StrataError)
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:

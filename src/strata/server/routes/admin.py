@@ -1,5 +1,5 @@
 """The admin API: enrollment tokens, endpoints (approve, revoke, inspect), policies,
-snapshots, transactions, the audit log and storage figures. Every call is audited."""
+snapshots, transactions, the audit log and storage figures. Every change is audited."""
 
 from __future__ import annotations
 
@@ -89,7 +89,9 @@ def list_endpoints(pending: bool = False, ctx: ServerContext = Depends(get_ctx))
 
 
 def _find_endpoint(db: object, ref: str) -> Endpoint:
-    rows = list(db.scalars(select(Endpoint).where(Endpoint.id.startswith(ref))))  # type: ignore[attr-defined]
+    # autoescape: an id prefix is text, not a LIKE pattern ('%' must not match everything).
+    rows = list(db.scalars(select(Endpoint).where(  # type: ignore[attr-defined]
+        Endpoint.id.startswith(ref, autoescape=True))))
     if len(rows) != 1:
         raise HTTPException(404, f"no endpoint {ref!r}" if not rows
                             else f"endpoint id {ref!r} is ambiguous")

@@ -5,7 +5,7 @@ plus reading back the endpoint's own snapshots for file restore."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -217,7 +217,9 @@ def commit(body: CommitRequest, request: Request, ep: Endpoint = Depends(require
                                   bytes_total=int(stats.get("bytes_total", 0)),
                                   bytes_new=int(stats.get("bytes_new", 0)), tags=body.tags))
         cvd.last_snapshot = sid
-        db.add(Transaction(endpoint_id=ep.id, kind=body.kind, finished=datetime.now(UTC),
+        finished = datetime.now(UTC)
+        db.add(Transaction(endpoint_id=ep.id, kind=body.kind, finished=finished,
+                           started=finished - timedelta(seconds=max(0.0, body.seconds)),
                            snapshot=sid,
                            files_changed=int(stats.get("files_new", 0))
                            + int(stats.get("files_changed", 0)),
@@ -295,7 +297,9 @@ def report_restore(body: RestoreReport, ep: Endpoint = Depends(require_device),
     """The agent's account of a file restore, for the transaction log."""
     sid = _own_snapshot(ctx, ep, body.snapshot)
     with ctx.write() as db:
-        db.add(Transaction(endpoint_id=ep.id, kind="restore", finished=datetime.now(UTC),
+        finished = datetime.now(UTC)
+        db.add(Transaction(endpoint_id=ep.id, kind="restore", finished=finished,
+                           started=finished - timedelta(seconds=max(0.0, body.seconds)),
                            snapshot=sid, files_changed=body.files,
                            bytes_before_dedup=body.bytes_written,
                            bytes_on_wire=body.bytes_on_wire, seconds=body.seconds,
