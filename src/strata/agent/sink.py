@@ -16,6 +16,7 @@ from strata.store.pack import BlobCodec
 
 BUNDLE_BYTES = 8 << 20  # upload request size: big enough to amortize, small to resume
 _QUEUE_CHUNKS = 512  # chunks held back until one "missing?" query covers them all
+_QUEUE_BYTES = 16 << 20  # and at most this much of their data
 
 
 class RemoteSink:
@@ -25,7 +26,8 @@ class RemoteSink:
         self.codec = BlobCodec(PlainCipher(), spec.zstd_level)
         self._lock = threading.Lock()
         self._known: set[bytes] = set()  # asked about during this run (held or queued)
-        self._queue: list[tuple[bytes, int, bytes]] = []  # (id, raw length, payload)
+        self._queue: list[tuple[bytes, bytes]] = []  # (id, raw bytes) awaiting one query
+        self._queued_bytes = 0
         self._bundle = BundleWriter()
         self.chunks_uploaded = 0
         self.raw_uploaded = 0  # raw bytes of chunks the server lacked
@@ -60,30 +62,31 @@ class RemoteSink:
         return len(blob)
 
     def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int:
-        """Queue a chunk; it is sent only if the server turns out to lack it."""
+        """Queue a chunk; it is compressed and sent only if the server lacks it."""
         with self._lock:
             if cid in self._known:
                 return 0
             self._known.add(cid)
-            self._queue.append((cid, len(data), self.codec.compress(data)))
-            if len(self._queue) < _QUEUE_CHUNKS:
+            self._queue.append((cid, bytes(data)))
+            self._queued_bytes += len(data)
+            if len(self._queue) < _QUEUE_CHUNKS and self._queued_bytes < _QUEUE_BYTES:
                 return 0
-            queue, self._queue = self._queue, []
+            queue, self._queue, self._queued_bytes = self._queue, [], 0
         self._resolve(queue)
         return 0
 
-    def _resolve(self, queue: list[tuple[bytes, int, bytes]]) -> None:
-        lacking = self._ask([cid for cid, _, _ in queue])
-        for cid, n, payload in queue:
+    def _resolve(self, queue: list[tuple[bytes, bytes]]) -> None:
+        lacking = self._ask([cid for cid, _ in queue])
+        for cid, data in queue:
             if cid in lacking:
-                self.put_claimed(cid, payload, n)
+                self.put_claimed(cid, self.codec.compress(data), len(data))
 
     def _send(self, bundle: BundleWriter) -> None:
         self.client.request("POST", "/api/v1/agent/chunks", content=bundle.getvalue())
 
     def flush(self) -> None:
         with self._lock:
-            queue, self._queue = self._queue, []
+            queue, self._queue, self._queued_bytes = self._queue, [], 0
         if queue:
             self._resolve(queue)
         with self._lock:
