@@ -11,10 +11,7 @@ from strata.model.entry import Entry
 from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest
 from strata.model.transfer import read_bundle
-from strata.store.crypto import PlainCipher
-from strata.store.pack import BlobCodec
-
-_codec = BlobCodec(PlainCipher(), 0)
+from strata.store.pack import decode_payload
 
 
 @dataclass
@@ -45,7 +42,7 @@ class RemoteSource:
         got: dict[bytes, bytes | CorruptData] = {}
         for cid, raw_length, payload in read_bundle(resp.content):
             try:
-                got[cid] = _codec.decode(cid, payload, raw_length)
+                got[cid] = decode_payload(cid, payload, raw_length)
             except CorruptData as exc:
                 got[cid] = exc
         return [got.get(c, CorruptData(f"server did not send chunk {c.hex()[:16]}"))

@@ -321,14 +321,7 @@ def forget(store_dir: Path = StoreDir,
 def _forget_ids(store_dir: Path, refs: list[str], passfile: Path | None, dry_run: bool,
                json: bool) -> None:
     with open_store(store_dir, passfile) as store:
-        ids = store.snapshot_ids()
-        chosen = []
-        for ref in refs:
-            matches = [s for s in ids if s.startswith(ref.lower())]
-            if len(matches) != 1:
-                raise StrataError(f"no snapshot {ref!r} in this store" if not matches
-                                  else f"snapshot id {ref!r} is ambiguous")
-            chosen.append(matches[0])
+        chosen = [store.resolve_id(ref) for ref in refs]
         if not dry_run:
             for sid in chosen:  # by file name: works for damaged records too
                 store.remove_snapshot(sid)

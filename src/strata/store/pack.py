@@ -19,7 +19,7 @@ import zstandard
 
 from strata.errors import CorruptData
 from strata.model.ids import ID_LEN, content_id
-from strata.store.crypto import Cipher
+from strata.store.crypto import Cipher, PlainCipher
 
 MAGIC = b"STRPACK1"
 END_MAGIC = b"STRPEND1"
@@ -103,6 +103,15 @@ class FinishedPack:
     path: Path  # durable temp file, ready to be moved into the store
     size: int
     entries: list[PackEntry]
+
+
+_UNSEALED = BlobCodec(PlainCipher(), 0)
+
+
+def decode_payload(cid: bytes, payload: bytes, raw_length: int) -> bytes:
+    """Decode an unsealed payload (as chunk bundles carry them) and verify it against its
+    id; raises CorruptData if it does not match."""
+    return _UNSEALED.decode(cid, payload, raw_length)
 
 
 class PackWriter:

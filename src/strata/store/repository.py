@@ -25,18 +25,20 @@ from strata.errors import (
     StoreNotFound,
     StrataError,
 )
+from strata.model.entry import Entry
 from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest
 from strata.model.snapshot import Snapshot
 from strata.store import crypto
 from strata.store.backend import LocalBackend, atomic_write
 from strata.store.chunker import Chunker, ChunkerParams
-from strata.store.crypto import PlainCipher
 from strata.store.index import ChunkIndex
 from strata.store.locks import Session, file_lock
 from strata.store.pack import (
     BlobCodec,
+    PackEntry,
     PackWriter,
+    decode_payload,
     footer_trailer_length,
     parse_trailer,
     trailer_read_size,
@@ -224,7 +226,7 @@ class Store:
             # Write in the background so the caller keeps producing; at most two packs
             # wait in memory.
             self._writes_slots.acquire()
-            fut = self._pack_io.submit(self._write_pack, full)
+            fut = self._pack_io.submit(self.install_pack, full)
             fut.add_done_callback(lambda _f: self._writes_slots.release())
             self._writes.append(fut)
         return len(blob)
@@ -245,9 +247,6 @@ class Store:
             self._pending.difference_update(e.id for e in done.entries)
         return done.name
 
-    def _write_pack(self, writer: PackWriter) -> None:
-        self.install_pack(writer)
-
     def flush(self) -> None:
         """Write out the partly filled pack so every stored chunk is durable and indexed."""
         with self._lock:
@@ -256,7 +255,7 @@ class Store:
         for fut in writes:
             fut.result()  # re-raises a failed write (e.g. a full disk)
         if writer is not None:
-            self._write_pack(writer)
+            self.install_pack(writer)
 
     # -- reading chunks -------------------------------------------------------
     def _pack_fd(self, name: str) -> int:
@@ -306,7 +305,7 @@ class Store:
         if loc is None:
             raise CorruptData(f"chunk {cid.hex()[:16]} is not in the store")
         payload = self.cipher.open(self.read_blob(loc.pack, loc.offset, loc.length), cid)
-        BlobCodec(PlainCipher(), 0).decode(cid, payload, loc.raw_length)
+        decode_payload(cid, payload, loc.raw_length)
         return payload, loc.raw_length
 
     def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
@@ -316,7 +315,7 @@ class Store:
         return [c for c in want if c not in have]
 
     # -- packs and index ------------------------------------------------------
-    def read_pack_trailer(self, name: str) -> list:
+    def read_pack_trailer(self, name: str) -> list[PackEntry]:
         size = self.backend.size("packs", name)
         tail = self.backend.load("packs", name, max(0, size - trailer_read_size(size)))
         need = footer_trailer_length(tail) if len(tail) >= 12 else 0
@@ -400,6 +399,16 @@ class Store:
                     damaged.append(sid)
         return sorted(out, key=lambda s: (s.time, s.id))
 
+    def resolve_id(self, ref: str) -> str:
+        """The full id of a snapshot named by its id or a unique prefix (not loaded, so
+        this works for damaged records too)."""
+        matches = [s for s in self.snapshot_ids() if s.startswith(ref.lower())] if ref else []
+        if not matches:
+            raise SnapshotNotFound(f"no snapshot {ref!r} in this store")
+        if len(matches) > 1:
+            raise SnapshotNotFound(f"snapshot id {ref!r} is ambiguous; give more characters")
+        return matches[0]
+
     def resolve_snapshot(self, ref: str) -> Snapshot:
         """A snapshot by full id, unique id prefix, or 'latest'."""
         if ref == "latest":
@@ -407,15 +416,10 @@ class Store:
             if not snaps:
                 raise SnapshotNotFound("the store has no snapshots yet")
             return snaps[-1]
-        matches = [s for s in self.snapshot_ids() if s.startswith(ref.lower())] if ref else []
-        if not matches:
-            raise SnapshotNotFound(f"no snapshot {ref!r} in this store")
-        if len(matches) > 1:
-            raise SnapshotNotFound(f"snapshot id {ref!r} is ambiguous; give more characters")
-        return self.load_snapshot(matches[0])
+        return self.load_snapshot(self.resolve_id(ref))
 
     def remove_snapshot(self, sid: str) -> None:
         self.backend.remove("snapshots", sid)
 
-    def iter_manifest(self, snap: Snapshot) -> Iterator:
+    def iter_manifest(self, snap: Snapshot) -> Iterator[Entry]:
         return decode_manifest(self.load_chunk(cid) for cid in snap.manifest_chunk_ids())

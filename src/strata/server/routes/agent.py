@@ -36,11 +36,9 @@ from strata.server.catalog.models import Cvd, Endpoint, EnrollmentToken, Snapsho
 from strata.server.context import ServerContext
 from strata.server.deps import audit, get_ctx, require_device
 from strata.server.policies import agent_policy
-from strata.store.crypto import PlainCipher
-from strata.store.pack import BlobCodec
+from strata.store.pack import decode_payload
 
 router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
-_verify = BlobCodec(PlainCipher(), 0)  # decodes unsealed payloads to check them
 
 
 def _ids(hex_ids: list[str]) -> list[bytes]:
@@ -140,7 +138,7 @@ def _store_bundle(ctx: ServerContext, data: bytes) -> UploadResponse:
     try:
         chunks = list(read_bundle(data))
         for cid, raw_length, payload in chunks:
-            _verify.decode(cid, payload, raw_length)
+            decode_payload(cid, payload, raw_length)
     except CorruptData as exc:
         metrics.REJECTED_CHUNKS.inc()
         raise HTTPException(422, f"upload rejected: {exc}") from None
