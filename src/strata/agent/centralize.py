@@ -67,6 +67,18 @@ def centralize(client: ServerClient, state: AgentState, root: Path, info: Checki
     started = time.monotonic()
     sent0, recv0, retried0 = client.bytes_sent, client.bytes_received, client.retried
     sink = RemoteSink(client, info.chunker)
+    try:
+        return _centralize(client, state, root, info, sink, trigger=trigger, tags=tags,
+                           progress=progress, started=started, sent0=sent0, recv0=recv0,
+                           retried0=retried0)
+    finally:
+        sink.close()
+
+
+def _centralize(client: ServerClient, state: AgentState, root: Path, info: CheckinResponse,
+                sink: RemoteSink, *, trigger: str, tags: list[str] | None,
+                progress: Progress | None, started: float, sent0: int, recv0: int,
+                retried0: int) -> CentralizeResult:
     parent_id, parent_bytes = state.parent()
     parent_entries = decode_manifest([parent_bytes]) if parent_bytes else None
     kind = "incremental" if info.last_snapshot else "centralize"

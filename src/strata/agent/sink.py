@@ -6,6 +6,7 @@ run asks again and the server answers with what is still missing."""
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from strata.agent.client import ServerClient
 from strata.model.transfer import BundleWriter
@@ -29,6 +30,11 @@ class RemoteSink:
         self._queue: list[tuple[bytes, bytes]] = []  # (id, raw bytes) awaiting one query
         self._queued_bytes = 0
         self._bundle = BundleWriter()
+        # Uploads run beside the scan: at most two bundles wait, so memory stays bounded
+        # while the network and the disk both keep busy.
+        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
+        self._upload_slots = threading.Semaphore(2)
+        self._uploads: list[Future[None]] = []
         self.chunks_uploaded = 0
         self.raw_uploaded = 0  # raw bytes of chunks the server lacked
         self.payload_uploaded = 0  # their compressed size
@@ -82,7 +88,12 @@ class RemoteSink:
                 self.put_claimed(cid, self.codec.compress(data), len(data))
 
     def _send(self, bundle: BundleWriter) -> None:
-        self.client.request("POST", "/api/v1/agent/chunks", content=bundle.getvalue())
+        self._upload_slots.acquire()
+        fut = self._uploader.submit(self.client.request, "POST", "/api/v1/agent/chunks",
+                                    content=bundle.getvalue())
+        fut.add_done_callback(lambda _f: self._upload_slots.release())
+        with self._lock:
+            self._uploads.append(fut)
 
     def flush(self) -> None:
         with self._lock:
@@ -93,6 +104,13 @@ class RemoteSink:
             bundle, self._bundle = self._bundle, BundleWriter()
         if bundle.count:
             self._send(bundle)
+        with self._lock:
+            uploads, self._uploads = self._uploads, []
+        for fut in uploads:
+            fut.result()  # every bundle acknowledged (or its error raised) before we go on
+
+    def close(self) -> None:
+        self._uploader.shutdown(wait=True, cancel_futures=True)
 
     def forget(self, ids: set[bytes]) -> None:
         """The server lost these since we asked (a prune): ask again next time."""

@@ -49,6 +49,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
                       f"admin token: {app.state.admin_token_path} (mode 0600)",
                       highlight=False)
     uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning",
+                loop="uvloop", http="httptools",
                 timeout_keep_alive=30,  # agents reuse their connection between requests
                 ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None)
