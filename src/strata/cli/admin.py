@@ -89,22 +89,24 @@ def endpoint_list(pending: bool = typer.Option(False, "--pending", help="Only th
     console.print(table)
 
 
+def _endpoint_action(action: str, done: str, endpoint_id: str, server: str | None,
+                     token_file: Path | None, json: bool) -> None:
+    doc = admin_call(server, token_file, "POST", f"/api/v1/admin/endpoints/{endpoint_id}/{action}")
+    print_json(doc) if json else console.print(f"{done} {doc['id']}")  # type: ignore[index]
+
+
 @endpoint_app.command("approve")
 def endpoint_approve(endpoint_id: str, server: str | None = SERVER,
                      admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Approve a pending endpoint."""
-    doc = admin_call(server, admin_token_file, "POST",
-                     f"/api/v1/admin/endpoints/{endpoint_id}/approve")
-    print_json(doc) if json else console.print(f"approved {doc['id']}")  # type: ignore[index]
+    _endpoint_action("approve", "approved", endpoint_id, server, admin_token_file, json)
 
 
 @endpoint_app.command("revoke")
 def endpoint_revoke(endpoint_id: str, server: str | None = SERVER,
                     admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Revoke an endpoint's credential."""
-    doc = admin_call(server, admin_token_file, "POST",
-                     f"/api/v1/admin/endpoints/{endpoint_id}/revoke")
-    print_json(doc) if json else console.print(f"revoked {doc['id']}")  # type: ignore[index]
+    _endpoint_action("revoke", "revoked", endpoint_id, server, admin_token_file, json)
 
 
 @endpoint_app.command("show")

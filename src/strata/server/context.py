@@ -21,7 +21,7 @@ from strata.store.repository import Store
 
 UPLOAD_IDLE_SECONDS = 3600  # an upload session nobody touched for this long is over
 SEEN_FLUSH_SECONDS = 2.0
-CACHE_SECONDS = 10.0
+CACHE_SECONDS = 300.0  # admin changes clear it at once; the TTL only bounds staleness
 
 
 @dataclass
@@ -46,7 +46,6 @@ class ServerContext:
     _snapshot_chunks: OrderedDict[str, frozenset[bytes]] = field(default_factory=OrderedDict)
     _write_lock: threading.Lock = field(default_factory=threading.Lock)
     _seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
-    _seen_flushed: float = 0.0
     _cache: dict[str, tuple[object, float]] = field(default_factory=dict)
 
     def session(self) -> DbSession:
@@ -75,28 +74,28 @@ class ServerContext:
                 self._cache[key] = (value, now + ttl)
         return value
 
+    def uncache(self, key: str) -> None:
+        with self._uploads_lock:
+            self._cache.pop(key, None)
+
     def invalidate(self) -> None:
         with self._uploads_lock:
             self._cache.clear()
 
     def mark_seen(self, endpoint_id: str, ip: str) -> None:
-        """Note a device's visit; written in batches so check-ins stay read-only."""
+        """Note a device's visit; a background thread writes them in batches (every
+        SEEN_FLUSH_SECONDS) so a check-in itself writes nothing."""
         with self._uploads_lock:
             self._seen[endpoint_id] = (datetime.now(UTC), ip)
-            due = time.monotonic() - self._seen_flushed > SEEN_FLUSH_SECONDS
-        if due:
-            self.flush_seen()
 
     def flush_seen(self) -> None:
         with self._uploads_lock:
             seen, self._seen = self._seen, {}
-            self._seen_flushed = time.monotonic()
         if not seen:
             return
-        with self.write() as db:
-            for eid, (when, ip) in seen.items():
-                db.execute(update(Endpoint).where(Endpoint.id == eid)
-                           .values(last_seen=when, last_ip=ip))
+        with self.write() as db:  # one executemany for the lot
+            db.execute(update(Endpoint), [{"id": eid, "last_seen": when, "last_ip": ip}
+                                          for eid, (when, ip) in seen.items()])
 
     def touch_upload(self, endpoint_id: str) -> None:
         """Register (or refresh) the endpoint's upload session in the store, so a prune

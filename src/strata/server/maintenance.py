@@ -16,7 +16,7 @@ from strata.engine.prune import prune
 from strata.engine.retention import SnapshotInfo, apply_policy
 from strata.errors import StrataError
 from strata.server.catalog.models import Cvd, SnapshotRecord
-from strata.server.context import ServerContext
+from strata.server.context import SEEN_FLUSH_SECONDS, ServerContext
 from strata.server.deps import audit
 from strata.server.policies import get_policy, retention_policy
 
@@ -50,6 +50,23 @@ def run_maintenance(ctx: ServerContext) -> dict:
     summary = {"snapshots_removed": len(removed), "prune": result}
     audit(ctx, "server", "maintenance", "", **summary)
     return summary
+
+
+class SeenFlusher(threading.Thread):
+    """Writes endpoints' last-seen times in batches, off the request path."""
+
+    def __init__(self, ctx: ServerContext):
+        super().__init__(name="seen-flusher", daemon=True)
+        self.ctx = ctx
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(SEEN_FLUSH_SECONDS):
+            try:
+                self.ctx.flush_seen()
+            except Exception:  # a busy catalog must not end the thread
+                log.exception("writing last-seen times failed")
+        self.ctx.flush_seen()
 
 
 class MaintenanceThread(threading.Thread):

@@ -115,30 +115,26 @@ def show_endpoint(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
         return doc
 
 
-@router.post("/endpoints/{ref}/approve")
-def approve(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
+def _set_state(ctx: ServerContext, ref: str, state: str, action: str) -> dict:
     with ctx.write() as db:
         ep = _find_endpoint(db, ref)
-        if ep.state == "revoked":
+        if state == "active" and ep.state == "revoked":
             raise HTTPException(409, "a revoked endpoint cannot be approved; enroll it again")
-        ep.state = "active"
-        db.commit()
+        ep.state = state
         eid = ep.id
-    ctx.invalidate()
-    audit(ctx, "admin", "approve-endpoint", eid)
-    return {"id": eid, "state": "active"}
+    ctx.invalidate()  # cached credentials must see the new state at once
+    audit(ctx, "admin", action, eid)
+    return {"id": eid, "state": state}
+
+
+@router.post("/endpoints/{ref}/approve")
+def approve(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
+    return _set_state(ctx, ref, "active", "approve-endpoint")
 
 
 @router.post("/endpoints/{ref}/revoke")
 def revoke(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
-    with ctx.write() as db:
-        ep = _find_endpoint(db, ref)
-        ep.state = "revoked"
-        db.commit()
-        eid = ep.id
-    ctx.invalidate()
-    audit(ctx, "admin", "revoke-endpoint", eid)
-    return {"id": eid, "state": "revoked"}
+    return _set_state(ctx, ref, "revoked", "revoke-endpoint")
 
 
 @router.get("/policies/{kind}")
