@@ -25,7 +25,7 @@ from typing import Protocol
 from strata.errors import MissingChunks, StrataError
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
-from strata.model.manifest import decode_manifest, encode_manifest
+from strata.model.manifest import ManifestWriter, decode_manifest
 from strata.model.snapshot import Snapshot, now_iso
 from strata.store.chunker import Chunker
 from strata.store.pack import BlobCodec
@@ -81,6 +81,10 @@ class _ParentCursor:
         self._cur: Entry | None = next(entries, None) if entries else None
 
     def find(self, path: bytes) -> Entry | None:
+        cur = self._cur
+        if cur is not None and cur.path == path:  # an unchanged tree walks in lockstep
+            self._cur = next(self._it, None)  # type: ignore[arg-type]
+            return cur
         key = path_key(path)
         while self._cur is not None and path_key(self._cur.path) < key:
             self._cur = next(self._it, None)  # type: ignore[arg-type]
@@ -282,8 +286,7 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
         inflight_bytes = 0
 
         def emit(entry: Entry) -> None:
-            for piece in encode_manifest_entries([entry]):
-                mf.write(piece)
+            manifest_out.write(entry)
             referenced.update(cid for cid, _ in entry.chunks)
             if entry.type is EntryType.FILE:
                 result.files += 1
@@ -309,7 +312,7 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
                         progress.advance(files=1)
                 emit(entry)
 
-        mf.write(next(encode_manifest([])))  # header
+        manifest_out = ManifestWriter(mf)
         last_tick = time.monotonic()
         try:
             for entry, abspath in scan_tree(src, matcher, errors=result.errors):
@@ -396,12 +399,6 @@ def backup(store: Store, source: str | os.PathLike, *, tags: list[str] | None = 
     result.snapshot = snap.id
     result.seconds = round(time.monotonic() - started, 3)
     return result
-
-
-def encode_manifest_entries(entries: list[Entry]) -> Iterator[bytes]:
-    it = encode_manifest(entries)
-    next(it)  # skip the header: it is written once per manifest
-    return it
 
 
 def commit_with_heal(commit: Callable[[], object], sink: ChunkSink, src: Path,

@@ -9,6 +9,7 @@ crafted by someone who wants a restore to misbehave.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 import msgpack
 
@@ -48,13 +49,14 @@ def decode_entry(rec: object) -> Entry:
          ids, lengths, ctime_ns, inode, dev) = rec  # type: ignore[misc]
         if not isinstance(path, bytes) or not isinstance(link, bytes):
             raise TypeError("path")
-        if not all(isinstance(v, int) for v in (mode, uid, gid, mtime_ns, size, rdev,
-                                                 ctime_ns, inode, dev)):
-            raise TypeError("int field")
+        for v in (mode, uid, gid, mtime_ns, size, rdev, ctime_ns, inode, dev):
+            if type(v) is not int:
+                raise TypeError("int field")
         if not isinstance(ids, bytes) or len(ids) != ID_LEN * len(lengths):
             raise TypeError("chunk list")
-        if not all(isinstance(n, int) and n > 0 for n in lengths):
-            raise TypeError("chunk length")
+        for n in lengths:
+            if type(n) is not int or n <= 0:
+                raise TypeError("chunk length")
         chunks = [(ids[i * ID_LEN:(i + 1) * ID_LEN], n) for i, n in enumerate(lengths)]
         xa = {}
         for k, v in xattrs:
@@ -67,6 +69,18 @@ def decode_entry(rec: object) -> Entry:
                      ctime_ns=ctime_ns, inode=inode, dev=dev)
     except (TypeError, ValueError, KeyError) as exc:
         raise CorruptData(f"malformed manifest entry ({exc})") from None
+
+
+class ManifestWriter:
+    """Streams a manifest into a binary file, one entry at a time (in tree order)."""
+
+    def __init__(self, out: BinaryIO):
+        self._out = out
+        self._packer = msgpack.Packer(use_bin_type=True)
+        out.write(self._packer.pack({"strata-manifest": FORMAT}))
+
+    def write(self, entry: Entry) -> None:
+        self._out.write(self._packer.pack(encode_entry(entry)))
 
 
 def encode_manifest(entries: Iterable[Entry]) -> Iterator[bytes]:
