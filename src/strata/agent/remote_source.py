@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from strata.agent.client import ServerClient
 from strata.errors import CorruptData
 from strata.model.entry import Entry
-from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest
 from strata.model.transfer import read_bundle
 from strata.store.pack import decode_payload
@@ -25,16 +24,17 @@ class RemoteSource:
 
     def __init__(self, client: ServerClient):
         self.client = client
+        self._sid = ""
 
     def snapshot(self, ref: str) -> RemoteSnapshot:
+        """Fetch a snapshot's manifest; chunks are then read from that snapshot."""
         resp = self.client.request("GET", f"/api/v1/agent/snapshots/{ref}/manifest")
-        return RemoteSnapshot(resp.headers["X-Strata-Snapshot"], resp.content)
+        snap = RemoteSnapshot(resp.headers["X-Strata-Snapshot"], resp.content)
+        self._sid = snap.id
+        return snap
 
     def iter_manifest(self, snap: RemoteSnapshot) -> Iterator[Entry]:  # type: ignore[override]
         return decode_manifest([snap.manifest])
-
-    def bind(self, snap: RemoteSnapshot) -> None:
-        self._sid = snap.id
 
     def load_chunks(self, ids: list[bytes]) -> list[bytes | CorruptData]:
         resp = self.client.request("POST", f"/api/v1/agent/snapshots/{self._sid}/chunks",
@@ -48,6 +48,3 @@ class RemoteSource:
         return [got.get(c, CorruptData(f"server did not send chunk {c.hex()[:16]}"))
                 for c in ids]
 
-
-def manifest_matches(snap: RemoteSnapshot, manifest_id: str) -> bool:
-    return content_id(snap.manifest).hex() == manifest_id

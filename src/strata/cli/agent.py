@@ -221,7 +221,6 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     try:
         source = RemoteSource(client)
         snap = source.snapshot(snapshot)
-        source.bind(snap)
         target = to or Path(cred.root)
         result = run_with_progress("restore", lambda p: run_restore(
             source, snap, target, includes=paths, progress=p), json_mode=json)  # type: ignore[arg-type]

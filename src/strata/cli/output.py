@@ -14,7 +14,6 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeRemainingColumn,
@@ -97,10 +96,3 @@ def run_with_progress(label: str, work: Callable[[EngineProgress], T],
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-def count_progress(label: str) -> Progress:
-    """A simple counting bar (packs checked, snapshots marked)."""
-    return Progress(TextColumn("[bold]" + label), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=err_console, transient=True,
-                    disable=not show_progress())
