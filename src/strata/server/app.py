@@ -18,7 +18,7 @@ from strata.server.auth import digest, ensure_admin_token, read_token_file
 from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import open_catalog
 from strata.server.context import ServerContext, ServerSettings
-from strata.server.maintenance import MaintenanceThread, SeenFlusher
+from strata.server.maintenance import upkeep_threads
 from strata.server.routes import admin, agent
 from strata.store.repository import Store
 
@@ -39,13 +39,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        threads = [MaintenanceThread(ctx), SeenFlusher(ctx)]
+        threads = upkeep_threads(ctx)
         for t in threads:
             t.start()
         yield
         for t in threads:
             t.stop.set()
-        threads[1].join(timeout=10)  # the last visits reach the catalog
+        for t in threads:
+            t.join(timeout=10)  # the last visits reach the catalog
         ctx.store.close()
 
     app = FastAPI(title="Strata server", version=__version__, lifespan=lifespan,

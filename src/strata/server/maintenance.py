@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC
 
 from sqlalchemy import delete, select
@@ -52,32 +53,29 @@ def run_maintenance(ctx: ServerContext) -> dict:
     return summary
 
 
-class SeenFlusher(threading.Thread):
-    """Writes endpoints' last-seen times in batches, off the request path."""
+class PeriodicThread(threading.Thread):
+    """Runs `work` every `interval` seconds until stopped; an error is logged and the
+    next round still runs, so upkeep never takes the server down."""
 
-    def __init__(self, ctx: ServerContext):
-        super().__init__(name="seen-flusher", daemon=True)
-        self.ctx = ctx
+    def __init__(self, name: str, interval: float, work: Callable[[], object],
+                 *, on_stop: Callable[[], object] | None = None):
+        super().__init__(name=name, daemon=True)
+        self.interval, self.work, self.on_stop = interval, work, on_stop
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(SEEN_FLUSH_SECONDS):
+        while not self.stop.wait(self.interval):
             try:
-                self.ctx.flush_seen()
-            except Exception:  # a busy catalog must not end the thread
-                log.exception("writing last-seen times failed")
-        self.ctx.flush_seen()
+                self.work()
+            except Exception:
+                log.exception("%s failed", self.name)
+        if self.on_stop:
+            self.on_stop()
 
 
-class MaintenanceThread(threading.Thread):
-    def __init__(self, ctx: ServerContext):
-        super().__init__(name="maintenance", daemon=True)
-        self.ctx = ctx
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.wait(self.ctx.settings.maintenance_interval):
-            try:
-                run_maintenance(self.ctx)
-            except Exception:  # keep the server serving whatever upkeep hits
-                log.exception("maintenance failed")
+def upkeep_threads(ctx: ServerContext) -> list[PeriodicThread]:
+    """Retention + prune on the configured interval; last-seen times in batches."""
+    return [PeriodicThread("maintenance", ctx.settings.maintenance_interval,
+                           lambda: run_maintenance(ctx)),
+            PeriodicThread("seen-flusher", SEEN_FLUSH_SECONDS, ctx.flush_seen,
+                           on_stop=ctx.flush_seen)]
