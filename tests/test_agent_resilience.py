@@ -68,18 +68,24 @@ def store_check(server: Server) -> dict:
     return doc
 
 
+def backup_until(server, agent, rate: str, nbytes: float, what: str):
+    """Start `agent backup` capped at `rate`; return it once the server has received
+    `nbytes` (the backup must still be running then, or the test proves nothing)."""
+    before = received(server)
+    proc = spawn(*agent.cmd("backup", "--limit-upload", rate, "--json"))
+    reached = wait_for(lambda: proc.poll() is not None
+                       or received(server) - before >= nbytes, timeout=180)
+    if not (reached and proc.poll() is None):
+        kill_group(proc)
+        raise AssertionError(f"the backup ended before {what} could be killed", finish(proc))
+    return proc
+
+
 def test_killed_agent_resumes_without_resending_acknowledged_chunks(server, tmp_path):
     agent = endpoint(server, tmp_path)
     total = random_tree(agent.root, 64 * MIB, seed=7, sizes=(1 * MIB, 8 * MIB))
-    before = received(server)
-    proc = spawn(*agent.cmd("backup", "--limit-upload", "20M", "--json"))
-    try:
-        reached = wait_for(lambda: proc.poll() is not None
-                           or received(server) - before >= 0.4 * total, timeout=180)
-        assert reached and proc.poll() is None, ("the backup ended before it could be "
-                                                 "killed", finish(proc))
-    finally:
-        kill_group(proc)
+    proc = backup_until(server, agent, "20M", 0.4 * total, "it")
+    kill_group(proc)
     acknowledged = settled_unique_bytes(server)
     assert 0 < acknowledged < 0.9 * total, (acknowledged, total)
     assert agent.snapshots() == []  # nothing was committed
@@ -104,13 +110,8 @@ def test_killed_server_during_upload_loses_nothing(server, tmp_path):
     write_random(agent.root / "home/user/first.bin", 2 * MIB, random.Random(1))
     first = centralized(agent.run_once())["snapshot"]
     big = random_tree(agent.root, 40 * MIB, seed=8, sizes=(2 * MIB, 6 * MIB))
-    before = received(server)
-    proc = spawn(*agent.cmd("backup", "--limit-upload", "10M", "--json"))
+    proc = backup_until(server, agent, "10M", 0.3 * big, "the server")
     try:
-        reached = wait_for(lambda: proc.poll() is not None
-                           or received(server) - before >= 0.3 * big, timeout=180)
-        assert reached and proc.poll() is None, ("the backup ended before the server could "
-                                                 "be killed", finish(proc))
         server.kill()
         server.start()  # same data directory, same port
         rc, stdout, stderr = finish(proc)

@@ -31,15 +31,18 @@ def _same(a, b):
                 assert fa.read() == fb.read(), pa
 
 
-def test_small_files_go_through_worker_processes(tmp_path, monkeypatch):
-    monkeypatch.setattr(backup_mod, "_PROCESS_POOL_AFTER", 0)
-    src = _tree(tmp_path / "src")
+def _backup_and_restore_exactly(tmp_path, src):
     store = Store.init(tmp_path / "store")
     result = backup(store, src)
     assert result.files == 300 and result.errors == []
     restore(store, store.load_snapshot(result.snapshot), tmp_path / "out")
     _same(src, tmp_path / "out")
     store.close()
+
+
+def test_small_files_go_through_worker_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(backup_mod, "_PROCESS_POOL_AFTER", 0)
+    _backup_and_restore_exactly(tmp_path, _tree(tmp_path / "src"))
 
 
 def test_backup_completes_when_worker_processes_die(tmp_path, monkeypatch):
@@ -47,10 +50,4 @@ def test_backup_completes_when_worker_processes_die(tmp_path, monkeypatch):
     make the pool unusable; the backup finishes on threads instead of failing."""
     monkeypatch.setattr(backup_mod, "_PROCESS_POOL_AFTER", 0)
     monkeypatch.setattr(backup_mod, "init_worker", functools.partial(os._exit, 3))
-    src = _tree(tmp_path / "src", seed=6)
-    store = Store.init(tmp_path / "store")
-    result = backup(store, src)
-    assert result.files == 300 and result.errors == []
-    restore(store, store.load_snapshot(result.snapshot), tmp_path / "out")
-    _same(src, tmp_path / "out")
-    store.close()
+    _backup_and_restore_exactly(tmp_path, _tree(tmp_path / "src", seed=6))

@@ -6,26 +6,16 @@ Paths are given relative to the CLI's working directory; a long message (wider t
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from server_fixtures import assert_one_line_error
 from strata.engine.backup import backup
 from strata.store.repository import Store
 
 PASS = "s3cret passphrase"
 UNKNOWN = "deadbeef"
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip(), "nothing was printed on stderr"
-    assert proc.stderr.strip().count("\n") == 0, f"more than one line:\n{proc.stderr}"
-    assert proc.stderr.lower().startswith("error"), proc.stderr
-    for needle in needles:
-        assert needle in proc.stderr, (needle, proc.stderr)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,7 +131,6 @@ def _cycle(st: AgentState, cred: Credential, *, force: bool, trigger: str,
 
 
 def _ts(iso: str) -> float:
-    from datetime import datetime
     return datetime.fromisoformat(iso).timestamp()
 
 

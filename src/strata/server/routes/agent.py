@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from strata.errors import CorruptData, MissingChunks, SnapshotNotFound
 from strata.model.ids import ID_LEN, content_id
+from strata.model.manifest import decode_manifest
 from strata.model.snapshot import Snapshot, now_iso
 from strata.model.transfer import BundleWriter, read_bundle
 from strata.model.wire import (
@@ -192,7 +193,7 @@ def _commit(ctx: ServerContext, ep: Endpoint, body: CommitRequest) -> str:
     if content_id(b"".join(pieces)).hex() != body.manifest_id:
         raise CorruptData("the manifest does not match its id")
     referenced: set[bytes] = {c for c, _ in manifest}
-    for entry in store.iter_manifest(snap):  # validates every entry too
+    for entry in decode_manifest(pieces):  # the pieces just read; validates every entry
         referenced.update(c for c, _ in entry.chunks)
     with ctx.session() as db:
         cvd = db.scalar(select(Cvd).where(Cvd.endpoint_id == ep.id))
