@@ -42,7 +42,7 @@ class CentralizeResult:
 
 def checkin(client: ServerClient, root: Path, state: AgentState) -> CheckinResponse:
     status = state.status()
-    body = {"inventory": collect_inventory(root),
+    body = {"inventory": collect_inventory(root, state.path / "hardware.json"),
             "status": {k: status.get(k) for k in ("last_centralization", "pending_work")}}
     # Few retries: an unreachable server means "offline, try next cycle", not a stall.
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
@@ -53,12 +53,13 @@ def checkin(client: ServerClient, root: Path, state: AgentState) -> CheckinRespo
 
 
 def own_exclusions(root: Path, state: AgentState) -> list[str]:
-    """The agent's state directory is never centralized, wherever it lives."""
+    """The agent's state directory and its apply work area are never centralized."""
+    own = ["/.strata-apply/"]
     try:
         rel = Path(os.path.realpath(state.path)).relative_to(os.path.realpath(root))
     except ValueError:
-        return []
-    return [f"/{rel.as_posix()}/"] if str(rel) != "." else []
+        return own
+    return own + [f"/{rel.as_posix()}/"] if str(rel) != "." else own
 
 
 def centralize(client: ServerClient, state: AgentState, root: Path, info: CheckinResponse, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -49,20 +50,33 @@ def _disks(root: Path) -> list[dict]:
              "free_bytes": st.f_bavail * st.f_frsize}]
 
 
-def collect_inventory(root: Path) -> dict:
+def _hardware(override: Path | None) -> dict:
+    """DMI facts; a `hardware.json` in the agent's state directory overrides them (for a
+    VM or container root whose DMI says nothing useful, and for tests)."""
+    dmi = Path("/sys/class/dmi/id")
+    hw = {"vendor": _read(dmi / "sys_vendor"), "model": _read(dmi / "product_name"),
+          "serial": _read(dmi / "product_serial"), "bios": _read(dmi / "bios_version")}
+    if override is not None and override.is_file():
+        try:
+            extra = json.loads(override.read_text())
+            hw.update({k: str(v) for k, v in extra.items() if k in hw})
+        except (OSError, ValueError, AttributeError):
+            pass
+    return hw
+
+
+def collect_inventory(root: Path, hardware_override: Path | None = None) -> dict:
     """Facts about the endpoint rooted at `root`. Identity (hostname, OS) is read from
     the managed tree when it has one, hardware from the machine the agent runs on."""
     release = _os_release(root)
     is_windows = (root / "Windows").is_dir() or platform.system() == "Windows"
     hostname = _read(root / "etc/hostname") or socket.gethostname()
-    dmi = Path("/sys/class/dmi/id")
     return {
         "hostname": hostname,
         "os": "windows" if is_windows else (release.get("ID") or platform.system().lower()),
         "os_version": release.get("VERSION_ID", platform.release()),
         "os_name": release.get("PRETTY_NAME", platform.platform()),
-        "hardware": {"vendor": _read(dmi / "sys_vendor"), "model": _read(dmi / "product_name"),
-                     "serial": _read(dmi / "product_serial"), "bios": _read(dmi / "bios_version")},
+        "hardware": _hardware(hardware_override),
         "cpu": _cpu(),
         "ram_bytes": _ram_bytes(),
         "disks": _disks(root),

@@ -21,8 +21,9 @@ _QUEUE_BYTES = 16 << 20  # and at most this much of their data
 
 
 class RemoteSink:
-    def __init__(self, client: ServerClient, spec: ChunkerSpec):
+    def __init__(self, client: ServerClient, spec: ChunkerSpec, api: str = "/api/v1/agent"):
         self.client = client
+        self.api = api  # the admin API takes uploads too (layers captured from a directory)
         self.chunker = Chunker(ChunkerParams(spec.min_size, spec.avg_size, spec.max_size))
         self.codec = BlobCodec(PlainCipher(), spec.zstd_level)
         self._lock = threading.Lock()
@@ -43,7 +44,7 @@ class RemoteSink:
         lacking: set[bytes] = set()
         for i in range(0, len(ids), MAX_IDS_PER_QUERY):
             part = ids[i:i + MAX_IDS_PER_QUERY]
-            resp = self.client.request("POST", "/api/v1/agent/chunks/missing",
+            resp = self.client.request("POST", f"{self.api}/chunks/missing",
                                        json={"ids": [c.hex() for c in part]})
             lacking.update(bytes.fromhex(h) for h in resp.json()["missing"])
         return lacking
@@ -89,7 +90,7 @@ class RemoteSink:
 
     def _send(self, bundle: BundleWriter) -> None:
         self._upload_slots.acquire()
-        fut = self._uploader.submit(self.client.request, "POST", "/api/v1/agent/chunks",
+        fut = self._uploader.submit(self.client.request, "POST", f"{self.api}/chunks",
                                     content=bundle.getvalue())
         fut.add_done_callback(lambda _f: self._upload_slots.release())
         with self._lock:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from strata.errors import StrataError
+from strata.model.entry import Entry
+from strata.model.manifest import decode_manifest
 from strata.store.backend import atomic_write
 
 
@@ -97,6 +99,42 @@ class AgentState:
             return sid, (self.path / "parent.manifest").read_bytes()
         except (FileNotFoundError, ValueError, KeyError):
             return None, None
+
+    def reset_parent(self) -> None:
+        for name in ("parent.json", "parent.manifest"):
+            (self.path / name).unlink(missing_ok=True)
+
+    # -- layers ---------------------------------------------------------------
+    def update(self) -> dict:
+        """The layer update in progress: desired state, download/ready/failed, plan."""
+        try:
+            return json.loads((self.path / "update.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def save_update(self, doc: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(self.path / "update.json", json.dumps(doc, default=str).encode())
+
+    def applied_key(self) -> str:
+        try:
+            return json.loads((self.path / "applied.json").read_text())["key"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return ""
+
+    def save_applied(self, key: str) -> None:
+        atomic_write(self.path / "applied.json", json.dumps({"key": key}).encode())
+
+    def owned(self) -> dict[bytes, Entry]:
+        """What the applied IT layers put on the endpoint (path -> entry)."""
+        try:
+            data = (self.path / "owned.manifest").read_bytes()
+        except FileNotFoundError:
+            return {}
+        return {e.path: e for e in decode_manifest([data])}
+
+    def save_owned(self, manifest: bytes) -> None:
+        atomic_write(self.path / "owned.manifest", manifest)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:

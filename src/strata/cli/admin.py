@@ -24,12 +24,7 @@ endpoint_app = typer.Typer(help="Enrolled endpoints.", no_args_is_help=True)
 policy_app = typer.Typer(help="Upload, retention and bandwidth policies.", no_args_is_help=True)
 
 
-def admin_call(server: str | None, token_file: Path | None, method: str, path: str,
-               body: object = None) -> object:
-    import httpx  # only admin commands need it: keep it off every command's start-up
-
-    if not server:
-        raise StrataError("no server: pass --server URL or set STRATA_SERVER")
+def admin_token(token_file: Path | None) -> str:
     token = os.environ.get("STRATA_ADMIN_TOKEN")
     if token_file is not None:
         try:
@@ -39,6 +34,16 @@ def admin_call(server: str | None, token_file: Path | None, method: str, path: s
                               f"{exc.strerror}") from None
     if not token:
         raise StrataError("no admin token: pass --admin-token-file or set STRATA_ADMIN_TOKEN")
+    return token
+
+
+def admin_call(server: str | None, token_file: Path | None, method: str, path: str,
+               body: object = None) -> object:
+    import httpx  # only admin commands need it: keep it off every command's start-up
+
+    if not server:
+        raise StrataError("no server: pass --server URL or set STRATA_SERVER")
+    token = admin_token(token_file)
     try:
         resp = httpx.request(method, server.rstrip("/") + path, json=body, timeout=60,
                              headers={"Authorization": f"Bearer {token}"})

@@ -67,7 +67,7 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
     root = (root or default_root()).resolve()
     if not root.is_dir():
         raise StrataError(f"root {root} is not a directory")
-    inv = collect_inventory(root)
+    inv = collect_inventory(root, st.path / "hardware.json")
     ca = str(ca_cert.resolve()) if ca_cert else ""
     client = ServerClient(server, retries=2, verify=ca or True)
     try:
@@ -124,6 +124,14 @@ def _cycle(st: AgentState, cred: Credential, *, force: bool, trigger: str,
                 return {**out, "offline": str(exc)}
             st.update_status(pending_work=[])
             out.update(centralized=True, result=result.to_dict())
+        if info.desired is not None:
+            from strata.agent.update import on_checkin
+
+            def central(trig: str) -> str:
+                return centralize(client, st, root, info, trigger=trig).snapshot
+            update = on_checkin(client, st, root, info.desired, central)
+            if update is not None:
+                out["update"] = update.to_dict()
         return out
     finally:
         st.add_wire_bytes(client.bytes_sent, client.bytes_received)
@@ -148,6 +156,19 @@ def _report(out: dict, json: bool) -> None:
                       f"{human_bytes(r['bytes_sent'])} on the wire in {r['seconds']:.1f}s")
     elif out.get("checked_in"):
         console.print("checked in; nothing due")
+    if out.get("update"):
+        _report_update(out["update"])
+
+
+def _report_update(u: dict) -> None:
+    c = u.get("changes") or {}
+    what = ", ".join(f"{n} {k}" for k, n in c.items() if n) or "no changes"
+    conflicts = ", ".join(f"{n} {k}" for k, n in (u.get("conflicts") or {}).items())
+    line = {"ready": "layer update ready (restart or `strata agent apply`)",
+            "applied": "layer update applied", "repaired": "drift repaired"}.get(
+        u["state"], u["state"])
+    console.print(f"{line}: {what}; downloaded {human_bytes(u.get('bytes_downloaded', 0))}"
+                  + (f"; conflicts: {conflicts}" if conflicts else ""), highlight=False)
 
 
 @app.command()
@@ -182,6 +203,46 @@ def backup(state: Path | None = STATE, limit_upload: str | None = LIMIT_UP,
     _report(out, json)
     if out.get("offline"):
         raise typer.Exit(3)
+
+
+@app.command()
+def apply(state: Path | None = STATE, json: bool = JSON) -> None:
+    """Apply a downloaded layer update (what a restart does): pre-update snapshot, then
+    the switch under a journal. After a power cut, running it again finishes the job."""
+    from strata.agent.centralize import centralize, checkin
+    from strata.agent.client import ServerUnreachable
+    from strata.agent.update import apply_update, recover
+
+    st = _state(state)
+    cred = st.credential()
+    root = Path(cred.root)
+    with st.exclusive():
+        recovered = recover(root)
+        if recovered and not st.update().get("state") == "ready":
+            if json:
+                print_json({"recovered": recovered})
+            else:
+                console.print(f"an interrupted apply was {recovered}")
+            return
+        client = _client(cred)
+        try:
+            try:
+                info = checkin(client, root, st)
+            except ServerUnreachable:
+                info = None
+
+            def central(trig: str) -> str:
+                assert info is not None
+                return centralize(client, st, root, info, trigger=trig).snapshot
+            result = apply_update(client if info else None, st, root,
+                                  central if info else None)
+        finally:
+            st.add_wire_bytes(client.bytes_sent, client.bytes_received)
+            client.close()
+    if json:
+        print_json(result.to_dict())
+    else:
+        _report_update(result.to_dict())
 
 
 @app.command()

@@ -10,6 +10,7 @@ from strata.errors import StrataError
 
 from . import admin as admin_cli
 from . import agent as agent_cli
+from . import layers as layers_cli
 from . import server as server_cli
 from . import store as store_cli
 from .output import err_console, print_error
@@ -21,6 +22,12 @@ app.add_typer(agent_cli.app, name="agent")
 app.add_typer(admin_cli.token_app, name="token")
 app.add_typer(admin_cli.endpoint_app, name="endpoint")
 app.add_typer(admin_cli.policy_app, name="policy")
+app.add_typer(layers_cli.layer_app, name="layer")
+app.add_typer(layers_cli.collection_app, name="collection")
+app.add_typer(layers_cli.task_app, name="task")
+app.command("assign")(layers_cli.assign)
+app.command("compliance")(layers_cli.compliance)
+app.command("migrate")(layers_cli.migrate)
 app.command("server")(server_cli.serve)
 
 

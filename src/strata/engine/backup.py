@@ -343,20 +343,27 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
         sink.flush()
         mf.seek(0)
         manifest_bytes = mf.read()
-    manifest = []
-    for piece in sink.chunker.cut(manifest_bytes):
-        cid = content_id(piece)
-        added = sink.store_chunk(cid, piece)
-        if added:
-            counters.add(0, len(piece), added, 1)
-        manifest.append((cid, len(piece)))
-    sink.flush()
+    manifest = store_manifest(sink, manifest_bytes, counters)
     referenced.update(cid for cid, _ in manifest)
     result.bytes_read = counters.bytes_read
     result.bytes_new = counters.bytes_new
     result.bytes_stored = counters.bytes_stored
     result.chunks_new = counters.chunks_new
     return Archive(result, manifest_bytes, manifest, referenced)
+
+
+def store_manifest(sink: ChunkSink, manifest_bytes: bytes,
+                   counters: _Counters | None = None) -> list[tuple[bytes, int]]:
+    """Store a serialized manifest as chunks of its own (so manifests dedup too)."""
+    manifest = []
+    for piece in sink.chunker.cut(manifest_bytes):
+        cid = content_id(piece)
+        added = sink.store_chunk(cid, piece)
+        if added and counters is not None:
+            counters.add(0, len(piece), added, 1)
+        manifest.append((cid, len(piece)))
+    sink.flush()
+    return manifest
 
 
 def make_snapshot(archive: Archive, *, host: str, paths: list[str], tags: list[str] | None,

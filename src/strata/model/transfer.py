@@ -51,3 +51,36 @@ def read_bundle(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
             raise CorruptData("chunk in bundle is too large")
         yield cid, raw_length, bytes(view[pos:pos + plen])
         pos += plen
+
+
+STREAM_MAGIC = b"STRXFZ01"
+MAX_STREAM_RAW = 256 << 20  # decompressed size a receiver accepts for one stream
+
+
+def pack_stream(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
+    """Chunks (id, raw bytes) as one zstd stream: compressing what travels together, not
+    chunk by chunk, finds the redundancy between chunks (downloads of layer updates)."""
+    import zstandard
+
+    inner = BundleWriter()
+    for cid, raw in chunks:
+        inner.add(cid, len(raw), b"\x00" + raw)  # flag 0: raw, the stream compresses
+    cctx = zstandard.ZstdCompressor(level=level, threads=-1 if level >= 10 else 0)
+    return STREAM_MAGIC + cctx.compress(inner.getvalue())
+
+
+def read_stream(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
+    """The records of a `pack_stream` body; CorruptData if it is not one or too large."""
+    import zstandard
+
+    if not data.startswith(STREAM_MAGIC):
+        raise CorruptData("not a chunk stream (bad magic)")
+    try:
+        dctx = zstandard.ZstdDecompressor()
+        reader = dctx.stream_reader(memoryview(data)[len(STREAM_MAGIC):])
+        inner = reader.read(MAX_STREAM_RAW + 1)
+    except zstandard.ZstdError as exc:
+        raise CorruptData(f"chunk stream does not decompress: {exc}") from None
+    if len(inner) > MAX_STREAM_RAW:
+        raise CorruptData("chunk stream is too large")
+    return read_bundle(inner)

@@ -45,6 +45,28 @@ class CheckinRequest(BaseModel):
     status: dict = Field(default_factory=dict)
 
 
+class DesiredLayer(BaseModel):
+    id: int | None  # None: a CVD snapshot used as the system image (revert, restore)
+    kind: str  # base, driver, app, snapshot
+    name: str
+    version: str
+    snapshot: str  # the store snapshot holding its manifest
+    removes: list[str] = Field(default_factory=list)
+
+
+class DesiredState(BaseModel):
+    """What IT wants on this endpoint; `key` changes whenever any of it does."""
+
+    key: str
+    layers: list[DesiredLayer]  # in merge order: base (or snapshot), drivers, apps
+    owned: list[DesiredLayer] | None = None  # IT's layers afterwards (None: `layers`)
+    operation: str = "update"  # update, revert, restore, provision
+    keep_user_apps: bool = False
+    enforce: bool = False  # repair drift at every check-in
+    family: str = "linux"
+    rules: dict = Field(default_factory=dict)
+
+
 class CheckinResponse(BaseModel):
     endpoint_id: str
     state: str
@@ -53,6 +75,7 @@ class CheckinResponse(BaseModel):
     last_snapshot: str | None = None
     last_snapshot_time: datetime | None = None
     server_time: datetime
+    desired: DesiredState | None = None
 
 
 class MissingRequest(BaseModel):

@@ -19,7 +19,7 @@ from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import open_catalog
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.maintenance import upkeep_threads
-from strata.server.routes import admin, agent
+from strata.server.routes import admin, agent, agent_layers, layers
 from strata.store.repository import Store
 
 
@@ -55,7 +55,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.admin_digest = digest(read_token_file(token_path))
     app.state.admin_token_path = token_path
     app.include_router(agent.router)
+    app.include_router(agent_layers.router)
     app.include_router(admin.router)
+    app.include_router(layers.router)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)  # added last = outermost: it sees the 413s too

@@ -10,6 +10,7 @@ from datetime import datetime, time
 from sqlalchemy.orm import Session
 
 from strata.engine.retention import RetentionPolicy
+from strata.layers.rules import DEFAULT_RULES, validate_rules
 from strata.model.wire import AgentPolicy, BandwidthLimits
 from strata.server.catalog.models import Endpoint, Policy
 from strata.server.context import ServerContext
@@ -34,6 +35,9 @@ DEFAULTS: dict[str, dict] = {
     # rules: [{"subnet": "10.1.0.0/16" | None, "site": "paris" | None, "start": "08:00",
     #          "end": "18:00", "upload_kbps": 512, "download_kbps": 2048}], first match wins
     "bandwidth": {"rules": []},
+    # Layer rules per OS family: which paths are identity, user data, never in a layer,
+    # do-not-override, do-not-download, system areas (strata.layers.rules).
+    "layers": DEFAULT_RULES,
 }
 
 
@@ -73,6 +77,8 @@ def validate_policy(kind: str, doc: dict) -> dict:
                 if r.get(key) is not None and int(r[key]) <= 0:
                     raise ValueError(f"{key} must be positive")
         return {"rules": rules}
+    if kind == "layers":
+        return validate_rules(doc)
     raise ValueError(f"unknown policy kind {kind!r}")
 
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -30,6 +40,7 @@ class Endpoint(Base):
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)  # from the agent
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)  # to the agent
     token_id: Mapped[int | None] = mapped_column(ForeignKey("enrollment_tokens.id"))
+    tags: Mapped[list] = mapped_column(default=list)
 
 
 class Cvd(Base):
@@ -52,6 +63,7 @@ class SnapshotRecord(Base):
     bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_new: Mapped[int] = mapped_column(BigInteger, default=0)
     tags: Mapped[list] = mapped_column(default=list)
+    layers: Mapped[list] = mapped_column(default=list)  # layer ids applied when it was taken
 
 
 class EnrollmentToken(Base):
@@ -102,3 +114,66 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(128), default="")
     detail: Mapped[dict] = mapped_column(default=dict)
+
+
+class Layer(Base):
+    """One IT-managed layer: a base image, a driver set or an application. Its manifest
+    lives in the store as a snapshot, so its chunks are shared with every CVD."""
+
+    __tablename__ = "layers"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # base / driver / app
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    snapshot: Mapped[str] = mapped_column(String(64))
+    os: Mapped[str] = mapped_column(String(16), default="linux")  # rules family
+    match: Mapped[dict] = mapped_column(default=dict)  # drivers: {"vendor": glob, "model": glob}
+    removes: Mapped[list] = mapped_column(default=list)  # app layers: paths it deletes
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    source: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Collection(Base):
+    """A named group of endpoints: listed members, and/or a rule on OS, hardware, tag."""
+
+    __tablename__ = "collections"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    members: Mapped[list] = mapped_column(default=list)
+    rule: Mapped[dict] = mapped_column(default=dict)  # {"os": glob, "vendor": .., "tag": ..}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Assignment(Base):
+    """What IT wants on one endpoint, and where the endpoint stands in getting there."""
+
+    __tablename__ = "assignments"
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id"), primary_key=True)
+    base_id: Mapped[int | None] = mapped_column(ForeignKey("layers.id"), default=None)
+    app_ids: Mapped[list] = mapped_column(default=list)
+    driver_ids: Mapped[list | None] = mapped_column(default=None)  # None: by hardware
+    enforce: Mapped[bool] = mapped_column(Boolean, default=False)
+    # One-off operation on top of the layers: {"kind": revert|provision|restore, ...}
+    operation: Mapped[dict] = mapped_column(default=dict)
+    task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), default=None)
+    state: Mapped[str] = mapped_column(String(16), default="assigned")
+    percent: Mapped[float] = mapped_column(default=0.0)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    desired_key: Mapped[str] = mapped_column(String(32), default="")
+    applied_key: Mapped[str] = mapped_column(String(32), default="")
+    applied_layers: Mapped[list] = mapped_column(default=list)  # layer ids now on the endpoint
+    downloaded_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Task(Base):
+    """A tracked operation over many endpoints (a migration), with a snapshot of each."""
+
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict] = mapped_column(default=dict)
+    endpoints: Mapped[list] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -23,6 +23,7 @@ from strata.server.catalog.models import (
 )
 from strata.server.context import ServerContext
 from strata.server.deps import audit, get_ctx, require_admin
+from strata.server.layers import assignment_doc
 from strata.server.policies import DEFAULTS, get_policy, validate_policy
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -70,7 +71,7 @@ def _endpoint_doc(ep: Endpoint, cvd: Cvd | None, snapshots: int) -> dict:
     return {"id": ep.id, "hostname": ep.hostname, "os": ep.os, "state": ep.state,
             "enrolled_at": ep.enrolled_at, "last_seen": ep.last_seen, "last_ip": ep.last_ip,
             "last_snapshot": cvd.last_snapshot if cvd else None, "snapshots": snapshots,
-            "inventory": ep.inventory}
+            "tags": ep.tags, "inventory": ep.inventory}
 
 
 @router.get("/endpoints")
@@ -84,7 +85,9 @@ def list_endpoints(pending: bool = False, ctx: ServerContext = Depends(get_ctx))
             cvd = db.scalar(select(Cvd).where(Cvd.endpoint_id == ep.id))
             n = db.scalar(select(func.count()).select_from(SnapshotRecord)
                           .where(SnapshotRecord.cvd_id == cvd.id)) if cvd else 0
-            out.append(_endpoint_doc(ep, cvd, n or 0))
+            doc = _endpoint_doc(ep, cvd, n or 0)
+            doc["layers"] = assignment_doc(db, ep)
+            out.append(doc)
         return out
 
 
@@ -108,6 +111,7 @@ def show_endpoint(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
         txs = list(db.scalars(select(Transaction).where(Transaction.endpoint_id == ep.id)
                               .order_by(Transaction.id.desc()).limit(20)))
         doc = _endpoint_doc(ep, cvd, len(snaps))
+        doc["layers"] = assignment_doc(db, ep)
         doc["snapshot_list"] = [{"id": s.id, "time": s.time, "trigger": s.trigger,
                                  "files": s.files, "bytes_total": s.bytes_total,
                                  "bytes_new": s.bytes_new} for s in snaps]

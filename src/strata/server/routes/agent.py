@@ -33,9 +33,17 @@ from strata.model.wire import (
 )
 from strata.server import metrics
 from strata.server.auth import digest, new_secret
-from strata.server.catalog.models import Cvd, Endpoint, EnrollmentToken, SnapshotRecord, Transaction
+from strata.server.catalog.models import (
+    Assignment,
+    Cvd,
+    Endpoint,
+    EnrollmentToken,
+    SnapshotRecord,
+    Transaction,
+)
 from strata.server.context import ServerContext
 from strata.server.deps import audit, get_ctx, require_device
+from strata.server.layers import cached_desired
 from strata.server.policies import agent_policy
 from strata.store.pack import decode_payload
 
@@ -114,12 +122,14 @@ async def checkin(body: CheckinRequest, request: Request,
         policy = agent_policy(ctx, db, ep, now,
                               ip=request.client.host if request.client else "")
     last_id, last_time = _last_snapshot(ctx, ep.id)
+    desired = cached_desired(ctx, ep)
     cfg = ctx.store.config
     return CheckinResponse(
         endpoint_id=ep.id, state=ep.state, policy=policy,
         chunker=ChunkerSpec(min_size=cfg.chunker.min_size, avg_size=cfg.chunker.avg_size,
                             max_size=cfg.chunker.max_size, zstd_level=cfg.zstd_level or 3),
-        last_snapshot=last_id, last_snapshot_time=last_time, server_time=now)
+        last_snapshot=last_id, last_snapshot_time=last_time, server_time=now,
+        desired=desired)
 
 
 @router.post("/chunks/missing", response_model=MissingResponse)
@@ -222,10 +232,12 @@ def commit(body: CommitRequest, request: Request, ep: Endpoint = Depends(require
         cvd = db.scalar(select(Cvd).where(Cvd.endpoint_id == ep.id))
         assert cvd is not None
         if db.get(SnapshotRecord, sid) is None:
+            assignment = db.get(Assignment, ep.id)
             db.add(SnapshotRecord(id=sid, cvd_id=cvd.id, time=snap.datetime, trigger=body.trigger,
                                   files=int(stats.get("files", 0)),
                                   bytes_total=int(stats.get("bytes_total", 0)),
-                                  bytes_new=int(stats.get("bytes_new", 0)), tags=body.tags))
+                                  bytes_new=int(stats.get("bytes_new", 0)), tags=body.tags,
+                                  layers=list(assignment.applied_layers) if assignment else []))
         cvd.last_snapshot = sid
         finished = datetime.now(UTC)
         db.add(Transaction(endpoint_id=ep.id, kind=body.kind, finished=finished,

@@ -1,0 +1,415 @@
+"""Layer updates on the endpoint: learn the desired state at check-in, download in the
+background only the chunks the endpoint lacks (its own files and its cache are seeds),
+report "ready", and at apply time (the restart) take a pre-update snapshot and switch the
+tree under a journal. The plan comes from the engine the server uses for dry-runs and
+compliance (strata.layers), so both sides agree on what an update does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from strata.agent.client import ServerClient
+from strata.agent.state import AgentState
+from strata.errors import CorruptData, StrataError
+from strata.layers.changes import Action
+from strata.layers.image import Image, LayerContent, build_image
+from strata.layers.journal import ApplyJournal
+from strata.layers.plan import Mode, Plan, plan_update
+from strata.layers.rules import LayerRules, PathClass
+from strata.model.entry import Entry, EntryType
+from strata.model.ids import content_id
+from strata.model.manifest import decode_manifest, encode_manifest
+from strata.model.transfer import read_stream
+from strata.model.wire import DesiredLayer, DesiredState
+from strata.store.pack import decode_payload
+from strata.store.repository import Store
+from strata.tree.scan import open_path
+
+WORK_DIR = ".strata-apply"  # beneath the root: renames into place stay on one filesystem
+BATCH_BYTES = 16 << 20  # raw bytes per download request
+STREAM_LEVEL = 19  # zstd level the server compresses a download stream with
+_REPORT_SECONDS = 2.0
+
+
+class UpdateFailed(StrataError):
+    pass
+
+
+@dataclass
+class UpdateResult:
+    key: str
+    state: str  # up-to-date, ready, applied, repaired
+    changes: dict = field(default_factory=dict)
+    conflicts: dict = field(default_factory=dict)
+    chunks_downloaded: int = 0
+    bytes_downloaded: int = 0  # on the wire, compressed
+    bytes_seeded: int = 0  # read from the endpoint's own files instead
+    warnings: list[str] = field(default_factory=list)
+    pre_update_snapshot: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def mode_for(desired: DesiredState) -> Mode:
+    op = desired.operation
+    if op == "revert":
+        return Mode(wipe_unmanaged=not desired.keep_user_apps,
+                    keep_user_apps=desired.keep_user_apps)
+    if op == "provision":
+        return Mode(wipe_unmanaged=True,
+                    protect=frozenset({PathClass.NEVER, PathClass.IDENTITY}))
+    if op == "restore":
+        return Mode(wipe_unmanaged=True, protect=frozenset({PathClass.NEVER}))
+    return Mode()
+
+
+class LayerSource:
+    """Everything the update reads: layer manifests from the server, chunks from the
+    local cache (a Store, the same engine as the server's), the endpoint's own files,
+    or the server, each verified against its id before use."""
+
+    def __init__(self, client: ServerClient | None, state: AgentState, root: Path):
+        self.client = client
+        self.state = state
+        self.root = root
+        self.cache = _open_cache(state.path / "cache")
+        self.seeds: dict[bytes, tuple[bytes, int, int]] = {}  # id -> (path, offset, length)
+        self.bytes_downloaded = 0
+        self.chunks_downloaded = 0
+        self.bytes_seeded = 0
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def manifest(self, layer: DesiredLayer) -> bytes:
+        cached = self.state.path / "layers" / f"{layer.snapshot}.manifest"
+        try:
+            return cached.read_bytes()
+        except FileNotFoundError:
+            pass
+        if self.client is None:
+            raise UpdateFailed(f"layer {layer.name}:{layer.version} is not cached and the "
+                               "server is unreachable")
+        resp = self.client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/manifest")
+        cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from strata.store.backend import atomic_write
+        atomic_write(cached, resp.content)
+        return resp.content
+
+    def contents(self, layers: list[DesiredLayer]) -> list[LayerContent]:
+        return [LayerContent(label=f"{dl.kind} {dl.name}:{dl.version}", kind=dl.kind,
+                             entries=decode_manifest([self.manifest(dl)]),
+                             removes=[os.fsencode(p) for p in dl.removes]) for dl in layers]
+
+    def add_seeds(self, entries: Iterable[Entry]) -> None:
+        for e in entries:
+            if e.type is EntryType.FILE:
+                offset = 0
+                for cid, n in e.chunks:
+                    self.seeds.setdefault(cid, (e.path, offset, n))
+                    offset += n
+
+    def lacking(self, ids: set[bytes]) -> list[bytes]:
+        """Chunks neither the cache nor the endpoint's files can supply."""
+        return [c for c in self.cache.missing_chunks(sorted(ids)) if c not in self.seeds]
+
+    def download(self, ids: list[bytes], lengths: dict[bytes, int],
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        """Fetch into the cache in batches; each batch is durable before the next, so an
+        interrupted download resumes where it stopped."""
+        if not ids:
+            return
+        if self.client is None:
+            raise UpdateFailed(f"{len(ids)} chunks still to download and the server is "
+                               "unreachable")
+        total = sum(lengths.get(c, 0) for c in ids)
+        done = 0
+        batch: list[bytes] = []
+        size = 0
+        for cid in [*ids, None]:
+            if cid is not None:
+                batch.append(cid)
+                size += lengths.get(cid, 0)
+            if batch and (cid is None or size >= BATCH_BYTES or len(batch) >= 4096):
+                self._fetch(batch)
+                done += size
+                if progress:
+                    progress(done, total)
+                batch, size = [], 0
+
+    def _fetch(self, ids: list[bytes]) -> None:
+        assert self.client is not None
+        before = self.client.bytes_received
+        resp = self.client.request("POST", f"/api/v1/agent/layers/chunks?level={STREAM_LEVEL}",
+                                   json={"ids": [c.hex() for c in ids]})
+        got = {}
+        for cid, raw_length, payload in read_stream(resp.content):
+            got[cid] = decode_payload(cid, payload, raw_length)  # verified against its id
+        missing = [c for c in ids if c not in got]
+        if missing:
+            raise CorruptData(f"server did not send {len(missing)} chunk(s)")
+        mine = self.cache.claim_many(ids)
+        for cid in ids:
+            if cid in mine:
+                data = got[cid]
+                self.cache.put_claimed(cid, self.cache.codec.encode(cid, data), len(data))
+        self.cache.flush()
+        self.chunks_downloaded += len(ids)
+        self.bytes_downloaded += self.client.bytes_received - before
+
+    def chunk(self, cid: bytes) -> bytes:
+        seed = self.seeds.get(cid)
+        if seed is not None:
+            path, offset, n = seed
+            try:
+                fd = open_path(os.path.join(os.fsencode(self.root), path))
+                try:
+                    data = os.pread(fd, n, offset)
+                finally:
+                    os.close(fd)
+                if content_id(data) == cid:
+                    self.bytes_seeded += n
+                    return data
+            except OSError:
+                pass
+            del self.seeds[cid]  # changed since the scan: not a seed any more
+        try:
+            return self.cache.load_chunk(cid)
+        except StrataError:
+            pass
+        self.download([cid], {cid: 0})
+        return self.cache.load_chunk(cid)
+
+    def data(self, entry: Entry) -> Iterator[bytes]:
+        for cid, _ in entry.chunks:
+            yield self.chunk(cid)
+
+
+def _open_cache(path: Path) -> Store:
+    if not (path / "config").exists():
+        shutil.rmtree(path, ignore_errors=True)  # a half-made cache from a killed run
+        Store.init(path, compression="zstd:3").close()
+    store = Store.open(path)
+    store.reconcile_index()
+    return store
+
+
+def target_image(source: LayerSource, desired: DesiredState, rules: LayerRules) -> Image:
+    return build_image(source.contents(desired.layers), rules,
+                       full=desired.operation == "restore")
+
+
+def owned_image(source: LayerSource, desired: DesiredState, rules: LayerRules,
+                image: Image) -> Image:
+    if desired.owned is None:
+        return image
+    return build_image(source.contents(desired.owned), rules)
+
+
+def compute_plan(source: LayerSource, desired: DesiredState, current: list[Entry],
+                 owned: dict[bytes, Entry]) -> tuple[Plan, Image, LayerRules]:
+    rules = LayerRules.from_doc(desired.rules, desired.family)
+    image = target_image(source, desired, rules)
+    plan = plan_update(current, image, rules, owned=owned, mode=mode_for(desired))
+    return plan, image, rules
+
+
+def report(client: ServerClient | None, key: str, state: str, *, percent: float = 0.0,
+           detail: str = "", downloaded: int = 0) -> None:
+    if client is None:
+        return
+    try:
+        client.request("POST", "/api/v1/agent/update", retries=1,
+                       json={"key": key, "state": state, "percent": round(percent, 1),
+                             "detail": detail[:4000], "downloaded_bytes": downloaded})
+    except StrataError:
+        pass  # the next check-in reports again
+
+
+def prepare(client: ServerClient, state: AgentState, root: Path, desired: DesiredState,
+            current: list[Entry]) -> UpdateResult:
+    """Download what the update needs (in the background of normal work) and say ready."""
+    started = time.monotonic()
+    source = LayerSource(client, state, root)
+    try:
+        plan, _, _ = compute_plan(source, desired, current, state.owned())
+        state.save_update({"key": desired.key, "state": "downloading",
+                           "desired": desired.model_dump()})
+        source.add_seeds(current)
+        needed = plan.chunk_ids()
+        lengths = {cid: n for c in plan.changes if c.entry is not None
+                   for cid, n in c.entry.chunks}
+        lacking = source.lacking(needed)
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if time.monotonic() - last[0] >= _REPORT_SECONDS or done >= total:
+                last[0] = time.monotonic()
+                report(client, desired.key, "downloading", percent=100.0 * done / max(total, 1),
+                       downloaded=source.bytes_downloaded)
+        report(client, desired.key, "downloading", percent=0.0)
+        source.download(lacking, lengths, progress)
+        summary = plan.summary()
+        state.save_update({"key": desired.key, "state": "ready",
+                           "desired": desired.model_dump(), "plan": summary})
+        report(client, desired.key, "ready", percent=100.0,
+               detail=f"restart to apply: {_describe(summary)}",
+               downloaded=source.bytes_downloaded)
+        return UpdateResult(key=desired.key, state="ready", changes=summary["changes"],
+                            conflicts=summary["conflicts"],
+                            chunks_downloaded=source.chunks_downloaded,
+                            bytes_downloaded=source.bytes_downloaded,
+                            seconds=round(time.monotonic() - started, 3))
+    finally:
+        source.close()
+
+
+def _describe(summary: dict) -> str:
+    c = summary["changes"]
+    text = f"{c['add']} to add, {c['replace']} to replace, {c['delete']} to delete"
+    if summary["conflicts"]:
+        text += "; conflicts: " + ", ".join(f"{n} {k}" for k, n in summary["conflicts"].items())
+    return text
+
+
+def switch(client: ServerClient | None, state: AgentState, root: Path, desired: DesiredState,
+           current: list[Entry], result: UpdateResult) -> None:
+    """Plan against the tree as it is now, fetch anything still missing, check the disk,
+    then switch under the journal and record what IT now owns on the endpoint."""
+    source = LayerSource(client, state, root)
+    try:
+        plan, image, rules = compute_plan(source, desired, current, state.owned())
+        source.add_seeds(current)
+        lengths = {cid: n for c in plan.changes if c.entry is not None
+                   for cid, n in c.entry.chunks}
+        source.download(source.lacking(plan.chunk_ids()), lengths)
+        need = plan.bytes_to_write()
+        free = shutil.disk_usage(root).free
+        if need > free:
+            raise UpdateFailed(f"not enough disk space: the update writes {need} bytes, "
+                               f"{free} are free")
+        journal = ApplyJournal(root, root / WORK_DIR)
+        stats = journal.apply(plan.changes, source.data)
+        owned = owned_image(source, desired, rules, image)
+        state.save_owned(b"".join(encode_manifest(owned.sorted_entries())))
+        summary = plan.summary()
+        result.changes, result.conflicts = summary["changes"], summary["conflicts"]
+        result.warnings += list(getattr(stats, "warnings", []))
+        result.bytes_downloaded += source.bytes_downloaded
+        result.chunks_downloaded += source.chunks_downloaded
+        result.bytes_seeded += source.bytes_seeded
+    finally:
+        source.close()
+
+
+def recover(root: Path) -> str | None:
+    """Finish (or undo) an apply that a power cut or kill interrupted."""
+    work = root / WORK_DIR
+    if not work.exists():
+        return None
+    return ApplyJournal(root, work).recover()
+
+
+
+Centralizer = Callable[[str], str]  # trigger -> snapshot id (a centralization, now)
+
+
+def current_entries(state: AgentState) -> list[Entry]:
+    _, manifest = state.parent()
+    if manifest is None:
+        raise UpdateFailed("this endpoint has not centralized yet: it must, before an update")
+    return list(decode_manifest([manifest]))
+
+
+def on_checkin(client: ServerClient, state: AgentState, root: Path,
+               desired: DesiredState | None, centralize: Centralizer) -> UpdateResult | None:
+    """What a check-in does about layers: download a new desired state and report ready
+    (or apply at once when nothing needs a restart), or repair drift when enforced."""
+    if desired is None:
+        return None
+    if desired.key == state.applied_key():
+        if desired.enforce:
+            return repair(client, state, root, desired, centralize)
+        return None
+    saved = state.update()
+    if saved.get("key") == desired.key and saved.get("state") == "ready":
+        report(client, desired.key, "ready", percent=100.0,
+               detail="restart to apply: " + _describe(saved.get("plan") or
+                                                      {"changes": {}, "conflicts": {}}))
+        return UpdateResult(key=desired.key, state="ready")
+    try:
+        result = prepare(client, state, root, desired, current_entries(state))
+    except StrataError as exc:
+        state.save_update({"key": desired.key, "state": "failed", "error": str(exc),
+                           "desired": desired.model_dump()})
+        report(client, desired.key, "failed", detail=str(exc))
+        raise
+    if not any(result.changes.values()):  # nothing to switch: no restart needed
+        return apply_update(client, state, root, centralize, snapshot=False)
+    return result
+
+
+def apply_update(client: ServerClient | None, state: AgentState, root: Path,
+                 centralize: Centralizer | None, *, snapshot: bool = True) -> UpdateResult:
+    """The restart: pre-update snapshot, switch under the journal, report, centralize."""
+    started = time.monotonic()
+    recover(root)
+    saved = state.update()
+    if saved.get("state") not in ("ready", "failed", "applying") or "desired" not in saved:
+        raise UpdateFailed("no update is ready to apply")
+    desired = DesiredState.model_validate(saved["desired"])
+    result = UpdateResult(key=desired.key, state="applied")
+    state.save_update({**saved, "state": "applying"})
+    report(client, desired.key, "applying", percent=100.0)
+    try:
+        if snapshot:
+            if centralize is None:
+                raise UpdateFailed("the server is unreachable: the pre-update snapshot must "
+                                   "be taken first; the update stays ready")
+            result.pre_update_snapshot = centralize("pre-update")
+        switch(client, state, root, desired, current_entries(state), result)
+    except StrataError as exc:
+        state.save_update({**saved, "state": "failed", "error": str(exc)})
+        report(client, desired.key, "failed", detail=str(exc))
+        raise
+    state.save_applied(desired.key)
+    state.save_update({"key": desired.key, "state": "applied", "changes": result.changes})
+    if desired.operation == "provision":
+        state.reset_parent()  # a fresh CVD: the next centralization starts over
+    report(client, desired.key, "applied", percent=100.0,
+           detail=_describe({"changes": result.changes, "conflicts": result.conflicts}),
+           downloaded=result.bytes_downloaded)
+    if centralize is not None and any(result.changes.values()):
+        centralize("post-update")
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def repair(client: ServerClient, state: AgentState, root: Path, desired: DesiredState,
+           centralize: Centralizer) -> UpdateResult | None:
+    """Enforced compliance: put back what drifted from the layers (only the differing
+    files are fetched); the snapshot just taken keeps the endpoint's versions."""
+    source = LayerSource(client, state, root)
+    try:
+        plan, _, _ = compute_plan(source, desired, current_entries(state), state.owned())
+    finally:
+        source.close()
+    drift = [c for c in plan.changes if c.action is not Action.DELETE or
+             c.path in state.owned()]
+    if not drift:
+        return None
+    result = UpdateResult(key=desired.key, state="repaired")
+    switch(client, state, root, desired, current_entries(state), result)
+    report(client, desired.key, "applied", percent=100.0,
+           detail=f"repaired drift: {_describe({'changes': result.changes, 'conflicts': {}})}",
+           downloaded=result.bytes_downloaded)
+    centralize("post-update")
+    return result
