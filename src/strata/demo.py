@@ -216,6 +216,7 @@ def fleet(work: Path) -> None:
             str(work / "agents/bob"))
         print(f"restored: {lost.exists()}")
         run("endpoint", "list", "--admin-token-file", str(admin))
+        layer_tour(work, shared, admin, ("alice", "bob", "carol"))
         req = urllib.request.Request(url + "/api/v1/admin/stats",
                                      headers={"Authorization": "Bearer "
                                               + admin.read_text().strip()})
@@ -235,6 +236,60 @@ def fleet(work: Path) -> None:
     finally:
         server.terminate()
         server.wait()
+
+
+def layer_tour(work: Path, image: Path, admin: Path, names: tuple[str, ...]) -> None:
+    """Single image management: capture the OS image as base layer v1, build v2 (a new
+    package and an updated tool), push it to the fleet, apply, check compliance."""
+    import json
+
+    tok = ["--admin-token-file", str(admin)]
+    print("\n# IT captures the reference machine's system as base layer corp-os:1.")
+    run("layer", "capture", "--kind", "base", "--name", "corp-os", "--version", "1",
+        "--from-dir", str(image), *tok)
+    run("assign", "--all", "--base", "corp-os:1", *tok)
+    for name in names:
+        run("agent", "run", "--once", "--state", str(work / "agents" / name), quiet=True)
+    v2 = work / "os-image-v2"
+    shutil.copytree(image, v2, symlinks=True)
+    pkg = v2 / "usr/lib/newpkg"
+    pkg.mkdir(parents=True)
+    added = 0
+    for src in sorted(Path("/usr/lib/x86_64-linux-gnu").glob("*.so*"))[:40]:
+        if src.is_file() and not src.is_symlink() and added < (4 << 20):
+            shutil.copy2(src, pkg / src.name)
+            added += src.stat().st_size
+    (v2 / "usr/bin/corp-update").write_text("#!/bin/sh\necho corp-os 2\n")
+    (v2 / "etc/os-release").write_text('PRETTY_NAME="Corp OS 2"\nVERSION_ID="2"\n')
+    print(f"\n# IT builds corp-os:2: a new package ({added / 2**20:.1f} MiB) and a tool.")
+    run("layer", "capture", "--kind", "base", "--name", "corp-os", "--version", "2",
+        "--from-dir", str(v2), *tok)
+    run("layer", "list", *tok)
+    run("layer", "dry-run", "--endpoint", _endpoint_id(work, names[0]), "--base",
+        "corp-os:2", *tok)
+    run("assign", "--all", "--base", "corp-os:2", *tok)
+    print("\n# Each agent checks in, downloads in the background only what it lacks, and "
+          "reports ready.")
+    got = {}
+    for name in names:
+        out = json.loads(run("agent", "run", "--once", "--state", str(work / "agents" / name),
+                             "--json", quiet=True))
+        got[name] = out["update"]["bytes_downloaded"]
+    run("endpoint", "list", *tok)
+    print("# At restart each agent applies: pre-update snapshot, then a journaled switch.")
+    for name in names:
+        run("agent", "apply", "--state", str(work / "agents" / name))
+    run("endpoint", "list", *tok)
+    for name in names:
+        print(f"{name}: downloaded {got[name] / 2**20:.2f} MiB for a "
+              f"{added / 2**20:.1f} MiB package; user files kept: "
+              f"{(work / 'endpoints' / name / 'home' / name / 'Documents/photo.jpg').exists()}")
+    run("compliance", *tok)
+
+
+def _endpoint_id(work: Path, name: str) -> str:
+    import json
+    return json.loads((work / "agents" / name / "credential.json").read_text())["endpoint_id"]
 
 
 def main() -> None:

@@ -87,11 +87,28 @@ def endpoint_list(pending: bool = typer.Option(False, "--pending", help="Only th
     if json:
         print_json(rows)
         return
-    table = Table("ID", "Hostname", "OS", "State", "Last seen", "Snapshots")
+    table = Table("ID", "Hostname", "OS", "State", "Last seen", "Snapshots", "Layers",
+                  "Update")
     for r in rows:  # type: ignore[union-attr]
         table.add_row(r["id"][:8], r["hostname"], r["os"], r["state"],
-                      str(r["last_seen"] or "")[:19], str(r["snapshots"]))
+                      str(r["last_seen"] or "")[:19], str(r["snapshots"]),
+                      *_layer_cells(r.get("layers")))
     console.print(table)
+
+
+def _layer_cells(doc: dict | None) -> tuple[str, str]:
+    """What is assigned, and where the endpoint stands: assigned, downloading (percent),
+    ready, applied, failed (why)."""
+    if not doc:
+        return "", ""
+    state = doc["state"]
+    if state == "downloading":
+        state = f"downloading {doc['percent']:.0f}%"
+    elif state == "failed":
+        state = f"failed: {doc['detail'][:60]}"
+    elif doc.get("downloaded_bytes"):
+        state += f" ({human_bytes(doc['downloaded_bytes'])} down)"
+    return ", ".join(doc["layers"]), state
 
 
 def _endpoint_action(action: str, done: str, endpoint_id: str, server: str | None,
@@ -130,6 +147,12 @@ def endpoint_show(endpoint_id: str, server: str | None = SERVER,
     console.print(f"{inv.get('os_name', doc['os'])}; {hw.get('vendor', '')} "
                   f"{hw.get('model', '')}; {inv.get('cpu', {}).get('count', '?')} CPUs; "
                   f"{human_bytes(inv.get('ram_bytes', 0))} RAM", highlight=False)
+    if doc.get("layers"):
+        layers, state = _layer_cells(doc["layers"])
+        console.print(f"layers: {layers}; update: {state}; applied: "
+                      f"{', '.join(doc['layers']['applied']) or 'none'}"
+                      + (f"\n  {doc['layers']['detail']}" if doc["layers"]["detail"] else ""),
+                      highlight=False)
     table = Table("Snapshot", "Time", "Trigger", "Files", "Size", "New")
     for s in doc["snapshot_list"]:
         table.add_row(s["id"][:8], str(s["time"])[:19], s["trigger"], str(s["files"]),

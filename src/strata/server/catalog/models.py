@@ -70,7 +70,7 @@ class EnrollmentToken(Base):
     __tablename__ = "enrollment_tokens"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    uses_left: Mapped[int | None] = mapped_column(Integer, default=1)  # None: unlimited
+    uses_left: Mapped[int | None] = mapped_column(Integer, default=None)  # None: unlimited
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
     require_approval: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
