@@ -43,7 +43,8 @@ class CentralizeResult:
 def checkin(client: ServerClient, root: Path, state: AgentState) -> CheckinResponse:
     status = state.status()
     body = {"inventory": collect_inventory(root, state.path / "hardware.json"),
-            "status": {k: status.get(k) for k in ("last_centralization", "pending_work")}}
+            "status": {**{k: status.get(k) for k in ("last_centralization", "pending_work")},
+                       "applied_key": state.applied_key()}}
     # Few retries: an unreachable server means "offline, try next cycle", not a stall.
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
     info = CheckinResponse.model_validate(resp.json())

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zstandard
+
 from strata.agent.client import ServerClient
 from strata.agent.state import AgentState
 from strata.errors import CorruptData, StrataError
@@ -27,6 +29,7 @@ from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest, encode_manifest
 from strata.model.transfer import read_stream
 from strata.model.wire import DesiredLayer, DesiredState
+from strata.store.backend import atomic_write
 from strata.store.pack import decode_payload
 from strata.store.repository import Store
 from strata.tree.scan import open_path
@@ -35,6 +38,7 @@ WORK_DIR = ".strata-apply"  # beneath the root: renames into place stay on one f
 BATCH_BYTES = 16 << 20  # raw bytes per download request
 STREAM_LEVEL = 19  # zstd level the server compresses a download stream with
 _REPORT_SECONDS = 2.0
+MAX_MANIFEST = 1 << 30
 
 
 class UpdateFailed(StrataError):
@@ -99,10 +103,14 @@ class LayerSource:
             raise UpdateFailed(f"layer {layer.name}:{layer.version} is not cached and the "
                                "server is unreachable")
         resp = self.client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/manifest")
+        try:
+            data = zstandard.ZstdDecompressor().stream_reader(resp.content).read(MAX_MANIFEST)
+        except zstandard.ZstdError as exc:
+            raise CorruptData(f"layer {layer.name}:{layer.version}: manifest does not "
+                              f"decompress ({exc})") from None
         cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        from strata.store.backend import atomic_write
-        atomic_write(cached, resp.content)
-        return resp.content
+        atomic_write(cached, data)
+        return data
 
     def contents(self, layers: list[DesiredLayer]) -> list[LayerContent]:
         return [LayerContent(label=f"{dl.kind} {dl.name}:{dl.version}", kind=dl.kind,
@@ -238,6 +246,7 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
             current: list[Entry]) -> UpdateResult:
     """Download what the update needs (in the background of normal work) and say ready."""
     started = time.monotonic()
+    received0 = client.bytes_received  # manifests, chunks, reports: all of it counts
     source = LayerSource(client, state, root)
     try:
         plan, _, _ = compute_plan(source, desired, current, state.owned())
@@ -266,7 +275,7 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         return UpdateResult(key=desired.key, state="ready", changes=summary["changes"],
                             conflicts=summary["conflicts"],
                             chunks_downloaded=source.chunks_downloaded,
-                            bytes_downloaded=source.bytes_downloaded,
+                            bytes_downloaded=client.bytes_received - received0,
                             seconds=round(time.monotonic() - started, 3))
     finally:
         source.close()

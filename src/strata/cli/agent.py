@@ -328,7 +328,10 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
            "last_checkin": doc.get("last_checkin"),
            "pending_work": doc.get("pending_work", []),
            "bytes_sent": int(doc.get("bytes_sent", 0)),
-           "bytes_received": int(doc.get("bytes_received", 0))}
+           "bytes_received": int(doc.get("bytes_received", 0)),
+           "layer_update": {k: v for k, v in st.update().items() if k in ("key", "state",
+                                                                           "error")},
+           "applied_layers_key": st.applied_key()}
     if json:
         print_json(out)
         return
@@ -337,5 +340,6 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
                   f"({'reachable' if reachable else 'unreachable'})\n"
                   f"last centralization: {last.get('time', 'never')} {last.get('result', '')}\n"
                   f"pending: {', '.join(out['pending_work']) or 'nothing'}\n"
+                  f"layer update: {out['layer_update'].get('state', 'none')}\n"
                   f"on the wire: sent {human_bytes(out['bytes_sent'])}, received "
                   f"{human_bytes(out['bytes_received'])}", highlight=False)

@@ -165,7 +165,7 @@ def desired_state(ctx: ServerContext, db: Session, ep: Endpoint) -> DesiredState
         layers = [snap_layer, *drivers]
     doc = {"layers": [dl.model_dump() for dl in layers],
            "owned": [dl.model_dump() for dl in owned] if owned is not None else None,
-           "op": op, "enforce": a.enforce}
+           "op": op}  # not `enforce`: turning it on repairs, it is not a new image
     key = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=12).hexdigest()
     return DesiredState(key=key, layers=layers, owned=owned, operation=kind,
                         keep_user_apps=bool(op.get("keep_user_apps")),
@@ -177,6 +177,17 @@ def cached_desired(ctx: ServerContext, ep: Endpoint) -> DesiredState | None:
         with ctx.session() as db:
             return (desired_state(ctx, db, ep),)
     return ctx.cached(f"desired:{ep.id}", load)[0]  # type: ignore[index]
+
+
+def mark_applied(ctx: ServerContext, endpoint_id: str, desired: DesiredState) -> bool:
+    """The endpoint already has its desired state (e.g. a migration to the layers it runs):
+    record it as applied without an update."""
+    with ctx.write() as db:
+        a = db.get(Assignment, endpoint_id)
+        if a is not None and a.state != "applied":
+            set_state(a, "applied", percent=100.0)
+            a.applied_key = desired.key
+    return True
 
 
 def image_of(ctx: ServerContext, db: Session, layer_ids: list[int], family: str) -> Image:

@@ -43,7 +43,7 @@ from strata.server.catalog.models import (
 )
 from strata.server.context import ServerContext
 from strata.server.deps import audit, get_ctx, require_device
-from strata.server.layers import cached_desired
+from strata.server.layers import cached_desired, mark_applied
 from strata.server.policies import agent_policy
 from strata.store.pack import decode_payload
 
@@ -117,12 +117,16 @@ async def checkin(body: CheckinRequest, request: Request,
             row.inventory = body.inventory
             row.hostname = str(body.inventory.get("hostname", row.hostname))
             row.os = str(body.inventory.get("os", row.os))
-        ctx.invalidate()
+            ep.inventory, ep.hostname, ep.os = row.inventory, row.hostname, row.os
+        ctx.invalidate()  # drivers follow the hardware: the desired state is recomputed
     with ctx.session() as db:
         policy = agent_policy(ctx, db, ep, now,
                               ip=request.client.host if request.client else "")
     last_id, last_time = _last_snapshot(ctx, ep.id)
     desired = cached_desired(ctx, ep)
+    applied = body.status.get("applied_key")
+    if desired is not None and applied == desired.key:
+        ctx.cached(f"applied:{ep.id}:{applied}", lambda: mark_applied(ctx, ep.id, desired))
     cfg = ctx.store.config
     return CheckinResponse(
         endpoint_id=ep.id, state=ep.state, policy=policy,

@@ -18,6 +18,7 @@ from strata.layers.capture import app_difference
 from strata.layers.compliance import check_compliance
 from strata.layers.image import build_image
 from strata.layers.plan import plan_update
+from strata.model.entry import EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest
 from strata.model.wire import MissingRequest, MissingResponse, UploadResponse
@@ -516,10 +517,8 @@ def restore_to(ref: str, body: RestoreBody, ctx: ServerContext = Depends(get_ctx
         sid = _endpoint_snapshot(db, old, "latest")
         old_a = db.get(Assignment, old.id)
         old_drivers = [db.get(Layer, i) for i in (old_a.applied_layers if old_a else [])]
-        removes: list[str] = []
-        for d in old_drivers:
-            if d is not None and d.kind == "driver":
-                removes += [os.fsdecode(e.path) for e in snapshot_entries(ctx, d.snapshot)]
+        removes = _driver_paths(ctx, sid, [d for d in old_drivers
+                                           if d is not None and d.kind == "driver"])
         # The CVDs swap contents: the new machine takes the snapshot stream, the old
         # record keeps whatever the new one had centralized before.
         c_old = db.scalar(select(Cvd).where(Cvd.endpoint_id == old.id))
@@ -546,6 +545,24 @@ def restore_to(ref: str, body: RestoreBody, ctx: ServerContext = Depends(get_ctx
     ctx.invalidate()
     audit(ctx, "admin", "restore-to-endpoint", ids[1], source=ids[0], snapshot=sid)
     return {"from": ids[0], "to": ids[1], "snapshot": sid, "state": "assigned"}
+
+
+def _driver_paths(ctx: ServerContext, sid: str, drivers: list[Layer]) -> list[str]:
+    """What the old hardware's driver layers put in a snapshot: their files, and their
+    directories unless something else lives in them."""
+    files: set[bytes] = set()
+    dirs: set[bytes] = set()
+    for d in drivers:
+        for e in snapshot_entries(ctx, d.snapshot):
+            (dirs if e.type is EntryType.DIR else files).add(e.path)
+    shared: set[bytes] = set()
+    for e in snapshot_entries(ctx, sid):
+        if e.path not in files and e.path not in dirs:
+            p = e.path
+            while b"/" in p:
+                p = p.rpartition(b"/")[0]
+                shared.add(p)
+    return sorted(os.fsdecode(p) for p in files | (dirs - shared))
 
 
 class ProvisionBody(BaseModel):
