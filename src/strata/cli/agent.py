@@ -218,7 +218,9 @@ def apply(state: Path | None = STATE, json: bool = JSON) -> None:
     root = Path(cred.root)
     with st.exclusive():
         recovered = recover(root)
-        if recovered and not st.update().get("state") == "ready":
+        # A discarded staging, or a switch rolled forward before its result was recorded,
+        # leaves the update pending: carry on with it.
+        if recovered and st.update().get("state") not in ("ready", "applying", "failed"):
             if json:
                 print_json({"recovered": recovered})
             else:

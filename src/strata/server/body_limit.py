@@ -17,7 +17,9 @@ class BodyLimitMiddleware:
         self.upload_limit = upload_limit
 
     def _limit(self, scope: Scope) -> int:
-        return self.upload_limit if scope["path"].endswith("/agent/chunks") else JSON_LIMIT
+        path = scope["path"]
+        uploads = path.endswith(("/agent/chunks", "/admin/chunks"))  # binary chunk bundles
+        return self.upload_limit if uploads else JSON_LIMIT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
