@@ -21,7 +21,8 @@ JSON = typer.Option(False, "--json", help="Print JSON.")
 
 token_app = typer.Typer(help="Enrollment tokens.", no_args_is_help=True)
 endpoint_app = typer.Typer(help="Enrolled endpoints.", no_args_is_help=True)
-policy_app = typer.Typer(help="Upload, retention and bandwidth policies.", no_args_is_help=True)
+policy_app = typer.Typer(help="Upload, retention, bandwidth and layer policies.",
+                        no_args_is_help=True)
 
 
 def admin_token(token_file: Path | None) -> str:
@@ -49,13 +50,47 @@ def admin_call(server: str | None, token_file: Path | None, method: str, path: s
                              headers={"Authorization": f"Bearer {token}"})
     except httpx.TransportError as exc:
         raise StrataError(f"cannot reach {server}: {exc.__class__.__name__}") from None
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail")
-        except ValueError:
-            detail = resp.text[:200]
-        raise StrataError(f"server refused ({resp.status_code}): {detail}")
-    return resp.json()
+    try:
+        doc = resp.json()
+    except ValueError:
+        doc = None
+    if not 200 <= resp.status_code < 300:
+        detail = _detail(doc) if doc is not None else resp.text[:200].strip()
+        raise StrataError(f"server refused ({resp.status_code}): "
+                          f"{detail or resp.reason_phrase}")
+    if doc is None:
+        raise StrataError(f"{server} did not answer with JSON: is it a Strata server?")
+    return doc
+
+
+def _detail(doc: object) -> str:
+    """The reason in an error answer: FastAPI's `detail`, a string or a list of
+    validation errors (shown as `field: message`, not as a Python repr)."""
+    detail = doc.get("detail", doc) if isinstance(doc, dict) else doc
+    if isinstance(detail, list):
+        parts = []
+        for err in detail:
+            if not isinstance(err, dict):
+                parts.append(str(err))
+                continue
+            loc = [str(x) for x in err.get("loc", []) if x not in ("body", "query", "path")]
+            field = ".".join(loc)
+            got = f" (got {err['input']!r})" if isinstance(err.get("input"), str | int) else ""
+            parts.append(f"{field + ': ' if field else ''}{err.get('msg', err)}{got}")
+        return "; ".join(parts)
+    return str(detail)
+
+
+def path_part(value: str, what: str) -> str:
+    """One segment of an API path, from user input: never empty, and quoted so that a
+    '/', '?', '#' or '..' reaches the server as text, not as a different URL."""
+    from urllib.parse import quote
+
+    if not value.strip():
+        raise StrataError(f"{what} must not be empty")
+    if "/" in value or not value.strip("."):
+        raise StrataError(f"{what} {value!r} is not valid")
+    return quote(value, safe="")
 
 
 @token_app.command("create")
@@ -113,7 +148,8 @@ def _layer_cells(doc: dict | None) -> tuple[str, str]:
 
 def _endpoint_action(action: str, done: str, endpoint_id: str, server: str | None,
                      token_file: Path | None, json: bool) -> None:
-    doc = admin_call(server, token_file, "POST", f"/api/v1/admin/endpoints/{endpoint_id}/{action}")
+    doc = admin_call(server, token_file, "POST",
+                     f"/api/v1/admin/endpoints/{path_part(endpoint_id, 'endpoint id')}/{action}")
     print_json(doc) if json else console.print(f"{done} {doc['id']}")  # type: ignore[index]
 
 
@@ -136,7 +172,7 @@ def endpoint_show(endpoint_id: str, server: str | None = SERVER,
                   admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """An endpoint's inventory, snapshots and recent transactions."""
     doc: dict = admin_call(server, admin_token_file, "GET",  # type: ignore[assignment]
-                           f"/api/v1/admin/endpoints/{endpoint_id}")
+                           f"/api/v1/admin/endpoints/{path_part(endpoint_id, 'endpoint id')}")
     if json:
         print_json(doc)
         return
@@ -166,22 +202,27 @@ def endpoint_show(endpoint_id: str, server: str | None = SERVER,
     console.print(tx)
 
 
+POLICY_KIND = typer.Argument(..., help="upload, retention, bandwidth or layers")
+
+
 @policy_app.command("show")
-def policy_show(kind: str = typer.Argument(..., help="upload, retention or bandwidth"),
-                server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE) -> None:
-    """Print a policy document (JSON)."""
-    print_json(admin_call(server, admin_token_file, "GET", f"/api/v1/admin/policies/{kind}"))
+def policy_show(kind: str = POLICY_KIND, server: str | None = SERVER,
+                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Print a policy document (always JSON; --json is accepted like everywhere)."""
+    print_json(admin_call(server, admin_token_file, "GET",
+                          f"/api/v1/admin/policies/{path_part(kind, 'policy kind')}"))
 
 
 @policy_app.command("set")
-def policy_set(kind: str = typer.Argument(..., help="upload, retention or bandwidth"),
+def policy_set(kind: str = POLICY_KIND,
                file: Path = typer.Argument(..., help="JSON document ('-' for stdin)."),
-               server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE) -> None:
+               server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
+               json: bool = JSON) -> None:
     """Replace a policy document."""
     text = typer.get_text_stream("stdin").read() if str(file) == "-" else file.read_text()
     try:
         doc = jsonlib.loads(text)
     except ValueError as exc:
         raise StrataError(f"{file} is not JSON: {exc}") from None
-    print_json(admin_call(server, admin_token_file, "PUT", f"/api/v1/admin/policies/{kind}",
-                          doc))
+    print_json(admin_call(server, admin_token_file, "PUT",
+                          f"/api/v1/admin/policies/{path_part(kind, 'policy kind')}", doc))

@@ -5,6 +5,7 @@ revert/restore/provision/tag): thin clients of the server's admin API."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import typer
@@ -12,7 +13,7 @@ from rich.table import Table
 
 from strata.errors import StrataError
 
-from .admin import JSON, SERVER, TOKEN_FILE, admin_call, admin_token, endpoint_app
+from .admin import JSON, SERVER, TOKEN_FILE, admin_call, admin_token, endpoint_app, path_part
 from .output import console, human_bytes, print_json, run_with_progress
 
 layer_app = typer.Typer(help="Base images, driver sets and application layers.",
@@ -21,6 +22,37 @@ collection_app = typer.Typer(help="Collections of endpoints (by name or by rule)
                              no_args_is_help=True)
 task_app = typer.Typer(help="Tracked operations (migrations).", no_args_is_help=True)
 API = "/api/v1/admin"
+KINDS = ("base", "driver", "app")
+FAMILIES = ("linux", "windows")
+# The same shapes the server accepts (routes/layers.py), checked here for a clear message.
+NAME_RE = re.compile(r"[A-Za-z0-9._+-]{1,128}")
+VERSION_RE = re.compile(r"[A-Za-z0-9._+~-]{1,64}")
+COLLECTION_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def _ref(text: str) -> str:
+    """A layer reference as the admin typed it: NAME:VERSION (or a numeric id from
+    `layer list`). Anything else is refused here, before it can become another URL."""
+    if text.isascii() and text.isdigit():
+        return text
+    name, sep, version = text.partition(":")
+    if not sep and NAME_RE.fullmatch(name) and name.strip("."):
+        raise StrataError(f"layer {text!r} has no version: give NAME:VERSION, e.g. "
+                          f"{name}:1 (`strata layer list` shows the versions)")
+    if not (NAME_RE.fullmatch(name) and VERSION_RE.fullmatch(version) and name.strip(".")):
+        raise StrataError(f"malformed layer reference {text!r}: expected NAME:VERSION, "
+                          "e.g. corp-os:2")
+    return text
+
+
+def _refs(texts: list[str] | None) -> list[str] | None:
+    return None if texts is None else [_ref(t) for t in texts]
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise StrataError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
 
 
 def _pairs(text: str | None, allowed: set[str], what: str) -> dict[str, str]:
@@ -146,6 +178,20 @@ def capture(kind: str = typer.Option(..., "--kind", help="base, driver or app"),
     """Capture a layer from a reference machine (a directory or a centralized endpoint)."""
     if (from_dir is None) == (from_endpoint is None):
         raise StrataError("capture --from-dir DIR or --from-endpoint ID")
+    _choice(kind, KINDS, "--kind")
+    _choice(os_family, FAMILIES, "--os")
+    if not NAME_RE.fullmatch(name):
+        raise StrataError(f"--name {name!r}: use letters, digits and . _ + - (e.g. corp-os)")
+    if not VERSION_RE.fullmatch(version):
+        raise StrataError(f"--version {version!r}: use letters, digits and . _ + ~ - "
+                          "(e.g. 2 or 2024.1)")
+    if kind == "driver" and not match:
+        raise StrataError("a driver layer needs --match vendor=GLOB,model=GLOB (the "
+                          "hardware it is for, e.g. vendor=Dell*,model=Latitude*)")
+    if kind != "driver" and match:
+        raise StrataError("--match is for driver layers only")
+    if before_dir is not None and kind != "app":
+        raise StrataError("--before-dir is for app layers only")
     body: dict = {"kind": kind, "name": name, "version": version, "os": os_family,
                   "match": _pairs(match, {"vendor", "model"}, "--match")}
     if from_dir is not None:
@@ -174,7 +220,8 @@ def layer_list(kind: str | None = typer.Option(None, "--kind"), server: str | No
                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """List layers."""
     rows = admin_call(server, admin_token_file, "GET",
-                      f"{API}/layers" + (f"?kind={kind}" if kind else ""))
+                      f"{API}/layers" + (f"?kind={_choice(kind, KINDS, '--kind')}"
+                                         if kind else ""))
     if json:
         print_json(rows)
         return
@@ -193,7 +240,8 @@ def layer_show(ref: str = typer.Argument(..., help="NAME:VERSION or id"),
                json: bool = JSON) -> None:
     """One layer: what it is, where it came from, who uses it."""
     doc = admin_call(server, admin_token_file, "GET",
-                     f"{API}/layers/{ref}" + ("?files=true" if files else ""))
+                     f"{API}/layers/{path_part(_ref(ref), 'layer')}"
+                     + ("?files=true" if files else ""))
     if json:
         print_json(doc)
         return
@@ -208,7 +256,8 @@ def layer_show(ref: str = typer.Argument(..., help="NAME:VERSION or id"),
 def layer_diff(a: str, b: str, server: str | None = SERVER,
                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """What changes between two layers (e.g. base v1 and v2)."""
-    doc = admin_call(server, admin_token_file, "GET", f"{API}/layers/{a}/diff/{b}")
+    doc = admin_call(server, admin_token_file, "GET", f"{API}/layers/"
+                     f"{path_part(_ref(a), 'layer')}/diff/{path_part(_ref(b), 'layer')}")
     if json:
         print_json(doc)
         return
@@ -224,7 +273,8 @@ def layer_diff(a: str, b: str, server: str | None = SERVER,
 def layer_delete(ref: str, server: str | None = SERVER,
                  admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Delete a layer (refused while assigned, applied, or referenced by a snapshot)."""
-    doc = admin_call(server, admin_token_file, "DELETE", f"{API}/layers/{ref}")
+    doc = admin_call(server, admin_token_file, "DELETE",
+                     f"{API}/layers/{path_part(_ref(ref), 'layer')}")
     print_json(doc) if json else console.print(f"deleted {doc['deleted']}")  # type: ignore[index]
 
 
@@ -236,7 +286,7 @@ def layer_dry_run(endpoint: str = typer.Option(..., "--endpoint"),
                   json: bool = JSON) -> None:
     """What an update would change on an endpoint, and every conflict, before doing it."""
     doc = admin_call(server, admin_token_file, "POST", f"{API}/layers/dry-run",
-                     {"endpoint": endpoint, "base": base, "apps": app})
+                     {"endpoint": endpoint, "base": base and _ref(base), "apps": _refs(app)})
     if json:
         print_json(doc)
         return
@@ -264,9 +314,13 @@ def assign(endpoint: list[str] | None = typer.Option(None, "--endpoint", help="E
            server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
            json: bool = JSON) -> None:
     """Assign layers to endpoints, a collection or all; agents pick it up at check-in."""
+    if base is None and app is None and driver is None and enforce is None:
+        raise StrataError("nothing to assign: give --base, --app, --driver or "
+                          "--enforce/--no-enforce")
     doc = admin_call(server, admin_token_file, "POST", f"{API}/assign", {
         "endpoints": endpoint or [], "collection": collection or "", "all": all_,
-        "base": base, "apps": app, "drivers": driver, "enforce": enforce})
+        "base": base and _ref(base), "apps": _refs(app), "drivers": _refs(driver),
+        "enforce": enforce})
     if json:
         print_json(doc)
     else:
@@ -281,10 +335,20 @@ def collection_create(name: str, endpoint: list[str] | None = typer.Option(
                       server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                       json: bool = JSON) -> None:
     """Create or replace a collection of endpoints."""
+    if not COLLECTION_RE.fullmatch(name):
+        raise StrataError(f"collection name {name!r}: use letters, digits and . _ - "
+                          "(e.g. lab)")
+    pairs = _pairs(rule, {"os", "vendor", "model", "tag", "hostname"}, "--rule")
+    if not pairs and not endpoint:
+        raise StrataError("a collection needs --rule KEY=GLOB,… or --endpoint ID (repeatable)")
     doc = admin_call(server, admin_token_file, "POST", f"{API}/collections", {
-        "name": name, "members": endpoint or [],
-        "rule": _pairs(rule, {"os", "vendor", "model", "tag", "hostname"}, "--rule")})
-    print_json(doc) if json else console.print(f"collection {name} saved")
+        "name": name, "members": endpoint or [], "rule": pairs})
+    if json:
+        print_json(doc)
+        return
+    matched = doc.get("endpoints", doc["members"])  # type: ignore[union-attr,index]
+    console.print(f"collection {name} saved: {len(matched)} endpoint(s) in it now",
+                  highlight=False)
 
 
 @collection_app.command("list")
@@ -303,9 +367,11 @@ def collection_list(server: str | None = SERVER, admin_token_file: Path | None =
 
 @collection_app.command("delete")
 def collection_delete(name: str, server: str | None = SERVER,
-                      admin_token_file: Path | None = TOKEN_FILE) -> None:
-    admin_call(server, admin_token_file, "DELETE", f"{API}/collections/{name}")
-    console.print(f"deleted collection {name}")
+                      admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Delete a collection (its endpoints keep their layers)."""
+    doc = admin_call(server, admin_token_file, "DELETE",
+                     f"{API}/collections/{path_part(name, 'collection')}")
+    print_json(doc) if json else console.print(f"deleted collection {name}")
 
 
 def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
@@ -313,7 +379,7 @@ def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
                json: bool = JSON) -> None:
     """Drift of each endpoint from its IT layers, with scores per endpoint and layer."""
     doc = admin_call(server, admin_token_file, "GET", f"{API}/compliance"
-                     + (f"?endpoint={endpoint}" if endpoint else ""))
+                     + (f"?endpoint={path_part(endpoint, 'endpoint id')}" if endpoint else ""))
     if json:
         print_json(doc)
         return
@@ -344,8 +410,8 @@ def migrate(collection: str | None = typer.Option(None, "--collection"),
             json: bool = JSON) -> None:
     """Re-base endpoints onto another base or driver layer, as a tracked task."""
     doc = admin_call(server, admin_token_file, "POST", f"{API}/migrate", {
-        "collection": collection or "", "endpoints": endpoint or [], "base": base,
-        "drivers": driver})
+        "collection": collection or "", "endpoints": endpoint or [],
+        "base": base and _ref(base), "drivers": _refs(driver)})
     print_json(doc) if json else _print_task(doc)  # type: ignore[arg-type]
 
 
@@ -381,7 +447,8 @@ def endpoint_revert(endpoint: str, snapshot: str = typer.Option(..., "--snapshot
                     server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                     json: bool = JSON) -> None:
     """System layers back to a snapshot; the user's data stays as it is now."""
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/endpoints/{endpoint}/revert",
+    doc = admin_call(server, admin_token_file, "POST",
+                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/revert",
                      {"snapshot": snapshot, "keep_user_apps": keep_user_apps})
     print_json(doc) if json else console.print(
         f"revert of {doc['endpoint'][:8]} to {doc['snapshot'][:8]} assigned")  # type: ignore[index]
@@ -392,7 +459,8 @@ def endpoint_restore(endpoint: str, to_endpoint: str = typer.Option(..., "--to-e
                      server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                      json: bool = JSON) -> None:
     """Full restore of an endpoint's CVD onto new hardware (drivers chosen again)."""
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/endpoints/{endpoint}/restore",
+    doc = admin_call(server, admin_token_file, "POST",
+                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/restore",
                      {"to_endpoint": to_endpoint})
     print_json(doc) if json else console.print(
         f"CVD of {doc['from'][:8]} moves to {doc['to'][:8]} (snapshot {doc['snapshot'][:8]})")  # type: ignore[index]
@@ -404,8 +472,9 @@ def endpoint_provision(endpoint: str, base: str = typer.Option(..., "--base"),
                        server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                        json: bool = JSON) -> None:
     """Wipe an endpoint's system and lay down layers; it then starts a fresh CVD."""
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/endpoints/{endpoint}/provision",
-                     {"base": base, "apps": app or []})
+    doc = admin_call(server, admin_token_file, "POST",
+                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/provision",
+                     {"base": _ref(base), "apps": _refs(app) or []})
     print_json(doc) if json else console.print(f"provisioning of {doc['endpoint'][:8]} assigned")  # type: ignore[index]
 
 
@@ -413,6 +482,7 @@ def endpoint_provision(endpoint: str, base: str = typer.Option(..., "--base"),
 def endpoint_tag(endpoint: str, tags: list[str], server: str | None = SERVER,
                  admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Set an endpoint's tags (used by collection rules)."""
-    doc = admin_call(server, admin_token_file, "PUT", f"{API}/endpoints/{endpoint}/tags",
+    doc = admin_call(server, admin_token_file, "PUT",
+                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/tags",
                      {"tags": tags})
     print_json(doc) if json else console.print(f"tags: {', '.join(doc['tags'])}")  # type: ignore[index]

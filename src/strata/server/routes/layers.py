@@ -5,6 +5,7 @@ new hardware, provisioning and migration tasks. Every change is audited."""
 from __future__ import annotations
 
 import os
+import re
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -51,6 +52,25 @@ from strata.server.routes.agent import _ids, _read_body, _store_bundle
 from strata.tree.scan import display
 
 router = APIRouter(prefix="/api/v1/admin", tags=["layers"], dependencies=[Depends(require_admin)])
+FAMILIES = ("linux", "windows")
+NAME_PATTERN = r"^[A-Za-z0-9._+-]+$"
+VERSION_PATTERN = r"^[A-Za-z0-9._+~-]+$"
+
+
+def _layer(db: Session, ref: str, kind: str | None = None) -> Layer:
+    """The layer an admin named: NAME:VERSION or a numeric id, nothing looser (a bare
+    NAME would silently pick the newest version, and a delete or an assignment must
+    not guess)."""
+    name, sep, version = ref.partition(":")
+    if not (ref.isascii() and ref.isdigit()) and not (sep and re.fullmatch(NAME_PATTERN, name)
+                                  and re.fullmatch(VERSION_PATTERN, version)):
+        raise HTTPException(422, f"malformed layer reference {ref!r}: expected "
+                                 "NAME:VERSION, e.g. corp-os:2")
+    row = find_layer(db, ref)
+    if kind and row.kind != kind:
+        article = "an" if row.kind[0] in "aeiou" else "a"
+        raise HTTPException(422, f"layer {ref!r} is {article} {row.kind} layer, not {kind}")
+    return row
 
 
 def layer_doc(row: Layer) -> dict:
@@ -81,8 +101,8 @@ async def admin_upload(request: Request,
 
 class LayerCommit(BaseModel):
     kind: str
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._+-]+$")
-    version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._+~-]+$")
+    name: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
+    version: str = Field(min_length=1, max_length=64, pattern=VERSION_PATTERN)
     os: str = "linux"
     match: dict[str, str] = Field(default_factory=dict)
     source: str = Field(default="", max_length=255)
@@ -134,8 +154,12 @@ def _capture(ctx: ServerContext, body: LayerCommit) -> dict:
         raise HTTPException(422, "a driver layer needs --match (e.g. vendor=Dell*,model=*)")
     if set(body.match) - {"vendor", "model"}:
         raise HTTPException(422, "driver match rules take vendor and model")
+    if body.match and body.kind != "driver":
+        raise HTTPException(422, "only driver layers take match rules")
+    if body.os not in FAMILIES:
+        raise HTTPException(422, f"os must be one of {', '.join(FAMILIES)}")
     with ctx.write() as db:
-        family = body.os if body.os in ("linux", "windows") else "linux"
+        family = body.os
         if body.endpoint:
             ep = _find_endpoint(db, body.endpoint)
             family = endpoint_family(ep)
@@ -194,6 +218,8 @@ def capture_layer(body: LayerCommit, ctx: ServerContext = Depends(get_ctx)) -> d
 
 @router.get("/layers")
 def list_layers(kind: str | None = None, ctx: ServerContext = Depends(get_ctx)) -> list[dict]:
+    if kind and kind not in KINDS:
+        raise HTTPException(422, f"kind must be one of {', '.join(KINDS)}")
     with ctx.session() as db:
         q = select(Layer).order_by(Layer.kind, Layer.name, Layer.created_at)
         if kind:
@@ -202,8 +228,14 @@ def list_layers(kind: str | None = None, ctx: ServerContext = Depends(get_ctx)) 
 
 
 def _users(db: Session, layer: Layer) -> list[str]:
+    """Endpoints the layer is assigned to or applied on. A revoked endpoint no longer
+    counts: it never checks in again (after a restore to new hardware, its CVD and the
+    snapshots that revert needs have moved to the new endpoint)."""
+    revoked = set(db.scalars(select(Endpoint.id).where(Endpoint.state == "revoked")))
     out = []
     for a in db.scalars(select(Assignment)):
+        if a.endpoint_id in revoked:
+            continue
         if a.base_id == layer.id or layer.id in (a.app_ids or []) \
                 or layer.id in (a.driver_ids or []) or layer.id in (a.applied_layers or []):
             out.append(a.endpoint_id)
@@ -213,7 +245,7 @@ def _users(db: Session, layer: Layer) -> list[str]:
 @router.get("/layers/{ref}")
 def show_layer(ref: str, files: bool = False, ctx: ServerContext = Depends(get_ctx)) -> dict:
     with ctx.session() as db:
-        row = find_layer(db, ref)
+        row = _layer(db, ref)
         doc = layer_doc(row)
         doc["removes"] = row.removes
         doc["endpoints"] = _users(db, row)
@@ -225,7 +257,7 @@ def show_layer(ref: str, files: bool = False, ctx: ServerContext = Depends(get_c
 @router.get("/layers/{a}/diff/{b}")
 def diff_layers(a: str, b: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
     with ctx.session() as db:
-        la, lb = find_layer(db, a), find_layer(db, b)
+        la, lb = _layer(db, a), _layer(db, b)
     out: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "metadata": []}
     names = {"+": "added", "-": "removed", "M": "changed", "U": "metadata"}
     size = 0
@@ -241,7 +273,7 @@ def diff_layers(a: str, b: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
 @router.delete("/layers/{ref}")
 def delete_layer(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
     with ctx.write() as db:
-        row = find_layer(db, ref)
+        row = _layer(db, ref)
         users = _users(db, row)
         if users:
             raise HTTPException(409, f"layer {row.name}:{row.version} is assigned to or "
@@ -252,6 +284,16 @@ def delete_layer(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
         if referenced:
             raise HTTPException(409, f"layer {row.name}:{row.version} is referenced by "
                                      f"{len(referenced)} snapshot(s) (revert needs it)")
+        for a in db.scalars(select(Assignment)):  # only revoked endpoints' can remain
+            if a.base_id == row.id:
+                a.base_id = None
+            if row.id in (a.app_ids or []):
+                a.app_ids = [i for i in a.app_ids if i != row.id]
+            if row.id in (a.driver_ids or []):
+                a.driver_ids = [i for i in a.driver_ids if i != row.id]  # type: ignore[union-attr]
+            if row.id in (a.applied_layers or []):
+                a.applied_layers = [i for i in a.applied_layers if i != row.id]
+        db.flush()
         ctx.store.remove_snapshot(row.snapshot)  # its chunks go at the next prune
         db.delete(row)
         name = f"{row.name}:{row.version}"
@@ -294,13 +336,17 @@ def collection_members(db: Session, name: str) -> list[Endpoint]:
 def create_collection(body: CollectionBody, ctx: ServerContext = Depends(get_ctx)) -> dict:
     if set(body.rule) - {"os", "vendor", "model", "tag", "hostname"}:
         raise HTTPException(422, "collection rules take os, vendor, model, hostname, tag")
+    if not body.rule and not body.members:
+        raise HTTPException(422, "a collection needs a rule or member endpoints")
     with ctx.write() as db:
         members = [_find_endpoint(db, m).id for m in body.members]
         row = db.get(Collection, body.name) or Collection(name=body.name)
         row.members, row.rule = members, body.rule
         db.add(row)
+        db.flush()
+        matched = [e.id for e in collection_members(db, body.name)]
     audit(ctx, "admin", "set-collection", body.name, members=len(members), rule=body.rule)
-    return {"name": body.name, "members": members, "rule": body.rule}
+    return {"name": body.name, "members": members, "rule": body.rule, "endpoints": matched}
 
 
 @router.get("/collections")
@@ -367,9 +413,9 @@ def assignment(db: Session, ep: Endpoint) -> Assignment:
 
 def _assign(db: Session, eps: list[Endpoint], body: AssignBody, task: Task | None = None
             ) -> list[str]:
-    base = find_layer(db, body.base, "base") if body.base else None
-    apps = [find_layer(db, r, "app") for r in body.apps] if body.apps is not None else None
-    drivers = [find_layer(db, r, "driver") for r in body.drivers] \
+    base = _layer(db, body.base, "base") if body.base else None
+    apps = [_layer(db, r, "app") for r in body.apps] if body.apps is not None else None
+    drivers = [_layer(db, r, "driver") for r in body.drivers] \
         if body.drivers is not None else None
     for ep in eps:
         a = assignment(db, ep)
@@ -389,6 +435,9 @@ def _assign(db: Session, eps: list[Endpoint], body: AssignBody, task: Task | Non
 
 @router.post("/assign")
 def assign(body: AssignBody, ctx: ServerContext = Depends(get_ctx)) -> dict:
+    if body.base is None and body.apps is None and body.drivers is None \
+            and body.enforce is None:
+        raise HTTPException(422, "nothing to assign: give a base, apps, drivers or enforce")
     with ctx.write() as db:
         eps = targets(db, body.endpoints, body.collection, body.all)
         done = _assign(db, eps, body)
@@ -418,9 +467,9 @@ def dry_run(body: DryRunBody, ctx: ServerContext = Depends(get_ctx)) -> dict:
         a = db.get(Assignment, ep.id) or Assignment(endpoint_id=ep.id, app_ids=[],
                                                     applied_layers=[])
         current = assigned_layers(db, a, ep)
-        base = find_layer(db, body.base, "base") if body.base else \
+        base = _layer(db, body.base, "base") if body.base else \
             next((r for r in current if r.kind == "base"), None)
-        apps = [find_layer(db, r, "app") for r in body.apps] if body.apps is not None \
+        apps = [_layer(db, r, "app") for r in body.apps] if body.apps is not None \
             else [r for r in current if r.kind == "app"]
         drivers = [r for r in current if r.kind == "driver"]
         family = endpoint_family(ep)
