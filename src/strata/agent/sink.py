@@ -49,12 +49,6 @@ class RemoteSink:
             lacking.update(bytes.fromhex(h) for h in resp.json()["missing"])
         return lacking
 
-    def claim_many(self, ids: list[bytes]) -> set[bytes]:
-        with self._lock:
-            fresh = [c for c in dict.fromkeys(ids) if c not in self._known]
-            self._known.update(fresh)
-        return self._ask(fresh) if fresh else set()
-
     def put_claimed(self, cid: bytes, blob: bytes, raw_length: int) -> int:
         full = None
         with self._lock:

@@ -2,13 +2,12 @@
 
 Files whose size, mtime, ctime and inode match the parent snapshot reuse its chunk
 list without being opened. Everything else is read, cut with FastCDC, hashed with
-BLAKE3 and stored once store-wide. Worker threads do the reading, hashing and
+BLAKE3 and stored once store-wide. Reader threads do the reading, hashing and
 compression (all release the GIL); entries are written to the manifest in tree order.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import socket
 import tempfile
@@ -16,8 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,29 +25,17 @@ from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import ManifestWriter, decode_manifest
 from strata.model.snapshot import Snapshot, now_iso
-from strata.store.chunker import Chunker
-from strata.store.pack import BlobCodec
 from strata.store.repository import Store
 from strata.tree.excludes import ExcludeMatcher
 from strata.tree.order import path_key
 from strata.tree.scan import open_path, scan_tree
 
-from .filechunks import (
-    FileChunks,
-    FileHasher,
-    chunk_files,
-    chunk_files_in_worker,
-    init_worker,
-    read_chunks,
-)
+from .filechunks import ChunkStore, FileChunks, Stored, archive_file
 from .progress import Progress
 
-_WINDOW = 8192  # entries in flight; bounds memory while keeping the workers busy
-_WINDOW_BYTES = 48 << 20  # and their bytes (results wait in memory until emitted)
-_PROCESS_POOL_AFTER = 64 << 20  # bytes queued for reading before worker processes start
-_PROCESS_MAX_FILE = 16 << 20  # larger files stream through threads instead
-_BATCH_FILES = 64  # small files per worker task: one round trip for many files
-_BATCH_BYTES = 4 << 20
+_WINDOW = 8192  # entries in flight; bounds memory while keeping the readers busy
+# Readers per core: one more than the cores keeps them busy while another waits on the disk.
+_EXTRA_READERS = 2
 _KEEPALIVE_SECONDS = 60  # how often a long scan tells others it is still alive
 
 
@@ -117,143 +103,20 @@ def find_parent(store: Store, host: str, paths: list[str]) -> Snapshot | None:
     return None
 
 
-def _archive_large_file(store: ChunkSink, counters: _Counters, progress: Progress | None,
-                        abspath: bytes, entry: Entry) -> FileChunks:
-    """Thread path: stream a big file chunk by chunk straight into the store."""
-    hasher = FileHasher()
-    new = stored = nchunks = 0
-    for data in read_chunks(store.chunker, abspath, entry.size):
-        cid = hasher.add(data)
-        added = store.store_chunk(cid, data)
-        if added:
-            new, stored, nchunks = new + len(data), stored + added, nchunks + 1
-        if progress:
-            progress.advance(nbytes=len(data))
-    counters.add(hasher.size, new, stored, nchunks)
-    return hasher.result()
+def _read_file(sink: ChunkSink, counters: _Counters, progress: Progress | None,
+               abspath: bytes, entry: Entry) -> FileChunks:
+    """One reader-thread task: stream a file chunk by chunk into the sink."""
+    stored = Stored()
+    fc = archive_file(sink, abspath, entry.size, stored,
+                      (lambda n: progress.advance(nbytes=n)) if progress else None)
+    counters.add(fc.size, stored.new_bytes, stored.stored_bytes, stored.new_chunks)
+    return fc
 
 
-def _absorb(store: ChunkSink, counters: _Counters, progress: Progress | None,
-            results: list[FileChunks | OSError]) -> None:
-    """Main-thread half of the process path: keep the chunks the store lacks."""
-    files = [fc for fc in results if isinstance(fc, FileChunks)]
-    mine = store.claim_many([cid for fc in files for cid, _ in fc.chunks])
-    new = stored = nchunks = size = 0
-    for fc in files:
-        size += fc.size
-        for (cid, n), payload in zip(fc.chunks, fc.payloads or (), strict=True):
-            if cid in mine:
-                mine.discard(cid)  # a chunk repeated within the batch is stored once
-                added = store.put_claimed(cid, store.codec.seal(cid, payload), n)
-                new, stored, nchunks = new + n, stored + added, nchunks + 1
-        fc.payloads = None  # free the memory as soon as it is stored
-    counters.add(size, new, stored, nchunks)
-    if progress:
-        progress.advance(nbytes=size)
-
-
-class _Batch:
-    """Small files sent to a worker process together; each is a `_BatchItem` below."""
-
-    def __init__(self) -> None:
-        self.files: list[tuple[bytes, int]] = []
-        self.bytes = 0
-        self.future: Future[list[FileChunks | OSError]] | None = None
-        self.results: list[FileChunks | OSError] | None = None
-
-
-class _BatchItem:
-    """Future-like handle on one file of a batch."""
-
-    def __init__(self, readers: _FileReaders, batch: _Batch, index: int):
-        self.readers, self.batch, self.index = readers, batch, index
-
-    def done(self) -> bool:
-        return self.batch.future is not None and self.batch.future.done()
-
-    def result(self) -> FileChunks:
-        batch = self.batch
-        if batch.results is None:
-            if batch.future is None:
-                self.readers.send_batch()
-            assert batch.future is not None
-            try:
-                results = batch.future.result()
-            except BrokenProcessPool:
-                # A worker died (killed, out of memory): do this batch here and send
-                # the rest of the backup through threads. Slower, but it completes.
-                self.readers.procs_broken = True
-                store = self.readers.store
-                results = chunk_files(store.chunker, store.codec, batch.files)
-            batch.results = results
-            _absorb(self.readers.store, self.readers.counters, self.readers.progress, results)
-        out = batch.results[self.index]
-        if isinstance(out, OSError):
-            raise out
-        return out
-
-
-class _FileReaders:
-    """Hands files to worker processes (small and medium files, in batches) or to threads
-    (large files, and everything until enough work is queued to pay for starting the
-    processes, so small backups stay on threads)."""
-
-    def __init__(self, store: ChunkSink, counters: _Counters, progress: Progress | None,
-                 workers: int | None):
-        self.store, self.counters, self.progress = store, counters, progress
-        self.nproc = workers or os.cpu_count() or 2
-        self.threads = ThreadPoolExecutor(max_workers=self.nproc + 1)
-        self.procs: ProcessPoolExecutor | None = None
-        self.queued_bytes = 0
-        self.batch = _Batch()
-        self.procs_broken = False
-
-    def submit(self, abspath: bytes, entry: Entry) -> Future[FileChunks] | _BatchItem:
-        self.queued_bytes += entry.size
-        if self.procs is None and self.queued_bytes > _PROCESS_POOL_AFTER:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["strata.engine.filechunks"])
-            self.procs = ProcessPoolExecutor(
-                max_workers=self.nproc, mp_context=ctx, initializer=init_worker,
-                initargs=(self.store.chunker.params, self.store.codec.level))
-        if self.procs is None or self.procs_broken or entry.size > _PROCESS_MAX_FILE:
-            return self.threads.submit(_archive_large_file, self.store, self.counters,
-                                       self.progress, abspath, entry)
-        batch = self.batch
-        batch.files.append((abspath, entry.size))
-        batch.bytes += entry.size
-        item = _BatchItem(self, batch, len(batch.files) - 1)
-        if len(batch.files) >= _BATCH_FILES or batch.bytes >= _BATCH_BYTES:
-            self.send_batch()
-        return item
-
-    def send_batch(self) -> None:
-        batch, self.batch = self.batch, _Batch()
-        if not batch.files or self.procs is None:
-            return
-        try:
-            batch.future = self.procs.submit(chunk_files_in_worker, batch.files)
-        except BrokenProcessPool:
-            self.procs_broken = True
-            batch.future = self.threads.submit(chunk_files, self.store.chunker,
-                                               self.store.codec, batch.files)
-
-    def close(self) -> None:
-        self.threads.shutdown(cancel_futures=True)
-        if self.procs is not None:
-            self.procs.shutdown(cancel_futures=True)
-
-
-class ChunkSink(Protocol):
+class ChunkSink(ChunkStore, Protocol):
     """Where backup puts chunks: the local Store, or a server reached over the network
-    (the agent). Both hand out only the chunks they lack."""
+    (the agent). Both keep only the chunks they lack; `flush` makes them durable."""
 
-    chunker: Chunker
-    codec: BlobCodec
-
-    def claim_many(self, ids: list[bytes]) -> set[bytes]: ...
-    def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int: ...
-    def put_claimed(self, cid: bytes, blob: bytes, raw_length: int) -> int: ...
     def flush(self) -> None: ...
 
 
@@ -280,10 +143,10 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
     matcher = ExcludeMatcher(excludes or [])
     referenced: set[bytes] = set()
     cursor = _ParentCursor(parent_entries)
-    readers = _FileReaders(sink, counters, progress, workers)
+    readers = ThreadPoolExecutor(max_workers=(workers or os.cpu_count() or 2) + _EXTRA_READERS,
+                                 thread_name_prefix="reader")
     with tempfile.TemporaryFile(prefix="strata-manifest-") as mf:
-        inflight: deque[tuple[Entry, Future[FileChunks] | _BatchItem | None]] = deque()
-        inflight_bytes = 0
+        inflight: deque[tuple[Entry, Future[FileChunks] | None]] = deque()
 
         def emit(entry: Entry) -> None:
             manifest_out.write(entry)
@@ -294,13 +157,11 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
             elif entry.type is EntryType.DIR:
                 result.dirs += 1
 
-        def drain(limit: int, byte_limit: int) -> None:
-            nonlocal inflight_bytes
-            while len(inflight) > limit or inflight_bytes > byte_limit or (
+        def drain(limit: int) -> None:
+            while len(inflight) > limit or (
                     inflight and (inflight[0][1] is None or inflight[0][1].done())):
                 entry, fut = inflight.popleft()
                 if fut is not None:
-                    inflight_bytes -= entry.size
                     try:
                         fc = fut.result()
                     except OSError as exc:  # vanished or unreadable since the scan
@@ -333,13 +194,13 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
                             result.files_new += 1
                         else:
                             result.files_changed += 1
-                        fut = readers.submit(abspath, entry)
-                        inflight_bytes += entry.size
+                        fut = readers.submit(_read_file, sink, counters, progress, abspath,
+                                             entry)
                 inflight.append((entry, fut))
-                drain(_WINDOW, _WINDOW_BYTES)
-            drain(0, 0)
+                drain(_WINDOW)
+            drain(0)
         finally:
-            readers.close()
+            readers.shutdown(cancel_futures=True)
         sink.flush()
         mf.seek(0)
         manifest_bytes = mf.read()

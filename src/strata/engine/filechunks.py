@@ -1,25 +1,26 @@
-"""Reading one file into chunks: cut with FastCDC, hash with BLAKE3, compress with zstd.
+"""Reading one file into chunks: cut with FastCDC, hash with BLAKE3, hand each to the sink.
 
-This is the CPU-heavy inner loop of backup. It runs either in a worker thread (large
-files, where the C libraries release the GIL) or in a worker process (the many small
-files, where per-file Python work would otherwise serialize on the GIL).
+This is the CPU-heavy inner loop of backup. It runs on backup's reader threads: reading,
+cutting (pyfastcdc), hashing (blake3) and compressing (zstandard) all run in C code that
+releases the GIL, so threads keep every core busy without the memory of worker processes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import blake3
 
 from strata.model.ids import content_id
-from strata.store.chunker import Chunker, ChunkerParams
-from strata.store.crypto import PlainCipher
-from strata.store.pack import BlobCodec
+from strata.store.chunker import Chunker
 from strata.tree.scan import open_path
 
-READ_BLOCK = 8 << 20  # files above this are streamed through the chunker, not slurped
+# Files up to this size are read in one call; larger ones stream in blocks of this size,
+# so a reader thread holds about two blocks however large the file (memory stays flat).
+READ_BLOCK = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW
 
 
@@ -28,7 +29,21 @@ class FileChunks:
     chunks: list[tuple[bytes, int]]
     content_hash: bytes
     size: int
-    payloads: list[bytes] | None = None  # compressed, unsealed; parallel to `chunks`
+
+
+@dataclass(slots=True)
+class Stored:
+    """What archiving a file added to the sink."""
+
+    new_bytes: int = 0  # raw bytes of chunks the sink did not hold
+    stored_bytes: int = 0  # what those took once encoded
+    new_chunks: int = 0
+
+
+class ChunkStore(Protocol):
+    chunker: Chunker
+
+    def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int: ...
 
 
 def _open(path: bytes) -> int:
@@ -48,7 +63,8 @@ def read_chunks(chunker: Chunker, path: bytes, size: int) -> Iterator[memoryview
             more = f.read() if len(buf) == size else b""
             yield from chunker.cut(buf + more if more else buf)
             return
-        # Stream: keep the bytes after the last cut and prepend them to the next block.
+        # Stream: keep the bytes after the last cut and prepend them to the next block. A
+        # cut needs max_size bytes ahead of it to be final, so cut only with twice that.
         tail = b""
         while True:
             block = f.read(READ_BLOCK)
@@ -88,44 +104,25 @@ class FileHasher:
         self.size += len(data)
         return cid
 
-    def result(self, payloads: list[bytes] | None = None) -> FileChunks:
+    def result(self) -> FileChunks:
         if self._hasher is not None:
             digest = self._hasher.digest()
         else:
             digest = self.chunks[0][0] if self.chunks else content_id(b"")
-        return FileChunks(self.chunks, digest, self.size, payloads)
+        return FileChunks(self.chunks, digest, self.size)
 
 
-_worker: dict = {}
-
-
-def init_worker(params: ChunkerParams, level: int) -> None:
-    _worker["chunker"] = Chunker(params)
-    _worker["codec"] = BlobCodec(PlainCipher(), level)
-
-
-def chunk_file(chunker: Chunker, codec: BlobCodec, path: bytes, size: int) -> FileChunks:
-    """A whole file's chunks, compressed payloads included."""
+def archive_file(sink: ChunkStore, path: bytes, size: int, stored: Stored,
+                 on_bytes: Callable[[int], None] | None = None) -> FileChunks:
+    """Read one file into `sink` chunk by chunk; count what was new into `stored`."""
     hasher = FileHasher()
-    payloads = []
-    for data in read_chunks(chunker, path, size):
-        hasher.add(data)
-        payloads.append(codec.compress(data))
-    return hasher.result(payloads)
-
-
-def chunk_files(chunker: Chunker, codec: BlobCodec,
-                files: list[tuple[bytes, int]]) -> list[FileChunks | OSError]:
-    """A batch of files; a file that cannot be read is returned as its error."""
-    out: list[FileChunks | OSError] = []
-    for path, size in files:
-        try:
-            out.append(chunk_file(chunker, codec, path, size))
-        except OSError as exc:
-            out.append(exc)
-    return out
-
-
-def chunk_files_in_worker(files: list[tuple[bytes, int]]) -> list[FileChunks | OSError]:
-    """Process-pool entry point: a batch of small files per task, one round trip."""
-    return chunk_files(_worker["chunker"], _worker["codec"], files)
+    for data in read_chunks(sink.chunker, path, size):
+        cid = hasher.add(data)
+        added = sink.store_chunk(cid, data)
+        if added:
+            stored.new_bytes += len(data)
+            stored.stored_bytes += added
+            stored.new_chunks += 1
+        if on_bytes is not None:
+            on_bytes(len(data))
+    return hasher.result()
