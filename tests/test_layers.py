@@ -242,6 +242,15 @@ def test_compliance_reports_drift_and_enforcement_repairs_it(world):
     assert (a1.root / "etc/app.conf").read_text() == "setting = 1\n"
     rep = admin_json(world, "compliance", "--endpoint", a1.endpoint_id)["endpoints"][0]
     assert rep["counts"]["changed"] == 0 and rep["counts"]["missing"] == 0
+    # While enforced, the next check-in alone repairs a new edit (no backup asked for);
+    # the snapshot it takes first keeps the user's version.
+    tool.write_bytes(b"#!/bin/sh\necho edited again\n")
+    out = a1.run_once()
+    assert out["centralized"] and out["update"]["state"] == "repaired", out
+    assert tool.read_bytes() == b"#!/bin/sh\necho v2\n"
+    # Nothing changed since: a check-in takes no snapshot and repairs nothing.
+    out = a1.run_once()
+    assert not out["centralized"] and "update" not in out, out
     admin(world, "assign", "--endpoint", a1.endpoint_id, "--no-enforce")
     a1.run_once()
 

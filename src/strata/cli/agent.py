@@ -17,6 +17,7 @@ from strata.errors import StrataError
 
 if TYPE_CHECKING:
     from strata.agent.client import ServerClient
+    from strata.model.wire import CheckinResponse
 
 # The HTTP client and the wire schemas are imported inside the commands that use them,
 # so `strata store …` does not pay for them at start-up.
@@ -112,6 +113,14 @@ def _cycle(st: AgentState, cred: Credential, *, force: bool, trigger: str,
         last = st.status().get("last_centralization") or {}
         due = force or not info.last_snapshot or not last.get("time") or \
             time.time() - _ts(last["time"]) >= info.policy.interval_seconds
+        if not due and _enforced(info, st):
+            # Enforcement repairs against a fresh snapshot (which also keeps the user's
+            # versions): take one now if anything changed since the last.
+            from strata.agent.centralize import own_exclusions
+            from strata.agent.drift import tree_changed
+
+            due = tree_changed(root, info.policy.exclusions + own_exclusions(root, st),
+                               st.parent()[1])
         out: dict = {"checked_in": True, "endpoint_id": info.endpoint_id, "centralized": False}
         if due:
             st.update_status(pending_work=["centralize"])
@@ -136,6 +145,12 @@ def _cycle(st: AgentState, cred: Credential, *, force: bool, trigger: str,
     finally:
         st.add_wire_bytes(client.bytes_sent, client.bytes_received)
         client.close()
+
+
+def _enforced(info: CheckinResponse, st: AgentState) -> bool:
+    """An applied layer assignment under enforcement: drift is repaired at check-in."""
+    desired = info.desired
+    return desired is not None and desired.enforce and desired.key == st.applied_key()
 
 
 def _ts(iso: str) -> float:
