@@ -206,6 +206,8 @@ def latest_snapshot(db: Session, endpoint_id: str) -> SnapshotRecord | None:
 def set_state(a: Assignment, state: str, *, percent: float | None = None,
               detail: str = "") -> None:
     a.state = state
+    if state == "assigned":  # a new desired state: nothing of it is downloaded yet
+        a.downloaded_bytes = 0
     if percent is not None:
         a.percent = percent
     a.detail = detail
