@@ -55,7 +55,10 @@ def _open(path: bytes) -> int:
 
 
 def read_chunks(chunker: Chunker, path: bytes, size: int) -> Iterator[memoryview | bytes]:
-    """Yield the file's chunks; cut points match chunking the whole file at once."""
+    """Yield the file's chunks; cut points match chunking the whole file at once.
+
+    Use each chunk before asking for the next: in a large file, the chunks after the first
+    view one buffer that is refilled (no fresh buffer per block, built holding the GIL)."""
     with os.fdopen(_open(path), "rb", buffering=0) as f:
         if size <= READ_BLOCK:
             buf = f.read()
@@ -63,22 +66,27 @@ def read_chunks(chunker: Chunker, path: bytes, size: int) -> Iterator[memoryview
             more = f.read() if len(buf) == size else b""
             yield from chunker.cut(buf + more if more else buf)
             return
-        # Stream: keep the bytes after the last cut and prepend them to the next block. A
-        # cut needs max_size bytes ahead of it to be final, so cut only with twice that.
-        tail = b""
+        # Stream: fill the buffer, cut it, keep what follows the last cut at its front and
+        # refill behind it. A cut is final only with max_size bytes after it, so only a full
+        # buffer (a block plus twice that) is cut before the end of the file.
+        view = memoryview(bytearray(READ_BLOCK + 2 * chunker.params.max_size))
+        have, first = 0, True
         while True:
-            block = f.read(READ_BLOCK)
-            buf = tail + block if tail else block
-            if not block:
-                if buf:
-                    yield from chunker.cut(buf)
-                return
-            if len(buf) < chunker.params.max_size * 2:
-                tail = buf
+            n = f.readinto(view[have:])
+            have += n
+            if n and have < len(view):
                 continue
-            pieces = list(chunker.cut(buf))
-            yield from pieces[:-1]
-            tail = bytes(pieces[-1])
+            pieces = list(chunker.cut(view[:have]))
+            if n:  # not the end: the last piece may grow with the next bytes
+                keep = len(pieces.pop())
+                tail = bytes(view[have - keep:have])
+            for piece in pieces:
+                yield bytes(piece) if first else piece  # FileHasher keeps the first
+                first = False
+            if not n:
+                return
+            view[:keep] = tail
+            have = keep
 
 
 class FileHasher:

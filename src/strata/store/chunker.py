@@ -44,5 +44,7 @@ class Chunker:
             if buf:
                 yield memoryview(buf)
             return
-        for c in self._cdc().cut_buf(buf):
+        # pyfastcdc slices what it is given: slices of bytes are copies (made holding the
+        # GIL), slices of a memoryview are not.
+        for c in self._cdc().cut_buf(memoryview(buf)):
             yield c.data
