@@ -34,7 +34,8 @@ from .filechunks import ChunkStore, FileChunks, Stored, archive_file
 from .progress import Progress
 
 _WINDOW = 8192  # entries in flight; bounds memory while keeping the readers busy
-# Readers per core: one more than the cores keeps them busy while another waits on the disk.
+# Reader threads beyond one per core: they keep the cores computing while others wait on
+# the disk (a cold cache is the usual case for a first backup).
 _EXTRA_READERS = 2
 _KEEPALIVE_SECONDS = 60  # how often a long scan tells others it is still alive
 
