@@ -4,25 +4,36 @@ downloads to move to v2, measured on the wire by the agent itself.
 The real product path: a server, base layers v1 and v2 captured from the two trees, an
 endpoint whose root is a copy of v1, `assign --base v1` (nothing to switch) then
 `assign --base v2`; `agent run --once` downloads and reports ready; `agent apply`
-switches. The figure is everything the agent received during the download (the v2
-manifest, the chunk streams, the replies to its progress reports).
+switches. The figure is everything the agent received during that download cycle as the
+agent counts it (every response body and its headers: the check-in that announced v2, the
+v2 manifest, the chunk streams, the replies to its progress reports), plus whatever the
+apply still had to fetch. The endpoint is then compared with v2, path by path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 from bench.checkins import start_server
 from bench.fleet import strata
+from strata.agent.state import AgentState
+from strata.layers.rules import LayerRules
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
     # cp -a keeps owners, modes, xattrs, device nodes and hardlinks like the real tree.
     subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dst)], check=True)
+
+
+def _received(state: Path) -> int:
+    """Bytes the agent has received on the wire, all runs together (its own counter)."""
+    return int(AgentState(state).status().get("bytes_received", 0))
 
 
 def measure_strata(v1: Path, v2: Path, work: Path) -> dict:
@@ -32,54 +43,118 @@ def measure_strata(v1: Path, v2: Path, work: Path) -> dict:
     proc, url = start_server(work / "server")
     try:
         admin = ["--server", url, "--admin-token-file", str(work / "server/admin.token")]
-        strata("layer", "capture", "--kind", "base", "--name", "debian", "--version", "1",
-               "--from-dir", str(v1), *admin)
-        strata("layer", "capture", "--kind", "base", "--name", "debian", "--version", "2",
-               "--from-dir", str(v2), *admin)
+        t = time.monotonic()
+        for version, tree in (("1", v1), ("2", v2)):
+            strata("layer", "capture", "--kind", "base", "--name", "debian", "--version",
+                   version, "--from-dir", str(tree), *admin)
+        capture_s = time.monotonic() - t
         token = strata("token", "create", *admin)["token"]
         root, state = work / "endpoint", work / "state"
         _copy_tree(v1, root)
         strata("agent", "enroll", "--server", url, "--token", token, "--root", str(root),
                "--state", str(state))
+        t = time.monotonic()
         strata("agent", "run", "--once", "--state", str(state))  # centralize
+        centralize_s = time.monotonic() - t
         strata("assign", "--all", "--base", "debian:1", *admin)
-        strata("agent", "run", "--once", "--state", str(state))  # matches v1: applied
+        first = strata("agent", "run", "--once", "--state", str(state))  # matches v1: applied
         strata("assign", "--all", "--base", "debian:2", *admin)
+        before = _received(state)
         t = time.monotonic()
         out = strata("agent", "run", "--once", "--state", str(state))
         download_s = time.monotonic() - t
+        cycle = _received(state) - before
         update = out["update"]
+        if out.get("centralized") or update.get("state") != "ready":
+            raise RuntimeError(f"the download cycle did not go as planned: {out}")
         t = time.monotonic()
         applied = strata("agent", "apply", "--state", str(state))
         apply_s = time.monotonic() - t
-        same = _system_matches(root, v2)
-        return {"tool": "strata", "bytes": update["bytes_downloaded"],
-                "seconds": round(download_s, 2),
-                "detail": f"chunks {update['chunks_downloaded']}, changes "
-                          f"{update['changes']}; apply {apply_s:.1f}s "
-                          f"({applied['changes']}); endpoint equals v2 outside "
-                          f"never/identity paths: {same}"}
+        diffs = system_diffs(root, v2)
+        if diffs:
+            raise RuntimeError(f"the endpoint differs from v2 after the update "
+                               f"({len(diffs)} paths): " + "; ".join(diffs[:10]))
+        late = applied.get("bytes_downloaded", 0)
+        total = cycle + late
+        return {
+            "tool": "strata", "version": f"strata {_head()}",
+            "bytes": total, "seconds": round(download_s, 1),
+            "detail": f"`strata agent run --once` after `assign --base debian:2`: the agent "
+                      f"received {cycle} B in that cycle (check-in, manifest, chunk streams, "
+                      f"progress replies; its update count alone: "
+                      f"{update['bytes_downloaded']} B for {update['chunks_downloaded']} "
+                      f"chunks), and the apply fetched {late} B more; plan "
+                      f"{_changes(update['changes'])}; apply took {apply_s:.1f} s; the "
+                      f"endpoint then equals v2 in every path a layer lays down (type, mode, "
+                      f"owner, size, contents, link target)",
+            "cycle_bytes": cycle, "update_bytes": update["bytes_downloaded"],
+            "apply_bytes": late, "chunks": update["chunks_downloaded"],
+            "changes": update["changes"], "conflicts": update.get("conflicts", {}),
+            "apply_seconds": round(apply_s, 1), "capture_seconds": round(capture_s, 1),
+            "centralize_seconds": round(centralize_s, 1),
+            "v1_applied_without_download": first.get("update", {}).get("state") == "applied",
+        }
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def _system_matches(root: Path, v2: Path) -> bool:
-    """After apply, every regular file of v2 a layer may carry is on the endpoint with
-    the same bytes (spot check over all files; identity and never paths excluded)."""
-    from strata.layers.rules import LayerRules
+def _changes(c: dict) -> str:
+    return ", ".join(f"{n} {k}" for k, n in c.items())
 
-    rules = LayerRules.default("linux")
-    for dirpath, _dirs, filenames in os.walk(v2):
-        rel_dir = os.path.relpath(dirpath, v2)
-        for name in filenames:
+
+def _head() -> str:
+    out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                         text=True, cwd=Path(__file__).parent)
+    return out.stdout.strip() or "unknown commit"
+
+
+def laid_down(rules: LayerRules, rel: bytes, is_dir: bool) -> bool:
+    """Whether a base layer puts this path on an endpoint: not identity, user data or a
+    `never` path, not do-not-download, not do-not-override (the endpoint's copy stays)."""
+    return (rules.layer_may_carry(rel, is_dir) and not rules.do_not_download(rel, is_dir)
+            and not rules.do_not_override(rel, is_dir))
+
+
+def _digest(root: Path, rules: LayerRules) -> dict[bytes, tuple]:
+    """Path -> (type, mode, uid, gid, size, content hash or link target) for every path of
+    `root` a layer lays down; excluded directories are not walked."""
+    out: dict[bytes, tuple] = {}
+    base = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        rel_dir = os.path.relpath(dirpath, base)
+        keep = []
+        for name in sorted(dirnames) + sorted(filenames):
             rel = os.path.normpath(os.path.join(rel_dir, name))
-            p = Path(dirpath, name)
-            if p.is_symlink() or not p.is_file() or not rules.layer_may_carry(rel.encode()):
+            st = os.lstat(os.path.join(dirpath, name))
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if rel == b".strata-apply" or not laid_down(rules, rel, is_dir):
                 continue
-            if rules.do_not_download(rel.encode()) or rules.do_not_override(rel.encode()):
-                continue
-            q = root / rel
-            if not q.is_file() or q.read_bytes() != p.read_bytes():
-                return False
-    return True
+            if is_dir:
+                keep.append(name)
+                what: object = None
+            elif stat.S_ISLNK(st.st_mode):
+                what = os.readlink(os.path.join(dirpath, name))
+            elif stat.S_ISREG(st.st_mode):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    what = hashlib.file_digest(f, "sha256").hexdigest()
+            else:
+                what = st.st_rdev
+            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
+                        st.st_gid, st.st_size if stat.S_ISREG(st.st_mode) else 0, what)
+        dirnames[:] = [d for d in dirnames if d in keep]
+    return out
+
+
+def system_diffs(root: Path, v2: Path) -> list[str]:
+    """How the endpoint differs from v2 in the paths a base layer lays down: missing,
+    extra (should have been deleted) and different paths. Empty when they are equal.
+    Hardlinks are not compared as links: a layer lays them down as separate copies."""
+    rules = LayerRules.default("linux")
+    want, got = _digest(v2, rules), _digest(root, rules)
+    show = os.fsdecode
+    diffs = [f"missing {show(p)}" for p in sorted(want.keys() - got.keys())]
+    diffs += [f"extra {show(p)}" for p in sorted(got.keys() - want.keys())]
+    diffs += [f"differs {show(p)}: {got[p]} != {want[p]}"
+              for p in sorted(want.keys() & got.keys()) if want[p] != got[p]]
+    return diffs

@@ -189,7 +189,8 @@ def markdown(meta: dict, steps: list[Step], goals: list[dict]) -> str:
 
 
 def extra_sections(meta: dict) -> list[str]:
-    """Centralization over loopback, check-in load, and memory at scale."""
+    """Centralization over loopback, check-in load, the base layer update, and memory
+    at scale."""
     out: list[str] = []
     fleet = meta.get("fleet")
     if fleet:
@@ -226,6 +227,8 @@ def extra_sections(meta: dict) -> list[str]:
             f"p50 {ck['p50_ms']:.1f} ms, p99 {ck['p99_ms']:.1f} ms, {ck['errors']} errors. "
             "The load generator runs on the same 2 CPUs.", "",
         ]
+    if meta.get("layers"):
+        out += layer_section(meta["layers"])
     sc = meta.get("scale")
     if sc:
         out += [
@@ -237,6 +240,74 @@ def extra_sections(meta: dict) -> list[str]:
             *[f"| {name} | {r['seconds']} | {r['peak_rss_mib']} |"
               for name, r in sc["runs"].items()], "",
         ]
+    return out
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a table cell (the `tar | zstd` row)
+
+
+def _tree(st: dict) -> str:
+    return (f"{st['files']} files, {st['symlinks']} symlinks, {st['dirs']} directories, "
+            f"{st['bytes'] / MiB:.1f} MiB")
+
+
+def layer_section(lay: dict) -> list[str]:
+    """The base layer update benchmark (bench/layers.py, saved in bench/layers-results.json)."""
+    pair, views, sec = lay["pair"], lay["views"], lay["seconds"]
+    rows = [r for r in lay["results"] if "bytes" in r]
+    strata = next((r for r in rows if r["tool"] == "strata"), None)
+    build = pair.get("build_seconds", {})
+    added = pair["added_packages"]
+    m = lay["machine"]
+    out = [
+        "## Base layer update", "",
+        f"What an endpoint on base image v1 downloads to move to v2, for Strata and its peers "
+        f"on the same pair (`{lay['command']}`, {lay['date']}, {m['nproc']} CPUs, "
+        f"{sec['total']:.0f} s with the pair {'reused' if pair['reused'] else 'built'}).", "",
+        f"- **v1**: Debian {pair['suite']} {pair['arch']} `debootstrap --variant=minbase` from "
+        f"{pair['mirror']}: {pair['v1']['packages']} packages, {_tree(pair['v1'])}.",
+        f"- **v2**: the same plus `--include={','.join(pair['include'])}`: "
+        f"{pair['v2']['packages']} packages ({len(added)} added: {', '.join(added)}), "
+        f"{_tree(pair['v2'])}. "
+        + ("The packages both have are at the same versions (one --cache-dir of .debs)."
+           if not pair.get("version_mismatches") else
+           f"**Packages at other versions in v2: {', '.join(pair['version_mismatches'])}.**"),
+        f"- **Built once** and kept in bench/work/layers/: the first build took "
+        f"{build.get('v1', 0) + build.get('v2', 0):.0f} s (debootstrap: v1 "
+        f"{build.get('v1', 0):.0f} s, v2 {build.get('v2', 0):.0f} s, downloading the .debs "
+        f"from the mirror); later runs reuse it.",
+        f"- **Layer view**: the peers run on what a base layer lays down on an endpoint under "
+        f"the default Linux rules (no `never` paths such as /var/cache, which holds "
+        f"debootstrap's .debs, /var/log, /proc, /dev, /tmp; no identity files, home "
+        f"directories or do-not-download paths): v1 {_tree(views['v1'])} "
+        f"({views['v1']['left_out']['bytes'] / MiB:.1f} MiB left out), v2 "
+        f"{_tree(views['v2'])} ({views['v2']['left_out']['bytes'] / MiB:.1f} MiB left out). "
+        f"Strata takes the whole trees: the server captures v1 and v2 as base layers, the "
+        f"endpoint is a full copy of v1, and after the update it must equal v2 in every "
+        f"path a layer lays down (checked: type, mode, owner, size, contents, link target).",
+        "",
+        "| Tool | Version | Bytes on the wire | MiB | vs Strata | Seconds |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = f"{r['bytes'] / strata['bytes']:.2f}x" if strata else "n/a"
+        out.append(f"| {_cell(r['tool'])} | {r.get('version', '')} | {r['bytes']:,} | "
+                   f"{r['bytes'] / MiB:.1f} | {ratio} | {r['seconds']:.1f} |")
+    for r in lay["results"]:
+        if "error" in r:
+            out.append(f"| {r['tool']} | | **failed: {r['error']}** | | | |")
+    goal = lay["target"]
+    out += ["", target_table([{**goal, "goal": "Base layer update: " + goal["goal"]}]), "",
+            "The last two rows are for scale: v2's layer view as it is, and all of it "
+            "compressed (a full download). "
+            "Seconds: Strata's is the agent's download cycle (`agent run --once`: check-in, "
+            "plan, download, the server compressing at zstd level 19); rsync's the whole "
+            "transfer; casync's `casync make` of v2; zstd's making the patch or the archive. "
+            "The bytes are what each tool would move between two machines; here both ends "
+            "run on this one.", ""]
+    out += [f"- **{_cell(r['tool'])}**: {r['detail']}" for r in rows if r.get("detail")]
+    out.append("")
     return out
 
 

@@ -1,7 +1,9 @@
-"""`make bench`: Strata's store against restic and borg on the same data, in one run.
+"""`make bench`: Strata's store against restic and borg on the same data, in one run,
+then centralization over loopback, check-ins, and the base layer update (bench/layers.py).
 
     .venv/bin/python -m bench.run [--usr-bytes 1.5G] [--docs-bytes 200M]
                                   [--tools strata,restic,borg] [--wait-idle 60] [--keep-work]
+                                  [--no-fleet] [--no-layers]
 
 Writes BENCHMARKS.md at the top of the repository and the raw figures to bench/results.json.
 Data, repositories and restores live in bench/work/ (gitignored); the data set is kept
@@ -21,7 +23,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from . import checkins, data, fleet, report, scale
+from . import checkins, data, fleet, layers, report, scale
 from .tools import ROOT, TOOLS, Step, Tool, busy_cpu_s, ensure_installed, run
 
 WORK = ROOT / "bench" / "work"
@@ -47,6 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "measuring (default 60)")
     p.add_argument("--no-fleet", action="store_true",
                    help="skip centralization over loopback and the check-in load test")
+    p.add_argument("--no-layers", action="store_true",
+                   help="skip the base layer update benchmark (bench/layers.py); BENCHMARKS.md "
+                        "then shows the figures it saved last in bench/layers-results.json")
     p.add_argument("--agents", type=int, default=1000, help="simulated agents (check-ins)")
     p.add_argument("--scale", type=int, default=0, metavar="CHUNKS",
                    help="also measure peak memory on a synthetic store of this many chunks "
@@ -161,6 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(WORK / "fleet", ignore_errors=True)
         say(f"check-ins: {args.agents} simulated agents against one server process")
         extra["checkins"] = checkins.measure(args.agents, checkins_total(args.agents), 64)
+    if not args.no_layers:
+        say("base layer update: Debian minbase v1 -> v2 (+ packages), Strata against rsync, "
+            "casync and zstd --patch-from")
+        try:
+            layers.run(WORK, keep=args.keep_work, command=f"{python} -m bench.layers")
+        except (Exception, SystemExit) as exc:  # e.g. no mirror or no root: say so, go on
+            notes.append(f"the base layer update benchmark did not run ({exc}); its section "
+                         "shows the figures saved by its last run")
+            say(f"!!! {notes[-1]}")
+    if layers.RESULTS.exists():
+        extra["layers"] = json.loads(layers.RESULTS.read_text())
     if args.scale:
         say(f"memory on a store of {args.scale} chunks")
         scale.run(args.scale, WORK / "scale")

@@ -35,7 +35,8 @@ from strata.store.repository import Store
 from strata.tree.scan import open_path
 
 WORK_DIR = ".strata-apply"  # beneath the root: renames into place stay on one filesystem
-BATCH_BYTES = 16 << 20  # raw bytes per download request
+BATCH_BYTES = 64 << 20  # raw bytes per download request (the most the server sends)
+BATCH_CHUNKS = 4096  # chunk ids per download request
 STREAM_LEVEL = 19  # zstd level the server compresses a download stream with
 _REPORT_SECONDS = 2.0
 MAX_MANIFEST = 1 << 30
@@ -125,9 +126,11 @@ class LayerSource:
                     self.seeds.setdefault(cid, (e.path, offset, n))
                     offset += n
 
-    def lacking(self, ids: set[bytes]) -> list[bytes]:
-        """Chunks neither the cache nor the endpoint's files can supply."""
-        return [c for c in self.cache.missing_chunks(sorted(ids)) if c not in self.seeds]
+    def lacking(self, ids: list[bytes]) -> list[bytes]:
+        """Chunks neither the cache nor the endpoint's files can supply, in the order given
+        (download_order: the tree's order, which is what makes the stream compress)."""
+        missing = set(self.cache.missing_chunks(sorted(set(ids))))
+        return [c for c in ids if c in missing and c not in self.seeds]
 
     def download(self, ids: list[bytes], lengths: dict[bytes, int],
                  progress: Callable[[int, int], None] | None = None) -> None:
@@ -143,15 +146,16 @@ class LayerSource:
         batch: list[bytes] = []
         size = 0
         for cid in [*ids, None]:
-            if cid is not None:
-                batch.append(cid)
-                size += lengths.get(cid, 0)
-            if batch and (cid is None or size >= BATCH_BYTES or len(batch) >= 4096):
+            n = 0 if cid is None else lengths.get(cid, 0)
+            if batch and (cid is None or size + n > BATCH_BYTES or len(batch) >= BATCH_CHUNKS):
                 self._fetch(batch)
                 done += size
                 if progress:
                     progress(done, total)
                 batch, size = [], 0
+            if cid is not None:
+                batch.append(cid)
+                size += n
 
     def _fetch(self, ids: list[bytes]) -> None:
         assert self.client is not None
@@ -199,6 +203,25 @@ class LayerSource:
     def data(self, entry: Entry) -> Iterator[bytes]:
         for cid, _ in entry.chunks:
             yield self.chunk(cid)
+
+
+def download_order(plan: Plan) -> tuple[list[bytes], dict[bytes, int]]:
+    """The chunks the plan writes, each once, in the order of the tree (the plan's changes
+    are sorted by path), and their lengths. Neighbouring files are alike (a package's
+    modules, its libraries, its locale files), so a stream in this order compresses far
+    better than one in id order, which is random."""
+    order: list[bytes] = []
+    lengths: dict[bytes, int] = {}
+    for c in plan.changes:
+        e = c.entry
+        if e is None or e.type is not EntryType.FILE or c.action not in (Action.ADD,
+                                                                           Action.REPLACE):
+            continue
+        for cid, n in e.chunks:
+            if cid not in lengths:
+                lengths[cid] = n
+                order.append(cid)
+    return order, lengths
 
 
 def _open_cache(path: Path) -> Store:
@@ -253,10 +276,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         state.save_update({"key": desired.key, "state": "downloading",
                            "desired": desired.model_dump()})
         source.add_seeds(current)
-        needed = plan.chunk_ids()
-        lengths = {cid: n for c in plan.changes if c.entry is not None
-                   for cid, n in c.entry.chunks}
-        lacking = source.lacking(needed)
+        order, lengths = download_order(plan)
+        lacking = source.lacking(order)
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
@@ -297,9 +318,8 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
     try:
         plan, image, rules = compute_plan(source, desired, current, state.owned())
         source.add_seeds(current)
-        lengths = {cid: n for c in plan.changes if c.entry is not None
-                   for cid, n in c.entry.chunks}
-        source.download(source.lacking(plan.chunk_ids()), lengths)
+        order, lengths = download_order(plan)
+        source.download(source.lacking(order), lengths)
         need = plan.bytes_to_write()
         free = shutil.disk_usage(root).free
         if need > free:
