@@ -201,6 +201,11 @@ def test_push_v2_downloads_only_what_v1_lacked(world):
         doc = endpoint(world, agent)["layers"]
         assert doc["state"] == "ready" and doc["percent"] == 100.0
         assert tree_state(agent.root) == before[agent.endpoint_id]  # nothing switched yet
+    # Endpoints 2 and 3 lacked the same chunks: the server compressed their batch once.
+    # (Endpoint 1 lacked others: its user changed system files in the dry-run test.)
+    hit = world.server.metric('strata_download_streams_total{cache="hit"}')
+    miss = world.server.metric('strata_download_streams_total{cache="miss"}')
+    assert (hit, miss) == (1, 2), (hit, miss)
     for agent in world.agents:
         res = strata_json(*agent.cmd("apply"))
         assert res["state"] == "applied" and res["pre_update_snapshot"]

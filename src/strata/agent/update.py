@@ -37,7 +37,6 @@ from strata.tree.scan import open_path
 WORK_DIR = ".strata-apply"  # beneath the root: renames into place stay on one filesystem
 BATCH_BYTES = 64 << 20  # raw bytes per download request (the most the server sends)
 BATCH_CHUNKS = 4096  # chunk ids per download request
-STREAM_LEVEL = 19  # zstd level the server compresses a download stream with
 _REPORT_SECONDS = 2.0
 MAX_MANIFEST = 1 << 30
 
@@ -160,7 +159,7 @@ class LayerSource:
     def _fetch(self, ids: list[bytes]) -> None:
         assert self.client is not None
         before = self.client.bytes_received
-        resp = self.client.request("POST", f"/api/v1/agent/layers/chunks?level={STREAM_LEVEL}",
+        resp = self.client.request("POST", "/api/v1/agent/layers/chunks",
                                    json={"ids": [c.hex() for c in ids]})
         got = {}
         for cid, raw_length, payload in read_stream(resp.content):

@@ -20,6 +20,7 @@ from strata.server.catalog.db import open_catalog
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.maintenance import upkeep_threads
 from strata.server.routes import admin, agent, agent_layers, layers
+from strata.server.stream_cache import StreamCache
 from strata.store.repository import Store
 
 
@@ -35,7 +36,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     token_path, _ = ensure_admin_token(settings.data_dir)
     _, sessions = open_catalog(settings.catalog_url)
     ctx = ServerContext(settings=settings, store=open_server_store(settings.data_dir),
-                        db=sessions)
+                        db=sessions,
+                        streams=StreamCache(settings.data_dir / "cache" / "streams"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

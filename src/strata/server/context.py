@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
 from strata.server.catalog.models import Endpoint
+from strata.server.stream_cache import StreamCache
 from strata.store.locks import Session as StoreSession
 from strata.store.repository import Store
 
@@ -41,6 +42,7 @@ class ServerContext:
     settings: ServerSettings
     store: Store
     db: sessionmaker
+    streams: StreamCache
     uploads: dict[str, tuple[StoreSession, float]] = field(default_factory=dict)
     _uploads_lock: threading.Lock = field(default_factory=threading.Lock)
     _snapshot_chunks: OrderedDict[str, frozenset[bytes]] = field(default_factory=OrderedDict)

@@ -21,3 +21,6 @@ REJECTED_CHUNKS = Counter("strata_rejected_uploads_total",
 CHECKINS = Counter("strata_checkins_total", "Agent check-ins", registry=REGISTRY)
 SNAPSHOTS = Counter("strata_snapshots_committed_total", "Snapshots committed",
                     registry=REGISTRY)
+STREAM_CACHE = Counter("strata_download_streams_total",
+                       "Layer download streams served, by whether the stream cache had them",
+                       ["cache"], registry=REGISTRY)

@@ -23,6 +23,9 @@ from strata.server.routes.agent import _ids
 router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
 
 MAX_STREAM_BYTES = 64 << 20  # raw bytes in one download response
+# zstd level of download streams: what crosses a WAN is what branch offices wait for, and
+# the stream cache makes the cost of the top level a one-off per batch, not per endpoint.
+DOWNLOAD_LEVEL = 19
 UPDATE_STATES = ("assigned", "downloading", "ready", "applying", "applied", "failed")
 
 
@@ -54,24 +57,30 @@ def layer_manifest(sid: str, ep: Endpoint = Depends(require_device),
 
 
 @router.post("/layers/chunks")
-def layer_chunks(body: ChunkRequest, level: int = 19, ep: Endpoint = Depends(require_device),
+def layer_chunks(body: ChunkRequest, ep: Endpoint = Depends(require_device),
                  ctx: ServerContext = Depends(get_ctx)) -> Response:
-    """Chunks of the endpoint's assigned layers, as one zstd stream (level 1-19)."""
+    """Chunks of the endpoint's assigned layers, as one zstd stream. The server alone picks
+    the level (a client asking for the costliest would be a denial of service) and keeps
+    the stream: the next endpoint asking for the same batch costs no compression."""
     ids = _ids(body.ids)
     allowed: set[bytes] = set()
     for sid in _allowed_snapshots(ctx, ep):
         allowed |= ctx.snapshot_chunks(sid)
     if any(c not in allowed for c in ids):
         raise HTTPException(403, "a requested chunk is not part of this endpoint's layers")
-    chunks, total = [], 0
-    for cid in ids:
-        raw = ctx.store.load_chunk(cid)  # verified against its id on the way out
-        total += len(raw)
-        if total > MAX_STREAM_BYTES:
-            raise HTTPException(413, f"ask for at most {MAX_STREAM_BYTES} bytes of chunks "
-                                     "per request")
-        chunks.append((cid, raw))
-    body_bytes = pack_stream(chunks, max(1, min(19, level)))
+
+    def make() -> bytes:
+        chunks, total = [], 0
+        for cid in ids:
+            raw = ctx.store.load_chunk(cid)  # verified against its id on the way out
+            total += len(raw)
+            if total > MAX_STREAM_BYTES:
+                raise HTTPException(413, f"ask for at most {MAX_STREAM_BYTES} bytes of "
+                                         "chunks per request")
+            chunks.append((cid, raw))
+        return pack_stream(chunks, DOWNLOAD_LEVEL)
+
+    body_bytes = ctx.streams.get_or_make(DOWNLOAD_LEVEL, ids, make)
     return Response(content=body_bytes, media_type="application/x-strata-stream")
 
 
