@@ -200,6 +200,8 @@ def test_push_v2_downloads_only_what_v1_lacked(world):
         assert up["bytes_downloaded"] > world.v2_new * 0.9, up
         doc = endpoint(world, agent)["layers"]
         assert doc["state"] == "ready" and doc["percent"] == 100.0
+        # The console shows what the agent counted (less only the last report's reply).
+        assert 0 <= up["bytes_downloaded"] - doc["downloaded_bytes"] < 1000, (up, doc)
         assert tree_state(agent.root) == before[agent.endpoint_id]  # nothing switched yet
     # Endpoints 2 and 3 lacked the same chunks: the server compressed their batch once.
     # (Endpoint 1 lacked others: its user changed system files in the dry-run test.)
@@ -267,7 +269,10 @@ def test_revert_brings_v1_back_with_todays_user_data(world):
     (a2.root / "home/user2/new-report.txt").write_text("written after the update\n")
     centralized(a2.backup())
     home_now = under(tree_state(a2.root), "home")
+    shown = endpoint(world, a2)["layers"]
+    assert shown["downloaded_bytes"] > 0 and "1 deleted" in shown["detail"], shown  # v2's
     admin(world, "endpoint", "revert", a2.endpoint_id, "--snapshot", pre["id"])
+    assert endpoint(world, a2)["layers"]["downloaded_bytes"] == 0  # a new update starts
     out = a2.run_once()
     assert out["update"]["state"] == "ready", out
     strata_json(*a2.cmd("apply"))

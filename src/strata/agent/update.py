@@ -279,31 +279,35 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         lacking = source.lacking(order)
         last = [0.0]
 
+        def received() -> int:  # one figure everywhere: all this update took on the wire
+            return client.bytes_received - received0
+
         def progress(done: int, total: int) -> None:
             if time.monotonic() - last[0] >= _REPORT_SECONDS or done >= total:
                 last[0] = time.monotonic()
                 report(client, desired.key, "downloading", percent=100.0 * done / max(total, 1),
-                       downloaded=source.bytes_downloaded)
+                       downloaded=received())
         report(client, desired.key, "downloading", percent=0.0)
         source.download(lacking, lengths, progress)
         summary = plan.summary()
         state.save_update({"key": desired.key, "state": "ready",
-                           "desired": desired.model_dump(), "plan": summary})
+                           "desired": desired.model_dump(), "plan": summary,
+                           "downloaded": received()})
         report(client, desired.key, "ready", percent=100.0,
-               detail=f"restart to apply: {_describe(summary)}",
-               downloaded=source.bytes_downloaded)
+               detail=f"restart to apply: {_describe(summary)}", downloaded=received())
         return UpdateResult(key=desired.key, state="ready", changes=summary["changes"],
                             conflicts=summary["conflicts"],
                             chunks_downloaded=source.chunks_downloaded,
-                            bytes_downloaded=client.bytes_received - received0,
+                            bytes_downloaded=received(),
                             seconds=round(time.monotonic() - started, 3))
     finally:
         source.close()
 
 
-def _describe(summary: dict) -> str:
+def _describe(summary: dict, *, done: bool = False) -> str:
     c = summary["changes"]
-    text = f"{c['add']} to add, {c['replace']} to replace, {c['delete']} to delete"
+    text = (f"{c['add']} added, {c['replace']} replaced, {c['delete']} deleted" if done else
+            f"{c['add']} to add, {c['replace']} to replace, {c['delete']} to delete")
     if summary["conflicts"]:
         text += "; conflicts: " + ", ".join(f"{n} {k}" for k, n in summary["conflicts"].items())
     return text
@@ -413,8 +417,9 @@ def apply_update(client: ServerClient | None, state: AgentState, root: Path,
     if desired.operation == "provision":
         state.reset_parent()  # a fresh CVD: the next centralization starts over
     report(client, desired.key, "applied", percent=100.0,
-           detail=_describe({"changes": result.changes, "conflicts": result.conflicts}),
-           downloaded=result.bytes_downloaded)
+           detail=_describe({"changes": result.changes, "conflicts": result.conflicts},
+                            done=True),
+           downloaded=saved.get("downloaded", 0) + result.bytes_downloaded)
     if centralize is not None and any(result.changes.values()):
         centralize("post-update")
     result.seconds = round(time.monotonic() - started, 3)
@@ -437,7 +442,8 @@ def repair(client: ServerClient, state: AgentState, root: Path, desired: Desired
     result = UpdateResult(key=desired.key, state="repaired")
     switch(client, state, root, desired, current_entries(state), result)
     report(client, desired.key, "applied", percent=100.0,
-           detail=f"repaired drift: {_describe({'changes': result.changes, 'conflicts': {}})}",
+           detail="repaired drift: " + _describe({"changes": result.changes, "conflicts": {}},
+                                                 done=True),
            downloaded=result.bytes_downloaded)
     centralize("post-update")
     return result
