@@ -75,6 +75,18 @@ class ChunkIndex:
             self._pack_names[pid] = name
         return name
 
+    def locate(self, ids: list[bytes]) -> dict[bytes, Location]:
+        """Where each of `ids` the index holds is, in one query per few hundred ids (a
+        query per chunk costs a read transaction, and its file locks, each)."""
+        found: dict[bytes, Location] = {}
+        for i in range(0, len(ids), _BATCH):
+            part = ids[i:i + _BATCH]
+            q = ("SELECT id, pid, offset, length, raw_length FROM chunks "
+                 f"WHERE id IN ({','.join('?' * len(part))})")
+            for cid, pid, offset, length, raw_length in self.db.execute(q, part):
+                found[cid] = Location(self._pack_name(pid), offset, length, raw_length)
+        return found
+
     def lookup(self, cid: bytes) -> Location | None:
         row = self.db.execute("SELECT pid, offset, length, raw_length FROM chunks WHERE id=?",
                               (cid,)).fetchone()

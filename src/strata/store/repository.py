@@ -32,7 +32,7 @@ from strata.model.snapshot import Snapshot
 from strata.store import crypto
 from strata.store.backend import LocalBackend, atomic_write
 from strata.store.chunker import Chunker, ChunkerParams
-from strata.store.index import ChunkIndex
+from strata.store.index import ChunkIndex, Location
 from strata.store.locks import Session, file_lock
 from strata.store.pack import (
     BlobCodec,
@@ -282,17 +282,23 @@ class Store:
     def load_chunk(self, cid: bytes) -> bytes:
         with self._lock:
             loc = self.index.lookup(cid)
+        return self._load_at(cid, loc)
+
+    def _load_at(self, cid: bytes, loc: Location | None) -> bytes:
         if loc is None:
             raise CorruptData(f"chunk {cid.hex()[:16]} is not in the store")
         return self.codec.decode(cid, self.read_blob(loc.pack, loc.offset, loc.length),
                                  loc.raw_length)
 
     def load_chunks(self, ids: list[bytes]) -> list[bytes | CorruptData]:
-        """Load several chunks; a damaged one is returned as its error, not raised."""
+        """Load several chunks (one index query for all); a damaged one is returned as its
+        error, not raised."""
+        with self._lock:
+            where = self.index.locate(list(dict.fromkeys(ids)))
         out: list[bytes | CorruptData] = []
         for cid in ids:
             try:
-                out.append(self.load_chunk(cid))
+                out.append(self._load_at(cid, where.get(cid)))
             except CorruptData as exc:
                 out.append(exc)
         return out
