@@ -76,6 +76,10 @@ class RemoteSink:
         self._resolve(queue)
         return 0
 
+    def store_chunks(self, ids: list[bytes], chunks: list[bytes | memoryview]) -> list[int]:
+        """Queue several chunks (the server is asked about queued chunks in batches)."""
+        return [self.store_chunk(cid, data) for cid, data in zip(ids, chunks, strict=True)]
+
     def _resolve(self, queue: list[tuple[bytes, bytes]]) -> None:
         lacking = self._ask([cid for cid, _ in queue])
         for cid, data in queue:

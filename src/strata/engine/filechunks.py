@@ -44,6 +44,9 @@ class ChunkStore(Protocol):
     chunker: Chunker
 
     def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int: ...
+    def store_chunks(self, ids: list[bytes], chunks: list[bytes | memoryview]) -> list[int]:
+        """`store_chunk` for several at once (one lookup for all); the bytes each added."""
+        ...
 
 
 def _open(path: bytes) -> int:
@@ -55,16 +58,21 @@ def _open(path: bytes) -> int:
 
 
 def read_chunks(chunker: Chunker, path: bytes, size: int) -> Iterator[memoryview | bytes]:
-    """Yield the file's chunks; cut points match chunking the whole file at once.
+    """Yield the file's chunks; cut points match chunking the whole file at once."""
+    for block in read_blocks(chunker, path, size):
+        yield from block
 
-    Use each chunk before asking for the next: in a large file, the chunks after the first
-    view one buffer that is refilled (no fresh buffer per block, built holding the GIL)."""
+
+def read_blocks(chunker: Chunker, path: bytes, size: int) -> Iterator[list[memoryview | bytes]]:
+    """The file's chunks, a list per read: the whole file up to READ_BLOCK, else per
+    refill of one buffer (no fresh buffer per block, built holding the GIL). Use each list
+    before asking for the next: after the file's first chunk, they view that buffer."""
     with os.fdopen(_open(path), "rb", buffering=0) as f:
         if size <= READ_BLOCK:
             buf = f.read()
             # The file may have grown since stat: read the rest too.
             more = f.read() if len(buf) == size else b""
-            yield from chunker.cut(buf + more if more else buf)
+            yield list(chunker.cut(buf + more if more else buf))
             return
         # Stream: fill the buffer, cut it, keep what follows the last cut at its front and
         # refill behind it. A cut is final only with max_size bytes after it, so only a full
@@ -76,13 +84,15 @@ def read_chunks(chunker: Chunker, path: bytes, size: int) -> Iterator[memoryview
             have += n
             if n and have < len(view):
                 continue
-            pieces = list(chunker.cut(view[:have]))
+            pieces: list[memoryview | bytes] = list(chunker.cut(view[:have]))
             if n:  # not the end: the last piece may grow with the next bytes
                 keep = len(pieces.pop())
                 tail = bytes(view[have - keep:have])
-            for piece in pieces:
-                yield bytes(piece) if first else piece  # FileHasher keeps the first
+            if first and pieces:
+                pieces[0] = bytes(pieces[0])  # FileHasher keeps the first chunk
                 first = False
+            if pieces:
+                yield pieces
             if not n:
                 return
             view[:keep] = tail
@@ -122,15 +132,17 @@ class FileHasher:
 
 def archive_file(sink: ChunkStore, path: bytes, size: int, stored: Stored,
                  on_bytes: Callable[[int], None] | None = None) -> FileChunks:
-    """Read one file into `sink` chunk by chunk; count what was new into `stored`."""
+    """Read one file into `sink`, a read's worth of chunks at a time; count what was new
+    into `stored`."""
     hasher = FileHasher()
-    for data in read_chunks(sink.chunker, path, size):
-        cid = hasher.add(data)
-        added = sink.store_chunk(cid, data)
-        if added:
-            stored.new_bytes += len(data)
-            stored.stored_bytes += added
-            stored.new_chunks += 1
+    for block in read_blocks(sink.chunker, path, size):
+        ids = [hasher.add(data) for data in block]
+        for data, added in zip(block, sink.store_chunks(ids, block), strict=True):
+            if added:
+                stored.new_bytes += len(data)
+                stored.stored_bytes += added
+                stored.new_chunks += 1
         if on_bytes is not None:
-            on_bytes(len(data))
+            on_bytes(sum(len(data) for data in block))
     return hasher.result()
+
