@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from strata.agent.client import ServerClient
+from strata.engine.filechunks import ChunkStore
 from strata.model.transfer import BundleWriter
 from strata.model.wire import MAX_IDS_PER_QUERY, ChunkerSpec
 from strata.store.chunker import Chunker, ChunkerParams
@@ -20,7 +21,7 @@ _QUEUE_CHUNKS = 512  # chunks held back until one "missing?" query covers them a
 _QUEUE_BYTES = 16 << 20  # and at most this much of their data
 
 
-class RemoteSink:
+class RemoteSink(ChunkStore):
     def __init__(self, client: ServerClient, spec: ChunkerSpec, api: str = "/api/v1/agent"):
         self.client = client
         self.api = api  # the admin API takes uploads too (layers captured from a directory)
@@ -75,10 +76,6 @@ class RemoteSink:
             queue, self._queue, self._queued_bytes = self._queue, [], 0
         self._resolve(queue)
         return 0
-
-    def store_chunks(self, ids: list[bytes], chunks: list[bytes | memoryview]) -> list[int]:
-        """Queue several chunks (the server is asked about queued chunks in batches)."""
-        return [self.store_chunk(cid, data) for cid, data in zip(ids, chunks, strict=True)]
 
     def _resolve(self, queue: list[tuple[bytes, bytes]]) -> None:
         lacking = self._ask([cid for cid, _ in queue])

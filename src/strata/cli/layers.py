@@ -73,7 +73,7 @@ def _upload_tree(server: str | None, token_file: Path | None, directory: Path, f
     is kept."""
     from strata.agent.client import ServerClient
     from strata.agent.sink import RemoteSink
-    from strata.engine.backup import archive_tree, store_manifest
+    from strata.engine.backup import HashOnlySink, archive_tree, store_manifest
     from strata.layers.capture import app_difference
     from strata.layers.rules import LayerRules
     from strata.model.ids import content_id
@@ -88,13 +88,14 @@ def _upload_tree(server: str | None, token_file: Path | None, directory: Path, f
     rules = LayerRules.from_doc(cfg["rules"], family)  # type: ignore[index]
     client = ServerClient(server or "", admin_token(token_file))
     sink = RemoteSink(client, spec, api=API)
+    hash_only = HashOnlySink(sink.chunker)  # the same cut points as the upload
     try:
         removes: list[str] = []
         if before is not None:
-            hashed = archive_tree(_HashOnly(spec), before, parent_entries=None,
+            hashed = archive_tree(hash_only, before, parent_entries=None,
                                   excludes=rules.capture_excludes())
             after = run_with_progress("scan", lambda p: archive_tree(
-                _HashOnly(spec), directory, parent_entries=None,
+                hash_only, directory, parent_entries=None,
                 excludes=rules.capture_excludes(), progress=p), json_mode=json)
             entries, gone = app_difference(decode_manifest([hashed.manifest_bytes]),
                                            decode_manifest([after.manifest_bytes]))
@@ -114,30 +115,6 @@ def _upload_tree(server: str | None, token_file: Path | None, directory: Path, f
     return {"manifest": [(c.hex(), n) for c, n in manifest],
             "manifest_id": content_id(manifest_bytes).hex(), "removes": removes,
             "uploaded_bytes": sink.payload_uploaded}
-
-
-class _HashOnly:
-    """A sink that keeps nothing: the scan computes ids and hashes, nothing is sent."""
-
-    def __init__(self, spec: object) -> None:
-        from strata.store.chunker import Chunker, ChunkerParams
-        from strata.store.crypto import PlainCipher
-        from strata.store.pack import BlobCodec
-        s = spec
-        self.chunker = Chunker(ChunkerParams(s.min_size, s.avg_size, s.max_size))  # type: ignore[attr-defined]
-        self.codec = BlobCodec(PlainCipher(), 0)
-
-    def claim_many(self, ids: list[bytes]) -> set[bytes]:
-        return set()
-
-    def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int:
-        return 0
-
-    def put_claimed(self, cid: bytes, blob: bytes, raw_length: int) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass
 
 
 def _upload_files(sink: object, root: Path, entries: list) -> None:

@@ -25,6 +25,7 @@ from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import ManifestWriter, decode_manifest
 from strata.model.snapshot import Snapshot, now_iso
+from strata.store.chunker import Chunker
 from strata.store.repository import Store
 from strata.tree.excludes import ExcludeMatcher
 from strata.tree.order import path_key
@@ -116,6 +117,20 @@ class ChunkSink(ChunkStore, Protocol):
     (the agent). Both keep only the chunks they lack; `flush` makes them durable."""
 
     def flush(self) -> None: ...
+
+
+class HashOnlySink(ChunkStore):
+    """A sink that keeps nothing: the scan computes chunk ids and file hashes only (the
+    "before" tree of an application capture)."""
+
+    def __init__(self, chunker: Chunker):
+        self.chunker = chunker
+
+    def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
 
 
 @dataclass

@@ -44,9 +44,11 @@ class ChunkStore(Protocol):
     chunker: Chunker
 
     def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int: ...
+
     def store_chunks(self, ids: list[bytes], chunks: list[bytes | memoryview]) -> list[int]:
-        """`store_chunk` for several at once (one lookup for all); the bytes each added."""
-        ...
+        """`store_chunk` for several at once; the bytes each added. One by one here; a sink
+        that can look many up at once (the local store: one index query) overrides it."""
+        return [self.store_chunk(cid, data) for cid, data in zip(ids, chunks, strict=True)]
 
 
 def _open(path: bytes) -> int:
