@@ -54,7 +54,8 @@ def test_download_follows_the_tree_order_in_batches_the_server_accepts(tmp_path,
     plan.changes.append(Change(Action.DELETE, b"usr/old", None))
     plan.changes.append(Change(Action.META, b"var/x", entries[b"etc/z.conf"]))
 
-    order, lengths = update.download_order(plan)
+    lengths = plan.chunks_in_order()
+    order = list(lengths)
     expected = [content_id(p) for path in (b"etc/z.conf", b"usr/bin/a", b"usr/lib/a.so",
                                            b"usr/lib/b.so") for p in pieces[path]]
     assert order == expected  # path order, file order within a file, each chunk once

@@ -127,7 +127,7 @@ class LayerSource:
 
     def lacking(self, ids: list[bytes]) -> list[bytes]:
         """Chunks neither the cache nor the endpoint's files can supply, in the order given
-        (download_order: the tree's order, which is what makes the stream compress)."""
+        (Plan.chunks_in_order: the tree's, which is what makes the stream compress)."""
         missing = set(self.cache.missing_chunks(sorted(set(ids))))
         return [c for c in ids if c in missing and c not in self.seeds]
 
@@ -204,25 +204,6 @@ class LayerSource:
             yield self.chunk(cid)
 
 
-def download_order(plan: Plan) -> tuple[list[bytes], dict[bytes, int]]:
-    """The chunks the plan writes, each once, in the order of the tree (the plan's changes
-    are sorted by path), and their lengths. Neighbouring files are alike (a package's
-    modules, its libraries, its locale files), so a stream in this order compresses far
-    better than one in id order, which is random."""
-    order: list[bytes] = []
-    lengths: dict[bytes, int] = {}
-    for c in plan.changes:
-        e = c.entry
-        if e is None or e.type is not EntryType.FILE or c.action not in (Action.ADD,
-                                                                           Action.REPLACE):
-            continue
-        for cid, n in e.chunks:
-            if cid not in lengths:
-                lengths[cid] = n
-                order.append(cid)
-    return order, lengths
-
-
 def _open_cache(path: Path) -> Store:
     if not (path / "config").exists():
         shutil.rmtree(path, ignore_errors=True)  # a half-made cache from a killed run
@@ -275,8 +256,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         state.save_update({"key": desired.key, "state": "downloading",
                            "desired": desired.model_dump()})
         source.add_seeds(current)
-        order, lengths = download_order(plan)
-        lacking = source.lacking(order)
+        lengths = plan.chunks_in_order()
+        lacking = source.lacking(list(lengths))
         last = [0.0]
 
         def received() -> int:  # one figure everywhere: all this update took on the wire
@@ -321,8 +302,8 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
     try:
         plan, image, rules = compute_plan(source, desired, current, state.owned())
         source.add_seeds(current)
-        order, lengths = download_order(plan)
-        source.download(source.lacking(order), lengths)
+        lengths = plan.chunks_in_order()
+        source.download(source.lacking(list(lengths)), lengths)
         need = plan.bytes_to_write()
         free = shutil.disk_usage(root).free
         if need > free:

@@ -62,10 +62,21 @@ class Plan:
                    if c.entry is not None and c.entry.type is EntryType.FILE
                    and c.action in (Action.ADD, Action.REPLACE))
 
+    def chunks_in_order(self) -> dict[bytes, int]:
+        """The chunks the plan writes, each once, with their lengths, in the order of the
+        tree (changes are sorted by path). Neighbouring files are alike (a package's
+        modules, libraries, locale files), so a download stream in this order compresses
+        far better than one in id order, which is random."""
+        lengths: dict[bytes, int] = {}
+        for c in self.changes:
+            if c.entry is not None and c.entry.type is EntryType.FILE and \
+                    c.action in (Action.ADD, Action.REPLACE):
+                for cid, n in c.entry.chunks:
+                    lengths.setdefault(cid, n)
+        return lengths
+
     def chunk_ids(self) -> set[bytes]:
-        return {cid for c in self.changes
-                if c.entry is not None and c.entry.type is EntryType.FILE
-                and c.action in (Action.ADD, Action.REPLACE) for cid, _ in c.entry.chunks}
+        return set(self.chunks_in_order())
 
     def summary(self, limit: int = 50) -> dict:
         kinds: dict[str, int] = {}
