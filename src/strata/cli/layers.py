@@ -12,6 +12,13 @@ import typer
 from rich.table import Table
 
 from strata.errors import StrataError
+from strata.model.names import (
+    COLLECTION_NAME,
+    LAYER_KINDS,
+    LAYER_NAME,
+    LAYER_VERSION,
+    OS_FAMILIES,
+)
 
 from .admin import JSON, SERVER, TOKEN_FILE, admin_call, admin_token, endpoint_app, path_part
 from .output import console, human_bytes, print_json, run_with_progress
@@ -22,12 +29,9 @@ collection_app = typer.Typer(help="Collections of endpoints (by name or by rule)
                              no_args_is_help=True)
 task_app = typer.Typer(help="Tracked operations (migrations).", no_args_is_help=True)
 API = "/api/v1/admin"
-KINDS = ("base", "driver", "app")
-FAMILIES = ("linux", "windows")
-# The same shapes the server accepts (routes/layers.py), checked here for a clear message.
-NAME_RE = re.compile(r"[A-Za-z0-9._+-]{1,128}")
-VERSION_RE = re.compile(r"[A-Za-z0-9._+~-]{1,64}")
-COLLECTION_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# The shapes the server accepts, checked here first for a clear message.
+NAME_RE, VERSION_RE, COLLECTION_RE = (re.compile(p) for p in (LAYER_NAME, LAYER_VERSION,
+                                                                 COLLECTION_NAME))
 
 
 def _ref(text: str) -> str:
@@ -155,8 +159,8 @@ def capture(kind: str = typer.Option(..., "--kind", help="base, driver or app"),
     """Capture a layer from a reference machine (a directory or a centralized endpoint)."""
     if (from_dir is None) == (from_endpoint is None):
         raise StrataError("capture --from-dir DIR or --from-endpoint ID")
-    _choice(kind, KINDS, "--kind")
-    _choice(os_family, FAMILIES, "--os")
+    _choice(kind, LAYER_KINDS, "--kind")
+    _choice(os_family, OS_FAMILIES, "--os")
     if not NAME_RE.fullmatch(name):
         raise StrataError(f"--name {name!r}: use letters, digits and . _ + - (e.g. corp-os)")
     if not VERSION_RE.fullmatch(version):
@@ -197,7 +201,7 @@ def layer_list(kind: str | None = typer.Option(None, "--kind"), server: str | No
                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """List layers."""
     rows = admin_call(server, admin_token_file, "GET",
-                      f"{API}/layers" + (f"?kind={_choice(kind, KINDS, '--kind')}"
+                      f"{API}/layers" + (f"?kind={_choice(kind, LAYER_KINDS, '--kind')}"
                                          if kind else ""))
     if json:
         print_json(rows)

@@ -26,14 +26,13 @@ from strata.layers.rules import LayerRules, os_family
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import encode_manifest
+from strata.model.names import LAYER_KINDS
 from strata.model.snapshot import Snapshot, now_iso
 from strata.model.wire import DesiredLayer, DesiredState
 from strata.server.catalog.models import Assignment, Cvd, Endpoint, Layer, SnapshotRecord
 from strata.server.context import ServerContext
 from strata.server.policies import get_policy
 from strata.tree.order import path_key
-
-KINDS = ("base", "driver", "app")
 
 
 def rules_doc(ctx: ServerContext, db: Session, family: str) -> dict:
@@ -76,8 +75,8 @@ def save_layer(ctx: ServerContext, db: Session, *, kind: str, name: str, version
                entries: Iterable[Entry], family: str, removes: list[bytes] | None = None,
                match: dict | None = None, source: str = "") -> Layer:
     """Filter `entries` by the layer rules, store them as the layer's manifest, record it."""
-    if kind not in KINDS:
-        raise HTTPException(422, f"kind must be one of {', '.join(KINDS)}")
+    if kind not in LAYER_KINDS:
+        raise HTTPException(422, f"kind must be one of {', '.join(LAYER_KINDS)}")
     if db.scalar(select(Layer).where(Layer.name == name, Layer.version == version)):
         raise HTTPException(409, f"layer {name}:{version} already exists")
     rules = rules_for(ctx, db, family)

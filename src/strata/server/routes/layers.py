@@ -22,6 +22,13 @@ from strata.layers.plan import plan_update
 from strata.model.entry import EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest
+from strata.model.names import (
+    COLLECTION_NAME,
+    LAYER_KINDS,
+    LAYER_NAME,
+    LAYER_VERSION,
+    OS_FAMILIES,
+)
 from strata.model.wire import MissingRequest, MissingResponse, UploadResponse
 from strata.server.catalog.models import (
     Assignment,
@@ -35,7 +42,6 @@ from strata.server.catalog.models import (
 from strata.server.context import ServerContext
 from strata.server.deps import audit, get_ctx, require_admin
 from strata.server.layers import (
-    KINDS,
     assigned_layers,
     endpoint_family,
     find_layer,
@@ -52,9 +58,6 @@ from strata.server.routes.agent import _ids, _read_body, _store_bundle
 from strata.tree.scan import display
 
 router = APIRouter(prefix="/api/v1/admin", tags=["layers"], dependencies=[Depends(require_admin)])
-FAMILIES = ("linux", "windows")
-NAME_PATTERN = r"^[A-Za-z0-9._+-]+$"
-VERSION_PATTERN = r"^[A-Za-z0-9._+~-]+$"
 
 
 def _layer(db: Session, ref: str, kind: str | None = None) -> Layer:
@@ -62,8 +65,8 @@ def _layer(db: Session, ref: str, kind: str | None = None) -> Layer:
     NAME would silently pick the newest version, and a delete or an assignment must
     not guess)."""
     name, sep, version = ref.partition(":")
-    if not (ref.isascii() and ref.isdigit()) and not (sep and re.fullmatch(NAME_PATTERN, name)
-                                  and re.fullmatch(VERSION_PATTERN, version)):
+    if not (ref.isascii() and ref.isdigit()) and not (sep and re.fullmatch(LAYER_NAME, name)
+                                  and re.fullmatch(LAYER_VERSION, version)):
         raise HTTPException(422, f"malformed layer reference {ref!r}: expected "
                                  "NAME:VERSION, e.g. corp-os:2")
     row = find_layer(db, ref)
@@ -101,8 +104,8 @@ async def admin_upload(request: Request,
 
 class LayerCommit(BaseModel):
     kind: str
-    name: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
-    version: str = Field(min_length=1, max_length=64, pattern=VERSION_PATTERN)
+    name: str = Field(min_length=1, max_length=128, pattern=LAYER_NAME)
+    version: str = Field(min_length=1, max_length=64, pattern=LAYER_VERSION)
     os: str = "linux"
     match: dict[str, str] = Field(default_factory=dict)
     source: str = Field(default="", max_length=255)
@@ -148,16 +151,16 @@ def _endpoint_snapshot(db: Session, ep: Endpoint, ref: str) -> str:
 
 
 def _capture(ctx: ServerContext, body: LayerCommit) -> dict:
-    if body.kind not in KINDS:
-        raise HTTPException(422, f"kind must be one of {', '.join(KINDS)}")
+    if body.kind not in LAYER_KINDS:
+        raise HTTPException(422, f"kind must be one of {', '.join(LAYER_KINDS)}")
     if body.kind == "driver" and not body.match:
         raise HTTPException(422, "a driver layer needs --match (e.g. vendor=Dell*,model=*)")
     if set(body.match) - {"vendor", "model"}:
         raise HTTPException(422, "driver match rules take vendor and model")
     if body.match and body.kind != "driver":
         raise HTTPException(422, "only driver layers take match rules")
-    if body.os not in FAMILIES:
-        raise HTTPException(422, f"os must be one of {', '.join(FAMILIES)}")
+    if body.os not in OS_FAMILIES:
+        raise HTTPException(422, f"os must be one of {', '.join(OS_FAMILIES)}")
     with ctx.write() as db:
         family = body.os
         if body.endpoint:
@@ -218,8 +221,8 @@ def capture_layer(body: LayerCommit, ctx: ServerContext = Depends(get_ctx)) -> d
 
 @router.get("/layers")
 def list_layers(kind: str | None = None, ctx: ServerContext = Depends(get_ctx)) -> list[dict]:
-    if kind and kind not in KINDS:
-        raise HTTPException(422, f"kind must be one of {', '.join(KINDS)}")
+    if kind and kind not in LAYER_KINDS:
+        raise HTTPException(422, f"kind must be one of {', '.join(LAYER_KINDS)}")
     with ctx.session() as db:
         q = select(Layer).order_by(Layer.kind, Layer.name, Layer.created_at)
         if kind:
@@ -305,7 +308,7 @@ def delete_layer(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
 # -- collections and assignment ---------------------------------------------------------------
 
 class CollectionBody(BaseModel):
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(min_length=1, max_length=128, pattern=COLLECTION_NAME)
     members: list[str] = Field(default_factory=list)
     rule: dict[str, str] = Field(default_factory=dict)  # os, vendor, model, tag: globs
 
