@@ -65,17 +65,25 @@ class RemoteSink(ChunkStore):
 
     def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int:
         """Queue a chunk; it is compressed and sent only if the server lacks it."""
+        return self.store_chunks([cid], [data])[0]
+
+    def store_chunks(self, ids: list[bytes], chunks: list[bytes | memoryview]) -> list[int]:
+        """Queue a read's chunks under one lock; copies (the reader reuses its buffer) are
+        made before it, so readers do not wait on each other's copying."""
+        fresh = [(cid, bytes(data)) for cid, data in zip(ids, chunks, strict=True)
+                 if cid not in self._known]  # re-checked under the lock
+        queue = None
         with self._lock:
-            if cid in self._known:
-                return 0
-            self._known.add(cid)
-            self._queue.append((cid, bytes(data)))
-            self._queued_bytes += len(data)
-            if len(self._queue) < _QUEUE_CHUNKS and self._queued_bytes < _QUEUE_BYTES:
-                return 0
-            queue, self._queue, self._queued_bytes = self._queue, [], 0
-        self._resolve(queue)
-        return 0
+            for cid, raw in fresh:
+                if cid not in self._known:
+                    self._known.add(cid)
+                    self._queue.append((cid, raw))
+                    self._queued_bytes += len(raw)
+            if len(self._queue) >= _QUEUE_CHUNKS or self._queued_bytes >= _QUEUE_BYTES:
+                queue, self._queue, self._queued_bytes = self._queue, [], 0
+        if queue:
+            self._resolve(queue)
+        return [0] * len(ids)  # what the server lacked is counted as it is sent
 
     def _resolve(self, queue: list[tuple[bytes, bytes]]) -> None:
         lacking = self._ask([cid for cid, _ in queue])
