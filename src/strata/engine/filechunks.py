@@ -18,8 +18,8 @@ from strata.model.ids import content_id
 from strata.store.chunker import Chunker
 from strata.tree.scan import open_path
 
-# Files up to this size are read in one call; larger ones stream in blocks of this size,
-# so a reader thread holds about two blocks however large the file (memory stays flat).
+# Files up to this size are read in one call; larger ones stream through one buffer of
+# this size plus two maximal chunks (1.5 MiB), however large the file (memory stays flat).
 READ_BLOCK = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW
 

@@ -54,9 +54,6 @@ class ChunkIndex:
         self.db.close()
 
     # -- lookups ---------------------------------------------------------------
-    def has(self, cid: bytes) -> bool:
-        return self.db.execute("SELECT 1 FROM chunks WHERE id=?", (cid,)).fetchone() is not None
-
     def present(self, ids: Iterable[bytes]) -> set[bytes]:
         """The subset of `ids` that the index holds."""
         ids = list(ids)

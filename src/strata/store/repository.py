@@ -190,14 +190,6 @@ class Store:
         return file_lock(self.locks_dir / "commit.lock")
 
     # -- writing chunks -------------------------------------------------------
-    def claim(self, cid: bytes) -> bool:
-        """True if the caller must store `cid` (nobody holds or is storing it yet)."""
-        with self._lock:
-            if cid in self._pending or self.index.has(cid):
-                return False
-            self._pending.add(cid)
-            return True
-
     def claim_many(self, ids: list[bytes]) -> set[bytes]:
         """The ids among `ids` the caller must store; one index query for the lot."""
         with self._lock:
@@ -209,9 +201,7 @@ class Store:
 
     def store_chunk(self, cid: bytes, data: bytes | memoryview) -> int:
         """Store a chunk unless the store already has it; return the stored bytes added."""
-        if not self.claim(cid):
-            return 0
-        return self.put_claimed(cid, self.codec.encode(cid, data), len(data))
+        return self.store_chunks([cid], [data])[0]
 
     def store_chunks(self, ids: list[bytes], chunks: list[bytes | memoryview]) -> list[int]:
         """`store_chunk` for several at once, with one index query for all of them."""
