@@ -31,10 +31,12 @@ from strata.tree.excludes import ExcludeMatcher
 from strata.tree.order import path_key
 from strata.tree.scan import open_path, scan_tree
 
-from .filechunks import ChunkStore, FileChunks, Stored, archive_file
+from .filechunks import ChunkStore, FileChunks, Stored, archive_files
 from .progress import Progress
 
 _WINDOW = 8192  # entries in flight; bounds memory while keeping the readers busy
+_BATCH_FILES = 64  # files per reader task, at most
+_BATCH_BYTES = 4 << 20  # and bytes: a large file goes in a batch of its own (or nearly)
 _KEEPALIVE_SECONDS = 60  # how often a long scan tells others it is still alive
 
 
@@ -102,14 +104,27 @@ def find_parent(store: Store, host: str, paths: list[str]) -> Snapshot | None:
     return None
 
 
-def _read_file(sink: ChunkSink, counters: _Counters, progress: Progress | None,
-               abspath: bytes, entry: Entry) -> FileChunks:
-    """One reader-thread task: stream a file chunk by chunk into the sink."""
+class _Batch:
+    """Files handed to one reader task together (up to _BATCH_FILES or _BATCH_BYTES):
+    one future, one index lookup and one counter update for the lot, not one per file."""
+
+    __slots__ = ("files", "nbytes", "future")
+
+    def __init__(self) -> None:
+        self.files: list[tuple[bytes, int]] = []
+        self.nbytes = 0
+        self.future: Future[list[FileChunks | OSError]] | None = None
+
+
+def _read_batch(sink: ChunkSink, counters: _Counters, progress: Progress | None,
+                files: list[tuple[bytes, int]]) -> list[FileChunks | OSError]:
+    """One reader-thread task: read a batch of files into the sink."""
     stored = Stored()
-    fc = archive_file(sink, abspath, entry.size, stored,
-                      (lambda n: progress.advance(nbytes=n)) if progress else None)
-    counters.add(fc.size, stored.new_bytes, stored.stored_bytes, stored.new_chunks)
-    return fc
+    out = archive_files(sink, files, stored,
+                        (lambda n: progress.advance(nbytes=n)) if progress else None)
+    counters.add(sum(fc.size for fc in out if isinstance(fc, FileChunks)),
+                 stored.new_bytes, stored.stored_bytes, stored.new_chunks)
+    return out
 
 
 class ChunkSink(ChunkStore, Protocol):
@@ -161,7 +176,15 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
     readers = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2,
                                  thread_name_prefix="reader")
     with tempfile.TemporaryFile(prefix="strata-manifest-") as mf:
-        inflight: deque[tuple[Entry, Future[FileChunks] | None]] = deque()
+        # Entries in tree order, each with the batch reading it (if any) and its place there.
+        inflight: deque[tuple[Entry, _Batch | None, int]] = deque()
+        filling: _Batch | None = None  # the batch being filled, not yet submitted
+
+        def submit(batch: _Batch) -> None:
+            nonlocal filling
+            batch.future = readers.submit(_read_batch, sink, counters, progress, batch.files)
+            if batch is filling:
+                filling = None
 
         def emit(entry: Entry) -> None:
             manifest_out.write(entry)
@@ -173,14 +196,19 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
                 result.dirs += 1
 
         def drain(limit: int) -> None:
-            while len(inflight) > limit or (
-                    inflight and (inflight[0][1] is None or inflight[0][1].done())):
-                entry, fut = inflight.popleft()
-                if fut is not None:
-                    try:
-                        fc = fut.result()
-                    except OSError as exc:  # vanished or unreadable since the scan
-                        result.errors.append(f"{os.fsdecode(entry.path)}: {exc.strerror}")
+            while inflight:
+                entry, batch, i = inflight[0]
+                if batch is not None:
+                    if len(inflight) <= limit and (batch.future is None
+                                                   or not batch.future.done()):
+                        return
+                    if batch.future is None:  # waiting on it: send it off as it is
+                        submit(batch)
+                    fc = batch.future.result()[i]  # type: ignore[union-attr]
+                inflight.popleft()
+                if batch is not None:
+                    if isinstance(fc, OSError):  # vanished or unreadable since the scan
+                        result.errors.append(f"{os.fsdecode(entry.path)}: {fc.strerror}")
                         continue
                     entry.chunks, entry.content_hash, entry.size = \
                         fc.chunks, fc.content_hash, fc.size
@@ -192,7 +220,7 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
         last_tick = time.monotonic()
         try:
             for entry, abspath in scan_tree(src, matcher, errors=result.errors):
-                fut = None
+                batch, i = None, 0
                 if keepalive and time.monotonic() - last_tick > _KEEPALIVE_SECONDS:
                     keepalive()
                     last_tick = time.monotonic()
@@ -209,10 +237,16 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
                             result.files_new += 1
                         else:
                             result.files_changed += 1
-                        fut = readers.submit(_read_file, sink, counters, progress, abspath,
-                                             entry)
-                inflight.append((entry, fut))
+                        batch = filling = filling or _Batch()
+                        i = len(batch.files)
+                        batch.files.append((abspath, entry.size))
+                        batch.nbytes += entry.size
+                        if len(batch.files) >= _BATCH_FILES or batch.nbytes >= _BATCH_BYTES:
+                            submit(batch)
+                inflight.append((entry, batch, i))
                 drain(_WINDOW)
+            if filling is not None:
+                submit(filling)
             drain(0)
         finally:
             readers.shutdown(cancel_futures=True)

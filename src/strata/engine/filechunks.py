@@ -21,6 +21,7 @@ from strata.tree.scan import open_path
 # Files up to this size are read in one call; larger ones stream through one buffer of
 # this size plus two maximal chunks (1.5 MiB), however large the file (memory stays flat).
 READ_BLOCK = 1 << 20
+_BATCH_CHUNKS = 256  # chunks of small files handed to the sink at once
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW
 
 
@@ -65,17 +66,34 @@ def read_chunks(chunker: Chunker, path: bytes, size: int) -> Iterator[memoryview
         yield from block
 
 
+def read_whole(path: bytes, size: int) -> bytes | None:
+    """A small file's bytes with one read call (open, read, close: a file object costs
+    twice the system calls, and most files are small). None if the file has grown past
+    `size` since stat: the caller streams it instead of holding however much it now is."""
+    fd = _open(path)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) < size:  # shrank since stat, or a short read: go on to EOF
+            parts, got = [data], len(data)
+            while got <= size and (part := os.read(fd, size + 1 - got)):
+                parts.append(part)
+                got += len(part)
+            data = b"".join(parts)
+        return data if len(data) <= size else None
+    finally:
+        os.close(fd)
+
+
 def read_blocks(chunker: Chunker, path: bytes, size: int) -> Iterator[list[memoryview | bytes]]:
     """The file's chunks, a list per read: the whole file up to READ_BLOCK, else per
     refill of one buffer (no fresh buffer per block, built holding the GIL). Use each list
     before asking for the next: after the file's first chunk, they view that buffer."""
-    with os.fdopen(_open(path), "rb", buffering=0) as f:
-        if size <= READ_BLOCK:
-            buf = f.read()
-            # The file may have grown since stat: read the rest too.
-            more = f.read() if len(buf) == size else b""
-            yield list(chunker.cut(buf + more if more else buf))
+    if size <= READ_BLOCK:
+        data = read_whole(path, size)
+        if data is not None:
+            yield list(chunker.cut(data))
             return
+    with os.fdopen(_open(path), "rb", buffering=0) as f:
         # Stream: fill the buffer, cut it, keep what follows the last cut at its front and
         # refill behind it. A cut is final only with max_size bytes after it, so only a full
         # buffer (a block plus twice that) is cut before the end of the file.
@@ -139,12 +157,50 @@ def archive_file(sink: ChunkStore, path: bytes, size: int, stored: Stored,
     hasher = FileHasher()
     for block in read_blocks(sink.chunker, path, size):
         ids = [hasher.add(data) for data in block]
-        for data, added in zip(block, sink.store_chunks(ids, block), strict=True):
-            if added:
-                stored.new_bytes += len(data)
-                stored.stored_bytes += added
-                stored.new_chunks += 1
+        _store(sink, ids, block, stored)
         if on_bytes is not None:
             on_bytes(sum(len(data) for data in block))
     return hasher.result()
 
+
+def archive_files(sink: ChunkStore, files: list[tuple[bytes, int]], stored: Stored,
+                  on_bytes: Callable[[int], None] | None = None) -> list[FileChunks | OSError]:
+    """Read several files (path, size) into `sink`; each one's chunks, or the error that
+    stopped it (vanished, unreadable). Small files share one `store_chunks` call, so a
+    batch of them costs one index lookup, not one each; large ones stream on their own."""
+    out: list[FileChunks | OSError] = []
+    ids: list[bytes] = []
+    pending: list[memoryview | bytes] = []
+    small_bytes = 0  # read whole here; streamed files report their own progress
+    for path, size in files:
+        try:
+            data = read_whole(path, size) if size <= READ_BLOCK else None
+            if data is None:
+                out.append(archive_file(sink, path, size, stored, on_bytes))
+                continue
+        except OSError as exc:
+            out.append(exc)
+            continue
+        small_bytes += len(data)
+        hasher = FileHasher()
+        for piece in sink.chunker.cut(data):
+            ids.append(hasher.add(piece))
+            pending.append(piece)
+        out.append(hasher.result())
+        if len(pending) >= _BATCH_CHUNKS:
+            _store(sink, ids, pending, stored)
+            ids, pending = [], []
+    if pending:
+        _store(sink, ids, pending, stored)
+    if on_bytes is not None:
+        on_bytes(small_bytes)
+    return out
+
+
+def _store(sink: ChunkStore, ids: list[bytes], chunks: list[memoryview | bytes],
+           stored: Stored) -> None:
+    for data, added in zip(chunks, sink.store_chunks(ids, chunks), strict=True):
+        if added:
+            stored.new_bytes += len(data)
+            stored.stored_bytes += added
+            stored.new_chunks += 1
