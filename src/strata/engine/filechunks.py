@@ -52,7 +52,7 @@ class ChunkStore(Protocol):
         return [self.store_chunk(cid, data) for cid, data in zip(ids, chunks, strict=True)]
 
 
-def _open(path: bytes) -> int:
+def open_for_read(path: bytes) -> int:
     try:
         # O_NOATIME keeps backups from touching atime; only the owner (or root) may ask.
         return open_path(path, _OPEN_FLAGS | getattr(os, "O_NOATIME", 0))
@@ -70,7 +70,7 @@ def read_whole(path: bytes, size: int) -> bytes | None:
     """A small file's bytes with one read call (open, read, close: a file object costs
     twice the system calls, and most files are small). None if the file has grown past
     `size` since stat: the caller streams it instead of holding however much it now is."""
-    fd = _open(path)
+    fd = open_for_read(path)
     try:
         data = os.read(fd, size + 1)
         if len(data) < size:  # shrank since stat, or a short read: go on to EOF
@@ -93,7 +93,7 @@ def read_blocks(chunker: Chunker, path: bytes, size: int) -> Iterator[list[memor
         if data is not None:
             yield list(chunker.cut(data))
             return
-    with os.fdopen(_open(path), "rb", buffering=0) as f:
+    with os.fdopen(open_for_read(path), "rb", buffering=0) as f:
         # Stream: fill the buffer, cut it, keep what follows the last cut at its front and
         # refill behind it. A cut is final only with max_size bytes after it, so only a full
         # buffer (a block plus twice that) is cut before the end of the file.

@@ -30,6 +30,7 @@ TRAILER_AAD = b"strata-pack-trailer"
 # Keep compressed output only when it saves at least this fraction: decompression is
 # not free, and already-compressed data (media, archives) barely shrinks.
 _MIN_SAVING = 0.03
+_WRITE_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,16 +122,31 @@ class PackWriter:
         self.cipher = cipher
         spool_dir.mkdir(parents=True, exist_ok=True)
         self.path = spool_dir / f"pack-{uuid.uuid4().hex}.tmp"
-        self._file = open(self.path, "xb", buffering=1 << 20)  # noqa: SIM115 -- closed in finish
+        self._file = open(self.path, "xb", buffering=_WRITE_BLOCK)  # noqa: SIM115 -- closed in finish
         self._hash = blake3.blake3()
+        self._parts: list[bytes] = []
+        self._gathered = 0
         self.size = 0
         self.entries: list[PackEntry] = []
         self._write(MAGIC)
 
     def _write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._hash.update(data)
+        # Gathered into blocks: one hash update and one write call per MiB, not per blob
+        # (each would hand the GIL over, and the writing threads' time is the backup's).
+        self._parts.append(data)
+        self._gathered += len(data)
         self.size += len(data)
+        if self._gathered >= _WRITE_BLOCK:
+            self._spill()
+
+    def _spill(self) -> None:
+        if not self._parts:
+            return
+        block = b"".join(self._parts) if len(self._parts) > 1 else self._parts[0]
+        self._parts.clear()
+        self._gathered = 0
+        self._hash.update(block)
+        self._file.write(block)
 
     def add(self, cid: bytes, blob: bytes, raw_length: int) -> None:
         self.entries.append(PackEntry(cid, self.size, len(blob), raw_length))
@@ -143,6 +159,7 @@ class PackWriter:
         sealed = self.cipher.seal(trailer, TRAILER_AAD)
         self._write(sealed)
         self._write(_FOOTER.pack(len(sealed), END_MAGIC))
+        self._spill()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
