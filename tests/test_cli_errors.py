@@ -114,3 +114,27 @@ def test_long_error_message_stays_on_one_line(cli, tmp_path):
     deep = tmp_path / ("a-rather-long-directory-name-" * 3) / "and-the-store-that-is-not-there"
     assert len(str(deep)) > 100
     assert_one_line_error(cli.run("snapshots", deep), "no Strata store")
+
+
+def test_each_command_alone_has_what_the_whole_tree_has():
+    """`strata NAME ...` builds only NAME's part of the tree (faster start-up): it must hold
+    every subcommand that the whole tree gives NAME, wherever they are defined. Each in a
+    fresh interpreter, as modules imported for one would otherwise serve the next."""
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import json, sys, typer; from strata.cli.main import build_app; "
+             "g = typer.main.get_group(build_app(sys.argv)); "
+             "print(json.dumps({n: sorted(getattr(c, 'commands', {})) "
+             "for n, c in g.commands.items()}))")
+
+    def tree(*argv: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", probe, *argv], check=True,
+                             capture_output=True, text=True).stdout
+        return json.loads(out)
+
+    whole = tree()
+    assert len(whole) >= 10 and "store" in whole and "provision" in whole["endpoint"]
+    for name in whole:
+        assert tree(name) == {name: whole[name]}, name

@@ -35,6 +35,13 @@ class UnsafePath(StrataError):
     """A manifest path that would escape the restore target."""
 
 
+class StoreWriteFailed(StrataError):
+    """Writing new data into the store failed (a full disk, an I/O error): the backup
+    stops, since carrying on would save a snapshot without the files it could not store."""
+
+    http_status = 507  # Insufficient Storage: the server's problem, not the request's
+
+
 class CorruptData(StrataError):
     """Bytes read back from the store do not match what they claim to be."""
 

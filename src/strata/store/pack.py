@@ -166,7 +166,10 @@ class PackWriter:
         return FinishedPack(self._hash.hexdigest(), self.path, self.size, self.entries)
 
     def discard(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # its buffer could not be written (a full disk): it is being thrown away
         self.path.unlink(missing_ok=True)
 
 

@@ -24,6 +24,7 @@ from strata.errors import (
     SnapshotNotFound,
     StoreExists,
     StoreNotFound,
+    StoreWriteFailed,
     StrataError,
 )
 from strata.model.entry import Entry
@@ -105,6 +106,10 @@ class StoreConfig:
         return cfg
 
 
+def _write_failed(exc: OSError) -> StoreWriteFailed:
+    return StoreWriteFailed(f"could not write to the store: {exc.strerror or exc}")
+
+
 class Store:
     def __init__(self, path: Path, config: StoreConfig, cipher: crypto.Cipher):
         self.path = Path(path)
@@ -123,6 +128,7 @@ class Store:
         self._pack_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-writer")
         self._writes: list[Future[None]] = []
         self._writes_slots = threading.Semaphore(2)
+        self._write_error: BaseException | None = None  # from a pack written in the background
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._fd_lock = threading.Lock()
 
@@ -185,7 +191,7 @@ class Store:
     def close(self) -> None:
         self._pack_io.shutdown(wait=True)
         for writer in self._take_writers():  # chunks never flushed belong to no snapshot
-            writer.discard()
+            self._abandon(writer)
         with self._fd_lock:
             for fd in self._fds.values():
                 os.close(fd)
@@ -236,9 +242,15 @@ class Store:
         if slot is None:
             slot = self._thread.slot = self._slots[next(self._next_slot) % len(self._slots)]
         with slot.lock:
-            if slot.writer is None:  # opened on the first new chunk
-                slot.writer = self.new_pack_writer()
-            slot.writer.add(cid, blob, raw_length)
+            try:
+                if slot.writer is None:  # opened on the first new chunk
+                    slot.writer = self.new_pack_writer()
+                slot.writer.add(cid, blob, raw_length)
+            except OSError as exc:  # e.g. a full disk: this pack can never be finished
+                broken, slot.writer = slot.writer, None
+                if broken is not None:
+                    self._abandon(broken)
+                raise _write_failed(exc) from exc
             full = None
             if slot.writer.size >= self.config.pack_size:
                 full, slot.writer = slot.writer, None
@@ -247,10 +259,17 @@ class Store:
             # wait in memory.
             self._writes_slots.acquire()
             fut = self._pack_io.submit(self.install_pack, full)
-            fut.add_done_callback(lambda _f: self._writes_slots.release())
+            fut.add_done_callback(self._written)
             with self._lock:
                 self._writes.append(fut)
+        if self._write_error is not None:  # stop now, not after reading the rest in vain
+            raise self._write_error
         return len(blob)
+
+    def _written(self, fut: Future[str]) -> None:
+        self._writes_slots.release()
+        if fut.exception() is not None:
+            self._write_error = fut.exception()
 
     def new_pack_writer(self) -> PackWriter:
         return PackWriter(self.cipher, self.path / "tmp")
@@ -258,8 +277,12 @@ class Store:
     def install_pack(self, writer: PackWriter, *, move: bool = False) -> str:
         """Finish a pack, move it into the store and index it. `move` repoints chunks
         already indexed elsewhere at this pack (repack); otherwise they keep theirs."""
-        done = writer.finish()
-        self.backend.save_file("packs", done.name, done.path)
+        try:
+            done = writer.finish()
+            self.backend.save_file("packs", done.name, done.path)
+        except OSError as exc:
+            self._abandon(writer)  # a full disk must not also leave a half pack in tmp/
+            raise _write_failed(exc) from exc
         with self._lock:
             if move:
                 self.index.move_chunks(done.name, done.size, done.entries)
@@ -282,10 +305,22 @@ class Store:
         writers = self._take_writers()
         with self._lock:
             writes, self._writes = self._writes, []
-        for fut in writes:
-            fut.result()  # re-raises a failed write (e.g. a full disk)
-        for writer in writers:
-            self.install_pack(writer)
+        try:
+            for fut in writes:
+                fut.result()  # re-raises a failed write (e.g. a full disk)
+            while writers:
+                self.install_pack(writers.pop())
+        finally:
+            for writer in writers:  # not written because an earlier one failed
+                self._abandon(writer)
+            self._write_error = None  # raised here from its future, if there was one
+
+    def _abandon(self, writer: PackWriter) -> None:
+        """Throw away an unfinished pack; its chunks may be stored again (they would be
+        taken as on their way, and skipped, for as long as this store stays open)."""
+        writer.discard()
+        with self._lock:
+            self._pending.difference_update(e.id for e in writer.entries)
 
     # -- reading chunks -------------------------------------------------------
     def _pack_fd(self, name: str) -> int:
