@@ -172,8 +172,8 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
     matcher = ExcludeMatcher(excludes or [])
     referenced: set[bytes] = set()
     cursor = _ParentCursor(parent_entries)
-    # One reader per core: more would hide disk waits on a cold cache, but measured slower
-    # (9.9-10.4 s against 9.1-9.8 s here) for the contention they add, GIL and locks.
+    # One reader per core: the read-ahead thread hides the disk waits, and three or four
+    # readers measured no faster on 2 cores (8.5-9.1 s against 8.4-8.6 s, cold cache).
     readers = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2,
                                  thread_name_prefix="reader")
     prefetch = Prefetcher()

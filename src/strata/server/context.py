@@ -21,6 +21,7 @@ from strata.store.locks import Session as StoreSession
 from strata.store.repository import Store
 
 UPLOAD_IDLE_SECONDS = 3600  # an upload session nobody touched for this long is over
+_SESSION_REFRESH_SECONDS = 10  # prune trusts a session refreshed within the hour
 SEEN_FLUSH_SECONDS = 2.0
 CACHE_SECONDS = 300.0  # admin changes clear it at once; the TTL only bounds staleness
 
@@ -108,8 +109,10 @@ class ServerContext:
                 self.uploads[endpoint_id] = (self.store.session(f"upload:{endpoint_id}"),
                                              time.monotonic())
             else:
-                entry[0].refresh()
-                self.uploads[endpoint_id] = (entry[0], time.monotonic())
+                now = time.monotonic()
+                if now - entry[1] > _SESSION_REFRESH_SECONDS:
+                    entry[0].refresh()  # a file write and rename: not for every request
+                    self.uploads[endpoint_id] = (entry[0], now)
 
     def end_upload(self, endpoint_id: str) -> None:
         with self._uploads_lock:

@@ -80,7 +80,7 @@ class BlobCodec:
         body = self.cipher.open(blob, cid)
         if not body:
             raise CorruptData(f"chunk {cid.hex()[:16]} is empty")
-        flag, payload = body[0], body[1:]
+        flag, payload = body[0], memoryview(body)[1:]  # a view: no copy of the payload
         if flag == _ZSTD:
             try:
                 # A crafted frame may claim a huge size; never allocate more than promised.
