@@ -9,6 +9,7 @@ import pytest
 
 from strata.engine.check import check
 from strata.errors import StoreWriteFailed
+from strata.model.ids import content_id
 from strata.store import pack as pack_mod
 from strata.store.repository import Store
 
@@ -73,3 +74,26 @@ def test_server_answers_a_full_disk_with_507(tmp_path):
         resp = client.post("/test/full")
     assert resp.status_code == 507
     assert resp.json() == {"detail": "could not write to the store: No space left on device"}
+
+
+def test_a_long_lived_store_recovers_once_there_is_room(tmp_path, new_store, monkeypatch):
+    """The server keeps its store open: a failed background pack write is reported (once,
+    to the writer that meets it, and again by flush) and then writes work again."""
+    import os
+
+    store_dir = new_store(pack_size=64 << 10)
+    with Store.open(store_dir) as store:
+        chunks = [os.urandom(40_000) for _ in range(12)]
+        ids = [content_id(c) for c in chunks]
+        with monkeypatch.context() as m:
+            fill_disk_after(m, 0)
+            with pytest.raises(StoreWriteFailed):
+                store.store_chunks(ids[:6], chunks[:6])
+                store.flush()
+        store.store_chunks(ids[6:], chunks[6:])  # no stale error left behind
+        store.flush()
+        assert store.missing_chunks(ids[6:]) == []
+        store.store_chunks(ids[:6], chunks[:6])  # the lost ones can be stored again
+        store.flush()
+        assert store.missing_chunks(ids) == []
+        assert [store.load_chunk(c) for c in ids] == chunks

@@ -167,11 +167,7 @@ class LayerSource:
         missing = [c for c in ids if c not in got]
         if missing:
             raise CorruptData(f"server did not send {len(missing)} chunk(s)")
-        mine = self.cache.claim_many(ids)
-        for cid in ids:
-            if cid in mine:
-                data = got[cid]
-                self.cache.put_claimed(cid, self.cache.codec.encode(cid, data), len(data))
+        self.cache.store_chunks(ids, [got[cid] for cid in ids])
         self.cache.flush()
         self.chunks_downloaded += len(ids)
         self.bytes_downloaded += self.client.bytes_received - before

@@ -169,16 +169,17 @@ def _store_bundle(ctx: ServerContext, data: bytes) -> UploadResponse:
         metrics.REJECTED_CHUNKS.inc()
         raise HTTPException(422, f"upload rejected: {exc}") from None
     store = ctx.store
-    mine = store.claim_many([cid for cid, _, _ in chunks])
     stored = dup = nbytes = 0
-    for cid, raw_length, payload in chunks:
-        if cid in mine:
-            mine.discard(cid)
-            nbytes += store.put_claimed(cid, store.codec.seal(cid, payload), raw_length)
-            stored += 1
-        else:
-            dup += 1
-            metrics.BYTES_DEDUPLICATED.inc(raw_length)
+    with store.claimed([cid for cid, _, _ in chunks]) as mine:
+        for cid, raw_length, payload in chunks:
+            if cid in mine:
+                blob = store.codec.seal(cid, payload)
+                mine.discard(cid)
+                nbytes += store.put_claimed(cid, blob, raw_length)
+                stored += 1
+            else:
+                dup += 1
+                metrics.BYTES_DEDUPLICATED.inc(raw_length)
     store.flush()  # durable and indexed before we acknowledge
     return UploadResponse(chunks=len(chunks), stored=stored, duplicates=dup,
                           bytes_stored=nbytes)
