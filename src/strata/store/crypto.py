@@ -18,8 +18,9 @@ from strata.errors import CorruptData, WrongPassphrase
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-# `cryptography` is imported when a key is used, not with this module: it is a third of
-# the start-up time of every `strata` command, and unencrypted stores never need it.
+# `cryptography` is imported when a key is used, not with this module: importing it took
+# 40 ms of the 0.3 s start-up of every `strata` command, and unencrypted stores never
+# need it.
 
 NONCE_LEN = 12
 TAG_LEN = 16
