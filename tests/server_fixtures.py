@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -204,6 +205,16 @@ class Server:
         text = httpx.get(self.url + "/metrics", timeout=5).text
         m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
         return float(m.group(1)) if m else 0.0
+
+
+def admin(world: Any, *args: object, rc: int | None = 0) -> subprocess.CompletedProcess[str]:
+    """An admin command against `world.server` (a test module's fixture namespace)."""
+    return world.server.admin_cli(*args, rc=rc)
+
+
+def admin_json(world: Any, *args: object) -> Any:
+    """The same with --json, its output parsed."""
+    return json.loads(admin(world, *args, "--json").stdout)
 
 
 def enroll_request(server: Server, token: str, hostname: str = "probe") -> httpx.Response:

@@ -21,6 +21,8 @@ from server_fixtures import (
     MIB,
     Agent,
     Server,
+    admin,
+    admin_json,
     build_os_tree,
     centralized,
     strata,
@@ -128,14 +130,6 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     finally:
         server.stop()
         server.kill()
-
-
-def admin(world, *args: object, rc: int | None = 0):
-    return world.server.admin_cli(*args, rc=rc)
-
-
-def admin_json(world, *args: object) -> dict:
-    return json.loads(admin(world, *args, "--json").stdout)
 
 
 def endpoint(world, agent: Agent) -> dict:

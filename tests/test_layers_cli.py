@@ -8,7 +8,6 @@ One small server and one endpoint are shared by the module; the tests run in fil
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,15 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from server_fixtures import Agent, Server, assert_one_line_error, centralized, strata
+from server_fixtures import (
+    Agent,
+    Server,
+    admin,
+    admin_json,
+    assert_one_line_error,
+    centralized,
+    strata,
+)
 
 
 def write(path: Path, text: str) -> None:
@@ -47,14 +54,6 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     finally:
         server.stop()
         server.kill()
-
-
-def admin(world, *args: object, rc: int | None = 0):
-    return world.server.admin_cli(*args, rc=rc)
-
-
-def admin_json(world, *args: object) -> object:
-    return json.loads(admin(world, *args, "--json").stdout)
 
 
 def refused(world, *args: object, needle: str = "") -> None:
