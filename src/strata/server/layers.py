@@ -9,7 +9,6 @@ a stored layer never holds identity, user data or what belongs to no layer.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
@@ -21,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from strata.engine.backup import store_manifest
+from strata.layers.hardware import hardware_facts, rule_matches
 from strata.layers.image import KIND_ORDER, Image, LayerContent, build_image
 from strata.layers.rules import LayerRules, os_family
 from strata.model.entry import Entry, EntryType
@@ -108,19 +108,13 @@ def endpoint_family(ep: Endpoint) -> str:
     return os_family(ep.os or str((ep.inventory or {}).get("os", "")))
 
 
-def _glob(pattern: str, value: str) -> bool:
-    return fnmatch.fnmatchcase(value.lower(), pattern.lower())
-
-
 def drivers_for(db: Session, inventory: dict) -> list[Layer]:
     """The driver layers whose rules match this hardware: the newest version of each name."""
-    hw = inventory.get("hardware", {}) if isinstance(inventory, dict) else {}
-    facts = {"vendor": str(hw.get("vendor", "")), "model": str(hw.get("model", ""))}
+    facts = hardware_facts(inventory)
     chosen: dict[str, Layer] = {}
     for layer in db.scalars(select(Layer).where(Layer.kind == "driver")
                             .order_by(Layer.created_at, Layer.id)):
-        rule = layer.match or {}
-        if rule and all(_glob(str(pat), facts.get(key, "")) for key, pat in rule.items()):
+        if rule_matches(layer.match or {}, facts):
             chosen[layer.name] = layer  # later rows are newer versions
     return list(chosen.values())
 
