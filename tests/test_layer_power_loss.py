@@ -101,3 +101,39 @@ def test_kill_during_apply_never_leaves_a_mix(server, tmp_path: Path):
     # And the server's copy of the endpoint is whole.
     server.stop()
     strata("store", "check", server.store, "--read-data")
+
+
+def test_an_update_after_a_lost_post_update_snapshot_plans_against_the_live_tree(
+        server, tmp_path: Path):
+    """The power goes after the switch but before the post-update snapshot completes: the
+    agent's last snapshot still shows the old tree. The next update must be planned
+    against the tree as it is, not as that snapshot says (this made the power-loss test
+    above fail one run in three: going back to the old base looked like "nothing to do")."""
+    v1, v2 = base_pair(tmp_path)
+    root = tmp_path / "endpoint"
+    shutil.copytree(v1, root)
+    (root / "home/ann").mkdir(parents=True)
+    (root / "home/ann/notes.txt").write_text("mine\n")
+    agent = Agent(server, root, tmp_path / "state")
+    agent.enroll(server.create_token())
+    centralized(agent.run_once())
+    for name, tree in (("1", v1), ("2", v2)):
+        server.admin_cli("layer", "capture", "--kind", "base", "--name", "os", "--version",
+                         name, "--from-dir", tree)
+    server.admin_cli("assign", "--all", "--base", "os:1")
+    agent.run_once()
+    server.admin_cli("assign", "--all", "--base", "os:2")
+    assert agent.run_once()["update"]["state"] == "ready"
+    parent = {n: (agent.state / n).read_bytes() for n in ("parent.json", "parent.manifest")}
+    strata_json(*agent.cmd("apply"))
+    for name, data in parent.items():  # as if killed before the post-update snapshot
+        (agent.state / name).write_bytes(data)
+    assert without(tree_state(root), *USER_LAYERS) == without(tree_state(v2), *USER_LAYERS)
+
+    server.admin_cli("assign", "--all", "--base", "os:1")
+    update = agent.run_once()["update"]
+    assert update["state"] == "ready", update
+    assert update["changes"]["replace"] > 0
+    strata_json(*agent.cmd("apply"))
+    assert without(tree_state(root), *USER_LAYERS) == without(tree_state(v1), *USER_LAYERS)
+    assert (root / "home/ann/notes.txt").read_text() == "mine\n"

@@ -12,11 +12,13 @@ from strata.agent.client import ServerClient
 from strata.agent.inventory import collect_inventory
 from strata.agent.sink import RemoteSink
 from strata.agent.state import AgentState
+from strata.agent.update import LocalTree
 from strata.engine.backup import archive_tree, commit_with_heal, make_snapshot
 from strata.engine.progress import Progress
-from strata.errors import MissingChunks
+from strata.errors import MissingChunks, StrataError
 from strata.model.manifest import decode_manifest
-from strata.model.wire import CheckinResponse
+from strata.model.wire import AgentPolicy, CheckinResponse, ChunkerSpec
+from strata.store.chunker import ChunkerParams
 
 
 @dataclass
@@ -49,7 +51,7 @@ def checkin(client: ServerClient, root: Path, state: AgentState) -> CheckinRespo
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
     info = CheckinResponse.model_validate(resp.json())
     state.update_status(server_reachable=True, last_checkin=datetime.now(UTC).isoformat(),
-                        policy=info.policy.model_dump())
+                        policy=info.policy.model_dump(), chunker=info.chunker.model_dump())
     return info
 
 
@@ -61,6 +63,22 @@ def own_exclusions(root: Path, state: AgentState) -> list[str]:
     except ValueError:
         return own
     return own + [f"/{rel.as_posix()}/"] if str(rel) != "." else own
+
+
+def local_tree(root: Path, state: AgentState, info: CheckinResponse | None) -> LocalTree:
+    """The tree as this agent snapshots it, from the check-in just made or, offline, from
+    the last one (an apply at boot may have no server)."""
+    if info is not None:
+        policy, spec = info.policy, info.chunker
+    else:
+        status = state.status()
+        try:
+            policy = AgentPolicy.model_validate(status.get("policy") or {})
+            spec = ChunkerSpec.model_validate(status["chunker"])
+        except (KeyError, ValueError):
+            raise StrataError("this agent has not checked in with the server yet") from None
+    return LocalTree(root=root, excludes=policy.exclusions + own_exclusions(root, state),
+                     chunker=ChunkerParams(spec.min_size, spec.avg_size, spec.max_size))
 
 
 def centralize(client: ServerClient, state: AgentState, root: Path, info: CheckinResponse, *,

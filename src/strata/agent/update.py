@@ -17,7 +17,9 @@ from pathlib import Path
 import zstandard
 
 from strata.agent.client import ServerClient
+from strata.agent.drift import tree_changed
 from strata.agent.state import AgentState
+from strata.engine.backup import HashOnlySink, archive_tree
 from strata.errors import CorruptData, StrataError
 from strata.layers.changes import Action
 from strata.layers.image import Image, LayerContent, build_image
@@ -30,6 +32,7 @@ from strata.model.manifest import decode_manifest, encode_manifest
 from strata.model.transfer import read_stream
 from strata.model.wire import DesiredLayer, DesiredState
 from strata.store.backend import atomic_write
+from strata.store.chunker import Chunker, ChunkerParams
 from strata.store.pack import decode_payload
 from strata.store.repository import Store
 from strata.tree.scan import open_path
@@ -331,22 +334,42 @@ def recover(root: Path) -> str | None:
 Centralizer = Callable[[str], str]  # trigger -> snapshot id (a centralization, now)
 
 
-def current_entries(state: AgentState) -> list[Entry]:
+@dataclass(frozen=True)
+class LocalTree:
+    """The endpoint's tree as the agent reads it: its root, the exclusions its snapshots
+    are taken with, and the store's chunker (so that ids computed here match the server's)."""
+
+    root: Path
+    excludes: list[str]
+    chunker: ChunkerParams
+
+
+def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
+    """The endpoint's tree as it is now: the last snapshot's manifest when a stat-only walk
+    finds nothing changed since, else a local scan (unchanged files keep their chunk lists,
+    changed ones are hashed here, nothing is uploaded). The last snapshot alone can be stale:
+    user work since, or an apply whose post-update snapshot never completed (a power cut),
+    after which an update back to the old image would look like nothing to do."""
     _, manifest = state.parent()
     if manifest is None:
         raise UpdateFailed("this endpoint has not centralized yet: it must, before an update")
-    return list(decode_manifest([manifest]))
+    if not tree_changed(tree.root, tree.excludes, manifest):
+        return list(decode_manifest([manifest]))
+    archive = archive_tree(HashOnlySink(Chunker(tree.chunker)), tree.root,
+                           parent_entries=decode_manifest([manifest]), excludes=tree.excludes)
+    return list(decode_manifest([archive.manifest_bytes]))
 
 
-def on_checkin(client: ServerClient, state: AgentState, root: Path,
+def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
                desired: DesiredState | None, centralize: Centralizer) -> UpdateResult | None:
     """What a check-in does about layers: download a new desired state and report ready
     (or apply at once when nothing needs a restart), or repair drift when enforced."""
     if desired is None:
         return None
+    root = tree.root
     if desired.key == state.applied_key():
         if desired.enforce:
-            return repair(client, state, root, desired, centralize)
+            return repair(client, state, tree, desired, centralize)
         return None
     saved = state.update()
     if saved.get("key") == desired.key and saved.get("state") == "ready":
@@ -355,21 +378,22 @@ def on_checkin(client: ServerClient, state: AgentState, root: Path,
                                                       {"changes": {}, "conflicts": {}}))
         return UpdateResult(key=desired.key, state="ready")
     try:
-        result = prepare(client, state, root, desired, current_entries(state))
+        result = prepare(client, state, root, desired, current_entries(state, tree))
     except StrataError as exc:
         state.save_update({"key": desired.key, "state": "failed", "error": str(exc),
                            "desired": desired.model_dump()})
         report(client, desired.key, "failed", detail=str(exc))
         raise
     if not any(result.changes.values()):  # nothing to switch: no restart needed
-        return apply_update(client, state, root, centralize, snapshot=False)
+        return apply_update(client, state, tree, centralize, snapshot=False)
     return result
 
 
-def apply_update(client: ServerClient | None, state: AgentState, root: Path,
+def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree,
                  centralize: Centralizer | None, *, snapshot: bool = True) -> UpdateResult:
     """The restart: pre-update snapshot, switch under the journal, report, centralize."""
     started = time.monotonic()
+    root = tree.root
     recover(root)
     saved = state.update()
     if saved.get("state") not in ("ready", "failed", "applying") or "desired" not in saved:
@@ -384,7 +408,7 @@ def apply_update(client: ServerClient | None, state: AgentState, root: Path,
                 raise UpdateFailed("the server is unreachable: the pre-update snapshot must "
                                    "be taken first; the update stays ready")
             result.pre_update_snapshot = centralize("pre-update")
-        switch(client, state, root, desired, current_entries(state), result)
+        switch(client, state, root, desired, current_entries(state, tree), result)
     except StrataError as exc:
         state.save_update({**saved, "state": "failed", "error": str(exc)})
         report(client, desired.key, "failed", detail=str(exc))
@@ -403,13 +427,15 @@ def apply_update(client: ServerClient | None, state: AgentState, root: Path,
     return result
 
 
-def repair(client: ServerClient, state: AgentState, root: Path, desired: DesiredState,
+def repair(client: ServerClient, state: AgentState, tree: LocalTree, desired: DesiredState,
            centralize: Centralizer) -> UpdateResult | None:
     """Enforced compliance: put back what drifted from the layers (only the differing
     files are fetched); the snapshot just taken keeps the endpoint's versions."""
+    root = tree.root
+    current = current_entries(state, tree)
     source = LayerSource(client, state, root)
     try:
-        plan, _, _ = compute_plan(source, desired, current_entries(state), state.owned())
+        plan, _, _ = compute_plan(source, desired, current, state.owned())
     finally:
         source.close()
     drift = [c for c in plan.changes if c.action is not Action.DELETE or
@@ -417,7 +443,7 @@ def repair(client: ServerClient, state: AgentState, root: Path, desired: Desired
     if not drift:
         return None
     result = UpdateResult(key=desired.key, state="repaired")
-    switch(client, state, root, desired, current_entries(state), result)
+    switch(client, state, root, desired, current, result)
     report(client, desired.key, "applied", percent=100.0,
            detail="repaired drift: " + _describe({"changes": result.changes, "conflicts": {}},
                                                  done=True),

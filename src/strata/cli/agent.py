@@ -134,11 +134,12 @@ def _cycle(st: AgentState, cred: Credential, *, force: bool, trigger: str,
             st.update_status(pending_work=[])
             out.update(centralized=True, result=result.to_dict())
         if info.desired is not None:
+            from strata.agent.centralize import local_tree
             from strata.agent.update import on_checkin
 
             def central(trig: str) -> str:
                 return centralize(client, st, root, info, trigger=trig).snapshot
-            update = on_checkin(client, st, root, info.desired, central)
+            update = on_checkin(client, st, local_tree(root, st, info), info.desired, central)
             if update is not None:
                 out["update"] = update.to_dict()
         return out
@@ -224,7 +225,7 @@ def backup(state: Path | None = STATE, limit_upload: str | None = LIMIT_UP,
 def apply(state: Path | None = STATE, json: bool = JSON) -> None:
     """Apply a downloaded layer update (what a restart does): pre-update snapshot, then
     the switch under a journal. After a power cut, running it again finishes the job."""
-    from strata.agent.centralize import centralize, checkin
+    from strata.agent.centralize import centralize, checkin, local_tree
     from strata.agent.client import ServerUnreachable
     from strata.agent.update import apply_update, recover
 
@@ -251,7 +252,7 @@ def apply(state: Path | None = STATE, json: bool = JSON) -> None:
             def central(trig: str) -> str:
                 assert info is not None
                 return centralize(client, st, root, info, trigger=trig).snapshot
-            result = apply_update(client if info else None, st, root,
+            result = apply_update(client if info else None, st, local_tree(root, st, info),
                                   central if info else None)
         finally:
             st.add_wire_bytes(client.bytes_sent, client.bytes_received)

@@ -10,12 +10,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
 from strata.server.catalog.models import Endpoint
+from strata.server.read_cache import ReadCache
 from strata.server.stream_cache import StreamCache
 from strata.store.locks import Session as StoreSession
 from strata.store.repository import Store
@@ -23,7 +25,10 @@ from strata.store.repository import Store
 UPLOAD_IDLE_SECONDS = 3600  # an upload session nobody touched for this long is over
 _SESSION_REFRESH_SECONDS = 10  # prune trusts a session refreshed within the hour
 SEEN_FLUSH_SECONDS = 2.0
-CACHE_SECONDS = 300.0  # admin changes clear it at once; the TTL only bounds staleness
+T = TypeVar("T")
+# Admin changes clear the cache at once (server/read_cache.py); the TTL bounds how long
+# another server process may serve a value it cached before a change made elsewhere.
+CACHE_SECONDS = 300.0
 
 
 @dataclass
@@ -49,7 +54,7 @@ class ServerContext:
     _snapshot_chunks: OrderedDict[str, frozenset[bytes]] = field(default_factory=OrderedDict)
     _write_lock: threading.Lock = field(default_factory=threading.Lock)
     _seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
-    _cache: dict[str, tuple[object, float]] = field(default_factory=dict)
+    _cache: ReadCache = field(default_factory=lambda: ReadCache(CACHE_SECONDS))
 
     def session(self) -> DbSession:
         """A session for reading (SQLite in WAL mode lets reads run side by side)."""
@@ -63,27 +68,18 @@ class ServerContext:
             yield db
             db.commit()
 
-    def cached(self, key: str, load: Callable[[], object], ttl: float = CACHE_SECONDS) -> object:
-        """Small read-through cache for what every check-in needs (credentials, policies):
-        an admin change clears it (`invalidate`), and entries expire anyway after `ttl`."""
-        now = time.monotonic()
-        with self._uploads_lock:
-            hit = self._cache.get(key)
-            if hit is not None and hit[1] > now:
-                return hit[0]
-        value = load()
-        if value is not None:  # never cache a miss: unknown keys must not fill memory
-            with self._uploads_lock:
-                self._cache[key] = (value, now + ttl)
-        return value
+    def cached(self, key: str, load: Callable[[], T], ttl: float | None = None) -> T:
+        """What every check-in needs (credentials, policies, desired states), read through
+        a cache that an admin change clears (`invalidate`) and that never keeps a value
+        read before such a change (see read_cache.py)."""
+        return self._cache.get(key, load, ttl)
 
     def uncache(self, key: str) -> None:
-        with self._uploads_lock:
-            self._cache.pop(key, None)
+        self._cache.discard(key)
 
     def invalidate(self) -> None:
-        with self._uploads_lock:
-            self._cache.clear()
+        """Call after the change's transaction has committed."""
+        self._cache.clear()
 
     def mark_seen(self, endpoint_id: str, ip: str) -> None:
         """Note a device's visit; a background thread writes them in batches (every

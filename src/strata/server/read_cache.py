@@ -1,0 +1,69 @@
+"""A small read-through cache for what every check-in needs (credentials, policies,
+desired states), that never serves a value read before the change that outdated it.
+
+The race it closes: a request starts loading a value from the catalog, an administrator
+commits a change and invalidates, and only then does the request store what it read. A
+plain cache would keep that stale value for its whole TTL (an endpoint told it is up to
+date right after `strata assign`, a revoked device still let in). Here every
+invalidation bumps a generation; a load that began under an older generation is returned
+to its own caller (it began before the change) but never stored.
+
+Changes must invalidate *after* their transaction committed (the server's `ctx.write()`
+then `ctx.invalidate()`), so that any load which starts after the invalidation reads the
+committed state. Within one process this makes every change visible at the very next
+request. Across processes, nothing tells one process of another's invalidation: the TTL
+is the bound there (see docs/centralization.md).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Tests only: called with the key after a load finished and before its value is stored,
+# so a test can hold a load there while an administrator's change commits.
+after_load_hook: Callable[[str], None] | None = None
+
+
+class ReadCache:
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic):
+        self.ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[object, float]] = {}
+        self._generation = 0
+
+    def get(self, key: str, load: Callable[[], T], ttl: float | None = None) -> T:
+        now = self._clock()
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[1] > now:
+                return hit[0]  # type: ignore[return-value]
+            generation = self._generation
+        value = load()
+        if after_load_hook is not None:
+            after_load_hook(key)
+        if value is not None:  # never cache a miss: unknown keys must not fill memory
+            with self._lock:
+                if generation == self._generation:
+                    self._entries[key] = (value, now + (self.ttl if ttl is None else ttl))
+        return value
+
+    def discard(self, key: str) -> None:
+        """Forget one key; loads of any key in flight are not stored (cheap pessimism:
+        a per-key generation would save them a reload, not worth the state)."""
+        with self._lock:
+            self._generation += 1
+            self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
