@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 NONCE_LEN = 12
 TAG_LEN = 16
+MASTER_KEY_PURPOSE = b"strata-master-key"
 
 
 class Cipher(Protocol):
@@ -74,27 +75,26 @@ def _kdf(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode())
 
 
-def make_key_file(passphrase: str, *, n: int = 2**15, r: int = 8,
-                  p: int = 1) -> tuple[bytes, bytes]:
-    """Create a new master key; return (master key, key file bytes)."""
-    master = os.urandom(32)  # what AESGCM.generate_key(256) returns
+def wrap_secret(secret: bytes, passphrase: str, purpose: bytes, *, n: int = 2**15,
+                r: int = 8, p: int = 1) -> dict:
+    """`secret` encrypted under a key derived from the passphrase (scrypt), as a JSON-able
+    document; `purpose` is authenticated with it, so one kind of key file cannot be
+    passed off as another."""
     salt = os.urandom(16)
     wrap = _aesgcm(_kdf(passphrase, salt, n, r, p))
     nonce = os.urandom(NONCE_LEN)
-    doc = {
+    return {
         "kdf": "scrypt", "n": n, "r": r, "p": p,
         "salt": base64.b64encode(salt).decode(),
         "cipher": "aes-256-gcm",
         "nonce": base64.b64encode(nonce).decode(),
-        "key": base64.b64encode(wrap.encrypt(nonce, master, b"strata-master-key")).decode(),
+        "key": base64.b64encode(wrap.encrypt(nonce, secret, purpose)).decode(),
     }
-    return master, json.dumps(doc, indent=1).encode()
 
 
-def open_key_file(data: bytes, passphrase: str) -> bytes:
-    """Unwrap the master key; a wrong passphrase raises WrongPassphrase."""
+def unwrap_secret(doc: dict, passphrase: str, purpose: bytes) -> bytes:
+    """The secret of a wrap_secret document; a wrong passphrase raises WrongPassphrase."""
     try:
-        doc = json.loads(data)
         salt = base64.b64decode(doc["salt"])
         derived = _kdf(passphrase, salt, int(doc["n"]), int(doc["r"]), int(doc["p"]))
         nonce = base64.b64decode(doc["nonce"])
@@ -103,6 +103,26 @@ def open_key_file(data: bytes, passphrase: str) -> bytes:
         raise CorruptData(f"key file is malformed ({exc})") from None
     from cryptography.exceptions import InvalidTag
     try:
-        return _aesgcm(derived).decrypt(nonce, wrapped, b"strata-master-key")
+        return _aesgcm(derived).decrypt(nonce, wrapped, purpose)
     except InvalidTag:
+        raise WrongPassphrase("wrong passphrase") from None
+
+
+def make_key_file(passphrase: str, *, n: int = 2**15, r: int = 8,
+                  p: int = 1) -> tuple[bytes, bytes]:
+    """Create a new master key; return (master key, key file bytes)."""
+    master = os.urandom(32)  # what AESGCM.generate_key(256) returns
+    doc = wrap_secret(master, passphrase, MASTER_KEY_PURPOSE, n=n, r=r, p=p)
+    return master, json.dumps(doc, indent=1).encode()
+
+
+def open_key_file(data: bytes, passphrase: str) -> bytes:
+    """Unwrap the master key; a wrong passphrase raises WrongPassphrase."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise CorruptData(f"key file is malformed ({exc})") from None
+    try:
+        return unwrap_secret(doc, passphrase, MASTER_KEY_PURPOSE)
+    except WrongPassphrase:
         raise WrongPassphrase("wrong passphrase for this store") from None
