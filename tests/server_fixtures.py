@@ -44,10 +44,11 @@ def argv(args: Sequence[object]) -> list[str]:
     return [str(STRATA), *(str(a) for a in args)]
 
 
-def strata(*args: object, rc: int | None = 0,
-           timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run `strata ARGS…` to completion; check its exit code unless `rc` is None."""
-    proc = subprocess.run(argv(args), env=cli_env(), stdin=subprocess.DEVNULL,
+def strata(*args: object, rc: int | None = 0, timeout: float = 300,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `strata ARGS…` to completion; check its exit code unless `rc` is None. `env`:
+    settings on top of the clean environment (e.g. the signing keys)."""
+    proc = subprocess.run(argv(args), env={**cli_env(), **(env or {})}, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
     if rc is not None:
         assert proc.returncode == rc, (args, proc.returncode, proc.stdout, proc.stderr)
@@ -113,13 +114,23 @@ def free_port() -> int:
 
 
 class Server:
-    """One `strata server` process on 127.0.0.1; unpacks as (url, admin_token_file, data, proc)."""
+    """One `strata server` process on 127.0.0.1; unpacks as (url, admin_token_file, data, proc).
 
-    def __init__(self, data: Path, port: int | None = None):
+    Layer signing is set up at the first start (`strata signing init`, keys beside the data
+    directory), as an administrator does before enrolling endpoints: agents then pin its
+    root, and `admin_cli` signs captures and assignments with the keys (STRATA_SIGNING_*).
+    `signing=False` leaves a server without it."""
+
+    PASSPHRASE = "strata test passphrase"
+
+    def __init__(self, data: Path, port: int | None = None, *, signing: bool = True):
         self.data = data
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data.parent / f"{data.name}.server.log"
+        self.signing = signing
+        self.keys = data.parent / f"{data.name}.keys"
+        self.passphrase_file = data.parent / f"{data.name}.passphrase"
 
     @property
     def url(self) -> str:
@@ -151,6 +162,8 @@ class Server:
                                    + self.log.read_text(errors="replace"))
             try:
                 if httpx.get(self.url + HEALTH, timeout=2).status_code == 200:
+                    if self.signing and not self.keys.exists():
+                        self.init_signing()
                     return self
             except httpx.TransportError:
                 pass
@@ -159,6 +172,22 @@ class Server:
                 raise RuntimeError("server did not answer /api/v1/health in time:\n"
                                    + self.log.read_text(errors="replace"))
             time.sleep(0.1)
+
+    def init_signing(self) -> str:
+        """`strata signing init`: keys beside the data directory; the root's fingerprint."""
+        self.passphrase_file.write_text(self.PASSPHRASE + "\n")
+        out = strata("signing", "init", "--keys", self.keys, "--passphrase-file",
+                     self.passphrase_file, "--server", self.url, "--admin-token-file",
+                     self.token_file, "--json")
+        return json.loads(out.stdout)["fingerprint"]
+
+    @property
+    def signing_env(self) -> dict[str, str]:
+        """What lets the admin CLI sign (empty for a server without signing)."""
+        if not self.keys.exists():
+            return {}
+        return {"STRATA_SIGNING_KEYS": str(self.keys),
+                "STRATA_SIGNING_PASSPHRASE_FILE": str(self.passphrase_file)}
 
     def stop(self, timeout: float = 30) -> None:
         """A clean shutdown (SIGTERM), or SIGKILL if it does not come."""
@@ -192,14 +221,23 @@ class Server:
         assert resp.status_code == status, (method, path, resp.status_code, resp.text)
         return resp.json()
 
+    def admin_raw(self, method: str, path: str, status: int = 200) -> bytes:
+        resp = httpx.request(method, self.url + "/api/v1/admin" + path, timeout=60,
+                             headers={"Authorization": f"Bearer {self.admin_token}"})
+        assert resp.status_code == status, (method, path, resp.status_code, resp.text)
+        return resp.content
+
     def create_token(self, uses: int | None = 1, expires: str | None = "24h",
                      require_approval: bool = False) -> str:
         doc = self.admin("POST", "/tokens", {"uses": uses, "expires": expires,
                                              "require_approval": require_approval})
         return doc["token"]  # type: ignore[index]
 
-    def admin_cli(self, *args: object, rc: int | None = 0) -> subprocess.CompletedProcess[str]:
-        return strata(*args, "--server", self.url, "--admin-token-file", self.token_file, rc=rc)
+    def admin_cli(self, *args: object, rc: int | None = 0,
+                  sign: bool = True) -> subprocess.CompletedProcess[str]:
+        """An admin command; with the signing keys unless `sign` is False."""
+        return strata(*args, "--server", self.url, "--admin-token-file", self.token_file, rc=rc,
+                      env=self.signing_env if sign else None)
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=5).text

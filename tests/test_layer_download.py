@@ -15,6 +15,7 @@ from strata.layers.plan import Plan
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.transfer import pack_stream, read_stream
+from strata.signing.policy import Approval, TrustRecord
 
 
 def file_entry(path: bytes, *pieces: bytes) -> Entry:
@@ -63,7 +64,9 @@ def test_download_follows_the_tree_order_in_batches_the_server_accepts(tmp_path,
 
     server = FakeServer({content_id(p): p for ps in pieces.values() for p in ps})
     monkeypatch.setattr(update, "BATCH_BYTES", 10_000)  # three or so chunks per request
-    source = update.LayerSource(server, AgentState(tmp_path / "state"), tmp_path)  # type: ignore[arg-type]
+    nothing_signed = Approval(catalog_version=0, manifests={}, after=TrustRecord())  # no manifests
+    source = update.LayerSource(server, AgentState(tmp_path / "state"), tmp_path,  # type: ignore[arg-type]
+                                approval=nothing_signed)
     try:
         # The endpoint's own copy of etc/z.conf is a seed: it is not downloaded.
         (tmp_path / "etc").mkdir()

@@ -180,6 +180,18 @@ def fleet(work: Path) -> None:
         admin = data / "admin.token"
         os.environ.update(STRATA_SERVER=url)
         token = run("token", "create", "--uses", "3", "--admin-token-file", str(admin)).strip()
+        print("\n# The image manager sets layer signing up (keys kept off the server): agents "
+              "take only\n# layers and assignments signed with them, and pin the root's "
+              "fingerprint at enrollment.")
+        keys, passphrase = work / "signing-keys", work / "signing-passphrase"
+        passphrase.write_text("demo passphrase, use a real one\n")
+        passphrase.chmod(0o600)
+        fingerprint = json.loads(run("signing", "init", "--keys", str(keys), "--passphrase-file",
+                                     str(passphrase), "--admin-token-file", str(admin),
+                                     "--json"))["fingerprint"]
+        # From here on every layer command signs with them (`--keys DIR` does the same).
+        os.environ.update(STRATA_SIGNING_KEYS=str(keys),
+                          STRATA_SIGNING_PASSPHRASE_FILE=str(passphrase))
         shared = work / "os-image"
         build_endpoint(shared)
         shutil.rmtree(shared / "home")
@@ -194,7 +206,8 @@ def fleet(work: Path) -> None:
             root = work / "endpoints" / name
             own = build_fleet_endpoint(root, name, 100 + i, shared)
             state = work / "agents" / name
-            run("agent", "enroll", "--token", token, "--root", str(root), "--state", str(state))
+            run("agent", "enroll", "--token", token, "--root", str(root), "--state", str(state),
+                "--root-fingerprint", fingerprint)
             out = json.loads(run("agent", "run", "--once", "--state", str(state), "--json",
                                  quiet=True))
             r = out["result"]

@@ -18,6 +18,7 @@ import zstandard
 
 from strata.agent.client import ServerClient
 from strata.agent.drift import tree_changed
+from strata.agent.signing import approve_update, save_record
 from strata.agent.state import AgentState
 from strata.engine.backup import HashOnlySink, archive_tree
 from strata.errors import CorruptData, StrataError
@@ -31,6 +32,8 @@ from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest, encode_manifest
 from strata.model.transfer import read_stream
 from strata.model.wire import DesiredLayer, DesiredState
+from strata.signing import LayerRefused
+from strata.signing.policy import Approval
 from strata.store.backend import atomic_write
 from strata.store.chunker import Chunker, ChunkerParams
 from strata.store.pack import decode_payload
@@ -60,6 +63,7 @@ class UpdateResult:
     warnings: list[str] = field(default_factory=list)
     pre_update_snapshot: str | None = None
     seconds: float = 0.0
+    error: str = ""  # why it was refused
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -79,14 +83,17 @@ def mode_for(desired: DesiredState) -> Mode:
 
 
 class LayerSource:
-    """Everything the update reads: layer manifests from the server, chunks from the
-    local cache (a Store, the same engine as the server's), the endpoint's own files,
-    or the server, each verified against its id before use."""
+    """Everything the update reads: layer manifests from the server (each checked against
+    its signed digest, cached or not), chunks from the local cache (a Store, the same
+    engine as the server's), the endpoint's own files, or the server, each verified
+    against its id before use."""
 
-    def __init__(self, client: ServerClient | None, state: AgentState, root: Path):
+    def __init__(self, client: ServerClient | None, state: AgentState, root: Path, *,
+                 approval: Approval):
         self.client = client
         self.state = state
         self.root = root
+        self.approval = approval
         self.cache = _open_cache(state.path / "cache")
         self.seeds: dict[bytes, tuple[bytes, int, int]] = {}  # id -> (path, offset, length)
         self.bytes_downloaded = 0
@@ -99,9 +106,15 @@ class LayerSource:
     def manifest(self, layer: DesiredLayer) -> bytes:
         cached = self.state.path / "layers" / f"{layer.snapshot}.manifest"
         try:
-            return cached.read_bytes()
+            data = cached.read_bytes()
         except FileNotFoundError:
             pass
+        else:
+            try:
+                self.approval.verify_manifest(layer, data)
+                return data
+            except LayerRefused:
+                cached.unlink()  # not what is signed now: fetch it again, then judge
         if self.client is None:
             raise UpdateFailed(f"layer {layer.name}:{layer.version} is not cached and the "
                                "server is unreachable")
@@ -111,6 +124,7 @@ class LayerSource:
         except zstandard.ZstdError as exc:
             raise CorruptData(f"layer {layer.name}:{layer.version}: manifest does not "
                               f"decompress ({exc})") from None
+        self.approval.verify_manifest(layer, data)  # before it is kept or used
         cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(cached, data)
         return data
@@ -233,27 +247,41 @@ def compute_plan(source: LayerSource, desired: DesiredState, current: list[Entry
 
 
 def report(client: ServerClient | None, key: str, state: str, *, percent: float = 0.0,
-           detail: str = "", downloaded: int = 0) -> None:
+           detail: str = "", downloaded: int = 0, refused: bool = False) -> None:
     if client is None:
         return
     try:
         client.request("POST", "/api/v1/agent/update", retries=1,
                        json={"key": key, "state": state, "percent": round(percent, 1),
-                             "detail": detail[:4000], "downloaded_bytes": downloaded})
+                             "detail": detail[:4000], "downloaded_bytes": downloaded,
+                             "refused": refused})
     except StrataError:
         pass  # the next check-in reports again
 
 
+def refuse(client: ServerClient | None, state: AgentState, desired: DesiredState,
+           exc: LayerRefused) -> UpdateResult:
+    """Keep what the endpoint has, and tell the server why (once per reason: the agent
+    checks again at every check-in, the audit log needs it once)."""
+    saved = state.update()
+    again = saved.get("key") == desired.key and saved.get("error") == str(exc)
+    state.save_update({"key": desired.key, "state": "failed", "refused": True,
+                       "error": str(exc), "desired": desired.model_dump()})
+    if not again:
+        report(client, desired.key, "failed", detail=f"refused: {exc}", refused=True)
+    return UpdateResult(key=desired.key, state="refused", error=str(exc))
+
+
 def prepare(client: ServerClient, state: AgentState, root: Path, desired: DesiredState,
-            current: list[Entry]) -> UpdateResult:
+            current: list[Entry], approval: Approval) -> UpdateResult:
     """Download what the update needs (in the background of normal work) and say ready."""
     started = time.monotonic()
     received0 = client.bytes_received  # manifests, chunks, reports: all of it counts
-    source = LayerSource(client, state, root)
+    source = LayerSource(client, state, root, approval=approval)
     try:
         plan, _, _ = compute_plan(source, desired, current, state.owned())
         state.save_update({"key": desired.key, "state": "downloading",
-                           "desired": desired.model_dump()})
+                           "desired": desired.model_dump(), "approval": approval.to_dict()})
         source.add_seeds(current)
         lengths = plan.chunks_in_order()
         lacking = source.lacking(list(lengths))
@@ -272,7 +300,7 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         summary = plan.summary()
         state.save_update({"key": desired.key, "state": "ready",
                            "desired": desired.model_dump(), "plan": summary,
-                           "downloaded": received()})
+                           "downloaded": received(), "approval": approval.to_dict()})
         report(client, desired.key, "ready", percent=100.0,
                detail=f"restart to apply: {_describe(summary)}", downloaded=received())
         return UpdateResult(key=desired.key, state="ready", changes=summary["changes"],
@@ -294,10 +322,10 @@ def _describe(summary: dict, *, done: bool = False) -> str:
 
 
 def switch(client: ServerClient | None, state: AgentState, root: Path, desired: DesiredState,
-           current: list[Entry], result: UpdateResult) -> None:
+           current: list[Entry], result: UpdateResult, approval: Approval) -> None:
     """Plan against the tree as it is now, fetch anything still missing, check the disk,
     then switch under the journal and record what IT now owns on the endpoint."""
-    source = LayerSource(client, state, root)
+    source = LayerSource(client, state, root, approval=approval)
     try:
         plan, image, rules = compute_plan(source, desired, current, state.owned())
         source.add_seeds(current)
@@ -367,9 +395,7 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
     if desired is None:
         return None
     root = tree.root
-    if desired.key == state.applied_key():
-        if desired.enforce:
-            return repair(client, state, tree, desired, centralize)
+    if desired.key == state.applied_key() and not desired.enforce:
         return None
     saved = state.update()
     if saved.get("key") == desired.key and saved.get("state") == "ready":
@@ -377,21 +403,30 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
                detail="restart to apply: " + _describe(saved.get("plan") or
                                                       {"changes": {}, "conflicts": {}}))
         return UpdateResult(key=desired.key, state="ready")
-    try:
-        result = prepare(client, state, root, desired, current_entries(state, tree))
+    try:  # nothing is downloaded, let alone applied, before the metadata and state verify
+        approval = approve_update(client, state, desired, root)
+        if desired.key == state.applied_key():
+            return repair(client, state, tree, desired, centralize, approval)
+        result = prepare(client, state, root, desired, current_entries(state, tree), approval)
+    except LayerRefused as exc:
+        return refuse(client, state, desired, exc)
     except StrataError as exc:
         state.save_update({"key": desired.key, "state": "failed", "error": str(exc),
                            "desired": desired.model_dump()})
         report(client, desired.key, "failed", detail=str(exc))
         raise
     if not any(result.changes.values()):  # nothing to switch: no restart needed
-        return apply_update(client, state, tree, centralize, snapshot=False)
+        return apply_update(client, state, tree, centralize, snapshot=False,
+                            approval=approval)
     return result
 
 
 def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree,
-                 centralize: Centralizer | None, *, snapshot: bool = True) -> UpdateResult:
-    """The restart: pre-update snapshot, switch under the journal, report, centralize."""
+                 centralize: Centralizer | None, *, snapshot: bool = True,
+                 approval: Approval | None = None) -> UpdateResult:
+    """The restart: pre-update snapshot, switch under the journal, report, centralize.
+    The desired state is verified again first (fresh metadata when the server answers;
+    offline, the manifests are checked against what was verified at download)."""
     started = time.monotonic()
     root = tree.root
     recover(root)
@@ -400,6 +435,11 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
         raise UpdateFailed("no update is ready to apply")
     desired = DesiredState.model_validate(saved["desired"])
     result = UpdateResult(key=desired.key, state="applied")
+    try:
+        approval = approval or _reapprove(client, state, desired, tree.root, saved)
+    except LayerRefused as exc:
+        refuse(client, state, desired, exc)
+        raise
     state.save_update({**saved, "state": "applying"})
     report(client, desired.key, "applying", percent=100.0)
     try:
@@ -408,11 +448,15 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
                 raise UpdateFailed("the server is unreachable: the pre-update snapshot must "
                                    "be taken first; the update stays ready")
             result.pre_update_snapshot = centralize("pre-update")
-        switch(client, state, root, desired, current_entries(state, tree), result)
+        switch(client, state, root, desired, current_entries(state, tree), result, approval)
+    except LayerRefused as exc:
+        refuse(client, state, desired, exc)
+        raise
     except StrataError as exc:
         state.save_update({**saved, "state": "failed", "error": str(exc)})
         report(client, desired.key, "failed", detail=str(exc))
         raise
+    save_record(state, approval.after)
     state.save_applied(desired.key)
     state.save_update({"key": desired.key, "state": "applied", "changes": result.changes})
     if desired.operation == "provision":
@@ -427,13 +471,23 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
     return result
 
 
+def _reapprove(client: ServerClient | None, state: AgentState, desired: DesiredState,
+               root: Path, saved: dict) -> Approval:
+    if client is not None:
+        return approve_update(client, state, desired, root)
+    if "approval" not in saved:
+        raise LayerRefused("this update was not verified when it was downloaded: it is "
+                           "applied only once the server answers again")
+    return Approval.from_dict(saved["approval"])
+
+
 def repair(client: ServerClient, state: AgentState, tree: LocalTree, desired: DesiredState,
-           centralize: Centralizer) -> UpdateResult | None:
+           centralize: Centralizer, approval: Approval) -> UpdateResult | None:
     """Enforced compliance: put back what drifted from the layers (only the differing
     files are fetched); the snapshot just taken keeps the endpoint's versions."""
     root = tree.root
     current = current_entries(state, tree)
-    source = LayerSource(client, state, root)
+    source = LayerSource(client, state, root, approval=approval)
     try:
         plan, _, _ = compute_plan(source, desired, current, state.owned())
     finally:
@@ -443,7 +497,7 @@ def repair(client: ServerClient, state: AgentState, tree: LocalTree, desired: De
     if not drift:
         return None
     result = UpdateResult(key=desired.key, state="repaired")
-    switch(client, state, root, desired, current, result)
+    switch(client, state, root, desired, current, result, approval)
     report(client, desired.key, "applied", percent=100.0,
            detail="repaired drift: " + _describe({"changes": result.changes, "conflicts": {}},
                                                  done=True),

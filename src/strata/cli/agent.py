@@ -59,10 +59,16 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
            root: Path = typer.Option(None, "--root", help="The endpoint's root (default /)."),
            ca_cert: Path | None = typer.Option(None, "--ca-cert", help="CA bundle to trust "
                                                "for a server with a private certificate."),
+           root_fingerprint: str | None = typer.Option(
+               None, "--root-fingerprint", help="The signing root's fingerprint that "
+               "`strata signing init` printed: enrollment stops if the server's differs."),
            state: Path | None = STATE, json: bool = JSON) -> None:
-    """Enroll this endpoint with a one-time token; stores the device credential (0600)."""
+    """Enroll this endpoint with a one-time token; stores the device credential (0600) and
+    pins the server's signing root (layers are accepted only when signed under it)."""
     from strata.agent.client import ServerClient
     from strata.agent.inventory import collect_inventory
+    from strata.agent.signing import fetch_root, pin
+    from strata.signing.trust import check_root
 
     st = _state(state)
     root = (root or default_root()).resolve()
@@ -72,6 +78,14 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
     ca = str(ca_cert.resolve()) if ca_cert else ""
     client = ServerClient(server, retries=2, verify=ca or True)
     try:
+        # The root comes over the enrollment connection (as trustworthy as that connection:
+        # TLS with a pinned certificate, see docs/security.md), checked before enrolling.
+        signing_root = fetch_root(client)
+        if signing_root is None and root_fingerprint:
+            raise StrataError("the server has no signing root (`strata signing init` was "
+                              "never run there), yet --root-fingerprint was given")
+        if signing_root is not None:
+            check_root(signing_root, root_fingerprint)
         resp = client.request("POST", "/api/v1/agent/enroll", json={
             "token": token, "hostname": inv["hostname"] or socket.gethostname(),
             "os": inv["os"], "inventory": inv}).json()
@@ -79,12 +93,40 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
         client.close()
     st.save_credential(Credential(server=server, endpoint_id=resp["endpoint_id"],
                                   credential=resp["credential"], root=str(root), ca_cert=ca))
+    fingerprint = pin(st, signing_root) if signing_root is not None else None
     st.add_wire_bytes(client.bytes_sent, client.bytes_received)
     if json:
-        print_json({"endpoint_id": resp["endpoint_id"], "state": resp["state"]})
+        print_json({"endpoint_id": resp["endpoint_id"], "state": resp["state"],
+                    "signing_root": fingerprint})
     else:
         note = " (waiting for an administrator's approval)" if resp["state"] == "pending" else ""
         console.print(f"enrolled as {resp['endpoint_id']}{note}")
+        if fingerprint is None:
+            err_console.print("note: the server has no layer signing set up: this agent "
+                              "will refuse layers until it pins a signing root (`strata "
+                              "agent trust-root --fingerprint FP`)", highlight=False)
+
+
+@app.command("trust-root")
+def trust_root(fingerprint: str = typer.Option(..., "--fingerprint", help="The root "
+                                               "fingerprint `strata signing init` printed."),
+               state: Path | None = STATE, json: bool = JSON) -> None:
+    """Pin the server's signing root on an endpoint enrolled before signing was set up
+    (or after a lost state directory): only a root with this fingerprint is accepted."""
+    from strata.agent.signing import fetch_root, pin
+
+    st = _state(state)
+    client = _client(st.credential())
+    try:
+        root = fetch_root(client)
+    finally:
+        st.add_wire_bytes(client.bytes_sent, client.bytes_received)
+        client.close()
+    if root is None:
+        raise StrataError("the server has no signing root: run `strata signing init` first")
+    pinned = pin(st, root, fingerprint)
+    print_json({"signing_root": pinned}) if json else console.print(
+        f"pinned signing root {pinned}", highlight=False)
 
 
 def _cycle(st: AgentState, cred: Credential, *, force: bool, trigger: str,
@@ -154,6 +196,12 @@ def _enforced(info: CheckinResponse, st: AgentState) -> bool:
     return desired is not None and desired.enforce and desired.key == st.applied_key()
 
 
+def _pinned(st: AgentState) -> str | None:
+    from strata.agent.signing import pinned_fingerprint
+
+    return pinned_fingerprint(st)
+
+
 def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
@@ -180,6 +228,9 @@ def _report_update(u: dict) -> None:
     c = u.get("changes") or {}
     what = ", ".join(f"{n} {k}" for k, n in c.items() if n) or "no changes"
     conflicts = ", ".join(f"{n} {k}" for k, n in (u.get("conflicts") or {}).items())
+    if u["state"] == "refused":
+        err_console.print(f"layer update refused: {u.get('error')}", highlight=False)
+        return
     line = {"ready": "layer update ready (restart or `strata agent apply`)",
             "applied": "layer update applied", "repaired": "drift repaired"}.get(
         u["state"], u["state"])
@@ -349,7 +400,7 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
            "bytes_received": int(doc.get("bytes_received", 0)),
            "layer_update": {k: v for k, v in st.update().items() if k in ("key", "state",
                                                                            "error")},
-           "applied_layers_key": st.applied_key()}
+           "applied_layers_key": st.applied_key(), "signing_root": _pinned(st)}
     if json:
         print_json(out)
         return

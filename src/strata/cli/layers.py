@@ -21,7 +21,8 @@ from strata.model.names import (
 )
 
 from .admin import JSON, SERVER, TOKEN_FILE, admin_call, admin_token, endpoint_app, path_part
-from .output import console, human_bytes, print_json, run_with_progress
+from .output import console, err_console, human_bytes, print_json, run_with_progress
+from .signing import KEYS, PASSPHRASE_FILE, publisher_for, signable_refs, signed_after
 
 layer_app = typer.Typer(help="Base images, driver sets and application layers.",
                         no_args_is_help=True)
@@ -118,7 +119,7 @@ def _upload_tree(server: str | None, token_file: Path | None, directory: Path, f
         client.close()
     return {"manifest": [(c.hex(), n) for c, n in manifest],
             "manifest_id": content_id(manifest_bytes).hex(), "removes": removes,
-            "uploaded_bytes": sink.payload_uploaded}
+            "uploaded_bytes": sink.payload_uploaded, "manifest_bytes": manifest_bytes}
 
 
 def _upload_files(sink: object, root: Path, entries: list) -> None:
@@ -154,9 +155,11 @@ def capture(kind: str = typer.Option(..., "--kind", help="base, driver or app"),
                                              "vendor=GLOB,model=GLOB"),
             os_family: str = typer.Option("linux", "--os", help="linux or windows (rules "
                                           "for --from-dir)"),
+            keys: Path | None = KEYS, passphrase_file: Path | None = PASSPHRASE_FILE,
             server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
             json: bool = JSON) -> None:
-    """Capture a layer from a reference machine (a directory or a centralized endpoint)."""
+    """Capture a layer from a reference machine (a directory or a centralized endpoint);
+    with --keys, sign it too (agents take only signed layers)."""
     if (from_dir is None) == (from_endpoint is None):
         raise StrataError("capture --from-dir DIR or --from-endpoint ID")
     _choice(kind, LAYER_KINDS, "--kind")
@@ -175,6 +178,8 @@ def capture(kind: str = typer.Option(..., "--kind", help="base, driver or app"),
         raise StrataError("--before-dir is for app layers only")
     body: dict = {"kind": kind, "name": name, "version": version, "os": os_family,
                   "match": _pairs(match, {"vendor", "model"}, "--match")}
+    pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=False)
+    uploaded: bytes | None = None
     if from_dir is not None:
         if kind == "app" and before_dir is None:
             raise StrataError("an app layer is the difference between two trees: give "
@@ -183,17 +188,54 @@ def capture(kind: str = typer.Option(..., "--kind", help="base, driver or app"),
                           before_dir.resolve() if before_dir else None, json)
         body.update(manifest=up["manifest"], manifest_id=up["manifest_id"],
                     removes=up["removes"], source=f"directory {from_dir.resolve()}"[:255])
+        uploaded = up["manifest_bytes"]
     else:
         if kind == "app" and not before:
             raise StrataError("an app layer from an endpoint needs --before SNAPSHOT "
                               "(taken before the install)")
         body.update(endpoint=from_endpoint, snapshot=snapshot, before_snapshot=before or "")
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/layers", body)
+    doc: dict = admin_call(server, admin_token_file, "POST", f"{API}/layers", body)  # type: ignore[assignment]
+    if pub is not None:
+        # What this capture asked for and uploaded is what gets signed: the server may
+        # only have dropped entries (the layer rules) and, from an endpoint, chosen them.
+        expect = {k: body[k] for k in ("kind", "name", "version", "match")}
+        if uploaded is not None:
+            expect.update(os=os_family, removes=body["removes"])
+        doc["signed"] = signed_after(f"layer {doc['ref']}", lambda: pub.sign_layer(
+            doc["ref"], expect, uploaded).serial)
     if json:
         print_json(doc)
+        return
+    console.print(f"captured {doc['kind']} layer {doc['ref']}: {doc['files']} files, "
+                  f"{human_bytes(doc['bytes'])}", highlight=False)
+    _say_signed(doc["ref"], doc.get("signed"))
+
+
+def _say_signed(ref: str, serial: int | None) -> None:
+    if serial:
+        console.print(f"signed layer {ref} (serial {serial})", highlight=False)
     else:
-        console.print(f"captured {doc['kind']} layer {doc['ref']}: {doc['files']} files, "  # type: ignore[index]
-                      f"{human_bytes(doc['bytes'])}", highlight=False)  # type: ignore[index]
+        err_console.print(f"note: layer {ref} is not signed: agents refuse it until `strata "
+                          f"layer sign {ref} --keys DIR`", highlight=False)
+
+
+@layer_app.command("sign")
+def layer_sign(ref: str = typer.Argument(..., help="NAME:VERSION"), keys: Path = KEYS,
+               passphrase_file: Path | None = PASSPHRASE_FILE, server: str | None = SERVER,
+               admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Sign a captured layer (one captured without --keys, or whose signing failed): its
+    manifest is hashed here, as agents will receive it."""
+    _ref(ref)
+    if keys is None:
+        raise StrataError("give --keys DIR (or set STRATA_SIGNING_KEYS)")
+    pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=True)
+    assert pub is not None
+    layer = pub.sign_layer(ref)
+    if json:
+        print_json({"ref": layer.ref, "serial": layer.serial,
+                    "manifest": layer.manifest.model_dump()})
+    else:
+        _say_signed(layer.ref, layer.serial)
 
 
 @layer_app.command("list")
@@ -292,20 +334,42 @@ def assign(endpoint: list[str] | None = typer.Option(None, "--endpoint", help="E
                                                    "layers instead of matching hardware."),
            enforce: bool | None = typer.Option(None, "--enforce/--no-enforce", help="Repair "
                                                "drift at every check-in."),
+           keys: Path | None = KEYS, passphrase_file: Path | None = PASSPHRASE_FILE,
            server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
            json: bool = JSON) -> None:
-    """Assign layers to endpoints, a collection or all; agents pick it up at check-in."""
+    """Assign layers to endpoints, a collection or all, signed with --keys; agents pick it
+    up at check-in."""
     if base is None and app is None and driver is None and enforce is None:
         raise StrataError("nothing to assign: give --base, --app, --driver or "
                           "--enforce/--no-enforce")
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/assign", {
+    fields = {"base": base and _ref(base), "apps": _refs(app), "drivers": _refs(driver)}
+    layered = base is not None or app is not None or driver is not None
+    pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=layered)
+    if pub is not None:
+        fields = signable_refs(pub, server, admin_token_file, fields)
+    doc: dict = admin_call(server, admin_token_file, "POST", f"{API}/assign", {  # type: ignore[assignment]
         "endpoints": endpoint or [], "collection": collection or "", "all": all_,
-        "base": base and _ref(base), "apps": _refs(app), "drivers": _refs(driver),
-        "enforce": enforce})
+        **fields, "enforce": enforce})
+    if pub is not None and layered:
+        doc["signed"] = signed_after("the assignment", lambda: pub.sign_assignments(
+            _scopes(all_, collection, doc["endpoints"]), **fields))
     if json:
         print_json(doc)
     else:
-        console.print(f"assigned to {len(doc['endpoints'])} endpoint(s)")  # type: ignore[index]
+        console.print(f"assigned to {len(doc['endpoints'])} endpoint(s)"
+                      + (f", signed (metadata version {doc['signed']})"
+                         if doc.get("signed") else ""), highlight=False)
+
+
+def _scopes(all_: bool, collection: str | None,
+            endpoints: list[str]) -> list[tuple[str, str, list[str] | None]]:
+    """The signed assignment scopes of an assignment the server just made: all, the
+    collection (its members as the server resolved them now), or each endpoint."""
+    if all_:
+        return [("all", "", None)]
+    if collection:
+        return [("collection", collection, list(endpoints))]
+    return [("endpoint", e, [e]) for e in endpoints]
 
 
 @collection_app.command("create")
@@ -387,13 +451,21 @@ def migrate(collection: str | None = typer.Option(None, "--collection"),
             base: str | None = typer.Option(None, "--base", help="OS migration: NAME:VERSION"),
             driver: list[str] | None = typer.Option(None, "--driver", help="Hardware "
                                                     "migration: driver layer(s)."),
+            keys: Path | None = KEYS, passphrase_file: Path | None = PASSPHRASE_FILE,
             server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
             json: bool = JSON) -> None:
     """Re-base endpoints onto another base or driver layer, as a tracked task."""
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/migrate", {
-        "collection": collection or "", "endpoints": endpoint or [],
-        "base": base and _ref(base), "drivers": _refs(driver)})
-    print_json(doc) if json else _print_task(doc)  # type: ignore[arg-type]
+    fields = {"base": base and _ref(base), "drivers": _refs(driver)}
+    pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=True)
+    if pub is not None:
+        fields = signable_refs(pub, server, admin_token_file, fields)
+    doc: dict = admin_call(server, admin_token_file, "POST", f"{API}/migrate", {  # type: ignore[assignment]
+        "collection": collection or "", "endpoints": endpoint or [], **fields})
+    if pub is not None:
+        members = [r["endpoint"] for r in doc["endpoints"]]
+        doc["signed"] = signed_after(f"migration task {doc['id']}", lambda: pub.sign_assignments(
+            _scopes(False, collection, members), **fields))
+    print_json(doc) if json else _print_task(doc)
 
 
 def _print_task(doc: dict) -> None:
@@ -425,24 +497,34 @@ def task_show(task_id: int, server: str | None = SERVER,
 @endpoint_app.command("revert")
 def endpoint_revert(endpoint: str, snapshot: str = typer.Option(..., "--snapshot"),
                     keep_user_apps: bool = typer.Option(False, "--keep-user-apps"),
+                    keys: Path | None = KEYS, passphrase_file: Path | None = PASSPHRASE_FILE,
                     server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                     json: bool = JSON) -> None:
     """System layers back to a snapshot; the user's data stays as it is now."""
-    doc = admin_call(server, admin_token_file, "POST",
-                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/revert",
-                     {"snapshot": snapshot, "keep_user_apps": keep_user_apps})
+    pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=True)
+    doc: dict = admin_call(server, admin_token_file, "POST",  # type: ignore[assignment]
+                           f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/revert",
+                           {"snapshot": snapshot, "keep_user_apps": keep_user_apps})
+    if pub is not None:
+        doc["signed"] = signed_after("the revert", lambda: pub.sign_operation(
+            doc["endpoint"], "revert", snapshot=doc["snapshot"]))
     print_json(doc) if json else console.print(
         f"revert of {doc['endpoint'][:8]} to {doc['snapshot'][:8]} assigned")  # type: ignore[index]
 
 
 @endpoint_app.command("restore")
 def endpoint_restore(endpoint: str, to_endpoint: str = typer.Option(..., "--to-endpoint"),
+                     keys: Path | None = KEYS, passphrase_file: Path | None = PASSPHRASE_FILE,
                      server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                      json: bool = JSON) -> None:
     """Full restore of an endpoint's CVD onto new hardware (drivers chosen again)."""
-    doc = admin_call(server, admin_token_file, "POST",
-                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/restore",
-                     {"to_endpoint": to_endpoint})
+    pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=True)
+    doc: dict = admin_call(server, admin_token_file, "POST",  # type: ignore[assignment]
+                           f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/restore",
+                           {"to_endpoint": to_endpoint})
+    if pub is not None:
+        doc["signed"] = signed_after("the restore", lambda: pub.sign_operation(
+            doc["to"], "restore", snapshot=doc["snapshot"]))
     print_json(doc) if json else console.print(
         f"CVD of {doc['from'][:8]} moves to {doc['to'][:8]} (snapshot {doc['snapshot'][:8]})")  # type: ignore[index]
 
@@ -450,12 +532,20 @@ def endpoint_restore(endpoint: str, to_endpoint: str = typer.Option(..., "--to-e
 @endpoint_app.command("provision")
 def endpoint_provision(endpoint: str, base: str = typer.Option(..., "--base"),
                        app: list[str] | None = typer.Option(None, "--app"),
+                       keys: Path | None = KEYS, passphrase_file: Path | None = PASSPHRASE_FILE,
                        server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                        json: bool = JSON) -> None:
     """Wipe an endpoint's system and lay down layers; it then starts a fresh CVD."""
-    doc = admin_call(server, admin_token_file, "POST",
-                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/provision",
-                     {"base": _ref(base), "apps": _refs(app) or []})
+    fields = {"base": _ref(base), "apps": _refs(app) or []}
+    pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=True)
+    if pub is not None:
+        fields = signable_refs(pub, server, admin_token_file, fields)
+    doc: dict = admin_call(server, admin_token_file, "POST",  # type: ignore[assignment]
+                           f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/provision",
+                           fields)
+    if pub is not None:
+        doc["signed"] = signed_after("the provisioning", lambda: pub.sign_operation(
+            doc["endpoint"], "provision", **fields))
     print_json(doc) if json else console.print(f"provisioning of {doc['endpoint'][:8]} assigned")  # type: ignore[index]
 
 

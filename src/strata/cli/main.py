@@ -26,6 +26,7 @@ _ENTRIES = [
     ("assign", "layers", "assign", False),
     ("compliance", "layers", "compliance", False),
     ("migrate", "layers", "migrate", False),
+    ("signing", "signing", "signing_app", True),
     ("server", "server", "serve", False),
 ]
 

@@ -19,7 +19,7 @@ from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import open_catalog
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.maintenance import upkeep_threads
-from strata.server.routes import admin, agent, agent_layers, layers
+from strata.server.routes import admin, agent, agent_layers, layers, signing
 from strata.server.stream_cache import StreamCache
 from strata.store.repository import Store
 
@@ -60,6 +60,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(agent_layers.router)
     app.include_router(admin.router)
     app.include_router(layers.router)
+    app.include_router(signing.admin_router)
+    app.include_router(signing.agent_router)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)  # added last = outermost: it sees the 413s too

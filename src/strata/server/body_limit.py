@@ -18,7 +18,9 @@ class BodyLimitMiddleware:
 
     def _limit(self, scope: Scope) -> int:
         path = scope["path"]
-        uploads = path.endswith(("/agent/chunks", "/admin/chunks"))  # binary chunk bundles
+        # Binary chunk bundles, and signed metadata (thousands of layers and scopes).
+        uploads = path.endswith(("/agent/chunks", "/admin/chunks", "/admin/signing/targets",
+                                 "/admin/signing/root"))
         return self.upload_limit if uploads else JSON_LIMIT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

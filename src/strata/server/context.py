@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session as DbSession
@@ -21,6 +22,9 @@ from strata.server.read_cache import ReadCache
 from strata.server.stream_cache import StreamCache
 from strata.store.locks import Session as StoreSession
 from strata.store.repository import Store
+
+if TYPE_CHECKING:
+    from strata.signing.repository import SigningRepository
 
 UPLOAD_IDLE_SECONDS = 3600  # an upload session nobody touched for this long is over
 _SESSION_REFRESH_SECONDS = 10  # prune trusts a session refreshed within the hour
@@ -55,6 +59,13 @@ class ServerContext:
     _write_lock: threading.Lock = field(default_factory=threading.Lock)
     _seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
     _cache: ReadCache = field(default_factory=lambda: ReadCache(CACHE_SECONDS))
+
+    @functools.cached_property
+    def signing(self) -> SigningRepository:
+        """The signed layer metadata (DATA/signing; python-tuf loads on first use)."""
+        from strata.signing.repository import SigningRepository
+
+        return SigningRepository(self.settings.data_dir / "signing")
 
     def session(self) -> DbSession:
         """A session for reading (SQLite in WAL mode lets reads run side by side)."""

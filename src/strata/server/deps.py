@@ -54,6 +54,17 @@ async def require_device(request: Request, authorization: str | None = Header(No
     return ep
 
 
+NO_SIGNING = ("layer signing is not set up on this server: run `strata signing init --keys "
+              "DIR` on the image manager's workstation first (see docs/security.md)")
+
+
+def signing_required(ctx: ServerContext = Depends(get_ctx)) -> None:
+    """For the routes that send layers to endpoints: agents accept only signed layers, so
+    without signing such an assignment could never be carried out."""
+    if not ctx.signing.initialized:
+        raise HTTPException(409, NO_SIGNING)
+
+
 def audit(ctx: ServerContext, actor: str, action: str, target: str = "",
           **detail: object) -> None:
     with ctx.write() as db:

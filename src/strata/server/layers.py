@@ -48,6 +48,13 @@ def snapshot_entries(ctx: ServerContext, sid: str) -> Iterator[Entry]:
     return ctx.store.iter_manifest(ctx.store.load_snapshot(sid))
 
 
+def snapshot_manifest_bytes(ctx: ServerContext, sid: str) -> bytes:
+    """A snapshot's (or layer's) manifest as agents download it, and as its signed digest
+    is computed."""
+    snap = ctx.store.load_snapshot(sid)
+    return b"".join(ctx.store.load_chunk(c) for c in snap.manifest_chunk_ids())
+
+
 def layer_content(ctx: ServerContext, layer: Layer) -> LayerContent:
     return LayerContent(label=f"{layer.kind} {layer.name}:{layer.version}", kind=layer.kind,
                         entries=snapshot_entries(ctx, layer.snapshot),

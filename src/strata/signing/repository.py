@@ -219,7 +219,7 @@ class SigningRepository:
         root = self.root()
         doc: dict = {"initialized": True, "root_version": root.version,
                      "root_expires": root.expires.isoformat(),
-                     "fingerprint": role_keyids(root, "root"),
+                     "fingerprint": ",".join(role_keyids(root, "root")),
                      "targets_keys": role_keyids(root, "targets"),
                      "online_key": role_keyids(root, "timestamp")}
         for role, filename in (("snapshot", f"{self._latest('snapshot')}.snapshot.json"),

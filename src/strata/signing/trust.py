@@ -65,9 +65,9 @@ def root_fingerprint(root: Root) -> str:
     return ",".join(sorted(root.roles["root"].keyids))
 
 
-def pin_root(directory: Path, root_bytes: bytes, expected: str | None = None) -> str:
-    """Trust this root from now on (the agent at enrollment). It must be signed by its own
-    root keys and, when `expected` is given, be the one whose fingerprint IT printed."""
+def check_root(root_bytes: bytes, expected: str | None = None) -> str:
+    """The fingerprint of a root signed by its own root keys; when `expected` is given,
+    it must be the one IT was shown (`strata signing init` prints it)."""
     try:
         md = Metadata[Root].from_bytes(root_bytes)
         if not isinstance(md.signed, Root):
@@ -77,9 +77,16 @@ def pin_root(directory: Path, root_bytes: bytes, expected: str | None = None) ->
         raise LayerRefused(f"the server's signing root is not valid root metadata ({exc})") \
             from None
     fp = root_fingerprint(md.signed)
-    if expected is not None and expected.lower() not in {k.lower() for k in fp.split(",")}:
-        raise LayerRefused(f"the server's signing root has fingerprint {fp}, not {expected}: "
-                           "refusing to trust it (is this the right server?)")
+    if expected is not None and expected.strip().lower() not in fp.split(","):
+        raise LayerRefused(f"the server's signing root has fingerprint {fp}, not "
+                           f"{expected.strip()}: refusing to trust it (is this the right "
+                           "server?)")
+    return fp
+
+
+def pin_root(directory: Path, root_bytes: bytes, expected: str | None = None) -> str:
+    """Trust this root from now on (the agent at enrollment); see check_root."""
+    fp = check_root(root_bytes, expected)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(directory / PINNED_ROOT, root_bytes)
     return fp

@@ -17,7 +17,7 @@ from strata.model.wire import ChunkRequest, DesiredState
 from strata.server.catalog.models import Assignment, Cvd, Endpoint
 from strata.server.context import ServerContext
 from strata.server.deps import audit, get_ctx, require_device
-from strata.server.layers import cached_desired, set_state
+from strata.server.layers import cached_desired, set_state, snapshot_manifest_bytes
 from strata.server.routes.agent import _ids
 
 router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
@@ -47,8 +47,7 @@ def layer_manifest(sid: str, ep: Endpoint = Depends(require_device),
                    ctx: ServerContext = Depends(get_ctx)) -> Response:
     _check_snapshot(ctx, ep, sid)
     try:
-        snap = ctx.store.load_snapshot(sid)
-        data = b"".join(ctx.store.load_chunk(c) for c in snap.manifest_chunk_ids())
+        data = snapshot_manifest_bytes(ctx, sid)
     except (SnapshotNotFound, CorruptData) as exc:
         raise HTTPException(500, f"layer {sid[:8]} cannot be read: {exc}") from None
     # A manifest is highly redundant (paths, modes, ids): compressed it is a fraction.
@@ -90,6 +89,7 @@ class UpdateReport(BaseModel):
     percent: float = Field(default=0.0, ge=0, le=100)
     detail: str = Field(default="", max_length=4000)
     downloaded_bytes: int = Field(default=0, ge=0)
+    refused: bool = False  # the agent refused the layers: unsigned, forged or stale
 
 
 @router.post("/update")
@@ -111,8 +111,9 @@ def report_update(body: UpdateReport, ep: Endpoint = Depends(require_device),
             _applied(db, a, desired, ep)
     if body.state in ("applied", "failed"):
         ctx.invalidate()
-        audit(ctx, f"endpoint:{ep.id}", f"update-{body.state}", body.key,
-              detail=body.detail[:500], operation=desired.operation)
+        action = "layer-refused" if body.refused else f"update-{body.state}"
+        audit(ctx, f"endpoint:{ep.id}", action, body.key, detail=body.detail[:500],
+              operation=desired.operation)
     return {"recorded": True}
 
 

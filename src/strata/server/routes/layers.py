@@ -40,7 +40,7 @@ from strata.server.catalog.models import (
     Task,
 )
 from strata.server.context import ServerContext
-from strata.server.deps import audit, get_ctx, require_admin
+from strata.server.deps import audit, get_ctx, require_admin, signing_required
 from strata.server.layers import (
     assigned_layers,
     endpoint_family,
@@ -436,7 +436,7 @@ def _assign(db: Session, eps: list[Endpoint], body: AssignBody, task: Task | Non
     return [ep.id for ep in eps]
 
 
-@router.post("/assign")
+@router.post("/assign", dependencies=[Depends(signing_required)])
 def assign(body: AssignBody, ctx: ServerContext = Depends(get_ctx)) -> dict:
     if body.base is None and body.apps is None and body.drivers is None \
             and body.enforce is None:
@@ -535,7 +535,7 @@ class RevertBody(BaseModel):
     keep_user_apps: bool = False
 
 
-@router.post("/endpoints/{ref}/revert")
+@router.post("/endpoints/{ref}/revert", dependencies=[Depends(signing_required)])
 def revert(ref: str, body: RevertBody, ctx: ServerContext = Depends(get_ctx)) -> dict:
     """System layers back to a snapshot; user data stays as it is now."""
     with ctx.write() as db:
@@ -558,7 +558,7 @@ class RestoreBody(BaseModel):
     to_endpoint: str
 
 
-@router.post("/endpoints/{ref}/restore")
+@router.post("/endpoints/{ref}/restore", dependencies=[Depends(signing_required)])
 def restore_to(ref: str, body: RestoreBody, ctx: ServerContext = Depends(get_ctx)) -> dict:
     """Full restore of a CVD onto another (new) endpoint: the CVD moves there, identity
     follows it, and the driver layer is chosen again for the new hardware."""
@@ -622,7 +622,7 @@ class ProvisionBody(BaseModel):
     apps: list[str] = Field(default_factory=list)
 
 
-@router.post("/endpoints/{ref}/provision")
+@router.post("/endpoints/{ref}/provision", dependencies=[Depends(signing_required)])
 def provision(ref: str, body: ProvisionBody, ctx: ServerContext = Depends(get_ctx)) -> dict:
     with ctx.write() as db:
         ep = _find_endpoint(db, ref)
@@ -642,7 +642,7 @@ class MigrateBody(BaseModel):
     drivers: list[str] | None = None
 
 
-@router.post("/migrate")
+@router.post("/migrate", dependencies=[Depends(signing_required)])
 def migrate(body: MigrateBody, ctx: ServerContext = Depends(get_ctx)) -> dict:
     """Re-base endpoints onto another base (OS migration) or driver layer (hardware
     migration) as one tracked task; each endpoint snapshots itself before the switch."""
