@@ -6,7 +6,8 @@ endpoint whose root is a copy of v1, `assign --base v1` (nothing to switch) then
 `assign --base v2`; `agent run --once` downloads and reports ready; `agent apply`
 switches. The figure is everything the agent received during that download cycle as the
 agent counts it (every response body and its headers: the check-in that announced v2, the
-v2 manifest, the chunk streams, the replies to its progress reports), plus whatever the
+v2 manifest, the signed metadata it verifies first, the chunk streams, the replies to its
+progress reports), plus whatever the
 apply still had to fetch. The endpoint is then compared with v2, path by path.
 """
 
@@ -43,10 +44,13 @@ def measure_strata(v1: Path, v2: Path, work: Path) -> dict:
     proc, url = start_server(work / "server")
     try:
         admin = ["--server", url, "--admin-token-file", str(work / "server/admin.token")]
+        (work / "passphrase").write_text("bench passphrase\n")
+        sign = ["--keys", str(work / "keys"), "--passphrase-file", str(work / "passphrase")]
+        strata("signing", "init", *sign, *admin)  # agents take only signed layers
         t = time.monotonic()
         for version, tree in (("1", v1), ("2", v2)):
             strata("layer", "capture", "--kind", "base", "--name", "debian", "--version",
-                   version, "--from-dir", str(tree), *admin)
+                   version, "--from-dir", str(tree), *admin, *sign)
         capture_s = time.monotonic() - t
         token = strata("token", "create", *admin)["token"]
         root, state = work / "endpoint", work / "state"
@@ -56,9 +60,9 @@ def measure_strata(v1: Path, v2: Path, work: Path) -> dict:
         t = time.monotonic()
         strata("agent", "run", "--once", "--state", str(state))  # centralize
         centralize_s = time.monotonic() - t
-        strata("assign", "--all", "--base", "debian:1", *admin)
+        strata("assign", "--all", "--base", "debian:1", *admin, *sign)
         first = strata("agent", "run", "--once", "--state", str(state))  # matches v1: applied
-        strata("assign", "--all", "--base", "debian:2", *admin)
+        strata("assign", "--all", "--base", "debian:2", *admin, *sign)
         before = _received(state)
         t = time.monotonic()
         out = strata("agent", "run", "--once", "--state", str(state))
