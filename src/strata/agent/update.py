@@ -21,10 +21,12 @@ from strata.agent.drift import tree_changed
 from strata.agent.state import AgentState
 from strata.engine.backup import HashOnlySink, archive_tree
 from strata.errors import CorruptData, StrataError
+from strata.layers.accounts import MAX_DATABASE_BYTES, database_for
 from strata.layers.changes import Action
+from strata.layers.config_merge import require_no_holds, resolve_merges
 from strata.layers.image import Image, LayerContent, build_image
 from strata.layers.journal import ApplyJournal
-from strata.layers.plan import Mode, Plan, plan_update
+from strata.layers.plan import AccountMerge, Mode, Plan, plan_update
 from strata.layers.rules import LayerRules, PathClass
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
@@ -65,17 +67,24 @@ class UpdateResult:
         return dict(self.__dict__)
 
 
-def mode_for(desired: DesiredState) -> Mode:
+def mode_for(desired: DesiredState, *, repair: bool = False) -> Mode:
+    """How the plan treats the endpoint's own state. Account databases are merged by key
+    except where the target carries the accounts its files need whole (provisioning wipes
+    user data too; a full restore brings the CVD's own accounts); the endpoint's changes
+    to configuration stay only in an update (a revert sets the system of a snapshot,
+    compliance repair sets the layers' versions back)."""
     op = desired.operation
     if op == "revert":
         return Mode(wipe_unmanaged=not desired.keep_user_apps,
-                    keep_user_apps=desired.keep_user_apps)
+                    keep_user_apps=desired.keep_user_apps, keep_local_config=False)
     if op == "provision":
-        return Mode(wipe_unmanaged=True,
-                    protect=frozenset({PathClass.NEVER, PathClass.IDENTITY}))
+        return Mode(wipe_unmanaged=True, protect=frozenset({PathClass.NEVER,
+                                                            PathClass.IDENTITY}),
+                    keep_local_config=False, merge_accounts=False)
     if op == "restore":
-        return Mode(wipe_unmanaged=True, protect=frozenset({PathClass.NEVER}))
-    return Mode()
+        return Mode(wipe_unmanaged=True, protect=frozenset({PathClass.NEVER}),
+                    keep_local_config=False, merge_accounts=False)
+    return Mode(keep_local_config=not repair)
 
 
 class LayerSource:
@@ -89,6 +98,7 @@ class LayerSource:
         self.root = root
         self.cache = _open_cache(state.path / "cache")
         self.seeds: dict[bytes, tuple[bytes, int, int]] = {}  # id -> (path, offset, length)
+        self.computed: dict[bytes, bytes] = {}  # content merged here (Plan.computed_chunks)
         self.bytes_downloaded = 0
         self.chunks_downloaded = 0
         self.bytes_seeded = 0
@@ -175,7 +185,27 @@ class LayerSource:
         self.chunks_downloaded += len(ids)
         self.bytes_downloaded += self.client.bytes_received - before
 
+    def local_chunk(self, cid: bytes) -> bytes | None:
+        """A chunk from the endpoint's files or the cache, never the network (None)."""
+        data = self._seed(cid)
+        if data is not None:
+            return data
+        try:
+            return self.cache.load_chunk(cid)
+        except StrataError:
+            return None
+
     def chunk(self, cid: bytes) -> bytes:
+        computed = self.computed.get(cid)
+        if computed is not None:
+            return computed
+        data = self.local_chunk(cid)
+        if data is not None:
+            return data
+        self.download([cid], {cid: 0})
+        return self.cache.load_chunk(cid)
+
+    def _seed(self, cid: bytes) -> bytes | None:
         seed = self.seeds.get(cid)
         if seed is not None:
             path, offset, n = seed
@@ -191,16 +221,57 @@ class LayerSource:
             except OSError:
                 pass
             del self.seeds[cid]  # changed since the scan: not a seed any more
-        try:
-            return self.cache.load_chunk(cid)
-        except StrataError:
-            pass
-        self.download([cid], {cid: 0})
-        return self.cache.load_chunk(cid)
+        return None
 
     def data(self, entry: Entry) -> Iterator[bytes]:
         for cid, _ in entry.chunks:
             yield self.chunk(cid)
+
+    def keep(self, entries: Iterable[Entry]) -> list[str]:
+        """Make sure the cache holds these files' chunks (the account databases as the
+        layers laid them down: the old base of the next update's three-way merge). Their
+        ids are in the owned manifest, and every read is verified against them. Returns
+        a warning per file that could not be kept (the next merge is then two-way)."""
+        warnings = []
+        for e in entries:
+            ids = [cid for cid, _ in e.chunks]
+            missing = self.cache.missing_chunks(ids)
+            try:
+                datas: list[bytes | memoryview] = [self.chunk(cid) for cid in missing]
+            except StrataError as exc:
+                warnings.append(f"{e.path.decode(errors='replace')}: not kept for the next "
+                                f"update's merge ({exc})")
+                continue
+            if missing:
+                self.cache.store_chunks(missing, datas)
+        self.cache.flush()
+        return warnings
+
+
+class AccountInputs:
+    """The three copies of an account database on the agent: the old base's from the
+    cache or the endpoint's own files (never the network: the old layers may no longer be
+    assigned), the endpoint's from its tree, the new layers' like any file of the update."""
+
+    def __init__(self, source: LayerSource, merges: list[AccountMerge]):
+        self.source = source
+        ids = [cid for m in merges for cid, _ in m.new.chunks]
+        source.download(source.lacking(ids), dict(c for m in merges for c in m.new.chunks))
+
+    def old(self, entry: Entry) -> bytes | None:
+        pieces = [self.source.local_chunk(cid) for cid, _ in entry.chunks]
+        if any(p is None for p in pieces):
+            return None
+        return b"".join(pieces)  # type: ignore[arg-type]
+
+    def endpoint(self, entry: Entry) -> bytes:
+        fd = open_path(os.path.join(os.fsencode(self.source.root), entry.path),
+                       os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(MAX_DATABASE_BYTES + 1)
+
+    def new(self, entry: Entry) -> bytes:
+        return b"".join(self.source.data(entry))
 
 
 def _open_cache(path: Path) -> Store:
@@ -225,10 +296,18 @@ def owned_image(source: LayerSource, desired: DesiredState, rules: LayerRules,
 
 
 def compute_plan(source: LayerSource, desired: DesiredState, current: list[Entry],
-                 owned: dict[bytes, Entry]) -> tuple[Plan, Image, LayerRules]:
+                 owned: dict[bytes, Entry], *, repair: bool = False
+                 ) -> tuple[Plan, Image, LayerRules]:
+    """The plan, account databases merged (their new copies fetched first: they are
+    small), or UpdateHeld when a clash waits for someone to resolve it."""
     rules = LayerRules.from_doc(desired.rules, desired.family)
     image = target_image(source, desired, rules)
-    plan = plan_update(current, image, rules, owned=owned, mode=mode_for(desired))
+    plan = plan_update(current, image, rules, owned=owned,
+                       mode=mode_for(desired, repair=repair))
+    source.add_seeds(current)
+    if plan.merges:
+        resolve_merges(plan, AccountInputs(source, plan.merges), rules.family, time.time_ns())
+    require_no_holds(plan)
     return plan, image, rules
 
 
@@ -254,7 +333,6 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         plan, _, _ = compute_plan(source, desired, current, state.owned())
         state.save_update({"key": desired.key, "state": "downloading",
                            "desired": desired.model_dump()})
-        source.add_seeds(current)
         lengths = plan.chunks_in_order()
         lacking = source.lacking(list(lengths))
         last = [0.0]
@@ -294,13 +372,13 @@ def _describe(summary: dict, *, done: bool = False) -> str:
 
 
 def switch(client: ServerClient | None, state: AgentState, root: Path, desired: DesiredState,
-           current: list[Entry], result: UpdateResult) -> None:
+           current: list[Entry], result: UpdateResult, *, repair: bool = False) -> None:
     """Plan against the tree as it is now, fetch anything still missing, check the disk,
     then switch under the journal and record what IT now owns on the endpoint."""
     source = LayerSource(client, state, root)
     try:
-        plan, image, rules = compute_plan(source, desired, current, state.owned())
-        source.add_seeds(current)
+        plan, image, rules = compute_plan(source, desired, current, state.owned(),
+                                          repair=repair)
         lengths = plan.chunks_in_order()
         source.download(source.lacking(list(lengths)), lengths)
         need = plan.bytes_to_write()
@@ -308,9 +386,13 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         if need > free:
             raise UpdateFailed(f"not enough disk space: the update writes {need} bytes, "
                                f"{free} are free")
+        owned = owned_image(source, desired, rules, image)
+        result.warnings += source.keep(e for p, e in owned.entries.items()
+                                       if e.type is EntryType.FILE
+                                       and database_for(p, rules.family) is not None)
+        source.computed = plan.computed_chunks()
         journal = ApplyJournal(root, root / WORK_DIR)
         stats = journal.apply(plan.changes, source.data)
-        owned = owned_image(source, desired, rules, image)
         state.save_owned(b"".join(encode_manifest(owned.sorted_entries())))
         summary = plan.summary()
         result.changes, result.conflicts = summary["changes"], summary["conflicts"]
@@ -435,7 +517,7 @@ def repair(client: ServerClient, state: AgentState, tree: LocalTree, desired: De
     current = current_entries(state, tree)
     source = LayerSource(client, state, root)
     try:
-        plan, _, _ = compute_plan(source, desired, current, state.owned())
+        plan, _, _ = compute_plan(source, desired, current, state.owned(), repair=True)
     finally:
         source.close()
     drift = [c for c in plan.changes if c.action is not Action.DELETE or
@@ -443,7 +525,7 @@ def repair(client: ServerClient, state: AgentState, tree: LocalTree, desired: De
     if not drift:
         return None
     result = UpdateResult(key=desired.key, state="repaired")
-    switch(client, state, root, desired, current, result)
+    switch(client, state, root, desired, current, result, repair=True)
     report(client, desired.key, "applied", percent=100.0,
            detail="repaired drift: " + _describe({"changes": result.changes, "conflicts": {}},
                                                  done=True),

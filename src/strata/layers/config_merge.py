@@ -16,10 +16,16 @@ database is changed, and the agent does not switch until someone resolves it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Protocol
 
 from strata.errors import StrataError
-from strata.layers.accounts import AccountsUnmergeable, database_for, merge_database
+from strata.layers.accounts import (
+    MAX_DATABASE_BYTES,
+    AccountsUnmergeable,
+    database_for,
+    merge_database,
+)
 from strata.layers.changes import Action, Change
 from strata.layers.plan import AccountMerge, Conflict, Plan, same_meta
 from strata.model.entry import Entry
@@ -49,6 +55,11 @@ def resolve_merges(plan: Plan, inputs: MergeInputs, family: str, now_ns: int) ->
         assert fmt is not None
         shown = display(m.path)
         try:
+            big = [e for e in (m.old, m.endpoint, m.new) if e is not None
+                   and e.size > MAX_DATABASE_BYTES]
+            if big:
+                raise AccountsUnmergeable(f"a copy of {big[0].size} bytes is more than the "
+                                          f"{MAX_DATABASE_BYTES} a merge reads")
             new = inputs.new(m.new)
             try:
                 endpoint = inputs.endpoint(m.endpoint)
@@ -107,3 +118,27 @@ def require_no_holds(plan: Plan) -> None:
 
 class UpdateHeld(StrataError):
     """Something only a person can decide stands in the update's way; nothing switched."""
+
+
+class StoreInputs:
+    """All three copies from one content-addressed store, where the layers and the
+    endpoint's snapshots share their chunks (the server's dry-run). Each chunk is
+    verified against its id on load."""
+
+    def __init__(self, load_chunk: Callable[[bytes], bytes]):
+        self.load_chunk = load_chunk
+
+    def _read(self, entry: Entry) -> bytes:
+        return b"".join(self.load_chunk(cid) for cid, _ in entry.chunks)
+
+    def old(self, entry: Entry) -> bytes | None:
+        try:
+            return self._read(entry)
+        except StrataError:
+            return None
+
+    def endpoint(self, entry: Entry) -> bytes:
+        return self._read(entry)
+
+    def new(self, entry: Entry) -> bytes:
+        return self._read(entry)

@@ -136,9 +136,10 @@ class Plan:
         kinds: dict[str, int] = {}
         for c in self.conflicts:
             kinds[c.kind] = kinds.get(c.kind, 0) + 1
+        first = sorted(self.conflicts, key=lambda c: not c.holds)  # what holds it, first
         return {"changes": self.counts(), "bytes_to_write": self.bytes_to_write(),
-                "conflicts": kinds,
-                "conflict_list": [c.to_dict() for c in self.conflicts[:limit]]}
+                "conflicts": kinds, "held": len(self.held()),
+                "conflict_list": [c.to_dict() for c in first[:limit]]}
 
 
 def same_content(a: Entry, b: Entry) -> bool:

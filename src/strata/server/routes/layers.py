@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -17,6 +18,7 @@ from strata.engine.diff import diff_entries
 from strata.errors import CorruptData, MissingChunks
 from strata.layers.capture import app_difference
 from strata.layers.compliance import check_compliance
+from strata.layers.config_merge import StoreInputs, resolve_merges
 from strata.layers.image import build_image
 from strata.layers.plan import plan_update
 from strata.model.entry import EntryType
@@ -484,6 +486,8 @@ def dry_run(body: DryRunBody, ctx: ServerContext = Depends(get_ctx)) -> dict:
     image = build_image([layer_content(ctx, r) for r in new], rules)
     entries = list(snapshot_entries(ctx, snap.id))
     plan = plan_update(entries, image, rules, owned=owned.entries)
+    # Account databases merged as the agent will (clashes show as account-clash).
+    resolve_merges(plan, StoreInputs(ctx.store.load_chunk), rules.family, time.time_ns())
     have = {c for e in entries for c, _ in e.chunks}
     need = plan.chunk_ids() - have
     report = plan.summary(limit=500)
