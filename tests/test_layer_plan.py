@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from strata.layers.capture import without_layers
 from strata.layers.changes import Action
 from strata.layers.compliance import check_compliance
 from strata.layers.config_merge import UpdateHeld, require_no_holds, resolve_merges
@@ -162,11 +163,17 @@ def test_configuration_local_mode_change_is_kept():
     assert actions(plan_update([o], v2, RULES, owned=v1.entries)) == {"etc/sudoers": "meta"}
 
 
-def test_configuration_without_an_earlier_layer_takes_the_new_version():
-    v2 = build_image([layer("base b:2", f("etc/app.conf", "2"))], RULES)
+def test_configuration_without_an_earlier_layer_stays_the_endpoints():
+    v2 = build_image([layer("base b:2", f("etc/app.conf", "2"), f("etc/new.conf", "2"))],
+                     RULES)
     plan = plan_update([f("etc/app.conf", "mine")], v2, RULES, owned={})
-    assert actions(plan) == {"etc/app.conf": "replace"}
-    assert [c.kind for c in plan.conflicts] == ["overwrites-user-app"]
+    assert actions(plan) == {"etc/new.conf": "add"}
+    assert [(c.kind, c.path) for c in plan.conflicts] == [("local-change-kept",
+                                                           "etc/app.conf")]
+    assert "cannot be told" in plan.conflicts[0].detail
+    plan = plan_update([f("etc/app.conf", "mine")], v2, RULES, owned={},
+                       mode=Mode(keep_local_config=False))
+    assert actions(plan) == {"etc/app.conf": "replace", "etc/new.conf": "add"}
 
 
 def test_configuration_is_a_layer_rule_administrators_edit():
@@ -308,3 +315,24 @@ def test_compliance_does_not_count_merged_account_databases_as_drift():
     rep = check_compliance([real("etc/passwd", E_PASSWD), f("etc/app.conf", "mine")], img,
                            RULES)
     assert rep.changed == ["etc/app.conf"] and rep.managed == 1
+
+
+# -- capture from a managed reference machine ------------------------------------------------------
+
+
+def test_capture_from_an_endpoint_leaves_out_its_driver_and_app_layers():
+    base = [d("usr"), d("usr/lib"), f("usr/lib/libc.so", "base"), f("usr/lib/gone.so", "b"),
+            d("etc"), f("etc/os-release", "1")]
+    app = layer("app office:1", d("opt"), d("opt/office"), f("opt/office/bin", "app"),
+                d("usr"), d("usr/lib"), f("usr/lib/libc.so", "patched by the app"),
+                removes=("usr/lib/gone.so",))
+    driver = layer("driver nic:1", d("usr/lib/firmware"), f("usr/lib/firmware/nic.bin", "fw"))
+    machine = [d("etc"), f("etc/os-release", "1"), d("opt"), d("opt/office"),
+               f("opt/office/bin", "app"), d("opt/mine"), f("opt/mine/tool", "user app"),
+               d("usr"), d("usr/lib"), f("usr/lib/libc.so", "patched by the app"),
+               d("usr/lib/firmware"), f("usr/lib/firmware/nic.bin", "fw"),
+               f("usr/lib/extra.so", "installed by hand")]
+    got = {e.path.decode(): e for e in without_layers(machine, base, [app, driver])}
+    assert sorted(got) == ["etc", "etc/os-release", "opt", "opt/mine", "opt/mine/tool", "usr",
+                           "usr/lib", "usr/lib/extra.so", "usr/lib/gone.so", "usr/lib/libc.so"]
+    assert got["usr/lib/libc.so"].content_hash == f("usr/lib/libc.so", "base").content_hash

@@ -291,6 +291,8 @@ def assign(endpoint: list[str] | None = typer.Option(None, "--endpoint", help="E
            base: str | None = typer.Option(None, "--base", help="NAME:VERSION"),
            app: list[str] | None = typer.Option(None, "--app", help="NAME:VERSION "
                                                 "(repeatable; replaces the app list)"),
+           no_apps: bool = typer.Option(False, "--no-apps", help="Remove every app layer "
+                                        "(the endpoints uninstall them at the next update)."),
            driver: list[str] | None = typer.Option(None, "--driver", help="Pin driver "
                                                    "layers instead of matching hardware."),
            enforce: bool | None = typer.Option(None, "--enforce/--no-enforce", help="Repair "
@@ -298,13 +300,15 @@ def assign(endpoint: list[str] | None = typer.Option(None, "--endpoint", help="E
            server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
            json: bool = JSON) -> None:
     """Assign layers to endpoints, a collection or all; agents pick it up at check-in."""
-    if base is None and app is None and driver is None and enforce is None:
-        raise StrataError("nothing to assign: give --base, --app, --driver or "
+    if no_apps and app:
+        raise StrataError("--no-apps removes every app layer: give it or --app, not both")
+    if base is None and app is None and driver is None and enforce is None and not no_apps:
+        raise StrataError("nothing to assign: give --base, --app, --no-apps, --driver or "
                           "--enforce/--no-enforce")
     doc = admin_call(server, admin_token_file, "POST", f"{API}/assign", {
         "endpoints": endpoint or [], "collection": collection or "", "all": all_,
-        "base": base and _ref(base), "apps": _refs(app), "drivers": _refs(driver),
-        "enforce": enforce})
+        "base": base and _ref(base), "apps": [] if no_apps else _refs(app),
+        "drivers": _refs(driver), "enforce": enforce})
     if json:
         print_json(doc)
     else:

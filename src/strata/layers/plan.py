@@ -10,9 +10,11 @@ rule, as OSTree's ``/etc`` merge does: with O the entry the previous layers laid
 the endpoint's and N the new layers', a file the endpoint changed (E differs from O in
 content, type, mode or owner, or E deleted it) is kept and reported as
 ``local-change-kept``; an untouched one takes N. Without O (no layer put the file there
-before) nobody can tell a local edit from a base change: N wins, as for any file, and the
-endpoint's version stays in the pre-update snapshot. Compliance repair (``--enforce``)
-and the operations that set an exact system (revert, provisioning, restore) put N back.
+before: the first assignment to an endpoint) nobody can tell a local edit from a base
+change, and the endpoint's version stays too (as dpkg keeps a configuration file it did
+not install): assigning the base an endpoint runs changes nothing, and from then on the
+rule is three-way. Compliance repair (``--enforce``) and the operations that set an exact
+system (revert, provisioning, restore) put N back.
 
 Account databases are merged by key instead (strata.layers.accounts): that needs their
 bytes, which a plan does not have, so the plan lists them in ``Plan.merges`` and
@@ -158,7 +160,8 @@ def same_meta(a: Entry, b: Entry) -> bool:
     if (a.mode, a.uid, a.gid) != (b.mode, b.uid, b.gid) or a.xattrs != b.xattrs:
         return False
     # A directory's mtime moves whenever its contents do: not a difference worth a change.
-    return a.type is EntryType.DIR or a.type is EntryType.SYMLINK or a.mtime_ns == b.mtime_ns
+    # A symlink's does not: a new base that recreated one (same target) has its own.
+    return a.type is EntryType.DIR or a.mtime_ns == b.mtime_ns
 
 
 def _ancestors(path: bytes) -> Iterable[bytes]:
@@ -281,6 +284,13 @@ def _change_for(path: bytes, c: Entry | None, t: Entry, o: Entry | None, cls: Pa
             plan.conflicts.append(Conflict("local-change-kept", shown,
                                            f"changed on the endpoint; the endpoint's version "
                                            f"stays ({reason} changes it too, not applied)"))
+        return None
+    if o is None and mode.keep_local_config and rules.configuration(path) and \
+            c.type is not EntryType.DIR and t.type is not EntryType.DIR:
+        plan.conflicts.append(Conflict("local-change-kept", shown, "no layer laid it down "
+                                       "before, so a local edit cannot be told from a base "
+                                       f"change: the endpoint's version stays ({reason} not "
+                                       "applied; --enforce applies it)"))
         return None
     if same_content(c, t):
         return Change(Action.META, path, t, c, reason)
