@@ -276,7 +276,7 @@ def layer_dry_run(endpoint: str = typer.Option(..., "--endpoint"),
                   f"{c['add']} add, {c['replace']} replace, {c['meta']} metadata, "
                   f"{c['delete']} delete; writes {human_bytes(doc['bytes_to_write'])}; "  # type: ignore[index]
                   f"{doc['chunks_to_download']} chunks to download", highlight=False)  # type: ignore[index]
-    if doc.get("held"):  # type: ignore[union-attr]
+    if doc.get("held"):  # type: ignore[attr-defined]
         console.print(f"the update would be held: {doc['held']} conflict(s) to resolve "  # type: ignore[index]
                       "first (nothing is switched until then)", highlight=False)
     for conflict in doc["conflict_list"]:  # type: ignore[index]
