@@ -126,7 +126,7 @@ class LocalBackend:
 
     def __init__(self, root: Path, *, open_files: int = 64):
         self.root = Path(root)
-        self._open: OrderedDict[str, _OpenFile] = OrderedDict()
+        self._open: OrderedDict[tuple[str, str], _OpenFile] = OrderedDict()
         self._open_lock = threading.Lock()
         self._max_open = open_files
 
@@ -156,24 +156,19 @@ class LocalBackend:
 
     def remove(self, kind: str, name: str) -> None:
         path = self._path(kind, name)
-        self._forget_fd(str(path))
+        self._forget_fd(kind, name)
         path.unlink(missing_ok=True)
 
     # -- reading ---------------------------------------------------------------
     def load(self, kind: str, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        path = self._path(kind, name)
         if kind not in _KEPT_OPEN:
             try:
-                with open(path, "rb") as f:
+                with open(self._path(kind, name), "rb") as f:
                     f.seek(offset)
                     return f.read() if length is None else f.read(length)
             except FileNotFoundError:
                 raise ObjectNotFound(f"{kind} object {name[:16]} is missing") from None
-        key = str(path)
-        try:
-            entry = self._acquire(key)
-        except FileNotFoundError:
-            raise ObjectNotFound(f"{kind} object {name[:16]} is missing") from None
+        entry = self._acquire(kind, name)
         try:
             if length is None:
                 length = max(0, os.fstat(entry.fd).st_size - offset)
@@ -215,15 +210,29 @@ class LocalBackend:
                     os.close(entry.fd)
 
     # -- the descriptor cache ------------------------------------------------------
-    def _acquire(self, key: str) -> _OpenFile:
+    def _acquire(self, kind: str, name: str) -> _OpenFile:
+        # The cache is looked up by name before any path is made: a chunk read is a
+        # dict lookup and a pread (making the path took twice as long as the read).
+        key = (kind, name)
         with self._open_lock:
             entry = self._open.get(key)
-            if entry is None:
-                entry = self._open[key] = _OpenFile(os.open(key, os.O_RDONLY | os.O_CLOEXEC))
+            if entry is not None:
+                self._open.move_to_end(key)
+                entry.users += 1
+                return entry
+        try:  # opened outside the lock: other readers do not wait on a slow disk
+            fd = os.open(self._path(kind, name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{kind} object {name[:16]} is missing") from None
+        with self._open_lock:
+            entry = self._open.get(key)
+            if entry is not None:  # another thread opened it meanwhile
+                os.close(fd)
+                self._open.move_to_end(key)
+            else:
+                entry = self._open[key] = _OpenFile(fd)
                 if len(self._open) > self._max_open:
                     self._evict(self._open.popitem(last=False)[1])
-            else:
-                self._open.move_to_end(key)
             entry.users += 1
             return entry
 
@@ -238,9 +247,9 @@ class LocalBackend:
         if entry.users == 0:
             os.close(entry.fd)
 
-    def _forget_fd(self, key: str) -> None:
+    def _forget_fd(self, kind: str, name: str) -> None:
         with self._open_lock:
-            entry = self._open.pop(key, None)
+            entry = self._open.pop((kind, name), None)
             if entry is not None:
                 self._evict(entry)
 
