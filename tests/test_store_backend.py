@@ -247,3 +247,9 @@ def test_init_on_refuses_a_backend_that_holds_a_store(tmp_path):
     Store.init_on(objects, tmp_path / "state").close()
     with pytest.raises(StoreExists):
         Store.init_on(objects, tmp_path / "state2")
+
+    interrupted = MemoryBackend()  # killed after saving its key file, before its config
+    interrupted.save("keys", "0123456789abcdef", b"{}")
+    with pytest.raises(StoreExists, match="no config"):
+        Store.init_on(interrupted, tmp_path / "state3", passphrase="pw")
+    assert list(interrupted.list("keys")) == ["0123456789abcdef"]

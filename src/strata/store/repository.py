@@ -163,6 +163,11 @@ class Store:
         """Create a store on `backend`, keeping local working state in `state_dir`."""
         if backend.exists("config", "config"):
             raise StoreExists("a store already exists there")
+        if any(True for kind in ("keys", "snapshots", "packs") for _ in backend.list(kind)):
+            # An interrupted init (its key file saved, its config not) or someone else's
+            # objects: a second key file could be taken for this store's.
+            raise StoreExists("that location already holds store objects but no config; "
+                              "choose an empty one")
         config = StoreConfig(id=uuid.uuid4().hex, chunker=ChunkerParams.from_avg(chunk_avg),
                              compression=compression,
                              encryption="aes-256-gcm" if passphrase is not None else "none",
