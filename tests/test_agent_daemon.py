@@ -110,7 +110,7 @@ def test_revoked_endpoint_is_said_plainly_and_the_daemon_stops(server, tmp_path)
     assert status["access"] == "revoked", status
     shown = strata(*agent.cmd("status")).stdout
     assert "revoked" in shown.lower() and "enroll" in shown, shown
-    assert "(reachable)" not in shown
+    assert "(reachable)" not in shown and "pending: nothing" not in shown, shown
 
     proc = spawn(*agent.cmd("run", "--poll", "0.1"))  # the daemon, not --once
     try:

@@ -250,12 +250,13 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
               Access.REVOKED: "reachable; ACCESS REVOKED",
               Access.UNKNOWN: "reachable; CREDENTIAL UNKNOWN TO THE SERVER"}[out.access]
     last = out.last_centralization or {}
-    lines = [f"endpoint {out.endpoint_id} on {out.server} ({access})"]
+    lines = [f"endpoint {out.endpoint_id} on {out.server} ({access})",
+             f"last centralization: {last.get('time', 'never')} {last.get('result', '')}"]
     if out.access in (Access.REVOKED, Access.UNKNOWN):
-        lines.append(out.access_detail)
-    lines += [f"last centralization: {last.get('time', 'never')} {last.get('result', '')}",
-              f"pending: {', '.join(out.pending_work) or 'nothing'}",
-              f"layer update: {out.layer_update.get('state', 'none')}",
+        lines.append(out.access_detail)  # instead of pending work it can no longer do
+    else:
+        lines.append(f"pending: {', '.join(out.pending_work) or 'nothing'}")
+    lines += [f"layer update: {out.layer_update.get('state', 'none')}",
               f"on the wire: sent {human_bytes(out.bytes_sent)}, received "
               f"{human_bytes(out.bytes_received)}"]
     console.print("\n".join(lines), highlight=False)
