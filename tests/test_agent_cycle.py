@@ -11,6 +11,7 @@ import pytest
 
 from server_fixtures import Server, running_server
 from strata.agent.access import Access, ExitCode
+from strata.agent.centralize import CentralizeResult
 from strata.agent.cycle import AgentContext, CycleResult, centralization_due, run_cycle
 from strata.agent.daemon import APPROVAL_MAX_WAIT, OFFLINE_MAX_WAIT, next_wait, run_daemon
 from strata.agent.enrollment import enroll
@@ -80,6 +81,10 @@ def test_exit_codes_follow_the_cycle_outcome():
     assert result(Access.PENDING).exit_code == 4
     assert result(Access.REVOKED).exit_code == result(Access.UNKNOWN).exit_code == 5
     assert result(error="no space").exit_code == 2
+    partial = result()
+    partial.centralization = CentralizeResult(snapshot="s", kind="incremental",
+                                              errors=["home/x: permission denied"])
+    assert partial.exit_code == ExitCode.PARTIAL == 1  # committed, but a file is missing
 
 
 # -- the clock -------------------------------------------------------------------------------
