@@ -239,7 +239,7 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
     """Last centralization, pending work, whether the server lets this endpoint in, and
     bytes on the wire."""
     from strata.agent.access import Access
-    from strata.agent.cycle import read_status
+    from strata.agent.status import read_status
 
     out = read_status(_context(state, None, json))
     if json:
