@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import zstandard
 
-from strata.agent.client import ServerClient
+from strata.agent.client import ServerClient, ServerUnreachable
 from strata.agent.drift import tree_changed
 from strata.agent.state import AgentState
 from strata.engine.backup import HashOnlySink, archive_tree
@@ -32,6 +33,7 @@ from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest, encode_manifest
 from strata.model.transfer import read_stream
+from strata.model.update import UpdateState
 from strata.model.wire import DesiredLayer, DesiredState
 from strata.store.backend import atomic_write
 from strata.store.chunker import Chunker, ChunkerParams
@@ -53,7 +55,7 @@ class UpdateFailed(StrataError):
 @dataclass
 class UpdateResult:
     key: str
-    state: str  # up-to-date, ready, applied, repaired
+    state: UpdateState | Literal["repaired"]  # ready, applied, or drift repaired
     changes: dict = field(default_factory=dict)
     conflicts: dict = field(default_factory=dict)
     chunks_downloaded: int = 0
@@ -311,7 +313,7 @@ def compute_plan(source: LayerSource, desired: DesiredState, current: list[Entry
     return plan, image, rules
 
 
-def report(client: ServerClient | None, key: str, state: str, *, percent: float = 0.0,
+def report(client: ServerClient | None, key: str, state: UpdateState, *, percent: float = 0.0,
            detail: str = "", downloaded: int = 0) -> None:
     if client is None:
         return
@@ -331,7 +333,7 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
     source = LayerSource(client, state, root)
     try:
         plan, _, _ = compute_plan(source, desired, current, state.owned())
-        state.save_update({"key": desired.key, "state": "downloading",
+        state.save_update({"key": desired.key, "state": UpdateState.DOWNLOADING,
                            "desired": desired.model_dump()})
         lengths = plan.chunks_in_order()
         lacking = source.lacking(list(lengths))
@@ -343,17 +345,18 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         def progress(done: int, total: int) -> None:
             if time.monotonic() - last[0] >= _REPORT_SECONDS or done >= total:
                 last[0] = time.monotonic()
-                report(client, desired.key, "downloading", percent=100.0 * done / max(total, 1),
-                       downloaded=received())
-        report(client, desired.key, "downloading", percent=0.0)
+                report(client, desired.key, UpdateState.DOWNLOADING,
+                       percent=100.0 * done / max(total, 1), downloaded=received())
+        report(client, desired.key, UpdateState.DOWNLOADING, percent=0.0)
         source.download(lacking, lengths, progress)
         summary = plan.summary()
-        state.save_update({"key": desired.key, "state": "ready",
+        state.save_update({"key": desired.key, "state": UpdateState.READY,
                            "desired": desired.model_dump(), "plan": summary,
                            "downloaded": received()})
-        report(client, desired.key, "ready", percent=100.0,
+        report(client, desired.key, UpdateState.READY, percent=100.0,
                detail=f"restart to apply: {_describe(summary)}", downloaded=received())
-        return UpdateResult(key=desired.key, state="ready", changes=summary["changes"],
+        return UpdateResult(key=desired.key, state=UpdateState.READY,
+                            changes=summary["changes"],
                             conflicts=summary["conflicts"],
                             chunks_downloaded=source.chunks_downloaded,
                             bytes_downloaded=received(),
@@ -454,56 +457,80 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
             return repair(client, state, tree, desired, centralize)
         return None
     saved = state.update()
-    if saved.get("key") == desired.key and saved.get("state") == "ready":
-        report(client, desired.key, "ready", percent=100.0,
+    if saved.get("key") == desired.key and saved.get("state") == UpdateState.READY:
+        report(client, desired.key, UpdateState.READY, percent=100.0,
                detail="restart to apply: " + _describe(saved.get("plan") or
                                                       {"changes": {}, "conflicts": {}}))
-        return UpdateResult(key=desired.key, state="ready")
+        return UpdateResult(key=desired.key, state=UpdateState.READY)
     try:
         result = prepare(client, state, root, desired, current_entries(state, tree))
     except StrataError as exc:
-        state.save_update({"key": desired.key, "state": "failed", "error": str(exc),
+        state.save_update({"key": desired.key, "state": UpdateState.FAILED, "error": str(exc),
                            "desired": desired.model_dump()})
-        report(client, desired.key, "failed", detail=str(exc))
+        report(client, desired.key, UpdateState.FAILED, detail=str(exc))
         raise
     if not any(result.changes.values()):  # nothing to switch: no restart needed
         return apply_update(client, state, tree, centralize, snapshot=False)
     return result
 
 
+APPLIABLE = (UpdateState.READY, UpdateState.APPLYING, UpdateState.FAILED)
+
+
+def appliable(saved: dict) -> bool:
+    """An update is waiting to be applied: downloaded, interrupted, or failed (retried)."""
+    return saved.get("state") in APPLIABLE and "desired" in saved
+
+
 def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree,
                  centralize: Centralizer | None, *, snapshot: bool = True) -> UpdateResult:
-    """The restart: pre-update snapshot, switch under the journal, report, centralize."""
+    """The restart: pre-update snapshot, switch under the journal, report, centralize.
+
+    An apply found in the APPLYING state was interrupted (killed, power cut): it carries
+    on, reusing the pre-update snapshot it had taken (the tree is still the one it saw,
+    or the journal's recovery made it the new one)."""
     started = time.monotonic()
     root = tree.root
     recover(root)
     saved = state.update()
-    if saved.get("state") not in ("ready", "failed", "applying") or "desired" not in saved:
+    if not appliable(saved):
         raise UpdateFailed("no update is ready to apply")
     desired = DesiredState.model_validate(saved["desired"])
-    result = UpdateResult(key=desired.key, state="applied")
-    state.save_update({**saved, "state": "applying"})
-    report(client, desired.key, "applying", percent=100.0)
+    result = UpdateResult(key=desired.key, state=UpdateState.APPLIED)
+    resuming = saved["state"] == UpdateState.APPLYING
+    pre = saved.get("pre_update_snapshot") if resuming else None
+    if snapshot and pre is None and centralize is None:
+        raise ServerUnreachable("the server is unreachable and the pre-update snapshot must "
+                                "be taken first: the update stays ready")
+    state.save_update({**saved, "state": UpdateState.APPLYING})
+    report(client, desired.key, UpdateState.APPLYING, percent=100.0)
     try:
         if snapshot:
-            if centralize is None:
-                raise UpdateFailed("the server is unreachable: the pre-update snapshot must "
-                                   "be taken first; the update stays ready")
-            result.pre_update_snapshot = centralize("pre-update")
+            if pre is None:
+                assert centralize is not None
+                pre = centralize("pre-update")
+                # Recorded, so that an apply killed from here on does not take it again.
+                state.save_update({**saved, "state": UpdateState.APPLYING,
+                                   "pre_update_snapshot": pre})
+            result.pre_update_snapshot = pre
         switch(client, state, root, desired, current_entries(state, tree), result)
     except StrataError as exc:
-        state.save_update({**saved, "state": "failed", "error": str(exc)})
-        report(client, desired.key, "failed", detail=str(exc))
+        state.save_update({**saved, "state": UpdateState.FAILED, "error": str(exc)})
+        report(client, desired.key, UpdateState.FAILED, detail=str(exc))
         raise
     state.save_applied(desired.key)
-    state.save_update({"key": desired.key, "state": "applied", "changes": result.changes})
+    state.save_update({"key": desired.key, "state": UpdateState.APPLIED,
+                       "changes": result.changes})
     if desired.operation == "provision":
         state.reset_parent()  # a fresh CVD: the next centralization starts over
-    report(client, desired.key, "applied", percent=100.0,
+    report(client, desired.key, UpdateState.APPLIED, percent=100.0,
            detail=_describe({"changes": result.changes, "conflicts": result.conflicts},
                             done=True),
            downloaded=saved.get("downloaded", 0) + result.bytes_downloaded)
-    if centralize is not None and any(result.changes.values()):
+    # A resumed apply whose journal was rolled forward switched the tree before this run
+    # (its change list here is empty): the tree says whether a snapshot is owed.
+    if centralize is not None and (any(result.changes.values()) or resuming and tree_changed(
+            root, tree.excludes, state.parent()[1])):
         centralize("post-update")
     result.seconds = round(time.monotonic() - started, 3)
     return result
@@ -526,7 +553,7 @@ def repair(client: ServerClient, state: AgentState, tree: LocalTree, desired: De
         return None
     result = UpdateResult(key=desired.key, state="repaired")
     switch(client, state, root, desired, current, result, repair=True)
-    report(client, desired.key, "applied", percent=100.0,
+    report(client, desired.key, UpdateState.APPLIED, percent=100.0,
            detail="repaired drift: " + _describe({"changes": result.changes, "conflicts": {}},
                                                  done=True),
            downloaded=result.bytes_downloaded)
