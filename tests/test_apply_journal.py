@@ -27,9 +27,8 @@ from pathlib import Path
 import pytest
 
 from strata.errors import CorruptData, StrataError, UnsafePath
-from strata.layers import journal as journal_mod
+from strata.layers.apply import ApplyJournal, ApplyStats, crashpoints, staging
 from strata.layers.changes import Action, Change
-from strata.layers.journal import ApplyJournal, ApplyStats
 from strata.model.entry import Entry, EntryType
 from strata.tree.order import path_key
 from strata.tree.writer import TreeWriter
@@ -358,7 +357,7 @@ def hook(monkeypatch):
     """Install a crash hook for the test (and remove it afterwards)."""
 
     def install(fn: Callable[[str], None] | None) -> None:
-        monkeypatch.setattr(journal_mod, "crash_hook", fn)
+        monkeypatch.setattr(crashpoints, "crash_hook", fn)
 
     return install
 
@@ -713,8 +712,8 @@ def test_mount_point_inside_root_is_refused_before_switching(tmp_path, monkeypat
     build(root, old)
     before = snapshot(root)
     home_dev = os.stat(root / "home").st_ino
-    real = journal_mod._mount_id
-    monkeypatch.setattr(journal_mod, "_mount_id", lambda fd: ("mnt", -1) if
+    real = staging.mount_id
+    monkeypatch.setattr(staging, "mount_id", lambda fd: ("mnt", -1) if
                         os.fstat(fd).st_ino == home_dev else real(fd))
     new = old.copy().file("home/f", b"new").file("top", b"new")
     with pytest.raises(StrataError, match="another filesystem"):
@@ -831,7 +830,7 @@ def test_killed_at_every_kind_of_step_recovers_to_old_or_new(scenario, hook):
         old = scenario.fresh()
 
         def child(n: int = n) -> None:
-            journal_mod.crash_hook = die_at(n)
+            crashpoints.crash_hook = die_at(n)
             scenario.apply()
 
         assert run_child(child) == "killed", n
@@ -923,11 +922,11 @@ def test_killed_during_recovery_then_recovered_again(scenario, hook):
             old = scenario.fresh()
 
             def apply_child(k: int = kill_at) -> None:
-                journal_mod.crash_hook = die_at(k)
+                crashpoints.crash_hook = die_at(k)
                 scenario.apply()
 
             def recover_child(m: int = m) -> None:
-                journal_mod.crash_hook = die_at(m)
+                crashpoints.crash_hook = die_at(m)
                 scenario.journal().recover()
 
             assert run_child(apply_child) == "killed"
@@ -975,7 +974,7 @@ def test_killed_during_rollback_then_rollback_finishes(scenario, hook):
                     if calls[0] == die:
                         os._exit(9)
 
-                journal_mod.crash_hook = hook_fn
+                crashpoints.crash_hook = hook_fn
                 scenario.apply()
 
             assert run_child(child) == "killed"

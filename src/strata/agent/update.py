@@ -19,9 +19,9 @@ import zstandard
 from strata.agent.client import ServerClient
 from strata.agent.state import AgentState
 from strata.errors import CorruptData, StrataError
+from strata.layers.apply import ApplyJournal
 from strata.layers.changes import Action
 from strata.layers.image import Image, LayerContent, build_image
-from strata.layers.journal import ApplyJournal
 from strata.layers.plan import Mode, Plan, plan_update
 from strata.layers.rules import LayerRules, PathClass
 from strata.model.entry import Entry, EntryType
