@@ -306,7 +306,10 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
             raise UpdateFailed(f"not enough disk space: the update writes {need} bytes, "
                                f"{free} are free")
         journal = ApplyJournal(root, root / WORK_DIR)
-        stats = journal.apply(plan.changes, source.data)
+        try:
+            stats = journal.apply(plan.changes, source.data)
+        finally:
+            journal.remove_work_dir()  # kept only while an apply is pending in it
         owned = owned_image(source, desired, rules, image)
         state.save_owned(b"".join(encode_manifest(owned.sorted_entries())))
         summary = plan.summary()
@@ -324,7 +327,11 @@ def recover(root: Path) -> str | None:
     work = root / WORK_DIR
     if not work.exists():
         return None
-    return ApplyJournal(root, work).recover()
+    journal = ApplyJournal(root, work)
+    try:
+        return journal.recover()
+    finally:
+        journal.remove_work_dir()
 
 
 

@@ -103,7 +103,9 @@ def same_meta(a: Entry, b: Entry) -> bool:
     if (a.mode, a.uid, a.gid) != (b.mode, b.uid, b.gid) or a.xattrs != b.xattrs:
         return False
     # A directory's mtime moves whenever its contents do: not a difference worth a change.
-    return a.type is EntryType.DIR or a.type is EntryType.SYMLINK or a.mtime_ns == b.mtime_ns
+    # A symlink's does not (lutimes sets it): a link whose time differs from the layer's
+    # would read as drift.
+    return a.type is EntryType.DIR or a.mtime_ns == b.mtime_ns
 
 
 def _ancestors(path: bytes) -> Iterable[bytes]:
