@@ -24,12 +24,15 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from strata.errors import CorruptData, StrataError, UnsafePath
-from strata.layers.apply import ApplyJournal, ApplyStats, crashpoints, staging
+from strata.layers.apply import ApplyJournal, ApplyStats, Phase, crashpoints, staging
+from strata.layers.apply.format import Journal
 from strata.layers.changes import Action, Change
 from strata.model.entry import Entry, EntryType
+from strata.tree.meta import Meta
 from strata.tree.order import path_key
 from strata.tree.writer import TreeWriter
 
@@ -984,3 +987,44 @@ def test_killed_during_rollback_then_rollback_finishes(scenario, hook):
             check_after_recovery(scenario, old, phase)
             rounds += 1
     assert rounds == 18
+
+
+def test_journal_of_the_previous_format_is_still_recovered(scenario, hook):
+    """A switch interrupted under an older agent (journal version 1: positional rows) is
+    rolled forward by this one."""
+    switching, done = switch_window(scenario, hook)
+    scenario.fresh()
+    hook(fail_at((switching + done) // 2, Crash()))
+    with pytest.raises(Crash):
+        scenario.apply()
+    hook(None)
+    path = scenario.work / "journal"
+    journal = Journal.decode(path.read_bytes())
+    assert journal.ops and any(op.new is not None for op in journal.ops)
+
+    def meta(m: Meta | None) -> list | None:
+        return None if m is None else [m.mode, m.uid, m.gid, m.atime_ns, m.mtime_ns,
+                                       dict(m.xattrs)]
+
+    path.write_bytes(msgpack.packb({
+        "v": 1, "owner": journal.owner, "warnings": journal.warnings,
+        "times": [[p, a, m] for p, (a, m) in journal.times.items()],
+        "ops": [[op.n, op.kind.value, op.path, op.action.value, op.is_dir, op.size,
+                 meta(op.new), meta(op.old)] for op in journal.ops]}, use_bin_type=True))
+    assert Journal.decode(path.read_bytes()) == journal
+    assert scenario.journal().recover() == "completed"
+    assert_same(comparable(snapshot(scenario.root), scenario.loose), scenario.want_new)
+    assert_clean(scenario.work)
+
+
+def test_unreadable_journal_is_one_clear_error(scenario, hook):
+    switching, _ = switch_window(scenario, hook)
+    scenario.fresh()
+    hook(fail_at(switching + 1, Crash()))
+    with pytest.raises(Crash):
+        scenario.apply()
+    hook(None)
+    (scenario.work / "journal").write_bytes(msgpack.packb({"v": 2, "ops": [{"kind": "x"}]}))
+    with pytest.raises(StrataError, match="journal .* is unreadable"):
+        scenario.journal().recover()
+    assert scenario.journal().pending() is Phase.SWITCHING  # nothing was given up

@@ -10,6 +10,7 @@ hardlink out of the target, fields the kernel refuses.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -19,15 +20,17 @@ from pathlib import Path
 import pytest
 
 from server_fixtures import Agent, centralized, running_server, strata
-from strata.engine.backup import store_manifest
+from strata.engine.backup import backup, store_manifest
 from strata.engine.restore import restore
+from strata.errors import StrataError
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import encode_manifest
 from strata.model.snapshot import Snapshot, now_iso
 from strata.store.repository import Store
+from strata.tree import content
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="privileged metadata needs root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="privileged metadata needs root")
 
 F, D, L, H = EntryType.FILE, EntryType.DIR, EntryType.SYMLINK, EntryType.HARDLINK
 CAP = b"security.capability"
@@ -116,6 +119,7 @@ def assert_nothing_outside(base: Path, expected: set[str]) -> None:
     assert os.stat("/etc/passwd").st_nlink == 1
 
 
+@needs_root
 def test_store_restore_into_a_directory_withholds_privileges(cli, tmp_path):
     store = tmp_path / "store"
     commit_crafted(store)
@@ -151,6 +155,7 @@ def test_store_restore_into_a_directory_withholds_privileges(cli, tmp_path):
     assert "--full-metadata restores them" in proc.stdout
 
 
+@needs_root
 def test_store_restore_with_full_metadata_restores_them(cli, tmp_path):
     store = tmp_path / "store"
     commit_crafted(store)
@@ -170,6 +175,7 @@ def test_store_restore_with_full_metadata_restores_them(cli, tmp_path):
         assert stat.S_ISCHR(mem.st_mode) and mem.st_rdev == os.makedev(1, 1)
 
 
+@needs_root
 def test_engine_restore_is_safe_unless_asked(tmp_path):
     """The library's default is the safe one: a caller must ask for full metadata."""
     store_dir = tmp_path / "store"
@@ -189,6 +195,7 @@ def server(tmp_path: Path):
     yield from running_server(tmp_path / "server")
 
 
+@needs_root
 def test_agent_restore_to_a_directory_is_safe_in_place_is_full(server, tmp_path):
     root = tmp_path / "endpoint"
     (root / "usr/bin").mkdir(parents=True)
@@ -223,3 +230,28 @@ def test_agent_restore_to_a_directory_is_safe_in_place_is_full(server, tmp_path)
     st = tool.lstat()
     assert stat.S_IMODE(st.st_mode) == 0o4755 and st.st_uid == 0
     assert os.getxattr(tool, CAP) == CAP_SETUID
+
+
+def test_a_full_target_stops_the_restore_with_one_error(tmp_path, monkeypatch):
+    """Skipping entry after entry would only repeat the same error: a full (or read-only)
+    target ends the restore, saying where it stopped."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_bytes(b"x" * 1000)
+    calls = []
+
+    def full(fd: int, data: bytes, offset: int | None = None) -> None:
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, offset)
+
+    real = content.write_all
+    monkeypatch.setattr(content, "write_all", full)
+    with Store.init(tmp_path / "store") as store:
+        snap = store.load_snapshot(backup(store, src).snapshot)
+        with pytest.raises(StrataError, match=r"No space left on device \(stopped at f2; 2 "
+                                              r"files restored\)"):
+            restore(store, snap, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["f0", "f1"]  # no half-written f2
