@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 from strata.model.entry import Entry, EntryType
@@ -101,8 +102,8 @@ class Node:
 
 
 def apply_meta(node: Node, meta: Meta, *, owner: bool, warn: Warn,
-               stale: frozenset[bytes] | set[bytes] = frozenset(),
-               current: dict[bytes, bytes] | None = None) -> None:
+               stale: Collection[bytes] = (), current: Mapping[bytes, bytes] | None = None
+               ) -> None:
     """Owner, xattrs, then (except for a directory: see `set_dir_meta`) mode and times.
 
     `stale`: xattrs on the node to remove unless `meta` has them; `current`: the xattrs
