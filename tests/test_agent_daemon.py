@@ -202,7 +202,7 @@ def ready_update(server, tmp_path):
 # starts with a given word ("stage", "rename"): a power cut at an exact point of the apply.
 KILLED_AT = """
 import os, signal, sys
-import strata.layers.journal as journal
+import strata.layers.apply.crashpoints as journal
 from strata.cli.main import main
 word, n, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 seen = [0]

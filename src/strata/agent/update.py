@@ -23,10 +23,10 @@ from strata.agent.state import AgentState
 from strata.engine.backup import HashOnlySink, archive_tree
 from strata.errors import CorruptData, StrataError
 from strata.layers.accounts import MAX_DATABASE_BYTES, database_for
+from strata.layers.apply import ApplyJournal
 from strata.layers.changes import Action
 from strata.layers.config_merge import require_no_holds, resolve_merges
 from strata.layers.image import Image, LayerContent, build_image
-from strata.layers.journal import ApplyJournal
 from strata.layers.plan import AccountMerge, Mode, Plan, plan_update
 from strata.layers.rules import LayerRules, PathClass
 from strata.model.entry import Entry, EntryType
@@ -395,7 +395,10 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
                                        and database_for(p, rules.family) is not None)
         source.computed = plan.computed_chunks()
         journal = ApplyJournal(root, root / WORK_DIR)
-        stats = journal.apply(plan.changes, source.data)
+        try:
+            stats = journal.apply(plan.changes, source.data)
+        finally:
+            journal.remove_work_dir()  # kept only while an apply is pending in it
         state.save_owned(b"".join(encode_manifest(owned.sorted_entries())))
         summary = plan.summary()
         result.changes, result.conflicts = summary["changes"], summary["conflicts"]
@@ -412,7 +415,11 @@ def recover(root: Path) -> str | None:
     work = root / WORK_DIR
     if not work.exists():
         return None
-    return ApplyJournal(root, work).recover()
+    journal = ApplyJournal(root, work)
+    try:
+        return journal.recover()
+    finally:
+        journal.remove_work_dir()
 
 
 

@@ -202,6 +202,10 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
             snapshot: str = typer.Option("latest", "--snapshot", help="Snapshot id or prefix."),
             to: Path | None = typer.Option(None, "--to", help="Restore under this directory "
                                            "instead of in place."),
+            full_metadata: bool = typer.Option(
+                False, "--full-metadata", help="With --to: also restore device nodes, "
+                "setuid/setgid bits and security.*/trusted.* xattrs (in place they always "
+                "are)."),
             state: Path | None = STATE, json: bool = JSON) -> None:
     """Restore files from any of this endpoint's snapshots."""
     from strata.agent.remote_source import RemoteSource
@@ -214,8 +218,11 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
         source = RemoteSource(client)
         snap = source.snapshot(snapshot)
         target = to or Path(cred.root)
+        # In place it is the endpoint's own system: everything comes back as it was.
+        full = full_metadata or to is None
         result = run_with_progress("restore", lambda p: run_restore(
-            source, snap, target, includes=paths, progress=p), json_mode=json)  # type: ignore[arg-type]
+            source, snap, target, includes=paths, progress=p, full_metadata=full),  # type: ignore[arg-type]
+            json_mode=json)
         client.request("POST", "/api/v1/agent/transactions/restore", json={
             "snapshot": snap.id, "files": result.files, "bytes_written": result.bytes_written,
             "seconds": result.seconds, "result": "failed" if result.errors else "ok",
@@ -226,10 +233,17 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     if json:
         print_json(result.to_dict())
     else:
+        for w in result.withheld:
+            console.print(f"withheld: {w}", markup=False, highlight=False)
         for e in result.errors:
-            err_console.print(f"error: {e}", highlight=False)
+            err_console.print(f"error: {e}", markup=False, highlight=False)
         console.print(f"restored {result.files} files ({human_bytes(result.bytes_written)}) "
-                      f"from {snap.id[:8]} into {target}")
+                      f"from {snap.id[:8]} into {target}"
+                      + (f"; {len(result.errors)} skipped" if result.errors else ""),
+                      markup=False, highlight=False)
+        if result.withheld:
+            console.print("device nodes, setuid/setgid bits and privileged xattrs were left "
+                          "out: --full-metadata restores them", highlight=False)
     if result.errors:
         raise typer.Exit(1)
 

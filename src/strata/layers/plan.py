@@ -160,7 +160,8 @@ def same_meta(a: Entry, b: Entry) -> bool:
     if (a.mode, a.uid, a.gid) != (b.mode, b.uid, b.gid) or a.xattrs != b.xattrs:
         return False
     # A directory's mtime moves whenever its contents do: not a difference worth a change.
-    # A symlink's does not: a new base that recreated one (same target) has its own.
+    # A symlink's does not (lutimes sets it): a link whose time differs from the layer's
+    # would read as drift.
     return a.type is EntryType.DIR or a.mtime_ns == b.mtime_ns
 
 
