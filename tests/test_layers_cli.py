@@ -132,6 +132,8 @@ def test_bad_captures(world):
 def test_assign_mistakes(world):
     eid = world.agent.endpoint_id
     refused(world, "assign", "--endpoint", eid, needle="nothing to assign")
+    refused(world, "assign", "--endpoint", eid, "--no-apps", "--app", "office:1",
+            needle="--no-apps removes every app layer")
     refused(world, "assign", "--base", "corp-os:1", needle="endpoints, a collection, or all")
     refused(world, "assign", "--endpoint", eid, "--app", "corp-os:1",
             needle="is a base layer, not app")

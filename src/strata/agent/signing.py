@@ -6,6 +6,7 @@ applied, which the rollback and replay rules need. See strata.signing.policy."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from strata.agent.client import ServerClient, ServerRefused
@@ -32,7 +33,15 @@ def fetch_root(client: ServerClient) -> bytes | None:
 
 
 def pin(state: AgentState, root: bytes, expected: str | None = None) -> str:
-    return pin_root(state.path / TRUST_DIR, root, expected)
+    """Trust this root from now on. Pinning another root than before (another server,
+    or IT starting over) drops what was verified and recorded under the old one: its
+    serials and versions mean nothing under the new one."""
+    before = pinned_fingerprint(state)
+    fingerprint = pin_root(state.path / TRUST_DIR, root, expected)
+    if before is not None and before != fingerprint:
+        shutil.rmtree(state.path / TRUST_DIR / "metadata", ignore_errors=True)
+        (state.path / RECORD).unlink(missing_ok=True)
+    return fingerprint
 
 
 def pinned_fingerprint(state: AgentState) -> str | None:

@@ -318,6 +318,9 @@ def layer_dry_run(endpoint: str = typer.Option(..., "--endpoint"),
                   f"{c['add']} add, {c['replace']} replace, {c['meta']} metadata, "
                   f"{c['delete']} delete; writes {human_bytes(doc['bytes_to_write'])}; "  # type: ignore[index]
                   f"{doc['chunks_to_download']} chunks to download", highlight=False)  # type: ignore[index]
+    if doc.get("held"):  # type: ignore[attr-defined]
+        console.print(f"the update would be held: {doc['held']} conflict(s) to resolve "  # type: ignore[index]
+                      "first (nothing is switched until then)", highlight=False)
     for conflict in doc["conflict_list"]:  # type: ignore[index]
         console.print(f"  {conflict['kind']}: {conflict['path']} ({conflict['detail']})",
                       highlight=False)
@@ -330,6 +333,8 @@ def assign(endpoint: list[str] | None = typer.Option(None, "--endpoint", help="E
            base: str | None = typer.Option(None, "--base", help="NAME:VERSION"),
            app: list[str] | None = typer.Option(None, "--app", help="NAME:VERSION "
                                                 "(repeatable; replaces the app list)"),
+           no_apps: bool = typer.Option(False, "--no-apps", help="Remove every app layer "
+                                        "(the endpoints uninstall them at the next update)."),
            driver: list[str] | None = typer.Option(None, "--driver", help="Pin driver "
                                                    "layers instead of matching hardware."),
            enforce: bool | None = typer.Option(None, "--enforce/--no-enforce", help="Repair "
@@ -339,11 +344,14 @@ def assign(endpoint: list[str] | None = typer.Option(None, "--endpoint", help="E
            json: bool = JSON) -> None:
     """Assign layers to endpoints, a collection or all, signed with --keys; agents pick it
     up at check-in."""
-    if base is None and app is None and driver is None and enforce is None:
-        raise StrataError("nothing to assign: give --base, --app, --driver or "
+    if no_apps and app:
+        raise StrataError("--no-apps removes every app layer: give it or --app, not both")
+    if base is None and app is None and driver is None and enforce is None and not no_apps:
+        raise StrataError("nothing to assign: give --base, --app, --no-apps, --driver or "
                           "--enforce/--no-enforce")
-    fields = {"base": base and _ref(base), "apps": _refs(app), "drivers": _refs(driver)}
-    layered = base is not None or app is not None or driver is not None
+    fields = {"base": base and _ref(base), "apps": [] if no_apps else _refs(app),
+              "drivers": _refs(driver)}
+    layered = base is not None or fields["apps"] is not None or driver is not None
     pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=layered)
     if pub is not None:
         fields = signable_refs(pub, server, admin_token_file, fields)

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from strata.errors import CorruptData, SnapshotNotFound
 from strata.model.transfer import pack_stream
+from strata.model.update import UpdateState
 from strata.model.wire import ChunkRequest, DesiredState
 from strata.server.catalog.models import Assignment, Cvd, Endpoint
 from strata.server.context import ServerContext
@@ -26,7 +27,6 @@ MAX_STREAM_BYTES = 64 << 20  # raw bytes in one download response
 # zstd level of download streams: what crosses a WAN is what branch offices wait for, and
 # the stream cache makes the cost of the top level a one-off per batch, not per endpoint.
 DOWNLOAD_LEVEL = 19
-UPDATE_STATES = ("assigned", "downloading", "ready", "applying", "applied", "failed")
 
 
 def _allowed_snapshots(ctx: ServerContext, ep: Endpoint) -> set[str]:
@@ -85,7 +85,7 @@ def layer_chunks(body: ChunkRequest, ep: Endpoint = Depends(require_device),
 
 class UpdateReport(BaseModel):
     key: str = Field(max_length=64)
-    state: str
+    state: UpdateState
     percent: float = Field(default=0.0, ge=0, le=100)
     detail: str = Field(default="", max_length=4000)
     downloaded_bytes: int = Field(default=0, ge=0)
@@ -96,8 +96,6 @@ class UpdateReport(BaseModel):
 def report_update(body: UpdateReport, ep: Endpoint = Depends(require_device),
                   ctx: ServerContext = Depends(get_ctx)) -> dict:
     """The agent's progress on its desired state; an outdated key is ignored."""
-    if body.state not in UPDATE_STATES:
-        raise HTTPException(422, f"state must be one of {', '.join(UPDATE_STATES)}")
     desired = cached_desired(ctx, ep)
     if desired is None or desired.key != body.key:
         return {"recorded": False, "reason": "not the current desired state"}
@@ -107,9 +105,9 @@ def report_update(body: UpdateReport, ep: Endpoint = Depends(require_device),
         set_state(a, body.state, percent=body.percent, detail=body.detail)
         a.desired_key = body.key
         a.downloaded_bytes = body.downloaded_bytes
-        if body.state == "applied":
+        if body.state is UpdateState.APPLIED:
             _applied(db, a, desired, ep)
-    if body.state in ("applied", "failed"):
+    if body.state in (UpdateState.APPLIED, UpdateState.FAILED):
         ctx.invalidate()
         action = "layer-refused" if body.refused else f"update-{body.state}"
         audit(ctx, f"endpoint:{ep.id}", action, body.key, detail=body.detail[:500],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -15,8 +16,9 @@ from sqlalchemy.orm import Session
 
 from strata.engine.diff import diff_entries
 from strata.errors import CorruptData, MissingChunks
-from strata.layers.capture import app_difference
+from strata.layers.capture import app_difference, without_layers
 from strata.layers.compliance import check_compliance
+from strata.layers.config_merge import StoreInputs, resolve_merges
 from strata.layers.image import build_image
 from strata.layers.plan import plan_update
 from strata.model.entry import EntryType
@@ -150,6 +152,22 @@ def _endpoint_snapshot(db: Session, ep: Endpoint, ref: str) -> str:
     return hits[0]
 
 
+def _reference_tree(ctx: ServerContext, db: Session, sid: str, name: str) -> list:
+    """A reference endpoint's snapshot without the files of the driver and app layers
+    that were applied on it when it was taken (other than an earlier version of the layer
+    being captured): those stay their own layers. Identity and user data are left out
+    when the layer is saved, by the rules."""
+    rec = db.get(SnapshotRecord, sid)
+    applied = [r for r in (db.get(Layer, i) for i in (rec.layers if rec else [])) if r]
+    others = [r for r in applied if r.kind in ("driver", "app") and r.name != name]
+    entries = snapshot_entries(ctx, sid)
+    if not others:
+        return list(entries)
+    base = next((r for r in applied if r.kind == "base"), None)
+    return without_layers(entries, snapshot_entries(ctx, base.snapshot) if base else None,
+                          [layer_content(ctx, r) for r in others])
+
+
 def _capture(ctx: ServerContext, body: LayerCommit) -> dict:
     if body.kind not in LAYER_KINDS:
         raise HTTPException(422, f"kind must be one of {', '.join(LAYER_KINDS)}")
@@ -167,10 +185,10 @@ def _capture(ctx: ServerContext, body: LayerCommit) -> dict:
             ep = _find_endpoint(db, body.endpoint)
             family = endpoint_family(ep)
             after_sid = _endpoint_snapshot(db, ep, body.snapshot)
-            after = list(snapshot_entries(ctx, after_sid))
+            after = _reference_tree(ctx, db, after_sid, body.name)
             source = f"endpoint {ep.id[:8]} snapshot {after_sid[:8]}"
-            before = list(snapshot_entries(ctx, _endpoint_snapshot(db, ep, body.before_snapshot))) \
-                if body.before_snapshot else None
+            before = _reference_tree(ctx, db, _endpoint_snapshot(db, ep, body.before_snapshot),
+                                     body.name) if body.before_snapshot else None
         elif body.manifest:
             after = _uploaded_entries(ctx, body.manifest, body.manifest_id)
             before = None
@@ -484,6 +502,8 @@ def dry_run(body: DryRunBody, ctx: ServerContext = Depends(get_ctx)) -> dict:
     image = build_image([layer_content(ctx, r) for r in new], rules)
     entries = list(snapshot_entries(ctx, snap.id))
     plan = plan_update(entries, image, rules, owned=owned.entries)
+    # Account databases merged as the agent will (clashes show as account-clash).
+    resolve_merges(plan, StoreInputs(ctx.store.load_chunk), rules.family, time.time_ns())
     have = {c for e in entries for c, _ in e.chunks}
     need = plan.chunk_ids() - have
     report = plan.summary(limit=500)
