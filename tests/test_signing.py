@@ -484,3 +484,24 @@ def test_malformed_targets_are_refused():
                                            path="elsewhere/x")}
     with pytest.raises(SigningError, match="unknown target"):
         SignedCatalog.from_targets(t)
+
+
+def test_pinning_another_root_forgets_what_the_old_one_vouched_for(world, tmp_path):
+    """An agent moved to another server (or IT starting over): serials and versions
+    recorded under the old root mean nothing under the new one, and are dropped; pinning
+    the same root again keeps them."""
+    from strata.agent.signing import RECORD, TRUST_DIR, load_record, pin, save_record
+    from strata.agent.state import AgentState
+
+    state = AgentState(tmp_path / "agent-state")
+    pin(state, world.repo.read("root.json"))
+    refresh(state.path / TRUST_DIR, world.fetch)
+    record = TrustRecord(layers={"corp": AppliedLayer(version="9", serial=9, seq=9)})
+    save_record(state, record)
+    pin(state, world.repo.read("root.json"))
+    assert load_record(state) == record
+    other = SigningRepository(tmp_path / "other", clock=world.clock)
+    initialize(RepositoryApi(other), Keys(tmp_path / "other-keys", PASS))
+    pin(state, other.read("root.json"))
+    assert load_record(state) == TrustRecord() and not (state.path / RECORD).exists()
+    assert not (state.path / TRUST_DIR / "metadata").exists()
