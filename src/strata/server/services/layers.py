@@ -249,9 +249,10 @@ def diff_layers(ctx: ServerContext, a: str, b: str) -> LayerDiff:
         out[names[op]].append(display(e.path))
         if op in "+M" and e.size:
             size += e.size
-    return LayerDiff(from_=f"{la.name}:{la.version}", to=f"{lb.name}:{lb.version}",
+    return LayerDiff(**{"from": f"{la.name}:{la.version}"}, to=f"{lb.name}:{lb.version}",
                      counts=DiffCounts(**{k: len(v) for k, v in out.items()}),
-                     bytes_changed=size, **out)
+                     bytes_changed=size, added=out["added"], removed=out["removed"],
+                     changed=out["changed"], metadata=out["metadata"])
 
 
 def delete_layer(ctx: ServerContext, ref: str, *, actor: str) -> Deleted:

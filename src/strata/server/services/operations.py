@@ -85,7 +85,7 @@ def restore_to(ctx: ServerContext, ref: str, req: RestoreRequest, *,
         ids = (old.id, new.id)
     ctx.invalidate()
     audit.record(ctx, actor, "restore-to-endpoint", ids[1], source=ids[0], snapshot=sid)
-    return RestoreResult(from_=ids[0], to=ids[1], snapshot=sid, state="assigned")
+    return RestoreResult(**{"from": ids[0]}, to=ids[1], snapshot=sid, state="assigned")
 
 
 def _driver_paths(ctx: ServerContext, sid: str, drivers: list[Layer]) -> list[str]:
