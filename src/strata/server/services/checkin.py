@@ -5,6 +5,7 @@ answered from caches alone."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from strata.model.wire import CheckinRequest, CheckinResponse, ChunkerSpec
 from strata.server import metrics
@@ -36,7 +37,7 @@ def checkin(ctx: ServerContext, ep: Endpoint, req: CheckinRequest, ip: str) -> C
         desired=desired)
 
 
-def _update_inventory(ctx: ServerContext, ep: Endpoint, inventory: dict) -> None:
+def _update_inventory(ctx: ServerContext, ep: Endpoint, inventory: dict[str, Any]) -> None:
     with ctx.write() as db:
         row = db.get(Endpoint, ep.id)
         assert row is not None

@@ -3,6 +3,8 @@ assignment, transactions), approval and revocation, tags, and the transaction lo
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -26,7 +28,7 @@ MAX_ROWS = 1000  # one answer lists at most this many records
 RECENT_TRANSACTIONS = 20  # in an endpoint's detail
 
 
-def _summary(db: Session, ep: Endpoint) -> dict:
+def _summary(db: Session, ep: Endpoint) -> dict[str, Any]:
     cvd = snapshots.cvd_of(db, ep.id)
     count = db.scalar(select(func.count()).select_from(SnapshotRecord)
                       .where(SnapshotRecord.cvd_id == cvd.id)) if cvd else 0

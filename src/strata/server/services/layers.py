@@ -84,7 +84,7 @@ def label(layer: Layer) -> str:
 
 def save_layer(ctx: ServerContext, db: Session, *, kind: str, name: str, version: str,
                entries: Iterable[Entry], family: str, removes: list[bytes] | None = None,
-               match: dict | None = None, source: str = "") -> Layer:
+               match: dict[str, str] | None = None, source: str = "") -> Layer:
     """Filter `entries` by the layer rules, store them as the layer's manifest, record it."""
     if kind not in LAYER_KINDS:
         raise Invalid(f"kind must be one of {', '.join(LAYER_KINDS)}")

@@ -5,6 +5,7 @@ endpoint receives at check-in."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -47,7 +48,7 @@ def write_policy(ctx: ServerContext, kind: str, document: PolicyDocument, *,
     return doc
 
 
-def cached_policy(ctx: ServerContext, db: Session, kind: str) -> dict:
+def cached_policy(ctx: ServerContext, db: Session, kind: str) -> dict[str, Any]:
     return ctx.cached(f"policy:{kind}", lambda: get_policy(db, kind))
 
 
