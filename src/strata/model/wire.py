@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -33,7 +34,7 @@ class EnrollRequest(BaseModel):
     token: str = Field(min_length=8, max_length=256)
     hostname: str = Field(default="", max_length=255)
     os: str = Field(default="", max_length=64)
-    inventory: dict = Field(default_factory=dict)
+    inventory: dict[str, Any] = Field(default_factory=dict)
 
 
 class EnrollResponse(BaseModel):
@@ -43,8 +44,8 @@ class EnrollResponse(BaseModel):
 
 
 class CheckinRequest(BaseModel):
-    inventory: dict = Field(default_factory=dict)
-    status: dict = Field(default_factory=dict)
+    inventory: dict[str, Any] = Field(default_factory=dict)
+    status: dict[str, Any] = Field(default_factory=dict)
 
 
 class DesiredLayer(BaseModel):
@@ -66,7 +67,7 @@ class DesiredState(BaseModel):
     keep_user_apps: bool = False
     enforce: bool = False  # repair drift at every check-in
     family: str = "linux"
-    rules: dict = Field(default_factory=dict)
+    rules: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class CheckinResponse(BaseModel):
@@ -101,7 +102,7 @@ class CommitRequest(BaseModel):
     paths: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
     trigger: str = "scheduled"
-    stats: dict = Field(default_factory=dict)
+    stats: dict[str, Any] = Field(default_factory=dict)
     kind: str = "incremental"  # centralize (first) or incremental
     retries: int = 0
     bytes_on_wire: int = 0

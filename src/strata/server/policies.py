@@ -87,7 +87,10 @@ def retention_policy(doc: dict) -> RetentionPolicy:
     unknown = set(doc) - allowed
     if unknown:
         raise ValueError(f"unknown retention keys: {', '.join(sorted(unknown))}")
-    return RetentionPolicy(**{k: int(v) for k, v in doc.items()})
+    counts = {k: int(v) for k, v in doc.items()}
+    return RetentionPolicy(last=counts.get("last", 0), hourly=counts.get("hourly", 0),
+                           daily=counts.get("daily", 0), weekly=counts.get("weekly", 0),
+                           monthly=counts.get("monthly", 0), yearly=counts.get("yearly", 0))
 
 
 def _in_window(rule: dict, now: datetime) -> bool:
