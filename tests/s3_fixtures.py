@@ -33,6 +33,7 @@ class MotoServer:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self._client: Any = None
+        self._session = boto3.session.Session()  # holds the loaded service models
 
     def start(self, timeout: float = 60) -> MotoServer:
         with open(self.log, "ab") as log:
@@ -72,7 +73,8 @@ class MotoServer:
         return self._client
 
     def new_client(self) -> Any:
-        return boto3.session.Session().client(
+        """A client of its own (event hooks a test registers on it stay with it)."""
+        return self._session.client(
             "s3", endpoint_url=self.url, region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
             aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
@@ -98,7 +100,7 @@ class MotoServer:
     def backend(self, bucket: str, prefix: str = "store/", **options: Any) -> S3Backend:
         """An S3Backend on this server, its client built from explicit test credentials."""
         return S3Backend(S3Location(bucket, prefix), S3Options(endpoint_url=self.url, **options),
-                         client=self.client())
+                         client=self.new_client())
 
 
 def without_aws_settings() -> dict[str, str]:
