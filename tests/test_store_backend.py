@@ -18,7 +18,9 @@ from strata.engine import prune as prune_mod
 from strata.engine.backup import backup
 from strata.engine.check import check
 from strata.engine.restore import restore
+from strata.store import blockcache
 from strata.store.backend import KINDS, Backend, LocalBackend, ObjectInfo, ObjectNotFound
+from strata.store.blockcache import BlockCache
 from strata.store.repository import Store
 
 
@@ -104,14 +106,17 @@ def make_backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> B
         return LocalBackend(tmp_path / "objects")
     if kind == "memory":
         return MemoryBackend()
+    if kind == "cached":  # tiny blocks: most ranges straddle two
+        return BlockCache(MemoryBackend(), block_size=4096, blocks=4)
     s3 = request.getfixturevalue("s3")
-    return s3.backend(request.getfixturevalue("s3_bucket"))
+    # As a store on S3 is opened (store/location.py): behind the block cache.
+    return BlockCache(s3.backend(request.getfixturevalue("s3_bucket")))
 
 
 # -- the contract, kept by all ------------------------------------------------------------
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "memory", "cached", "s3"])
 def backend(request, tmp_path) -> Iterator[Backend]:
     b = make_backend(request.param, request, tmp_path)
     yield b
@@ -219,6 +224,76 @@ def test_a_pack_evicted_while_a_thread_reads_it_stays_open_until_that_read_ends(
     with pytest.raises(OSError):
         os.fstat(reading.fd)
     backend.close()
+
+
+# -- the block cache in front of an object store --------------------------------------------
+
+
+class CountedLoads(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads = 0
+        self.release = threading.Event()
+        self.release.set()
+        self.entered = threading.Event()
+
+    def load(self, kind: str, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        with self.lock:
+            self.loads += 1
+        self.entered.set()
+        self.release.wait()
+        return super().load(kind, name, offset, length)
+
+
+def test_block_cache_serves_neighbouring_chunks_from_one_request():
+    inner = CountedLoads()
+    data = os.urandom(1 << 20)
+    cache = BlockCache(inner, block_size=256 << 10, blocks=8)
+    cache.save("packs", "ab" * 32, data)
+    got = [cache.load("packs", "ab" * 32, off, 8192) for off in range(0, 1 << 20, 8192)]
+    assert b"".join(got) == data
+    assert inner.loads == 4, "one request per 256 KiB block, not one per chunk"
+    assert cache.load("packs", "ab" * 32) == data and inner.loads == 5, \
+        "a whole object (check --read-data) is read from the store itself"
+    cache.save("packs", "ab" * 32, data[:1000])  # written again (a test damaging it)
+    assert cache.load("packs", "ab" * 32, 900, 200) == data[900:1000]
+
+
+def test_block_cache_fetches_a_block_once_for_readers_asking_together(monkeypatch):
+    waiting = threading.Semaphore(0)
+
+    class Watched(blockcache._Fetch):
+        __slots__ = ()
+
+        def __init__(self) -> None:
+            super().__init__()
+            wait = self.done.wait
+            self.done.wait = lambda timeout=None: (waiting.release(), wait(timeout))[1]
+
+    monkeypatch.setattr(blockcache, "_Fetch", Watched)
+    inner = CountedLoads()
+    data = os.urandom(100_000)
+    inner.save("packs", "cd" * 32, data)
+    cache = BlockCache(inner, block_size=64 << 10)
+    inner.release.clear()
+    results: dict[int, bytes] = {}
+
+    def read(i: int) -> None:
+        results[i] = cache.load("packs", "cd" * 32, i * 1000, 1000)
+
+    first = threading.Thread(target=read, args=(0,))
+    first.start()
+    assert inner.entered.wait(30)  # the first reader is fetching the block
+    others = [threading.Thread(target=read, args=(i,)) for i in range(1, 8)]
+    for t in others:
+        t.start()
+    for _ in others:  # every other reader waits for that fetch...
+        assert waiting.acquire(timeout=30)
+    inner.release.set()
+    for t in [first, *others]:
+        t.join(30)
+    assert inner.loads == 1, "...instead of fetching the same block again"
+    assert results == {i: data[i * 1000:(i + 1) * 1000] for i in range(8)}
 
 
 # -- a whole store on an object store ----------------------------------------------------

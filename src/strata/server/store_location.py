@@ -18,7 +18,7 @@ def open_server_store(data_dir: Path, location: str = "", *, s3_endpoint_url: st
                       s3_region: str = "") -> Store:
     """Open (or create, on first start) the server's store at `location`."""
     state: Path | None = data_dir / STATE_DIR
-    bound = read_binding(state)
+    bound = read_binding(data_dir / STATE_DIR)
     if not is_object_store(location):
         if bound is not None:
             raise StrataError(f"the store of {data_dir} is at {bound['location']}: start "

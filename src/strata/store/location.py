@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from strata.errors import StoreNotFound, StrataError
 from strata.store.backend import atomic_write
+from strata.store.blockcache import BlockCache
 from strata.store.repository import PassphraseSource, Store
 
 if TYPE_CHECKING:
@@ -37,14 +38,14 @@ def open_store_at(location: str, state: Path | None,
         return Store.open(_local(location, state), passphrase)
     backend, state = _object_store(location, state, s3_endpoint_url, s3_region)
     try:
-        store = Store.open_on(backend, state, passphrase)
+        store = Store.open_on(BlockCache(backend), state, passphrase)
     except StoreNotFound:
         backend.close()
         raise StoreNotFound(f"no Strata store at {backend.location}") from None
     except BaseException:
         backend.close()
         raise
-    return _bound(store, state)
+    return _bound(store, state, str(backend.location))
 
 
 def init_store_at(location: str, state: Path | None, *, passphrase: str | None = None,
@@ -56,11 +57,12 @@ def init_store_at(location: str, state: Path | None, *, passphrase: str | None =
         return Store.init(_local(location, state), passphrase=passphrase, **init_options)
     backend, state = _object_store(location, state, s3_endpoint_url, s3_region)
     try:
-        store = Store.init_on(backend, state, passphrase=passphrase, **init_options)
+        store = Store.init_on(BlockCache(backend), state, passphrase=passphrase,
+                              **init_options)
     except BaseException:
         backend.close()
         raise
-    return _bound(store, state)
+    return _bound(store, state, str(backend.location))
 
 
 def _local(location: str, state: Path | None) -> Path:
@@ -84,11 +86,10 @@ def _object_store(location: str, state: Path | None, endpoint_url: str,
     return S3Backend(where, S3Options(endpoint_url=endpoint_url, region=region)), Path(state)
 
 
-def _bound(store: Store, state: Path) -> Store:
+def _bound(store: Store, state: Path, where: str) -> Store:
     """Check (or record) that `state` serves this store, and index the packs it does not
     know yet: the state may be new, or older than the objects (restored from a backup,
     or another process wrote meanwhile)."""
-    where = str(store.backend.location)  # type: ignore[attr-defined]
     try:
         bound = read_binding(state)
         if bound is not None and bound["id"] != store.config.id:
