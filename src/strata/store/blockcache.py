@@ -3,7 +3,8 @@ object stores, where every request costs milliseconds.
 
 Chunks are read back in about the order they were written (a restore walks its manifest,
 whose files went into packs in that order), so one GET of a 1 MiB block serves the next
-dozen chunk reads too: a restore through moto made 16 times fewer requests. A local
+dozen chunk reads too: restoring 300 MiB of /usr from moto went from 2.4 MiB/s with a GET
+per chunk to 45 MiB/s (51 from a local store, same run). A local
 directory does not need it (a `pread` costs microseconds). Whole-object reads (check
 --read-data) pass straight through, so damage is never hidden by a cached copy.
 """
