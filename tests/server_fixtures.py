@@ -115,9 +115,10 @@ def free_port() -> int:
 class Server:
     """One `strata server` process on 127.0.0.1; unpacks as (url, admin_token_file, data, proc)."""
 
-    def __init__(self, data: Path, port: int | None = None):
+    def __init__(self, data: Path, port: int | None = None, args: Sequence[object] = ()):
         self.data = data
         self.port = port or free_port()
+        self.args = list(args)  # more `strata server` options (e.g. --store s3://…)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data.parent / f"{data.name}.server.log"
 
@@ -141,7 +142,8 @@ class Server:
         self.data.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                argv(["server", "--data", self.data, "--listen", f"127.0.0.1:{self.port}"]),
+                argv(["server", "--data", self.data, "--listen", f"127.0.0.1:{self.port}",
+                      *self.args]),
                 env=cli_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -237,9 +239,10 @@ def enrolled_device(server: Server, hostname: str = "probe") -> tuple[str, httpx
     return doc["endpoint_id"], device(server, doc["credential"])
 
 
-def running_server(data: Path, port: int | None = None) -> Iterator[Server]:
+def running_server(data: Path, port: int | None = None,
+                   args: Sequence[object] = ()) -> Iterator[Server]:
     """Body of the `server` fixtures: start, yield, and always stop at teardown."""
-    srv = Server(data, port).start()
+    srv = Server(data, port, args).start()
     try:
         yield srv
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -32,23 +31,18 @@ from strata.server.routes import (
     policies,
     tokens,
 )
+from strata.server.store_location import open_server_store
 from strata.server.stream_cache import StreamCache
-from strata.store.repository import Store
-
-
-def open_server_store(data_dir: Path) -> Store:
-    path = data_dir / "store"
-    if not (path / "config").exists():
-        return Store.init(path)
-    return Store.open(path)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     token_path, _ = ensure_admin_token(settings.data_dir)
     _, sessions = open_catalog(settings.catalog_url)
-    ctx = ServerContext(settings=settings, store=open_server_store(settings.data_dir),
-                        db=sessions,
+    store = open_server_store(settings.data_dir, settings.store,
+                              s3_endpoint_url=settings.s3_endpoint_url,
+                              s3_region=settings.s3_region)
+    ctx = ServerContext(settings=settings, store=store, db=sessions,
                         streams=StreamCache(settings.data_dir / "cache" / "streams"))
 
     @asynccontextmanager
