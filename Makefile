@@ -16,12 +16,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m strata.demo
 
-test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

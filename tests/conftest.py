@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -228,3 +228,24 @@ def stores() -> SimpleNamespace:
     """pack_paths / age_packs / lib_backup / lib_restore / flip_byte, as one kit."""
     return SimpleNamespace(**{fn.__name__: fn for fn in (
         pack_paths, age_packs, lib_backup, lib_restore, flip_byte)})
+
+
+# -- an S3-compatible object store ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """moto's S3 server on a loopback port, started once for the tests that use it."""
+    from s3_fixtures import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3) -> Iterator[str]:
+    """A new, empty bucket of this test's own, emptied and removed after it."""
+    name = s3.new_bucket()
+    yield name
+    s3.drop_bucket(name)

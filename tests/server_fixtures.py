@@ -123,9 +123,11 @@ class Server:
 
     PASSPHRASE = "strata test passphrase"
 
-    def __init__(self, data: Path, port: int | None = None, *, signing: bool = True):
+    def __init__(self, data: Path, port: int | None = None, args: Sequence[object] = (), *,
+                 signing: bool = True):
         self.data = data
         self.port = port or free_port()
+        self.args = list(args)  # more `strata server` options (e.g. --store s3://…)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data.parent / f"{data.name}.server.log"
         self.signing = signing
@@ -152,7 +154,8 @@ class Server:
         self.data.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                argv(["server", "--data", self.data, "--listen", f"127.0.0.1:{self.port}"]),
+                argv(["server", "--data", self.data, "--listen", f"127.0.0.1:{self.port}",
+                      *self.args]),
                 env=cli_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -275,9 +278,10 @@ def enrolled_device(server: Server, hostname: str = "probe") -> tuple[str, httpx
     return doc["endpoint_id"], device(server, doc["credential"])
 
 
-def running_server(data: Path, port: int | None = None) -> Iterator[Server]:
+def running_server(data: Path, port: int | None = None,
+                   args: Sequence[object] = ()) -> Iterator[Server]:
     """Body of the `server` fixtures: start, yield, and always stop at teardown."""
-    srv = Server(data, port).start()
+    srv = Server(data, port, args).start()
     try:
         yield srv
     finally:

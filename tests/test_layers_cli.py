@@ -180,7 +180,7 @@ def test_delete_refused_while_assigned_then_allowed_once_the_endpoint_is_revoked
 
 
 def test_validation_errors_read_as_a_sentence():
-    from strata.cli.admin import _detail
+    from strata.cli.admin_client import error_detail as _detail
 
     doc = {"detail": [{"type": "string_pattern_mismatch", "loc": ["body", "name"],
                        "msg": "String should match pattern '^[a-z]+$'", "input": "a b"}]}

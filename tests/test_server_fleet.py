@@ -36,9 +36,10 @@ ENDPOINTS = 4
 OVERHEAD = 64 << 10  # fixed allowance per run: check-in-free protocol chatter, headers
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory):
-    """Five endpoints on one server, each centralized once with `agent run --once`.
+@pytest.fixture(scope="module", params=["local", "s3"])
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Five endpoints on one server, each centralized once with `agent run --once`; the
+    server's store in its data directory, or in S3 (moto on loopback).
 
     Endpoints 1-4: the same OS tree and common documents, plus their own user data
     (random, 1-3 MB) and their own etc/hostname. Endpoint 5: a copy of endpoint 1 with
@@ -65,7 +66,21 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
     roots.append(clone)
     user_bytes.append(0)
 
-    server = Server(base / "server-data").start()
+    data = base / "server-data"
+    if request.param == "s3":
+        s3 = request.getfixturevalue("s3")
+        bucket = s3.new_bucket()
+        request.addfinalizer(lambda: s3.drop_bucket(bucket))
+        where = f"s3://{bucket}/fleet"
+        env = pytest.MonkeyPatch()  # the server and the CLI read the AWS variables
+        request.addfinalizer(env.undo)
+        for name, value in {**s3.env(), "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            env.setenv(name, value)
+        server_args: list[object] = ["--store", where]
+        store_args: list[object] = [where, "--state", data / "store-state"]
+    else:
+        server_args, store_args = [], [data / "store"]
+    server = Server(data, args=server_args).start()
     try:
         agents = [Agent(server, root, base / f"state-{i}") for i, root in enumerate(roots, 1)]
         token = strata_json("token", "create", "--uses", ENDPOINTS, "--server", server.url,
@@ -80,7 +95,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
         outs += run_all([a.cmd("run", "--once") for a in agents[1:]])
         results = [centralized(o) for o in outs]
         yield SimpleNamespace(server=server, agents=agents, roots=roots, results=results,
-                              user_bytes=user_bytes, sizes=[tree_bytes(r) for r in roots])
+                              user_bytes=user_bytes, sizes=[tree_bytes(r) for r in roots],
+                              store_args=store_args)
     finally:
         server.stop()
         server.kill()
@@ -208,8 +224,8 @@ def test_store_check_passes_after_fleet_centralization(fleet):
     snapshots = sum(e["snapshots"] for e in endpoints)
     server.stop()
     assert server.proc.returncode is not None
-    proc = strata("store", "check", server.store, "--read-data")
+    proc = strata("store", "check", *fleet.store_args, "--read-data")
     assert "no errors" in proc.stdout, proc.stdout
-    listed = strata_json("store", "snapshots", server.store)
+    listed = strata_json("store", "snapshots", *fleet.store_args)
     assert len(listed) == snapshots
     assert {s["host"] for s in listed} == {a.endpoint_id for a in fleet.agents}

@@ -33,7 +33,7 @@ class RemoteSource:
         self._sid = snap.id
         return snap
 
-    def iter_manifest(self, snap: RemoteSnapshot) -> Iterator[Entry]:  # type: ignore[override]
+    def iter_manifest(self, snap: RemoteSnapshot) -> Iterator[Entry]:
         return decode_manifest([snap.manifest])
 
     def load_chunks(self, ids: list[bytes]) -> list[bytes | CorruptData]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from strata.agent.client import ServerClient, ServerRefused
 from strata.agent.inventory import collect_inventory
 from strata.agent.state import AgentState
-from strata.layers.hardware import hardware_facts
+from strata.layers.matching import hardware_facts
 from strata.model.wire import DesiredState
 from strata.signing.policy import Approval, TrustRecord, approve
 from strata.signing.trust import PINNED_ROOT, MetadataMissing, pin_root, refresh

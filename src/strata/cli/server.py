@@ -26,6 +26,14 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
                                       "(default: SQLite in the data directory)."),
           maintenance_interval: float = typer.Option(
               3600, "--maintenance-interval", help="Seconds between retention and prune runs."),
+          store: str = typer.Option("", "--store", help="Where the store lives: a directory, "
+                                    "or an object store as s3://BUCKET/PREFIX (default: the "
+                                    "data directory's store/)."),
+          s3_endpoint_url: str = typer.Option(
+              "", "--s3-endpoint-url",
+              help="S3 endpoint, for MinIO or Ceph RGW (default: $AWS_ENDPOINT_URL, or AWS)."),
+          s3_region: str = typer.Option("", "--s3-region", help="S3 region (default: "
+                                        "$AWS_REGION or $AWS_DEFAULT_REGION)."),
           ) -> None:
     """Run the Strata server (agent sync API, admin API, retention and GC)."""
     # Imported here: the server stack costs a second of start-up every other command
@@ -41,11 +49,15 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
         raise StrataError(f"--listen must be HOST:PORT, not {listen!r}")
     if bool(tls_cert) != bool(tls_key):
         raise StrataError("--tls-cert and --tls-key go together")
+    if (s3_endpoint_url or s3_region) and not store.startswith("s3://"):
+        raise StrataError("--s3-endpoint-url and --s3-region go with --store s3://BUCKET/PREFIX")
     settings = ServerSettings(data_dir=data_dir, catalog_url=catalog,
-                              maintenance_interval=maintenance_interval)
+                              maintenance_interval=maintenance_interval, store=store,
+                              s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
     app = create_app(settings)
     scheme = "https" if tls_cert else "http"
-    err_console.print(f"Strata server on {scheme}://{listen}  data: {data_dir}\n"
+    where = f"  store: {store}" if store else ""
+    err_console.print(f"Strata server on {scheme}://{listen}  data: {data_dir}{where}\n"
                       f"admin token: {app.state.admin_token_path} (mode 0600)",
                       highlight=False)
     uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning",

@@ -12,7 +12,7 @@ import typer
 
 from strata.errors import StrataError
 
-from .admin import JSON, SERVER, TOKEN_FILE, admin_call, admin_token
+from .admin_args import JSON, SERVER, TOKEN_FILE, client
 from .output import console, err_console, print_json
 
 if TYPE_CHECKING:
@@ -32,27 +32,29 @@ signing_app = typer.Typer(help="Signed layers: keys and metadata (see docs/secur
 
 
 class HttpAdminApi:
-    """The admin API for strata.signing.publisher, over the CLI's admin client."""
+    """The admin API for strata.signing.publisher, over the CLI's admin client (the
+    signing routes carry TUF metadata and free-form facts, not the typed models)."""
 
     def __init__(self, server: str | None, token_file: Path | None):
-        self.server, self.token_file = server, token_file
+        self.api = client(server, token_file)
 
     def get(self, path: str) -> Any:  # noqa: ANN401
-        return admin_call(self.server, self.token_file, "GET", API + path)
+        return self.api.call("GET", API + path)
 
     def post(self, path: str, body: dict) -> Any:  # noqa: ANN401
-        return admin_call(self.server, self.token_file, "POST", API + path, body)
+        return self.api.call("POST", API + path, body)
 
     def get_bytes(self, path: str) -> bytes:
         import httpx
 
         from strata.signing.trust import MetadataMissing
 
+        server = self.api.server
         try:
-            resp = httpx.get((self.server or "").rstrip("/") + API + path, timeout=60,
-                             headers={"Authorization": f"Bearer {admin_token(self.token_file)}"})
+            resp = httpx.get(server.rstrip("/") + API + path, timeout=60,
+                             headers={"Authorization": f"Bearer {self.api.token}"})
         except httpx.TransportError as exc:
-            raise StrataError(f"cannot reach {self.server}: {exc.__class__.__name__}") from None
+            raise StrataError(f"cannot reach {server}: {exc.__class__.__name__}") from None
         if resp.status_code == 404:
             raise MetadataMissing(path)
         if resp.status_code != 200:
@@ -101,31 +103,27 @@ def publisher_for(server: str | None, token_file: Path | None, keys: Path | None
     with what to do, on a server where signing is set up."""
     if keys is not None:
         return open_publisher(server, token_file, keys, passphrase_file)
-    if required and admin_call(server, token_file, "GET", f"{API}/signing").get(  # type: ignore[union-attr]
-            "initialized"):
+    if required and HttpAdminApi(server, token_file).get("/signing").get("initialized"):
         raise StrataError("agents accept only signed layers and assignments: give --keys DIR "
                           "(the image manager's signing keys) or set STRATA_SIGNING_KEYS")
     return None
 
 
 def signable_refs(pub: Publisher, server: str | None, token_file: Path | None,
-                  fields: dict) -> dict:
+                  fields: dict[str, Any]) -> dict[str, Any]:
     """Before an assignment: the layers it names as NAME:VERSION (a numeric id from `layer
     list` is looked up: signatures name layers), each of them signed. A layer the server
     does not know is left to the server to report, in its own words."""
-    from urllib.parse import quote
-
     catalog = pub.trusted().catalog
 
     def signed(ref: str) -> str:
         if ref in catalog.layers:
             return ref
-        doc: dict = admin_call(server, token_file, "GET",  # type: ignore[assignment]
-                               f"{API}/layers/{quote(ref, safe=':')}")
-        if doc["ref"] in catalog.layers:
-            return str(doc["ref"])
-        raise StrataError(f"layer {doc['ref']} is not signed: sign it first (`strata layer "
-                          f"sign {doc['ref']} --keys DIR`)")
+        known = client(server, token_file).layer(ref).ref  # the server's "no layer" if none
+        if known in catalog.layers:
+            return known
+        raise StrataError(f"layer {known} is not signed: sign it first (`strata layer sign "
+                          f"{known} --keys DIR`)")
 
     return {k: (signed(v) if isinstance(v, str) else [signed(r) for r in v]
                 if isinstance(v, list) else v) for k, v in fields.items()}
@@ -170,7 +168,7 @@ def status(keys: Path | None = KEYS, passphrase_file: Path | None = PASSPHRASE_F
            json: bool = JSON) -> None:
     """What the server publishes: versions, expiry dates, unsigned layers. With --keys,
     the metadata is also verified here from the root pinned at init."""
-    doc: dict = admin_call(server, admin_token_file, "GET", f"{API}/signing")  # type: ignore[assignment]
+    doc: dict = HttpAdminApi(server, admin_token_file).get("/signing")
     if keys is not None and doc.get("initialized"):
         from strata.signing.publisher import Keys, Publisher
 

@@ -26,6 +26,7 @@ from strata.engine.retention import RetentionPolicy, SnapshotInfo, apply_policy
 from strata.engine.stats import store_stats
 from strata.errors import StrataError
 from strata.model.entry import Entry, EntryType
+from strata.store.location import init_store_at, open_store_at
 from strata.store.repository import Store
 
 from .output import console, count_tree, err_console, human_bytes, print_json, run_with_progress
@@ -36,7 +37,10 @@ app = typer.Typer(help="The deduplicating, snapshotting store (usable on its own
 JSON = typer.Option(False, "--json", help="Print a JSON document instead of a table.")
 PASSFILE = typer.Option(None, "--passphrase-file", envvar="STRATA_PASSPHRASE_FILE",
                         help="File holding the store passphrase (or set STRATA_PASSPHRASE).")
-StoreDir = typer.Argument(..., help="The store directory.")
+StoreDir = typer.Argument(..., help="The store: a directory, or s3://BUCKET/PREFIX.")
+STATE = typer.Option(None, "--state", help="For a store on an object store: the directory "
+                     "of its local working state (index, locks), shared by every process "
+                     "that writes to it (a server's is DATA/store-state).")
 FULL_METADATA = typer.Option(
     False, "--full-metadata", help="Also restore device nodes, setuid/setgid bits and "
     "security.*/trusted.* xattrs (file capabilities): only for a tree to boot or serve as "
@@ -65,12 +69,14 @@ def get_passphrase(passfile: Path | None, *, confirm: bool = False) -> str | Non
     return None
 
 
-def open_store(path: Path, passfile: Path | None) -> Store:
-    return Store.open(path, lambda: get_passphrase(passfile))
+def open_store(location: str, passfile: Path | None, state: Path | None) -> Store:
+    """Endpoint, region and credentials of an object store come from the usual AWS
+    variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...)."""
+    return open_store_at(location, state, lambda: get_passphrase(passfile))
 
 
 @app.command()
-def init(store_dir: Path = StoreDir,
+def init(store_dir: str = StoreDir, state: Path | None = STATE,
          chunk_avg: str = typer.Option("64KiB", help="Average chunk size (power of two)."),
          compression: str = typer.Option("zstd:3", help="zstd:LEVEL or none."),
          encrypt: bool = typer.Option(False, help="Encrypt at rest (AES-256-GCM, scrypt key)."),
@@ -85,8 +91,8 @@ def init(store_dir: Path = StoreDir,
                               "--passphrase-file, or a terminal to type it)")
     try:
         avg = parse_size(chunk_avg)
-        store = Store.init(store_dir, chunk_avg=avg, compression=compression,
-                           passphrase=passphrase, pack_size=parse_size(pack_size))
+        store = init_store_at(store_dir, state, chunk_avg=avg, compression=compression,
+                              passphrase=passphrase, pack_size=parse_size(pack_size))
     except ValueError as exc:
         raise StrataError(str(exc)) from None
     doc = {"store": str(store_dir), "id": store.config.id, "chunk_avg": avg,
@@ -100,13 +106,13 @@ def init(store_dir: Path = StoreDir,
 
 
 @app.command()
-def backup(store_dir: Path = StoreDir,
+def backup(store_dir: str = StoreDir, state: Path | None = STATE,
            source: Path = typer.Argument(..., help="Directory to back up."),
            tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
            exclude: list[str] = typer.Option([], "--exclude", help="Pattern to skip."),
            passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Back up SOURCE; prints the new snapshot id."""
-    with open_store(store_dir, passfile) as store:
+    with open_store(store_dir, passfile, state) as store:
         result = run_with_progress(
             "backup", lambda p: run_backup(store, source, tags=tag, excludes=exclude,
                                            progress=p),
@@ -125,11 +131,12 @@ def backup(store_dir: Path = StoreDir,
 
 
 @app.command()
-def snapshots(store_dir: Path = StoreDir, passfile: Path | None = PASSFILE,
+def snapshots(store_dir: str = StoreDir, state: Path | None = STATE,
+              passfile: Path | None = PASSFILE,
               json: bool = JSON) -> None:
     """List snapshots, oldest first."""
     damaged: list[str] = []
-    with open_store(store_dir, passfile) as store:
+    with open_store(store_dir, passfile, state) as store:
         snaps = store.snapshots(damaged)
     for sid in damaged:
         err_console.print(f"[yellow]warning:[/] snapshot {sid[:8]} is damaged and not listed "
@@ -163,12 +170,13 @@ def _entry_doc(e: Entry) -> dict:
 
 
 @app.command("ls")
-def ls_cmd(store_dir: Path = StoreDir, snapshot: str = typer.Argument(...),
+def ls_cmd(store_dir: str = StoreDir, state: Path | None = STATE,
+           snapshot: str = typer.Argument(...),
            path: str = typer.Argument("", help="Only entries under this path."),
            passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """List the entries of a snapshot."""
     prefix = normalize_include(path) if path.strip("/") else b""
-    with open_store(store_dir, passfile) as store:
+    with open_store(store_dir, passfile, state) as store:
         snap = store.resolve_snapshot(snapshot)
         entries = [e for e in store.iter_manifest(snap)
                    if not prefix or e.path == prefix or e.path.startswith(prefix + b"/")]
@@ -187,11 +195,11 @@ def ls_cmd(store_dir: Path = StoreDir, snapshot: str = typer.Argument(...),
 
 
 @app.command()
-def diff(store_dir: Path = StoreDir, snap1: str = typer.Argument(...),
+def diff(store_dir: str = StoreDir, state: Path | None = STATE, snap1: str = typer.Argument(...),
          snap2: str = typer.Argument(...), passfile: Path | None = PASSFILE,
          json: bool = JSON) -> None:
     """Show what changed between two snapshots (+ added, - removed, M modified, U metadata)."""
-    with open_store(store_dir, passfile) as store:
+    with open_store(store_dir, passfile, state) as store:
         a, b = store.resolve_snapshot(snap1), store.resolve_snapshot(snap2)
         changes = list(diff_snapshots(store, a, b))
     counts = {k: sum(1 for s, _ in changes if s == k) for k in "+-MU"}
@@ -208,13 +216,14 @@ def diff(store_dir: Path = StoreDir, snap1: str = typer.Argument(...),
 
 
 @app.command()
-def restore(store_dir: Path = StoreDir, snapshot: str = typer.Argument(...),
+def restore(store_dir: str = StoreDir, state: Path | None = STATE,
+            snapshot: str = typer.Argument(...),
             target: Path = typer.Argument(..., help="Directory to restore into."),
             include: list[str] = typer.Option([], "--include", help="Restore only this path."),
             full_metadata: bool = FULL_METADATA,
             passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Restore a snapshot (or some of its paths) into TARGET."""
-    with open_store(store_dir, passfile) as store:
+    with open_store(store_dir, passfile, state) as store:
         snap = store.resolve_snapshot(snapshot)
 
         def count(p: object) -> None:
@@ -246,12 +255,12 @@ def restore(store_dir: Path = StoreDir, snapshot: str = typer.Argument(...),
 
 
 @app.command()
-def check(store_dir: Path = StoreDir,
+def check(store_dir: str = StoreDir, state: Path | None = STATE,
           read_data: bool = typer.Option(False, "--read-data",
                                          help="Read and verify every chunk."),
           passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Verify the store; exit 0 only if it is whole."""
-    with open_store(store_dir, passfile) as store:
+    with open_store(store_dir, passfile, state) as store:
         result = run_with_progress(
             "check", lambda p: run_check(store, read_data=read_data,
                                          on_pack=lambda n: p.advance(files=1, nbytes=n)),
@@ -282,7 +291,7 @@ def check(store_dir: Path = StoreDir,
 
 
 @app.command()
-def forget(store_dir: Path = StoreDir,
+def forget(store_dir: str = StoreDir, state: Path | None = STATE,
            snapshot_ids: list[str] = typer.Argument(None, help="Remove these snapshots "
                                                      "(ids or prefixes) instead of a policy."),
            keep_last: int = typer.Option(0, "--keep-last"),
@@ -302,10 +311,10 @@ def forget(store_dir: Path = StoreDir,
     if snapshot_ids:
         if not policy.is_empty():
             raise StrataError("give snapshot ids or --keep-* options, not both")
-        return _forget_ids(store_dir, snapshot_ids, passfile, dry_run, json)
+        return _forget_ids(store_dir, state, snapshot_ids, passfile, dry_run, json)
     if policy.is_empty():
         raise StrataError("no policy given: pass at least one --keep-* option or snapshot ids")
-    with open_store(store_dir, passfile) as store:
+    with open_store(store_dir, passfile, state) as store:
         snaps = {s.id: s for s in store.snapshots()}
         infos = [SnapshotInfo(id=s.id, time=s.datetime, host=s.host, paths=tuple(s.paths),
                               tags=tuple(s.tags)) for s in snaps.values()]
@@ -332,9 +341,9 @@ def forget(store_dir: Path = StoreDir,
         _print_prune(pruned, False)
 
 
-def _forget_ids(store_dir: Path, refs: list[str], passfile: Path | None, dry_run: bool,
-               json: bool) -> None:
-    with open_store(store_dir, passfile) as store:
+def _forget_ids(store_dir: str, state: Path | None, refs: list[str], passfile: Path | None,
+                dry_run: bool, json: bool) -> None:
+    with open_store(store_dir, passfile, state) as store:
         chosen = [store.resolve_id(ref) for ref in refs]
         if not dry_run:
             for sid in chosen:  # by file name: works for damaged records too
@@ -357,11 +366,11 @@ def _print_prune(result: prune_mod.PruneResult, dry_run: bool) -> None:
 
 
 @app.command("prune")
-def prune_cmd(store_dir: Path = StoreDir,
+def prune_cmd(store_dir: str = StoreDir, state: Path | None = STATE,
               dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only."),
               passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Delete chunks no snapshot uses; repack mostly-dead packs."""
-    with open_store(store_dir, passfile) as store:
+    with open_store(store_dir, passfile, state) as store:
         result = prune_mod.prune(store, dry_run=dry_run)
     if json:
         print_json(result.to_dict())
@@ -370,10 +379,10 @@ def prune_cmd(store_dir: Path = StoreDir,
 
 
 @app.command()
-def stats(store_dir: Path = StoreDir, passfile: Path | None = PASSFILE,
+def stats(store_dir: str = StoreDir, state: Path | None = STATE, passfile: Path | None = PASSFILE,
           json: bool = JSON) -> None:
     """Logical bytes, stored bytes, dedup ratio, chunks and packs."""
-    with open_store(store_dir, passfile) as store:
+    with open_store(store_dir, passfile, state) as store:
         s = store_stats(store)
     if json:
         print_json(s.to_dict())
@@ -391,10 +400,11 @@ def stats(store_dir: Path = StoreDir, passfile: Path | None = PASSFILE,
 
 
 @app.command("repair-index")
-def repair_index(store_dir: Path = StoreDir, passfile: Path | None = PASSFILE,
+def repair_index(store_dir: str = StoreDir, state: Path | None = STATE,
+                 passfile: Path | None = PASSFILE,
                  json: bool = JSON) -> None:
     """Rebuild the index from the pack trailers alone."""
-    with open_store(store_dir, passfile) as store:
+    with open_store(store_dir, passfile, state) as store:
         count, damaged = store.rebuild_index()
         chunks = store.index.chunk_count()
     if json:

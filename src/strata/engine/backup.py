@@ -186,7 +186,8 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
             nonlocal filling
             batch.future = readers.submit(_read_batch, sink, counters, progress, batch.files)
             prefetch.add(batch.files)
-            batch.future.add_done_callback(lambda _f, n=batch.nbytes: prefetch.consumed(n))
+            nbytes = batch.nbytes
+            batch.future.add_done_callback(lambda _f: prefetch.consumed(nbytes))
             if batch is filling:
                 filling = None
 

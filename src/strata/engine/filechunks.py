@@ -135,6 +135,7 @@ class FileHasher:
             self._first = data
         else:
             if self._hasher is None:
+                assert self._first is not None  # set by the first add
                 self._hasher = blake3.blake3(self._first)
                 self._first = None
             self._hasher.update(data)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from strata.layers.accounts import database_for
 from strata.layers.changes import Action, Change
@@ -74,7 +75,7 @@ class Conflict:
     def holds(self) -> bool:
         return self.kind in HOLDING
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, str]:
         return {"kind": self.kind, "path": self.path, "detail": self.detail}
 
 
@@ -134,7 +135,7 @@ class Plan:
     def chunk_ids(self) -> set[bytes]:
         return set(self.chunks_in_order())
 
-    def summary(self, limit: int = 50) -> dict:
+    def summary(self, limit: int = 50) -> dict[str, Any]:
         kinds: dict[str, int] = {}
         for c in self.conflicts:
             kinds[c.kind] = kinds.get(c.kind, 0) + 1
@@ -229,13 +230,14 @@ def plan_update(current: Iterable[Entry], image: Image, rules: LayerRules, *,
             keep.add(path)
     # A directory goes only once nothing that stays is beneath it.
     parents = {a for p in keep for a in _ancestors(p)}
-    for ch in [ch for ch in plan.changes if ch.path in parents and ch.old is not None
-               and ch.old.type is EntryType.DIR and ch.entry is not None
-               and ch.entry.type is not EntryType.DIR]:
+    for ch, new_type in [(ch, ch.entry.type) for ch in plan.changes
+                         if ch.path in parents and ch.old is not None
+                         and ch.old.type is EntryType.DIR and ch.entry is not None
+                         and ch.entry.type is not EntryType.DIR]:
         plan.changes.remove(ch)
         plan.conflicts.append(Conflict("blocked", display(ch.path),
                                        "a directory with files that stay cannot become "
-                                       f"a {ch.entry.type.name.lower()}"))
+                                       f"a {new_type.name.lower()}"))
     for d in deletes:
         if d.path in parents:
             plan.conflicts.append(Conflict("blocked", display(d.path),

@@ -21,7 +21,7 @@ FORMAT = 1
 _TYPES = {t.value: t for t in EntryType}
 
 
-def encode_entry(e: Entry) -> list:
+def encode_entry(e: Entry) -> list[object]:
     return [
         e.path,
         e.type.value,
@@ -43,10 +43,15 @@ def encode_entry(e: Entry) -> list:
     ]
 
 
+_FIELDS = 17  # the length of an `encode_entry` record
+
+
 def decode_entry(rec: object) -> Entry:
+    if not isinstance(rec, list) or len(rec) != _FIELDS:
+        raise CorruptData(f"malformed manifest entry (not a record of {_FIELDS} fields)")
     try:
         (path, typ, mode, uid, gid, mtime_ns, size, link, rdev, xattrs, sparse, chash,
-         ids, lengths, ctime_ns, inode, dev) = rec  # type: ignore[misc]
+         ids, lengths, ctime_ns, inode, dev) = rec
         if not isinstance(path, bytes) or not isinstance(link, bytes):
             raise TypeError("path")
         for v in (mode, uid, gid, mtime_ns, size, rdev, ctime_ns, inode, dev):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from strata.errors import CorruptData
 from strata.model.ids import ID_LEN, content_id
@@ -20,7 +21,7 @@ class Snapshot:
     tags: list[str] = field(default_factory=list)
     parent: str | None = None
     trigger: str = "user"  # user, scheduled, pre-update, pre-restore
-    stats: dict = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
     id: str = ""  # derived from the record's bytes; not serialized
 
     @property

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
+
+from strata.model.update import UpdateState
 
 MAX_IDS_PER_QUERY = 10_000
 
@@ -31,7 +34,7 @@ class EnrollRequest(BaseModel):
     token: str = Field(min_length=8, max_length=256)
     hostname: str = Field(default="", max_length=255)
     os: str = Field(default="", max_length=64)
-    inventory: dict = Field(default_factory=dict)
+    inventory: dict[str, Any] = Field(default_factory=dict)
 
 
 class EnrollResponse(BaseModel):
@@ -41,8 +44,8 @@ class EnrollResponse(BaseModel):
 
 
 class CheckinRequest(BaseModel):
-    inventory: dict = Field(default_factory=dict)
-    status: dict = Field(default_factory=dict)
+    inventory: dict[str, Any] = Field(default_factory=dict)
+    status: dict[str, Any] = Field(default_factory=dict)
 
 
 class DesiredLayer(BaseModel):
@@ -64,7 +67,7 @@ class DesiredState(BaseModel):
     keep_user_apps: bool = False
     enforce: bool = False  # repair drift at every check-in
     family: str = "linux"
-    rules: dict = Field(default_factory=dict)
+    rules: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class CheckinResponse(BaseModel):
@@ -99,7 +102,7 @@ class CommitRequest(BaseModel):
     paths: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
     trigger: str = "scheduled"
-    stats: dict = Field(default_factory=dict)
+    stats: dict[str, Any] = Field(default_factory=dict)
     kind: str = "incremental"  # centralize (first) or incremental
     retries: int = 0
     bytes_on_wire: int = 0
@@ -122,6 +125,17 @@ class SnapshotSummary(BaseModel):
 
 class ChunkRequest(BaseModel):
     ids: list[str] = Field(max_length=MAX_IDS_PER_QUERY)
+
+
+class UpdateReport(BaseModel):
+    """The agent's progress on its desired state (`key`)."""
+
+    key: str = Field(max_length=64)
+    state: UpdateState
+    percent: float = Field(default=0.0, ge=0, le=100)
+    detail: str = Field(default="", max_length=4000)
+    downloaded_bytes: int = Field(default=0, ge=0)
+    refused: bool = False  # the agent refused the layers: unsigned, forged or stale
 
 
 class RestoreReport(BaseModel):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -19,24 +18,32 @@ from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import open_catalog
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.maintenance import upkeep_threads
-from strata.server.routes import admin, agent, agent_layers, layers, signing
+from strata.server.routes import (
+    agent,
+    agent_layers,
+    agent_sync,
+    audit,
+    collections,
+    compliance,
+    endpoints,
+    layers,
+    operations,
+    policies,
+    signing,
+    tokens,
+)
+from strata.server.store_location import open_server_store
 from strata.server.stream_cache import StreamCache
-from strata.store.repository import Store
-
-
-def open_server_store(data_dir: Path) -> Store:
-    path = data_dir / "store"
-    if not (path / "config").exists():
-        return Store.init(path)
-    return Store.open(path)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     token_path, _ = ensure_admin_token(settings.data_dir)
     _, sessions = open_catalog(settings.catalog_url)
-    ctx = ServerContext(settings=settings, store=open_server_store(settings.data_dir),
-                        db=sessions,
+    store = open_server_store(settings.data_dir, settings.store,
+                              s3_endpoint_url=settings.s3_endpoint_url,
+                              s3_region=settings.s3_region)
+    ctx = ServerContext(settings=settings, store=store, db=sessions,
                         streams=StreamCache(settings.data_dir / "cache" / "streams"))
 
     @asynccontextmanager
@@ -56,11 +63,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.ctx = ctx
     app.state.admin_digest = digest(read_token_file(token_path))
     app.state.admin_token_path = token_path
-    app.include_router(agent.router)
-    app.include_router(agent_layers.router)
-    app.include_router(admin.router)
-    app.include_router(layers.router)
-    app.include_router(signing.admin_router)
+    for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
+                   collections, compliance, operations, audit, signing):
+        app.include_router(routes.router)
     app.include_router(signing.agent_router)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
@@ -68,8 +73,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(StrataError)
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:
-        status = getattr(exc, "http_status", 400 if exc.exit_code == 2 else 500)
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        # Services refuse with StrataError subclasses (NotFound, Conflict, Invalid, ...):
+        # this is the one place that turns them into HTTP answers.
+        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
 
     @app.get("/api/v1/health", tags=["health"])
     def health() -> dict:

@@ -41,6 +41,9 @@ class ServerSettings:
     catalog_url: str = ""
     max_upload_bytes: int = 64 << 20
     maintenance_interval: float = 3600.0  # seconds between retention + prune runs
+    store: str = ""  # a directory or s3://BUCKET/PREFIX; "" is DATA/store
+    s3_endpoint_url: str = ""  # "" is AWS_ENDPOINT_URL, or AWS itself
+    s3_region: str = ""  # "" is AWS_REGION or AWS_DEFAULT_REGION
 
     def __post_init__(self) -> None:
         if not self.catalog_url:

@@ -177,8 +177,10 @@ def assignment_path(scope: str, name: str = "") -> str:
         f"{ASSIGNMENT_PREFIX}{scope}/{name}"
 
 
-def canonical_json(doc: object) -> bytes:
-    return encode_canonical(doc).encode()  # type: ignore[union-attr]
+def canonical_json(doc: dict[str, object]) -> bytes:
+    text = encode_canonical(doc)  # a str when no output function is given
+    assert isinstance(text, str)
+    return text.encode()
 
 
 # -- to and from TUF targets -------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from strata.layers.hardware import rule_matches
+from strata.layers.matching import rule_matches
 from strata.model.wire import DesiredLayer, DesiredState
 from strata.signing import LayerRefused
 from strata.signing.catalog import ManifestDigest, SignedAssignment, SignedCatalog
@@ -156,7 +156,8 @@ def _check_layer(layer: DesiredLayer, catalog: SignedCatalog,
         raise LayerRefused(f"{label(layer)} differs from its signed description "
                            f"({'kind' if signed.kind != layer.kind else 'removed paths'})")
     seqs = [a.seq for a in covering if a.lists(ref)]
-    fits = layer.kind == "driver" and rule_matches(signed.match, hardware)
+    by_hardware = layer.kind == "driver" and bool(signed.match)
+    fits = by_hardware and rule_matches(signed.match, hardware)
     if not seqs and not fits:
         raise LayerRefused(f"{label(layer)} is not assigned to this endpoint by any signed "
                            "assignment")

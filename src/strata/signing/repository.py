@@ -48,7 +48,9 @@ ONLINE_KEY = "online.key"
 NEXT_ONLINE_KEY = "online.key.next"  # made for a rotation, in use once a root names it
 
 class MetadataRefused(SigningError):
-    """Uploaded metadata the server will not publish (an HTTP 4xx)."""
+    """Uploaded metadata the server will not publish."""
+
+    http_status = 422
 
 
 class SigningRepository:

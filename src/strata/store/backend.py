@@ -14,6 +14,11 @@ indexes or encryption. The contract, which every implementation keeps:
   returns fewer only if the object ends first. A missing object raises `ObjectNotFound`.
 - `stat` gives the size and the time the object was written (an object store: HEAD's
   Content-Length and Last-Modified); prune judges a pack's age by it.
+- `remove` and `remove_many` delete; removing what is already gone is not an error.
+  `remove_many` lets an object store delete a thousand objects in one request (prune
+  deletes its packs while it holds the commit lock that backups wait on).
+- Every backend lays its objects out alike (`object_key`), so a store copied object for
+  object between a directory and a bucket (`aws s3 sync`, rclone) opens on either side.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -59,6 +64,7 @@ class Backend(Protocol):
     def exists(self, kind: str, name: str) -> bool: ...
     def list(self, kind: str) -> Iterator[str]: ...
     def remove(self, kind: str, name: str) -> None: ...
+    def remove_many(self, kind: str, names: Iterable[str]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -94,9 +100,25 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
 
 
 # Kinds whose objects are spread over 256 sub-folders so no folder grows huge.
-_FANNED_OUT = frozenset({"packs"})
+FANNED_OUT = frozenset({"packs"})
 # Kinds whose objects lie in the store folder itself (DIR/config).
-_AT_ROOT = frozenset({"config"})
+AT_ROOT = frozenset({"config"})
+
+
+def object_key(kind: str, name: str) -> str:
+    """Where an object lies below the store's root, for every backend: `config`,
+    `<kind>/<name>`, packs as `packs/<first two hex digits>/<name>`. Refuses a kind or a
+    name that could point anywhere else."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown object kind {kind!r}")
+    if not name or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise ValueError(f"bad object name {name!r}")
+    if kind in AT_ROOT:
+        return name
+    if kind in FANNED_OUT:
+        return f"{kind}/{name[:2]}/{name}"
+    return f"{kind}/{name}"
+
 # Kinds read many times in small ranges (a chunk at a time): their files stay open.
 _KEPT_OPEN = frozenset({"packs"})
 
@@ -131,15 +153,7 @@ class LocalBackend:
         self._max_open = open_files
 
     def _path(self, kind: str, name: str) -> Path:
-        if kind not in KINDS:
-            raise ValueError(f"unknown object kind {kind!r}")
-        if not name or "/" in name or "\0" in name or name.startswith("."):
-            raise ValueError(f"bad object name {name!r}")
-        if kind in _AT_ROOT:
-            return self.root / name
-        if kind in _FANNED_OUT:
-            return self.root / kind / name[:2] / name
-        return self.root / kind / name
+        return self.root / object_key(kind, name)
 
     # -- writing ---------------------------------------------------------------
     def save(self, kind: str, name: str, data: bytes) -> None:
@@ -158,6 +172,10 @@ class LocalBackend:
         path = self._path(kind, name)
         self._forget_fd(kind, name)
         path.unlink(missing_ok=True)
+
+    def remove_many(self, kind: str, names: Iterable[str]) -> None:
+        for name in names:
+            self.remove(kind, name)
 
     # -- reading ---------------------------------------------------------------
     def load(self, kind: str, name: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -187,12 +205,12 @@ class LocalBackend:
         return self._path(kind, name).exists()
 
     def list(self, kind: str) -> Iterator[str]:
-        if kind not in KINDS or kind in _AT_ROOT:
+        if kind not in KINDS or kind in AT_ROOT:
             raise ValueError(f"objects of kind {kind!r} cannot be listed")
         # scandir: the entry types come with the names, no stat per object (prune lists
         # the snapshots while it holds the commit lock).
         base = self.root / kind
-        if kind in _FANNED_OUT:
+        if kind in FANNED_OUT:
             dirs = sorted(e.path for e in _scan(base) if e.is_dir(follow_symlinks=False))
         else:
             dirs = [str(base)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from strata.errors import CorruptData, WrongPassphrase
 
@@ -76,7 +76,7 @@ def _kdf(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
 
 
 def wrap_secret(secret: bytes, passphrase: str, purpose: bytes, *, n: int = 2**15,
-                r: int = 8, p: int = 1) -> dict:
+                r: int = 8, p: int = 1) -> dict[str, str | int]:
     """`secret` encrypted under a key derived from the passphrase (scrypt), as a JSON-able
     document; `purpose` is authenticated with it, so one kind of key file cannot be
     passed off as another."""
@@ -92,7 +92,7 @@ def wrap_secret(secret: bytes, passphrase: str, purpose: bytes, *, n: int = 2**1
     }
 
 
-def unwrap_secret(doc: dict, passphrase: str, purpose: bytes) -> bytes:
+def unwrap_secret(doc: dict[str, Any], passphrase: str, purpose: bytes) -> bytes:
     """The secret of a wrap_secret document; a wrong passphrase raises WrongPassphrase."""
     try:
         salt = base64.b64decode(doc["salt"])

@@ -50,7 +50,7 @@ FORMAT_VERSION = 1
 DEFAULT_PACK_SIZE = 16 << 20
 SNAPSHOT_AAD = b"strata-snapshot"
 
-PassphraseSource = Callable[[], str]
+PassphraseSource = Callable[[], str | None]  # None: no passphrase to be had
 
 
 class _PackSlot:
