@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
 
 from strata import __version__
 from strata.errors import StrataError
@@ -16,12 +18,15 @@ from strata.server import metrics
 from strata.server.asgi_metrics import MetricsMiddleware
 from strata.server.auth import digest, ensure_admin_token, read_token_file
 from strata.server.body_limit import BodyLimitMiddleware
-from strata.server.catalog.db import open_catalog
+from strata.server.catalog.db import db_reason, open_catalog
+from strata.server.catalog.types import CatalogValueError
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.maintenance import upkeep_threads
 from strata.server.routes import admin, agent, agent_layers, layers
 from strata.server.stream_cache import StreamCache
 from strata.store.repository import Store
+
+log = logging.getLogger("strata.server")
 
 
 def open_server_store(data_dir: Path) -> Store:
@@ -68,6 +73,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:
         status = getattr(exc, "http_status", 400 if exc.exit_code == 2 else 500)
         return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.exception_handler(StatementError)
+    async def catalog_error(_request: Request, exc: StatementError) -> JSONResponse:
+        if isinstance(exc.orig, CatalogValueError):  # a value no catalog database takes
+            return JSONResponse({"detail": f"refused: {exc.orig}"}, status_code=422)
+        if isinstance(exc, (OperationalError, InterfaceError)):
+            # The database went away or is restarting: agents retry a 503 later.
+            log.warning("catalog unavailable: %s", db_reason(exc))
+            return JSONResponse({"detail": "the catalog database is unavailable; "
+                                 "try again later"}, status_code=503,
+                                headers={"Retry-After": "10"})
+        raise exc
 
     @app.get("/api/v1/health", tags=["health"])
     def health() -> dict:

@@ -71,7 +71,7 @@ def enroll(body: EnrollRequest, request: Request,
         if tok is None or tok.revoked:
             raise HTTPException(401, "unknown or revoked enrollment token")
         expires = tok.expires_at
-        if expires is not None and expires.replace(tzinfo=expires.tzinfo or UTC) < now:
+        if expires is not None and expires < now:
             raise HTTPException(401, "this enrollment token has expired")
         if tok.uses_left is not None:
             if tok.uses_left <= 0:
