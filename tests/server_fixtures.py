@@ -113,11 +113,15 @@ def free_port() -> int:
 
 
 class Server:
-    """One `strata server` process on 127.0.0.1; unpacks as (url, admin_token_file, data, proc)."""
+    """One `strata server` process on 127.0.0.1; unpacks as (url, admin_token_file, data, proc).
 
-    def __init__(self, data: Path, port: int | None = None):
+    `catalog`: the URL of its catalog database ('' for SQLite in the data directory); the
+    tests that run on both databases get one from the `catalogs` fixture (pg_fixture.py)."""
+
+    def __init__(self, data: Path, port: int | None = None, catalog: str = ""):
         self.data = data
         self.port = port or free_port()
+        self.catalog = catalog
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data.parent / f"{data.name}.server.log"
 
@@ -141,7 +145,8 @@ class Server:
         self.data.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                argv(["server", "--data", self.data, "--listen", f"127.0.0.1:{self.port}"]),
+                argv(["server", "--data", self.data, "--listen", f"127.0.0.1:{self.port}",
+                      *(["--catalog", self.catalog] if self.catalog else [])]),
                 env=cli_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -237,9 +242,9 @@ def enrolled_device(server: Server, hostname: str = "probe") -> tuple[str, httpx
     return doc["endpoint_id"], device(server, doc["credential"])
 
 
-def running_server(data: Path, port: int | None = None) -> Iterator[Server]:
+def running_server(data: Path, port: int | None = None, catalog: str = "") -> Iterator[Server]:
     """Body of the `server` fixtures: start, yield, and always stop at teardown."""
-    srv = Server(data, port).start()
+    srv = Server(data, port, catalog).start()
     try:
         yield srv
     finally:

@@ -37,12 +37,13 @@ OVERHEAD = 64 << 10  # fixed allowance per run: check-in-free protocol chatter, 
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory):
+def fleet(tmp_path_factory: pytest.TempPathFactory, catalogs):
     """Five endpoints on one server, each centralized once with `agent run --once`.
 
     Endpoints 1-4: the same OS tree and common documents, plus their own user data
     (random, 1-3 MB) and their own etc/hostname. Endpoint 5: a copy of endpoint 1 with
-    another hostname, so everything it holds is already on the server."""
+    another hostname, so everything it holds is already on the server. Once per catalog
+    database (SQLite, PostgreSQL)."""
     base = tmp_path_factory.mktemp("fleet")
     os_tree = base / "os-tree"
     build_os_tree(os_tree, OS_BUDGET)
@@ -65,7 +66,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory):
     roots.append(clone)
     user_bytes.append(0)
 
-    server = Server(base / "server-data").start()
+    server = Server(base / "server-data", catalog=catalogs.new()).start()
     try:
         agents = [Agent(server, root, base / f"state-{i}") for i, root in enumerate(roots, 1)]
         token = strata_json("token", "create", "--uses", ENDPOINTS, "--server", server.url,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
@@ -34,6 +37,10 @@ def open_server_store(data_dir: Path) -> Store:
     if not (path / "config").exists():
         return Store.init(path)
     return Store.open(path)
+
+
+def _finite_or_text(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -73,6 +80,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:
         status = getattr(exc, "http_status", 400 if exc.exit_code == 2 else 500)
         return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input back and fails (a 500) when that holds a
+        # NaN or an infinity, which Python's JSON parser accepts: write those as strings.
+        errors = jsonable_encoder(exc.errors(), custom_encoder={float: _finite_or_text})
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(StatementError)
     async def catalog_error(_request: Request, exc: StatementError) -> JSONResponse:

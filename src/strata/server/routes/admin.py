@@ -93,8 +93,10 @@ def list_endpoints(pending: bool = False, ctx: ServerContext = Depends(get_ctx))
 
 def _find_endpoint(db: object, ref: str) -> Endpoint:
     # autoescape: an id prefix is text, not a LIKE pattern ('%' must not match everything).
+    # Lower case: ids are lower-case UUIDs, and LIKE ignores case on SQLite but not on
+    # PostgreSQL, so 'ABC' finds the same endpoint on both.
     rows = list(db.scalars(select(Endpoint).where(  # type: ignore[attr-defined]
-        Endpoint.id.startswith(ref, autoescape=True))))
+        Endpoint.id.startswith(ref.lower(), autoescape=True))))
     if len(rows) != 1:
         raise HTTPException(404, f"no endpoint {ref!r}" if not rows
                             else f"endpoint id {ref!r} is ambiguous")

@@ -66,8 +66,10 @@ def enroll(body: EnrollRequest, request: Request,
     """Exchange a one-time enrollment token for a device credential."""
     now = datetime.now(UTC)
     with ctx.write() as db:
+        # FOR UPDATE: another server process on the same PostgreSQL catalog waits here, so
+        # a token's last use is spent once (SQLite has no row locks; its writers take turns).
         tok = db.scalar(select(EnrollmentToken).where(
-            EnrollmentToken.token_hash == digest(body.token)))
+            EnrollmentToken.token_hash == digest(body.token)).with_for_update())
         if tok is None or tok.revoked:
             raise HTTPException(401, "unknown or revoked enrollment token")
         expires = tok.expires_at
