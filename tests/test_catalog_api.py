@@ -138,3 +138,30 @@ def test_a_token_is_spent_once_by_two_servers_on_one_database(pg_cluster, tmp_pa
             for token in tokens:
                 codes = sorted(pool.map(enroll, (one, two), (token, token)))
                 assert codes == [200, 401], codes
+
+
+def test_endpoint_references_ignore_case_on_both(api):
+    eid = endpoint_doc(api, "probe")["id"]
+    for ref in (eid[:8], eid[:8].upper()):
+        resp = api.client.get(f"/api/v1/admin/endpoints/{ref}", headers=api.admin)
+        assert resp.status_code == 200 and resp.json()["id"] == eid, (ref, resp.text)
+    assert api.client.get("/api/v1/admin/endpoints/%25", headers=api.admin).status_code == 404
+
+
+def test_a_catalog_that_goes_away_is_a_503_until_it_is_back(pg_cluster, tmp_path):
+    url = pg_cluster.new_database()
+    name = url.rsplit("/", 1)[1]
+    app = create_app(ServerSettings(data_dir=tmp_path / "data", catalog_url=url))
+    admin = {"Authorization": f"Bearer {app.state.admin_token_path.read_text().strip()}"}
+    with TestClient(app) as client:
+        assert client.get("/api/v1/admin/endpoints", headers=admin).status_code == 200
+        # The database refuses new connections and drops the server's open ones.
+        pg_cluster.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        pg_cluster.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           f"WHERE datname = '{name}'")
+        resp = client.get("/api/v1/admin/endpoints", headers=admin)
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["detail"] == "the catalog database is unavailable; try again later"
+        assert resp.headers["retry-after"] == "10"
+        pg_cluster.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        assert client.get("/api/v1/admin/endpoints", headers=admin).status_code == 200
