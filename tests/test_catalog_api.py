@@ -154,6 +154,10 @@ def test_a_catalog_that_goes_away_is_a_503_until_it_is_back(pg_cluster, tmp_path
     app = create_app(ServerSettings(data_dir=tmp_path / "data", catalog_url=url))
     admin = {"Authorization": f"Bearer {app.state.admin_token_path.read_text().strip()}"}
     with TestClient(app) as client:
+        token = client.post("/api/v1/admin/tokens", json={}, headers=admin).json()["token"]
+        device = {"Authorization": "Bearer " + client.post("/api/v1/agent/enroll", json={
+            "token": token, "hostname": "h", "os": "linux"}).json()["credential"]}
+        assert client.post("/api/v1/agent/checkin", json={}, headers=device).status_code == 200
         assert client.get("/api/v1/admin/endpoints", headers=admin).status_code == 200
         # The database refuses new connections and drops the server's open ones.
         pg_cluster.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
@@ -163,5 +167,7 @@ def test_a_catalog_that_goes_away_is_a_503_until_it_is_back(pg_cluster, tmp_path
         assert resp.status_code == 503, resp.text
         assert resp.json()["detail"] == "the catalog database is unavailable; try again later"
         assert resp.headers["retry-after"] == "10"
+        # A check-in is served from the caches meanwhile.
+        assert client.post("/api/v1/agent/checkin", json={}, headers=device).status_code == 200
         pg_cluster.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         assert client.get("/api/v1/admin/endpoints", headers=admin).status_code == 200
