@@ -47,12 +47,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_orphans(bin_dir: Path) -> None:
+    """Stop and delete clusters left by test runs that were killed before their teardown
+    (a postmaster outlives the process that started it)."""
+    for base in glob.glob(os.path.join(tempfile.gettempdir(), "strata-pg-*")):
+        try:
+            os.kill(int(Path(base, "owner.pid").read_text()), 0)
+            continue  # its run is still going
+        except ProcessLookupError:
+            PgCluster(bin_dir, Path(base)).stop()
+        except (OSError, ValueError):
+            continue  # not one of ours, or not ours to judge
+
+
 class PgCluster:
     """A running cluster: `new_database()` hands out a fresh database's URL."""
 
-    def __init__(self, bin_dir: Path):
+    def __init__(self, bin_dir: Path, base: Path | None = None):
+        """A new cluster directory, or (`base`) one a killed run left behind."""
         self.bin = bin_dir
-        self.base = Path(tempfile.mkdtemp(prefix="strata-pg-"))
+        self.base = base or Path(tempfile.mkdtemp(prefix="strata-pg-"))
+        if base is None:
+            (self.base / "owner.pid").write_text(str(os.getpid()))
         self.data = self.base / "data"
         self.socket_dir = self.base
         self.port = _free_port()
@@ -65,7 +81,8 @@ class PgCluster:
             except KeyError:
                 raise RuntimeError(f"PostgreSQL is installed but there is no {SERVICE_USER!r} "
                                    "user to run it as") from None
-            os.chown(self.base, pw.pw_uid, pw.pw_gid)
+            if base is None:
+                os.chown(self.base, pw.pw_uid, pw.pw_gid)
             self._as_service_user = ["runuser", "-u", SERVICE_USER, "--"]
 
     def _run(self, *args: str) -> None:
@@ -127,6 +144,7 @@ def pg_cluster() -> Iterator[PgCluster]:
                         "(no /usr/lib/postgresql/*/bin/initdb)")
         pytest.skip("PostgreSQL is not installed (Debian package `postgresql`); "
                     f"set {REQUIRE_ENV}=1 to make this a failure")
+    stop_orphans(bin_dir)
     cluster = PgCluster(bin_dir)
     try:
         yield cluster.start()
