@@ -143,7 +143,7 @@ def pg_cluster() -> Iterator[PgCluster]:
             pytest.fail(f"{REQUIRE_ENV} is set but PostgreSQL is not installed "
                         "(no /usr/lib/postgresql/*/bin/initdb)")
         pytest.skip("PostgreSQL is not installed (Debian package `postgresql`); "
-                    f"set {REQUIRE_ENV}=1 to make this a failure")
+                    f"with {REQUIRE_ENV}=1 (as in CI) this fails instead")
     stop_orphans(bin_dir)
     cluster = PgCluster(bin_dir)
     try:

@@ -240,11 +240,10 @@ def test_a_database_not_in_utf8_is_refused(pg_cluster):
     assert "uses the LATIN1 encoding; Strata needs UTF8" in refusal(pg_cluster.url(name))
 
 
-@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
-def test_strata_server_prints_one_line_for_an_unreachable_catalog(tmp_path, scheme):
+def test_strata_server_prints_one_line_for_an_unreachable_catalog(tmp_path):
     """The command itself: no traceback, exit 2, the password masked. Needs no PostgreSQL:
-    the port is closed."""
-    port = free_port()
+    the port is closed. (`postgres://`, the short form, is accepted as `postgresql://`.)"""
+    port, scheme = free_port(), "postgres"
     proc = strata("server", "--data", tmp_path / "data", "--listen", f"127.0.0.1:{free_port()}",
                   "--catalog", f"{scheme}://strata:hunter2@127.0.0.1:{port}/strata",
                   rc=None, timeout=120)

@@ -79,18 +79,18 @@ class BoundedString(TypeDecorator[str]):
 
     def __init__(self, length: int, clip: bool = False):
         super().__init__(length)
+        self.length = length  # named as the argument: SQLAlchemy's cache key reads it
         self.clip = clip
 
     def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
         if value is None:
             return None
         value = _clean_text(value, self.clip)
-        limit = self.impl.length  # type: ignore[attr-defined]
-        if len(value) > limit:
+        if len(value) > self.length:
             if not self.clip:
-                raise CatalogValueError(f"text longer than {limit} characters: "
+                raise CatalogValueError(f"text longer than {self.length} characters: "
                                         f"{value[:40]!r}...")
-            value = value[:limit]
+            value = value[:self.length]
         return value
 
 
