@@ -145,7 +145,8 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory):
         write_random(agent.root / "home/user/work.bin", MIB, random.Random(3))
         server.stop()
         started = time.monotonic()
-        out = strata_json(*agent.cmd("run", "--once"))  # exit code 0 is checked here
+        proc = strata(*agent.cmd("run", "--once", "--json"), rc=3)  # 3: offline, will retry
+        out = json.loads(proc.stdout)
         yield SimpleNamespace(server=server, agent=agent, out=out, status=agent.status(),
                               seconds=time.monotonic() - started)
 

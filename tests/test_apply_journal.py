@@ -24,13 +24,15 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from strata.errors import CorruptData, StrataError, UnsafePath
-from strata.layers import journal as journal_mod
+from strata.layers.apply import ApplyJournal, ApplyStats, Phase, crashpoints, staging
+from strata.layers.apply.format import Journal
 from strata.layers.changes import Action, Change
-from strata.layers.journal import ApplyJournal, ApplyStats
 from strata.model.entry import Entry, EntryType
+from strata.tree.meta import Meta
 from strata.tree.order import path_key
 from strata.tree.writer import TreeWriter
 
@@ -358,7 +360,7 @@ def hook(monkeypatch):
     """Install a crash hook for the test (and remove it afterwards)."""
 
     def install(fn: Callable[[str], None] | None) -> None:
-        monkeypatch.setattr(journal_mod, "crash_hook", fn)
+        monkeypatch.setattr(crashpoints, "crash_hook", fn)
 
     return install
 
@@ -713,8 +715,8 @@ def test_mount_point_inside_root_is_refused_before_switching(tmp_path, monkeypat
     build(root, old)
     before = snapshot(root)
     home_dev = os.stat(root / "home").st_ino
-    real = journal_mod._mount_id
-    monkeypatch.setattr(journal_mod, "_mount_id", lambda fd: ("mnt", -1) if
+    real = staging.mount_id
+    monkeypatch.setattr(staging, "mount_id", lambda fd: ("mnt", -1) if
                         os.fstat(fd).st_ino == home_dev else real(fd))
     new = old.copy().file("home/f", b"new").file("top", b"new")
     with pytest.raises(StrataError, match="another filesystem"):
@@ -831,7 +833,7 @@ def test_killed_at_every_kind_of_step_recovers_to_old_or_new(scenario, hook):
         old = scenario.fresh()
 
         def child(n: int = n) -> None:
-            journal_mod.crash_hook = die_at(n)
+            crashpoints.crash_hook = die_at(n)
             scenario.apply()
 
         assert run_child(child) == "killed", n
@@ -923,11 +925,11 @@ def test_killed_during_recovery_then_recovered_again(scenario, hook):
             old = scenario.fresh()
 
             def apply_child(k: int = kill_at) -> None:
-                journal_mod.crash_hook = die_at(k)
+                crashpoints.crash_hook = die_at(k)
                 scenario.apply()
 
             def recover_child(m: int = m) -> None:
-                journal_mod.crash_hook = die_at(m)
+                crashpoints.crash_hook = die_at(m)
                 scenario.journal().recover()
 
             assert run_child(apply_child) == "killed"
@@ -975,7 +977,7 @@ def test_killed_during_rollback_then_rollback_finishes(scenario, hook):
                     if calls[0] == die:
                         os._exit(9)
 
-                journal_mod.crash_hook = hook_fn
+                crashpoints.crash_hook = hook_fn
                 scenario.apply()
 
             assert run_child(child) == "killed"
@@ -985,3 +987,44 @@ def test_killed_during_rollback_then_rollback_finishes(scenario, hook):
             check_after_recovery(scenario, old, phase)
             rounds += 1
     assert rounds == 18
+
+
+def test_journal_of_the_previous_format_is_still_recovered(scenario, hook):
+    """A switch interrupted under an older agent (journal version 1: positional rows) is
+    rolled forward by this one."""
+    switching, done = switch_window(scenario, hook)
+    scenario.fresh()
+    hook(fail_at((switching + done) // 2, Crash()))
+    with pytest.raises(Crash):
+        scenario.apply()
+    hook(None)
+    path = scenario.work / "journal"
+    journal = Journal.decode(path.read_bytes())
+    assert journal.ops and any(op.new is not None for op in journal.ops)
+
+    def meta(m: Meta | None) -> list | None:
+        return None if m is None else [m.mode, m.uid, m.gid, m.atime_ns, m.mtime_ns,
+                                       dict(m.xattrs)]
+
+    path.write_bytes(msgpack.packb({
+        "v": 1, "owner": journal.owner, "warnings": journal.warnings,
+        "times": [[p, a, m] for p, (a, m) in journal.times.items()],
+        "ops": [[op.n, op.kind.value, op.path, op.action.value, op.is_dir, op.size,
+                 meta(op.new), meta(op.old)] for op in journal.ops]}, use_bin_type=True))
+    assert Journal.decode(path.read_bytes()) == journal
+    assert scenario.journal().recover() == "completed"
+    assert_same(comparable(snapshot(scenario.root), scenario.loose), scenario.want_new)
+    assert_clean(scenario.work)
+
+
+def test_unreadable_journal_is_one_clear_error(scenario, hook):
+    switching, _ = switch_window(scenario, hook)
+    scenario.fresh()
+    hook(fail_at(switching + 1, Crash()))
+    with pytest.raises(Crash):
+        scenario.apply()
+    hook(None)
+    (scenario.work / "journal").write_bytes(msgpack.packb({"v": 2, "ops": [{"kind": "x"}]}))
+    with pytest.raises(StrataError, match="journal .* is unreadable"):
+        scenario.journal().recover()
+    assert scenario.journal().pending() is Phase.SWITCHING  # nothing was given up

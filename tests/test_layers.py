@@ -88,6 +88,7 @@ def make_bases(base: Path) -> tuple[Path, Path, int]:
     new_bytes += len(write_random(v2 / "usr/lib/newpkg/libnew.so", MIB + 12345, rng))
     (v2 / "usr/bin/tool").write_bytes(b"#!/bin/sh\necho v2\n")
     (v2 / "usr/bin/old-tool").unlink()
+    (v2 / "etc/app.conf").write_text("setting = 2\n")
     (v2 / "etc/os-release").write_text('ID=stratatest\nVERSION_ID="2"\n')
     (v2 / "etc/fstab").write_text("# v2 fstab (must not override the endpoint's)\n")
     files = sorted(p for p in (v2 / "usr/lib").rglob("*") if p.is_file() and
@@ -178,6 +179,7 @@ def test_dry_run_reports_changes_and_conflicts(world):
     kinds = {c["kind"]: c["path"] for c in doc["conflict_list"]}
     assert doc["changes"]["delete"] >= 1 and doc["changes"]["replace"] >= 5, doc
     assert kinds.get("kept") == "etc/fstab"  # do-not-override
+    assert kinds.get("local-change-kept") == "etc/app.conf"  # configuration: three-way
     assert "overwrites-user-app" in kinds or "downgrade" in kinds
     assert doc["chunks_to_download"] > 0
 
@@ -198,7 +200,8 @@ def test_push_v2_downloads_only_what_v1_lacked(world):
         assert 0 <= up["bytes_downloaded"] - doc["downloaded_bytes"] < 1000, (up, doc)
         assert tree_state(agent.root) == before[agent.endpoint_id]  # nothing switched yet
     # Endpoints 2 and 3 lacked the same chunks: the server compressed their batch once.
-    # (Endpoint 1 lacked others: its user changed system files in the dry-run test.)
+    # (Endpoint 1 lacked others: its local edit of etc/app.conf in the dry-run test is
+    # configuration, which stays, so v2's version is not downloaded there.)
     hit = world.server.metric('strata_download_streams_total{cache="hit"}')
     miss = world.server.metric('strata_download_streams_total{cache="miss"}')
     assert (hit, miss) == (1, 2), (hit, miss)
@@ -208,23 +211,29 @@ def test_push_v2_downloads_only_what_v1_lacked(world):
         assert endpoint(world, agent)["layers"]["state"] == "applied"
         now = tree_state(agent.root)
         v2 = tree_state(world.v2)
-        # Exactly v2 for every system path, except the do-not-override fstab ...
-        expect = without(v2, "etc/fstab")
-        assert without(now, *USER_LAYERS, "etc/fstab", "usr/lib/newpkg") == \
+        # Exactly v2 for every system path, except the do-not-override fstab and
+        # configuration changed on the endpoint (endpoint 1's app.conf) ...
+        local = ("etc/app.conf",) if agent is world.agents[0] else ()
+        expect = without(v2, "etc/fstab", *local)
+        assert without(now, *USER_LAYERS, "etc/fstab", "usr/lib/newpkg", *local) == \
             without(expect, "usr/lib/newpkg")
         assert now["usr/lib/newpkg/libnew.so"] == v2["usr/lib/newpkg/libnew.so"]
         assert "usr/bin/old-tool" not in now
         # ... and the endpoint's own layers exactly as they were.
         old = before[agent.endpoint_id]
         assert under(now, *USER_LAYERS, "etc/fstab") == under(old, *USER_LAYERS, "etc/fstab")
-    # The user's version of a managed file is kept in the pre-update snapshot.
-    assert (world.agents[0].root / "etc/app.conf").read_text() == "setting = 1\n"
+    # The endpoint's change to its configuration stays, and the update said so.
+    assert (world.agents[0].root / "etc/app.conf").read_text() == "setting = mine\n"
+    assert "local-change-kept" in endpoint(world, world.agents[0])["layers"]["detail"]
 
 
 def test_compliance_reports_drift_and_enforcement_repairs_it(world):
     a1 = world.agents[0]
     doc = admin_json(world, "compliance")
-    assert all(r["score"] == 100.0 for r in doc["endpoints"]), doc
+    # Endpoint 1's local change to its configuration, kept by the update, is drift.
+    scores = {r["endpoint"]: r for r in doc["endpoints"]}
+    assert scores.pop(a1.endpoint_id)["changed"] == ["etc/app.conf"], doc
+    assert all(r["score"] == 100.0 for r in scores.values()), doc
     tool = a1.root / "usr/bin/tool"
     tool.write_bytes(b"#!/bin/sh\necho hacked\n")
     (a1.root / "etc/app.conf").unlink()
@@ -240,7 +249,7 @@ def test_compliance_reports_drift_and_enforcement_repairs_it(world):
     assert out["update"]["state"] in ("applied", "repaired")
     out = a1.run_once()  # enforcement now repairs at check-in
     assert tool.read_bytes() == b"#!/bin/sh\necho v2\n"
-    assert (a1.root / "etc/app.conf").read_text() == "setting = 1\n"
+    assert (a1.root / "etc/app.conf").read_text() == "setting = 2\n"  # enforced: repaired
     rep = admin_json(world, "compliance", "--endpoint", a1.endpoint_id)["endpoints"][0]
     assert rep["counts"]["changed"] == 0 and rep["counts"]["missing"] == 0
     # While enforced, the next check-in alone repairs a new edit (no backup asked for);

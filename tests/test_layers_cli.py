@@ -132,6 +132,8 @@ def test_bad_captures(world):
 def test_assign_mistakes(world):
     eid = world.agent.endpoint_id
     refused(world, "assign", "--endpoint", eid, needle="nothing to assign")
+    refused(world, "assign", "--endpoint", eid, "--no-apps", "--app", "office:1",
+            needle="--no-apps removes every app layer")
     refused(world, "assign", "--base", "corp-os:1", needle="endpoints, a collection, or all")
     refused(world, "assign", "--endpoint", eid, "--app", "corp-os:1",
             needle="is a base layer, not app")
@@ -178,7 +180,7 @@ def test_delete_refused_while_assigned_then_allowed_once_the_endpoint_is_revoked
 
 
 def test_validation_errors_read_as_a_sentence():
-    from strata.cli.admin import _detail
+    from strata.cli.admin_client import error_detail as _detail
 
     doc = {"detail": [{"type": "string_pattern_mismatch", "loc": ["body", "name"],
                        "msg": "String should match pattern '^[a-z]+$'", "input": "a b"}]}

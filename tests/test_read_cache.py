@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from strata.model.admin import AssignRequest
 from strata.model.entry import Entry, EntryType
 from strata.server import read_cache
 from strata.server.app import create_app
 from strata.server.context import ServerContext, ServerSettings
-from strata.server.layers import save_layer
 from strata.server.read_cache import ReadCache
-from strata.server.routes import admin as admin_routes
-from strata.server.routes import layers as layer_routes
+from strata.server.services import assignments, endpoints, policies
+from strata.server.services.layers import save_layer
 
 ROUNDS = 40
 
@@ -136,8 +136,8 @@ def test_assignment_takes_effect_at_the_next_checkin(app):
     current = "1"
     for _ in range(ROUNDS):
         target = "2" if current == "1" else "1"
-        _race(ctx, "desired:", lambda t=target: layer_routes.assign(
-            layer_routes.AssignBody(endpoints=[eid], base=f"os:{t}"), ctx))
+        _race(ctx, "desired:", lambda t=target: assignments.assign(
+            ctx, AssignRequest(endpoints=[eid], base=f"os:{t}"), actor="admin"))
         status, racing = _checkin(client, device)
         assert status == 200
         assert racing["desired"]["layers"][0]["version"] == current  # began before it
@@ -150,7 +150,7 @@ def test_revocation_takes_effect_at_the_next_request(app):
     client, ctx, _ = app
     for _ in range(ROUNDS):
         eid, device = _enroll(client)
-        _race(ctx, "device:", lambda e=eid: admin_routes.revoke(e, ctx))
+        _race(ctx, "device:", lambda e=eid: endpoints.revoke(ctx, e, actor="admin"))
         assert _checkin(client, device)[0] == 200
         status, body = _checkin(client, device)
         assert status == 403 and "revoked" in body["detail"]
@@ -160,7 +160,7 @@ def test_approval_takes_effect_at_the_next_request(app):
     client, ctx, _ = app
     for _ in range(ROUNDS):
         eid, device = _enroll(client, approval=True)
-        _race(ctx, "device:", lambda e=eid: admin_routes.approve(e, ctx))
+        _race(ctx, "device:", lambda e=eid: endpoints.approve(ctx, e, actor="admin"))
         status, body = _checkin(client, device)
         assert status == 403 and "approval" in body["detail"]
         assert _checkin(client, device)[0] == 200
@@ -172,8 +172,8 @@ def test_policy_change_takes_effect_at_the_next_checkin(app):
     interval = 3600
     for i in range(ROUNDS):
         new = 600 + 60 * i
-        _race(ctx, "policy:upload", lambda n=new: admin_routes.write_policy(
-            "upload", {"interval_seconds": n, "exclusions": {}}, ctx))
+        _race(ctx, "policy:upload", lambda n=new: policies.write_policy(
+            ctx, "upload", {"interval_seconds": n, "exclusions": {}}, actor="admin"))
         status, racing = _checkin(client, device)
         assert racing["policy"]["interval_seconds"] == interval
         status, after = _checkin(client, device)

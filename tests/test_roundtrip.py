@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -158,9 +159,22 @@ def test_random_trees_round_trip_exactly(ops, tmp_path, trees):
             assert second.bytes_read == 0
             for n, sid in enumerate((first.snapshot, second.snapshot)):
                 out = work / f"out{n}"
-                result = restore(store, store.load_snapshot(sid), out)
+                result = restore(store, store.load_snapshot(sid), out, full_metadata=True)
                 assert result.errors == [] and result.warnings == []
                 trees.assert_same_state(trees.tree_state(out), want)
+            # A safe restore (the default) differs only by the setuid/setgid bits of
+            # non-directories, each inode's reported once.
+            result = restore(store, store.load_snapshot(first.snapshot), work / "safe")
+            assert result.errors == [] and result.warnings == []
+            safe = {"entries": {p: (e[:1] + (e[1] & ~0o6000,) + e[2:]
+                                    if not stat.S_ISDIR(e[0]) else e)
+                                for p, e in want["entries"].items()},
+                    "hardlinks": want["hardlinks"]}
+            trees.assert_same_state(trees.tree_state(work / "safe"), safe)
+            group = {p: tuple(g) for g in want["hardlinks"] for p in g}  # one per inode
+            setid = {group.get(p, p) for p, e in want["entries"].items()
+                     if not stat.S_ISDIR(e[0]) and e[1] & 0o6000}
+            assert len(result.withheld) == len(setid), (result.withheld, setid)
 
 
 # -- dedup ----------------------------------------------------------------------------------

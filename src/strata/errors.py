@@ -2,9 +2,11 @@
 
 
 class StrataError(Exception):
-    """A failure the user can act on; the CLI prints it as one line and exits with `exit_code`."""
+    """A failure the user can act on; the CLI prints it as one line and exits with `exit_code`,
+    the server answers it with `http_status` and the message as `detail`."""
 
     exit_code = 2
+    http_status = 400
 
 
 class StoreNotFound(StrataError):
@@ -46,11 +48,50 @@ class CorruptData(StrataError):
     """Bytes read back from the store do not match what they claim to be."""
 
     exit_code = 1
+    http_status = 500  # the server's own data is damaged: not the request's fault
 
 
 class MissingChunks(StrataError):
     """A snapshot commit references chunks the store does not hold."""
 
+    http_status = 409
+
     def __init__(self, missing: list[bytes]):
         self.missing = missing
         super().__init__(f"{len(missing)} referenced chunk(s) are not in the store")
+
+
+# What the server's services raise for a request they refuse (server/services/); the
+# app answers each with its status and the message, so no service knows about HTTP.
+
+
+class NotFound(StrataError):
+    """The request names something that does not exist (or that the caller may not see:
+    another endpoint's snapshot reads exactly like one that does not exist)."""
+
+    http_status = 404
+
+
+class Conflict(StrataError):
+    """The request is well-formed but the current state refuses it (a layer still in
+    use, an endpoint that has not centralized yet)."""
+
+    http_status = 409
+
+
+class Invalid(StrataError):
+    """The request itself is malformed: a bad reference, a value out of range."""
+
+    http_status = 422
+
+
+class Forbidden(StrataError):
+    """The caller is known but may not do this."""
+
+    http_status = 403
+
+
+class TooLarge(StrataError):
+    """The request asks for more work than one request may cost."""
+
+    http_status = 413

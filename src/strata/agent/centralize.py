@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +43,15 @@ class CentralizeResult:
         return asdict(self)
 
 
-def checkin(client: ServerClient, root: Path, state: AgentState) -> CheckinResponse:
+Clock = Callable[[], float]  # seconds since the epoch (time.time, or a test's)
+
+
+def iso(clock: Clock) -> str:
+    return datetime.fromtimestamp(clock(), UTC).isoformat()
+
+
+def checkin(client: ServerClient, root: Path, state: AgentState, *,
+            clock: Clock = time.time) -> CheckinResponse:
     status = state.status()
     body = {"inventory": collect_inventory(root, state.path / "hardware.json"),
             "status": {**{k: status.get(k) for k in ("last_centralization", "pending_work")},
@@ -50,7 +59,7 @@ def checkin(client: ServerClient, root: Path, state: AgentState) -> CheckinRespo
     # Few retries: an unreachable server means "offline, try next cycle", not a stall.
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
     info = CheckinResponse.model_validate(resp.json())
-    state.update_status(server_reachable=True, last_checkin=datetime.now(UTC).isoformat(),
+    state.update_status(server_reachable=True, access="ok", last_checkin=iso(clock),
                         policy=info.policy.model_dump(), chunker=info.chunker.model_dump())
     return info
 
@@ -83,14 +92,14 @@ def local_tree(root: Path, state: AgentState, info: CheckinResponse | None) -> L
 
 def centralize(client: ServerClient, state: AgentState, root: Path, info: CheckinResponse, *,
                trigger: str = "scheduled", tags: list[str] | None = None,
-               progress: Progress | None = None) -> CentralizeResult:
+               progress: Progress | None = None, clock: Clock = time.time) -> CentralizeResult:
     started = time.monotonic()
     sent0, recv0, retried0 = client.bytes_sent, client.bytes_received, client.retried
     sink = RemoteSink(client, info.chunker)
     try:
         return _centralize(client, state, root, info, sink, trigger=trigger, tags=tags,
                            progress=progress, started=started, sent0=sent0, recv0=recv0,
-                           retried0=retried0)
+                           retried0=retried0, clock=clock)
     finally:
         sink.close()
 
@@ -98,7 +107,7 @@ def centralize(client: ServerClient, state: AgentState, root: Path, info: Checki
 def _centralize(client: ServerClient, state: AgentState, root: Path, info: CheckinResponse,
                 sink: RemoteSink, *, trigger: str, tags: list[str] | None,
                 progress: Progress | None, started: float, sent0: int, recv0: int,
-                retried0: int) -> CentralizeResult:
+                retried0: int, clock: Clock) -> CentralizeResult:
     parent_id, parent_bytes = state.parent()
     parent_entries = decode_manifest([parent_bytes]) if parent_bytes else None
     kind = "incremental" if info.last_snapshot else "centralize"
@@ -138,7 +147,9 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
         bytes_sent=client.bytes_sent - sent0, bytes_received=client.bytes_received - recv0,
         retries=client.retried - retried0, seconds=round(time.monotonic() - started, 3),
         errors=r.errors)
+    # Any centralization pays what was owed (an offline `agent backup`, a missed interval).
+    owed = [w for w in state.status().get("pending_work", []) if w != "centralize"]
     state.update_status(last_centralization={
-        "time": datetime.now(UTC).isoformat(), "snapshot": out.snapshot, "result": "ok",
-        "kind": kind, "bytes_sent": out.bytes_sent})
+        "time": iso(clock), "snapshot": out.snapshot, "result": "partial" if r.errors else "ok",
+        "kind": kind, "bytes_sent": out.bytes_sent}, pending_work=owed)
     return out

@@ -53,6 +53,10 @@ class ServerClient:
         self.upload = TokenBucket(upload_rate)
         self.download = TokenBucket(download_rate)
 
+    def refusal(self, status: int, message: str) -> StrataError:
+        """The error for a client-error answer (a subclass says more: see DeviceClient)."""
+        return ServerRefused(status, message)
+
     def request(self, method: str, path: str, *, json: object = None,
                 content: bytes | None = None, retries: int | None = None) -> httpx.Response:
         """Send with retries on network errors and 502-504; raise one clear error."""
@@ -75,7 +79,7 @@ class ServerClient:
                 self.download.consume(len(resp.content))
                 if resp.status_code not in RETRY_STATUS:
                     if resp.status_code >= 400 and resp.status_code != 409:
-                        raise ServerRefused(resp.status_code, _message(resp))
+                        raise self.refusal(resp.status_code, _message(resp))
                     return resp
                 failure = f"server busy ({resp.status_code})"
             if attempt == retries:

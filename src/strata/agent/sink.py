@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from strata.agent.client import ServerClient
 from strata.engine.filechunks import ChunkStore
@@ -45,7 +46,7 @@ class RemoteSink(ChunkStore):
         # while the network and the disk both keep busy.
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
         self._upload_slots = threading.Semaphore(2)
-        self._uploads: list[Future[None]] = []
+        self._uploads: list[Future[Any]] = []
         self.chunks_uploaded = 0
         self.raw_uploaded = 0  # raw bytes of chunks the server lacked
         self.payload_uploaded = 0  # their compressed size

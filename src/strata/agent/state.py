@@ -104,6 +104,14 @@ class AgentState:
         for name in ("parent.json", "parent.manifest"):
             (self.path / name).unlink(missing_ok=True)
 
+    def forget_endpoint(self) -> None:
+        """Drop what belonged to the endpoint this directory was enrolled as (its status,
+        its last snapshot, its update in progress). What describes the tree stays: the
+        layers applied to it, the chunk cache, hardware.json."""
+        self.reset_parent()
+        for name in ("status.json", "update.json"):
+            (self.path / name).unlink(missing_ok=True)
+
     # -- layers ---------------------------------------------------------------
     def update(self) -> dict:
         """The layer update in progress: desired state, download/ready/failed, plan."""

@@ -13,23 +13,27 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import zstandard
 
-from strata.agent.client import ServerClient
+from strata.agent.client import ServerClient, ServerUnreachable
 from strata.agent.drift import tree_changed
 from strata.agent.state import AgentState
 from strata.engine.backup import HashOnlySink, archive_tree
 from strata.errors import CorruptData, StrataError
+from strata.layers.accounts import MAX_DATABASE_BYTES, database_for
+from strata.layers.apply import ApplyJournal
 from strata.layers.changes import Action
+from strata.layers.config_merge import require_no_holds, resolve_merges
 from strata.layers.image import Image, LayerContent, build_image
-from strata.layers.journal import ApplyJournal
-from strata.layers.plan import Mode, Plan, plan_update
+from strata.layers.plan import AccountMerge, Mode, Plan, plan_update
 from strata.layers.rules import LayerRules, PathClass
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest, encode_manifest
 from strata.model.transfer import read_stream
+from strata.model.update import UpdateState
 from strata.model.wire import DesiredLayer, DesiredState
 from strata.store.backend import atomic_write
 from strata.store.chunker import Chunker, ChunkerParams
@@ -51,7 +55,7 @@ class UpdateFailed(StrataError):
 @dataclass
 class UpdateResult:
     key: str
-    state: str  # up-to-date, ready, applied, repaired
+    state: UpdateState | Literal["repaired"]  # ready, applied, or drift repaired
     changes: dict = field(default_factory=dict)
     conflicts: dict = field(default_factory=dict)
     chunks_downloaded: int = 0
@@ -65,17 +69,24 @@ class UpdateResult:
         return dict(self.__dict__)
 
 
-def mode_for(desired: DesiredState) -> Mode:
+def mode_for(desired: DesiredState, *, repair: bool = False) -> Mode:
+    """How the plan treats the endpoint's own state. Account databases are merged by key
+    except where the target carries the accounts its files need whole (provisioning wipes
+    user data too; a full restore brings the CVD's own accounts); the endpoint's changes
+    to configuration stay only in an update (a revert sets the system of a snapshot,
+    compliance repair sets the layers' versions back)."""
     op = desired.operation
     if op == "revert":
         return Mode(wipe_unmanaged=not desired.keep_user_apps,
-                    keep_user_apps=desired.keep_user_apps)
+                    keep_user_apps=desired.keep_user_apps, keep_local_config=False)
     if op == "provision":
-        return Mode(wipe_unmanaged=True,
-                    protect=frozenset({PathClass.NEVER, PathClass.IDENTITY}))
+        return Mode(wipe_unmanaged=True, protect=frozenset({PathClass.NEVER,
+                                                            PathClass.IDENTITY}),
+                    keep_local_config=False, merge_accounts=False)
     if op == "restore":
-        return Mode(wipe_unmanaged=True, protect=frozenset({PathClass.NEVER}))
-    return Mode()
+        return Mode(wipe_unmanaged=True, protect=frozenset({PathClass.NEVER}),
+                    keep_local_config=False, merge_accounts=False)
+    return Mode(keep_local_config=not repair)
 
 
 class LayerSource:
@@ -89,6 +100,7 @@ class LayerSource:
         self.root = root
         self.cache = _open_cache(state.path / "cache")
         self.seeds: dict[bytes, tuple[bytes, int, int]] = {}  # id -> (path, offset, length)
+        self.computed: dict[bytes, bytes] = {}  # content merged here (Plan.computed_chunks)
         self.bytes_downloaded = 0
         self.chunks_downloaded = 0
         self.bytes_seeded = 0
@@ -175,7 +187,27 @@ class LayerSource:
         self.chunks_downloaded += len(ids)
         self.bytes_downloaded += self.client.bytes_received - before
 
+    def local_chunk(self, cid: bytes) -> bytes | None:
+        """A chunk from the endpoint's files or the cache, never the network (None)."""
+        data = self._seed(cid)
+        if data is not None:
+            return data
+        try:
+            return self.cache.load_chunk(cid)
+        except StrataError:
+            return None
+
     def chunk(self, cid: bytes) -> bytes:
+        computed = self.computed.get(cid)
+        if computed is not None:
+            return computed
+        data = self.local_chunk(cid)
+        if data is not None:
+            return data
+        self.download([cid], {cid: 0})
+        return self.cache.load_chunk(cid)
+
+    def _seed(self, cid: bytes) -> bytes | None:
         seed = self.seeds.get(cid)
         if seed is not None:
             path, offset, n = seed
@@ -191,16 +223,57 @@ class LayerSource:
             except OSError:
                 pass
             del self.seeds[cid]  # changed since the scan: not a seed any more
-        try:
-            return self.cache.load_chunk(cid)
-        except StrataError:
-            pass
-        self.download([cid], {cid: 0})
-        return self.cache.load_chunk(cid)
+        return None
 
     def data(self, entry: Entry) -> Iterator[bytes]:
         for cid, _ in entry.chunks:
             yield self.chunk(cid)
+
+    def keep(self, entries: Iterable[Entry]) -> list[str]:
+        """Make sure the cache holds these files' chunks (the account databases as the
+        layers laid them down: the old base of the next update's three-way merge). Their
+        ids are in the owned manifest, and every read is verified against them. Returns
+        a warning per file that could not be kept (the next merge is then two-way)."""
+        warnings = []
+        for e in entries:
+            ids = [cid for cid, _ in e.chunks]
+            missing = self.cache.missing_chunks(ids)
+            try:
+                datas: list[bytes | memoryview] = [self.chunk(cid) for cid in missing]
+            except StrataError as exc:
+                warnings.append(f"{e.path.decode(errors='replace')}: not kept for the next "
+                                f"update's merge ({exc})")
+                continue
+            if missing:
+                self.cache.store_chunks(missing, datas)
+        self.cache.flush()
+        return warnings
+
+
+class AccountInputs:
+    """The three copies of an account database on the agent: the old base's from the
+    cache or the endpoint's own files (never the network: the old layers may no longer be
+    assigned), the endpoint's from its tree, the new layers' like any file of the update."""
+
+    def __init__(self, source: LayerSource, merges: list[AccountMerge]):
+        self.source = source
+        ids = [cid for m in merges for cid, _ in m.new.chunks]
+        source.download(source.lacking(ids), dict(c for m in merges for c in m.new.chunks))
+
+    def old(self, entry: Entry) -> bytes | None:
+        pieces = [self.source.local_chunk(cid) for cid, _ in entry.chunks]
+        if any(p is None for p in pieces):
+            return None
+        return b"".join(pieces)  # type: ignore[arg-type]
+
+    def endpoint(self, entry: Entry) -> bytes:
+        fd = open_path(os.path.join(os.fsencode(self.source.root), entry.path),
+                       os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(MAX_DATABASE_BYTES + 1)
+
+    def new(self, entry: Entry) -> bytes:
+        return b"".join(self.source.data(entry))
 
 
 def _open_cache(path: Path) -> Store:
@@ -225,14 +298,22 @@ def owned_image(source: LayerSource, desired: DesiredState, rules: LayerRules,
 
 
 def compute_plan(source: LayerSource, desired: DesiredState, current: list[Entry],
-                 owned: dict[bytes, Entry]) -> tuple[Plan, Image, LayerRules]:
+                 owned: dict[bytes, Entry], *, repair: bool = False
+                 ) -> tuple[Plan, Image, LayerRules]:
+    """The plan, account databases merged (their new copies fetched first: they are
+    small), or UpdateHeld when a clash waits for someone to resolve it."""
     rules = LayerRules.from_doc(desired.rules, desired.family)
     image = target_image(source, desired, rules)
-    plan = plan_update(current, image, rules, owned=owned, mode=mode_for(desired))
+    plan = plan_update(current, image, rules, owned=owned,
+                       mode=mode_for(desired, repair=repair))
+    source.add_seeds(current)
+    if plan.merges:
+        resolve_merges(plan, AccountInputs(source, plan.merges), rules.family, time.time_ns())
+    require_no_holds(plan)
     return plan, image, rules
 
 
-def report(client: ServerClient | None, key: str, state: str, *, percent: float = 0.0,
+def report(client: ServerClient | None, key: str, state: UpdateState, *, percent: float = 0.0,
            detail: str = "", downloaded: int = 0) -> None:
     if client is None:
         return
@@ -252,9 +333,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
     source = LayerSource(client, state, root)
     try:
         plan, _, _ = compute_plan(source, desired, current, state.owned())
-        state.save_update({"key": desired.key, "state": "downloading",
+        state.save_update({"key": desired.key, "state": UpdateState.DOWNLOADING,
                            "desired": desired.model_dump()})
-        source.add_seeds(current)
         lengths = plan.chunks_in_order()
         lacking = source.lacking(list(lengths))
         last = [0.0]
@@ -265,17 +345,18 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         def progress(done: int, total: int) -> None:
             if time.monotonic() - last[0] >= _REPORT_SECONDS or done >= total:
                 last[0] = time.monotonic()
-                report(client, desired.key, "downloading", percent=100.0 * done / max(total, 1),
-                       downloaded=received())
-        report(client, desired.key, "downloading", percent=0.0)
+                report(client, desired.key, UpdateState.DOWNLOADING,
+                       percent=100.0 * done / max(total, 1), downloaded=received())
+        report(client, desired.key, UpdateState.DOWNLOADING, percent=0.0)
         source.download(lacking, lengths, progress)
         summary = plan.summary()
-        state.save_update({"key": desired.key, "state": "ready",
+        state.save_update({"key": desired.key, "state": UpdateState.READY,
                            "desired": desired.model_dump(), "plan": summary,
                            "downloaded": received()})
-        report(client, desired.key, "ready", percent=100.0,
+        report(client, desired.key, UpdateState.READY, percent=100.0,
                detail=f"restart to apply: {_describe(summary)}", downloaded=received())
-        return UpdateResult(key=desired.key, state="ready", changes=summary["changes"],
+        return UpdateResult(key=desired.key, state=UpdateState.READY,
+                            changes=summary["changes"],
                             conflicts=summary["conflicts"],
                             chunks_downloaded=source.chunks_downloaded,
                             bytes_downloaded=received(),
@@ -294,13 +375,13 @@ def _describe(summary: dict, *, done: bool = False) -> str:
 
 
 def switch(client: ServerClient | None, state: AgentState, root: Path, desired: DesiredState,
-           current: list[Entry], result: UpdateResult) -> None:
+           current: list[Entry], result: UpdateResult, *, repair: bool = False) -> None:
     """Plan against the tree as it is now, fetch anything still missing, check the disk,
     then switch under the journal and record what IT now owns on the endpoint."""
     source = LayerSource(client, state, root)
     try:
-        plan, image, rules = compute_plan(source, desired, current, state.owned())
-        source.add_seeds(current)
+        plan, image, rules = compute_plan(source, desired, current, state.owned(),
+                                          repair=repair)
         lengths = plan.chunks_in_order()
         source.download(source.lacking(list(lengths)), lengths)
         need = plan.bytes_to_write()
@@ -308,9 +389,16 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         if need > free:
             raise UpdateFailed(f"not enough disk space: the update writes {need} bytes, "
                                f"{free} are free")
-        journal = ApplyJournal(root, root / WORK_DIR)
-        stats = journal.apply(plan.changes, source.data)
         owned = owned_image(source, desired, rules, image)
+        result.warnings += source.keep(e for p, e in owned.entries.items()
+                                       if e.type is EntryType.FILE
+                                       and database_for(p, rules.family) is not None)
+        source.computed = plan.computed_chunks()
+        journal = ApplyJournal(root, root / WORK_DIR)
+        try:
+            stats = journal.apply(plan.changes, source.data)
+        finally:
+            journal.remove_work_dir()  # kept only while an apply is pending in it
         state.save_owned(b"".join(encode_manifest(owned.sorted_entries())))
         summary = plan.summary()
         result.changes, result.conflicts = summary["changes"], summary["conflicts"]
@@ -327,7 +415,11 @@ def recover(root: Path) -> str | None:
     work = root / WORK_DIR
     if not work.exists():
         return None
-    return ApplyJournal(root, work).recover()
+    journal = ApplyJournal(root, work)
+    try:
+        return journal.recover()
+    finally:
+        journal.remove_work_dir()
 
 
 
@@ -372,56 +464,80 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
             return repair(client, state, tree, desired, centralize)
         return None
     saved = state.update()
-    if saved.get("key") == desired.key and saved.get("state") == "ready":
-        report(client, desired.key, "ready", percent=100.0,
+    if saved.get("key") == desired.key and saved.get("state") == UpdateState.READY:
+        report(client, desired.key, UpdateState.READY, percent=100.0,
                detail="restart to apply: " + _describe(saved.get("plan") or
                                                       {"changes": {}, "conflicts": {}}))
-        return UpdateResult(key=desired.key, state="ready")
+        return UpdateResult(key=desired.key, state=UpdateState.READY)
     try:
         result = prepare(client, state, root, desired, current_entries(state, tree))
     except StrataError as exc:
-        state.save_update({"key": desired.key, "state": "failed", "error": str(exc),
+        state.save_update({"key": desired.key, "state": UpdateState.FAILED, "error": str(exc),
                            "desired": desired.model_dump()})
-        report(client, desired.key, "failed", detail=str(exc))
+        report(client, desired.key, UpdateState.FAILED, detail=str(exc))
         raise
     if not any(result.changes.values()):  # nothing to switch: no restart needed
         return apply_update(client, state, tree, centralize, snapshot=False)
     return result
 
 
+APPLIABLE = (UpdateState.READY, UpdateState.APPLYING, UpdateState.FAILED)
+
+
+def appliable(saved: dict) -> bool:
+    """An update is waiting to be applied: downloaded, interrupted, or failed (retried)."""
+    return saved.get("state") in APPLIABLE and "desired" in saved
+
+
 def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree,
                  centralize: Centralizer | None, *, snapshot: bool = True) -> UpdateResult:
-    """The restart: pre-update snapshot, switch under the journal, report, centralize."""
+    """The restart: pre-update snapshot, switch under the journal, report, centralize.
+
+    An apply found in the APPLYING state was interrupted (killed, power cut): it carries
+    on, reusing the pre-update snapshot it had taken (the tree is still the one it saw,
+    or the journal's recovery made it the new one)."""
     started = time.monotonic()
     root = tree.root
     recover(root)
     saved = state.update()
-    if saved.get("state") not in ("ready", "failed", "applying") or "desired" not in saved:
+    if not appliable(saved):
         raise UpdateFailed("no update is ready to apply")
     desired = DesiredState.model_validate(saved["desired"])
-    result = UpdateResult(key=desired.key, state="applied")
-    state.save_update({**saved, "state": "applying"})
-    report(client, desired.key, "applying", percent=100.0)
+    result = UpdateResult(key=desired.key, state=UpdateState.APPLIED)
+    resuming = saved["state"] == UpdateState.APPLYING
+    pre = saved.get("pre_update_snapshot") if resuming else None
+    if snapshot and pre is None and centralize is None:
+        raise ServerUnreachable("the server is unreachable and the pre-update snapshot must "
+                                "be taken first: the update stays ready")
+    state.save_update({**saved, "state": UpdateState.APPLYING})
+    report(client, desired.key, UpdateState.APPLYING, percent=100.0)
     try:
         if snapshot:
-            if centralize is None:
-                raise UpdateFailed("the server is unreachable: the pre-update snapshot must "
-                                   "be taken first; the update stays ready")
-            result.pre_update_snapshot = centralize("pre-update")
+            if pre is None:
+                assert centralize is not None
+                pre = centralize("pre-update")
+                # Recorded, so that an apply killed from here on does not take it again.
+                state.save_update({**saved, "state": UpdateState.APPLYING,
+                                   "pre_update_snapshot": pre})
+            result.pre_update_snapshot = pre
         switch(client, state, root, desired, current_entries(state, tree), result)
     except StrataError as exc:
-        state.save_update({**saved, "state": "failed", "error": str(exc)})
-        report(client, desired.key, "failed", detail=str(exc))
+        state.save_update({**saved, "state": UpdateState.FAILED, "error": str(exc)})
+        report(client, desired.key, UpdateState.FAILED, detail=str(exc))
         raise
     state.save_applied(desired.key)
-    state.save_update({"key": desired.key, "state": "applied", "changes": result.changes})
+    state.save_update({"key": desired.key, "state": UpdateState.APPLIED,
+                       "changes": result.changes})
     if desired.operation == "provision":
         state.reset_parent()  # a fresh CVD: the next centralization starts over
-    report(client, desired.key, "applied", percent=100.0,
+    report(client, desired.key, UpdateState.APPLIED, percent=100.0,
            detail=_describe({"changes": result.changes, "conflicts": result.conflicts},
                             done=True),
            downloaded=saved.get("downloaded", 0) + result.bytes_downloaded)
-    if centralize is not None and any(result.changes.values()):
+    # A resumed apply whose journal was rolled forward switched the tree before this run
+    # (its change list here is empty): the tree says whether a snapshot is owed.
+    if centralize is not None and (any(result.changes.values()) or resuming and tree_changed(
+            root, tree.excludes, state.parent()[1])):
         centralize("post-update")
     result.seconds = round(time.monotonic() - started, 3)
     return result
@@ -435,7 +551,7 @@ def repair(client: ServerClient, state: AgentState, tree: LocalTree, desired: De
     current = current_entries(state, tree)
     source = LayerSource(client, state, root)
     try:
-        plan, _, _ = compute_plan(source, desired, current, state.owned())
+        plan, _, _ = compute_plan(source, desired, current, state.owned(), repair=True)
     finally:
         source.close()
     drift = [c for c in plan.changes if c.action is not Action.DELETE or
@@ -443,8 +559,8 @@ def repair(client: ServerClient, state: AgentState, tree: LocalTree, desired: De
     if not drift:
         return None
     result = UpdateResult(key=desired.key, state="repaired")
-    switch(client, state, root, desired, current, result)
-    report(client, desired.key, "applied", percent=100.0,
+    switch(client, state, root, desired, current, result, repair=True)
+    report(client, desired.key, UpdateState.APPLIED, percent=100.0,
            detail="repaired drift: " + _describe({"changes": result.changes, "conflicts": {}},
                                                  done=True),
            downloaded=result.bytes_downloaded)

@@ -1,12 +1,11 @@
-"""`strata agent …`: enroll an endpoint and keep it centralized."""
+"""`strata agent …`: enroll an endpoint and keep it centralized. Parsing and printing
+only; the work is in strata.agent (cycle, daemon, enrollment)."""
 
 from __future__ import annotations
 
-import socket
-import time
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 from rich.table import Table
@@ -17,13 +16,16 @@ from strata.errors import StrataError
 
 if TYPE_CHECKING:
     from strata.agent.client import ServerClient
-    from strata.model.wire import CheckinResponse
+    from strata.agent.cycle import AgentContext, CycleResult
+    from strata.agent.update import UpdateResult
+    from strata.engine.progress import Progress as EngineProgress
 
-# The HTTP client and the wire schemas are imported inside the commands that use them,
-# so `strata store …` does not pay for them at start-up.
+# The HTTP client, the engine and the wire schemas are imported inside the commands that
+# use them, so `strata store …` does not pay for them at start-up.
 
-from .output import console, err_console, human_bytes, print_json, run_with_progress
+from .output import console, err_console, human_bytes, print_error, print_json, run_with_progress
 
+T = TypeVar("T")
 app = typer.Typer(help="The endpoint agent.", no_args_is_help=True)
 STATE = typer.Option(None, "--state", help="Agent state directory (credential, caches).")
 JSON = typer.Option(False, "--json", help="Print JSON.")
@@ -35,22 +37,26 @@ def _state(state: Path | None) -> AgentState:
     return AgentState(state or default_state_dir())
 
 
-def _client(cred: Credential, limit_upload: str | None = None) -> ServerClient:
-    from strata.agent.client import ServerClient
-
+def _rate(limit_upload: str | None) -> float | None:
     try:
-        rate = parse_rate(limit_upload)
+        return parse_rate(limit_upload)
     except ValueError as exc:
         raise StrataError(str(exc)) from None
-    return ServerClient(cred.server, cred.credential, upload_rate=rate, verify=cred.verify)
 
 
-def _apply_limits(client: ServerClient, policy_bw: dict, local_up: str | None) -> None:
-    up = policy_bw.get("upload_kbps")
-    down = policy_bw.get("download_kbps")
-    local = parse_rate(local_up)
-    rates = [r for r in (up * 1024 if up else None, local) if r]
-    client.set_limits(min(rates) if rates else None, down * 1024 if down else None)
+def _client(cred: Credential, limit_upload: str | None = None) -> ServerClient:
+    from strata.agent.access import device_client
+
+    return device_client(cred, upload_rate=_rate(limit_upload))
+
+
+def _context(state: Path | None, limit_upload: str | None, json: bool) -> AgentContext:
+    from strata.agent.cycle import AgentContext
+
+    def with_progress(label: str, work: Callable[[EngineProgress], T]) -> T:
+        return run_with_progress(label, work, json_mode=json)
+    return AgentContext.load(_state(state), upload_rate=_rate(limit_upload),
+                             with_progress=with_progress)
 
 
 @app.command()
@@ -59,208 +65,115 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
            root: Path = typer.Option(None, "--root", help="The endpoint's root (default /)."),
            ca_cert: Path | None = typer.Option(None, "--ca-cert", help="CA bundle to trust "
                                                "for a server with a private certificate."),
+           force: bool = typer.Option(False, "--force", help="Enroll anew a state directory "
+                                      "that is already enrolled (a new endpoint)."),
            state: Path | None = STATE, json: bool = JSON) -> None:
     """Enroll this endpoint with a one-time token; stores the device credential (0600)."""
-    from strata.agent.client import ServerClient
-    from strata.agent.inventory import collect_inventory
+    from strata.agent.enrollment import enroll as run_enroll
 
-    st = _state(state)
-    root = (root or default_root()).resolve()
-    if not root.is_dir():
-        raise StrataError(f"root {root} is not a directory")
-    inv = collect_inventory(root, st.path / "hardware.json")
-    ca = str(ca_cert.resolve()) if ca_cert else ""
-    client = ServerClient(server, retries=2, verify=ca or True)
-    try:
-        resp = client.request("POST", "/api/v1/agent/enroll", json={
-            "token": token, "hostname": inv["hostname"] or socket.gethostname(),
-            "os": inv["os"], "inventory": inv}).json()
-    finally:
-        client.close()
-    st.save_credential(Credential(server=server, endpoint_id=resp["endpoint_id"],
-                                  credential=resp["credential"], root=str(root), ca_cert=ca))
-    st.add_wire_bytes(client.bytes_sent, client.bytes_received)
+    done = run_enroll(_state(state), server=server, token=token, root=root or default_root(),
+                      ca_cert=str(ca_cert.resolve()) if ca_cert else "", force=force)
     if json:
-        print_json({"endpoint_id": resp["endpoint_id"], "state": resp["state"]})
-    else:
-        note = " (waiting for an administrator's approval)" if resp["state"] == "pending" else ""
-        console.print(f"enrolled as {resp['endpoint_id']}{note}")
-
-
-def _cycle(st: AgentState, cred: Credential, *, force: bool, trigger: str,
-           limit_upload: str | None, json: bool) -> dict:
-    """Check in; centralize if due (or forced). Returns what happened."""
-    from strata.agent.centralize import centralize, checkin
-    from strata.agent.client import ServerUnreachable
-
-    client = _client(cred, limit_upload)
-    root = Path(cred.root)
-    try:
-        try:
-            info = checkin(client, root, st)
-        except ServerUnreachable as exc:
-            # Offline: decide from what we know locally whether a centralization is owed,
-            # so status shows it as pending until the server is back.
-            status = st.status()
-            interval = (status.get("policy") or {}).get("interval_seconds", 3600)
-            last = (status.get("last_centralization") or {}).get("time")
-            owed = force or not last or time.time() - _ts(last) >= interval
-            st.update_status(server_reachable=False,
-                             pending_work=["centralize"] if owed else
-                             status.get("pending_work", []))
-            return {"checked_in": False, "offline": str(exc)}
-        _apply_limits(client, info.policy.bandwidth.model_dump(), limit_upload)
-        last = st.status().get("last_centralization") or {}
-        due = force or not info.last_snapshot or not last.get("time") or \
-            time.time() - _ts(last["time"]) >= info.policy.interval_seconds
-        if not due and _enforced(info, st):
-            # Enforcement repairs against a fresh snapshot (which also keeps the user's
-            # versions): take one now if anything changed since the last.
-            from strata.agent.centralize import own_exclusions
-            from strata.agent.drift import tree_changed
-
-            due = tree_changed(root, info.policy.exclusions + own_exclusions(root, st),
-                               st.parent()[1])
-        out: dict = {"checked_in": True, "endpoint_id": info.endpoint_id, "centralized": False}
-        if due:
-            st.update_status(pending_work=["centralize"])
-            try:
-                result = run_with_progress(
-                    "centralize", lambda p: centralize(client, st, root, info, trigger=trigger,
-                                                       progress=p), json_mode=json)
-            except ServerUnreachable as exc:
-                st.update_status(server_reachable=False, pending_work=["centralize"])
-                return {**out, "offline": str(exc)}
-            st.update_status(pending_work=[])
-            out.update(centralized=True, result=result.to_dict())
-        if info.desired is not None:
-            from strata.agent.centralize import local_tree
-            from strata.agent.update import on_checkin
-
-            def central(trig: str) -> str:
-                return centralize(client, st, root, info, trigger=trig).snapshot
-            update = on_checkin(client, st, local_tree(root, st, info), info.desired, central)
-            if update is not None:
-                out["update"] = update.to_dict()
-        return out
-    finally:
-        st.add_wire_bytes(client.bytes_sent, client.bytes_received)
-        client.close()
-
-
-def _enforced(info: CheckinResponse, st: AgentState) -> bool:
-    """An applied layer assignment under enforcement: drift is repaired at check-in."""
-    desired = info.desired
-    return desired is not None and desired.enforce and desired.key == st.applied_key()
-
-
-def _ts(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
-
-
-def _report(out: dict, json: bool) -> None:
-    if json:
-        print_json(out)
+        print_json(done.to_dict())
         return
-    if not out.get("checked_in") or out.get("offline"):
-        err_console.print(f"offline: {out.get('offline')}; will retry", highlight=False)
-    if out.get("centralized"):
-        r = out["result"]
-        console.print(f"{r['kind']} {r['snapshot'][:8]}: {r['files']} files, "
-                      f"{r['files_changed']} changed, read {human_bytes(r['bytes_read'])}, "
-                      f"server lacked {human_bytes(r['bytes_new'])}, sent "
-                      f"{human_bytes(r['bytes_sent'])} on the wire in {r['seconds']:.1f}s")
-    elif out.get("checked_in"):
+    note = " (waiting for an administrator's approval)" if done.state == "pending" else ""
+    console.print(f"enrolled as {done.endpoint_id}{note}", highlight=False)
+    if done.replaced:
+        console.print(f"this state directory was endpoint {done.replaced}: it stays on the "
+                      f"server until an administrator revokes it "
+                      f"(`strata endpoint revoke {done.replaced}`)", highlight=False)
+
+
+def _report(out: CycleResult, json: bool) -> None:
+    from strata.agent.access import Access
+
+    if json:
+        print_json(out.to_dict())
+        return
+    if out.recovered:
+        console.print(f"an interrupted apply was {out.recovered}", highlight=False)
+    if out.access is Access.UNREACHABLE:
+        err_console.print(f"offline: {out.message}; will retry", highlight=False)
+    elif out.access is Access.PENDING:
+        err_console.print(f"endpoint {out.endpoint_id} is {out.message}; will check in again",
+                          highlight=False)
+    elif out.access is not Access.OK:
+        print_error(out.message)
+    r = out.centralization
+    if r is not None:
+        console.print(f"{r.kind} {r.snapshot[:8]}: {r.files} files, {r.files_changed} changed, "
+                      f"read {human_bytes(r.bytes_read)}, server lacked "
+                      f"{human_bytes(r.bytes_new)}, sent {human_bytes(r.bytes_sent)} on the "
+                      f"wire in {r.seconds:.1f}s", highlight=False)
+        for e in r.errors:
+            err_console.print(f"skipped: {e}", highlight=False)
+    elif out.checked_in and out.access is Access.OK:
         console.print("checked in; nothing due")
-    if out.get("update"):
-        _report_update(out["update"])
+    if out.update is not None:
+        _report_update(out.update)
+    if out.error:
+        print_error(out.error)
 
 
-def _report_update(u: dict) -> None:
-    c = u.get("changes") or {}
-    what = ", ".join(f"{n} {k}" for k, n in c.items() if n) or "no changes"
-    conflicts = ", ".join(f"{n} {k}" for k, n in (u.get("conflicts") or {}).items())
+def _report_update(u: UpdateResult) -> None:
+    what = ", ".join(f"{n} {k}" for k, n in u.changes.items() if n) or "no changes"
+    conflicts = ", ".join(f"{n} {k}" for k, n in u.conflicts.items())
     line = {"ready": "layer update ready (restart or `strata agent apply`)",
             "applied": "layer update applied", "repaired": "drift repaired"}.get(
-        u["state"], u["state"])
-    console.print(f"{line}: {what}; downloaded {human_bytes(u.get('bytes_downloaded', 0))}"
+        u.state, u.state)
+    console.print(f"{line}: {what}; downloaded {human_bytes(u.bytes_downloaded)}"
                   + (f"; conflicts: {conflicts}" if conflicts else ""), highlight=False)
 
 
 @app.command()
 def run(once: bool = typer.Option(False, "--once", help="One cycle, then exit."),
         state: Path | None = STATE, limit_upload: str | None = LIMIT_UP,
-        poll: float = typer.Option(60, "--poll", help="Seconds between check-ins."),
+        poll: float = typer.Option(60, "--poll", min=0.1, help="Seconds between check-ins."),
         json: bool = JSON) -> None:
-    """The agent daemon: check in, centralize when due, work offline, resume."""
-    st = _state(state)
-    cred = st.credential()
-    backoff = poll
-    while True:
-        with st.exclusive():
-            out = _cycle(st, cred, force=False, trigger="scheduled", limit_upload=limit_upload,
-                         json=json)
+    """The agent daemon: check in, centralize when due, work offline, resume; wait for
+    approval; stop if the endpoint's access is revoked. Exit codes: see README."""
+    from strata.agent.cycle import run_cycle
+    from strata.agent.daemon import run_daemon
+
+    ctx = _context(state, limit_upload, json)
+    if once:
+        out = run_cycle(ctx)
         _report(out, json)
-        if once:
-            return
-        backoff = poll if out.get("checked_in") and not out.get("offline") else \
-            min(backoff * 2, 3600)
-        time.sleep(backoff)
+        raise typer.Exit(out.exit_code)
+    last = run_daemon(ctx, poll=poll, on_cycle=lambda r: _report(r, json),
+                      on_error=lambda exc: print_error(str(exc)))
+    raise typer.Exit(last.exit_code if last is not None else 0)
 
 
 @app.command()
 def backup(state: Path | None = STATE, limit_upload: str | None = LIMIT_UP,
            json: bool = JSON) -> None:
     """Centralize now (user-initiated)."""
-    st = _state(state)
-    with st.exclusive():
-        out = _cycle(st, st.credential(), force=True, trigger="user",
-                     limit_upload=limit_upload, json=json)
+    from strata.agent.cycle import run_cycle
+
+    out = run_cycle(_context(state, limit_upload, json), force=True, trigger="user")
     _report(out, json)
-    if out.get("offline"):
-        raise typer.Exit(3)
+    raise typer.Exit(out.exit_code)
 
 
 @app.command()
 def apply(state: Path | None = STATE, json: bool = JSON) -> None:
     """Apply a downloaded layer update (what a restart does): pre-update snapshot, then
-    the switch under a journal. After a power cut, running it again finishes the job."""
-    from strata.agent.centralize import centralize, checkin, local_tree
-    from strata.agent.client import ServerUnreachable
-    from strata.agent.update import apply_update, recover
+    the switch under a journal. After a power cut, running it again finishes the job.
+    With nothing to apply it says so and exits 0."""
+    from strata.agent.cycle import apply_now
 
-    st = _state(state)
-    cred = st.credential()
-    root = Path(cred.root)
-    with st.exclusive():
-        recovered = recover(root)
-        # A discarded staging, or a switch rolled forward before its result was recorded,
-        # leaves the update pending: carry on with it.
-        if recovered and st.update().get("state") not in ("ready", "applying", "failed"):
-            if json:
-                print_json({"recovered": recovered})
-            else:
-                console.print(f"an interrupted apply was {recovered}")
-            return
-        client = _client(cred)
-        try:
-            try:
-                info = checkin(client, root, st)
-            except ServerUnreachable:
-                info = None
-
-            def central(trig: str) -> str:
-                assert info is not None
-                return centralize(client, st, root, info, trigger=trig).snapshot
-            result = apply_update(client if info else None, st, local_tree(root, st, info),
-                                  central if info else None)
-        finally:
-            st.add_wire_bytes(client.bytes_sent, client.bytes_received)
-            client.close()
+    done = apply_now(_context(state, None, json))
     if json:
-        print_json(result.to_dict())
+        print_json(done.to_dict())
+        return
+    if done.recovered:
+        console.print(f"an interrupted apply was {done.recovered}", highlight=False)
+    if done.update is not None:
+        _report_update(done.update)
     else:
-        _report_update(result.to_dict())
+        console.print("nothing to apply" + (f": {done.note}" if done.note else ""),
+                      highlight=False)
 
 
 @app.command()
@@ -289,6 +202,10 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
             snapshot: str = typer.Option("latest", "--snapshot", help="Snapshot id or prefix."),
             to: Path | None = typer.Option(None, "--to", help="Restore under this directory "
                                            "instead of in place."),
+            full_metadata: bool = typer.Option(
+                False, "--full-metadata", help="With --to: also restore device nodes, "
+                "setuid/setgid bits and security.*/trusted.* xattrs (in place they always "
+                "are)."),
             state: Path | None = STATE, json: bool = JSON) -> None:
     """Restore files from any of this endpoint's snapshots."""
     from strata.agent.remote_source import RemoteSource
@@ -301,8 +218,11 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
         source = RemoteSource(client)
         snap = source.snapshot(snapshot)
         target = to or Path(cred.root)
+        # In place it is the endpoint's own system: everything comes back as it was.
+        full = full_metadata or to is None
         result = run_with_progress("restore", lambda p: run_restore(
-            source, snap, target, includes=paths, progress=p), json_mode=json)  # type: ignore[arg-type]
+            source, snap, target, includes=paths, progress=p, full_metadata=full),  # type: ignore[arg-type]
+            json_mode=json)
         client.request("POST", "/api/v1/agent/transactions/restore", json={
             "snapshot": snap.id, "files": result.files, "bytes_written": result.bytes_written,
             "seconds": result.seconds, "result": "failed" if result.errors else "ok",
@@ -313,51 +233,44 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     if json:
         print_json(result.to_dict())
     else:
+        for w in result.withheld:
+            console.print(f"withheld: {w}", markup=False, highlight=False)
         for e in result.errors:
-            err_console.print(f"error: {e}", highlight=False)
+            err_console.print(f"error: {e}", markup=False, highlight=False)
         console.print(f"restored {result.files} files ({human_bytes(result.bytes_written)}) "
-                      f"from {snap.id[:8]} into {target}")
+                      f"from {snap.id[:8]} into {target}"
+                      + (f"; {len(result.errors)} skipped" if result.errors else ""),
+                      markup=False, highlight=False)
+        if result.withheld:
+            console.print("device nodes, setuid/setgid bits and privileged xattrs were left "
+                          "out: --full-metadata restores them", highlight=False)
     if result.errors:
         raise typer.Exit(1)
 
 
 @app.command()
 def status(state: Path | None = STATE, json: bool = JSON) -> None:
-    """Last centralization, pending work, server reachability and bytes on the wire."""
-    from strata.agent.client import ServerClient
+    """Last centralization, pending work, whether the server lets this endpoint in, and
+    bytes on the wire."""
+    from strata.agent.access import Access
+    from strata.agent.status import read_status
 
-    st = _state(state)
-    cred = st.credential()
-    doc = st.status()
-    client = ServerClient(cred.server, cred.credential, retries=0, timeout=5,
-                          verify=cred.verify)
-    try:
-        client.request("GET", "/api/v1/health")
-        reachable = True
-    except StrataError:
-        reachable = False
-    finally:
-        client.close()
-    st.add_wire_bytes(client.bytes_sent, client.bytes_received)
-    doc = st.status()
-    out = {"endpoint_id": cred.endpoint_id, "server": cred.server, "root": cred.root,
-           "server_reachable": reachable,
-           "last_centralization": doc.get("last_centralization"),
-           "last_checkin": doc.get("last_checkin"),
-           "pending_work": doc.get("pending_work", []),
-           "bytes_sent": int(doc.get("bytes_sent", 0)),
-           "bytes_received": int(doc.get("bytes_received", 0)),
-           "layer_update": {k: v for k, v in st.update().items() if k in ("key", "state",
-                                                                           "error")},
-           "applied_layers_key": st.applied_key()}
+    out = read_status(_context(state, None, json))
     if json:
-        print_json(out)
+        print_json(out.to_dict())
         return
-    last = out["last_centralization"] or {}
-    console.print(f"endpoint {out['endpoint_id']} on {out['server']} "
-                  f"({'reachable' if reachable else 'unreachable'})\n"
-                  f"last centralization: {last.get('time', 'never')} {last.get('result', '')}\n"
-                  f"pending: {', '.join(out['pending_work']) or 'nothing'}\n"
-                  f"layer update: {out['layer_update'].get('state', 'none')}\n"
-                  f"on the wire: sent {human_bytes(out['bytes_sent'])}, received "
-                  f"{human_bytes(out['bytes_received'])}", highlight=False)
+    access = {Access.OK: "reachable", Access.UNREACHABLE: "unreachable",
+              Access.PENDING: "reachable; waiting for an administrator's approval",
+              Access.REVOKED: "reachable; ACCESS REVOKED",
+              Access.UNKNOWN: "reachable; CREDENTIAL UNKNOWN TO THE SERVER"}[out.access]
+    last = out.last_centralization or {}
+    lines = [f"endpoint {out.endpoint_id} on {out.server} ({access})",
+             f"last centralization: {last.get('time', 'never')} {last.get('result', '')}"]
+    if out.access in (Access.REVOKED, Access.UNKNOWN):
+        lines.append(out.access_detail)  # instead of pending work it can no longer do
+    else:
+        lines.append(f"pending: {', '.join(out.pending_work) or 'nothing'}")
+    lines += [f"layer update: {out.layer_update.get('state', 'none')}",
+              f"on the wire: sent {human_bytes(out.bytes_sent)}, received "
+              f"{human_bytes(out.bytes_received)}"]
+    console.print("\n".join(lines), highlight=False)

@@ -1,56 +1,45 @@
 """Layer commands (`strata layer …`, `strata assign`, `strata collection …`,
-`strata compliance`, `strata migrate`, `strata task …`, and the endpoint operations
-revert/restore/provision/tag): thin clients of the server's admin API."""
+`strata compliance`, `strata migrate`, `strata task …`): thin clients of the server's
+admin API. The operations on one endpoint are in `endpoint.py`."""
 
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from strata.errors import StrataError
-from strata.model.names import (
-    COLLECTION_NAME,
-    LAYER_KINDS,
-    LAYER_NAME,
-    LAYER_VERSION,
-    OS_FAMILIES,
-)
+from strata.model.names import COLLECTION_NAME, LAYER_KINDS, OS_FAMILIES
 
-from .admin import JSON, SERVER, TOKEN_FILE, admin_call, admin_token, endpoint_app, path_part
-from .output import console, human_bytes, print_json, run_with_progress
+from .admin_args import (
+    JSON,
+    NAME_RE,
+    SERVER,
+    TOKEN_FILE,
+    VERSION_RE,
+    client,
+    layer_ref,
+    layer_refs,
+    print_model,
+)
+from .output import console, human_bytes, run_with_progress
+
+if TYPE_CHECKING:
+    from strata.model.admin import TaskInfo
+
+    from .admin_client import AdminClient
 
 layer_app = typer.Typer(help="Base images, driver sets and application layers.",
                         no_args_is_help=True)
 collection_app = typer.Typer(help="Collections of endpoints (by name or by rule).",
                              no_args_is_help=True)
 task_app = typer.Typer(help="Tracked operations (migrations).", no_args_is_help=True)
-API = "/api/v1/admin"
-# The shapes the server accepts, checked here first for a clear message.
-NAME_RE, VERSION_RE, COLLECTION_RE = (re.compile(p) for p in (LAYER_NAME, LAYER_VERSION,
-                                                                 COLLECTION_NAME))
-
-
-def _ref(text: str) -> str:
-    """A layer reference as the admin typed it: NAME:VERSION (or a numeric id from
-    `layer list`). Anything else is refused here, before it can become another URL."""
-    if text.isascii() and text.isdigit():
-        return text
-    name, sep, version = text.partition(":")
-    if not sep and NAME_RE.fullmatch(name) and name.strip("."):
-        raise StrataError(f"layer {text!r} has no version: give NAME:VERSION, e.g. "
-                          f"{name}:1 (`strata layer list` shows the versions)")
-    if not (NAME_RE.fullmatch(name) and VERSION_RE.fullmatch(version) and name.strip(".")):
-        raise StrataError(f"malformed layer reference {text!r}: expected NAME:VERSION, "
-                          "e.g. corp-os:2")
-    return text
-
-
-def _refs(texts: list[str] | None) -> list[str] | None:
-    return None if texts is None else [_ref(t) for t in texts]
+# The shape the server accepts, checked here first for a clear message.
+COLLECTION_RE = re.compile(COLLECTION_NAME)
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
@@ -70,8 +59,8 @@ def _pairs(text: str | None, allowed: set[str], what: str) -> dict[str, str]:
     return out
 
 
-def _upload_tree(server: str | None, token_file: Path | None, directory: Path, family: str,
-                 before: Path | None, json: bool) -> dict:
+def _upload_tree(api: AdminClient, directory: Path, family: str, before: Path | None,
+                 json: bool) -> dict:
     """Chunk a local tree and upload what the server lacks (the agent's sync engine).
     For an app layer, `before` is scanned (hashed, not uploaded) and only the difference
     is kept."""
@@ -82,16 +71,16 @@ def _upload_tree(server: str | None, token_file: Path | None, directory: Path, f
     from strata.layers.rules import LayerRules
     from strata.model.ids import content_id
     from strata.model.manifest import decode_manifest, encode_manifest
-    from strata.model.wire import ChunkerSpec
+
+    from .admin_client import API
 
     for d in (directory, before):
         if d is not None and not d.is_dir():
             raise StrataError(f"{d} is not a directory")
-    cfg = admin_call(server, token_file, "GET", f"{API}/capture-config?os_family={family}")
-    spec = ChunkerSpec(**cfg["chunker"])  # type: ignore[index]
-    rules = LayerRules.from_doc(cfg["rules"], family)  # type: ignore[index]
-    client = ServerClient(server or "", admin_token(token_file))
-    sink = RemoteSink(client, spec, api=API)
+    cfg = api.capture_config(family)
+    rules = LayerRules.from_doc(cfg.rules, family)
+    server = ServerClient(api.server, api.token)
+    sink = RemoteSink(server, cfg.chunker, api=API)
     hash_only = HashOnlySink(sink.chunker)  # the same cut points as the upload
     try:
         removes: list[str] = []
@@ -115,7 +104,7 @@ def _upload_tree(server: str | None, token_file: Path | None, directory: Path, f
         sink.flush()
     finally:
         sink.close()
-        client.close()
+        server.close()
     return {"manifest": [(c.hex(), n) for c, n in manifest],
             "manifest_id": content_id(manifest_bytes).hex(), "removes": removes,
             "uploaded_bytes": sink.payload_uploaded}
@@ -157,6 +146,10 @@ def capture(kind: str = typer.Option(..., "--kind", help="base, driver or app"),
             server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
             json: bool = JSON) -> None:
     """Capture a layer from a reference machine (a directory or a centralized endpoint)."""
+    from strata.model.admin import LayerCaptureRequest
+
+    from .admin_client import build
+
     if (from_dir is None) == (from_endpoint is None):
         raise StrataError("capture --from-dir DIR or --from-endpoint ID")
     _choice(kind, LAYER_KINDS, "--kind")
@@ -173,44 +166,43 @@ def capture(kind: str = typer.Option(..., "--kind", help="base, driver or app"),
         raise StrataError("--match is for driver layers only")
     if before_dir is not None and kind != "app":
         raise StrataError("--before-dir is for app layers only")
-    body: dict = {"kind": kind, "name": name, "version": version, "os": os_family,
-                  "match": _pairs(match, {"vendor", "model"}, "--match")}
+    api = client(server, admin_token_file)
+    fields: dict = {"kind": kind, "name": name, "version": version, "os": os_family,
+                    "match": _pairs(match, {"vendor", "model"}, "--match")}
     if from_dir is not None:
         if kind == "app" and before_dir is None:
             raise StrataError("an app layer is the difference between two trees: give "
                               "--before-dir (the reference machine before the install)")
-        up = _upload_tree(server, admin_token_file, from_dir.resolve(), os_family,
+        up = _upload_tree(api, from_dir.resolve(), os_family,
                           before_dir.resolve() if before_dir else None, json)
-        body.update(manifest=up["manifest"], manifest_id=up["manifest_id"],
-                    removes=up["removes"], source=f"directory {from_dir.resolve()}"[:255])
+        fields.update(manifest=up["manifest"], manifest_id=up["manifest_id"],
+                      removes=up["removes"], source=f"directory {from_dir.resolve()}"[:255])
     else:
         if kind == "app" and not before:
             raise StrataError("an app layer from an endpoint needs --before SNAPSHOT "
                               "(taken before the install)")
-        body.update(endpoint=from_endpoint, snapshot=snapshot, before_snapshot=before or "")
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/layers", body)
+        fields.update(endpoint=from_endpoint, snapshot=snapshot, before_snapshot=before or "")
+    doc = api.capture_layer(build(LayerCaptureRequest, **fields))
     if json:
-        print_json(doc)
+        print_model(doc)
     else:
-        console.print(f"captured {doc['kind']} layer {doc['ref']}: {doc['files']} files, "  # type: ignore[index]
-                      f"{human_bytes(doc['bytes'])}", highlight=False)  # type: ignore[index]
+        console.print(f"captured {doc.kind} layer {doc.ref}: {doc.files} files, "
+                      f"{human_bytes(doc.bytes)}", highlight=False)
 
 
 @layer_app.command("list")
 def layer_list(kind: str | None = typer.Option(None, "--kind"), server: str | None = SERVER,
                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """List layers."""
-    rows = admin_call(server, admin_token_file, "GET",
-                      f"{API}/layers" + (f"?kind={_choice(kind, LAYER_KINDS, '--kind')}"
-                                         if kind else ""))
+    rows = client(server, admin_token_file).layers(
+        _choice(kind, LAYER_KINDS, "--kind") if kind else None)
     if json:
-        print_json(rows)
+        print_model(rows)
         return
     table = Table("ID", "Kind", "Layer", "Files", "Size", "Match", "Source")
-    for r in rows:  # type: ignore[union-attr]
-        table.add_row(str(r["id"]), r["kind"], r["ref"], str(r["files"]),
-                      human_bytes(r["bytes"]),
-                      ",".join(f"{k}={v}" for k, v in r["match"].items()), r["source"])
+    for r in rows:
+        table.add_row(str(r.id), r.kind, r.ref, str(r.files), human_bytes(r.bytes),
+                      ",".join(f"{k}={v}" for k, v in r.match.items()), r.source)
     console.print(table)
 
 
@@ -220,43 +212,46 @@ def layer_show(ref: str = typer.Argument(..., help="NAME:VERSION or id"),
                server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                json: bool = JSON) -> None:
     """One layer: what it is, where it came from, who uses it."""
-    doc = admin_call(server, admin_token_file, "GET",
-                     f"{API}/layers/{path_part(_ref(ref), 'layer')}"
-                     + ("?files=true" if files else ""))
+    from strata.model.admin import LayerDetailWithFiles
+
+    from .admin_client import as_json
+
+    doc = client(server, admin_token_file).layer(layer_ref(ref), files)
     if json:
-        print_json(doc)
+        print_model(doc)
         return
+    shown: dict = as_json(doc)  # type: ignore[assignment]  # values as the API writes them
     for key in ("ref", "kind", "os", "files", "bytes", "source", "match", "created_at",
                 "endpoints", "removes"):
-        console.print(f"{key}: {doc[key]}", highlight=False)  # type: ignore[index]
-    for p in doc.get("file_list", []):  # type: ignore[union-attr]
-        console.print(p, highlight=False)
+        console.print(f"{key}: {shown[key]}", highlight=False)
+    if isinstance(doc, LayerDetailWithFiles):
+        for p in doc.file_list:
+            console.print(p, highlight=False)
 
 
 @layer_app.command("diff")
 def layer_diff(a: str, b: str, server: str | None = SERVER,
                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """What changes between two layers (e.g. base v1 and v2)."""
-    doc = admin_call(server, admin_token_file, "GET", f"{API}/layers/"
-                     f"{path_part(_ref(a), 'layer')}/diff/{path_part(_ref(b), 'layer')}")
+    doc = client(server, admin_token_file).diff_layers(layer_ref(a), layer_ref(b))
     if json:
-        print_json(doc)
+        print_model(doc)
         return
-    for mark, key in (("+", "added"), ("-", "removed"), ("M", "changed"), ("U", "metadata")):
-        for p in doc[key]:  # type: ignore[index]
+    for mark, paths in (("+", doc.added), ("-", doc.removed), ("M", doc.changed),
+                        ("U", doc.metadata)):
+        for p in paths:
             console.print(f"{mark} {p}", highlight=False)
-    c = doc["counts"]  # type: ignore[index]
-    console.print(f"{c['added']} added, {c['removed']} removed, {c['changed']} changed, "
-                  f"{c['metadata']} metadata only", highlight=False)
+    c = doc.counts
+    console.print(f"{c.added} added, {c.removed} removed, {c.changed} changed, "
+                  f"{c.metadata} metadata only", highlight=False)
 
 
 @layer_app.command("delete")
 def layer_delete(ref: str, server: str | None = SERVER,
                  admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Delete a layer (refused while assigned, applied, or referenced by a snapshot)."""
-    doc = admin_call(server, admin_token_file, "DELETE",
-                     f"{API}/layers/{path_part(_ref(ref), 'layer')}")
-    print_json(doc) if json else console.print(f"deleted {doc['deleted']}")  # type: ignore[index]
+    doc = client(server, admin_token_file).delete_layer(layer_ref(ref))
+    print_model(doc) if json else console.print(f"deleted {doc.deleted}")
 
 
 @layer_app.command("dry-run")
@@ -266,18 +261,27 @@ def layer_dry_run(endpoint: str = typer.Option(..., "--endpoint"),
                   server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                   json: bool = JSON) -> None:
     """What an update would change on an endpoint, and every conflict, before doing it."""
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/layers/dry-run",
-                     {"endpoint": endpoint, "base": base and _ref(base), "apps": _refs(app)})
+    from strata.model.admin import DryRunRequest
+
+    from .admin_client import build
+
+    req = build(DryRunRequest, endpoint=endpoint, base=base and layer_ref(base),
+                apps=layer_refs(app))
+    doc = client(server, admin_token_file).dry_run(req)
     if json:
-        print_json(doc)
+        print_model(doc)
         return
-    c = doc["changes"]  # type: ignore[index]
-    console.print(f"endpoint {doc['endpoint'][:8]} -> {', '.join(doc['layers'])}\n"  # type: ignore[index]
-                  f"{c['add']} add, {c['replace']} replace, {c['meta']} metadata, "
-                  f"{c['delete']} delete; writes {human_bytes(doc['bytes_to_write'])}; "  # type: ignore[index]
-                  f"{doc['chunks_to_download']} chunks to download", highlight=False)  # type: ignore[index]
-    for conflict in doc["conflict_list"]:  # type: ignore[index]
-        console.print(f"  {conflict['kind']}: {conflict['path']} ({conflict['detail']})",
+    c = doc.changes
+    console.print(f"endpoint {doc.endpoint[:8]} -> {', '.join(doc.layers)}\n"
+                  f"{c.get('add', 0)} add, {c.get('replace', 0)} replace, "
+                  f"{c.get('meta', 0)} metadata, {c.get('delete', 0)} delete; writes "
+                  f"{human_bytes(doc.bytes_to_write)}; {doc.chunks_to_download} chunks to "
+                  "download", highlight=False)
+    if doc.held:
+        console.print(f"the update would be held: {doc.held} conflict(s) to resolve "
+                      "first (nothing is switched until then)", highlight=False)
+    for conflict in doc.conflict_list:
+        console.print(f"  {conflict.kind}: {conflict.path} ({conflict.detail})",
                       highlight=False)
 
 
@@ -288,6 +292,8 @@ def assign(endpoint: list[str] | None = typer.Option(None, "--endpoint", help="E
            base: str | None = typer.Option(None, "--base", help="NAME:VERSION"),
            app: list[str] | None = typer.Option(None, "--app", help="NAME:VERSION "
                                                 "(repeatable; replaces the app list)"),
+           no_apps: bool = typer.Option(False, "--no-apps", help="Remove every app layer "
+                                        "(the endpoints uninstall them at the next update)."),
            driver: list[str] | None = typer.Option(None, "--driver", help="Pin driver "
                                                    "layers instead of matching hardware."),
            enforce: bool | None = typer.Option(None, "--enforce/--no-enforce", help="Repair "
@@ -295,17 +301,24 @@ def assign(endpoint: list[str] | None = typer.Option(None, "--endpoint", help="E
            server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
            json: bool = JSON) -> None:
     """Assign layers to endpoints, a collection or all; agents pick it up at check-in."""
-    if base is None and app is None and driver is None and enforce is None:
-        raise StrataError("nothing to assign: give --base, --app, --driver or "
+    from strata.model.admin import AssignRequest
+
+    from .admin_client import build
+
+    if no_apps and app:
+        raise StrataError("--no-apps removes every app layer: give it or --app, not both")
+    if base is None and app is None and driver is None and enforce is None and not no_apps:
+        raise StrataError("nothing to assign: give --base, --app, --no-apps, --driver or "
                           "--enforce/--no-enforce")
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/assign", {
-        "endpoints": endpoint or [], "collection": collection or "", "all": all_,
-        "base": base and _ref(base), "apps": _refs(app), "drivers": _refs(driver),
-        "enforce": enforce})
+    req = build(AssignRequest, endpoints=endpoint or [], collection=collection or "",
+                all=all_, base=base and layer_ref(base),
+                apps=[] if no_apps else layer_refs(app),
+                drivers=layer_refs(driver), enforce=enforce)
+    doc = client(server, admin_token_file).assign(req)
     if json:
-        print_json(doc)
+        print_model(doc)
     else:
-        console.print(f"assigned to {len(doc['endpoints'])} endpoint(s)")  # type: ignore[index]
+        console.print(f"assigned to {len(doc.endpoints)} endpoint(s)")
 
 
 @collection_app.command("create")
@@ -316,33 +329,36 @@ def collection_create(name: str, endpoint: list[str] | None = typer.Option(
                       server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                       json: bool = JSON) -> None:
     """Create or replace a collection of endpoints."""
+    from strata.model.admin import CollectionRequest
+
+    from .admin_client import build
+
     if not COLLECTION_RE.fullmatch(name):
         raise StrataError(f"collection name {name!r}: use letters, digits and . _ - "
                           "(e.g. lab)")
     pairs = _pairs(rule, {"os", "vendor", "model", "tag", "hostname"}, "--rule")
     if not pairs and not endpoint:
         raise StrataError("a collection needs --rule KEY=GLOB,… or --endpoint ID (repeatable)")
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/collections", {
-        "name": name, "members": endpoint or [], "rule": pairs})
+    doc = client(server, admin_token_file).save_collection(
+        build(CollectionRequest, name=name, members=endpoint or [], rule=pairs))
     if json:
-        print_json(doc)
+        print_model(doc)
         return
-    matched = doc.get("endpoints", doc["members"])  # type: ignore[union-attr,index]
-    console.print(f"collection {name} saved: {len(matched)} endpoint(s) in it now",
+    console.print(f"collection {name} saved: {len(doc.endpoints)} endpoint(s) in it now",
                   highlight=False)
 
 
 @collection_app.command("list")
 def collection_list(server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                     json: bool = JSON) -> None:
-    rows = admin_call(server, admin_token_file, "GET", f"{API}/collections")
+    rows = client(server, admin_token_file).collections()
     if json:
-        print_json(rows)
+        print_model(rows)
         return
     table = Table("Name", "Rule", "Endpoints")
-    for r in rows:  # type: ignore[union-attr]
-        table.add_row(r["name"], ",".join(f"{k}={v}" for k, v in r["rule"].items()),
-                      str(len(r["endpoints"])))
+    for r in rows:
+        table.add_row(r.name, ",".join(f"{k}={v}" for k, v in r.rule.items()),
+                      str(len(r.endpoints)))
     console.print(table)
 
 
@@ -350,36 +366,38 @@ def collection_list(server: str | None = SERVER, admin_token_file: Path | None =
 def collection_delete(name: str, server: str | None = SERVER,
                       admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Delete a collection (its endpoints keep their layers)."""
-    doc = admin_call(server, admin_token_file, "DELETE",
-                     f"{API}/collections/{path_part(name, 'collection')}")
-    print_json(doc) if json else console.print(f"deleted collection {name}")
+    doc = client(server, admin_token_file).delete_collection(name)
+    print_model(doc) if json else console.print(f"deleted collection {name}")
 
 
 def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
                server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                json: bool = JSON) -> None:
     """Drift of each endpoint from its IT layers, with scores per endpoint and layer."""
-    doc = admin_call(server, admin_token_file, "GET", f"{API}/compliance"
-                     + (f"?endpoint={path_part(endpoint, 'endpoint id')}" if endpoint else ""))
+    from strata.model.admin import EndpointCompliance
+
+    doc = client(server, admin_token_file).compliance(endpoint)
     if json:
-        print_json(doc)
+        print_model(doc)
         return
     table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added")
-    for r in doc["endpoints"]:  # type: ignore[index]
-        if "score" not in r:
-            table.add_row(r["endpoint"][:8], r["hostname"], r["state"], "", "", "")
+    for r in doc.endpoints:
+        if not isinstance(r, EndpointCompliance):
+            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "")
             continue
-        n = r["counts"]
-        table.add_row(r["endpoint"][:8], r["hostname"], f"{r['score']}%", str(n["changed"]),
-                      str(n["missing"]), str(n["added"]))
+        n = r.counts
+        table.add_row(r.endpoint[:8], r.hostname, f"{r.score}%", str(n.changed),
+                      str(n.missing), str(n.added))
     console.print(table)
-    for label, score in doc["layers"].items():  # type: ignore[index]
+    for label, score in doc.layers.items():
         console.print(f"layer {label}: {score}% compliant", highlight=False)
     if endpoint:
-        for r in doc["endpoints"]:  # type: ignore[index]
-            for key in ("changed", "missing", "added"):
-                for p in r.get(key, []):
-                    console.print(f"  {key}: {p}", highlight=False)
+        for r in doc.endpoints:
+            if isinstance(r, EndpointCompliance):
+                for key, paths in (("changed", r.changed), ("missing", r.missing),
+                                   ("added", r.added)):
+                    for p in paths:
+                        console.print(f"  {key}: {p}", highlight=False)
 
 
 def migrate(collection: str | None = typer.Option(None, "--collection"),
@@ -390,80 +408,37 @@ def migrate(collection: str | None = typer.Option(None, "--collection"),
             server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
             json: bool = JSON) -> None:
     """Re-base endpoints onto another base or driver layer, as a tracked task."""
-    doc = admin_call(server, admin_token_file, "POST", f"{API}/migrate", {
-        "collection": collection or "", "endpoints": endpoint or [],
-        "base": base and _ref(base), "drivers": _refs(driver)})
-    print_json(doc) if json else _print_task(doc)  # type: ignore[arg-type]
+    from strata.model.admin import MigrateRequest
+
+    from .admin_client import build
+
+    req = build(MigrateRequest, collection=collection or "", endpoints=endpoint or [],
+                base=base and layer_ref(base), drivers=layer_refs(driver))
+    doc = client(server, admin_token_file).migrate(req)
+    print_model(doc) if json else _print_task(doc)
 
 
-def _print_task(doc: dict) -> None:
-    console.print(f"task {doc['id']} ({doc['kind']}): {doc['state']}, {doc['progress']}% "
+def _print_task(doc: TaskInfo) -> None:
+    console.print(f"task {doc.id} ({doc.kind}): {doc.state}, {doc.progress}% "
                   "of endpoints done", highlight=False)
-    for r in doc["endpoints"]:
-        console.print(f"  {r['endpoint'][:8]} {r['hostname']}: {r['state']} "
-                      f"{r['percent']}% {r['detail']}", highlight=False)
+    for r in doc.endpoints:
+        console.print(f"  {r.endpoint[:8]} {r.hostname}: {r.state} {r.percent}% {r.detail}",
+                      highlight=False)
 
 
 @task_app.command("list")
 def task_list(server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
               json: bool = JSON) -> None:
-    rows = admin_call(server, admin_token_file, "GET", f"{API}/tasks")
+    rows = client(server, admin_token_file).tasks()
     if json:
-        print_json(rows)
+        print_model(rows)
         return
-    for doc in rows:  # type: ignore[union-attr]
+    for doc in rows:
         _print_task(doc)
 
 
 @task_app.command("show")
 def task_show(task_id: int, server: str | None = SERVER,
               admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
-    doc = admin_call(server, admin_token_file, "GET", f"{API}/tasks/{task_id}")
-    print_json(doc) if json else _print_task(doc)  # type: ignore[arg-type]
-
-
-@endpoint_app.command("revert")
-def endpoint_revert(endpoint: str, snapshot: str = typer.Option(..., "--snapshot"),
-                    keep_user_apps: bool = typer.Option(False, "--keep-user-apps"),
-                    server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
-                    json: bool = JSON) -> None:
-    """System layers back to a snapshot; the user's data stays as it is now."""
-    doc = admin_call(server, admin_token_file, "POST",
-                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/revert",
-                     {"snapshot": snapshot, "keep_user_apps": keep_user_apps})
-    print_json(doc) if json else console.print(
-        f"revert of {doc['endpoint'][:8]} to {doc['snapshot'][:8]} assigned")  # type: ignore[index]
-
-
-@endpoint_app.command("restore")
-def endpoint_restore(endpoint: str, to_endpoint: str = typer.Option(..., "--to-endpoint"),
-                     server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
-                     json: bool = JSON) -> None:
-    """Full restore of an endpoint's CVD onto new hardware (drivers chosen again)."""
-    doc = admin_call(server, admin_token_file, "POST",
-                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/restore",
-                     {"to_endpoint": to_endpoint})
-    print_json(doc) if json else console.print(
-        f"CVD of {doc['from'][:8]} moves to {doc['to'][:8]} (snapshot {doc['snapshot'][:8]})")  # type: ignore[index]
-
-
-@endpoint_app.command("provision")
-def endpoint_provision(endpoint: str, base: str = typer.Option(..., "--base"),
-                       app: list[str] | None = typer.Option(None, "--app"),
-                       server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
-                       json: bool = JSON) -> None:
-    """Wipe an endpoint's system and lay down layers; it then starts a fresh CVD."""
-    doc = admin_call(server, admin_token_file, "POST",
-                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/provision",
-                     {"base": _ref(base), "apps": _refs(app) or []})
-    print_json(doc) if json else console.print(f"provisioning of {doc['endpoint'][:8]} assigned")  # type: ignore[index]
-
-
-@endpoint_app.command("tag")
-def endpoint_tag(endpoint: str, tags: list[str], server: str | None = SERVER,
-                 admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
-    """Set an endpoint's tags (used by collection rules)."""
-    doc = admin_call(server, admin_token_file, "PUT",
-                     f"{API}/endpoints/{path_part(endpoint, 'endpoint id')}/tags",
-                     {"tags": tags})
-    print_json(doc) if json else console.print(f"tags: {', '.join(doc['tags'])}")  # type: ignore[index]
+    doc = client(server, admin_token_file).task(task_id)
+    print_model(doc) if json else _print_task(doc)

@@ -18,7 +18,7 @@ _ENTRIES = [
     ("store", "store", "app", True),
     ("agent", "agent", "app", True),
     ("token", "admin", "token_app", True),
-    ("endpoint", "layers", "endpoint_app", True),  # admin's group; layers adds commands
+    ("endpoint", "endpoint", "endpoint_app", True),
     ("policy", "admin", "policy_app", True),
     ("layer", "layers", "layer_app", True),
     ("collection", "layers", "collection_app", True),

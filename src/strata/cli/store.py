@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from strata.engine import prune as prune_mod
@@ -36,6 +37,10 @@ JSON = typer.Option(False, "--json", help="Print a JSON document instead of a ta
 PASSFILE = typer.Option(None, "--passphrase-file", envvar="STRATA_PASSPHRASE_FILE",
                         help="File holding the store passphrase (or set STRATA_PASSPHRASE).")
 StoreDir = typer.Argument(..., help="The store directory.")
+FULL_METADATA = typer.Option(
+    False, "--full-metadata", help="Also restore device nodes, setuid/setgid bits and "
+    "security.*/trusted.* xattrs (file capabilities): only for a tree to boot or serve as "
+    "a system, never for a snapshot you do not trust.")
 
 
 def parse_size(text: str) -> int:
@@ -206,6 +211,7 @@ def diff(store_dir: Path = StoreDir, snap1: str = typer.Argument(...),
 def restore(store_dir: Path = StoreDir, snapshot: str = typer.Argument(...),
             target: Path = typer.Argument(..., help="Directory to restore into."),
             include: list[str] = typer.Option([], "--include", help="Restore only this path."),
+            full_metadata: bool = FULL_METADATA,
             passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Restore a snapshot (or some of its paths) into TARGET."""
     with open_store(store_dir, passfile) as store:
@@ -215,18 +221,26 @@ def restore(store_dir: Path = StoreDir, snapshot: str = typer.Argument(...),
             p.total_files = snap.stats.get("files")  # type: ignore[attr-defined]
             p.total_bytes = snap.stats.get("bytes_total")  # type: ignore[attr-defined]
         result = run_with_progress(
-            "restore", lambda p: run_restore(store, snap, target, includes=include, progress=p),
+            "restore", lambda p: run_restore(store, snap, target, includes=include, progress=p,
+                                             full_metadata=full_metadata),
             counter=None if include else count, json_mode=json)
     if json:
         print_json(result.to_dict())
     else:
         for w in result.warnings:
-            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        for w in result.withheld:
+            console.print(f"withheld: {escape(w)}", highlight=False)
         for e in result.errors:
-            console.print(f"[red]error:[/] {e}", highlight=False)
+            err_console.print(f"[red]error:[/] {escape(e)}", highlight=False)
         console.print(f"restored {result.files} files, {result.dirs} dirs, {result.other} "
                       f"other ({human_bytes(result.bytes_written)}) from {snap.short_id} "
-                      f"into {target} in {result.seconds:.1f}s")
+                      f"into {escape(str(target))} in {result.seconds:.1f}s"
+                      + (f"; {len(result.errors)} skipped" if result.errors else ""),
+                      highlight=False)
+        if result.withheld:
+            console.print("device nodes, setuid/setgid bits and privileged xattrs were left "
+                          "out: --full-metadata restores them", highlight=False)
     if result.errors:
         raise typer.Exit(1)
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from strata.errors import CorruptData, SnapshotNotFound
 from strata.model.ids import content_id
 from strata.model.snapshot import Snapshot
+from strata.store.backend import ObjectNotFound
 from strata.store.pack import parse_trailer
 from strata.store.repository import Store
 
@@ -28,23 +30,23 @@ class CheckResult:
     snapshots: int = 0
     packs: int = 0
     chunks_verified: int = 0
-    damaged_packs: list[dict] = field(default_factory=list)  # {pack, reason}
-    damaged_snapshots: list[dict] = field(default_factory=list)  # {snapshot, reason}
+    damaged_packs: list[dict[str, Any]] = field(default_factory=list)  # {pack, reason}
+    damaged_snapshots: list[dict[str, Any]] = field(default_factory=list)  # {snapshot, reason}
     missing_chunks: int = 0
-    hurt: list[dict] = field(default_factory=list)  # {snapshot, files: [...], count}
+    hurt: list[dict[str, Any]] = field(default_factory=list)  # {snapshot, files: [...], count}
     warnings: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _verify_pack(store: Store, name: str, size: int) -> tuple[str | None, set[bytes]]:
     """Read a whole pack; return (reason it is damaged or None, ids of bad chunks)."""
-    path = store.backend.path("packs", name)
     try:
-        data = path.read_bytes()
+        data = store.backend.load("packs", name)
     except OSError as exc:
-        return f"unreadable: {exc.strerror}", {e.id for e in store.index.pack_chunks(name)}
+        reason = "missing" if isinstance(exc, ObjectNotFound) else f"unreadable: {exc.strerror}"
+        return reason, {e.id for e in store.index.pack_chunks(name)}
     indexed = store.index.pack_chunks(name)
     bad: set[bytes] = set()
     reasons = []
@@ -83,7 +85,12 @@ def check(store: Store, *, read_data: bool = False,
         res.warnings.append(f"indexed {len(regained)} pack(s) left out of the index by an "
                             "interrupted writer")
     indexed = store.index.packs()
-    on_disk = {n: store.backend.size("packs", n) for n in store.backend.list("packs")}
+    on_disk = {}
+    for name in store.backend.list("packs"):
+        try:
+            on_disk[name] = store.backend.stat("packs", name).size
+        except ObjectNotFound:
+            pass  # a prune running beside us removed it since we listed
     bad_chunks: set[bytes] = set()
     bad_packs: set[str] = set()
 

@@ -2,12 +2,16 @@
 
 Chunks are fetched and verified by worker threads ahead of the writer, in manifest
 order, with a bounded lookahead; the writer (strata.tree.writer) refuses any path that
-would land outside the target. A damaged chunk costs only the files that use it.
+would land outside the target. A bad entry (a damaged chunk, a path that would leave the
+target, a write the filesystem refuses) costs only itself: it is reported and skipped.
+Unless `full_metadata`, the restore is safe for a tree that is not the machine's own
+system: no device nodes, setuid/setgid bits or privileged xattrs (file capabilities).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import os
 import time
@@ -17,14 +21,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from strata.errors import CorruptData, PathNotInSnapshot
+from strata.errors import CorruptData, PathNotInSnapshot, StrataError, UnsafePath
 from strata.model.entry import Entry, EntryType
 from strata.model.snapshot import Snapshot
+from strata.tree.scan import display
 from strata.tree.writer import TreeWriter, validate_path
 
 from .progress import Progress
 
 _LOOKAHEAD = 128  # chunks decoded ahead of the writer (about 8 MiB)
+# The target as a whole refuses writes: skipping entry after entry would only repeat it.
+_TARGET_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 @dataclass
@@ -35,8 +42,9 @@ class RestoreResult:
     other: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one per entry skipped
     warnings: list[str] = field(default_factory=list)
+    withheld: list[str] = field(default_factory=list)  # left out by a safe restore
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,13 +151,17 @@ def _select(store: ChunkSource, snap: Snapshot, wanted: Callable[[bytes], bool],
 
 def restore(store: ChunkSource, snap: Snapshot, target: str | os.PathLike, *,
             includes: list[str] | None = None, progress: Progress | None = None,
-            workers: int | None = None, batch: int = 32) -> RestoreResult:
+            workers: int | None = None, batch: int = 32,
+            full_metadata: bool = False) -> RestoreResult:
+    """Restore `snap` (or the `includes` paths of it) under `target`. `full_metadata`
+    (for the machine's own tree): device nodes, setuid/setgid bits and every xattr too.
+    Raises StrataError if the target itself refuses writes (full, read-only)."""
     started = time.monotonic()
     result = RestoreResult(snapshot=snap.id)
     entries_a, entries_b = itertools.tee(select_entries(store, snap, includes))
     chunk_ids = (cid for e in entries_b if e.type is EntryType.FILE for cid, _ in e.chunks)
     with ThreadPoolExecutor(max_workers=workers or (os.cpu_count() or 2) + 1) as pool, \
-            TreeWriter(target) as writer:
+            TreeWriter(target, full_metadata=full_metadata) as writer:
         stream = prefetch(pool, chunk_ids, store.load_chunks, batch,
                           max(2, _LOOKAHEAD // batch))
         for entry in entries_a:
@@ -158,16 +170,40 @@ def restore(store: ChunkSource, snap: Snapshot, target: str | os.PathLike, *,
                 # chunks in memory at once, only the lookahead.
                 chunks = itertools.islice(stream, len(entry.chunks))
                 _restore_file(writer, entry, chunks, result, progress)
-            else:
-                writer.write(entry)
+            elif _write(writer, entry, None, result):
                 if entry.type is EntryType.DIR:
                     result.dirs += 1
                 else:
                     result.other += 1
         writer.finish()
         result.warnings.extend(writer.warnings)
+        result.withheld.extend(writer.withheld)
+        for key, n in sorted(writer.withheld_xattrs.items()):
+            result.withheld.append(f"{display(key)} left out of {n} "
+                                   f"{'path' if n == 1 else 'paths'}")
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def _write(writer: TreeWriter, entry: Entry, data: Iterator[bytes] | None,
+           result: RestoreResult) -> bool:
+    """Write one entry; a bad one is reported in `result.errors` and skipped."""
+    try:
+        writer.write(entry, data)
+        return True
+    except UnsafePath as exc:  # its message names the path
+        result.errors.append(str(exc))
+    except StrataError as exc:  # CorruptData, an unknown entry type
+        result.errors.append(f"{display(entry.path)}: {exc}")
+    except (ValueError, OverflowError) as exc:  # a crafted field (an mtime out of range)
+        result.errors.append(f"{display(entry.path)}: not restored: {exc}")
+    except OSError as exc:
+        if exc.errno in _TARGET_ERRORS:
+            raise StrataError(f"cannot write to {display(writer.target)}: {exc.strerror} "
+                              f"(stopped at {display(entry.path)}; {result.files} files "
+                              "restored)") from None
+        result.errors.append(f"{display(entry.path)}: not restored: {exc.strerror or exc}")
+    return False
 
 
 def _restore_file(writer: TreeWriter, entry: Entry, chunks: Iterator[bytes | BaseException],
@@ -181,13 +217,11 @@ def _restore_file(writer: TreeWriter, entry: Entry, chunks: Iterator[bytes | Bas
                 raise chunk
             written += len(chunk)
             yield chunk
-    try:
-        writer.write(entry, data())
+    if _write(writer, entry, data(), result):
         result.files += 1
-    except CorruptData as exc:
+    else:
         for _ in chunks:  # consume this file's remaining chunks: the stream stays aligned
             pass
-        result.errors.append(f"{os.fsdecode(entry.path)}: {exc}")
     result.bytes_written += written
     if progress:
         progress.advance(files=1, nbytes=written)

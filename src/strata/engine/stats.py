@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from strata.store.repository import Store
 
@@ -19,7 +20,7 @@ class StoreStats:
     compression_ratio: float  # unique / stored
     space_saving_ratio: float  # logical / stored
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

@@ -23,3 +23,7 @@ class Change:
     entry: Entry | None  # the target entry (None for DELETE)
     old: Entry | None = None  # what the endpoint had (None for ADD)
     reason: str = ""  # which layer asks for it, or why it goes ("base debian:2", ...)
+    # Bytes computed on the endpoint (a merged account database), not chunks of a layer.
+    # `entry` names them as one chunk (their BLAKE3), so the apply's data source serves
+    # them like any other file's and the journal writes them under the same crash-safety.
+    content: bytes | None = None

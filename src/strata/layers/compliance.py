@@ -3,7 +3,9 @@
 Changed (content, type, mode or owner differ), missing, and added outside policy (a file
 in a system area that no layer has). Scores are the share of managed paths that match,
 per endpoint and per layer. Do-not-override and do-not-download paths are the endpoint's
-own business and never count as drift.
+own business and never count as drift, nor do account databases: they are merged by key,
+so the endpoint's copy differs from the layer's by design (its own accounts are in it).
+Configuration the endpoint changed does count: it is drift that enforcement repairs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from strata.layers.accounts import database_for
 from strata.layers.image import Image, resolve_hardlinks
 from strata.layers.plan import same_content
 from strata.layers.rules import LayerRules, PathClass
@@ -57,7 +60,8 @@ def check_compliance(current: Iterable[Entry], image: Image,
         cur[e.path] = e
     for path, t in image.entries.items():
         is_dir = t.type is EntryType.DIR
-        if rules.do_not_override(path, is_dir) or rules.do_not_download(path, is_dir):
+        if rules.do_not_override(path, is_dir) or rules.do_not_download(path, is_dir) or \
+                database_for(path, rules.family) is not None:
             continue
         label = image.source.get(path, "")
         counts = tally.setdefault(label, [0, 0])

@@ -12,6 +12,11 @@ The rules here decide the rest, and what a layer may never carry or touch:
 * ``do_not_download``: paths a layer carries but endpoints never download.
 * ``system``: where only IT layers should put files; a file there that no layer has is
   reported as "added outside policy" by compliance.
+* ``configuration``: machine configuration a layer carries but the endpoint may edit. An
+  update follows the three-way rule of OSTree's ``/etc`` merge (strata.layers.plan): a
+  file the endpoint changed since the previous layers laid it down is kept and reported,
+  an untouched one takes the new version. Account databases in it are merged by key
+  (strata.layers.accounts).
 
 Everything else an endpoint has is a user-installed application (``user-app``).
 Patterns use the upload-exclusion syntax (strata.tree.excludes); a path matches when it
@@ -35,7 +40,8 @@ class PathClass(StrEnum):
     USER_APP = "user-app"
 
 
-RULE_KEYS = ("identity", "user_data", "never", "do_not_override", "do_not_download", "system")
+RULE_KEYS = ("identity", "user_data", "never", "do_not_override", "do_not_download", "system",
+             "configuration")
 
 LINUX_RULES: dict[str, list[str]] = {
     "identity": ["/etc/hostname", "/etc/hosts", "/etc/machine-id", "/var/lib/dbus/machine-id",
@@ -50,6 +56,7 @@ LINUX_RULES: dict[str, list[str]] = {
     "do_not_download": ["/var/lib/apt/lists/", "/usr/share/doc/*/changelog*"],
     "system": ["/bin/", "/sbin/", "/lib/", "/lib32/", "/lib64/", "/usr/bin/", "/usr/sbin/",
                "/usr/lib/", "/usr/libexec/", "/boot/"],
+    "configuration": ["/etc/"],
 }
 
 WINDOWS_RULES: dict[str, list[str]] = {
@@ -64,6 +71,11 @@ WINDOWS_RULES: dict[str, list[str]] = {
     "do_not_override": ["/Windows/System32/drivers/etc/hosts", "/Windows/INF/setupapi.*.log"],
     "do_not_download": ["/Windows/Installer/", "/Windows/SoftwareDistribution/"],
     "system": ["/Windows/", "/Program Files/Common Files/Microsoft Shared/"],
+    # Plain-file configuration only. The registry hives (Windows/System32/config/SOFTWARE,
+    # DEFAULT) are configuration too, but a whole-file rule cannot merge them: every boot
+    # rewrites them, so "changed on the endpoint" would hold every update back. They need
+    # a merge by key, like the account databases (docs/windows.md).
+    "configuration": ["/Windows/System32/drivers/etc/", "/ProgramData/"],
 }
 
 DEFAULT_RULES: dict[str, dict[str, list[str]]] = {"linux": LINUX_RULES,
@@ -136,6 +148,7 @@ class LayerRules:
     do_not_override: _Matcher
     do_not_download: _Matcher
     system: _Matcher
+    configuration: _Matcher
     family: str = "linux"
 
     @classmethod

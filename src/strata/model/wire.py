@@ -6,6 +6,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field, field_validator
 
+from strata.model.update import UpdateState
+
 MAX_IDS_PER_QUERY = 10_000
 # What the server's catalog columns hold (32- and 64-bit integers): numbers outside are
 # refused here, before the server writes anything, rather than by the database afterwards.
@@ -140,6 +142,16 @@ class SnapshotSummary(BaseModel):
 
 class ChunkRequest(BaseModel):
     ids: list[str] = Field(max_length=MAX_IDS_PER_QUERY)
+
+
+class UpdateReport(BaseModel):
+    """The agent's progress on its desired state (`key`)."""
+
+    key: str = Field(max_length=64)
+    state: UpdateState
+    percent: float = Field(default=0.0, ge=0, le=100)
+    detail: str = Field(default="", max_length=4000)
+    downloaded_bytes: int = Field(default=0, ge=0)
 
 
 class RestoreReport(BaseModel):

@@ -25,7 +25,19 @@ from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.maintenance import upkeep_threads
-from strata.server.routes import admin, agent, agent_layers, layers
+from strata.server.routes import (
+    agent,
+    agent_layers,
+    agent_sync,
+    audit,
+    collections,
+    compliance,
+    endpoints,
+    layers,
+    operations,
+    policies,
+    tokens,
+)
 from strata.server.stream_cache import StreamCache
 from strata.store.repository import Store
 
@@ -68,18 +80,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.ctx = ctx
     app.state.admin_digest = digest(read_token_file(token_path))
     app.state.admin_token_path = token_path
-    app.include_router(agent.router)
-    app.include_router(agent_layers.router)
-    app.include_router(admin.router)
-    app.include_router(layers.router)
+    for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
+                   collections, compliance, operations, audit):
+        app.include_router(routes.router)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)  # added last = outermost: it sees the 413s too
 
     @app.exception_handler(StrataError)
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:
-        status = getattr(exc, "http_status", 400 if exc.exit_code == 2 else 500)
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        # Services refuse with StrataError subclasses (NotFound, Conflict, Invalid, ...):
+        # this is the one place that turns them into HTTP answers.
+        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:

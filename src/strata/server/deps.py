@@ -1,17 +1,26 @@
-"""FastAPI dependencies: the shared context and who is calling (admin or a device)."""
+"""What every route shares: the context, who is calling (an administrator or an enrolled
+device), and reading a bounded request body."""
 
 from __future__ import annotations
 
-from fastapi import Depends, Header, HTTPException, Request
-from sqlalchemy import select
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 
-from strata.server.auth import digest, same_secret
-from strata.server.catalog.models import AuditEntry, Endpoint
+from strata.errors import TooLarge
+from strata.server.auth import same_secret
+from strata.server.catalog.models import Endpoint
 from strata.server.context import ServerContext
+from strata.server.services.credentials import device_for_credential
+
+ADMIN_API = "/api/v1/admin"
+AGENT_API = "/api/v1/agent"
 
 
 def get_ctx(request: Request) -> ServerContext:
     return request.app.state.ctx
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else ""
 
 
 def _bearer(authorization: str | None) -> str:
@@ -21,41 +30,44 @@ def _bearer(authorization: str | None) -> str:
     return authorization[len("Bearer "):].strip()
 
 
-def require_admin(request: Request, authorization: str | None = Header(None),
-                  ctx: ServerContext = Depends(get_ctx)) -> str:
+def require_admin(request: Request, authorization: str | None = Header(None)) -> str:
+    """The calling administrator, as the audit log names them."""
     token = _bearer(authorization)
     if not same_secret(token, request.app.state.admin_digest):
         raise HTTPException(403, "this token is not an admin token")
     return "admin"
 
 
+def admin_router(tag: str) -> APIRouter:
+    """A router of the admin API: every route in it needs an administrator."""
+    return APIRouter(prefix=ADMIN_API, tags=[tag], dependencies=[Depends(require_admin)])
+
+
 async def require_device(request: Request, authorization: str | None = Header(None),
                          ctx: ServerContext = Depends(get_ctx)) -> Endpoint:
     """The calling endpoint, which must be enrolled and approved. Runs on the event loop:
     it is a cache lookup nearly always, cheaper than a hop to the thread pool."""
-    token = _bearer(authorization)
-    key = digest(token)
-
-    def load() -> Endpoint | None:
-        with ctx.session() as db:
-            row = db.scalar(select(Endpoint).where(Endpoint.credential_hash == key))
-            if row is not None:
-                db.expunge(row)
-            return row
-    ep = ctx.cached(f"device:{key}", load)
+    ep = device_for_credential(ctx, _bearer(authorization))
     if ep is None:
         raise HTTPException(401, "unknown device credential: enroll this endpoint again")
     if ep.state == "revoked":
         raise HTTPException(403, "this endpoint's access was revoked by an administrator")
     if ep.state == "pending":
         raise HTTPException(403, "this endpoint is waiting for an administrator's approval")
-    ctx.mark_seen(ep.id, request.client.host if request.client else "")
+    ctx.mark_seen(ep.id, client_ip(request))
     request.state.endpoint_id = ep.id
     return ep
 
 
-def audit(ctx: ServerContext, actor: str, action: str, target: str = "",
-          **detail: object) -> None:
-    with ctx.write() as db:
-        db.add(AuditEntry(actor=actor, action=action, target=target, detail=detail))
-        db.commit()
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"body larger than {limit} bytes")
+    parts, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise TooLarge(f"body larger than {limit} bytes")
+        parts.append(piece)
+    return b"".join(parts)

@@ -17,8 +17,8 @@ from strata.engine.retention import SnapshotInfo, apply_policy
 from strata.errors import StrataError
 from strata.server.catalog.models import Cvd, SnapshotRecord
 from strata.server.context import SEEN_FLUSH_SECONDS, ServerContext
-from strata.server.deps import audit
 from strata.server.policies import get_policy, retention_policy
+from strata.server.services import audit
 
 log = logging.getLogger("strata.server")
 
@@ -46,7 +46,7 @@ def run_maintenance(ctx: ServerContext) -> dict:
     except StrataError as exc:  # e.g. another prune is running: try next time
         result = {"error": str(exc)}
     summary = {"snapshots_removed": len(removed), "prune": result}
-    audit(ctx, "server", "maintenance", "", **summary)
+    audit.record(ctx, "server", "maintenance", "", **summary)
     return summary
 
 

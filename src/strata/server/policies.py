@@ -1,6 +1,7 @@
-"""Policies the administrator edits: upload (what is never centralized, how often),
-retention, and bandwidth rules by subnet/site and time window. Defaults apply until
-an administrator stores a document of the same kind."""
+"""Policy documents the administrator edits: upload (what is never centralized, how
+often), retention, bandwidth rules by subnet/site and time window, and layer rules; their
+defaults, their validation, and how a bandwidth rule applies. Defaults apply until an
+administrator stores a document of the same kind (services/policies.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ from sqlalchemy.orm import Session
 
 from strata.engine.retention import RetentionPolicy
 from strata.layers.rules import DEFAULT_RULES, validate_rules
-from strata.model.wire import AgentPolicy, BandwidthLimits
-from strata.server.catalog.models import Endpoint, Policy
-from strata.server.context import ServerContext
+from strata.model.wire import BandwidthLimits
+from strata.server.catalog.models import Policy
 
 # Never centralized: caches, temp, swap and paging files, trash, the agent's own state.
 LINUX_EXCLUSIONS = [
@@ -113,15 +113,3 @@ def bandwidth_for(rules: list[dict], ip: str, site: str, now: datetime) -> Bandw
             return BandwidthLimits(upload_kbps=rule.get("upload_kbps"),
                                    download_kbps=rule.get("download_kbps"))
     return BandwidthLimits()
-
-
-def agent_policy(ctx: ServerContext, db: Session, ep: Endpoint, now: datetime,
-                 ip: str = "") -> AgentPolicy:
-    upload = ctx.cached("policy:upload", lambda: get_policy(db, "upload"))
-    rules = ctx.cached("policy:bandwidth", lambda: get_policy(db, "bandwidth"))
-    os_name = "windows" if ep.os.lower().startswith("win") else "linux"
-    site = str((ep.inventory or {}).get("site", ""))
-    return AgentPolicy(
-        interval_seconds=int(upload.get("interval_seconds", 3600)),
-        exclusions=list(upload.get("exclusions", {}).get(os_name, [])),
-        bandwidth=bandwidth_for(rules.get("rules", []), ip or ep.last_ip, site, now))

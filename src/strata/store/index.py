@@ -30,6 +30,17 @@ _BATCH = 500  # ids per IN (...) query: well under SQLite's variable limit
 
 
 @dataclass(frozen=True, slots=True)
+class PackUsage:
+    """How much of a pack the marked chunks still use (prune's sweep)."""
+
+    name: str
+    size: int
+    chunks: int  # chunks the index locates in this pack
+    live_bytes: int  # stored bytes of the marked ones
+    dead_bytes: int  # stored bytes of the others
+
+
+@dataclass(frozen=True, slots=True)
 class Location:
     pack: str
     offset: int
@@ -134,7 +145,7 @@ class ChunkIndex:
         return [PackEntry(*r) for r in rows]
 
     def chunk_count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        return self._count("SELECT COUNT(*) FROM chunks")
 
     def totals(self) -> tuple[int, int, int]:
         """(chunks, stored bytes of chunks, raw bytes of chunks)."""
@@ -154,6 +165,65 @@ class ChunkIndex:
             self.db.execute("DELETE FROM chunks")
             self.db.execute("DELETE FROM packs")
         self._pack_names.clear()
+
+    # -- mark and sweep (prune) ---------------------------------------------------
+    # The marks (ids of chunks some snapshot needs) live in a table private to this
+    # connection and spilled to disk as needed, not in a Python set, so prune's memory
+    # stays flat however many chunks the store holds. Writing them takes no lock on the
+    # index itself: backups keep indexing their packs while prune marks.
+    def begin_marks(self) -> None:
+        """Start an empty set of marks (dropping any left by an earlier prune)."""
+        self.db.execute("DROP TABLE IF EXISTS temp.marks")
+        self.db.execute("CREATE TEMP TABLE marks (id BLOB PRIMARY KEY) WITHOUT ROWID")
+
+    def mark(self, ids: Iterable[bytes]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO temp.marks VALUES (?)",
+                            ((cid,) for cid in ids))
+
+    def marked_count(self) -> int:
+        return self._count("SELECT COUNT(*) FROM temp.marks")
+
+    def marked_missing(self) -> int:
+        """How many marked chunks the index does not hold (a damaged store)."""
+        return self._count("SELECT COUNT(*) FROM temp.marks m WHERE NOT EXISTS "
+                           "(SELECT 1 FROM chunks c WHERE c.id=m.id)")
+
+    def pack_usage(self) -> list[PackUsage]:
+        """Every indexed pack with the stored bytes of its marked and unmarked chunks."""
+        rows = self.db.execute(
+            "SELECT p.name, p.size, COUNT(c.id), "
+            "COALESCE(SUM(CASE WHEN m.id IS NULL THEN 0 ELSE c.length END), 0), "
+            "COALESCE(SUM(CASE WHEN m.id IS NULL THEN c.length ELSE 0 END), 0) "
+            "FROM packs p LEFT JOIN chunks c ON c.pid=p.pid "
+            "LEFT JOIN temp.marks m ON m.id=c.id GROUP BY p.pid")
+        return [PackUsage(*row) for row in rows]
+
+    def live_chunks_in(self, pack: str) -> list[PackEntry]:
+        """The marked chunks the index locates in `pack`, in pack order (to repack)."""
+        rows = self.db.execute(
+            "SELECT c.id, c.offset, c.length, c.raw_length FROM packs p "
+            "CROSS JOIN chunks c ON c.pid=p.pid CROSS JOIN temp.marks m ON m.id=c.id "
+            "WHERE p.name=? ORDER BY c.offset", (pack,))
+        return [PackEntry(*r) for r in rows]
+
+    def packs_holding_marks(self, names: Iterable[str]) -> set[str]:
+        """Those of `names` in which the index locates a marked chunk. Walks the chunks
+        of these packs only (CROSS JOIN fixes that order), not every mark, so it costs
+        what is being deleted."""
+        held = set()
+        for name in names:
+            if self.db.execute(
+                    "SELECT 1 FROM packs p CROSS JOIN chunks c ON c.pid=p.pid "
+                    "CROSS JOIN temp.marks m ON m.id=c.id WHERE p.name=? LIMIT 1",
+                    (name,)).fetchone():
+                held.add(name)
+        return held
+
+    def end_marks(self) -> None:
+        self.db.execute("DROP TABLE IF EXISTS temp.marks")
+
+    def _count(self, query: str) -> int:
+        return int(self.db.execute(query).fetchone()[0])
 
     def transaction(self) -> _Transaction:
         return _Transaction(self.db)

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from strata.errors import StoreLocked
 
@@ -78,9 +79,9 @@ class Session:
         self.close()
 
 
-def live_sessions(locks_dir: Path, exclude: Session | None = None) -> list[dict]:
+def live_sessions(locks_dir: Path, exclude: Session | None = None) -> list[dict[str, Any]]:
     """Sessions that may still commit; stale ones are removed on the way."""
-    out = []
+    out: list[dict[str, Any]] = []
     if not locks_dir.is_dir():
         return out
     host, now = socket.gethostname(), time.time()

@@ -202,5 +202,5 @@ def trailer_read_size(pack_size: int, entries_hint: int = 4096) -> int:
 
 
 def footer_trailer_length(tail: bytes) -> int:
-    tlen, _ = _FOOTER.unpack(tail[-_FOOTER.size:])
+    tlen: int = _FOOTER.unpack(tail[-_FOOTER.size:])[0]
     return tlen + _FOOTER.size

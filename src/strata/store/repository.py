@@ -13,7 +13,6 @@ import json
 import os
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from strata.model.ids import content_id
 from strata.model.manifest import decode_manifest
 from strata.model.snapshot import Snapshot
 from strata.store import crypto
-from strata.store.backend import LocalBackend, atomic_write
+from strata.store.backend import Backend, LocalBackend, ObjectNotFound, StoreFull
 from strata.store.chunker import Chunker, ChunkerParams
 from strata.store.index import ChunkIndex, Location
 from strata.store.locks import Session, file_lock
@@ -107,65 +106,98 @@ class StoreConfig:
         return cfg
 
 
-def _write_failed(exc: OSError) -> StoreWriteFailed:
-    return StoreWriteFailed(f"could not write to the store: {exc.strerror or exc}")
+def _write_failed(exc: OSError | StoreFull) -> StoreWriteFailed:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return StoreWriteFailed(f"could not write to the store: {reason}")
 
 
 class Store:
-    def __init__(self, path: Path, config: StoreConfig, cipher: crypto.Cipher):
-        self.path = Path(path)
+    """A store on a `Backend`, with this process's local working state in `state_dir`:
+    the chunk index (derived data, rebuilt from pack trailers if lost), the writer
+    sessions and locks, and the spool where packs are written before they are saved.
+    For a store in a local directory the two are the same folder."""
+
+    def __init__(self, backend: Backend, config: StoreConfig, cipher: crypto.Cipher,
+                 state_dir: Path):
+        self.backend = backend
+        self.state_dir = Path(state_dir)
         self.config = config
-        self.backend = LocalBackend(self.path)
         self.cipher = cipher
         self.codec = BlobCodec(cipher, config.zstd_level)
         self.chunker = Chunker(config.chunker)
-        self.index = ChunkIndex(self.path / "index.sqlite")
-        self.locks_dir = self.path / "locks"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.index = ChunkIndex(self.state_dir / "index.sqlite")
+        self.locks_dir = self.state_dir / "locks"
+        self.spool_dir = self.state_dir / "tmp"
         self._lock = threading.Lock()  # the pending set, the index connection, pack list
         self._slots = [_PackSlot() for _ in range(max(2, os.cpu_count() or 2))]
         self._next_slot = itertools.count()
         self._thread = threading.local()  # which slot this thread writes to
         self._pending: set[bytes] = set()  # claimed ids not yet in an indexed pack
         self._pack_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-writer")
-        self._writes: list[Future[None]] = []
+        self._writes: list[Future[str]] = []
         self._writes_slots = threading.Semaphore(2)
         self._write_error: BaseException | None = None  # from a pack written in the background
-        self._fds: OrderedDict[str, int] = OrderedDict()
-        self._fd_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------
     @classmethod
     def init(cls, path: Path, *, chunk_avg: int = 64 * 1024, compression: str = "zstd:3",
              passphrase: str | None = None, pack_size: int = DEFAULT_PACK_SIZE) -> Store:
+        """Create a store in the local directory `path` (new or empty)."""
         path = Path(path)
         if (path / "config").exists():
             raise StoreExists(f"a store already exists at {path}")
         if path.exists() and any(path.iterdir()):
             raise StoreExists(f"{path} is not empty; choose an empty or new directory")
+        path.mkdir(parents=True, exist_ok=True)
+        for folder in ("packs", "snapshots", "locks", "tmp"):
+            (path / folder).mkdir(exist_ok=True)
+        return cls.init_on(LocalBackend(path), path, chunk_avg=chunk_avg,
+                           compression=compression, passphrase=passphrase,
+                           pack_size=pack_size)
+
+    @classmethod
+    def init_on(cls, backend: Backend, state_dir: Path, *, chunk_avg: int = 64 * 1024,
+                compression: str = "zstd:3", passphrase: str | None = None,
+                pack_size: int = DEFAULT_PACK_SIZE) -> Store:
+        """Create a store on `backend`, keeping local working state in `state_dir`."""
+        if backend.exists("config", "config"):
+            raise StoreExists("a store already exists there")
+        if any(True for kind in ("keys", "snapshots", "packs") for _ in backend.list(kind)):
+            # An interrupted init (its key file saved, its config not) or someone else's
+            # objects: a second key file could be taken for this store's.
+            raise StoreExists("that location already holds store objects but no config; "
+                              "choose an empty one")
         config = StoreConfig(id=uuid.uuid4().hex, chunker=ChunkerParams.from_avg(chunk_avg),
                              compression=compression,
                              encryption="aes-256-gcm" if passphrase is not None else "none",
                              pack_size=pack_size)
         config.zstd_level  # noqa: B018 -- validates the compression spec before writing
-        path.mkdir(parents=True, exist_ok=True)
-        backend = LocalBackend(path)
         cipher: crypto.Cipher = crypto.PlainCipher()
         if passphrase is not None:
             master, keyfile = crypto.make_key_file(passphrase)
             backend.save("keys", content_id(keyfile).hex()[:16], keyfile)
             cipher = crypto.AesGcmCipher(master)
-        for kind in ("packs", "snapshots", "locks", "tmp"):
-            (path / kind).mkdir(exist_ok=True)
-        atomic_write(path / "config", config.to_json())
-        return cls(path, config, cipher)
+        # The config last: a store without one was never made (`init` may be run again).
+        backend.save("config", "config", config.to_json())
+        return cls(backend, config, cipher, state_dir)
 
     @classmethod
     def open(cls, path: Path, passphrase: str | PassphraseSource | None = None) -> Store:
+        """Open the store in the local directory `path`."""
         path = Path(path)
-        cfg_path = path / "config"
-        if not cfg_path.is_file():
+        if not (path / "config").is_file():
             raise StoreNotFound(f"no Strata store at {path}")
-        config = StoreConfig.from_json(cfg_path.read_bytes())
+        return cls.open_on(LocalBackend(path), path, passphrase)
+
+    @classmethod
+    def open_on(cls, backend: Backend, state_dir: Path,
+                passphrase: str | PassphraseSource | None = None) -> Store:
+        """Open the store on `backend`, keeping local working state in `state_dir`."""
+        try:
+            config = StoreConfig.from_json(backend.load("config", "config"))
+        except ObjectNotFound:
+            raise StoreNotFound("no Strata store there (it has no config)") from None
         cipher: crypto.Cipher = crypto.PlainCipher()
         if config.encryption != "none":
             if callable(passphrase):
@@ -173,7 +205,6 @@ class Store:
             if passphrase is None:
                 raise StrataError("this store is encrypted: give a passphrase "
                                   "(STRATA_PASSPHRASE or --passphrase-file)")
-            backend = LocalBackend(path)
             names = list(backend.list("keys"))
             if not names:
                 raise CorruptData("encrypted store has no key file")
@@ -187,16 +218,13 @@ class Store:
             if master is None:
                 raise last
             cipher = crypto.AesGcmCipher(master)
-        return cls(path, config, cipher)
+        return cls(backend, config, cipher, state_dir)
 
     def close(self) -> None:
         self._pack_io.shutdown(wait=True)
         for writer in self._take_writers():  # chunks never flushed belong to no snapshot
             self._abandon(writer)
-        with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self.backend.close()
         self.index.close()
 
     def __enter__(self) -> Store:
@@ -208,7 +236,7 @@ class Store:
     def session(self, kind: str) -> Session:
         return Session(self.locks_dir, kind)
 
-    def commit_lock(self) -> object:
+    def commit_lock(self) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.locks_dir / "commit.lock")
 
     # -- writing chunks -------------------------------------------------------
@@ -298,15 +326,17 @@ class Store:
             self._write_error = fut.exception()
 
     def new_pack_writer(self) -> PackWriter:
-        return PackWriter(self.cipher, self.path / "tmp")
+        return PackWriter(self.cipher, self.spool_dir)
 
     def install_pack(self, writer: PackWriter, *, move: bool = False) -> str:
         """Finish a pack, move it into the store and index it. `move` repoints chunks
         already indexed elsewhere at this pack (repack); otherwise they keep theirs."""
         try:
             done = writer.finish()
+            # The backend decides how a finished file becomes an object: the local
+            # directory renames it into place, an object store would upload it.
             self.backend.save_file("packs", done.name, done.path)
-        except OSError as exc:
+        except (OSError, StoreFull) as exc:
             self._abandon(writer)  # a full disk must not also leave a half pack in tmp/
             raise _write_failed(exc) from exc
         with self._lock:
@@ -349,22 +379,10 @@ class Store:
             self._pending.difference_update(e.id for e in writer.entries)
 
     # -- reading chunks -------------------------------------------------------
-    def _pack_fd(self, name: str) -> int:
-        with self._fd_lock:
-            fd = self._fds.get(name)
-            if fd is not None:
-                self._fds.move_to_end(name)
-                return fd
-            fd = os.open(self.backend.path("packs", name), os.O_RDONLY)
-            self._fds[name] = fd
-            if len(self._fds) > 64:
-                os.close(self._fds.popitem(last=False)[1])
-            return fd
-
     def read_blob(self, pack: str, offset: int, length: int) -> bytes:
         try:
-            data = os.pread(self._pack_fd(pack), length, offset)
-        except FileNotFoundError:
+            data = self.backend.load("packs", pack, offset, length)
+        except ObjectNotFound:
             raise CorruptData(f"pack {pack[:16]} is missing") from None
         if len(data) != length:
             raise CorruptData(f"pack {pack[:16]} is truncated")
@@ -413,12 +431,17 @@ class Store:
 
     # -- packs and index ------------------------------------------------------
     def read_pack_trailer(self, name: str) -> list[PackEntry]:
-        size = self.backend.size("packs", name)
-        tail = self.backend.load("packs", name, max(0, size - trailer_read_size(size)))
+        return self.pack_trailer(name)[1]
+
+    def pack_trailer(self, name: str) -> tuple[int, list[PackEntry]]:
+        """A pack's size and the entries its trailer lists, in one or two ranged reads."""
+        size = self.backend.stat("packs", name).size
+        want = trailer_read_size(size)
+        tail = self.backend.load("packs", name, size - want, want)
         need = footer_trailer_length(tail) if len(tail) >= 12 else 0
         if need > len(tail) and need <= size:
-            tail = self.backend.load("packs", name, size - need)
-        return parse_trailer(tail, size, self.cipher)
+            tail = self.backend.load("packs", name, size - need, need)
+        return size, parse_trailer(tail, size, self.cipher)
 
     def unindexed_packs(self) -> list[str]:
         known = self.index.packs()
@@ -430,11 +453,11 @@ class Store:
         with self.commit_lock():
             for name in self.unindexed_packs():
                 try:
-                    entries = self.read_pack_trailer(name)
+                    size, entries = self.pack_trailer(name)
                 except (CorruptData, OSError):
                     continue  # damaged: `check` reports it
                 with self._lock:
-                    self.index.add_pack(name, self.backend.size("packs", name), entries)
+                    self.index.add_pack(name, size, entries)
                 added.append(name)
         return added
 
@@ -446,12 +469,11 @@ class Store:
             self.index.clear(in_transaction=True)
             for name in self.backend.list("packs"):
                 try:
-                    entries = self.read_pack_trailer(name)
+                    size, entries = self.pack_trailer(name)
                 except (CorruptData, OSError):
                     damaged.append(name)
                     continue
-                self.index.add_pack(name, self.backend.size("packs", name), entries,
-                                    in_transaction=True)
+                self.index.add_pack(name, size, entries, in_transaction=True)
                 count += 1
                 if progress:
                     progress(name)
@@ -473,7 +495,7 @@ class Store:
     def load_snapshot(self, sid: str) -> Snapshot:
         try:
             raw = self.backend.load("snapshots", sid)
-        except FileNotFoundError:
+        except ObjectNotFound:
             raise SnapshotNotFound(f"no snapshot {sid[:8]} in this store") from None
         data = self.cipher.open(raw, SNAPSHOT_AAD)
         snap = Snapshot.from_bytes(data, sid)

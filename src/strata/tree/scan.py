@@ -15,13 +15,11 @@ from collections.abc import Iterator
 
 from strata.model.entry import Entry, EntryType
 from strata.tree.excludes import ExcludeMatcher
+from strata.tree.xattrs import read_xattrs
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Kernel limit for a path argument, NUL included; longer paths go through /proc/self/fd.
 _PATH_MAX = 4096
-# Missing xattr support, unreadable namespaces, or an attribute removed between list and get.
-_XATTR_QUIET = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES,
-                          errno.ENODATA})
 _FS_ENCODING = sys.getfilesystemencoding()
 _FILE, _DIR, _SYMLINK = EntryType.FILE, EntryType.DIR, EntryType.SYMLINK
 _DEVICES = (EntryType.CHARDEV, EntryType.BLOCKDEV)
@@ -38,24 +36,6 @@ _TYPES = {
 def display(p: bytes) -> str:
     """A printable rendering of a path that may not be valid UTF-8."""
     return p.decode("utf-8", "backslashreplace")
-
-
-def read_xattrs(path: bytes) -> dict[bytes, bytes]:
-    """All readable xattrs of `path` itself (never following a final symlink)."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in _XATTR_QUIET:
-            return {}
-        raise
-    out: dict[bytes, bytes] = {}
-    for name in names:
-        try:
-            out[os.fsencode(name)] = os.getxattr(path, name, follow_symlinks=False)
-        except OSError as e:
-            if e.errno not in _XATTR_QUIET:
-                raise
-    return out
 
 
 def open_path(path: bytes, flags: int = os.O_RDONLY) -> int:

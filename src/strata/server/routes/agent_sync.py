@@ -1,0 +1,87 @@
+"""Agent API: the sync protocol (which chunks are missing, upload them verified, commit a
+snapshot that references only chunks the server holds), and reading back the endpoint's
+own snapshots for a file restore."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from strata.errors import MissingChunks
+from strata.model.wire import (
+    ChunkRequest,
+    CommitRequest,
+    CommitResponse,
+    MissingRequest,
+    MissingResponse,
+    RestoreReport,
+    SnapshotSummary,
+    UploadResponse,
+)
+from strata.server.catalog.models import Endpoint
+from strata.server.context import ServerContext
+from strata.server.deps import AGENT_API, get_ctx, read_body, require_device
+from strata.server.services import sync
+
+router = APIRouter(prefix=AGENT_API, tags=["agent"])
+MAX_MISSING_LISTED = 10_000  # in a refused commit's answer
+
+
+@router.post("/chunks/missing", response_model=MissingResponse)
+def missing(body: MissingRequest, ep: Endpoint = Depends(require_device),
+            ctx: ServerContext = Depends(get_ctx)) -> MissingResponse:
+    """Which of these chunk ids the server does not hold (from any endpoint)."""
+    return MissingResponse(missing=sync.missing(ctx, ep.id, body.ids))
+
+
+@router.post("/chunks", response_model=UploadResponse,
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
+async def upload(request: Request, ep: Endpoint = Depends(require_device),
+                 ctx: ServerContext = Depends(get_ctx)) -> UploadResponse:
+    """Upload a chunk bundle (binary body); acknowledged only once durable."""
+    data = await read_body(request, ctx.settings.max_upload_bytes)
+    return await run_in_threadpool(sync.store_bundle, ctx, ep.id, data)
+
+
+@router.post("/snapshots", response_model=CommitResponse,
+             responses={409: {"model": MissingResponse,
+                              "description": "chunks missing: upload them and retry"}})
+def commit(body: CommitRequest, ep: Endpoint = Depends(require_device),
+           ctx: ServerContext = Depends(get_ctx)) -> CommitResponse | Response:
+    """Commit a snapshot of this endpoint; refused (409) if it names a chunk not held."""
+    try:
+        return CommitResponse(snapshot=sync.commit(ctx, ep, body))
+    except MissingChunks as exc:
+        listed = MissingResponse(missing=[c.hex() for c in exc.missing[:MAX_MISSING_LISTED]])
+        return Response(status_code=409, media_type="application/json",
+                        content=listed.model_dump_json())
+
+
+@router.get("/snapshots", response_model=list[SnapshotSummary])
+def list_snapshots(ep: Endpoint = Depends(require_device),
+                   ctx: ServerContext = Depends(get_ctx)) -> list[SnapshotSummary]:
+    return sync.list_snapshots(ctx, ep)
+
+
+@router.get("/snapshots/{ref}/manifest")
+def get_manifest(ref: str, ep: Endpoint = Depends(require_device),
+                 ctx: ServerContext = Depends(get_ctx)) -> Response:
+    sid, data = sync.snapshot_manifest(ctx, ep, ref)
+    return Response(content=data, media_type="application/octet-stream",
+                    headers={"X-Strata-Snapshot": sid})
+
+
+@router.post("/snapshots/{ref}/chunks")
+def fetch_chunks(ref: str, body: ChunkRequest, ep: Endpoint = Depends(require_device),
+                 ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """Chunks of one of the endpoint's own snapshots, as a bundle of verified payloads."""
+    return Response(content=sync.snapshot_chunks(ctx, ep, ref, body.ids),
+                    media_type="application/octet-stream")
+
+
+@router.post("/transactions/restore")
+def report_restore(body: RestoreReport, ep: Endpoint = Depends(require_device),
+                   ctx: ServerContext = Depends(get_ctx)) -> dict[str, bool]:
+    """The agent's account of a file restore, for the transaction log."""
+    sync.report_restore(ctx, ep, body)
+    return {"recorded": True}

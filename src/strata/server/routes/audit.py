@@ -1,0 +1,28 @@
+"""Admin API: the records (audit log, transactions) and storage figures."""
+
+from __future__ import annotations
+
+from fastapi import Depends
+
+from strata.model.admin import AuditEntryInfo, StoreFigures, TransactionInfo
+from strata.server.context import ServerContext
+from strata.server.deps import admin_router, get_ctx
+from strata.server.services import audit, endpoints, storage
+
+router = admin_router("records")
+
+
+@router.get("/transactions", response_model=list[TransactionInfo])
+def transactions(endpoint: str | None = None, limit: int = 100,
+                 ctx: ServerContext = Depends(get_ctx)) -> list[TransactionInfo]:
+    return endpoints.transactions(ctx, endpoint, limit)
+
+
+@router.get("/audit", response_model=list[AuditEntryInfo])
+def audit_log(limit: int = 100, ctx: ServerContext = Depends(get_ctx)) -> list[AuditEntryInfo]:
+    return audit.audit_log(ctx, limit)
+
+
+@router.get("/stats", response_model=StoreFigures)
+def stats(ctx: ServerContext = Depends(get_ctx)) -> StoreFigures:
+    return storage.storage_figures(ctx)

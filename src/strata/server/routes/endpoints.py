@@ -1,0 +1,48 @@
+"""Admin API: endpoints (list, detail, approve, revoke, tags)."""
+
+from __future__ import annotations
+
+from fastapi import Depends
+
+from strata.model.admin import (
+    EndpointDetail,
+    EndpointState,
+    EndpointSummary,
+    EndpointTags,
+    TagsRequest,
+)
+from strata.server.context import ServerContext
+from strata.server.deps import admin_router, get_ctx, require_admin
+from strata.server.services import endpoints
+
+router = admin_router("endpoints")
+
+
+@router.get("/endpoints", response_model=list[EndpointSummary])
+def list_endpoints(pending: bool = False,
+                   ctx: ServerContext = Depends(get_ctx)) -> list[EndpointSummary]:
+    return endpoints.list_endpoints(ctx, pending)
+
+
+@router.get("/endpoints/{ref}", response_model=EndpointDetail)
+def show_endpoint(ref: str, ctx: ServerContext = Depends(get_ctx)) -> EndpointDetail:
+    """Inventory, assignment, snapshots and recent transactions."""
+    return endpoints.endpoint_detail(ctx, ref)
+
+
+@router.post("/endpoints/{ref}/approve", response_model=EndpointState)
+def approve(ref: str, ctx: ServerContext = Depends(get_ctx),
+            actor: str = Depends(require_admin)) -> EndpointState:
+    return endpoints.approve(ctx, ref, actor=actor)
+
+
+@router.post("/endpoints/{ref}/revoke", response_model=EndpointState)
+def revoke(ref: str, ctx: ServerContext = Depends(get_ctx),
+           actor: str = Depends(require_admin)) -> EndpointState:
+    return endpoints.revoke(ctx, ref, actor=actor)
+
+
+@router.put("/endpoints/{ref}/tags", response_model=EndpointTags)
+def set_tags(ref: str, body: TagsRequest, ctx: ServerContext = Depends(get_ctx),
+             actor: str = Depends(require_admin)) -> EndpointTags:
+    return endpoints.set_tags(ctx, ref, body, actor=actor)

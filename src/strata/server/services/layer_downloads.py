@@ -1,0 +1,62 @@
+"""What an agent downloads for its desired state: the manifests of the layers (or CVD
+snapshots) it names, and their chunks as one compressed stream. An endpoint reads only
+what is assigned to it."""
+
+from __future__ import annotations
+
+import zstandard
+
+from strata.errors import Forbidden, NotFound, TooLarge
+from strata.model.transfer import pack_stream
+from strata.server.catalog.models import Endpoint
+from strata.server.context import ServerContext
+from strata.server.services import snapshots
+from strata.server.services.assignments import cached_desired
+from strata.server.services.manifests import parse_chunk_ids
+
+MAX_STREAM_BYTES = 64 << 20  # raw bytes in one download response
+# zstd level of download streams: what crosses a WAN is what branch offices wait for, and
+# the stream cache makes the cost of the top level a one-off per batch, not per endpoint.
+DOWNLOAD_LEVEL = 19
+
+
+def _allowed_snapshots(ctx: ServerContext, ep: Endpoint) -> set[str]:
+    desired = cached_desired(ctx, ep)
+    if desired is None:
+        return set()
+    return {dl.snapshot for dl in [*desired.layers, *(desired.owned or [])]}
+
+
+def layer_manifest(ctx: ServerContext, ep: Endpoint, sid: str) -> bytes:
+    """The zstd-compressed manifest of a layer or snapshot the endpoint's desired state
+    names (a manifest is highly redundant: compressed it is a fraction)."""
+    if sid not in _allowed_snapshots(ctx, ep):
+        # Not assigned to this endpoint: reported like a layer that does not exist.
+        raise NotFound(f"no layer or snapshot {sid[:8]} assigned to this endpoint")
+    data = snapshots.manifest_bytes(ctx, sid, "layer")
+    return zstandard.ZstdCompressor(level=19).compress(data)
+
+
+def layer_chunks(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> bytes:
+    """Chunks of the endpoint's assigned layers, as one zstd stream. The server alone picks
+    the level (a client asking for the costliest would be a denial of service) and keeps
+    the stream: the next endpoint asking for the same batch costs no compression."""
+    ids = parse_chunk_ids(hex_ids)
+    allowed: set[bytes] = set()
+    for sid in _allowed_snapshots(ctx, ep):
+        allowed |= ctx.snapshot_chunks(sid)
+    if any(c not in allowed for c in ids):
+        raise Forbidden("a requested chunk is not part of this endpoint's layers")
+
+    def make() -> bytes:
+        chunks, total = [], 0
+        for cid in ids:
+            raw = ctx.store.load_chunk(cid)  # verified against its id on the way out
+            total += len(raw)
+            if total > MAX_STREAM_BYTES:
+                raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per "
+                               "request")
+            chunks.append((cid, raw))
+        return pack_stream(chunks, DOWNLOAD_LEVEL)
+
+    return ctx.streams.get_or_make(DOWNLOAD_LEVEL, ids, make)

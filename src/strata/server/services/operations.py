@@ -1,0 +1,169 @@
+"""One-off operations on endpoints, carried out by their agents at the next check-in:
+revert the system to a snapshot, restore a CVD onto new hardware, provision from
+layers, and migrations (to another base or driver layer) tracked as tasks."""
+
+from __future__ import annotations
+
+import os
+
+from sqlalchemy import select
+
+from strata.errors import Invalid, NotFound
+from strata.model.admin import (
+    MigrateRequest,
+    ProvisionRequest,
+    ProvisionResult,
+    RestoreRequest,
+    RestoreResult,
+    RevertRequest,
+    RevertResult,
+    TaskEndpoint,
+    TaskInfo,
+)
+from strata.model.entry import EntryType
+from strata.server.catalog.models import Assignment, Endpoint, Layer, SnapshotRecord, Task
+from strata.server.context import ServerContext
+from strata.server.services import audit, snapshots
+from strata.server.services.assignments import apply_assignment, assignment_of, set_state
+from strata.server.services.collections import targets
+from strata.server.services.lookup import find_endpoint
+
+
+def revert(ctx: ServerContext, ref: str, req: RevertRequest, *, actor: str) -> RevertResult:
+    """System layers back to a snapshot; user data stays as it is now."""
+    with ctx.write() as db:
+        ep = find_endpoint(db, ref)
+        rec = snapshots.find_snapshot(db, ep.id, req.snapshot)
+        sid = rec.id
+        a = assignment_of(db, ep)
+        layers = [db.get(Layer, i) for i in rec.layers or []]
+        a.base_id = next((r.id for r in layers if r is not None and r.kind == "base"), None)
+        a.app_ids = [r.id for r in layers if r is not None and r.kind == "app"]
+        a.operation = {"kind": "revert", "snapshot": sid, "keep_user_apps": req.keep_user_apps}
+        set_state(a, "assigned", percent=0.0)
+        eid = ep.id
+    ctx.invalidate()
+    audit.record(ctx, actor, "revert", eid, snapshot=sid, keep_user_apps=req.keep_user_apps)
+    return RevertResult(endpoint=eid, snapshot=sid, state="assigned")
+
+
+def restore_to(ctx: ServerContext, ref: str, req: RestoreRequest, *,
+               actor: str) -> RestoreResult:
+    """Full restore of a CVD onto another (new) endpoint: the CVD moves there, identity
+    follows it, and the driver layer is chosen again for the new hardware."""
+    with ctx.write() as db:
+        old, new = find_endpoint(db, ref), find_endpoint(db, req.to_endpoint)
+        if old.id == new.id:
+            raise Invalid("restore to the same endpoint is a revert")
+        sid = snapshots.find_snapshot(db, old.id, "latest").id
+        old_a = db.get(Assignment, old.id)
+        old_drivers = [db.get(Layer, i) for i in (old_a.applied_layers if old_a else [])]
+        removes = _driver_paths(ctx, sid, [d for d in old_drivers
+                                           if d is not None and d.kind == "driver"])
+        # The CVDs swap contents: the new machine takes the snapshot stream, the old
+        # record keeps whatever the new one had centralized before.
+        c_old, c_new = snapshots.cvd_of(db, old.id), snapshots.cvd_of(db, new.id)
+        assert c_old is not None and c_new is not None
+        moving = list(db.scalars(select(SnapshotRecord)
+                                 .where(SnapshotRecord.cvd_id == c_old.id)))
+        staying = list(db.scalars(select(SnapshotRecord)
+                                  .where(SnapshotRecord.cvd_id == c_new.id)))
+        for r in moving:
+            r.cvd_id = c_new.id
+        for r in staying:
+            r.cvd_id = c_old.id
+        c_old.last_snapshot, c_new.last_snapshot = c_new.last_snapshot, c_old.last_snapshot
+        a = assignment_of(db, new)
+        a.base_id = old_a.base_id if old_a else None
+        a.app_ids = list(old_a.app_ids) if old_a else []
+        a.driver_ids = None
+        a.operation = {"kind": "restore", "snapshot": sid, "removes": removes,
+                       "from": old.id}
+        set_state(a, "assigned", percent=0.0)
+        old.state = "revoked"
+        new.hostname = old.hostname
+        ids = (old.id, new.id)
+    ctx.invalidate()
+    audit.record(ctx, actor, "restore-to-endpoint", ids[1], source=ids[0], snapshot=sid)
+    return RestoreResult(**{"from": ids[0]}, to=ids[1], snapshot=sid, state="assigned")
+
+
+def _driver_paths(ctx: ServerContext, sid: str, drivers: list[Layer]) -> list[str]:
+    """What the old hardware's driver layers put in a snapshot: their files, and their
+    directories unless something else lives in them."""
+    files: set[bytes] = set()
+    dirs: set[bytes] = set()
+    for d in drivers:
+        for e in snapshots.entries(ctx, d.snapshot):
+            (dirs if e.type is EntryType.DIR else files).add(e.path)
+    shared: set[bytes] = set()
+    for e in snapshots.entries(ctx, sid):
+        if e.path not in files and e.path not in dirs:
+            p = e.path
+            while b"/" in p:
+                p = p.rpartition(b"/")[0]
+                shared.add(p)
+    return sorted(os.fsdecode(p) for p in files | (dirs - shared))
+
+
+def provision(ctx: ServerContext, ref: str, req: ProvisionRequest, *,
+              actor: str) -> ProvisionResult:
+    """Wipe the endpoint's system and lay down layers; it then starts a fresh CVD."""
+    with ctx.write() as db:
+        ep = find_endpoint(db, ref)
+        apply_assignment(db, [ep], base=req.base, apps=req.apps)
+        assignment_of(db, ep).operation = {"kind": "provision"}
+        eid = ep.id
+    ctx.invalidate()
+    audit.record(ctx, actor, "provision", eid, base=req.base, apps=req.apps)
+    return ProvisionResult(endpoint=eid, base=req.base, apps=req.apps, state="assigned")
+
+
+def migrate(ctx: ServerContext, req: MigrateRequest, *, actor: str) -> TaskInfo:
+    """Re-base endpoints onto another base (OS migration) or driver layer (hardware
+    migration) as one tracked task; each endpoint snapshots itself before the switch."""
+    if req.base is None and req.drivers is None:
+        raise Invalid("migrate to a --base or --driver layer")
+    with ctx.write() as db:
+        eps = targets(db, req.endpoints, req.collection, False)
+        task = Task(kind="migrate", params=req.model_dump(), endpoints=[e.id for e in eps])
+        db.add(task)
+        db.flush()
+        apply_assignment(db, eps, base=req.base, drivers=req.drivers, task=task)
+        tid = task.id
+    ctx.invalidate()
+    audit.record(ctx, actor, "migrate", str(tid), base=req.base, drivers=req.drivers,
+                 endpoints=len(eps))
+    return task_info(ctx, tid)
+
+
+def task_info(ctx: ServerContext, tid: int) -> TaskInfo:
+    """A task and each of its endpoints' progress (an endpoint a later assignment took
+    over is "superseded")."""
+    with ctx.session() as db:
+        task = db.get(Task, tid)
+        if task is None:
+            raise NotFound(f"no task {tid}")
+        rows = []
+        for eid in task.endpoints:
+            a, ep = db.get(Assignment, eid), db.get(Endpoint, eid)
+            hostname = ep.hostname if ep else ""
+            if a is not None and a.task_id == task.id:
+                rows.append(TaskEndpoint(endpoint=eid, hostname=hostname, state=a.state,
+                                         percent=round(a.percent, 1), detail=a.detail))
+            else:
+                rows.append(TaskEndpoint(endpoint=eid, hostname=hostname, state="superseded",
+                                         percent=0.0, detail=""))
+        done = sum(r.state == "applied" for r in rows)
+        failed = sum(r.state == "failed" for r in rows)
+        return TaskInfo(id=task.id, kind=task.kind, params=MigrateRequest(**task.params),
+                        created_at=task.created_at, endpoints=rows,
+                        progress=round(100.0 * done / len(rows), 1) if rows else 100.0,
+                        state="done" if done == len(rows)
+                        else ("failed" if failed else "running"))
+
+
+def list_tasks(ctx: ServerContext) -> list[TaskInfo]:
+    with ctx.session() as db:
+        ids = list(db.scalars(select(Task.id).order_by(Task.id)))
+    return [task_info(ctx, t) for t in ids]

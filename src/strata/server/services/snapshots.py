@@ -1,0 +1,87 @@
+"""A CVD's snapshots: the one lookup of a snapshot an administrator or the endpoint
+itself names (`latest`, a unique id prefix or the full id, always within one CVD), the
+CVD's head, and reading a snapshot's manifest back from the store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from strata.errors import Conflict, CorruptData, NotFound, SnapshotNotFound
+from strata.model.entry import Entry
+from strata.server.catalog.models import Cvd, SnapshotRecord
+from strata.server.context import ServerContext
+
+
+def cvd_of(db: Session, endpoint_id: str) -> Cvd | None:
+    return db.scalar(select(Cvd).where(Cvd.endpoint_id == endpoint_id))
+
+
+def cvd_snapshots(db: Session, endpoint_id: str) -> list[SnapshotRecord]:
+    """The CVD's snapshots, oldest first."""
+    cvd = cvd_of(db, endpoint_id)
+    if cvd is None:
+        return []
+    return list(db.scalars(select(SnapshotRecord).where(SnapshotRecord.cvd_id == cvd.id)
+                           .order_by(SnapshotRecord.time)))
+
+
+def find_snapshot(db: Session, endpoint_id: str, ref: str,
+                  owner: str = "") -> SnapshotRecord:
+    """The snapshot `ref` names in the endpoint's CVD: `latest` (or nothing) for its
+    newest, else a unique prefix of its id. A snapshot of another CVD is reported exactly
+    like one that does not exist. `owner` names the CVD in messages."""
+    owner = owner or f"endpoint {endpoint_id[:8]}"
+    cvd = cvd_of(db, endpoint_id)
+    newest = db.scalar(select(SnapshotRecord).where(SnapshotRecord.cvd_id == cvd.id)
+                       .order_by(SnapshotRecord.time.desc()).limit(1)) if cvd else None
+    if newest is None:
+        raise Conflict(f"{owner} has not centralized yet")
+    if ref in ("", "latest"):
+        return newest
+    assert cvd is not None
+    hits = list(db.scalars(select(SnapshotRecord).where(
+        SnapshotRecord.cvd_id == cvd.id,
+        SnapshotRecord.id.startswith(ref.lower(), autoescape=True)).limit(2)))
+    if len(hits) != 1:
+        raise NotFound(f"no snapshot {ref!r} of {owner}")
+    return hits[0]
+
+
+def head_snapshot(db: Session, endpoint_id: str) -> SnapshotRecord | None:
+    """The snapshot the endpoint's tree now stands at (none after a provisioning, until
+    the fresh CVD's first snapshot)."""
+    cvd = cvd_of(db, endpoint_id)
+    if cvd is None or cvd.last_snapshot is None:
+        return None
+    return db.get(SnapshotRecord, cvd.last_snapshot)
+
+
+def cached_head(ctx: ServerContext, endpoint_id: str) -> tuple[str | None, datetime | None]:
+    """The head's id and time, as every check-in reports them (cached; a commit uncaches)."""
+    def load() -> tuple[str | None, datetime | None]:
+        with ctx.session() as db:
+            head = head_snapshot(db, endpoint_id)
+            return (head.id, head.time) if head else (None, None)
+    return ctx.cached(f"last:{endpoint_id}", load)
+
+
+def uncache_head(ctx: ServerContext, endpoint_id: str) -> None:
+    ctx.uncache(f"last:{endpoint_id}")
+
+
+def entries(ctx: ServerContext, sid: str) -> Iterator[Entry]:
+    """The entries of a stored snapshot's (or layer's) manifest, decoded as they stream."""
+    return ctx.store.iter_manifest(ctx.store.load_snapshot(sid))
+
+
+def manifest_bytes(ctx: ServerContext, sid: str, what: str = "snapshot") -> bytes:
+    """A stored snapshot's manifest as stored (each chunk verified against its id)."""
+    try:
+        snap = ctx.store.load_snapshot(sid)
+        return b"".join(ctx.store.load_chunk(c) for c in snap.manifest_chunk_ids())
+    except (SnapshotNotFound, CorruptData) as exc:
+        raise CorruptData(f"{what} {sid[:8]} cannot be read: {exc}") from None
