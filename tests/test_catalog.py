@@ -124,9 +124,12 @@ def test_two_servers_starting_on_a_new_database_both_migrate(pg_cluster: PgClust
 # -- the same values on both databases -------------------------------------------------------
 
 
-@pytest.fixture
-def catalog(catalogs, tmp_path):
-    engine, sessions = open_catalog(catalogs.url(tmp_path))
+@pytest.fixture(scope="module")
+def catalog(catalogs, tmp_path_factory):
+    """One catalog per database for the tests below (a new one each costs a second or
+    two): each adds rows with keys of its own, and a refused row is never added."""
+    engine, sessions = open_catalog(catalogs.url(tmp_path_factory.mktemp("values")))
+    add(sessions, EndpointRow(id="seed", credential_hash="seed"))
     yield sessions
     engine.dispose()
 
@@ -140,13 +143,16 @@ def add(sessions, *rows) -> None:
 def test_times_come_back_aware_and_in_utc(catalog):
     when = datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=5)))
     add(catalog, EnrollmentToken(token_hash="t" * 64, expires_at=when))
+    mine = EnrollmentToken.token_hash == "t" * 64
     with catalog() as db:
-        got = db.scalar(select(EnrollmentToken.expires_at))
+        got = db.scalar(select(EnrollmentToken.expires_at).where(mine))
         assert got == when and got.tzinfo is UTC and got.hour == 20
         # Comparisons in SQL see the same instant whatever zone the bound value is in.
         assert db.scalar(select(EnrollmentToken.id).where(
-            EnrollmentToken.expires_at < when.astimezone(UTC) + timedelta(seconds=1)))
-        assert db.scalar(select(EnrollmentToken.created_at)).tzinfo is UTC  # the default
+            mine, EnrollmentToken.expires_at < when.astimezone(UTC) + timedelta(seconds=1)))
+        assert not db.scalar(select(EnrollmentToken.id).where(
+            mine, EnrollmentToken.expires_at < when.astimezone(UTC)))
+        assert db.scalar(select(EnrollmentToken.created_at).where(mine)).tzinfo is UTC
 
 
 def test_a_naive_time_is_refused(catalog):
@@ -158,34 +164,35 @@ def test_a_naive_time_is_refused(catalog):
     pytest.param(lambda: EnrollmentToken(token_hash="x" * 65), id="string-too-long"),
     pytest.param(lambda: EnrollmentToken(token_hash="a\x00b"), id="nul-character"),
     pytest.param(lambda: EnrollmentToken(token_hash="\ud800"), id="lone-surrogate"),
-    pytest.param(lambda: EnrollmentToken(token_hash="t", uses_left=1 << 31), id="int32"),
-    pytest.param(lambda: EndpointRow(id="e", credential_hash="c", bytes_sent=1 << 63),
+    pytest.param(lambda: EnrollmentToken(token_hash="u", uses_left=1 << 31), id="int32"),
+    pytest.param(lambda: EndpointRow(id="big", credential_hash="big", bytes_sent=1 << 63),
                  id="int64"),
-    pytest.param(lambda: EndpointRow(id="e", credential_hash="c",
+    pytest.param(lambda: EndpointRow(id="nan", credential_hash="nan",
                                      inventory={"x": float("nan")}), id="json-nan"),
-    pytest.param(lambda: Transaction(endpoint_id="e", kind="restore",
+    pytest.param(lambda: Transaction(endpoint_id="seed", kind="restore",
                                      seconds=float("inf")), id="float-inf"),
 ])
 def test_values_postgresql_refuses_are_refused_on_both(catalog, row):
-    add(catalog, EndpointRow(id="e", credential_hash="seed"))
     with pytest.raises(StatementError) as caught:
         add(catalog, row())
     assert isinstance(caught.value.orig, CatalogValueError)
 
 
 def test_descriptive_text_is_clipped_not_refused(catalog):
-    add(catalog, EndpointRow(id="e", credential_hash="c", hostname="h" * 300 + "\x00",
+    add(catalog, EndpointRow(id="clip", credential_hash="clip", hostname="h" * 300 + "\x00",
                              os="linux\x00\ud800"),
-        AuditEntry(actor="admin", action="assign", target=",".join(["x" * 36] * 10)))
+        AuditEntry(actor="admin", action="clip-test", target=",".join(["x" * 36] * 10)))
     with catalog() as db:
-        ep = db.get(EndpointRow, "e")
+        ep = db.get(EndpointRow, "clip")
         assert ep.hostname == "h" * 255
         assert ep.os == "linux\ufffd?"
-        assert len(db.scalar(select(AuditEntry.target))) == 128
+        assert len(db.scalar(select(AuditEntry.target).where(
+            AuditEntry.action == "clip-test"))) == 128
         # Bulk updates (the check-in timestamps) go through the same types.
-        db.execute(update(EndpointRow), [{"id": "e", "last_ip": "1" * 100}])
+        db.execute(update(EndpointRow), [{"id": "clip", "last_ip": "1" * 100}])
         db.commit()
-        assert db.scalar(select(EndpointRow.last_ip)) == "1" * 64
+        assert db.scalar(select(EndpointRow.last_ip).where(EndpointRow.id == "clip")) \
+            == "1" * 64
 
 
 # -- a catalog that cannot be used: one line, never a password ------------------------------
