@@ -16,6 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
+# The catalog fixtures live here, not imported by each module: one PostgreSQL cluster a session.
+from pg_fixture import catalogs, pg_cluster  # noqa: F401
 from strata.engine.backup import BackupResult, backup
 from strata.engine.restore import RestoreResult, restore
 from strata.store.repository import Store

@@ -116,6 +116,10 @@ def free_port() -> int:
 class Server:
     """One `strata server` process on 127.0.0.1; unpacks as (url, admin_token_file, data, proc).
 
+    `catalog`: the URL of its catalog database ('' for SQLite in the data directory); the
+    tests that run on both databases get one from the `catalogs` fixture (pg_fixture.py).
+    `args`: more `strata server` options (e.g. --store s3://…).
+
     Layer signing is set up at the first start (`strata signing init`, keys beside the data
     directory), as an administrator does before enrolling endpoints: agents then pin its
     root, and `admin_cli` signs captures and assignments with the keys (STRATA_SIGNING_*).
@@ -123,11 +127,12 @@ class Server:
 
     PASSPHRASE = "strata test passphrase"
 
-    def __init__(self, data: Path, port: int | None = None, args: Sequence[object] = (), *,
-                 signing: bool = True):
+    def __init__(self, data: Path, port: int | None = None, args: Sequence[object] = (),
+                 catalog: str = "", *, signing: bool = True):
         self.data = data
         self.port = port or free_port()
-        self.args = list(args)  # more `strata server` options (e.g. --store s3://…)
+        self.args = list(args)
+        self.catalog = catalog
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data.parent / f"{data.name}.server.log"
         self.signing = signing
@@ -155,7 +160,7 @@ class Server:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 argv(["server", "--data", self.data, "--listen", f"127.0.0.1:{self.port}",
-                      *self.args]),
+                      *(["--catalog", self.catalog] if self.catalog else []), *self.args]),
                 env=cli_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -278,10 +283,10 @@ def enrolled_device(server: Server, hostname: str = "probe") -> tuple[str, httpx
     return doc["endpoint_id"], device(server, doc["credential"])
 
 
-def running_server(data: Path, port: int | None = None,
-                   args: Sequence[object] = ()) -> Iterator[Server]:
+def running_server(data: Path, port: int | None = None, args: Sequence[object] = (),
+                   catalog: str = "") -> Iterator[Server]:
     """Body of the `server` fixtures: start, yield, and always stop at teardown."""
-    srv = Server(data, port, args).start()
+    srv = Server(data, port, args, catalog).start()
     try:
         yield srv
     finally:

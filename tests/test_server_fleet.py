@@ -36,14 +36,17 @@ ENDPOINTS = 4
 OVERHEAD = 64 << 10  # fixed allowance per run: check-in-free protocol chatter, headers
 
 
-@pytest.fixture(scope="module", params=["local", "s3"])
+@pytest.fixture(scope="module", params=["sqlite-local", "postgresql-s3"])
 def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """Five endpoints on one server, each centralized once with `agent run --once`; the
-    server's store in its data directory, or in S3 (moto on loopback).
+    """Five endpoints on one server, each centralized once with `agent run --once`: the
+    embedded default (SQLite catalog, store in the data directory), and the scale-out
+    pair (a PostgreSQL catalog, the store in S3: moto on loopback). Two runs, not four:
+    each half is also covered on its own (test_catalog*.py, test_store_s3.py).
 
     Endpoints 1-4: the same OS tree and common documents, plus their own user data
     (random, 1-3 MB) and their own etc/hostname. Endpoint 5: a copy of endpoint 1 with
-    another hostname, so everything it holds is already on the server."""
+    another hostname, so everything it holds is already on the server. Once per catalog
+    database (SQLite, PostgreSQL)."""
     base = tmp_path_factory.mktemp("fleet")
     os_tree = base / "os-tree"
     build_os_tree(os_tree, OS_BUDGET)
@@ -67,7 +70,10 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     user_bytes.append(0)
 
     data = base / "server-data"
-    if request.param == "s3":
+    catalog_kind, store_kind = request.param.split("-")
+    catalog = request.getfixturevalue("pg_cluster").new_database() \
+        if catalog_kind == "postgresql" else ""
+    if store_kind == "s3":
         s3 = request.getfixturevalue("s3")
         bucket = s3.new_bucket()
         request.addfinalizer(lambda: s3.drop_bucket(bucket))
@@ -80,7 +86,7 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         store_args: list[object] = [where, "--state", data / "store-state"]
     else:
         server_args, store_args = [], [data / "store"]
-    server = Server(data, args=server_args).start()
+    server = Server(data, args=server_args, catalog=catalog).start()
     try:
         agents = [Agent(server, root, base / f"state-{i}") for i, root in enumerate(roots, 1)]
         token = strata_json("token", "create", "--uses", ENDPOINTS, "--server", server.url,

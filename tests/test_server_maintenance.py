@@ -16,8 +16,9 @@ from strata.server.maintenance import run_maintenance
 from strata.server.policies import DEFAULTS
 
 
-def _app(tmp_path: Path):
-    return create_app(ServerSettings(data_dir=tmp_path / "data", maintenance_interval=3600))
+def _app(tmp_path: Path, catalog: str = ""):
+    return create_app(ServerSettings(data_dir=tmp_path / "data", catalog_url=catalog,
+                                     maintenance_interval=3600))
 
 
 def test_admin_token_is_created_private_on_first_start(tmp_path):
@@ -27,8 +28,8 @@ def test_admin_token_is_created_private_on_first_start(tmp_path):
     assert app.state.admin_token_path == token
 
 
-def test_retention_keeps_a_year_by_default_and_prune_frees_space(tmp_path):
-    app = _app(tmp_path)
+def test_retention_keeps_a_year_by_default_and_prune_frees_space(tmp_path, catalogs):
+    app = _app(tmp_path, catalogs.new())
     ctx = app.state.ctx
     src = tmp_path / "src"
     src.mkdir()

@@ -43,8 +43,10 @@ CODEC = BlobCodec(PlainCipher(), 3)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    yield from running_server(tmp_path_factory.mktemp("security") / "server-data")
+def server(tmp_path_factory: pytest.TempPathFactory, catalogs):
+    """One server per catalog database: every test here runs on SQLite and on PostgreSQL."""
+    yield from running_server(tmp_path_factory.mktemp("security") / "server-data",
+                              catalog=catalogs.new())
 
 
 def small_root(path: Path, hostname: str, seed: int) -> Path:

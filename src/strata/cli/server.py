@@ -22,8 +22,11 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
           listen: str = typer.Option("127.0.0.1:8470", "--listen", help="HOST:PORT to serve."),
           tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate."),
           tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key."),
-          catalog: str = typer.Option("", "--catalog", help="SQLAlchemy URL of the catalog "
-                                      "(default: SQLite in the data directory)."),
+          catalog: str = typer.Option(
+              "", "--catalog", envvar="STRATA_CATALOG",
+              help="Catalog database: postgresql://USER@HOST[:PORT]/DATABASE or "
+              "sqlite:///PATH (default: SQLite in the data directory). Put the password in "
+              "~/.pgpass or $STRATA_CATALOG rather than on the command line."),
           maintenance_interval: float = typer.Option(
               3600, "--maintenance-interval", help="Seconds between retention and prune runs."),
           store: str = typer.Option("", "--store", help="Where the store lives: a directory, "
@@ -41,6 +44,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     import uvicorn
 
     from strata.server.app import create_app
+    from strata.server.catalog.db import redact
     from strata.server.context import ServerSettings
 
     data_dir = (data or default_data_dir()).resolve()
@@ -54,10 +58,11 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     settings = ServerSettings(data_dir=data_dir, catalog_url=catalog,
                               maintenance_interval=maintenance_interval, store=store,
                               s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
-    app = create_app(settings)
+    app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
     scheme = "https" if tls_cert else "http"
     where = f"  store: {store}" if store else ""
     err_console.print(f"Strata server on {scheme}://{listen}  data: {data_dir}{where}\n"
+                      f"catalog: {redact(settings.catalog_url)}\n"
                       f"admin token: {app.state.admin_token_path} (mode 0600)",
                       highlight=False)
     uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning",

@@ -5,11 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from strata.model.update import UpdateState
 
 MAX_IDS_PER_QUERY = 10_000
+# What the server's catalog columns hold (32- and 64-bit integers): numbers outside are
+# refused here, before the server writes anything, rather than by the database afterwards.
+INT32_MAX = (1 << 31) - 1
+INT64_MAX = (1 << 63) - 1
+MAX_SECONDS = 366 * 86400  # one operation's duration; far more would overflow a datetime
+# Counters of a commit's stats that the server copies into the catalog. File counts stay
+# below 2^30 so that their sums (files new + changed) fit a 32-bit column too.
+CATALOG_STATS = {"files": 1 << 30, "files_new": 1 << 30, "files_changed": 1 << 30,
+                 "bytes_total": INT64_MAX, "bytes_new": INT64_MAX, "bytes_read": INT64_MAX}
 
 
 class ChunkerSpec(BaseModel):
@@ -101,12 +110,21 @@ class CommitRequest(BaseModel):
     manifest_id: str
     paths: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
-    trigger: str = "scheduled"
+    trigger: str = Field(default="scheduled", max_length=16)
     stats: dict[str, Any] = Field(default_factory=dict)
-    kind: str = "incremental"  # centralize (first) or incremental
-    retries: int = 0
-    bytes_on_wire: int = 0
-    seconds: float = 0.0
+    kind: str = Field(default="incremental", max_length=16)  # centralize (first) / incremental
+    retries: int = Field(default=0, ge=0, le=INT32_MAX)
+    bytes_on_wire: int = Field(default=0, ge=0, le=INT64_MAX)
+    seconds: float = Field(default=0.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
+
+    @field_validator("stats")
+    @classmethod
+    def _catalog_counters(cls, stats: dict[str, Any]) -> dict[str, Any]:
+        for key, limit in CATALOG_STATS.items():
+            value = stats.get(key, 0)
+            if type(value) is not int or not 0 <= value <= limit:
+                raise ValueError(f"stats.{key} must be a whole number from 0 to {limit}")
+        return stats
 
 
 class CommitResponse(BaseModel):
@@ -140,9 +158,9 @@ class UpdateReport(BaseModel):
 
 class RestoreReport(BaseModel):
     snapshot: str
-    files: int = 0
-    bytes_written: int = 0
-    seconds: float = 0.0
-    result: str = "ok"  # ok / failed
+    files: int = Field(default=0, ge=0, le=INT32_MAX)
+    bytes_written: int = Field(default=0, ge=0, le=INT64_MAX)
+    seconds: float = Field(default=0.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
+    result: str = Field(default="ok", max_length=16)  # ok / failed
     error: str = Field(default="", max_length=2000)
-    bytes_on_wire: int = 0
+    bytes_on_wire: int = Field(default=0, ge=0, le=INT64_MAX)

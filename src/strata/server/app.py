@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
 
 from strata import __version__
 from strata.errors import StrataError
@@ -15,7 +20,8 @@ from strata.server import metrics
 from strata.server.asgi_metrics import MetricsMiddleware
 from strata.server.auth import digest, ensure_admin_token, read_token_file
 from strata.server.body_limit import BodyLimitMiddleware
-from strata.server.catalog.db import open_catalog
+from strata.server.catalog.db import db_reason, open_catalog
+from strata.server.catalog.types import CatalogValueError
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.maintenance import upkeep_threads
 from strata.server.routes import (
@@ -34,6 +40,12 @@ from strata.server.routes import (
 )
 from strata.server.store_location import open_server_store
 from strata.server.stream_cache import StreamCache
+
+log = logging.getLogger("strata.server")
+
+
+def _finite_or_text(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -76,6 +88,25 @@ def create_app(settings: ServerSettings) -> FastAPI:
         # Services refuse with StrataError subclasses (NotFound, Conflict, Invalid, ...):
         # this is the one place that turns them into HTTP answers.
         return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input back and fails (a 500) when that holds a
+        # NaN or an infinity, which Python's JSON parser accepts: write those as strings.
+        errors = jsonable_encoder(exc.errors(), custom_encoder={float: _finite_or_text})
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(StatementError)
+    async def catalog_error(_request: Request, exc: StatementError) -> JSONResponse:
+        if isinstance(exc.orig, CatalogValueError):  # a value no catalog database takes
+            return JSONResponse({"detail": f"refused: {exc.orig}"}, status_code=422)
+        if isinstance(exc, (OperationalError, InterfaceError)):
+            # The database went away or is restarting: agents retry a 503 later.
+            log.warning("catalog unavailable: %s", db_reason(exc))
+            return JSONResponse({"detail": "the catalog database is unavailable; "
+                                 "try again later"}, status_code=503,
+                                headers={"Retry-After": "10"})
+        raise exc
 
     @app.get("/api/v1/health", tags=["health"])
     def health() -> dict:

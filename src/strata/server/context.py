@@ -71,13 +71,15 @@ class ServerContext:
         return SigningRepository(self.settings.data_dir / "signing")
 
     def session(self) -> DbSession:
-        """A session for reading (SQLite in WAL mode lets reads run side by side)."""
+        """A session for reading (SQLite in WAL mode and PostgreSQL run reads side by side)."""
         return self.db()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[DbSession]:
         """A session for writing, committed at the end. Writers take turns on a lock here
-        rather than in SQLite's busy handler, whose back-off sleeps would add latency."""
+        rather than in SQLite's busy handler, whose back-off sleeps would add latency. The
+        lock orders this process's writers only: a row that another process on the same
+        PostgreSQL catalog may change at once must be read FOR UPDATE."""
         with self._write_lock, self.db() as db:
             yield db
             db.commit()

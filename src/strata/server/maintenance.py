@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import UTC
 
 from sqlalchemy import delete, select
 
@@ -33,9 +32,7 @@ def run_maintenance(ctx: ServerContext) -> dict:
         for cvd in db.scalars(select(Cvd)):
             rows = list(db.scalars(select(SnapshotRecord)
                                    .where(SnapshotRecord.cvd_id == cvd.id)))
-            # SQLite hands datetimes back naive; they were stored as UTC.
-            infos = [SnapshotInfo(id=r.id, time=r.time if r.time.tzinfo
-                                  else r.time.replace(tzinfo=UTC), host=cvd.endpoint_id,
+            infos = [SnapshotInfo(id=r.id, time=r.time, host=cvd.endpoint_id,
                                   tags=tuple(r.tags or ())) for r in rows]
             gone = [d.snapshot.id for d in apply_policy(infos, policy) if not d.keep]
             for sid in gone:

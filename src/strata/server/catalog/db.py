@@ -1,30 +1,89 @@
-"""Opening the catalog database and bringing its schema up to date with Alembic."""
+"""Opening the catalog database (SQLite or PostgreSQL) and bringing its schema up to date
+with Alembic. Any failure becomes one `CatalogError` line that never shows a password."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from strata.errors import StrataError
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+URL_FORMS = "sqlite:///PATH or postgresql://USER@HOST[:PORT]/DATABASE"
+# Any constant works: it only has to be the same in every Strata process sharing a database.
+_MIGRATION_LOCK = 0x5354524154410001  # "STRATA" + 1
+PG_CONNECT_TIMEOUT = 10  # seconds; libpq's default is to wait as long as TCP does
+# SQLite connections are cheap; each PostgreSQL one is a server process, so a server keeps
+# a few open and opens more only under load (up to the 40 threads that serve requests).
+SQLITE_POOL = {"pool_size": 32, "max_overflow": 32}
+PG_POOL = {"pool_size": 10, "max_overflow": 30}
 
 
-def alembic_config(url: str) -> Config:
+class CatalogError(StrataError):
+    """The catalog database cannot be reached, is not usable, or has a newer schema."""
+
+
+def redact(url: str) -> str:
+    """The URL as it may be shown: any password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # both, depending on what is malformed
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def catalog_url(url: str) -> URL:
+    """Parse the URL an administrator gave; `postgresql://` and `postgres://` mean psycopg 3."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # both, depending on what is malformed
+        raise CatalogError(f"not a catalog URL: {redact(url)!r} (use {URL_FORMS})") from None
+    if parsed.drivername in ("postgres", "postgresql", "postgresql+psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        if parsed.database in (None, "", ":memory:"):
+            raise CatalogError("an SQLite catalog needs a file: sqlite:///PATH "
+                               "(a catalog in memory would be lost at every restart)")
+        return parsed
+    raise CatalogError(f"unsupported catalog database {parsed.drivername!r} in "
+                       f"{redact(url)} (use {URL_FORMS})")
+
+
+def db_reason(exc: BaseException) -> str:
+    """The database's own words for a failure, on one line: 'connection refused',
+    'password authentication failed for user "strata"', 'database "x" does not exist'."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    msg = lines[0].strip() if lines else type(orig).__name__
+    msg = re.sub(r"^.* failed: ", "", msg)  # libpq: 'connection to server at ... failed: X'
+    msg = re.sub(r"^(connection is bad|connection failed):\s*", "", msg)
+    msg = re.sub(r"^(FATAL|ERROR):\s*", "", msg)
+    if len(msg) > 1 and msg[0].isupper() and msg[1].islower():
+        msg = msg[0].lower() + msg[1:]
+    return msg
+
+
+def alembic_config(url: str | URL) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", url)
+    rendered = url if isinstance(url, str) else url.render_as_string(hide_password=False)
+    cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
     return cfg
 
 
-def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
-    """Connect (SQLite file by default, PostgreSQL by URL) and migrate to the newest schema."""
-    # Enough pooled connections for every worker thread, so none is opened per request.
-    engine = create_engine(url, pool_size=32, max_overflow=32,
-                           connect_args={"timeout": 30} if url.startswith("sqlite") else {})
-    if url.startswith("sqlite"):
+def create_catalog_engine(url: URL) -> Engine:
+    """An engine for a URL from `catalog_url`, with what each database needs."""
+    if url.get_backend_name() == "sqlite":
+        engine = create_engine(url, **SQLITE_POOL, connect_args={"timeout": 30})
+
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn: object, _record: object) -> None:
             cur = conn.cursor()  # type: ignore[attr-defined]
@@ -34,8 +93,62 @@ def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
             # last few check-in timestamps, while snapshots live durably in the store.
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
-    with engine.begin() as conn:
-        cfg = alembic_config(url)
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        return engine
+    connect_args: dict[str, object] = {"application_name": "strata-server"}
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
+    # pre_ping: after a database restart, a pooled connection is found dead and replaced
+    # before a request uses it, instead of failing that request.
+    return create_engine(url, **PG_POOL, pool_pre_ping=True,
+                         connect_args=connect_args)
+
+
+def _check_postgresql(conn: Connection, shown: str) -> None:
+    encoding = conn.execute(text("SHOW server_encoding")).scalar()
+    if encoding != "UTF8":
+        raise CatalogError(f"the catalog database at {shown} uses the {encoding} encoding; "
+                           "Strata needs UTF8 (CREATE DATABASE ... ENCODING 'UTF8' "
+                           "TEMPLATE template0)")
+    # Two servers starting at once on a new database would both create the tables: the
+    # second waits here, then finds the schema up to date. Released at commit.
+    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+
+
+def migrate(conn: Connection, url: URL, shown: str) -> None:
+    """Upgrade the schema to the newest revision, refusing one newer than this code."""
+    cfg = alembic_config(url)
+    cfg.attributes["connection"] = conn
+    current = MigrationContext.configure(conn).get_current_revision()
+    scripts = ScriptDirectory.from_config(cfg)
+    if current is not None:
+        try:
+            scripts.get_revision(current)
+        except CommandError:
+            raise CatalogError(f"the catalog at {shown} has schema revision {current!r}, "
+                               "made by a newer Strata than this one (which knows up to "
+                               f"{scripts.get_current_head()!r}): upgrade Strata") from None
+    command.upgrade(cfg, "head")
+
+
+def open_catalog(url: str) -> tuple[Engine, sessionmaker]:
+    """Connect (SQLite file by default, PostgreSQL by URL) and migrate to the newest schema."""
+    target, shown = catalog_url(url), redact(url)
+    engine = create_catalog_engine(target)
+    try:
+        try:
+            conn = engine.connect()
+        except SQLAlchemyError as exc:
+            raise CatalogError(f"cannot connect to the catalog at {shown}: "
+                               f"{db_reason(exc)}") from None
+        with conn, conn.begin():
+            try:
+                if target.get_backend_name() == "postgresql":
+                    _check_postgresql(conn, shown)
+                migrate(conn, target, shown)
+            except SQLAlchemyError as exc:
+                raise CatalogError(f"cannot set up the catalog at {shown}: "
+                                   f"{db_reason(exc)}") from None
+    except BaseException:
+        engine.dispose()
+        raise
     return engine, sessionmaker(engine, expire_on_commit=False)

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    DateTime,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-)
+from sqlalchemy import Boolean, ForeignKey, Integer, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from strata.server.catalog.types import BoundedString as Str
+from strata.server.catalog.types import (
+    CheckedJSON,
+    CleanText,
+    FiniteFloat,
+    Int32,
+    Int64,
+    UtcDateTime,
+)
+
+# Column types come from catalog/types.py, so that SQLite accepts and returns exactly what
+# PostgreSQL does; `Str(n, clip=True)` marks descriptive text that is cut, not refused.
+# Integer primary keys stay plain: the database numbers them.
 
 
 def utcnow() -> datetime:
@@ -23,22 +27,23 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: DateTime(timezone=True), dict: JSON, list: JSON}
+    type_annotation_map = {datetime: UtcDateTime(), dict: CheckedJSON(), list: CheckedJSON(),
+                           float: FiniteFloat()}
 
 
 class Endpoint(Base):
     __tablename__ = "endpoints"
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    hostname: Mapped[str] = mapped_column(String(255), default="")
-    os: Mapped[str] = mapped_column(String(64), default="")
-    state: Mapped[str] = mapped_column(String(16), default="active")  # pending/active/revoked
-    credential_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    id: Mapped[str] = mapped_column(Str(36), primary_key=True)
+    hostname: Mapped[str] = mapped_column(Str(255, clip=True), default="")
+    os: Mapped[str] = mapped_column(Str(64, clip=True), default="")
+    state: Mapped[str] = mapped_column(Str(16), default="active")  # pending/active/revoked
+    credential_hash: Mapped[str] = mapped_column(Str(64), unique=True)
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(default=None)
-    last_ip: Mapped[str] = mapped_column(String(64), default="")
+    last_ip: Mapped[str] = mapped_column(Str(64, clip=True), default="")
     inventory: Mapped[dict] = mapped_column(default=dict)
-    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)  # from the agent
-    bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)  # to the agent
+    bytes_received: Mapped[int] = mapped_column(Int64, default=0)  # from the agent
+    bytes_sent: Mapped[int] = mapped_column(Int64, default=0)  # to the agent
     token_id: Mapped[int | None] = mapped_column(ForeignKey("enrollment_tokens.id"))
     tags: Mapped[list] = mapped_column(default=list)
 
@@ -50,18 +55,18 @@ class Cvd(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id"), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    last_snapshot: Mapped[str | None] = mapped_column(String(64), default=None)
+    last_snapshot: Mapped[str | None] = mapped_column(Str(64), default=None)
 
 
 class SnapshotRecord(Base):
     __tablename__ = "snapshots"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(Str(64), primary_key=True)
     cvd_id: Mapped[int] = mapped_column(ForeignKey("cvds.id"), index=True)
     time: Mapped[datetime] = mapped_column()
-    trigger: Mapped[str] = mapped_column(String(16), default="scheduled")
-    files: Mapped[int] = mapped_column(Integer, default=0)
-    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
-    bytes_new: Mapped[int] = mapped_column(BigInteger, default=0)
+    trigger: Mapped[str] = mapped_column(Str(16), default="scheduled")
+    files: Mapped[int] = mapped_column(Int32, default=0)
+    bytes_total: Mapped[int] = mapped_column(Int64, default=0)
+    bytes_new: Mapped[int] = mapped_column(Int64, default=0)
     tags: Mapped[list] = mapped_column(default=list)
     layers: Mapped[list] = mapped_column(default=list)  # layer ids applied when it was taken
 
@@ -69,8 +74,8 @@ class SnapshotRecord(Base):
 class EnrollmentToken(Base):
     __tablename__ = "enrollment_tokens"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    uses_left: Mapped[int | None] = mapped_column(Integer, default=None)  # None: unlimited
+    token_hash: Mapped[str] = mapped_column(Str(64), unique=True)
+    uses_left: Mapped[int | None] = mapped_column(Int32, default=None)  # None: unlimited
     expires_at: Mapped[datetime | None] = mapped_column(default=None)
     require_approval: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -81,7 +86,7 @@ class Policy(Base):
     """A named policy document: upload (exclusions, interval), retention, bandwidth."""
 
     __tablename__ = "policies"
-    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(Str(32), primary_key=True)
     document: Mapped[dict] = mapped_column(default=dict)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -92,27 +97,27 @@ class Transaction(Base):
     __tablename__ = "transactions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # centralize / incremental / restore
+    kind: Mapped[str] = mapped_column(Str(16))  # centralize / incremental / restore
     started: Mapped[datetime] = mapped_column(default=utcnow)
     finished: Mapped[datetime | None] = mapped_column(default=None)
-    snapshot: Mapped[str | None] = mapped_column(String(64), default=None)
-    files_changed: Mapped[int] = mapped_column(Integer, default=0)
-    bytes_before_dedup: Mapped[int] = mapped_column(BigInteger, default=0)
-    bytes_after_dedup: Mapped[int] = mapped_column(BigInteger, default=0)
-    bytes_on_wire: Mapped[int] = mapped_column(BigInteger, default=0)
+    snapshot: Mapped[str | None] = mapped_column(Str(64), default=None)
+    files_changed: Mapped[int] = mapped_column(Int32, default=0)
+    bytes_before_dedup: Mapped[int] = mapped_column(Int64, default=0)
+    bytes_after_dedup: Mapped[int] = mapped_column(Int64, default=0)
+    bytes_on_wire: Mapped[int] = mapped_column(Int64, default=0)
     seconds: Mapped[float] = mapped_column(default=0.0)
-    result: Mapped[str] = mapped_column(String(16), default="running")  # ok / failed
-    retries: Mapped[int] = mapped_column(Integer, default=0)
-    error: Mapped[str] = mapped_column(Text, default="")
+    result: Mapped[str] = mapped_column(Str(16), default="running")  # ok / failed
+    retries: Mapped[int] = mapped_column(Int32, default=0)
+    error: Mapped[str] = mapped_column(CleanText, default="")
 
 
 class AuditEntry(Base):
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     time: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    actor: Mapped[str] = mapped_column(String(64))  # "admin" or "endpoint:<id>"
-    action: Mapped[str] = mapped_column(String(64))
-    target: Mapped[str] = mapped_column(String(128), default="")
+    actor: Mapped[str] = mapped_column(Str(64, clip=True))  # "admin" or "endpoint:<id>"
+    action: Mapped[str] = mapped_column(Str(64, clip=True))
+    target: Mapped[str] = mapped_column(Str(128, clip=True), default="")
     detail: Mapped[dict] = mapped_column(default=dict)
 
 
@@ -123,16 +128,16 @@ class Layer(Base):
     __tablename__ = "layers"
     __table_args__ = (UniqueConstraint("name", "version"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16))  # base / driver / app
-    name: Mapped[str] = mapped_column(String(128))
-    version: Mapped[str] = mapped_column(String(64))
-    snapshot: Mapped[str] = mapped_column(String(64))
-    os: Mapped[str] = mapped_column(String(16), default="linux")  # rules family
+    kind: Mapped[str] = mapped_column(Str(16))  # base / driver / app
+    name: Mapped[str] = mapped_column(Str(128))
+    version: Mapped[str] = mapped_column(Str(64))
+    snapshot: Mapped[str] = mapped_column(Str(64))
+    os: Mapped[str] = mapped_column(Str(16), default="linux")  # rules family
     match: Mapped[dict] = mapped_column(default=dict)  # drivers: {"vendor": glob, "model": glob}
     removes: Mapped[list] = mapped_column(default=list)  # app layers: paths it deletes
-    files: Mapped[int] = mapped_column(Integer, default=0)
-    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    source: Mapped[str] = mapped_column(String(255), default="")
+    files: Mapped[int] = mapped_column(Int32, default=0)
+    bytes: Mapped[int] = mapped_column(Int64, default=0)
+    source: Mapped[str] = mapped_column(Str(255), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -140,7 +145,7 @@ class Collection(Base):
     """A named group of endpoints: listed members, and/or a rule on OS, hardware, tag."""
 
     __tablename__ = "collections"
-    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(Str(128), primary_key=True)
     members: Mapped[list] = mapped_column(default=list)
     rule: Mapped[dict] = mapped_column(default=dict)  # {"os": glob, "vendor": .., "tag": ..}
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -158,13 +163,13 @@ class Assignment(Base):
     # One-off operation on top of the layers: {"kind": revert|provision|restore, ...}
     operation: Mapped[dict] = mapped_column(default=dict)
     task_id: Mapped[int | None] = mapped_column(ForeignKey("tasks.id"), default=None)
-    state: Mapped[str] = mapped_column(String(16), default="assigned")
+    state: Mapped[str] = mapped_column(Str(16), default="assigned")
     percent: Mapped[float] = mapped_column(default=0.0)
-    detail: Mapped[str] = mapped_column(Text, default="")
-    desired_key: Mapped[str] = mapped_column(String(32), default="")
-    applied_key: Mapped[str] = mapped_column(String(32), default="")
+    detail: Mapped[str] = mapped_column(CleanText, default="")
+    desired_key: Mapped[str] = mapped_column(Str(32), default="")
+    applied_key: Mapped[str] = mapped_column(Str(32), default="")
     applied_layers: Mapped[list] = mapped_column(default=list)  # layer ids now on the endpoint
-    downloaded_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    downloaded_bytes: Mapped[int] = mapped_column(Int64, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -173,7 +178,7 @@ class Task(Base):
 
     __tablename__ = "tasks"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(Str(32))
     params: Mapped[dict] = mapped_column(default=dict)
     endpoints: Mapped[list] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

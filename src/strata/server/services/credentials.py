@@ -54,12 +54,14 @@ def enroll(ctx: ServerContext, req: EnrollRequest, ip: str) -> EnrollResponse:
     CVD (pending if the token asks for an administrator's approval)."""
     now = datetime.now(UTC)
     with ctx.write() as db:
+        # FOR UPDATE: another server process on the same PostgreSQL catalog waits here, so
+        # a token's last use is spent once (SQLite has no row locks; its writers take turns).
         tok = db.scalar(select(EnrollmentToken).where(
-            EnrollmentToken.token_hash == digest(req.token)))
+            EnrollmentToken.token_hash == digest(req.token)).with_for_update())
         if tok is None or tok.revoked:
             raise EnrollmentRefused("unknown or revoked enrollment token")
         expires = tok.expires_at
-        if expires is not None and expires.replace(tzinfo=expires.tzinfo or UTC) < now:
+        if expires is not None and expires < now:
             raise EnrollmentRefused("this enrollment token has expired")
         if tok.uses_left is not None:
             if tok.uses_left <= 0:

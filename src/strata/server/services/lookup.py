@@ -16,8 +16,10 @@ from strata.server.catalog.models import Endpoint, Layer
 
 def find_endpoint(db: Session, ref: str) -> Endpoint:
     # autoescape: an id prefix is text, not a LIKE pattern ('%' must not match everything).
+    # Lower case: ids are lower-case UUIDs, and LIKE ignores case on SQLite but not on
+    # PostgreSQL, so 'ABC' finds the same endpoint on both.
     rows = list(db.scalars(select(Endpoint).where(
-        Endpoint.id.startswith(ref, autoescape=True)).limit(2)))
+        Endpoint.id.startswith(ref.lower(), autoescape=True)).limit(2)))
     if not rows:
         raise NotFound(f"no endpoint {ref!r}")
     if len(rows) > 1:
