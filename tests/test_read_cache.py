@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from signing_fixtures import init_signing_in_process
 from strata.model.admin import AssignRequest
 from strata.model.entry import Entry, EntryType
 from strata.server import read_cache
@@ -127,30 +128,10 @@ def _layers(ctx: ServerContext) -> None:
                                 Entry(path=f"usr/v{version}".encode(), type=EntryType.DIR)])
 
 
-class _AdminApi:
-    """The admin API for strata.signing.publisher, over the test client."""
-
-    def __init__(self, client: TestClient):
-        self.client = client
-
-    def get(self, path: str) -> dict:
-        return self.client.get("/api/v1/admin" + path).json()
-
-    def post(self, path: str, body: dict) -> dict:
-        resp = self.client.post("/api/v1/admin" + path, json=body)
-        assert resp.status_code == 200, resp.text
-        return resp.json()
-
-    def get_bytes(self, path: str) -> bytes:
-        return self.client.get("/api/v1/admin" + path).content
-
-
 def test_assignment_takes_effect_at_the_next_checkin(app):
-    from strata.signing.publisher import Keys, initialize
-
     client, ctx, _ = app
     # Assignments need signing set up (the agents' side is not what this test is about).
-    initialize(_AdminApi(client), Keys(ctx.settings.data_dir.parent / "keys", b"test pass"))
+    init_signing_in_process(client, ctx.settings.data_dir.parent / "keys")
     _layers(ctx)
     eid, device = _enroll(client)
     assert client.post("/api/v1/admin/assign",

@@ -4,6 +4,8 @@ fetch the metadata (the root alone is public: an agent pins it before enrolling)
 
 from __future__ import annotations
 
+from typing import Any
+
 import zstandard
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
@@ -72,7 +74,19 @@ def publish_root(body: RootRequest, ctx: ServerContext = Depends(get_ctx),
                                 body.targets.encode() if body.targets else None, actor=actor)
 
 
-@router.get("/signing/metadata/{filename}")
+# TUF metadata is served as the exact bytes that were signed (re-serialising would break
+# the signatures), so the OpenAPI document names its shape by hand.
+_TUF_DOCUMENT: dict[int | str, dict[str, Any]] = {200: {
+    "description": "TUF metadata, as signed", "content": {
+    "application/json": {"schema": {
+        "title": "TufMetadata", "type": "object", "required": ["signed", "signatures"],
+        "properties": {"signed": {"type": "object"},
+                       "signatures": {"type": "array", "items": {"type": "object"}}}}}}}}
+_ZSTD_MANIFEST: dict[int | str, dict[str, Any]] = {200: {
+    "description": "the layer manifest, zstd-compressed", "content": {"application/zstd": {}}}}
+
+
+@router.get("/signing/metadata/{filename}", response_class=Response, responses=_TUF_DOCUMENT)
 def admin_metadata(filename: str, ctx: ServerContext = Depends(get_ctx)) -> Response:
     return _json(signing.metadata(ctx, filename))
 
@@ -82,7 +96,8 @@ def layer_facts(ref: str, ctx: ServerContext = Depends(get_ctx)) -> dict:
     return signing.layer_facts(ctx, ref)
 
 
-@router.get("/signing/layers/{ref}/manifest")
+@router.get("/signing/layers/{ref}/manifest", response_class=Response,
+            responses=_ZSTD_MANIFEST)
 def layer_manifest(ref: str, ctx: ServerContext = Depends(get_ctx)) -> Response:
     data = zstandard.ZstdCompressor(level=3).compress(signing.layer_manifest(ctx, ref))
     return Response(content=data, media_type="application/zstd")
