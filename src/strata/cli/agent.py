@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 # The HTTP client, the engine and the wire schemas are imported inside the commands that
 # use them, so `strata store …` does not pay for them at start-up.
 
+from .confirm import YES, confirm
 from .output import console, err_console, human_bytes, print_error, print_json, run_with_progress
 
 T = TypeVar("T")
@@ -240,10 +241,19 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
                 False, "--full-metadata", help="With --to: also restore device nodes, "
                 "setuid/setgid bits and security.*/trusted.* xattrs (in place they always "
                 "are)."),
-            state: Path | None = STATE, json: bool = JSON) -> None:
-    """Restore files from any of this endpoint's snapshots."""
+            yes: bool = YES, state: Path | None = STATE, json: bool = JSON) -> None:
+    """Restore files from any of this endpoint's snapshots. In place, every local file
+    that differs from the snapshot's version is kept beside it (NAME.strata-TIME) after a
+    confirmation (--yes for scripts)."""
     from strata.agent.remote_source import RemoteSource
     from strata.engine.restore import restore as run_restore
+    from strata.engine.restore_inplace import (
+        Kept,
+        displaced_by,
+        keep_aside,
+        kept_suffix,
+        put_back_failed,
+    )
 
     st = _state(state)
     cred = st.credential()
@@ -254,9 +264,19 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
         target = to or Path(cred.root)
         # In place it is the endpoint's own system: everything comes back as it was.
         full = full_metadata or to is None
+        kept: list[Kept] = []
+        if to is None:
+            displaced = displaced_by(source, snap, target, paths)  # type: ignore[arg-type]
+            if displaced:
+                confirm(f"restoring in place replaces {len(displaced)} local "
+                        f"{'path' if len(displaced) == 1 else 'paths'} that differ from "
+                        f"snapshot {snap.id[:8]} (each is kept beside it as "
+                        "NAME.strata-TIME)", [d.describe() for d in displaced], yes=yes)
+                kept = keep_aside(target, displaced, kept_suffix())
         result = run_with_progress("restore", lambda p: run_restore(
             source, snap, target, includes=paths, progress=p, full_metadata=full),  # type: ignore[arg-type]
             json_mode=json)
+        kept = put_back_failed(target, kept)
         client.request("POST", "/api/v1/agent/transactions/restore", json={
             "snapshot": snap.id, "files": result.files, "bytes_written": result.bytes_written,
             "seconds": result.seconds, "result": "failed" if result.errors else "ok",
@@ -265,8 +285,13 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
         st.add_wire_bytes(client.bytes_sent, client.bytes_received)
         client.close()
     if json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), "kept": [k.to_dict() for k in kept]})
     else:
+        for k in kept:
+            console.print(f"kept the local {k.path.decode(errors='replace')} as "
+                          f"{k.kept_as.decode(errors='replace')}" if k.restored else
+                          f"left the local {k.path.decode(errors='replace')} as it was "
+                          "(its restore failed)", markup=False, highlight=False)
         for w in result.withheld:
             console.print(f"withheld: {w}", markup=False, highlight=False)
         for e in result.errors:
