@@ -38,6 +38,8 @@ from strata.model.admin import (
     LayerInfo,
     MigrateRequest,
     PolicyDocument,
+    PolicyPlan,
+    PolicyPlanRequest,
     ProvisionRequest,
     ProvisionResult,
     RestoreRequest,
@@ -217,6 +219,14 @@ class AdminClient:
     def set_policy(self, kind: str, document: object) -> PolicyDocument:
         doc = self.call("PUT", f"{API}/policies/{path_part(kind, 'policy kind')}", document)
         return TypeAdapter(PolicyDocument).validate_python(doc)
+
+    def plan_policy(self, kind: str, req: PolicyPlanRequest) -> PolicyPlan:
+        return self._typed(PolicyPlan, "POST",
+                           f"{API}/policies/{path_part(kind, 'policy kind')}/plan", req)
+
+    def reset_policy(self, kind: str) -> PolicyDocument:
+        return self._typed(PolicyDocument, "DELETE",
+                           f"{API}/policies/{path_part(kind, 'policy kind')}")
 
     # -- layers ------------------------------------------------------------------------------------
 

@@ -396,3 +396,36 @@ class StoreFigures(AdminModel):
 # A policy document as stored: its shape depends on its kind (upload, retention,
 # bandwidth, layers; see server/policies.py, which validates each).
 PolicyDocument = dict[str, JsonValue]
+
+
+class PolicyPlanRequest(AdminModel):
+    """A document to merge over the current one (or to replace it with `replace`); no
+    document: the kind's default (what `policy reset` puts back)."""
+
+    document: PolicyDocument | None = None
+    replace: bool = False
+
+
+class PolicyChange(AdminModel):
+    key: str  # dotted, e.g. exclusions.linux
+    before: JsonValue | None  # None: added
+    after: JsonValue | None  # None: removed
+
+
+class RetentionLoss(AdminModel):
+    """What a retention document would remove from one endpoint's CVD."""
+
+    endpoint_id: str
+    hostname: str
+    snapshots: int
+    removed: int
+    revert_points_removed: int  # pre-update snapshots among them
+
+
+class PolicyPlan(AdminModel):
+    """What storing a policy document would change; nothing is stored."""
+
+    kind: str
+    document: PolicyDocument  # what would be stored (merged, validated)
+    changes: list[PolicyChange]
+    retention: list[RetentionLoss]  # kind retention: endpoints that would lose snapshots
