@@ -274,7 +274,7 @@ def test_revert_brings_v1_back_with_todays_user_data(world):
     home_now = under(tree_state(a2.root), "home")
     shown = endpoint(world, a2)["layers"]
     assert shown["downloaded_bytes"] > 0 and "1 deleted" in shown["detail"], shown  # v2's
-    admin(world, "endpoint", "revert", a2.endpoint_id, "--snapshot", pre["id"])
+    admin(world, "endpoint", "revert", a2.endpoint_id, "--snapshot", pre["id"], "--yes")
     assert endpoint(world, a2)["layers"]["downloaded_bytes"] == 0  # a new update starts
     out = a2.run_once()
     assert out["update"]["state"] == "ready", out
@@ -326,7 +326,8 @@ def test_full_restore_to_new_hardware(world):
     (new.state / "hardware.json").write_text(json.dumps({"vendor": "VendorB Corp",
                                                          "model": "X1"}))
     new.enroll(world.token)
-    admin(world, "endpoint", "restore", a1.endpoint_id, "--to-endpoint", new.endpoint_id)
+    admin(world, "endpoint", "restore", a1.endpoint_id, "--to-endpoint", new.endpoint_id,
+          "--yes")
     out = new.run_once()
     assert out["update"]["state"] == "ready", out
     strata_json(*new.cmd("apply"))
@@ -355,7 +356,7 @@ def test_migration_task_and_provisioning(world):
     task = admin_json(world, "task", "show", str(task["id"]))
     assert task["state"] == "done" and task["progress"] == 100.0, task
     # Provisioning wipes the system (a user app too) and lays the layers down fresh.
-    admin(world, "endpoint", "provision", a3.endpoint_id, "--base", "corp:1")
+    admin(world, "endpoint", "provision", a3.endpoint_id, "--base", "corp:1", "--yes")
     a3.run_once()
     strata_json(*a3.cmd("apply"))
     assert not (a3.root / "opt/userapp3").exists()
@@ -365,5 +366,5 @@ def test_migration_task_and_provisioning(world):
 
 
 def test_layer_delete_refused_while_used(world):
-    proc = admin(world, "layer", "delete", "corp:2", rc=2)
+    proc = admin(world, "layer", "delete", "corp:2", "--yes", rc=2)
     assert "assigned to or applied on" in proc.stderr

@@ -173,10 +173,10 @@ def test_delete_refused_while_assigned_then_allowed_once_the_endpoint_is_revoked
     admin(world, "layer", "capture", "--kind", "base", "--name", "scratch", "--version", "1",
           "--from-dir", world.ref)
     admin(world, "assign", "--endpoint", eid, "--base", "scratch:1")
-    refused(world, "layer", "delete", "scratch:1", needle="assigned to or applied on")
+    refused(world, "layer", "delete", "scratch:1", "--yes", needle="assigned to or applied on")
     # A revoked endpoint never checks in again: it no longer pins the layer.
     admin(world, "endpoint", "revoke", eid)
-    assert admin_json(world, "layer", "delete", "scratch:1") == {"deleted": "scratch:1"}
+    assert admin_json(world, "layer", "delete", "scratch:1", "--yes") == {"deleted": "scratch:1"}
 
 
 def test_validation_errors_read_as_a_sentence():

@@ -26,6 +26,7 @@ from .admin_args import (
     layer_refs,
     print_model,
 )
+from .confirm import YES, confirm
 from .output import console, err_console, human_bytes, print_json, run_with_progress
 from .signing import KEYS, PASSPHRASE_FILE, publisher_for, signable_refs, signed_after
 
@@ -290,10 +291,18 @@ def layer_diff(a: str, b: str, server: str | None = SERVER,
 
 
 @layer_app.command("delete")
-def layer_delete(ref: str, server: str | None = SERVER,
+def layer_delete(ref: str, yes: bool = YES, server: str | None = SERVER,
                  admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
-    """Delete a layer (refused while assigned, applied, or referenced by a snapshot)."""
-    doc = client(server, admin_token_file).delete_layer(layer_ref(ref))
+    """Delete a layer (refused while assigned, applied, or referenced by a snapshot);
+    asks first (--yes for scripts)."""
+    api = client(server, admin_token_file)
+    if not yes:
+        info = api.layer(layer_ref(ref))
+        confirm(f"delete layer {info.ref} ({info.kind})", [
+            f"{info.files} files, {human_bytes(info.bytes)}, captured "
+            f"{info.created_at.isoformat()[:19]} from {info.source}: capturing it again "
+            "is the only way back"], yes=yes)
+    doc = api.delete_layer(layer_ref(ref))
     print_model(doc) if json else console.print(f"deleted {doc.deleted}")
 
 
