@@ -317,6 +317,11 @@ def test_full_restore_to_new_hardware(world):
     a1 = world.agents[0]
     a1.run_once()  # drivers for its VendorA hardware
     strata(*a1.cmd("apply"), rc=None)
+    # The endpoint's own files that match do-not-download (a changelog of a tool it
+    # installed) are its data: they come along.
+    own_changelog = a1.root / "usr/share/doc/own-tool/changelog.Debian.gz"
+    own_changelog.parent.mkdir(parents=True, exist_ok=True)
+    own_changelog.write_bytes(b"own-tool (1.0) unstable; urgency=low\n")
     centralized(a1.backup())
     old = tree_state(a1.root)
     new_root = world.base / "new-machine"
@@ -326,8 +331,9 @@ def test_full_restore_to_new_hardware(world):
     (new.state / "hardware.json").write_text(json.dumps({"vendor": "VendorB Corp",
                                                          "model": "X1"}))
     new.enroll(world.token)
-    admin(world, "endpoint", "restore", a1.endpoint_id, "--to-endpoint", new.endpoint_id,
-          "--yes")
+    said = admin(world, "endpoint", "restore", a1.endpoint_id, "--to-endpoint",
+                 new.endpoint_id, "--yes").stdout
+    assert "that match the do-not-download rule too" in said, said
     out = new.run_once()
     assert out["update"]["state"] == "ready", out
     strata_json(*new.cmd("apply"))
@@ -338,6 +344,8 @@ def test_full_restore_to_new_hardware(world):
     assert without(now, "usr/lib/firmware") == without(old, "usr/lib/firmware")
     assert (new_root / "usr/lib/firmware/vendor-b/fw.bin").exists()
     assert not (new_root / "usr/lib/firmware/vendor-a").exists()
+    assert (new_root / "usr/share/doc/own-tool/changelog.Debian.gz").read_bytes() == \
+        own_changelog.read_bytes()
     # The old machine is retired; the new one carries the CVD's snapshots on.
     assert endpoint(world, a1)["state"] == "revoked"
     assert len(new.snapshots()) > len([s for s in new.snapshots() if s["trigger"] == "x"])

@@ -176,7 +176,10 @@ def endpoint_restore(endpoint: str, to_endpoint: str = typer.Option(..., "--to-e
     signed = None if pub is None else signed_after("the restore", lambda: pub.sign_operation(
         doc.to, "restore", snapshot=doc.snapshot))
     _done(doc, signed, json,
-          f"CVD of {doc.from_[:8]} moves to {doc.to[:8]} (snapshot {doc.snapshot[:8]})")
+          f"CVD of {doc.from_[:8]} moves to {doc.to[:8]} (snapshot {doc.snapshot[:8]})"
+          + (f"; all of its own files come along, the {doc.own_do_not_download} that match "
+             "the do-not-download rule too (that rule applies to layers)"
+             if doc.own_do_not_download else ""))
 
 
 @endpoint_app.command("provision")

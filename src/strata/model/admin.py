@@ -343,6 +343,9 @@ class RestoreResult(AdminModel):
     to: str
     snapshot: str
     state: str
+    # The CVD's own files that match the do-not-download rule: they come along too (the
+    # rule is about layers' content, not the endpoint's own data).
+    own_do_not_download: int = 0
 
 
 class ProvisionResult(AdminModel):
