@@ -42,9 +42,9 @@ def test_a_partial_document_merges_key_by_key():
 
 def test_changes_name_each_key_and_list_item():
     after = merge_policy(DEFAULTS["upload"], {"interval_seconds": 600, "exclusions": {
-        "linux": [p for p in LINUX_EXCLUSIONS if p != "/proc/"] + ["/mnt/"]}})
+        "linux": [p for p in LINUX_EXCLUSIONS if p != "/proc/"] + ["/srv/scratch/"]}})
     assert policy_changes(DEFAULTS["upload"], after) == [
-        ("exclusions.linux", "/proc/", None), ("exclusions.linux", None, "/mnt/"),
+        ("exclusions.linux", "/proc/", None), ("exclusions.linux", None, "/srv/scratch/"),
         ("interval_seconds", 3600, 600)]
     assert policy_changes({"hourly": 24}, {"hourly": 24, "last": 3}) == [("last", None, 3)]
     assert policy_changes(DEFAULTS["layers"], DEFAULTS["layers"]) == []

@@ -465,6 +465,7 @@ class LocalTree:
     root: Path
     excludes: list[str]
     chunker: ChunkerParams
+    one_file_system: bool = False  # mounts inside the root are not the endpoint's tree
 
 
 def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
@@ -476,10 +477,12 @@ def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
     _, manifest = state.parent()
     if manifest is None:
         raise UpdateFailed("this endpoint has not centralized yet: it must, before an update")
-    if not tree_changed(tree.root, tree.excludes, manifest):
+    if not tree_changed(tree.root, tree.excludes, manifest,
+                        one_file_system=tree.one_file_system):
         return list(decode_manifest([manifest]))
     archive = archive_tree(HashOnlySink(Chunker(tree.chunker)), tree.root,
-                           parent_entries=decode_manifest([manifest]), excludes=tree.excludes)
+                           parent_entries=decode_manifest([manifest]), excludes=tree.excludes,
+                           one_file_system=tree.one_file_system)
     return list(decode_manifest([archive.manifest_bytes]))
 
 
@@ -584,7 +587,7 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
     # A resumed apply whose journal was rolled forward switched the tree before this run
     # (its change list here is empty): the tree says whether a snapshot is owed.
     if centralize is not None and (any(result.changes.values()) or resuming and tree_changed(
-            root, tree.excludes, state.parent()[1])):
+            root, tree.excludes, state.parent()[1], one_file_system=tree.one_file_system)):
         centralize("post-update")
     result.seconds = round(time.monotonic() - started, 3)
     return result

@@ -71,6 +71,10 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
            root_fingerprint: str | None = typer.Option(
                None, "--root-fingerprint", help="The signing root's fingerprint `strata "
                "signing init` printed: enrollment stops if the server's differs."),
+           one_file_system: bool | None = typer.Option(
+               None, "--one-file-system/--cross-file-systems", help="Whether backups stay "
+               "on the root's file system (mounts inside it kept empty). Default: stay, "
+               "when the root is /."),
            state: Path | None = STATE, json: bool = JSON) -> None:
     """Enroll this endpoint with a one-time token; stores the device credential (0600) and
     pins the server's signing root (layers are taken only when signed under it)."""
@@ -78,7 +82,7 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
 
     done = run_enroll(_state(state), server=server, token=token, root=root or default_root(),
                       ca_cert=str(ca_cert.resolve()) if ca_cert else "", force=force,
-                      root_fingerprint=root_fingerprint)
+                      root_fingerprint=root_fingerprint, one_file_system=one_file_system)
     if json:
         print_json(done.to_dict())
         return
@@ -117,6 +121,9 @@ def _report(out: CycleResult, json: bool) -> None:
                       f"wire in {r.seconds:.1f}s", highlight=False)
         for e in r.errors:
             err_console.print(f"skipped: {e}", highlight=False)
+        for m in r.mounts_skipped:
+            console.print(f"not crossed into another file system: {m}", markup=False,
+                          highlight=False)
     elif out.checked_in and out.access is Access.OK:
         console.print("checked in; nothing due")
     if out.update is not None:

@@ -110,18 +110,24 @@ def backup(store_dir: str = StoreDir, state: Path | None = STATE,
            source: Path = typer.Argument(..., help="Directory to back up."),
            tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
            exclude: list[str] = typer.Option([], "--exclude", help="Pattern to skip."),
+           one_file_system: bool = typer.Option(
+               False, "--one-file-system", "-x", help="Stay on SOURCE's file system: "
+               "mount points inside it are kept, empty."),
            passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Back up SOURCE; prints the new snapshot id."""
     with open_store(store_dir, passfile, state) as store:
         result = run_with_progress(
             "backup", lambda p: run_backup(store, source, tags=tag, excludes=exclude,
-                                           progress=p),
+                                           progress=p, one_file_system=one_file_system),
             counter=lambda p: count_tree(str(source), p), json_mode=json)
     if json:
         print_json(result.to_dict())
         return
     for err in result.errors:
         console.print(f"[yellow]warning:[/] {err}")
+    for mount in result.mounts_skipped:
+        console.print(f"not crossed into another file system: {mount}", markup=False,
+                      highlight=False)
     console.print(
         f"snapshot [bold]{result.snapshot[:8]}[/] saved: {result.files} files "
         f"({result.files_new} new, {result.files_changed} changed, "

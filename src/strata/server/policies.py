@@ -19,6 +19,7 @@ from strata.server.catalog.models import Policy
 LINUX_EXCLUSIONS = [
     "/proc/", "/sys/", "/dev/", "/run/", "/tmp/", "/var/tmp/", "/var/cache/",
     "/var/lib/strata-agent/", "/lost+found/", "/swapfile", "/swap.img",
+    "/mnt/", "/media/",  # removable media and ad-hoc mounts: not the endpoint's own
     "/home/*/.cache/", "/root/.cache/", "/home/*/.local/share/Trash/",
 ]
 WINDOWS_EXCLUSIONS = [
