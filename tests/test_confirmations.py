@@ -11,7 +11,13 @@ import json
 import pytest
 import typer
 
-from server_fixtures import Agent, assert_one_line_error, centralized, running_server
+from server_fixtures import (
+    Agent,
+    assert_one_line_error,
+    centralized,
+    running_server,
+    strata,
+)
 from strata.cli import confirm as confirm_mod
 from strata.cli.confirm import NotConfirmed, confirm
 
@@ -88,7 +94,8 @@ def unchanged(server, agents) -> None:
     assert [r["ref"] for r in server.admin("GET", "/layers")] == ["corp:1"]  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("command", ["provision", "revert", "restore", "layer-delete"])
+@pytest.mark.parametrize("command", ["provision", "revert", "restore", "layer-delete",
+                                     "endpoint-delete"])
 def test_without_yes_and_no_terminal_it_refuses_in_one_line(world, command):
     server, (old, new) = world
     snap = old.snapshots()[0]["id"]
@@ -100,6 +107,8 @@ def test_without_yes_and_no_terminal_it_refuses_in_one_line(world, command):
         "restore": (["endpoint", "restore", old.endpoint_id, "--to-endpoint",
                      new.endpoint_id], "restore the CVD of old"),
         "layer-delete": (["layer", "delete", "corp:1"], "delete layer corp:1"),
+        "endpoint-delete": (["endpoint", "delete", new.endpoint_id],
+                            f"delete endpoint new ({new.endpoint_id[:8]}) and its CVD"),
     }[command]
     proc = server.admin_cli(*args, rc=None)
     assert_one_line_error(proc, words, "refusing without --yes", rc=1)
@@ -111,3 +120,31 @@ def test_with_yes_it_goes_ahead(world):
     doc = json.loads(server.admin_cli("endpoint", "provision", old.endpoint_id, "--base",
                                       "corp:1", "--yes", "--json").stdout)
     assert doc["state"] == "assigned" and doc["endpoint"] == old.endpoint_id
+
+
+def test_endpoint_delete_takes_the_cvd_and_the_credential(world, tmp_path):
+    server, _ = world
+    root = tmp_path / "orphan"
+    (root / "home/bob").mkdir(parents=True)
+    (root / "home/bob/notes.txt").write_text("orphaned\n")
+    orphan = Agent(server, root, tmp_path / "state")
+    orphan.enroll(server.create_token())
+    centralized(orphan.run_once())
+    sids = [s["id"] for s in orphan.snapshots()]
+    assert all((server.store / "snapshots" / sid).exists() for sid in sids)
+    server.admin_cli("collection", "create", "lab", "--endpoint", orphan.endpoint_id)
+
+    doc = json.loads(server.admin_cli("endpoint", "delete", orphan.endpoint_id[:8], "--yes",
+                                      "--json").stdout)
+    assert doc == {"deleted": orphan.endpoint_id, "hostname": doc["hostname"],
+                   "snapshots": len(sids)}
+    ids = [e["id"] for e in server.admin("GET", "/endpoints")]  # type: ignore[union-attr]
+    assert orphan.endpoint_id not in ids
+    assert not any((server.store / "snapshots" / sid).exists() for sid in sids)
+    members = server.admin("GET", "/collections")[0]["members"]  # type: ignore[index]
+    assert orphan.endpoint_id not in members
+    # Its agent is told its credential is unknown (exit 5), and stops.
+    proc = strata(*orphan.cmd("run", "--once"), rc=5)
+    assert "enroll" in proc.stderr
+    actions = [a["action"] for a in server.admin("GET", "/audit?limit=5")]  # type: ignore[union-attr]
+    assert "delete-endpoint" in actions

@@ -89,5 +89,5 @@ def _enrolled_as(state: AgentState, force: bool) -> Credential | None:
         raise AlreadyEnrolled(
             f"{state.path} is already enrolled as endpoint {cred.endpoint_id} on "
             f"{cred.server}; `--force` enrolls it anew as a new endpoint (the old one stays "
-            "on the server until an administrator revokes it)")
+            "on the server until an administrator revokes or deletes it)")
     return cred

@@ -27,6 +27,7 @@ from strata.model.admin import (
     Deleted,
     DryRunReport,
     DryRunRequest,
+    EndpointDeleted,
     EndpointDetail,
     EndpointState,
     EndpointSummary,
@@ -191,6 +192,10 @@ class AdminClient:
     def revoke(self, ref: str) -> EndpointState:
         return self._typed(EndpointState, "POST",
                            f"{API}/endpoints/{path_part(ref, 'endpoint id')}/revoke")
+
+    def delete_endpoint(self, ref: str) -> EndpointDeleted:
+        return self._typed(EndpointDeleted, "DELETE",
+                           f"{API}/endpoints/{path_part(ref, 'endpoint id')}")
 
     def set_tags(self, ref: str, req: TagsRequest) -> EndpointTags:
         return self._typed(EndpointTags, "PUT",

@@ -94,8 +94,8 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
                           "--fingerprint FP`)", highlight=False)
     if done.replaced:
         console.print(f"this state directory was endpoint {done.replaced}: it stays on the "
-                      f"server until an administrator revokes it "
-                      f"(`strata endpoint revoke {done.replaced}`)", highlight=False)
+                      f"server until an administrator revokes or deletes it "
+                      f"(`strata endpoint delete {done.replaced}`)", highlight=False)
 
 
 def _report(out: CycleResult, json: bool) -> None:

@@ -257,3 +257,25 @@ def _confirm_provision(api: AdminClient, ref: str, yes: bool) -> None:
     confirm(f"provision {_who(ep)}", [
         "everything on it but its identity is wiped: system, applications, user data and "
         "home directories", _latest(ep), "it then starts a fresh CVD"], yes=yes)
+
+
+@endpoint_app.command("delete")
+def endpoint_delete(endpoint: str, yes: bool = YES, server: str | None = SERVER,
+                    admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Delete an endpoint and its CVD (e.g. the orphan a re-enrollment leaves): every
+    snapshot of it goes, and its credential stops working. Asks first (--yes for
+    scripts)."""
+    api = client(server, admin_token_file)
+    if not yes:
+        ep = api.endpoint(endpoint)
+        latest = ep.snapshot_list[-1] if ep.snapshot_list else None
+        confirm(f"delete endpoint {_who(ep)} and its CVD", [
+            f"state {ep.state}, last seen {_time(ep.last_seen) or 'never'}",
+            f"{len(ep.snapshot_list)} snapshots"
+            + (f", the latest {latest.id[:8]} of {_time(latest.time)}" if latest else "")
+            + ": all are deleted (their data is freed at the next maintenance)",
+            "its agent's credential stops working"], yes=yes)
+    doc = api.delete_endpoint(endpoint)
+    print_model(doc) if json else console.print(
+        f"deleted endpoint {doc.deleted} ({doc.hostname}) and {doc.snapshots} snapshots",
+        highlight=False)

@@ -432,3 +432,12 @@ class PolicyPlan(AdminModel):
     document: PolicyDocument  # what would be stored (merged, validated)
     changes: list[PolicyChange]
     retention: list[RetentionLoss]  # kind retention: endpoints that would lose snapshots
+
+
+class EndpointDeleted(AdminModel):
+    """An endpoint deleted with its CVD: its snapshots are gone from the catalog and the
+    store (their chunks no other snapshot uses are freed at the next maintenance)."""
+
+    deleted: str
+    hostname: str
+    snapshots: int
