@@ -419,3 +419,41 @@ def repair_index(store_dir: str = StoreDir, state: Path | None = STATE,
     console.print(f"indexed {chunks} chunks from {count} packs")
     for name in damaged:
         console.print(f"[red]unreadable pack[/] {name} (its trailer is damaged)")
+
+
+@app.command("repair")
+def repair(store_dir: str = StoreDir, state: Path | None = STATE,
+           dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; "
+                                        "change nothing."),
+           passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
+    """Heal damaged packs: verify every chunk, keep the intact ones (copied to new packs),
+    drop the rest, and name the snapshots and files that need what was lost; back the
+    source up again to store those chunks anew. Exit 1 while a snapshot still lacks data."""
+    from strata.engine.repair import repair as run_repair
+
+    with open_store(store_dir, passfile, state) as store:
+        result = run_repair(store, dry_run=dry_run)
+    if json:
+        print_json(result.to_dict())
+    else:
+        would = "would keep" if dry_run else "kept"
+        for d in result.damaged:
+            console.print(f"damaged pack {d.pack[:16]}: {d.reason}; {would} {d.salvaged} "
+                          f"intact chunks, {d.lost} lost", markup=False, highlight=False)
+        for ds in result.damaged_snapshots:
+            console.print(f"damaged snapshot {ds['snapshot'][:8]}: {ds['reason']}",
+                          markup=False, highlight=False)
+        for h in result.hurt:
+            console.print(f"snapshot {h['snapshot'][:8]}: {h['count']} file(s) need lost "
+                          "data:", markup=False, highlight=False)
+            for f in h["files"]:
+                console.print(f"    {f}", markup=False, highlight=False)
+        if not result.damaged:
+            console.print(f"checked {result.packs_checked} packs: none is damaged",
+                          highlight=False)
+        elif not dry_run:
+            console.print(f"dropped {len(result.damaged)} damaged pack(s) "
+                          f"({result.chunks_lost} chunks lost); a backup of a source that "
+                          "still has the files above stores them again", highlight=False)
+    if not result.whole:
+        raise typer.Exit(1)
