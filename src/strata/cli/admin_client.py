@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from strata.errors import StrataError
+from strata.errors import StrataError, transport_cause
 from strata.model.admin import (
     AssignRequest,
     AssignResult,
@@ -147,7 +147,7 @@ class AdminClient:
             resp = httpx.request(method, server.rstrip("/") + path, json=body, params=params,
                                  timeout=60, headers={"Authorization": f"Bearer {token}"})
         except httpx.TransportError as exc:
-            raise StrataError(f"cannot reach {server}: {exc.__class__.__name__}") from None
+            raise StrataError(f"cannot reach {server}: {transport_cause(exc)}") from None
         try:
             doc = resp.json()
         except ValueError:

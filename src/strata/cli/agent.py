@@ -24,7 +24,15 @@ if TYPE_CHECKING:
 # use them, so `strata store …` does not pay for them at start-up.
 
 from .confirm import YES, confirm
-from .output import console, err_console, human_bytes, print_error, print_json, run_with_progress
+from .output import (
+    console,
+    err_console,
+    human_bytes,
+    iso_time,
+    print_error,
+    print_json,
+    run_with_progress,
+)
 
 T = TypeVar("T")
 app = typer.Typer(help="The endpoint agent.", no_args_is_help=True)
@@ -233,7 +241,7 @@ def snapshots(state: Path | None = STATE, json: bool = JSON) -> None:
         return
     table = Table("ID", "Time", "Trigger", "Files", "Size")
     for r in rows:
-        table.add_row(r["id"][:8], r["time"][:19], r["trigger"], str(r["files"]),
+        table.add_row(r["id"][:8], iso_time(r["time"]), r["trigger"], str(r["files"]),
                       human_bytes(r["bytes_total"]))
     console.print(table)
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, layer_ref, layer_refs, print_model
 from .confirm import YES, confirm
-from .output import console, human_bytes, print_json
+from .output import console, human_bytes, iso_time, print_json
 from .signing import KEYS, PASSPHRASE_FILE, publisher_for, signable_refs, signed_after
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def endpoint_list(pending: bool = typer.Option(False, "--pending", help="Only th
 
 
 def _time(when: datetime | None) -> str:
-    return when.isoformat()[:19] if when else ""
+    return iso_time(when)
 
 
 def _layer_cells(status: AssignmentStatus | None) -> tuple[str, str]:

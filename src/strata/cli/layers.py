@@ -27,7 +27,7 @@ from .admin_args import (
     print_model,
 )
 from .confirm import YES, confirm
-from .output import console, err_console, human_bytes, print_json, run_with_progress
+from .output import console, err_console, human_bytes, iso_time, print_json, run_with_progress
 from .signing import KEYS, PASSPHRASE_FILE, publisher_for, signable_refs, signed_after
 
 if TYPE_CHECKING:
@@ -267,10 +267,23 @@ def layer_show(ref: str = typer.Argument(..., help="NAME:VERSION or id"),
     shown: dict = as_json(doc)  # type: ignore[assignment]  # values as the API writes them
     for key in ("ref", "kind", "os", "files", "bytes", "source", "match", "created_at",
                 "endpoints", "removes"):
-        console.print(f"{key}: {shown[key]}", highlight=False)
+        console.print(f"{key}: {_plain(key, shown[key])}", markup=False, highlight=False)
     if isinstance(doc, LayerDetailWithFiles):
         for p in doc.file_list:
             console.print(p, highlight=False)
+
+
+def _plain(key: str, value: object) -> str:
+    """A value as a person reads it, not as Python writes it."""
+    if key == "bytes" and isinstance(value, int):
+        return human_bytes(value)
+    if key == "created_at":
+        return iso_time(value)  # type: ignore[arg-type]
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    return str(value)
 
 
 @layer_app.command("diff")
@@ -300,7 +313,7 @@ def layer_delete(ref: str, yes: bool = YES, server: str | None = SERVER,
         info = api.layer(layer_ref(ref))
         confirm(f"delete layer {info.ref} ({info.kind})", [
             f"{info.files} files, {human_bytes(info.bytes)}, captured "
-            f"{info.created_at.isoformat()[:19]} from {info.source}: capturing it again "
+            f"{iso_time(info.created_at)} from {info.source}: capturing it again "
             "is the only way back"], yes=yes)
     doc = api.delete_layer(layer_ref(ref))
     print_model(doc) if json else console.print(f"deleted {doc.deleted}")

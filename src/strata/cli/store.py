@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import typer
@@ -24,12 +23,20 @@ from strata.engine.restore import normalize_include
 from strata.engine.restore import restore as run_restore
 from strata.engine.retention import RetentionPolicy, SnapshotInfo, apply_policy
 from strata.engine.stats import store_stats
-from strata.errors import StrataError
+from strata.errors import PathNotInSnapshot, StrataError
 from strata.model.entry import Entry, EntryType
 from strata.store.location import init_store_at, open_store_at
 from strata.store.repository import Store
 
-from .output import console, count_tree, err_console, human_bytes, print_json, run_with_progress
+from .output import (
+    console,
+    count_tree,
+    err_console,
+    human_bytes,
+    iso_time,
+    print_json,
+    run_with_progress,
+)
 
 app = typer.Typer(help="The deduplicating, snapshotting store (usable on its own for backup).",
                   no_args_is_help=True)
@@ -155,7 +162,7 @@ def snapshots(store_dir: str = StoreDir, state: Path | None = STATE,
         return
     table = Table("ID", "Time", "Host", "Tags", "Paths", "Files", "Size")
     for s in snaps:
-        table.add_row(s.short_id, s.datetime.astimezone().strftime("%Y-%m-%d %H:%M:%S"), s.host,
+        table.add_row(s.short_id, iso_time(s.datetime), s.host,
                       ",".join(s.tags), " ".join(s.paths), str(s.stats.get("files", "")),
                       human_bytes(s.stats.get("bytes_total", 0)))
     console.print(table)
@@ -170,7 +177,7 @@ def _mode_string(e: Entry) -> str:
 
 
 def _entry_doc(e: Entry) -> dict:
-    return {"path": os.fsdecode(e.path), "type": e.type.name.lower(), "mode": oct(e.mode),
+    return {"path": os.fsdecode(e.path), "type": e.type.name.lower(), "mode": f"{e.mode:04o}",
             "uid": e.uid, "gid": e.gid, "size": e.size, "mtime_ns": e.mtime_ns,
             "link_target": os.fsdecode(e.link_target) if e.link_target else None}
 
@@ -186,11 +193,13 @@ def ls_cmd(store_dir: str = StoreDir, state: Path | None = STATE,
         snap = store.resolve_snapshot(snapshot)
         entries = [e for e in store.iter_manifest(snap)
                    if not prefix or e.path == prefix or e.path.startswith(prefix + b"/")]
+    if prefix and not entries:
+        raise PathNotInSnapshot(f"not in snapshot {snap.id[:8]}: {os.fsdecode(prefix)}")
     if json:
         print_json([_entry_doc(e) for e in entries])
         return
     for e in entries:
-        when = datetime.fromtimestamp(e.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M")
+        when = iso_time(e.mtime_ns / 1e9)
         name = os.fsdecode(e.path)
         if e.type is EntryType.SYMLINK:
             name += " -> " + os.fsdecode(e.link_target)
@@ -311,9 +320,12 @@ def forget(store_dir: str = StoreDir, state: Path | None = STATE,
            prune: bool = typer.Option(False, "--prune", help="Prune right after."),
            passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Remove snapshots not kept by the policy (restic's forget semantics; -1 = unlimited)."""
-    policy = RetentionPolicy(last=keep_last, hourly=keep_hourly, daily=keep_daily,
-                             weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly,
-                             tags=tuple(keep_tag))
+    try:
+        policy = RetentionPolicy(last=keep_last, hourly=keep_hourly, daily=keep_daily,
+                                 weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly,
+                                 tags=tuple(keep_tag))
+    except ValueError as exc:  # "last must be >= -1 …": named as the option that set it
+        raise StrataError(f"--keep-{exc}") from None
     if snapshot_ids:
         if not policy.is_empty():
             raise StrataError("give snapshot ids or --keep-* options, not both")
@@ -337,7 +349,7 @@ def forget(store_dir: str = StoreDir, state: Path | None = STATE,
         return
     table = Table("ID", "Time", "Host", "Decision", "Reasons")
     for d in decisions:
-        table.add_row(d.snapshot.id[:8], snaps[d.snapshot.id].time[:19], d.snapshot.host,
+        table.add_row(d.snapshot.id[:8], iso_time(snaps[d.snapshot.id].time), d.snapshot.host,
                       "keep" if d.keep else ("[red]would remove[/]" if dry_run else
                                              "[red]removed[/]"), ", ".join(d.reasons))
     console.print(table)
