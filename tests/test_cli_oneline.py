@@ -50,12 +50,18 @@ def test_version():
     (("init", "huge", "--pack-size", "100GiB"), ["out of range: give 64KiB to 1GiB"]),
     (("ls", "st", "latest", "nope/x"), ["not in snapshot", "nope/x"]),
     (("restore", "st", "latest", "/proc/no-such-dir/out"), ["/proc/no-such-dir"]),
+    (("restore", "st", "latest", "out", "--include", "/"), ["'/' names no path"]),
 ])
 def test_every_error_is_one_plain_line(cli, store, args, words):
     proc = cli.run(*args)
     assert_one_line_error(proc, *words)
     assert "[Errno" not in proc.stderr and "╭" not in proc.stderr
     assert not (cli.cwd / "zero").exists() and not (cli.cwd / "huge").exists()
+
+
+def test_a_bad_rate_is_one_line(tmp_path):
+    proc = strata("agent", "backup", "--limit-upload", "LOTS", "--state", tmp_path, rc=None)
+    assert_one_line_error(proc, "not a rate: 'LOTS'")
 
 
 def test_an_unreachable_server_is_named_by_its_cause(tmp_path):

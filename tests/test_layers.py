@@ -208,6 +208,9 @@ def test_push_v2_downloads_only_what_v1_lacked(world):
     for agent in world.agents:
         res = strata_json(*agent.cmd("apply"))
         assert res["state"] == "applied" and res["pre_update_snapshot"]
+        if agent is world.agents[0]:  # each conflict is named with its file
+            assert {"kind": "local-change-kept", "path": "etc/app.conf"}.items() <= \
+                next(c for c in res["conflict_list"] if c["path"] == "etc/app.conf").items()
         assert endpoint(world, agent)["layers"]["state"] == "applied"
         now = tree_state(agent.root)
         v2 = tree_state(world.v2)

@@ -55,6 +55,9 @@ class UpdateFailed(StrataError):
     pass
 
 
+CONFLICTS_LISTED = 20  # in an apply's result; all are counted
+
+
 @dataclass
 class UpdateResult:
     key: str
@@ -62,6 +65,8 @@ class UpdateResult:
     # or refused: unsigned, forged or stale (see strata.signing.policy)
     changes: dict = field(default_factory=dict)
     conflicts: dict = field(default_factory=dict)
+    # The first conflicts one by one ({kind, path, detail}): a count alone names no file.
+    conflict_list: list = field(default_factory=list)
     chunks_downloaded: int = 0
     bytes_downloaded: int = 0  # on the wire, compressed
     bytes_seeded: int = 0  # read from the endpoint's own files instead
@@ -433,6 +438,7 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         state.save_owned(b"".join(encode_manifest(owned.sorted_entries())))
         summary = plan.summary()
         result.changes, result.conflicts = summary["changes"], summary["conflicts"]
+        result.conflict_list = summary["conflict_list"][:CONFLICTS_LISTED]
         result.warnings += list(getattr(stats, "warnings", []))
         result.bytes_downloaded += source.bytes_downloaded
         result.chunks_downloaded += source.chunks_downloaded

@@ -173,6 +173,12 @@ def _report_update(u: UpdateResult) -> None:
         u.state, u.state)
     console.print(f"{line}: {what}; downloaded {human_bytes(u.bytes_downloaded)}"
                   + (f"; conflicts: {conflicts}" if conflicts else ""), highlight=False)
+    for c in u.conflict_list:
+        console.print(f"  {c['kind']}: {c['path']} ({c['detail']})", markup=False,
+                      highlight=False)
+    listed = sum(u.conflicts.values()) - len(u.conflict_list)
+    if u.conflict_list and listed > 0:
+        console.print(f"  … and {listed} more", highlight=False)
 
 
 @app.command()

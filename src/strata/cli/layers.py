@@ -470,14 +470,15 @@ def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
     if json:
         print_model(doc)
         return
-    table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added")
+    # Drift is measured against each endpoint's latest snapshot: say how old that is.
+    table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added", "As of")
     for r in doc.endpoints:
         if not isinstance(r, EndpointCompliance):
-            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "")
+            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "", "")
             continue
         n = r.counts
         table.add_row(r.endpoint[:8], r.hostname, f"{r.score}%", str(n.changed),
-                      str(n.missing), str(n.added))
+                      str(n.missing), str(n.added), iso_time(r.snapshot_time))
     console.print(table)
     for label, score in doc.layers.items():
         console.print(f"layer {label}: {score}% compliant", highlight=False)
