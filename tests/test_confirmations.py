@@ -115,6 +115,13 @@ def test_without_yes_and_no_terminal_it_refuses_in_one_line(world, command):
     unchanged(server, [old, new])
 
 
+def test_revert_to_a_snapshot_the_endpoint_lacks_is_refused_before_asking(world):
+    server, (old, _) = world
+    proc = server.admin_cli("endpoint", "revert", old.endpoint_id, "--snapshot", "ffffffff",
+                            rc=None)
+    assert_one_line_error(proc, "has no snapshot 'ffffffff'", rc=2)
+
+
 def test_with_yes_it_goes_ahead(world):
     server, (old, _) = world
     doc = json.loads(server.admin_cli("endpoint", "provision", old.endpoint_id, "--base",

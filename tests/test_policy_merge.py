@@ -55,6 +55,12 @@ def test_changes_name_each_key_and_list_item():
     ("upload", {"interval_seconds": "LOTS"}, "interval_seconds must be a whole number"),
     ("retention", {"hourly": "LOTS"}, "hourly must be a whole number, got 'LOTS'"),
     ("retention", {"hourly": 2, "revert_points_days": -1}, "revert_points_days"),
+    ("retention", {"hourly": 1.5}, "hourly must be a whole number, got 1.5"),
+    ("bandwidth", {"rules": "x"}, "rules must be a list of objects"),
+    ("bandwidth", {"rules": ["x"]}, "rules must be a list of objects"),
+    ("bandwidth", {"rules": [{"start": 5}]}, "rule 1: start must be a string"),
+    ("bandwidth", {"rules": [{"start": "8am"}]}, "rule 1: start must be a time"),
+    ("bandwidth", {"rules": [{"upload": 5}]}, "rule 1: unknown keys upload"),
 ])
 def test_malformed_documents_say_what_is_wrong(kind, doc, words):
     with pytest.raises(ValueError, match=words):
@@ -187,6 +193,10 @@ def test_a_retention_cut_says_what_it_removes_and_asks(world):
 
 def test_a_malformed_document_is_one_line(world):
     server, _, base = world
+    for doc in ({"rules": "x"}, {"rules": ["x"]}):  # were answered with a 500
+        assert_one_line_error(server.admin_cli("policy", "set", "bandwidth", doc_file(
+            base, "bw.json", doc), "--replace", rc=None), "invalid bandwidth policy",
+            "rules must be a list of objects")
     bad = doc_file(base, "bad.json", {"hourly": "LOTS"})
     assert_one_line_error(server.admin_cli("policy", "set", "retention", bad, rc=None),
                           "hourly must be a whole number, got 'LOTS'")

@@ -345,7 +345,8 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
               Access.UNKNOWN: "reachable; CREDENTIAL UNKNOWN TO THE SERVER"}[out.access]
     last = out.last_centralization or {}
     lines = [f"endpoint {out.endpoint_id} on {out.server} ({access})",
-             f"last centralization: {last.get('time', 'never')} {last.get('result', '')}"]
+             f"last centralization: {iso_time(last.get('time')) or 'never'} "
+             f"{last.get('result', '')}"]
     if out.access in (Access.REVOKED, Access.UNKNOWN):
         lines.append(out.access_detail)  # instead of pending work it can no longer do
     else:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
+from strata.errors import StrataError
+
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, layer_ref, layer_refs, print_model
 from .confirm import YES, confirm
 from .output import console, human_bytes, iso_time, print_json
@@ -227,9 +229,17 @@ def _confirm_revert(api: AdminClient, ref: str, snapshot: str, keep_user_apps: b
     if yes:
         return
     ep = api.endpoint(ref)
-    target = next((s for s in ep.snapshot_list if s.id.startswith(snapshot)), None)
-    when = f" of {_time(target.time)}" if target else ""
-    confirm(f"revert {_who(ep)} to snapshot {snapshot[:8]}{when}", [
+    if snapshot in ("", "latest"):
+        target = ep.snapshot_list[-1] if ep.snapshot_list else None
+    else:
+        found = [s for s in ep.snapshot_list if s.id.startswith(snapshot.lower())]
+        if len(found) > 1:
+            raise StrataError(f"snapshot {snapshot!r} is ambiguous: give more characters")
+        target = found[0] if found else None
+    if target is None:  # before asking about it
+        raise StrataError(f"endpoint {_who(ep)} has no snapshot {snapshot!r} (`strata "
+                          f"endpoint show {ep.id[:8]}` lists them)")
+    confirm(f"revert {_who(ep)} to snapshot {target.id[:8]} of {_time(target.time)}", [
         "system files and configuration go back to that snapshot: changes made since are "
         "replaced",
         "applications the user installed since are kept (--keep-user-apps)" if keep_user_apps

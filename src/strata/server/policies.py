@@ -134,14 +134,29 @@ def validate_policy(kind: str, doc: dict) -> dict:
         return {k: _count("retention", k, v) for k, v in doc.items()}
     if kind == "bandwidth":
         rules = doc.get("rules", [])
-        for r in rules:
+        if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+            raise ValueError('rules must be a list of objects, e.g. [{"subnet": '
+                             '"10.1.0.0/16", "upload_kbps": 512}]')
+        allowed = {"subnet", "site", "start", "end", "upload_kbps", "download_kbps"}
+        for i, r in enumerate(rules, 1):
+            unknown = set(r) - allowed
+            if unknown:
+                raise ValueError(f"rule {i}: unknown keys {', '.join(sorted(unknown))} "
+                                 f"(known: {', '.join(sorted(allowed))})")
+            for key in ("subnet", "site", "start", "end"):
+                if r.get(key) is not None and not isinstance(r[key], str):
+                    raise ValueError(f"rule {i}: {key} must be a string")
             if r.get("subnet"):
                 ipaddress.ip_network(r["subnet"], strict=False)
             for key in ("start", "end"):
                 if r.get(key):
-                    time.fromisoformat(r[key])
+                    try:
+                        time.fromisoformat(r[key])
+                    except ValueError:
+                        raise ValueError(f"rule {i}: {key} must be a time such as 08:00, "
+                                         f"got {r[key]!r}") from None
             for key in ("upload_kbps", "download_kbps"):
-                if r.get(key) is not None and int(r[key]) <= 0:
+                if r.get(key) is not None and _count("bandwidth", key, r[key]) <= 0:
                     raise ValueError(f"{key} must be positive")
         return {"rules": rules}
     if kind == "layers":
