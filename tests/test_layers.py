@@ -232,7 +232,7 @@ def test_push_v2_downloads_only_what_v1_lacked(world):
 
 def test_compliance_reports_drift_and_enforcement_repairs_it(world):
     a1 = world.agents[0]
-    doc = admin_json(world, "compliance")
+    doc = json.loads(admin(world, "compliance", "--json", rc=1).stdout)  # 1: drift
     # Endpoint 1's local change to its configuration, kept by the update, is drift.
     scores = {r["endpoint"]: r for r in doc["endpoints"]}
     assert scores.pop(a1.endpoint_id)["changed"] == ["etc/app.conf"], doc
@@ -242,7 +242,8 @@ def test_compliance_reports_drift_and_enforcement_repairs_it(world):
     (a1.root / "etc/app.conf").unlink()
     (a1.root / "usr/bin/intruder").write_text("added outside policy\n")
     centralized(a1.backup())
-    rep = admin_json(world, "compliance", "--endpoint", a1.endpoint_id)["endpoints"][0]
+    rep = json.loads(admin(world, "compliance", "--endpoint", a1.endpoint_id, "--json",
+                           rc=1).stdout)["endpoints"][0]
     assert "usr/bin/tool" in rep["changed"] and "etc/app.conf" in rep["missing"]
     assert "usr/bin/intruder" in rep["added"]
     assert rep["score"] < 100.0
@@ -253,8 +254,10 @@ def test_compliance_reports_drift_and_enforcement_repairs_it(world):
     out = a1.run_once()  # enforcement now repairs at check-in
     assert tool.read_bytes() == b"#!/bin/sh\necho v2\n"
     assert (a1.root / "etc/app.conf").read_text() == "setting = 2\n"  # enforced: repaired
-    rep = admin_json(world, "compliance", "--endpoint", a1.endpoint_id)["endpoints"][0]
+    proc = admin(world, "compliance", "--endpoint", a1.endpoint_id, "--json", rc=None)
+    rep = json.loads(proc.stdout)["endpoints"][0]
     assert rep["counts"]["changed"] == 0 and rep["counts"]["missing"] == 0
+    assert proc.returncode == (1 if rep["drift"] else 0)
     # While enforced, the next check-in alone repairs a new edit (no backup asked for);
     # the snapshot it takes first keeps the user's version.
     tool.write_bytes(b"#!/bin/sh\necho edited again\n")

@@ -463,12 +463,17 @@ def collection_delete(name: str, server: str | None = SERVER,
 def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
                server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                json: bool = JSON) -> None:
-    """Drift of each endpoint from its IT layers, with scores per endpoint and layer."""
+    """Drift of each endpoint from its IT layers (as of its latest snapshot), with scores
+    per endpoint and layer. Exit code 1 when any endpoint drifts, as `store check` does
+    when it finds damage."""
     from strata.model.admin import EndpointCompliance
 
     doc = client(server, admin_token_file).compliance(endpoint)
+    drifting = any(isinstance(r, EndpointCompliance) and r.drift for r in doc.endpoints)
     if json:
         print_model(doc)
+        if drifting:
+            raise typer.Exit(1)
         return
     # Drift is measured against each endpoint's latest snapshot: say how old that is.
     table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added", "As of")
@@ -489,6 +494,8 @@ def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
                                    ("added", r.added)):
                     for p in paths:
                         console.print(f"  {key}: {p}", highlight=False)
+    if drifting:
+        raise typer.Exit(1)
 
 
 def migrate(collection: str | None = typer.Option(None, "--collection"),
