@@ -1,0 +1,33 @@
+"""Serving a snapshot as a read-only FUSE mount in the foreground, for `strata store
+mount` and `strata endpoint mount`: what they print before and after, and the one-line
+refusals (no FUSE, pyfuse3 not installed, a bad mountpoint)."""
+
+from __future__ import annotations
+
+from strata.engine.snapshot_tree import SnapshotTree
+from strata.errors import StrataError
+
+from .output import console, human_bytes
+
+CACHE_SIZE_HELP = "Chunks kept in memory while mounted (e.g. 64MiB, 1GiB)."
+
+
+def serve_mount(tree: SnapshotTree, mountpoint: str, label: str, fsname: str) -> None:
+    """Mount `tree` until it is unmounted or interrupted, then say what was fetched."""
+    try:
+        from strata.mount.fuse import serve
+    except ImportError:
+        raise StrataError("mounting needs pyfuse3 (pip install pyfuse3, with Debian's "
+                          "fuse3 and libfuse3-dev)") from None
+
+    def ready(where: str) -> None:
+        console.print(f"mounted {label} at {where} ({len(tree)} entries, read-only); "
+                      f"Ctrl-C or `umount {where}` to stop", highlight=False, markup=False)
+        console.file.flush()
+
+    serve(tree, mountpoint, fsname=fsname, on_ready=ready)
+    s = tree.cache.stats
+    console.print(f"unmounted {mountpoint}: fetched {s.chunks_fetched} chunks "
+                  f"({human_bytes(s.bytes_fetched)}) in {s.requests} "
+                  f"request{'' if s.requests == 1 else 's'}, {s.cache_hits} cache hits",
+                  highlight=False, markup=False)

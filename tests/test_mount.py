@@ -1,0 +1,204 @@
+"""`strata store mount`: a snapshot as a read-only FUSE filesystem, served in the
+foreground, equal to a restore of it, fetching only what is read."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import tree_state
+from server_fixtures import spawn
+from snapshot_samples import build_sample
+from strata.engine.snapshot_tree import SnapshotTree
+from strata.mount.fuse import MountError, check_fuse, check_mountpoint
+from strata.store.repository import Store
+
+STATS = re.compile(r"fetched (\d+) chunks \((.+?)\) in (\d+) request")
+
+
+def fuse_usable() -> str:
+    try:
+        check_fuse()
+    except MountError as exc:
+        return str(exc)
+    return ""
+
+
+needs_fuse = pytest.mark.skipif(bool(fuse_usable()), reason=fuse_usable() or "FUSE")
+
+
+class Mounted:
+    """A `strata store mount` process, ready once it printed its 'mounted' line."""
+
+    def __init__(self, *args: object) -> None:
+        self.mountpoint = Path(str(args[-1]))
+        self.proc = spawn("store", "mount", *args)
+        line = self._line(60)
+        assert line.startswith("mounted "), (line, self.proc.stderr.read()
+                                              if self.proc.poll() is not None else "")
+        assert os.path.ismount(self.mountpoint)
+
+    def _line(self, timeout: float) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            self.proc.kill()
+            raise AssertionError("the mount did not report ready")
+        return self.proc.stdout.readline()
+
+    def stop(self, how: str = "signal") -> tuple[int, str, str]:
+        if how == "signal":
+            self.proc.send_signal(signal.SIGINT)
+        else:
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=True)
+        out, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, out, err
+
+    def ensure_gone(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)
+
+
+@pytest.fixture
+def mounts() -> Iterator[list[Mounted]]:
+    started: list[Mounted] = []
+    yield started
+    for m in started:
+        m.ensure_gone()
+
+
+@pytest.fixture
+def sample_store(tmp_path: Path) -> tuple[Path, str]:
+    src = tmp_path / "src"
+    src.mkdir()
+    build_sample(src, random.Random(3))
+    with Store.init(tmp_path / "store", pack_size=256 << 10) as store:
+        from strata.engine.backup import backup
+
+        sid = backup(store, src).snapshot
+    return tmp_path / "store", sid
+
+
+@needs_fuse
+def test_mounted_snapshot_equals_its_restore(sample_store, tmp_path: Path, mounts) -> None:
+    store, sid = sample_store
+    from conftest import lib_restore
+
+    lib_restore(store, sid, tmp_path / "restored")
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(store, sid[:10], tmp_path / "mnt")
+    mounts.append(m)
+    got, want = tree_state(tmp_path / "mnt"), tree_state(tmp_path / "restored")
+    # Contents, modes, owners, mtimes, symlink targets, xattrs, hardlink groups.
+    assert got == want
+    assert os.readlink(tmp_path / "mnt" / "link") == "docs/a.txt"
+    with pytest.raises(OSError) as err:
+        open(tmp_path / "mnt" / "docs" / "a.txt", "r+b")
+    assert err.value.errno == errno.EROFS
+    with pytest.raises(OSError):
+        (tmp_path / "mnt" / "new").write_bytes(b"x")
+    rc, out, err_text = m.stop()
+    assert rc == 0, err_text
+    assert not os.path.ismount(tmp_path / "mnt")
+    assert "unmounted" in out and "Traceback" not in err_text
+
+
+@needs_fuse
+def test_reading_one_file_of_a_large_snapshot_fetches_only_its_chunks(
+        tmp_path: Path, mounts) -> None:
+    rng = random.Random(5)
+    src = tmp_path / "src"
+    for i in range(40):
+        (src / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 4}" / f"f{i:02d}.bin").write_bytes(rng.randbytes(400_000 + i * 997))
+    from strata.engine.backup import backup
+
+    with Store.init(tmp_path / "store") as store:
+        snap = store.load_snapshot(backup(store, src).snapshot)
+        entry = SnapshotTree.of_store(store, snap).entry(
+            SnapshotTree.of_store(store, snap).resolve("d2/f10.bin"))
+    own_chunks = len({cid for cid, _ in entry.chunks})
+    assert own_chunks >= 4
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(tmp_path / "store", "latest", tmp_path / "mnt")
+    mounts.append(m)
+    names = sorted(p.name for p in (tmp_path / "mnt").rglob("*"))  # listing reads no chunk
+    assert len(names) == 44
+    data = (tmp_path / "mnt" / "d2" / "f10.bin").read_bytes()
+    assert data == (src / "d2" / "f10.bin").read_bytes()
+    rc, out, _ = m.stop(how="umount")  # unmounted from outside: the process ends by itself
+    assert rc == 0
+    fetched = STATS.search(out)
+    assert fetched, out
+    assert int(fetched.group(1)) == own_chunks  # of a 16 MB snapshot, that file's chunks
+
+
+@needs_fuse
+def test_mount_refusals_are_one_line(sample_store, tmp_path: Path) -> None:
+    store, sid = sample_store
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    for args, message in [
+        ((store, sid, full), "is not empty"),
+        ((store, sid, tmp_path / "absent"), "does not exist"),
+        ((store, "ffffffff", tmp_path), "no snapshot"),
+        ((tmp_path / "nostore", sid, tmp_path), "no Strata store"),
+    ]:
+        proc = spawn("store", "mount", *args)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, (args, out, err)
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
+
+
+def test_no_fuse_device_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(MountError, match="FUSE is not available"):
+        check_fuse(str(tmp_path / "fuse"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MountError, match="not a folder"):
+        check_mountpoint(str(tmp_path / "file"))
+    (tmp_path / "mnt").mkdir()
+    assert check_mountpoint(f"{tmp_path}/../{tmp_path.name}/mnt/") == str(tmp_path / "mnt")
+
+
+@needs_fuse
+def test_cold_read_throughput_is_measured(tmp_path: Path, mounts) -> None:
+    """Not timed: reads a 24 MB file through the mount and a restore, and prints both
+    rates for BENCHMARKS.md (bench/ runs the larger measurement)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(9).randbytes(24 << 20)
+    (src / "big.bin").write_bytes(data)
+    from strata.engine.backup import backup
+    from strata.engine.restore import restore
+
+    with Store.init(tmp_path / "store") as store:
+        sid = backup(store, src).snapshot
+        t0 = time.perf_counter()
+        restore(store, store.load_snapshot(sid), tmp_path / "restored")
+        t_restore = time.perf_counter() - t0
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(tmp_path / "store", sid, tmp_path / "mnt")
+    mounts.append(m)
+    t0 = time.perf_counter()
+    with open(tmp_path / "mnt" / "big.bin", "rb") as f:
+        got = b"".join(iter(lambda: f.read(1 << 20), b""))
+    t_mount = time.perf_counter() - t0
+    assert got == data
+    m.stop()
+    print(f"\ncold read of 24 MiB: mount {24 / t_mount:.0f} MiB/s, "
+          f"restore {24 / t_restore:.0f} MiB/s")
