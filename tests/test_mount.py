@@ -40,9 +40,9 @@ needs_fuse = pytest.mark.skipif(bool(fuse_usable()), reason=fuse_usable() or "FU
 class Mounted:
     """A `strata store mount` process, ready once it printed its 'mounted' line."""
 
-    def __init__(self, *args: object) -> None:
+    def __init__(self, *args: object, command: tuple[str, ...] = ("store", "mount")) -> None:
         self.mountpoint = Path(str(args[-1]))
-        self.proc = spawn("store", "mount", *args)
+        self.proc = spawn(*command, *args)
         line = self._line(60)
         assert line.startswith("mounted "), (line, self.proc.stderr.read()
                                               if self.proc.poll() is not None else "")

@@ -51,6 +51,7 @@ from strata.model.admin import (
     TokenRequest,
     TransactionInfo,
 )
+from strata.model.snapshot_files import SnapshotFolder
 
 API = "/api/v1/admin"
 T = TypeVar("T")
@@ -289,3 +290,12 @@ class AdminClient:
 
     def task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "GET", f"{API}/tasks/{task_id}")
+
+    # -- snapshot browsing (downloads and chunks: cli/snapshot_source.py) --------------------------
+
+    def snapshot_files(self, ref: str, snapshot: str, path: str = "", offset: int = 0,
+                       limit: int = 1000) -> SnapshotFolder:
+        return self._typed(SnapshotFolder, "GET",
+                           f"{API}/endpoints/{path_part(ref, 'endpoint id')}/snapshots/"
+                           f"{path_part(snapshot or 'latest', 'snapshot')}/files",
+                           params={"path": path, "offset": str(offset), "limit": str(limit)})
