@@ -152,11 +152,12 @@ def test_mount_refusals_are_one_line(sample_store, tmp_path: Path) -> None:
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("x")
+    (tmp_path / "mnt").mkdir()
     for args, message in [
         ((store, sid, full), "is not empty"),
         ((store, sid, tmp_path / "absent"), "does not exist"),
-        ((store, "ffffffff", tmp_path), "no snapshot"),
-        ((tmp_path / "nostore", sid, tmp_path), "no Strata store"),
+        ((store, "ffffffff", tmp_path / "mnt"), "no snapshot"),
+        ((tmp_path / "nostore", sid, tmp_path / "mnt"), "no Strata store"),
     ]:
         proc = spawn("store", "mount", *args)
         out, err = proc.communicate(timeout=60)

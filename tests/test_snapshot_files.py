@@ -268,6 +268,15 @@ def test_cli_mounts_an_endpoints_snapshot_through_the_server(fleet, tmp_path: Pa
         pytest.skip(fuse_usable())
     srv = fleet.server
     (tmp_path / "mnt").mkdir()
+    ep = fleet.agent.endpoint_id
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    for args, message in [((ep, tmp_path / "mnt", "--snapshot", "ffffffff"), "no snapshot"),
+                          (("nobody", tmp_path / "mnt"), "no endpoint"),
+                          ((ep, tmp_path / "full"), "is not empty"),
+                          ((ep, tmp_path / "absent"), "does not exist")]:
+        bad = srv.admin_cli("endpoint", "mount", *args, rc=2)
+        assert message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     m = Mounted("--server", srv.url, "--admin-token-file", srv.token_file,
                 fleet.agent.endpoint_id, tmp_path / "mnt", command=("endpoint", "mount"))
     try:

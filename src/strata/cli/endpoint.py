@@ -306,15 +306,17 @@ def endpoint_mount(endpoint: str,
                    admin_token_file: Path | None = TOKEN_FILE) -> None:
     """Mount one of the endpoint's snapshots read-only (FUSE), reading through the
     server; runs until unmounted or Ctrl-C."""
-    from strata.engine.snapshot_tree import SnapshotTree
+    from strata.engine.snapshot_tree import SnapshotTree, snapshot_mtime_ns
 
-    from .mount import serve_mount
+    from .mount import preflight, serve_mount
     from .snapshot_source import AdminSnapshotSource
     from .store import parse_size
 
     cache = parse_size(cache_size)
+    preflight(mountpoint)
     with AdminSnapshotSource(client(server, admin_token_file), endpoint, snapshot) as src:
         snap = src.snapshot()
-        tree = SnapshotTree(snap.manifest, src.load_chunks, cache_bytes=cache)
+        tree = SnapshotTree(snap.manifest, src.load_chunks, cache_bytes=cache,
+                            mtime_ns=snapshot_mtime_ns(snap.time))
         serve_mount(tree, mountpoint, f"snapshot {snap.id[:8]} of {endpoint}",
                     f"strata:{snap.id[:8]}")

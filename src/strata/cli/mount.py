@@ -9,7 +9,20 @@ from strata.errors import StrataError
 
 from .output import console, human_bytes
 
+NO_PYFUSE3 = ("mounting needs pyfuse3 (pip install 'strata[mount]', with Debian's fuse3, "
+              "libfuse3-dev and pkg-config)")
 CACHE_SIZE_HELP = "Chunks kept in memory while mounted (e.g. 64MiB, 1GiB)."
+
+
+def preflight(mountpoint: str) -> None:
+    """The refusals that need nothing from the store or the server, made first: pyfuse3
+    and /dev/fuse are there, the mountpoint is an empty folder."""
+    try:
+        from strata.mount.fuse import check_fuse, check_mountpoint
+    except ImportError:
+        raise StrataError(NO_PYFUSE3) from None
+    check_fuse()
+    check_mountpoint(mountpoint)
 
 
 def serve_mount(tree: SnapshotTree, mountpoint: str, label: str, fsname: str) -> None:
@@ -17,8 +30,7 @@ def serve_mount(tree: SnapshotTree, mountpoint: str, label: str, fsname: str) ->
     try:
         from strata.mount.fuse import serve
     except ImportError:
-        raise StrataError("mounting needs pyfuse3 (pip install pyfuse3, with Debian's "
-                          "fuse3 and libfuse3-dev)") from None
+        raise StrataError(NO_PYFUSE3) from None
 
     def ready(where: str) -> None:
         console.print(f"mounted {label} at {where} ({len(tree)} entries, read-only); "

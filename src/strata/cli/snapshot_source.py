@@ -26,6 +26,7 @@ from .admin_client import API, AdminClient, error_detail, path_part
 class RemoteSnapshot:
     id: str
     manifest: bytes
+    time: str = ""  # ISO 8601, as the server recorded it
 
 
 class AdminSnapshotSource:
@@ -78,7 +79,7 @@ class AdminSnapshotSource:
             raise StrataError(f"{self._admin.server} did not name the snapshot: is it a "
                               "Strata server of this version?")
         self._ref = sid
-        return RemoteSnapshot(sid, resp.content)
+        return RemoteSnapshot(sid, resp.content, resp.headers.get("X-Strata-Snapshot-Time", ""))
 
     def iter_manifest(self, snap: RemoteSnapshot) -> Iterator[Entry]:
         return decode_manifest([snap.manifest])

@@ -30,7 +30,7 @@ from strata.model.entry import Entry, EntryType
 from strata.store.location import init_store_at, open_store_at
 from strata.store.repository import Store
 
-from .mount import CACHE_SIZE_HELP, serve_mount
+from .mount import CACHE_SIZE_HELP, preflight, serve_mount
 from .output import console, count_tree, err_console, human_bytes, print_json, run_with_progress
 
 app = typer.Typer(help="The deduplicating, snapshotting store (usable on its own for backup).",
@@ -264,6 +264,7 @@ def mount(store_dir: str = StoreDir, state: Path | None = STATE,
           passfile: Path | None = PASSFILE) -> None:
     """Mount a snapshot read-only at MOUNTPOINT (FUSE); runs until unmounted or Ctrl-C."""
     cache = parse_size(cache_size)
+    preflight(mountpoint)
     with open_store(store_dir, passfile, state) as store:
         snap = store.resolve_snapshot(snapshot)
         tree = SnapshotTree.of_store(store, snap, cache_bytes=cache)

@@ -264,6 +264,10 @@ class SnapshotTree:
     def __len__(self) -> int:
         return len(self._spans)
 
+    @property
+    def manifest_size(self) -> int:
+        return len(self._manifest)
+
     def resolve(self, path: bytes | str) -> int:
         """The inode of `path` ('' or '/' for the root); PathNotInSnapshot if absent."""
         p = os.fsencode(path).strip(b"/")

@@ -51,10 +51,11 @@ def download(ref: str, snapshot: str, path: str = PATH,
 @router.get(BASE + "/manifest", response_class=Response, responses=BINARY)
 def get_manifest(ref: str, snapshot: str, ctx: ServerContext = Depends(get_ctx),
                  actor: str = Depends(require_admin)) -> Response:
-    """The snapshot's manifest, its id in X-Strata-Snapshot: a remote mount's start."""
-    sid, data = snapshot_files.manifest(ctx, ref, snapshot, actor)
+    """The snapshot's manifest, its id in X-Strata-Snapshot and its time (ISO 8601) in
+    X-Strata-Snapshot-Time: a remote mount's or export's start."""
+    sid, when, data = snapshot_files.manifest(ctx, ref, snapshot, actor)
     return Response(content=data, media_type="application/octet-stream",
-                    headers={"X-Strata-Snapshot": sid})
+                    headers={"X-Strata-Snapshot": sid, "X-Strata-Snapshot-Time": when})
 
 
 @router.post(BASE + "/chunks", response_class=Response, responses=BINARY)

@@ -35,7 +35,8 @@ from strata.server.services.lookup import find_endpoint
 from strata.tree.writer import validate_path
 
 MAX_DOWNLOADS = 4  # streaming at once, per server process
-TREES_KEPT = 4  # indexed snapshots kept between requests
+TREES_KEPT = 4  # indexed snapshots kept between requests ...
+TREES_KEPT_BYTES = 256 << 20  # ... and their manifests' bytes, at most
 TREE_CACHE_BYTES = 8 << 20  # chunks each kept tree holds
 FORMATS = ("raw", "tar", "zip")
 _TYPES = {EntryType.FILE: "file", EntryType.DIR: "dir", EntryType.SYMLINK: "symlink",
@@ -88,7 +89,9 @@ def snapshot_tree(ctx: ServerContext, sid: str) -> SnapshotTree:
                         mtime_ns=snapshot_mtime_ns(snap.time), cache_bytes=TREE_CACHE_BYTES)
     with _trees_lock:
         _trees[key] = tree
-        while len(_trees) > TREES_KEPT:
+        while len(_trees) > TREES_KEPT or (
+                len(_trees) > 1 and sum(t.manifest_size for t in _trees.values())
+                > TREES_KEPT_BYTES):
             _trees.popitem(last=False)
     return tree
 
@@ -193,11 +196,12 @@ def _released(body: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def manifest(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str,
-             actor: str) -> tuple[str, bytes]:
-    """(snapshot id, manifest bytes): what a remote mount or export reads first."""
+             actor: str) -> tuple[str, str, bytes]:
+    """(snapshot id, its time, manifest bytes): what a remote mount or export reads first."""
     ep, sid = locate(ctx, endpoint_ref, snapshot_ref)
     audit.record(ctx, actor, "snapshot-read", sid, endpoint=ep)
-    return sid, snapshots.manifest_bytes(ctx, sid)
+    data = snapshots.manifest_bytes(ctx, sid)
+    return sid, ctx.store.load_snapshot(sid).time, data
 
 
 def chunks(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str,
