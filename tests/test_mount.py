@@ -124,6 +124,9 @@ def test_reading_one_file_of_a_large_snapshot_fetches_only_its_chunks(
     for i in range(40):
         (src / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
         (src / f"d{i % 4}" / f"f{i:02d}.bin").write_bytes(rng.randbytes(400_000 + i * 997))
+    (src / "many").mkdir()
+    for i in range(2500):  # a folder the kernel lists in several calls
+        (src / "many" / f"n{i:05d}").write_bytes(b"")
     from strata.engine.backup import backup
 
     with Store.init(tmp_path / "store") as store:
@@ -136,7 +139,8 @@ def test_reading_one_file_of_a_large_snapshot_fetches_only_its_chunks(
     m = Mounted(tmp_path / "store", "latest", tmp_path / "mnt")
     mounts.append(m)
     names = sorted(p.name for p in (tmp_path / "mnt").rglob("*"))  # listing reads no chunk
-    assert len(names) == 44
+    assert len(names) == 44 + 2501
+    assert sorted(os.listdir(tmp_path / "mnt" / "many")) == sorted(os.listdir(src / "many"))
     data = (tmp_path / "mnt" / "d2" / "f10.bin").read_bytes()
     assert data == (src / "d2" / "f10.bin").read_bytes()
     rc, out, _ = m.stop(how="umount")  # unmounted from outside: the process ends by itself

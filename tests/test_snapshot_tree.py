@@ -188,3 +188,21 @@ def test_not_a_manifest_is_refused() -> None:
     good = _manifest([Entry(path=b"a", type=EntryType.DIR)])
     with pytest.raises(CorruptData):
         SnapshotTree(good[:-1], lambda ids: [])
+
+
+def test_a_very_deep_tree_is_walked_and_archived() -> None:
+    """A crafted manifest may nest folders thousands deep: no recursion limit is hit."""
+    from strata.engine.snapshot_archive import tar_stream
+
+    depth = 3000
+    paths = [b"/".join([b"d"] * i) for i in range(1, depth + 1)]
+    entries = [Entry(path=p, type=EntryType.DIR) for p in paths]
+    entries.append(Entry(path=paths[-1] + b"/f", type=EntryType.SYMLINK, link_target=b"x"))
+    tree = SnapshotTree(_manifest(entries), lambda ids: [])
+    assert sum(1 for _ in tree.walk()) == depth + 1
+    assert tree.readlink(tree.resolve(paths[-1] + b"/f")) == b"x"
+    import io
+    import tarfile
+
+    members = tarfile.open(fileobj=io.BytesIO(b"".join(tar_stream(tree)))).getmembers()
+    assert len(members) == depth + 1 and members[-1].issym()

@@ -338,11 +338,18 @@ class SnapshotTree:
     def walk(self, ino: int = ROOT_INODE, prefix: bytes = b"") -> Iterator[tuple[bytes, int]]:
         """(path relative to `ino`, inode) of everything beneath the folder `ino`, parents
         first. A hardlink is yielded under its own inode: `link_of` names its file."""
-        for k in self._children.get(ino, []):
-            rel = prefix + self._names[k]
+        # A stack, not recursion: a crafted manifest may nest folders thousands deep.
+        stack = [(iter(self._children.get(ino, [])), prefix)]
+        while stack:
+            kids, base = stack[-1]
+            k = next(kids, None)
+            if k is None:
+                stack.pop()
+                continue
+            rel = base + self._names[k]
             yield rel, k
             if k in self._children:
-                yield from self.walk(k, rel + b"/")
+                stack.append((iter(self._children[k]), rel + b"/"))
 
     def link_of(self, ino: int) -> int | None:
         """For a further name of a file (a hardlink), that file's inode."""

@@ -9,6 +9,7 @@ kernel may cache names, attributes and pages for as long as it likes.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import signal
 import sys
@@ -64,6 +65,8 @@ class SnapshotFS(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self._warn = warn
+        self._handles = itertools.count(1)
+        self._listings: dict[int, list[tuple[bytes, int]]] = {}
 
     def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         a = self.tree.attr(ino)
@@ -108,10 +111,17 @@ class SnapshotFS(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if not self.tree.is_dir(self._known(inode)):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        # The listing is taken once per open: the kernel reads a large folder in several
+        # calls, each resuming at an offset.
+        fh = next(self._handles)
+        self._listings[fh] = self.tree.listdir(inode)
+        return fh
+
+    async def releasedir(self, fh: int) -> None:
+        self._listings.pop(fh, None)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        kids = self.tree.listdir(fh)
+        kids = self._listings.get(fh, [])
         for i in range(start_id, len(kids)):
             name, ino = kids[i]
             if not pyfuse3.readdir_reply(token, name, self._attrs(ino), i + 1):

@@ -163,7 +163,7 @@ def download(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str, path: str
     fmt = fmt or ("raw" if is_file else "tar")
     if fmt == "raw" and not is_file:
         raise Invalid(f"{os.fsdecode(p) or 'the root'} is not a file: ask for a tar or zip")
-    base = os.fsdecode(p.rpartition(b"/")[2]) if p else f"{ep[:8]}-{sid[:8]}"
+    base = p.rpartition(b"/")[2].decode("utf-8", "replace") if p else f"{ep[:8]}-{sid[:8]}"
     if not _downloads.acquire(blocking=False):
         raise Busy(f"{MAX_DOWNLOADS} downloads are in progress: try again shortly")
     audit.record(ctx, actor, "snapshot-download", sid, endpoint=ep, path=os.fsdecode(p),
