@@ -265,10 +265,14 @@ def mount_section(m: dict) -> list[str]:
         f"{m['file_chunks']} of them the file's), read cold (the store's packs evicted from "
         "the page cache, a fresh mount) through the FUSE mount in 1 MiB reads, against a "
         "restore of the same file (`--include`, written to disk, the command's start-up "
-        f"included). Best of three; `python -m bench.mount`, {m['when']}, {m['cpus']} CPUs.",
+        "included). Best of five, the two taking turns; "
+        f"`python -m bench.mount`, {m['when']}, {m['cpus']} CPUs.",
         "",
         "| Read from | Restore MiB/s | Mount MiB/s | Chunks the mount fetched |",
         "|---|---:|---:|---:|", *rows, "",
+        *([f"The machine's load average over the last 5 minutes of the run was "
+           f"{m['load_average']} (other work shared the CPUs): the figures vary from run to "
+           "run; compare the two columns of one row.", ""] if "load_average" in m else []),
         "The mount fetched exactly the file's chunks and nothing else of the snapshot. "
         "Through the server, the restore is `strata endpoint export --path` and the mount "
         "`strata endpoint mount`, both over the admin API's manifest and chunks routes.", "",

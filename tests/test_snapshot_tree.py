@@ -206,3 +206,24 @@ def test_a_very_deep_tree_is_walked_and_archived() -> None:
 
     members = tarfile.open(fileobj=io.BytesIO(b"".join(tar_stream(tree)))).getmembers()
     assert len(members) == depth + 1 and members[-1].issym()
+
+
+def test_sequential_reads_are_fetched_ahead_in_the_background(sample) -> None:
+    import threading
+
+    store, snap, src = sample
+    asked: list[tuple[bytes, str]] = []
+
+    def load(ids: list[bytes]):
+        asked.extend((c, threading.current_thread().name) for c in ids)
+        return store.load_chunks(ids)
+
+    manifest = b"".join(store.load_chunk(c) for c in snap.manifest_chunk_ids())
+    tree = SnapshotTree(manifest, load, read_ahead=128 << 10)
+    ino = tree.resolve("docs/deep/big.bin")
+    own = [cid for cid, _ in tree.entry(ino).chunks]
+    data = [tree.read(ino, off, 64 << 10) for off in range(0, 900_000, 64 << 10)]
+    tree.close()  # waits for the read-ahead
+    assert b"".join(data) == (src / "docs/deep/big.bin").read_bytes()
+    assert [c for c, _ in asked] == own  # in order, only this file's, each once
+    assert any(name.startswith("readahead") for _, name in asked)

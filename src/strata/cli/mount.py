@@ -37,7 +37,10 @@ def serve_mount(tree: SnapshotTree, mountpoint: str, label: str, fsname: str) ->
                       f"Ctrl-C or `umount {where}` to stop", highlight=False, markup=False)
         console.file.flush()
 
-    serve(tree, mountpoint, fsname=fsname, on_ready=ready)
+    try:
+        serve(tree, mountpoint, fsname=fsname, on_ready=ready)
+    finally:
+        tree.close()
     s = tree.cache.stats
     console.print(f"unmounted {mountpoint}: fetched {s.chunks_fetched} chunks "
                   f"({human_bytes(s.bytes_fetched)}) in {s.requests} "

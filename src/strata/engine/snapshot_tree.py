@@ -19,6 +19,7 @@ import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -112,40 +113,58 @@ class ChunkCache:
                 _, old = self._chunks.popitem(last=False)
                 self.size -= len(old)
 
+    def has(self, cid: bytes) -> bool:
+        with self._lock:
+            return cid in self._chunks
+
+    def _fetch(self, want: list[bytes]) -> dict[bytes, bytes | BaseException]:
+        """Load `want` from the source (the caller holds the fetch lock) and keep what
+        arrived whole."""
+        out: dict[bytes, bytes | BaseException] = {}
+        for start in range(0, len(want), FETCH_BATCH):
+            part = want[start:start + FETCH_BATCH]
+            got = self._load(part)
+            with self._lock:
+                self.stats.requests += 1
+                self.stats.chunks_fetched += len(part)
+                self.stats.bytes_fetched += sum(len(d) for d in got if isinstance(d, bytes))
+            for cid, data in zip(part, got, strict=True):
+                out[cid] = data
+                if not isinstance(data, BaseException):
+                    self._keep(cid, data)
+        return out
+
     def get(self, need: list[bytes], ahead: Sequence[bytes] = ()) -> list[bytes]:
         """The chunks `need` in order; `ahead` (chunks likely read next) are fetched in the
         same request when `need` misses the cache, and kept. Raises CorruptData."""
         found = {c: d for c in need if (d := self._cached(c)) is not None}
         with self._lock:
             self.stats.cache_hits += len(found)
-        missing = [c for c in dict.fromkeys(need) if c not in found]
-        if missing:
+        if len(found) < len(set(need)):
             with self._fetch_lock:
-                # Another reader may have fetched them while this one waited.
-                for c in list(missing):
-                    if (d := self._cached(c)) is not None:
+                # Another reader (or the read-ahead) may have fetched them meanwhile.
+                for c in need:
+                    if c not in found and (d := self._cached(c)) is not None:
                         found[c] = d
-                        missing.remove(c)
-                extra = [c for c in dict.fromkeys(ahead)
-                         if c not in found and c not in missing and self._cached(c) is None]
-                want = missing + extra
-                for start in range(0, len(want), FETCH_BATCH):
-                    part = want[start:start + FETCH_BATCH]
-                    got = self._load(part)
-                    with self._lock:
-                        self.stats.requests += 1
-                        self.stats.chunks_fetched += len(part)
-                        self.stats.bytes_fetched += sum(len(d) for d in got
-                                                        if isinstance(d, bytes))
-                    for cid, data in zip(part, got, strict=True):
-                        if isinstance(data, BaseException):
-                            if cid in missing:
+                missing = [c for c in dict.fromkeys(need) if c not in found]
+                if missing:
+                    skip = set(missing)
+                    extra = [c for c in dict.fromkeys(ahead)
+                             if c not in found and c not in skip and not self.has(c)]
+                    for cid, data in self._fetch(missing + extra).items():
+                        if cid in skip:
+                            if isinstance(data, BaseException):
                                 raise data
-                            continue  # a read-ahead chunk: its own read will report it
-                        if cid in missing:
                             found[cid] = data
-                        self._keep(cid, data)
         return [found[c] for c in need]
+
+    def warm(self, ids: Sequence[bytes]) -> None:
+        """Fetch and keep those of `ids` not in the cache (a read-ahead in the
+        background); a chunk that fails is left for its own read to report."""
+        with self._fetch_lock:
+            want = [c for c in dict.fromkeys(ids) if not self.has(c)]
+            if want:
+                self._fetch(want)
 
 
 class _File:
@@ -176,7 +195,9 @@ class SnapshotTree:
                  read_ahead: int = READ_AHEAD_BYTES) -> None:
         self._manifest = manifest
         self.cache = ChunkCache(load_chunks, cache_bytes)
-        self._read_ahead = read_ahead
+        # Never more ahead than a quarter of the cache: what is fetched must still be
+        # there when it is read.
+        self._read_ahead = min(read_ahead, cache_bytes // 4)
         self._root_mtime = mtime_ns
         self._spans: list[tuple[int, int]] = []  # inode - 2 -> record [start, end)
         self._by_path: dict[bytes, int] = {b"": ROOT_INODE}
@@ -190,6 +211,8 @@ class SnapshotTree:
         self._files: OrderedDict[int, _File] = OrderedDict()
         self._lock = threading.Lock()
         self._sequential: dict[int, int] = {}  # inode -> where its last read ended
+        self._warmer: ThreadPoolExecutor | None = None  # the background read-ahead
+        self._warming = False
         self._index()
 
     @classmethod
@@ -389,9 +412,45 @@ class SnapshotTree:
             stop = bisect.bisect_left(f.starts, f.starts[last] + self._read_ahead)
             ahead = f.ids[last:min(stop, len(f.ids))]
         chunks = self.cache.get(f.ids[first:last], ahead)
+        if sequential and self._read_ahead:
+            self._read_ahead_of(f, last)
         data = b"".join(chunks)
         skip = offset - f.starts[first]
         return data[skip:skip + size]
+
+    def _read_ahead_of(self, f: _File, last: int) -> None:
+        """Start fetching, in the background, the file's chunks up to twice READ_AHEAD
+        past `last` that are not cached yet: a sequential reader then finds them there
+        instead of waiting for a request of its own each READ_AHEAD bytes."""
+        stop = min(bisect.bisect_left(f.starts, f.starts[last] + 2 * self._read_ahead),
+                   len(f.ids))
+        gap = next((i for i in range(last, stop) if not self.cache.has(f.ids[i])), stop)
+        # Topped up only once less than READ_AHEAD is left: one large request, not one
+        # for every few chunks the reader moves on.
+        if gap == stop or f.starts[gap] - f.starts[last] >= self._read_ahead:
+            return
+        window = [c for c in f.ids[gap:stop] if not self.cache.has(c)]
+        with self._lock:
+            if self._warming:
+                return
+            self._warming = True
+            if self._warmer is None:
+                self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readahead")
+        self._warmer.submit(self._warm, window)
+
+    def _warm(self, ids: list[bytes]) -> None:
+        try:
+            self.cache.warm(ids)
+        except Exception:  # the read that needs the chunk reports its failure
+            pass
+        finally:
+            with self._lock:
+                self._warming = False
+
+    def close(self) -> None:
+        """Stop the background read-ahead (waits for a fetch in progress)."""
+        if self._warmer is not None:
+            self._warmer.shutdown(wait=True)
 
     def iter_content(self, ino: int, batch: int = 16) -> Iterator[bytes]:
         """The whole file, chunk by chunk (at most `batch` chunks in memory)."""
