@@ -154,6 +154,10 @@ def test_a_folder_as_tar_extracts_to_what_a_restore_gives(world, tmp_path: Path)
     restore(world.ctx.store, world.ctx.store.load_snapshot(world.sid), tmp_path / "r",
             includes=["docs"])
     assert tree_state(tmp_path / "x") == tree_state(tmp_path / "r")
+    one = world.client.get(f"{world.base}/latest/download",
+                           params={"path": "docs/deep/er/mid.dat", "format": "tar"})
+    assert tarfile.open(fileobj=io.BytesIO(one.content)).getnames() == [
+        "docs", "docs/deep", "docs/deep/er", "docs/deep/er/mid.dat"]  # a file, with parents
     whole = world.client.get(f"{world.base}/latest/download").content  # the whole snapshot
     names = tarfile.open(fileobj=io.BytesIO(whole)).getnames()
     assert "script.sh" in names and "docs/deep/er/mid.dat" in names
