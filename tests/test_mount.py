@@ -207,3 +207,16 @@ def test_cold_read_throughput_is_measured(tmp_path: Path, mounts) -> None:
     m.stop()
     print(f"\ncold read of 24 MiB: mount {24 / t_mount:.0f} MiB/s, "
           f"restore {24 / t_restore:.0f} MiB/s")
+
+
+@needs_fuse
+def test_a_dead_mount_is_named_as_such(sample_store, tmp_path: Path, mounts) -> None:
+    store, sid = sample_store
+    (tmp_path / "mnt").mkdir()
+    m = Mounted(store, sid, tmp_path / "mnt")
+    mounts.append(m)
+    m.proc.kill()  # no chance to unmount: the kernel keeps a mount nobody serves
+    m.proc.wait()
+    proc = spawn("store", "mount", store, sid, tmp_path / "mnt")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "dead mount" in err and "fusermount3 -u" in err, err

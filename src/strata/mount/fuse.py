@@ -45,6 +45,12 @@ def check_fuse(device: str = FUSE_DEVICE) -> None:
 def check_mountpoint(path: str) -> str:
     """The mountpoint as an absolute path: an existing, empty folder not mounted on."""
     full = os.path.abspath(path)
+    try:
+        os.listdir(full)  # not stat: the kernel may answer that from its cache
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a FUSE mount whose process died
+            raise MountError(f"{path} is a dead mount (the process serving it is gone): "
+                             f"run `fusermount3 -u {path}` first") from None
     if not os.path.isdir(full):
         raise MountError(f"mountpoint {path} is not a folder" if os.path.exists(full)
                          else f"mountpoint {path} does not exist")
