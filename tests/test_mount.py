@@ -10,6 +10,7 @@ import re
 import selectors
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,3 +217,29 @@ def test_a_dead_mount_is_named_as_such(sample_store, tmp_path: Path, mounts) -> 
     proc = spawn("store", "mount", store, sid, tmp_path / "mnt")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "dead mount" in err and "fusermount3 -u" in err, err
+
+
+@needs_fuse
+@pytest.mark.skipif(os.geteuid() != 0, reason="reads as another user: needs root")
+def test_only_the_mounting_user_reads_unless_allow_other(sample_store, tmp_path: Path,
+                                                          mounts) -> None:
+    store, sid = sample_store
+    # A mountpoint the other user can reach (pytest's own folders are root's, 0700).
+    mnt = Path(tempfile.mkdtemp(prefix="strata-mnt-"))
+    os.chmod(mnt, 0o755)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat"]
+    try:
+        for allow, readable in (([], False), (["--allow-other"], True)):
+            m = Mounted(*allow, store, sid, mnt)
+            mounts.append(m)
+            mid = subprocess.run([*nobody, str(mnt / "docs/deep/er/mid.dat")],  # 0644
+                                 capture_output=True)
+            assert (mid.returncode == 0) is readable, mid.stderr
+            script = subprocess.run([*nobody, str(mnt / "script.sh")],  # 0750, root's
+                                    capture_output=True)
+            assert script.returncode != 0  # the snapshot's own modes still hold
+            assert m.stop()[0] == 0
+    finally:
+        for m in mounts:
+            m.ensure_gone()
+        mnt.rmdir()

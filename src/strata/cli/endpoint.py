@@ -302,6 +302,9 @@ def endpoint_mount(endpoint: str,
                    mountpoint: str = typer.Argument(..., help="An existing, empty folder."),
                    snapshot: str = SNAPSHOT,
                    cache_size: str = typer.Option("64MiB", help="Chunks kept in memory."),
+                   allow_other: bool = typer.Option(
+                       False, "--allow-other", help="Let other users read the mount too, as "
+                       "the snapshot's modes and owners allow."),
                    server: str | None = SERVER,
                    admin_token_file: Path | None = TOKEN_FILE) -> None:
     """Mount one of the endpoint's snapshots read-only (FUSE), reading through the
@@ -319,4 +322,4 @@ def endpoint_mount(endpoint: str,
         tree = SnapshotTree(snap.manifest, src.load_chunks, cache_bytes=cache,
                             mtime_ns=snapshot_mtime_ns(snap.time))
         serve_mount(tree, mountpoint, f"snapshot {snap.id[:8]} of {endpoint}",
-                    f"strata:{snap.id[:8]}")
+                    f"strata:{snap.id[:8]}", allow_other)

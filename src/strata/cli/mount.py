@@ -25,7 +25,12 @@ def preflight(mountpoint: str) -> None:
     check_mountpoint(mountpoint)
 
 
-def serve_mount(tree: SnapshotTree, mountpoint: str, label: str, fsname: str) -> None:
+ALLOW_OTHER_HELP = ("Let other users read the mount too, as the snapshot's modes and "
+                    "owners allow (by default only you can).")
+
+
+def serve_mount(tree: SnapshotTree, mountpoint: str, label: str, fsname: str,
+                allow_other: bool = False) -> None:
     """Mount `tree` until it is unmounted or interrupted, then say what was fetched."""
     try:
         from strata.mount.fuse import serve
@@ -38,7 +43,7 @@ def serve_mount(tree: SnapshotTree, mountpoint: str, label: str, fsname: str) ->
         console.file.flush()
 
     try:
-        serve(tree, mountpoint, fsname=fsname, on_ready=ready)
+        serve(tree, mountpoint, fsname=fsname, allow_other=allow_other, on_ready=ready)
     finally:
         tree.close()
     s = tree.cache.stats

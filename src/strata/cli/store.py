@@ -30,7 +30,7 @@ from strata.model.entry import Entry, EntryType
 from strata.store.location import init_store_at, open_store_at
 from strata.store.repository import Store
 
-from .mount import CACHE_SIZE_HELP, preflight, serve_mount
+from .mount import ALLOW_OTHER_HELP, CACHE_SIZE_HELP, preflight, serve_mount
 from .output import console, count_tree, err_console, human_bytes, print_json, run_with_progress
 
 app = typer.Typer(help="The deduplicating, snapshotting store (usable on its own for backup).",
@@ -261,6 +261,7 @@ def mount(store_dir: str = StoreDir, state: Path | None = STATE,
           snapshot: str = typer.Argument(..., help="Snapshot id (or prefix), or 'latest'."),
           mountpoint: str = typer.Argument(..., help="An existing, empty folder."),
           cache_size: str = typer.Option("64MiB", help=CACHE_SIZE_HELP),
+          allow_other: bool = typer.Option(False, "--allow-other", help=ALLOW_OTHER_HELP),
           passfile: Path | None = PASSFILE) -> None:
     """Mount a snapshot read-only at MOUNTPOINT (FUSE); runs until unmounted or Ctrl-C."""
     cache = parse_size(cache_size)
@@ -268,7 +269,8 @@ def mount(store_dir: str = StoreDir, state: Path | None = STATE,
     with open_store(store_dir, passfile, state) as store:
         snap = store.resolve_snapshot(snapshot)
         tree = SnapshotTree.of_store(store, snap, cache_bytes=cache)
-        serve_mount(tree, mountpoint, f"snapshot {snap.short_id}", f"strata:{snap.short_id}")
+        serve_mount(tree, mountpoint, f"snapshot {snap.short_id}", f"strata:{snap.short_id}",
+                    allow_other)
 
 
 @app.command()

@@ -167,14 +167,19 @@ class SnapshotFS(pyfuse3.Operations):
 
 
 def serve(tree: SnapshotTree, mountpoint: str, *, fsname: str = "strata",
-          on_ready: Callable[[str], None] | None = None,
+          allow_other: bool = False, on_ready: Callable[[str], None] | None = None,
           warn: Callable[[str], None] | None = None) -> None:
     """Mount `tree` on `mountpoint` and answer the kernel until unmounted or signalled;
-    unmounts on the way out. `on_ready` is called with the mountpoint once it is in use."""
+    unmounts on the way out. `on_ready` is called with the mountpoint once it is in use.
+    `allow_other`: users other than the one mounting may read it too, as the snapshot's
+    own modes and owners allow (for a user other than root, /etc/fuse.conf must say
+    user_allow_other)."""
     check_fuse()
     where = check_mountpoint(mountpoint)
     options = set(pyfuse3.default_options) | {
         f"fsname={fsname.replace(',', '_')}", "subtype=strata", "ro", "nodev", "nosuid"}
+    if allow_other:
+        options.add("allow_other")
     try:
         pyfuse3.init(SnapshotFS(tree, warn or _stderr), where, options)
     except RuntimeError as exc:
