@@ -31,6 +31,7 @@ from strata.server.context import ServerContext, ServerSettings
 from strata.server.services import snapshot_files, snapshots
 
 API = "/api/v1/admin"
+ODD = os.fsdecode(b"dir\xff")  # a folder name that is not UTF-8
 
 
 def _enroll(client: TestClient, hostname: str) -> dict:
@@ -60,6 +61,8 @@ def world(tmp_path: Path) -> Iterator[SimpleNamespace]:
     src.mkdir()
     build_sample(src, random.Random(11))
     (src / "caf\xe9".encode("latin-1").decode("utf-8", "surrogateescape")).write_bytes(b"x")
+    (src / ODD).mkdir()
+    (src / ODD / "inner.txt").write_bytes(b"inside a folder whose name is not UTF-8")
     other_src.mkdir()
     (other_src / "secret.txt").write_bytes(b"another endpoint's data " * 1000)
     with TestClient(app) as client:
@@ -78,7 +81,7 @@ def test_list_a_folder_and_page_through_it(world) -> None:
     root = c.get(f"{world.base}/latest/files").json()
     assert root["snapshot"] == world.sid and root["type"] == "dir" and not root["truncated"]
     names = [e["name"] for e in root["entries"]]
-    assert names == ["caf\ufffd", "docs", "empty", "link", "script.sh"]
+    assert names == ["caf\ufffd", "dir\ufffd", "docs", "empty", "link", "script.sh"]
     odd = root["entries"][0]
     assert odd["raw_name"] == b"caf\xe9".hex()  # the exact bytes, for a name not UTF-8
     link = next(e for e in root["entries"] if e["name"] == "link")
@@ -101,6 +104,25 @@ def test_paths_that_are_not_normalized_are_refused(world, path: str) -> None:
         resp = world.client.get(f"{world.base}/latest/{route}", params={"path": path})
         assert resp.status_code == 422, (route, path, resp.text)
         assert "invalid path" in resp.json()["detail"]
+
+
+def test_a_name_that_is_not_utf8_is_reached_by_its_bytes(world) -> None:
+    c = world.client
+    root = c.get(f"{world.base}/latest/files").json()
+    raw = next(e["raw_name"] for e in root["entries"] if e["name"] == "dir\ufffd")
+    assert bytes.fromhex(raw) == b"dir\xff"
+    inside = c.get(f"{world.base}/latest/files", params={"path_hex": raw}).json()
+    assert inside["path"] == "dir\ufffd" and [e["name"] for e in inside["entries"]] == [
+        "inner.txt"]
+    tar = c.get(f"{world.base}/latest/download", params={"path_hex": raw})
+    assert tarfile.open(fileobj=io.BytesIO(tar.content)).getnames() == [ODD, ODD + "/inner.txt"]
+    one = c.get(f"{world.base}/latest/download",
+                params={"path_hex": (b"dir\xff/inner.txt").hex()})
+    assert one.content == b"inside a folder whose name is not UTF-8"
+    for params in ({"path": "docs", "path_hex": raw}, {"path_hex": "zz"}):
+        assert c.get(f"{world.base}/latest/files", params=params).status_code == 422
+    assert c.get(f"{world.base}/latest/files",
+                 params={"path_hex": (b"dir\xff/../x").hex()}).status_code == 422
 
 
 def test_only_that_endpoints_snapshots(world) -> None:
@@ -222,6 +244,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
         root = base / "root"
         root.mkdir()
         build_sample(root, random.Random(21))
+        (root / ODD).mkdir()
+        (root / ODD / "inner.txt").write_bytes(b"odd")
         agent = Agent(srv, root, base / "state")
         agent.enroll(srv.create_token())
         out = agent.backup()
@@ -238,6 +262,8 @@ def test_cli_lists_a_folder(fleet) -> None:
     doc = json.loads(fleet.server.admin_cli("endpoint", "files", ep, "docs/deep", "--snapshot",
                                             fleet.snapshot[:8], "--json").stdout)
     assert [e["name"] for e in doc["entries"]] == ["big.bin", "er"]
+    odd = fleet.server.admin_cli("endpoint", "files", ep, ODD).stdout
+    assert "inner.txt" in odd
     bad = fleet.server.admin_cli("endpoint", "files", ep, "../etc", rc=2)
     assert "invalid path" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 

@@ -99,6 +99,16 @@ def path_part(value: str, what: str) -> str:
     return quote(value, safe="")
 
 
+def snapshot_path(path: str) -> dict[str, str]:
+    """A path in a snapshot as a query parameter: `path`, or `path_hex` for a name that is
+    not UTF-8 (as the shell hands it over: bytes kept by surrogateescape)."""
+    try:
+        path.encode("utf-8")
+        return {"path": path}
+    except UnicodeEncodeError:
+        return {"path_hex": os.fsencode(path).hex()}
+
+
 def build(model: type[M], **fields: Any) -> M:
     """A request as the admin gave it, checked by the same rules the server applies;
     a violation is one line, like the server's refusal would be."""
@@ -298,4 +308,5 @@ class AdminClient:
         return self._typed(SnapshotFolder, "GET",
                            f"{API}/endpoints/{path_part(ref, 'endpoint id')}/snapshots/"
                            f"{path_part(snapshot or 'latest', 'snapshot')}/files",
-                           params={"path": path, "offset": str(offset), "limit": str(limit)})
+                           params={**snapshot_path(path), "offset": str(offset),
+                                   "limit": str(limit)})

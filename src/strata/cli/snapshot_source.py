@@ -19,7 +19,7 @@ from strata.model.snapshot_files import MAX_CHUNKS
 from strata.model.transfer import read_bundle
 from strata.store.pack import decode_payload
 
-from .admin_client import API, AdminClient, error_detail, path_part
+from .admin_client import API, AdminClient, error_detail, path_part, snapshot_path
 
 
 @dataclass
@@ -100,7 +100,7 @@ class AdminSnapshotSource:
     def download(self, path: str, fmt: str | None, target: Path) -> int:
         """Stream a file or an archive into `target` (written beside it, then renamed
         into place: an interrupted download leaves no half file under that name)."""
-        params = {"path": path}
+        params = snapshot_path(path)
         if fmt:
             params["format"] = fmt
         part = target.with_name(f".{target.name}.part")

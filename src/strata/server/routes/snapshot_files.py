@@ -17,6 +17,8 @@ from strata.server.services import snapshot_files
 router = admin_router("snapshot files")
 BASE = "/endpoints/{ref}/snapshots/{snapshot}"
 PATH = Query("", max_length=4096, description="A path in the snapshot; '' for its root.")
+PATH_HEX = Query(None, max_length=8192, description="Instead of path: its bytes in hex, "
+                 "for a name that is not UTF-8 (`raw_name` in a listing).")
 BINARY: dict[int | str, dict[str, Any]] = {200: {"content": {"application/octet-stream": {}}}}
 
 
@@ -25,23 +27,26 @@ class SnapshotChunkRequest(BaseModel):
 
 
 @router.get(BASE + "/files", response_model=SnapshotFolder)
-def list_files(ref: str, snapshot: str, path: str = PATH, offset: int = 0,
-               limit: int = Query(1000, ge=1, le=MAX_LISTED),
+def list_files(ref: str, snapshot: str, path: str = PATH, path_hex: str | None = PATH_HEX,
+               offset: int = 0, limit: int = Query(1000, ge=1, le=MAX_LISTED),
                ctx: ServerContext = Depends(get_ctx)) -> SnapshotFolder:
     """A folder of a snapshot (`snapshot`: an id, a unique prefix, or `latest`)."""
-    return snapshot_files.list_folder(ctx, ref, snapshot, path, offset, limit)
+    return snapshot_files.list_folder(ctx, ref, snapshot,
+                                      snapshot_files.path_from_hex(path, path_hex),
+                                      offset, limit)
 
 
 @router.get(BASE + "/download", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {},
                                          "application/x-tar": {}, "application/zip": {}}}})
-def download(ref: str, snapshot: str, path: str = PATH,
+def download(ref: str, snapshot: str, path: str = PATH, path_hex: str | None = PATH_HEX,
              format: str | None = Query(None, description="raw (a file's bytes; the default "
                                         "for a file), tar (the default for a folder) or zip"),
              ctx: ServerContext = Depends(get_ctx),
              actor: str = Depends(require_admin)) -> StreamingResponse:
     """A file, or a folder as an archive, streamed (429 while too many are running)."""
-    d = snapshot_files.download(ctx, ref, snapshot, path, format, actor)
+    d = snapshot_files.download(ctx, ref, snapshot, snapshot_files.path_from_hex(path, path_hex),
+                                format, actor)
     headers = {"Content-Disposition": d.disposition}
     if d.size is not None:
         headers["Content-Length"] = str(d.size)

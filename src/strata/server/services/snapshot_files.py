@@ -96,23 +96,43 @@ def snapshot_tree(ctx: ServerContext, sid: str) -> SnapshotTree:
     return tree
 
 
-def parse_path(path: str) -> bytes:
-    """A path as the caller gives it ('' or '/' for the root), checked: relative to the
-    snapshot's root, no '.', '..' or empty components, no NUL."""
-    p = os.fsencode(path).strip(b"/")
+def parse_path(path: str | bytes) -> bytes:
+    """A path as the caller gives it ('' or '/' for the root; bytes for a name that is
+    not UTF-8), checked: relative to the snapshot's root, no '.', '..' or empty
+    components, no NUL."""
+    p = (path if isinstance(path, bytes) else os.fsencode(path)).strip(b"/")
     if p:
         try:
             validate_path(p)
         except UnsafePath as exc:
-            raise Invalid(f"invalid path {path!r}: {str(exc).rpartition(': ')[2]}") from None
+            raise Invalid(f"invalid path {_text(p)!r}: "
+                          f"{str(exc).rpartition(': ')[2]}") from None
     return p
+
+
+def path_from_hex(path: str, path_hex: str | None) -> str | bytes:
+    """The path a request names: `path`, or the bytes `path_hex` spells (for a name
+    that is not UTF-8, which a query string cannot carry), never both."""
+    if path_hex is None:
+        return path
+    if path:
+        raise Invalid("give path or path_hex, not both")
+    try:
+        return bytes.fromhex(path_hex)
+    except ValueError:
+        raise Invalid("path_hex must be hex") from None
+
+
+def _text(p: bytes) -> str:
+    """A path for messages and the audit log: UTF-8, other bytes as \\xNN escapes."""
+    return p.decode("utf-8", "backslashreplace")
 
 
 def _node(tree: SnapshotTree, p: bytes) -> int:
     try:
         return tree.resolve(p)
     except PathNotInSnapshot:
-        raise NotFound(f"no {os.fsdecode(p)!r} in this snapshot") from None
+        raise NotFound(f"no {_text(p)!r} in this snapshot") from None
 
 
 def _info(tree: SnapshotTree, name: bytes, ino: int) -> SnapshotFileInfo:
@@ -126,7 +146,8 @@ def _info(tree: SnapshotTree, name: bytes, ino: int) -> SnapshotFileInfo:
         if a.type is EntryType.SYMLINK else None)
 
 
-def list_folder(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str, path: str = "",
+def list_folder(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str,
+                path: str | bytes = "",
                 offset: int = 0, limit: int = 1000) -> SnapshotFolder:
     """One page of a folder's entries (or the one entry PATH names, if not a folder)."""
     if not 1 <= limit <= MAX_LISTED or offset < 0:
@@ -143,12 +164,13 @@ def list_folder(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str, path: 
     else:
         entries = [_info(tree, p.rpartition(b"/")[2], ino)]
         kind, total = entries[0].type, 1
-    return SnapshotFolder(endpoint=ep, snapshot=sid, path=os.fsdecode(p), type=kind,
+    return SnapshotFolder(endpoint=ep, snapshot=sid, path=p.decode("utf-8", "replace"),
+                          type=kind,
                           total=total, offset=offset, entries=entries,
                           truncated=offset + len(entries) < total)
 
 
-def download(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str, path: str,
+def download(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str, path: str | bytes,
              fmt: str | None, actor: str) -> Download:
     """A file's bytes (`raw`, the default for a file) or a tar/zip of a folder or file
     (`tar` is the default for a folder), streamed. Refused with 429 while MAX_DOWNLOADS
@@ -162,12 +184,16 @@ def download(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str, path: str
     is_file = tree.attr(ino).type is EntryType.FILE
     fmt = fmt or ("raw" if is_file else "tar")
     if fmt == "raw" and not is_file:
-        raise Invalid(f"{os.fsdecode(p) or 'the root'} is not a file: ask for a tar or zip")
+        raise Invalid(f"{_text(p) or 'the root'} is not a file: ask for a tar or zip")
     base = p.rpartition(b"/")[2].decode("utf-8", "replace") if p else f"{ep[:8]}-{sid[:8]}"
     if not _downloads.acquire(blocking=False):
         raise Busy(f"{MAX_DOWNLOADS} downloads are in progress: try again shortly")
-    audit.record(ctx, actor, "snapshot-download", sid, endpoint=ep, path=os.fsdecode(p),
-                 format=fmt)
+    try:
+        audit.record(ctx, actor, "snapshot-download", sid, endpoint=ep, path=_text(p),
+                     format=fmt)
+    except BaseException:
+        _downloads.release()
+        raise
     if fmt == "raw":
         return Download(base, "application/octet-stream",
                         _released(tree.iter_content(ino)), tree.file_size(ino))
