@@ -23,6 +23,8 @@ from strata.engine.snapshot_tree import SnapshotTree
 from strata.mount.fuse import MountError, check_fuse, check_mountpoint
 from strata.store.repository import Store
 
+# Each test runs `strata … mount` as a process of its own.
+pytestmark = pytest.mark.e2e
 STATS = re.compile(r"fetched (\d+) chunks \((.+?)\) in (\d+) request")
 
 

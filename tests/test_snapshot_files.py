@@ -253,6 +253,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
                               snapshot=out["result"]["snapshot"])
 
 
+@pytest.mark.e2e
 def test_cli_lists_a_folder(fleet) -> None:
     ep = fleet.agent.endpoint_id
     out = fleet.server.admin_cli("endpoint", "files", ep[:8], "docs").stdout
@@ -268,6 +269,7 @@ def test_cli_lists_a_folder(fleet) -> None:
     assert "invalid path" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_cli_exports_to_a_folder_and_a_tar(fleet) -> None:
     ep, srv, base = fleet.agent.endpoint_id, fleet.server, fleet.base
     srv.admin_cli("endpoint", "export", ep, "--snapshot", "latest", "--to", base / "dir")
@@ -291,6 +293,7 @@ def test_cli_exports_to_a_folder_and_a_tar(fleet) -> None:
     assert not list(base.glob(".*.part"))
 
 
+@pytest.mark.e2e
 def test_cli_mounts_an_endpoints_snapshot_through_the_server(fleet, tmp_path: Path) -> None:
     from test_mount import Mounted, fuse_usable
 
