@@ -54,6 +54,7 @@ from strata.model.admin import (
     TokenRequest,
     TransactionInfo,
 )
+from strata.model.snapshot_files import SnapshotFolder
 
 API = "/api/v1/admin"
 T = TypeVar("T")
@@ -99,6 +100,16 @@ def path_part(value: str, what: str) -> str:
     if "/" in value or not value.strip("."):
         raise StrataError(f"{what} {value!r} is not valid")
     return quote(value, safe="")
+
+
+def snapshot_path(path: str) -> dict[str, str]:
+    """A path in a snapshot as a query parameter: `path`, or `path_hex` for a name that is
+    not UTF-8 (as the shell hands it over: bytes kept by surrogateescape)."""
+    try:
+        path.encode("utf-8")
+        return {"path": path}
+    except UnicodeEncodeError:
+        return {"path_hex": os.fsencode(path).hex()}
 
 
 def build(model: type[M], **fields: Any) -> M:
@@ -304,3 +315,13 @@ class AdminClient:
 
     def task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "GET", f"{API}/tasks/{task_id}")
+
+    # -- snapshot browsing (downloads and chunks: cli/snapshot_source.py) --------------------------
+
+    def snapshot_files(self, ref: str, snapshot: str, path: str = "", offset: int = 0,
+                       limit: int = 1000) -> SnapshotFolder:
+        return self._typed(SnapshotFolder, "GET",
+                           f"{API}/endpoints/{path_part(ref, 'endpoint id')}/snapshots/"
+                           f"{path_part(snapshot or 'latest', 'snapshot')}/files",
+                           params={**snapshot_path(path), "offset": str(offset),
+                                   "limit": str(limit)})

@@ -22,12 +22,14 @@ from strata.engine.diff import diff_snapshots
 from strata.engine.restore import normalize_include
 from strata.engine.restore import restore as run_restore
 from strata.engine.retention import RetentionPolicy, SnapshotInfo, apply_policy
+from strata.engine.snapshot_tree import SnapshotTree
 from strata.engine.stats import store_stats
 from strata.errors import PathNotInSnapshot, StrataError
 from strata.model.entry import Entry, EntryType
 from strata.store.location import init_store_at, open_store_at
 from strata.store.repository import Store
 
+from .mount import ALLOW_OTHER_HELP, CACHE_SIZE_HELP, preflight, serve_mount
 from .output import (
     console,
     count_tree,
@@ -267,6 +269,23 @@ def restore(store_dir: str = StoreDir, state: Path | None = STATE,
                           "out: --full-metadata restores them", highlight=False)
     if result.errors:
         raise typer.Exit(1)
+
+
+@app.command()
+def mount(store_dir: str = StoreDir, state: Path | None = STATE,
+          snapshot: str = typer.Argument(..., help="Snapshot id (or prefix), or 'latest'."),
+          mountpoint: str = typer.Argument(..., help="An existing, empty folder."),
+          cache_size: str = typer.Option("64MiB", help=CACHE_SIZE_HELP),
+          allow_other: bool = typer.Option(False, "--allow-other", help=ALLOW_OTHER_HELP),
+          passfile: Path | None = PASSFILE) -> None:
+    """Mount a snapshot read-only at MOUNTPOINT (FUSE); runs until unmounted or Ctrl-C."""
+    cache = parse_size(cache_size)
+    preflight(mountpoint)
+    with open_store(store_dir, passfile, state) as store:
+        snap = store.resolve_snapshot(snapshot)
+        tree = SnapshotTree.of_store(store, snap, cache_bytes=cache)
+        serve_mount(tree, mountpoint, f"snapshot {snap.short_id}", f"strata:{snap.short_id}",
+                    allow_other)
 
 
 @app.command()

@@ -36,6 +36,7 @@ from strata.server.routes import (
     operations,
     policies,
     signing,
+    snapshot_files,
     tokens,
 )
 from strata.server.store_location import open_server_store
@@ -76,7 +77,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.admin_digest = digest(read_token_file(token_path))
     app.state.admin_token_path = token_path
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
-                   collections, compliance, operations, audit, signing):
+                   collections, compliance, operations, audit, signing, snapshot_files):
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
 
