@@ -51,6 +51,15 @@ from strata.model.admin import (
     TokenRequest,
     TransactionInfo,
 )
+from strata.model.users import (
+    Caller,
+    PasswordRequest,
+    UserInfo,
+    UserRequest,
+    UserTokenCreated,
+    UserTokenInfo,
+    UserTokenRequest,
+)
 
 API = "/api/v1/admin"
 T = TypeVar("T")
@@ -289,3 +298,33 @@ class AdminClient:
 
     def task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "GET", f"{API}/tasks/{task_id}")
+
+    # -- users -------------------------------------------------------------------------------------
+
+    def whoami(self) -> Caller:
+        return self._typed(Caller, "GET", f"{API}/me")
+
+    def create_user(self, req: UserRequest) -> UserInfo:
+        return self._typed(UserInfo, "POST", f"{API}/users", req)
+
+    def users(self) -> list[UserInfo]:
+        return self._typed(list[UserInfo], "GET", f"{API}/users")
+
+    def delete_user(self, name: str) -> Deleted:
+        return self._typed(Deleted, "DELETE", f"{API}/users/{path_part(name, 'user name')}")
+
+    def set_password(self, name: str, req: PasswordRequest) -> UserInfo:
+        return self._typed(UserInfo, "PUT",
+                           f"{API}/users/{path_part(name, 'user name')}/password", req)
+
+    def create_user_token(self, name: str, req: UserTokenRequest) -> UserTokenCreated:
+        return self._typed(UserTokenCreated, "POST",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens", req)
+
+    def user_tokens(self, name: str) -> list[UserTokenInfo]:
+        return self._typed(list[UserTokenInfo], "GET",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens")
+
+    def revoke_user_token(self, name: str, token_id: int) -> UserTokenInfo:
+        return self._typed(UserTokenInfo, "DELETE",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens/{token_id}")

@@ -23,6 +23,7 @@ from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
 from strata.server.context import ServerContext, ServerSettings
+from strata.server.deps import label_permissions
 from strata.server.maintenance import upkeep_threads
 from strata.server.routes import (
     agent,
@@ -37,6 +38,7 @@ from strata.server.routes import (
     policies,
     signing,
     tokens,
+    users,
 )
 from strata.server.store_location import open_server_store
 from strata.server.stream_cache import StreamCache
@@ -76,7 +78,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.admin_digest = digest(read_token_file(token_path))
     app.state.admin_token_path = token_path
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
-                   collections, compliance, operations, audit, signing):
+                   collections, compliance, operations, audit, signing, users):
+        label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
 
