@@ -21,6 +21,7 @@ from rich.progress import (
 )
 
 from strata.engine.progress import Progress as EngineProgress
+from strata.model.units import human_bytes  # noqa: F401  (the CLI's modules import it here)
 
 T = TypeVar("T")
 # soft_wrap: never fold long paths or messages when output goes to a pipe or a file.
@@ -36,14 +37,6 @@ def print_error(message: str) -> None:
 
 def print_json(doc: object) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def show_progress() -> bool:

@@ -22,6 +22,7 @@ from strata.server.auth import digest, ensure_admin_token, read_token_file
 from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
+from strata.server.console.pages import mount_console
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.deps import label_permissions
 from strata.server.maintenance import upkeep_threads
@@ -82,6 +83,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
+    mount_console(app)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)  # added last = outermost: it sees the 413s too
