@@ -241,6 +241,21 @@ def test_console_changes_are_audited_under_the_user(console):
     assert any(e["actor"] == "user:paula" and e["action"] == "login" for e in log)
 
 
+def test_a_protection_manager_runs_retention_and_prune_and_a_help_desk_cannot(console):
+    c = console.client
+    assert sign_in(c, "hana").status_code == 303
+    token = _csrf(c.get("/").text)
+    assert c.post("/maintenance", data={"csrf": token}).status_code == 403
+    c = TestClient(console.app)
+    assert sign_in(c, "paula").status_code == 303
+    page = c.get("/policies").text
+    assert "Run retention and prune now" in page
+    resp = c.post("/maintenance", data={"csrf": _csrf(page)})
+    assert resp.status_code == 200 and "removed by retention; prune freed" in resp.text
+    log = c.get(f"{ADMIN}/audit", headers=console.api).json()
+    assert {"actor": "user:paula", "action": "maintenance"}.items() <= log[0].items()
+
+
 # -- in a real browser -------------------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -390,6 +405,8 @@ def test_browser_protection_manager_sets_retention(browser, fleet):
         assert "Retention policy saved" in page.text_content("main")
         _shot(page, "policies")
         assert fleet.server.admin("GET", "/policies/retention")["daily"] == 14
+        page.click("text=Run retention and prune now")
+        assert "prune freed" in page.text_content("[data-testid=pruned]")
         _refused_elsewhere(page, fleet, "paula")
         assert page.problems == []
     finally:

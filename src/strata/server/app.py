@@ -35,6 +35,7 @@ from strata.server.routes import (
     compliance,
     endpoints,
     layers,
+    maintenance,
     operations,
     policies,
     signing,
@@ -79,7 +80,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.admin_digest = digest(read_token_file(token_path))
     app.state.admin_token_path = token_path
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
-                   collections, compliance, operations, audit, signing, users):
+                   collections, compliance, operations, audit, signing, users,
+                   maintenance):
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)

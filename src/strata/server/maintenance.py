@@ -23,8 +23,9 @@ from strata.server.services import audit
 log = logging.getLogger("strata.server")
 
 
-def run_maintenance(ctx: ServerContext) -> dict:
-    """One pass: forget what the retention policy does not keep, then prune."""
+def run_maintenance(ctx: ServerContext, actor: str = "server") -> dict:
+    """One pass: forget what the retention policy does not keep, then prune. `actor`:
+    who asked (the schedule is "server"; a protection manager may run one at once)."""
     ctx.expire_uploads()
     with ctx.write() as db:
         policy = retention_policy(get_policy(db, "retention"))
@@ -46,7 +47,7 @@ def run_maintenance(ctx: ServerContext) -> dict:
     except StrataError as exc:  # e.g. another prune is running: try next time
         result = {"error": str(exc)}
     summary = {"snapshots_removed": len(removed), "prune": result}
-    audit.record(ctx, "server", "maintenance", "", **summary)
+    audit.record(ctx, actor, "maintenance", "", **summary)
     return summary
 
 

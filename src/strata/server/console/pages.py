@@ -11,6 +11,7 @@ from fastapi.staticfiles import StaticFiles
 
 from strata.errors import StrataError
 from strata.model.roles import ROLE_NAMES, Permission
+from strata.model.units import human_bytes
 from strata.model.users import UserRequest
 from strata.server.console.render import STATIC, render, secure
 from strata.server.console.session import (
@@ -29,6 +30,7 @@ from strata.server.console.session import (
 )
 from strata.server.context import ServerContext
 from strata.server.deps import client_ip, get_ctx
+from strata.server.maintenance import run_maintenance
 from strata.server.services import audit, endpoints, fleet, layers, policies, users
 from strata.server.services.users import AddressThrottle, LoginRefused, TooManyAttempts
 
@@ -138,11 +140,11 @@ def layer_list(request: Request, v: Visitor = Depends(Page(Permission.LAYERS)),
 
 
 def _policies_page(request: Request, v: Visitor, ctx: ServerContext, status: int = 200,
-                   error: str = "", saved: bool = False) -> Response:
+                   error: str = "", saved: bool = False, pruned: str = "") -> Response:
     return _page(request, "policies.html", v, status,
                  retention=policies.read_policy(ctx, "retention"),
                  upload=policies.read_policy(ctx, "upload"), fields=RETENTION_FIELDS,
-                 error=error, saved=saved)
+                 error=error, saved=saved, pruned=pruned)
 
 
 @router.get("/policies")
@@ -170,6 +172,23 @@ async def save_retention(request: Request, v: Visitor = Depends(Page(Permission.
     except StrataError as exc:
         return _policies_page(request, v, ctx, exc.http_status, error=str(exc))
     return _policies_page(request, v, ctx, saved=True)
+
+
+@router.post("/maintenance")
+def run_upkeep(request: Request, csrf: str = Form("", max_length=64),
+               v: Visitor = Depends(Page(Permission.PRUNE)),
+               ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    done = run_maintenance(ctx, actor=v.staff.actor)
+    prune = done.get("prune", {})
+    if "error" in prune:
+        note = f"retention applied; prune did not run: {prune['error']}"
+    else:
+        note = (f"{done['snapshots_removed']} snapshot(s) removed by retention; prune freed "
+                f"{human_bytes(int(prune.get('plan', {}).get('bytes_freed', 0)))}")
+    if not v.may(Permission.PROTECTION):  # an administrator always may; others land here
+        return _page(request, "message.html", v, title="Maintenance", message=note)
+    return _policies_page(request, v, ctx, pruned=note)
 
 
 def _users_page(request: Request, v: Visitor, ctx: ServerContext, status: int = 200,

@@ -5,6 +5,7 @@ styles, no framing, no caching of pages)."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,19 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else "never"
 
 
+def _shown(value: object) -> str:
+    """A value an agent reported: text as it is, anything else as JSON (not Python's
+    repr). Escaped by the template like everything else."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def _ratio(value: float) -> str:
     return f"{value:.2f}×" if value else "–"
 
 
 ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True,
                   undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-ENV.filters.update(when=_when, size=human_bytes, ratio=_ratio)
+ENV.filters.update(when=_when, size=human_bytes, ratio=_ratio, shown=_shown)
 ENV.globals.update(version=__version__)
 
 
