@@ -91,9 +91,9 @@ def test_the_console_is_served_at_the_root_and_asks_to_sign_in(console):
 def test_pages_carry_a_content_security_policy_and_no_inline_script(console):
     c = console.client
     assert sign_in(c, "ada").status_code == 303
-    for href in PAGES:
+    for href in [*PAGES, "/account", "/endpoints/no-such-endpoint"]:
         resp = c.get(href)
-        assert resp.status_code == 200, href
+        assert resp.status_code == (404 if "no-such" in href else 200), href
         csp = resp.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
         assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
@@ -254,6 +254,31 @@ def test_a_protection_manager_runs_retention_and_prune_and_a_help_desk_cannot(co
     assert resp.status_code == 200 and "removed by retention; prune freed" in resp.text
     log = c.get(f"{ADMIN}/audit", headers=console.api).json()
     assert {"actor": "user:paula", "action": "maintenance"}.items() <= log[0].items()
+
+
+def test_users_change_their_own_password_with_the_current_one(console):
+    c = console.client
+    assert sign_in(c, "ivan").status_code == 303
+    token = _csrf(c.get("/account").text)
+    new = PASSWORD + " v2"
+    resp = c.post("/account/password", data={"current": "wrong", "new": new, "again": new,
+                                              "csrf": token})
+    assert resp.status_code == 401 and "current password is wrong" in resp.text
+    resp = c.post("/account/password", data={"current": PASSWORD, "new": new,
+                                              "again": new + "x", "csrf": token})
+    assert resp.status_code == 422 and "differ" in resp.text
+    resp = c.post("/account/password", data={"current": PASSWORD, "new": "short",
+                                              "again": "short", "csrf": token})
+    assert resp.status_code == 422 and "at least 12" in resp.text
+    resp = c.post("/account/password", data={"current": PASSWORD, "new": new, "again": new,
+                                              "csrf": token}, follow_redirects=False)
+    assert resp.status_code == 303 and resp.headers["location"] == "/login"
+    assert c.get("/", follow_redirects=False).status_code == 303  # signed out
+    assert sign_in(c, "ivan").status_code == 401
+    assert sign_in(c, "ivan", new).status_code == 303
+    log = c.get(f"{ADMIN}/audit", headers=console.api).json()
+    assert any(e["actor"] == "user:ivan" and e["action"] == "set-password" for e in log)
+    assert any(e["action"] == "change-password-refused" for e in log)
 
 
 # -- in a real browser -------------------------------------------------------------------------

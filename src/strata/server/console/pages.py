@@ -238,6 +238,37 @@ def user_delete(name: str, request: Request, csrf: str = Form("", max_length=64)
     return _users_page(request, v, ctx, done=f"deleted user {name}")
 
 
+@router.get("/account")
+def account_page(request: Request, v: Visitor = Depends(Page(Permission.VIEW))) -> Response:
+    return _page(request, "account.html", v, error="")
+
+
+@router.post("/account/password")
+def change_password(request: Request, current: str = Form("", max_length=1024),
+                    new: str = Form("", max_length=1024), again: str = Form("", max_length=1024),
+                    csrf: str = Form("", max_length=64),
+                    v: Visitor = Depends(Page(Permission.VIEW)),
+                    ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    from pydantic import ValidationError
+
+    from strata.model.users import PasswordRequest
+
+    if new != again:
+        return _page(request, "account.html", v, 422, error="the two new passwords differ")
+    try:
+        PasswordRequest(password=new)
+        users.change_own_password(ctx, v.staff.name, current, new)
+    except ValidationError as exc:
+        msg = exc.errors(include_url=False)[0]["msg"]
+        return _page(request, "account.html", v, 422, error=f"new password: {msg}")
+    except StrataError as exc:
+        return _page(request, "account.html", v, exc.http_status, error=str(exc))
+    resp = _see_other("/login")  # every session of this user has ended: sign in again
+    resp.delete_cookie(SESSION_COOKIE, path="/")
+    return resp
+
+
 @router.get("/audit")
 def audit_page(request: Request, v: Visitor = Depends(Page(Permission.AUDIT)),
                ctx: ServerContext = Depends(get_ctx)) -> Response:

@@ -180,6 +180,17 @@ def set_password(ctx: ServerContext, name: str, password: str, *, actor: str) ->
     return info
 
 
+def change_own_password(ctx: ServerContext, name: str, current: str, new: str) -> None:
+    """A user's own change: the current password first (a session left open on someone
+    else's screen is not enough); the user's other sessions end, this one too."""
+    with ctx.session() as db:
+        encoded = _user(db, name).password_hash
+    if not check_password(current, encoded):
+        audit.record(ctx, f"user:{name}", "change-password-refused", name)
+        raise LoginRefused("the current password is wrong")
+    set_password(ctx, name, new, actor=f"user:{name}")
+
+
 # -- personal API tokens ---------------------------------------------------------------------
 
 
