@@ -29,6 +29,7 @@ from strata.server.catalog.models import UserSession
 from strata.server.console.pages import NAV
 from strata.server.console.render import HERE
 from strata.server.context import ServerSettings
+from strata.server.services import fleet as fleet_service
 
 ADMIN = "/api/v1/admin"
 PASSWORD = "correct horse battery"
@@ -196,14 +197,22 @@ def test_endpoint_strings_are_escaped_everywhere(console):
     assert "&lt;script&gt;document.title=" in c.get(f"/endpoints/{eid}").text
 
 
-def test_the_endpoint_search_matches_text_not_patterns(console):
+def test_the_endpoint_search_matches_text_not_patterns_and_filters(console):
     c = console.client
-    for host in ("lab-01", "lab-02", "finance-pc", "50%_off"):
-        console.enroll(host)
+    ids = {host: console.enroll(host) for host in ("lab-01", "lab-02", "finance-pc",
+                                                    "50%_off")}
+    c.put(f"{ADMIN}/endpoints/{ids['lab-01']}/tags", headers=console.api,
+          json={"tags": ["kiosk", "floor-2"]}).raise_for_status()
+    c.put(f"{ADMIN}/endpoints/{ids['finance-pc']}/tags", headers=console.api,
+          json={"tags": ["kiosk-old"]}).raise_for_status()
+    c.post(f"{ADMIN}/collections", headers=console.api, json={
+        "name": "finance", "members": [ids["finance-pc"], ids["50%_off"]]}).raise_for_status()
+    c.post(f"{ADMIN}/endpoints/{ids['lab-02']}/revoke", headers=console.api).raise_for_status()
     assert sign_in(c, "hana").status_code == 303
 
-    def hosts(query: str) -> list[str]:
-        rows = c.get("/endpoints", params={"q": query}, headers={"HX-Request": "true"}).text
+    def hosts(query: str = "", **filters: str) -> list[str]:
+        rows = c.get("/endpoints", params={"q": query, **filters},
+                     headers={"HX-Request": "true"}).text
         return sorted(re.findall(r'<a href="/endpoints/[^"]+">([^<]+)</a>', rows))
 
     assert hosts("lab") == ["lab-01", "lab-02"]
@@ -211,6 +220,41 @@ def test_the_endpoint_search_matches_text_not_patterns(console):
     assert hosts("%") == ["50%_off"] and hosts("_") == ["50%_off"]
     assert len(hosts("")) == 4
     assert hosts("nothing-like-it") == []
+    assert hosts(state="revoked") == ["lab-02"]
+    assert hosts("lab", state="active") == ["lab-01"]
+    assert hosts(tag="kiosk") == ["lab-01"]  # a whole tag, not a part of one
+    assert hosts(tag="kiosk%") == [] and hosts(tag='"') == []
+    assert hosts(collection="finance") == ["50%_off", "finance-pc"]
+    assert hosts(os="debian") == sorted(ids) and hosts(os="windows") == []
+    assert "no collection" in c.get("/endpoints", params={"collection": "nope"}).text
+    page = c.get("/endpoints").text
+    assert '<option value="finance">' in page and '<option value="debian">' in page
+
+
+def test_the_endpoint_filters_read_alike_on_both_catalog_databases(catalogs, tmp_path):
+    app = create_app(ServerSettings(data_dir=tmp_path / "data",
+                                    catalog_url=catalogs.url(tmp_path)))
+    api = {"Authorization": "Bearer " + (tmp_path / "data/admin.token").read_text().strip()}
+    with TestClient(app) as c:
+        ids = []
+        for host, tags in (("a_1", ["kiosk", "x"]), ("b%2", ["kiosk-old"]), ("c", [])):
+            tok = c.post(f"{ADMIN}/tokens", headers=api, json={"uses": 1}).json()["token"]
+            eid = c.post("/api/v1/agent/enroll", json={"token": tok, "hostname": host,
+                                                       "os": "debian"}).json()["endpoint_id"]
+            c.put(f"{ADMIN}/endpoints/{eid}/tags", headers=api, json={"tags": tags})
+            ids.append(eid)
+        ctx = app.state.ctx
+
+        def hosts(**f: str) -> list[str]:
+            found = fleet_service.search_endpoints(ctx, fleet_service.EndpointFilter(**f))
+            return sorted(r.hostname for r in found)
+
+        assert hosts(tag="kiosk") == ["a_1"] and hosts(tag="kiosk-old") == ["b%2"]
+        assert hosts(text="_") == ["a_1"] and hosts(text="%") == ["b%2"]
+        assert hosts(text="A_") == ["a_1"] and hosts(os="debian") == ["a_1", "b%2", "c"]
+        everyone = fleet_service.search_endpoints(ctx, fleet_service.EndpointFilter())
+        assert [r.snapshots for r in everyone] == [0, 0, 0]
+        assert fleet_service.overview(ctx).by_state == {"active": 3}
 
 
 def test_the_dashboard_counts_endpoints_by_state(console):
@@ -399,6 +443,12 @@ def test_browser_help_desk_finds_a_machine_and_is_refused_the_rest(browser, flee
         # the CSP forbids.)
         expect(page.locator("[data-testid=endpoint-row]")).to_have_count(2)
         _shot(page, "endpoints")
+        page.fill("input[name=q]", "")
+        page.select_option("select[name=state]", "pending")
+        expect(page.locator("[data-testid=endpoint-row]")).to_have_count(1)
+        assert "newcomer" in page.text_content("#endpoint-rows")
+        page.select_option("select[name=state]", "")
+        expect(page.locator("[data-testid=endpoint-row]")).to_have_count(5)
         page.click("text=lab-01")
         assert page.text_content("[data-testid=hostname]") == "lab-01"
         page.goto(fleet.server.url + f"/endpoints/{fleet.agent.endpoint_id}")

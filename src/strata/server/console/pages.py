@@ -111,15 +111,20 @@ def dashboard(request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
 
 
 @router.get("/endpoints")
-def endpoint_list(request: Request, q: str = "", state: str = "",
-                  v: Visitor = Depends(Page(Permission.VIEW)),
+def endpoint_list(request: Request, q: str = "", state: str = "", os: str = "", tag: str = "",
+                  collection: str = "", v: Visitor = Depends(Page(Permission.VIEW)),
                   ctx: ServerContext = Depends(get_ctx)) -> Response:
-    q, state = q[:128], state[:16]
-    rows = fleet.search_endpoints(ctx, q, state)
-    if request.headers.get("HX-Request") == "true":  # the search box asks for rows only
-        return render(request, "_endpoint_rows.html", rows=rows)
-    return _page(request, "endpoints.html", v, rows=rows, q=q, state=state,
-                 limit=fleet.SEARCH_ROWS)
+    f = fleet.EndpointFilter(text=q[:128], state=state[:16], os=os[:64], tag=tag[:128],
+                             collection=collection[:128])
+    error = ""
+    try:
+        rows = fleet.search_endpoints(ctx, f)
+    except StrataError as exc:  # an unknown collection
+        rows, error = [], str(exc)
+    if request.headers.get("HX-Request") == "true":  # the filters ask for rows only
+        return render(request, "_endpoint_rows.html", rows=rows, error=error)
+    return _page(request, "endpoints.html", v, rows=rows, f=f, error=error,
+                 choices=fleet.filter_choices(ctx), limit=fleet.SEARCH_ROWS)
 
 
 @router.get("/endpoints/{ref}")

@@ -4,14 +4,16 @@ admin API's per-endpoint detail costs several queries per endpoint)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import String, cast, func, or_, select
 
 from strata.model.admin import StoreFigures
-from strata.server.catalog.models import Cvd, Endpoint, SnapshotRecord
+from strata.server.catalog.models import Collection, Cvd, Endpoint, SnapshotRecord
 from strata.server.context import ServerContext
+from strata.server.services.collections import collection_members
 from strata.server.services.storage import storage_figures
 
 SEARCH_ROWS = 200  # one page of search results
@@ -56,19 +58,48 @@ def _like(text: str) -> str:
     return f"%{escaped}%"
 
 
-def search_endpoints(ctx: ServerContext, text: str = "", state: str = "",
+@dataclass(frozen=True)
+class EndpointFilter:
+    """What the endpoint list is narrowed to; empty fields do not narrow it."""
+
+    text: str = ""  # in the hostname, id, OS or address, any case
+    state: str = ""
+    os: str = ""
+    tag: str = ""
+    collection: str = ""
+
+
+def search_endpoints(ctx: ServerContext, f: EndpointFilter,
                      limit: int = SEARCH_ROWS) -> list[EndpointRow]:
-    """Endpoints whose hostname, id, OS or address contains `text` (any case), most
-    recently seen first."""
+    """The endpoints that pass the filter, most recently seen first."""
     where = []
-    if text.strip():
-        pattern = _like(text.strip().lower())
+    if f.text.strip():
+        pattern = _like(f.text.strip().lower())
         where.append(or_(*(func.lower(col).like(pattern, escape="\\") for col in
                            (Endpoint.hostname, Endpoint.id, Endpoint.os, Endpoint.last_ip))))
-    if state:
-        where.append(Endpoint.state == state)
+    if f.state:
+        where.append(Endpoint.state == f.state)
+    if f.os:
+        where.append(Endpoint.os == f.os)
+    if f.tag:
+        # Tags are a JSON list: its text holds the tag as a JSON string, quotes included,
+        # on SQLite and PostgreSQL alike, so one pattern finds the whole tag only.
+        where.append(cast(Endpoint.tags, String).like(_like(json.dumps(f.tag)),
+                                                      escape="\\"))
+    if f.collection:
+        with ctx.session() as db:
+            where.append(Endpoint.id.in_([e.id for e in collection_members(db, f.collection)]))
     return _rows(ctx, where, [Endpoint.last_seen.desc().nulls_last(), Endpoint.id],
                  min(limit, SEARCH_ROWS))
+
+
+def filter_choices(ctx: ServerContext) -> dict[str, list[str]]:
+    """What the list's drop-downs offer: the OS names and collections there are."""
+    with ctx.session() as db:
+        return {"os": [o for o in db.scalars(select(Endpoint.os).distinct()
+                                              .order_by(Endpoint.os)) if o],
+                "collections": list(db.scalars(select(Collection.name)
+                                               .order_by(Collection.name)))}
 
 
 def overview(ctx: ServerContext) -> FleetOverview:
