@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -25,11 +25,13 @@ except ImportError:  # the dev dependencies bring it; without them the browser t
 from server_fixtures import Agent, Server, device, enroll_request, write_documents
 from strata.model.roles import ROLES, Permission
 from strata.server.app import create_app
-from strata.server.catalog.models import UserSession
+from strata.server.catalog.models import Cvd, SnapshotRecord, UserSession
+from strata.server.console.chart import storage_chart
 from strata.server.console.pages import NAV
 from strata.server.console.render import HERE
 from strata.server.context import ServerSettings
 from strata.server.services import fleet as fleet_service
+from strata.server.services.fleet import HistoryPoint
 
 ADMIN = "/api/v1/admin"
 PASSWORD = "correct horse battery"
@@ -254,7 +256,38 @@ def test_the_endpoint_filters_read_alike_on_both_catalog_databases(catalogs, tmp
         assert hosts(text="A_") == ["a_1"] and hosts(os="debian") == ["a_1", "b%2", "c"]
         everyone = fleet_service.search_endpoints(ctx, fleet_service.EndpointFilter())
         assert [r.snapshots for r in everyone] == [0, 0, 0]
-        assert fleet_service.overview(ctx).by_state == {"active": 3}
+        assert fleet_service.storage_history(ctx) == []
+        # Snapshot records on three days (one just before midnight UTC): the storage
+        # history adds them up day by day, in UTC whatever the database's time zone.
+        with ctx.write() as db:
+            cvds = {c.endpoint_id: c.id for c in db.scalars(select(Cvd))}
+            day = datetime(2026, 3, 1, 23, 59, tzinfo=UTC)
+            for n, (eid, when, total, new) in enumerate((
+                    (ids[0], day, 100, 100), (ids[1], day, 100, 10),
+                    (ids[0], day + timedelta(days=1), 110, 5),
+                    (ids[2], day + timedelta(days=3), 50, 50))):
+                db.add(SnapshotRecord(id=f"{n:064x}", cvd_id=cvds[eid], time=when,
+                                      bytes_total=total, bytes_new=new))
+        history = fleet_service.storage_history(ctx)
+        assert [(p.day, p.logical_bytes, p.new_bytes) for p in history] == [
+            ("2026-03-01", 200, 110), ("2026-03-02", 310, 115), ("2026-03-04", 360, 165)]
+        overview = fleet_service.overview(ctx)
+        assert overview.by_state == {"active": 3} and overview.history == history
+        counts = {r.hostname: r.snapshots for r in fleet_service.search_endpoints(
+            ctx, fleet_service.EndpointFilter())}
+        assert counts == {"a_1": 2, "b%2": 1, "c": 1}
+
+
+def test_the_storage_chart_is_drawn_on_the_server():
+    assert storage_chart([]) is None
+    one = storage_chart([HistoryPoint("2026-03-01", 200, 100)])
+    assert one is not None and one.logical == "4.0,4.0 596.0,4.0" and one.ratio == "2.0×"
+    three = storage_chart([HistoryPoint("d1", 100, 100), HistoryPoint("d2", 200, 100),
+                           HistoryPoint("d3", 400, 100)])
+    assert three is not None and three.top == "400 B" and three.first_day == "d1"
+    xs = [float(p.split(",")[0]) for p in three.logical.split()]
+    ys = [float(p.split(",")[1]) for p in three.logical.split()]
+    assert xs == [4.0, 300.0, 596.0] and ys[0] > ys[1] > ys[2] == 4.0
 
 
 def test_the_dashboard_counts_endpoints_by_state(console):
@@ -436,7 +469,7 @@ def test_browser_help_desk_finds_a_machine_and_is_refused_the_rest(browser, flee
     try:
         _shot(page, "dashboard")
         page.click("header nav a[href='/endpoints']")
-        assert page.locator("[data-testid=endpoint-row]").count() == 5
+        expect(page.locator("[data-testid=endpoint-row]")).to_have_count(5)
         # htmx narrows the list as the name is typed (under the CSP: no inline script).
         page.fill("input[name=q]", "lab-0")
         # (expect polls from outside: a wait_for_function string would be an eval, which
@@ -450,7 +483,7 @@ def test_browser_help_desk_finds_a_machine_and_is_refused_the_rest(browser, flee
         page.select_option("select[name=state]", "")
         expect(page.locator("[data-testid=endpoint-row]")).to_have_count(5)
         page.click("text=lab-01")
-        assert page.text_content("[data-testid=hostname]") == "lab-01"
+        expect(page.locator("[data-testid=hostname]")).to_have_text("lab-01")
         page.goto(fleet.server.url + f"/endpoints/{fleet.agent.endpoint_id}")
         assert page.locator("main table").nth(1).locator("tbody tr").count() >= 1
         _shot(page, "endpoint")
@@ -464,7 +497,7 @@ def test_browser_image_manager_sees_layers_only(browser, fleet):
     context, page = _signed_in(browser, fleet, "ivan")
     try:
         page.click("header nav a[href='/layers']")
-        assert "No layer captured yet" in page.text_content("main")
+        expect(page.locator("main")).to_contain_text("No layer captured yet")
         _refused_elsewhere(page, fleet, "ivan")
         assert page.problems == []
     finally:
@@ -475,13 +508,14 @@ def test_browser_protection_manager_sets_retention(browser, fleet):
     context, page = _signed_in(browser, fleet, "paula")
     try:
         page.click("header nav a[href='/policies']")
+        expect(page.locator("h1")).to_have_text("Policies")
         page.fill("input[name=daily]", "14")
         page.click("text=Save retention")
-        assert "Retention policy saved" in page.text_content("main")
+        expect(page.locator("main")).to_contain_text("Retention policy saved")
         _shot(page, "policies")
         assert fleet.server.admin("GET", "/policies/retention")["daily"] == 14
         page.click("text=Run retention and prune now")
-        assert "prune freed" in page.text_content("[data-testid=pruned]")
+        expect(page.locator("[data-testid=pruned]")).to_contain_text("prune freed")
         _refused_elsewhere(page, fleet, "paula")
         assert page.problems == []
     finally:
@@ -492,13 +526,15 @@ def test_browser_administrator_manages_users_and_reads_the_audit_log(browser, fl
     context, page = _signed_in(browser, fleet, "ada")
     try:
         page.click("header nav a[href='/users']")
+        expect(page.locator("h1")).to_have_text("Users")
         page.fill("form.grid input[name=name]", "newbie")
         page.select_option("form.grid select[name=role]", "help-desk")
         page.fill("form.grid input[name=password]", PASSWORD)
         page.click("text=Create user")
-        assert "created user newbie (help-desk)" in page.text_content("main")
+        expect(page.locator("main")).to_contain_text("created user newbie (help-desk)")
         _shot(page, "users")
         page.click("header nav a[href='/audit']")
+        expect(page.locator("h1")).to_have_text("Audit log")
         rows = page.locator("[data-testid=audit-row]").all_text_contents()
         assert any("user:ada" in r and "create-user" in r and "newbie" in r for r in rows)
         _shot(page, "audit")

@@ -13,6 +13,7 @@ from strata.errors import StrataError
 from strata.model.roles import ROLE_NAMES, Permission
 from strata.model.units import human_bytes
 from strata.model.users import UserRequest
+from strata.server.console.chart import storage_chart
 from strata.server.console.render import STATIC, render, secure
 from strata.server.console.session import (
     LOGIN_COOKIE,
@@ -107,7 +108,9 @@ def logout(request: Request, csrf: str = Form("", max_length=64),
 @router.get("/")
 def dashboard(request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
               ctx: ServerContext = Depends(get_ctx)) -> Response:
-    return _page(request, "dashboard.html", v, fleet=fleet.overview(ctx))
+    overview = fleet.overview(ctx)
+    return _page(request, "dashboard.html", v, fleet=overview,
+                 chart=storage_chart(overview.history))
 
 
 @router.get("/endpoints")

@@ -10,14 +10,24 @@ from datetime import datetime
 
 from sqlalchemy import String, cast, func, or_, select
 
-from strata.model.admin import StoreFigures
-from strata.server.catalog.models import Collection, Cvd, Endpoint, SnapshotRecord
+from strata.model.admin import StoreFigures, TaskInfo
+from strata.server.catalog.models import (
+    Assignment,
+    Collection,
+    Cvd,
+    Endpoint,
+    SnapshotRecord,
+    Task,
+)
 from strata.server.context import ServerContext
 from strata.server.services.collections import collection_members
+from strata.server.services.operations import task_info
 from strata.server.services.storage import storage_figures
 
 SEARCH_ROWS = 200  # one page of search results
 RECENT = 10
+RECENT_TASKS = 5
+HISTORY_DAYS = 60  # days the storage chart covers
 STORAGE_CACHE_SECONDS = 60.0  # the figures read every snapshot: not on each page load
 
 
@@ -33,11 +43,21 @@ class EndpointRow:
 
 
 @dataclass(frozen=True)
+class HistoryPoint:
+    day: str  # YYYY-MM-DD, UTC
+    logical_bytes: int  # every kept snapshot taken up to that day, at full size
+    new_bytes: int  # what those snapshots brought that the store did not hold yet
+
+
+@dataclass(frozen=True)
 class FleetOverview:
     total: int
     by_state: dict[str, int]
     recent: list[EndpointRow]
     storage: StoreFigures
+    updates: dict[str, int]  # layer updates by state (assigned, downloading, ready, ...)
+    tasks: list[TaskInfo]  # the latest tracked tasks
+    history: list[HistoryPoint]
 
 
 def _rows(ctx: ServerContext, where: list, order: list, limit: int) -> list[EndpointRow]:
@@ -102,13 +122,37 @@ def filter_choices(ctx: ServerContext) -> dict[str, list[str]]:
                                                .order_by(Collection.name)))}
 
 
+def storage_history(ctx: ServerContext, days: int = HISTORY_DAYS) -> list[HistoryPoint]:
+    """Logical against new bytes, day by day, over the snapshots kept: the growth of what
+    the endpoints hold against the growth of what the store had to take in."""
+    with ctx.session() as db:
+        if db.get_bind().dialect.name == "postgresql":
+            day = func.to_char(func.timezone("UTC", SnapshotRecord.time), "YYYY-MM-DD")
+        else:  # SQLite keeps UTC text, 'YYYY-MM-DD HH:MM:SS...'
+            day = func.substr(SnapshotRecord.time, 1, 10)
+        rows = list(db.execute(select(day.label("day"), func.sum(SnapshotRecord.bytes_total),
+                                      func.sum(SnapshotRecord.bytes_new))
+                               .group_by("day").order_by("day")))
+    points, logical, new = [], 0, 0
+    for d, total, fresh in rows:
+        logical, new = logical + int(total or 0), new + int(fresh or 0)
+        points.append(HistoryPoint(str(d), logical, new))
+    return points[-days:]
+
+
 def overview(ctx: ServerContext) -> FleetOverview:
     with ctx.session() as db:
         by_state = {s: n for s, n in db.execute(
             select(Endpoint.state, func.count()).group_by(Endpoint.state))}
+        updates = {s: n for s, n in db.execute(
+            select(Assignment.state, func.count()).group_by(Assignment.state))}
+        task_ids = list(db.scalars(select(Task.id).order_by(Task.id.desc()).limit(RECENT_TASKS)))
     storage = ctx.cached("console:storage", lambda: storage_figures(ctx),
+                         ttl=STORAGE_CACHE_SECONDS)
+    history = ctx.cached("console:history", lambda: storage_history(ctx),
                          ttl=STORAGE_CACHE_SECONDS)
     return FleetOverview(total=sum(by_state.values()), by_state=dict(sorted(by_state.items())),
                          recent=_rows(ctx, [], [Endpoint.last_seen.desc().nulls_last()],
                                       RECENT),
-                         storage=storage)
+                         storage=storage, updates=dict(sorted(updates.items())),
+                         tasks=[task_info(ctx, t) for t in task_ids], history=history)
