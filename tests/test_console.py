@@ -31,10 +31,18 @@ from strata.server.console.pages import NAV
 from strata.server.console.render import HERE
 from strata.server.context import ServerSettings
 from strata.server.services import fleet as fleet_service
+from strata.server.services import users
 from strata.server.services.fleet import HistoryPoint
 
 ADMIN = "/api/v1/admin"
 PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(autouse=True)
+def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process servers hash with scrypt N=2^10 rather than 2^15: each hash records
+    its own parameters, so nothing else changes, and a test makes a dozen of them."""
+    monkeypatch.setattr(users, "SCRYPT_LOG_N", 10)
 XSS = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 # The pages each role may open, by permission (the menu shows exactly these).
 PAGES = {href: perm for href, _label, perm in NAV}
@@ -464,6 +472,7 @@ def _refused_elsewhere(page: object, fleet: SimpleNamespace, name: str) -> None:
         assert (resp.status == 403) == (perm not in ROLES[role]), (name, path, resp.status)
 
 
+@pytest.mark.e2e
 def test_browser_help_desk_finds_a_machine_and_is_refused_the_rest(browser, fleet):
     context, page = _signed_in(browser, fleet, "hana")
     try:
@@ -493,6 +502,7 @@ def test_browser_help_desk_finds_a_machine_and_is_refused_the_rest(browser, flee
         context.close()
 
 
+@pytest.mark.e2e
 def test_browser_image_manager_sees_layers_only(browser, fleet):
     context, page = _signed_in(browser, fleet, "ivan")
     try:
@@ -504,6 +514,7 @@ def test_browser_image_manager_sees_layers_only(browser, fleet):
         context.close()
 
 
+@pytest.mark.e2e
 def test_browser_protection_manager_sets_retention(browser, fleet):
     context, page = _signed_in(browser, fleet, "paula")
     try:
@@ -522,6 +533,7 @@ def test_browser_protection_manager_sets_retention(browser, fleet):
         context.close()
 
 
+@pytest.mark.e2e
 def test_browser_administrator_manages_users_and_reads_the_audit_log(browser, fleet):
     context, page = _signed_in(browser, fleet, "ada")
     try:
@@ -548,6 +560,7 @@ def test_browser_administrator_manages_users_and_reads_the_audit_log(browser, fl
         context.close()
 
 
+@pytest.mark.e2e
 def test_browser_renders_a_hostile_hostname_as_text(browser, fleet):
     context, page = _signed_in(browser, fleet, "ada")
     try:

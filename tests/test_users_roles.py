@@ -32,7 +32,15 @@ from strata.server.services.users import (
 )
 
 ADMIN = "/api/v1/admin"
+REAL_SCRYPT_LOG_N = users.SCRYPT_LOG_N  # read before any test lowers it
 PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(autouse=True)
+def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process servers hash with scrypt N=2^10 rather than 2^15: each hash records
+    its own parameters, so nothing else changes, and a test makes a dozen of them."""
+    monkeypatch.setattr(users, "SCRYPT_LOG_N", 10)
 
 
 def _server(data: Path, catalog: str = "") -> tuple[TestClient, ServerContext]:
@@ -214,10 +222,13 @@ def test_bad_user_requests_get_one_plain_refusal(staff):
                  json={"password": PASSWORD}).status_code == 404
 
 
-def test_passwords_are_salted_scrypt_hashes():
+def test_passwords_are_salted_scrypt_hashes(monkeypatch):
+    monkeypatch.setattr(users, "SCRYPT_LOG_N", REAL_SCRYPT_LOG_N)  # the server's own cost
     a, b = hash_password(PASSWORD), hash_password(PASSWORD)
     assert a != b and a.startswith("scrypt$15$8$3$") and PASSWORD not in a
     assert check_password(PASSWORD, a) and not check_password(PASSWORD + "!", a)
+    monkeypatch.setattr(users, "SCRYPT_LOG_N", 10)  # older hashes keep their parameters
+    assert check_password(PASSWORD, a) and hash_password(PASSWORD).startswith("scrypt$10$")
     assert not check_password(PASSWORD, "") and not check_password(PASSWORD, "md5$x")
 
 
@@ -280,6 +291,7 @@ def test_users_and_tokens_on_both_catalog_databases(catalogs, tmp_path):
         assert users.session_staff(ctx, signed.session) is None
 
 
+@pytest.mark.e2e
 def test_user_commands_end_to_end(tmp_path):
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD + "\n")
