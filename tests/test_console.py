@@ -341,6 +341,30 @@ def test_a_protection_manager_runs_retention_and_prune_and_a_help_desk_cannot(co
     assert {"actor": "user:paula", "action": "maintenance"}.items() <= log[0].items()
 
 
+def test_an_administrator_hands_out_and_revokes_api_tokens_in_the_console(console):
+    c = console.client
+    assert sign_in(c, "ada").status_code == 303
+    page = c.get("/users/hana")
+    assert page.status_code == 200 and "None." in page.text
+    resp = c.post("/users/hana/tokens",
+                  data={"label": "<b>laptop</b>", "csrf": _csrf(page.text)})
+    token = re.search(r'data-testid="new-token">([^<]+)<', resp.text)
+    assert token and "&lt;b&gt;laptop&lt;/b&gt;" in resp.text
+    api = {"Authorization": f"Bearer {token.group(1)}"}
+    assert c.get(f"{ADMIN}/endpoints", headers=api).status_code == 200
+    assert "susr_" not in c.get("/users/hana").text  # shown once, never again
+    tid = c.get(f"{ADMIN}/users/hana/tokens", headers=console.api).json()[0]["id"]
+    resp = c.post(f"/users/hana/tokens/{tid}/revoke", data={"csrf": _csrf(page.text)})
+    assert resp.status_code == 200 and ">revoked<" in resp.text
+    assert c.get(f"{ADMIN}/endpoints", headers=api).status_code == 403
+    assert c.get("/users/nobody").status_code == 404
+    other = TestClient(console.app)
+    assert sign_in(other, "hana").status_code == 303
+    assert other.get("/users/hana").status_code == 403
+    assert other.post("/users/hana/tokens", data={"csrf": _csrf(other.get("/").text)}
+                      ).status_code == 403
+
+
 def test_users_change_their_own_password_with_the_current_one(console):
     c = console.client
     assert sign_in(c, "ivan").status_code == 303

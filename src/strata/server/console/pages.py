@@ -246,6 +246,49 @@ def user_delete(name: str, request: Request, csrf: str = Form("", max_length=64)
     return _users_page(request, v, ctx, done=f"deleted user {name}")
 
 
+def _user_page(request: Request, v: Visitor, ctx: ServerContext, name: str,
+               status: int = 200, error: str = "", new_token: str = "") -> Response:
+    try:
+        tokens = users.list_tokens(ctx, name)
+    except StrataError as exc:
+        return _page(request, "message.html", v, exc.http_status, title="User",
+                     message=str(exc))
+    return _page(request, "user.html", v, status, name=name, tokens=tokens, error=error,
+                 new_token=new_token)
+
+
+@router.get("/users/{name}")
+def user_page(name: str, request: Request, v: Visitor = Depends(Page(Permission.USERS)),
+              ctx: ServerContext = Depends(get_ctx)) -> Response:
+    return _user_page(request, v, ctx, name)
+
+
+@router.post("/users/{name}/tokens")
+def user_token_create(name: str, request: Request, label: str = Form("", max_length=128),
+                      csrf: str = Form("", max_length=64),
+                      v: Visitor = Depends(Page(Permission.USERS)),
+                      ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    try:
+        made = users.create_token(ctx, name, label, actor=v.staff.actor)
+    except StrataError as exc:
+        return _user_page(request, v, ctx, name, exc.http_status, error=str(exc))
+    return _user_page(request, v, ctx, name, new_token=made.token)
+
+
+@router.post("/users/{name}/tokens/{token_id}/revoke")
+def user_token_revoke(name: str, token_id: int, request: Request,
+                      csrf: str = Form("", max_length=64),
+                      v: Visitor = Depends(Page(Permission.USERS)),
+                      ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    try:
+        users.revoke_token(ctx, name, token_id, actor=v.staff.actor)
+    except StrataError as exc:
+        return _user_page(request, v, ctx, name, exc.http_status, error=str(exc))
+    return _user_page(request, v, ctx, name)
+
+
 @router.get("/account")
 def account_page(request: Request, v: Visitor = Depends(Page(Permission.VIEW))) -> Response:
     return _page(request, "account.html", v, error="")
