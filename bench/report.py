@@ -228,6 +228,21 @@ def extra_sections(meta: dict) -> list[str]:
             f"p50 {ck['p50_ms']:.1f} ms, p99 {ck['p99_ms']:.1f} ms, {ck['errors']} errors. "
             "The load generator runs on the same 2 CPUs.", "",
         ]
+    con = meta.get("console")
+    if con:
+        out += [
+            "## Console page loads", "",
+            f"{con['endpoints']:,} endpoints enrolled through the API (each CVD with "
+            f"{con['snapshots_per_endpoint']} snapshot records), an administrator signed in "
+            f"like a browser, each page fetched {con['runs']} times over keep-alive HTTP on "
+            f"loopback (`python -m bench.console`, {con['date']}; target: under 200 ms). The "
+            "dashboard's storage figures come from the store and are kept for a minute; "
+            "these are the loads in between:", "",
+            "| Page | Median ms | p95 ms | Bytes | Target |", "|---|---:|---:|---:|---|",
+            *[f"| {name} | {r['median_ms']} | {r['p95_ms']} | {r['bytes']:,} | "
+              f"{'met' if r['p95_ms'] < 200 else 'not met'} |"
+              for name, r in con["pages"].items()], "",
+        ]
     if meta.get("layers"):
         out += layer_section(meta["layers"])
     if meta.get("mount"):

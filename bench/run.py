@@ -23,7 +23,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from . import checkins, data, fleet, layers, mount, report, scale
+from . import checkins, console, data, fleet, layers, mount, report, scale
 from .tools import ROOT, TOOLS, Step, Tool, busy_cpu_s, ensure_installed, run
 
 WORK = ROOT / "bench" / "work"
@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     scale_file = ROOT / "bench" / "scale-results.json"
     if scale_file.exists():
         extra["scale"] = json.loads(scale_file.read_text())
+    if console.RESULTS.exists():  # `python -m bench.console` writes it
+        extra["console"] = json.loads(console.RESULTS.read_text())
 
     dropped = [s.cache_dropped for s in steps]
     if not all(dropped):

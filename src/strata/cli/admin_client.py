@@ -55,6 +55,15 @@ from strata.model.admin import (
     TransactionInfo,
 )
 from strata.model.snapshot_files import SnapshotFolder
+from strata.model.users import (
+    Caller,
+    PasswordRequest,
+    UserInfo,
+    UserRequest,
+    UserTokenCreated,
+    UserTokenInfo,
+    UserTokenRequest,
+)
 
 API = "/api/v1/admin"
 T = TypeVar("T")
@@ -325,3 +334,32 @@ class AdminClient:
                            f"{path_part(snapshot or 'latest', 'snapshot')}/files",
                            params={**snapshot_path(path), "offset": str(offset),
                                    "limit": str(limit)})
+    # -- users -------------------------------------------------------------------------------------
+
+    def whoami(self) -> Caller:
+        return self._typed(Caller, "GET", f"{API}/me")
+
+    def create_user(self, req: UserRequest) -> UserInfo:
+        return self._typed(UserInfo, "POST", f"{API}/users", req)
+
+    def users(self) -> list[UserInfo]:
+        return self._typed(list[UserInfo], "GET", f"{API}/users")
+
+    def delete_user(self, name: str) -> Deleted:
+        return self._typed(Deleted, "DELETE", f"{API}/users/{path_part(name, 'user name')}")
+
+    def set_password(self, name: str, req: PasswordRequest) -> UserInfo:
+        return self._typed(UserInfo, "PUT",
+                           f"{API}/users/{path_part(name, 'user name')}/password", req)
+
+    def create_user_token(self, name: str, req: UserTokenRequest) -> UserTokenCreated:
+        return self._typed(UserTokenCreated, "POST",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens", req)
+
+    def user_tokens(self, name: str) -> list[UserTokenInfo]:
+        return self._typed(list[UserTokenInfo], "GET",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens")
+
+    def revoke_user_token(self, name: str, token_id: int) -> UserTokenInfo:
+        return self._typed(UserTokenInfo, "DELETE",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens/{token_id}")

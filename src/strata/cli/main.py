@@ -31,6 +31,7 @@ _ENTRIES = [
     ("compliance", "layers", "compliance", False),
     ("migrate", "layers", "migrate", False),
     ("signing", "signing", "signing_app", True),
+    ("user", "users", "user_app", True),
     ("server", "server", "serve", False),
 ]
 

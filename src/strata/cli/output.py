@@ -22,6 +22,7 @@ from rich.progress import (
 )
 
 from strata.engine.progress import Progress as EngineProgress
+from strata.model.units import human_bytes  # noqa: F401  (the CLI's modules import it here)
 
 T = TypeVar("T")
 # soft_wrap: never fold long paths or messages when output goes to a pipe or a file.
@@ -72,14 +73,6 @@ def print_json(doc: object) -> None:
 def plural(n: int, word: str) -> str:
     """`1 snapshot`, `3 snapshots`."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def show_progress() -> bool:

@@ -22,7 +22,9 @@ from strata.server.auth import digest, ensure_admin_token, read_token_file
 from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
+from strata.server.console.pages import mount_console
 from strata.server.context import ServerContext, ServerSettings
+from strata.server.deps import label_permissions
 from strata.server.maintenance import upkeep_threads
 from strata.server.routes import (
     agent,
@@ -33,11 +35,13 @@ from strata.server.routes import (
     compliance,
     endpoints,
     layers,
+    maintenance,
     operations,
     policies,
     signing,
     snapshot_files,
     tokens,
+    users,
 )
 from strata.server.store_location import open_server_store
 from strata.server.stream_cache import StreamCache
@@ -77,9 +81,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.admin_digest = digest(read_token_file(token_path))
     app.state.admin_token_path = token_path
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
-                   collections, compliance, operations, audit, signing, snapshot_files):
+                   collections, compliance, operations, audit, signing, snapshot_files,
+                   users, maintenance):
+        label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
+    mount_console(app)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)  # added last = outermost: it sees the 413s too
