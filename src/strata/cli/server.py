@@ -37,6 +37,12 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
               help="S3 endpoint, for MinIO or Ceph RGW (default: $AWS_ENDPOINT_URL, or AWS)."),
           s3_region: str = typer.Option("", "--s3-region", help="S3 region (default: "
                                         "$AWS_REGION or $AWS_DEFAULT_REGION)."),
+          header_timeout: float = typer.Option(
+              20, "--header-timeout", min=0.1, help="Seconds a client has to send a "
+              "request's headers."),
+          body_timeout: float = typer.Option(
+              30, "--body-timeout", min=0.1, help="Seconds a request body may stall before "
+              "the connection is closed."),
           ) -> None:
     """Run the Strata server (agent sync API, admin API, retention and GC)."""
     # Imported here: the server stack costs a second of start-up every other command
@@ -46,11 +52,12 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     from strata.server.app import create_app
     from strata.server.catalog.db import redact
     from strata.server.context import ServerSettings
+    from strata.server.data_dir import lock_down, tighten
+    from strata.server.http_timeouts import timed_protocol
+    from strata.server.listener import DataDirLock, bind, parse_listen
 
     data_dir = (data or default_data_dir()).resolve()
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise StrataError(f"--listen must be HOST:PORT, not {listen!r}")
+    address = parse_listen(listen)
     if bool(tls_cert) != bool(tls_key):
         raise StrataError("--tls-cert and --tls-key go together")
     if (s3_endpoint_url or s3_region) and not store.startswith("s3://"):
@@ -58,15 +65,26 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     settings = ServerSettings(data_dir=data_dir, catalog_url=catalog,
                               maintenance_interval=maintenance_interval, store=store,
                               s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
-    app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
-    scheme = "https" if tls_cert else "http"
-    where = f"  store: {store}" if store else ""
-    err_console.print(f"Strata server on {scheme}://{listen}  data: {data_dir}{where}\n"
-                      f"catalog: {redact(settings.catalog_url)}\n"
-                      f"admin token: {app.state.admin_token_path} (mode 0600)",
-                      highlight=False)
-    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning",
-                loop="uvloop", http="httptools",
-                timeout_keep_alive=30,  # agents reuse their connection between requests
-                ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None)
+    lock_down(data_dir)  # 0700, and 0600 for every file this process writes
+    lock = DataDirLock(data_dir).acquire()  # one server per data directory
+    sock = bind(address)  # a bad or busy address: one line, before anything is announced
+    try:
+        app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
+        if not store.startswith("s3://"):
+            tighten(Path(store) if store else data_dir / "store")
+        scheme = "https" if tls_cert else "http"
+        where = f"  store: {store}" if store else ""
+        err_console.print(f"Strata server on {scheme}://{address}  data: {data_dir}{where}\n"
+                          f"catalog: {redact(settings.catalog_url)}\n"
+                          f"admin token: {app.state.admin_token_path} (mode 0600)",
+                          highlight=False)
+        config = uvicorn.Config(
+            app, log_level="warning", loop="uvloop",
+            http=timed_protocol(header_timeout, body_timeout),
+            timeout_keep_alive=30,  # agents reuse their connection between requests
+            ssl_certfile=str(tls_cert) if tls_cert else None,
+            ssl_keyfile=str(tls_key) if tls_key else None)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        lock.release()
