@@ -9,6 +9,7 @@ from enum import IntEnum, StrEnum
 from strata.agent.client import ServerClient, ServerRefused
 from strata.agent.state import Credential
 from strata.errors import StrataError
+from strata.transport import check_server_url
 
 
 class ExitCode(IntEnum):
@@ -77,5 +78,6 @@ class DeviceClient(ServerClient):
 
 def device_client(cred: Credential, *, retries: int = 5, timeout: float = 120.0,
                   upload_rate: float | None = None) -> DeviceClient:
-    return DeviceClient(cred.server, cred.credential, retries=retries, timeout=timeout,
+    server = check_server_url(cred.server, insecure=cred.insecure is not False)
+    return DeviceClient(server, cred.credential, retries=retries, timeout=timeout,
                         upload_rate=upload_rate, verify=cred.verify)

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import platform
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +44,16 @@ class Credential:
     credential: str
     root: str
     ca_cert: str = ""  # PEM bundle to trust for a server with a private CA ("" = system)
+    server_cert: str = ""  # the server's own certificate, pinned at enrollment (PEM file)
+    # Plain HTTP beyond loopback allowed at enrollment (--insecure); None: enrolled by a
+    # version that did not ask, whose credential keeps working as it did.
+    insecure: bool | None = None
 
     @property
-    def verify(self) -> bool | str:
-        return self.ca_cert or True
+    def verify(self) -> bool | ssl.SSLContext:
+        from strata.transport import verify_setting
+
+        return verify_setting(self.ca_cert, self.server_cert)
 
 
 class AgentState:
@@ -58,6 +65,13 @@ class AgentState:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(self.path / "credential.json", json.dumps(cred.__dict__).encode())
         os.chmod(self.path / "credential.json", 0o600)
+
+    def save_server_certificate(self, pem: str) -> Path:
+        """The server's certificate as pinned at enrollment."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.path / "server-cert.pem"
+        atomic_write(path, pem.encode())
+        return path
 
     def credential(self) -> Credential:
         try:

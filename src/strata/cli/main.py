@@ -9,6 +9,7 @@ import typer
 
 from strata.errors import StrataError
 
+from .connection import add_connection_options
 from .output import err_console, print_error
 
 # Each top-level name, the module that defines it, the attribute, and whether it is a
@@ -48,6 +49,7 @@ def build_app(argv: list[str] | None = None) -> typer.Typer:
             app.add_typer(target, name=name)
         else:
             app.command(name)(target)
+    add_connection_options(app)  # --ca-cert, --server-fingerprint, --insecure
     return app
 
 

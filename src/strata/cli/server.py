@@ -20,8 +20,18 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
                                     "admin token). Default: $STRATA_DATA or "
                                     "/var/lib/strata-server."),
           listen: str = typer.Option("127.0.0.1:8470", "--listen", help="HOST:PORT to serve."),
-          tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate."),
+          tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate "
+                                               "(default beyond loopback: a self-signed one "
+                                               "made in DATA/tls at the first start)."),
           tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key."),
+          tls: bool = typer.Option(False, "--tls", help="Serve HTTPS on loopback too (with "
+                                   "the self-signed certificate unless --tls-cert)."),
+          tls_name: list[str] = typer.Option(
+              [], "--tls-name", help="A host name or address agents use for this server, "
+              "put in the self-signed certificate when it is made (repeatable)."),
+          insecure: bool = typer.Option(False, "--insecure", help="Serve plain HTTP beyond "
+                                        "loopback (tokens and data cross the network in "
+                                        "clear)."),
           catalog: str = typer.Option(
               "", "--catalog", envvar="STRATA_CATALOG",
               help="Catalog database: postgresql://USER@HOST[:PORT]/DATABASE or "
@@ -55,11 +65,10 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     from strata.server.data_dir import lock_down, tighten
     from strata.server.http_timeouts import timed_protocol
     from strata.server.listener import DataDirLock, bind, parse_listen
+    from strata.server.tls import server_certificate
 
     data_dir = (data or default_data_dir()).resolve()
     address = parse_listen(listen)
-    if bool(tls_cert) != bool(tls_key):
-        raise StrataError("--tls-cert and --tls-key go together")
     if (s3_endpoint_url or s3_region) and not store.startswith("s3://"):
         raise StrataError("--s3-endpoint-url and --s3-region go with --store s3://BUCKET/PREFIX")
     settings = ServerSettings(data_dir=data_dir, catalog_url=catalog,
@@ -69,21 +78,36 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     lock = DataDirLock(data_dir).acquire()  # one server per data directory
     sock = bind(address)  # a bad or busy address: one line, before anything is announced
     try:
+        certificate = server_certificate(address, data_dir, tls=tls, tls_cert=tls_cert,
+                                         tls_key=tls_key, tls_names=tls_name,
+                                         insecure=insecure)
         app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
         if not store.startswith("s3://"):
             tighten(Path(store) if store else data_dir / "store")
-        scheme = "https" if tls_cert else "http"
+        scheme = "https" if certificate else "http"
         where = f"  store: {store}" if store else ""
-        err_console.print(f"Strata server on {scheme}://{address}  data: {data_dir}{where}\n"
-                          f"catalog: {redact(settings.catalog_url)}\n"
-                          f"admin token: {app.state.admin_token_path} (mode 0600)",
-                          highlight=False)
+        lines = [f"Strata server on {scheme}://{address}  data: {data_dir}{where}",
+                 f"catalog: {redact(settings.catalog_url)}",
+                 f"admin token: {app.state.admin_token_path} (mode 0600)"]
+        if certificate is not None:
+            made = " (self-signed, made now)" if certificate.created else \
+                (" (self-signed)" if certificate.self_signed else "")
+            lines += [f"TLS certificate: {certificate.cert}{made}",
+                      f"certificate fingerprint (SHA-256): {certificate.fingerprint}"]
+            if certificate.self_signed:
+                lines.append("agents pin it: strata agent enroll --server "
+                             f"https://HOST:{address.port} --server-fingerprint "
+                             f"{certificate.fingerprint} --token-file FILE")
+        elif not address.is_loopback:
+            lines.append("warning: plain HTTP beyond loopback (--insecure): enrollment "
+                         "tokens, credentials and endpoint data cross the network in clear")
+        err_console.print("\n".join(lines), highlight=False)
         config = uvicorn.Config(
             app, log_level="warning", loop="uvloop",
             http=timed_protocol(header_timeout, body_timeout),
             timeout_keep_alive=30,  # agents reuse their connection between requests
-            ssl_certfile=str(tls_cert) if tls_cert else None,
-            ssl_keyfile=str(tls_key) if tls_key else None)
+            ssl_certfile=str(certificate.cert) if certificate else None,
+            ssl_keyfile=str(certificate.key) if certificate else None)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
