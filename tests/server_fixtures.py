@@ -262,7 +262,8 @@ class Server:
                       env=self.signing_env if sign else None)
 
     def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
+        text = httpx.get(self.url + "/metrics", timeout=5, verify=self.verify,
+                         headers={"Authorization": f"Bearer {self.admin_token}"}).text
         m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
         return float(m.group(1)) if m else 0.0
 

@@ -44,8 +44,9 @@ ADVICE = {
 class AccessDenied(ServerRefused):
     """The server refuses this endpoint's credential itself (not one request)."""
 
-    def __init__(self, access: Access, status: int, server_message: str):
-        super().__init__(status, ADVICE[access])  # what to do, said plainly
+    def __init__(self, access: Access, status: int, server_message: str,
+                 advice: str | None = None):
+        super().__init__(status, advice or ADVICE[access])  # what to do, said plainly
         self.access = access
         self.server_message = server_message
         self.exit_code = (ExitCode.PENDING_APPROVAL if access is Access.PENDING
@@ -58,6 +59,10 @@ def classify(exc: ServerRefused) -> AccessDenied | None:
     The server says which with its status and message (server/deps.py: require_device):
     401 for an unknown credential, 403 with "revoked" or "approval" for the others."""
     text = str(exc).lower()
+    if exc.status == 401 and "credential expired" in text:
+        # Known, but not renewed in time: the server's own words say what to do.
+        detail = str(exc).split(": ", 1)[-1]
+        return AccessDenied(Access.UNKNOWN, exc.status, str(exc), advice=detail)
     if exc.status == 401:
         return AccessDenied(Access.UNKNOWN, exc.status, str(exc))
     if exc.status == 403 and "revoked" in text:

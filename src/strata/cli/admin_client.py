@@ -18,6 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from strata.errors import StrataError
 from strata.model.admin import (
+    AdminTokenRotated,
     AssignRequest,
     AssignResult,
     AuditEntryInfo,
@@ -49,6 +50,7 @@ from strata.model.admin import (
     TagsRequest,
     TaskInfo,
     TokenCreated,
+    TokenInfo,
     TokenRequest,
     TransactionInfo,
 )
@@ -194,6 +196,16 @@ class AdminClient:
 
     def create_token(self, req: TokenRequest) -> TokenCreated:
         return self._typed(TokenCreated, "POST", f"{API}/tokens", req)
+
+    def tokens(self, all_tokens: bool = False) -> list[TokenInfo]:
+        return self._typed(list[TokenInfo], "GET", f"{API}/tokens",
+                           params={"all": str(all_tokens).lower()})
+
+    def revoke_token(self, token_id: int) -> TokenInfo:
+        return self._typed(TokenInfo, "POST", f"{API}/tokens/{int(token_id)}/revoke")
+
+    def rotate_admin_token(self) -> AdminTokenRotated:
+        return self._typed(AdminTokenRotated, "POST", f"{API}/admin-token/rotate")
 
     def endpoints(self, pending: bool = False) -> list[EndpointSummary]:
         return self._typed(list[EndpointSummary], "GET", f"{API}/endpoints",

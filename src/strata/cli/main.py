@@ -19,6 +19,7 @@ _ENTRIES = [
     ("store", "store", "app", True),
     ("agent", "agent", "app", True),
     ("token", "admin", "token_app", True),
+    ("admin-token", "admin", "admin_token_app", True),
     ("endpoint", "endpoint", "endpoint_app", True),
     ("policy", "admin", "policy_app", True),
     ("layer", "layers", "layer_app", True),

@@ -41,3 +41,18 @@ def read_secret(value: str | None, file: Path | None, *, env: str, what: str,
 
 def _flag(what: str) -> str:
     return what.split()[-1]
+
+
+def write_secret_file(path: Path, secret: str) -> None:
+    """Replace `path` with `secret` atomically, readable by its owner only."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StrataError(f"cannot write {path}: {(exc.strerror or str(exc)).lower()} (the "
+                          f"new token, shown once: {secret})") from None

@@ -47,6 +47,15 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
               help="S3 endpoint, for MinIO or Ceph RGW (default: $AWS_ENDPOINT_URL, or AWS)."),
           s3_region: str = typer.Option("", "--s3-region", help="S3 region (default: "
                                         "$AWS_REGION or $AWS_DEFAULT_REGION)."),
+          credential_rotation: str = typer.Option(
+              "7d", "--credential-rotation", help="Device credentials are replaced at the "
+              "first check-in after this long (e.g. 12h, 7d)."),
+          credential_lifetime: str = typer.Option(
+              "90d", "--credential-lifetime", help="A device credential not renewed for "
+              "this long is refused (the endpoint enrolls again)."),
+          metrics_listen: str = typer.Option(
+              "", "--metrics-listen", help="Also serve /metrics without a token on this "
+              "HOST:PORT (for a Prometheus on a private network)."),
           header_timeout: float = typer.Option(
               20, "--header-timeout", min=0.1, help="Seconds a client has to send a "
               "request's headers."),
@@ -64,16 +73,22 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     from strata.server.context import ServerSettings
     from strata.server.data_dir import lock_down, tighten
     from strata.server.http_timeouts import timed_protocol
-    from strata.server.listener import DataDirLock, bind, parse_listen
+    from strata.server.listener import DataDirLock, bind, parse_listen, serve_metrics
+    from strata.server.services.credentials import parse_duration
     from strata.server.tls import server_certificate
 
     data_dir = (data or default_data_dir()).resolve()
     address = parse_listen(listen)
     if (s3_endpoint_url or s3_region) and not store.startswith("s3://"):
         raise StrataError("--s3-endpoint-url and --s3-region go with --store s3://BUCKET/PREFIX")
+    rotation, lifetime = parse_duration(credential_rotation), parse_duration(credential_lifetime)
+    if lifetime <= rotation:
+        raise StrataError("--credential-lifetime must be longer than --credential-rotation")
+    metrics_address = parse_listen(metrics_listen, "--metrics-listen") if metrics_listen else None
     settings = ServerSettings(data_dir=data_dir, catalog_url=catalog,
                               maintenance_interval=maintenance_interval, store=store,
-                              s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
+                              s3_endpoint_url=s3_endpoint_url, s3_region=s3_region,
+                              credential_rotation=rotation, credential_lifetime=lifetime)
     lock_down(data_dir)  # 0700, and 0600 for every file this process writes
     lock = DataDirLock(data_dir).acquire()  # one server per data directory
     sock = bind(address)  # a bad or busy address: one line, before anything is announced
@@ -82,13 +97,18 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
                                          tls_key=tls_key, tls_names=tls_name,
                                          insecure=insecure)
         app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
+        if metrics_address is not None:
+            serve_metrics(metrics_address)
         if not store.startswith("s3://"):
             tighten(Path(store) if store else data_dir / "store")
         scheme = "https" if certificate else "http"
         where = f"  store: {store}" if store else ""
         lines = [f"Strata server on {scheme}://{address}  data: {data_dir}{where}",
                  f"catalog: {redact(settings.catalog_url)}",
-                 f"admin token: {app.state.admin_token_path} (mode 0600)"]
+                 f"admin token: {app.state.admin_token_path} (mode 0600)",
+                 f"metrics: /metrics with the token in {data_dir / 'metrics.token'}"
+                 + (f", and without one on http://{metrics_address}/metrics"
+                    if metrics_address else "")]
         if certificate is not None:
             made = " (self-signed, made now)" if certificate.created else \
                 (" (self-signed)" if certificate.self_signed else "")

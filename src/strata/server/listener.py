@@ -110,3 +110,17 @@ class DataDirLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def serve_metrics(address: ListenAddress) -> None:
+    """/metrics without a token on its own address (a thread of prometheus_client's), for
+    a Prometheus that reaches the server on a private network only."""
+    from prometheus_client import start_http_server
+
+    from strata.server import metrics
+
+    try:
+        start_http_server(address.port, address.host, registry=metrics.REGISTRY)
+    except OSError as exc:
+        raise StrataError(f"cannot serve metrics on {address}: "
+                          f"{(exc.strerror or str(exc)).lower()}") from None
