@@ -4,6 +4,7 @@ clients that stall in the middle of a request are cut off."""
 
 from __future__ import annotations
 
+import os
 import socket
 import stat
 import subprocess
@@ -125,3 +126,51 @@ def test_stalled_upload_is_cut_off_and_the_server_carries_on(impatient: Server) 
     # The same device carries on: a whole request is unaffected by the limits.
     resp = client.post("/api/v1/agent/chunks/missing", json={"ids": []})
     assert resp.status_code == 200, resp.text
+
+
+# -- an encrypted store ---------------------------------------------------------------------
+
+
+def test_encrypted_store_holds_no_plaintext_and_needs_its_key(tmp_path: Path) -> None:
+    key = tmp_path / "store.key"
+    key.write_text("kV3v0x8u2c0H5e1wq9mJ1ZrP0lS7aT4bN6yD2fG8hK0=\n")
+    data = tmp_path / "data"
+    srv = Server(data, signing=False, args=["--encrypt", "--passphrase-file", key]).start()
+    marker = b"SALARY=987654-do-not-leak"
+    secret = os.urandom(50_000) + marker + os.urandom(50_000)  # stored raw if unencrypted
+    root, state = tmp_path / "root", tmp_path / "state"
+    (root / "home/alice").mkdir(parents=True)
+    (root / "home/alice/payroll.bin").write_bytes(secret)
+    try:
+        token = tmp_path / "token"
+        token.write_text(srv.create_token() + "\n")
+        strata("agent", "enroll", "--server", srv.url, "--token-file", token, "--root", root,
+               "--state", state)
+        strata("agent", "backup", "--state", state)
+        strata("agent", "restore", "home/alice/payroll.bin", "--to", tmp_path / "back",
+               "--state", state)
+        assert (tmp_path / "back/home/alice/payroll.bin").read_bytes() == secret
+        assert "(encrypted)" in srv.log.read_text()
+    finally:
+        srv.stop()
+    packs = [p for p in (data / "store").rglob("*") if p.is_file()]
+    assert packs and not any(marker in p.read_bytes() for p in packs)
+
+    no_key = _server_once(data, "--listen", f"127.0.0.1:{free_port()}")
+    assert_one_line_error(no_key, "is encrypted", "--passphrase-file")
+    (tmp_path / "wrong.key").write_text("not the key\n")
+    wrong = _server_once(data, "--listen", f"127.0.0.1:{free_port()}", "--encrypt",
+                         "--passphrase-file", tmp_path / "wrong.key")
+    assert_one_line_error(wrong, "wrong passphrase")
+
+
+def test_encrypt_is_refused_for_a_plain_store_or_without_a_key(tmp_path: Path) -> None:
+    srv = Server(tmp_path / "data", signing=False).start()
+    srv.stop()
+    (tmp_path / "key").write_text("some key\n")
+    proc = _server_once(tmp_path / "data", "--listen", f"127.0.0.1:{free_port()}",
+                        "--encrypt", "--passphrase-file", tmp_path / "key")
+    assert_one_line_error(proc, "created without encryption")
+    proc = _server_once(tmp_path / "fresh", "--listen", f"127.0.0.1:{free_port()}",
+                        "--encrypt")
+    assert_one_line_error(proc, "--encrypt needs the passphrase")

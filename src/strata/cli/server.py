@@ -47,6 +47,12 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
               help="S3 endpoint, for MinIO or Ceph RGW (default: $AWS_ENDPOINT_URL, or AWS)."),
           s3_region: str = typer.Option("", "--s3-region", help="S3 region (default: "
                                         "$AWS_REGION or $AWS_DEFAULT_REGION)."),
+          encrypt: bool = typer.Option(
+              False, "--encrypt", help="Encrypt the store (AES-256-GCM; a new store, or one "
+              "made with --encrypt before) under the passphrase or key in --passphrase-file."),
+          passphrase_file: Path | None = typer.Option(
+              None, "--passphrase-file", envvar="STRATA_PASSPHRASE_FILE",
+              help="File holding the store's passphrase or key (or set STRATA_PASSPHRASE)."),
           credential_rotation: str = typer.Option(
               "7d", "--credential-rotation", help="Device credentials are replaced at the "
               "first check-in after this long (e.g. 12h, 7d)."),
@@ -85,9 +91,14 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     if lifetime <= rotation:
         raise StrataError("--credential-lifetime must be longer than --credential-rotation")
     metrics_address = parse_listen(metrics_listen, "--metrics-listen") if metrics_listen else None
+    from .store import get_passphrase  # the same rules as `strata store --passphrase-file`
+
+    passphrase = get_passphrase(passphrase_file) if encrypt or passphrase_file or \
+        "STRATA_PASSPHRASE" in os.environ else None
     settings = ServerSettings(data_dir=data_dir, catalog_url=catalog,
                               maintenance_interval=maintenance_interval, store=store,
                               s3_endpoint_url=s3_endpoint_url, s3_region=s3_region,
+                              encrypt=encrypt, passphrase=passphrase,
                               credential_rotation=rotation, credential_lifetime=lifetime)
     lock_down(data_dir)  # 0700, and 0600 for every file this process writes
     lock = DataDirLock(data_dir).acquire()  # one server per data directory
@@ -103,6 +114,8 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
             tighten(Path(store) if store else data_dir / "store")
         scheme = "https" if certificate else "http"
         where = f"  store: {store}" if store else ""
+        if app.state.ctx.store.config.encryption != "none":
+            where += "  (encrypted)"
         lines = [f"Strata server on {scheme}://{address}  data: {data_dir}{where}",
                  f"catalog: {redact(settings.catalog_url)}",
                  f"admin token: {app.state.admin_token_path} (mode 0600)",
@@ -132,3 +145,4 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     finally:
         sock.close()
         lock.release()
+

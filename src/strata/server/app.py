@@ -61,7 +61,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     _, sessions = open_catalog(settings.catalog_url)
     store = open_server_store(settings.data_dir, settings.store,
                               s3_endpoint_url=settings.s3_endpoint_url,
-                              s3_region=settings.s3_region)
+                              s3_region=settings.s3_region, passphrase=settings.passphrase,
+                              encrypt=settings.encrypt)
     ctx = ServerContext(settings=settings, store=store, db=sessions,
                         streams=StreamCache(settings.data_dir / "cache" / "streams"))
 

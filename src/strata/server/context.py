@@ -47,6 +47,8 @@ class ServerSettings:
     # A device credential is replaced at the first check-in after `credential_rotation`,
     # and refused once `credential_lifetime` has passed without one (the agent enrolls
     # again).
+    encrypt: bool = False  # a new store is encrypted (an existing one must be)
+    passphrase: str | None = field(default=None, repr=False)  # of an encrypted store
     credential_rotation: timedelta = timedelta(days=7)
     credential_lifetime: timedelta = timedelta(days=90)
 
