@@ -23,6 +23,8 @@ from server_fixtures import (
 )
 from strata.server.catalog.db import alembic_config, catalog_url, create_catalog_engine
 
+pytestmark = pytest.mark.e2e  # real servers and agents
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Server:

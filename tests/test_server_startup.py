@@ -22,6 +22,8 @@ from server_fixtures import (
     strata,
 )
 
+pytestmark = pytest.mark.e2e  # real servers and agents
+
 
 def _server_once(data: Path, *args: object) -> subprocess.CompletedProcess[str]:
     """A `strata server` that is expected to refuse to start (so it exits by itself)."""

@@ -17,6 +17,8 @@ from strata.server.listener import ListenAddress
 from strata.server.tls import server_certificate
 from strata.transport import check_server_url, fingerprint, normalize_fingerprint
 
+pytestmark = pytest.mark.e2e  # real servers and agents
+
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Server:
