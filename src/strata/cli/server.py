@@ -139,6 +139,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
             app, log_level="warning", loop="uvloop",
             http=timed_protocol(header_timeout, body_timeout),
             timeout_keep_alive=30,  # agents reuse their connection between requests
+            timeout_graceful_shutdown=10,  # a stalled client does not hold a shutdown
             ssl_certfile=str(certificate.cert) if certificate else None,
             ssl_keyfile=str(certificate.key) if certificate else None)
         uvicorn.Server(config).run(sockets=[sock])
