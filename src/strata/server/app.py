@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
+from starlette.requests import ClientDisconnect
 
 from strata import __version__
 from strata.errors import StrataError
@@ -29,6 +30,7 @@ from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
 from strata.server.context import ServerContext, ServerSettings
+from strata.server.deps import client_ip
 from strata.server.maintenance import upkeep_threads
 from strata.server.routes import (
     agent,
@@ -97,6 +99,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
         # Services refuse with StrataError subclasses (NotFound, Conflict, Invalid, ...):
         # this is the one place that turns them into HTTP answers.
         return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _exc: ClientDisconnect) -> Response:
+        # The client hung up, or was cut off for stalling (server/http_timeouts.py): what
+        # it sent is dropped. One line, not a traceback: this happens every day.
+        log.warning("%s went away during %s %s", client_ip(request) or "a client",
+                    request.method, request.url.path)
+        return Response(status_code=400)  # nobody reads it
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
