@@ -187,3 +187,22 @@ def _other_certificate(tmp_path: Path) -> str:
     other = server_certificate(ListenAddress("127.0.0.1", 1), tmp_path / "other", tls=True)
     assert other is not None
     return other.cert.read_text()
+
+
+def test_every_command_that_talks_to_the_server_takes_ca_cert_and_a_fingerprint() -> None:
+    import inspect
+
+    from strata.cli.main import build_app
+
+    def commands(app: object) -> list[tuple[str, object]]:
+        found = [(c.name or c.callback.__name__, c.callback)  # type: ignore[union-attr]
+                 for c in app.registered_commands]  # type: ignore[attr-defined]
+        for group in app.registered_groups:  # type: ignore[attr-defined]
+            found += commands(group.typer_instance)
+        return found
+    talking = [(name, cb) for name, cb in commands(build_app(["strata"]))
+               if "server" in inspect.signature(cb).parameters]  # type: ignore[arg-type]
+    assert len(talking) > 30
+    for name, callback in talking:
+        params = inspect.signature(callback).parameters  # type: ignore[arg-type]
+        assert {"ca_cert", "server_fingerprint", "insecure"} <= set(params), name
