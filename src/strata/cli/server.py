@@ -128,8 +128,9 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
             lines += [f"TLS certificate: {certificate.cert}{made}",
                       f"certificate fingerprint (SHA-256): {certificate.fingerprint}"]
             if certificate.self_signed:
+                host = "HOST" if address.is_wildcard else str(address).rpartition(":")[0]
                 lines.append("agents pin it: strata agent enroll --server "
-                             f"https://HOST:{address.port} --server-fingerprint "
+                             f"https://{host}:{address.port} --server-fingerprint "
                              f"{certificate.fingerprint} --token-file FILE")
         elif not address.is_loopback:
             lines.append("warning: plain HTTP beyond loopback (--insecure): enrollment "

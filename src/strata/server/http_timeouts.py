@@ -74,7 +74,9 @@ class TimedHttpProtocol(HttpToolsProtocol):
             idle = time.monotonic() - self._last_piece
             # Reading paused by the server itself (the handler is slow to take the body)
             # is not the client's delay.
-            if self.flow.read_paused:
+            # Nor is a client that waits for our "100 Continue" before it sends the body.
+            waiting_for_us = self.cycle is not None and self.cycle.waiting_for_100_continue
+            if self.flow.read_paused or waiting_for_us:
                 self._last_piece = time.monotonic()
                 idle = 0.0
             if idle < self.body_idle_seconds:
