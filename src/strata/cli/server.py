@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from strata.errors import StrataError
 
 from .output import err_console
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from strata.server.listener import ListenAddress
+    from strata.server.tls import ServerCertificate
 
 
 def default_data_dir() -> Path:
@@ -75,13 +82,14 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     import uvicorn
 
     from strata.server.app import create_app
-    from strata.server.catalog.db import redact
     from strata.server.context import ServerSettings
     from strata.server.data_dir import lock_down, tighten
     from strata.server.http_timeouts import timed_protocol
     from strata.server.listener import DataDirLock, bind, parse_listen, serve_metrics
     from strata.server.services.credentials import parse_duration
     from strata.server.tls import server_certificate
+
+    from .store import get_passphrase  # the same rules as `strata store --passphrase-file`
 
     data_dir = (data or default_data_dir()).resolve()
     address = parse_listen(listen)
@@ -91,8 +99,6 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     if lifetime <= rotation:
         raise StrataError("--credential-lifetime must be longer than --credential-rotation")
     metrics_address = parse_listen(metrics_listen, "--metrics-listen") if metrics_listen else None
-    from .store import get_passphrase  # the same rules as `strata store --passphrase-file`
-
     passphrase = get_passphrase(passphrase_file) if encrypt or passphrase_file or \
         "STRATA_PASSPHRASE" in os.environ else None
     settings = ServerSettings(data_dir=data_dir, catalog_url=catalog,
@@ -112,29 +118,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
             serve_metrics(metrics_address)
         if not store.startswith("s3://"):
             tighten(Path(store) if store else data_dir / "store")
-        scheme = "https" if certificate else "http"
-        where = f"  store: {store}" if store else ""
-        if app.state.ctx.store.config.encryption != "none":
-            where += "  (encrypted)"
-        lines = [f"Strata server on {scheme}://{address}  data: {data_dir}{where}",
-                 f"catalog: {redact(settings.catalog_url)}",
-                 f"admin token: {app.state.admin_token_path} (mode 0600)",
-                 f"metrics: /metrics with the token in {data_dir / 'metrics.token'}"
-                 + (f", and without one on http://{metrics_address}/metrics"
-                    if metrics_address else "")]
-        if certificate is not None:
-            made = " (self-signed, made now)" if certificate.created else \
-                (" (self-signed)" if certificate.self_signed else "")
-            lines += [f"TLS certificate: {certificate.cert}{made}",
-                      f"certificate fingerprint (SHA-256): {certificate.fingerprint}"]
-            if certificate.self_signed:
-                host = "HOST" if address.is_wildcard else str(address).rpartition(":")[0]
-                lines.append("agents pin it: strata agent enroll --server "
-                             f"https://{host}:{address.port} --server-fingerprint "
-                             f"{certificate.fingerprint} --token-file FILE")
-        elif not address.is_loopback:
-            lines.append("warning: plain HTTP beyond loopback (--insecure): enrollment "
-                         "tokens, credentials and endpoint data cross the network in clear")
+        lines = _banner(address, data_dir, store, app, certificate, metrics_address)
         err_console.print("\n".join(lines), highlight=False)
         config = uvicorn.Config(
             app, log_level="warning", loop="uvloop",
@@ -148,3 +132,35 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
         sock.close()
         lock.release()
 
+
+def _banner(address: ListenAddress, data_dir: Path, store: str, app: FastAPI,
+            certificate: ServerCertificate | None,
+            metrics_address: ListenAddress | None) -> list[str]:
+    """What the server says once it listens: where, with what, and how agents trust it."""
+    from strata.server.catalog.db import redact
+
+    ctx = app.state.ctx
+    where = f"  store: {store}" if store else ""
+    if ctx.store.config.encryption != "none":
+        where += "  (encrypted)"
+    lines = [f"Strata server on {'https' if certificate else 'http'}://{address}  "
+             f"data: {data_dir}{where}",
+             f"catalog: {redact(ctx.settings.catalog_url)}",
+             f"admin token: {app.state.admin_token_path} (mode 0600)",
+             f"metrics: /metrics with the token in {data_dir / 'metrics.token'}"
+             + (f", and without one on http://{metrics_address}/metrics"
+                if metrics_address else "")]
+    if certificate is not None:
+        made = " (self-signed, made now)" if certificate.created else \
+            (" (self-signed)" if certificate.self_signed else "")
+        lines += [f"TLS certificate: {certificate.cert}{made}",
+                  f"certificate fingerprint (SHA-256): {certificate.fingerprint}"]
+        if certificate.self_signed:
+            host = "HOST" if address.is_wildcard else str(address).rpartition(":")[0]
+            lines.append(f"agents pin it: strata agent enroll --server https://{host}:"
+                         f"{address.port} --server-fingerprint {certificate.fingerprint} "
+                         "--token-file FILE")
+    elif not address.is_loopback:
+        lines.append("warning: plain HTTP beyond loopback (--insecure): enrollment tokens, "
+                     "credentials and endpoint data cross the network in clear")
+    return lines
