@@ -3,6 +3,7 @@ a count of every byte that crosses the wire in either direction."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 
@@ -10,6 +11,7 @@ import httpx
 
 from strata.agent.throttle import TokenBucket
 from strata.errors import StrataError
+from strata.transport import describe_transport_error, is_certificate_error
 
 RETRY_STATUS = {502, 503, 504}
 
@@ -33,7 +35,7 @@ def _header_bytes(headers: httpx.Headers) -> int:
 class ServerClient:
     def __init__(self, server: str, credential: str | None = None, *, retries: int = 5,
                  timeout: float = 120.0, upload_rate: float | None = None,
-                 download_rate: float | None = None, verify: bool | str = True):
+                 download_rate: float | None = None, verify: bool | str | ssl.SSLContext = True):
         self.server = server.rstrip("/")
         headers = {"Authorization": f"Bearer {credential}"} if credential else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout,
@@ -71,7 +73,11 @@ class ServerClient:
             try:
                 resp = self.http.send(req)
             except httpx.TransportError as exc:
-                failure: str = f"cannot reach {self.server}: {exc.__class__.__name__}"
+                failure: str = describe_transport_error(self.server, exc)
+                if is_certificate_error(exc):
+                    # Retrying at once will not make it trusted; the daemon tries again at
+                    # its next check-in (someone in between may have left by then).
+                    raise ServerUnreachable(failure) from None
             else:
                 with self._lock:
                     self.bytes_sent += len(body) + _header_bytes(req.headers) + len(path) + 16

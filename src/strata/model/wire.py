@@ -88,6 +88,8 @@ class CheckinResponse(BaseModel):
     last_snapshot_time: datetime | None = None
     server_time: datetime
     desired: DesiredState | None = None
+    # A new device credential (rotation): the agent keeps it in place of the one it used.
+    credential: str | None = None
 
 
 class MissingRequest(BaseModel):

@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -44,6 +44,13 @@ class ServerSettings:
     store: str = ""  # a directory or s3://BUCKET/PREFIX; "" is DATA/store
     s3_endpoint_url: str = ""  # "" is AWS_ENDPOINT_URL, or AWS itself
     s3_region: str = ""  # "" is AWS_REGION or AWS_DEFAULT_REGION
+    # A device credential is replaced at the first check-in after `credential_rotation`,
+    # and refused once `credential_lifetime` has passed without one (the agent enrolls
+    # again).
+    encrypt: bool = False  # a new store is encrypted (an existing one must be)
+    passphrase: str | None = field(default=None, repr=False)  # of an encrypted store
+    credential_rotation: timedelta = timedelta(days=7)
+    credential_lifetime: timedelta = timedelta(days=90)
 
     def __post_init__(self) -> None:
         if not self.catalog_url:
