@@ -18,6 +18,7 @@ from typing import Literal
 import zstandard
 
 from strata.agent.client import ServerClient, ServerUnreachable
+from strata.agent.deltas import fill_by_deltas
 from strata.agent.drift import tree_changed
 from strata.agent.signing import approve_update, save_record
 from strata.agent.state import AgentState
@@ -65,6 +66,7 @@ class UpdateResult:
     chunks_downloaded: int = 0
     bytes_downloaded: int = 0  # on the wire, compressed
     bytes_seeded: int = 0  # read from the endpoint's own files instead
+    files_by_delta: int = 0  # changed files rebuilt from the endpoint's old copy + a delta
     warnings: list[str] = field(default_factory=list)
     pre_update_snapshot: str | None = None
     seconds: float = 0.0
@@ -366,6 +368,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         state.save_update({"key": desired.key, "state": UpdateState.DOWNLOADING,
                            "desired": desired.model_dump(), "approval": approval.to_dict()})
         lengths = plan.chunks_in_order()
+        by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
+                                  source.lacking(list(lengths)))
         lacking = source.lacking(list(lengths))
         last = [0.0]
 
@@ -389,7 +393,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
                             changes=summary["changes"],
                             conflicts=summary["conflicts"],
                             chunks_downloaded=source.chunks_downloaded,
-                            bytes_downloaded=received(),
+                            bytes_downloaded=received(), files_by_delta=by_delta.rebuilt,
+                            warnings=by_delta.failed[:20],
                             seconds=round(time.monotonic() - started, 3))
     finally:
         source.close()
@@ -414,6 +419,9 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         plan, image, rules = compute_plan(source, desired, current, state.owned(),
                                           repair=repair)
         lengths = plan.chunks_in_order()
+        by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
+                                  source.lacking(list(lengths)))
+        result.files_by_delta += by_delta.rebuilt
         source.download(source.lacking(list(lengths)), lengths)
         need = plan.bytes_to_write()
         free = shutil.disk_usage(root).free

@@ -145,6 +145,22 @@ class ChunkRequest(BaseModel):
     ids: list[str] = Field(max_length=MAX_IDS_PER_QUERY)
 
 
+MAX_DELTA_FILES = 1024  # files per delta request (their new sizes are bounded too)
+
+
+class DeltaWanted(BaseModel):
+    """One changed file of a layer update: the version the endpoint holds (its content
+    hash) and the one it needs, with how many bytes of the new file's chunks it lacks."""
+
+    old: str = Field(min_length=64, max_length=64)
+    new: str = Field(min_length=64, max_length=64)
+    lacking: int = Field(ge=0, le=INT64_MAX)
+
+
+class DeltaRequest(BaseModel):
+    files: list[DeltaWanted] = Field(max_length=MAX_DELTA_FILES)
+
+
 class UpdateReport(BaseModel):
     """The agent's progress on its desired state (`key`)."""
 

@@ -26,6 +26,7 @@ from strata.server.context import ServerContext, ServerSettings
 from strata.server.maintenance import upkeep_threads
 from strata.server.routes import (
     agent,
+    agent_deltas,
     agent_layers,
     agent_sync,
     audit,
@@ -75,8 +76,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.ctx = ctx
     app.state.admin_digest = digest(read_token_file(token_path))
     app.state.admin_token_path = token_path
-    for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
-                   collections, compliance, operations, audit, signing):
+    for routes in (agent, agent_sync, agent_layers, agent_deltas, tokens, endpoints, policies,
+                   layers, collections, compliance, operations, audit, signing):
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
 

@@ -1,0 +1,22 @@
+"""Agent API: deltas of the changed files of a layer update (server/services/deltas.py)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+
+from strata.model.wire import DeltaRequest
+from strata.server.catalog.models import Endpoint
+from strata.server.context import ServerContext
+from strata.server.deps import AGENT_API, get_ctx, require_device
+from strata.server.services import deltas
+
+router = APIRouter(prefix=AGENT_API, tags=["agent"])
+
+
+@router.post("/layers/deltas")
+def file_deltas(body: DeltaRequest, ep: Endpoint = Depends(require_device),
+                ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """Per changed file, a zstd delta from the version the endpoint holds, where one
+    pays; the files left out are fetched by chunks."""
+    return Response(content=deltas.file_deltas(ctx, ep, body.files),
+                    media_type="application/x-strata-deltas")

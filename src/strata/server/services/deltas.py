@@ -1,0 +1,159 @@
+"""Deltas of the changed files of a layer update (strata.engine.delta). The endpoint names,
+per file, the content it holds and the content it needs; the server answers with a delta
+where one pays, and the endpoint fetches the rest by chunks.
+
+Each (old content, new content) pair is computed once and kept in a stream cache (the
+same cache as the chunk streams', in its own directory): a thousand endpoints moving off
+the same old base cost one delta per changed file. An endpoint may name as old only
+content it holds (its own latest snapshot, or a layer its desired state names) and as new
+only content of its layers: a delta reveals where the new file matches the old, so it is
+only made against content the endpoint may read whole.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from strata.engine.delta import (
+    DELTA_LEVEL,
+    MAX_DELTA_BYTES,
+    FileDelta,
+    compressed_alone,
+    encode,
+    pack_deltas,
+    pays,
+    worth_trying,
+)
+from strata.errors import CorruptData, Forbidden, Invalid, StrataError, TooLarge
+from strata.model.entry import EntryType
+from strata.model.ids import ID_LEN, content_id
+from strata.model.wire import DeltaWanted
+from strata.server.catalog.models import Endpoint
+from strata.server.context import ServerContext
+from strata.server.metrics import DELTA_CPU, DELTAS
+from strata.server.services import snapshots
+from strata.server.services.layer_downloads import _allowed_snapshots
+from strata.server.stream_cache import StreamCache
+
+MAX_BATCH_BYTES = 64 << 20  # new bytes one request may ask deltas for (like a chunk batch)
+_ALONE = struct.Struct("<Q")  # a cache entry: the new file's size compressed alone, delta
+_INDEXES = 8  # snapshots whose file index is kept (a fleet moves between a few bases)
+
+Files = dict[bytes, tuple[int, list[tuple[bytes, int]]]]  # content hash -> size, chunks
+
+
+class DeltaService:
+    """The delta cache and, per snapshot, which content its files hold."""
+
+    def __init__(self, directory: Path, max_bytes: int = 4 << 30,
+                 metric: Counter | None = None):
+        self.cache = StreamCache(directory, max_bytes, *([metric] if metric else []))
+        self._files: OrderedDict[str, Files] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def files(self, ctx: ServerContext, sid: str) -> Files:
+        with self._lock:
+            hit = self._files.get(sid)
+            if hit is not None:
+                self._files.move_to_end(sid)
+                return hit
+        out: Files = {}
+        for e in snapshots.entries(ctx, sid):
+            if e.type is EntryType.FILE and e.size <= MAX_DELTA_BYTES:
+                out.setdefault(e.content_hash, (e.size, list(e.chunks)))
+        with self._lock:
+            self._files[sid] = out
+            while len(self._files) > _INDEXES:
+                self._files.popitem(last=False)
+        return out
+
+
+def _hash(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise Invalid("content hashes must be hex") from None
+    if len(raw) != ID_LEN:
+        raise Invalid(f"content hashes must be {ID_LEN} bytes")
+    return raw
+
+
+def _find(ctx: ServerContext, sids: list[str], h: bytes
+          ) -> tuple[int, list[tuple[bytes, int]]] | None:
+    for sid in sids:
+        hit = ctx.deltas.files(ctx, sid).get(h)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _content(ctx: ServerContext, h: bytes, chunks: list[tuple[bytes, int]]) -> bytes:
+    data = b"".join(ctx.store.load_chunk(cid) for cid, _ in chunks)  # each verified
+    if content_id(data) != h:
+        raise CorruptData(f"file {h.hex()[:16]} does not match its content hash")
+    return data
+
+
+def file_deltas(ctx: ServerContext, ep: Endpoint, wanted: list[DeltaWanted]) -> bytes:
+    """A `pack_deltas` body: a delta for each named file where one pays, nothing for the
+    others (the agent fetches those by chunks)."""
+    pairs = [(_hash(w.old), _hash(w.new), w.lacking) for w in wanted]
+    layers = sorted(_allowed_snapshots(ctx, ep))
+    head, _ = snapshots.cached_head(ctx, ep.id)
+    held = ([head] if head else []) + layers
+    found = []
+    total = 0
+    for old_hash, new_hash, lacking in pairs:
+        new = _find(ctx, layers, new_hash)
+        if new is None:
+            raise Forbidden("a requested file is not part of this endpoint's layers")
+        old = _find(ctx, held, old_hash)
+        if old is None:  # edited on the endpoint since its snapshot: chunks, and the
+            continue  # same answer whether or not anyone else holds that content
+        total += new[0]
+        if total > MAX_BATCH_BYTES:
+            raise TooLarge(f"ask for deltas of at most {MAX_BATCH_BYTES} bytes of files "
+                           "per request")
+        found.append((old_hash, old, new_hash, new, lacking))
+    out = []
+    for old_hash, old, new_hash, new, lacking in found:
+        if not worth_trying(old[0], new[0], lacking) or old_hash == new_hash:
+            continue
+        entry = _cached_delta(ctx, old_hash, old[1], new_hash, new[1])
+        if entry is None:
+            continue
+        alone, delta = entry
+        if pays(len(delta), alone, new[0], lacking):
+            DELTAS.labels("sent").inc()
+            out.append(FileDelta(old_hash, new_hash, new[0], delta))
+        else:
+            DELTAS.labels("does-not-pay").inc()
+    return pack_deltas(out)
+
+
+def _cached_delta(ctx: ServerContext, old_hash: bytes, old_chunks: list[tuple[bytes, int]],
+                  new_hash: bytes, new_chunks: list[tuple[bytes, int]]
+                  ) -> tuple[int, bytes] | None:
+    """(the new file compressed alone, the delta), made once per pair; None if the
+    store cannot give back either version (the file then goes by chunks, whose own
+    read reports the damage)."""
+    def make() -> bytes:
+        started = time.thread_time()
+        old = _content(ctx, old_hash, old_chunks)
+        new = _content(ctx, new_hash, new_chunks)
+        body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
+        DELTA_CPU.inc(time.thread_time() - started)
+        return body
+
+    try:
+        body = ctx.deltas.cache.get_or_make(DELTA_LEVEL, [old_hash, new_hash], make)
+    except StrataError:
+        return None
+    (alone,) = _ALONE.unpack_from(body)
+    return alone, body[_ALONE.size:]
