@@ -267,7 +267,9 @@ def test_endpoints_on_an_old_base_migrate_through_deltas(tmp_path):
         # the file endpoint 1 had edited (no delta was made for it then); the forged entry
         # was a hit for both.
         assert server.metric('strata_file_delta_cache_total{cache="miss"}') == misses + 1
-        assert server.metric('strata_file_delta_cache_total{cache="hit"}') == len(changed)
+        assert server.metric('strata_file_delta_cache_total{cache="hit"}') == len(changed) + 1
+        # Each took base 2's manifest as a delta against base 1's (computed once).
+        assert server.metric('strata_file_deltas_total{outcome="manifest"}') == 2
         print(f"by delta: {up2['bytes_downloaded']} B; the changed files alone, compressed: "
               f"{by_chunks} B")
 
@@ -305,3 +307,39 @@ def _hostile_requests(agent: Agent, old: bytes, new: bytes) -> None:
                                                "lacking": 1}]}).status_code == 422
         assert http.post(url, json={"files": [{"old": "00" * 32, "new": "00" * 32,
                                                "lacking": 1}] * 2000}).status_code == 422
+
+
+class ManifestServer:
+    """Answers manifest-delta requests with a delta of `new` against `old`, or a forged one."""
+
+    def __init__(self, old: bytes, new: bytes, forged: bool = False):
+        self.old, self.new, self.forged, self.asked = old, new, forged, 0
+
+    def request(self, method: str, path: str, **_: object) -> SimpleNamespace:
+        self.asked += 1
+        d = codec.encode(self.old, self.new)
+        new_hash = content_id(self.new)
+        if self.forged:  # a valid frame of other bytes, claiming the right hash
+            d = codec.encode(self.old, self.new[::-1])
+        return SimpleNamespace(content=codec.pack_deltas(
+            [codec.FileDelta(content_id(self.old), new_hash, len(self.new), d)]))
+
+
+def test_a_layer_manifest_is_patched_from_the_previous_version_kept(tmp_path):
+    from strata.model.wire import DesiredLayer
+    rng = random.Random(4)
+    old = bytes(rng.choice(b"usr/lib/abcdef") for _ in range(50_000))
+    new = mutate(old, rng)
+    v1 = DesiredLayer(id=1, kind="base", name="os", version="1", snapshot="a" * 64)
+    v2 = DesiredLayer(id=2, kind="base", name="os", version="2", snapshot="b" * 64)
+    other = DesiredLayer(id=3, kind="app", name="office", version="1", snapshot="c" * 64)
+    server = ManifestServer(old, new)
+    assert deltas.manifest_by_delta(server, tmp_path, v2) is None  # nothing kept yet
+    assert server.asked == 0
+    (tmp_path / f"{v1.snapshot}.manifest").write_bytes(old)
+    deltas.note_manifest(tmp_path, v1)
+    assert deltas.manifest_by_delta(server, tmp_path, other) is None  # another layer
+    assert deltas.manifest_by_delta(server, tmp_path, v2) == new  # type: ignore[arg-type]
+    # A delta that rebuilds other bytes than it claims: None, and the agent fetches it whole.
+    assert deltas.manifest_by_delta(ManifestServer(old, new, forged=True),  # type: ignore[arg-type]
+                                    tmp_path, v2) is None

@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from strata.agent.client import ServerClient
 from strata.engine.delta import MAX_DELTA_BYTES, FileDelta, decode, read_deltas, worth_trying
@@ -25,11 +26,15 @@ from strata.layers.changes import Action
 from strata.layers.plan import Plan
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
-from strata.model.wire import MAX_DELTA_FILES
+from strata.model.wire import MAX_DELTA_FILES, DesiredLayer
+from strata.store.backend import atomic_write
 from strata.store.repository import Store
 from strata.tree.scan import open_path
 
-BATCH_BYTES = 64 << 20  # new bytes per request (what the server accepts)
+# New bytes per request: some 16 s of the server's CPU when none is cached (level 19), well
+# inside the client's timeout; a larger file goes alone (the server takes up to 64 MiB).
+BATCH_BYTES = 16 << 20
+_SNAPSHOT_ID = re.compile(r"[0-9a-f]{64}")
 _DIGITS = re.compile(rb"\d+(?:\.\d+)*")  # a version: 3, 1.1, 2.36
 
 
@@ -166,3 +171,38 @@ def fill_by_deltas(client: ServerClient | None, root: bytes, cache: Store, plan:
         stats.failed.append(f"deltas: {exc}")
     cache.flush()
     return stats
+
+
+def _pointer(layers_dir: Path, layer: DesiredLayer) -> Path:
+    """Where the snapshot id of the last manifest kept of this layer (kind and name, any
+    version) is noted: the base a later version's manifest is patched from."""
+    return layers_dir / f"latest-{content_id(f'{layer.kind}/{layer.name}'.encode()).hex()[:32]}"
+
+
+def note_manifest(layers_dir: Path, layer: DesiredLayer) -> None:
+    atomic_write(_pointer(layers_dir, layer), layer.snapshot.encode(), durable=False)
+
+
+def manifest_by_delta(client: ServerClient, layers_dir: Path, layer: DesiredLayer
+                      ) -> bytes | None:
+    """The layer's manifest rebuilt from the one kept of its previous version plus a delta,
+    or None (no previous version kept, no delta paid, anything amiss): fetch it whole.
+    The caller verifies it against its signature like a manifest fetched whole."""
+    try:
+        base = _pointer(layers_dir, layer).read_text().strip()
+        if not _SNAPSHOT_ID.fullmatch(base) or base == layer.snapshot:
+            return None
+        old = (layers_dir / f"{base}.manifest").read_bytes()
+    except OSError:
+        return None
+    try:
+        resp = client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/manifest-delta"
+                                     f"?base={base}")
+        for d in read_deltas(resp.content):
+            if d.old_hash != content_id(old):
+                return None
+            new = decode(old, d.delta, d.new_size)
+            return new if content_id(new) == d.new_hash else None
+    except StrataError:
+        return None
+    return None

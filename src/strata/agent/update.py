@@ -18,7 +18,7 @@ from typing import Literal
 import zstandard
 
 from strata.agent.client import ServerClient, ServerUnreachable
-from strata.agent.deltas import fill_by_deltas
+from strata.agent.deltas import fill_by_deltas, manifest_by_delta, note_manifest
 from strata.agent.drift import tree_changed
 from strata.agent.signing import approve_update, save_record
 from strata.agent.state import AgentState
@@ -133,16 +133,28 @@ class LayerSource:
         if self.client is None:
             raise UpdateFailed(f"layer {layer.name}:{layer.version} is not cached and the "
                                "server is unreachable")
+        cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        patched = manifest_by_delta(self.client, cached.parent, layer)
+        try:
+            if patched is None:
+                raise LayerRefused("no delta")
+            self.approval.verify_manifest(layer, patched)
+            data = patched
+        except LayerRefused:  # whole, then: judged below like any fetched manifest
+            data = self._whole_manifest(layer)
+            self.approval.verify_manifest(layer, data)  # before it is kept or used
+        atomic_write(cached, data)
+        note_manifest(cached.parent, layer)
+        return data
+
+    def _whole_manifest(self, layer: DesiredLayer) -> bytes:
+        assert self.client is not None
         resp = self.client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/manifest")
         try:
-            data = zstandard.ZstdDecompressor().stream_reader(resp.content).read(MAX_MANIFEST)
+            return zstandard.ZstdDecompressor().stream_reader(resp.content).read(MAX_MANIFEST)
         except zstandard.ZstdError as exc:
             raise CorruptData(f"layer {layer.name}:{layer.version}: manifest does not "
                               f"decompress ({exc})") from None
-        self.approval.verify_manifest(layer, data)  # before it is kept or used
-        cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(cached, data)
-        return data
 
     def contents(self, layers: list[DesiredLayer]) -> list[LayerContent]:
         return [LayerContent(label=f"{dl.kind} {dl.name}:{dl.version}", kind=dl.kind,

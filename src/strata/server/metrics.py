@@ -25,8 +25,9 @@ STREAM_CACHE = Counter("strata_download_streams_total",
                        "Layer download streams served, by whether the stream cache had them",
                        ["cache"], registry=REGISTRY)
 DELTAS = Counter("strata_file_deltas_total",
-                 "Changed files of layer updates answered with a delta, or not (it did not "
-                 "pay: the agent takes chunks)", ["outcome"], registry=REGISTRY)
+                 "Changed files of layer updates answered with a delta (sent), or not (it "
+                 "did not pay: the agent takes chunks); layer manifests sent as deltas",
+                 ["outcome"], registry=REGISTRY)
 DELTA_CACHE = Counter("strata_file_delta_cache_total",
                       "File deltas looked up, by whether the delta cache had them", ["cache"],
                       registry=REGISTRY)

@@ -1,8 +1,9 @@
-"""Agent API: deltas of the changed files of a layer update (server/services/deltas.py)."""
+"""Agent API: deltas of the changed files and manifests of a layer update
+(server/services/deltas.py)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
 
 from strata.model.wire import DeltaRequest
 from strata.server.catalog.models import Endpoint
@@ -19,4 +20,15 @@ def file_deltas(body: DeltaRequest, ep: Endpoint = Depends(require_device),
     """Per changed file, a zstd delta from the version the endpoint holds, where one
     pays; the files left out are fetched by chunks."""
     return Response(content=deltas.file_deltas(ctx, ep, body.files),
+                    media_type="application/x-strata-deltas")
+
+
+@router.get("/layers/{sid}/manifest-delta")
+def manifest_delta(sid: str, base: str = Query(max_length=64),
+                   ep: Endpoint = Depends(require_device),
+                   ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """A layer manifest as a delta against one the endpoint holds (`base`: the layer's
+    previous version); no record when a delta does not pay (the agent then fetches it
+    whole)."""
+    return Response(content=deltas.manifest_delta(ctx, ep, sid, base),
                     media_type="application/x-strata-deltas")

@@ -30,18 +30,18 @@ from strata.engine.delta import (
     pays,
     worth_trying,
 )
-from strata.errors import CorruptData, Forbidden, Invalid, StrataError, TooLarge
+from strata.errors import CorruptData, Forbidden, Invalid, NotFound, StrataError, TooLarge
 from strata.model.entry import EntryType
 from strata.model.ids import ID_LEN, content_id
 from strata.model.wire import DeltaWanted
-from strata.server.catalog.models import Endpoint
+from strata.server.catalog.models import Assignment, Endpoint, Layer
 from strata.server.context import ServerContext
 from strata.server.metrics import DELTA_CPU, DELTAS
 from strata.server.services import snapshots
 from strata.server.services.layer_downloads import _allowed_snapshots
 from strata.server.stream_cache import StreamCache
 
-MAX_BATCH_BYTES = 64 << 20  # new bytes one request may ask deltas for (like a chunk batch)
+MAX_BATCH_BYTES = MAX_DELTA_BYTES  # new bytes one request may ask deltas for
 _ALONE = struct.Struct("<Q")  # a cache entry: the new file's size compressed alone, delta
 _INDEXES = 8  # snapshots whose file index is kept (a fleet moves between a few bases)
 
@@ -100,13 +100,28 @@ def _content(ctx: ServerContext, h: bytes, chunks: list[tuple[bytes, int]]) -> b
     return data
 
 
+def _applied_layers(ctx: ServerContext, ep: Endpoint) -> list[str]:
+    """The snapshots of the layers last applied on the endpoint (what it runs now)."""
+    with ctx.session() as db:
+        a = db.get(Assignment, ep.id)
+        rows = [db.get(Layer, i) for i in (a.applied_layers if a is not None else []) or []]
+        return [r.snapshot for r in rows if r is not None]
+
+
+def _held(ctx: ServerContext, ep: Endpoint, layers: list[str]) -> list[str]:
+    """What the endpoint may name as its old version: its own latest snapshot, the layers
+    it last applied, the layers its desired state names."""
+    head, _ = snapshots.cached_head(ctx, ep.id)
+    return list(dict.fromkeys([*([head] if head else []), *_applied_layers(ctx, ep),
+                               *layers]))
+
+
 def file_deltas(ctx: ServerContext, ep: Endpoint, wanted: list[DeltaWanted]) -> bytes:
     """A `pack_deltas` body: a delta for each named file where one pays, nothing for the
     others (the agent fetches those by chunks)."""
     pairs = [(_hash(w.old), _hash(w.new), w.lacking) for w in wanted]
     layers = sorted(_allowed_snapshots(ctx, ep))
-    head, _ = snapshots.cached_head(ctx, ep.id)
-    held = ([head] if head else []) + layers
+    held = _held(ctx, ep, layers)
     found = []
     total = 0
     for old_hash, new_hash, lacking in pairs:
@@ -135,6 +150,36 @@ def file_deltas(ctx: ServerContext, ep: Endpoint, wanted: list[DeltaWanted]) -> 
         else:
             DELTAS.labels("does-not-pay").inc()
     return pack_deltas(out)
+
+
+def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> bytes:
+    """A layer manifest the endpoint's desired state names, as a `pack_deltas` body of one
+    record against a layer manifest it holds (the previous version of the layer): a
+    manifest changes little between versions. Empty when the delta does not pay."""
+    layers = sorted(_allowed_snapshots(ctx, ep))
+    if sid not in layers:
+        raise NotFound(f"no layer or snapshot {sid[:8]} assigned to this endpoint")
+    if base not in _held(ctx, ep, layers):
+        raise NotFound(f"no layer {base[:8]} on this endpoint to patch from")
+    new = snapshots.manifest_bytes(ctx, sid, "layer")
+    old = snapshots.manifest_bytes(ctx, base, "layer")
+    if max(len(old), len(new)) > MAX_DELTA_BYTES:
+        return pack_deltas([])
+    old_hash, new_hash = content_id(old), content_id(new)
+
+    def make() -> bytes:
+        started = time.thread_time()
+        body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
+        DELTA_CPU.inc(time.thread_time() - started)
+        return body
+
+    body = ctx.deltas.cache.get_or_make(DELTA_LEVEL, [old_hash, new_hash], make)
+    (alone,) = _ALONE.unpack_from(body)
+    delta = body[_ALONE.size:]
+    if not pays(len(delta), alone, len(new), len(new)):
+        return pack_deltas([])
+    DELTAS.labels("manifest").inc()
+    return pack_deltas([FileDelta(old_hash, new_hash, len(new), delta)])
 
 
 def _cached_delta(ctx: ServerContext, old_hash: bytes, old_chunks: list[tuple[bytes, int]],
