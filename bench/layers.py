@@ -567,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.layers" + (" --keep-work" if args.keep_work else "")
     summary = run(WORK, keep=args.keep_work, command=command)
     print(json.dumps(summary, indent=2))
-    say(f"wrote {RESULTS}")
+    report.update_sections(ROOT)
+    say(f"wrote {RESULTS} and its section of BENCHMARKS.md")
     return 0
 
 

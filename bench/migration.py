@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.migration" + (" --keep-work" if args.keep_work else "")
     summary = run(layers.WORK, keep=args.keep_work, command=command)
     print(json.dumps(summary, indent=2))
-    layers.say(f"wrote {RESULTS}")
+    report.update_sections(layers.ROOT)
+    layers.say(f"wrote {RESULTS} and its section of BENCHMARKS.md")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from pathlib import Path
 
 from .tools import Step
@@ -362,6 +363,31 @@ def migration_section(mig: dict) -> list[str]:
             if r.get("detail")]
     out.append("")
     return out
+
+
+def update_sections(root: Path) -> None:
+    """Re-render the base layer update and OS migration sections of BENCHMARKS.md in place
+    from their saved results (what `python -m bench.layers` or `bench.migration` run alone
+    measured), leaving the rest as `make bench` wrote it."""
+    doc_file = root / "BENCHMARKS.md"
+    if not doc_file.exists():
+        return
+    parts = re.split(r"(?m)^(?=## )", doc_file.read_text())
+    rendered = {}
+    for title, name, render in (("Base layer update", "layers-results.json", layer_section),
+                                ("OS migration", "migration-results.json", migration_section)):
+        f = root / "bench" / name
+        if f.exists():
+            rendered[title] = "\n".join(render(json.loads(f.read_text()))) + "\n"
+    out: list[str] = []
+    for part in parts:
+        title = part[3:].split("\n", 1)[0].strip() if part.startswith("## ") else ""
+        if title == "OS migration":
+            continue  # placed after the base layer update below
+        out.append(rendered.get(title, part))
+        if title == "Base layer update" and "OS migration" in rendered:
+            out.append(rendered["OS migration"])
+    doc_file.write_text("".join(out))
 
 
 def write(root: Path, meta: dict, steps: list[Step]) -> str:
