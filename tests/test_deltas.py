@@ -210,6 +210,7 @@ def _forge_delta(server: Server, old: bytes, new: bytes) -> None:
     (d / key.hexdigest()).write_bytes(blake3.blake3(body).digest() + body)
 
 
+@pytest.mark.e2e
 def test_endpoints_on_an_old_base_migrate_through_deltas(tmp_path):
     v1, v2, changed = make_bases(tmp_path)
     server = Server(tmp_path / "server").start()
