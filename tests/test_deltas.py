@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -90,30 +89,67 @@ def test_when_a_delta_is_tried_and_when_it_pays():
 
 
 def test_delta_batches_reject_bad_framing():
-    body = codec.pack_deltas([codec.FileDelta(b"o" * 32, b"n" * 32, 5, b"xyz")])
+    body = codec.pack_deltas([codec.GroupDelta(b"o" * 32, b"n" * 32, 5, b"xyz")])
     assert [d.delta for d in codec.read_deltas(body)] == [b"xyz"]
     for bad in (b"nope" + body[4:], body[:-1], body[:50]):
         with pytest.raises(CorruptData):
             list(codec.read_deltas(bad))
 
 
-def test_a_predecessor_is_the_file_whose_path_differs_only_in_its_numbers():
+def test_the_old_version_of_a_file_is_found_where_a_release_moved_it():
     def f(path: bytes, size: int) -> Entry:
         return Entry(path=path, type=EntryType.FILE, mode=0o644, size=size,
-                     content_hash=content_id(path), chunks=[(content_id(path + b"c"), size)])
+                     content_hash=content_id(b"%s %d" % (path, size)),
+                     chunks=[(content_id(b"%s %d c" % (path, size)), size)])
+    link = Entry(path=b"usr/lib/libc.so.6", type=EntryType.SYMLINK, mode=0o777,
+                 link_target=b"libc-2.31.so")
     current = [f(b"usr/lib/libssl.so.1.1", 500_000), f(b"usr/lib/python3.9/x.so", 90_000),
-               f(b"usr/lib/python3.10/x.so", 300_000), f(b"usr/bin/tool", 90_000)]
+               f(b"usr/lib/python3.10/x.so", 300_000), f(b"usr/bin/tool", 90_000),
+               f(b"usr/lib/libc-2.31.so", 1_900_000), link,
+               f(b"lib/x86_64/libfoo.so.1", 40_000), f(b"usr/lib/same", 1000)]
     new = [f(b"usr/lib/libssl.so.3", 600_000), f(b"usr/lib/python3.11/x.so", 100_000),
-           f(b"usr/bin/other", 90_000)]
-    plan = Plan(changes=[Change(Action.ADD, e.path, e) for e in new])
+           f(b"usr/bin/other", 90_000), f(b"usr/lib/libc.so.6", 1_920_000),
+           f(b"usr/lib/x86_64/libfoo.so.2", 41_000), f(b"usr/lib/same", 1200)]
+    plan = Plan(changes=[Change(Action.REPLACE if e.path in (link.path, b"usr/lib/same")
+                                else Action.ADD, e.path, e,
+                                link if e.path == link.path else current[-1]
+                                if e.path == b"usr/lib/same" else None) for e in new])
     lacking = {cid for e in new for cid, _ in e.chunks}
     got = {c.new.path: c.old.path for c in deltas.candidates(plan, current, lacking)}
-    assert got == {b"usr/lib/libssl.so.3": b"usr/lib/libssl.so.1.1",
-                   b"usr/lib/python3.11/x.so": b"usr/lib/python3.9/x.so"}  # closest size
+    assert got == {
+        b"usr/lib/libssl.so.3": b"usr/lib/libssl.so.1.1",  # only the version differs
+        b"usr/lib/python3.11/x.so": b"usr/lib/python3.9/x.so",  # ... the closest in size
+        b"usr/lib/libc.so.6": b"usr/lib/libc-2.31.so",  # what the old symlink pointed to
+        b"usr/lib/x86_64/libfoo.so.2": b"lib/x86_64/libfoo.so.1",  # moved: its name
+        b"usr/lib/same": b"usr/lib/same",  # replaced in place
+    }  # usr/bin/other: no older version, chunks
+    # Nothing lacking: nothing to ask for.
+    assert deltas.candidates(plan, current, set()) == []
+
+
+def test_groups_are_cut_by_content_so_one_differing_file_moves_no_boundary_elsewhere():
+    rng = random.Random(8)
+
+    def cand(i: int, size: int) -> deltas.Candidate:
+        e = Entry(path=b"f%05d" % i, type=EntryType.FILE, mode=0o644, size=size,
+                  content_hash=rng.randbytes(32), chunks=[])
+        return deltas.Candidate(e, e, size)
+    files = [cand(i, rng.randrange(10_000, 400_000)) for i in range(400)]
+    cut = [[c.new.path for c in g] for g in deltas.groups(files)]
+    sizes = [sum(c.new.size for c in g) for g in deltas.groups(files)]
+    assert len(cut) > 3 and all(s <= codec.GROUP_MAX_BYTES + 400_000 for s in sizes)
+    assert [p for g in cut for p in g] == [c.new.path for c in files]  # in order, all
+    # One endpoint lacks a file in the middle of the third group: the groups before and
+    # after (from the next boundary on) are the same, so the server's cache serves them.
+    gone = cut[2][len(cut[2]) // 2]
+    other = [[c.new.path for c in g] for g in deltas.groups([c for c in files
+                                                               if c.new.path != gone])]
+    assert other[:2] == cut[:2]
+    assert other[-2:] == cut[-2:]
 
 
 class DeltaServer:
-    """Answers delta requests as the server does, from the two versions it was given."""
+    """Answers delta requests as the server does, from the versions it was given."""
 
     def __init__(self, files: dict[bytes, bytes], tamper: bool = False):
         self.files = files  # content hash -> content
@@ -121,12 +157,16 @@ class DeltaServer:
 
     def request(self, method: str, path: str, json: dict, **_: object) -> SimpleNamespace:
         out = []
-        for w in json["files"]:
-            old, new = self.files[bytes.fromhex(w["old"])], self.files[bytes.fromhex(w["new"])]
+        for g in json["groups"]:
+            olds = [bytes.fromhex(f["old"]) for f in g["files"]]
+            news = [bytes.fromhex(f["new"]) for f in g["files"]]
+            old = b"".join(self.files[h] for h in olds)
+            new = b"".join(self.files[h] for h in news)
             d = codec.encode(old, new)
-            if self.tamper:  # a valid frame that rebuilds other bytes
+            if self.tamper:  # a valid frame of the right size that rebuilds other bytes
                 d = zstandard.ZstdCompressor().compress(new[::-1])
-            out.append(codec.FileDelta(content_id(old), content_id(new), len(new), d))
+            out.append(codec.GroupDelta(codec.group_key(olds), codec.group_key(news),
+                                        len(new), d))
         return SimpleNamespace(content=codec.pack_deltas(out))
 
 
@@ -177,7 +217,7 @@ def make_bases(base: Path) -> tuple[Path, Path, dict[str, tuple[bytes, bytes]]]:
     versioned library renamed (libdemo.so.1 -> libdemo.so.2) and a file added. Returns the
     trees and, per changed path of v2, (v1's content, v2's)."""
     v1 = base / "base-v1"
-    build_os_tree(v1, 6 * MIB)
+    build_os_tree(v1, 10 * MIB)
     rng = random.Random(11)
     big = max((p for p in (v1 / "usr").rglob("*") if p.is_file() and not p.is_symlink()),
               key=lambda p: p.stat().st_size)
@@ -199,15 +239,17 @@ def make_bases(base: Path) -> tuple[Path, Path, dict[str, tuple[bytes, bytes]]]:
     return v1, v2, changed
 
 
-def _forge_delta(server: Server, old: bytes, new: bytes) -> None:
-    """Plant in the server's delta cache a well-formed entry that rebuilds other bytes (a
-    damaged or hostile cache, as a reflector's could be)."""
-    bad = zstandard.ZstdCompressor().compress(new[::-1])
-    body = struct.pack("<Q", 1 << 40) + bad  # "alone" huge: it always pays
-    key = blake3.blake3(bytes([codec.DELTA_LEVEL]) + content_id(old) + content_id(new))
-    d = server.data / "cache" / "deltas"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / key.hexdigest()).write_bytes(blake3.blake3(body).digest() + body)
+def _damage_deltas(server: Server) -> int:
+    """Flip a byte in the middle of every delta the server keeps, each entry resealed
+    with a valid checksum (a damaged or hostile cache, as a reflector's could be).
+    Returns how many."""
+    n = 0
+    for f in (server.data / "cache" / "deltas").iterdir():
+        body = bytearray(f.read_bytes()[32:])
+        body[8 + (len(body) - 8) // 2] ^= 0xFF
+        f.write_bytes(blake3.blake3(bytes(body)).digest() + bytes(body))
+        n += 1
+    return n
 
 
 @pytest.mark.e2e
@@ -218,7 +260,7 @@ def test_endpoints_on_an_old_base_migrate_through_deltas(tmp_path):
     try:
         agents = []
         token = server.create_token(uses=None)
-        for i in (1, 2):
+        for i in (1, 2, 3):
             root = tmp_path / f"endpoint-{i}"
             shutil.copytree(v1, root, symlinks=True)
             (root / "etc/hostname").write_text(f"endpoint-{i}\n")
@@ -239,42 +281,46 @@ def test_endpoints_on_an_old_base_migrate_through_deltas(tmp_path):
         for agent in agents:
             assert agent.run_once()["update"]["state"] == "applied"
 
-        paths = sorted(changed)
-        forged, edited = paths[0], paths[1]
-        _forge_delta(server, *changed[forged])
         # Endpoint 1 edited a system file: its copy is no longer what the server holds.
-        e1 = agents[0]
-        local = e1.root / edited
-        local.write_bytes(local.read_bytes()[:-100] + b"local edit")
+        e1, e2, e3 = agents
+        edited = e1.root / sorted(changed)[1]
+        edited.write_bytes(edited.read_bytes()[:-100] + b"local edit")
         before = {a.endpoint_id: tree_state(a.root) for a in agents}
 
         admin(world, "assign", "--all", "--base", "os:2")
         up1 = e1.run_once()["update"]
         assert up1["state"] == "ready", up1
         misses = server.metric('strata_file_delta_cache_total{cache="miss"}')
-        up2 = agents[1].run_once()["update"]
+        up2 = e2.run_once()["update"]
         assert up2["state"] == "ready", up2
-
-        # Every changed file came as a delta but the forged one (caught by its hash, on
-        # both endpoints) and endpoint 1's edited one (the server holds no such content).
-        assert up1["files_by_delta"] == len(changed) - 2, up1
-        assert up2["files_by_delta"] == len(changed) - 1, up2
-        assert any(forged in w and "content hash" in w for w in up1["warnings"]), up1
+        # Endpoint 2 rebuilt every changed file from its copies and deltas (the binaries,
+        # the renamed library, etc/os-release); endpoint 1 all but the group of the file
+        # it edited (no delta against content the server does not hold: that group came
+        # by chunks).
+        assert up2["files_by_delta"] == len(changed) + 1, up2
+        assert up1["files_by_delta"] < up2["files_by_delta"], up1
         # Far fewer bytes than the changed files' chunks (compressed alone: a lower bound
         # of what they cost by chunks).
         by_chunks = sum(codec.compressed_alone(new) for _, new in changed.values())
         assert up2["bytes_downloaded"] < by_chunks / 3, (up2, by_chunks)
-        # The second endpoint's deltas were computed for the first: all cache hits, but
-        # the file endpoint 1 had edited (no delta was made for it then); the forged entry
-        # was a hit for both.
+        # Endpoint 2's deltas were computed for endpoint 1, all but that one group.
         assert server.metric('strata_file_delta_cache_total{cache="miss"}') == misses + 1
-        assert server.metric('strata_file_delta_cache_total{cache="hit"}') == len(changed) + 1
         # Each took base 2's manifest as a delta against base 1's (computed once).
         assert server.metric('strata_file_deltas_total{outcome="manifest"}') == 2
-        print(f"by delta: {up2['bytes_downloaded']} B; the changed files alone, compressed: "
-              f"{by_chunks} B")
 
-        _hostile_requests(agents[1], *changed[paths[2]])
+        # Every delta damaged: endpoint 3 detects each and takes chunks (and the manifest
+        # whole) instead.
+        assert _damage_deltas(server) >= 2
+        up3 = e3.run_once()["update"]
+        assert up3["state"] == "ready", up3
+        assert up3["files_by_delta"] == 0, up3
+        assert any("content hash" in w or "does not decompress" in w
+                   for w in up3["warnings"]), up3
+        assert up3["bytes_downloaded"] > up2["bytes_downloaded"] * 3, (up2, up3)
+        print(f"by delta: {up2['bytes_downloaded']} B; by chunks: {up3['bytes_downloaded']} "
+              f"B; the changed files alone, compressed: {by_chunks} B")
+
+        _hostile_requests(e2, *changed[sorted(changed)[2]])
         v2_state = tree_state(v2)
         for agent in agents:
             res = strata_json(*agent.cmd("apply"))
@@ -293,8 +339,9 @@ def _hostile_requests(agent: Agent, old: bytes, new: bytes) -> None:
     url = "/api/v1/agent/layers/deltas"
     with agent.http() as http:
         def ask(o: bytes, n: bytes, lacking: int = 1 << 20) -> httpx.Response:
-            return http.post(url, json={"files": [{"old": o.hex(), "new": n.hex(),
-                                                   "lacking": lacking}]})
+            return http.post(url, json={"groups": [{"files": [{"old": o.hex(),
+                                                               "new": n.hex()}],
+                                                    "lacking": lacking}]})
         ok = ask(content_id(old), content_id(new))
         assert ok.status_code == 200 and list(codec.read_deltas(ok.content))
         # Content that is no layer of this endpoint's: refused, in one plain line.
@@ -304,10 +351,11 @@ def _hostile_requests(agent: Agent, old: bytes, new: bytes) -> None:
         r = ask(content_id(b"not on this endpoint"), content_id(new))
         assert r.status_code == 200 and list(codec.read_deltas(r.content)) == []
         assert ask(b"xx", content_id(new)).status_code == 422
-        assert http.post(url, json={"files": [{"old": "zz" * 32, "new": "00" * 32,
-                                               "lacking": 1}]}).status_code == 422
-        assert http.post(url, json={"files": [{"old": "00" * 32, "new": "00" * 32,
-                                               "lacking": 1}] * 2000}).status_code == 422
+        bad = {"old": "zz" * 32, "new": "00" * 32}
+        assert http.post(url, json={"groups": [{"files": [bad], "lacking": 1}]}
+                         ).status_code == 422
+        many = [{"files": [{"old": "00" * 32, "new": "00" * 32}] * 600, "lacking": 1}] * 2
+        assert http.post(url, json={"groups": many}).status_code == 413
 
 
 class ManifestServer:
@@ -323,7 +371,7 @@ class ManifestServer:
         if self.forged:  # a valid frame of other bytes, claiming the right hash
             d = codec.encode(self.old, self.new[::-1])
         return SimpleNamespace(content=codec.pack_deltas(
-            [codec.FileDelta(content_id(self.old), new_hash, len(self.new), d)]))
+            [codec.GroupDelta(content_id(self.old), new_hash, len(self.new), d)]))
 
 
 def test_a_layer_manifest_is_patched_from_the_previous_version_kept(tmp_path):

@@ -1,26 +1,36 @@
-"""Changed files of a layer update rebuilt from the endpoint's own older copy plus a delta
+"""Changed files of a layer update rebuilt from the endpoint's own older copies plus deltas
 from the server (strata.engine.delta), instead of downloading their chunks.
 
 A file is tried when the endpoint holds an older version of it: at the same path (the
-plan's replaced entry), or, for a file the update adds, its predecessor: a file of the
-current tree whose path differs only in its numbers (libssl.so.1.1 -> libssl.so.3,
-python3.9/ -> python3.11/). Whatever goes wrong (the server sends no delta because it
-does not pay, the local copy is not the content the delta was made against, the delta
-does not rebuild the file's content hash) only means the file's chunks are downloaded as
-before. A rebuilt file counts as downloaded once its chunks are in the cache, each
-verified against its id.
+plan's replaced entry; where that was a symlink, the file it pointed to), or, for a file
+the update adds, its predecessor: a file of the current tree whose path differs only in
+its version numbers (libssl.so.1.1 -> libssl.so.3, python3.9/ -> python3.11/), else whose
+name alone does. Such files travel in groups (see strata.engine.delta). Whatever goes
+wrong (the server sends no delta because it does not pay, a local copy is not the content
+the delta was made against, the delta does not rebuild the files' content hashes) only
+means the group's chunks are downloaded as before. A rebuilt file counts as downloaded
+once its chunks are in the cache, each verified against its id.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from strata.agent.client import ServerClient
-from strata.engine.delta import MAX_DELTA_BYTES, FileDelta, decode, read_deltas, worth_trying
+from strata.engine.delta import (
+    MAX_DELTA_BYTES,
+    GroupDelta,
+    closes_group,
+    decode,
+    group_key,
+    read_deltas,
+    worth_trying,
+)
 from strata.errors import CorruptData, StrataError
 from strata.layers.changes import Action
 from strata.layers.plan import Plan
@@ -32,7 +42,7 @@ from strata.store.repository import Store
 from strata.tree.scan import open_path
 
 # New bytes per request: some 16 s of the server's CPU when none is cached (level 19), well
-# inside the client's timeout; a larger file goes alone (the server takes up to 64 MiB).
+# inside the client's timeout; a larger group goes alone (the server takes up to 64 MiB).
 BATCH_BYTES = 16 << 20
 _SNAPSHOT_ID = re.compile(r"[0-9a-f]{64}")
 _DIGITS = re.compile(rb"\d+(?:\.\d+)*")  # a version: 3, 1.1, 2.36
@@ -61,45 +71,93 @@ def _shape(path: bytes) -> bytes:
     return _DIGITS.sub(b"#", path)
 
 
+class _OldVersions:
+    """Where to find the endpoint's older version of a file of the update."""
+
+    def __init__(self, current: Iterable[Entry]):
+        self.by_path: dict[bytes, Entry] = {}
+        self.by_shape: dict[bytes, list[Entry]] = {}
+        self.by_name: dict[bytes, list[Entry]] = {}
+        for e in current:
+            self.by_path[e.path] = e
+            if _is_file(e):
+                self.by_shape.setdefault(_shape(e.path), []).append(e)
+                self.by_name.setdefault(_shape(posixpath.basename(e.path)), []).append(e)
+
+    def of(self, new: Entry, old: Entry | None) -> Entry | None:
+        if _is_file(old):
+            return old
+        if old is not None and old.type is EntryType.SYMLINK:  # libc.so.6 -> libc-2.31.so
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(old.path),
+                                                       old.link_target or b""))
+            hit = self.by_path.get(target)
+            if _is_file(hit):
+                return hit
+        for table, key in ((self.by_shape, _shape(new.path)),
+                           (self.by_name, _shape(posixpath.basename(new.path)))):
+            alike = [e for e in table.get(key, []) if e.path != new.path]
+            if alike:  # the closest in size (python3.9/x.py and python3.10/x.py for 3.11)
+                return min(alike, key=lambda e: abs(e.size - new.size))
+        return None
+
+
 def candidates(plan: Plan, current: Iterable[Entry], lacking: set[bytes]) -> list[Candidate]:
-    """Files of the plan worth a delta, in the plan's (tree) order."""
-    by_shape: dict[bytes, list[Entry]] = {}
-    for e in current:
-        if _is_file(e):
-            by_shape.setdefault(_shape(e.path), []).append(e)
+    """Files of the plan the endpoint lacks chunks of and holds an older version of, in
+    the plan's (tree) order, each content once."""
+    olds = _OldVersions(current)
     out = []
     seen: set[bytes] = set()
     for c in plan.changes:
         new = c.entry
         if new is None or new.type is not EntryType.FILE or c.content is not None or \
-                c.action not in (Action.ADD, Action.REPLACE) or new.content_hash in seen:
-            continue
-        old = c.old if _is_file(c.old) else _predecessor(new, by_shape)
-        if old is None:
+                c.action not in (Action.ADD, Action.REPLACE) or new.content_hash in seen or \
+                new.size > MAX_DELTA_BYTES:
             continue
         need = sum(n for cid, n in new.chunks if cid in lacking)
-        if worth_trying(old.size, new.size, need) and old.content_hash != new.content_hash:
-            seen.add(new.content_hash)
-            out.append(Candidate(old, new, need))
+        old = olds.of(new, c.old)
+        if old is None or need == 0 or old.content_hash == new.content_hash:
+            continue
+        seen.add(new.content_hash)
+        out.append(Candidate(old, new, need))
     return out
 
 
-def _predecessor(new: Entry, by_shape: dict[bytes, list[Entry]]) -> Entry | None:
-    """The current file whose path differs from `new`'s only in its numbers, the closest
-    in size if several (python3.9/x.py and python3.10/x.py for python3.11/x.py)."""
-    alike = [e for e in by_shape.get(_shape(new.path), []) if e.path != new.path]
-    return min(alike, key=lambda e: abs(e.size - new.size), default=None)
-
-
-def _batches(cands: list[Candidate]) -> Iterable[list[Candidate]]:
-    batch: list[Candidate] = []
+def groups(cands: list[Candidate]) -> Iterator[list[Candidate]]:
+    """Candidates cut into groups by content (strata.engine.delta.closes_group); only the
+    groups worth a delta."""
+    group: list[Candidate] = []
     size = 0
+
+    def worth(g: list[Candidate]) -> bool:
+        return worth_trying(sum(c.old.size for c in g), sum(c.new.size for c in g),
+                            sum(c.lacking for c in g))
+
     for c in cands:
-        if batch and (size + c.new.size > BATCH_BYTES or len(batch) >= MAX_DELTA_FILES):
-            yield batch
-            batch, size = [], 0
-        batch.append(c)
+        if group and size + c.new.size > MAX_DELTA_BYTES:
+            if worth(group):
+                yield group
+            group, size = [], 0
+        group.append(c)
         size += c.new.size
+        if closes_group(size, c.new.content_hash) or len(group) >= MAX_DELTA_FILES:
+            if worth(group):
+                yield group
+            group, size = [], 0
+    if group and worth(group):
+        yield group
+
+
+def _requests(gs: Iterable[list[Candidate]]) -> Iterator[list[list[Candidate]]]:
+    batch: list[list[Candidate]] = []
+    size = files = 0
+    for g in gs:
+        n = sum(c.new.size for c in g)
+        if batch and (size + n > BATCH_BYTES or files + len(g) > MAX_DELTA_FILES):
+            yield batch
+            batch, size, files = [], 0, 0
+        batch.append(g)
+        size += n
+        files += len(g)
     if batch:
         yield batch
 
@@ -111,32 +169,42 @@ def _read_local(root: bytes, e: Entry) -> bytes:
         with os.fdopen(fd, "rb") as f:
             data = f.read(e.size + 1)
     except OSError as exc:
-        raise CorruptData(f"cannot read the local copy ({exc.strerror})") from None
+        raise CorruptData(f"{_show(e)}: cannot read the local copy ({exc.strerror})") from None
     if len(data) != e.size or content_id(data) != e.content_hash:
-        raise CorruptData("the local copy changed since the tree was read")
+        raise CorruptData(f"{_show(e)}: the local copy changed since the tree was read")
     return data
 
 
-def rebuild(root: bytes, cand: Candidate, delta: FileDelta, cache: Store,
+def _show(e: Entry) -> str:
+    return e.path.decode(errors="replace")
+
+
+def rebuild(root: bytes, group: list[Candidate], delta: GroupDelta, cache: Store,
             lacking: set[bytes]) -> int:
-    """Rebuild the new file from the local old copy and the delta, verify it whole and
-    chunk by chunk, and put the chunks the cache lacks into it. Returns their bytes."""
-    old = _read_local(root, cand.old)
-    new = decode(old, delta.delta, cand.new.size)
-    if content_id(new) != cand.new.content_hash:
-        raise CorruptData("the rebuilt file does not match its content hash")
-    ids, datas, offset = [], [], 0
-    view = memoryview(new)
-    for cid, n in cand.new.chunks:
-        piece = view[offset:offset + n]
-        offset += n
-        if cid in lacking and cid not in ids:
-            if content_id(piece) != cid:
-                raise CorruptData("a rebuilt chunk does not match its id")
-            ids.append(cid)
-            datas.append(piece)
+    """Rebuild a group's files from the local old copies and the delta, verify each whole
+    and chunk by chunk, and put the chunks the cache lacks into it. Returns their bytes."""
+    old = b"".join(_read_local(root, c.old) for c in group)
+    new = memoryview(decode(old, delta.delta, sum(c.new.size for c in group)))
+    ids: list[bytes] = []
+    datas: list[bytes | memoryview] = []
+    offset = 0
+    for c in group:
+        data = new[offset:offset + c.new.size]
+        offset += c.new.size
+        if content_id(data) != c.new.content_hash:
+            raise CorruptData(f"{_show(c.new)}: the rebuilt file does not match its content "
+                              "hash")
+        pos = 0
+        for cid, n in c.new.chunks:
+            piece = data[pos:pos + n]
+            pos += n
+            if cid in lacking and cid not in ids:
+                if content_id(piece) != cid:
+                    raise CorruptData(f"{_show(c.new)}: a rebuilt chunk does not match its id")
+                ids.append(cid)
+                datas.append(piece)
     if ids:
-        cache.store_chunks(ids, datas)  # type: ignore[arg-type]
+        cache.store_chunks(ids, datas)
     return sum(len(d) for d in datas)
 
 
@@ -146,27 +214,27 @@ def fill_by_deltas(client: ServerClient | None, root: bytes, cache: Store, plan:
     downloads what is still lacking as chunks."""
     stats = DeltaStats()
     missing = set(lacking)
-    cands = candidates(plan, current, missing) if client is not None else []
+    if client is None or not missing:
+        return stats
     try:
-        for batch in _batches(cands):
-            stats.asked += len(batch)
-            resp = client.request(  # type: ignore[union-attr]
-                "POST", "/api/v1/agent/layers/deltas",
-                json={"files": [{"old": c.old.content_hash.hex(),
-                                 "new": c.new.content_hash.hex(), "lacking": c.lacking}
-                                for c in batch]})
-            wanted = {(c.old.content_hash, c.new.content_hash): c for c in batch}
+        for batch in _requests(groups(candidates(plan, current, missing))):
+            stats.asked += sum(len(g) for g in batch)
+            resp = client.request("POST", "/api/v1/agent/layers/deltas", json={"groups": [
+                {"files": [{"old": c.old.content_hash.hex(), "new": c.new.content_hash.hex()}
+                           for c in g], "lacking": sum(c.lacking for c in g)} for g in batch]})
+            wanted = {(group_key([c.old.content_hash for c in g]),
+                       group_key([c.new.content_hash for c in g])): g for g in batch}
             for delta in read_deltas(resp.content):
-                cand = wanted.pop((delta.old_hash, delta.new_hash), None)
-                if cand is None:
+                group = wanted.pop((delta.old_key, delta.new_key), None)
+                if group is None:
                     continue  # not asked for: ignored
                 try:
-                    stats.bytes_saved += rebuild(root, cand, delta, cache, missing)
+                    stats.bytes_saved += rebuild(root, group, delta, cache, missing)
                 except CorruptData as exc:
-                    stats.failed.append(f"{cand.new.path.decode(errors='replace')}: {exc}")
+                    stats.failed.append(str(exc))
                     continue
-                missing.difference_update(cid for cid, _ in cand.new.chunks)
-                stats.rebuilt += 1
+                missing.difference_update(cid for c in group for cid, _ in c.new.chunks)
+                stats.rebuilt += len(group)
     except StrataError as exc:  # an older server, a refusal, a garbled batch: chunks
         stats.failed.append(f"deltas: {exc}")
     cache.flush()
@@ -199,10 +267,10 @@ def manifest_by_delta(client: ServerClient, layers_dir: Path, layer: DesiredLaye
         resp = client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/manifest-delta"
                                      f"?base={base}")
         for d in read_deltas(resp.content):
-            if d.old_hash != content_id(old):
+            if d.old_key != content_id(old):
                 return None
             new = decode(old, d.delta, d.new_size)
-            return new if content_id(new) == d.new_hash else None
+            return new if content_id(new) == d.new_key else None
     except StrataError:
         return None
     return None

@@ -145,20 +145,27 @@ class ChunkRequest(BaseModel):
     ids: list[str] = Field(max_length=MAX_IDS_PER_QUERY)
 
 
-MAX_DELTA_FILES = 1024  # files per delta request (their new sizes are bounded too)
+MAX_DELTA_FILES = 1024  # files per delta request (their sizes are bounded too)
 
 
-class DeltaWanted(BaseModel):
-    """One changed file of a layer update: the version the endpoint holds (its content
-    hash) and the one it needs, with how many bytes of the new file's chunks it lacks."""
+class DeltaPair(BaseModel):
+    """One changed file of a layer update: the content the endpoint holds (its content
+    hash) and the content it needs."""
 
     old: str = Field(min_length=64, max_length=64)
     new: str = Field(min_length=64, max_length=64)
+
+
+class DeltaGroup(BaseModel):
+    """Files that travel as one delta (strata.engine.delta), with how many bytes of their
+    new versions' chunks the endpoint lacks."""
+
+    files: list[DeltaPair] = Field(min_length=1, max_length=MAX_DELTA_FILES)
     lacking: int = Field(ge=0, le=INT64_MAX)
 
 
 class DeltaRequest(BaseModel):
-    files: list[DeltaWanted] = Field(max_length=MAX_DELTA_FILES)
+    groups: list[DeltaGroup] = Field(max_length=MAX_DELTA_FILES)
 
 
 class UpdateReport(BaseModel):

@@ -17,9 +17,9 @@ router = APIRouter(prefix=AGENT_API, tags=["agent"])
 @router.post("/layers/deltas")
 def file_deltas(body: DeltaRequest, ep: Endpoint = Depends(require_device),
                 ctx: ServerContext = Depends(get_ctx)) -> Response:
-    """Per changed file, a zstd delta from the version the endpoint holds, where one
-    pays; the files left out are fetched by chunks."""
-    return Response(content=deltas.file_deltas(ctx, ep, body.files),
+    """Per group of changed files, a zstd delta from the versions the endpoint holds,
+    where one pays; the groups left out are fetched by chunks."""
+    return Response(content=deltas.file_deltas(ctx, ep, body.groups),
                     media_type="application/x-strata-deltas")
 
 

@@ -1,13 +1,14 @@
-"""Deltas of the changed files of a layer update (strata.engine.delta). The endpoint names,
-per file, the content it holds and the content it needs; the server answers with a delta
-where one pays, and the endpoint fetches the rest by chunks.
+"""Deltas of the changed files of a layer update (strata.engine.delta). The endpoint names
+groups of files, per file the content it holds and the content it needs; the server
+answers with a delta per group where one pays, and the endpoint fetches the rest by
+chunks.
 
-Each (old content, new content) pair is computed once and kept in a stream cache (the
-same cache as the chunk streams', in its own directory): a thousand endpoints moving off
-the same old base cost one delta per changed file. An endpoint may name as old only
-content it holds (its own latest snapshot, or a layer its desired state names) and as new
-only content of its layers: a delta reveals where the new file matches the old, so it is
-only made against content the endpoint may read whole.
+Each group's delta is computed once and kept in a stream cache (the same cache as the
+chunk streams', in its own directory): a thousand endpoints moving off the same old base
+form the same groups and cost one computation each. An endpoint may name as old only
+content it holds (its own latest snapshot, the layers it last applied or is assigned) and
+as new only content of its layers: a delta reveals where the new files match the old, so
+it is only made against content the endpoint may read whole.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from prometheus_client import Counter
 from strata.engine.delta import (
     DELTA_LEVEL,
     MAX_DELTA_BYTES,
-    FileDelta,
+    GroupDelta,
     compressed_alone,
     encode,
+    group_key,
     pack_deltas,
     pays,
     worth_trying,
@@ -33,7 +35,7 @@ from strata.engine.delta import (
 from strata.errors import CorruptData, Forbidden, Invalid, NotFound, StrataError, TooLarge
 from strata.model.entry import EntryType
 from strata.model.ids import ID_LEN, content_id
-from strata.model.wire import DeltaWanted
+from strata.model.wire import MAX_DELTA_FILES, DeltaGroup
 from strata.server.catalog.models import Assignment, Endpoint, Layer
 from strata.server.context import ServerContext
 from strata.server.metrics import DELTA_CPU, DELTAS
@@ -45,7 +47,8 @@ MAX_BATCH_BYTES = MAX_DELTA_BYTES  # new bytes one request may ask deltas for
 _ALONE = struct.Struct("<Q")  # a cache entry: the new file's size compressed alone, delta
 _INDEXES = 8  # snapshots whose file index is kept (a fleet moves between a few bases)
 
-Files = dict[bytes, tuple[int, list[tuple[bytes, int]]]]  # content hash -> size, chunks
+File = tuple[int, list[tuple[bytes, int]]]  # a file's size and chunks
+Files = dict[bytes, File]  # content hash -> the file
 
 
 class DeltaService:
@@ -84,8 +87,7 @@ def _hash(text: str) -> bytes:
     return raw
 
 
-def _find(ctx: ServerContext, sids: list[str], h: bytes
-          ) -> tuple[int, list[tuple[bytes, int]]] | None:
+def _find(ctx: ServerContext, sids: list[str], h: bytes) -> File | None:
     for sid in sids:
         hit = ctx.deltas.files(ctx, sid).get(h)
         if hit is not None:
@@ -116,39 +118,46 @@ def _held(ctx: ServerContext, ep: Endpoint, layers: list[str]) -> list[str]:
                                *layers]))
 
 
-def file_deltas(ctx: ServerContext, ep: Endpoint, wanted: list[DeltaWanted]) -> bytes:
-    """A `pack_deltas` body: a delta for each named file where one pays, nothing for the
+def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> bytes:
+    """A `pack_deltas` body: a delta for each named group where one pays, nothing for the
     others (the agent fetches those by chunks)."""
-    pairs = [(_hash(w.old), _hash(w.new), w.lacking) for w in wanted]
+    if sum(len(g.files) for g in groups) > MAX_DELTA_FILES:
+        raise TooLarge(f"ask for deltas of at most {MAX_DELTA_FILES} files per request")
+    parsed = [([(_hash(f.old), _hash(f.new)) for f in g.files], g.lacking) for g in groups]
     layers = sorted(_allowed_snapshots(ctx, ep))
     held = _held(ctx, ep, layers)
     found = []
     total = 0
-    for old_hash, new_hash, lacking in pairs:
-        new = _find(ctx, layers, new_hash)
-        if new is None:
-            raise Forbidden("a requested file is not part of this endpoint's layers")
-        old = _find(ctx, held, old_hash)
-        if old is None:  # edited on the endpoint since its snapshot: chunks, and the
-            continue  # same answer whether or not anyone else holds that content
-        total += new[0]
+    for pairs, lacking in parsed:
+        files: list[tuple[bytes, File, bytes, File]] = []
+        for old_hash, new_hash in pairs:
+            new = _find(ctx, layers, new_hash)
+            if new is None:
+                raise Forbidden("a requested file is not part of this endpoint's layers")
+            old = _find(ctx, held, old_hash)
+            if old is not None:  # else edited on the endpoint since its snapshot: the
+                files.append((old_hash, old, new_hash, new))  # same answer whoever holds it
+        total += sum(f[3][0] for f in files)
         if total > MAX_BATCH_BYTES:
             raise TooLarge(f"ask for deltas of at most {MAX_BATCH_BYTES} bytes of files "
                            "per request")
-        found.append((old_hash, old, new_hash, new, lacking))
+        if len(files) == len(pairs):  # a group the endpoint holds every old file of
+            found.append((files, lacking))
     out = []
-    for old_hash, old, new_hash, new, lacking in found:
-        if not worth_trying(old[0], new[0], lacking) or old_hash == new_hash:
+    for files, lacking in found:
+        old_size, new_size = sum(f[1][0] for f in files), sum(f[3][0] for f in files)
+        if not worth_trying(old_size, new_size, lacking):
             continue
-        entry = _cached_delta(ctx, old_hash, old[1], new_hash, new[1])
+        entry = _cached_delta(ctx, files)
         if entry is None:
             continue
         alone, delta = entry
-        if pays(len(delta), alone, new[0], lacking):
-            DELTAS.labels("sent").inc()
-            out.append(FileDelta(old_hash, new_hash, new[0], delta))
+        if pays(len(delta), alone, new_size, lacking):
+            DELTAS.labels("sent").inc(len(files))
+            out.append(GroupDelta(group_key([f[0] for f in files]),
+                                  group_key([f[2] for f in files]), new_size, delta))
         else:
-            DELTAS.labels("does-not-pay").inc()
+            DELTAS.labels("does-not-pay").inc(len(files))
     return pack_deltas(out)
 
 
@@ -179,25 +188,25 @@ def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> byt
     if not pays(len(delta), alone, len(new), len(new)):
         return pack_deltas([])
     DELTAS.labels("manifest").inc()
-    return pack_deltas([FileDelta(old_hash, new_hash, len(new), delta)])
+    return pack_deltas([GroupDelta(old_hash, new_hash, len(new), delta)])
 
 
-def _cached_delta(ctx: ServerContext, old_hash: bytes, old_chunks: list[tuple[bytes, int]],
-                  new_hash: bytes, new_chunks: list[tuple[bytes, int]]
+def _cached_delta(ctx: ServerContext, files: list[tuple[bytes, File, bytes, File]]
                   ) -> tuple[int, bytes] | None:
-    """(the new file compressed alone, the delta), made once per pair; None if the
-    store cannot give back either version (the file then goes by chunks, whose own
-    read reports the damage)."""
+    """(the group's new files compressed alone, the delta), made once per group; None if
+    the store cannot give back a version (the files then go by chunks, whose own read
+    reports the damage)."""
     def make() -> bytes:
         started = time.thread_time()
-        old = _content(ctx, old_hash, old_chunks)
-        new = _content(ctx, new_hash, new_chunks)
+        old = b"".join(_content(ctx, h, f[1]) for h, f, _, _ in files)
+        new = b"".join(_content(ctx, h, f[1]) for _, _, h, f in files)
         body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
         DELTA_CPU.inc(time.thread_time() - started)
         return body
 
+    ids = [h for old_hash, _, new_hash, _ in files for h in (old_hash, new_hash)]
     try:
-        body = ctx.deltas.cache.get_or_make(DELTA_LEVEL, [old_hash, new_hash], make)
+        body = ctx.deltas.cache.get_or_make(DELTA_LEVEL, ids, make)
     except StrataError:
         return None
     (alone,) = _ALONE.unpack_from(body)
