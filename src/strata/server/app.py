@@ -35,6 +35,7 @@ from strata.server.deps import client_ip, label_permissions
 from strata.server.maintenance import upkeep_threads
 from strata.server.routes import (
     agent,
+    agent_deltas,
     agent_layers,
     agent_sync,
     audit,
@@ -92,7 +93,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.metrics_digest = digest(read_token_file(metrics_token_path))
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
                    collections, compliance, operations, audit, signing, snapshot_files,
-                   users, maintenance):
+                   users, maintenance, agent_deltas):
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
