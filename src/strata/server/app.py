@@ -23,7 +23,9 @@ from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
 from strata.server.context import ServerContext, ServerSettings
+from strata.server.holdings import Holdings
 from strata.server.maintenance import upkeep_threads
+from strata.server.possession import NonceMinter
 from strata.server.routes import (
     agent,
     agent_layers,
@@ -56,7 +58,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                               s3_endpoint_url=settings.s3_endpoint_url,
                               s3_region=settings.s3_region)
     ctx = ServerContext(settings=settings, store=store, db=sessions,
-                        streams=StreamCache(settings.data_dir / "cache" / "streams"))
+                        streams=StreamCache(settings.data_dir / "cache" / "streams"),
+                        holdings=Holdings(settings.data_dir / "holdings.sqlite"),
+                        possession=NonceMinter(settings.data_dir / "possession.key"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +73,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         for t in threads:
             t.join(timeout=10)  # the last visits reach the catalog
         ctx.store.close()
+        ctx.holdings.close()
 
     app = FastAPI(title="Strata server", version=__version__, lifespan=lifespan,
                   openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs")
@@ -87,7 +92,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:
         # Services refuse with StrataError subclasses (NotFound, Conflict, Invalid, ...):
         # this is the one place that turns them into HTTP answers.
-        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
+        retry = getattr(exc, "retry_after", None)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status,
+                            headers={"Retry-After": str(retry)} if retry else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:

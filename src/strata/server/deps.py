@@ -3,13 +3,18 @@ device), and reading a bounded request body."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+import logging
 
-from strata.errors import TooLarge
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from starlette.requests import ClientDisconnect
+
+from strata.errors import StrataError, TooLarge
 from strata.server.auth import same_secret
 from strata.server.catalog.models import Endpoint
 from strata.server.context import ServerContext
 from strata.server.services.credentials import device_for_credential
+
+log = logging.getLogger("strata.server")
 
 ADMIN_API = "/api/v1/admin"
 AGENT_API = "/api/v1/agent"
@@ -70,15 +75,28 @@ def signing_required(request: Request) -> None:
         raise HTTPException(409, NO_SIGNING)
 
 
+class ClientGone(StrataError):
+    """The client closed the connection mid-request (nobody reads the answer)."""
+
+    http_status = 400
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused (413) as soon as it passes `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"body larger than {limit} bytes")
     parts, size = [], 0
-    async for piece in request.stream():
-        size += len(piece)
-        if size > limit:
-            raise TooLarge(f"body larger than {limit} bytes")
-        parts.append(piece)
+    try:
+        async for piece in request.stream():
+            size += len(piece)
+            if size > limit:
+                raise TooLarge(f"body larger than {limit} bytes")
+            parts.append(piece)
+    except ClientDisconnect:
+        # Routine (a laptop closed, a network change): one line, not a traceback.
+        client = request.client.host if request.client else "?"
+        log.warning("client %s went away during %s after %d bytes", client, request.url.path,
+                 size)
+        raise ClientGone("the client disconnected before its request was complete") from None
     return b"".join(parts)

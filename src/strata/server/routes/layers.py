@@ -29,7 +29,7 @@ router = admin_router("layers")
 @router.post("/chunks/missing", response_model=MissingResponse)
 def admin_missing(body: MissingRequest, ctx: ServerContext = Depends(get_ctx)) -> MissingResponse:
     """Which chunks of a tree the admin is capturing the server lacks."""
-    return MissingResponse(missing=sync.missing(ctx, layers.ADMIN_UPLOADS, body.ids))
+    return MissingResponse(missing=sync.missing_for_admin(ctx, layers.ADMIN_UPLOADS, body.ids))
 
 
 @router.post("/chunks", response_model=UploadResponse,
