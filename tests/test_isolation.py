@@ -24,6 +24,7 @@ from strata.model.transfer import BundleWriter
 from strata.server.app import create_app
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.holdings import COMMON_HOLDERS
+from strata.server.maintenance import run_maintenance
 from strata.server.rate_limit import ConcurrencyLimit, RateLimiter, TooManyRequests
 from strata.store.crypto import PlainCipher
 from strata.store.pack import BlobCodec
@@ -232,3 +233,21 @@ def test_a_commit_naming_another_endpoints_chunk_as_its_manifest_reads_as_missin
             "manifest": [(content_id(guess).hex(), len(guess))],
             "manifest_id": content_id(guess).hex()})
         assert resp.status_code == 409 and resp.json()["missing"] == [content_id(guess).hex()]
+
+
+def test_holdings_follow_retention_and_prune(server):
+    """When B's retention drops its snapshot and prune the chunk, nobody holds it any
+    more: A uploading the same bytes later stores them afresh, and B must send them again."""
+    alice, bob = Device(server, "alice"), Device(server, "bob")
+    bobs = secret(30)
+    bob.upload(bobs)
+    assert bob.commit({"home/bob/x": bobs}).status_code == 200
+    server.ctx.end_upload(bob.id)
+    store = server.ctx.store
+    for sid in store.snapshot_ids():  # what retention does to an expired snapshot
+        store.remove_snapshot(sid)
+    summary = run_maintenance(server.ctx)
+    assert summary["prune"]["holdings_forgotten"] >= 1, summary
+    assert store.missing_chunks([content_id(bobs)]) == [content_id(bobs)]
+    assert bob.missing(bobs)["missing"] == [content_id(bobs).hex()]
+    assert alice.upload(bobs)["stored"] == 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from strata.layers.rules import LayerRules, PathClass
@@ -30,6 +30,7 @@ CREATE INDEX IF NOT EXISTS held_by_endpoint ON held(eid);
 CREATE TABLE IF NOT EXISTS shared (chunk BLOB PRIMARY KEY) WITHOUT ROWID;
 """
 _BATCH = 500  # ids per IN (...) query
+_SWEEP_BATCH = 5000
 # Held by this many endpoints, a chunk is no one endpoint's secret (an OS file of a fleet
 # without layers); an attacker needs this many minus one colluding endpoints to probe.
 COMMON_HOLDERS = 3
@@ -117,23 +118,26 @@ class Holdings:
                     f"SELECT chunk FROM shared WHERE chunk IN ({marks})", part))
         return held, shared
 
-    def forget_endpoint(self, endpoint: str) -> None:
-        """A deleted endpoint holds nothing any more."""
-        with self._lock:
-            row = self.db.execute("SELECT eid FROM holders WHERE endpoint=?",
-                                  (endpoint,)).fetchone()
-            if row is not None:
-                self.db.execute("DELETE FROM held WHERE eid=?", (row[0],))
-
-    def drop_chunks(self, ids: Iterable[bytes]) -> None:
-        """Chunks a prune removed from the store: nobody holds them on the server now."""
-        with self._lock:
-            self.db.execute("BEGIN")
-            try:
-                for cid in ids:
-                    self.db.execute("DELETE FROM held WHERE chunk=?", (cid,))
-                    self.db.execute("DELETE FROM shared WHERE chunk=?", (cid,))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+    def sweep(self, present: Callable[[list[bytes]], set[bytes]]) -> int:
+        """After a prune: forget chunks the store no longer holds (`present` tells which
+        of a batch it does). Rows only ever count for chunks the store holds, so this
+        keeps the table to the store's size; it is not needed for correctness."""
+        dropped = 0
+        for table in ("held", "shared"):
+            after = b""
+            while True:
+                with self._lock:
+                    batch = [r[0] for r in self.db.execute(
+                        f"SELECT DISTINCT chunk FROM {table} WHERE chunk > ? ORDER BY chunk "
+                        "LIMIT ?", (after, _SWEEP_BATCH))]
+                if not batch:
+                    break
+                after = batch[-1]
+                held = present(batch)
+                gone = [c for c in batch if c not in held]
+                if gone:
+                    with self._lock:
+                        self.db.executemany(f"DELETE FROM {table} WHERE chunk = ?",
+                                            ((c,) for c in gone))
+                    dropped += len(gone)
+        return dropped

@@ -423,6 +423,11 @@ class Store:
         decode_payload(cid, payload, loc.raw_length)
         return payload, loc.raw_length
 
+    def present(self, ids: list[bytes]) -> set[bytes]:
+        """Which of `ids` the store holds."""
+        with self._lock:
+            return self.index.present(ids)
+
     def raw_sizes(self, ids: Iterable[bytes]) -> dict[bytes, int]:
         """The raw length of each of `ids` the store holds, from the index alone: what
         reading them would cost, known before any is read."""
