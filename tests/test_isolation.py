@@ -23,7 +23,7 @@ from strata.model.possession import proof
 from strata.model.transfer import BundleWriter
 from strata.server.app import create_app
 from strata.server.context import ServerContext, ServerSettings
-from strata.server.holdings import COMMON_HOLDERS
+from strata.server.holdings import COMMON_HOLDERS, Holdings
 from strata.server.maintenance import run_maintenance
 from strata.server.rate_limit import ConcurrencyLimit, RateLimiter, TooManyRequests
 from strata.store.crypto import PlainCipher
@@ -251,3 +251,21 @@ def test_holdings_follow_retention_and_prune(server):
     assert store.missing_chunks([content_id(bobs)]) == [content_id(bobs)]
     assert bob.missing(bobs)["missing"] == [content_id(bobs).hex()]
     assert alice.upload(bobs)["stored"] == 1
+
+
+def test_an_upgraded_server_counts_an_endpoints_head_snapshot_as_held(server):
+    """Snapshots committed before holdings existed: their endpoint still holds their
+    chunks (its next incremental commit is not refused), others still do not."""
+    alice, bob = Device(server, "alice"), Device(server, "bob")
+    data = secret(40)
+    alice.upload(data)
+    assert alice.commit({"home/alice/x": data}).status_code == 200
+    ctx: ServerContext = server.ctx
+    ctx.holdings.close()  # the server before holdings: none recorded
+    (Path(ctx.settings.data_dir) / "holdings.sqlite").unlink()
+    for extra in ("-wal", "-shm"):
+        (Path(ctx.settings.data_dir) / f"holdings.sqlite{extra}").unlink(missing_ok=True)
+    ctx.holdings = Holdings(Path(ctx.settings.data_dir) / "holdings.sqlite")
+    assert alice.missing(data)["missing"] == []
+    assert alice.commit({"home/alice/x": data, "home/alice/y": data}).status_code == 200
+    assert bob.missing(data)["missing"] == [content_id(data).hex()]

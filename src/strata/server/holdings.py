@@ -28,6 +28,8 @@ CREATE TABLE IF NOT EXISTS held (
     chunk BLOB NOT NULL, eid INTEGER NOT NULL, PRIMARY KEY (chunk, eid)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS held_by_endpoint ON held(eid);
 CREATE TABLE IF NOT EXISTS shared (chunk BLOB PRIMARY KEY) WITHOUT ROWID;
+-- endpoints whose snapshots from before this table existed have been taken in
+CREATE TABLE IF NOT EXISTS seeded (endpoint TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 _BATCH = 500  # ids per IN (...) query
 _SWEEP_BATCH = 5000
@@ -59,6 +61,7 @@ class Holdings:
         self.db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._eids: dict[str, int] = {}
+        self._seeded: set[str] = set()
 
     def close(self) -> None:
         self.db.close()
@@ -84,6 +87,21 @@ class Holdings:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+
+    def seed_once(self, endpoint: str, load: Callable[[], Iterable[bytes]]) -> None:
+        """Record what `load()` returns for `endpoint`, once ever: the chunks of the
+        snapshot it had when holdings began (upgraded servers)."""
+        if endpoint in self._seeded:
+            return
+        with self._lock:
+            done = self.db.execute("SELECT 1 FROM seeded WHERE endpoint=?",
+                                   (endpoint,)).fetchone()
+        if not done:
+            self.record(endpoint, load())
+            with self._lock:
+                self.db.execute("INSERT OR IGNORE INTO seeded(endpoint) VALUES (?)",
+                                (endpoint,))
+        self._seeded.add(endpoint)
 
     def share(self, ids: Iterable[bytes]) -> None:
         """Any endpoint may learn that the server holds these (IT and software content)."""

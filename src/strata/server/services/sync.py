@@ -51,10 +51,18 @@ def _layer_chunks(ctx: ServerContext, ep: Endpoint) -> list[frozenset[bytes]]:
     return [ctx.snapshot_chunks(sid) for sid in sorted(allowed_snapshots(ctx, ep))]
 
 
+def _head_chunks(ctx: ServerContext, ep: Endpoint) -> frozenset[bytes]:
+    """The chunks of the endpoint's head snapshot: what it holds from before the server
+    kept holdings (an upgraded server), so that its next commit is not refused."""
+    head, _ = snapshots.cached_head(ctx, ep.id)
+    return ctx.snapshot_chunks(head) if head else frozenset()
+
+
 def possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
                ) -> tuple[set[bytes], set[bytes]]:
     """Of `ids` (distinct): those the endpoint holds (its uploads, proofs, snapshots,
     layers) and those it may be told the server holds (shared) but must prove first."""
+    ctx.holdings.seed_once(ep.id, lambda: _head_chunks(ctx, ep))
     held, shared = ctx.holdings.view(ep.id, ids)
     rest = [c for c in ids if c not in held]
     if rest:
