@@ -15,11 +15,13 @@ from pydantic import ValidationError
 
 from server_fixtures import Agent, Server, centralized, file_map, wait_for, write_random
 from strata.agent.client import MalformedAnswer, parse_answer
+from strata.agent.remote_source import RemoteSource
+from strata.errors import CorruptData
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import encode_manifest
 from strata.model.transfer import BundleWriter
-from strata.model.wire import CheckinResponse, DesiredLayer
+from strata.model.wire import CheckinResponse, DesiredLayer, EnrollResponse
 from strata.server.services.manifests import MAX_MANIFEST_BYTES
 from strata.server.stream_cache import StreamCache
 from test_isolation import API, CODEC, Device, secret, server  # noqa: F401 -- fixture
@@ -154,6 +156,20 @@ def test_a_server_chosen_layer_snapshot_never_names_a_path():
             DesiredLayer(id=1, kind="base", name="os", version="1", snapshot=sid)
     good = "0" * 64
     assert DesiredLayer(id=1, kind="base", name="os", version="1", snapshot=good).snapshot
+
+
+def test_a_server_chosen_endpoint_id_or_snapshot_header_never_names_a_path():
+    with pytest.raises(ValidationError):
+        EnrollResponse(endpoint_id="../../trust/root", credential="c", state="active")
+    assert EnrollResponse(endpoint_id="0b1e5c1a-7f0e-4c1d-9d0b-4a5e2f6b7c8d",
+                          credential="c", state="active")
+
+    class Answering:
+        def request(self, method: str, path: str, **_: object) -> httpx.Response:
+            return httpx.Response(200, content=b"m",
+                                  headers={"X-Strata-Snapshot": "../../admin/x"})
+    with pytest.raises(CorruptData, match="other than an id"):
+        RemoteSource(Answering()).snapshot("latest")  # type: ignore[arg-type]
 
 
 def test_the_agent_refuses_a_malformed_answer_with_one_line():

@@ -59,8 +59,9 @@ class EnrollRequest(BaseModel):
 
 
 class EnrollResponse(BaseModel):
-    endpoint_id: str
-    credential: str
+    # It names signed targets and files on the agent: an id, never a path.
+    endpoint_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+    credential: str = Field(max_length=512)
     state: str  # active or pending (waiting for an admin's approval)
 
 
