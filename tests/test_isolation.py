@@ -207,6 +207,12 @@ def test_queries_are_rate_limited_per_endpoint(server):
     assert resp.status_code == 429 and int(resp.headers["Retry-After"]) >= 50
     assert "too many chunk queries" in resp.json()["detail"]
     assert len(bob.missing(*guesses)["missing"]) == 100  # another endpoint's own budget
+    for _ in range(3):  # refused again and again: audited once
+        assert alice.http.post(f"{API}/chunks/missing", json={
+            "ids": [content_id(g).hex() for g in guesses]}).status_code == 429
+    log = server.admin.get("/api/v1/admin/audit").json()
+    assert [e["actor"] for e in log if e["action"] == "rate-limited"] == [
+        f"endpoint:{alice.id}"]
 
 
 def test_uploads_in_flight_are_capped_per_endpoint():

@@ -11,14 +11,17 @@ from collections.abc import Callable, Iterator
 
 from strata.errors import StrataError
 
+REPORT_SECONDS = 600.0  # a key refused again within this is not reported again
+
 
 class TooManyRequests(StrataError):
     """The endpoint asks faster than its limit: it waits and retries."""
 
     http_status = 429
 
-    def __init__(self, message: str, retry_after: float):
+    def __init__(self, message: str, retry_after: float, first: bool = True):
         self.retry_after = max(1, int(retry_after + 0.999))
+        self.first = first  # the first refusal of this key in a while: worth an audit entry
         super().__init__(message)
 
 
@@ -28,6 +31,7 @@ class RateLimiter:
     def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
         self.rate, self.burst, self.clock = rate, burst, clock
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._refused: dict[str, float] = {}  # key -> when it was last refused
         self._lock = threading.Lock()
 
     def take(self, key: str, amount: float, what: str) -> None:
@@ -38,8 +42,12 @@ class RateLimiter:
             tokens = min(self.burst, tokens + (now - at) * self.rate)
             if amount > tokens:
                 self._buckets[key] = (tokens, now)
+                first = now - self._refused.get(key, -REPORT_SECONDS) >= REPORT_SECONDS
+                self._refused[key] = now
+                if len(self._refused) > 100_000:
+                    self._refused.clear()
                 raise TooManyRequests(f"too many {what}: slow down",
-                                      (amount - tokens) / self.rate)
+                                      (amount - tokens) / self.rate, first)
             self._buckets[key] = (tokens - amount, now)
             if len(self._buckets) > 100_000:  # forget full buckets (idle endpoints)
                 self._buckets = {k: v for k, v in self._buckets.items()

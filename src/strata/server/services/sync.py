@@ -24,6 +24,7 @@ from strata.server import metrics
 from strata.server.catalog.models import Assignment, Endpoint, SnapshotRecord, Transaction
 from strata.server.context import ServerContext
 from strata.server.holdings import shareable_path
+from strata.server.rate_limit import TooManyRequests
 from strata.server.services import audit, snapshots
 from strata.server.services.facts import endpoint_family
 from strata.server.services.layer_downloads import MAX_STREAM_BYTES, allowed_snapshots
@@ -71,12 +72,23 @@ def possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
     return held, shared - held
 
 
+def _take_queries(ctx: ServerContext, ep: Endpoint, count: int) -> None:
+    """Spend the endpoint's budget of chunk queries; a refusal is audited (once a while)."""
+    try:
+        ctx.id_queries.take(ep.id, count, "chunk queries")
+    except TooManyRequests as exc:
+        if exc.first:
+            audit.record(ctx, f"endpoint:{ep.id}", "rate-limited", "chunk queries",
+                         asked=count)
+        raise
+
+
 def missing(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> MissingResponse:
     """The endpoint's view of which chunks the server lacks: a chunk held only by other
     endpoints' private data is reported missing exactly like one nobody holds; a shared
     one is to be proven (a keyed hash, not the bytes)."""
     ids = list(dict.fromkeys(parse_chunk_ids(hex_ids)))
-    ctx.id_queries.take(ep.id, len(ids), "chunk queries")
+    _take_queries(ctx, ep, len(ids))
     ctx.touch_upload(ep.id)
     absent = set(ctx.store.missing_chunks(ids))
     held, shared = possession(ctx, ep, [c for c in ids if c not in absent])
@@ -91,7 +103,7 @@ def prove(ctx: ServerContext, ep: Endpoint, req: ProveRequest) -> ProveResponse:
     A refused proof (wrong, or not a shared chunk) only means: upload the bytes."""
     ctx.possession.check(ep.id, req.nonce)
     claims = dict((bytes.fromhex(c), bytes.fromhex(p)) for c, p in req.proofs)
-    ctx.id_queries.take(ep.id, len(claims), "chunk queries")
+    _take_queries(ctx, ep, len(claims))
     ctx.touch_upload(ep.id)
     sizes = ctx.store.raw_sizes(claims)
     if sum(sizes.values()) > MAX_PROOF_BYTES:
