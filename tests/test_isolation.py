@@ -22,10 +22,12 @@ from strata.model.manifest import encode_manifest
 from strata.model.possession import proof
 from strata.model.transfer import BundleWriter
 from strata.server.app import create_app
+from strata.server.catalog.models import Assignment
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.holdings import COMMON_HOLDERS, Holdings
 from strata.server.maintenance import run_maintenance
 from strata.server.rate_limit import ConcurrencyLimit, RateLimiter, TooManyRequests
+from strata.server.services.layers import save_layer
 from strata.store.crypto import PlainCipher
 from strata.store.pack import BlobCodec
 
@@ -275,3 +277,24 @@ def test_an_upgraded_server_counts_an_endpoints_head_snapshot_as_held(server):
     assert alice.missing(data)["missing"] == []
     assert alice.commit({"home/alice/x": data, "home/alice/y": data}).status_code == 200
     assert bob.missing(data)["missing"] == [content_id(data).hex()]
+
+
+def test_chunks_of_an_assigned_layer_are_held_without_sending_or_proving(server):
+    """An endpoint may download its assigned layers, so it holds their chunks: its first
+    snapshot after the update sends none of them; another endpoint must prove them."""
+    ctx: ServerContext = server.ctx
+    assigned, other = Device(server, "assigned"), Device(server, "other")
+    lib = secret(50, 100_000)
+    ctx.store.store_chunks([content_id(lib)], [lib])
+    ctx.store.flush()
+    entry = Entry(path=b"usr/lib/libcorp.so", type=EntryType.FILE, size=len(lib),
+                  chunks=[(content_id(lib), len(lib))])
+    with ctx.write() as db:
+        layer = save_layer(ctx, db, kind="base", name="corp", version="1", entries=[entry],
+                           family="linux")
+        db.add(Assignment(endpoint_id=assigned.id, base_id=layer.id))
+    ctx.invalidate()
+    assert assigned.missing(lib) == {"missing": [], "prove": [], "nonce": ""}
+    assert assigned.commit({"usr/lib/libcorp.so": lib}).status_code == 200
+    assert other.missing(lib)["prove"] == [content_id(lib).hex()]  # IT content: shared
+    assert other.commit({"usr/lib/libcorp.so": lib}).status_code == 409

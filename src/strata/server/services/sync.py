@@ -63,13 +63,22 @@ def possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
                ) -> tuple[set[bytes], set[bytes]]:
     """Of `ids` (distinct): those the endpoint holds (its uploads, proofs, snapshots,
     layers) and those it may be told the server holds (shared) but must prove first."""
+    recorded, through_layers, shared = _possession(ctx, ep, ids)
+    held = recorded | through_layers
+    return held, shared - held
+
+
+def _possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
+                ) -> tuple[set[bytes], set[bytes], set[bytes]]:
+    """`possession`, with what the holdings record apart from what the layers add."""
     ctx.holdings.seed_once(ep.id, lambda: _head_chunks(ctx, ep))
-    held, shared = ctx.holdings.view(ep.id, ids)
-    rest = [c for c in ids if c not in held]
+    recorded, shared = ctx.holdings.view(ep.id, ids)
+    through_layers: set[bytes] = set()
+    rest = [c for c in ids if c not in recorded]
     if rest:
         for chunks in _layer_chunks(ctx, ep):
-            held.update(c for c in rest if c in chunks)
-    return held, shared - held
+            through_layers.update(c for c in rest if c in chunks)
+    return recorded, through_layers, shared
 
 
 def _take_queries(ctx: ServerContext, ep: Endpoint, count: int) -> None:
@@ -184,8 +193,8 @@ def commit(ctx: ServerContext, ep: Endpoint, req: CommitRequest) -> str:
     except CorruptData as exc:
         raise Invalid(f"commit rejected: {exc}") from None
     referenced = list(verified.referenced)
-    held, _ = possession(ctx, ep, referenced)
-    unproven = [c for c in referenced if c not in held]
+    recorded, through_layers, _ = _possession(ctx, ep, referenced)
+    unproven = [c for c in referenced if c not in recorded and c not in through_layers]
     if unproven:
         if ctx.store.raw_sizes(unproven):  # named chunks the server holds for others
             audit.record(ctx, f"endpoint:{ep.id}", "possession-refused",
@@ -202,7 +211,8 @@ def commit(ctx: ServerContext, ep: Endpoint, req: CommitRequest) -> str:
         sid = ctx.store.commit_snapshot(snap, verified.referenced)
     except CorruptData as exc:
         raise Invalid(f"commit rejected: {exc}") from None
-    ctx.holdings.record(ep.id, referenced)  # a later snapshot may name them again
+    # A later snapshot may name them again (after a layer that held them is gone, say).
+    ctx.holdings.record(ep.id, [c for c in referenced if c not in recorded])
     ctx.holdings.share(verified.shareable)
     _record_commit(ctx, ep, req, sid, snap.datetime)
     ctx.end_upload(ep.id)
