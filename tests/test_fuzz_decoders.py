@@ -1,7 +1,7 @@
 """Property-based fuzzing of what parses bytes from the network: chunk bundles, chunk
-streams, manifests, and the commit and upload routes. Whatever the input, a decoder
-either succeeds or raises CorruptData (never another exception, never a hang), and a
-route answers 2xx or 4xx, never a 500."""
+streams, manifests, proofs of possession, and the commit and upload routes. Whatever the
+input, a decoder either succeeds or raises CorruptData (never another exception, never a
+hang), and a route answers 2xx or 4xx, never a 500."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from strata.errors import CorruptData
 from strata.model.ids import content_id
 from strata.model.manifest import FORMAT, decode_manifest
+from strata.model.possession import MAGIC as MAGIC_PROOFS
+from strata.model.possession import decode_proofs, encode_proofs
 from strata.model.transfer import MAGIC, STREAM_MAGIC, read_bundle, read_stream
 from strata.server.app import create_app
 from strata.server.context import ServerSettings
@@ -82,6 +84,25 @@ def test_stream_decoder_bounds_a_decompression_bomb():
     bomb = STREAM_MAGIC + zstandard.ZstdCompressor(level=1).compress(b"\0" * (300 << 20))
     with pytest.raises(CorruptData, match="too large"):
         list(read_stream(bomb))
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=200),
+                 st.builds(lambda n, nonce, recs: MAGIC_PROOFS + bytes([n % 256]) + nonce + recs,
+                           st.integers(0, 300), st.binary(max_size=140),
+                           st.binary(max_size=200))))
+def test_proof_decoder_only_raises_corrupt_data(data):
+    try:
+        nonce, claims = decode_proofs(data)
+    except CorruptData:
+        return
+    assert isinstance(nonce, str) and all(len(c) == 32 and len(p) == 16
+                                          for c, p in claims.items())
+
+
+def test_proofs_round_trip():
+    claims = [(bytes([i]) * 32, bytes([i]) * 16) for i in range(3)]
+    assert decode_proofs(encode_proofs("ab12", claims)) == ("ab12", dict(claims))
 
 
 entry_records = st.lists(values, min_size=17, max_size=17)

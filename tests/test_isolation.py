@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import encode_manifest
-from strata.model.possession import proof
+from strata.model.possession import encode_proofs, proof
 from strata.model.transfer import BundleWriter
 from strata.server.app import create_app
 from strata.server.catalog.models import Assignment
@@ -72,9 +72,8 @@ class Device:
         return resp.json()
 
     def prove(self, nonce: str, *chunks: bytes, lie: bool = False) -> dict:
-        proofs = [(content_id(c).hex(), proof(nonce, c + (b"x" if lie else b"")).hex())
-                  for c in chunks]
-        resp = self.http.post(f"{API}/chunks/prove", json={"nonce": nonce, "proofs": proofs})
+        proofs = [(content_id(c), proof(nonce, c + (b"x" if lie else b""))) for c in chunks]
+        resp = self.http.post(f"{API}/chunks/prove", content=encode_proofs(nonce, proofs))
         assert resp.status_code == 200, resp.text
         return resp.json()
 
@@ -165,10 +164,10 @@ def test_software_chunks_are_proven_by_a_keyed_hash_not_sent(server):
     theirs = first.missing(secret(8))  # first holds nothing to prove: mint one for it
     other_nonce = server.ctx.possession.mint(first.id)
     assert theirs["nonce"] == ""
-    resp = second.http.post(f"{API}/chunks/prove", json={
-        "nonce": other_nonce, "proofs": [(content_id(libc).hex(),
-                                          proof(other_nonce, libc).hex())]})
+    resp = second.http.post(f"{API}/chunks/prove", content=encode_proofs(
+        other_nonce, [(content_id(libc), proof(other_nonce, libc))]))
     assert resp.status_code == 422
+    assert second.http.post(f"{API}/chunks/prove", content=b"STRPROV1\xff").status_code == 422
     # The right proof: held from now on, and the commit goes through.
     assert second.prove(answer["nonce"], libc) == {"accepted": 1, "refused": []}
     assert second.missing(libc) == {"missing": [], "prove": [], "nonce": ""}

@@ -12,11 +12,10 @@ from typing import Any
 
 from strata.agent.client import ServerClient, parse_answer
 from strata.engine.filechunks import ChunkStore
-from strata.model.possession import proof
+from strata.model.possession import MAX_PROOFS, encode_proofs, proof
 from strata.model.transfer import BundleWriter
 from strata.model.wire import (
     MAX_IDS_PER_QUERY,
-    MAX_PROOFS_PER_REQUEST,
     ChunkerSpec,
     MissingResponse,
     ProveResponse,
@@ -78,15 +77,14 @@ class RemoteSink(ChunkStore):
         """Prove possession of these (id, nonce, raw bytes) with keyed hashes instead of
         sending them; return those the server refused (to be uploaded instead)."""
         refused: set[bytes] = set()
-        for i in range(0, len(chunks), MAX_PROOFS_PER_REQUEST):
-            part = chunks[i:i + MAX_PROOFS_PER_REQUEST]
+        for i in range(0, len(chunks), MAX_PROOFS):
+            part = chunks[i:i + MAX_PROOFS]
             by_nonce: dict[str, list[tuple[bytes, bytes | memoryview]]] = {}
             for cid, nonce, data in part:
                 by_nonce.setdefault(nonce, []).append((cid, data))
             for nonce, items in by_nonce.items():
-                body = {"nonce": nonce,
-                        "proofs": [(c.hex(), proof(nonce, d).hex()) for c, d in items]}
-                resp = self.client.request("POST", f"{self.api}/chunks/prove", json=body)
+                body = encode_proofs(nonce, [(c, proof(nonce, d)) for c, d in items])
+                resp = self.client.request("POST", f"{self.api}/chunks/prove", content=body)
                 answer = parse_answer(resp, ProveResponse)
                 refused.update(bytes.fromhex(h) for h in answer.refused)
                 self.chunks_proven += answer.accepted

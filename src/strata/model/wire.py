@@ -12,11 +12,9 @@ from strata.model.ids import is_hex_id
 from strata.model.update import UpdateState
 
 MAX_IDS_PER_QUERY = 10_000
-MAX_PROOFS_PER_REQUEST = 4_096  # each costs the server a chunk read and a hash
 # A store object's id (chunk, snapshot, manifest) as it crosses the wire: checked before
 # any of them names a file or a URL on either side.
 HexId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-ProofHex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]  # possession.py
 MAX_CHUNK_LENGTH = 1 << 30  # a manifest chunk's length as listed (the store caps it lower)
 ManifestChunk = tuple[HexId, Annotated[int, Field(gt=0, le=MAX_CHUNK_LENGTH)]]
 ShortText = Annotated[str, StringConstraints(max_length=255)]
@@ -121,11 +119,6 @@ class MissingResponse(BaseModel):
     # prove each with a keyed hash under `nonce` (model/possession.py), or upload it.
     prove: list[str] = Field(default_factory=list)
     nonce: str = ""
-
-
-class ProveRequest(BaseModel):
-    nonce: str = Field(max_length=128)
-    proofs: list[tuple[HexId, ProofHex]] = Field(max_length=MAX_PROOFS_PER_REQUEST)
 
 
 class ProveResponse(BaseModel):

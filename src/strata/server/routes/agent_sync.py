@@ -8,13 +8,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from strata.errors import MissingChunks
+from strata.model.possession import MAX_PROOFS
 from strata.model.wire import (
     ChunkRequest,
     CommitRequest,
     CommitResponse,
     MissingRequest,
     MissingResponse,
-    ProveRequest,
     ProveResponse,
     RestoreReport,
     SnapshotSummary,
@@ -27,6 +27,7 @@ from strata.server.services import sync
 
 router = APIRouter(prefix=AGENT_API, tags=["agent"])
 MAX_MISSING_LISTED = 10_000  # in a refused commit's answer
+PROOF_BODY_LIMIT = 256 + 48 * MAX_PROOFS
 
 
 @router.post("/chunks/missing", response_model=MissingResponse,
@@ -38,11 +39,14 @@ def missing(body: MissingRequest, ep: Endpoint = Depends(require_device),
     return sync.missing(ctx, ep, body.ids)
 
 
-@router.post("/chunks/prove", response_model=ProveResponse)
-def prove(body: ProveRequest, ep: Endpoint = Depends(require_device),
-          ctx: ServerContext = Depends(get_ctx)) -> ProveResponse:
-    """Keyed hashes of chunks the server asked this endpoint to prove it has."""
-    return sync.prove(ctx, ep, body)
+@router.post("/chunks/prove", response_model=ProveResponse,
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
+async def prove(request: Request, ep: Endpoint = Depends(require_device),
+                ctx: ServerContext = Depends(get_ctx)) -> ProveResponse:
+    """Keyed hashes of chunks the server asked this endpoint to prove it has (binary:
+    strata.model.possession)."""
+    data = await read_body(request, PROOF_BODY_LIMIT)
+    return await run_in_threadpool(sync.prove, ctx, ep, data)
 
 
 @router.post("/chunks", response_model=UploadResponse,

@@ -8,13 +8,12 @@ import hmac
 from datetime import UTC, datetime, timedelta
 
 from strata.errors import CorruptData, Forbidden, Invalid, MissingChunks, TooLarge
-from strata.model.possession import proof
+from strata.model.possession import decode_proofs, proof
 from strata.model.snapshot import Snapshot, now_iso
 from strata.model.transfer import BundleWriter, read_bundle
 from strata.model.wire import (
     CommitRequest,
     MissingResponse,
-    ProveRequest,
     ProveResponse,
     RestoreReport,
     SnapshotSummary,
@@ -107,11 +106,15 @@ def missing(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> MissingResp
                            nonce=ctx.possession.mint(ep.id) if prove else "")
 
 
-def prove(ctx: ServerContext, ep: Endpoint, req: ProveRequest) -> ProveResponse:
-    """Check the endpoint's keyed hashes of shared chunks; what it proved it now holds.
-    A refused proof (wrong, or not a shared chunk) only means: upload the bytes."""
-    ctx.possession.check(ep.id, req.nonce)
-    claims = dict((bytes.fromhex(c), bytes.fromhex(p)) for c, p in req.proofs)
+def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
+    """Check the endpoint's keyed hashes of shared chunks (a `model/possession.py` body);
+    what it proved it now holds. A refused proof (wrong, or not of a shared chunk) only
+    means: upload the bytes."""
+    try:
+        nonce, claims = decode_proofs(body)
+    except CorruptData as exc:
+        raise Invalid(str(exc)) from None
+    ctx.possession.check(ep.id, nonce)
     _take_queries(ctx, ep, len(claims))
     ctx.touch_upload(ep.id)
     sizes = ctx.store.raw_sizes(claims)
@@ -124,7 +127,7 @@ def prove(ctx: ServerContext, ep: Endpoint, req: ProveRequest) -> ProveResponse:
             raw = ctx.store.load_chunk(cid)  # verified against its id
         except CorruptData:
             continue
-        if hmac.compare_digest(proof(req.nonce, raw), claims[cid]):
+        if hmac.compare_digest(proof(nonce, raw), claims[cid]):
             accepted.append(cid)
     ctx.holdings.record(ep.id, accepted)
     refused = [c for c in claims if c not in set(accepted)]
