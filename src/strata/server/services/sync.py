@@ -130,7 +130,8 @@ def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
         if hmac.compare_digest(proof(nonce, raw), claims[cid]):
             accepted.append(cid)
     ctx.holdings.record(ep.id, accepted)
-    refused = [c for c in claims if c not in set(accepted)]
+    proven = set(accepted)
+    refused = [c for c in claims if c not in proven]
     if refused:
         metrics.REJECTED_CHUNKS.inc(len(refused))
         audit.record(ctx, f"endpoint:{ep.id}", "possession-refused", f"{len(refused)} chunks",
