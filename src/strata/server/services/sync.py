@@ -139,13 +139,15 @@ def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
     return ProveResponse(accepted=len(accepted), refused=[c.hex() for c in refused])
 
 
-def store_bundle(ctx: ServerContext, uploader: str, data: bytes,
-                 max_raw_chunk: int | None = None) -> UploadResponse:
+def store_bundle(ctx: ServerContext, uploader: str, data: bytes, *,
+                 endpoint: bool = True) -> UploadResponse:
     """Verify every chunk of a bundle against its id before storing any of them (a chunk
     repeated in the bundle is decoded once; none may be larger than the store's chunker
     makes); answer once they are durable and indexed. The uploader now holds them all:
-    what it is told counts only what it had not sent before, never what others did."""
-    limit = max_raw_chunk or ctx.store.config.chunker.max_size
+    what it is told counts only what it had not sent before, never what others did. An
+    administrator's upload (`endpoint=False`: a layer capture) sees the whole store and
+    holds nothing: a layer's content is shared when the layer is saved."""
+    limit = ctx.store.config.chunker.max_size
     ctx.touch_upload(uploader)
     chunks: dict[bytes, tuple[int, bytes]] = {}
     try:
@@ -160,7 +162,8 @@ def store_bundle(ctx: ServerContext, uploader: str, data: bytes,
         metrics.REJECTED_CHUNKS.inc()
         raise Invalid(f"upload rejected: {exc}") from None
     store = ctx.store
-    before, _ = ctx.holdings.view(uploader, chunks)
+    before = ctx.holdings.view(uploader, chunks)[0] if endpoint else \
+        set(chunks) - set(store.missing_chunks(chunks))
     stored = nbytes = 0
     with store.claimed(list(chunks)) as mine:
         for cid, (raw_length, payload) in chunks.items():
@@ -174,7 +177,8 @@ def store_bundle(ctx: ServerContext, uploader: str, data: bytes,
                 stored += 1
                 nbytes += len(payload)
     store.flush()  # durable and indexed before we acknowledge
-    ctx.holdings.record(uploader, chunks)
+    if endpoint:
+        ctx.holdings.record(uploader, chunks)
     return UploadResponse(chunks=len(chunks), stored=stored, duplicates=len(chunks) - stored,
                           bytes_stored=nbytes)
 
