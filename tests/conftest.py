@@ -27,6 +27,22 @@ SMALL_PACK = 256 << 10
 PASSPHRASE = "correct horse battery staple"
 
 
+# -- tiers ------------------------------------------------------------------------------------
+
+# A test that needs one of these starts a service of its own (a PostgreSQL cluster, an S3
+# server): it belongs to the end-to-end tier, whatever its module.
+SERVICE_FIXTURES = {"pg_cluster", "s3"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tier the tests: `e2e` marks those that run real processes (servers, agents, CLIs,
+    databases), set per module with `pytestmark` or found here from the fixtures a test
+    uses; `make test-fast` runs the rest, `make test` runs all."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
 # -- the CLI --------------------------------------------------------------------------------
 
 

@@ -18,6 +18,8 @@ from strata.agent.enrollment import enroll
 from strata.agent.state import AgentState
 from strata.errors import StrataError
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):

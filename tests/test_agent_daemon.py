@@ -31,6 +31,8 @@ from server_fixtures import (
 )
 from test_layers import USER_LAYERS, tree_state, under, without
 
+pytestmark = pytest.mark.e2e
+
 PENDING_APPROVAL, ACCESS_DENIED, UNREACHABLE = 4, 5, 3
 
 

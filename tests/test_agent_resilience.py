@@ -31,6 +31,8 @@ from server_fixtures import (
 )
 from strata.server.policies import LINUX_EXCLUSIONS
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def server(tmp_path: Path):

@@ -28,6 +28,8 @@ from strata.server.catalog.models import AuditEntry, Base, EnrollmentToken, Tran
 from strata.server.catalog.models import Endpoint as EndpointRow
 from strata.server.catalog.types import CatalogValueError
 
+pytestmark = pytest.mark.e2e
+
 
 def engine_for(url: str) -> Engine:
     return create_catalog_engine(catalog_url(url))

@@ -14,6 +14,8 @@ from server_fixtures import assert_one_line_error
 from strata.engine.backup import backup
 from strata.store.repository import Store
 
+pytestmark = pytest.mark.e2e
+
 PASS = "s3cret passphrase"
 UNKNOWN = "deadbeef"
 

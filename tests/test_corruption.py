@@ -16,6 +16,8 @@ from strata.engine.prune import prune
 from strata.engine.restore import restore
 from strata.store.repository import Store
 
+pytestmark = pytest.mark.e2e
+
 PASS = "correct horse battery staple"
 VICTIM = "sub/victim.bin"
 

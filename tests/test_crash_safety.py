@@ -28,6 +28,8 @@ from strata.engine.restore import restore
 from strata.store.index import ChunkIndex
 from strata.store.repository import Store
 
+pytestmark = pytest.mark.e2e
+
 SIZES = (0, 1_000, 8_000, 30_000, 60_000, 120_000)
 
 

@@ -34,6 +34,8 @@ from strata.tree.content import HOLE_BLOCK
 from strata.tree.scan import scan_tree
 from strata.tree.writer import TreeWriter
 
+pytestmark = pytest.mark.e2e
+
 WORK = update.WORK_DIR
 RULES = LayerRules.default("linux")
 T1, T2 = 1_600_000_000_000_000_000, 1_700_000_000_123_456_789

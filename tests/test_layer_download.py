@@ -17,6 +17,8 @@ from strata.model.ids import content_id
 from strata.model.transfer import pack_stream, read_stream
 from strata.signing.policy import Approval, TrustRecord
 
+pytestmark = pytest.mark.e2e
+
 
 def file_entry(path: bytes, *pieces: bytes) -> Entry:
     data = b"".join(pieces)

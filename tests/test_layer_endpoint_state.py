@@ -25,6 +25,8 @@ import pytest
 from generated_trees import accounts, build_base, copy_tree, full_state
 from server_fixtures import Agent, Server, admin, admin_json, centralized, strata, strata_json
 
+pytestmark = pytest.mark.e2e
+
 ALICE = {  # the endpoint's own user, in every account database
     "etc/passwd": "alice:x:1000:1000:Alice Liddell,,,:/home/alice:/bin/bash",
     "etc/shadow": "alice:$y$j9T$Q2V4$localhashofalice:19800:0:99999:7:::",

@@ -24,6 +24,8 @@ from server_fixtures import (
 )
 from test_layers import USER_LAYERS, tree_state, under, without
 
+pytestmark = pytest.mark.e2e
+
 ROUNDS = 6
 
 

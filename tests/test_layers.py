@@ -30,6 +30,8 @@ from server_fixtures import (
     write_random,
 )
 
+pytestmark = pytest.mark.e2e
+
 ENDPOINTS = 3
 
 

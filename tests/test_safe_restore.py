@@ -30,6 +30,8 @@ from strata.model.snapshot import Snapshot, now_iso
 from strata.store.repository import Store
 from strata.tree import content
 
+pytestmark = pytest.mark.e2e
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="privileged metadata needs root")
 
 F, D, L, H = EntryType.FILE, EntryType.DIR, EntryType.SYMLINK, EntryType.HARDLINK

@@ -31,6 +31,8 @@ from server_fixtures import (
     write_random,
 )
 
+pytestmark = pytest.mark.e2e
+
 OS_BUDGET = 28 * MIB  # real files from /usr/lib: the shared "OS layer"
 ENDPOINTS = 4
 OVERHEAD = 64 << 10  # fixed allowance per run: check-in-free protocol chatter, headers

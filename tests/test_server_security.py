@@ -39,6 +39,8 @@ from strata.model.transfer import BundleWriter
 from strata.store.crypto import PlainCipher
 from strata.store.pack import BlobCodec
 
+pytestmark = pytest.mark.e2e
+
 CODEC = BlobCodec(PlainCipher(), 3)
 
 

@@ -30,6 +30,8 @@ from server_fixtures import (
     strata_json,
 )
 
+pytestmark = pytest.mark.e2e
+
 
 def write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

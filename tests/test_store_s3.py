@@ -29,6 +29,8 @@ from strata.store.location import init_store_at, open_store_at
 from strata.store.repository import Store
 from strata.store.s3 import S3Backend, S3Location, S3Options
 
+pytestmark = pytest.mark.e2e
+
 MIB = 1 << 20
 
 

@@ -431,6 +431,9 @@ def test_writer_fd_cache_survives_wide_and_deep_trees(tmp_path):
         entries.append(Entry(b"d%03d" % i, EntryType.DIR, mode=0o755))
         entries.append(Entry(b"d%03d/f" % i, EntryType.FILE, size=1))
     deep = b"/".join(b"x%d" % i for i in range(150))
+    # Other tests of the same process may hold descriptors (catalog pools, test servers):
+    # what counts is how many the writer leaves open beyond those.
+    open_before = len(os.listdir("/proc/self/fd"))
     with TreeWriter(tmp_path / "t") as w:
         for e in entries:
             w.write(e, [b"z"] if e.type is EntryType.FILE else None)
@@ -440,7 +443,7 @@ def test_writer_fd_cache_survives_wide_and_deep_trees(tmp_path):
     assert (tmp_path / "t" / "h").read_bytes() == b"q"
     assert os.lstat(tmp_path / "t" / "d000" / "h").st_ino == os.lstat(
         tmp_path / "t" / "d099" / "f").st_ino
-    assert len(os.listdir("/proc/self/fd")) < 64
+    assert len(os.listdir("/proc/self/fd")) - open_before < 64
 
 
 # -- safety -------------------------------------------------------------------------------
