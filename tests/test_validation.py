@@ -189,6 +189,7 @@ def test_the_agent_refuses_a_malformed_answer_with_one_line():
 # -- on a real server: disconnects, and the server afterwards ---------------------------------
 
 
+@pytest.mark.e2e
 def test_attacks_leave_the_server_up_and_backups_byte_identical(tmp_path):
     server = Server(tmp_path / "data").start()
     try:
