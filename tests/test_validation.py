@@ -141,6 +141,18 @@ def test_a_manifest_naming_one_chunk_many_times_is_refused_before_it_is_read(ser
     _nothing_written(server)
 
 
+def test_the_layer_capture_path_has_the_same_bound(server):
+    big = secret(3, server.ctx.store.config.chunker.max_size)
+    server.ctx.store.store_chunks([content_id(big)], [big])
+    server.ctx.store.flush()
+    resp = server.admin.post("/api/v1/admin/layers", json={
+        "kind": "base", "name": "bomb", "version": "1",
+        "manifest": [(content_id(big).hex(), len(big))] * (MAX_MANIFEST_BYTES // len(big) + 1),
+        "manifest_id": content_id(big).hex()})
+    assert resp.status_code == 413, resp.text
+    assert server.admin.get("/api/v1/admin/layers").json() == []
+
+
 def test_the_stream_cache_ignores_the_order_of_ids(tmp_path):
     ids = [bytes([i]) * 32 for i in range(5)]
     calls = []
