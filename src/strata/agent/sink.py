@@ -54,6 +54,11 @@ class RemoteSink(ChunkStore):
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
         self._upload_slots = threading.Semaphore(2)
         self._uploads: list[Future[Any]] = []
+        # Proofs go beside the scan too (the server reads and hashes each proven chunk):
+        # at most two batches wait, each holding its chunks' bytes until proven.
+        self._prover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prove")
+        self._prove_slots = threading.Semaphore(2)
+        self._proofs: list[Future[Any]] = []
         self.chunks_uploaded = 0
         self.raw_uploaded = 0  # raw bytes of chunks the server lacked
         self.payload_uploaded = 0  # their compressed size
@@ -127,11 +132,21 @@ class RemoteSink(ChunkStore):
 
     def _resolve(self, queue: list[tuple[bytes, bytes | memoryview]]) -> None:
         lacking, prove = self._ask([cid for cid, _ in queue])
-        if prove:
-            lacking |= self._prove([(cid, prove[cid], data) for cid, data in queue
-                                    if cid in prove])
         for cid, data in queue:
             if cid in lacking:
+                self.put_claimed(cid, self.codec.compress(data), len(data))
+        if prove:
+            items = [(cid, prove[cid], data) for cid, data in queue if cid in prove]
+            self._prove_slots.acquire()
+            fut = self._prover.submit(self._prove_or_send, items)
+            fut.add_done_callback(lambda _f: self._prove_slots.release())
+            with self._lock:
+                self._proofs.append(fut)
+
+    def _prove_or_send(self, items: list[tuple[bytes, str, bytes | memoryview]]) -> None:
+        refused = self._prove(items)
+        for cid, _, data in items:
+            if cid in refused:
                 self.put_claimed(cid, self.codec.compress(data), len(data))
 
     def _send(self, bundle: BundleWriter) -> None:
@@ -148,6 +163,10 @@ class RemoteSink(ChunkStore):
         if queue:
             self._resolve(queue)
         with self._lock:
+            proofs, self._proofs = self._proofs, []
+        for fut in proofs:
+            fut.result()  # refused proofs are in a bundle by now
+        with self._lock:
             bundle, self._bundle = self._bundle, BundleWriter()
         if bundle.count:
             self._send(bundle)
@@ -157,6 +176,7 @@ class RemoteSink(ChunkStore):
             fut.result()  # every bundle acknowledged (or its error raised) before we go on
 
     def close(self) -> None:
+        self._prover.shutdown(wait=True, cancel_futures=True)
         self._uploader.shutdown(wait=True, cancel_futures=True)
 
     def forget(self, ids: set[bytes]) -> None:
