@@ -92,6 +92,18 @@ def test_fields_out_of_bounds_are_refused_before_any_write(server, body):
         ).status_code == 200
 
 
+def test_reports_an_endpoint_keeps_in_the_catalog_are_bounded(server):
+    dev = Device(server, "hostile")
+    def inventory() -> list:
+        return [e["inventory"] for e in server.admin.get("/api/v1/admin/endpoints").json()]
+    before = inventory()
+    for body in ({"inventory": {"x": "y" * (3 << 20)}}, {"status": {"x": ["z"] * 400_000}}):
+        resp = dev.http.post(f"{API}/checkin", json=body)
+        assert resp.status_code == 422 and "at most 65536 bytes" in resp.text
+        assert len(resp.content) < 1000  # the refused value is not echoed back
+    assert inventory() == before
+
+
 def test_admin_bounds_are_4xx(server):
     admin = server.admin
     for expires in ("99999999999999d", "9" * 5000 + "d", "3661d"):

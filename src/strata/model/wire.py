@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator
 
 from strata.model.ids import is_hex_id
 from strata.model.update import UpdateState
@@ -49,11 +50,24 @@ class AgentPolicy(BaseModel):
     bandwidth: BandwidthLimits = Field(default_factory=BandwidthLimits)
 
 
+MAX_REPORT_BYTES = 64 << 10  # an inventory or status document, as JSON: kept in the catalog
+
+
+def _bounded_report(doc: dict[str, Any]) -> dict[str, Any]:
+    """What an endpoint reports about itself is kept as it is, so its size is bounded."""
+    if len(json.dumps(doc)) > MAX_REPORT_BYTES:  # NaN is refused by the catalog's types
+        raise ValueError(f"at most {MAX_REPORT_BYTES} bytes as JSON")
+    return doc
+
+
+BoundedReport = Annotated[dict[str, Any], AfterValidator(_bounded_report)]
+
+
 class EnrollRequest(BaseModel):
     token: str = Field(min_length=8, max_length=256)
     hostname: str = Field(default="", max_length=255)
     os: str = Field(default="", max_length=64)
-    inventory: dict[str, Any] = Field(default_factory=dict)
+    inventory: BoundedReport = Field(default_factory=dict)
 
 
 class EnrollResponse(BaseModel):
@@ -64,8 +78,8 @@ class EnrollResponse(BaseModel):
 
 
 class CheckinRequest(BaseModel):
-    inventory: dict[str, Any] = Field(default_factory=dict)
-    status: dict[str, Any] = Field(default_factory=dict)
+    inventory: BoundedReport = Field(default_factory=dict)
+    status: BoundedReport = Field(default_factory=dict)
 
 
 class DesiredLayer(BaseModel):
@@ -186,7 +200,7 @@ class UpdateReport(BaseModel):
     state: UpdateState
     percent: float = Field(default=0.0, ge=0, le=100)
     detail: str = Field(default="", max_length=4000)
-    downloaded_bytes: int = Field(default=0, ge=0)
+    downloaded_bytes: int = Field(default=0, ge=0, le=INT64_MAX)
     refused: bool = False  # the agent refused the layers: unsigned, forged or stale
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -44,6 +45,9 @@ from strata.server.store_location import open_server_store
 from strata.server.stream_cache import StreamCache
 
 log = logging.getLogger("strata.server")
+
+
+MAX_ECHOED_INPUT = 200  # characters of a refused value a 422 repeats back
 
 
 def _finite_or_text(value: float) -> float | str:
@@ -101,6 +105,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         # FastAPI's own handler echoes the input back and fails (a 500) when that holds a
         # NaN or an infinity, which Python's JSON parser accepts: write those as strings.
         errors = jsonable_encoder(exc.errors(), custom_encoder={float: _finite_or_text})
+        for error in errors:  # the input is echoed only when short: never megabytes back
+            if len(json.dumps(error.get("input"))) > MAX_ECHOED_INPUT:
+                error.pop("input", None)
         return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(StatementError)
