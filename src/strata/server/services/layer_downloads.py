@@ -7,14 +7,13 @@ from __future__ import annotations
 import zstandard
 
 from strata.errors import Forbidden, NotFound, TooLarge
-from strata.model.transfer import pack_stream
+from strata.model.transfer import MAX_STREAM_BYTES, pack_stream
 from strata.server.catalog.models import Endpoint
 from strata.server.context import ServerContext
 from strata.server.services import snapshots
 from strata.server.services.assignments import cached_desired
 from strata.server.services.manifests import parse_chunk_ids
 
-MAX_STREAM_BYTES = 64 << 20  # raw bytes in one download response
 # zstd level of download streams: what crosses a WAN is what branch offices wait for, and
 # the stream cache makes the cost of the top level a one-off per batch, not per endpoint.
 DOWNLOAD_LEVEL = 19
