@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         results = openloop.measure(WORK / "openloop", args.fleet_endpoints, **{
             "seconds": args.fleet_seconds, **long}, say=say)
         openloop.save(results, f"{python} -m bench.openloop"
-                      + (" --long" if args.fleet_long else ""))
+                      + (" --long" if args.fleet_long else ""), long=args.fleet_long)
     if openloop.RESULTS.exists():
         extra["openloop"] = json.loads(openloop.RESULTS.read_text())
     if not args.no_layers:
