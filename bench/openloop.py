@@ -158,11 +158,15 @@ class Phase:
     """What one open-loop run recorded."""
 
     latencies: list[float] = field(default_factory=list)  # scheduled -> answered, seconds
+    worst: dict[int, float] = field(default_factory=dict)  # second of the run -> max latency
     lags: list[float] = field(default_factory=list)  # scheduled -> sent (the generator's)
     errors: dict[str, int] = field(default_factory=dict)
 
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
+
+    def note(self, second: int, latency: float) -> None:
+        self.worst[second] = max(latency, self.worst.get(second, 0.0))
 
 
 def changed_inventory(i: int, rng: random.Random, change: float) -> dict:
@@ -193,11 +197,13 @@ async def open_loop(pool: Pool, creds: list[str], interval: float, seconds: floa
             status, body = await asyncio.wait_for(pool.send(raw), TIMEOUT_S)
         except TimeoutError:
             phase.error("timeout")
+            phase.note(int(due - start), TIMEOUT_S)
             return
         except (HttpError, OSError) as exc:
             phase.error(f"{type(exc).__name__}: {str(exc)[:60]}")
             return
         phase.latencies.append(loop.time() - due)
+        phase.note(int(due - start), phase.latencies[-1])
         if status != 200:
             phase.error(f"HTTP {status}")
         elif b'"credential":"' in body:  # rotated: the agent adopts it (agent/centralize.py)
@@ -241,7 +247,9 @@ async def measure_phase(pool: Pool, creds: list[str], interval: float, seconds: 
     """One open-loop run with its figures: latency percentiles from the schedule, errors,
     achieved rate, and the CPU of the generator, the server and the rest of the machine."""
     cpu0, srv0, busy0, load0 = _cpu_self(), _cpu_of(server_pid), busy_cpu_s(), os.getloadavg()
+    sampler = asyncio.get_running_loop().create_task(_sample_cpu(server_pid, samples := []))
     phase, wall = await open_loop(pool, creds, interval, seconds, change, seed)
+    sampler.cancel()
     gen, srv = _cpu_self() - cpu0, _cpu_of(server_pid) - srv0
     busy = busy_cpu_s() - busy0
     lat, lags = sorted(phase.latencies), sorted(phase.lags)
@@ -264,7 +272,36 @@ async def measure_phase(pool: Pool, creds: list[str], interval: float, seconds: 
         "other_cpu_s": round(max(0.0, busy - gen - srv), 1),
         "load_average": [round(x, 1) for x in (*load0, *os.getloadavg())[::3]],  # 1 min
         "inventory_changes": change,
+        **_when_slow(phase.worst, samples),
         "held": errors == 0 and lat != [] and _quantile(lat, 0.99) * 1000 < TARGET_P99_MS,
+    }
+
+
+async def _sample_cpu(server_pid: int, out: list[tuple[float, float]]) -> None:
+    """Each second of a run: the CPU the server got and the CPU the machine was busy
+    with (both in CPUs), to tell a slow server from a starved one."""
+    srv, busy = _cpu_of(server_pid), busy_cpu_s()
+    while True:
+        await asyncio.sleep(1.0)
+        srv2, busy2 = _cpu_of(server_pid), busy_cpu_s()
+        out.append((srv2 - srv, busy2 - busy))
+        srv, busy = srv2, busy2
+
+
+def _when_slow(worst: dict[int, float], samples: list[tuple[float, float]]) -> dict:
+    """The seconds in which some check-in took longer than the target, and the CPU the
+    server and the whole machine had in those seconds against the others."""
+    slow = {s for s, lat in worst.items() if lat * 1000 >= TARGET_P99_MS}
+
+    def mean(values: list[float]) -> float | None:
+        return round(sum(values) / len(values), 2) if values else None
+    return {
+        "seconds_over_target": len(slow), "seconds_run": len(worst),
+        "server_cpus_when_slow": mean([samples[s][0] for s in slow if s < len(samples)]),
+        "server_cpus_otherwise": mean([x[0] for s, x in enumerate(samples) if s not in slow]),
+        "machine_busy_when_slow": mean([samples[s][1] for s in slow if s < len(samples)]),
+        "machine_busy_otherwise": mean([x[1] for s, x in enumerate(samples)
+                                        if s not in slow]),
     }
 
 
@@ -399,17 +436,19 @@ def _runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-LONG = {"seconds": 600, "search_seconds": 60, "search_steps": 6}  # --long
+LONG = {"seconds": 600, "search_steps": 0}  # --long: past the caches' 5 minutes
 
 
 def save(results: dict, command: str, long: bool = False) -> None:
-    """bench/openloop-results.json, which BENCHMARKS.md's section is made from. The
-    main run of the last `--long` run is kept beside shorter ones."""
-    kept = json.loads(RESULTS.read_text()).get("long") if RESULTS.exists() else None
+    """bench/openloop-results.json, which BENCHMARKS.md's section is made from. A
+    `--long` run adds its row to what the last short run saved."""
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if long:
-        kept = {**results["main"], "date": results["date"]}
-    RESULTS.write_text(json.dumps({**results, "command": command, "long": kept}, indent=2)
-                       + "\n")
+        row = {**results["main"], "date": results["date"], "command": command}
+        results = {**saved, "long": row} if saved else {**results, "long": row}
+    else:
+        results = {**results, "command": command, "long": saved.get("long")}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
@@ -425,8 +464,8 @@ def main() -> None:
     ap.add_argument("--search-steps", type=int, default=4)
     ap.add_argument("--no-search", action="store_true")
     ap.add_argument("--long", action="store_true",
-                    help="a 10-minute main run (past the server's 5-minute caches) and "
-                         "60 s search runs")
+                    help="a 10-minute run instead (past the server's 5-minute caches, no "
+                         "search), added as a row to what the last short run saved")
     ap.add_argument("--priority", type=int, default=0, metavar="N",
                     help="after the search, the main run again with the server and the "
                          "generator at nice -N (root): the server given the CPU it would "

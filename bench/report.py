@@ -289,8 +289,11 @@ def fleet_checkin_section(ol: dict) -> list[str]:
         rows.append(row(f, f"{f['seconds']:.0f} s, server and generator at nice {f['nice']}"))
     if ol.get("long"):
         lg = ol["long"]
-        rows.append(row(lg, f"{lg['seconds']:.0f} s (`--long`, {lg['date']}), caches "
-                            "expiring and reloading as in service"))
+        rows.append(row(lg, f"{lg['seconds']:.0f} s, a later server's whole first 10 "
+                            f"minutes (`--long`, {lg['date']})"))
+    starved = [_when_slow(r, what) for r, what in (
+        (m, "the first run"), (ol.get("long") or {}, "the 10-minute run"))
+        if r.get("seconds_over_target")]
     enrolled = ol["enrolled"]
     how = (f"{enrolled['endpoints']:,} enrolled through the API in {enrolled['seconds']:.0f} s "
            f"({enrolled.get('per_s', 0)}/s, 32 in flight)" if enrolled["endpoints"] else "")
@@ -337,7 +340,17 @@ def fleet_checkin_section(ol: dict) -> list[str]:
            "at a higher priority than the rest of the machine, which then gets what they "
            "leave: the server given the CPU it would have on a machine of its own "
            "(`--priority 10`)." if ol.get("favoured") else ""), "",
+        *([" ".join(starved), ""] if starved else []),
     ]
+
+
+def _when_slow(r: dict, what: str) -> str:
+    """Whether the slow seconds of a run were the server's or the machine's."""
+    return (f"In {what}, {r['seconds_over_target']} of {r['seconds_run']} seconds had a "
+            f"check-in over the target; in those the server process ran on "
+            f"{r['server_cpus_when_slow']} CPUs and the whole machine was busy on "
+            f"{r['machine_busy_when_slow']} of its 2, against {r['server_cpus_otherwise']} "
+            f"and {r['machine_busy_otherwise']} in the other seconds.")
 
 
 def mount_section(m: dict) -> list[str]:
