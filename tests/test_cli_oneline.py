@@ -19,6 +19,8 @@ from strata.engine.backup import backup
 from strata.errors import transport_cause
 from strata.store.repository import Store
 
+pytestmark = pytest.mark.e2e  # the CLI as a real process
+
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 

@@ -135,6 +135,7 @@ def doc_file(base: Path, name: str, doc: object) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_policy_set_merges_and_shows_the_change(world):
     server, _, base = world
     partial = doc_file(base, "interval.json", {"interval_seconds": 600})
@@ -170,6 +171,7 @@ def test_policy_set_merges_and_shows_the_change(world):
         {"key": "interval_seconds", "before": 3600, "after": 600}])
 
 
+@pytest.mark.e2e
 def test_a_retention_cut_says_what_it_removes_and_asks(world):
     server, agent, base = world
     cut = doc_file(base, "cut.json", {"hourly": 1})
@@ -191,6 +193,7 @@ def test_a_retention_cut_says_what_it_removes_and_asks(world):
         "hourly": 1, "daily": 31, "monthly": 12}
 
 
+@pytest.mark.e2e
 def test_a_malformed_document_is_one_line(world):
     server, _, base = world
     for doc in ({"rules": "x"}, {"rules": ["x"]}):  # were answered with a 500

@@ -142,6 +142,7 @@ def agent(tmp_path: Path):
         yield a
 
 
+@pytest.mark.e2e
 def test_agent_restore_in_place_asks_and_keeps_the_newer_edit(agent, tmp_path):
     report = agent.root / "home/alice/report.odt"
     report.write_text("version 2, edited after the snapshot\n")

@@ -15,6 +15,8 @@ import pytest
 from strata.engine.backup import backup
 from strata.store.repository import Store
 
+pytestmark = pytest.mark.e2e  # the CLI as a real process
+
 VICTIM = "sub/victim.bin"
 
 
