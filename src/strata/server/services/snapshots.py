@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from strata.errors import Conflict, CorruptData, NotFound, SnapshotNotFound
+from strata.errors import Conflict, CorruptData, Invalid, NotFound, SnapshotNotFound
 from strata.model.entry import Entry
 from strata.server.catalog.models import Cvd, SnapshotRecord
 from strata.server.context import ServerContext
@@ -46,7 +46,9 @@ def find_snapshot(db: Session, endpoint_id: str, ref: str,
     hits = list(db.scalars(select(SnapshotRecord).where(
         SnapshotRecord.cvd_id == cvd.id,
         SnapshotRecord.id.startswith(ref.lower(), autoescape=True)).limit(2)))
-    if len(hits) != 1:
+    if len(hits) > 1:  # both in this CVD: saying so reveals nothing of another's
+        raise Invalid(f"snapshot {ref!r} of {owner} is ambiguous: give more characters")
+    if not hits:
         raise NotFound(f"no snapshot {ref!r} of {owner}")
     return hits[0]
 
