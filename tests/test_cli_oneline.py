@@ -53,6 +53,8 @@ def test_version():
     (("ls", "st", "latest", "nope/x"), ["not in snapshot", "nope/x"]),
     (("restore", "st", "latest", "/proc/no-such-dir/out"), ["/proc/no-such-dir"]),
     (("restore", "st", "latest", "out", "--include", "/"), ["'/' names no path"]),
+    (("restore", "st", "latest", "/etc/hostname"), ["/etc/hostname exists and is not a "
+                                                    "directory"]),
 ])
 def test_every_error_is_one_plain_line(cli, store, args, words):
     proc = cli.run(*args)
