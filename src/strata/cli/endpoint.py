@@ -14,7 +14,7 @@ from strata.errors import StrataError
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, layer_ref, layer_refs, print_model
 from .confirm import YES, confirm
-from .output import console, human_bytes, iso_time, print_json
+from .output import console, human_bytes, iso_time, print_json, safe
 from .signing import KEYS, PASSPHRASE_FILE, publisher_for, signable_refs, signed_after
 
 if TYPE_CHECKING:
@@ -93,8 +93,8 @@ def endpoint_show(endpoint_id: str, server: str | None = SERVER,
     cpu = inv.get("cpu")
     cpus = cpu.get("count", "?") if isinstance(cpu, dict) else "?"
     ram = inv.get("ram_bytes", 0)
-    console.print(f"[bold]{doc.hostname}[/] {doc.id}  state: {doc.state}  "
-                  f"last seen: {_time(doc.last_seen)}", highlight=False)
+    console.print(f"[bold]{safe(doc.hostname)}[/] {safe(doc.id)}  state: {safe(doc.state)}  "
+                  f"last seen: {_time(doc.last_seen)}", markup=True, highlight=False)
     console.print(f"{inv.get('os_name', doc.os)}; {hw.get('vendor', '')} "
                   f"{hw.get('model', '')}; {cpus} CPUs; "
                   f"{human_bytes(ram if isinstance(ram, int | float) else 0)} RAM",
@@ -289,3 +289,129 @@ def endpoint_delete(endpoint: str, yes: bool = YES, server: str | None = SERVER,
     print_model(doc) if json else console.print(
         f"deleted endpoint {doc.deleted} ({doc.hostname}) and {doc.snapshots} snapshots",
         highlight=False)
+# -- an endpoint's snapshots: browse, export, mount -----------------------------------------
+
+SNAPSHOT = typer.Option("latest", "--snapshot", help="Snapshot id, unique prefix, or latest.")
+
+
+@endpoint_app.command("files")
+def endpoint_files(endpoint: str,
+                   path: str = typer.Argument("", help="A folder (or file) of the snapshot; "
+                                              "its root by default."),
+                   snapshot: str = SNAPSHOT, server: str | None = SERVER,
+                   admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """List a folder of one of the endpoint's snapshots."""
+    from strata.model.snapshot_files import MAX_LISTED
+
+    c = client(server, admin_token_file)
+    page = c.snapshot_files(endpoint, snapshot, path, 0, MAX_LISTED)
+    entries = list(page.entries)
+    while page.truncated:
+        page = c.snapshot_files(endpoint, page.snapshot, path, len(entries), MAX_LISTED)
+        entries.extend(page.entries)
+    if json:
+        print_json({**page.model_dump(mode="json", exclude={"entries", "offset", "truncated"}),
+                    "entries": [e.model_dump(mode="json") for e in entries]})
+        return
+    console.print(f"{page.snapshot[:8]}:/{page.path}", markup=False, highlight=False)
+    kinds = {"dir": "d", "symlink": "l", "fifo": "p", "chardev": "c", "blockdev": "b"}
+    for e in entries:
+        bits = int(e.mode, 8)
+        mode = kinds.get(e.type, "-") + "".join(
+            ch if bits & (1 << (8 - i)) else "-" for i, ch in enumerate("rwxrwxrwx"))
+        name = e.name + ("/" if e.type == "dir" else "")
+        if e.link_target is not None:
+            name += " -> " + e.link_target
+        console.print(f"{mode} {e.uid:>5} {e.gid:>5} {e.size:>12} "
+                      f"{e.mtime.strftime('%Y-%m-%d %H:%M')} {name}",
+                      markup=False, highlight=False)
+    console.print(f"{len(entries)} entries", highlight=False)
+
+
+def _may_overwrite(what: str, yes: bool) -> None:
+    """Ask before replacing `what`; without a terminal, only --yes does."""
+    import sys
+
+    from strata.errors import StrataError
+
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise StrataError(f"{what} already exists: pass --yes to overwrite it")
+    if not typer.confirm(f"{what} already exists. Overwrite?", default=False):
+        raise typer.Exit(1)
+
+
+@endpoint_app.command("export")
+def endpoint_export(endpoint: str,
+                    snapshot: str = typer.Option(..., "--snapshot",
+                                                 help="Snapshot id, prefix, or latest."),
+                    to: Path = typer.Option(..., "--to", help="A folder, or FILE.tar / "
+                                            "FILE.zip for an archive."),
+                    path: str = typer.Option("", "--path", help="Only this folder or file."),
+                    yes: bool = typer.Option(False, "--yes", help="Overwrite without asking."),
+                    server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
+                    json: bool = JSON) -> None:
+    """Export a snapshot (or one folder of it) into a folder or a tar/zip file."""
+    from strata.engine.restore import restore as run_restore
+
+    from .output import err_console, run_with_progress
+    from .snapshot_source import AdminSnapshotSource
+
+    archive = to.suffix.lower() in (".tar", ".zip")
+    if archive and to.exists():
+        _may_overwrite(str(to), yes)
+    elif not archive and to.exists() and (not to.is_dir() or any(to.iterdir())):
+        _may_overwrite(f"{to} (not an empty folder)", yes)
+    with AdminSnapshotSource(client(server, admin_token_file), endpoint, snapshot) as src:
+        if archive:
+            size = src.download(path, to.suffix.lower()[1:], to)
+            if json:
+                print_json({"to": str(to), "bytes": size})
+            else:
+                console.print(f"wrote {to} ({human_bytes(size)})", markup=False,
+                              highlight=False)
+            return
+        snap = src.snapshot()
+        result = run_with_progress("export", lambda p: run_restore(
+            src, snap, to, includes=[path] if path.strip("/") else None,  # type: ignore[arg-type]
+            progress=p), json_mode=json)
+    if json:
+        print_json(result.to_dict())
+    else:
+        for e in result.errors:
+            err_console.print(f"error: {e}", markup=False, highlight=False)
+        console.print(f"exported {result.files} files, {result.dirs} dirs "
+                      f"({human_bytes(result.bytes_written)}) of {snap.id[:8]} into {to}"
+                      + (f"; {len(result.errors)} skipped" if result.errors else ""),
+                      markup=False, highlight=False)
+    if result.errors:
+        raise typer.Exit(1)
+
+
+@endpoint_app.command("mount")
+def endpoint_mount(endpoint: str,
+                   mountpoint: str = typer.Argument(..., help="An existing, empty folder."),
+                   snapshot: str = SNAPSHOT,
+                   cache_size: str = typer.Option("64MiB", help="Chunks kept in memory."),
+                   allow_other: bool = typer.Option(
+                       False, "--allow-other", help="Let other users read the mount too, as "
+                       "the snapshot's modes and owners allow."),
+                   server: str | None = SERVER,
+                   admin_token_file: Path | None = TOKEN_FILE) -> None:
+    """Mount one of the endpoint's snapshots read-only (FUSE), reading through the
+    server; runs until unmounted or Ctrl-C."""
+    from strata.engine.snapshot_tree import SnapshotTree, snapshot_mtime_ns
+
+    from .mount import preflight, serve_mount
+    from .snapshot_source import AdminSnapshotSource
+    from .store import parse_size
+
+    cache = parse_size(cache_size)
+    preflight(mountpoint)
+    with AdminSnapshotSource(client(server, admin_token_file), endpoint, snapshot) as src:
+        snap = src.snapshot()
+        tree = SnapshotTree(snap.manifest, src.load_chunks, cache_bytes=cache,
+                            mtime_ns=snapshot_mtime_ns(snap.time))
+        serve_mount(tree, mountpoint, f"snapshot {snap.id[:8]} of {endpoint}",
+                    f"strata:{snap.id[:8]}", allow_other)

@@ -23,9 +23,10 @@ from strata.server.services.retention import plan_retention
 log = logging.getLogger("strata.server")
 
 
-def run_maintenance(ctx: ServerContext) -> dict:
+def run_maintenance(ctx: ServerContext, actor: str = "server") -> dict:
     """One pass: forget what the retention policy does not keep (recent revert points
-    excepted: services/retention.py), then prune."""
+    excepted: services/retention.py), then prune. `actor`: who asked (the schedule is
+    "server"; a protection manager may run one at once)."""
     ctx.expire_uploads()
     with ctx.write() as db:
         removed: list[str] = []
@@ -38,10 +39,11 @@ def run_maintenance(ctx: ServerContext) -> dict:
         db.commit()
     try:
         result = prune(ctx.store).to_dict()
+        result["holdings_forgotten"] = ctx.holdings.sweep(ctx.store.present)
     except StrataError as exc:  # e.g. another prune is running: try next time
         result = {"error": str(exc)}
     summary = {"snapshots_removed": len(removed), "prune": result}
-    audit.record(ctx, "server", "maintenance", "", **summary)
+    audit.record(ctx, actor, "maintenance", "", **summary)
     return summary
 
 
