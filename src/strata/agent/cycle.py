@@ -204,7 +204,9 @@ def _after_checkin(ctx: AgentContext, client: ServerClient, info: CheckinRespons
         result.centralization = ctx.with_progress("centralize", lambda p: centralize(
             client, st, root, info, trigger=trigger, progress=p, clock=ctx.clock))
     if info.desired is not None:
-        result.update = on_checkin(client, st, tree, info.desired, central) or result.update
+        desired = info.desired
+        result.update = ctx.with_progress("layer download", lambda p: on_checkin(
+            client, st, tree, desired, central, progress=p)) or result.update
 
 
 def _offline(ctx: AgentContext, result: CycleResult, exc: ServerUnreachable, *,

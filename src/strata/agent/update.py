@@ -23,6 +23,7 @@ from strata.agent.drift import tree_changed
 from strata.agent.signing import approve_update, save_record
 from strata.agent.state import AgentState
 from strata.engine.backup import HashOnlySink, archive_tree
+from strata.engine.progress import Progress
 from strata.errors import CorruptData, StrataError
 from strata.layers.accounts import MAX_DATABASE_BYTES, database_for
 from strata.layers.apply import ApplyJournal
@@ -378,8 +379,10 @@ def refuse(client: ServerClient | None, state: AgentState, desired: DesiredState
 
 
 def prepare(client: ServerClient, state: AgentState, root: Path, desired: DesiredState,
-            current: list[Entry], approval: Approval) -> UpdateResult:
-    """Download what the update needs (in the background of normal work) and say ready."""
+            current: list[Entry], approval: Approval,
+            shown: Progress | None = None) -> UpdateResult:
+    """Download what the update needs (in the background of normal work) and say ready;
+    `shown` follows the bytes (a bar with an ETA on a terminal)."""
     started = time.monotonic()
     received0 = client.bytes_received  # manifests, chunks, reports: all of it counts
     source = LayerSource(client, state, root, approval=approval)
@@ -397,6 +400,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
             return client.bytes_received - received0
 
         def progress(done: int, total: int) -> None:
+            if shown is not None:
+                shown.total_bytes, shown.bytes_done = total, done
             if time.monotonic() - last[0] >= _REPORT_SECONDS or done >= total:
                 last[0] = time.monotonic()
                 report(client, desired.key, UpdateState.DOWNLOADING,
@@ -516,7 +521,8 @@ def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
 
 
 def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
-               desired: DesiredState | None, centralize: Centralizer) -> UpdateResult | None:
+               desired: DesiredState | None, centralize: Centralizer,
+               progress: Progress | None = None) -> UpdateResult | None:
     """What a check-in does about layers: download a new desired state and report ready
     (or apply at once when nothing needs a restart), or repair drift when enforced."""
     if desired is None:
@@ -534,7 +540,8 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
         approval = approve_update(client, state, desired, root)
         if desired.key == state.applied_key():
             return repair(client, state, tree, desired, centralize, approval)
-        result = prepare(client, state, root, desired, current_entries(state, tree), approval)
+        result = prepare(client, state, root, desired, current_entries(state, tree), approval,
+                         progress)
     except LayerRefused as exc:
         return refuse(client, state, desired, exc)
     except StrataError as exc:
