@@ -159,15 +159,15 @@ def test_mount_refusals_are_one_line(sample_store, tmp_path: Path) -> None:
     full.mkdir()
     (full / "x").write_text("x")
     (tmp_path / "mnt").mkdir()
-    for args, message in [
-        ((store, sid, full), "is not empty"),
-        ((store, sid, tmp_path / "absent"), "does not exist"),
-        ((store, "ffffffff", tmp_path / "mnt"), "no snapshot"),
-        ((tmp_path / "nostore", sid, tmp_path / "mnt"), "no Strata store"),
+    for args, message, code in [
+        ((store, sid, full), "is not empty", 2),
+        ((store, sid, tmp_path / "absent"), "does not exist", 2),
+        ((store, "ffffffff", tmp_path / "mnt"), "no snapshot", 2),
+        ((tmp_path / "nostore", sid, tmp_path / "mnt"), "no Strata store", 10),
     ]:
         proc = spawn("store", "mount", *args)
         out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 2, (args, out, err)
+        assert proc.returncode == code, (args, out, err)
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err
 

@@ -166,7 +166,7 @@ def test_encrypted_store_holds_no_plaintext_and_needs_its_key(tmp_path: Path) ->
     (tmp_path / "wrong.key").write_text("not the key\n")
     wrong = _server_once(data, "--listen", f"127.0.0.1:{free_port()}", "--encrypt",
                          "--passphrase-file", tmp_path / "wrong.key")
-    assert_one_line_error(wrong, "wrong passphrase")
+    assert_one_line_error(wrong, "wrong passphrase", rc=12)
 
 
 def test_encrypt_is_refused_for_a_plain_store_or_without_a_key(tmp_path: Path) -> None:
