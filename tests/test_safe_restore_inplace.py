@@ -16,7 +16,7 @@ from server_fixtures import Agent, assert_one_line_error, centralized, running_s
 from strata.engine.backup import backup
 from strata.engine.restore import restore
 from strata.engine.restore_inplace import displaced_by, keep_aside, kept_suffix, put_back_failed
-from strata.errors import CorruptData
+from strata.errors import CorruptData, StrataError
 from strata.model.snapshot import Snapshot
 from strata.store.repository import Store
 
@@ -171,3 +171,29 @@ def test_agent_restore_in_place_asks_and_keeps_the_newer_edit(agent, tmp_path):
     assert doc["kept"] == []
     assert (tmp_path / "elsewhere/home/alice/report.odt").read_text() == "version 1\n"
     assert report.read_text() == "version 3\n"
+
+
+def test_a_failed_rename_puts_back_what_was_kept_and_restores_nothing(tmp_path, monkeypatch):
+    from strata.engine import restore_inplace
+
+    src = tmp_path / "src"
+    make_tree(src)
+    with Store.init(tmp_path / "st") as store:
+        snap = store.load_snapshot(backup(store, src).snapshot)
+        (src / "home/alice/notes.txt").write_text("edited\n")
+        (src / "home/alice/report.odt").write_text("edited too\n")
+        displaced = displaced_by(store, snap, src, ["home/alice"])
+    assert len(displaced) == 2
+    real, calls = os.rename, []
+
+    def rename(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise PermissionError(13, "Operation not permitted")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(restore_inplace.os, "rename", rename)
+    with pytest.raises(StrataError, match="cannot keep the local home/alice/report.odt aside"):
+        keep_aside(src, displaced, SUFFIX)
+    assert sorted(p.name for p in (src / "home/alice").iterdir()) == [
+        "link", "notes.txt", "photos", "report.odt"]
+    assert (src / "home/alice/notes.txt").read_text() == "edited\n"
