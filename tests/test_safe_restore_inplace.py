@@ -149,7 +149,7 @@ def test_agent_restore_in_place_asks_and_keeps_the_newer_edit(agent, tmp_path):
 
     # No terminal and no --yes: one line, nothing touched.
     proc = strata(*agent.cmd("restore", "home/alice/report.odt"), rc=None)
-    assert_one_line_error(proc, "refusing without --yes", rc=1)
+    assert_one_line_error(proc, "refusing without --yes")
     assert report.read_text() == "version 2, edited after the snapshot\n"
     assert sorted(p.name for p in report.parent.iterdir()) == [
         "link", "notes.txt", "photos", "report.odt"]
