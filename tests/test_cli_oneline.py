@@ -95,5 +95,8 @@ def test_one_timestamp_format(capsys):
     assert iso_time("2026-12-02T10:03:00.5+00:00") == "2026-12-02T10:03:00Z"
     assert iso_time(datetime(2026, 12, 2, 10, 3)) == "2026-12-02T10:03:00Z"  # naive: UTC
     assert iso_time(None) == ""
-    print_json({"when": datetime(2026, 12, 2, 11, 3, tzinfo=plus_one)})
-    assert json.loads(capsys.readouterr().out) == {"when": "2026-12-02T10:03:00Z"}
+    print_json({"when": datetime(2026, 12, 2, 11, 3, tzinfo=plus_one),
+                "made": ["2026-12-02T10:03:00.123456+00:00"], "text": "at 10:00+00:00"})
+    assert json.loads(capsys.readouterr().out) == {
+        "when": "2026-12-02T10:03:00Z", "made": ["2026-12-02T10:03:00.123456Z"],
+        "text": "at 10:00+00:00"}

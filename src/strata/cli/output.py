@@ -115,8 +115,24 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
+_UTC_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00")
+
+
+def _one_time_format(doc: object) -> object:
+    """Timestamps in UTC written `…Z` whoever made them (the API's models write `Z`,
+    Python's isoformat `+00:00`): one format in every JSON document the CLI prints."""
+    if isinstance(doc, dict):
+        return {k: _one_time_format(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_one_time_format(v) for v in doc]
+    if isinstance(doc, str) and _UTC_ISO.fullmatch(doc):
+        return doc[:-6] + "Z"
+    return doc
+
+
 def print_json(doc: object) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    sys.stdout.write(json.dumps(_one_time_format(doc), indent=2, default=_json_default)
+                     + "\n")
 
 
 def plural(n: int, word: str) -> str:
