@@ -13,7 +13,8 @@ from strata.errors import StrataError
 from strata.model.roles import ROLE_NAMES, USER_NAME
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, print_model
-from .output import console
+from .confirm import confirm
+from .output import console, iso_time
 
 user_app = typer.Typer(help="IT staff accounts (roles: " + ", ".join(ROLE_NAMES) + ").",
                        no_args_is_help=True)
@@ -77,7 +78,7 @@ def user_list(server: str | None = SERVER, admin_token_file: Path | None = TOKEN
 
     table = Table("Name", "Role", "Created", "API tokens")
     for u in rows:
-        table.add_row(u.name, u.role, u.created_at.strftime("%Y-%m-%d %H:%M"), str(u.tokens))
+        table.add_row(u.name, u.role, iso_time(u.created_at), str(u.tokens))
     console.print(table)
 
 
@@ -86,10 +87,8 @@ def user_delete(name: str, yes: bool = typer.Option(False, "--yes", help="Do not
                 server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                 json: bool = JSON) -> None:
     """Delete a user: their console sessions and API tokens stop working at once."""
-    if not yes:
-        if not sys.stdin.isatty():
-            raise StrataError(f"deleting user {name} needs confirmation: add --yes")
-        typer.confirm(f"Delete user {name} and their API tokens?", abort=True)
+    confirm(f"delete user {name}", ["their console sessions and API tokens stop working "
+                                    "at once"], yes=yes)
     doc = client(server, admin_token_file).delete_user(name)
     print_model(doc) if json else console.print(f"deleted user {doc.deleted}")
 
