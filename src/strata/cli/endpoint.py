@@ -323,7 +323,7 @@ def endpoint_files(endpoint: str,
         if e.link_target is not None:
             name += " -> " + e.link_target
         console.print(f"{mode} {e.uid:>5} {e.gid:>5} {e.size:>12} "
-                      f"{e.mtime.strftime('%Y-%m-%d %H:%M')} {name}",
+                      f"{iso_time(e.mtime)} {name}",
                       markup=False, highlight=False)
     console.print(f"{len(entries)} entries", highlight=False)
 

@@ -129,8 +129,8 @@ def user_token(name: str,
 
         table = Table("ID", "Label", "Created", "Last used", "State")
         for t in rows:
-            used = t.last_used.strftime("%Y-%m-%d %H:%M") if t.last_used else "never"
-            table.add_row(str(t.id), t.label, t.created_at.strftime("%Y-%m-%d %H:%M"), used,
+            used = iso_time(t.last_used) if t.last_used else "never"
+            table.add_row(str(t.id), t.label, iso_time(t.created_at), used,
                           "revoked" if t.revoked else "active")
         console.print(table)
         return
