@@ -330,16 +330,7 @@ def endpoint_files(endpoint: str,
 
 def _may_overwrite(what: str, yes: bool) -> None:
     """Ask before replacing `what`; without a terminal, only --yes does."""
-    import sys
-
-    from strata.errors import StrataError
-
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise StrataError(f"{what} already exists: pass --yes to overwrite it")
-    if not typer.confirm(f"{what} already exists. Overwrite?", default=False):
-        raise typer.Exit(1)
+    confirm(f"{what} already exists: overwrite it", [], yes=yes)
 
 
 @endpoint_app.command("export")
