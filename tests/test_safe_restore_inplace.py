@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from server_fixtures import Agent, assert_one_line_error, centralized, running_server, strata
+from server_fixtures import (
+    Agent,
+    argv,
+    assert_one_line_error,
+    centralized,
+    cli_env,
+    running_server,
+    strata,
+)
 from strata.engine.backup import backup
 from strata.engine.restore import restore
 from strata.engine.restore_inplace import displaced_by, keep_aside, kept_suffix, put_back_failed
@@ -197,3 +207,30 @@ def test_a_failed_rename_puts_back_what_was_kept_and_restores_nothing(tmp_path, 
     assert sorted(p.name for p in (src / "home/alice").iterdir()) == [
         "link", "notes.txt", "photos", "report.odt"]
     assert (src / "home/alice/notes.txt").read_text() == "edited\n"
+
+
+def run_on_a_terminal(args: list[object], answer: str) -> subprocess.CompletedProcess[str]:
+    """`strata ARGS` with a terminal as stdin (a pty) on which `answer` is typed."""
+    master, slave = pty.openpty()
+    try:
+        os.write(master, answer.encode())
+        return subprocess.run(argv(args), env=cli_env(), stdin=slave, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.e2e
+def test_on_a_terminal_the_person_is_asked(agent):
+    report = agent.root / "home/alice/report.odt"
+    report.write_text("version 2\n")
+    no = run_on_a_terminal(agent.cmd("restore", "home/alice/report.odt"), "n\n")
+    assert no.returncode == 2 and "cancelled: nothing was changed" in no.stderr, no.stderr
+    assert "home/alice/report.odt (10 bytes, modified " in no.stderr  # what would go
+    assert report.read_text() == "version 2\n"
+    yes = run_on_a_terminal(agent.cmd("restore", "home/alice/report.odt"), "y\n")
+    assert yes.returncode == 0, yes.stderr
+    assert report.read_text() == "version 1\n"
+    [kept] = [p for p in report.parent.iterdir() if p.name.startswith("report.odt.strata-")]
+    assert kept.read_text() == "version 2\n"
