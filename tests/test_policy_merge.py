@@ -109,6 +109,7 @@ def test_recent_revert_points_survive_a_retention_cut(tmp_path):
         with ctx.session() as db:
             kept = set(db.scalars(select(SnapshotRecord.id)))
     assert summary["snapshots_removed"] == 8
+    assert summary["removed_per_endpoint"] == {"ep-1": 8}  # the audit log says where
     assert kept == {ids[9], ids[5]}
 
 
