@@ -10,11 +10,13 @@ import json
 import re
 from datetime import UTC, datetime, timedelta, timezone
 
+import httpx
 import pytest
 
 from server_fixtures import assert_one_line_error, strata
 from strata.cli.output import iso_time, print_json
 from strata.engine.backup import backup
+from strata.errors import transport_cause
 from strata.store.repository import Store
 
 pytestmark = pytest.mark.e2e  # the CLI as a real process
@@ -76,6 +78,14 @@ def test_an_unreachable_server_is_named_by_its_cause(tmp_path):
     proc = strata("endpoint", "list", "--server", "127.0.0.1:1", "--admin-token-file", token,
                   rc=None)
     assert_one_line_error(proc, "server URL '127.0.0.1:1' must look like https://HOST:PORT")
+
+
+def test_transport_causes_are_words():
+    assert transport_cause(httpx.ConnectError("[Errno 111] Connection refused")) == \
+        "Connection refused"
+    assert transport_cause(httpx.RemoteProtocolError("Server disconnected")) == \
+        "the server closed the connection without a proper answer"
+    assert transport_cause(httpx.ReadTimeout("")) == "the server did not answer in time"
 
 
 def test_piped_tables_keep_paths_whole_and_times_iso(cli, store):
