@@ -321,3 +321,25 @@ def test_cli_mounts_an_endpoints_snapshot_through_the_server(fleet, tmp_path: Pa
         assert "fetched" in out
     finally:
         m.ensure_gone()
+
+
+@pytest.mark.e2e
+def test_export_and_mount_trust_the_server_as_every_admin_command_does(tmp_path: Path) -> None:
+    """Over HTTPS with the server's own certificate: refused in one line unless trusted
+    (--ca-cert), then the request reaches the server (which knows no such endpoint)."""
+    from server_fixtures import Server, strata
+
+    srv = Server(tmp_path / "data", signing=False, tls=True).start()
+    try:
+        base = ("--server", srv.url, "--admin-token-file", srv.token_file)
+        for cmd in (("endpoint", "export", "nobody", "--snapshot", "latest", "--to",
+                     tmp_path / "out"),
+                    ("endpoint", "export", "nobody", "--snapshot", "latest", "--to",
+                     tmp_path / "out.tar")):
+            untrusted = strata(*cmd, *base, rc=2)
+            assert "not trusted" in untrusted.stderr, untrusted.stderr
+            assert len(untrusted.stderr.strip().splitlines()) == 1
+            trusted = strata(*cmd, *base, "--ca-cert", srv.data / "tls/cert.pem", rc=2)
+            assert "no endpoint 'nobody'" in trusted.stderr, trusted.stderr
+    finally:
+        srv.stop()
