@@ -30,17 +30,27 @@ class RemoteSnapshot:
     time: str = ""  # ISO 8601, as the server recorded it
 
 
-class AdminSnapshotSource:
-    """One snapshot of one endpoint, over one HTTP connection kept open."""
+class Refused(StrataError):
+    """The server answered with an error status (`status`)."""
 
-    def __init__(self, admin: AdminClient, endpoint: str, snapshot: str = "latest") -> None:
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AdminSnapshotSource:
+    """One snapshot of one endpoint, over one HTTP connection kept open (`http`: another
+    client to the same API, for tests)."""
+
+    def __init__(self, admin: AdminClient, endpoint: str, snapshot: str = "latest",
+                 http: httpx.Client | None = None) -> None:
         self._admin = admin
         self._endpoint = path_part(endpoint, "endpoint id")
         self._ref = path_part(snapshot or "latest", "snapshot")
         # The same trust as every admin command (--ca-cert, --server-fingerprint).
-        self._http = httpx.Client(base_url=admin.server.rstrip("/"), timeout=120,
-                                  headers={"Authorization": f"Bearer {admin.token}"},
-                                  verify=admin.verify)
+        self._http = http or httpx.Client(
+            base_url=admin.server.rstrip("/"), timeout=120, verify=admin.verify,
+            headers={"Authorization": f"Bearer {admin.token}"})
         self.bytes_received = 0
 
     def __enter__(self) -> AdminSnapshotSource:
@@ -60,8 +70,8 @@ class AdminSnapshotSource:
                 detail = error_detail(resp.json())
             except ValueError:
                 detail = resp.text[:200].strip()
-            raise StrataError(f"server refused ({resp.status_code}): "
-                              f"{detail or resp.reason_phrase}")
+            raise Refused(resp.status_code, f"server refused ({resp.status_code}): "
+                                            f"{detail or resp.reason_phrase}")
         return resp
 
     def _send(self, method: str, url: str, **kw: object) -> httpx.Response:
@@ -89,15 +99,26 @@ class AdminSnapshotSource:
     def load_chunks(self, ids: list[bytes]) -> list[bytes | CorruptData]:
         got: dict[bytes, bytes | CorruptData] = {}
         for start in range(0, len(ids), MAX_CHUNKS):
-            part = list(dict.fromkeys(ids[start:start + MAX_CHUNKS]))
-            resp = self._send("POST", self._url("chunks"), json={"ids": [c.hex() for c in part]})
-            for cid, raw_length, payload in read_bundle(resp.content):
-                try:
-                    got[cid] = decode_payload(cid, payload, raw_length)  # verified here
-                except CorruptData as exc:
-                    got[cid] = exc
+            self._fetch(list(dict.fromkeys(ids[start:start + MAX_CHUNKS])), got)
         return [got.get(c, CorruptData(f"server did not send chunk {c.hex()[:16]}"))
                 for c in ids]
+
+    def _fetch(self, part: list[bytes], got: dict[bytes, bytes | CorruptData]) -> None:
+        try:
+            resp = self._send("POST", self._url("chunks"), json={"ids": [c.hex() for c in part]})
+        except Refused as exc:
+            # More bytes than one answer may carry (a store of large chunks): in halves.
+            if exc.status != 413 or len(part) == 1:
+                raise
+            half = len(part) // 2
+            self._fetch(part[:half], got)
+            self._fetch(part[half:], got)
+            return
+        for cid, raw_length, payload in read_bundle(resp.content):
+            try:
+                got[cid] = decode_payload(cid, payload, raw_length)  # verified here
+            except CorruptData as exc:
+                got[cid] = exc
 
     def download(self, path: str, fmt: str | None, target: Path) -> int:
         """Stream a file or an archive into `target` (written beside it, then renamed
