@@ -36,7 +36,8 @@ from strata.tree.writer import validate_path
 
 MAX_DOWNLOADS = 4  # streaming at once, per server process
 TREES_KEPT = 4  # indexed snapshots kept between requests ...
-TREES_KEPT_BYTES = 256 << 20  # ... and their manifests' bytes, at most
+TREES_KEPT_BYTES = 128 << 20  # ... and their manifests' bytes (an index costs about as
+                              # much again), at most
 TREE_CACHE_BYTES = 8 << 20  # chunks each kept tree holds
 FORMATS = ("raw", "tar", "zip")
 _TYPES = {EntryType.FILE: "file", EntryType.DIR: "dir", EntryType.SYMLINK: "symlink",
