@@ -44,6 +44,9 @@ class Credential:
     credential: str
     root: str
     ca_cert: str = ""  # PEM bundle to trust for a server with a private CA ("" = system)
+    # Stay on the root's file system (mounts inside it are not walked); None: only when
+    # the root is the machine's own "/" (NFS shares, USB disks, tmpfs stay out).
+    one_file_system: bool | None = None
     server_cert: str = ""  # the server's own certificate, pinned at enrollment (PEM file)
     # Plain HTTP beyond loopback allowed at enrollment (--insecure); None: enrolled by a
     # version that did not ask, whose credential keeps working as it did.
@@ -54,6 +57,12 @@ class Credential:
         from strata.transport import verify_setting
 
         return verify_setting(self.ca_cert, self.server_cert)
+
+    @property
+    def stays_on_root_fs(self) -> bool:
+        if self.one_file_system is not None:
+            return self.one_file_system
+        return os.path.realpath(self.root) == os.path.realpath(os.sep)
 
 
 class AgentState:

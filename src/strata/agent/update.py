@@ -18,6 +18,7 @@ from typing import Literal
 import zstandard
 
 from strata.agent.client import ServerClient, ServerUnreachable
+from strata.agent.deltas import fill_by_deltas, manifest_by_delta, note_manifest
 from strata.agent.drift import tree_changed
 from strata.agent.signing import approve_update, save_record
 from strata.agent.state import AgentState
@@ -55,6 +56,9 @@ class UpdateFailed(StrataError):
     pass
 
 
+CONFLICTS_LISTED = 20  # in an apply's result; all are counted
+
+
 @dataclass
 class UpdateResult:
     key: str
@@ -62,9 +66,12 @@ class UpdateResult:
     # or refused: unsigned, forged or stale (see strata.signing.policy)
     changes: dict = field(default_factory=dict)
     conflicts: dict = field(default_factory=dict)
+    # The first conflicts one by one ({kind, path, detail}): a count alone names no file.
+    conflict_list: list = field(default_factory=list)
     chunks_downloaded: int = 0
     bytes_downloaded: int = 0  # on the wire, compressed
     bytes_seeded: int = 0  # read from the endpoint's own files instead
+    files_by_delta: int = 0  # changed files rebuilt from the endpoint's old copy + a delta
     warnings: list[str] = field(default_factory=list)
     pre_update_snapshot: str | None = None
     seconds: float = 0.0
@@ -131,16 +138,28 @@ class LayerSource:
         if self.client is None:
             raise UpdateFailed(f"layer {layer.name}:{layer.version} is not cached and the "
                                "server is unreachable")
+        cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        patched = manifest_by_delta(self.client, cached.parent, layer)
+        try:
+            if patched is None:
+                raise LayerRefused("no delta")
+            self.approval.verify_manifest(layer, patched)
+            data = patched
+        except LayerRefused:  # whole, then: judged below like any fetched manifest
+            data = self._whole_manifest(layer)
+            self.approval.verify_manifest(layer, data)  # before it is kept or used
+        atomic_write(cached, data)
+        note_manifest(cached.parent, layer)
+        return data
+
+    def _whole_manifest(self, layer: DesiredLayer) -> bytes:
+        assert self.client is not None
         resp = self.client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/manifest")
         try:
-            data = zstandard.ZstdDecompressor().stream_reader(resp.content).read(MAX_MANIFEST)
+            return zstandard.ZstdDecompressor().stream_reader(resp.content).read(MAX_MANIFEST)
         except zstandard.ZstdError as exc:
             raise CorruptData(f"layer {layer.name}:{layer.version}: manifest does not "
                               f"decompress ({exc})") from None
-        self.approval.verify_manifest(layer, data)  # before it is kept or used
-        cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(cached, data)
-        return data
 
     def contents(self, layers: list[DesiredLayer]) -> list[LayerContent]:
         return [LayerContent(label=f"{dl.kind} {dl.name}:{dl.version}", kind=dl.kind,
@@ -366,6 +385,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         state.save_update({"key": desired.key, "state": UpdateState.DOWNLOADING,
                            "desired": desired.model_dump(), "approval": approval.to_dict()})
         lengths = plan.chunks_in_order()
+        by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
+                                  source.lacking(list(lengths)))
         lacking = source.lacking(list(lengths))
         last = [0.0]
 
@@ -389,7 +410,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
                             changes=summary["changes"],
                             conflicts=summary["conflicts"],
                             chunks_downloaded=source.chunks_downloaded,
-                            bytes_downloaded=received(),
+                            bytes_downloaded=received(), files_by_delta=by_delta.rebuilt,
+                            warnings=by_delta.failed[:20],
                             seconds=round(time.monotonic() - started, 3))
     finally:
         source.close()
@@ -414,6 +436,9 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         plan, image, rules = compute_plan(source, desired, current, state.owned(),
                                           repair=repair)
         lengths = plan.chunks_in_order()
+        by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
+                                  source.lacking(list(lengths)))
+        result.files_by_delta += by_delta.rebuilt
         source.download(source.lacking(list(lengths)), lengths)
         need = plan.bytes_to_write()
         free = shutil.disk_usage(root).free
@@ -433,6 +458,7 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         state.save_owned(b"".join(encode_manifest(owned.sorted_entries())))
         summary = plan.summary()
         result.changes, result.conflicts = summary["changes"], summary["conflicts"]
+        result.conflict_list = summary["conflict_list"][:CONFLICTS_LISTED]
         result.warnings += list(getattr(stats, "warnings", []))
         result.bytes_downloaded += source.bytes_downloaded
         result.chunks_downloaded += source.chunks_downloaded
@@ -465,6 +491,7 @@ class LocalTree:
     root: Path
     excludes: list[str]
     chunker: ChunkerParams
+    one_file_system: bool = False  # mounts inside the root are not the endpoint's tree
 
 
 def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
@@ -476,10 +503,12 @@ def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
     _, manifest = state.parent()
     if manifest is None:
         raise UpdateFailed("this endpoint has not centralized yet: it must, before an update")
-    if not tree_changed(tree.root, tree.excludes, manifest):
+    if not tree_changed(tree.root, tree.excludes, manifest,
+                        one_file_system=tree.one_file_system):
         return list(decode_manifest([manifest]))
     archive = archive_tree(HashOnlySink(Chunker(tree.chunker)), tree.root,
-                           parent_entries=decode_manifest([manifest]), excludes=tree.excludes)
+                           parent_entries=decode_manifest([manifest]), excludes=tree.excludes,
+                           one_file_system=tree.one_file_system)
     return list(decode_manifest([archive.manifest_bytes]))
 
 
@@ -584,7 +613,7 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
     # A resumed apply whose journal was rolled forward switched the tree before this run
     # (its change list here is empty): the tree says whether a snapshot is owed.
     if centralize is not None and (any(result.changes.values()) or resuming and tree_changed(
-            root, tree.excludes, state.parent()[1])):
+            root, tree.excludes, state.parent()[1], one_file_system=tree.one_file_system)):
         centralize("post-update")
     result.seconds = round(time.monotonic() - started, 3)
     return result

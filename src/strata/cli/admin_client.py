@@ -29,6 +29,7 @@ from strata.model.admin import (
     Deleted,
     DryRunReport,
     DryRunRequest,
+    EndpointDeleted,
     EndpointDetail,
     EndpointState,
     EndpointSummary,
@@ -40,6 +41,8 @@ from strata.model.admin import (
     LayerInfo,
     MigrateRequest,
     PolicyDocument,
+    PolicyPlan,
+    PolicyPlanRequest,
     ProvisionRequest,
     ProvisionResult,
     RestoreRequest,
@@ -53,6 +56,16 @@ from strata.model.admin import (
     TokenInfo,
     TokenRequest,
     TransactionInfo,
+)
+from strata.model.snapshot_files import SnapshotFolder
+from strata.model.users import (
+    Caller,
+    PasswordRequest,
+    UserInfo,
+    UserRequest,
+    UserTokenCreated,
+    UserTokenInfo,
+    UserTokenRequest,
 )
 from strata.transport import (
     check_server_url,
@@ -107,6 +120,16 @@ def path_part(value: str, what: str) -> str:
     if "/" in value or not value.strip("."):
         raise StrataError(f"{what} {value!r} is not valid")
     return quote(value, safe="")
+
+
+def snapshot_path(path: str) -> dict[str, str]:
+    """A path in a snapshot as a query parameter: `path`, or `path_hex` for a name that is
+    not UTF-8 (as the shell hands it over: bytes kept by surrogateescape)."""
+    try:
+        path.encode("utf-8")
+        return {"path": path}
+    except UnicodeEncodeError:
+        return {"path_hex": os.fsencode(path).hex()}
 
 
 def build(model: type[M], **fields: Any) -> M:
@@ -223,6 +246,10 @@ class AdminClient:
         return self._typed(EndpointState, "POST",
                            f"{API}/endpoints/{path_part(ref, 'endpoint id')}/revoke")
 
+    def delete_endpoint(self, ref: str) -> EndpointDeleted:
+        return self._typed(EndpointDeleted, "DELETE",
+                           f"{API}/endpoints/{path_part(ref, 'endpoint id')}")
+
     def set_tags(self, ref: str, req: TagsRequest) -> EndpointTags:
         return self._typed(EndpointTags, "PUT",
                            f"{API}/endpoints/{path_part(ref, 'endpoint id')}/tags", req)
@@ -250,6 +277,14 @@ class AdminClient:
     def set_policy(self, kind: str, document: object) -> PolicyDocument:
         doc = self.call("PUT", f"{API}/policies/{path_part(kind, 'policy kind')}", document)
         return TypeAdapter(PolicyDocument).validate_python(doc)
+
+    def plan_policy(self, kind: str, req: PolicyPlanRequest) -> PolicyPlan:
+        return self._typed(PolicyPlan, "POST",
+                           f"{API}/policies/{path_part(kind, 'policy kind')}/plan", req)
+
+    def reset_policy(self, kind: str) -> PolicyDocument:
+        return self._typed(PolicyDocument, "DELETE",
+                           f"{API}/policies/{path_part(kind, 'policy kind')}")
 
     # -- layers ------------------------------------------------------------------------------------
 
@@ -322,3 +357,42 @@ class AdminClient:
 
     def task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "GET", f"{API}/tasks/{task_id}")
+
+    # -- snapshot browsing (downloads and chunks: cli/snapshot_source.py) --------------------------
+
+    def snapshot_files(self, ref: str, snapshot: str, path: str = "", offset: int = 0,
+                       limit: int = 1000) -> SnapshotFolder:
+        return self._typed(SnapshotFolder, "GET",
+                           f"{API}/endpoints/{path_part(ref, 'endpoint id')}/snapshots/"
+                           f"{path_part(snapshot or 'latest', 'snapshot')}/files",
+                           params={**snapshot_path(path), "offset": str(offset),
+                                   "limit": str(limit)})
+    # -- users -------------------------------------------------------------------------------------
+
+    def whoami(self) -> Caller:
+        return self._typed(Caller, "GET", f"{API}/me")
+
+    def create_user(self, req: UserRequest) -> UserInfo:
+        return self._typed(UserInfo, "POST", f"{API}/users", req)
+
+    def users(self) -> list[UserInfo]:
+        return self._typed(list[UserInfo], "GET", f"{API}/users")
+
+    def delete_user(self, name: str) -> Deleted:
+        return self._typed(Deleted, "DELETE", f"{API}/users/{path_part(name, 'user name')}")
+
+    def set_password(self, name: str, req: PasswordRequest) -> UserInfo:
+        return self._typed(UserInfo, "PUT",
+                           f"{API}/users/{path_part(name, 'user name')}/password", req)
+
+    def create_user_token(self, name: str, req: UserTokenRequest) -> UserTokenCreated:
+        return self._typed(UserTokenCreated, "POST",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens", req)
+
+    def user_tokens(self, name: str) -> list[UserTokenInfo]:
+        return self._typed(list[UserTokenInfo], "GET",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens")
+
+    def revoke_user_token(self, name: str, token_id: int) -> UserTokenInfo:
+        return self._typed(UserTokenInfo, "DELETE",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens/{token_id}")

@@ -147,6 +147,29 @@ class ChunkRequest(BaseModel):
     ids: list[str] = Field(max_length=MAX_IDS_PER_QUERY)
 
 
+MAX_DELTA_FILES = 1024  # files per delta request (their sizes are bounded too)
+
+
+class DeltaPair(BaseModel):
+    """One changed file of a layer update: the content the endpoint holds (its content
+    hash) and the content it needs."""
+
+    old: str = Field(min_length=64, max_length=64)
+    new: str = Field(min_length=64, max_length=64)
+
+
+class DeltaGroup(BaseModel):
+    """Files that travel as one delta (strata.engine.delta), with how many bytes of their
+    new versions' chunks the endpoint lacks."""
+
+    files: list[DeltaPair] = Field(min_length=1, max_length=MAX_DELTA_FILES)
+    lacking: int = Field(ge=0, le=INT64_MAX)
+
+
+class DeltaRequest(BaseModel):
+    groups: list[DeltaGroup] = Field(max_length=MAX_DELTA_FILES)
+
+
 class UpdateReport(BaseModel):
     """The agent's progress on its desired state (`key`)."""
 

@@ -29,11 +29,13 @@ from strata.server.auth import (
 from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
+from strata.server.console.pages import mount_console
 from strata.server.context import ServerContext, ServerSettings
-from strata.server.deps import client_ip
+from strata.server.deps import client_ip, label_permissions
 from strata.server.maintenance import upkeep_threads
 from strata.server.routes import (
     agent,
+    agent_deltas,
     agent_layers,
     agent_sync,
     audit,
@@ -41,10 +43,13 @@ from strata.server.routes import (
     compliance,
     endpoints,
     layers,
+    maintenance,
     operations,
     policies,
     signing,
+    snapshot_files,
     tokens,
+    users,
 )
 from strata.server.store_location import open_server_store
 from strata.server.stream_cache import StreamCache
@@ -87,9 +92,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.admin_token_path = token_path
     app.state.metrics_digest = digest(read_token_file(metrics_token_path))
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
-                   collections, compliance, operations, audit, signing):
+                   collections, compliance, operations, audit, signing, snapshot_files,
+                   users, maintenance, agent_deltas):
+        label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
+    mount_console(app)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)  # added last = outermost: it sees the 413s too

@@ -24,6 +24,7 @@ from strata.store.locks import Session as StoreSession
 from strata.store.repository import Store
 
 if TYPE_CHECKING:
+    from strata.server.services.deltas import DeltaService
     from strata.signing.repository import SigningRepository
 
 UPLOAD_IDLE_SECONDS = 3600  # an upload session nobody touched for this long is over
@@ -76,6 +77,14 @@ class ServerContext:
         from strata.signing.repository import SigningRepository
 
         return SigningRepository(self.settings.data_dir / "signing")
+
+    @functools.cached_property
+    def deltas(self) -> DeltaService:
+        """File deltas of layer updates, kept in DATA/cache/deltas (services/deltas.py)."""
+        from strata.server.metrics import DELTA_CACHE
+        from strata.server.services.deltas import DeltaService
+
+        return DeltaService(self.settings.data_dir / "cache" / "deltas", metric=DELTA_CACHE)
 
     def session(self) -> DbSession:
         """A session for reading (SQLite in WAL mode and PostgreSQL run reads side by side)."""

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import blake3
+from prometheus_client import Counter
 
 from strata.server.metrics import STREAM_CACHE
 from strata.store.backend import atomic_write
@@ -26,8 +27,9 @@ _STRIPES = 64  # requests for the same stream wait for one compression, not race
 
 
 class StreamCache:
-    def __init__(self, directory: Path, max_bytes: int = 4 << 30):
+    def __init__(self, directory: Path, max_bytes: int = 4 << 30, metric: Counter = STREAM_CACHE):
         self.dir = Path(directory)
+        self.metric = metric
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
@@ -38,9 +40,9 @@ class StreamCache:
         with self._locks[int(key[:8], 16) % _STRIPES]:
             body = self._load(key)
             if body is not None:
-                STREAM_CACHE.labels("hit").inc()
+                self.metric.labels("hit").inc()
                 return body
-            STREAM_CACHE.labels("miss").inc()
+            self.metric.labels("miss").inc()
             body = make()
             try:
                 atomic_write(self.dir / key, blake3.blake3(body).digest() + body,

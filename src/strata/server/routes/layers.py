@@ -17,13 +17,14 @@ from strata.model.admin import (
     LayerDiff,
     LayerInfo,
 )
+from strata.model.roles import Permission
 from strata.model.wire import MissingRequest, MissingResponse, UploadResponse
 from strata.server.context import ServerContext
-from strata.server.deps import admin_router, get_ctx, read_body, require_admin
+from strata.server.deps import admin_router, get_ctx, read_body, require
 from strata.server.services import dry_run as dry_runs
 from strata.server.services import layers, sync
 
-router = admin_router("layers")
+router = admin_router("layers", Permission.LAYERS)
 
 
 @router.post("/chunks/missing", response_model=MissingResponse)
@@ -49,7 +50,7 @@ def capture_config(os_family: str = "linux",
 
 @router.post("/layers", response_model=LayerInfo)
 def capture_layer(body: LayerCaptureRequest, ctx: ServerContext = Depends(get_ctx),
-                  actor: str = Depends(require_admin)) -> LayerInfo:
+                  actor: str = Depends(require(Permission.LAYERS))) -> LayerInfo:
     return layers.capture(ctx, body, actor=actor)
 
 
@@ -73,7 +74,7 @@ def diff_layers(a: str, b: str, ctx: ServerContext = Depends(get_ctx)) -> LayerD
 
 @router.delete("/layers/{ref}", response_model=Deleted)
 def delete_layer(ref: str, ctx: ServerContext = Depends(get_ctx),
-                 actor: str = Depends(require_admin)) -> Deleted:
+                 actor: str = Depends(require(Permission.LAYERS))) -> Deleted:
     return layers.delete_layer(ctx, ref, actor=actor)
 
 
