@@ -180,7 +180,7 @@ def test_catalog_with_endpoints_upgrades(tmp_path: Path) -> None:
             cfg.attributes["connection"] = conn
             getattr(command, action)(cfg, revision)
     try:
-        alembic("upgrade", "0002")
+        alembic("upgrade", "0003")
         with engine.begin() as conn:
             conn.execute(text(
                 "INSERT INTO endpoints (id, hostname, os, state, credential_hash, enrolled_at,"
