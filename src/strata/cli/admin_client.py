@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -89,6 +90,10 @@ def admin_token(token_file: Path | None) -> str:
         except OSError as exc:
             raise StrataError(f"cannot read admin token file {token_file}: "
                               f"{exc.strerror}") from None
+    if not token and sys.stdin.isatty():  # typed, never in argv where `ps` shows it
+        import getpass
+
+        token = getpass.getpass("Admin token: ").strip()
     if not token:
         raise StrataError("no admin token: pass --admin-token-file or set STRATA_ADMIN_TOKEN")
     return token
