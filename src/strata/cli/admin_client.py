@@ -163,6 +163,7 @@ class AdminClient:
         self._server = server
         self._token_file = token_file
         self._verify: bool | ssl.SSLContext | None = None
+        self._token: str | None = None
 
     @property
     def server(self) -> str:
@@ -182,7 +183,9 @@ class AdminClient:
 
     @property
     def token(self) -> str:
-        return admin_token(self._token_file)
+        if self._token is None:  # once: it may be typed at a prompt
+            self._token = admin_token(self._token_file)
+        return self._token
 
     def call(self, method: str, path: str, body: object = None,
              params: dict[str, str] | None = None) -> object:
