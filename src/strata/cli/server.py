@@ -83,7 +83,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
 
     from strata.server.app import create_app
     from strata.server.context import ServerSettings
-    from strata.server.data_dir import lock_down, tighten
+    from strata.server.data_dir import lock_down
     from strata.server.http_timeouts import timed_protocol
     from strata.server.listener import DataDirLock, bind, parse_listen, serve_metrics
     from strata.server.services.credentials import parse_duration
@@ -116,8 +116,6 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
         app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
         if metrics_address is not None:
             serve_metrics(metrics_address)
-        if not store.startswith("s3://"):
-            tighten(Path(store) if store else data_dir / "store")
         lines = _banner(address, data_dir, store, app, certificate, metrics_address)
         err_console.print("\n".join(lines), highlight=False)
         config = uvicorn.Config(
