@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from strata.agent.client import ServerClient
+from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
 from strata.agent.sink import RemoteSink
 from strata.agent.state import AgentState
@@ -60,7 +60,7 @@ def checkin(client: ServerClient, root: Path, state: AgentState, *,
                        "applied_key": state.applied_key()}}
     # Few retries: an unreachable server means "offline, try next cycle", not a stall.
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
-    info = CheckinResponse.model_validate(resp.json())
+    info = parse_answer(resp, CheckinResponse)
     adopt_credential(client, state, info.credential)
     state.update_status(server_reachable=True, access="ok", last_checkin=iso(clock),
                         policy=info.policy.model_dump(), chunker=info.chunker.model_dump())

@@ -6,14 +6,18 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+from typing import TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from strata.agent.throttle import TokenBucket
 from strata.errors import StrataError
 from strata.transport import describe_transport_error, is_certificate_error
 
-RETRY_STATUS = {502, 503, 504}
+M = TypeVar("M", bound=BaseModel)
+RETRY_STATUS = {429, 502, 503, 504}
+MAX_RETRY_AFTER = 60.0  # seconds: a server asking for longer is waited on for this long
 
 
 class ServerUnreachable(StrataError):
@@ -88,6 +92,7 @@ class ServerClient:
                         raise self.refusal(resp.status_code, _message(resp))
                     return resp
                 failure = f"server busy ({resp.status_code})"
+                delay = max(delay, _retry_after(resp))
             if attempt == retries:
                 raise ServerUnreachable(failure)
             with self._lock:
@@ -95,6 +100,34 @@ class ServerClient:
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
+
+
+class MalformedAnswer(StrataError):
+    """The server's answer does not have the shape the agent expects (or names a file
+    with a path): nothing is done with it."""
+
+
+def parse_answer(resp: httpx.Response, model: type[M]) -> M:
+    """The server's JSON answer checked against its schema before any of it is used (ids
+    that will name files are checked there too: model/wire.py)."""
+    try:
+        return model.model_validate(resp.json())
+    except (ValueError, ValidationError) as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            why = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        else:
+            why = "not JSON"
+        raise MalformedAnswer(f"the server's answer to {resp.request.url.path} is malformed "
+                              f"({why}): ignored") from None
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    """The server's Retry-After (seconds), bounded; 0 when absent or unreadable."""
+    try:
+        return min(MAX_RETRY_AFTER, max(0.0, float(resp.headers.get("Retry-After", "0"))))
+    except ValueError:
+        return 0.0
 
 
 def _message(resp: httpx.Response) -> str:

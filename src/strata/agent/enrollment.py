@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from strata.agent.client import ServerClient
+from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
 from strata.agent.signing import fetch_root, pin
 from strata.agent.state import AgentState, Credential, NotEnrolled
@@ -69,10 +69,10 @@ def enroll(state: AgentState, *, server: str, token: str, root: Path, ca_cert: s
                                   "was never run there), yet --root-fingerprint was given")
             if signing_root is not None:
                 check_root(signing_root, root_fingerprint)
-            resp = EnrollResponse.model_validate(client.request(
+            resp = parse_answer(client.request(
                 "POST", "/api/v1/agent/enroll", json={
                     "token": token, "hostname": inv["hostname"] or socket.gethostname(),
-                    "os": inv["os"], "inventory": inv}).json())
+                    "os": inv["os"], "inventory": inv}), EnrollResponse)
         finally:
             client.close()
         if old is not None:

@@ -32,7 +32,7 @@ from strata.layers.image import Image, LayerContent, build_image
 from strata.layers.plan import AccountMerge, Mode, Plan, plan_update
 from strata.layers.rules import LayerRules, PathClass
 from strata.model.entry import Entry, EntryType
-from strata.model.ids import content_id
+from strata.model.ids import content_id, is_hex_id
 from strata.model.manifest import decode_manifest, encode_manifest
 from strata.model.transfer import read_stream
 from strata.model.update import UpdateState
@@ -124,6 +124,9 @@ class LayerSource:
         self.cache.close()
 
     def manifest(self, layer: DesiredLayer) -> bytes:
+        if not is_hex_id(layer.snapshot):  # it names a file: never a path from the server
+            raise UpdateFailed(f"layer {layer.name}:{layer.version}: the server named its "
+                               "snapshot with something other than an id: refused")
         cached = self.state.path / "layers" / f"{layer.snapshot}.manifest"
         try:
             data = cached.read_bytes()

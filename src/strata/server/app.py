@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -32,7 +33,9 @@ from strata.server.catalog.types import CatalogValueError
 from strata.server.console.pages import mount_console
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.deps import client_ip, label_permissions
+from strata.server.holdings import Holdings
 from strata.server.maintenance import upkeep_threads
+from strata.server.possession import NonceMinter
 from strata.server.routes import (
     agent,
     agent_deltas,
@@ -57,6 +60,9 @@ from strata.server.stream_cache import StreamCache
 log = logging.getLogger("strata.server")
 
 
+MAX_ECHOED_INPUT = 200  # characters of a refused value a 422 repeats back
+
+
 def _finite_or_text(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
@@ -71,7 +77,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                               s3_region=settings.s3_region, passphrase=settings.passphrase,
                               encrypt=settings.encrypt)
     ctx = ServerContext(settings=settings, store=store, db=sessions,
-                        streams=StreamCache(settings.data_dir / "cache" / "streams"))
+                        streams=StreamCache(settings.data_dir / "cache" / "streams"),
+                        holdings=Holdings(settings.data_dir / "holdings.sqlite"),
+                        possession=NonceMinter(settings.data_dir / "possession.key"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,6 +92,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         for t in threads:
             t.join(timeout=10)  # the last visits reach the catalog
         ctx.store.close()
+        ctx.holdings.close()
 
     app = FastAPI(title="Strata server", version=__version__, lifespan=lifespan,
                   openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs")
@@ -106,7 +115,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:
         # Services refuse with StrataError subclasses (NotFound, Conflict, Invalid, ...):
         # this is the one place that turns them into HTTP answers.
-        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
+        retry = getattr(exc, "retry_after", None)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status,
+                            headers={"Retry-After": str(retry)} if retry else None)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, _exc: ClientDisconnect) -> Response:
@@ -121,6 +132,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         # FastAPI's own handler echoes the input back and fails (a 500) when that holds a
         # NaN or an infinity, which Python's JSON parser accepts: write those as strings.
         errors = jsonable_encoder(exc.errors(), custom_encoder={float: _finite_or_text})
+        for error in errors:  # the input is echoed only when short: never megabytes back
+            if len(json.dumps(error.get("input"))) > MAX_ECHOED_INPUT:
+                error.pop("input", None)
         return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(StatementError)

@@ -18,6 +18,9 @@ from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
 from strata.server.catalog.models import Endpoint
+from strata.server.holdings import Holdings
+from strata.server.possession import NonceMinter
+from strata.server.rate_limit import ConcurrencyLimit, RateLimiter
 from strata.server.read_cache import ReadCache
 from strata.server.stream_cache import StreamCache
 from strata.store.locks import Session as StoreSession
@@ -34,6 +37,11 @@ T = TypeVar("T")
 # Admin changes clear the cache at once (server/read_cache.py); the TTL bounds how long
 # another server process may serve a value it cached before a change made elsewhere.
 CACHE_SECONDS = 300.0
+# Chunk ids one endpoint may ask about (missing, proofs): a first centralization of 1 TB
+# asks about some 16 million, in hours; probing for other endpoints' data needs far more.
+IDS_PER_SECOND = 20_000
+IDS_BURST = 1_000_000
+UPLOADS_AT_ONCE = 2  # per endpoint (and layer downloads): the agent does one at a time
 
 
 @dataclass
@@ -64,6 +72,14 @@ class ServerContext:
     store: Store
     db: sessionmaker
     streams: StreamCache
+    holdings: Holdings
+    possession: NonceMinter
+    id_queries: RateLimiter = field(
+        default_factory=lambda: RateLimiter(IDS_PER_SECOND, IDS_BURST))
+    upload_slots: ConcurrencyLimit = field(
+        default_factory=lambda: ConcurrencyLimit(UPLOADS_AT_ONCE))
+    download_slots: ConcurrencyLimit = field(
+        default_factory=lambda: ConcurrencyLimit(UPLOADS_AT_ONCE))
     uploads: dict[str, tuple[StoreSession, float]] = field(default_factory=dict)
     _uploads_lock: threading.Lock = field(default_factory=threading.Lock)
     _snapshot_chunks: OrderedDict[str, frozenset[bytes]] = field(default_factory=OrderedDict)

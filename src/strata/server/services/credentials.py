@@ -27,6 +27,9 @@ class EnrollmentRefused(StrataError):
     http_status = 401
 
 
+MAX_DURATION_DAYS = 3660  # ten years: far more overflows a date
+
+
 class CredentialExpired(StrataError):
     """The device credential was not renewed within its lifetime (the endpoint stayed
     away too long): the agent must enroll again."""
@@ -35,11 +38,13 @@ class CredentialExpired(StrataError):
 
 
 def parse_duration(text: str) -> timedelta:
-    m = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
+    m = re.fullmatch(r"([0-9]{1,12})\s*([smhd])", text.strip()[:64])
     if not m:
-        raise Invalid(f"not a duration: {text!r} (e.g. 30m, 24h, 7d)")
-    return timedelta(seconds=int(m.group(1)) * {"s": 1, "m": 60, "h": 3600,
-                                                  "d": 86400}[m.group(2)])
+        raise Invalid(f"not a duration: {text[:64]!r} (e.g. 30m, 24h, 7d)")
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise Invalid(f"a duration may be at most {MAX_DURATION_DAYS}d (or never)")
+    return timedelta(seconds=seconds)
 
 
 def create_enrollment_token(ctx: ServerContext, req: TokenRequest, *,
