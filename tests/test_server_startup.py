@@ -140,7 +140,7 @@ def test_stalled_upload_is_cut_off_and_the_server_carries_on(impatient: Server) 
     resp = client.post("/api/v1/agent/chunks/missing", json={"ids": []})
     assert resp.status_code == 200, resp.text
     log = impatient.log.read_text()
-    assert "went away during POST /api/v1/agent/chunks" in log  # one line,
+    assert "went away during" in log and "/api/v1/agent/chunks" in log  # one line,
     assert "Traceback" not in log  # not sixty
 
 
