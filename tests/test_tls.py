@@ -5,6 +5,7 @@ refuse plain HTTP to another machine, and a certificate failure reads as one lin
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
 from pathlib import Path
 
@@ -206,3 +207,43 @@ def test_every_command_that_talks_to_the_server_takes_ca_cert_and_a_fingerprint(
     for name, callback in talking:
         params = inspect.signature(callback).parameters  # type: ignore[arg-type]
         assert {"ca_cert", "server_fingerprint", "insecure"} <= set(params), name
+
+
+def test_an_endpoint_follows_its_server_to_https_and_a_renewed_certificate(
+        tmp_path: Path, tls_server: Server) -> None:
+    srv = Server(tmp_path / "data", signing=False).start()  # plain HTTP on loopback
+    try:
+        root, state, token_file = _agent_files(tmp_path, srv.create_token())
+        strata("agent", "enroll", "--server", srv.url, "--token-file", token_file,
+               "--root", root, "--state", state)
+        endpoint = json.loads((state / "credential.json").read_text())["endpoint_id"]
+        srv.stop()
+        srv.tls = True  # the upgrade: the same server, now serving HTTPS
+        srv.start()
+        proc = strata("agent", "backup", "--state", state, rc=3)
+        assert "an https:// server reached with http://" in proc.stderr, proc.stderr
+        out = strata("agent", "trust-server", "--server", srv.url, "--server-fingerprint",
+                     cert_fingerprint(srv), "--state", state, "--json")
+        assert json.loads(out.stdout)["server_trust"] == \
+            f"pinned certificate {cert_fingerprint(srv)}"
+        assert json.loads(strata("agent", "backup", "--state", state, "--json").stdout)[
+            "centralized"]
+
+        srv.stop()  # the certificate is renewed (made anew at the next start)
+        shutil.rmtree(srv.data / "tls")
+        srv.start()
+        proc = strata("agent", "backup", "--state", state, rc=3)
+        assert "not trusted" in proc.stderr, proc.stderr
+        # Another server's certificate and address: it does not know this endpoint, so
+        # nothing is changed.
+        wrong = strata("agent", "trust-server", "--server", tls_server.url,
+                       "--server-fingerprint", cert_fingerprint(tls_server), "--state", state,
+                       rc=2)
+        assert_one_line_error(wrong, "unknown device credential")
+        strata("agent", "trust-server", "--server-fingerprint", cert_fingerprint(srv),
+               "--state", state)
+        status = json.loads(strata("agent", "status", "--state", state, "--json").stdout)
+        assert status["endpoint_id"] == endpoint and status["access"] == "ok", status
+        assert status["server_trust"] == f"pinned certificate {cert_fingerprint(srv)}"
+    finally:
+        srv.stop()
