@@ -70,6 +70,18 @@ def test_server_prints_the_fingerprint(tls_server: Server) -> None:
     assert cert_fingerprint(tls_server) in log
 
 
+def test_an_administrators_certificate_chain_is_taken_as_given(tmp_path: Path) -> None:
+    made = server_certificate(ListenAddress("127.0.0.1", 1), tmp_path / "made", tls=True)
+    assert made is not None
+    chain = tmp_path / "chain.pem"  # as openssl pkcs12 writes it: text, leaf, then CA
+    chain.write_text("Bag Attributes\n    localKeyID: 01\n" + made.cert.read_text() * 2)
+    given = server_certificate(ListenAddress("0.0.0.0", 1), tmp_path / "data",
+                               tls_cert=chain, tls_key=made.key)
+    assert given is not None and not given.self_signed
+    assert given.fingerprint == made.fingerprint
+    assert not (tmp_path / "data" / "tls").exists()  # nothing made when one is given
+
+
 def test_a_bad_certificate_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "cert.pem").write_text("not a certificate\n")
     (tmp_path / "key.pem").write_text("not a key\n")
