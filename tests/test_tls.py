@@ -259,3 +259,16 @@ def test_an_endpoint_follows_its_server_to_https_and_a_renewed_certificate(
         assert status["server_trust"] == f"pinned certificate {cert_fingerprint(srv)}"
     finally:
         srv.stop()
+
+
+def test_signing_and_admin_commands_over_tls(tmp_path: Path) -> None:
+    """The whole admin side over HTTPS: signing set up through the CLI (it trusts the
+    certificate through STRATA_CA_CERT), then admin commands with the signing keys."""
+    srv = Server(tmp_path / "data", tls=True).start()  # signing init runs over TLS
+    try:
+        assert srv.keys.exists()
+        shown = json.loads(srv.admin_cli("signing", "status", "--json").stdout)
+        assert shown, shown
+        srv.admin_cli("endpoint", "list")
+    finally:
+        srv.stop()
