@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_fixtures import Server, assert_one_line_error, strata
+from server_fixtures import Server, assert_one_line_error, free_port, strata
 from strata.errors import StrataError
 from strata.server.listener import ListenAddress
 from strata.server.tls import server_certificate
@@ -272,3 +272,11 @@ def test_signing_and_admin_commands_over_tls(tmp_path: Path) -> None:
         srv.admin_cli("endpoint", "list")
     finally:
         srv.stop()
+
+
+def test_connection_failures_name_their_cause() -> None:
+    closed = f"https://127.0.0.1:{free_port()}"
+    proc = strata("endpoint", "list", "--server", closed, rc=2,
+                  env={"STRATA_ADMIN_TOKEN": "sadm_x"})
+    assert_one_line_error(proc, f"cannot reach {closed}: connection refused")
+    assert "ConnectError" not in proc.stderr
