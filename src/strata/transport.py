@@ -18,7 +18,7 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from strata.errors import StrataError
+from strata.errors import StrataError, transport_cause
 
 FINGERPRINT_HINT = "64 hex digits, as `strata server` printed it"
 
@@ -146,15 +146,12 @@ def describe_transport_error(server: str, exc: BaseException) -> str:
     if "name or service not known" in text or "nodename nor servname" in text or \
             any(isinstance(e, socket.gaierror) for e in chain):
         return f"cannot reach {server}: unknown host name"
-    if "timeout" in name.lower() or "timed out" in text:
-        return f"cannot reach {server}: timed out"
     if name == "RemoteProtocolError":
         return (f"{server} closed the connection without an answer (an https:// server "
                 "reached with http://?)")
     if name == "UnsupportedProtocol":
         return f"server URL {server!r} must start with https:// or http://"
-    reason = next((str(e) for e in chain if str(e)), name)
-    return f"cannot reach {server}: {reason}"
+    return f"cannot reach {server}: {transport_cause(exc)}"  # timeouts, broken connections
 
 
 def _os_reason(exc: BaseException) -> str:

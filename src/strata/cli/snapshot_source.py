@@ -12,12 +12,13 @@ from types import TracebackType
 
 import httpx
 
-from strata.errors import CorruptData, StrataError
+from strata.errors import CorruptData, StrataError, transport_cause
 from strata.model.entry import Entry
 from strata.model.manifest import decode_manifest
 from strata.model.snapshot_files import MAX_CHUNKS
 from strata.model.transfer import read_bundle
 from strata.store.pack import decode_payload
+from strata.transport import describe_transport_error
 
 from .admin_client import API, AdminClient, error_detail, path_part, snapshot_path
 
@@ -36,7 +37,7 @@ class AdminSnapshotSource:
         self._admin = admin
         self._endpoint = path_part(endpoint, "endpoint id")
         self._ref = path_part(snapshot or "latest", "snapshot")
-        self._http = httpx.Client(base_url=admin.server.rstrip("/"), timeout=120,
+        self._http = httpx.Client(base_url=admin.server, timeout=120, verify=admin.verify,
                                   headers={"Authorization": f"Bearer {admin.token}"})
         self.bytes_received = 0
 
@@ -65,8 +66,7 @@ class AdminSnapshotSource:
         try:
             resp = self._http.request(method, url, **kw)  # type: ignore[arg-type]
         except httpx.TransportError as exc:
-            raise StrataError(f"cannot reach {self._admin.server}: "
-                              f"{exc.__class__.__name__}") from None
+            raise StrataError(describe_transport_error(self._admin.server, exc)) from None
         self.bytes_received += len(resp.content)
         return self._check(resp)
 
@@ -117,7 +117,7 @@ class AdminSnapshotSource:
             os.replace(part, target)
         except httpx.TransportError as exc:
             raise StrataError(f"download from {self._admin.server} failed: "
-                              f"{exc.__class__.__name__}") from None
+                              f"{transport_cause(exc)}") from None
         finally:
             part.unlink(missing_ok=True)
         self.bytes_received += written
