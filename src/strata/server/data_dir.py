@@ -10,6 +10,9 @@ from pathlib import Path
 from strata.errors import StrataError
 
 MARKER = "admin.token"  # what every data directory holds from its first start on
+# What a server keeps there: a directory holding only these (a store copied in before
+# the first start, say) is a data directory too.
+OWN_NAMES = ("store", "store-state", "signing", "tls", "cache", "catalog.sqlite")
 
 
 def lock_down(data_dir: Path) -> None:
@@ -25,8 +28,10 @@ def lock_down(data_dir: Path) -> None:
         return
     if not data_dir.is_dir():
         raise StrataError(f"--data {data_dir} is not a directory")
-    if not (data_dir / MARKER).exists() and any(data_dir.iterdir()):
-        raise StrataError(f"{data_dir} holds other files and is not a Strata data directory "
-                          f"(no {MARKER}): give --data a new or empty directory")
+    foreign = [p.name for p in data_dir.iterdir() if not p.name.startswith(OWN_NAMES)]
+    if not (data_dir / MARKER).exists() and foreign:
+        raise StrataError(f"{data_dir} holds other files ({', '.join(sorted(foreign)[:3])}"
+                          f"{', …' if len(foreign) > 3 else ''}) and is not a Strata data "
+                          f"directory (no {MARKER}): give --data a new or empty directory")
     if data_dir.stat().st_mode & 0o077:
         os.chmod(data_dir, 0o700)
