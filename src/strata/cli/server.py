@@ -10,7 +10,7 @@ import typer
 
 from strata.errors import StrataError
 
-from .output import err_console
+from .output import err_console, log_to_stderr
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -118,6 +118,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
             serve_metrics(metrics_address)
         lines = _banner(address, data_dir, store, app, certificate, metrics_address)
         err_console.print("\n".join(lines), highlight=False)
+        log_to_stderr()  # the server's own warnings, cleaned of what clients put in them
         config = uvicorn.Config(
             app, log_level="warning", loop="uvloop",
             http=timed_protocol(header_timeout, body_timeout),
