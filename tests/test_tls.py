@@ -18,7 +18,7 @@ from strata.server.listener import ListenAddress
 from strata.server.tls import server_certificate
 from strata.transport import check_server_url, fingerprint, normalize_fingerprint
 
-pytestmark = pytest.mark.e2e  # real servers and agents
+E2E = pytest.mark.e2e  # the tests that run real servers, agents or CLIs
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,7 @@ def test_plain_http_is_only_for_loopback_or_insecure(tmp_path: Path) -> None:
         server_certificate(ListenAddress("10.0.0.5", 8470), tmp_path, insecure=True, tls=True)
 
 
+@E2E
 def test_server_prints_the_fingerprint(tls_server: Server) -> None:
     log = tls_server.log.read_text()
     assert f"Strata server on https://127.0.0.1:{tls_server.port}" in log
@@ -82,6 +83,7 @@ def test_an_administrators_certificate_chain_is_taken_as_given(tmp_path: Path) -
     assert not (tmp_path / "data" / "tls").exists()  # nothing made when one is given
 
 
+@E2E
 def test_a_bad_certificate_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "cert.pem").write_text("not a certificate\n")
     (tmp_path / "key.pem").write_text("not a key\n")
@@ -94,11 +96,13 @@ def test_a_bad_certificate_file_is_one_line(tmp_path: Path) -> None:
 # -- the admin CLI ----------------------------------------------------------------------------
 
 
+@E2E
 def test_admin_cli_refuses_an_untrusted_certificate_in_one_line(tls_server: Server) -> None:
     proc = admin(tls_server, "endpoint", "list", rc=2)
     assert_one_line_error(proc, "TLS certificate", "not trusted", "--ca-cert")
 
 
+@E2E
 def test_admin_cli_trusts_a_ca_cert_or_a_fingerprint(tls_server: Server) -> None:
     admin(tls_server, "endpoint", "list", "--ca-cert", tls_server.data / "tls/cert.pem")
     fp = cert_fingerprint(tls_server)
@@ -109,6 +113,7 @@ def test_admin_cli_trusts_a_ca_cert_or_a_fingerprint(tls_server: Server) -> None
     assert_one_line_error(wrong, "has fingerprint", "not " + "0" * 64)
 
 
+@E2E
 def test_clients_refuse_plain_http_to_another_machine(tmp_path: Path) -> None:
     # 192.0.2.0/24 is reserved for documentation: nothing is ever sent there.
     proc = strata("endpoint", "list", "--server", "http://192.0.2.10:8470", rc=2,
@@ -146,6 +151,7 @@ def _agent_files(tmp_path: Path, token: str) -> tuple[Path, Path, Path]:
     return root, tmp_path / "state", token_file
 
 
+@E2E
 def test_agent_pins_the_certificate_at_enrollment_and_uses_it(tls_server: Server,
                                                               tmp_path: Path) -> None:
     root, state, token_file = _agent_files(tmp_path, tls_server.create_token())
@@ -165,6 +171,7 @@ def test_agent_pins_the_certificate_at_enrollment_and_uses_it(tls_server: Server
     assert "not trusted" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@E2E
 def test_agent_enrollment_stops_on_a_wrong_fingerprint(tls_server: Server,
                                                        tmp_path: Path) -> None:
     token = tls_server.create_token()
@@ -179,6 +186,7 @@ def test_agent_enrollment_stops_on_a_wrong_fingerprint(tls_server: Server,
     assert resp.status_code == 200, resp.text
 
 
+@E2E
 def test_agent_without_trust_gets_one_line(tls_server: Server, tmp_path: Path) -> None:
     root, state, token_file = _agent_files(tmp_path, tls_server.create_token())
     proc = strata("agent", "enroll", "--server", tls_server.url, "--token-file", token_file,
@@ -186,6 +194,7 @@ def test_agent_without_trust_gets_one_line(tls_server: Server, tmp_path: Path) -
     assert_one_line_error(proc, "not trusted", "--server-fingerprint", rc=3)
 
 
+@E2E
 def test_https_to_a_plain_http_server_says_so(tmp_path: Path) -> None:
     srv = Server(tmp_path / "plain", signing=False).start()
     try:
@@ -221,6 +230,7 @@ def test_every_command_that_talks_to_the_server_takes_ca_cert_and_a_fingerprint(
         assert {"ca_cert", "server_fingerprint", "insecure"} <= set(params), name
 
 
+@E2E
 def test_an_endpoint_follows_its_server_to_https_and_a_renewed_certificate(
         tmp_path: Path, tls_server: Server) -> None:
     srv = Server(tmp_path / "data", signing=False).start()  # plain HTTP on loopback
@@ -261,6 +271,7 @@ def test_an_endpoint_follows_its_server_to_https_and_a_renewed_certificate(
         srv.stop()
 
 
+@E2E
 def test_signing_and_admin_commands_over_tls(tmp_path: Path) -> None:
     """The whole admin side over HTTPS: signing set up through the CLI (it trusts the
     certificate through STRATA_CA_CERT), then admin commands with the signing keys."""
@@ -274,6 +285,7 @@ def test_signing_and_admin_commands_over_tls(tmp_path: Path) -> None:
         srv.stop()
 
 
+@E2E
 def test_connection_failures_name_their_cause() -> None:
     closed = f"https://127.0.0.1:{free_port()}"
     proc = strata("endpoint", "list", "--server", closed, rc=2,
