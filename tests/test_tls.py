@@ -290,5 +290,5 @@ def test_connection_failures_name_their_cause() -> None:
     closed = f"https://127.0.0.1:{free_port()}"
     proc = strata("endpoint", "list", "--server", closed, rc=2,
                   env={"STRATA_ADMIN_TOKEN": "sadm_x"})
-    assert_one_line_error(proc, f"cannot reach {closed}: Connection refused")
+    assert_one_line_error(proc, f"cannot reach {closed}: connection refused")
     assert "ConnectError" not in proc.stderr

@@ -35,11 +35,8 @@ def is_loopback_host(host: str) -> bool:
 def check_server_url(url: str, *, insecure: bool = False) -> str:
     """`url` without a trailing slash, or one line saying why no secret goes there."""
     parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https"):
-        raise StrataError(f"server URL {url!r} must start with http:// or https:// "
-                          "(e.g. https://HOST:8470)")
-    if not parts.hostname:
-        raise StrataError(f"server URL {url!r} names no host (e.g. https://HOST:8470)")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StrataError(f"server URL {url!r} must look like https://HOST:PORT")
     try:
         parts.port  # noqa: B018  (parses the port: a bad one raises ValueError)
     except ValueError:
@@ -145,7 +142,7 @@ def describe_transport_error(server: str, exc: BaseException) -> str:
     text = " ".join(str(e) for e in chain).lower()
     name = type(exc).__name__
     if "connection refused" in text or isinstance(exc, ConnectionRefusedError):
-        return f"cannot reach {server}: Connection refused (is the server running?)"
+        return f"cannot reach {server}: connection refused (is the server running?)"
     if "name or service not known" in text or "nodename nor servname" in text or \
             any(isinstance(e, socket.gaierror) for e in chain):
         return f"cannot reach {server}: unknown host name"
@@ -154,7 +151,7 @@ def describe_transport_error(server: str, exc: BaseException) -> str:
                 "reached with http://?)")
     if name == "UnsupportedProtocol":
         return f"server URL {server!r} must start with https:// or http://"
-    return f"cannot reach {server}: {transport_cause(exc)}"  # timeouts, broken connections
+    return f"cannot reach {server}: {transport_cause(exc)}"
 
 
 def _os_reason(exc: BaseException) -> str:
