@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from strata.agent.access import Access, AccessDenied
-from strata.agent.centralize import adopt_credential
 from strata.agent.cycle import AgentContext
 from strata.agent.signing import pinned_fingerprint
 from strata.errors import StrataError
@@ -27,6 +26,7 @@ class AgentStatus:
     layer_update: dict = field(default_factory=dict)  # key, state, error
     applied_layers_key: str = ""
     signing_root: str | None = None  # the pinned root's fingerprint (None: none pinned)
+    server_trust: str = ""  # how the server's certificate is checked
 
     @property
     def server_reachable(self) -> bool:
@@ -41,7 +41,7 @@ class AgentStatus:
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
                 "layer_update": self.layer_update,
                 "applied_layers_key": self.applied_layers_key,
-                "signing_root": self.signing_root}
+                "signing_root": self.signing_root, "server_trust": self.server_trust}
 
 
 def probe_access(ctx: AgentContext) -> tuple[Access, str]:
@@ -50,9 +50,7 @@ def probe_access(ctx: AgentContext) -> tuple[Access, str]:
     every call the agent makes."""
     client = ctx.client(retries=0, timeout=5)
     try:
-        answer = client.request("POST", "/api/v1/agent/checkin", json={}).json()
-        adopt_credential(client, ctx.state,
-                         answer.get("credential") if isinstance(answer, dict) else None)
+        client.request("POST", "/api/v1/agent/checkin", json={})
         return Access.OK, ""
     except AccessDenied as exc:
         return exc.access, str(exc)
@@ -75,4 +73,5 @@ def read_status(ctx: AgentContext) -> AgentStatus:
         bytes_sent=int(doc.get("bytes_sent", 0)),
         bytes_received=int(doc.get("bytes_received", 0)),
         layer_update={k: v for k, v in st.update().items() if k in ("key", "state", "error")},
-        applied_layers_key=st.applied_key(), signing_root=pinned_fingerprint(st))
+        applied_layers_key=st.applied_key(), signing_root=pinned_fingerprint(st),
+        server_trust=cred.server_trust)

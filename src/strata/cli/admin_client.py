@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -89,6 +90,10 @@ def admin_token(token_file: Path | None) -> str:
         except OSError as exc:
             raise StrataError(f"cannot read admin token file {token_file}: "
                               f"{exc.strerror}") from None
+    if not token and sys.stdin.isatty():  # typed, never in argv where `ps` shows it
+        import getpass
+
+        token = getpass.getpass("Admin token: ").strip()
     if not token:
         raise StrataError("no admin token: pass --admin-token-file or set STRATA_ADMIN_TOKEN")
     return token
@@ -158,6 +163,7 @@ class AdminClient:
         self._server = server
         self._token_file = token_file
         self._verify: bool | ssl.SSLContext | None = None
+        self._token: str | None = None
 
     @property
     def server(self) -> str:
@@ -177,7 +183,9 @@ class AdminClient:
 
     @property
     def token(self) -> str:
-        return admin_token(self._token_file)
+        if self._token is None:  # once: it may be typed at a prompt
+            self._token = admin_token(self._token_file)
+        return self._token
 
     def call(self, method: str, path: str, body: object = None,
              params: dict[str, str] | None = None) -> object:

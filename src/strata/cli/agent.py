@@ -177,6 +177,28 @@ def trust_root(fingerprint: str = typer.Option(..., "--fingerprint", help="The r
         f"pinned signing root {pinned}", highlight=False)
 
 
+@app.command("trust-server")
+def trust_server(server: str | None = typer.Option(None, "--server", help="The server's new "
+                                                   "URL (e.g. https:// after an upgrade)."),
+                 server_fingerprint: str | None = typer.Option(
+                     None, "--server-fingerprint", help="Pin the server's (renewed) "
+                     "certificate: its SHA-256 fingerprint, as `strata server` printed it."),
+                 ca_cert: Path | None = typer.Option(None, "--ca-cert", help="Trust the "
+                                                     "server's certificate through this CA."),
+                 insecure: bool = typer.Option(False, "--insecure", help="Allow plain "
+                                               "http:// to another machine."),
+                 state: Path | None = STATE, json: bool = JSON) -> None:
+    """Trust the server anew without enrolling again: a renewed certificate, a CA, or a new
+    URL. The server must accept this endpoint's credential over the new connection before
+    anything is changed."""
+    from strata.agent.enrollment import trust_server as run_trust
+
+    cred = run_trust(_state(state), server=server, server_fingerprint=server_fingerprint,
+                     ca_cert=str(ca_cert.resolve()) if ca_cert else "", insecure=insecure)
+    print_json({"server": cred.server, "server_trust": cred.server_trust}) if json else \
+        console.print(f"{cred.server}: {cred.server_trust}", highlight=False)
+
+
 def _report_update(u: UpdateResult) -> None:
     if u.state == "refused":
         err_console.print(f"layer update refused: {u.error}", highlight=False)
@@ -360,6 +382,7 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
               Access.UNKNOWN: "reachable; CREDENTIAL UNKNOWN TO THE SERVER"}[out.access]
     last = out.last_centralization or {}
     lines = [f"endpoint {out.endpoint_id} on {out.server} ({access})",
+             f"server trust: {out.server_trust}",
              f"last centralization: {iso_time(last.get('time')) or 'never'} "
              f"{last.get('result', '')}"]
     if out.access in (Access.REVOKED, Access.UNKNOWN):

@@ -11,6 +11,7 @@ from whatever they render (`SafeConsole`), tables and progress bars included.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -71,6 +72,24 @@ class SafeConsole(Console):
                 yield Segment(_UNSAFE.sub("?", segment.text), segment.style)
             else:
                 yield segment
+
+
+class CleanLogFormatter(logging.Formatter):
+    """The server's log lines name paths and hosts that clients chose: an escape sequence
+    in a URL must not reach the terminal `strata server` runs in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _UNSAFE.sub("?", super().format(record))
+
+
+def log_to_stderr(logger_name: str = "strata") -> None:
+    """Warnings and errors of `logger_name` as clean lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(CleanLogFormatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
 
 
 # soft_wrap: never fold long paths or messages when output goes to a pipe or a file.
