@@ -25,7 +25,7 @@ except ImportError:  # the dev dependencies bring it; without them the browser t
 from server_fixtures import Agent, Server, device, enroll_request, write_documents
 from strata.model.roles import ROLES, Permission
 from strata.server.app import create_app
-from strata.server.catalog.models import Cvd, SnapshotRecord, UserSession
+from strata.server.catalog.models import Assignment, Cvd, SnapshotRecord, Task, UserSession
 from strata.server.console.chart import storage_chart
 from strata.server.console.pages import NAV
 from strata.server.console.render import HERE
@@ -341,6 +341,48 @@ def test_a_protection_manager_runs_retention_and_prune_and_a_help_desk_cannot(co
     assert {"actor": "user:paula", "action": "maintenance"}.items() <= log[0].items()
 
 
+def _task(ctx, endpoints: dict[str, tuple[str, float]]) -> int:
+    """A migration task over these endpoints, each at (state, percent): catalog rows, as
+    `strata migrate` and the agents' reports leave them."""
+    with ctx.write() as db:
+        task = Task(kind="migrate", params={"collection": "lab", "base": "corp-os:2"},
+                    endpoints=list(endpoints))
+        db.add(task)
+        db.flush()
+        for eid, (state, percent) in endpoints.items():
+            db.merge(Assignment(endpoint_id=eid, task_id=task.id, state=state,
+                                percent=percent, detail=f"<i>{state}</i>"))
+        return task.id
+
+
+def test_tasks_show_each_endpoints_progress_and_poll_while_running(console):
+    c = console.client
+    a, b = console.enroll("lab-01"), console.enroll("lab-02")
+    tid = _task(console.ctx, {a: ("applied", 100.0), b: ("downloading", 40.0)})
+    assert sign_in(c, "hana").status_code == 303
+    listing = c.get("/tasks").text
+    assert f'<a href="/tasks/{tid}">{tid}</a>' in listing and "50%" in listing
+    page = c.get(f"/tasks/{tid}").text
+    assert 'data-testid="task-state">running<' in page and 'hx-trigger="every 2s"' in page
+    assert "&lt;i&gt;downloading&lt;/i&gt;" in page and "corp-os:2" in page
+    with console.ctx.write() as db:
+        db.execute(update(Assignment).where(Assignment.endpoint_id == b)
+                   .values(state="applied", percent=100.0))
+    part = c.get(f"/tasks/{tid}", headers={"HX-Request": "true"}).text
+    assert part.startswith('<section id="task-progress" data-state="done"')
+    assert "hx-trigger" not in part  # done: the page stops asking
+    assert c.get("/tasks/9999").status_code == 404
+
+
+def test_the_compliance_page_lists_endpoints_it_cannot_measure_yet(console):
+    console.enroll(XSS)
+    c = console.client
+    assert sign_in(c, "ivan").status_code == 303
+    page = c.get("/compliance")
+    assert page.status_code == 200 and page.text.count('data-testid="compliance-row"') == 1
+    assert "&lt;script&gt;" in page.text and "<script>document" not in page.text
+
+
 def test_an_administrator_hands_out_and_revokes_api_tokens_in_the_console(console):
     c = console.client
     assert sign_in(c, "ada").status_code == 303
@@ -582,6 +624,49 @@ def test_browser_administrator_manages_users_and_reads_the_audit_log(browser, fl
         assert page.problems == []
     finally:
         context.close()
+
+
+@pytest.mark.e2e
+def test_browser_task_progress_updates_without_a_reload(browser, fleet):
+    """A migration's progress page polls (htmx, under the CSP) and shows the endpoints'
+    reports as they arrive, until the task is done."""
+    from strata.server.catalog.db import open_catalog
+
+    engine, sessions = open_catalog(f"sqlite:///{fleet.server.data / 'catalog.sqlite'}")
+    ctx = SimpleNamespace(write=lambda: _committing(sessions))
+    eids = [e["id"] for e in fleet.server.admin("GET", "/endpoints")
+            if e["hostname"].startswith("lab-")]
+    tid = _task(ctx, {eids[0]: ("applied", 100.0), eids[1]: ("downloading", 10.0)})
+    context, page = _signed_in(browser, fleet, "hana")
+    try:
+        page.goto(fleet.server.url + f"/tasks/{tid}")
+        expect(page.locator("[data-testid=task-state]")).to_have_text("running")
+        _shot(page, "task")
+        with sessions() as db:
+            db.execute(update(Assignment).where(Assignment.endpoint_id == eids[1])
+                       .values(state="applied", percent=100.0))
+            db.commit()
+        expect(page.locator("[data-testid=task-state]")).to_have_text("done", timeout=15_000)
+        assert "100% of 2 endpoint(s) done" in page.text_content("#task-progress")
+        assert page.problems == []
+    finally:
+        context.close()
+        engine.dispose()
+
+
+class _committing:
+    """`ctx.write()` for a plain sessionmaker: a session committed at the end."""
+
+    def __init__(self, sessions: object):
+        self.db = sessions()  # type: ignore[operator]
+
+    def __enter__(self) -> object:
+        return self.db
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.db.commit()
+        self.db.close()
 
 
 @pytest.mark.e2e

@@ -32,15 +32,26 @@ from strata.server.console.session import (
 from strata.server.context import ServerContext
 from strata.server.deps import client_ip, get_ctx
 from strata.server.maintenance import run_maintenance
-from strata.server.services import audit, endpoints, fleet, layers, policies, users
+from strata.server.services import (
+    audit,
+    compliance,
+    endpoints,
+    fleet,
+    layers,
+    operations,
+    policies,
+    users,
+)
 from strata.server.services.users import AddressThrottle, LoginRefused, TooManyAttempts
 
 router = APIRouter(include_in_schema=False)
 # The menu: each entry shown only to the roles whose permission it needs.
 NAV = [("/", "Dashboard", Permission.VIEW), ("/endpoints", "Endpoints", Permission.VIEW),
-       ("/layers", "Layers", Permission.LAYERS), ("/policies", "Policies",
-                                                   Permission.PROTECTION),
+       ("/tasks", "Tasks", Permission.VIEW), ("/compliance", "Compliance", Permission.VIEW),
+       ("/layers", "Layers", Permission.LAYERS),
+       ("/policies", "Policies", Permission.PROTECTION),
        ("/users", "Users", Permission.USERS), ("/audit", "Audit log", Permission.AUDIT)]
+TASKS_SHOWN = 50
 RETENTION_FIELDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
@@ -139,6 +150,31 @@ def endpoint_page(ref: str, request: Request, v: Visitor = Depends(Page(Permissi
         return _page(request, "message.html", v, exc.http_status, title="Endpoint",
                      message=str(exc))
     return _page(request, "endpoint.html", v, ep=detail)
+
+
+@router.get("/tasks")
+def task_list(request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
+              ctx: ServerContext = Depends(get_ctx)) -> Response:
+    return _page(request, "tasks.html", v, tasks=operations.recent_tasks(ctx, TASKS_SHOWN))
+
+
+@router.get("/tasks/{tid}")
+def task_page(tid: int, request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
+              ctx: ServerContext = Depends(get_ctx)) -> Response:
+    try:
+        task = operations.task_info(ctx, tid)
+    except StrataError as exc:
+        return _page(request, "message.html", v, exc.http_status, title="Task",
+                     message=str(exc))
+    if request.headers.get("HX-Request") == "true":  # the progress polls itself
+        return render(request, "_task_progress.html", task=task)
+    return _page(request, "task.html", v, task=task)
+
+
+@router.get("/compliance")
+def compliance_page(request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
+                    ctx: ServerContext = Depends(get_ctx)) -> Response:
+    return _page(request, "compliance.html", v, report=compliance.compliance_report(ctx))
 
 
 @router.get("/layers")
