@@ -38,6 +38,7 @@ class CentralizeResult:
     retries: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    mounts_skipped: list[str] = field(default_factory=list)  # one file system: not walked
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +88,8 @@ def local_tree(root: Path, state: AgentState, info: CheckinResponse | None) -> L
         except (KeyError, ValueError):
             raise StrataError("this agent has not checked in with the server yet") from None
     return LocalTree(root=root, excludes=policy.exclusions + own_exclusions(root, state),
-                     chunker=ChunkerParams(spec.min_size, spec.avg_size, spec.max_size))
+                     chunker=ChunkerParams(spec.min_size, spec.avg_size, spec.max_size),
+                     one_file_system=state.credential().stays_on_root_fs)
 
 
 def centralize(client: ServerClient, state: AgentState, root: Path, info: CheckinResponse, *,
@@ -113,7 +115,8 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
     kind = "incremental" if info.last_snapshot else "centralize"
     archive = archive_tree(sink, root, parent_entries=parent_entries,
                            excludes=info.policy.exclusions + own_exclusions(root, state),
-                           progress=progress)
+                           progress=progress,
+                           one_file_system=state.credential().stays_on_root_fs)
     sink.flush()
     # The sink, not the engine, knows what the server lacked: record its figures.
     archive.result.bytes_new = sink.raw_uploaded
@@ -146,7 +149,7 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
         bytes_uploaded=sink.payload_uploaded, chunks_uploaded=sink.chunks_uploaded,
         bytes_sent=client.bytes_sent - sent0, bytes_received=client.bytes_received - recv0,
         retries=client.retried - retried0, seconds=round(time.monotonic() - started, 3),
-        errors=r.errors)
+        errors=r.errors, mounts_skipped=r.mounts_skipped)
     # Any centralization pays what was owed (an offline `agent backup`, a missed interval).
     owed = [w for w in state.status().get("pending_work", []) if w != "centralize"]
     state.update_status(last_centralization={

@@ -193,7 +193,7 @@ def _after_checkin(ctx: AgentContext, client: ServerClient, info: CheckinRespons
         # Enforcement repairs against a fresh snapshot (which also keeps the user's
         # versions): take one now if anything changed since the last.
         due = tree_changed(root, info.policy.exclusions + own_exclusions(root, st),
-                           st.parent()[1])
+                           st.parent()[1], one_file_system=ctx.credential.stays_on_root_fs)
     if due:
         _owe(st)
         result.centralization = ctx.with_progress("centralize", lambda p: centralize(

@@ -36,7 +36,8 @@ class Enrollment:
 
 
 def enroll(state: AgentState, *, server: str, token: str, root: Path, ca_cert: str = "",
-           force: bool = False, root_fingerprint: str | None = None) -> Enrollment:
+           force: bool = False, root_fingerprint: str | None = None,
+           one_file_system: bool | None = None) -> Enrollment:
     """Enroll, and pin the server's signing root: the agent takes only layers signed under
     it. The root comes over the enrollment connection and is checked before enrolling
     (against `root_fingerprint`, when IT gave it): it is as trustworthy as that connection,
@@ -68,7 +69,7 @@ def enroll(state: AgentState, *, server: str, token: str, root: Path, ca_cert: s
             state.forget_endpoint()  # the new endpoint starts its own CVD
         state.save_credential(Credential(server=server, endpoint_id=resp.endpoint_id,
                                          credential=resp.credential, root=str(root),
-                                         ca_cert=ca_cert))
+                                         ca_cert=ca_cert, one_file_system=one_file_system))
         fingerprint = pin(state, signing_root) if signing_root is not None else None
         state.add_wire_bytes(client.bytes_sent, client.bytes_received)
     return Enrollment(resp.endpoint_id, resp.state, old.endpoint_id if old else None,
@@ -88,5 +89,5 @@ def _enrolled_as(state: AgentState, force: bool) -> Credential | None:
         raise AlreadyEnrolled(
             f"{state.path} is already enrolled as endpoint {cred.endpoint_id} on "
             f"{cred.server}; `--force` enrolls it anew as a new endpoint (the old one stays "
-            "on the server until an administrator revokes it)")
+            "on the server until an administrator revokes or deletes it)")
     return cred

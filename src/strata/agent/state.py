@@ -43,10 +43,19 @@ class Credential:
     credential: str
     root: str
     ca_cert: str = ""  # PEM bundle to trust for a server with a private CA ("" = system)
+    # Stay on the root's file system (mounts inside it are not walked); None: only when
+    # the root is the machine's own "/" (NFS shares, USB disks, tmpfs stay out).
+    one_file_system: bool | None = None
 
     @property
     def verify(self) -> bool | str:
         return self.ca_cert or True
+
+    @property
+    def stays_on_root_fs(self) -> bool:
+        if self.one_file_system is not None:
+            return self.one_file_system
+        return os.path.realpath(self.root) == os.path.realpath(os.sep)
 
 
 class AgentState:

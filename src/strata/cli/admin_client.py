@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from strata.errors import StrataError
+from strata.errors import StrataError, transport_cause
 from strata.model.admin import (
     AssignRequest,
     AssignResult,
@@ -27,6 +27,7 @@ from strata.model.admin import (
     Deleted,
     DryRunReport,
     DryRunRequest,
+    EndpointDeleted,
     EndpointDetail,
     EndpointState,
     EndpointSummary,
@@ -38,6 +39,8 @@ from strata.model.admin import (
     LayerInfo,
     MigrateRequest,
     PolicyDocument,
+    PolicyPlan,
+    PolicyPlanRequest,
     ProvisionRequest,
     ProvisionResult,
     RestoreRequest,
@@ -51,6 +54,7 @@ from strata.model.admin import (
     TokenRequest,
     TransactionInfo,
 )
+from strata.model.snapshot_files import SnapshotFolder
 from strata.model.users import (
     Caller,
     PasswordRequest,
@@ -107,6 +111,16 @@ def path_part(value: str, what: str) -> str:
     return quote(value, safe="")
 
 
+def snapshot_path(path: str) -> dict[str, str]:
+    """A path in a snapshot as a query parameter: `path`, or `path_hex` for a name that is
+    not UTF-8 (as the shell hands it over: bytes kept by surrogateescape)."""
+    try:
+        path.encode("utf-8")
+        return {"path": path}
+    except UnicodeEncodeError:
+        return {"path_hex": os.fsencode(path).hex()}
+
+
 def build(model: type[M], **fields: Any) -> M:
     """A request as the admin gave it, checked by the same rules the server applies;
     a violation is one line, like the server's refusal would be."""
@@ -153,7 +167,7 @@ class AdminClient:
             resp = httpx.request(method, server.rstrip("/") + path, json=body, params=params,
                                  timeout=60, headers={"Authorization": f"Bearer {token}"})
         except httpx.TransportError as exc:
-            raise StrataError(f"cannot reach {server}: {exc.__class__.__name__}") from None
+            raise StrataError(f"cannot reach {server}: {transport_cause(exc)}") from None
         try:
             doc = resp.json()
         except ValueError:
@@ -199,6 +213,10 @@ class AdminClient:
         return self._typed(EndpointState, "POST",
                            f"{API}/endpoints/{path_part(ref, 'endpoint id')}/revoke")
 
+    def delete_endpoint(self, ref: str) -> EndpointDeleted:
+        return self._typed(EndpointDeleted, "DELETE",
+                           f"{API}/endpoints/{path_part(ref, 'endpoint id')}")
+
     def set_tags(self, ref: str, req: TagsRequest) -> EndpointTags:
         return self._typed(EndpointTags, "PUT",
                            f"{API}/endpoints/{path_part(ref, 'endpoint id')}/tags", req)
@@ -226,6 +244,14 @@ class AdminClient:
     def set_policy(self, kind: str, document: object) -> PolicyDocument:
         doc = self.call("PUT", f"{API}/policies/{path_part(kind, 'policy kind')}", document)
         return TypeAdapter(PolicyDocument).validate_python(doc)
+
+    def plan_policy(self, kind: str, req: PolicyPlanRequest) -> PolicyPlan:
+        return self._typed(PolicyPlan, "POST",
+                           f"{API}/policies/{path_part(kind, 'policy kind')}/plan", req)
+
+    def reset_policy(self, kind: str) -> PolicyDocument:
+        return self._typed(PolicyDocument, "DELETE",
+                           f"{API}/policies/{path_part(kind, 'policy kind')}")
 
     # -- layers ------------------------------------------------------------------------------------
 
@@ -299,6 +325,15 @@ class AdminClient:
     def task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "GET", f"{API}/tasks/{task_id}")
 
+    # -- snapshot browsing (downloads and chunks: cli/snapshot_source.py) --------------------------
+
+    def snapshot_files(self, ref: str, snapshot: str, path: str = "", offset: int = 0,
+                       limit: int = 1000) -> SnapshotFolder:
+        return self._typed(SnapshotFolder, "GET",
+                           f"{API}/endpoints/{path_part(ref, 'endpoint id')}/snapshots/"
+                           f"{path_part(snapshot or 'latest', 'snapshot')}/files",
+                           params={**snapshot_path(path), "offset": str(offset),
+                                   "limit": str(limit)})
     # -- users -------------------------------------------------------------------------------------
 
     def whoami(self) -> Caller:

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from rich.console import Console
@@ -25,7 +26,10 @@ from strata.model.units import human_bytes  # noqa: F401  (the CLI's modules imp
 
 T = TypeVar("T")
 # soft_wrap: never fold long paths or messages when output goes to a pipe or a file.
-console = Console(soft_wrap=True)
+# Piped, there is no width to fit: a table keeps every id and path whole (Rich would
+# assume 80 columns and cut them with an ellipsis).
+_PIPE_WIDTH = 10_000
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
@@ -35,8 +39,40 @@ def print_error(message: str) -> None:
                       highlight=False, soft_wrap=True)
 
 
+def iso_time(when: datetime | str | float | None) -> str:
+    """One timestamp format everywhere: ISO 8601 in UTC to the second, `2026-12-02T10:03:00Z`
+    (a naive time is taken as UTC, as the catalog stores it; a number is epoch seconds)."""
+    if when is None or when == "":
+        return ""
+    if isinstance(when, int | float):
+        moment = datetime.fromtimestamp(when, UTC)
+    elif isinstance(when, str):
+        try:
+            moment = datetime.fromisoformat(when.replace("Z", "+00:00"))
+        except ValueError:
+            return when
+    else:
+        moment = when
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
 def print_json(doc: object) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(doc, indent=2, default=_json_default) + "\n")
+
+
+def plural(n: int, word: str) -> str:
+    """`1 snapshot`, `3 snapshots`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def show_progress() -> bool:

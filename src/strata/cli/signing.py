@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from strata.errors import StrataError
+from strata.errors import StrataError, transport_cause
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client
 from .output import console, err_console, print_json
@@ -54,7 +54,7 @@ class HttpAdminApi:
             resp = httpx.get(server.rstrip("/") + API + path, timeout=60,
                              headers={"Authorization": f"Bearer {self.api.token}"})
         except httpx.TransportError as exc:
-            raise StrataError(f"cannot reach {server}: {exc.__class__.__name__}") from None
+            raise StrataError(f"cannot reach {server}: {transport_cause(exc)}") from None
         if resp.status_code == 404:
             raise MetadataMissing(path)
         if resp.status_code != 200:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import typer
@@ -23,13 +22,23 @@ from strata.engine.diff import diff_snapshots
 from strata.engine.restore import normalize_include
 from strata.engine.restore import restore as run_restore
 from strata.engine.retention import RetentionPolicy, SnapshotInfo, apply_policy
+from strata.engine.snapshot_tree import SnapshotTree
 from strata.engine.stats import store_stats
-from strata.errors import StrataError
+from strata.errors import PathNotInSnapshot, StrataError
 from strata.model.entry import Entry, EntryType
 from strata.store.location import init_store_at, open_store_at
 from strata.store.repository import Store
 
-from .output import console, count_tree, err_console, human_bytes, print_json, run_with_progress
+from .mount import ALLOW_OTHER_HELP, CACHE_SIZE_HELP, preflight, serve_mount
+from .output import (
+    console,
+    count_tree,
+    err_console,
+    human_bytes,
+    iso_time,
+    print_json,
+    run_with_progress,
+)
 
 app = typer.Typer(help="The deduplicating, snapshotting store (usable on its own for backup).",
                   no_args_is_help=True)
@@ -110,18 +119,24 @@ def backup(store_dir: str = StoreDir, state: Path | None = STATE,
            source: Path = typer.Argument(..., help="Directory to back up."),
            tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
            exclude: list[str] = typer.Option([], "--exclude", help="Pattern to skip."),
+           one_file_system: bool = typer.Option(
+               False, "--one-file-system", "-x", help="Stay on SOURCE's file system: "
+               "mount points inside it are kept, empty."),
            passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Back up SOURCE; prints the new snapshot id."""
     with open_store(store_dir, passfile, state) as store:
         result = run_with_progress(
             "backup", lambda p: run_backup(store, source, tags=tag, excludes=exclude,
-                                           progress=p),
+                                           progress=p, one_file_system=one_file_system),
             counter=lambda p: count_tree(str(source), p), json_mode=json)
     if json:
         print_json(result.to_dict())
         return
     for err in result.errors:
         console.print(f"[yellow]warning:[/] {err}")
+    for mount in result.mounts_skipped:
+        console.print(f"not crossed into another file system: {mount}", markup=False,
+                      highlight=False)
     console.print(
         f"snapshot [bold]{result.snapshot[:8]}[/] saved: {result.files} files "
         f"({result.files_new} new, {result.files_changed} changed, "
@@ -149,7 +164,7 @@ def snapshots(store_dir: str = StoreDir, state: Path | None = STATE,
         return
     table = Table("ID", "Time", "Host", "Tags", "Paths", "Files", "Size")
     for s in snaps:
-        table.add_row(s.short_id, s.datetime.astimezone().strftime("%Y-%m-%d %H:%M:%S"), s.host,
+        table.add_row(s.short_id, iso_time(s.datetime), s.host,
                       ",".join(s.tags), " ".join(s.paths), str(s.stats.get("files", "")),
                       human_bytes(s.stats.get("bytes_total", 0)))
     console.print(table)
@@ -164,7 +179,7 @@ def _mode_string(e: Entry) -> str:
 
 
 def _entry_doc(e: Entry) -> dict:
-    return {"path": os.fsdecode(e.path), "type": e.type.name.lower(), "mode": oct(e.mode),
+    return {"path": os.fsdecode(e.path), "type": e.type.name.lower(), "mode": f"{e.mode:04o}",
             "uid": e.uid, "gid": e.gid, "size": e.size, "mtime_ns": e.mtime_ns,
             "link_target": os.fsdecode(e.link_target) if e.link_target else None}
 
@@ -180,11 +195,13 @@ def ls_cmd(store_dir: str = StoreDir, state: Path | None = STATE,
         snap = store.resolve_snapshot(snapshot)
         entries = [e for e in store.iter_manifest(snap)
                    if not prefix or e.path == prefix or e.path.startswith(prefix + b"/")]
+    if prefix and not entries:
+        raise PathNotInSnapshot(f"not in snapshot {snap.id[:8]}: {os.fsdecode(prefix)}")
     if json:
         print_json([_entry_doc(e) for e in entries])
         return
     for e in entries:
-        when = datetime.fromtimestamp(e.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M")
+        when = iso_time(e.mtime_ns / 1e9)
         name = os.fsdecode(e.path)
         if e.type is EntryType.SYMLINK:
             name += " -> " + os.fsdecode(e.link_target)
@@ -255,6 +272,23 @@ def restore(store_dir: str = StoreDir, state: Path | None = STATE,
 
 
 @app.command()
+def mount(store_dir: str = StoreDir, state: Path | None = STATE,
+          snapshot: str = typer.Argument(..., help="Snapshot id (or prefix), or 'latest'."),
+          mountpoint: str = typer.Argument(..., help="An existing, empty folder."),
+          cache_size: str = typer.Option("64MiB", help=CACHE_SIZE_HELP),
+          allow_other: bool = typer.Option(False, "--allow-other", help=ALLOW_OTHER_HELP),
+          passfile: Path | None = PASSFILE) -> None:
+    """Mount a snapshot read-only at MOUNTPOINT (FUSE); runs until unmounted or Ctrl-C."""
+    cache = parse_size(cache_size)
+    preflight(mountpoint)
+    with open_store(store_dir, passfile, state) as store:
+        snap = store.resolve_snapshot(snapshot)
+        tree = SnapshotTree.of_store(store, snap, cache_bytes=cache)
+        serve_mount(tree, mountpoint, f"snapshot {snap.short_id}", f"strata:{snap.short_id}",
+                    allow_other)
+
+
+@app.command()
 def check(store_dir: str = StoreDir, state: Path | None = STATE,
           read_data: bool = typer.Option(False, "--read-data",
                                          help="Read and verify every chunk."),
@@ -305,9 +339,12 @@ def forget(store_dir: str = StoreDir, state: Path | None = STATE,
            prune: bool = typer.Option(False, "--prune", help="Prune right after."),
            passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Remove snapshots not kept by the policy (restic's forget semantics; -1 = unlimited)."""
-    policy = RetentionPolicy(last=keep_last, hourly=keep_hourly, daily=keep_daily,
-                             weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly,
-                             tags=tuple(keep_tag))
+    try:
+        policy = RetentionPolicy(last=keep_last, hourly=keep_hourly, daily=keep_daily,
+                                 weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly,
+                                 tags=tuple(keep_tag))
+    except ValueError as exc:  # "last must be >= -1 …": named as the option that set it
+        raise StrataError(f"--keep-{exc}") from None
     if snapshot_ids:
         if not policy.is_empty():
             raise StrataError("give snapshot ids or --keep-* options, not both")
@@ -331,7 +368,7 @@ def forget(store_dir: str = StoreDir, state: Path | None = STATE,
         return
     table = Table("ID", "Time", "Host", "Decision", "Reasons")
     for d in decisions:
-        table.add_row(d.snapshot.id[:8], snaps[d.snapshot.id].time[:19], d.snapshot.host,
+        table.add_row(d.snapshot.id[:8], iso_time(snaps[d.snapshot.id].time), d.snapshot.host,
                       "keep" if d.keep else ("[red]would remove[/]" if dry_run else
                                              "[red]removed[/]"), ", ".join(d.reasons))
     console.print(table)
@@ -413,3 +450,41 @@ def repair_index(store_dir: str = StoreDir, state: Path | None = STATE,
     console.print(f"indexed {chunks} chunks from {count} packs")
     for name in damaged:
         console.print(f"[red]unreadable pack[/] {name} (its trailer is damaged)")
+
+
+@app.command("repair")
+def repair(store_dir: str = StoreDir, state: Path | None = STATE,
+           dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; "
+                                        "change nothing."),
+           passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
+    """Heal damaged packs: verify every chunk, keep the intact ones (copied to new packs),
+    drop the rest, and name the snapshots and files that need what was lost; back the
+    source up again to store those chunks anew. Exit 1 while a snapshot still lacks data."""
+    from strata.engine.repair import repair as run_repair
+
+    with open_store(store_dir, passfile, state) as store:
+        result = run_repair(store, dry_run=dry_run)
+    if json:
+        print_json(result.to_dict())
+    else:
+        would = "would keep" if dry_run else "kept"
+        for d in result.damaged:
+            console.print(f"damaged pack {d.pack[:16]}: {d.reason}; {would} {d.salvaged} "
+                          f"intact chunks, {d.lost} lost", markup=False, highlight=False)
+        for ds in result.damaged_snapshots:
+            console.print(f"damaged snapshot {ds['snapshot'][:8]}: {ds['reason']}",
+                          markup=False, highlight=False)
+        for h in result.hurt:
+            console.print(f"snapshot {h['snapshot'][:8]}: {h['count']} file(s) need lost "
+                          "data:", markup=False, highlight=False)
+            for f in h["files"]:
+                console.print(f"    {f}", markup=False, highlight=False)
+        if not result.damaged:
+            console.print(f"checked {result.packs_checked} packs: none is damaged",
+                          highlight=False)
+        elif not dry_run:
+            console.print(f"dropped {len(result.damaged)} damaged pack(s) "
+                          f"({result.chunks_lost} chunks lost); a backup of a source that "
+                          "still has the files above stores them again", highlight=False)
+    if not result.whole:
+        raise typer.Exit(1)

@@ -39,6 +39,7 @@ from strata.server.routes import (
     operations,
     policies,
     signing,
+    snapshot_files,
     tokens,
     users,
 )
@@ -80,8 +81,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.admin_digest = digest(read_token_file(token_path))
     app.state.admin_token_path = token_path
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
-                   collections, compliance, operations, audit, signing, users,
-                   maintenance):
+                   collections, compliance, operations, audit, signing, snapshot_files,
+                   users, maintenance):
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)

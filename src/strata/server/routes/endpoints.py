@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Depends
 
 from strata.model.admin import (
+    EndpointDeleted,
     EndpointDetail,
     EndpointState,
     EndpointSummary,
@@ -48,3 +49,10 @@ def revoke(ref: str, ctx: ServerContext = Depends(get_ctx),
 def set_tags(ref: str, body: TagsRequest, ctx: ServerContext = Depends(get_ctx),
              actor: str = Depends(require(Permission.ENDPOINTS))) -> EndpointTags:
     return endpoints.set_tags(ctx, ref, body, actor=actor)
+
+
+@router.delete("/endpoints/{ref}", response_model=EndpointDeleted)
+def delete_endpoint(ref: str, ctx: ServerContext = Depends(get_ctx),
+                    actor: str = Depends(require(Permission.ENDPOINTS))) -> EndpointDeleted:
+    """The endpoint and its CVD (every snapshot); its credential stops working."""
+    return endpoints.delete_endpoint(ctx, ref, actor=actor)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from strata.errors import CorruptData, Forbidden, Invalid
+from strata.errors import CorruptData, Invalid
 from strata.model.snapshot import Snapshot, now_iso
-from strata.model.transfer import BundleWriter, read_bundle
+from strata.model.transfer import read_bundle
 from strata.model.wire import CommitRequest, RestoreReport, SnapshotSummary, UploadResponse
 from strata.server import metrics
 from strata.server.catalog.models import Assignment, Endpoint, SnapshotRecord, Transaction
@@ -126,16 +126,7 @@ def snapshot_manifest(ctx: ServerContext, ep: Endpoint, ref: str) -> tuple[str, 
 
 def snapshot_chunks(ctx: ServerContext, ep: Endpoint, ref: str, hex_ids: list[str]) -> bytes:
     """Chunks of one of the endpoint's own snapshots, as a bundle of verified payloads."""
-    sid = own_snapshot(ctx, ep, ref)
-    allowed = ctx.snapshot_chunks(sid)
-    ids = parse_chunk_ids(hex_ids)
-    if any(c not in allowed for c in ids):
-        raise Forbidden("a requested chunk is not part of this snapshot")
-    out = BundleWriter()
-    for cid in ids:
-        payload, raw_length = ctx.store.load_payload(cid)  # verified on the way out
-        out.add(cid, raw_length, payload)
-    return out.getvalue()
+    return snapshots.chunk_bundle(ctx, own_snapshot(ctx, ep, ref), hex_ids)
 
 
 def report_restore(ctx: ServerContext, ep: Endpoint, report: RestoreReport) -> None:
