@@ -5,8 +5,10 @@ driven by Playwright) against a real server with enrolled endpoints."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +25,7 @@ except ImportError:  # the dev dependencies bring it; without them the browser t
     expect = sync_playwright = None  # type: ignore[assignment]
 
 from server_fixtures import Agent, Server, device, enroll_request, write_documents
+from strata.engine.backup import backup
 from strata.model.roles import ROLES, Permission
 from strata.server.app import create_app
 from strata.server.catalog.models import Assignment, Cvd, SnapshotRecord, Task, UserSession
@@ -31,7 +34,7 @@ from strata.server.console.pages import NAV
 from strata.server.console.render import HERE
 from strata.server.context import ServerSettings
 from strata.server.services import fleet as fleet_service
-from strata.server.services import users
+from strata.server.services import snapshots, users
 from strata.server.services.fleet import HistoryPoint
 
 ADMIN = "/api/v1/admin"
@@ -384,6 +387,55 @@ def test_the_compliance_page_lists_endpoints_it_cannot_measure_yet(console):
     assert "&lt;script&gt;" in page.text and "<script>document" not in page.text
 
 
+def _centralize(ctx, endpoint_id: str, src: Path) -> str:
+    """A snapshot of `src` in the server's store, recorded as the endpoint's."""
+    sid = backup(ctx.store, src).snapshot
+    with ctx.write() as db:
+        cvd = snapshots.cvd_of(db, endpoint_id)
+        db.add(SnapshotRecord(id=sid, cvd_id=cvd.id, time=datetime.now(UTC)))
+        cvd.last_snapshot = sid
+    return sid
+
+
+def test_the_help_desk_browses_a_snapshot_and_downloads_a_users_file(console, tmp_path):
+    src = tmp_path / "laptop"
+    (src / "home/alice/Documents").mkdir(parents=True)
+    (src / "home/alice/Documents/report.txt").write_bytes(b"the quarterly report\n")
+    odd = os.fsdecode(b"caf\xe9")  # a name that is not UTF-8
+    (src / "home/alice" / odd).write_bytes(b"latin-1 name")
+    (src / "home/alice/<script>x.txt").write_bytes(b"")
+    eid = console.enroll("laptop-7")
+    sid = _centralize(console.ctx, eid, src)
+    other = _centralize(console.ctx, console.enroll("elsewhere"), src)
+    c = console.client
+    assert sign_in(c, "hana").status_code == 303
+    assert f"/endpoints/{eid}/snapshots/{sid}/files" in c.get(f"/endpoints/{eid}").text
+    base = f"/endpoints/{eid}/snapshots/{sid}"
+    page = c.get(base + "/files", params={"path_hex": b"home/alice".hex()}).text
+    assert "Documents/" in page and "caf\ufffd" in page and "&lt;script&gt;x.txt" in page
+    doc = c.get(base + "/download",
+                params={"path_hex": b"home/alice/Documents/report.txt".hex()})
+    assert doc.status_code == 200 and doc.content == b"the quarterly report\n"
+    assert "report.txt" in doc.headers["content-disposition"]
+    assert c.get(base + "/download", params={"path_hex": (b"home/alice/caf\xe9").hex()}
+                 ).content == b"latin-1 name"
+    folder = c.get(base + "/download", params={"path_hex": b"home".hex(), "format": "zip"})
+    names = zipfile.ZipFile(io.BytesIO(folder.content)).namelist()
+    assert "home/alice/Documents/report.txt" in names
+    log = c.get(f"{ADMIN}/audit", headers=console.api).json()
+    assert {"actor": "user:hana", "action": "snapshot-download"}.items() <= log[0].items()
+    # Another endpoint's snapshot through this endpoint's URL, and paths out of the tree.
+    assert c.get(f"/endpoints/{eid}/snapshots/{other}/files").status_code == 404
+    for bad in (b"../etc".hex(), "zz", b"home/../..".hex()):
+        assert c.get(base + "/files", params={"path_hex": bad}).status_code in (404, 422)
+    # An image manager may browse, not download.
+    im = TestClient(console.app)
+    assert sign_in(im, "ivan").status_code == 303
+    assert "Download" not in im.get(base + "/files").text
+    resp = im.get(base + "/download", params={"path_hex": b"home".hex()})
+    assert resp.status_code == 403
+
+
 def test_an_administrator_hands_out_and_revokes_api_tokens_in_the_console(console):
     c = console.client
     assert sign_in(c, "ada").status_code == 303
@@ -486,7 +538,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             device(server, resp.json()["credential"]).close()
         resp = enroll_request(server, server.create_token(require_approval=True), "newcomer")
         assert resp.status_code == 200
-        yield SimpleNamespace(server=server, tokens=tokens, agent=agent)
+        yield SimpleNamespace(server=server, tokens=tokens, agent=agent, root=root)
     finally:
         server.stop()
         server.kill()
@@ -563,6 +615,19 @@ def test_browser_help_desk_finds_a_machine_and_is_refused_the_rest(browser, flee
         page.goto(fleet.server.url + f"/endpoints/{fleet.agent.endpoint_id}")
         assert page.locator("main table").nth(1).locator("tbody tr").count() >= 1
         _shot(page, "endpoint")
+        # A user lost a document: the help desk finds it in the last snapshot and
+        # downloads it for them.
+        page.click("[data-testid=snapshot-row] a")
+        page.click("text=home/")
+        page.click("text=alice/")
+        expect(page.locator("[data-testid=file-row]")).to_have_count(20)
+        _shot(page, "snapshot")
+        with page.expect_download() as got:
+            page.locator("[data-testid=file-row]", has_text="doc-007.txt").locator(
+                "text=Download").click()
+        saved = got.value.path()
+        assert got.value.suggested_filename == "doc-007.txt"
+        assert Path(saved).read_bytes() == (fleet.root / "home/alice/doc-007.txt").read_bytes()
         _refused_elsewhere(page, fleet, "hana")
         assert page.problems == []
     finally:

@@ -6,11 +6,12 @@ out of its menu and refused (403) if asked for anyway."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from strata.errors import StrataError
 from strata.model.roles import ROLE_NAMES, Permission
+from strata.model.snapshot_files import SnapshotFileInfo
 from strata.model.units import human_bytes
 from strata.model.users import UserRequest
 from strata.server.console.chart import storage_chart
@@ -40,8 +41,10 @@ from strata.server.services import (
     layers,
     operations,
     policies,
+    snapshot_files,
     users,
 )
+from strata.server.services.lookup import find_endpoint
 from strata.server.services.users import AddressThrottle, LoginRefused, TooManyAttempts
 
 router = APIRouter(include_in_schema=False)
@@ -52,6 +55,7 @@ NAV = [("/", "Dashboard", Permission.VIEW), ("/endpoints", "Endpoints", Permissi
        ("/policies", "Policies", Permission.PROTECTION),
        ("/users", "Users", Permission.USERS), ("/audit", "Audit log", Permission.AUDIT)]
 TASKS_SHOWN = 50
+SNAPSHOT_ROWS = 500  # entries of a folder on one page
 RETENTION_FIELDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
@@ -150,6 +154,61 @@ def endpoint_page(ref: str, request: Request, v: Visitor = Depends(Page(Permissi
         return _page(request, "message.html", v, exc.http_status, title="Endpoint",
                      message=str(exc))
     return _page(request, "endpoint.html", v, ep=detail)
+
+
+SNAPSHOT = "/endpoints/{ref}/snapshots/{snapshot}"
+
+
+def _hex_path(path_hex: str) -> bytes:
+    """The folder or file a browser link names: its bytes in hex, so that names that are
+    not UTF-8 work like any other (checked by the snapshot service)."""
+    return snapshot_files.parse_path(snapshot_files.path_from_hex("", path_hex[:8192]))
+
+
+def _child(folder: bytes, entry: SnapshotFileInfo) -> str:
+    name = bytes.fromhex(entry.raw_name) if entry.raw_name else entry.name.encode()
+    return (folder + b"/" + name if folder else name).hex()
+
+
+@router.get(SNAPSHOT + "/files")
+def snapshot_page(ref: str, snapshot: str, request: Request, path_hex: str = "",
+                  offset: int = 0, v: Visitor = Depends(Page(Permission.VIEW)),
+                  ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """A folder of a snapshot, with download links for those who may restore files."""
+    try:
+        folder = _hex_path(path_hex)
+        listing = snapshot_files.list_folder(ctx, ref, snapshot, folder, max(offset, 0),
+                                             SNAPSHOT_ROWS)
+        with ctx.session() as db:
+            host = find_endpoint(db, listing.endpoint).hostname
+    except StrataError as exc:
+        return _page(request, "message.html", v, exc.http_status, title="Snapshot",
+                     message=str(exc))
+    crumbs, acc = [], b""
+    for part in folder.split(b"/") if folder else []:
+        acc = acc + b"/" + part if acc else part
+        crumbs.append((part.decode("utf-8", "replace"), acc.hex()))
+    rows = [(e, _child(folder, e)) for e in listing.entries]
+    return _page(request, "snapshot.html", v, listing=listing, host=host, crumbs=crumbs,
+                 rows=rows, here=folder.hex(), may_restore=v.may(Permission.RESTORE))
+
+
+@router.get(SNAPSHOT + "/download")
+def snapshot_download(ref: str, snapshot: str, request: Request, path_hex: str = "",
+                      format: str | None = None,
+                      v: Visitor = Depends(Page(Permission.RESTORE)),
+                      ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """A file, or a folder as tar or zip: restoring files for a user (audited)."""
+    try:
+        d = snapshot_files.download(ctx, ref, snapshot, _hex_path(path_hex), format,
+                                    v.staff.actor)
+    except StrataError as exc:
+        return _page(request, "message.html", v, exc.http_status, title="Download",
+                     message=str(exc))
+    headers = {"Content-Disposition": d.disposition, "X-Content-Type-Options": "nosniff"}
+    if d.size is not None:
+        headers["Content-Length"] = str(d.size)
+    return StreamingResponse(d.body, media_type=d.media_type, headers=headers)
 
 
 @router.get("/tasks")
