@@ -26,6 +26,7 @@ except ImportError:  # the dev dependencies bring it; without them the browser t
 
 from server_fixtures import Agent, Server, device, enroll_request, write_documents
 from strata.engine.backup import backup
+from strata.model.entry import Entry, EntryType
 from strata.model.roles import ROLES, Permission
 from strata.server.app import create_app
 from strata.server.catalog.models import Assignment, Cvd, SnapshotRecord, Task, UserSession
@@ -36,6 +37,7 @@ from strata.server.context import ServerSettings
 from strata.server.services import fleet as fleet_service
 from strata.server.services import snapshots, users
 from strata.server.services.fleet import HistoryPoint
+from strata.server.services.layers import save_layer
 
 ADMIN = "/api/v1/admin"
 PASSWORD = "correct horse battery"
@@ -434,6 +436,42 @@ def test_the_help_desk_browses_a_snapshot_and_downloads_a_users_file(console, tm
     assert "Download" not in im.get(base + "/files").text
     resp = im.get(base + "/download", params={"path_hex": b"home".hex()})
     assert resp.status_code == 403
+
+
+def test_an_image_manager_reads_compares_and_deletes_layers(console):
+    ctx = console.ctx
+    with ctx.write() as db:
+        ids = [save_layer(ctx, db, kind="base", name="corp-os", version=v, family="linux",
+                          entries=[Entry(path=b"usr", type=EntryType.DIR, mode=0o755),
+                                   Entry(path=f"usr/v{v}".encode(), type=EntryType.DIR)]).id
+               for v in ("1", "2")]
+    eid = console.enroll("pc")
+    with ctx.write() as db:  # a snapshot taken with corp-os:1 applied: revert needs it
+        cvd = snapshots.cvd_of(db, eid)
+        db.add(SnapshotRecord(id="ab" * 32, cvd_id=cvd.id, time=datetime.now(UTC),
+                              layers=[ids[0]]))
+    c = console.client
+    assert sign_in(c, "ivan").status_code == 303
+    listing = c.get("/layers").text
+    assert listing.count('data-testid="layer-row"') == 2
+    page = c.get(f"/layers/{ids[0]}").text
+    assert "base layer corp-os:1" in page and f"/layers/{ids[0]}/diff/{ids[1]}" in page
+    diff = c.get(f"/layers/{ids[0]}/diff/{ids[1]}").text
+    assert "corp-os:1 → corp-os:2" in diff and "<code>usr/v2</code>" in diff
+    assert "<code>usr/v1</code>" in diff  # removed
+    token = _csrf(page)
+    resp = c.post(f"/layers/{ids[0]}/delete", data={"csrf": token})
+    assert resp.status_code == 409 and "referenced by 1 snapshot" in resp.text
+    resp = c.post(f"/layers/{ids[1]}/delete", data={"csrf": token}, follow_redirects=False)
+    assert resp.status_code == 303
+    assert "deleted layer corp-os:2" in c.get(resp.headers["location"]).text
+    assert c.get(f"/layers/{ids[1]}").status_code == 404
+    assert c.post(f"/layers/{ids[0]}/delete").status_code == 403  # no CSRF token
+    log = c.get(f"{ADMIN}/audit", headers=console.api).json()
+    assert any(e["actor"] == "user:ivan" and e["action"] == "delete-layer" for e in log)
+    hd = TestClient(console.app)
+    assert sign_in(hd, "hana").status_code == 303
+    assert hd.get(f"/layers/{ids[0]}").status_code == 403
 
 
 def test_an_administrator_hands_out_and_revokes_api_tokens_in_the_console(console):

@@ -5,6 +5,8 @@ out of its menu and refused (403) if asked for anyway."""
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -56,6 +58,7 @@ NAV = [("/", "Dashboard", Permission.VIEW), ("/endpoints", "Endpoints", Permissi
        ("/users", "Users", Permission.USERS), ("/audit", "Audit log", Permission.AUDIT)]
 TASKS_SHOWN = 50
 SNAPSHOT_ROWS = 500  # entries of a folder on one page
+DIFF_ROWS = 500  # paths of each kind a layer diff page lists
 RETENTION_FIELDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
@@ -238,8 +241,51 @@ def compliance_page(request: Request, v: Visitor = Depends(Page(Permission.VIEW)
 
 @router.get("/layers")
 def layer_list(request: Request, v: Visitor = Depends(Page(Permission.LAYERS)),
+               ctx: ServerContext = Depends(get_ctx), done: str = "") -> Response:
+    return _page(request, "layers.html", v, layers=layers.list_layers(ctx), done=done[:200])
+
+
+def _layer_page(request: Request, v: Visitor, ctx: ServerContext, ref: str,
+                status: int = 200, error: str = "") -> Response:
+    try:
+        layer = layers.show_layer(ctx, ref)
+    except StrataError as exc:
+        return _page(request, "message.html", v, exc.http_status, title="Layer",
+                     message=str(exc))
+    versions = [lay for lay in layers.list_layers(ctx)
+                if lay.name == layer.name and lay.id != layer.id]
+    return _page(request, "layer.html", v, status, layer=layer, versions=versions,
+                 error=error)
+
+
+@router.get("/layers/{ref}")
+def layer_page(ref: str, request: Request, v: Visitor = Depends(Page(Permission.LAYERS)),
                ctx: ServerContext = Depends(get_ctx)) -> Response:
-    return _page(request, "layers.html", v, layers=layers.list_layers(ctx))
+    return _layer_page(request, v, ctx, ref)
+
+
+@router.get("/layers/{a}/diff/{b}")
+def layer_diff_page(a: str, b: str, request: Request,
+                    v: Visitor = Depends(Page(Permission.LAYERS)),
+                    ctx: ServerContext = Depends(get_ctx)) -> Response:
+    try:
+        diff = layers.diff_layers(ctx, a, b)
+    except StrataError as exc:
+        return _page(request, "message.html", v, exc.http_status, title="Layer diff",
+                     message=str(exc))
+    return _page(request, "layer_diff.html", v, diff=diff, shown=DIFF_ROWS)
+
+
+@router.post("/layers/{ref}/delete")
+def layer_delete(ref: str, request: Request, csrf: str = Form("", max_length=64),
+                 v: Visitor = Depends(Page(Permission.LAYERS)),
+                 ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    try:
+        gone = layers.delete_layer(ctx, ref, actor=v.staff.actor)
+    except StrataError as exc:
+        return _layer_page(request, v, ctx, ref, exc.http_status, error=str(exc))
+    return _see_other(f"/layers?done={quote('deleted layer ' + gone.deleted)}")
 
 
 def _policies_page(request: Request, v: Visitor, ctx: ServerContext, status: int = 200,
