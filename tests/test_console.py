@@ -28,6 +28,7 @@ from server_fixtures import Agent, Server, device, enroll_request, write_documen
 from strata.engine.backup import backup
 from strata.model.entry import Entry, EntryType
 from strata.model.roles import ROLES, Permission
+from strata.server import passwords
 from strata.server.app import create_app
 from strata.server.catalog.models import Assignment, Cvd, SnapshotRecord, Task, UserSession
 from strata.server.console.chart import storage_chart
@@ -35,7 +36,7 @@ from strata.server.console.pages import NAV
 from strata.server.console.render import HERE
 from strata.server.context import ServerSettings
 from strata.server.services import fleet as fleet_service
-from strata.server.services import snapshots, users
+from strata.server.services import snapshots
 from strata.server.services.fleet import HistoryPoint
 from strata.server.services.layers import save_layer
 
@@ -47,7 +48,7 @@ PASSWORD = "correct horse battery"
 def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process servers hash with scrypt N=2^10 rather than 2^15: each hash records
     its own parameters, so nothing else changes, and a test makes a dozen of them."""
-    monkeypatch.setattr(users, "SCRYPT_LOG_N", 10)
+    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)
 XSS = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 # The pages each role may open, by permission (the menu shows exactly these).
 PAGES = {href: perm for href, _label, perm in NAV}

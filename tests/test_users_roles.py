@@ -18,11 +18,12 @@ from sqlalchemy import update
 
 from server_fixtures import Server, assert_one_line_error, strata
 from strata.model.roles import ROLES, Permission
+from strata.server import passwords
 from strata.server.app import create_app
 from strata.server.catalog.models import User, UserSession
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.deps import admin_router, get_ctx, label_permissions
-from strata.server.services import users
+from strata.server.services import signin, users
 from strata.server.services.users import (
     AddressThrottle,
     LoginRefused,
@@ -32,7 +33,7 @@ from strata.server.services.users import (
 )
 
 ADMIN = "/api/v1/admin"
-REAL_SCRYPT_LOG_N = users.SCRYPT_LOG_N  # read before any test lowers it
+REAL_SCRYPT_LOG_N = passwords.SCRYPT_LOG_N  # read before any test lowers it
 PASSWORD = "correct horse battery"
 
 
@@ -40,7 +41,7 @@ PASSWORD = "correct horse battery"
 def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process servers hash with scrypt N=2^10 rather than 2^15: each hash records
     its own parameters, so nothing else changes, and a test makes a dozen of them."""
-    monkeypatch.setattr(users, "SCRYPT_LOG_N", 10)
+    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)
 
 
 def _server(data: Path, catalog: str = "") -> tuple[TestClient, ServerContext]:
@@ -223,18 +224,18 @@ def test_bad_user_requests_get_one_plain_refusal(staff):
 
 
 def test_passwords_are_salted_scrypt_hashes(monkeypatch):
-    monkeypatch.setattr(users, "SCRYPT_LOG_N", REAL_SCRYPT_LOG_N)  # the server's own cost
+    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", REAL_SCRYPT_LOG_N)  # the server's own cost
     a, b = hash_password(PASSWORD), hash_password(PASSWORD)
     assert a != b and a.startswith("scrypt$15$8$3$") and PASSWORD not in a
     assert check_password(PASSWORD, a) and not check_password(PASSWORD + "!", a)
-    monkeypatch.setattr(users, "SCRYPT_LOG_N", 10)  # older hashes keep their parameters
+    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)  # older hashes keep their parameters
     assert check_password(PASSWORD, a) and hash_password(PASSWORD).startswith("scrypt$10$")
     assert not check_password(PASSWORD, "") and not check_password(PASSWORD, "md5$x")
 
 
 def test_sign_ins_lock_an_account_after_repeated_failures(staff):
     ctx, throttle = staff.ctx, AddressThrottle()
-    for i in range(users.LOCK_AFTER):
+    for i in range(signin.LOCK_AFTER):
         with pytest.raises(LoginRefused):
             users.login(ctx, "helpdesk", f"wrong {i}", f"10.0.0.{i}", throttle)
     # Locked: even the right password is not checked now.
@@ -246,7 +247,7 @@ def test_sign_ins_lock_an_account_after_repeated_failures(staff):
     signed = users.login(ctx, "helpdesk", PASSWORD, "10.0.0.99", throttle)
     assert signed.staff.role == "help-desk"
     actions = [e["action"] for e in staff.client.get(f"{ADMIN}/audit").json()]
-    assert actions.count("login-failed") == users.LOCK_AFTER and "login" in actions
+    assert actions.count("login-failed") == signin.LOCK_AFTER and "login" in actions
 
 
 def test_one_address_trying_many_names_is_throttled(staff):
@@ -262,7 +263,7 @@ def test_one_address_trying_many_names_is_throttled(staff):
 def test_sessions_expire_when_idle_or_old_and_end_with_a_new_password(staff):
     ctx, throttle = staff.ctx, AddressThrottle()
     now = datetime.now(UTC)
-    for field, when in (("last_seen", now - users.SESSION_IDLE - timedelta(seconds=5)),
+    for field, when in (("last_seen", now - signin.SESSION_IDLE - timedelta(seconds=5)),
                         ("expires_at", now - timedelta(seconds=1))):
         signed = users.login(ctx, "imagemanager", PASSWORD, "10.1.1.1", throttle)
         found = users.session_staff(ctx, signed.session)
