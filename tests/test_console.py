@@ -776,6 +776,46 @@ class _committing:
 
 
 @pytest.mark.e2e
+def test_browser_a_portal_user_downloads_their_own_file_and_nothing_else(browser, fleet):
+    eid = fleet.agent.endpoint_id
+    fleet.server.admin("POST", f"/endpoints/{eid}/portal-accounts",
+                       {"name": "alice", "password": PASSWORD})
+    other = next(e["id"] for e in fleet.server.admin("GET", "/endpoints")
+                 if e["hostname"] == "lab-01")
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    page = context.new_page()
+    try:
+        page.goto(fleet.server.url + "/portal")
+        assert page.url.endswith("/portal/login")
+        page.fill("input[name=name]", "alice")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(fleet.server.url + "/portal")
+        page.click("[data-testid=portal-snapshot] a")
+        expect(page.locator("[data-testid=portal-entry]")).to_have_count(20)
+        page.fill("input[name=q]", "doc-01")
+        page.click("text=Find")
+        expect(page.locator("[data-testid=portal-entry]")).to_have_count(10)
+        _shot(page, "portal")
+        with page.expect_download() as got:
+            page.locator("[data-testid=portal-entry]", has_text="doc-012.txt").locator(
+                "text=Download").click()
+        assert Path(got.value.path()).read_bytes() == \
+            (fleet.root / "home/alice/doc-012.txt").read_bytes()
+        # The IT console stays closed to a portal user, and guessing URLs gets nothing.
+        page.goto(fleet.server.url + "/endpoints")
+        assert page.url.endswith("/login")
+        snap = fleet.server.admin("GET", f"/endpoints/{eid}")["snapshot_list"][0]["id"]
+        resp = page.goto(fleet.server.url + f"/portal/snapshots/{snap}/download?path_hex="
+                         + b"etc/hostname".hex())
+        assert resp.status == 403
+        resp = page.request.get(fleet.server.url + f"/api/v1/admin/endpoints/{other}")
+        assert resp.status == 401
+    finally:
+        context.close()
+
+
+@pytest.mark.e2e
 def test_browser_renders_a_hostile_hostname_as_text(browser, fleet):
     context, page = _signed_in(browser, fleet, "ada")
     try:

@@ -58,6 +58,8 @@ from strata.model.snapshot_files import SnapshotFolder
 from strata.model.users import (
     Caller,
     PasswordRequest,
+    PortalAccountInfo,
+    PortalAccountRequest,
     UserInfo,
     UserRequest,
     UserTokenCreated,
@@ -363,3 +365,18 @@ class AdminClient:
     def revoke_user_token(self, name: str, token_id: int) -> UserTokenInfo:
         return self._typed(UserTokenInfo, "DELETE",
                            f"{API}/users/{path_part(name, 'user name')}/tokens/{token_id}")
+
+    # -- file portal accounts ------------------------------------------------------------------
+
+    def create_portal_account(self, endpoint: str,
+                              req: PortalAccountRequest) -> PortalAccountInfo:
+        return self._typed(PortalAccountInfo, "POST", f"{API}/endpoints/"
+                           f"{path_part(endpoint, 'endpoint id')}/portal-accounts", req)
+
+    def portal_accounts(self, endpoint: str = "") -> list[PortalAccountInfo]:
+        return self._typed(list[PortalAccountInfo], "GET", f"{API}/portal-accounts",
+                           params={"endpoint": endpoint} if endpoint else None)
+
+    def delete_portal_account(self, name: str) -> Deleted:
+        return self._typed(Deleted, "DELETE",
+                           f"{API}/portal-accounts/{path_part(name, 'account name')}")

@@ -38,6 +38,7 @@ from strata.server.routes import (
     maintenance,
     operations,
     policies,
+    portal,
     signing,
     snapshot_files,
     tokens,
@@ -82,7 +83,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.admin_token_path = token_path
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
                    collections, compliance, operations, audit, signing, snapshot_files,
-                   users, maintenance):
+                   users, maintenance, portal):
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)

@@ -17,6 +17,7 @@ from strata.model.snapshot_files import SnapshotFileInfo
 from strata.model.units import human_bytes
 from strata.model.users import UserRequest
 from strata.server.console.chart import storage_chart
+from strata.server.console.portal import mount_portal
 from strata.server.console.render import STATIC, render, secure
 from strata.server.console.session import (
     LOGIN_COOKIE,
@@ -475,6 +476,7 @@ def mount_console(app: FastAPI) -> None:
     it works without internet)."""
     app.state.login_throttle = AddressThrottle()
     app.include_router(router)
+    mount_portal(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(SignInNeeded)
