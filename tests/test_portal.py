@@ -56,6 +56,14 @@ def _laptop(root: Path) -> None:
     os.chmod(root / "etc/shadow", 0o640)
     os.link(root / "etc/shadow", root / "home/alice/shadow-copy")
     os.symlink("/etc/shadow", root / "home/alice/shadow-link")
+    locked = root / "home/alice/locked"  # root's, 0700: what is inside stays hidden
+    locked.mkdir()
+    (locked / "inside.txt").write_bytes(b"behind a folder she cannot open\n")
+    (locked / "sub").mkdir()
+    (locked / "sub/deeper.txt").write_bytes(b"x")
+    for p in (locked / "inside.txt", locked / "sub", locked / "sub/deeper.txt"):
+        os.chown(p, ALICE, ALICE)
+    os.chmod(locked, 0o700)
     (root / "home/bob").mkdir()
     (root / "home/bob/private.txt").write_bytes(b"bob's\n")
     for p in (root / "home/alice", docs, docs / "report.txt", root / "home/alice/notes.txt"):
@@ -144,12 +152,18 @@ def test_a_portal_user_cannot_reach_anything_else_by_guessing_urls(world):
         f"{base}/download?path_hex={_hx(b'home/alice/shadow-copy')}": 404,
         f"{base}/download?path_hex={_hx(b'home/alice/shadow-link')}": 422,
         f"{base}/download?path_hex={_hx(b'home/alice/Documents')}": 422,
+        # hers, but behind a folder she could not open
+        f"{base}?path_hex={_hx(b'home/alice/locked')}": 404,
+        f"{base}?path_hex={_hx(b'home/alice/locked/sub')}": 404,
+        f"{base}/download?path_hex={_hx(b'home/alice/locked/inside.txt')}": 404,
+        f"{base}?q=inside": 200,
     }
     for url, status in refused.items():
         resp = c.get(url)
         assert resp.status_code == status, (url, resp.status_code, resp.text[-300:])
         assert b"root:$6$secret" not in resp.content and b"root:x:0" not in resp.content
-        assert b"another endpoint" not in resp.content
+        assert b"another endpoint" not in resp.content and b"inside.txt" not in resp.content
+        assert b"deeper.txt" not in resp.content
 
 
 def test_portal_and_console_sessions_do_not_open_each_other(world):

@@ -196,15 +196,17 @@ class _View:
 
     def node(self, p: bytes) -> int:
         """The inode of a path the user may read; refused alike when it is outside their
-        folder, hidden from them or absent."""
+        folder, hidden from them (itself or a folder on the way) or absent."""
         if not _inside(self.user, p):
             raise Forbidden("only your own folder can be read here")
-        try:
-            ino = self.tree.resolve(p)
-        except PathNotInSnapshot:
-            raise NotFound("no such file or folder in this snapshot") from None
-        if not _visible(self.tree.attr(ino), self.owner):
-            raise NotFound("no such file or folder in this snapshot")
+        ino = 0
+        for step in [*reversed(_parents(self.user.home, p)), p]:
+            try:
+                ino = self.tree.resolve(step)
+            except PathNotInSnapshot:
+                raise NotFound("no such file or folder in this snapshot") from None
+            if not _visible(self.tree.attr(ino), self.owner):
+                raise NotFound("no such file or folder in this snapshot")
         return ino
 
     def entry(self, name: bytes, path: bytes, ino: int) -> PortalEntry:
@@ -249,9 +251,11 @@ def search(ctx: ServerContext, user: PortalUser, snapshot: str, text: str) -> Po
                 break
             name = rel.rpartition(b"/")[2]
             path = user.home + b"/" + rel
-            if needle in name.lower() and _visible(view.tree.attr(ino), view.owner) and \
-                    all(_visible(view.tree.attr(view.tree.resolve(a)), view.owner)
-                        for a in _parents(user.home, path)):
+            if needle in name.lower() and _visible(view.tree.attr(ino), view.owner):
+                try:
+                    view.node(path)  # and every folder on the way
+                except (NotFound, Forbidden):
+                    continue
                 found.append(view.entry(rel, path, ino))
     return PortalFolder(snapshot=view.sid, time=view.time, path="", path_hex="",
                         entries=found)
@@ -271,8 +275,6 @@ def download(ctx: ServerContext, user: PortalUser, snapshot: str,
     """One of the user's files (folders: one file at a time, see docs)."""
     view = _View(ctx, user, snapshot)
     p = _path(path_hex, user)
-    for parent in _parents(user.home, p):
-        view.node(parent)  # a hidden folder hides what is in it
     ino = view.node(p)
     if view.tree.attr(ino).type is not EntryType.FILE:
         raise Invalid("only files can be downloaded here")
