@@ -7,19 +7,24 @@ endpoint whose root is a copy of v1, `assign --base v1` (nothing to switch) then
 switches. The figure is everything the agent received during that download cycle as the
 agent counts it (every response body and its headers: the check-in that announced v2, the
 v2 manifest, the signed metadata it verifies first, the chunk streams, the replies to its
-progress reports), plus whatever the
-apply still had to fetch. The endpoint is then compared with v2, path by path.
+progress reports, the deltas of changed files), plus whatever the apply still had to
+fetch. The endpoint is then compared with v2, path by path. A second endpoint on v1 then
+takes the same update: the server's CPU seconds for each (read from /proc) are its cost
+for the first endpoint of a fleet and for every later one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import stat
 import subprocess
 import time
 from pathlib import Path
+
+import httpx
 
 from bench.checkins import start_server
 from bench.fleet import strata
@@ -37,7 +42,30 @@ def _received(state: Path) -> int:
     return int(AgentState(state).status().get("bytes_received", 0))
 
 
-def measure_strata(v1: Path, v2: Path, work: Path) -> dict:
+def server_cpu(proc: subprocess.Popen) -> float:
+    """CPU seconds (user + system) the server process has used so far."""
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """The server's delta counters from /metrics."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out = {}
+    for key, pattern in (("deltas_sent", r'strata_file_deltas_total\{outcome="sent"\}'),
+                         ("deltas_not_paying",
+                          r'strata_file_deltas_total\{outcome="does-not-pay"\}'),
+                         ("delta_cpu_seconds", r"strata_file_delta_cpu_seconds_total"),
+                         ("delta_cache_hits", r'strata_file_delta_cache_total\{cache="hit"\}')):
+        m = re.search(rf"^{pattern} (\S+)$", text, re.M)
+        out[key] = float(m.group(1)) if m else 0.0
+    return out
+
+
+def measure_strata(v1: Path, v2: Path, work: Path, name: str = "debian") -> dict:
+    """The update on a first endpoint (what it downloads, what the server spends), then on
+    a second one on the same v1 (what the server spends once its caches hold the
+    streams and deltas the first one made: the cost per endpoint in a fleet)."""
     work = work / "strata"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -49,54 +77,82 @@ def measure_strata(v1: Path, v2: Path, work: Path) -> dict:
         strata("signing", "init", *sign, *admin)  # agents take only signed layers
         t = time.monotonic()
         for version, tree in (("1", v1), ("2", v2)):
-            strata("layer", "capture", "--kind", "base", "--name", "debian", "--version",
+            strata("layer", "capture", "--kind", "base", "--name", name, "--version",
                    version, "--from-dir", str(tree), *admin, *sign)
         capture_s = time.monotonic() - t
-        token = strata("token", "create", *admin)["token"]
-        root, state = work / "endpoint", work / "state"
-        _copy_tree(v1, root)
-        strata("agent", "enroll", "--server", url, "--token", token, "--root", str(root),
-               "--state", str(state))
-        t = time.monotonic()
-        strata("agent", "run", "--once", "--state", str(state))  # centralize
-        centralize_s = time.monotonic() - t
-        strata("assign", "--all", "--base", "debian:1", *admin, *sign)
-        first = strata("agent", "run", "--once", "--state", str(state))  # matches v1: applied
-        strata("assign", "--all", "--base", "debian:2", *admin, *sign)
-        before = _received(state)
-        t = time.monotonic()
-        out = strata("agent", "run", "--once", "--state", str(state))
-        download_s = time.monotonic() - t
-        cycle = _received(state) - before
-        update = out["update"]
-        if out.get("centralized") or update.get("state") != "ready":
-            raise RuntimeError(f"the download cycle did not go as planned: {out}")
-        t = time.monotonic()
-        applied = strata("agent", "apply", "--state", str(state))
-        apply_s = time.monotonic() - t
-        diffs = system_diffs(root, v2)
-        if diffs:
-            raise RuntimeError(f"the endpoint differs from v2 after the update "
-                               f"({len(diffs)} paths): " + "; ".join(diffs[:10]))
-        late = applied.get("bytes_downloaded", 0)
+        token = strata("token", "create", "--uses", "2", *admin)["token"]
+        endpoints = []
+        for i in (1, 2):
+            root, state = work / f"endpoint-{i}", work / f"state-{i}"
+            _copy_tree(v1, root)
+            strata("agent", "enroll", "--server", url, "--token", token, "--root", str(root),
+                   "--state", str(state))
+            t = time.monotonic()
+            strata("agent", "run", "--once", "--state", str(state))  # centralize
+            endpoints.append((root, state, time.monotonic() - t))
+        centralize_s = endpoints[0][2]
+        strata("assign", "--all", "--base", f"{name}:1", *admin, *sign)
+        firsts = [strata("agent", "run", "--once", "--state", str(state))
+                  for _, state, _ in endpoints]  # matches v1: applied
+        strata("assign", "--all", "--base", f"{name}:2", *admin, *sign)
+        runs = []
+        for root, state, _ in endpoints:
+            before, cpu0, m0 = _received(state), server_cpu(proc), _metrics(url)
+            t = time.monotonic()
+            out = strata("agent", "run", "--once", "--state", str(state))
+            download_s = time.monotonic() - t
+            cpu, m1 = server_cpu(proc) - cpu0, _metrics(url)
+            cycle = _received(state) - before
+            update = out["update"]
+            if out.get("centralized") or update.get("state") != "ready":
+                raise RuntimeError(f"the download cycle did not go as planned: {out}")
+            t = time.monotonic()
+            applied = strata("agent", "apply", "--state", str(state))
+            apply_s = time.monotonic() - t
+            diffs = system_diffs(root, v2)
+            if diffs:
+                raise RuntimeError(f"the endpoint differs from v2 after the update "
+                                   f"({len(diffs)} paths): " + "; ".join(diffs[:10]))
+            runs.append({"cycle": cycle, "update": update, "late": applied.get(
+                "bytes_downloaded", 0), "download_s": download_s, "apply_s": apply_s,
+                "server_cpu_s": round(cpu, 1),
+                **{k: round(m1[k] - m0[k], 1) for k in m0}})
+        first, second = runs
+        update, cycle, late = first["update"], first["cycle"], first["late"]
         total = cycle + late
         return {
             "tool": "strata", "version": f"strata {_head()}",
-            "bytes": total, "seconds": round(download_s, 1),
-            "detail": f"`strata agent run --once` after `assign --base debian:2`: the agent "
-                      f"received {cycle} B in that cycle (check-in, manifest, chunk streams, "
-                      f"progress replies; its update count alone: "
+            "bytes": total, "seconds": round(first["download_s"], 1),
+            "detail": f"`strata agent run --once` after `assign --base {name}:2`: the agent "
+                      f"received {cycle} B in that cycle (check-in, manifest, deltas, chunk "
+                      f"streams, progress replies; its update count alone: "
                       f"{update['bytes_downloaded']} B for {update['chunks_downloaded']} "
-                      f"chunks), and the apply fetched {late} B more; plan "
-                      f"{_changes(update['changes'])}; apply took {apply_s:.1f} s; the "
-                      f"endpoint then equals v2 in every path a layer lays down (type, mode, "
-                      f"owner, size, contents, link target)",
+                      f"chunks and {update.get('files_by_delta', 0)} files rebuilt from "
+                      f"deltas), and the apply fetched {late} B more; plan "
+                      f"{_changes(update['changes'])}; apply took {first['apply_s']:.1f} s; "
+                      f"the server spent {first['server_cpu_s']} CPU seconds on this "
+                      f"endpoint ({first['delta_cpu_seconds']} s computing "
+                      f"{int(first['deltas_sent'])} deltas sent and "
+                      f"{int(first['deltas_not_paying'])} that did not pay) and "
+                      f"{second['server_cpu_s']} s on a second endpoint on the same v1 "
+                      f"(streams and deltas from its caches: "
+                      f"{int(second['delta_cache_hits'])} delta cache hits), which received "
+                      f"{second['cycle'] + second['late']} B; both endpoints then equal v2 in "
+                      f"every path a layer lays down (type, mode, owner, size, contents, "
+                      f"link target)",
             "cycle_bytes": cycle, "update_bytes": update["bytes_downloaded"],
             "apply_bytes": late, "chunks": update["chunks_downloaded"],
+            "files_by_delta": update.get("files_by_delta", 0),
             "changes": update["changes"], "conflicts": update.get("conflicts", {}),
-            "apply_seconds": round(apply_s, 1), "capture_seconds": round(capture_s, 1),
+            "apply_seconds": round(first["apply_s"], 1),
+            "capture_seconds": round(capture_s, 1),
             "centralize_seconds": round(centralize_s, 1),
-            "v1_applied_without_download": first.get("update", {}).get("state") == "applied",
+            "server_cpu_seconds": {"first_endpoint": first["server_cpu_s"],
+                                   "second_endpoint": second["server_cpu_s"],
+                                   "deltas_first_endpoint": first["delta_cpu_seconds"]},
+            "second_endpoint_bytes": second["cycle"] + second["late"],
+            "v1_applied_without_download": all(
+                f.get("update", {}).get("state") == "applied" for f in firsts),
         }
     finally:
         proc.terminate()

@@ -508,6 +508,34 @@ def verdict(results: list[dict]) -> dict:
                                   f"({s['bytes'] / p['bytes']:.2f}x)" for p in peers)}
 
 
+def compare(v1: Path, v2: Path, work: Path, cache: Path, keep: bool = False,
+            name: str = "debian") -> tuple[dict, list[dict], dict]:
+    """Every tool on the pair: the peers on the layer views, Strata on the whole trees.
+    Returns the views' stats, the results (Strata first) and the seconds each part took."""
+    views = work / "layers-views"
+    remove_tree(views)
+    views.mkdir(parents=True)
+    try:
+        t1 = time.monotonic()
+        left_out = {n: layer_view(tree, views / n) for n, tree in (("v1", v1), ("v2", v2))}
+        view_stats = {n: {**tree_stats(views / n), "left_out": left_out[n]}
+                      for n in ("v1", "v2")}
+        results = measure_peers(views / "v1", views / "v2", work, cache, keep=keep)
+        peers_s = time.monotonic() - t1
+    finally:
+        if not keep:
+            shutil.rmtree(views, ignore_errors=True)
+    say("strata …")
+    t2 = time.monotonic()
+    strata = measure_strata(v1, v2, work, name)
+    strata_s = time.monotonic() - t2
+    say(f"  {strata['bytes']} B in {strata['seconds']} s")
+    if not keep:
+        shutil.rmtree(work / "strata", ignore_errors=True)
+    results.insert(0, strata)
+    return view_stats, results, {"peers": round(peers_s, 1), "strata": round(strata_s, 1)}
+
+
 def run(work: Path = WORK, keep: bool = False, command: str = "") -> dict:
     """Build or reuse the pair, measure every tool on it, save RESULTS; return the summary."""
     t0 = time.monotonic()
@@ -515,36 +543,14 @@ def run(work: Path = WORK, keep: bool = False, command: str = "") -> dict:
     pair_s = time.monotonic() - t0
     say(f"pair {'reused' if pair['reused'] else 'built'} in {pair_s:.1f} s: "
         f"v1 {pair['v1']['bytes']} B, v2 {pair['v2']['bytes']} B")
-    views = work / "layers-views"
-    remove_tree(views)
-    views.mkdir(parents=True)
-    try:
-        t1 = time.monotonic()
-        left_out = {name: layer_view(tree, views / name) for name, tree in
-                    (("v1", v1), ("v2", v2))}
-        view_stats = {name: {**tree_stats(views / name), "left_out": left_out[name]}
-                      for name in ("v1", "v2")}
-        results = measure_peers(views / "v1", views / "v2", work, v1.parent, keep=keep)
-        peers_s = time.monotonic() - t1
-    finally:
-        if not keep:
-            shutil.rmtree(views, ignore_errors=True)
-    say("strata …")
-    t2 = time.monotonic()
-    strata = measure_strata(v1, v2, work)
-    strata_s = time.monotonic() - t2
-    say(f"  {strata['bytes']} B in {strata['seconds']} s")
-    if not keep:
-        shutil.rmtree(work / "strata", ignore_errors=True)
-    results.insert(0, strata)
+    view_stats, results, seconds = compare(v1, v2, work, v1.parent, keep=keep)
     summary = {
         "command": command or "python -m bench.layers",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": report.machine(),
         "pair": {k: v for k, v in pair.items() if k not in ("notes",)},
         "views": view_stats, "results": results, "target": verdict(results),
-        "seconds": {"pair": round(pair_s, 1), "peers": round(peers_s, 1),
-                    "strata": round(strata_s, 1),
+        "seconds": {"pair": round(pair_s, 1), **seconds,
                     "total": round(time.monotonic() - t0, 1)},
         "notes": pair.get("notes", []),
     }
@@ -561,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.layers" + (" --keep-work" if args.keep_work else "")
     summary = run(WORK, keep=args.keep_work, command=command)
     print(json.dumps(summary, indent=2))
-    say(f"wrote {RESULTS}")
+    report.update_sections(ROOT)
+    say(f"wrote {RESULTS} and its section of BENCHMARKS.md")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from pathlib import Path
 
 from .tools import Step
@@ -247,6 +248,8 @@ def extra_sections(meta: dict) -> list[str]:
         out += layer_section(meta["layers"])
     if meta.get("mount"):
         out += mount_section(meta["mount"])
+    if meta.get("migration"):
+        out += migration_section(meta["migration"])
     sc = meta.get("scale")
     if sc:
         out += [
@@ -338,18 +341,11 @@ def layer_section(lay: dict) -> list[str]:
         f"endpoint is a full copy of v1, and after the update it must equal v2 in every "
         f"path a layer lays down (checked: type, mode, owner, size, contents, link target).",
         "",
-        "| Tool | Version | Bytes on the wire | MiB | vs Strata | Seconds |",
-        "|---|---|---:|---:|---:|---:|",
+        *_tool_rows(lay["results"]),
     ]
-    for r in rows:
-        ratio = f"{r['bytes'] / strata['bytes']:.2f}x" if strata else "n/a"
-        out.append(f"| {_cell(r['tool'])} | {r.get('version', '')} | {r['bytes']:,} | "
-                   f"{r['bytes'] / MiB:.1f} | {ratio} | {r['seconds']:.1f} |")
-    for r in lay["results"]:
-        if "error" in r:
-            out.append(f"| {r['tool']} | | **failed: {r['error']}** | | | |")
     goal = lay["target"]
     out += ["", target_table([{**goal, "goal": "Base layer update: " + goal["goal"]}]), "",
+            *_server_cpu(strata),
             "The last two rows are for scale: v2's layer view as it is, and all of it "
             "compressed (a full download). "
             "Seconds: Strata's is the agent's download cycle (`agent run --once`: check-in, "
@@ -360,6 +356,88 @@ def layer_section(lay: dict) -> list[str]:
     out += [f"- **{_cell(r['tool'])}**: {r['detail']}" for r in rows if r.get("detail")]
     out.append("")
     return out
+
+
+def _tool_rows(results: list[dict]) -> list[str]:
+    rows = [r for r in results if "bytes" in r]
+    strata = next((r for r in rows if r["tool"] == "strata"), None)
+    out = ["| Tool | Version | Bytes on the wire | MiB | vs Strata | Seconds |",
+           "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['bytes'] / strata['bytes']:.2f}x" if strata else "n/a"
+        out.append(f"| {_cell(r['tool'])} | {r.get('version', '')} | {r['bytes']:,} | "
+                   f"{r['bytes'] / MiB:.1f} | {ratio} | {r['seconds']:.1f} |")
+    out += [f"| {r['tool']} | | **failed: {r['error']}** | | | |" for r in results
+            if "error" in r]
+    return out
+
+
+def _server_cpu(strata: dict | None) -> list[str]:
+    cpu = (strata or {}).get("server_cpu_seconds")
+    if not cpu:
+        return []
+    return [f"Server CPU per endpoint (from /proc, the whole server process): "
+            f"**{cpu['first_endpoint']} s** for the first endpoint of a fleet "
+            f"({cpu['deltas_first_endpoint']} s of it computing file deltas; "
+            f"{(strata or {}).get('files_by_delta', 0)} files came as deltas), "
+            f"**{cpu['second_endpoint']} s** for each later one on the same old image (deltas "
+            f"and chunk streams come from the server's caches).", ""]
+
+
+def migration_section(mig: dict) -> list[str]:
+    """The OS migration benchmark (bench/migration.py, saved in bench/migration-results.json)."""
+    pair, views, sec, m = mig["pair"], mig["views"], mig["seconds"], mig["machine"]
+    old, new = pair["old"], pair["new"]
+    strata = next((r for r in mig["results"] if r["tool"] == "strata"), {})
+    out = [
+        "## OS migration", "",
+        f"What an endpoint on Debian {old['suite']} downloads to move to {new['suite']} (a "
+        f"base-layer swap: almost every binary changes a little), for Strata and its peers "
+        f"on the same trees (`{mig['command']}`, {mig['date']}, {m['nproc']} CPUs, "
+        f"{sec['total']:.0f} s).", "",
+        f"- **Old**: {old['suite']} {pair['arch']} `debootstrap --variant=minbase`: "
+        f"{old['packages']} packages, {_tree(old)}.",
+        f"- **New**: {new['suite']} minbase (the base layer update's v1): {new['packages']} "
+        f"packages, {_tree(new)}; {pair['common_packages']} packages in both, "
+        f"{pair['changed_versions']} of them at another version.",
+        f"- **Layer view** as in the base layer update: old {_tree(views['v1'])}, new "
+        f"{_tree(views['v2'])}; Strata takes the whole trees and both of its endpoints must "
+        f"end equal to the new one in every path a layer lays down.",
+        "",
+        *_tool_rows(mig["results"]),
+        "", target_table([{**mig["target"], "goal": "OS migration: " + mig["target"]["goal"]}]),
+        "",
+    ]
+    out += _server_cpu(strata)
+    out += [f"- **{_cell(r['tool'])}**: {r['detail']}" for r in mig["results"]
+            if r.get("detail")]
+    out.append("")
+    return out
+
+
+def update_sections(root: Path) -> None:
+    """Re-render the base layer update and OS migration sections of BENCHMARKS.md in place
+    from their saved results (what `python -m bench.layers` or `bench.migration` run alone
+    measured), leaving the rest as `make bench` wrote it."""
+    doc_file = root / "BENCHMARKS.md"
+    if not doc_file.exists():
+        return
+    parts = re.split(r"(?m)^(?=## )", doc_file.read_text())
+    rendered = {}
+    for title, name, render in (("Base layer update", "layers-results.json", layer_section),
+                                ("OS migration", "migration-results.json", migration_section)):
+        f = root / "bench" / name
+        if f.exists():
+            rendered[title] = "\n".join(render(json.loads(f.read_text()))) + "\n"
+    out: list[str] = []
+    for part in parts:
+        title = part[3:].split("\n", 1)[0].strip() if part.startswith("## ") else ""
+        if title == "OS migration":
+            continue  # placed after the base layer update below
+        out.append(rendered.get(title, part))
+        if title == "Base layer update" and "OS migration" in rendered:
+            out.append(rendered["OS migration"])
+    doc_file.write_text("".join(out))
 
 
 def write(root: Path, meta: dict, steps: list[Step]) -> str:

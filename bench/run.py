@@ -23,7 +23,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from . import checkins, console, data, fleet, layers, mount, report, scale
+from . import checkins, console, data, fleet, layers, migration, mount, report, scale
 from .tools import ROOT, TOOLS, Step, Tool, busy_cpu_s, ensure_installed, run
 
 WORK = ROOT / "bench" / "work"
@@ -190,6 +190,17 @@ def main(argv: list[str] | None = None) -> int:
             say(f"!!! {notes[-1]}")
     if mount.RESULTS.exists():
         extra["mount"] = json.loads(mount.RESULTS.read_text())
+    if not args.no_layers:
+        say("OS migration: Debian minbase of the previous release -> the host's, Strata "
+            "against rsync, casync and zstd --patch-from")
+        try:
+            migration.run(WORK, keep=args.keep_work, command=f"{python} -m bench.migration")
+        except (Exception, SystemExit) as exc:
+            notes.append(f"the OS migration benchmark did not run ({exc}); its section "
+                         "shows the figures saved by its last run")
+            say(f"!!! {notes[-1]}")
+    if migration.RESULTS.exists():
+        extra["migration"] = json.loads(migration.RESULTS.read_text())
     if args.scale:
         say(f"memory on a store of {args.scale} chunks")
         scale.run(args.scale, WORK / "scale")

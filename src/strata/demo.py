@@ -194,6 +194,9 @@ def fleet(work: Path) -> None:
         console = demo_administrator(work, admin)
         print(f"\n# The web console is at {url}/ : {console}", flush=True)
         token = run("token", "create", "--uses", "3", "--admin-token-file", str(admin)).strip()
+        token_file = work / "enroll.token"  # agents read it there: a token in argv shows in ps
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
         print("\n# The image manager sets layer signing up (keys kept off the server): agents "
               "take only\n# layers and assignments signed with them, and pin the root's "
               "fingerprint at enrollment.")
@@ -220,8 +223,8 @@ def fleet(work: Path) -> None:
             root = work / "endpoints" / name
             own = build_fleet_endpoint(root, name, 100 + i, shared)
             state = work / "agents" / name
-            run("agent", "enroll", "--token", token, "--root", str(root), "--state", str(state),
-                "--root-fingerprint", fingerprint)
+            run("agent", "enroll", "--token-file", str(token_file), "--root", str(root),
+                "--state", str(state), "--root-fingerprint", fingerprint)
             out = json.loads(run("agent", "run", "--once", "--state", str(state), "--json",
                                  quiet=True))
             r = out["result"]

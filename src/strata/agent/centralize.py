@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from strata.agent.client import ServerClient
+from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
 from strata.agent.sink import RemoteSink
 from strata.agent.state import AgentState
@@ -59,10 +60,21 @@ def checkin(client: ServerClient, root: Path, state: AgentState, *,
                        "applied_key": state.applied_key()}}
     # Few retries: an unreachable server means "offline, try next cycle", not a stall.
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
-    info = CheckinResponse.model_validate(resp.json())
+    info = parse_answer(resp, CheckinResponse)
+    adopt_credential(client, state, info.credential)
     state.update_status(server_reachable=True, access="ok", last_checkin=iso(clock),
                         policy=info.policy.model_dump(), chunker=info.chunker.model_dump())
     return info
+
+
+def adopt_credential(client: ServerClient, state: AgentState, new: str | None) -> None:
+    """Keep the device credential a check-in handed out (rotation) and use it at once.
+    The old one stays valid on the server until the new one is presented, so a crash
+    before the file is replaced loses nothing."""
+    if not new:
+        return
+    state.save_credential(dataclasses.replace(state.credential(), credential=new))
+    client.http.headers["Authorization"] = f"Bearer {new}"
 
 
 def own_exclusions(root: Path, state: AgentState) -> list[str]:

@@ -6,6 +6,7 @@ clock, so that due and interval decisions are tested without waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,10 @@ class AgentContext:
         return Path(self.credential.root)
 
     def client(self, **options: Any) -> DeviceClient:
+        # Read again: the server may have rotated the credential since it was loaded (at
+        # a check-in of this daemon, or of `agent status` beside it).
+        with contextlib.suppress(StrataError):
+            self.credential = self.state.credential()
         return device_client(self.credential, upload_rate=self.upload_rate, **options)
 
 

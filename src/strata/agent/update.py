@@ -18,6 +18,7 @@ from typing import Literal
 import zstandard
 
 from strata.agent.client import ServerClient, ServerUnreachable
+from strata.agent.deltas import fill_by_deltas, manifest_by_delta, note_manifest
 from strata.agent.drift import tree_changed
 from strata.agent.signing import approve_update, save_record
 from strata.agent.state import AgentState
@@ -31,7 +32,7 @@ from strata.layers.image import Image, LayerContent, build_image
 from strata.layers.plan import AccountMerge, Mode, Plan, plan_update
 from strata.layers.rules import LayerRules, PathClass
 from strata.model.entry import Entry, EntryType
-from strata.model.ids import content_id
+from strata.model.ids import content_id, is_hex_id
 from strata.model.manifest import decode_manifest, encode_manifest
 from strata.model.transfer import read_stream
 from strata.model.update import UpdateState
@@ -70,6 +71,7 @@ class UpdateResult:
     chunks_downloaded: int = 0
     bytes_downloaded: int = 0  # on the wire, compressed
     bytes_seeded: int = 0  # read from the endpoint's own files instead
+    files_by_delta: int = 0  # changed files rebuilt from the endpoint's old copy + a delta
     warnings: list[str] = field(default_factory=list)
     pre_update_snapshot: str | None = None
     seconds: float = 0.0
@@ -122,6 +124,9 @@ class LayerSource:
         self.cache.close()
 
     def manifest(self, layer: DesiredLayer) -> bytes:
+        if not is_hex_id(layer.snapshot):  # it names a file: never a path from the server
+            raise UpdateFailed(f"layer {layer.name}:{layer.version}: the server named its "
+                               "snapshot with something other than an id: refused")
         cached = self.state.path / "layers" / f"{layer.snapshot}.manifest"
         try:
             data = cached.read_bytes()
@@ -136,16 +141,28 @@ class LayerSource:
         if self.client is None:
             raise UpdateFailed(f"layer {layer.name}:{layer.version} is not cached and the "
                                "server is unreachable")
+        cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        patched = manifest_by_delta(self.client, cached.parent, layer)
+        try:
+            if patched is None:
+                raise LayerRefused("no delta")
+            self.approval.verify_manifest(layer, patched)
+            data = patched
+        except LayerRefused:  # whole, then: judged below like any fetched manifest
+            data = self._whole_manifest(layer)
+            self.approval.verify_manifest(layer, data)  # before it is kept or used
+        atomic_write(cached, data)
+        note_manifest(cached.parent, layer)
+        return data
+
+    def _whole_manifest(self, layer: DesiredLayer) -> bytes:
+        assert self.client is not None
         resp = self.client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/manifest")
         try:
-            data = zstandard.ZstdDecompressor().stream_reader(resp.content).read(MAX_MANIFEST)
+            return zstandard.ZstdDecompressor().stream_reader(resp.content).read(MAX_MANIFEST)
         except zstandard.ZstdError as exc:
             raise CorruptData(f"layer {layer.name}:{layer.version}: manifest does not "
                               f"decompress ({exc})") from None
-        self.approval.verify_manifest(layer, data)  # before it is kept or used
-        cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(cached, data)
-        return data
 
     def contents(self, layers: list[DesiredLayer]) -> list[LayerContent]:
         return [LayerContent(label=f"{dl.kind} {dl.name}:{dl.version}", kind=dl.kind,
@@ -371,6 +388,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         state.save_update({"key": desired.key, "state": UpdateState.DOWNLOADING,
                            "desired": desired.model_dump(), "approval": approval.to_dict()})
         lengths = plan.chunks_in_order()
+        by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
+                                  source.lacking(list(lengths)))
         lacking = source.lacking(list(lengths))
         last = [0.0]
 
@@ -394,7 +413,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
                             changes=summary["changes"],
                             conflicts=summary["conflicts"],
                             chunks_downloaded=source.chunks_downloaded,
-                            bytes_downloaded=received(),
+                            bytes_downloaded=received(), files_by_delta=by_delta.rebuilt,
+                            warnings=by_delta.failed[:20],
                             seconds=round(time.monotonic() - started, 3))
     finally:
         source.close()
@@ -419,6 +439,9 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         plan, image, rules = compute_plan(source, desired, current, state.owned(),
                                           repair=repair)
         lengths = plan.chunks_in_order()
+        by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
+                                  source.lacking(list(lengths)))
+        result.files_by_delta += by_delta.rebuilt
         source.download(source.lacking(list(lengths)), lengths)
         need = plan.bytes_to_write()
         free = shutil.disk_usage(root).free

@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import json as jsonlib
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.table import Table
 
 from strata.errors import StrataError
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, print_model
 from .confirm import YES, confirm
 from .output import console, plural, print_json
+from .secrets import write_secret_file
 
 if TYPE_CHECKING:
     from strata.model.admin import PolicyPlan
 
 token_app = typer.Typer(help="Enrollment tokens.", no_args_is_help=True)
+admin_token_app = typer.Typer(help="The admin token.", no_args_is_help=True)
 policy_app = typer.Typer(help="Upload, retention, bandwidth and layer policies.",
                         no_args_is_help=True)
 
@@ -43,6 +47,59 @@ def token_create(uses: int = typer.Option(1, "--uses", help="How many enrollment
     doc = client(server, admin_token_file).create_token(req)
     if json:
         print_model(doc)
+    else:
+        console.print(doc.token, highlight=False)
+
+
+@token_app.command("list")
+def token_list(all_tokens: bool = typer.Option(False, "--all", help="Also expired, used up "
+                                               "and revoked tokens."),
+               server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
+               json: bool = JSON) -> None:
+    """Enrollment tokens that still enroll (never the secrets: only their creator saw
+    them)."""
+    rows = client(server, admin_token_file).tokens(all_tokens)
+    if json:
+        print_model(rows)
+        return
+    table = Table("ID", "Created", "Uses left", "Expires", "Approval", "Status", "Enrolled")
+    for t in rows:
+        table.add_row(str(t.id), _when(t.created_at),
+                      "unlimited" if t.uses_left is None else str(t.uses_left),
+                      _when(t.expires_at) or "never", "required" if t.require_approval else "",
+                      t.status, str(t.enrolled))
+    console.print(table)
+
+
+def _when(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value else ""
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: int = typer.Argument(..., help="The id `token list` shows."),
+                 server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
+                 json: bool = JSON) -> None:
+    """Stop a token from enrolling anything more (endpoints it enrolled stay)."""
+    doc = client(server, admin_token_file).revoke_token(token_id)
+    print_model(doc) if json else console.print(
+        f"revoked enrollment token {doc.id} ({doc.enrolled} endpoint(s) enrolled with it "
+        "stay)", highlight=False)
+
+
+@admin_token_app.command("rotate")
+def admin_token_rotate(server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
+                       json: bool = JSON) -> None:
+    """Replace the admin token: the old one is refused at once. The new one is written to
+    --admin-token-file (0600) when one was given, else printed."""
+    doc = client(server, admin_token_file).rotate_admin_token()
+    if admin_token_file is not None:
+        write_secret_file(admin_token_file, doc.token)
+    if json:
+        print_model(doc.model_copy(update={"token": "(written to the file)"})
+                    if admin_token_file is not None else doc)
+    elif admin_token_file is not None:
+        console.print(f"admin token rotated: the new one is in {admin_token_file} and in "
+                      f"{doc.path} on the server; the old one is refused", highlight=False)
     else:
         console.print(doc.token, highlight=False)
 

@@ -9,14 +9,16 @@ Imported only when a command runs (pydantic and httpx cost a fifth of a second),
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from strata.errors import StrataError, transport_cause
+from strata.errors import StrataError
 from strata.model.admin import (
+    AdminTokenRotated,
     AssignRequest,
     AssignResult,
     AuditEntryInfo,
@@ -51,6 +53,7 @@ from strata.model.admin import (
     TagsRequest,
     TaskInfo,
     TokenCreated,
+    TokenInfo,
     TokenRequest,
     TransactionInfo,
 )
@@ -66,6 +69,14 @@ from strata.model.users import (
     UserTokenInfo,
     UserTokenRequest,
 )
+from strata.transport import (
+    check_server_url,
+    describe_transport_error,
+    fetch_pinned_certificate,
+    verify_setting,
+)
+
+from . import connection
 
 API = "/api/v1/admin"
 T = TypeVar("T")
@@ -148,12 +159,23 @@ class AdminClient:
     def __init__(self, server: str | None, token_file: Path | None) -> None:
         self._server = server
         self._token_file = token_file
+        self._verify: bool | ssl.SSLContext | None = None
 
     @property
     def server(self) -> str:
         if not self._server:
             raise StrataError("no server: pass --server URL or set STRATA_SERVER")
-        return self._server
+        return check_server_url(self._server, insecure=connection.current.insecure)
+
+    @property
+    def verify(self) -> bool | ssl.SSLContext:
+        """What to trust for the server's certificate (--ca-cert, --server-fingerprint)."""
+        if self._verify is None:
+            options = connection.current
+            pem = fetch_pinned_certificate(self.server, options.server_fingerprint) \
+                if options.server_fingerprint else ""
+            self._verify = verify_setting(options.ca_cert, pinned_pem=pem)
+        return self._verify
 
     @property
     def token(self) -> str:
@@ -166,10 +188,11 @@ class AdminClient:
 
         server, token = self.server, self.token
         try:
-            resp = httpx.request(method, server.rstrip("/") + path, json=body, params=params,
-                                 timeout=60, headers={"Authorization": f"Bearer {token}"})
+            resp = httpx.request(method, server + path, json=body, params=params,
+                                 timeout=60, headers={"Authorization": f"Bearer {token}"},
+                                 verify=self.verify)
         except httpx.TransportError as exc:
-            raise StrataError(f"cannot reach {server}: {transport_cause(exc)}") from None
+            raise StrataError(describe_transport_error(server, exc)) from None
         try:
             doc = resp.json()
         except ValueError:
@@ -198,6 +221,16 @@ class AdminClient:
 
     def create_token(self, req: TokenRequest) -> TokenCreated:
         return self._typed(TokenCreated, "POST", f"{API}/tokens", req)
+
+    def tokens(self, all_tokens: bool = False) -> list[TokenInfo]:
+        return self._typed(list[TokenInfo], "GET", f"{API}/tokens",
+                           params={"all": str(all_tokens).lower()})
+
+    def revoke_token(self, token_id: int) -> TokenInfo:
+        return self._typed(TokenInfo, "POST", f"{API}/tokens/{int(token_id)}/revoke")
+
+    def rotate_admin_token(self) -> AdminTokenRotated:
+        return self._typed(AdminTokenRotated, "POST", f"{API}/admin-token/rotate")
 
     def endpoints(self, pending: bool = False) -> list[EndpointSummary]:
         return self._typed(list[EndpointSummary], "GET", f"{API}/endpoints",

@@ -33,6 +33,7 @@ from .output import (
     print_json,
     run_with_progress,
 )
+from .secrets import read_secret
 
 T = TypeVar("T")
 app = typer.Typer(help="The endpoint agent.", no_args_is_help=True)
@@ -70,10 +71,20 @@ def _context(state: Path | None, limit_upload: str | None, json: bool) -> AgentC
 
 @app.command()
 def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
-           token: str = typer.Option(..., "--token", help="Enrollment token from the admin."),
+           token: str | None = typer.Option(None, "--token", help="Enrollment token from the "
+                                            "admin (visible to other users in `ps`: prefer "
+                                            "--token-file, or type it at the prompt)."),
+           token_file: Path | None = typer.Option(None, "--token-file", help="File holding "
+                                                  "the enrollment token."),
            root: Path = typer.Option(None, "--root", help="The endpoint's root (default /)."),
            ca_cert: Path | None = typer.Option(None, "--ca-cert", help="CA bundle to trust "
                                                "for a server with a private certificate."),
+           server_fingerprint: str | None = typer.Option(
+               None, "--server-fingerprint", envvar="STRATA_SERVER_FINGERPRINT",
+               help="SHA-256 fingerprint of the server's TLS certificate, as `strata server` "
+               "printed it: checked now, then the only certificate this agent accepts."),
+           insecure: bool = typer.Option(False, "--insecure", help="Allow plain http:// to "
+                                         "another machine (secrets cross in clear)."),
            force: bool = typer.Option(False, "--force", help="Enroll anew a state directory "
                                       "that is already enrolled (a new endpoint)."),
            root_fingerprint: str | None = typer.Option(
@@ -88,9 +99,13 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
     pins the server's signing root (layers are taken only when signed under it)."""
     from strata.agent.enrollment import enroll as run_enroll
 
-    done = run_enroll(_state(state), server=server, token=token, root=root or default_root(),
+    secret = read_secret(token, token_file, env="STRATA_ENROLL_TOKEN",
+                         what="enrollment token", prompt="Enrollment token")
+    done = run_enroll(_state(state), server=server, token=secret,
+                      root=root or default_root(),
                       ca_cert=str(ca_cert.resolve()) if ca_cert else "", force=force,
-                      root_fingerprint=root_fingerprint, one_file_system=one_file_system)
+                      root_fingerprint=root_fingerprint, one_file_system=one_file_system,
+                      server_fingerprint=server_fingerprint, insecure=insecure)
     if json:
         print_json(done.to_dict())
         return

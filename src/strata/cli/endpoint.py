@@ -14,7 +14,7 @@ from strata.errors import StrataError
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, layer_ref, layer_refs, print_model
 from .confirm import YES, confirm
-from .output import console, human_bytes, iso_time, print_json
+from .output import console, human_bytes, iso_time, print_json, safe
 from .signing import KEYS, PASSPHRASE_FILE, publisher_for, signable_refs, signed_after
 
 if TYPE_CHECKING:
@@ -93,8 +93,8 @@ def endpoint_show(endpoint_id: str, server: str | None = SERVER,
     cpu = inv.get("cpu")
     cpus = cpu.get("count", "?") if isinstance(cpu, dict) else "?"
     ram = inv.get("ram_bytes", 0)
-    console.print(f"[bold]{doc.hostname}[/] {doc.id}  state: {doc.state}  "
-                  f"last seen: {_time(doc.last_seen)}", highlight=False)
+    console.print(f"[bold]{safe(doc.hostname)}[/] {safe(doc.id)}  state: {safe(doc.state)}  "
+                  f"last seen: {_time(doc.last_seen)}", markup=True, highlight=False)
     console.print(f"{inv.get('os_name', doc.os)}; {hw.get('vendor', '')} "
                   f"{hw.get('model', '')}; {cpus} CPUs; "
                   f"{human_bytes(ram if isinstance(ram, int | float) else 0)} RAM",

@@ -81,7 +81,7 @@ def _upload_tree(api: AdminClient, directory: Path, family: str, before: Path | 
             raise StrataError(f"{d} is not a directory")
     cfg = api.capture_config(family)
     rules = LayerRules.from_doc(cfg.rules, family)
-    server = ServerClient(api.server, api.token)
+    server = ServerClient(api.server, api.token, verify=api.verify)
     sink = RemoteSink(server, cfg.chunker, api=API)
     hash_only = HashOnlySink(sink.chunker)  # the same cut points as the upload
     try:

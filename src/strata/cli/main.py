@@ -13,6 +13,7 @@ from typer._click import exceptions as cli_exc
 
 from strata.errors import StrataError
 
+from .connection import add_connection_options
 from .output import err_console, print_error
 
 # Each top-level name, the module that defines it, the attribute, and whether it is a
@@ -22,6 +23,7 @@ _ENTRIES = [
     ("store", "store", "app", True),
     ("agent", "agent", "app", True),
     ("token", "admin", "token_app", True),
+    ("admin-token", "admin", "admin_token_app", True),
     ("endpoint", "endpoint", "endpoint_app", True),
     ("policy", "admin", "policy_app", True),
     ("layer", "layers", "layer_app", True),
@@ -56,6 +58,7 @@ def build_app(argv: list[str] | None = None) -> typer.Typer:
             app.add_typer(target, name=name)
         else:
             app.command(name)(target)
+    add_connection_options(app)  # --ca-cert, --server-fingerprint, --insecure
     return app
 
 

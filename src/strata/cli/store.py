@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from strata.engine import prune as prune_mod
 from strata.engine.backup import backup as run_backup
@@ -38,6 +38,7 @@ from .output import (
     iso_time,
     print_json,
     run_with_progress,
+    safe,
 )
 
 app = typer.Typer(help="The deduplicating, snapshotting store (usable on its own for backup).",
@@ -133,16 +134,16 @@ def backup(store_dir: str = StoreDir, state: Path | None = STATE,
         print_json(result.to_dict())
         return
     for err in result.errors:
-        console.print(f"[yellow]warning:[/] {err}")
+        console.print(f"[yellow]warning:[/] {safe(err)}", markup=True)
     for mount in result.mounts_skipped:
         console.print(f"not crossed into another file system: {mount}", markup=False,
                       highlight=False)
     console.print(
-        f"snapshot [bold]{result.snapshot[:8]}[/] saved: {result.files} files "
+        f"snapshot [bold]{safe(result.snapshot[:8])}[/] saved: {result.files} files "
         f"({result.files_new} new, {result.files_changed} changed, "
         f"{result.files_unmodified} unmodified), read {human_bytes(result.bytes_read)}, "
         f"added {human_bytes(result.bytes_new)} ({human_bytes(result.bytes_stored)} stored) "
-        f"in {result.seconds:.1f}s")
+        f"in {result.seconds:.1f}s", markup=True)
 
 
 @app.command()
@@ -154,8 +155,8 @@ def snapshots(store_dir: str = StoreDir, state: Path | None = STATE,
     with open_store(store_dir, passfile, state) as store:
         snaps = store.snapshots(damaged)
     for sid in damaged:
-        err_console.print(f"[yellow]warning:[/] snapshot {sid[:8]} is damaged and not listed "
-                          "(see `strata store check`)", highlight=False)
+        err_console.print(f"[yellow]warning:[/] snapshot {safe(sid[:8])} is damaged and not "
+                          "listed (see `strata store check`)", markup=True, highlight=False)
     if json:
         print_json([{"id": s.id, "time": s.time, "host": s.host, "paths": s.paths,
                      "tags": s.tags, "parent": s.parent, "trigger": s.trigger,
@@ -254,14 +255,14 @@ def restore(store_dir: str = StoreDir, state: Path | None = STATE,
         print_json(result.to_dict())
     else:
         for w in result.warnings:
-            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+            console.print(f"[yellow]warning:[/] {safe(w)}", markup=True, highlight=False)
         for w in result.withheld:
-            console.print(f"withheld: {escape(w)}", highlight=False)
+            console.print(f"withheld: {w}", highlight=False)
         for e in result.errors:
-            err_console.print(f"[red]error:[/] {escape(e)}", highlight=False)
+            err_console.print(f"[red]error:[/] {safe(e)}", markup=True, highlight=False)
         console.print(f"restored {result.files} files, {result.dirs} dirs, {result.other} "
                       f"other ({human_bytes(result.bytes_written)}) from {snap.short_id} "
-                      f"into {escape(str(target))} in {result.seconds:.1f}s"
+                      f"into {target} in {result.seconds:.1f}s"
                       + (f"; {len(result.errors)} skipped" if result.errors else ""),
                       highlight=False)
         if result.withheld:
@@ -304,22 +305,23 @@ def check(store_dir: str = StoreDir, state: Path | None = STATE,
         print_json(result.to_dict())
     else:
         for w in result.warnings:
-            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+            console.print(f"[yellow]warning:[/] {safe(w)}", markup=True, highlight=False)
         for d in result.damaged_packs:
-            console.print(f"[red]damaged pack[/] {d['pack']}: {d['reason']}", highlight=False)
+            console.print(f"[red]damaged pack[/] {safe(d['pack'])}: {safe(d['reason'])}",
+                          markup=True, highlight=False)
         for d in result.damaged_snapshots:
-            console.print(f"[red]damaged snapshot[/] {d['snapshot'][:8]}: {d['reason']}",
-                          highlight=False)
+            console.print(f"[red]damaged snapshot[/] {safe(d['snapshot'][:8])}: "
+                          f"{safe(d['reason'])}", markup=True, highlight=False)
         for h in result.hurt:
-            console.print(f"[red]snapshot {h['snapshot'][:8]}[/]: {h['count']} file(s) damaged",
-                          highlight=False)
+            console.print(f"[red]snapshot {safe(h['snapshot'][:8])}[/]: {h['count']} file(s) "
+                          "damaged", markup=True, highlight=False)
             for f in h["files"]:
                 console.print(f"    {f}", markup=False, highlight=False)
         what = "read and verified " + str(result.chunks_verified) + " chunks, " \
             if read_data else ""
         verdict = "[green]no errors[/]" if result.ok else "[red]the store is damaged[/]"
         console.print(f"checked {result.snapshots} snapshots, {result.packs} packs, "
-                      f"{what}{verdict}")
+                      f"{what}{verdict}", markup=True)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -369,8 +371,8 @@ def forget(store_dir: str = StoreDir, state: Path | None = STATE,
     table = Table("ID", "Time", "Host", "Decision", "Reasons")
     for d in decisions:
         table.add_row(d.snapshot.id[:8], iso_time(snaps[d.snapshot.id].time), d.snapshot.host,
-                      "keep" if d.keep else ("[red]would remove[/]" if dry_run else
-                                             "[red]removed[/]"), ", ".join(d.reasons))
+                      "keep" if d.keep else Text("would remove" if dry_run else "removed",
+                                                 style="red"), ", ".join(d.reasons))
     console.print(table)
     console.print(f"{len(decisions) - len(removed)} kept, {len(removed)} "
                   f"{'would be removed' if dry_run else 'removed'}")
@@ -449,8 +451,8 @@ def repair_index(store_dir: str = StoreDir, state: Path | None = STATE,
         return
     console.print(f"indexed {chunks} chunks from {count} packs")
     for name in damaged:
-        console.print(f"[red]unreadable pack[/] {name} (its trailer is damaged)")
-
+        console.print(f"[red]unreadable pack[/] {safe(name)} (its trailer is damaged)",
+                      markup=True)
 
 @app.command("repair")
 def repair(store_dir: str = StoreDir, state: Path | None = STATE,

@@ -110,6 +110,24 @@ class TokenCreated(AdminModel):
     require_approval: bool
 
 
+class TokenInfo(AdminModel):
+    """An enrollment token as listed: never the secret, which only its creator saw."""
+
+    id: int
+    created_at: datetime
+    uses_left: int | None  # None: unlimited
+    expires_at: datetime | None
+    require_approval: bool
+    revoked: bool
+    status: str  # usable, expired, used up, revoked
+    enrolled: int  # endpoints enrolled with it
+
+
+class AdminTokenRotated(AdminModel):
+    token: str  # the new admin token; the old one is refused from now on
+    path: str  # where the server keeps it
+
+
 class EndpointState(AdminModel):
     id: str
     state: str  # pending, active, revoked

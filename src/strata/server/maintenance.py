@@ -39,6 +39,7 @@ def run_maintenance(ctx: ServerContext, actor: str = "server") -> dict:
         db.commit()
     try:
         result = prune(ctx.store).to_dict()
+        result["holdings_forgotten"] = ctx.holdings.sweep(ctx.store.present)
     except StrataError as exc:  # e.g. another prune is running: try next time
         result = {"error": str(exc)}
     summary = {"snapshots_removed": len(removed), "prune": result}

@@ -24,3 +24,13 @@ SNAPSHOTS = Counter("strata_snapshots_committed_total", "Snapshots committed",
 STREAM_CACHE = Counter("strata_download_streams_total",
                        "Layer download streams served, by whether the stream cache had them",
                        ["cache"], registry=REGISTRY)
+DELTAS = Counter("strata_file_deltas_total",
+                 "Changed files of layer updates answered with a delta (sent), or not (it "
+                 "did not pay: the agent takes chunks); layer manifests sent as deltas",
+                 ["outcome"], registry=REGISTRY)
+DELTA_CACHE = Counter("strata_file_delta_cache_total",
+                      "File deltas looked up, by whether the delta cache had them", ["cache"],
+                      registry=REGISTRY)
+DELTA_CPU = Counter("strata_file_delta_cpu_seconds_total",
+                    "CPU seconds spent computing file deltas (cache misses only)",
+                    registry=REGISTRY)

@@ -434,6 +434,18 @@ class Store:
         decode_payload(cid, payload, loc.raw_length)
         return payload, loc.raw_length
 
+    def present(self, ids: list[bytes]) -> set[bytes]:
+        """Which of `ids` the store holds."""
+        with self._lock:
+            return self.index.present(ids)
+
+    def raw_sizes(self, ids: Iterable[bytes]) -> dict[bytes, int]:
+        """The raw length of each of `ids` the store holds, from the index alone: what
+        reading them would cost, known before any is read."""
+        with self._lock:
+            where = self.index.locate(list(dict.fromkeys(ids)))
+        return {c: loc.raw_length for c, loc in where.items()}
+
     def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
         want = list(dict.fromkeys(ids))
         with self._lock:

@@ -38,6 +38,12 @@ class Endpoint(Base):
     os: Mapped[str] = mapped_column(Str(64, clip=True), default="")
     state: Mapped[str] = mapped_column(Str(16), default="active")  # pending/active/revoked
     credential_hash: Mapped[str] = mapped_column(Str(64), unique=True)
+    # Device credentials rotate at check-in (services/credentials.py): the one handed out
+    # last is accepted, and the one before it until the agent has used the new one (the
+    # answer carrying it may have been lost). None: issued before rotation existed.
+    credential_issued_at: Mapped[datetime | None] = mapped_column(default=None)
+    previous_credential_hash: Mapped[str | None] = mapped_column(
+        Str(64), unique=True, index=True, default=None)
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(default=None)
     last_ip: Mapped[str] = mapped_column(Str(64, clip=True), default="")

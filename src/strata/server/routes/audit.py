@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import Depends
+from fastapi import Depends, Query
 
 from strata.model.admin import AuditEntryInfo, StoreFigures, TransactionInfo
 from strata.model.roles import Permission
@@ -15,14 +15,16 @@ router = admin_router("records")
 
 @router.get("/transactions", response_model=list[TransactionInfo],
             dependencies=[Depends(require(Permission.VIEW))])
-def transactions(endpoint: str | None = None, limit: int = 100,
+def transactions(endpoint: str | None = Query(default=None, max_length=64),
+                 limit: int = Query(default=100, ge=1, le=audit.MAX_ROWS),
                  ctx: ServerContext = Depends(get_ctx)) -> list[TransactionInfo]:
     return endpoints.transactions(ctx, endpoint, limit)
 
 
 @router.get("/audit", response_model=list[AuditEntryInfo],
             dependencies=[Depends(require(Permission.AUDIT))])
-def audit_log(limit: int = 100, ctx: ServerContext = Depends(get_ctx)) -> list[AuditEntryInfo]:
+def audit_log(limit: int = Query(default=100, ge=1, le=audit.MAX_ROWS),
+              ctx: ServerContext = Depends(get_ctx)) -> list[AuditEntryInfo]:
     return audit.audit_log(ctx, limit)
 
 

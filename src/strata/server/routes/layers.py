@@ -3,6 +3,8 @@ dry run of an update."""
 
 from __future__ import annotations
 
+import functools
+
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
@@ -30,7 +32,7 @@ router = admin_router("layers", Permission.LAYERS)
 @router.post("/chunks/missing", response_model=MissingResponse)
 def admin_missing(body: MissingRequest, ctx: ServerContext = Depends(get_ctx)) -> MissingResponse:
     """Which chunks of a tree the admin is capturing the server lacks."""
-    return MissingResponse(missing=sync.missing(ctx, layers.ADMIN_UPLOADS, body.ids))
+    return MissingResponse(missing=sync.missing_for_admin(ctx, layers.ADMIN_UPLOADS, body.ids))
 
 
 @router.post("/chunks", response_model=UploadResponse,
@@ -38,7 +40,8 @@ def admin_missing(body: MissingRequest, ctx: ServerContext = Depends(get_ctx)) -
 async def admin_upload(request: Request,
                        ctx: ServerContext = Depends(get_ctx)) -> UploadResponse:
     data = await read_body(request, ctx.settings.max_upload_bytes)
-    return await run_in_threadpool(sync.store_bundle, ctx, layers.ADMIN_UPLOADS, data)
+    return await run_in_threadpool(functools.partial(
+        sync.store_bundle, ctx, layers.ADMIN_UPLOADS, data, endpoint=False))
 
 
 @router.get("/capture-config", response_model=CaptureConfig)

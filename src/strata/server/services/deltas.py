@@ -1,0 +1,213 @@
+"""Deltas of the changed files of a layer update (strata.engine.delta). The endpoint names
+groups of files, per file the content it holds and the content it needs; the server
+answers with a delta per group where one pays, and the endpoint fetches the rest by
+chunks.
+
+Each group's delta is computed once and kept in a stream cache (the same cache as the
+chunk streams', in its own directory): a thousand endpoints moving off the same old base
+form the same groups and cost one computation each. An endpoint may name as old only
+content it holds (its own latest snapshot, the layers it last applied or is assigned) and
+as new only content of its layers: a delta reveals where the new files match the old, so
+it is only made against content the endpoint may read whole.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from strata.engine.delta import (
+    DELTA_LEVEL,
+    MAX_DELTA_BYTES,
+    GroupDelta,
+    compressed_alone,
+    encode,
+    group_key,
+    pack_deltas,
+    pays,
+    worth_trying,
+)
+from strata.errors import CorruptData, Forbidden, Invalid, NotFound, StrataError, TooLarge
+from strata.model.entry import EntryType
+from strata.model.ids import ID_LEN, content_id
+from strata.model.wire import MAX_DELTA_FILES, DeltaGroup
+from strata.server.catalog.models import Assignment, Endpoint, Layer
+from strata.server.context import ServerContext
+from strata.server.metrics import DELTA_CPU, DELTAS
+from strata.server.services import snapshots
+from strata.server.services.layer_downloads import allowed_snapshots
+from strata.server.stream_cache import StreamCache
+
+MAX_BATCH_BYTES = MAX_DELTA_BYTES  # new bytes one request may ask deltas for
+_ALONE = struct.Struct("<Q")  # a cache entry: the new file's size compressed alone, delta
+_INDEXES = 8  # snapshots whose file index is kept (a fleet moves between a few bases)
+
+File = tuple[int, list[tuple[bytes, int]]]  # a file's size and chunks
+Files = dict[bytes, File]  # content hash -> the file
+
+
+class DeltaService:
+    """The delta cache and, per snapshot, which content its files hold."""
+
+    def __init__(self, directory: Path, max_bytes: int = 4 << 30,
+                 metric: Counter | None = None):
+        self.cache = StreamCache(directory, max_bytes, *([metric] if metric else []))
+        self._files: OrderedDict[str, Files] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def files(self, ctx: ServerContext, sid: str) -> Files:
+        with self._lock:
+            hit = self._files.get(sid)
+            if hit is not None:
+                self._files.move_to_end(sid)
+                return hit
+        out: Files = {}
+        for e in snapshots.entries(ctx, sid):
+            if e.type is EntryType.FILE and e.size <= MAX_DELTA_BYTES:
+                out.setdefault(e.content_hash, (e.size, list(e.chunks)))
+        with self._lock:
+            self._files[sid] = out
+            while len(self._files) > _INDEXES:
+                self._files.popitem(last=False)
+        return out
+
+
+def _hash(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise Invalid("content hashes must be hex") from None
+    if len(raw) != ID_LEN:
+        raise Invalid(f"content hashes must be {ID_LEN} bytes")
+    return raw
+
+
+def _find(ctx: ServerContext, sids: list[str], h: bytes) -> File | None:
+    for sid in sids:
+        hit = ctx.deltas.files(ctx, sid).get(h)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _content(ctx: ServerContext, h: bytes, chunks: list[tuple[bytes, int]]) -> bytes:
+    data = b"".join(ctx.store.load_chunk(cid) for cid, _ in chunks)  # each verified
+    if content_id(data) != h:
+        raise CorruptData(f"file {h.hex()[:16]} does not match its content hash")
+    return data
+
+
+def _applied_layers(ctx: ServerContext, ep: Endpoint) -> list[str]:
+    """The snapshots of the layers last applied on the endpoint (what it runs now)."""
+    with ctx.session() as db:
+        a = db.get(Assignment, ep.id)
+        rows = [db.get(Layer, i) for i in (a.applied_layers if a is not None else []) or []]
+        return [r.snapshot for r in rows if r is not None]
+
+
+def _held(ctx: ServerContext, ep: Endpoint, layers: list[str]) -> list[str]:
+    """What the endpoint may name as its old version: its own latest snapshot, the layers
+    it last applied, the layers its desired state names."""
+    head, _ = snapshots.cached_head(ctx, ep.id)
+    return list(dict.fromkeys([*([head] if head else []), *_applied_layers(ctx, ep),
+                               *layers]))
+
+
+def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> bytes:
+    """A `pack_deltas` body: a delta for each named group where one pays, nothing for the
+    others (the agent fetches those by chunks)."""
+    if sum(len(g.files) for g in groups) > MAX_DELTA_FILES:
+        raise TooLarge(f"ask for deltas of at most {MAX_DELTA_FILES} files per request")
+    parsed = [([(_hash(f.old), _hash(f.new)) for f in g.files], g.lacking) for g in groups]
+    layers = sorted(allowed_snapshots(ctx, ep))
+    held = _held(ctx, ep, layers)
+    found = []
+    total = 0
+    for pairs, lacking in parsed:
+        files: list[tuple[bytes, File, bytes, File]] = []
+        for old_hash, new_hash in pairs:
+            new = _find(ctx, layers, new_hash)
+            if new is None:
+                raise Forbidden("a requested file is not part of this endpoint's layers")
+            old = _find(ctx, held, old_hash)
+            if old is not None:  # else edited on the endpoint since its snapshot: the
+                files.append((old_hash, old, new_hash, new))  # same answer whoever holds it
+        total += sum(f[3][0] for f in files)
+        if total > MAX_BATCH_BYTES:
+            raise TooLarge(f"ask for deltas of at most {MAX_BATCH_BYTES} bytes of files "
+                           "per request")
+        if len(files) == len(pairs):  # a group the endpoint holds every old file of
+            found.append((files, lacking))
+    out = []
+    for files, lacking in found:
+        old_size, new_size = sum(f[1][0] for f in files), sum(f[3][0] for f in files)
+        if not worth_trying(old_size, new_size, lacking):
+            continue
+        entry = _cached_delta(ctx, files)
+        if entry is None:
+            continue
+        alone, delta = entry
+        if pays(len(delta), alone, new_size, lacking):
+            DELTAS.labels("sent").inc(len(files))
+            out.append(GroupDelta(group_key([f[0] for f in files]),
+                                  group_key([f[2] for f in files]), new_size, delta))
+        else:
+            DELTAS.labels("does-not-pay").inc(len(files))
+    return pack_deltas(out)
+
+
+def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> bytes:
+    """A layer manifest the endpoint's desired state names, as a `pack_deltas` body of one
+    record against a layer manifest it holds (the previous version of the layer): a
+    manifest changes little between versions. Empty when the delta does not pay."""
+    layers = sorted(allowed_snapshots(ctx, ep))
+    if sid not in layers:
+        raise NotFound(f"no layer or snapshot {sid[:8]} assigned to this endpoint")
+    if base not in _held(ctx, ep, layers):
+        raise NotFound(f"no layer {base[:8]} on this endpoint to patch from")
+    new = snapshots.manifest_bytes(ctx, sid, "layer")
+    old = snapshots.manifest_bytes(ctx, base, "layer")
+    if max(len(old), len(new)) > MAX_DELTA_BYTES:
+        return pack_deltas([])
+    old_hash, new_hash = content_id(old), content_id(new)
+
+    def make() -> bytes:
+        started = time.thread_time()
+        body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
+        DELTA_CPU.inc(time.thread_time() - started)
+        return body
+
+    body = ctx.deltas.cache.get_or_make(DELTA_LEVEL, [old_hash, new_hash], make)
+    (alone,) = _ALONE.unpack_from(body)
+    delta = body[_ALONE.size:]
+    if not pays(len(delta), alone, len(new), len(new)):
+        return pack_deltas([])
+    DELTAS.labels("manifest").inc()
+    return pack_deltas([GroupDelta(old_hash, new_hash, len(new), delta)])
+
+
+def _cached_delta(ctx: ServerContext, files: list[tuple[bytes, File, bytes, File]]
+                  ) -> tuple[int, bytes] | None:
+    """(the group's new files compressed alone, the delta), made once per group; None if
+    the store cannot give back a version (the files then go by chunks, whose own read
+    reports the damage)."""
+    def make() -> bytes:
+        started = time.thread_time()
+        old = b"".join(_content(ctx, h, f[1]) for h, f, _, _ in files)
+        new = b"".join(_content(ctx, h, f[1]) for _, _, h, f in files)
+        body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
+        DELTA_CPU.inc(time.thread_time() - started)
+        return body
+
+    ids = [h for old_hash, _, new_hash, _ in files for h in (old_hash, new_hash)]
+    try:
+        body = ctx.deltas.cache.get_or_make(DELTA_LEVEL, ids, make)
+    except StrataError:
+        return None
+    (alone,) = _ALONE.unpack_from(body)
+    return alone, body[_ALONE.size:]
