@@ -5,6 +5,7 @@ driven by Playwright) against a real server with enrolled endpoints."""
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import re
@@ -302,6 +303,29 @@ def test_the_storage_chart_is_drawn_on_the_server():
     xs = [float(p.split(",")[0]) for p in three.logical.split()]
     ys = [float(p.split(",")[1]) for p in three.logical.split()]
     assert xs == [4.0, 300.0, 596.0] and ys[0] > ys[1] > ys[2] == 4.0
+
+
+def test_tables_export_as_csv_with_formulas_kept_as_text(console):
+    c = console.client
+    console.enroll("=HYPERLINK(\"http://evil\",\"x\")")
+    console.enroll("lab-01")
+    assert sign_in(c, "ada").status_code == 303
+    resp = c.get("/endpoints", params={"q": "", "format": "csv"})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/csv")
+    assert "attachment" in resp.headers["content-disposition"]
+    rows = list(csv.reader(io.StringIO(resp.text)))
+    assert rows[0][:3] == ["id", "hostname", "state"] and len(rows) == 3
+    hosts = sorted(r[1] for r in rows[1:])
+    assert hosts == ["'=HYPERLINK(\"http://evil\",\"x\")", "lab-01"]
+    only_lab = list(csv.reader(io.StringIO(c.get("/endpoints", params={
+        "q": "lab", "format": "csv"}).text)))
+    assert [r[1] for r in only_lab[1:]] == ["lab-01"]
+    log = list(csv.reader(io.StringIO(c.get("/audit", params={
+        "who": "user:ada", "format": "csv"}).text)))
+    assert log[0] == ["time", "actor", "action", "target", "detail"]
+    assert {r[1] for r in log[1:]} == {"user:ada"} and "login" in {r[2] for r in log[1:]}
+    page = c.get("/audit", params={"who": "endpoint:"}).text
+    assert "user:ada" not in page and "enroll" in page
 
 
 def test_the_dashboard_counts_endpoints_by_state(console):

@@ -5,6 +5,7 @@ out of its menu and refused (403) if asked for anyway."""
 
 from __future__ import annotations
 
+import json
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
@@ -18,7 +19,7 @@ from strata.model.units import human_bytes
 from strata.model.users import UserRequest
 from strata.server.console.chart import storage_chart
 from strata.server.console.portal import mount_portal
-from strata.server.console.render import STATIC, render, secure
+from strata.server.console.render import STATIC, csv_response, render, secure
 from strata.server.console.session import (
     LOGIN_COOKIE,
     SESSION_COOKIE,
@@ -60,6 +61,7 @@ NAV = [("/", "Dashboard", Permission.VIEW), ("/endpoints", "Endpoints", Permissi
 TASKS_SHOWN = 50
 SNAPSHOT_ROWS = 500  # entries of a folder on one page
 DIFF_ROWS = 500  # paths of each kind a layer diff page lists
+AUDIT_ROWS = 200  # records the audit page shows
 RETENTION_FIELDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
@@ -134,7 +136,8 @@ def dashboard(request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
 
 @router.get("/endpoints")
 def endpoint_list(request: Request, q: str = "", state: str = "", os: str = "", tag: str = "",
-                  collection: str = "", v: Visitor = Depends(Page(Permission.VIEW)),
+                  collection: str = "", format: str = "",
+                  v: Visitor = Depends(Page(Permission.VIEW)),
                   ctx: ServerContext = Depends(get_ctx)) -> Response:
     f = fleet.EndpointFilter(text=q[:128], state=state[:16], os=os[:64], tag=tag[:128],
                              collection=collection[:128])
@@ -143,6 +146,11 @@ def endpoint_list(request: Request, q: str = "", state: str = "", os: str = "", 
         rows = fleet.search_endpoints(ctx, f)
     except StrataError as exc:  # an unknown collection
         rows, error = [], str(exc)
+    if format == "csv":
+        return csv_response("endpoints", ["id", "hostname", "state", "os", "last_seen",
+                                          "last_ip", "snapshots"],
+                            [[e.id, e.hostname, e.state, e.os, e.last_seen, e.last_ip,
+                              e.snapshots] for e in rows])
     if request.headers.get("HX-Request") == "true":  # the filters ask for rows only
         return render(request, "_endpoint_rows.html", rows=rows, error=error)
     return _page(request, "endpoints.html", v, rows=rows, f=f, error=error,
@@ -463,9 +471,17 @@ def change_password(request: Request, current: str = Form("", max_length=1024),
 
 
 @router.get("/audit")
-def audit_page(request: Request, v: Visitor = Depends(Page(Permission.AUDIT)),
+def audit_page(request: Request, who: str = "", format: str = "",
+               v: Visitor = Depends(Page(Permission.AUDIT)),
                ctx: ServerContext = Depends(get_ctx)) -> Response:
-    return _page(request, "audit.html", v, entries=audit.audit_log(ctx, 200))
+    """The latest records; `who` keeps those whose actor contains it (e.g. user:hana)."""
+    who = who[:64]
+    entries = [e for e in audit.audit_log(ctx, audit.MAX_ROWS) if who in e.actor][:AUDIT_ROWS]
+    if format == "csv":
+        return csv_response("audit", ["time", "actor", "action", "target", "detail"],
+                            [[e.time, e.actor, e.action, e.target,
+                              json.dumps(e.detail, ensure_ascii=False)] for e in entries])
+    return _page(request, "audit.html", v, entries=entries, who=who)
 
 
 # -- wiring ----------------------------------------------------------------------------------
