@@ -499,6 +499,37 @@ def test_an_image_manager_reads_compares_and_deletes_layers(console):
     assert hd.get(f"/layers/{ids[0]}").status_code == 403
 
 
+def test_an_image_manager_defines_collections_by_rule_and_members(console):
+    a, b = console.enroll("lab-01"), console.enroll("lab-02")
+    console.enroll("office-pc")
+    c = console.client
+    assert sign_in(c, "ivan").status_code == 303
+    token = _csrf(c.get("/collections").text)
+    resp = c.post("/collections", data={"name": "labs", "hostname": "lab-*", "csrf": token})
+    assert resp.status_code == 200 and "saved collection labs: 2 endpoint(s) now" in resp.text
+    resp = c.post("/collections", data={"name": "pair", "members": f"{a[:8]}, {b}",
+                                        "csrf": token})
+    assert "saved collection pair: 2 endpoint(s)" in resp.text
+    assert c.post("/collections", data={"name": "bad name!", "os": "x", "csrf": token}
+                  ).status_code == 422
+    resp = c.post("/collections", data={"name": "empty", "csrf": token})
+    assert resp.status_code == 422 and "needs a rule or member" in resp.text
+    resp = c.post("/collections", data={"name": "ghost", "members": "ffffffff",
+                                        "csrf": token})
+    assert resp.status_code == 404 and "no endpoint" in resp.text
+    assert c.post("/collections", data={"name": "x", "os": "y"}).status_code == 403  # CSRF
+    rows = c.get("/endpoints", params={"collection": "labs"},
+                 headers={"HX-Request": "true"}).text
+    assert rows.count('data-testid="endpoint-row"') == 2
+    resp = c.post("/collections/pair/delete", data={"csrf": token})
+    assert "deleted collection pair" in resp.text
+    names = [x["name"] for x in c.get(f"{ADMIN}/collections", headers=console.api).json()]
+    assert names == ["labs"]
+    hd = TestClient(console.app)
+    assert sign_in(hd, "paula").status_code == 303
+    assert hd.get("/collections").status_code == 403
+
+
 def test_an_administrator_hands_out_and_revokes_api_tokens_in_the_console(console):
     c = console.client
     assert sign_in(c, "ada").status_code == 303

@@ -9,10 +9,12 @@ import json
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from strata.errors import StrataError
+from strata.model.admin import CollectionRequest
 from strata.model.roles import ROLE_NAMES, Permission
 from strata.model.snapshot_files import SnapshotFileInfo
 from strata.model.units import human_bytes
@@ -39,6 +41,7 @@ from strata.server.deps import client_ip, get_ctx
 from strata.server.maintenance import run_maintenance
 from strata.server.services import (
     audit,
+    collections,
     compliance,
     endpoints,
     fleet,
@@ -48,6 +51,7 @@ from strata.server.services import (
     snapshot_files,
     users,
 )
+from strata.server.services.facts import RULE_KEYS
 from strata.server.services.lookup import find_endpoint
 from strata.server.services.users import AddressThrottle, LoginRefused, TooManyAttempts
 
@@ -56,6 +60,7 @@ router = APIRouter(include_in_schema=False)
 NAV = [("/", "Dashboard", Permission.VIEW), ("/endpoints", "Endpoints", Permission.VIEW),
        ("/tasks", "Tasks", Permission.VIEW), ("/compliance", "Compliance", Permission.VIEW),
        ("/layers", "Layers", Permission.LAYERS),
+       ("/collections", "Collections", Permission.COLLECTIONS),
        ("/policies", "Policies", Permission.PROTECTION),
        ("/users", "Users", Permission.USERS), ("/audit", "Audit log", Permission.AUDIT)]
 TASKS_SHOWN = 50
@@ -295,6 +300,59 @@ def layer_delete(ref: str, request: Request, csrf: str = Form("", max_length=64)
     except StrataError as exc:
         return _layer_page(request, v, ctx, ref, exc.http_status, error=str(exc))
     return _see_other(f"/layers?done={quote('deleted layer ' + gone.deleted)}")
+
+
+def _collections_page(request: Request, v: Visitor, ctx: ServerContext, status: int = 200,
+                      error: str = "", done: str = "") -> Response:
+    return _page(request, "collections.html", v, status,
+                 collections=collections.list_collections(ctx), rule_keys=RULE_KEYS,
+                 error=error, done=done)
+
+
+@router.get("/collections")
+def collection_list(request: Request, v: Visitor = Depends(Page(Permission.COLLECTIONS)),
+                    ctx: ServerContext = Depends(get_ctx)) -> Response:
+    return _collections_page(request, v, ctx)
+
+
+@router.post("/collections")
+async def collection_save(request: Request,
+                          v: Visitor = Depends(Page(Permission.COLLECTIONS)),
+                          ctx: ServerContext = Depends(get_ctx)) -> Response:
+    form = await request.form(max_files=0, max_fields=16, max_part_size=64 << 10)
+    check_csrf(request, v.csrf, str(form.get("csrf", "")))
+    from pydantic import ValidationError
+
+    rule = {k: str(form.get(k, "")).strip() for k in RULE_KEYS if str(form.get(k, "")).strip()}
+    members = [m for m in str(form.get("members", "")).replace(",", " ").split() if m]
+    try:
+        req = CollectionRequest(name=str(form.get("name", "")).strip(), rule=rule,
+                                members=members)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        return await run_in_threadpool(_collections_page, request, v, ctx, 422,
+                                       f"{first['loc'][0]}: {first['msg']}")
+    try:
+        info = await run_in_threadpool(collections.save_collection, ctx, req,
+                                       actor=v.staff.actor)
+    except StrataError as exc:
+        return await run_in_threadpool(_collections_page, request, v, ctx, exc.http_status,
+                                       str(exc))
+    return await run_in_threadpool(_collections_page, request, v, ctx, 200, "",
+                                   f"saved collection {info.name}: "
+                                   f"{len(info.endpoints)} endpoint(s) now")
+
+
+@router.post("/collections/{name}/delete")
+def collection_delete(name: str, request: Request, csrf: str = Form("", max_length=64),
+                      v: Visitor = Depends(Page(Permission.COLLECTIONS)),
+                      ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    try:
+        collections.delete_collection(ctx, name, actor=v.staff.actor)
+    except StrataError as exc:
+        return _collections_page(request, v, ctx, exc.http_status, error=str(exc))
+    return _collections_page(request, v, ctx, done=f"deleted collection {name}")
 
 
 def _policies_page(request: Request, v: Visitor, ctx: ServerContext, status: int = 200,
