@@ -356,6 +356,41 @@ def test_console_changes_are_audited_under_the_user(console):
     assert any(e["actor"] == "user:paula" and e["action"] == "login" for e in log)
 
 
+def test_upload_and_bandwidth_policies_are_forms_with_validation(console):
+    c = console.client
+    assert sign_in(c, "paula").status_code == 303
+    token = _csrf(c.get("/policies").text)
+    resp = c.post("/policies/upload", data={
+        "interval_seconds": "900", "exclude_linux": "/tmp/\n\n/var/cache/\n",
+        "exclude_windows": "/pagefile.sys", "csrf": token})
+    assert resp.status_code == 200 and "Upload policy saved" in resp.text
+    doc = c.get(f"{ADMIN}/policies/upload", headers=console.api).json()
+    assert doc == {"interval_seconds": 900, "exclusions": {
+        "linux": ["/tmp/", "/var/cache/"], "windows": ["/pagefile.sys"]}}
+    for bad, why in (("30", "at least 60"), ("soon", "whole number")):
+        resp = c.post("/policies/upload", data={"interval_seconds": bad, "csrf": token})
+        assert resp.status_code == 422 and why in resp.text, bad
+    resp = c.post("/policies/bandwidth", data={"subnet": "10.1.0.0/16", "start": "08:00",
+                                               "end": "18:00", "upload_kbps": "512",
+                                               "csrf": token})
+    assert resp.status_code == 200 and resp.text.count('data-testid="bandwidth-rule"') == 1
+    c.post("/policies/bandwidth", data={"site": "paris", "download_kbps": "2048",
+                                        "csrf": token})
+    rules = c.get(f"{ADMIN}/policies/bandwidth", headers=console.api).json()["rules"]
+    assert rules == [{"subnet": "10.1.0.0/16", "start": "08:00", "end": "18:00",
+                      "upload_kbps": 512}, {"site": "paris", "download_kbps": 2048}]
+    for bad in ({"subnet": "10.1.0.0/99"}, {"start": "8 o'clock"}, {"upload_kbps": "-5"},
+                {}):
+        resp = c.post("/policies/bandwidth", data={**bad, "csrf": token})
+        assert resp.status_code == 422, bad
+    c.post("/policies/bandwidth", data={"remove": "1", "csrf": token})
+    rules = c.get(f"{ADMIN}/policies/bandwidth", headers=console.api).json()["rules"]
+    assert rules == [{"site": "paris", "download_kbps": 2048}]
+    assert c.post("/policies/bandwidth", data={"remove": "9", "csrf": token}
+                  ).status_code == 422
+    assert c.post("/policies/upload", data={"interval_seconds": "900"}).status_code == 403
+
+
 def test_a_protection_manager_runs_retention_and_prune_and_a_help_desk_cannot(console):
     c = console.client
     assert sign_in(c, "hana").status_code == 303

@@ -6,6 +6,7 @@ out of its menu and refused (403) if asked for anyway."""
 from __future__ import annotations
 
 import json
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
@@ -67,7 +68,11 @@ TASKS_SHOWN = 50
 SNAPSHOT_ROWS = 500  # entries of a folder on one page
 DIFF_ROWS = 500  # paths of each kind a layer diff page lists
 AUDIT_ROWS = 200  # records the audit page shows
-RETENTION_FIELDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+# Every key of the retention document, so that saving the form keeps nothing stale.
+RETENTION_FIELDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly",
+                    "revert_points_days")
+BANDWIDTH_FIELDS = ("subnet", "site", "start", "end", "upload_kbps", "download_kbps")
+OS_NAMES = ("linux", "windows")
 
 
 def _page(request: Request, template: str, v: Visitor, status: int = 200,
@@ -356,11 +361,87 @@ def collection_delete(name: str, request: Request, csrf: str = Form("", max_leng
 
 
 def _policies_page(request: Request, v: Visitor, ctx: ServerContext, status: int = 200,
-                   error: str = "", saved: bool = False, pruned: str = "") -> Response:
+                   error: str = "", saved: str = "", pruned: str = "") -> Response:
+    upload = policies.read_policy(ctx, "upload")
+    exclusions = upload.get("exclusions")
+    by_os = exclusions if isinstance(exclusions, dict) else {}
     return _page(request, "policies.html", v, status,
-                 retention=policies.read_policy(ctx, "retention"),
-                 upload=policies.read_policy(ctx, "upload"), fields=RETENTION_FIELDS,
+                 retention=policies.read_policy(ctx, "retention"), upload=upload,
+                 exclusions={o: "\n".join(str(p) for p in by_os.get(o) or [])  # type: ignore[union-attr]
+                             for o in OS_NAMES},
+                 bandwidth=_bandwidth_rules(ctx),
+                 fields=RETENTION_FIELDS, bandwidth_fields=BANDWIDTH_FIELDS,
                  error=error, saved=saved, pruned=pruned)
+
+
+def _bandwidth_rules(ctx: ServerContext) -> list[dict[str, Any]]:
+    rules = policies.read_policy(ctx, "bandwidth").get("rules")
+    return [r for r in rules if isinstance(r, dict)] if isinstance(rules, list) else []
+
+
+def _save_policy(request: Request, v: Visitor, ctx: ServerContext, kind: str,
+                 doc: dict[str, Any]) -> Response:
+    try:
+        policies.write_policy(ctx, kind, doc, actor=v.staff.actor)
+    except StrataError as exc:
+        return _policies_page(request, v, ctx, exc.http_status, error=str(exc))
+    return _policies_page(request, v, ctx, saved=f"{kind.capitalize()} policy saved.")
+
+
+async def _form(request: Request, v: Visitor) -> dict[str, str]:
+    form = await request.form(max_files=0, max_fields=32, max_part_size=256 << 10)
+    check_csrf(request, v.csrf, str(form.get("csrf", "")))
+    return {k: str(val) for k, val in form.items()}
+
+
+@router.post("/policies/upload")
+async def save_upload(request: Request, v: Visitor = Depends(Page(Permission.PROTECTION)),
+                      ctx: ServerContext = Depends(get_ctx)) -> Response:
+    form = await _form(request, v)
+    text = form.get("interval_seconds", "").strip()
+    if not text.isdigit() or len(text) > 9:
+        return await run_in_threadpool(_policies_page, request, v, ctx, 422,
+                                       f"interval: a whole number of seconds is needed "
+                                       f"(got {text!r})")
+    doc = {"interval_seconds": int(text), "exclusions": {
+        o: [line.strip() for line in form.get(f"exclude_{o}", "").splitlines()
+            if line.strip()] for o in OS_NAMES}}
+    return await run_in_threadpool(_save_policy, request, v, ctx, "upload", doc)
+
+
+@router.post("/policies/bandwidth")
+async def save_bandwidth(request: Request,
+                         v: Visitor = Depends(Page(Permission.PROTECTION)),
+                         ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """Adds a rule (the fields given) or, with `remove=N`, removes rule N (from 1)."""
+    form = await _form(request, v)
+    rules = await run_in_threadpool(_bandwidth_rules, ctx)
+    remove = form.get("remove", "")
+    if remove:
+        if not remove.isdigit() or not 1 <= int(remove) <= len(rules):
+            return await run_in_threadpool(_policies_page, request, v, ctx, 422,
+                                           f"no bandwidth rule {remove!r}")
+        del rules[int(remove) - 1]
+    else:
+        rule: dict[str, Any] = {}
+        for key in BANDWIDTH_FIELDS:
+            value = form.get(key, "").strip()
+            if not value:
+                continue
+            if key.endswith("_kbps"):
+                if not value.isdigit() or len(value) > 9:
+                    return await run_in_threadpool(
+                        _policies_page, request, v, ctx, 422,
+                        f"{key}: a whole number of kbit/s is needed (got {value!r})")
+                rule[key] = int(value)
+            else:
+                rule[key] = value
+        if not rule:
+            return await run_in_threadpool(_policies_page, request, v, ctx, 422,
+                                           "a bandwidth rule needs at least one field")
+        rules.append(rule)
+    return await run_in_threadpool(_save_policy, request, v, ctx, "bandwidth",
+                                   {"rules": rules})
 
 
 @router.get("/policies")
@@ -372,22 +453,18 @@ def policy_page(request: Request, v: Visitor = Depends(Page(Permission.PROTECTIO
 @router.post("/policies/retention")
 async def save_retention(request: Request, v: Visitor = Depends(Page(Permission.PROTECTION)),
                          ctx: ServerContext = Depends(get_ctx)) -> Response:
-    form = await request.form(max_files=0, max_fields=16, max_part_size=1024)
-    check_csrf(request, v.csrf, str(form.get("csrf", "")))
-    doc: dict[str, int] = {}
+    form = await _form(request, v)
+    doc: dict[str, Any] = {}
     for key in RETENTION_FIELDS:
-        text = str(form.get(key, "")).strip()
+        text = form.get(key, "").strip()
         if not text:
             continue
         if not text.lstrip("-").isdigit() or len(text) > 9:
-            return _policies_page(request, v, ctx, 422,
-                                  error=f"{key}: a whole number is needed (got {text!r})")
+            return await run_in_threadpool(
+                _policies_page, request, v, ctx, 422,
+                f"{key}: a whole number is needed (got {text!r})")
         doc[key] = int(text)
-    try:
-        policies.write_policy(ctx, "retention", dict(doc), actor=v.staff.actor)
-    except StrataError as exc:
-        return _policies_page(request, v, ctx, exc.http_status, error=str(exc))
-    return _policies_page(request, v, ctx, saved=True)
+    return await run_in_threadpool(_save_policy, request, v, ctx, "retention", doc)
 
 
 @router.post("/maintenance")
