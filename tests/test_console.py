@@ -25,6 +25,8 @@ try:
 except ImportError:  # the dev dependencies bring it; without them the browser tests skip
     expect = sync_playwright = None  # type: ignore[assignment]
 
+from fastapi.routing import APIRoute
+
 from server_fixtures import Agent, Server, device, enroll_request, write_documents
 from strata.engine.backup import backup
 from strata.model.entry import Entry, EntryType
@@ -34,7 +36,11 @@ from strata.server.app import create_app
 from strata.server.catalog.models import Assignment, Cvd, SnapshotRecord, Task, UserSession
 from strata.server.console.chart import storage_chart
 from strata.server.console.pages import NAV
+from strata.server.console.pages import router as console_router
+from strata.server.console.portal import portal_visitor
+from strata.server.console.portal import router as portal_router
 from strata.server.console.render import HERE
+from strata.server.console.session import Page
 from strata.server.context import ServerSettings
 from strata.server.services import fleet as fleet_service
 from strata.server.services import snapshots
@@ -119,6 +125,38 @@ def test_pages_carry_a_content_security_policy_and_no_inline_script(console):
         assert resp.headers["cache-control"] == "no-store"
         assert not re.search(r"<script(?![^>]*\bsrc=)", resp.text), href  # inline script
         assert not re.search(r"\s(on\w+|style)=", resp.text), href  # handlers, styles
+
+
+OPEN_PAGES = {"/login", "/logout", "/portal/login"}  # before a session, or ending one
+
+
+def _needs(dependant: object) -> set[str]:
+    """The console permissions (Page) and portal sessions a route's dependencies ask."""
+    found = set()
+    for sub in dependant.dependencies:  # type: ignore[attr-defined]
+        if isinstance(sub.call, Page):
+            found.add(sub.call.permission.value)
+        elif sub.call is portal_visitor:
+            found.add("portal")
+        found |= _needs(sub)
+    return found
+
+
+def test_every_console_page_needs_a_permission_or_a_portal_session():
+    """Like the admin API's route walk: a console or portal page added without a
+    permission (Page) or a portal session fails here."""
+    pages = [r for r in console_router.routes + portal_router.routes
+             if isinstance(r, APIRoute)]
+    assert len(pages) > 25
+    for route in pages:
+        needs = _needs(route.dependant)
+        if route.path in OPEN_PAGES:
+            continue
+        assert needs, f"{sorted(route.methods)} {route.path} needs no permission"
+        if route.path.startswith("/portal"):
+            assert needs == {"portal"}, route.path
+        else:
+            assert "portal" not in needs and len(needs) == 1, (route.path, needs)
 
 
 def test_a_wrong_password_is_refused_in_the_page_and_locks_after_five(console):
