@@ -220,3 +220,45 @@ def test_portal_commands(tmp_path):
     finally:
         server.stop()
         server.kill()
+
+
+def test_the_help_desk_gives_portal_access_from_the_endpoint_page(world):
+    staff = TestClient(world.app)
+    for name, role in (("hana", "help-desk"), ("ivan", "image-manager")):
+        staff.post(f"{ADMIN}/users", headers=world.api,
+                   json={"name": name, "role": role, "password": PASSWORD})
+    page = staff.get("/login").text
+    token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    staff.post("/login", data={"name": "hana", "password": PASSWORD, "csrf": token})
+    page = staff.get(f"/endpoints/{world.other}").text
+    assert "File portal" in page
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    resp = staff.post(f"/endpoints/{world.other}/portal-accounts",
+                      data={"name": "zoe", "home": "home/alice", "password": PASSWORD,
+                            "csrf": csrf})
+    assert resp.status_code == 200 and "portal account zoe: folder home/alice" in resp.text
+    resp = staff.post(f"/endpoints/{world.other}/portal-accounts",
+                      data={"name": "zoe2", "password": "short", "csrf": csrf})
+    assert resp.status_code == 422 and "at least 12" in resp.text
+    user = TestClient(world.app)
+    assert _sign_in(user, "zoe") == 303
+    assert "theirs.txt" in user.get(f"/portal/snapshots/{world.other_sid}").text
+    # alice's account belongs to the other endpoint: not deletable through this one
+    resp = staff.post(f"/endpoints/{world.other}/portal-accounts/alice/delete",
+                      data={"csrf": csrf})
+    assert resp.status_code == 404
+    resp = staff.post(f"/endpoints/{world.other}/portal-accounts/zoe/delete",
+                      data={"csrf": csrf})
+    assert "deleted portal account zoe" in resp.text
+    assert user.get("/portal", follow_redirects=False).status_code == 303
+    im = TestClient(world.app)
+    page = im.get("/login").text
+    token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    im.post("/login", data={"name": "ivan", "password": PASSWORD, "csrf": token})
+    page = im.get(f"/endpoints/{world.ep}").text
+    assert "File portal" not in page
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    assert im.post(f"/endpoints/{world.ep}/portal-accounts",
+                   data={"name": "eve", "password": PASSWORD, "csrf": csrf}
+                   ).status_code == 403
+

@@ -14,12 +14,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from strata.errors import StrataError
+from strata.errors import NotFound, StrataError
 from strata.model.admin import CollectionRequest
 from strata.model.roles import ROLE_NAMES, Permission
 from strata.model.snapshot_files import SnapshotFileInfo
 from strata.model.units import human_bytes
-from strata.model.users import UserRequest
+from strata.model.users import PortalAccountRequest, UserRequest
 from strata.server.console.chart import storage_chart
 from strata.server.console.portal import mount_portal
 from strata.server.console.render import STATIC, csv_response, render, secure
@@ -49,6 +49,7 @@ from strata.server.services import (
     layers,
     operations,
     policies,
+    portal,
     snapshot_files,
     users,
 )
@@ -167,15 +168,61 @@ def endpoint_list(request: Request, q: str = "", state: str = "", os: str = "", 
                  choices=fleet.filter_choices(ctx), limit=fleet.SEARCH_ROWS)
 
 
-@router.get("/endpoints/{ref}")
-def endpoint_page(ref: str, request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
-                  ctx: ServerContext = Depends(get_ctx)) -> Response:
+def _endpoint_page(request: Request, v: Visitor, ctx: ServerContext, ref: str,
+                   status: int = 200, error: str = "", done: str = "") -> Response:
     try:
         detail = endpoints.endpoint_detail(ctx, ref)
     except StrataError as exc:
         return _page(request, "message.html", v, exc.http_status, title="Endpoint",
                      message=str(exc))
-    return _page(request, "endpoint.html", v, ep=detail)
+    accounts = portal.list_accounts(ctx, detail.id) if v.may(Permission.RESTORE) else []
+    return _page(request, "endpoint.html", v, status, ep=detail, accounts=accounts,
+                 error=error, done=done)
+
+
+@router.get("/endpoints/{ref}")
+def endpoint_page(ref: str, request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
+                  ctx: ServerContext = Depends(get_ctx)) -> Response:
+    return _endpoint_page(request, v, ctx, ref)
+
+
+@router.post("/endpoints/{ref}/portal-accounts")
+def portal_account_create(ref: str, request: Request, name: str = Form("", max_length=64),
+                          home: str = Form("", max_length=1024),
+                          password: str = Form("", max_length=1024),
+                          csrf: str = Form("", max_length=64),
+                          v: Visitor = Depends(Page(Permission.RESTORE)),
+                          ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """The help desk gives a user of this endpoint the file portal."""
+    check_csrf(request, v.csrf, csrf)
+    from pydantic import ValidationError
+
+    try:
+        req = PortalAccountRequest(name=name, home=home, password=password)
+        made = portal.create_account(ctx, ref, req, actor=v.staff.actor)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        return _endpoint_page(request, v, ctx, ref, 422,
+                              error=f"{first['loc'][0]}: {first['msg']}")
+    except StrataError as exc:
+        return _endpoint_page(request, v, ctx, ref, exc.http_status, error=str(exc))
+    return _endpoint_page(request, v, ctx, ref,
+                          done=f"portal account {made.name}: folder {made.home}")
+
+
+@router.post("/endpoints/{ref}/portal-accounts/{name}/delete")
+def portal_account_delete(ref: str, name: str, request: Request,
+                          csrf: str = Form("", max_length=64),
+                          v: Visitor = Depends(Page(Permission.RESTORE)),
+                          ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    try:
+        if name not in {a.name for a in portal.list_accounts(ctx, ref)}:
+            raise NotFound(f"this endpoint has no portal account {name!r}")
+        portal.delete_account(ctx, name, actor=v.staff.actor)
+    except StrataError as exc:
+        return _endpoint_page(request, v, ctx, ref, exc.http_status, error=str(exc))
+    return _endpoint_page(request, v, ctx, ref, done=f"deleted portal account {name}")
 
 
 SNAPSHOT = "/endpoints/{ref}/snapshots/{snapshot}"
