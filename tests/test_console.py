@@ -35,12 +35,12 @@ from strata.server import passwords
 from strata.server.app import create_app
 from strata.server.catalog.models import Assignment, Cvd, SnapshotRecord, Task, UserSession
 from strata.server.console.chart import storage_chart
-from strata.server.console.pages import NAV
-from strata.server.console.pages import router as console_router
+from strata.server.console.pages import ROUTERS
 from strata.server.console.portal import portal_visitor
 from strata.server.console.portal import router as portal_router
 from strata.server.console.render import HERE
 from strata.server.console.session import Page
+from strata.server.console.views import NAV
 from strata.server.context import ServerSettings
 from strata.server.services import fleet as fleet_service
 from strata.server.services import snapshots
@@ -145,7 +145,7 @@ def _needs(dependant: object) -> set[str]:
 def test_every_console_page_needs_a_permission_or_a_portal_session():
     """Like the admin API's route walk: a console or portal page added without a
     permission (Page) or a portal session fails here."""
-    pages = [r for r in console_router.routes + portal_router.routes
+    pages = [r for router in [*ROUTERS, portal_router] for r in router.routes
              if isinstance(r, APIRoute)]
     assert len(pages) > 25
     for route in pages:
