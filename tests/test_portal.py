@@ -214,7 +214,8 @@ def test_portal_commands(tmp_path):
         assert "ann" in strata("portal", "list", *common).stdout
         assert_one_line_error(strata("portal", "add", eid, "Ann", "--password-file", pw,
                                      *common, rc=2), "not valid")
-        assert_one_line_error(strata("portal", "delete", "ann", *common, rc=2), "--yes")
+        assert_one_line_error(strata("portal", "delete", "ann", *common, rc=1),
+                              "refusing without --yes", rc=1)
         strata("portal", "delete", "ann", "--yes", *common)
         assert "ann" not in strata("portal", "list", *common).stdout
     finally:

@@ -318,8 +318,10 @@ def test_user_commands_end_to_end(tmp_path):
         assert_one_line_error(proc, "not valid")
         proc = strata("user", "create", "x", "--role", "root", *common, rc=2)
         assert_one_line_error(proc, "unknown role")
-        proc = strata("user", "delete", "hana", *common, rc=2)
-        assert_one_line_error(proc, "--yes")
+        proc = strata("user", "delete", "hana", *common, rc=1)
+        assert_one_line_error(proc, "refusing without --yes", rc=1)
+        assert_one_line_error(strata("user", "delete", "nobody", "--yes", *common, rc=2),
+                              "no user 'nobody'")
         strata("user", "token", "hana", "--revoke", "1", *common)
         assert_one_line_error(strata("endpoint", "list", *mine, rc=2), "403")
         strata("user", "delete", "hana", "--yes", *common)

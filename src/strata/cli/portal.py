@@ -4,7 +4,6 @@ thin client of the admin API."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import typer
@@ -13,6 +12,7 @@ from strata.errors import StrataError
 from strata.model.roles import USER_NAME
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, print_model
+from .confirm import YES, confirm
 from .output import console
 from .users import PASSWORD_FILE, read_password
 
@@ -63,12 +63,15 @@ def portal_list(endpoint: str = typer.Option("", "--endpoint", help="Only this o
 
 
 @portal_app.command("delete")
-def portal_delete(name: str, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
-                  server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
-                  json: bool = JSON) -> None:
-    if not yes:
-        if not sys.stdin.isatty():
-            raise StrataError(f"deleting portal account {name} needs confirmation: add --yes")
-        typer.confirm(f"Delete portal account {name}?", abort=True)
-    doc = client(server, admin_token_file).delete_portal_account(name)
+def portal_delete(name: str, yes: bool = YES, server: str | None = SERVER,
+                  admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """End an end user's portal access (their sessions end too)."""
+    api = client(server, admin_token_file)
+    acc = next((a for a in api.portal_accounts() if a.name == name), None)
+    if acc is None:
+        raise StrataError(f"no portal account {name!r}")
+    confirm(f"delete portal account {name}", [
+        f"{name} can no longer read {acc.home} of {acc.hostname or acc.endpoint[:8]}"],
+        yes=yes)
+    doc = api.delete_portal_account(name)
     print_model(doc) if json else console.print(f"deleted portal account {doc.deleted}")

@@ -13,6 +13,7 @@ from strata.errors import StrataError
 from strata.model.roles import ROLE_NAMES, USER_NAME
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, print_model
+from .confirm import YES, confirm
 from .output import console
 
 user_app = typer.Typer(help="IT staff accounts (roles: " + ", ".join(ROLE_NAMES) + ").",
@@ -82,15 +83,17 @@ def user_list(server: str | None = SERVER, admin_token_file: Path | None = TOKEN
 
 
 @user_app.command("delete")
-def user_delete(name: str, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
-                server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
-                json: bool = JSON) -> None:
+def user_delete(name: str, yes: bool = YES, server: str | None = SERVER,
+                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Delete a user: their console sessions and API tokens stop working at once."""
-    if not yes:
-        if not sys.stdin.isatty():
-            raise StrataError(f"deleting user {name} needs confirmation: add --yes")
-        typer.confirm(f"Delete user {name} and their API tokens?", abort=True)
-    doc = client(server, admin_token_file).delete_user(name)
+    api = client(server, admin_token_file)
+    user = next((u for u in api.users() if u.name == name), None)
+    if user is None:
+        raise StrataError(f"no user {name!r}")
+    confirm(f"delete user {name} ({user.role})", [
+        f"their console sessions and {user.tokens} personal API token(s) stop working"],
+        yes=yes)
+    doc = api.delete_user(name)
     print_model(doc) if json else console.print(f"deleted user {doc.deleted}")
 
 
