@@ -364,6 +364,7 @@ def test_tables_export_as_csv_with_formulas_kept_as_text(console):
     assert {r[1] for r in log[1:]} == {"user:ada"} and "login" in {r[2] for r in log[1:]}
     page = c.get("/audit", params={"who": "endpoint:"}).text
     assert "user:ada" not in page and "enroll" in page
+    assert 'data-testid="audit-row"' not in c.get("/audit", params={"who": "%"}).text
 
 
 def test_the_dashboard_counts_endpoints_by_state(console):

@@ -121,7 +121,7 @@ class AuditEntry(Base):
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     time: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    actor: Mapped[str] = mapped_column(Str(64, clip=True))  # "admin" or "endpoint:<id>"
+    actor: Mapped[str] = mapped_column(Str(64, clip=True))  # admin, user:NAME, endpoint:ID...
     action: Mapped[str] = mapped_column(Str(64, clip=True))
     target: Mapped[str] = mapped_column(Str(128, clip=True), default="")
     detail: Mapped[dict] = mapped_column(default=dict)

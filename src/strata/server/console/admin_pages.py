@@ -367,7 +367,7 @@ def audit_page(request: Request, who: str = "", format: str = "",
                ctx: ServerContext = Depends(get_ctx)) -> Response:
     """The latest records; `who` keeps those whose actor contains it (e.g. user:hana)."""
     who = who[:64]
-    entries = [e for e in audit.audit_log(ctx, audit.MAX_ROWS) if who in e.actor][:AUDIT_ROWS]
+    entries = audit.audit_log(ctx, AUDIT_ROWS, actor_contains=who)
     if format == "csv":
         return csv_response("audit", ["time", "actor", "action", "target", "detail"],
                             [[e.time, e.actor, e.action, e.target,
