@@ -180,6 +180,8 @@ def test_the_session_cookie_is_httponly_strict_and_secure_over_tls(tmp_path):
             assert "strata_session=" in cookie and "HttpOnly" in cookie
             assert "SameSite=strict" in cookie
             assert ("Secure" in cookie) == base.startswith("https")
+            hsts = c.get("/login").headers.get("strict-transport-security")
+            assert (hsts == "max-age=31536000") == base.startswith("https")
 
 
 def test_every_form_needs_its_csrf_token_and_this_origin(console):

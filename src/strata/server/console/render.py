@@ -82,4 +82,7 @@ def csv_response(name: str, header: list[str], rows: list[list[object]]) -> Resp
 
 def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
     html = ENV.get_template(template).render(request=request, **context)
-    return secure(HTMLResponse(html, status_code=status))  # type: ignore[return-value]
+    page = HTMLResponse(html, status_code=status)
+    if request.url.scheme == "https":  # a browser that saw TLS here never falls back
+        page.headers["Strict-Transport-Security"] = "max-age=31536000"
+    return secure(page)  # type: ignore[return-value]
