@@ -6,8 +6,10 @@ URL guessing too."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,6 +129,18 @@ def test_a_portal_user_browses_and_downloads_their_own_files(world):
                                     params={"q": "shadow-copy"}).text
     log = c.get(f"{ADMIN}/audit", headers=world.api).json()
     assert {"actor": "portal:alice", "action": "snapshot-download"}.items() <= log[0].items()
+    # Her whole folder as a zip: what she may see in it, nothing else.
+    resp = c.get(f"/portal/snapshots/{world.sid}/download", params={"path_hex": ""})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/zip"
+    z = zipfile.ZipFile(io.BytesIO(resp.content))
+    assert sorted(z.namelist()) == ["home/", "home/alice/", "home/alice/Documents/",
+                                    "home/alice/Documents/report.txt",
+                                    "home/alice/notes.txt", "home/alice/shadow-link"]
+    assert z.read("home/alice/Documents/report.txt") == b"alice's quarterly report\n"
+    assert b"root:$6$secret" not in b"".join(z.read(n) for n in z.namelist())
+    docs = c.get(f"/portal/snapshots/{world.sid}/download",
+                 params={"path_hex": _hx(b"home/alice/Documents")})
+    assert "home/alice/notes.txt" not in zipfile.ZipFile(io.BytesIO(docs.content)).namelist()
 
 
 def test_a_portal_user_cannot_reach_anything_else_by_guessing_urls(world):
@@ -151,7 +165,6 @@ def test_a_portal_user_cannot_reach_anything_else_by_guessing_urls(world):
         # symlink is never followed
         f"{base}/download?path_hex={_hx(b'home/alice/shadow-copy')}": 404,
         f"{base}/download?path_hex={_hx(b'home/alice/shadow-link')}": 422,
-        f"{base}/download?path_hex={_hx(b'home/alice/Documents')}": 422,
         # hers, but behind a folder she could not open
         f"{base}?path_hex={_hx(b'home/alice/locked')}": 404,
         f"{base}?path_hex={_hx(b'home/alice/locked/sub')}": 404,

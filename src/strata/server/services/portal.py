@@ -272,10 +272,22 @@ def _parents(home: bytes, path: bytes) -> list[bytes]:
 
 def download(ctx: ServerContext, user: PortalUser, snapshot: str,
              path_hex: str) -> snapshot_files.Download:
-    """One of the user's files (folders: one file at a time, see docs)."""
+    """One of the user's files, or one of their folders as a zip of what they may see in
+    it (a hidden folder leaves out all it holds)."""
     view = _View(ctx, user, snapshot)
     p = _path(path_hex, user)
     ino = view.node(p)
-    if view.tree.attr(ino).type is not EntryType.FILE:
-        raise Invalid("only files can be downloaded here")
-    return snapshot_files.download(ctx, user.endpoint_id, view.sid, p, "raw", user.actor)
+    kind = view.tree.attr(ino).type
+    if kind is EntryType.FILE:
+        return snapshot_files.download(ctx, user.endpoint_id, view.sid, p, "raw",
+                                       user.actor)
+    if kind is not EntryType.DIR:
+        raise Invalid("only files and folders can be downloaded here")
+
+    def keep(rel: bytes, attr: Attr) -> bool:
+        if user.home.startswith(rel + b"/"):
+            return True  # a folder on the way to the user's own (its name only)
+        return _inside(user, rel) and _visible(attr, view.owner)
+
+    return snapshot_files.download(ctx, user.endpoint_id, view.sid, p, "zip", user.actor,
+                                   keep=keep)
