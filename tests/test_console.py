@@ -9,6 +9,7 @@ import csv
 import io
 import os
 import re
+import threading
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -167,6 +168,23 @@ def test_a_wrong_password_is_refused_in_the_page_and_locks_after_five(console):
     resp = sign_in(c, "hana")
     assert resp.status_code == 429 and "too many failed sign-ins" in resp.text
     assert sign_in(c, "nobody").status_code == 401  # an unknown name reads the same
+
+
+def test_password_hashes_take_turns_and_a_crowd_is_told_to_retry(console, monkeypatch):
+    """Each hash takes 32 MiB: at most HASHES_AT_ONCE run together; a sign-in that cannot
+    get a turn in time is a 429 page, not a queue of threads eating memory."""
+    turns = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(passwords, "_turns", turns)
+    monkeypatch.setattr(passwords, "HASH_WAIT", 0.01)
+    c = console.client
+    token = _csrf(c.get("/login").text)
+    assert turns.acquire()  # someone else is hashing
+    try:
+        resp = c.post("/login", data={"name": "ada", "password": PASSWORD, "csrf": token})
+        assert resp.status_code == 429 and "busy signing others in" in resp.text
+    finally:
+        turns.release()
+    assert sign_in(c, "ada").status_code == 303
 
 
 def test_the_session_cookie_is_httponly_strict_and_secure_over_tls(tmp_path):

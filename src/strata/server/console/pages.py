@@ -32,6 +32,7 @@ from strata.server.console.session import (
 from strata.server.console.views import page, see_other
 from strata.server.context import ServerContext
 from strata.server.deps import client_ip, get_ctx
+from strata.server.passwords import HashingBusy
 from strata.server.services import (
     fleet,
     users,
@@ -67,7 +68,7 @@ def login(request: Request, name: str = Form("", max_length=64),
     throttle: AddressThrottle = request.app.state.login_throttle
     try:
         signed = users.login(ctx, name, password, client_ip(request), throttle)
-    except (LoginRefused, TooManyAttempts) as exc:
+    except (LoginRefused, TooManyAttempts, HashingBusy) as exc:
         token = new_login_token()
         page = render(request, "login.html", exc.http_status, csrf=token, error=str(exc),
                       name=name)

@@ -20,6 +20,7 @@ from strata.server.console.session import (
 )
 from strata.server.context import ServerContext
 from strata.server.deps import client_ip, get_ctx
+from strata.server.passwords import HashingBusy
 from strata.server.services import portal
 from strata.server.services.portal import PortalUser
 from strata.server.services.signin import AddressThrottle, LoginRefused, TooManyAttempts
@@ -75,7 +76,7 @@ def login(request: Request, name: str = Form("", max_length=64),
     throttle: AddressThrottle = request.app.state.login_throttle
     try:
         _user, secret, _csrf = portal.login(ctx, name, password, client_ip(request), throttle)
-    except (LoginRefused, TooManyAttempts) as exc:
+    except (LoginRefused, TooManyAttempts, HashingBusy) as exc:
         token = new_login_token()
         page = _page(request, "portal_login.html", None, exc.http_status, csrf=token,
                      error=str(exc), name=name)
