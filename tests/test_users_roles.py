@@ -23,14 +23,9 @@ from strata.server.app import create_app
 from strata.server.catalog.models import User, UserSession
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.deps import admin_router, get_ctx, label_permissions
+from strata.server.passwords import check_password, hash_password
 from strata.server.services import signin, users
-from strata.server.services.users import (
-    AddressThrottle,
-    LoginRefused,
-    TooManyAttempts,
-    check_password,
-    hash_password,
-)
+from strata.server.services.signin import AddressThrottle, LoginRefused, TooManyAttempts
 
 ADMIN = "/api/v1/admin"
 REAL_SCRYPT_LOG_N = passwords.SCRYPT_LOG_N  # read before any test lowers it

@@ -37,7 +37,7 @@ from strata.server.services import (
     fleet,
     users,
 )
-from strata.server.services.users import AddressThrottle, LoginRefused, TooManyAttempts
+from strata.server.services.signin import AddressThrottle, LoginRefused, TooManyAttempts
 
 router = APIRouter(include_in_schema=False)
 # Every router of console pages (the portal's are in console/portal.py).

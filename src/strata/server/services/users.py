@@ -33,15 +33,12 @@ from strata.server.services.signin import (
     TOUCH,
     AddressThrottle,
     LoginRefused,
-    TooManyAttempts,
     check_sign_in,
     end_session,
     live_session,
     open_session,
 )
 
-__all__ = ["AddressThrottle", "LoginRefused", "TooManyAttempts", "check_password",
-           "hash_password"]  # what the console and the tests take from here
 BREAK_GLASS = "admin"  # the name the bootstrap admin.token acts under
 
 
