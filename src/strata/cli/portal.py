@@ -13,7 +13,7 @@ from strata.model.roles import USER_NAME
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, print_model
 from .confirm import YES, confirm
-from .output import console
+from .output import console, iso_time
 from .users import PASSWORD_FILE, read_password
 
 portal_app = typer.Typer(help="File portal accounts: an end user reads their own files "
@@ -58,7 +58,7 @@ def portal_list(endpoint: str = typer.Option("", "--endpoint", help="Only this o
     table = Table("Name", "Endpoint", "Hostname", "Folder", "Created")
     for r in rows:
         table.add_row(r.name, r.endpoint[:8], r.hostname, r.home,
-                      r.created_at.strftime("%Y-%m-%d %H:%M"))
+                      iso_time(r.created_at))
     console.print(table)
 
 

@@ -14,7 +14,7 @@ from strata.model.roles import ROLE_NAMES, USER_NAME
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, print_model
 from .confirm import YES, confirm
-from .output import console
+from .output import console, iso_time
 
 user_app = typer.Typer(help="IT staff accounts (roles: " + ", ".join(ROLE_NAMES) + ").",
                        no_args_is_help=True)
@@ -78,7 +78,7 @@ def user_list(server: str | None = SERVER, admin_token_file: Path | None = TOKEN
 
     table = Table("Name", "Role", "Created", "API tokens")
     for u in rows:
-        table.add_row(u.name, u.role, u.created_at.strftime("%Y-%m-%d %H:%M"), str(u.tokens))
+        table.add_row(u.name, u.role, iso_time(u.created_at), str(u.tokens))
     console.print(table)
 
 
@@ -133,8 +133,8 @@ def user_token(name: str,
 
         table = Table("ID", "Label", "Created", "Last used", "State")
         for t in rows:
-            used = t.last_used.strftime("%Y-%m-%d %H:%M") if t.last_used else "never"
-            table.add_row(str(t.id), t.label, t.created_at.strftime("%Y-%m-%d %H:%M"), used,
+            used = iso_time(t.last_used) or "never"
+            table.add_row(str(t.id), t.label, iso_time(t.created_at), used,
                           "revoked" if t.revoked else "active")
         console.print(table)
         return
