@@ -123,6 +123,10 @@ def test_a_portal_user_browses_and_downloads_their_own_files(world):
     resp = c.get(f"/portal/snapshots/{world.sid}/download",
                  params={"path_hex": _hx(b"home/alice/Documents/report.txt")})
     assert resp.status_code == 200 and resp.content == b"alice's quarterly report\n"
+    for url in ("/portal", f"/portal/snapshots/{world.sid}", "/portal/snapshots/nope"):
+        resp = c.get(url)
+        assert "script-src 'self'" in resp.headers["content-security-policy"], url
+        assert not re.search(r"<script|\s(on\w+|style)=", resp.text), url
     found = c.get(f"/portal/snapshots/{world.sid}", params={"q": "REPORT"}).text
     assert "Documents/report.txt" in found
     assert "Nothing found" in c.get(f"/portal/snapshots/{world.sid}",
