@@ -223,6 +223,10 @@ def test_every_form_needs_its_csrf_token_and_this_origin(console):
     # With the token (as a field, or as htmx's header) it goes through.
     resp = c.post("/users", data={**new, "csrf": token})
     assert resp.status_code == 200 and "created user mallory" in resp.text
+    resp = c.post("/users/mallory/role", data={"role": "help-desk", "csrf": token})
+    assert resp.status_code == 200 and "mallory is now help-desk" in resp.text
+    assert c.post("/users/mallory/role", data={"role": "god", "csrf": token}
+                  ).status_code == 422
     resp = c.post("/users/mallory/delete", headers={"X-CSRF-Token": token})
     assert resp.status_code == 200 and "deleted user mallory" in resp.text
 

@@ -167,6 +167,20 @@ def test_a_role_is_refused_outside_its_job_and_served_inside_it(staff):
     assert "layers" in me["permissions"] and "users" not in me["permissions"]
 
 
+def test_a_new_role_is_in_force_at_the_next_request(staff):
+    c, token = staff.client, staff.tokens["image-manager"]
+    assert c.get(f"{ADMIN}/layers", headers=_as(token)).status_code == 200
+    resp = c.put(f"{ADMIN}/users/imagemanager/role", json={"role": "help-desk"})
+    assert resp.status_code == 200 and resp.json()["role"] == "help-desk"
+    assert c.get(f"{ADMIN}/layers", headers=_as(token)).status_code == 403
+    assert c.get(f"{ADMIN}/me", headers=_as(token)).json()["role"] == "help-desk"
+    assert c.put(f"{ADMIN}/users/imagemanager/role", json={"role": "root"}
+                 ).status_code == 422
+    log = c.get(f"{ADMIN}/audit").json()
+    assert {"action": "set-role", "target": "imagemanager"}.items() <= log[0].items()
+    assert log[0]["detail"] == {"role": "help-desk", "was": "image-manager"}
+
+
 def test_the_audit_log_names_the_user(staff):
     c, t = staff.client, staff.tokens
     resp = c.post(f"{ADMIN}/collections", headers=_as(t["image-manager"]),
@@ -317,6 +331,10 @@ def test_user_commands_end_to_end(tmp_path):
         assert_one_line_error(proc, "refusing without --yes", rc=1)
         assert_one_line_error(strata("user", "delete", "nobody", "--yes", *common, rc=2),
                               "no user 'nobody'")
+        assert "hana is now image-manager" in strata("user", "role", "hana", "image-manager",
+                                                      *common).stdout
+        assert_one_line_error(strata("user", "role", "hana", "root", *common, rc=2),
+                              "unknown role")
         strata("user", "token", "hana", "--revoke", "1", *common)
         assert_one_line_error(strata("endpoint", "list", *mine, rc=2), "403")
         strata("user", "delete", "hana", "--yes", *common)

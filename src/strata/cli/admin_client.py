@@ -63,6 +63,7 @@ from strata.model.users import (
     PasswordRequest,
     PortalAccountInfo,
     PortalAccountRequest,
+    RoleRequest,
     UserInfo,
     UserRequest,
     UserTokenCreated,
@@ -386,6 +387,10 @@ class AdminClient:
     def set_password(self, name: str, req: PasswordRequest) -> UserInfo:
         return self._typed(UserInfo, "PUT",
                            f"{API}/users/{path_part(name, 'user name')}/password", req)
+
+    def set_role(self, name: str, req: RoleRequest) -> UserInfo:
+        return self._typed(UserInfo, "PUT",
+                           f"{API}/users/{path_part(name, 'user name')}/role", req)
 
     def create_user_token(self, name: str, req: UserTokenRequest) -> UserTokenCreated:
         return self._typed(UserTokenCreated, "POST",

@@ -111,6 +111,20 @@ def user_passwd(name: str, password_file: Path | None = PASSWORD_FILE,
     print_model(doc) if json else console.print(f"new password set for {doc.name}")
 
 
+@user_app.command("role")
+def user_role(name: str, role: str = typer.Argument(..., help=" | ".join(ROLE_NAMES)),
+              server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
+              json: bool = JSON) -> None:
+    """Give a user another role (in force at their next request; tokens stay)."""
+    from strata.model.users import RoleRequest
+
+    from .admin_client import build
+
+    req = build(RoleRequest, role=_check_role(role))
+    doc = client(server, admin_token_file).set_role(name, req)
+    print_model(doc) if json else console.print(f"{doc.name} is now {doc.role}")
+
+
 @user_app.command("token")
 def user_token(name: str,
                label: str = typer.Option("", "--label", help="What the token is for."),

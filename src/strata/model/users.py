@@ -25,6 +25,10 @@ class PasswordRequest(AdminModel):
     password: str = Field(min_length=PASSWORD_MIN, max_length=PASSWORD_MAX, repr=False)
 
 
+class RoleRequest(AdminModel):
+    role: RoleName
+
+
 class UserTokenRequest(AdminModel):
     label: str = Field(default="", max_length=128)
 

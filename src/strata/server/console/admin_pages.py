@@ -306,6 +306,21 @@ def user_create(request: Request, name: str = Form("", max_length=64),
     return _users_page(request, v, ctx, done=f"created user {name} ({role})")
 
 
+@router.post("/users/{name}/role")
+def user_role(name: str, request: Request, role: str = Form("", max_length=32),
+              csrf: str = Form("", max_length=64),
+              v: Visitor = Depends(Page(Permission.USERS)),
+              ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    if role not in ROLE_NAMES:
+        return _users_page(request, v, ctx, 422, error=f"no role {role!r}")
+    try:
+        users.set_role(ctx, name, role, actor=v.staff.actor)
+    except StrataError as exc:
+        return _users_page(request, v, ctx, exc.http_status, error=str(exc))
+    return _users_page(request, v, ctx, done=f"{name} is now {role}")
+
+
 @router.post("/users/{name}/delete")
 def user_delete(name: str, request: Request, csrf: str = Form("", max_length=64),
                 v: Visitor = Depends(Page(Permission.USERS)),

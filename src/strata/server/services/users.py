@@ -137,6 +137,16 @@ def change_own_password(ctx: ServerContext, name: str, current: str, new: str) -
     set_password(ctx, name, new, actor=f"user:{name}")
 
 
+def set_role(ctx: ServerContext, name: str, role: str, *, actor: str) -> UserInfo:
+    """A new role, in force from the user's next request (sessions and tokens stay)."""
+    with ctx.write() as db:
+        row = _user(db, name)
+        before, row.role = row.role, role
+        info = _info(db, row)
+    audit.record(ctx, actor, "set-role", name, role=role, was=before)
+    return info
+
+
 # -- personal API tokens ---------------------------------------------------------------------
 
 
