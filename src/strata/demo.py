@@ -172,6 +172,17 @@ def demo_administrator(work: Path, admin: Path) -> str:
     return f"sign in as demo-admin, password {password}"
 
 
+def demo_portal_user(work: Path, admin: Path) -> str:
+    """bob's file portal account: his own folder in his own laptop's snapshots."""
+    password = secrets.token_urlsafe(12)
+    pw_file = work / "portal-bob.password"
+    pw_file.write_text(password + "\n")
+    pw_file.chmod(0o600)
+    run("portal", "add", _endpoint_id(work, "bob"), "bob", "--password-file", str(pw_file),
+        "--admin-token-file", str(admin))
+    return f"sign in as bob, password {password}"
+
+
 def fleet(work: Path) -> None:
     """A server, three endpoints that share an OS and company documents, centralized."""
     import json
@@ -249,6 +260,8 @@ def fleet(work: Path) -> None:
             str(work / "agents/bob"))
         print(f"restored: {lost.exists()}")
         run("endpoint", "list", "--admin-token-file", str(admin))
+        print("\n# The help desk gives bob his own files on the web (the file portal).")
+        portal = demo_portal_user(work, admin)
         layer_tour(work, shared, admin, ("alice", "bob", "carol"))
         req = urllib.request.Request(url + "/api/v1/admin/stats",
                                      headers={"Authorization": "Bearer "
@@ -260,6 +273,7 @@ def fleet(work: Path) -> None:
               f" total saving {stats['space_saving_ratio']:.1f}x")
         print(f"\nThe server keeps serving at {url} (admin token in {admin}).")
         print(f"Console: {url}/ ({console})")
+        print(f"File portal: {url}/portal ({portal})")
         print(f"Try: STRATA_SERVER={url} strata endpoint list --admin-token-file {admin}")
         if os.environ.get("STRATA_DEMO_EXIT"):
             return

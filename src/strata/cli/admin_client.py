@@ -62,6 +62,9 @@ from strata.model.snapshot_files import SnapshotFolder
 from strata.model.users import (
     Caller,
     PasswordRequest,
+    PortalAccountInfo,
+    PortalAccountRequest,
+    RoleRequest,
     UserInfo,
     UserRequest,
     UserTokenCreated,
@@ -393,6 +396,10 @@ class AdminClient:
         return self._typed(UserInfo, "PUT",
                            f"{API}/users/{path_part(name, 'user name')}/password", req)
 
+    def set_role(self, name: str, req: RoleRequest) -> UserInfo:
+        return self._typed(UserInfo, "PUT",
+                           f"{API}/users/{path_part(name, 'user name')}/role", req)
+
     def create_user_token(self, name: str, req: UserTokenRequest) -> UserTokenCreated:
         return self._typed(UserTokenCreated, "POST",
                            f"{API}/users/{path_part(name, 'user name')}/tokens", req)
@@ -404,3 +411,18 @@ class AdminClient:
     def revoke_user_token(self, name: str, token_id: int) -> UserTokenInfo:
         return self._typed(UserTokenInfo, "DELETE",
                            f"{API}/users/{path_part(name, 'user name')}/tokens/{token_id}")
+
+    # -- file portal accounts ------------------------------------------------------------------
+
+    def create_portal_account(self, endpoint: str,
+                              req: PortalAccountRequest) -> PortalAccountInfo:
+        return self._typed(PortalAccountInfo, "POST", f"{API}/endpoints/"
+                           f"{path_part(endpoint, 'endpoint id')}/portal-accounts", req)
+
+    def portal_accounts(self, endpoint: str = "") -> list[PortalAccountInfo]:
+        return self._typed(list[PortalAccountInfo], "GET", f"{API}/portal-accounts",
+                           params={"endpoint": endpoint} if endpoint else None)
+
+    def delete_portal_account(self, name: str) -> Deleted:
+        return self._typed(Deleted, "DELETE",
+                           f"{API}/portal-accounts/{path_part(name, 'account name')}")
