@@ -297,3 +297,16 @@ def test_chunks_of_an_assigned_layer_are_held_without_sending_or_proving(server)
     assert assigned.commit({"usr/lib/libcorp.so": lib}).status_code == 200
     assert other.missing(lib)["prove"] == [content_id(lib).hex()]  # IT content: shared
     assert other.commit({"usr/lib/libcorp.so": lib}).status_code == 409
+
+
+def test_the_bytes_proofs_make_the_server_read_are_paced_per_endpoint(server):
+    first, second = Device(server, "first"), Device(server, "second")
+    libs = [secret(60 + i, 30_000) for i in range(3)]
+    first.upload(*libs)
+    assert first.commit({f"usr/lib/l{i}": d for i, d in enumerate(libs)}).status_code == 200
+    server.ctx.proof_bytes = RateLimiter(rate=1.0, burst=70_000, clock=lambda: 0.0)
+    answer = second.missing(*libs)
+    assert second.prove(answer["nonce"], *libs[:2])["accepted"] == 2  # 60 KB: in budget
+    resp = second.http.post(f"{API}/chunks/prove", content=encode_proofs(
+        answer["nonce"], [(content_id(libs[2]), proof(answer["nonce"], libs[2]))]))
+    assert resp.status_code == 429 and "bytes to prove" in resp.json()["detail"]

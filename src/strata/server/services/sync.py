@@ -23,7 +23,7 @@ from strata.server import metrics
 from strata.server.catalog.models import Assignment, Endpoint, SnapshotRecord, Transaction
 from strata.server.context import ServerContext
 from strata.server.holdings import shareable_path
-from strata.server.rate_limit import TooManyRequests
+from strata.server.rate_limit import RateLimiter, TooManyRequests
 from strata.server.services import audit, snapshots
 from strata.server.services.facts import endpoint_family
 from strata.server.services.layer_downloads import allowed_snapshots
@@ -81,13 +81,17 @@ def _possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
 
 
 def _take_queries(ctx: ServerContext, ep: Endpoint, count: int) -> None:
-    """Spend the endpoint's budget of chunk queries; a refusal is audited (once a while)."""
+    _take(ctx, ctx.id_queries, ep, count, "chunk queries")
+
+
+def _take(ctx: ServerContext, limiter: RateLimiter, ep: Endpoint, amount: int,
+          what: str) -> None:
+    """Spend the endpoint's budget; a refusal is audited (once in a while)."""
     try:
-        ctx.id_queries.take(ep.id, count, "chunk queries")
+        limiter.take(ep.id, amount, what)
     except TooManyRequests as exc:
         if exc.first:
-            audit.record(ctx, f"endpoint:{ep.id}", "rate-limited", "chunk queries",
-                         asked=count)
+            audit.record(ctx, f"endpoint:{ep.id}", "rate-limited", what, asked=amount)
         raise
 
 
@@ -121,6 +125,7 @@ def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
     if sum(sizes.values()) > MAX_PROOF_BYTES:
         raise TooLarge(f"prove at most {MAX_PROOF_BYTES >> 20} MiB of chunks per request")
     _, shared = possession(ctx, ep, list(sizes))
+    _take(ctx, ctx.proof_bytes, ep, sum(sizes[c] for c in shared), "bytes to prove")
     accepted: list[bytes] = []
     for cid in shared:  # held chunks need no proof; absent or private ones get none
         try:
