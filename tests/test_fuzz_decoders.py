@@ -194,3 +194,14 @@ def test_commit_route_on_arbitrary_json(device, body):
 def test_upload_route_answers_4xx_never_500(device, data):
     resp = device.post("/api/v1/agent/chunks", content=data)
     assert resp.status_code in (200, 413, 422), resp.text
+
+
+@ROUTES
+@given(st.one_of(st.binary(max_size=300),
+                 st.builds(lambda nonce, recs: encode_proofs(nonce, recs),
+                           st.text(alphabet="0123456789abcdef", max_size=100),
+                           st.lists(st.tuples(ids, st.binary(min_size=16, max_size=16)),
+                                    max_size=5))))
+def test_prove_route_answers_4xx_never_500(device, data):
+    resp = device.post("/api/v1/agent/chunks/prove", content=data)
+    assert resp.status_code in (200, 422), resp.text
