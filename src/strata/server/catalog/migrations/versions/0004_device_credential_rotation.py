@@ -1,15 +1,15 @@
 """device credential rotation: when the credential was issued, and the one before it
 
-Revision ID: 0003_credential_rotation
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-02 10:40:00
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0003_credential_rotation'
-down_revision = '0002'
+revision = '0004'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 
