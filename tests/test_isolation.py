@@ -310,3 +310,19 @@ def test_the_bytes_proofs_make_the_server_read_are_paced_per_endpoint(server):
     resp = second.http.post(f"{API}/chunks/prove", content=encode_proofs(
         answer["nonce"], [(content_id(libs[2]), proof(answer["nonce"], libs[2]))]))
     assert resp.status_code == 429 and "bytes to prove" in resp.json()["detail"]
+
+
+def test_the_holdings_sweep_is_bounded_and_resumes(tmp_path, monkeypatch):
+    holdings = Holdings(tmp_path / "h.sqlite")
+    chunks = [bytes([i]) * 32 for i in range(1, 13)]
+    holdings.record("e", chunks)
+    alive = set(chunks[::2])
+    looked: list[int] = []
+
+    def present(batch: list[bytes]) -> set[bytes]:
+        looked.append(len(batch))
+        return alive & set(batch)
+    monkeypatch.setattr("strata.server.holdings._SWEEP_BATCH", 5)
+    dropped = [holdings.sweep(present, budget=5) for _ in range(3)]
+    assert sum(dropped) == 6 and all(n <= 3 for n in dropped)  # a bounded share each pass
+    assert holdings.view("e", chunks)[0] == alive

@@ -30,9 +30,12 @@ CREATE INDEX IF NOT EXISTS held_by_endpoint ON held(eid);
 CREATE TABLE IF NOT EXISTS shared (chunk BLOB PRIMARY KEY) WITHOUT ROWID;
 -- endpoints whose snapshots from before this table existed have been taken in
 CREATE TABLE IF NOT EXISTS seeded (endpoint TEXT PRIMARY KEY) WITHOUT ROWID;
+-- where the last sweep of each table stopped
+CREATE TABLE IF NOT EXISTS sweeps (tbl TEXT PRIMARY KEY, after BLOB NOT NULL) WITHOUT ROWID;
 """
 _BATCH = 500  # ids per IN (...) query
 _SWEEP_BATCH = 5000
+SWEEP_BUDGET = 1_000_000  # chunks of each table one maintenance pass looks at
 # Held by this many endpoints, a chunk is no one endpoint's secret (an OS file of a fleet
 # without layers); an attacker needs this many minus one colluding endpoints to probe.
 COMMON_HOLDERS = 3
@@ -136,26 +139,36 @@ class Holdings:
                     f"SELECT chunk FROM shared WHERE chunk IN ({marks})", part))
         return held, shared
 
-    def sweep(self, present: Callable[[list[bytes]], set[bytes]]) -> int:
+    def sweep(self, present: Callable[[list[bytes]], set[bytes]],
+              budget: int = SWEEP_BUDGET) -> int:
         """After a prune: forget chunks the store no longer holds (`present` tells which
         of a batch it does). Rows only ever count for chunks the store holds, so this
-        keeps the table to the store's size; it is not needed for correctness."""
+        keeps the table to the store's size; it is not needed for correctness. Each call
+        looks at about `budget` chunks of each table, going on where the last stopped (a
+        fleet's table is far larger than one pass should read)."""
         dropped = 0
         for table in ("held", "shared"):
-            after = b""
-            while True:
+            with self._lock:
+                row = self.db.execute("SELECT after FROM sweeps WHERE tbl=?",
+                                      (table,)).fetchone()
+            after = row[0] if row else b""
+            seen = 0
+            while seen < budget:
                 with self._lock:
                     batch = [r[0] for r in self.db.execute(
                         f"SELECT DISTINCT chunk FROM {table} WHERE chunk > ? ORDER BY chunk "
                         "LIMIT ?", (after, _SWEEP_BATCH))]
-                if not batch:
-                    break
-                after = batch[-1]
-                held = present(batch)
+                after = batch[-1] if batch else b""  # at the end: from the start next time
+                seen += len(batch)
+                held = present(batch) if batch else set()
                 gone = [c for c in batch if c not in held]
-                if gone:
-                    with self._lock:
+                with self._lock:
+                    if gone:
                         self.db.executemany(f"DELETE FROM {table} WHERE chunk = ?",
                                             ((c,) for c in gone))
-                    dropped += len(gone)
+                    self.db.execute("INSERT OR REPLACE INTO sweeps(tbl, after) VALUES (?, ?)",
+                                    (table, after))
+                dropped += len(gone)
+                if len(batch) < _SWEEP_BATCH:
+                    break
         return dropped
