@@ -317,10 +317,8 @@ def test_the_holdings_sweep_is_bounded_and_resumes(tmp_path, monkeypatch):
     chunks = [bytes([i]) * 32 for i in range(1, 13)]
     holdings.record("e", chunks)
     alive = set(chunks[::2])
-    looked: list[int] = []
 
     def present(batch: list[bytes]) -> set[bytes]:
-        looked.append(len(batch))
         return alive & set(batch)
     monkeypatch.setattr("strata.server.holdings._SWEEP_BATCH", 5)
     dropped = [holdings.sweep(present, budget=5) for _ in range(3)]
