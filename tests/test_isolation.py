@@ -324,3 +324,15 @@ def test_the_holdings_sweep_is_bounded_and_resumes(tmp_path, monkeypatch):
     dropped = [holdings.sweep(present, budget=5) for _ in range(3)]
     assert sum(dropped) == 6 and all(n <= 3 for n in dropped)  # a bounded share each pass
     assert holdings.view("e", chunks)[0] == alive
+
+
+def test_a_deleted_endpoint_holds_nothing_and_counts_for_nothing(server):
+    doc = secret(70)
+    devices = [Device(server, f"ep{i}") for i in range(COMMON_HOLDERS + 1)]
+    for dev in devices[:COMMON_HOLDERS]:
+        dev.upload(doc)
+    assert devices[-1].missing(doc)["prove"] == [content_id(doc).hex()]
+    resp = server.admin.delete(f"/api/v1/admin/endpoints/{devices[0].id}")
+    assert resp.status_code == 200, resp.text
+    # Held by one endpoint fewer: private again to the others.
+    assert devices[-1].missing(doc)["missing"] == [content_id(doc).hex()]

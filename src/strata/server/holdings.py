@@ -139,6 +139,16 @@ class Holdings:
                     f"SELECT chunk FROM shared WHERE chunk IN ({marks})", part))
         return held, shared
 
+    def forget_endpoint(self, endpoint: str) -> None:
+        """A deleted endpoint holds nothing any more (nor counts toward shared chunks)."""
+        with self._lock:
+            row = self.db.execute("SELECT eid FROM holders WHERE endpoint=?",
+                                  (endpoint,)).fetchone()
+            if row is not None:
+                self.db.execute("DELETE FROM held WHERE eid=?", (row[0],))
+                self.db.execute("DELETE FROM seeded WHERE endpoint=?", (endpoint,))
+        self._seeded.discard(endpoint)
+
     def sweep(self, present: Callable[[list[bytes]], set[bytes]],
               budget: int = SWEEP_BUDGET) -> int:
         """After a prune: forget chunks the store no longer holds (`present` tells which
