@@ -336,3 +336,17 @@ def test_a_deleted_endpoint_holds_nothing_and_counts_for_nothing(server):
     assert resp.status_code == 200, resp.text
     # Held by one endpoint fewer: private again to the others.
     assert devices[-1].missing(doc)["missing"] == [content_id(doc).hex()]
+
+
+def test_the_number_of_holders_that_makes_a_chunk_shared_is_a_setting(tmp_path):
+    app = create_app(ServerSettings(data_dir=tmp_path / "data", common_holders=2))
+    token = (tmp_path / "data/admin.token").read_text().strip()
+    with TestClient(app) as admin:
+        admin.headers["Authorization"] = f"Bearer {token}"
+        server = SimpleNamespace(app=app, ctx=app.state.ctx, admin=admin)
+        one, two, three = (Device(server, n) for n in ("one", "two", "three"))
+        doc = secret(80)
+        one.upload(doc)
+        assert two.missing(doc)["missing"] == [content_id(doc).hex()]
+        two.upload(doc)
+        assert three.missing(doc)["prove"] == [content_id(doc).hex()]

@@ -64,6 +64,9 @@ class ServerSettings:
     passphrase: str | None = field(default=None, repr=False)  # of an encrypted store
     credential_rotation: timedelta = timedelta(days=7)
     credential_lifetime: timedelta = timedelta(days=90)
+    # Endpoints that must hold a chunk of private data before any endpoint may learn the
+    # server has it: an attacker needs this many minus one enrolled endpoints to probe.
+    common_holders: int = 3
 
     def __post_init__(self) -> None:
         if not self.catalog_url:
