@@ -350,3 +350,34 @@ def test_the_number_of_holders_that_makes_a_chunk_shared_is_a_setting(tmp_path):
         assert two.missing(doc)["missing"] == [content_id(doc).hex()]
         two.upload(doc)
         assert three.missing(doc)["prove"] == [content_id(doc).hex()]
+
+
+def test_request_size_bounds_reveal_nothing_about_other_endpoints_chunks(server, monkeypatch):
+    """A bound checked over chunks the endpoint may not see would be an oracle: 413 when a
+    guess exists, not when it does not. Both bounds count only what the endpoint may read."""
+    ctx: ServerContext = server.ctx
+    first, bob, alice = Device(server, "first"), Device(server, "bob"), Device(server, "alice")
+    lib, bobs, nobody = secret(90, 30_000), secret(91, 30_000), secret(92, 30_000)
+    first.upload(lib)
+    assert first.commit({"usr/lib/libz.so": lib}).status_code == 200
+    bob.upload(bobs)
+    monkeypatch.setattr("strata.server.services.sync.MAX_PROOF_BYTES", 40_000)
+    monkeypatch.setattr("strata.server.services.layer_downloads.MAX_STREAM_BYTES", 40_000)
+    nonce = alice.missing(lib)["nonce"]
+    answers = [alice.http.post(f"{API}/chunks/prove", content=encode_proofs(nonce, [
+        (content_id(c), proof(nonce, c)) for c in (lib, guess)])) for guess in (bobs, nobody)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].json()["refused"] == [content_id(bobs).hex()]
+    assert answers[1].json()["refused"] == [content_id(nobody).hex()]
+
+    entry = Entry(path=b"usr/lib/libz.so", type=EntryType.FILE, size=len(lib),
+                  chunks=[(content_id(lib), len(lib))])
+    with ctx.write() as db:
+        layer = save_layer(ctx, db, kind="base", name="z", version="1", entries=[entry],
+                           family="linux")
+        db.add(Assignment(endpoint_id=alice.id, base_id=layer.id))
+    ctx.invalidate()
+    for guess in (bobs, nobody):
+        resp = alice.http.post(f"{API}/layers/chunks", json={
+            "ids": [content_id(lib).hex(), content_id(guess).hex()]})
+        assert resp.status_code == 403, resp.text

@@ -121,13 +121,16 @@ def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
     ctx.possession.check(ep.id, nonce)
     _take_queries(ctx, ep, len(claims))
     ctx.touch_upload(ep.id)
-    sizes = ctx.store.raw_sizes(claims)
+    present = ctx.store.present(list(claims))
+    held, shared = possession(ctx, ep, list(present))
+    # Sizes only of what the endpoint may know exists: summed over others' private chunks,
+    # the bound (413 or not) would tell whether the server holds them.
+    sizes = ctx.store.raw_sizes(shared)
     if sum(sizes.values()) > MAX_PROOF_BYTES:
         raise TooLarge(f"prove at most {MAX_PROOF_BYTES >> 20} MiB of chunks per request")
-    _, shared = possession(ctx, ep, list(sizes))
-    _take(ctx, ctx.proof_bytes, ep, sum(sizes[c] for c in shared), "bytes to prove")
+    _take(ctx, ctx.proof_bytes, ep, sum(sizes.values()), "bytes to prove")
     accepted: list[bytes] = []
-    for cid in shared:  # held chunks need no proof; absent or private ones get none
+    for cid in shared:  # absent or private chunks get no proof checked: "upload them"
         try:
             raw = ctx.store.load_chunk(cid)  # verified against its id
         except CorruptData:
@@ -135,13 +138,13 @@ def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
         if hmac.compare_digest(proof(nonce, raw), claims[cid]):
             accepted.append(cid)
     ctx.holdings.record(ep.id, accepted)
-    proven = set(accepted)
+    proven = set(accepted) | held  # held already (a race with its own upload): fine
     refused = [c for c in claims if c not in proven]
     if refused:
         metrics.REJECTED_CHUNKS.inc(len(refused))
         audit.record(ctx, f"endpoint:{ep.id}", "possession-refused", f"{len(refused)} chunks",
                      kind="proof")
-    return ProveResponse(accepted=len(accepted), refused=[c.hex() for c in refused])
+    return ProveResponse(accepted=len(proven), refused=[c.hex() for c in refused])
 
 
 def store_bundle(ctx: ServerContext, uploader: str, data: bytes, *,
