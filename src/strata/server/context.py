@@ -65,7 +65,7 @@ class ServerSettings:
     credential_rotation: timedelta = timedelta(days=7)
     credential_lifetime: timedelta = timedelta(days=90)
     # Endpoints that must hold a chunk of private data before any endpoint may learn the
-    # server has it: an attacker needs this many minus one enrolled endpoints to probe.
+    # server has it: an attacker needs this many enrolled endpoints of its own to probe.
     common_holders: int = 3
 
     def __post_init__(self) -> None:

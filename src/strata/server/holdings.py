@@ -37,7 +37,7 @@ _BATCH = 500  # ids per IN (...) query
 _SWEEP_BATCH = 5000
 SWEEP_BUDGET = 1_000_000  # chunks of each table one maintenance pass looks at
 # Held by this many endpoints, a chunk is no one endpoint's secret (an OS file of a fleet
-# without layers); an attacker needs this many minus one colluding endpoints to probe.
+# without layers); an attacker needs this many enrolled endpoints of its own to probe.
 COMMON_HOLDERS = 3
 # Variable state (databases, mail, spools) is user data in effect, wherever rules put it.
 _VARIABLE_TOPS = (b"var", b"srv")
