@@ -47,14 +47,16 @@ def server(tmp_path: Path) -> Iterator[SimpleNamespace]:
 class Device:
     """One enrolled endpoint speaking the agent API."""
 
-    def __init__(self, server: SimpleNamespace, hostname: str):
+    def __init__(self, server: SimpleNamespace, hostname: str, previous: str = ""):
         tok = server.admin.post("/api/v1/admin/tokens", json={"uses": 1}).json()["token"]
         self.http = TestClient(server.app)
         resp = self.http.post(f"{API}/enroll", json={"token": tok, "hostname": hostname,
-                                                     "os": "debian"})
+                                                     "os": "debian",
+                                                     "previous_credential": previous})
         assert resp.status_code == 200, resp.text
         self.id = resp.json()["endpoint_id"]
-        self.http.headers["Authorization"] = f"Bearer {resp.json()['credential']}"
+        self.credential = resp.json()["credential"]
+        self.http.headers["Authorization"] = f"Bearer {self.credential}"
 
     def missing(self, *chunks: bytes) -> dict:
         resp = self.http.post(f"{API}/chunks/missing",
@@ -381,3 +383,22 @@ def test_request_size_bounds_reveal_nothing_about_other_endpoints_chunks(server,
         resp = alice.http.post(f"{API}/layers/chunks", json={
             "ids": [content_id(lib).hex(), content_id(guess).hex()]})
         assert resp.status_code == 403, resp.text
+
+
+def test_a_machine_enrolling_again_keeps_what_it_held(server):
+    """`agent enroll --force` makes a new endpoint; shown the old credential, the server
+    lets it hold what the old one did, so it sends none of its data again. A wrong or
+    revoked credential counts for nothing."""
+    old = Device(server, "laptop")
+    data = secret(100)
+    old.upload(data)
+    assert old.commit({"home/u/thesis.pdf": data}).status_code == 200
+    again = Device(server, "laptop", previous=old.credential)
+    assert again.missing(data)["missing"] == []
+    assert again.commit({"home/u/thesis.pdf": data}).status_code == 200
+    assert Device(server, "thief", previous="sdev_" + "x" * 40).missing(data)["missing"] \
+        == [content_id(data).hex()]
+    resp = server.admin.post(f"/api/v1/admin/endpoints/{old.id}/revoke")
+    assert resp.status_code == 200, resp.text
+    assert Device(server, "thief", previous=old.credential).missing(data)["missing"] == \
+        [content_id(data).hex()]

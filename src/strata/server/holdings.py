@@ -139,6 +139,14 @@ class Holdings:
                     f"SELECT chunk FROM shared WHERE chunk IN ({marks})", part))
         return held, shared
 
+    def inherit(self, endpoint: str, previous: str) -> None:
+        """`endpoint` is the machine `previous` was (it proved it held that credential):
+        it holds what `previous` held."""
+        with self._lock:
+            eid, old = self._eid(endpoint), self._eid(previous)
+            self.db.execute("INSERT OR IGNORE INTO held(chunk, eid) SELECT chunk, ? FROM held "
+                            "WHERE eid=?", (eid, old))
+
     def forget_endpoint(self, endpoint: str) -> None:
         """A deleted endpoint holds nothing any more (nor counts toward shared chunks)."""
         with self._lock:

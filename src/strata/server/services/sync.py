@@ -58,6 +58,11 @@ def _head_chunks(ctx: ServerContext, ep: Endpoint) -> frozenset[bytes]:
     return ctx.snapshot_chunks(head) if head else frozenset()
 
 
+def seed_holdings(ctx: ServerContext, ep: Endpoint) -> None:
+    """Once per endpoint: what it held before the server kept holdings."""
+    ctx.holdings.seed_once(ep.id, lambda: _head_chunks(ctx, ep))
+
+
 def possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
                ) -> tuple[set[bytes], set[bytes]]:
     """Of `ids` (distinct): those the endpoint holds (its uploads, proofs, snapshots,
@@ -70,7 +75,7 @@ def possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
 def _possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
                 ) -> tuple[set[bytes], set[bytes], set[bytes]]:
     """`possession`, with what the holdings record apart from what the layers add."""
-    ctx.holdings.seed_once(ep.id, lambda: _head_chunks(ctx, ep))
+    seed_holdings(ctx, ep)
     recorded, shared = ctx.holdings.view(ep.id, ids)
     through_layers: set[bytes] = set()
     rest = [c for c in ids if c not in recorded]
