@@ -295,7 +295,15 @@ def test_chunks_of_an_assigned_layer_are_held_without_sending_or_proving(server)
                            family="linux")
         db.add(Assignment(endpoint_id=assigned.id, base_id=layer.id))
     ctx.invalidate()
+    decoded = []
+    real = ctx.snapshot_chunks
+    ctx.snapshot_chunks = lambda sid: decoded.append(sid) or real(sid)  # type: ignore[method-assign]
     assert assigned.missing(lib) == {"missing": [], "prove": [], "nonce": ""}
+    assert assigned.missing(secret(51)) and decoded == []  # indexed when saved, not decoded
+    ctx.holdings = Holdings(Path(ctx.settings.data_dir) / "fresh-holdings.sqlite")
+    for _ in range(3):  # a layer from before holdings existed: decoded once, then indexed
+        assert assigned.missing(lib)["missing"] == []
+    assert decoded == [layer.snapshot]
     assert assigned.commit({"usr/lib/libcorp.so": lib}).status_code == 200
     assert other.missing(lib)["prove"] == [content_id(lib).hex()]  # IT content: shared
     assert other.commit({"usr/lib/libcorp.so": lib}).status_code == 409

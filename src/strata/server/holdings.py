@@ -30,6 +30,11 @@ CREATE INDEX IF NOT EXISTS held_by_endpoint ON held(eid);
 CREATE TABLE IF NOT EXISTS shared (chunk BLOB PRIMARY KEY) WITHOUT ROWID;
 -- endpoints whose snapshots from before this table existed have been taken in
 CREATE TABLE IF NOT EXISTS seeded (endpoint TEXT PRIMARY KEY) WITHOUT ROWID;
+-- the chunks of the layers (and snapshots) desired states name, indexed once each: an
+-- endpoint holds what its assigned layers hold, without decoding their manifests again
+CREATE TABLE IF NOT EXISTS snapshot_chunks (
+    snapshot TEXT NOT NULL, chunk BLOB NOT NULL, PRIMARY KEY (snapshot, chunk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS indexed_snapshots (snapshot TEXT PRIMARY KEY) WITHOUT ROWID;
 -- where the last sweep of each table stopped
 CREATE TABLE IF NOT EXISTS sweeps (tbl TEXT PRIMARY KEY, after BLOB NOT NULL) WITHOUT ROWID;
 """
@@ -65,6 +70,7 @@ class Holdings:
         self._lock = threading.Lock()
         self._eids: dict[str, int] = {}
         self._seeded: set[str] = set()
+        self._indexed: set[str] = set()
 
     def close(self) -> None:
         self.db.close()
@@ -105,6 +111,45 @@ class Holdings:
                 self.db.execute("INSERT OR IGNORE INTO seeded(endpoint) VALUES (?)",
                                 (endpoint,))
         self._seeded.add(endpoint)
+
+    def index_snapshot(self, sid: str, load: Callable[[], Iterable[bytes]]) -> None:
+        """Record the chunks of snapshot `sid` (a layer's, or one a revert lays down),
+        once ever: `load()` is called only the first time."""
+        if sid in self._indexed:
+            return
+        with self._lock:
+            done = self.db.execute("SELECT 1 FROM indexed_snapshots WHERE snapshot=?",
+                                   (sid,)).fetchone()
+        if not done:
+            chunks = load()
+            with self._lock:
+                self.db.execute("BEGIN")
+                try:
+                    self.db.executemany("INSERT OR IGNORE INTO snapshot_chunks(snapshot, chunk) "
+                                        "VALUES (?, ?)", ((sid, c) for c in chunks))
+                    self.db.execute("INSERT OR IGNORE INTO indexed_snapshots(snapshot) "
+                                    "VALUES (?)", (sid,))
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+        self._indexed.add(sid)
+
+    def in_snapshots(self, sids: list[str], ids: Iterable[bytes]) -> set[bytes]:
+        """Of `ids`: those some snapshot of `sids` names (indexed with `index_snapshot`)."""
+        want = list(dict.fromkeys(ids))
+        found: set[bytes] = set()
+        if not sids or not want:
+            return found
+        step = max(1, _BATCH - len(sids))
+        with self._lock:
+            for i in range(0, len(want), step):
+                part = want[i:i + step]
+                found.update(row[0] for row in self.db.execute(
+                    f"SELECT DISTINCT chunk FROM snapshot_chunks WHERE snapshot IN "
+                    f"({','.join('?' * len(sids))}) AND chunk IN ({','.join('?' * len(part))})",
+                    [*sids, *part]))
+        return found
 
     def share(self, ids: Iterable[bytes]) -> None:
         """Any endpoint may learn that the server holds these (IT and software content)."""
@@ -165,7 +210,7 @@ class Holdings:
         looks at about `budget` chunks of each table, going on where the last stopped (a
         fleet's table is far larger than one pass should read)."""
         dropped = 0
-        for table in ("held", "shared"):
+        for table in ("held", "shared", "snapshot_chunks"):
             with self._lock:
                 row = self.db.execute("SELECT after FROM sweeps WHERE tbl=?",
                                       (table,)).fetchone()

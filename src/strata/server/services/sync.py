@@ -4,6 +4,7 @@ endpoint has shown it holds, and reading its own snapshots back for a file resto
 
 from __future__ import annotations
 
+import functools
 import hmac
 from datetime import UTC, datetime, timedelta
 
@@ -45,10 +46,14 @@ def missing_for_admin(ctx: ServerContext, uploader: str, hex_ids: list[str]) -> 
     return [c.hex() for c in ctx.store.missing_chunks(ids)]
 
 
-def _layer_chunks(ctx: ServerContext, ep: Endpoint) -> list[frozenset[bytes]]:
-    """The chunk sets of the layers (and snapshots) the endpoint's desired state names:
-    it may download them, so it holds them."""
-    return [ctx.snapshot_chunks(sid) for sid in sorted(allowed_snapshots(ctx, ep))]
+def _through_layers(ctx: ServerContext, ep: Endpoint, ids: list[bytes]) -> set[bytes]:
+    """Of `ids`: those in the layers (and snapshots) the endpoint's desired state names.
+    It may download them, so it holds them. Each layer's chunks are indexed once (in the
+    holdings), not decoded from its manifest at every question."""
+    sids = sorted(allowed_snapshots(ctx, ep))
+    for sid in sids:
+        ctx.holdings.index_snapshot(sid, functools.partial(ctx.snapshot_chunks, sid))
+    return ctx.holdings.in_snapshots(sids, ids)
 
 
 def _head_chunks(ctx: ServerContext, ep: Endpoint) -> frozenset[bytes]:
@@ -77,11 +82,8 @@ def _possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
     """`possession`, with what the holdings record apart from what the layers add."""
     seed_holdings(ctx, ep)
     recorded, shared = ctx.holdings.view(ep.id, ids)
-    through_layers: set[bytes] = set()
     rest = [c for c in ids if c not in recorded]
-    if rest:
-        for chunks in _layer_chunks(ctx, ep):
-            through_layers.update(c for c in rest if c in chunks)
+    through_layers = _through_layers(ctx, ep, rest) if rest else set()
     return recorded, through_layers, shared
 
 
