@@ -305,6 +305,7 @@ def test_chunks_of_an_assigned_layer_are_held_without_sending_or_proving(server)
         assert assigned.missing(lib)["missing"] == []
     assert decoded == [layer.snapshot]
     assert assigned.commit({"usr/lib/libcorp.so": lib}).status_code == 200
+    assert ctx.holdings.view(assigned.id, [content_id(lib)])[0] == set()  # no row per endpoint
     assert other.missing(lib)["prove"] == [content_id(lib).hex()]  # IT content: shared
     assert other.commit({"usr/lib/libcorp.so": lib}).status_code == 409
 

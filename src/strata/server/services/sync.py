@@ -234,8 +234,11 @@ def commit(ctx: ServerContext, ep: Endpoint, req: CommitRequest) -> str:
         sid = ctx.store.commit_snapshot(snap, verified.referenced)
     except CorruptData as exc:
         raise Invalid(f"commit rejected: {exc}") from None
-    # A later snapshot may name them again (after a layer that held them is gone, say).
-    ctx.holdings.record(ep.id, [c for c in referenced if c not in recorded])
+    # A later snapshot may name them again. What its layers hold is not recorded for each
+    # endpoint (a fleet on one base would repeat the base's chunks per endpoint): should
+    # the layer go, the next commit naming them asks the endpoint to prove them (shared).
+    ctx.holdings.record(ep.id, [c for c in referenced
+                                if c not in recorded and c not in through_layers])
     ctx.holdings.share(verified.shareable)
     _record_commit(ctx, ep, req, sid, snap.datetime)
     ctx.end_upload(ep.id)
