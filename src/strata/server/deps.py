@@ -10,9 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 
-from strata.errors import TooLarge
+from strata.errors import StrataError, TooLarge
 from strata.model.roles import POLICY_PERMISSION, Permission
 from strata.server.auth import same_secret
 from strata.server.catalog.models import Endpoint
@@ -167,15 +168,27 @@ def signing_required(request: Request) -> None:
         raise HTTPException(409, NO_SIGNING)
 
 
+class ClientGone(StrataError):
+    """The client closed the connection mid-request (nobody reads the answer)."""
+
+    http_status = 400
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused (413) as soon as it passes `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"body larger than {limit} bytes")
     parts, size = [], 0
-    async for piece in request.stream():  # a client gone: one line (app.client_gone)
-        size += len(piece)
-        if size > limit:
-            raise TooLarge(f"body larger than {limit} bytes")
-        parts.append(piece)
+    try:
+        async for piece in request.stream():
+            size += len(piece)
+            if size > limit:
+                raise TooLarge(f"body larger than {limit} bytes")
+            parts.append(piece)
+    except ClientDisconnect:
+        # Routine (a laptop closed, a network change): one line, not a traceback.
+        log.warning("%s went away during %s %s after %d bytes",
+                    client_ip(request) or "a client", request.method, request.url.path, size)
+        raise ClientGone("the client disconnected before its request was complete") from None
     return b"".join(parts)
