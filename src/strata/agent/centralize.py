@@ -34,6 +34,7 @@ class CentralizeResult:
     bytes_new: int = 0  # raw bytes the server lacked (what dedup could not save)
     bytes_uploaded: int = 0  # those bytes compressed, as sent in bundles
     chunks_uploaded: int = 0
+    chunks_proven: int = 0  # held by others: shown by a keyed hash instead of sent
     bytes_sent: int = 0  # everything on the wire, requests and headers included
     bytes_received: int = 0
     retries: int = 0
@@ -159,6 +160,7 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
         files_changed=r.files_new + r.files_changed, bytes_read=r.bytes_read,
         bytes_total=r.bytes_total, bytes_new=sink.raw_uploaded,
         bytes_uploaded=sink.payload_uploaded, chunks_uploaded=sink.chunks_uploaded,
+        chunks_proven=sink.chunks_proven,
         bytes_sent=client.bytes_sent - sent0, bytes_received=client.bytes_received - recv0,
         retries=client.retried - retried0, seconds=round(time.monotonic() - started, 3),
         errors=r.errors, mounts_skipped=r.mounts_skipped)

@@ -70,10 +70,13 @@ def enroll(state: AgentState, *, server: str, token: str, root: Path, ca_cert: s
                                   "was never run there), yet --root-fingerprint was given")
             if signing_root is not None:
                 check_root(signing_root, root_fingerprint)
+            same_server = old is not None and old.server == server
             resp = parse_answer(client.request(
                 "POST", "/api/v1/agent/enroll", json={
                     "token": token, "hostname": inv["hostname"] or socket.gethostname(),
-                    "os": inv["os"], "inventory": inv}), EnrollResponse)
+                    "os": inv["os"], "inventory": inv,
+                    "previous_credential": old.credential if old and same_server else ""}),
+                EnrollResponse)
         finally:
             client.close()
         if old is not None:

@@ -75,6 +75,9 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
           body_timeout: float = typer.Option(
               30, "--body-timeout", min=0.1, help="Seconds a request body may stall before "
               "the connection is closed."),
+          common_holders: int = typer.Option(
+              3, "--common-holders", min=2, help="How many endpoints must hold the same "
+              "private file before others skip sending it (docs/security.md)."),
           ) -> None:
     """Run the Strata server (agent sync API, admin API, retention and GC)."""
     # Imported here: the server stack costs a second of start-up every other command
@@ -105,7 +108,8 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
                               maintenance_interval=maintenance_interval, store=store,
                               s3_endpoint_url=s3_endpoint_url, s3_region=s3_region,
                               encrypt=encrypt, passphrase=passphrase,
-                              credential_rotation=rotation, credential_lifetime=lifetime)
+                              credential_rotation=rotation, credential_lifetime=lifetime,
+                              common_holders=common_holders)
     lock_down(data_dir)  # 0700, and 0600 for every file this process writes
     lock = DataDirLock(data_dir).acquire()  # one server per data directory
     sock = bind(address)  # a bad or busy address: one line, before anything is announced

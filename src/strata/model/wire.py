@@ -68,6 +68,9 @@ class EnrollRequest(BaseModel):
     hostname: str = Field(default="", max_length=255)
     os: str = Field(default="", max_length=64)
     inventory: BoundedReport = Field(default_factory=dict)
+    # A re-enrollment of the same machine: the credential it held until now, so the new
+    # endpoint holds what the old one did (it sends none of its data again).
+    previous_credential: str = Field(default="", max_length=512)
 
 
 class EnrollResponse(BaseModel):

@@ -79,7 +79,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                               encrypt=settings.encrypt)
     ctx = ServerContext(settings=settings, store=store, db=sessions,
                         streams=StreamCache(settings.data_dir / "cache" / "streams"),
-                        holdings=Holdings(settings.data_dir / "holdings.sqlite"),
+                        holdings=Holdings(settings.data_dir / "holdings.sqlite",
+                                          settings.common_holders),
                         possession=NonceMinter(settings.data_dir / "possession.key"))
 
     @asynccontextmanager
