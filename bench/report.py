@@ -229,8 +229,25 @@ def extra_sections(meta: dict) -> list[str]:
             f"p50 {ck['p50_ms']:.1f} ms, p99 {ck['p99_ms']:.1f} ms, {ck['errors']} errors. "
             "The load generator runs on the same 2 CPUs.", "",
         ]
+    con = meta.get("console")
+    if con:
+        out += [
+            "## Console page loads", "",
+            f"{con['endpoints']:,} endpoints enrolled through the API (each CVD with "
+            f"{con['snapshots_per_endpoint']} snapshot records), an administrator signed in "
+            f"like a browser, each page fetched {con['runs']} times over keep-alive HTTP on "
+            f"loopback (`python -m bench.console`, {con['date']}; target: under 200 ms). The "
+            "dashboard's storage figures come from the store and are kept for a minute; "
+            "these are the loads in between:", "",
+            "| Page | Median ms | p95 ms | Bytes | Target |", "|---|---:|---:|---:|---|",
+            *[f"| {name} | {r['median_ms']} | {r['p95_ms']} | {r['bytes']:,} | "
+              f"{'met' if r['p95_ms'] < 200 else 'not met'} |"
+              for name, r in con["pages"].items()], "",
+        ]
     if meta.get("layers"):
         out += layer_section(meta["layers"])
+    if meta.get("mount"):
+        out += mount_section(meta["mount"])
     if meta.get("migration"):
         out += migration_section(meta["migration"])
     sc = meta.get("scale")
@@ -245,6 +262,39 @@ def extra_sections(meta: dict) -> list[str]:
               for name, r in sc["runs"].items()], "",
         ]
     return out
+
+
+def mount_section(m: dict) -> list[str]:
+    """Mounting a snapshot (bench/mount.py, saved in bench/mount-results.json)."""
+    mib = m["file_bytes"] / MiB
+    srv = m.get("server") or {}
+    rows = [f"| local store | {m['restore_mib_s']:.0f} ({m['restore_seconds']:.2f} s) | "
+            f"{m['mount_mib_s']:.0f} ({m['mount_seconds']:.2f} s) | "
+            f"{m['mount_chunks_fetched']} in {m['mount_requests']} |"]
+    if srv:
+        rows.append(f"| server on loopback | {srv['export_mib_s']:.0f} "
+                    f"({srv['export_seconds']:.2f} s) | {srv['mount_mib_s']:.0f} "
+                    f"({srv['mount_seconds']:.2f} s) | {srv['mount_chunks_fetched']} in "
+                    f"{srv['mount_requests']} |")
+    return [
+        "## Mounting a snapshot: cold-read throughput", "",
+        f"One {mib:.0f} MiB file of random bytes in a snapshot of "
+        f"{m['snapshot_bytes'] / MiB:.0f} MiB ({m['snapshot_chunks']} chunks, "
+        f"{m['file_chunks']} of them the file's), read cold (the store's packs evicted from "
+        "the page cache, a fresh mount) through the FUSE mount in 1 MiB reads, against a "
+        "restore of the same file (`--include`, written to disk, the command's start-up "
+        "included). Best of five, the two taking turns; "
+        f"`python -m bench.mount`, {m['when']}, {m['cpus']} CPUs.",
+        "",
+        "| Read from | Restore MiB/s | Mount MiB/s | Chunks the mount fetched |",
+        "|---|---:|---:|---:|", *rows, "",
+        *([f"The machine's load average over the last 5 minutes of the run was "
+           f"{m['load_average']} (other work shared the CPUs): the figures vary from run to "
+           "run; compare the two columns of one row.", ""] if "load_average" in m else []),
+        "The mount fetched exactly the file's chunks and nothing else of the snapshot. "
+        "Through the server, the restore is `strata endpoint export --path` and the mount "
+        "`strata endpoint mount`, both over the admin API's manifest and chunks routes.", "",
+    ]
 
 
 def _cell(text: str) -> str:

@@ -3,7 +3,7 @@ then centralization over loopback, check-ins, and the base layer update (bench/l
 
     .venv/bin/python -m bench.run [--usr-bytes 1.5G] [--docs-bytes 200M]
                                   [--tools strata,restic,borg] [--wait-idle 60] [--keep-work]
-                                  [--no-fleet] [--no-layers]
+                                  [--no-fleet] [--no-layers] [--no-mount]
 
 Writes BENCHMARKS.md at the top of the repository and the raw figures to bench/results.json.
 Data, repositories and restores live in bench/work/ (gitignored); the data set is kept
@@ -23,7 +23,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from . import checkins, data, fleet, layers, migration, report, scale
+from . import checkins, console, data, fleet, layers, migration, mount, report, scale
 from .tools import ROOT, TOOLS, Step, Tool, busy_cpu_s, ensure_installed, run
 
 WORK = ROOT / "bench" / "work"
@@ -52,6 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-layers", action="store_true",
                    help="skip the base layer update benchmark (bench/layers.py); BENCHMARKS.md "
                         "then shows the figures it saved last in bench/layers-results.json")
+    p.add_argument("--no-mount", action="store_true",
+                   help="skip the mount benchmark (bench/mount.py); BENCHMARKS.md then shows "
+                        "the figures it saved last in bench/mount-results.json")
     p.add_argument("--agents", type=int, default=1000, help="simulated agents (check-ins)")
     p.add_argument("--scale", type=int, default=0, metavar="CHUNKS",
                    help="also measure peak memory on a synthetic store of this many chunks "
@@ -177,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             say(f"!!! {notes[-1]}")
     if layers.RESULTS.exists():
         extra["layers"] = json.loads(layers.RESULTS.read_text())
+    if not args.no_mount and "strata" in args.tools:
+        say("mounting a snapshot: cold-read throughput against a restore")
+        try:
+            mount.run(WORK / "mount", keep=args.keep_work)
+        except (Exception, SystemExit) as exc:  # e.g. no /dev/fuse: say so, go on
+            notes.append(f"the mount benchmark did not run ({exc}); its section shows the "
+                         "figures saved by its last run")
+            say(f"!!! {notes[-1]}")
+    if mount.RESULTS.exists():
+        extra["mount"] = json.loads(mount.RESULTS.read_text())
     if not args.no_layers:
         say("OS migration: Debian minbase of the previous release -> the host's, Strata "
             "against rsync, casync and zstd --patch-from")
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     scale_file = ROOT / "bench" / "scale-results.json"
     if scale_file.exists():
         extra["scale"] = json.loads(scale_file.read_text())
+    if console.RESULTS.exists():  # `python -m bench.console` writes it
+        extra["console"] = json.loads(console.RESULTS.read_text())
 
     dropped = [s.cache_dropped for s in steps]
     if not all(dropped):

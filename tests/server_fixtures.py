@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -123,12 +124,13 @@ class Server:
     Layer signing is set up at the first start (`strata signing init`, keys beside the data
     directory), as an administrator does before enrolling endpoints: agents then pin its
     root, and `admin_cli` signs captures and assignments with the keys (STRATA_SIGNING_*).
-    `signing=False` leaves a server without it."""
+    `signing=False` leaves a server without it. `tls=True` serves HTTPS with the data
+    directory's self-signed certificate (`--tls`), which `verify` trusts."""
 
     PASSPHRASE = "strata test passphrase"
 
     def __init__(self, data: Path, port: int | None = None, args: Sequence[object] = (),
-                 catalog: str = "", *, signing: bool = True):
+                 catalog: str = "", *, signing: bool = True, tls: bool = False):
         self.data = data
         self.port = port or free_port()
         self.args = list(args)
@@ -138,10 +140,18 @@ class Server:
         self.signing = signing
         self.keys = data.parent / f"{data.name}.keys"
         self.passphrase_file = data.parent / f"{data.name}.passphrase"
+        self.tls = tls
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an HTTP client trusts: the server's own certificate when it serves TLS."""
+        if not self.tls:
+            return True
+        return ssl.create_default_context(cafile=self.data / "tls" / "cert.pem")
 
     @property
     def token_file(self) -> Path:
@@ -160,7 +170,8 @@ class Server:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 argv(["server", "--data", self.data, "--listen", f"127.0.0.1:{self.port}",
-                      *(["--catalog", self.catalog] if self.catalog else []), *self.args]),
+                      *(["--catalog", self.catalog] if self.catalog else []),
+                      *(["--tls"] if self.tls else []), *self.args]),
                 env=cli_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -169,7 +180,8 @@ class Server:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
                                    + self.log.read_text(errors="replace"))
             try:
-                if httpx.get(self.url + HEALTH, timeout=2).status_code == 200:
+                # Liveness only (the certificate is checked by the tests that use it).
+                if httpx.get(self.url + HEALTH, timeout=2, verify=False).status_code == 200:
                     if self.signing and not self.keys.exists():
                         self.init_signing()
                     return self
@@ -214,7 +226,8 @@ class Server:
 
     def alive(self) -> bool:
         try:
-            return httpx.get(self.url + HEALTH, timeout=5).json()["status"] == "ok"
+            return httpx.get(self.url + HEALTH, timeout=5,
+                             verify=self.verify).json()["status"] == "ok"
         except httpx.TransportError:
             return False
 
@@ -225,7 +238,8 @@ class Server:
 
     def admin(self, method: str, path: str, body: object = None, status: int = 200) -> object:
         resp = httpx.request(method, self.url + "/api/v1/admin" + path, json=body, timeout=60,
-                             headers={"Authorization": f"Bearer {self.admin_token}"})
+                             headers={"Authorization": f"Bearer {self.admin_token}"},
+                             verify=self.verify)
         assert resp.status_code == status, (method, path, resp.status_code, resp.text)
         return resp.json()
 
@@ -248,7 +262,8 @@ class Server:
                       env=self.signing_env if sign else None)
 
     def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
+        text = httpx.get(self.url + "/metrics", timeout=5, verify=self.verify,
+                         headers={"Authorization": f"Bearer {self.admin_token}"}).text
         m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
         return float(m.group(1)) if m else 0.0
 

@@ -161,3 +161,36 @@ def test_daemon_rides_out_a_busy_state_directory(server, tmp_path):
     assert len(errors) == 1 and "another agent run" in str(errors[0])
     assert waits == [120]
     assert len(seen) == 1 and seen[0].centralization is not None
+
+
+def test_daemon_retries_a_failed_backup_soon_not_after_the_interval(server, tmp_path,
+                                                                     monkeypatch):
+    """A centralization that fails after the check-in (the server refused it midway)
+    stays owed: the next cycle, after a short backoff, does it, within the interval."""
+    from strata.agent import cycle
+
+    ctx = enrolled(server, tmp_path)
+    assert run_cycle(ctx).centralization is not None  # the first one
+    (ctx.root / "home/user/notes.txt").write_text("changed, then backed up by the user\n")
+    real = cycle.centralize
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise StrataError("server refused (507): the store is full")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cycle, "centralize", failing_once)
+    failed = run_cycle(ctx, force=True, trigger="user")  # `agent backup`
+    assert failed.error and failed.centralization is None
+    assert ctx.state.status()["pending_work"] == ["centralize"]
+
+    seen: list[CycleResult] = []
+    waits: list[float] = []
+    run_daemon(ctx, poll=60, on_cycle=seen.append, on_error=pytest.fail,
+               sleep=waits.append, max_cycles=2)  # the clock stands still: no interval
+    assert seen[0].centralization is not None and seen[0].centralization.files_changed == 1
+    assert seen[1].centralization is None  # paid
+    assert ctx.state.status()["pending_work"] == [] and waits == [60]
+    # And the daemon's wait after the failure itself is short, growing on repeats.
+    assert next_wait(failed, 60, 60) == 120 and next_wait(failed, 120, 60) == 240

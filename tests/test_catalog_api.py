@@ -34,6 +34,8 @@ def api(tmp_path_factory: pytest.TempPathFactory, catalogs) -> Iterator[SimpleNa
         (src / "file.txt").write_text("some content\n" * 100)
         store = app.state.ctx.store
         snap = store.load_snapshot(backup(store, src, host="local").snapshot)
+        # As if the endpoint had uploaded them: a commit may name only chunks it holds.
+        app.state.ctx.holdings.record(doc["endpoint_id"], app.state.ctx.snapshot_chunks(snap.id))
         yield SimpleNamespace(
             client=client, app=app, admin=admin, token=token["token"], store=store,
             device={"Authorization": f"Bearer {doc['credential']}"},

@@ -210,6 +210,9 @@ def test_push_v2_downloads_only_what_v1_lacked(world):
     for agent in world.agents:
         res = strata_json(*agent.cmd("apply"))
         assert res["state"] == "applied" and res["pre_update_snapshot"]
+        if agent is world.agents[0]:  # each conflict is named with its file
+            assert {"kind": "local-change-kept", "path": "etc/app.conf"}.items() <= \
+                next(c for c in res["conflict_list"] if c["path"] == "etc/app.conf").items()
         assert endpoint(world, agent)["layers"]["state"] == "applied"
         now = tree_state(agent.root)
         v2 = tree_state(world.v2)
@@ -231,7 +234,7 @@ def test_push_v2_downloads_only_what_v1_lacked(world):
 
 def test_compliance_reports_drift_and_enforcement_repairs_it(world):
     a1 = world.agents[0]
-    doc = admin_json(world, "compliance")
+    doc = json.loads(admin(world, "compliance", "--json", rc=1).stdout)  # 1: drift
     # Endpoint 1's local change to its configuration, kept by the update, is drift.
     scores = {r["endpoint"]: r for r in doc["endpoints"]}
     assert scores.pop(a1.endpoint_id)["changed"] == ["etc/app.conf"], doc
@@ -241,7 +244,8 @@ def test_compliance_reports_drift_and_enforcement_repairs_it(world):
     (a1.root / "etc/app.conf").unlink()
     (a1.root / "usr/bin/intruder").write_text("added outside policy\n")
     centralized(a1.backup())
-    rep = admin_json(world, "compliance", "--endpoint", a1.endpoint_id)["endpoints"][0]
+    rep = json.loads(admin(world, "compliance", "--endpoint", a1.endpoint_id, "--json",
+                           rc=1).stdout)["endpoints"][0]
     assert "usr/bin/tool" in rep["changed"] and "etc/app.conf" in rep["missing"]
     assert "usr/bin/intruder" in rep["added"]
     assert rep["score"] < 100.0
@@ -252,8 +256,10 @@ def test_compliance_reports_drift_and_enforcement_repairs_it(world):
     out = a1.run_once()  # enforcement now repairs at check-in
     assert tool.read_bytes() == b"#!/bin/sh\necho v2\n"
     assert (a1.root / "etc/app.conf").read_text() == "setting = 2\n"  # enforced: repaired
-    rep = admin_json(world, "compliance", "--endpoint", a1.endpoint_id)["endpoints"][0]
+    proc = admin(world, "compliance", "--endpoint", a1.endpoint_id, "--json", rc=None)
+    rep = json.loads(proc.stdout)["endpoints"][0]
     assert rep["counts"]["changed"] == 0 and rep["counts"]["missing"] == 0
+    assert proc.returncode == (1 if rep["drift"] else 0)
     # While enforced, the next check-in alone repairs a new edit (no backup asked for);
     # the snapshot it takes first keeps the user's version.
     tool.write_bytes(b"#!/bin/sh\necho edited again\n")
@@ -276,7 +282,7 @@ def test_revert_brings_v1_back_with_todays_user_data(world):
     home_now = under(tree_state(a2.root), "home")
     shown = endpoint(world, a2)["layers"]
     assert shown["downloaded_bytes"] > 0 and "1 deleted" in shown["detail"], shown  # v2's
-    admin(world, "endpoint", "revert", a2.endpoint_id, "--snapshot", pre["id"])
+    admin(world, "endpoint", "revert", a2.endpoint_id, "--snapshot", pre["id"], "--yes")
     assert endpoint(world, a2)["layers"]["downloaded_bytes"] == 0  # a new update starts
     out = a2.run_once()
     assert out["update"]["state"] == "ready", out
@@ -319,6 +325,11 @@ def test_full_restore_to_new_hardware(world):
     a1 = world.agents[0]
     a1.run_once()  # drivers for its VendorA hardware
     strata(*a1.cmd("apply"), rc=None)
+    # The endpoint's own files that match do-not-download (a changelog of a tool it
+    # installed) are its data: they come along.
+    own_changelog = a1.root / "usr/share/doc/own-tool/changelog.Debian.gz"
+    own_changelog.parent.mkdir(parents=True, exist_ok=True)
+    own_changelog.write_bytes(b"own-tool (1.0) unstable; urgency=low\n")
     centralized(a1.backup())
     old = tree_state(a1.root)
     new_root = world.base / "new-machine"
@@ -328,7 +339,9 @@ def test_full_restore_to_new_hardware(world):
     (new.state / "hardware.json").write_text(json.dumps({"vendor": "VendorB Corp",
                                                          "model": "X1"}))
     new.enroll(world.token)
-    admin(world, "endpoint", "restore", a1.endpoint_id, "--to-endpoint", new.endpoint_id)
+    said = admin(world, "endpoint", "restore", a1.endpoint_id, "--to-endpoint",
+                 new.endpoint_id, "--yes").stdout
+    assert "that match the do-not-download rule too" in said, said
     out = new.run_once()
     assert out["update"]["state"] == "ready", out
     strata_json(*new.cmd("apply"))
@@ -339,6 +352,8 @@ def test_full_restore_to_new_hardware(world):
     assert without(now, "usr/lib/firmware") == without(old, "usr/lib/firmware")
     assert (new_root / "usr/lib/firmware/vendor-b/fw.bin").exists()
     assert not (new_root / "usr/lib/firmware/vendor-a").exists()
+    assert (new_root / "usr/share/doc/own-tool/changelog.Debian.gz").read_bytes() == \
+        own_changelog.read_bytes()
     # The old machine is retired; the new one carries the CVD's snapshots on.
     assert endpoint(world, a1)["state"] == "revoked"
     assert len(new.snapshots()) > len([s for s in new.snapshots() if s["trigger"] == "x"])
@@ -357,7 +372,7 @@ def test_migration_task_and_provisioning(world):
     task = admin_json(world, "task", "show", str(task["id"]))
     assert task["state"] == "done" and task["progress"] == 100.0, task
     # Provisioning wipes the system (a user app too) and lays the layers down fresh.
-    admin(world, "endpoint", "provision", a3.endpoint_id, "--base", "corp:1")
+    admin(world, "endpoint", "provision", a3.endpoint_id, "--base", "corp:1", "--yes")
     a3.run_once()
     strata_json(*a3.cmd("apply"))
     assert not (a3.root / "opt/userapp3").exists()
@@ -367,5 +382,5 @@ def test_migration_task_and_provisioning(world):
 
 
 def test_layer_delete_refused_while_used(world):
-    proc = admin(world, "layer", "delete", "corp:2", rc=2)
+    proc = admin(world, "layer", "delete", "corp:2", "--yes", rc=2)
     assert "assigned to or applied on" in proc.stderr

@@ -265,8 +265,8 @@ def test_malformed_and_oversized_bodies_are_refused_and_nothing_is_stored(server
             (content_id(good), good), (lie_id, b"what the bytes really are")))
         assert resp.status_code == 422 and "does not match" in resp.json()["detail"], resp.text
         ids = [content_id(good).hex(), lie_id.hex()]
-        assert dev.post("/api/v1/agent/chunks/missing", json={"ids": ids}).json() == \
-            {"missing": ids}
+        assert dev.post("/api/v1/agent/chunks/missing", json={"ids": ids}).json()["missing"] \
+            == ids
         # A raw length that lies about the zstd frame is caught too.
         w = BundleWriter()
         w.add(content_id(good), 10, CODEC.compress(good))
@@ -277,7 +277,7 @@ def test_malformed_and_oversized_bodies_are_refused_and_nothing_is_stored(server
         resp = dev.post("/api/v1/agent/snapshots",
                         json={"manifest": [[lacking, 14]], "manifest_id": lacking})
         assert resp.status_code == 409, resp.text
-        assert resp.json() == {"missing": [lacking]}
+        assert resp.json()["missing"] == [lacking]
         # ... and the chunks they name must be a manifest, matching its id.
         assert dev.post("/api/v1/agent/chunks", content=bundle(
             (content_id(good), good))).json()["stored"] == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -157,6 +158,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def demo_administrator(work: Path, admin: Path) -> str:
+    """A console account for the demo (random password, kept beside the demo's data)."""
+    password = secrets.token_urlsafe(12)
+    pw_file = work / "demo-admin.password"
+    pw_file.write_text(password + "\n")
+    pw_file.chmod(0o600)
+    run("user", "create", "demo-admin", "--role", "administrator", "--password-file",
+        str(pw_file), "--admin-token-file", str(admin))
+    return f"sign in as demo-admin, password {password}"
+
+
 def fleet(work: Path) -> None:
     """A server, three endpoints that share an OS and company documents, centralized."""
     import json
@@ -179,7 +191,12 @@ def fleet(work: Path) -> None:
                 time.sleep(0.1)
         admin = data / "admin.token"
         os.environ.update(STRATA_SERVER=url)
+        console = demo_administrator(work, admin)
+        print(f"\n# The web console is at {url}/ : {console}", flush=True)
         token = run("token", "create", "--uses", "3", "--admin-token-file", str(admin)).strip()
+        token_file = work / "enroll.token"  # agents read it there: a token in argv shows in ps
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
         print("\n# The image manager sets layer signing up (keys kept off the server): agents "
               "take only\n# layers and assignments signed with them, and pin the root's "
               "fingerprint at enrollment.")
@@ -206,8 +223,8 @@ def fleet(work: Path) -> None:
             root = work / "endpoints" / name
             own = build_fleet_endpoint(root, name, 100 + i, shared)
             state = work / "agents" / name
-            run("agent", "enroll", "--token", token, "--root", str(root), "--state", str(state),
-                "--root-fingerprint", fingerprint)
+            run("agent", "enroll", "--token-file", str(token_file), "--root", str(root),
+                "--state", str(state), "--root-fingerprint", fingerprint)
             out = json.loads(run("agent", "run", "--once", "--state", str(state), "--json",
                                  quiet=True))
             r = out["result"]
@@ -239,6 +256,7 @@ def fleet(work: Path) -> None:
               f"dedup {stats['dedup_ratio']:.1f}x, compression {stats['compression_ratio']:.1f}x,"
               f" total saving {stats['space_saving_ratio']:.1f}x")
         print(f"\nThe server keeps serving at {url} (admin token in {admin}).")
+        print(f"Console: {url}/ ({console})")
         print(f"Try: STRATA_SERVER={url} strata endpoint list --admin-token-file {admin}")
         if os.environ.get("STRATA_DEMO_EXIT"):
             return

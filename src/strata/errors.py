@@ -95,3 +95,32 @@ class TooLarge(StrataError):
     """The request asks for more work than one request may cost."""
 
     http_status = 413
+
+
+# Why a connection failed, in words (httpx's exception class names are not causes).
+_TRANSPORT_CAUSES = {
+    "ConnectError": "connection refused or host not found",
+    "ConnectTimeout": "timed out while connecting",
+    "ReadTimeout": "the server did not answer in time",
+    "WriteTimeout": "timed out while sending",
+    "PoolTimeout": "timed out waiting for a connection",
+    "ReadError": "the connection broke while reading",
+    "WriteError": "the connection broke while sending",
+    "RemoteProtocolError": "the server closed the connection without a proper answer",
+    "LocalProtocolError": "the request could not be sent",
+    "UnsupportedProtocol": "the address must start with http:// or https://",
+    "ProxyError": "the proxy refused the connection",
+}
+
+
+def transport_cause(exc: BaseException) -> str:
+    """A network failure as a person reads it: the OS's reason when there is one
+    (`Connection refused`, `Name or service not known`, a certificate error), else what
+    the kind of failure means."""
+    text = str(exc).strip()
+    if text.startswith("[Errno"):
+        text = text.partition("]")[2].strip()
+    generic = _TRANSPORT_CAUSES.get(type(exc).__name__, "")
+    if not text or type(exc).__name__ in ("UnsupportedProtocol", "RemoteProtocolError"):
+        return generic or type(exc).__name__
+    return text

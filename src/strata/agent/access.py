@@ -9,6 +9,7 @@ from enum import IntEnum, StrEnum
 from strata.agent.client import ServerClient, ServerRefused
 from strata.agent.state import Credential
 from strata.errors import StrataError
+from strata.transport import check_server_url
 
 
 class ExitCode(IntEnum):
@@ -43,8 +44,9 @@ ADVICE = {
 class AccessDenied(ServerRefused):
     """The server refuses this endpoint's credential itself (not one request)."""
 
-    def __init__(self, access: Access, status: int, server_message: str):
-        super().__init__(status, ADVICE[access])  # what to do, said plainly
+    def __init__(self, access: Access, status: int, server_message: str,
+                 advice: str | None = None):
+        super().__init__(status, advice or ADVICE[access])  # what to do, said plainly
         self.access = access
         self.server_message = server_message
         self.exit_code = (ExitCode.PENDING_APPROVAL if access is Access.PENDING
@@ -57,6 +59,10 @@ def classify(exc: ServerRefused) -> AccessDenied | None:
     The server says which with its status and message (server/deps.py: require_device):
     401 for an unknown credential, 403 with "revoked" or "approval" for the others."""
     text = str(exc).lower()
+    if exc.status == 401 and "credential expired" in text:
+        # Known, but not renewed in time: the server's own words say what to do.
+        detail = str(exc).split(": ", 1)[-1]
+        return AccessDenied(Access.UNKNOWN, exc.status, str(exc), advice=detail)
     if exc.status == 401:
         return AccessDenied(Access.UNKNOWN, exc.status, str(exc))
     if exc.status == 403 and "revoked" in text:
@@ -77,5 +83,6 @@ class DeviceClient(ServerClient):
 
 def device_client(cred: Credential, *, retries: int = 5, timeout: float = 120.0,
                   upload_rate: float | None = None) -> DeviceClient:
-    return DeviceClient(cred.server, cred.credential, retries=retries, timeout=timeout,
+    server = check_server_url(cred.server, insecure=cred.insecure is not False)
+    return DeviceClient(server, cred.credential, retries=retries, timeout=timeout,
                         upload_rate=upload_rate, verify=cred.verify)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from strata.agent.client import ServerClient
+from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
 from strata.agent.sink import RemoteSink
 from strata.agent.state import AgentState
@@ -38,6 +39,7 @@ class CentralizeResult:
     retries: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    mounts_skipped: list[str] = field(default_factory=list)  # one file system: not walked
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,10 +60,21 @@ def checkin(client: ServerClient, root: Path, state: AgentState, *,
                        "applied_key": state.applied_key()}}
     # Few retries: an unreachable server means "offline, try next cycle", not a stall.
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
-    info = CheckinResponse.model_validate(resp.json())
+    info = parse_answer(resp, CheckinResponse)
+    adopt_credential(client, state, info.credential)
     state.update_status(server_reachable=True, access="ok", last_checkin=iso(clock),
                         policy=info.policy.model_dump(), chunker=info.chunker.model_dump())
     return info
+
+
+def adopt_credential(client: ServerClient, state: AgentState, new: str | None) -> None:
+    """Keep the device credential a check-in handed out (rotation) and use it at once.
+    The old one stays valid on the server until the new one is presented, so a crash
+    before the file is replaced loses nothing."""
+    if not new:
+        return
+    state.save_credential(dataclasses.replace(state.credential(), credential=new))
+    client.http.headers["Authorization"] = f"Bearer {new}"
 
 
 def own_exclusions(root: Path, state: AgentState) -> list[str]:
@@ -87,7 +100,8 @@ def local_tree(root: Path, state: AgentState, info: CheckinResponse | None) -> L
         except (KeyError, ValueError):
             raise StrataError("this agent has not checked in with the server yet") from None
     return LocalTree(root=root, excludes=policy.exclusions + own_exclusions(root, state),
-                     chunker=ChunkerParams(spec.min_size, spec.avg_size, spec.max_size))
+                     chunker=ChunkerParams(spec.min_size, spec.avg_size, spec.max_size),
+                     one_file_system=state.credential().stays_on_root_fs)
 
 
 def centralize(client: ServerClient, state: AgentState, root: Path, info: CheckinResponse, *,
@@ -113,7 +127,8 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
     kind = "incremental" if info.last_snapshot else "centralize"
     archive = archive_tree(sink, root, parent_entries=parent_entries,
                            excludes=info.policy.exclusions + own_exclusions(root, state),
-                           progress=progress)
+                           progress=progress,
+                           one_file_system=state.credential().stays_on_root_fs)
     sink.flush()
     # The sink, not the engine, knows what the server lacked: record its figures.
     archive.result.bytes_new = sink.raw_uploaded
@@ -146,7 +161,7 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
         bytes_uploaded=sink.payload_uploaded, chunks_uploaded=sink.chunks_uploaded,
         bytes_sent=client.bytes_sent - sent0, bytes_received=client.bytes_received - recv0,
         retries=client.retried - retried0, seconds=round(time.monotonic() - started, 3),
-        errors=r.errors)
+        errors=r.errors, mounts_skipped=r.mounts_skipped)
     # Any centralization pays what was owed (an offline `agent backup`, a missed interval).
     owed = [w for w in state.status().get("pending_work", []) if w != "centralize"]
     state.update_status(last_centralization={

@@ -3,15 +3,21 @@ a count of every byte that crosses the wire in either direction."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
+from typing import TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from strata.agent.throttle import TokenBucket
 from strata.errors import StrataError
+from strata.transport import describe_transport_error, is_certificate_error
 
-RETRY_STATUS = {502, 503, 504}
+M = TypeVar("M", bound=BaseModel)
+RETRY_STATUS = {429, 502, 503, 504}
+MAX_RETRY_AFTER = 60.0  # seconds: a server asking for longer is waited on for this long
 
 
 class ServerUnreachable(StrataError):
@@ -33,7 +39,7 @@ def _header_bytes(headers: httpx.Headers) -> int:
 class ServerClient:
     def __init__(self, server: str, credential: str | None = None, *, retries: int = 5,
                  timeout: float = 120.0, upload_rate: float | None = None,
-                 download_rate: float | None = None, verify: bool | str = True):
+                 download_rate: float | None = None, verify: bool | str | ssl.SSLContext = True):
         self.server = server.rstrip("/")
         headers = {"Authorization": f"Bearer {credential}"} if credential else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout,
@@ -71,7 +77,11 @@ class ServerClient:
             try:
                 resp = self.http.send(req)
             except httpx.TransportError as exc:
-                failure: str = f"cannot reach {self.server}: {exc.__class__.__name__}"
+                failure: str = describe_transport_error(self.server, exc)
+                if is_certificate_error(exc):
+                    # Retrying at once will not make it trusted; the daemon tries again at
+                    # its next check-in (someone in between may have left by then).
+                    raise ServerUnreachable(failure) from None
             else:
                 with self._lock:
                     self.bytes_sent += len(body) + _header_bytes(req.headers) + len(path) + 16
@@ -82,6 +92,7 @@ class ServerClient:
                         raise self.refusal(resp.status_code, _message(resp))
                     return resp
                 failure = f"server busy ({resp.status_code})"
+                delay = max(delay, _retry_after(resp))
             if attempt == retries:
                 raise ServerUnreachable(failure)
             with self._lock:
@@ -89,6 +100,34 @@ class ServerClient:
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
+
+
+class MalformedAnswer(StrataError):
+    """The server's answer does not have the shape the agent expects (or names a file
+    with a path): nothing is done with it."""
+
+
+def parse_answer(resp: httpx.Response, model: type[M]) -> M:
+    """The server's JSON answer checked against its schema before any of it is used (ids
+    that will name files are checked there too: model/wire.py)."""
+    try:
+        return model.model_validate(resp.json())
+    except (ValueError, ValidationError) as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            why = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        else:
+            why = "not JSON"
+        raise MalformedAnswer(f"the server's answer to {resp.request.url.path} is malformed "
+                              f"({why}): ignored") from None
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    """The server's Retry-After (seconds), bounded; 0 when absent or unreadable."""
+    try:
+        return min(MAX_RETRY_AFTER, max(0.0, float(resp.headers.get("Retry-After", "0"))))
+    except ValueError:
+        return 0.0
 
 
 def _message(resp: httpx.Response) -> str:

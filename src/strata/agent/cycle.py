@@ -6,6 +6,7 @@ clock, so that due and interval decisions are tested without waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,10 @@ class AgentContext:
         return Path(self.credential.root)
 
     def client(self, **options: Any) -> DeviceClient:
+        # Read again: the server may have rotated the credential since it was loaded (at
+        # a check-in of this daemon, or of `agent status` beside it).
+        with contextlib.suppress(StrataError):
+            self.credential = self.state.credential()
         return device_client(self.credential, upload_rate=self.upload_rate, **options)
 
 
@@ -193,7 +198,7 @@ def _after_checkin(ctx: AgentContext, client: ServerClient, info: CheckinRespons
         # Enforcement repairs against a fresh snapshot (which also keeps the user's
         # versions): take one now if anything changed since the last.
         due = tree_changed(root, info.policy.exclusions + own_exclusions(root, st),
-                           st.parent()[1])
+                           st.parent()[1], one_file_system=ctx.credential.stays_on_root_fs)
     if due:
         _owe(st)
         result.centralization = ctx.with_progress("centralize", lambda p: centralize(

@@ -24,14 +24,15 @@ def _same(now: Entry, then: Entry) -> bool:
     return (now.mode, now.uid, now.gid, now.rdev) == (then.mode, then.uid, then.gid, then.rdev)
 
 
-def tree_changed(root: Path, excludes: list[str], manifest: bytes | None) -> bool:
+def tree_changed(root: Path, excludes: list[str], manifest: bytes | None, *,
+                 one_file_system: bool = False) -> bool:
     """True if any path was added, removed or changed since `manifest` (the last snapshot,
     taken with the same `excludes`); True as well when there is no snapshot yet."""
     if manifest is None:
         return True
     before = decode_manifest([manifest])
     # Backup writes the manifest in scan order, so both sides walk in step.
-    for now, _ in scan_tree(root, ExcludeMatcher(excludes)):
+    for now, _ in scan_tree(root, ExcludeMatcher(excludes), one_file_system=one_file_system):
         then = next(before, None)
         if then is None or not _same(now, then):
             return True

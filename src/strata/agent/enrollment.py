@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from strata.agent.client import ServerClient
+from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
 from strata.agent.signing import fetch_root, pin
 from strata.agent.state import AgentState, Credential, NotEnrolled
@@ -17,6 +17,7 @@ from strata.errors import StrataError
 from strata.model.update import UpdateState
 from strata.model.wire import EnrollResponse
 from strata.signing.trust import check_root
+from strata.transport import check_server_url, fetch_pinned_certificate, verify_setting
 
 
 class AlreadyEnrolled(StrataError):
@@ -36,11 +37,21 @@ class Enrollment:
 
 
 def enroll(state: AgentState, *, server: str, token: str, root: Path, ca_cert: str = "",
-           force: bool = False, root_fingerprint: str | None = None) -> Enrollment:
+           force: bool = False, root_fingerprint: str | None = None,
+           one_file_system: bool | None = None, server_fingerprint: str | None = None,
+           insecure: bool = False) -> Enrollment:
     """Enroll, and pin the server's signing root: the agent takes only layers signed under
     it. The root comes over the enrollment connection and is checked before enrolling
     (against `root_fingerprint`, when IT gave it): it is as trustworthy as that connection,
-    which TLS with a pinned certificate makes so (docs/security.md)."""
+    which TLS with a pinned certificate makes so (docs/security.md).
+
+    `server_fingerprint` pins the server's TLS certificate: it is fetched and compared
+    before anything is sent, the enrollment itself is made trusting that certificate only,
+    and it is kept (STATE/server-cert.pem) as the only one every later call accepts."""
+    server = check_server_url(server, insecure=insecure)
+    pinned_pem = fetch_pinned_certificate(server, server_fingerprint) \
+        if server_fingerprint else ""
+    verify = verify_setting(ca_cert, pinned_pem=pinned_pem)
     root = root.resolve()
     if not root.is_dir():
         raise StrataError(f"root {root} is not a directory")
@@ -50,7 +61,7 @@ def enroll(state: AgentState, *, server: str, token: str, root: Path, ca_cert: s
                           "finish it first (`strata agent apply`), then enroll again")
     with state.exclusive():  # not under an agent run of the old enrollment
         inv = collect_inventory(root, state.path / "hardware.json")
-        client = ServerClient(server, retries=2, verify=ca_cert or True)
+        client = ServerClient(server, retries=2, verify=verify)
         try:
             signing_root = fetch_root(client)
             if signing_root is None and root_fingerprint:
@@ -58,17 +69,21 @@ def enroll(state: AgentState, *, server: str, token: str, root: Path, ca_cert: s
                                   "was never run there), yet --root-fingerprint was given")
             if signing_root is not None:
                 check_root(signing_root, root_fingerprint)
-            resp = EnrollResponse.model_validate(client.request(
+            resp = parse_answer(client.request(
                 "POST", "/api/v1/agent/enroll", json={
                     "token": token, "hostname": inv["hostname"] or socket.gethostname(),
-                    "os": inv["os"], "inventory": inv}).json())
+                    "os": inv["os"], "inventory": inv}), EnrollResponse)
         finally:
             client.close()
         if old is not None:
             state.forget_endpoint()  # the new endpoint starts its own CVD
+        server_cert = ""
+        if pinned_pem:
+            server_cert = str(state.save_server_certificate(pinned_pem))
         state.save_credential(Credential(server=server, endpoint_id=resp.endpoint_id,
                                          credential=resp.credential, root=str(root),
-                                         ca_cert=ca_cert))
+                                         ca_cert=ca_cert, server_cert=server_cert,
+                                         insecure=insecure, one_file_system=one_file_system))
         fingerprint = pin(state, signing_root) if signing_root is not None else None
         state.add_wire_bytes(client.bytes_sent, client.bytes_received)
     return Enrollment(resp.endpoint_id, resp.state, old.endpoint_id if old else None,
@@ -88,5 +103,5 @@ def _enrolled_as(state: AgentState, force: bool) -> Credential | None:
         raise AlreadyEnrolled(
             f"{state.path} is already enrolled as endpoint {cred.endpoint_id} on "
             f"{cred.server}; `--force` enrolls it anew as a new endpoint (the old one stays "
-            "on the server until an administrator revokes it)")
+            "on the server until an administrator revokes or deletes it)")
     return cred

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from strata.agent.client import ServerClient
 from strata.errors import CorruptData
 from strata.model.entry import Entry
+from strata.model.ids import is_hex_id
 from strata.model.manifest import decode_manifest
 from strata.model.transfer import read_bundle
 from strata.store.pack import decode_payload
@@ -29,7 +30,10 @@ class RemoteSource:
     def snapshot(self, ref: str) -> RemoteSnapshot:
         """Fetch a snapshot's manifest; chunks are then read from that snapshot."""
         resp = self.client.request("GET", f"/api/v1/agent/snapshots/{ref}/manifest")
-        snap = RemoteSnapshot(resp.headers["X-Strata-Snapshot"], resp.content)
+        sid = resp.headers.get("X-Strata-Snapshot", "")
+        if not is_hex_id(sid):  # it goes into the next URLs
+            raise CorruptData("the server named the snapshot with something other than an id")
+        snap = RemoteSnapshot(sid, resp.content)
         self._sid = snap.id
         return snap
 

@@ -1,7 +1,8 @@
 """The agent's side of the sync protocol, as a ChunkSink for the shared backup engine:
-ask the server which chunks it lacks, in batches, and upload only those, compressed,
-in bundles. Nothing the server acknowledged is ever sent again: after a crash the next
-run asks again and the server answers with what is still missing."""
+ask the server which chunks it lacks, in batches, prove possession of those it holds
+from others (a keyed hash per chunk) and upload only the rest, compressed, in bundles.
+Nothing the server acknowledged is ever sent again: after a crash the next run asks
+again and the server answers with what is still missing."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from strata.agent.client import ServerClient
+from strata.agent.client import ServerClient, parse_answer
 from strata.engine.filechunks import ChunkStore
+from strata.model.possession import MAX_PROOFS, encode_proofs, proof
 from strata.model.transfer import BundleWriter
-from strata.model.wire import MAX_IDS_PER_QUERY, ChunkerSpec
+from strata.model.wire import (
+    MAX_IDS_PER_QUERY,
+    ChunkerSpec,
+    MissingResponse,
+    ProveResponse,
+)
 from strata.store.chunker import Chunker, ChunkerParams
 from strata.store.crypto import PlainCipher
 from strata.store.pack import BlobCodec
@@ -47,18 +54,46 @@ class RemoteSink(ChunkStore):
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
         self._upload_slots = threading.Semaphore(2)
         self._uploads: list[Future[Any]] = []
+        # Proofs go beside the scan too (the server reads and hashes each proven chunk):
+        # at most two batches wait, each holding its chunks' bytes until proven.
+        self._prover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prove")
+        self._prove_slots = threading.Semaphore(2)
+        self._proofs: list[Future[Any]] = []
         self.chunks_uploaded = 0
         self.raw_uploaded = 0  # raw bytes of chunks the server lacked
         self.payload_uploaded = 0  # their compressed size
+        self.chunks_proven = 0  # shown to the server by a keyed hash instead of sent
 
-    def _ask(self, ids: list[bytes]) -> set[bytes]:
+    def _ask(self, ids: list[bytes]) -> tuple[set[bytes], dict[bytes, str]]:
+        """The chunks the server lacks in this endpoint's view, and those to prove (each
+        with the nonce to prove it under)."""
         lacking: set[bytes] = set()
+        prove: dict[bytes, str] = {}
         for i in range(0, len(ids), MAX_IDS_PER_QUERY):
             part = ids[i:i + MAX_IDS_PER_QUERY]
             resp = self.client.request("POST", f"{self.api}/chunks/missing",
                                        json={"ids": [c.hex() for c in part]})
-            lacking.update(bytes.fromhex(h) for h in resp.json()["missing"])
-        return lacking
+            answer = parse_answer(resp, MissingResponse)
+            lacking.update(bytes.fromhex(h) for h in answer.missing)
+            prove.update((bytes.fromhex(h), answer.nonce) for h in answer.prove)
+        return lacking, prove
+
+    def _prove(self, chunks: list[tuple[bytes, str, bytes | memoryview]]) -> set[bytes]:
+        """Prove possession of these (id, nonce, raw bytes) with keyed hashes instead of
+        sending them; return those the server refused (to be uploaded instead)."""
+        refused: set[bytes] = set()
+        for i in range(0, len(chunks), MAX_PROOFS):
+            part = chunks[i:i + MAX_PROOFS]
+            by_nonce: dict[str, list[tuple[bytes, bytes | memoryview]]] = {}
+            for cid, nonce, data in part:
+                by_nonce.setdefault(nonce, []).append((cid, data))
+            for nonce, items in by_nonce.items():
+                body = encode_proofs(nonce, [(c, proof(nonce, d)) for c, d in items])
+                resp = self.client.request("POST", f"{self.api}/chunks/prove", content=body)
+                answer = parse_answer(resp, ProveResponse)
+                refused.update(bytes.fromhex(h) for h in answer.refused)
+                self.chunks_proven += answer.accepted
+        return refused
 
     def put_claimed(self, cid: bytes, blob: bytes, raw_length: int) -> int:
         full = None
@@ -96,9 +131,22 @@ class RemoteSink(ChunkStore):
         return [0] * len(ids)  # what the server lacked is counted as it is sent
 
     def _resolve(self, queue: list[tuple[bytes, bytes | memoryview]]) -> None:
-        lacking = self._ask([cid for cid, _ in queue])
+        lacking, prove = self._ask([cid for cid, _ in queue])
         for cid, data in queue:
             if cid in lacking:
+                self.put_claimed(cid, self.codec.compress(data), len(data))
+        if prove:
+            items = [(cid, prove[cid], data) for cid, data in queue if cid in prove]
+            self._prove_slots.acquire()
+            fut = self._prover.submit(self._prove_or_send, items)
+            fut.add_done_callback(lambda _f: self._prove_slots.release())
+            with self._lock:
+                self._proofs.append(fut)
+
+    def _prove_or_send(self, items: list[tuple[bytes, str, bytes | memoryview]]) -> None:
+        refused = self._prove(items)
+        for cid, _, data in items:
+            if cid in refused:
                 self.put_claimed(cid, self.codec.compress(data), len(data))
 
     def _send(self, bundle: BundleWriter) -> None:
@@ -115,6 +163,10 @@ class RemoteSink(ChunkStore):
         if queue:
             self._resolve(queue)
         with self._lock:
+            proofs, self._proofs = self._proofs, []
+        for fut in proofs:
+            fut.result()  # refused proofs are in a bundle by now
+        with self._lock:
             bundle, self._bundle = self._bundle, BundleWriter()
         if bundle.count:
             self._send(bundle)
@@ -124,6 +176,7 @@ class RemoteSink(ChunkStore):
             fut.result()  # every bundle acknowledged (or its error raised) before we go on
 
     def close(self) -> None:
+        self._prover.shutdown(wait=True, cancel_futures=True)
         self._uploader.shutdown(wait=True, cancel_futures=True)
 
     def forget(self, ids: set[bytes]) -> None:

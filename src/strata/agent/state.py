@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import platform
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +44,25 @@ class Credential:
     credential: str
     root: str
     ca_cert: str = ""  # PEM bundle to trust for a server with a private CA ("" = system)
+    # Stay on the root's file system (mounts inside it are not walked); None: only when
+    # the root is the machine's own "/" (NFS shares, USB disks, tmpfs stay out).
+    one_file_system: bool | None = None
+    server_cert: str = ""  # the server's own certificate, pinned at enrollment (PEM file)
+    # Plain HTTP beyond loopback allowed at enrollment (--insecure); None: enrolled by a
+    # version that did not ask, whose credential keeps working as it did.
+    insecure: bool | None = None
 
     @property
-    def verify(self) -> bool | str:
-        return self.ca_cert or True
+    def verify(self) -> bool | ssl.SSLContext:
+        from strata.transport import verify_setting
+
+        return verify_setting(self.ca_cert, self.server_cert)
+
+    @property
+    def stays_on_root_fs(self) -> bool:
+        if self.one_file_system is not None:
+            return self.one_file_system
+        return os.path.realpath(self.root) == os.path.realpath(os.sep)
 
 
 class AgentState:
@@ -58,6 +74,13 @@ class AgentState:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(self.path / "credential.json", json.dumps(cred.__dict__).encode())
         os.chmod(self.path / "credential.json", 0o600)
+
+    def save_server_certificate(self, pem: str) -> Path:
+        """The server's certificate as pinned at enrollment."""
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.path / "server-cert.pem"
+        atomic_write(path, pem.encode())
+        return path
 
     def credential(self) -> Credential:
         try:

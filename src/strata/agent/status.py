@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from strata.agent.access import Access, AccessDenied
+from strata.agent.centralize import adopt_credential
 from strata.agent.cycle import AgentContext
 from strata.agent.signing import pinned_fingerprint
 from strata.errors import StrataError
@@ -49,7 +50,9 @@ def probe_access(ctx: AgentContext) -> tuple[Access, str]:
     every call the agent makes."""
     client = ctx.client(retries=0, timeout=5)
     try:
-        client.request("POST", "/api/v1/agent/checkin", json={})
+        answer = client.request("POST", "/api/v1/agent/checkin", json={}).json()
+        adopt_credential(client, ctx.state,
+                         answer.get("credential") if isinstance(answer, dict) else None)
         return Access.OK, ""
     except AccessDenied as exc:
         return exc.access, str(exc)

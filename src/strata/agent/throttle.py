@@ -37,7 +37,10 @@ def parse_rate(text: str | None) -> float | None:
     t = text.strip().upper().removesuffix("/S").removesuffix("B").removesuffix("I")
     mult = {"K": 1024, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
     number = t[:-1] if t[-1:] in "KMG" else t
-    value = float(number) * mult
+    try:
+        value = float(number) * mult
+    except ValueError:
+        raise ValueError(f"not a rate: {text!r} (e.g. 512K or 2M bytes per second)") from None
     if value <= 0:
         raise ValueError(f"rate must be positive: {text!r}")
     return value

@@ -32,7 +32,7 @@ from strata.layers.image import Image, LayerContent, build_image
 from strata.layers.plan import AccountMerge, Mode, Plan, plan_update
 from strata.layers.rules import LayerRules, PathClass
 from strata.model.entry import Entry, EntryType
-from strata.model.ids import content_id
+from strata.model.ids import content_id, is_hex_id
 from strata.model.manifest import decode_manifest, encode_manifest
 from strata.model.transfer import read_stream
 from strata.model.update import UpdateState
@@ -56,6 +56,9 @@ class UpdateFailed(StrataError):
     pass
 
 
+CONFLICTS_LISTED = 20  # in an apply's result; all are counted
+
+
 @dataclass
 class UpdateResult:
     key: str
@@ -63,6 +66,8 @@ class UpdateResult:
     # or refused: unsigned, forged or stale (see strata.signing.policy)
     changes: dict = field(default_factory=dict)
     conflicts: dict = field(default_factory=dict)
+    # The first conflicts one by one ({kind, path, detail}): a count alone names no file.
+    conflict_list: list = field(default_factory=list)
     chunks_downloaded: int = 0
     bytes_downloaded: int = 0  # on the wire, compressed
     bytes_seeded: int = 0  # read from the endpoint's own files instead
@@ -119,6 +124,9 @@ class LayerSource:
         self.cache.close()
 
     def manifest(self, layer: DesiredLayer) -> bytes:
+        if not is_hex_id(layer.snapshot):  # it names a file: never a path from the server
+            raise UpdateFailed(f"layer {layer.name}:{layer.version}: the server named its "
+                               "snapshot with something other than an id: refused")
         cached = self.state.path / "layers" / f"{layer.snapshot}.manifest"
         try:
             data = cached.read_bytes()
@@ -453,6 +461,7 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         state.save_owned(b"".join(encode_manifest(owned.sorted_entries())))
         summary = plan.summary()
         result.changes, result.conflicts = summary["changes"], summary["conflicts"]
+        result.conflict_list = summary["conflict_list"][:CONFLICTS_LISTED]
         result.warnings += list(getattr(stats, "warnings", []))
         result.bytes_downloaded += source.bytes_downloaded
         result.chunks_downloaded += source.chunks_downloaded
@@ -485,6 +494,7 @@ class LocalTree:
     root: Path
     excludes: list[str]
     chunker: ChunkerParams
+    one_file_system: bool = False  # mounts inside the root are not the endpoint's tree
 
 
 def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
@@ -496,10 +506,12 @@ def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
     _, manifest = state.parent()
     if manifest is None:
         raise UpdateFailed("this endpoint has not centralized yet: it must, before an update")
-    if not tree_changed(tree.root, tree.excludes, manifest):
+    if not tree_changed(tree.root, tree.excludes, manifest,
+                        one_file_system=tree.one_file_system):
         return list(decode_manifest([manifest]))
     archive = archive_tree(HashOnlySink(Chunker(tree.chunker)), tree.root,
-                           parent_entries=decode_manifest([manifest]), excludes=tree.excludes)
+                           parent_entries=decode_manifest([manifest]), excludes=tree.excludes,
+                           one_file_system=tree.one_file_system)
     return list(decode_manifest([archive.manifest_bytes]))
 
 
@@ -604,7 +616,7 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
     # A resumed apply whose journal was rolled forward switched the tree before this run
     # (its change list here is empty): the tree says whether a snapshot is owed.
     if centralize is not None and (any(result.changes.values()) or resuming and tree_changed(
-            root, tree.excludes, state.parent()[1])):
+            root, tree.excludes, state.parent()[1], one_file_system=tree.one_file_system)):
         centralize("post-update")
     result.seconds = round(time.monotonic() - started, 3)
     return result

@@ -9,6 +9,7 @@ Imported only when a command runs (pydantic and httpx cost a fifth of a second),
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -17,6 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from strata.errors import StrataError
 from strata.model.admin import (
+    AdminTokenRotated,
     AssignRequest,
     AssignResult,
     AuditEntryInfo,
@@ -27,6 +29,7 @@ from strata.model.admin import (
     Deleted,
     DryRunReport,
     DryRunRequest,
+    EndpointDeleted,
     EndpointDetail,
     EndpointState,
     EndpointSummary,
@@ -38,6 +41,8 @@ from strata.model.admin import (
     LayerInfo,
     MigrateRequest,
     PolicyDocument,
+    PolicyPlan,
+    PolicyPlanRequest,
     ProvisionRequest,
     ProvisionResult,
     RestoreRequest,
@@ -48,9 +53,28 @@ from strata.model.admin import (
     TagsRequest,
     TaskInfo,
     TokenCreated,
+    TokenInfo,
     TokenRequest,
     TransactionInfo,
 )
+from strata.model.snapshot_files import SnapshotFolder
+from strata.model.users import (
+    Caller,
+    PasswordRequest,
+    UserInfo,
+    UserRequest,
+    UserTokenCreated,
+    UserTokenInfo,
+    UserTokenRequest,
+)
+from strata.transport import (
+    check_server_url,
+    describe_transport_error,
+    fetch_pinned_certificate,
+    verify_setting,
+)
+
+from . import connection
 
 API = "/api/v1/admin"
 T = TypeVar("T")
@@ -98,6 +122,16 @@ def path_part(value: str, what: str) -> str:
     return quote(value, safe="")
 
 
+def snapshot_path(path: str) -> dict[str, str]:
+    """A path in a snapshot as a query parameter: `path`, or `path_hex` for a name that is
+    not UTF-8 (as the shell hands it over: bytes kept by surrogateescape)."""
+    try:
+        path.encode("utf-8")
+        return {"path": path}
+    except UnicodeEncodeError:
+        return {"path_hex": os.fsencode(path).hex()}
+
+
 def build(model: type[M], **fields: Any) -> M:
     """A request as the admin gave it, checked by the same rules the server applies;
     a violation is one line, like the server's refusal would be."""
@@ -123,12 +157,23 @@ class AdminClient:
     def __init__(self, server: str | None, token_file: Path | None) -> None:
         self._server = server
         self._token_file = token_file
+        self._verify: bool | ssl.SSLContext | None = None
 
     @property
     def server(self) -> str:
         if not self._server:
             raise StrataError("no server: pass --server URL or set STRATA_SERVER")
-        return self._server
+        return check_server_url(self._server, insecure=connection.current.insecure)
+
+    @property
+    def verify(self) -> bool | ssl.SSLContext:
+        """What to trust for the server's certificate (--ca-cert, --server-fingerprint)."""
+        if self._verify is None:
+            options = connection.current
+            pem = fetch_pinned_certificate(self.server, options.server_fingerprint) \
+                if options.server_fingerprint else ""
+            self._verify = verify_setting(options.ca_cert, pinned_pem=pem)
+        return self._verify
 
     @property
     def token(self) -> str:
@@ -141,10 +186,11 @@ class AdminClient:
 
         server, token = self.server, self.token
         try:
-            resp = httpx.request(method, server.rstrip("/") + path, json=body, params=params,
-                                 timeout=60, headers={"Authorization": f"Bearer {token}"})
+            resp = httpx.request(method, server + path, json=body, params=params,
+                                 timeout=60, headers={"Authorization": f"Bearer {token}"},
+                                 verify=self.verify)
         except httpx.TransportError as exc:
-            raise StrataError(f"cannot reach {server}: {exc.__class__.__name__}") from None
+            raise StrataError(describe_transport_error(server, exc)) from None
         try:
             doc = resp.json()
         except ValueError:
@@ -174,6 +220,16 @@ class AdminClient:
     def create_token(self, req: TokenRequest) -> TokenCreated:
         return self._typed(TokenCreated, "POST", f"{API}/tokens", req)
 
+    def tokens(self, all_tokens: bool = False) -> list[TokenInfo]:
+        return self._typed(list[TokenInfo], "GET", f"{API}/tokens",
+                           params={"all": str(all_tokens).lower()})
+
+    def revoke_token(self, token_id: int) -> TokenInfo:
+        return self._typed(TokenInfo, "POST", f"{API}/tokens/{int(token_id)}/revoke")
+
+    def rotate_admin_token(self) -> AdminTokenRotated:
+        return self._typed(AdminTokenRotated, "POST", f"{API}/admin-token/rotate")
+
     def endpoints(self, pending: bool = False) -> list[EndpointSummary]:
         return self._typed(list[EndpointSummary], "GET", f"{API}/endpoints",
                            params={"pending": str(pending).lower()})
@@ -189,6 +245,10 @@ class AdminClient:
     def revoke(self, ref: str) -> EndpointState:
         return self._typed(EndpointState, "POST",
                            f"{API}/endpoints/{path_part(ref, 'endpoint id')}/revoke")
+
+    def delete_endpoint(self, ref: str) -> EndpointDeleted:
+        return self._typed(EndpointDeleted, "DELETE",
+                           f"{API}/endpoints/{path_part(ref, 'endpoint id')}")
 
     def set_tags(self, ref: str, req: TagsRequest) -> EndpointTags:
         return self._typed(EndpointTags, "PUT",
@@ -217,6 +277,14 @@ class AdminClient:
     def set_policy(self, kind: str, document: object) -> PolicyDocument:
         doc = self.call("PUT", f"{API}/policies/{path_part(kind, 'policy kind')}", document)
         return TypeAdapter(PolicyDocument).validate_python(doc)
+
+    def plan_policy(self, kind: str, req: PolicyPlanRequest) -> PolicyPlan:
+        return self._typed(PolicyPlan, "POST",
+                           f"{API}/policies/{path_part(kind, 'policy kind')}/plan", req)
+
+    def reset_policy(self, kind: str) -> PolicyDocument:
+        return self._typed(PolicyDocument, "DELETE",
+                           f"{API}/policies/{path_part(kind, 'policy kind')}")
 
     # -- layers ------------------------------------------------------------------------------------
 
@@ -289,3 +357,42 @@ class AdminClient:
 
     def task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "GET", f"{API}/tasks/{task_id}")
+
+    # -- snapshot browsing (downloads and chunks: cli/snapshot_source.py) --------------------------
+
+    def snapshot_files(self, ref: str, snapshot: str, path: str = "", offset: int = 0,
+                       limit: int = 1000) -> SnapshotFolder:
+        return self._typed(SnapshotFolder, "GET",
+                           f"{API}/endpoints/{path_part(ref, 'endpoint id')}/snapshots/"
+                           f"{path_part(snapshot or 'latest', 'snapshot')}/files",
+                           params={**snapshot_path(path), "offset": str(offset),
+                                   "limit": str(limit)})
+    # -- users -------------------------------------------------------------------------------------
+
+    def whoami(self) -> Caller:
+        return self._typed(Caller, "GET", f"{API}/me")
+
+    def create_user(self, req: UserRequest) -> UserInfo:
+        return self._typed(UserInfo, "POST", f"{API}/users", req)
+
+    def users(self) -> list[UserInfo]:
+        return self._typed(list[UserInfo], "GET", f"{API}/users")
+
+    def delete_user(self, name: str) -> Deleted:
+        return self._typed(Deleted, "DELETE", f"{API}/users/{path_part(name, 'user name')}")
+
+    def set_password(self, name: str, req: PasswordRequest) -> UserInfo:
+        return self._typed(UserInfo, "PUT",
+                           f"{API}/users/{path_part(name, 'user name')}/password", req)
+
+    def create_user_token(self, name: str, req: UserTokenRequest) -> UserTokenCreated:
+        return self._typed(UserTokenCreated, "POST",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens", req)
+
+    def user_tokens(self, name: str) -> list[UserTokenInfo]:
+        return self._typed(list[UserTokenInfo], "GET",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens")
+
+    def revoke_user_token(self, name: str, token_id: int) -> UserTokenInfo:
+        return self._typed(UserTokenInfo, "DELETE",
+                           f"{API}/users/{path_part(name, 'user name')}/tokens/{token_id}")

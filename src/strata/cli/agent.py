@@ -23,7 +23,17 @@ if TYPE_CHECKING:
 # The HTTP client, the engine and the wire schemas are imported inside the commands that
 # use them, so `strata store …` does not pay for them at start-up.
 
-from .output import console, err_console, human_bytes, print_error, print_json, run_with_progress
+from .confirm import YES, confirm
+from .output import (
+    console,
+    err_console,
+    human_bytes,
+    iso_time,
+    print_error,
+    print_json,
+    run_with_progress,
+)
+from .secrets import read_secret
 
 T = TypeVar("T")
 app = typer.Typer(help="The endpoint agent.", no_args_is_help=True)
@@ -61,23 +71,41 @@ def _context(state: Path | None, limit_upload: str | None, json: bool) -> AgentC
 
 @app.command()
 def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
-           token: str = typer.Option(..., "--token", help="Enrollment token from the admin."),
+           token: str | None = typer.Option(None, "--token", help="Enrollment token from the "
+                                            "admin (visible to other users in `ps`: prefer "
+                                            "--token-file, or type it at the prompt)."),
+           token_file: Path | None = typer.Option(None, "--token-file", help="File holding "
+                                                  "the enrollment token."),
            root: Path = typer.Option(None, "--root", help="The endpoint's root (default /)."),
            ca_cert: Path | None = typer.Option(None, "--ca-cert", help="CA bundle to trust "
                                                "for a server with a private certificate."),
+           server_fingerprint: str | None = typer.Option(
+               None, "--server-fingerprint", envvar="STRATA_SERVER_FINGERPRINT",
+               help="SHA-256 fingerprint of the server's TLS certificate, as `strata server` "
+               "printed it: checked now, then the only certificate this agent accepts."),
+           insecure: bool = typer.Option(False, "--insecure", help="Allow plain http:// to "
+                                         "another machine (secrets cross in clear)."),
            force: bool = typer.Option(False, "--force", help="Enroll anew a state directory "
                                       "that is already enrolled (a new endpoint)."),
            root_fingerprint: str | None = typer.Option(
                None, "--root-fingerprint", help="The signing root's fingerprint `strata "
                "signing init` printed: enrollment stops if the server's differs."),
+           one_file_system: bool | None = typer.Option(
+               None, "--one-file-system/--cross-file-systems", help="Whether backups stay "
+               "on the root's file system (mounts inside it kept empty). Default: stay, "
+               "when the root is /."),
            state: Path | None = STATE, json: bool = JSON) -> None:
     """Enroll this endpoint with a one-time token; stores the device credential (0600) and
     pins the server's signing root (layers are taken only when signed under it)."""
     from strata.agent.enrollment import enroll as run_enroll
 
-    done = run_enroll(_state(state), server=server, token=token, root=root or default_root(),
+    secret = read_secret(token, token_file, env="STRATA_ENROLL_TOKEN",
+                         what="enrollment token", prompt="Enrollment token")
+    done = run_enroll(_state(state), server=server, token=secret,
+                      root=root or default_root(),
                       ca_cert=str(ca_cert.resolve()) if ca_cert else "", force=force,
-                      root_fingerprint=root_fingerprint)
+                      root_fingerprint=root_fingerprint, one_file_system=one_file_system,
+                      server_fingerprint=server_fingerprint, insecure=insecure)
     if json:
         print_json(done.to_dict())
         return
@@ -89,8 +117,8 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
                           "--fingerprint FP`)", highlight=False)
     if done.replaced:
         console.print(f"this state directory was endpoint {done.replaced}: it stays on the "
-                      f"server until an administrator revokes it "
-                      f"(`strata endpoint revoke {done.replaced}`)", highlight=False)
+                      f"server until an administrator revokes or deletes it "
+                      f"(`strata endpoint delete {done.replaced}`)", highlight=False)
 
 
 def _report(out: CycleResult, json: bool) -> None:
@@ -116,6 +144,9 @@ def _report(out: CycleResult, json: bool) -> None:
                       f"wire in {r.seconds:.1f}s", highlight=False)
         for e in r.errors:
             err_console.print(f"skipped: {e}", highlight=False)
+        for m in r.mounts_skipped:
+            console.print(f"not crossed into another file system: {m}", markup=False,
+                          highlight=False)
     elif out.checked_in and out.access is Access.OK:
         console.print("checked in; nothing due")
     if out.update is not None:
@@ -157,6 +188,12 @@ def _report_update(u: UpdateResult) -> None:
         u.state, u.state)
     console.print(f"{line}: {what}; downloaded {human_bytes(u.bytes_downloaded)}"
                   + (f"; conflicts: {conflicts}" if conflicts else ""), highlight=False)
+    for c in u.conflict_list:
+        console.print(f"  {c['kind']}: {c['path']} ({c['detail']})", markup=False,
+                      highlight=False)
+    listed = sum(u.conflicts.values()) - len(u.conflict_list)
+    if u.conflict_list and listed > 0:
+        console.print(f"  … and {listed} more", highlight=False)
 
 
 @app.command()
@@ -225,7 +262,7 @@ def snapshots(state: Path | None = STATE, json: bool = JSON) -> None:
         return
     table = Table("ID", "Time", "Trigger", "Files", "Size")
     for r in rows:
-        table.add_row(r["id"][:8], r["time"][:19], r["trigger"], str(r["files"]),
+        table.add_row(r["id"][:8], iso_time(r["time"]), r["trigger"], str(r["files"]),
                       human_bytes(r["bytes_total"]))
     console.print(table)
 
@@ -240,10 +277,19 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
                 False, "--full-metadata", help="With --to: also restore device nodes, "
                 "setuid/setgid bits and security.*/trusted.* xattrs (in place they always "
                 "are)."),
-            state: Path | None = STATE, json: bool = JSON) -> None:
-    """Restore files from any of this endpoint's snapshots."""
+            yes: bool = YES, state: Path | None = STATE, json: bool = JSON) -> None:
+    """Restore files from any of this endpoint's snapshots. In place, every local file
+    that differs from the snapshot's version is kept beside it (NAME.strata-TIME) after a
+    confirmation (--yes for scripts)."""
     from strata.agent.remote_source import RemoteSource
     from strata.engine.restore import restore as run_restore
+    from strata.engine.restore_inplace import (
+        Kept,
+        displaced_by,
+        keep_aside,
+        kept_suffix,
+        put_back_failed,
+    )
 
     st = _state(state)
     cred = st.credential()
@@ -254,9 +300,19 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
         target = to or Path(cred.root)
         # In place it is the endpoint's own system: everything comes back as it was.
         full = full_metadata or to is None
+        kept: list[Kept] = []
+        if to is None:
+            displaced = displaced_by(source, snap, target, paths)  # type: ignore[arg-type]
+            if displaced:
+                confirm(f"restoring in place replaces {len(displaced)} local "
+                        f"{'path' if len(displaced) == 1 else 'paths'} that differ from "
+                        f"snapshot {snap.id[:8]} (each is kept beside it as "
+                        "NAME.strata-TIME)", [d.describe() for d in displaced], yes=yes)
+                kept = keep_aside(target, displaced, kept_suffix())
         result = run_with_progress("restore", lambda p: run_restore(
             source, snap, target, includes=paths, progress=p, full_metadata=full),  # type: ignore[arg-type]
             json_mode=json)
+        kept = put_back_failed(target, kept)
         client.request("POST", "/api/v1/agent/transactions/restore", json={
             "snapshot": snap.id, "files": result.files, "bytes_written": result.bytes_written,
             "seconds": result.seconds, "result": "failed" if result.errors else "ok",
@@ -265,8 +321,13 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
         st.add_wire_bytes(client.bytes_sent, client.bytes_received)
         client.close()
     if json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), "kept": [k.to_dict() for k in kept]})
     else:
+        for k in kept:
+            console.print(f"kept the local {k.path.decode(errors='replace')} as "
+                          f"{k.kept_as.decode(errors='replace')}" if k.restored else
+                          f"left the local {k.path.decode(errors='replace')} as it was "
+                          "(its restore failed)", markup=False, highlight=False)
         for w in result.withheld:
             console.print(f"withheld: {w}", markup=False, highlight=False)
         for e in result.errors:
@@ -299,7 +360,8 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
               Access.UNKNOWN: "reachable; CREDENTIAL UNKNOWN TO THE SERVER"}[out.access]
     last = out.last_centralization or {}
     lines = [f"endpoint {out.endpoint_id} on {out.server} ({access})",
-             f"last centralization: {last.get('time', 'never')} {last.get('result', '')}"]
+             f"last centralization: {iso_time(last.get('time')) or 'never'} "
+             f"{last.get('result', '')}"]
     if out.access in (Access.REVOKED, Access.UNKNOWN):
         lines.append(out.access_detail)  # instead of pending work it can no longer do
     else:

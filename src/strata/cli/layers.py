@@ -26,7 +26,8 @@ from .admin_args import (
     layer_refs,
     print_model,
 )
-from .output import console, err_console, human_bytes, print_json, run_with_progress
+from .confirm import YES, confirm
+from .output import console, err_console, human_bytes, iso_time, print_json, run_with_progress
 from .signing import KEYS, PASSPHRASE_FILE, publisher_for, signable_refs, signed_after
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def _upload_tree(api: AdminClient, directory: Path, family: str, before: Path | 
             raise StrataError(f"{d} is not a directory")
     cfg = api.capture_config(family)
     rules = LayerRules.from_doc(cfg.rules, family)
-    server = ServerClient(api.server, api.token)
+    server = ServerClient(api.server, api.token, verify=api.verify)
     sink = RemoteSink(server, cfg.chunker, api=API)
     hash_only = HashOnlySink(sink.chunker)  # the same cut points as the upload
     try:
@@ -266,10 +267,23 @@ def layer_show(ref: str = typer.Argument(..., help="NAME:VERSION or id"),
     shown: dict = as_json(doc)  # type: ignore[assignment]  # values as the API writes them
     for key in ("ref", "kind", "os", "files", "bytes", "source", "match", "created_at",
                 "endpoints", "removes"):
-        console.print(f"{key}: {shown[key]}", highlight=False)
+        console.print(f"{key}: {_plain(key, shown[key])}", markup=False, highlight=False)
     if isinstance(doc, LayerDetailWithFiles):
         for p in doc.file_list:
             console.print(p, highlight=False)
+
+
+def _plain(key: str, value: object) -> str:
+    """A value as a person reads it, not as Python writes it."""
+    if key == "bytes" and isinstance(value, int):
+        return human_bytes(value)
+    if key == "created_at":
+        return iso_time(value)  # type: ignore[arg-type]
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    return str(value)
 
 
 @layer_app.command("diff")
@@ -290,10 +304,18 @@ def layer_diff(a: str, b: str, server: str | None = SERVER,
 
 
 @layer_app.command("delete")
-def layer_delete(ref: str, server: str | None = SERVER,
+def layer_delete(ref: str, yes: bool = YES, server: str | None = SERVER,
                  admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
-    """Delete a layer (refused while assigned, applied, or referenced by a snapshot)."""
-    doc = client(server, admin_token_file).delete_layer(layer_ref(ref))
+    """Delete a layer (refused while assigned, applied, or referenced by a snapshot);
+    asks first (--yes for scripts)."""
+    api = client(server, admin_token_file)
+    if not yes:
+        info = api.layer(layer_ref(ref))
+        confirm(f"delete layer {info.ref} ({info.kind})", [
+            f"{info.files} files, {human_bytes(info.bytes)}, captured "
+            f"{iso_time(info.created_at)} from {info.source}: capturing it again "
+            "is the only way back"], yes=yes)
+    doc = api.delete_layer(layer_ref(ref))
     print_model(doc) if json else console.print(f"deleted {doc.deleted}")
 
 
@@ -441,21 +463,27 @@ def collection_delete(name: str, server: str | None = SERVER,
 def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
                server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                json: bool = JSON) -> None:
-    """Drift of each endpoint from its IT layers, with scores per endpoint and layer."""
+    """Drift of each endpoint from its IT layers (as of its latest snapshot), with scores
+    per endpoint and layer. Exit code 1 when any endpoint drifts, as `store check` does
+    when it finds damage."""
     from strata.model.admin import EndpointCompliance
 
     doc = client(server, admin_token_file).compliance(endpoint)
+    drifting = any(isinstance(r, EndpointCompliance) and r.drift for r in doc.endpoints)
     if json:
         print_model(doc)
+        if drifting:
+            raise typer.Exit(1)
         return
-    table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added")
+    # Drift is measured against each endpoint's latest snapshot: say how old that is.
+    table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added", "As of")
     for r in doc.endpoints:
         if not isinstance(r, EndpointCompliance):
-            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "")
+            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "", "")
             continue
         n = r.counts
         table.add_row(r.endpoint[:8], r.hostname, f"{r.score}%", str(n.changed),
-                      str(n.missing), str(n.added))
+                      str(n.missing), str(n.added), iso_time(r.snapshot_time))
     console.print(table)
     for label, score in doc.layers.items():
         console.print(f"layer {label}: {score}% compliant", highlight=False)
@@ -466,6 +494,8 @@ def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
                                    ("added", r.added)):
                     for p in paths:
                         console.print(f"  {key}: {p}", highlight=False)
+    if drifting:
+        raise typer.Exit(1)
 
 
 def migrate(collection: str | None = typer.Option(None, "--collection"),

@@ -7,8 +7,13 @@ from importlib import import_module
 
 import typer
 
+# Typer carries its own copy of click; its exceptions are only reachable here (the
+# version is pinned exactly in pyproject.toml).
+from typer._click import exceptions as cli_exc
+
 from strata.errors import StrataError
 
+from .connection import add_connection_options
 from .output import err_console, print_error
 
 # Each top-level name, the module that defines it, the attribute, and whether it is a
@@ -18,6 +23,7 @@ _ENTRIES = [
     ("store", "store", "app", True),
     ("agent", "agent", "app", True),
     ("token", "admin", "token_app", True),
+    ("admin-token", "admin", "admin_token_app", True),
     ("endpoint", "endpoint", "endpoint_app", True),
     ("policy", "admin", "policy_app", True),
     ("layer", "layers", "layer_app", True),
@@ -27,6 +33,7 @@ _ENTRIES = [
     ("compliance", "layers", "compliance", False),
     ("migrate", "layers", "migrate", False),
     ("signing", "signing", "signing_app", True),
+    ("user", "users", "user_app", True),
     ("server", "server", "serve", False),
 ]
 
@@ -37,7 +44,9 @@ def build_app(argv: list[str] | None = None) -> typer.Typer:
                       no_args_is_help=True, pretty_exceptions_enable=False)
 
     @app.callback()
-    def _top() -> None:  # keeps a tree of one command a tree (`strata server ...`)
+    def _top(version: bool = typer.Option(  # also keeps a tree of one command a tree
+            False, "--version", is_eager=True, callback=_print_version,
+            help="Print the version and exit.")) -> None:
         pass
 
     wanted = argv[1] if argv and len(argv) > 1 else None
@@ -48,21 +57,55 @@ def build_app(argv: list[str] | None = None) -> typer.Typer:
             app.add_typer(target, name=name)
         else:
             app.command(name)(target)
+    add_connection_options(app)  # --ca-cert, --server-fingerprint, --insecure
     return app
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"strata {version('strata')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("strata (version unknown: not installed)")
+        raise typer.Exit()
+
+
+def _os_error(exc: OSError) -> str:
+    """`path: reason`, not Python's `[Errno 2] No such file or directory: 'path'`."""
+    reason = exc.strerror or str(exc)
+    name = exc.filename
+    if isinstance(name, bytes):
+        name = name.decode(errors="backslashreplace")
+    return f"{name}: {reason}" if name else reason
 
 
 def main() -> None:
     try:
-        build_app(sys.argv)()  # standalone: usage errors exit 2 with click's message
+        # Not standalone: click would print usage errors as a boxed panel of several
+        # lines; each is one line here, like every other error.
+        rv = build_app(sys.argv)(standalone_mode=False)
+    except cli_exc.NoArgsIsHelpError as exc:  # a bare `strata store`: its help, as before
+        exc.show()
+        sys.exit(2)
+    except cli_exc.UsageError as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        print_error(exc.format_message() + where)
+        sys.exit(2)
+    except cli_exc.ClickException as exc:
+        print_error(exc.format_message())
+        sys.exit(exc.exit_code)
     except StrataError as exc:
         print_error(str(exc))
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted")
         sys.exit(130)
     except OSError as exc:
-        print_error(str(exc))
+        print_error(_os_error(exc))
         sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

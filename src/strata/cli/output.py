@@ -1,15 +1,25 @@
-"""Printing for the CLI: Rich for people, JSON for machines, and progress bars on a TTY."""
+"""Printing for the CLI: Rich for people, JSON for machines, and progress bars on a TTY.
+
+Much of what the CLI prints comes from endpoints (hostnames, OS names, paths, triggers) or
+from the server, and is hostile until shown otherwise: a hostname `laptop-[/]` must not
+crash a table as Rich markup, and `\x1b[2J` must not reach the admin's terminal. So both
+consoles take text literally (markup and emoji codes off: a command that wants colour
+passes `markup=True` and puts every value through `safe`), and strip control characters
+from whatever they render (`SafeConsole`), tables and progress bars included.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -19,31 +29,99 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.segment import Segment
+from rich.text import Text
 
 from strata.engine.progress import Progress as EngineProgress
+from strata.model.units import human_bytes  # noqa: F401  (the CLI's modules import it here)
 
 T = TypeVar("T")
+# C0 controls but tab and newline (which Rich lays out itself), DEL, C1 controls (a lone
+# 0x9b is CSI on some terminals), and the bidirectional overrides that reorder a line.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# In one value (`clean`), a newline or tab would forge a row or a column: replaced too.
+_UNSAFE_IN_VALUE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(value: object) -> str:
+    """One value from an endpoint or the server, fit for a terminal: every control
+    character (newlines too) shown as `?`."""
+    return _UNSAFE_IN_VALUE.sub("?", str(value))
+
+
+def safe(value: object) -> str:
+    """`clean`, and escaped for Rich markup: for values put into a `markup=True` string."""
+    return escape(clean(value))
+
+
+class SafeConsole(Console):
+    """A console that never writes a control character it was given as text: every
+    segment rendered (tables and nested renderables go through here too) is cleaned.
+    Rich's own control output (cursor moves of a progress bar) is a separate kind of
+    segment, and its colours are added after rendering, so both stay intact."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        # Cleaned before Rich measures it, so that table columns stay aligned.
+        return super().render_str(_UNSAFE.sub("?", text), **kwargs)
+
+    def render(self, renderable: RenderableType,
+               options: ConsoleOptions | None = None) -> Iterator[Segment]:
+        for segment in super().render(renderable, options):
+            if segment.control is None and _UNSAFE.search(segment.text):
+                yield Segment(_UNSAFE.sub("?", segment.text), segment.style)
+            else:
+                yield segment
+
+
 # soft_wrap: never fold long paths or messages when output goes to a pipe or a file.
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+# Piped, there is no width to fit: a table keeps every id and path whole (Rich would
+# assume 80 columns and cut them with an ellipsis).
+_PIPE_WIDTH = 10_000
+console = SafeConsole(soft_wrap=True, markup=False, emoji=False,
+                      width=None if sys.stdout.isatty() else _PIPE_WIDTH)
+err_console = SafeConsole(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 
 def print_error(message: str) -> None:
     """One line on stderr, whatever its length, so scripts can read it."""
-    err_console.print(f"[red]error:[/] {escape(' '.join(message.split()))}",
+    err_console.print(f"[red]error:[/] {safe(' '.join(message.split()))}", markup=True,
                       highlight=False, soft_wrap=True)
 
 
+def iso_time(when: datetime | str | float | None) -> str:
+    """One timestamp format everywhere: ISO 8601 in UTC to the second, `2026-12-02T10:03:00Z`
+    (a naive time is taken as UTC, as the catalog stores it; a number is epoch seconds)."""
+    if when is None or when == "":
+        return ""
+    if isinstance(when, int | float):
+        moment = datetime.fromtimestamp(when, UTC)
+    elif isinstance(when, str):
+        try:
+            moment = datetime.fromisoformat(when.replace("Z", "+00:00"))
+        except ValueError:
+            return when
+    else:
+        moment = when
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
 def print_json(doc: object) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(doc, indent=2, default=_json_default) + "\n")
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+def plural(n: int, word: str) -> str:
+    """`1 snapshot`, `3 snapshots`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def show_progress() -> bool:

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from strata.errors import StrataError
 
 from .output import err_console
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from strata.server.listener import ListenAddress
+    from strata.server.tls import ServerCertificate
 
 
 def default_data_dir() -> Path:
@@ -20,8 +27,18 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
                                     "admin token). Default: $STRATA_DATA or "
                                     "/var/lib/strata-server."),
           listen: str = typer.Option("127.0.0.1:8470", "--listen", help="HOST:PORT to serve."),
-          tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate."),
+          tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate "
+                                               "(default beyond loopback: a self-signed one "
+                                               "made in DATA/tls at the first start)."),
           tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key."),
+          tls: bool = typer.Option(False, "--tls", help="Serve HTTPS on loopback too (with "
+                                   "the self-signed certificate unless --tls-cert)."),
+          tls_name: list[str] = typer.Option(
+              [], "--tls-name", help="A host name or address agents use for this server, "
+              "put in the self-signed certificate when it is made (repeatable)."),
+          insecure: bool = typer.Option(False, "--insecure", help="Serve plain HTTP beyond "
+                                        "loopback (tokens and data cross the network in "
+                                        "clear)."),
           catalog: str = typer.Option(
               "", "--catalog", envvar="STRATA_CATALOG",
               help="Catalog database: postgresql://USER@HOST[:PORT]/DATABASE or "
@@ -37,6 +54,27 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
               help="S3 endpoint, for MinIO or Ceph RGW (default: $AWS_ENDPOINT_URL, or AWS)."),
           s3_region: str = typer.Option("", "--s3-region", help="S3 region (default: "
                                         "$AWS_REGION or $AWS_DEFAULT_REGION)."),
+          encrypt: bool = typer.Option(
+              False, "--encrypt", help="Encrypt the store (AES-256-GCM; a new store, or one "
+              "made with --encrypt before) under the passphrase or key in --passphrase-file."),
+          passphrase_file: Path | None = typer.Option(
+              None, "--passphrase-file", envvar="STRATA_PASSPHRASE_FILE",
+              help="File holding the store's passphrase or key (or set STRATA_PASSPHRASE)."),
+          credential_rotation: str = typer.Option(
+              "7d", "--credential-rotation", help="Device credentials are replaced at the "
+              "first check-in after this long (e.g. 12h, 7d)."),
+          credential_lifetime: str = typer.Option(
+              "90d", "--credential-lifetime", help="A device credential not renewed for "
+              "this long is refused (the endpoint enrolls again)."),
+          metrics_listen: str = typer.Option(
+              "", "--metrics-listen", help="Also serve /metrics without a token on this "
+              "HOST:PORT (for a Prometheus on a private network)."),
+          header_timeout: float = typer.Option(
+              20, "--header-timeout", min=0.1, help="Seconds a client has to send a "
+              "request's headers."),
+          body_timeout: float = typer.Option(
+              30, "--body-timeout", min=0.1, help="Seconds a request body may stall before "
+              "the connection is closed."),
           ) -> None:
     """Run the Strata server (agent sync API, admin API, retention and GC)."""
     # Imported here: the server stack costs a second of start-up every other command
@@ -44,29 +82,85 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     import uvicorn
 
     from strata.server.app import create_app
-    from strata.server.catalog.db import redact
     from strata.server.context import ServerSettings
+    from strata.server.data_dir import lock_down, tighten
+    from strata.server.http_timeouts import timed_protocol
+    from strata.server.listener import DataDirLock, bind, parse_listen, serve_metrics
+    from strata.server.services.credentials import parse_duration
+    from strata.server.tls import server_certificate
+
+    from .store import get_passphrase  # the same rules as `strata store --passphrase-file`
 
     data_dir = (data or default_data_dir()).resolve()
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise StrataError(f"--listen must be HOST:PORT, not {listen!r}")
-    if bool(tls_cert) != bool(tls_key):
-        raise StrataError("--tls-cert and --tls-key go together")
+    address = parse_listen(listen)
     if (s3_endpoint_url or s3_region) and not store.startswith("s3://"):
         raise StrataError("--s3-endpoint-url and --s3-region go with --store s3://BUCKET/PREFIX")
+    rotation, lifetime = parse_duration(credential_rotation), parse_duration(credential_lifetime)
+    if lifetime <= rotation:
+        raise StrataError("--credential-lifetime must be longer than --credential-rotation")
+    metrics_address = parse_listen(metrics_listen, "--metrics-listen") if metrics_listen else None
+    passphrase = get_passphrase(passphrase_file) if encrypt or passphrase_file or \
+        "STRATA_PASSPHRASE" in os.environ else None
     settings = ServerSettings(data_dir=data_dir, catalog_url=catalog,
                               maintenance_interval=maintenance_interval, store=store,
-                              s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
-    app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
-    scheme = "https" if tls_cert else "http"
+                              s3_endpoint_url=s3_endpoint_url, s3_region=s3_region,
+                              encrypt=encrypt, passphrase=passphrase,
+                              credential_rotation=rotation, credential_lifetime=lifetime)
+    lock_down(data_dir)  # 0700, and 0600 for every file this process writes
+    lock = DataDirLock(data_dir).acquire()  # one server per data directory
+    sock = bind(address)  # a bad or busy address: one line, before anything is announced
+    try:
+        certificate = server_certificate(address, data_dir, tls=tls, tls_cert=tls_cert,
+                                         tls_key=tls_key, tls_names=tls_name,
+                                         insecure=insecure)
+        app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
+        if metrics_address is not None:
+            serve_metrics(metrics_address)
+        if not store.startswith("s3://"):
+            tighten(Path(store) if store else data_dir / "store")
+        lines = _banner(address, data_dir, store, app, certificate, metrics_address)
+        err_console.print("\n".join(lines), highlight=False)
+        config = uvicorn.Config(
+            app, log_level="warning", loop="uvloop",
+            http=timed_protocol(header_timeout, body_timeout),
+            timeout_keep_alive=30,  # agents reuse their connection between requests
+            timeout_graceful_shutdown=10,  # a stalled client does not hold a shutdown
+            ssl_certfile=str(certificate.cert) if certificate else None,
+            ssl_keyfile=str(certificate.key) if certificate else None)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        lock.release()
+
+
+def _banner(address: ListenAddress, data_dir: Path, store: str, app: FastAPI,
+            certificate: ServerCertificate | None,
+            metrics_address: ListenAddress | None) -> list[str]:
+    """What the server says once it listens: where, with what, and how agents trust it."""
+    from strata.server.catalog.db import redact
+
+    ctx = app.state.ctx
     where = f"  store: {store}" if store else ""
-    err_console.print(f"Strata server on {scheme}://{listen}  data: {data_dir}{where}\n"
-                      f"catalog: {redact(settings.catalog_url)}\n"
-                      f"admin token: {app.state.admin_token_path} (mode 0600)",
-                      highlight=False)
-    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="warning",
-                loop="uvloop", http="httptools",
-                timeout_keep_alive=30,  # agents reuse their connection between requests
-                ssl_certfile=str(tls_cert) if tls_cert else None,
-                ssl_keyfile=str(tls_key) if tls_key else None)
+    if ctx.store.config.encryption != "none":
+        where += "  (encrypted)"
+    lines = [f"Strata server on {'https' if certificate else 'http'}://{address}  "
+             f"data: {data_dir}{where}",
+             f"catalog: {redact(ctx.settings.catalog_url)}",
+             f"admin token: {app.state.admin_token_path} (mode 0600)",
+             f"metrics: /metrics with the token in {data_dir / 'metrics.token'}"
+             + (f", and without one on http://{metrics_address}/metrics"
+                if metrics_address else "")]
+    if certificate is not None:
+        made = " (self-signed, made now)" if certificate.created else \
+            (" (self-signed)" if certificate.self_signed else "")
+        lines += [f"TLS certificate: {certificate.cert}{made}",
+                  f"certificate fingerprint (SHA-256): {certificate.fingerprint}"]
+        if certificate.self_signed:
+            host = "HOST" if address.is_wildcard else str(address).rpartition(":")[0]
+            lines.append(f"agents pin it: strata agent enroll --server https://{host}:"
+                         f"{address.port} --server-fingerprint {certificate.fingerprint} "
+                         "--token-file FILE")
+    elif not address.is_loopback:
+        lines.append("warning: plain HTTP beyond loopback (--insecure): enrollment tokens, "
+                     "credentials and endpoint data cross the network in clear")
+    return lines

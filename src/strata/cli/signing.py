@@ -48,13 +48,14 @@ class HttpAdminApi:
         import httpx
 
         from strata.signing.trust import MetadataMissing
+        from strata.transport import describe_transport_error
 
         server = self.api.server
         try:
-            resp = httpx.get(server.rstrip("/") + API + path, timeout=60,
+            resp = httpx.get(server + API + path, timeout=60, verify=self.api.verify,
                              headers={"Authorization": f"Bearer {self.api.token}"})
         except httpx.TransportError as exc:
-            raise StrataError(f"cannot reach {server}: {exc.__class__.__name__}") from None
+            raise StrataError(describe_transport_error(server, exc)) from None
         if resp.status_code == 404:
             raise MetadataMissing(path)
         if resp.status_code != 200:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import re
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from strata.engine import prune as prune_mod
 from strata.engine.backup import backup as run_backup
@@ -23,13 +22,24 @@ from strata.engine.diff import diff_snapshots
 from strata.engine.restore import normalize_include
 from strata.engine.restore import restore as run_restore
 from strata.engine.retention import RetentionPolicy, SnapshotInfo, apply_policy
+from strata.engine.snapshot_tree import SnapshotTree
 from strata.engine.stats import store_stats
-from strata.errors import StrataError
+from strata.errors import PathNotInSnapshot, StrataError
 from strata.model.entry import Entry, EntryType
 from strata.store.location import init_store_at, open_store_at
 from strata.store.repository import Store
 
-from .output import console, count_tree, err_console, human_bytes, print_json, run_with_progress
+from .mount import ALLOW_OTHER_HELP, CACHE_SIZE_HELP, preflight, serve_mount
+from .output import (
+    console,
+    count_tree,
+    err_console,
+    human_bytes,
+    iso_time,
+    print_json,
+    run_with_progress,
+    safe,
+)
 
 app = typer.Typer(help="The deduplicating, snapshotting store (usable on its own for backup).",
                   no_args_is_help=True)
@@ -110,24 +120,30 @@ def backup(store_dir: str = StoreDir, state: Path | None = STATE,
            source: Path = typer.Argument(..., help="Directory to back up."),
            tag: list[str] = typer.Option([], "--tag", help="Tag the snapshot (repeatable)."),
            exclude: list[str] = typer.Option([], "--exclude", help="Pattern to skip."),
+           one_file_system: bool = typer.Option(
+               False, "--one-file-system", "-x", help="Stay on SOURCE's file system: "
+               "mount points inside it are kept, empty."),
            passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Back up SOURCE; prints the new snapshot id."""
     with open_store(store_dir, passfile, state) as store:
         result = run_with_progress(
             "backup", lambda p: run_backup(store, source, tags=tag, excludes=exclude,
-                                           progress=p),
+                                           progress=p, one_file_system=one_file_system),
             counter=lambda p: count_tree(str(source), p), json_mode=json)
     if json:
         print_json(result.to_dict())
         return
     for err in result.errors:
-        console.print(f"[yellow]warning:[/] {err}")
+        console.print(f"[yellow]warning:[/] {safe(err)}", markup=True)
+    for mount in result.mounts_skipped:
+        console.print(f"not crossed into another file system: {mount}", markup=False,
+                      highlight=False)
     console.print(
-        f"snapshot [bold]{result.snapshot[:8]}[/] saved: {result.files} files "
+        f"snapshot [bold]{safe(result.snapshot[:8])}[/] saved: {result.files} files "
         f"({result.files_new} new, {result.files_changed} changed, "
         f"{result.files_unmodified} unmodified), read {human_bytes(result.bytes_read)}, "
         f"added {human_bytes(result.bytes_new)} ({human_bytes(result.bytes_stored)} stored) "
-        f"in {result.seconds:.1f}s")
+        f"in {result.seconds:.1f}s", markup=True)
 
 
 @app.command()
@@ -139,8 +155,8 @@ def snapshots(store_dir: str = StoreDir, state: Path | None = STATE,
     with open_store(store_dir, passfile, state) as store:
         snaps = store.snapshots(damaged)
     for sid in damaged:
-        err_console.print(f"[yellow]warning:[/] snapshot {sid[:8]} is damaged and not listed "
-                          "(see `strata store check`)", highlight=False)
+        err_console.print(f"[yellow]warning:[/] snapshot {safe(sid[:8])} is damaged and not "
+                          "listed (see `strata store check`)", markup=True, highlight=False)
     if json:
         print_json([{"id": s.id, "time": s.time, "host": s.host, "paths": s.paths,
                      "tags": s.tags, "parent": s.parent, "trigger": s.trigger,
@@ -149,7 +165,7 @@ def snapshots(store_dir: str = StoreDir, state: Path | None = STATE,
         return
     table = Table("ID", "Time", "Host", "Tags", "Paths", "Files", "Size")
     for s in snaps:
-        table.add_row(s.short_id, s.datetime.astimezone().strftime("%Y-%m-%d %H:%M:%S"), s.host,
+        table.add_row(s.short_id, iso_time(s.datetime), s.host,
                       ",".join(s.tags), " ".join(s.paths), str(s.stats.get("files", "")),
                       human_bytes(s.stats.get("bytes_total", 0)))
     console.print(table)
@@ -164,7 +180,7 @@ def _mode_string(e: Entry) -> str:
 
 
 def _entry_doc(e: Entry) -> dict:
-    return {"path": os.fsdecode(e.path), "type": e.type.name.lower(), "mode": oct(e.mode),
+    return {"path": os.fsdecode(e.path), "type": e.type.name.lower(), "mode": f"{e.mode:04o}",
             "uid": e.uid, "gid": e.gid, "size": e.size, "mtime_ns": e.mtime_ns,
             "link_target": os.fsdecode(e.link_target) if e.link_target else None}
 
@@ -180,11 +196,13 @@ def ls_cmd(store_dir: str = StoreDir, state: Path | None = STATE,
         snap = store.resolve_snapshot(snapshot)
         entries = [e for e in store.iter_manifest(snap)
                    if not prefix or e.path == prefix or e.path.startswith(prefix + b"/")]
+    if prefix and not entries:
+        raise PathNotInSnapshot(f"not in snapshot {snap.id[:8]}: {os.fsdecode(prefix)}")
     if json:
         print_json([_entry_doc(e) for e in entries])
         return
     for e in entries:
-        when = datetime.fromtimestamp(e.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M")
+        when = iso_time(e.mtime_ns / 1e9)
         name = os.fsdecode(e.path)
         if e.type is EntryType.SYMLINK:
             name += " -> " + os.fsdecode(e.link_target)
@@ -237,14 +255,14 @@ def restore(store_dir: str = StoreDir, state: Path | None = STATE,
         print_json(result.to_dict())
     else:
         for w in result.warnings:
-            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+            console.print(f"[yellow]warning:[/] {safe(w)}", markup=True, highlight=False)
         for w in result.withheld:
-            console.print(f"withheld: {escape(w)}", highlight=False)
+            console.print(f"withheld: {w}", highlight=False)
         for e in result.errors:
-            err_console.print(f"[red]error:[/] {escape(e)}", highlight=False)
+            err_console.print(f"[red]error:[/] {safe(e)}", markup=True, highlight=False)
         console.print(f"restored {result.files} files, {result.dirs} dirs, {result.other} "
                       f"other ({human_bytes(result.bytes_written)}) from {snap.short_id} "
-                      f"into {escape(str(target))} in {result.seconds:.1f}s"
+                      f"into {target} in {result.seconds:.1f}s"
                       + (f"; {len(result.errors)} skipped" if result.errors else ""),
                       highlight=False)
         if result.withheld:
@@ -252,6 +270,23 @@ def restore(store_dir: str = StoreDir, state: Path | None = STATE,
                           "out: --full-metadata restores them", highlight=False)
     if result.errors:
         raise typer.Exit(1)
+
+
+@app.command()
+def mount(store_dir: str = StoreDir, state: Path | None = STATE,
+          snapshot: str = typer.Argument(..., help="Snapshot id (or prefix), or 'latest'."),
+          mountpoint: str = typer.Argument(..., help="An existing, empty folder."),
+          cache_size: str = typer.Option("64MiB", help=CACHE_SIZE_HELP),
+          allow_other: bool = typer.Option(False, "--allow-other", help=ALLOW_OTHER_HELP),
+          passfile: Path | None = PASSFILE) -> None:
+    """Mount a snapshot read-only at MOUNTPOINT (FUSE); runs until unmounted or Ctrl-C."""
+    cache = parse_size(cache_size)
+    preflight(mountpoint)
+    with open_store(store_dir, passfile, state) as store:
+        snap = store.resolve_snapshot(snapshot)
+        tree = SnapshotTree.of_store(store, snap, cache_bytes=cache)
+        serve_mount(tree, mountpoint, f"snapshot {snap.short_id}", f"strata:{snap.short_id}",
+                    allow_other)
 
 
 @app.command()
@@ -270,22 +305,23 @@ def check(store_dir: str = StoreDir, state: Path | None = STATE,
         print_json(result.to_dict())
     else:
         for w in result.warnings:
-            console.print(f"[yellow]warning:[/] {w}", highlight=False)
+            console.print(f"[yellow]warning:[/] {safe(w)}", markup=True, highlight=False)
         for d in result.damaged_packs:
-            console.print(f"[red]damaged pack[/] {d['pack']}: {d['reason']}", highlight=False)
+            console.print(f"[red]damaged pack[/] {safe(d['pack'])}: {safe(d['reason'])}",
+                          markup=True, highlight=False)
         for d in result.damaged_snapshots:
-            console.print(f"[red]damaged snapshot[/] {d['snapshot'][:8]}: {d['reason']}",
-                          highlight=False)
+            console.print(f"[red]damaged snapshot[/] {safe(d['snapshot'][:8])}: "
+                          f"{safe(d['reason'])}", markup=True, highlight=False)
         for h in result.hurt:
-            console.print(f"[red]snapshot {h['snapshot'][:8]}[/]: {h['count']} file(s) damaged",
-                          highlight=False)
+            console.print(f"[red]snapshot {safe(h['snapshot'][:8])}[/]: {h['count']} file(s) "
+                          "damaged", markup=True, highlight=False)
             for f in h["files"]:
                 console.print(f"    {f}", markup=False, highlight=False)
         what = "read and verified " + str(result.chunks_verified) + " chunks, " \
             if read_data else ""
         verdict = "[green]no errors[/]" if result.ok else "[red]the store is damaged[/]"
         console.print(f"checked {result.snapshots} snapshots, {result.packs} packs, "
-                      f"{what}{verdict}")
+                      f"{what}{verdict}", markup=True)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -305,9 +341,12 @@ def forget(store_dir: str = StoreDir, state: Path | None = STATE,
            prune: bool = typer.Option(False, "--prune", help="Prune right after."),
            passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
     """Remove snapshots not kept by the policy (restic's forget semantics; -1 = unlimited)."""
-    policy = RetentionPolicy(last=keep_last, hourly=keep_hourly, daily=keep_daily,
-                             weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly,
-                             tags=tuple(keep_tag))
+    try:
+        policy = RetentionPolicy(last=keep_last, hourly=keep_hourly, daily=keep_daily,
+                                 weekly=keep_weekly, monthly=keep_monthly, yearly=keep_yearly,
+                                 tags=tuple(keep_tag))
+    except ValueError as exc:  # "last must be >= -1 …": named as the option that set it
+        raise StrataError(f"--keep-{exc}") from None
     if snapshot_ids:
         if not policy.is_empty():
             raise StrataError("give snapshot ids or --keep-* options, not both")
@@ -331,9 +370,9 @@ def forget(store_dir: str = StoreDir, state: Path | None = STATE,
         return
     table = Table("ID", "Time", "Host", "Decision", "Reasons")
     for d in decisions:
-        table.add_row(d.snapshot.id[:8], snaps[d.snapshot.id].time[:19], d.snapshot.host,
-                      "keep" if d.keep else ("[red]would remove[/]" if dry_run else
-                                             "[red]removed[/]"), ", ".join(d.reasons))
+        table.add_row(d.snapshot.id[:8], iso_time(snaps[d.snapshot.id].time), d.snapshot.host,
+                      "keep" if d.keep else Text("would remove" if dry_run else "removed",
+                                                 style="red"), ", ".join(d.reasons))
     console.print(table)
     console.print(f"{len(decisions) - len(removed)} kept, {len(removed)} "
                   f"{'would be removed' if dry_run else 'removed'}")
@@ -412,4 +451,42 @@ def repair_index(store_dir: str = StoreDir, state: Path | None = STATE,
         return
     console.print(f"indexed {chunks} chunks from {count} packs")
     for name in damaged:
-        console.print(f"[red]unreadable pack[/] {name} (its trailer is damaged)")
+        console.print(f"[red]unreadable pack[/] {safe(name)} (its trailer is damaged)",
+                      markup=True)
+
+@app.command("repair")
+def repair(store_dir: str = StoreDir, state: Path | None = STATE,
+           dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; "
+                                        "change nothing."),
+           passfile: Path | None = PASSFILE, json: bool = JSON) -> None:
+    """Heal damaged packs: verify every chunk, keep the intact ones (copied to new packs),
+    drop the rest, and name the snapshots and files that need what was lost; back the
+    source up again to store those chunks anew. Exit 1 while a snapshot still lacks data."""
+    from strata.engine.repair import repair as run_repair
+
+    with open_store(store_dir, passfile, state) as store:
+        result = run_repair(store, dry_run=dry_run)
+    if json:
+        print_json(result.to_dict())
+    else:
+        would = "would keep" if dry_run else "kept"
+        for d in result.damaged:
+            console.print(f"damaged pack {d.pack[:16]}: {d.reason}; {would} {d.salvaged} "
+                          f"intact chunks, {d.lost} lost", markup=False, highlight=False)
+        for ds in result.damaged_snapshots:
+            console.print(f"damaged snapshot {ds['snapshot'][:8]}: {ds['reason']}",
+                          markup=False, highlight=False)
+        for h in result.hurt:
+            console.print(f"snapshot {h['snapshot'][:8]}: {h['count']} file(s) need lost "
+                          "data:", markup=False, highlight=False)
+            for f in h["files"]:
+                console.print(f"    {f}", markup=False, highlight=False)
+        if not result.damaged:
+            console.print(f"checked {result.packs_checked} packs: none is damaged",
+                          highlight=False)
+        elif not dry_run:
+            console.print(f"dropped {len(result.damaged)} damaged pack(s) "
+                          f"({result.chunks_lost} chunks lost); a backup of a source that "
+                          "still has the files above stores them again", highlight=False)
+    if not result.whole:
+        raise typer.Exit(1)

@@ -56,6 +56,8 @@ class BackupResult:
     chunks_new: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    # Mount points not crossed (one file system): present, empty, in the snapshot.
+    mounts_skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,8 +164,10 @@ class Archive:
 def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] | None,
                  excludes: list[str] | None = None, progress: Progress | None = None,
                  workers: int | None = None,
-                 keepalive: Callable[[], None] | None = None) -> Archive:
+                 keepalive: Callable[[], None] | None = None,
+                 one_file_system: bool = False) -> Archive:
     """Scan `src`, send new data to `sink`, and build the manifest (stored in the sink).
+    `one_file_system`: do not walk what is mounted inside `src` (scan_tree).
 
     This is the one implementation of backup shared by `strata store backup` and the
     agent's centralization."""
@@ -224,7 +228,9 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
         manifest_out = ManifestWriter(mf)
         last_tick = time.monotonic()
         try:
-            for entry, abspath in scan_tree(src, matcher, errors=result.errors):
+            for entry, abspath in scan_tree(src, matcher, errors=result.errors,
+                                            one_file_system=one_file_system,
+                                            mounts=result.mounts_skipped):
                 batch, i = None, 0
                 if keepalive and time.monotonic() - last_tick > _KEEPALIVE_SECONDS:
                     keepalive()
@@ -289,15 +295,16 @@ def make_snapshot(archive: Archive, *, host: str, paths: list[str], tags: list[s
                     manifest=[(c.hex(), n) for c, n in archive.manifest],
                     manifest_id=content_id(archive.manifest_bytes).hex())
     snap.stats = {k: v for k, v in archive.result.to_dict().items()
-                  if k not in ("snapshot", "errors", "seconds")}
+                  if k not in ("snapshot", "errors", "seconds", "mounts_skipped")}
     return snap
 
 
 def backup(store: Store, source: str | os.PathLike, *, tags: list[str] | None = None,
            excludes: list[str] | None = None, host: str | None = None, trigger: str = "user",
            parent: Snapshot | None | bool = True, progress: Progress | None = None,
-           workers: int | None = None) -> BackupResult:
-    """Back up `source` into `store`; returns what was done (and the new snapshot id)."""
+           workers: int | None = None, one_file_system: bool = False) -> BackupResult:
+    """Back up `source` into `store`; returns what was done (and the new snapshot id).
+    `one_file_system`: what is mounted inside `source` is not walked."""
     started = time.monotonic()
     src = Path(source).resolve()
     if not src.is_dir():
@@ -313,7 +320,7 @@ def backup(store: Store, source: str | os.PathLike, *, tags: list[str] | None = 
         archive = archive_tree(store, src,
                                parent_entries=store.iter_manifest(parent) if parent else None,
                                excludes=excludes, progress=progress, workers=workers,
-                               keepalive=session.refresh)
+                               keepalive=session.refresh, one_file_system=one_file_system)
         snap = make_snapshot(archive, host=host, paths=paths, tags=tags,
                              parent=parent.id if parent else None, trigger=trigger)
         commit_with_heal(lambda: store.commit_snapshot(snap, archive.referenced), store, src,

@@ -40,7 +40,7 @@ class CheckResult:
         return asdict(self)
 
 
-def _verify_pack(store: Store, name: str, size: int) -> tuple[str | None, set[bytes]]:
+def verify_pack(store: Store, name: str, size: int) -> tuple[str | None, set[bytes]]:
     """Read a whole pack; return (reason it is damaged or None, ids of bad chunks)."""
     try:
         data = store.backend.load("packs", name)
@@ -111,7 +111,7 @@ def check(store: Store, *, read_data: bool = False,
         if name not in on_disk:
             damage(name, "missing", {e.id for e in store.index.pack_chunks(name)})
         elif read_data:
-            reason, bad = _verify_pack(store, name, size)
+            reason, bad = verify_pack(store, name, size)
             res.chunks_verified += len(store.index.pack_chunks(name)) - len(bad)
             if reason:
                 damage(name, reason, bad)
@@ -125,6 +125,14 @@ def check(store: Store, *, read_data: bool = False,
         if on_pack:
             on_pack(size)
 
+    check_snapshots(store, bad_chunks, res)
+    res.ok = not (res.damaged_packs or res.damaged_snapshots or res.missing_chunks or res.hurt)
+    return res
+
+
+def check_snapshots(store: Store, bad_chunks: set[bytes], res: CheckResult) -> None:
+    """Every snapshot's manifest and files against the index and `bad_chunks`: the
+    damaged snapshots, and the files that need a chunk that is lost, into `res`."""
     for sid in store.snapshot_ids():
         res.snapshots += 1
         try:
@@ -134,8 +142,6 @@ def check(store: Store, *, read_data: bool = False,
             res.snapshots -= 1  # forgotten while we were checking
         except CorruptData as exc:
             res.damaged_snapshots.append({"snapshot": sid, "reason": str(exc)})
-    res.ok = not (res.damaged_packs or res.damaged_snapshots or res.missing_chunks or res.hurt)
-    return res
 
 
 def _check_snapshot(store: Store, snap: Snapshot, bad_chunks: set[bytes],

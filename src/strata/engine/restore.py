@@ -52,6 +52,9 @@ class RestoreResult:
 
 def normalize_include(path: str) -> bytes:
     p = os.fsencode(path).strip(b"/")
+    if not p:
+        raise UnsafePath(f"{path!r} names no path: give one relative to the snapshot's "
+                         "root, e.g. home/alice (or leave it out for everything)")
     validate_path(p)
     return p
 

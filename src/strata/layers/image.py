@@ -33,6 +33,9 @@ class Image:
     entries: dict[bytes, Entry] = field(default_factory=dict)
     source: dict[bytes, str] = field(default_factory=dict)  # path -> layer label
     removes: set[bytes] = field(default_factory=set)
+    # Paths whose entry is the endpoint's own, from a CVD snapshot (revert, full restore):
+    # layer rules about IT content (do-not-download) do not apply to them.
+    own: set[bytes] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -71,9 +74,14 @@ def build_image(layers: Iterable[LayerContent], rules: LayerRules,
             if cls_ok:
                 img.entries[e.path] = e
                 img.source[e.path] = layer.label
+                if layer.kind == "snapshot":
+                    img.own.add(e.path)
+                else:
+                    img.own.discard(e.path)
         for gone in layer.removes:
             img.removes.add(gone)
             for p in [p for p in img.entries if p == gone or p.startswith(gone + b"/")]:
                 del img.entries[p]
                 del img.source[p]
+                img.own.discard(p)
     return img

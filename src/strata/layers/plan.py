@@ -259,8 +259,8 @@ def _change_for(path: bytes, c: Entry | None, t: Entry, o: Entry | None, cls: Pa
                 rules: LayerRules, mode: Mode, image: Image, plan: Plan) -> Change | None:
     reason = image.source.get(path, "target")
     shown = display(path)
-    if rules.do_not_download(path, t.type is EntryType.DIR):
-        return None
+    if rules.do_not_download(path, t.type is EntryType.DIR) and path not in image.own:
+        return None  # a layer's: the endpoint's own files (a CVD snapshot) always come
     if c is None:
         if o is not None and _keeps_local(path, o, c, rules, mode) and \
                 database_for(path, rules.family) is None:

@@ -110,6 +110,24 @@ class TokenCreated(AdminModel):
     require_approval: bool
 
 
+class TokenInfo(AdminModel):
+    """An enrollment token as listed: never the secret, which only its creator saw."""
+
+    id: int
+    created_at: datetime
+    uses_left: int | None  # None: unlimited
+    expires_at: datetime | None
+    require_approval: bool
+    revoked: bool
+    status: str  # usable, expired, used up, revoked
+    enrolled: int  # endpoints enrolled with it
+
+
+class AdminTokenRotated(AdminModel):
+    token: str  # the new admin token; the old one is refused from now on
+    path: str  # where the server keeps it
+
+
 class EndpointState(AdminModel):
     id: str
     state: str  # pending, active, revoked
@@ -343,6 +361,9 @@ class RestoreResult(AdminModel):
     to: str
     snapshot: str
     state: str
+    # The CVD's own files that match the do-not-download rule: they come along too (the
+    # rule is about layers' content, not the endpoint's own data).
+    own_do_not_download: int = 0
 
 
 class ProvisionResult(AdminModel):
@@ -396,3 +417,45 @@ class StoreFigures(AdminModel):
 # A policy document as stored: its shape depends on its kind (upload, retention,
 # bandwidth, layers; see server/policies.py, which validates each).
 PolicyDocument = dict[str, JsonValue]
+
+
+class PolicyPlanRequest(AdminModel):
+    """A document to merge over the current one (or to replace it with `replace`); no
+    document: the kind's default (what `policy reset` puts back)."""
+
+    document: PolicyDocument | None = None
+    replace: bool = False
+
+
+class PolicyChange(AdminModel):
+    key: str  # dotted, e.g. exclusions.linux
+    before: JsonValue | None  # None: added
+    after: JsonValue | None  # None: removed
+
+
+class RetentionLoss(AdminModel):
+    """What a retention document would remove from one endpoint's CVD."""
+
+    endpoint_id: str
+    hostname: str
+    snapshots: int
+    removed: int
+    revert_points_removed: int  # pre-update snapshots among them
+
+
+class PolicyPlan(AdminModel):
+    """What storing a policy document would change; nothing is stored."""
+
+    kind: str
+    document: PolicyDocument  # what would be stored (merged, validated)
+    changes: list[PolicyChange]
+    retention: list[RetentionLoss]  # kind retention: endpoints that would lose snapshots
+
+
+class EndpointDeleted(AdminModel):
+    """An endpoint deleted with its CVD: its snapshots are gone from the catalog and the
+    store (their chunks no other snapshot uses are freed at the next maintenance)."""
+
+    deleted: str
+    hostname: str
+    snapshots: int

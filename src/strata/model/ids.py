@@ -20,3 +20,10 @@ def from_hex(text: str) -> bytes:
     if len(raw) != ID_LEN:
         raise ValueError(f"not a {ID_LEN}-byte id: {text!r}")
     return raw
+
+
+def is_hex_id(text: object) -> bool:
+    """True for an id as the wire carries it (64 lowercase hex digits): safe to put in a
+    file name or a URL path."""
+    return (isinstance(text, str) and len(text) == 2 * ID_LEN
+            and all(c in "0123456789abcdef" for c in text))

@@ -55,6 +55,7 @@ def read_bundle(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
 
 STREAM_MAGIC = b"STRXFZ01"
 MAX_STREAM_RAW = 256 << 20  # decompressed size a receiver accepts for one stream
+MAX_STREAM_BYTES = 64 << 20  # raw bytes a server sends in one download response
 
 
 STREAM_WINDOW_LOG = 26  # 64 MiB: a whole download batch; decoders allow up to 2**27

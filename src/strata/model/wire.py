@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator
 
+from strata.model.ids import is_hex_id
 from strata.model.update import UpdateState
 
 MAX_IDS_PER_QUERY = 10_000
+# A store object's id (chunk, snapshot, manifest) as it crosses the wire: checked before
+# any of them names a file or a URL on either side.
+HexId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+MAX_CHUNK_LENGTH = 1 << 30  # a manifest chunk's length as listed (the store caps it lower)
+ManifestChunk = tuple[HexId, Annotated[int, Field(gt=0, le=MAX_CHUNK_LENGTH)]]
+ShortText = Annotated[str, StringConstraints(max_length=255)]
+PathText = Annotated[str, StringConstraints(max_length=4096)]
+MAX_STATS_KEYS = 64
 # What the server's catalog columns hold (32- and 64-bit integers): numbers outside are
 # refused here, before the server writes anything, rather than by the database afterwards.
 INT32_MAX = (1 << 31) - 1
@@ -39,22 +50,36 @@ class AgentPolicy(BaseModel):
     bandwidth: BandwidthLimits = Field(default_factory=BandwidthLimits)
 
 
+MAX_REPORT_BYTES = 64 << 10  # an inventory or status document, as JSON: kept in the catalog
+
+
+def _bounded_report(doc: dict[str, Any]) -> dict[str, Any]:
+    """What an endpoint reports about itself is kept as it is, so its size is bounded."""
+    if len(json.dumps(doc)) > MAX_REPORT_BYTES:  # NaN is refused by the catalog's types
+        raise ValueError(f"at most {MAX_REPORT_BYTES} bytes as JSON")
+    return doc
+
+
+BoundedReport = Annotated[dict[str, Any], AfterValidator(_bounded_report)]
+
+
 class EnrollRequest(BaseModel):
     token: str = Field(min_length=8, max_length=256)
     hostname: str = Field(default="", max_length=255)
     os: str = Field(default="", max_length=64)
-    inventory: dict[str, Any] = Field(default_factory=dict)
+    inventory: BoundedReport = Field(default_factory=dict)
 
 
 class EnrollResponse(BaseModel):
-    endpoint_id: str
-    credential: str
+    # It names signed targets and files on the agent: an id, never a path.
+    endpoint_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+    credential: str = Field(max_length=512)
     state: str  # active or pending (waiting for an admin's approval)
 
 
 class CheckinRequest(BaseModel):
-    inventory: dict[str, Any] = Field(default_factory=dict)
-    status: dict[str, Any] = Field(default_factory=dict)
+    inventory: BoundedReport = Field(default_factory=dict)
+    status: BoundedReport = Field(default_factory=dict)
 
 
 class DesiredLayer(BaseModel):
@@ -64,6 +89,14 @@ class DesiredLayer(BaseModel):
     version: str
     snapshot: str  # the store snapshot holding its manifest
     removes: list[str] = Field(default_factory=list)
+
+    @field_validator("snapshot")
+    @classmethod
+    def _snapshot_id(cls, sid: str) -> str:
+        # The agent names cache files after it: a server's "../x" must never reach a path.
+        if not is_hex_id(sid):
+            raise ValueError("a layer's snapshot must be a 64-digit lowercase hex id")
+        return sid
 
 
 class DesiredState(BaseModel):
@@ -88,6 +121,8 @@ class CheckinResponse(BaseModel):
     last_snapshot_time: datetime | None = None
     server_time: datetime
     desired: DesiredState | None = None
+    # A new device credential (rotation): the agent keeps it in place of the one it used.
+    credential: str | None = None
 
 
 class MissingRequest(BaseModel):
@@ -95,7 +130,16 @@ class MissingRequest(BaseModel):
 
 
 class MissingResponse(BaseModel):
-    missing: list[str]
+    missing: list[str]  # send these chunks' bytes
+    # Chunks the server may say it holds, but that this endpoint has not shown it has:
+    # prove each with a keyed hash under `nonce` (model/possession.py), or upload it.
+    prove: list[str] = Field(default_factory=list)
+    nonce: str = ""
+
+
+class ProveResponse(BaseModel):
+    accepted: int
+    refused: list[str]  # upload these chunks' bytes instead
 
 
 class UploadResponse(BaseModel):
@@ -106,12 +150,12 @@ class UploadResponse(BaseModel):
 
 
 class CommitRequest(BaseModel):
-    manifest: list[tuple[str, int]]
-    manifest_id: str
-    paths: list[str] = Field(default_factory=list)
-    tags: list[str] = Field(default_factory=list)
+    manifest: list[ManifestChunk] = Field(min_length=1, max_length=MAX_IDS_PER_QUERY)
+    manifest_id: HexId
+    paths: list[PathText] = Field(default_factory=list, max_length=64)
+    tags: list[ShortText] = Field(default_factory=list, max_length=64)
     trigger: str = Field(default="scheduled", max_length=16)
-    stats: dict[str, Any] = Field(default_factory=dict)
+    stats: dict[str, Any] = Field(default_factory=dict, max_length=MAX_STATS_KEYS)
     kind: str = Field(default="incremental", max_length=16)  # centralize (first) / incremental
     retries: int = Field(default=0, ge=0, le=INT32_MAX)
     bytes_on_wire: int = Field(default=0, ge=0, le=INT64_MAX)
@@ -124,6 +168,12 @@ class CommitRequest(BaseModel):
             value = stats.get(key, 0)
             if type(value) is not int or not 0 <= value <= limit:
                 raise ValueError(f"stats.{key} must be a whole number from 0 to {limit}")
+        for key, value in stats.items():  # the rest is kept in the snapshot as it is
+            if len(key) > 64 or not (value is None or isinstance(value, bool)
+                                     or (isinstance(value, float) and math.isfinite(value))
+                                     or (type(value) is int and abs(value) <= INT64_MAX)
+                                     or (isinstance(value, str) and len(value) <= 255)):
+                raise ValueError(f"stats.{key[:64]} must be a number or a short text")
         return stats
 
 
@@ -175,12 +225,12 @@ class UpdateReport(BaseModel):
     state: UpdateState
     percent: float = Field(default=0.0, ge=0, le=100)
     detail: str = Field(default="", max_length=4000)
-    downloaded_bytes: int = Field(default=0, ge=0)
+    downloaded_bytes: int = Field(default=0, ge=0, le=INT64_MAX)
     refused: bool = False  # the agent refused the layers: unsigned, forged or stale
 
 
 class RestoreReport(BaseModel):
-    snapshot: str
+    snapshot: str = Field(max_length=64)
     files: int = Field(default=0, ge=0, le=INT32_MAX)
     bytes_written: int = Field(default=0, ge=0, le=INT64_MAX)
     seconds: float = Field(default=0.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)

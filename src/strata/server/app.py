@@ -2,28 +2,40 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
+from starlette.requests import ClientDisconnect
 
 from strata import __version__
 from strata.errors import StrataError
 from strata.server import metrics
 from strata.server.asgi_metrics import MetricsMiddleware
-from strata.server.auth import digest, ensure_admin_token, read_token_file
+from strata.server.auth import (
+    digest,
+    ensure_admin_token,
+    ensure_token_file,
+    read_token_file,
+    same_secret,
+)
 from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
+from strata.server.console.pages import mount_console
 from strata.server.context import ServerContext, ServerSettings
+from strata.server.deps import client_ip, label_permissions
+from strata.server.holdings import Holdings
 from strata.server.maintenance import upkeep_threads
+from strata.server.possession import NonceMinter
 from strata.server.routes import (
     agent,
     agent_deltas,
@@ -34,15 +46,21 @@ from strata.server.routes import (
     compliance,
     endpoints,
     layers,
+    maintenance,
     operations,
     policies,
     signing,
+    snapshot_files,
     tokens,
+    users,
 )
 from strata.server.store_location import open_server_store
 from strata.server.stream_cache import StreamCache
 
 log = logging.getLogger("strata.server")
+
+
+MAX_ECHOED_INPUT = 200  # characters of a refused value a 422 repeats back
 
 
 def _finite_or_text(value: float) -> float | str:
@@ -52,12 +70,16 @@ def _finite_or_text(value: float) -> float | str:
 def create_app(settings: ServerSettings) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     token_path, _ = ensure_admin_token(settings.data_dir)
+    metrics_token_path, _ = ensure_token_file(settings.data_dir / "metrics.token", "smet")
     _, sessions = open_catalog(settings.catalog_url)
     store = open_server_store(settings.data_dir, settings.store,
                               s3_endpoint_url=settings.s3_endpoint_url,
-                              s3_region=settings.s3_region)
+                              s3_region=settings.s3_region, passphrase=settings.passphrase,
+                              encrypt=settings.encrypt)
     ctx = ServerContext(settings=settings, store=store, db=sessions,
-                        streams=StreamCache(settings.data_dir / "cache" / "streams"))
+                        streams=StreamCache(settings.data_dir / "cache" / "streams"),
+                        holdings=Holdings(settings.data_dir / "holdings.sqlite"),
+                        possession=NonceMinter(settings.data_dir / "possession.key"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,16 +92,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
         for t in threads:
             t.join(timeout=10)  # the last visits reach the catalog
         ctx.store.close()
+        ctx.holdings.close()
 
     app = FastAPI(title="Strata server", version=__version__, lifespan=lifespan,
                   openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs")
     app.state.ctx = ctx
     app.state.admin_digest = digest(read_token_file(token_path))
     app.state.admin_token_path = token_path
-    for routes in (agent, agent_sync, agent_layers, agent_deltas, tokens, endpoints, policies,
-                   layers, collections, compliance, operations, audit, signing):
+    app.state.metrics_digest = digest(read_token_file(metrics_token_path))
+    for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
+                   collections, compliance, operations, audit, signing, snapshot_files,
+                   users, maintenance, agent_deltas):
+        label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
+    mount_console(app)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)  # added last = outermost: it sees the 413s too
@@ -88,13 +115,26 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:
         # Services refuse with StrataError subclasses (NotFound, Conflict, Invalid, ...):
         # this is the one place that turns them into HTTP answers.
-        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status)
+        retry = getattr(exc, "retry_after", None)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status,
+                            headers={"Retry-After": str(retry)} if retry else None)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _exc: ClientDisconnect) -> Response:
+        # The client hung up, or was cut off for stalling (server/http_timeouts.py): what
+        # it sent is dropped. One line, not a traceback: this happens every day.
+        log.warning("%s went away during %s %s", client_ip(request) or "a client",
+                    request.method, request.url.path)
+        return Response(status_code=400)  # nobody reads it
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler echoes the input back and fails (a 500) when that holds a
         # NaN or an infinity, which Python's JSON parser accepts: write those as strings.
         errors = jsonable_encoder(exc.errors(), custom_encoder={float: _finite_or_text})
+        for error in errors:  # the input is echoed only when short: never megabytes back
+            if len(json.dumps(error.get("input"))) > MAX_ECHOED_INPUT:
+                error.pop("input", None)
         return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(StatementError)
@@ -114,7 +154,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return {"status": "ok", "version": __version__, "store": ctx.store.config.id}
 
     @app.get("/metrics", tags=["health"])
-    def prometheus() -> Response:
+    def prometheus(authorization: str | None = Header(None)) -> Response:
+        """Prometheus metrics, for the token in DATA/metrics.token (or the admin token):
+        request rates and byte counts say when and how much each fleet backs up.
+        `strata server --metrics-listen` serves them without a token on another address."""
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if not token or not (same_secret(token, app.state.metrics_digest)
+                             or same_secret(token, app.state.admin_digest)):
+            raise HTTPException(401, "metrics need 'Authorization: Bearer <token>' with the "
+                                "token in DATA/metrics.token",
+                                headers={"WWW-Authenticate": "Bearer"})
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app

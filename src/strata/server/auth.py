@@ -27,13 +27,28 @@ def same_secret(secret: str, expected_digest: str) -> bool:
 
 def ensure_admin_token(data_dir: Path) -> tuple[Path, bool]:
     """Create DATA/admin.token (mode 0600) on first start; return (path, created)."""
-    path = data_dir / "admin.token"
+    return ensure_token_file(data_dir / "admin.token", "sadm")
+
+
+def ensure_token_file(path: Path, prefix: str) -> tuple[Path, bool]:
+    """Create a token file (mode 0600) unless it exists; return (path, created)."""
     if path.exists():
         return path, False
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(new_secret("sadm") + "\n")
+        f.write(new_secret(prefix) + "\n")
     return path, True
+
+
+def write_token_file(path: Path, token: str) -> None:
+    """Replace a token file atomically, readable by its owner only."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_token_file(path: Path) -> str:

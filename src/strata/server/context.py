@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -18,6 +18,9 @@ from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
 from strata.server.catalog.models import Endpoint
+from strata.server.holdings import Holdings
+from strata.server.possession import NonceMinter
+from strata.server.rate_limit import ConcurrencyLimit, RateLimiter
 from strata.server.read_cache import ReadCache
 from strata.server.stream_cache import StreamCache
 from strata.store.locks import Session as StoreSession
@@ -34,6 +37,11 @@ T = TypeVar("T")
 # Admin changes clear the cache at once (server/read_cache.py); the TTL bounds how long
 # another server process may serve a value it cached before a change made elsewhere.
 CACHE_SECONDS = 300.0
+# Chunk ids one endpoint may ask about (missing, proofs): a first centralization of 1 TB
+# asks about some 16 million, in hours; probing for other endpoints' data needs far more.
+IDS_PER_SECOND = 20_000
+IDS_BURST = 1_000_000
+UPLOADS_AT_ONCE = 2  # per endpoint (and layer downloads): the agent does one at a time
 
 
 @dataclass
@@ -45,6 +53,13 @@ class ServerSettings:
     store: str = ""  # a directory or s3://BUCKET/PREFIX; "" is DATA/store
     s3_endpoint_url: str = ""  # "" is AWS_ENDPOINT_URL, or AWS itself
     s3_region: str = ""  # "" is AWS_REGION or AWS_DEFAULT_REGION
+    # A device credential is replaced at the first check-in after `credential_rotation`,
+    # and refused once `credential_lifetime` has passed without one (the agent enrolls
+    # again).
+    encrypt: bool = False  # a new store is encrypted (an existing one must be)
+    passphrase: str | None = field(default=None, repr=False)  # of an encrypted store
+    credential_rotation: timedelta = timedelta(days=7)
+    credential_lifetime: timedelta = timedelta(days=90)
 
     def __post_init__(self) -> None:
         if not self.catalog_url:
@@ -57,6 +72,14 @@ class ServerContext:
     store: Store
     db: sessionmaker
     streams: StreamCache
+    holdings: Holdings
+    possession: NonceMinter
+    id_queries: RateLimiter = field(
+        default_factory=lambda: RateLimiter(IDS_PER_SECOND, IDS_BURST))
+    upload_slots: ConcurrencyLimit = field(
+        default_factory=lambda: ConcurrencyLimit(UPLOADS_AT_ONCE))
+    download_slots: ConcurrencyLimit = field(
+        default_factory=lambda: ConcurrencyLimit(UPLOADS_AT_ONCE))
     uploads: dict[str, tuple[StoreSession, float]] = field(default_factory=dict)
     _uploads_lock: threading.Lock = field(default_factory=threading.Lock)
     _snapshot_chunks: OrderedDict[str, frozenset[bytes]] = field(default_factory=OrderedDict)

@@ -10,43 +10,40 @@ import logging
 import threading
 from collections.abc import Callable
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 
 from strata.engine.prune import prune
-from strata.engine.retention import SnapshotInfo, apply_policy
 from strata.errors import StrataError
-from strata.server.catalog.models import Cvd, SnapshotRecord
+from strata.server.catalog.models import SnapshotRecord
 from strata.server.context import SEEN_FLUSH_SECONDS, ServerContext
-from strata.server.policies import get_policy, retention_policy
+from strata.server.policies import get_policy
 from strata.server.services import audit
+from strata.server.services.retention import plan_retention
 
 log = logging.getLogger("strata.server")
 
 
-def run_maintenance(ctx: ServerContext) -> dict:
-    """One pass: forget what the retention policy does not keep, then prune."""
+def run_maintenance(ctx: ServerContext, actor: str = "server") -> dict:
+    """One pass: forget what the retention policy does not keep (recent revert points
+    excepted: services/retention.py), then prune. `actor`: who asked (the schedule is
+    "server"; a protection manager may run one at once)."""
     ctx.expire_uploads()
     with ctx.write() as db:
-        policy = retention_policy(get_policy(db, "retention"))
         removed: list[str] = []
-        for cvd in db.scalars(select(Cvd)):
-            rows = list(db.scalars(select(SnapshotRecord)
-                                   .where(SnapshotRecord.cvd_id == cvd.id)))
-            infos = [SnapshotInfo(id=r.id, time=r.time, host=cvd.endpoint_id,
-                                  tags=tuple(r.tags or ())) for r in rows]
-            gone = [d.snapshot.id for d in apply_policy(infos, policy) if not d.keep]
-            for sid in gone:
+        for cvd in plan_retention(db, get_policy(db, "retention")):
+            for sid in cvd.removed:
                 ctx.store.remove_snapshot(sid)
-            if gone:
-                db.execute(delete(SnapshotRecord).where(SnapshotRecord.id.in_(gone)))
-            removed += gone
+            if cvd.removed:
+                db.execute(delete(SnapshotRecord).where(SnapshotRecord.id.in_(cvd.removed)))
+            removed += cvd.removed
         db.commit()
     try:
         result = prune(ctx.store).to_dict()
+        result["holdings_forgotten"] = ctx.holdings.sweep(ctx.store.present)
     except StrataError as exc:  # e.g. another prune is running: try next time
         result = {"error": str(exc)}
     summary = {"snapshots_removed": len(removed), "prune": result}
-    audit.record(ctx, "server", "maintenance", "", **summary)
+    audit.record(ctx, actor, "maintenance", "", **summary)
     return summary
 
 

@@ -19,6 +19,7 @@ from strata.server.catalog.models import Policy
 LINUX_EXCLUSIONS = [
     "/proc/", "/sys/", "/dev/", "/run/", "/tmp/", "/var/tmp/", "/var/cache/",
     "/var/lib/strata-agent/", "/lost+found/", "/swapfile", "/swap.img",
+    "/mnt/", "/media/",  # removable media and ad-hoc mounts: not the endpoint's own
     "/home/*/.cache/", "/root/.cache/", "/home/*/.local/share/Trash/",
 ]
 WINDOWS_EXCLUSIONS = [
@@ -48,10 +49,74 @@ def get_policy(db: Session, kind: str) -> dict:
     return row.document if row else DEFAULTS[kind]
 
 
+# A revert point (the snapshot an update takes before it applies) is kept this long
+# whatever the retention counts say: cutting `hourly` must not take away the way back from
+# last week's update. The retention document's `revert_points_days` changes it.
+REVERT_POINT_DAYS = 30
+REVERT_POINT_TRIGGERS = ("pre-update",)
+_TOP_KEYS = {"upload": {"interval_seconds", "exclusions"}, "bandwidth": {"rules"}}
+
+
+def merge_policy(current: dict, partial: dict) -> dict:
+    """`partial` laid over `current`: a key it names replaces the current value, except
+    that objects merge key by key (so `{"exclusions": {"windows": [...]}}` keeps the Linux
+    list); lists and scalars are replaced whole."""
+    out = dict(current)
+    for key, value in partial.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_policy(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+Change = tuple[str, object, object]  # (dotted key, before, after); None: absent
+
+
+def policy_changes(before: object, after: object, key: str = "") -> list[Change]:
+    """What differs between two documents, as (dotted key, before, after): an item added
+    to or removed from a list of plain values is one change each (before or after None),
+    anything else is compared whole."""
+    if before == after:
+        return []
+    if isinstance(before, dict) and isinstance(after, dict):
+        out: list[Change] = []
+        for k in sorted(set(before) | set(after), key=str):
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in before:
+                out.append((sub, None, after[k]))
+            elif k not in after:
+                out.append((sub, before[k], None))
+            else:
+                out += policy_changes(before[k], after[k], sub)
+        return out
+    plain = (str, int, float, bool)
+    if isinstance(before, list) and isinstance(after, list) and all(
+            isinstance(v, plain) for v in [*before, *after]):
+        removed: list[Change] = [(key, v, None) for v in before if v not in after]
+        return removed + [(key, None, v) for v in after if v not in before]
+    return [(key, before, after)]
+
+
+def _count(kind: str, key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{kind} {key} must be a whole number, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{kind} {key} must be a whole number, got {value!r}") from None
+
+
 def validate_policy(kind: str, doc: dict) -> dict:
     """Check a document an administrator wants to store; raise ValueError if malformed."""
+    if not isinstance(doc, dict):
+        raise ValueError("a policy document is a JSON object")
+    unknown = set(doc) - _TOP_KEYS.get(kind, set(doc))
+    if unknown:
+        raise ValueError(f"unknown {kind} keys: {', '.join(sorted(unknown))} (known: "
+                         f"{', '.join(sorted(_TOP_KEYS[kind]))})")
     if kind == "upload":
-        interval = int(doc.get("interval_seconds", 3600))
+        interval = _count("upload", "interval_seconds", doc.get("interval_seconds", 3600))
         if interval < 60:
             raise ValueError("interval_seconds must be at least 60")
         excl = doc.get("exclusions", {})
@@ -64,17 +129,34 @@ def validate_policy(kind: str, doc: dict) -> dict:
         policy = retention_policy(doc)
         if policy.is_empty():
             raise ValueError("a retention policy must keep something")
-        return {k: int(v) for k, v in doc.items()}
+        if revert_point_days(doc) < 0:
+            raise ValueError("revert_points_days must be 0 or more")
+        return {k: _count("retention", k, v) for k, v in doc.items()}
     if kind == "bandwidth":
         rules = doc.get("rules", [])
-        for r in rules:
+        if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+            raise ValueError('rules must be a list of objects, e.g. [{"subnet": '
+                             '"10.1.0.0/16", "upload_kbps": 512}]')
+        allowed = {"subnet", "site", "start", "end", "upload_kbps", "download_kbps"}
+        for i, r in enumerate(rules, 1):
+            unknown = set(r) - allowed
+            if unknown:
+                raise ValueError(f"rule {i}: unknown keys {', '.join(sorted(unknown))} "
+                                 f"(known: {', '.join(sorted(allowed))})")
+            for key in ("subnet", "site", "start", "end"):
+                if r.get(key) is not None and not isinstance(r[key], str):
+                    raise ValueError(f"rule {i}: {key} must be a string")
             if r.get("subnet"):
                 ipaddress.ip_network(r["subnet"], strict=False)
             for key in ("start", "end"):
                 if r.get(key):
-                    time.fromisoformat(r[key])
+                    try:
+                        time.fromisoformat(r[key])
+                    except ValueError:
+                        raise ValueError(f"rule {i}: {key} must be a time such as 08:00, "
+                                         f"got {r[key]!r}") from None
             for key in ("upload_kbps", "download_kbps"):
-                if r.get(key) is not None and int(r[key]) <= 0:
+                if r.get(key) is not None and _count("bandwidth", key, r[key]) <= 0:
                     raise ValueError(f"{key} must be positive")
         return {"rules": rules}
     if kind == "layers":
@@ -83,14 +165,20 @@ def validate_policy(kind: str, doc: dict) -> dict:
 
 
 def retention_policy(doc: dict) -> RetentionPolicy:
-    allowed = {"last", "hourly", "daily", "weekly", "monthly", "yearly"}
+    allowed = {"last", "hourly", "daily", "weekly", "monthly", "yearly", "revert_points_days"}
     unknown = set(doc) - allowed
     if unknown:
-        raise ValueError(f"unknown retention keys: {', '.join(sorted(unknown))}")
-    counts = {k: int(v) for k, v in doc.items()}
+        raise ValueError(f"unknown retention keys: {', '.join(sorted(unknown))} (known: "
+                         f"{', '.join(sorted(allowed))})")
+    counts = {k: _count("retention", k, v) for k, v in doc.items()}
     return RetentionPolicy(last=counts.get("last", 0), hourly=counts.get("hourly", 0),
                            daily=counts.get("daily", 0), weekly=counts.get("weekly", 0),
                            monthly=counts.get("monthly", 0), yearly=counts.get("yearly", 0))
+
+
+def revert_point_days(doc: dict) -> int:
+    return _count("retention", "revert_points_days",
+                  doc.get("revert_points_days", REVERT_POINT_DAYS))
 
 
 def _in_window(rule: dict, now: datetime) -> bool:

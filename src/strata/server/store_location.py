@@ -15,8 +15,11 @@ STATE_DIR = "store-state"
 
 
 def open_server_store(data_dir: Path, location: str = "", *, s3_endpoint_url: str = "",
-                      s3_region: str = "") -> Store:
-    """Open (or create, on first start) the server's store at `location`."""
+                      s3_region: str = "", passphrase: str | None = None,
+                      encrypt: bool = False) -> Store:
+    """Open (or create, on first start) the server's store at `location`. With `encrypt`
+    a new store is encrypted under `passphrase`, and an existing one must be; an
+    encrypted store opens with `passphrase` whether `encrypt` is given or not."""
     state: Path | None = data_dir / STATE_DIR
     bound = read_binding(data_dir / STATE_DIR)
     if not is_object_store(location):
@@ -30,7 +33,21 @@ def open_server_store(data_dir: Path, location: str = "", *, s3_endpoint_url: st
                           f"move it to {location}, copy its objects there and move that "
                           "folder away (see docs/deployment.md)")
     s3 = {"s3_endpoint_url": s3_endpoint_url, "s3_region": s3_region}
+    if encrypt and not passphrase:
+        raise StrataError("--encrypt needs the passphrase or key: --passphrase-file FILE "
+                          "(or STRATA_PASSPHRASE_FILE, STRATA_PASSPHRASE)")
     try:
-        return open_store_at(location, state, **s3)
+        store = open_store_at(location, state, passphrase, **s3)
     except StoreNotFound:
-        return init_store_at(location, state, **s3)
+        return init_store_at(location, state, passphrase=passphrase if encrypt else None, **s3)
+    except StrataError as exc:
+        if "encrypted" in str(exc) and not passphrase:
+            raise StrataError(f"the store at {location} is encrypted: start the server with "
+                              "--encrypt --passphrase-file FILE") from None
+        raise
+    if encrypt and store.config.encryption == "none":
+        store.close()
+        raise StrataError(f"the store at {location} was created without encryption: "
+                          "--encrypt applies to a new store (copy the data into an "
+                          "encrypted one with `strata store`, or start without --encrypt)")
+    return store

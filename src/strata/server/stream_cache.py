@@ -3,9 +3,9 @@
 Endpoints on the same base image lack the same chunks and ask for them in the same
 batches, and compressing a 64 MiB batch at zstd level 19 costs the server most of a
 minute of CPU: the first request pays for it, the others are served from here. An entry is
-named by the BLAKE3 of the level and the chunk ids asked for (the stream follows from
-them) and starts with the BLAKE3 of its body, so a damaged file is rebuilt, never served.
-The oldest entries go once the cache grows past its size.
+named by the BLAKE3 of the level and the set of chunk ids asked for (whatever their
+order: the stream follows from them) and starts with the BLAKE3 of its body, so a damaged
+file is rebuilt, never served. The oldest entries go once the cache grows past its size.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ class StreamCache:
 
     def get_or_make(self, level: int, ids: list[bytes], make: Callable[[], bytes]) -> bytes:
         """The stream for `ids` at `level`: from the cache, else `make()` (then kept)."""
-        key = blake3.blake3(bytes([level]) + b"".join(ids)).hexdigest()
+        # The set of ids names the stream, not their order: shuffled ids must not make
+        # the server compress the same batch again (the first request's order is kept;
+        # receivers read a stream by id).
+        key = blake3.blake3(bytes([level]) + b"".join(sorted(set(ids)))).hexdigest()
         with self._locks[int(key[:8], 16) % _STRIPES]:
             body = self._load(key)
             if body is not None:

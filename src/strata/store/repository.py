@@ -48,6 +48,15 @@ from strata.store.pack import (
 
 FORMAT_VERSION = 1
 DEFAULT_PACK_SIZE = 16 << 20
+# A pack is read whole by check and repair: beyond 1 GiB that is memory, not a pack; below
+# 64 KiB a store is millions of objects.
+MIN_PACK_SIZE, MAX_PACK_SIZE = 64 << 10, 1 << 30
+
+
+def check_pack_size(pack_size: int) -> None:
+    if not MIN_PACK_SIZE <= pack_size <= MAX_PACK_SIZE:
+        raise StrataError(f"pack size {pack_size} bytes is out of range: give 64KiB to 1GiB "
+                          "(default 16MiB)")
 SNAPSHOT_AAD = b"strata-snapshot"
 
 PassphraseSource = Callable[[], str | None]  # None: no passphrase to be had
@@ -144,6 +153,7 @@ class Store:
     def init(cls, path: Path, *, chunk_avg: int = 64 * 1024, compression: str = "zstd:3",
              passphrase: str | None = None, pack_size: int = DEFAULT_PACK_SIZE) -> Store:
         """Create a store in the local directory `path` (new or empty)."""
+        check_pack_size(pack_size)
         path = Path(path)
         if (path / "config").exists():
             raise StoreExists(f"a store already exists at {path}")
@@ -161,6 +171,7 @@ class Store:
                 compression: str = "zstd:3", passphrase: str | None = None,
                 pack_size: int = DEFAULT_PACK_SIZE) -> Store:
         """Create a store on `backend`, keeping local working state in `state_dir`."""
+        check_pack_size(pack_size)
         if backend.exists("config", "config"):
             raise StoreExists("a store already exists there")
         if any(True for kind in ("keys", "snapshots", "packs") for _ in backend.list(kind)):
@@ -422,6 +433,18 @@ class Store:
         payload = self.cipher.open(self.read_blob(loc.pack, loc.offset, loc.length), cid)
         decode_payload(cid, payload, loc.raw_length)
         return payload, loc.raw_length
+
+    def present(self, ids: list[bytes]) -> set[bytes]:
+        """Which of `ids` the store holds."""
+        with self._lock:
+            return self.index.present(ids)
+
+    def raw_sizes(self, ids: Iterable[bytes]) -> dict[bytes, int]:
+        """The raw length of each of `ids` the store holds, from the index alone: what
+        reading them would cost, known before any is read."""
+        with self._lock:
+            where = self.index.locate(list(dict.fromkeys(ids)))
+        return {c: loc.raw_length for c, loc in where.items()}
 
     def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
         want = list(dict.fromkeys(ids))

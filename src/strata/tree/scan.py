@@ -60,6 +60,11 @@ def open_path(path: bytes, flags: int = os.O_RDONLY) -> int:
         os.close(fd)
 
 
+def device_of(st: os.stat_result) -> int:
+    """The device a path is on (a seam: tests stand in other devices here)."""
+    return st.st_dev
+
+
 class _Level:
     """One directory being walked: its fd, paths, and the sorted names still to visit."""
 
@@ -80,12 +85,20 @@ def scan_tree(
     root: str | bytes | os.PathLike,
     excludes: ExcludeMatcher | None = None,
     errors: list[str] | None = None,
+    *,
+    one_file_system: bool = False,
+    mounts: list[str] | None = None,
 ) -> Iterator[tuple[Entry, bytes]]:
     """Yield (entry, absolute path) for every path under `root`, in path_key order.
 
     Paths that vanish or cannot be read mid-scan are skipped and reported in `errors` as
     "path: reason" strings; sockets are skipped silently. Hardlinked regular files are
     yielded as FILE at their first name and HARDLINK (link_target = that name) after.
+
+    `one_file_system`: stay on the root's device. A directory on another one (a mount
+    point: a tmpfs, an NFS share, a USB disk) is yielded, empty, as restic and tar do, so
+    the tree keeps its shape; what is mounted there is not walked, and the mount point is
+    listed in `mounts`.
     """
     root_abs = os.path.abspath(os.fsencode(root))
     if excludes is not None and not excludes:
@@ -103,6 +116,7 @@ def scan_tree(
     readlink, xattrs_of = os.readlink, read_xattrs
 
     root_fd = os.open(root_abs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_dev = device_of(os.fstat(root_fd)) if one_file_system else None
     stack: list[_Level] = []
     try:
         try:
@@ -163,6 +177,10 @@ def scan_tree(
                 note(rel, e)
                 continue
             yield entry, abs_path
+            if etype is _DIR and root_dev is not None and device_of(st) != root_dev:
+                if mounts is not None:
+                    mounts.append(display(rel))
+                continue
             if etype is _DIR:
                 try:
                     fd = os.open(name, _DIR_FLAGS, dir_fd=level.fd)

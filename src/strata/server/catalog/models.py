@@ -38,6 +38,12 @@ class Endpoint(Base):
     os: Mapped[str] = mapped_column(Str(64, clip=True), default="")
     state: Mapped[str] = mapped_column(Str(16), default="active")  # pending/active/revoked
     credential_hash: Mapped[str] = mapped_column(Str(64), unique=True)
+    # Device credentials rotate at check-in (services/credentials.py): the one handed out
+    # last is accepted, and the one before it until the agent has used the new one (the
+    # answer carrying it may have been lost). None: issued before rotation existed.
+    credential_issued_at: Mapped[datetime | None] = mapped_column(default=None)
+    previous_credential_hash: Mapped[str | None] = mapped_column(
+        Str(64), unique=True, index=True, default=None)
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(default=None)
     last_ip: Mapped[str] = mapped_column(Str(64, clip=True), default="")
@@ -182,3 +188,45 @@ class Task(Base):
     params: Mapped[dict] = mapped_column(default=dict)
     endpoints: Mapped[list] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    """An IT staff account: a role (model/roles.py), a password for the console, and
+    personal API tokens for the CLI and scripts."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(Str(64), unique=True)
+    role: Mapped[str] = mapped_column(Str(32))
+    password_hash: Mapped[str] = mapped_column(Str(255), default="")  # "": no console login
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Login throttling, in the catalog so that every server process sees the same count.
+    failed_logins: Mapped[int] = mapped_column(Int32, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class UserToken(Base):
+    """A personal API token (shown once; the catalog keeps its SHA-256)."""
+
+    __tablename__ = "user_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"),
+                                         index=True)
+    token_hash: Mapped[str] = mapped_column(Str(64), unique=True)
+    label: Mapped[str] = mapped_column(Str(128, clip=True), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used: Mapped[datetime | None] = mapped_column(default=None)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class UserSession(Base):
+    """A console sign-in: the cookie's SHA-256, its CSRF token, and when it ends."""
+
+    __tablename__ = "user_sessions"
+    id: Mapped[str] = mapped_column(Str(64), primary_key=True)  # SHA-256 of the cookie
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"),
+                                         index=True)
+    csrf: Mapped[str] = mapped_column(Str(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()

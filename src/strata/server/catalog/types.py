@@ -118,9 +118,13 @@ class _CheckedInteger(TypeDecorator[int]):
 class Int32(_CheckedInteger):
     """INTEGER, refused outside 32 bits (SQLite would store up to 64)."""
 
+    cache_ok = True  # SQLAlchemy reads it from each class itself, not from a base
+
 
 class Int64(_CheckedInteger):
     """BIGINT, refused outside 64 bits."""
+
+    cache_ok = True
 
     impl = BigInteger
     bounds = INT64

@@ -27,4 +27,7 @@ async def checkin(body: CheckinRequest, request: Request,
                   ctx: ServerContext = Depends(get_ctx)) -> CheckinResponse:
     # async: the common check-in touches only caches, so it runs on the event loop
     # instead of paying a thread hand-off; the rare writes are short.
-    return checkins.checkin(ctx, ep, body, client_ip(request))
+    answer = checkins.checkin(ctx, ep, body, client_ip(request))
+    presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    answer.credential = credentials.renew_credential(ctx, ep, presented)
+    return answer

@@ -25,8 +25,9 @@ def layer_manifest(sid: str, ep: Endpoint = Depends(require_device),
 def layer_chunks(body: ChunkRequest, ep: Endpoint = Depends(require_device),
                  ctx: ServerContext = Depends(get_ctx)) -> Response:
     """Chunks of the endpoint's assigned layers, as one zstd stream."""
-    return Response(content=layer_downloads.layer_chunks(ctx, ep, body.ids),
-                    media_type="application/x-strata-stream")
+    with ctx.download_slots.slot(ep.id, "layer downloads"):  # each may cost minutes of CPU
+        return Response(content=layer_downloads.layer_chunks(ctx, ep, body.ids),
+                        media_type="application/x-strata-stream")
 
 
 @router.post("/update")

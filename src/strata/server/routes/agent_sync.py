@@ -1,6 +1,6 @@
-"""Agent API: the sync protocol (which chunks are missing, upload them verified, commit a
-snapshot that references only chunks the server holds), and reading back the endpoint's
-own snapshots for a file restore."""
+"""Agent API: the sync protocol (which chunks are missing in this endpoint's view, upload
+or prove them, commit a snapshot that references only chunks the endpoint holds), and
+reading back the endpoint's own snapshots for a file restore."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from strata.errors import MissingChunks
+from strata.model.possession import MAX_PROOFS
 from strata.model.wire import (
     ChunkRequest,
     CommitRequest,
     CommitResponse,
     MissingRequest,
     MissingResponse,
+    ProveResponse,
     RestoreReport,
     SnapshotSummary,
     UploadResponse,
@@ -25,22 +27,37 @@ from strata.server.services import sync
 
 router = APIRouter(prefix=AGENT_API, tags=["agent"])
 MAX_MISSING_LISTED = 10_000  # in a refused commit's answer
+PROOF_BODY_LIMIT = 256 + 48 * MAX_PROOFS
 
 
-@router.post("/chunks/missing", response_model=MissingResponse)
+@router.post("/chunks/missing", response_model=MissingResponse,
+             responses={429: {"description": "too many chunk queries: retry after a while"}})
 def missing(body: MissingRequest, ep: Endpoint = Depends(require_device),
             ctx: ServerContext = Depends(get_ctx)) -> MissingResponse:
-    """Which of these chunk ids the server does not hold (from any endpoint)."""
-    return MissingResponse(missing=sync.missing(ctx, ep.id, body.ids))
+    """Which of these chunks to upload, and which to prove, in this endpoint's view: a
+    chunk only other endpoints hold reads as missing."""
+    return sync.missing(ctx, ep, body.ids)
+
+
+@router.post("/chunks/prove", response_model=ProveResponse,
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
+async def prove(request: Request, ep: Endpoint = Depends(require_device),
+                ctx: ServerContext = Depends(get_ctx)) -> ProveResponse:
+    """Keyed hashes of chunks the server asked this endpoint to prove it has (binary:
+    strata.model.possession)."""
+    data = await read_body(request, PROOF_BODY_LIMIT)
+    return await run_in_threadpool(sync.prove, ctx, ep, data)
 
 
 @router.post("/chunks", response_model=UploadResponse,
-             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}},
+             responses={429: {"description": "this endpoint has uploads in flight already"}})
 async def upload(request: Request, ep: Endpoint = Depends(require_device),
                  ctx: ServerContext = Depends(get_ctx)) -> UploadResponse:
     """Upload a chunk bundle (binary body); acknowledged only once durable."""
-    data = await read_body(request, ctx.settings.max_upload_bytes)
-    return await run_in_threadpool(sync.store_bundle, ctx, ep.id, data)
+    with ctx.upload_slots.slot(ep.id, "uploads"):  # before its body is held in memory
+        data = await read_body(request, ctx.settings.max_upload_bytes)
+        return await run_in_threadpool(sync.store_bundle, ctx, ep.id, data)
 
 
 @router.post("/snapshots", response_model=CommitResponse,

@@ -3,6 +3,8 @@ dry run of an update."""
 
 from __future__ import annotations
 
+import functools
+
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
@@ -17,19 +19,20 @@ from strata.model.admin import (
     LayerDiff,
     LayerInfo,
 )
+from strata.model.roles import Permission
 from strata.model.wire import MissingRequest, MissingResponse, UploadResponse
 from strata.server.context import ServerContext
-from strata.server.deps import admin_router, get_ctx, read_body, require_admin
+from strata.server.deps import admin_router, get_ctx, read_body, require
 from strata.server.services import dry_run as dry_runs
 from strata.server.services import layers, sync
 
-router = admin_router("layers")
+router = admin_router("layers", Permission.LAYERS)
 
 
 @router.post("/chunks/missing", response_model=MissingResponse)
 def admin_missing(body: MissingRequest, ctx: ServerContext = Depends(get_ctx)) -> MissingResponse:
     """Which chunks of a tree the admin is capturing the server lacks."""
-    return MissingResponse(missing=sync.missing(ctx, layers.ADMIN_UPLOADS, body.ids))
+    return MissingResponse(missing=sync.missing_for_admin(ctx, layers.ADMIN_UPLOADS, body.ids))
 
 
 @router.post("/chunks", response_model=UploadResponse,
@@ -37,7 +40,8 @@ def admin_missing(body: MissingRequest, ctx: ServerContext = Depends(get_ctx)) -
 async def admin_upload(request: Request,
                        ctx: ServerContext = Depends(get_ctx)) -> UploadResponse:
     data = await read_body(request, ctx.settings.max_upload_bytes)
-    return await run_in_threadpool(sync.store_bundle, ctx, layers.ADMIN_UPLOADS, data)
+    return await run_in_threadpool(functools.partial(
+        sync.store_bundle, ctx, layers.ADMIN_UPLOADS, data, endpoint=False))
 
 
 @router.get("/capture-config", response_model=CaptureConfig)
@@ -49,7 +53,7 @@ def capture_config(os_family: str = "linux",
 
 @router.post("/layers", response_model=LayerInfo)
 def capture_layer(body: LayerCaptureRequest, ctx: ServerContext = Depends(get_ctx),
-                  actor: str = Depends(require_admin)) -> LayerInfo:
+                  actor: str = Depends(require(Permission.LAYERS))) -> LayerInfo:
     return layers.capture(ctx, body, actor=actor)
 
 
@@ -73,7 +77,7 @@ def diff_layers(a: str, b: str, ctx: ServerContext = Depends(get_ctx)) -> LayerD
 
 @router.delete("/layers/{ref}", response_model=Deleted)
 def delete_layer(ref: str, ctx: ServerContext = Depends(get_ctx),
-                 actor: str = Depends(require_admin)) -> Deleted:
+                 actor: str = Depends(require(Permission.LAYERS))) -> Deleted:
     return layers.delete_layer(ctx, ref, actor=actor)
 
 

@@ -15,47 +15,54 @@ from strata.model.admin import (
     RevertResult,
     TaskInfo,
 )
+from strata.model.roles import Permission
 from strata.server.context import ServerContext
-from strata.server.deps import admin_router, get_ctx, require_admin, signing_required
+from strata.server.deps import admin_router, get_ctx, require, signing_required
 from strata.server.services import operations
 
 router = admin_router("operations")
+VIEW = [Depends(require(Permission.VIEW))]
 
 
 @router.post("/endpoints/{ref}/revert", response_model=RevertResult,
-             dependencies=[Depends(signing_required)])
+             dependencies=[Depends(require(Permission.REVERT)),
+                           Depends(signing_required)])
 def revert(ref: str, body: RevertRequest, ctx: ServerContext = Depends(get_ctx),
-           actor: str = Depends(require_admin)) -> RevertResult:
+           actor: str = Depends(require(Permission.REVERT))) -> RevertResult:
     """System layers back to a snapshot; user data stays as it is now."""
     return operations.revert(ctx, ref, body, actor=actor)
 
 
 @router.post("/endpoints/{ref}/restore", response_model=RestoreResult,
-             dependencies=[Depends(signing_required)])
+             dependencies=[Depends(require(Permission.RESTORE)),
+                           Depends(signing_required)])
 def restore_to(ref: str, body: RestoreRequest, ctx: ServerContext = Depends(get_ctx),
-               actor: str = Depends(require_admin)) -> RestoreResult:
+               actor: str = Depends(require(Permission.RESTORE))) -> RestoreResult:
     """Full restore of a CVD onto another (new) endpoint."""
     return operations.restore_to(ctx, ref, body, actor=actor)
 
 
 @router.post("/endpoints/{ref}/provision", response_model=ProvisionResult,
-             dependencies=[Depends(signing_required)])
+             dependencies=[Depends(require(Permission.PROVISION)),
+                           Depends(signing_required)])
 def provision(ref: str, body: ProvisionRequest, ctx: ServerContext = Depends(get_ctx),
-              actor: str = Depends(require_admin)) -> ProvisionResult:
+              actor: str = Depends(require(Permission.PROVISION))) -> ProvisionResult:
     return operations.provision(ctx, ref, body, actor=actor)
 
 
-@router.post("/migrate", response_model=TaskInfo, dependencies=[Depends(signing_required)])
+@router.post("/migrate", response_model=TaskInfo,
+             dependencies=[Depends(require(Permission.MIGRATE)),
+                           Depends(signing_required)])
 def migrate(body: MigrateRequest, ctx: ServerContext = Depends(get_ctx),
-            actor: str = Depends(require_admin)) -> TaskInfo:
+            actor: str = Depends(require(Permission.MIGRATE))) -> TaskInfo:
     return operations.migrate(ctx, body, actor=actor)
 
 
-@router.get("/tasks", response_model=list[TaskInfo])
+@router.get("/tasks", response_model=list[TaskInfo], dependencies=VIEW)
 def list_tasks(ctx: ServerContext = Depends(get_ctx)) -> list[TaskInfo]:
     return operations.list_tasks(ctx)
 
 
-@router.get("/tasks/{tid}", response_model=TaskInfo)
+@router.get("/tasks/{tid}", response_model=TaskInfo, dependencies=VIEW)
 def show_task(tid: int, ctx: ServerContext = Depends(get_ctx)) -> TaskInfo:
     return operations.task_info(ctx, tid)

@@ -10,11 +10,12 @@ import zstandard
 from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, Field
 
+from strata.model.roles import Permission
 from strata.server.context import ServerContext
-from strata.server.deps import AGENT_API, admin_router, get_ctx, require_admin, require_device
+from strata.server.deps import AGENT_API, admin_router, get_ctx, require, require_device
 from strata.server.services import signing
 
-router = admin_router("signing")
+router = admin_router("signing", Permission.LAYERS)
 agent_router = APIRouter(tags=["signing"])
 ROOT_LIMIT = 1 << 20
 TARGETS_LIMIT = 32 << 20
@@ -48,7 +49,7 @@ class InitRequest(BaseModel):
 
 @router.post("/signing/init")
 def init(body: InitRequest, ctx: ServerContext = Depends(get_ctx),
-         actor: str = Depends(require_admin)) -> dict:
+         actor: str = Depends(require(Permission.LAYERS))) -> dict:
     return signing.initialize(ctx, body.root.encode(), body.targets.encode(), actor=actor)
 
 
@@ -58,7 +59,7 @@ class TargetsRequest(BaseModel):
 
 @router.post("/signing/targets")
 def publish_targets(body: TargetsRequest, ctx: ServerContext = Depends(get_ctx),
-                    actor: str = Depends(require_admin)) -> dict:
+                    actor: str = Depends(require(Permission.LAYERS))) -> dict:
     return signing.publish_targets(ctx, body.targets.encode(), actor=actor)
 
 
@@ -69,7 +70,7 @@ class RootRequest(BaseModel):
 
 @router.post("/signing/root")
 def publish_root(body: RootRequest, ctx: ServerContext = Depends(get_ctx),
-                 actor: str = Depends(require_admin)) -> dict:
+                 actor: str = Depends(require(Permission.LAYERS))) -> dict:
     return signing.publish_root(ctx, body.root.encode(),
                                 body.targets.encode() if body.targets else None, actor=actor)
 

@@ -1,19 +1,21 @@
-"""Enrollment and credentials: enrollment tokens (created by an administrator, used by
-agents), the device credential an enrollment hands out, and finding the device a
-credential belongs to. Secrets are shown once; the catalog keeps only their hashes."""
+"""Enrollment and credentials: enrollment tokens (created, listed and revoked by an
+administrator, used by agents), the device credential an enrollment hands out, its
+rotation at check-in and its expiry, finding the device a credential belongs to, and the
+admin token's rotation. Secrets are shown once; the catalog keeps only their hashes."""
 
 from __future__ import annotations
 
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 
-from strata.errors import Invalid, StrataError
-from strata.model.admin import TokenCreated, TokenRequest
+from strata.errors import Invalid, NotFound, StrataError
+from strata.model.admin import TokenCreated, TokenInfo, TokenRequest
 from strata.model.wire import EnrollRequest, EnrollResponse
-from strata.server.auth import digest, new_secret
+from strata.server.auth import digest, new_secret, write_token_file
 from strata.server.catalog.models import Cvd, Endpoint, EnrollmentToken
 from strata.server.context import ServerContext
 from strata.server.services import audit
@@ -25,12 +27,24 @@ class EnrollmentRefused(StrataError):
     http_status = 401
 
 
+MAX_DURATION_DAYS = 3660  # ten years: far more overflows a date
+
+
+class CredentialExpired(StrataError):
+    """The device credential was not renewed within its lifetime (the endpoint stayed
+    away too long): the agent must enroll again."""
+
+    http_status = 401
+
+
 def parse_duration(text: str) -> timedelta:
-    m = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())
+    m = re.fullmatch(r"([0-9]{1,12})\s*([smhd])", text.strip()[:64])
     if not m:
-        raise Invalid(f"not a duration: {text!r} (e.g. 30m, 24h, 7d)")
-    return timedelta(seconds=int(m.group(1)) * {"s": 1, "m": 60, "h": 3600,
-                                                  "d": 86400}[m.group(2)])
+        raise Invalid(f"not a duration: {text[:64]!r} (e.g. 30m, 24h, 7d)")
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise Invalid(f"a duration may be at most {MAX_DURATION_DAYS}d (or never)")
+    return timedelta(seconds=seconds)
 
 
 def create_enrollment_token(ctx: ServerContext, req: TokenRequest, *,
@@ -47,6 +61,49 @@ def create_enrollment_token(ctx: ServerContext, req: TokenRequest, *,
                  require_approval=req.require_approval)
     return TokenCreated(id=tid, token=token, uses=req.uses, expires_at=expires,
                         require_approval=req.require_approval)
+
+
+def _token_status(tok: EnrollmentToken, now: datetime) -> str:
+    if tok.revoked:
+        return "revoked"
+    if tok.expires_at is not None and tok.expires_at < now:
+        return "expired"
+    if tok.uses_left is not None and tok.uses_left <= 0:
+        return "used up"
+    return "usable"
+
+
+def list_enrollment_tokens(ctx: ServerContext, *, all_tokens: bool = False) -> list[TokenInfo]:
+    """Enrollment tokens, newest first: those that still enroll, or all of them."""
+    now = datetime.now(UTC)
+    with ctx.session() as db:
+        counts = dict(db.execute(select(Endpoint.token_id, func.count()).group_by(
+            Endpoint.token_id)).tuples().all())
+        rows = db.scalars(select(EnrollmentToken).order_by(EnrollmentToken.id.desc())).all()
+        listed = [TokenInfo(id=t.id, created_at=t.created_at, uses_left=t.uses_left,
+                            expires_at=t.expires_at, require_approval=t.require_approval,
+                            revoked=t.revoked, status=_token_status(t, now),
+                            enrolled=counts.get(t.id, 0)) for t in rows]
+    return listed if all_tokens else [t for t in listed if t.status == "usable"]
+
+
+def revoke_enrollment_token(ctx: ServerContext, token_id: int, *, actor: str) -> TokenInfo:
+    """No endpoint enrolls with this token from now on (those it enrolled stay)."""
+    with ctx.write() as db:
+        tok = db.get(EnrollmentToken, token_id)
+        if tok is None:
+            raise NotFound(f"no enrollment token {token_id} (`strata token list --all`)")
+        tok.revoked = True
+    audit.record(ctx, actor, "revoke-token", str(token_id))
+    return next(t for t in list_enrollment_tokens(ctx, all_tokens=True) if t.id == token_id)
+
+
+def rotate_admin_token(path: Path) -> str:
+    """A new admin token in `path` (0600, replaced atomically); the caller swaps the
+    digest the server checks, so the old token is refused from the next request."""
+    token = new_secret("sadm")
+    write_token_file(path, token)
+    return token
 
 
 def enroll(ctx: ServerContext, req: EnrollRequest, ip: str) -> EnrollResponse:
@@ -70,7 +127,8 @@ def enroll(ctx: ServerContext, req: EnrollRequest, ip: str) -> EnrollResponse:
         credential = new_secret("sdev")
         ep = Endpoint(id=str(uuid.uuid4()), hostname=req.hostname, os=req.os,
                       state="pending" if tok.require_approval else "active",
-                      credential_hash=digest(credential), inventory=req.inventory,
+                      credential_hash=digest(credential), credential_issued_at=now,
+                      inventory=req.inventory,
                       token_id=tok.id, last_seen=now, last_ip=ip)
         db.add(ep)
         db.flush()  # the CVD row references the endpoint: insert that first
@@ -82,13 +140,60 @@ def enroll(ctx: ServerContext, req: EnrollRequest, ip: str) -> EnrollResponse:
 
 def device_for_credential(ctx: ServerContext, credential: str) -> Endpoint | None:
     """The endpoint a device credential belongs to, whatever its state (cached: nearly
-    every request of an agent asks; approval and revocation invalidate)."""
+    every request of an agent asks; approval and revocation invalidate). The credential
+    handed out before the current one still counts until the agent uses the new one.
+    An expired credential is refused here, for every call (CredentialExpired)."""
     key = digest(credential)
 
     def load() -> Endpoint | None:
         with ctx.session() as db:
-            row = db.scalar(select(Endpoint).where(Endpoint.credential_hash == key))
+            row = db.scalar(select(Endpoint).where(or_(
+                Endpoint.credential_hash == key, Endpoint.previous_credential_hash == key)))
             if row is not None:
                 db.expunge(row)
             return row
-    return ctx.cached(f"device:{key}", load)
+    ep: Endpoint | None = ctx.cached(f"device:{key}", load)
+    if ep is not None and ep.credential_issued_at is not None and \
+            datetime.now(UTC) - ep.credential_issued_at > ctx.settings.credential_lifetime:
+        raise CredentialExpired(
+            "this endpoint's credential expired: it was not renewed at a check-in for "
+            f"{ctx.settings.credential_lifetime.days} days; enroll it anew "
+            "(`strata agent enroll --force`)")
+    return ep
+
+
+def renew_credential(ctx: ServerContext, ep: Endpoint, presented: str) -> str | None:
+    """At a check-in: a new device credential when the one in use is due for rotation
+    (or the agent never received the last one), else None. The credential the agent
+    holds stays valid until it presents the new one, so a lost answer locks nobody out."""
+    key = digest(presented)
+    now = datetime.now(UTC)
+    current = key == ep.credential_hash
+    issued = ep.credential_issued_at
+    due = issued is None or now - issued >= ctx.settings.credential_rotation
+    if current and not due:
+        if ep.previous_credential_hash is None:
+            return None
+        with ctx.write() as db:  # the agent has the new one: the old one is done
+            row = db.get(Endpoint, ep.id)
+            if row is not None and row.credential_hash == key:
+                row.previous_credential_hash = None
+        _forget_cached(ctx, ep)
+        return None
+    credential = new_secret("sdev")
+    with ctx.write() as db:
+        row = db.get(Endpoint, ep.id)
+        if row is None or key not in (row.credential_hash, row.previous_credential_hash):
+            return None  # changed meanwhile (revoked, re-rotated by another request)
+        row.previous_credential_hash = key  # the one the agent holds, until it uses the new
+        row.credential_hash = digest(credential)
+        row.credential_issued_at = now
+    _forget_cached(ctx, ep, digest(credential))
+    audit.record(ctx, f"endpoint:{ep.id}", "rotate-credential", ep.id)
+    return credential
+
+
+def _forget_cached(ctx: ServerContext, ep: Endpoint, *more: str) -> None:
+    for key in (ep.credential_hash, ep.previous_credential_hash, *more):
+        if key:
+            ctx.uncache(f"device:{key}")

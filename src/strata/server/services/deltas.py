@@ -40,7 +40,7 @@ from strata.server.catalog.models import Assignment, Endpoint, Layer
 from strata.server.context import ServerContext
 from strata.server.metrics import DELTA_CPU, DELTAS
 from strata.server.services import snapshots
-from strata.server.services.layer_downloads import _allowed_snapshots
+from strata.server.services.layer_downloads import allowed_snapshots
 from strata.server.stream_cache import StreamCache
 
 MAX_BATCH_BYTES = MAX_DELTA_BYTES  # new bytes one request may ask deltas for
@@ -124,7 +124,7 @@ def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> b
     if sum(len(g.files) for g in groups) > MAX_DELTA_FILES:
         raise TooLarge(f"ask for deltas of at most {MAX_DELTA_FILES} files per request")
     parsed = [([(_hash(f.old), _hash(f.new)) for f in g.files], g.lacking) for g in groups]
-    layers = sorted(_allowed_snapshots(ctx, ep))
+    layers = sorted(allowed_snapshots(ctx, ep))
     held = _held(ctx, ep, layers)
     found = []
     total = 0
@@ -165,7 +165,7 @@ def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> byt
     """A layer manifest the endpoint's desired state names, as a `pack_deltas` body of one
     record against a layer manifest it holds (the previous version of the layer): a
     manifest changes little between versions. Empty when the delta does not pay."""
-    layers = sorted(_allowed_snapshots(ctx, ep))
+    layers = sorted(allowed_snapshots(ctx, ep))
     if sid not in layers:
         raise NotFound(f"no layer or snapshot {sid[:8]} assigned to this endpoint")
     if base not in _held(ctx, ep, layers):

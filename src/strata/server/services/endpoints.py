@@ -1,15 +1,17 @@
 """Enrolled endpoints as administrators see them: list and detail (inventory, CVD,
-assignment, transactions), approval and revocation, tags, and the transaction log."""
+assignment, transactions), approval and revocation, tags, deletion, and the transaction
+log."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from strata.errors import Conflict
 from strata.model.admin import (
+    EndpointDeleted,
     EndpointDetail,
     EndpointState,
     EndpointSummary,
@@ -18,7 +20,13 @@ from strata.model.admin import (
     TagsRequest,
     TransactionInfo,
 )
-from strata.server.catalog.models import Endpoint, SnapshotRecord, Transaction
+from strata.server.catalog.models import (
+    Assignment,
+    Collection,
+    Endpoint,
+    SnapshotRecord,
+    Transaction,
+)
 from strata.server.context import ServerContext
 from strata.server.services import audit, snapshots
 from strata.server.services.assignments import assignment_status
@@ -109,3 +117,33 @@ def transactions(ctx: ServerContext, endpoint: str | None = None,
         if endpoint:
             q = q.where(Transaction.endpoint_id == find_endpoint(db, endpoint).id)
         return [transaction_info(t) for t in db.scalars(q)]
+
+
+def delete_endpoint(ctx: ServerContext, ref: str, *, actor: str) -> EndpointDeleted:
+    """Delete an endpoint (an orphan left by a re-enrollment, a machine gone for good)
+    with its CVD: its credential stops working at once, its snapshots go from the
+    catalog and the store, and its collection memberships, assignment and transaction
+    log with it. The audit log keeps the record of it."""
+    with ctx.write() as db:
+        ep = find_endpoint(db, ref)
+        eid, hostname = ep.id, ep.hostname
+        cvd = snapshots.cvd_of(db, eid)
+        sids = [s.id for s in snapshots.cvd_snapshots(db, eid)]
+        if sids:
+            db.execute(delete(SnapshotRecord).where(SnapshotRecord.id.in_(sids)))
+        if cvd is not None:
+            db.delete(cvd)
+        db.execute(delete(Transaction).where(Transaction.endpoint_id == eid))
+        db.execute(delete(Assignment).where(Assignment.endpoint_id == eid))
+        for col in db.scalars(select(Collection)):
+            if eid in (col.members or []):
+                col.members = [m for m in col.members if m != eid]
+        db.flush()
+        db.delete(ep)
+    # After the catalog: a snapshot the catalog no longer names is only unreferenced
+    # data, which prune frees; the other order could leave a record without its snapshot.
+    for sid in sids:
+        ctx.store.remove_snapshot(sid)  # a missing one is no error (backend contract)
+    ctx.invalidate()
+    audit.record(ctx, actor, "delete-endpoint", eid, hostname=hostname, snapshots=len(sids))
+    return EndpointDeleted(deleted=eid, hostname=hostname, snapshots=len(sids))

@@ -7,20 +7,19 @@ from __future__ import annotations
 import zstandard
 
 from strata.errors import Forbidden, NotFound, TooLarge
-from strata.model.transfer import pack_stream
+from strata.model.transfer import MAX_STREAM_BYTES, pack_stream
 from strata.server.catalog.models import Endpoint
 from strata.server.context import ServerContext
 from strata.server.services import snapshots
 from strata.server.services.assignments import cached_desired
 from strata.server.services.manifests import parse_chunk_ids
 
-MAX_STREAM_BYTES = 64 << 20  # raw bytes in one download response
 # zstd level of download streams: what crosses a WAN is what branch offices wait for, and
 # the stream cache makes the cost of the top level a one-off per batch, not per endpoint.
 DOWNLOAD_LEVEL = 19
 
 
-def _allowed_snapshots(ctx: ServerContext, ep: Endpoint) -> set[str]:
+def allowed_snapshots(ctx: ServerContext, ep: Endpoint) -> set[str]:
     desired = cached_desired(ctx, ep)
     if desired is None:
         return set()
@@ -30,7 +29,7 @@ def _allowed_snapshots(ctx: ServerContext, ep: Endpoint) -> set[str]:
 def layer_manifest(ctx: ServerContext, ep: Endpoint, sid: str) -> bytes:
     """The zstd-compressed manifest of a layer or snapshot the endpoint's desired state
     names (a manifest is highly redundant: compressed it is a fraction)."""
-    if sid not in _allowed_snapshots(ctx, ep):
+    if sid not in allowed_snapshots(ctx, ep):
         # Not assigned to this endpoint: reported like a layer that does not exist.
         raise NotFound(f"no layer or snapshot {sid[:8]} assigned to this endpoint")
     data = snapshots.manifest_bytes(ctx, sid, "layer")
@@ -41,9 +40,11 @@ def layer_chunks(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> bytes:
     """Chunks of the endpoint's assigned layers, as one zstd stream. The server alone picks
     the level (a client asking for the costliest would be a denial of service) and keeps
     the stream: the next endpoint asking for the same batch costs no compression."""
-    ids = parse_chunk_ids(hex_ids)
+    ids = list(dict.fromkeys(parse_chunk_ids(hex_ids)))
+    if sum(ctx.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:  # known before any read
+        raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per request")
     allowed: set[bytes] = set()
-    for sid in _allowed_snapshots(ctx, ep):
+    for sid in allowed_snapshots(ctx, ep):
         allowed |= ctx.snapshot_chunks(sid)
     if any(c not in allowed for c in ids):
         raise Forbidden("a requested chunk is not part of this endpoint's layers")

@@ -26,6 +26,8 @@ from strata.server.context import ServerContext
 from strata.server.services import audit, snapshots
 from strata.server.services.assignments import apply_assignment, assignment_of, set_state
 from strata.server.services.collections import targets
+from strata.server.services.facts import endpoint_family
+from strata.server.services.layers import rules_for
 from strata.server.services.lookup import find_endpoint
 
 
@@ -83,9 +85,14 @@ def restore_to(ctx: ServerContext, ref: str, req: RestoreRequest, *,
         old.state = "revoked"
         new.hostname = old.hostname
         ids = (old.id, new.id)
+        rules = rules_for(ctx, db, endpoint_family(new))
+    carried = sum(1 for e in snapshots.entries(ctx, sid)
+                  if rules.do_not_download(e.path, e.type is EntryType.DIR))
     ctx.invalidate()
-    audit.record(ctx, actor, "restore-to-endpoint", ids[1], source=ids[0], snapshot=sid)
-    return RestoreResult(**{"from": ids[0]}, to=ids[1], snapshot=sid, state="assigned")
+    audit.record(ctx, actor, "restore-to-endpoint", ids[1], source=ids[0], snapshot=sid,
+                 own_do_not_download=carried)
+    return RestoreResult(**{"from": ids[0]}, to=ids[1], snapshot=sid, state="assigned",
+                         own_do_not_download=carried)
 
 
 def _driver_paths(ctx: ServerContext, sid: str, drivers: list[Layer]) -> list[str]:

@@ -1,6 +1,7 @@
-"""Policies an administrator reads and replaces (upload, retention, bandwidth, layer
-rules; their defaults and validation are in server/policies.py), and the policy one
-endpoint receives at check-in."""
+"""Policies an administrator reads, plans (what a partial or whole document would
+change, and what a retention change would remove), replaces and resets (upload,
+retention, bandwidth, layer rules; their defaults, validation and merge are in
+server/policies.py), and the policy one endpoint receives at check-in."""
 
 from __future__ import annotations
 
@@ -10,13 +11,27 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from strata.errors import Invalid, NotFound
-from strata.model.admin import PolicyDocument
+from strata.model.admin import (
+    PolicyChange,
+    PolicyDocument,
+    PolicyPlan,
+    PolicyPlanRequest,
+    RetentionLoss,
+)
 from strata.model.wire import AgentPolicy
 from strata.server.catalog.models import Endpoint, Policy
 from strata.server.context import ServerContext
-from strata.server.policies import DEFAULTS, bandwidth_for, get_policy, validate_policy
+from strata.server.policies import (
+    DEFAULTS,
+    bandwidth_for,
+    get_policy,
+    merge_policy,
+    policy_changes,
+    validate_policy,
+)
 from strata.server.services import audit
 from strata.server.services.facts import endpoint_family
+from strata.server.services.retention import plan_retention
 
 
 def _known(kind: str) -> None:
@@ -30,22 +45,71 @@ def read_policy(ctx: ServerContext, kind: str) -> PolicyDocument:
         return get_policy(db, kind)
 
 
-def write_policy(ctx: ServerContext, kind: str, document: PolicyDocument, *,
-                 actor: str) -> PolicyDocument:
-    _known(kind)
+def _validated(kind: str, document: dict) -> dict:
     try:
-        doc = validate_policy(kind, document)
+        return validate_policy(kind, document)
     except (ValueError, TypeError) as exc:
         raise Invalid(f"invalid {kind} policy: {exc}") from None
+
+
+def _changes(before: dict, after: dict) -> list[PolicyChange]:
+    return [PolicyChange(key=k, before=b, after=a)  # type: ignore[arg-type]
+            for k, b, a in policy_changes(before, after)]
+
+
+def plan_policy(ctx: ServerContext, kind: str, req: PolicyPlanRequest) -> PolicyPlan:
+    """What storing `req` would change, and for retention what every endpoint would lose
+    at the next maintenance; nothing is stored."""
+    _known(kind)
+    with ctx.session() as db:
+        current = get_policy(db, kind)
+        if req.document is None:
+            proposed = DEFAULTS[kind]
+        elif req.replace:
+            proposed = req.document
+        else:
+            proposed = merge_policy(current, req.document)
+        doc = _validated(kind, proposed)
+        losses = []
+        if kind == "retention":
+            losses = [RetentionLoss(endpoint_id=c.endpoint_id, hostname=c.hostname,
+                                    snapshots=c.snapshots, removed=len(c.removed),
+                                    revert_points_removed=c.revert_points_removed)
+                      for c in plan_retention(db, doc) if c.removed]
+    return PolicyPlan(kind=kind, document=doc, changes=_changes(current, doc),
+                      retention=losses)
+
+
+def write_policy(ctx: ServerContext, kind: str, document: PolicyDocument, *,
+                 actor: str) -> PolicyDocument:
+    """Replace the kind's document; the audit record holds what changed."""
+    _known(kind)
+    doc = _validated(kind, document)
     with ctx.write() as db:
+        before = get_policy(db, kind)
         row = db.get(Policy, kind)
         if row is None:
             db.add(Policy(kind=kind, document=doc))
         else:
             row.document, row.updated_at = doc, datetime.now(UTC)
     ctx.invalidate()  # every check-in reads policies through the cache
-    audit.record(ctx, actor, "set-policy", kind, document=doc)
+    audit.record(ctx, actor, "set-policy", kind, document=doc,
+                 changes=[c.model_dump(mode="json") for c in _changes(before, doc)])
     return doc
+
+
+def reset_policy(ctx: ServerContext, kind: str, *, actor: str) -> PolicyDocument:
+    """Back to the built-in default (the stored document goes); audited with what changed."""
+    _known(kind)
+    with ctx.write() as db:
+        before = get_policy(db, kind)
+        row = db.get(Policy, kind)
+        if row is not None:
+            db.delete(row)
+    ctx.invalidate()
+    audit.record(ctx, actor, "reset-policy", kind,
+                 changes=[c.model_dump(mode="json") for c in _changes(before, DEFAULTS[kind])])
+    return DEFAULTS[kind]
 
 
 def cached_policy(ctx: ServerContext, db: Session, kind: str) -> dict[str, Any]:

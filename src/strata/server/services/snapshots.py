@@ -10,10 +10,19 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from strata.errors import Conflict, CorruptData, NotFound, SnapshotNotFound
+from strata.errors import (
+    Conflict,
+    CorruptData,
+    Forbidden,
+    NotFound,
+    SnapshotNotFound,
+    TooLarge,
+)
 from strata.model.entry import Entry
+from strata.model.transfer import MAX_STREAM_BYTES, BundleWriter
 from strata.server.catalog.models import Cvd, SnapshotRecord
 from strata.server.context import ServerContext
+from strata.server.services.manifests import parse_chunk_ids
 
 
 def cvd_of(db: Session, endpoint_id: str) -> Cvd | None:
@@ -85,3 +94,19 @@ def manifest_bytes(ctx: ServerContext, sid: str, what: str = "snapshot") -> byte
         return b"".join(ctx.store.load_chunk(c) for c in snap.manifest_chunk_ids())
     except (SnapshotNotFound, CorruptData) as exc:
         raise CorruptData(f"{what} {sid[:8]} cannot be read: {exc}") from None
+
+
+def chunk_bundle(ctx: ServerContext, sid: str, hex_ids: list[str]) -> bytes:
+    """Chunks of a stored snapshot, as a bundle of payloads verified on the way out; a
+    chunk that snapshot does not reference is refused, whoever else holds it."""
+    allowed = ctx.snapshot_chunks(sid)
+    ids = list(dict.fromkeys(parse_chunk_ids(hex_ids)))  # a repeat is sent once
+    if any(c not in allowed for c in ids):
+        raise Forbidden("a requested chunk is not part of this snapshot")
+    if sum(ctx.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:  # known before any read
+        raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per request")
+    out = BundleWriter()
+    for cid in ids:
+        payload, raw_length = ctx.store.load_payload(cid)
+        out.add(cid, raw_length, payload)
+    return out.getvalue()

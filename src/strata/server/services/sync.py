@@ -1,66 +1,214 @@
-"""The sync protocol: which chunks the server lacks, verified uploads, snapshot commits
-that reference only chunks the server holds, and reading the endpoint's own snapshots
-back for a file restore."""
+"""The sync protocol, in each endpoint's own view of the store: which chunks it must send
+(or prove it has), verified uploads, snapshot commits that reference only chunks the
+endpoint has shown it holds, and reading its own snapshots back for a file restore."""
 
 from __future__ import annotations
 
+import hmac
 from datetime import UTC, datetime, timedelta
 
-from strata.errors import CorruptData, Forbidden, Invalid
+from strata.errors import CorruptData, Invalid, MissingChunks, TooLarge
+from strata.model.possession import decode_proofs, proof
 from strata.model.snapshot import Snapshot, now_iso
-from strata.model.transfer import BundleWriter, read_bundle
-from strata.model.wire import CommitRequest, RestoreReport, SnapshotSummary, UploadResponse
+from strata.model.transfer import read_bundle
+from strata.model.wire import (
+    CommitRequest,
+    MissingResponse,
+    ProveResponse,
+    RestoreReport,
+    SnapshotSummary,
+    UploadResponse,
+)
 from strata.server import metrics
 from strata.server.catalog.models import Assignment, Endpoint, SnapshotRecord, Transaction
 from strata.server.context import ServerContext
+from strata.server.holdings import shareable_path
+from strata.server.rate_limit import TooManyRequests
 from strata.server.services import audit, snapshots
+from strata.server.services.facts import endpoint_family
+from strata.server.services.layer_downloads import allowed_snapshots
+from strata.server.services.layers import rules_for
 from strata.server.services.manifests import parse_chunk_ids, verify_manifest
 from strata.store.pack import decode_payload
 
 OWN_CVD = "this endpoint"  # how the agent's own CVD is named in its error messages
+PAYLOAD_OVERHEAD = 64  # a payload's flag byte, or zstd's frame around incompressible data
+MAX_PROOF_BYTES = 256 << 20  # raw bytes one proof request makes the server read and hash
 
 
-def missing(ctx: ServerContext, uploader: str, hex_ids: list[str]) -> list[str]:
-    """Which of these chunks the server does not hold. Opens (or refreshes) the
-    uploader's session, so a prune meanwhile spares what it is about to reference."""
+def missing_for_admin(ctx: ServerContext, uploader: str, hex_ids: list[str]) -> list[str]:
+    """Which of these chunks the server does not hold, for an administrator's capture
+    (IT sees the whole store). Opens (or refreshes) the upload session, so a prune
+    meanwhile spares what it is about to reference."""
     ids = parse_chunk_ids(hex_ids)
     ctx.touch_upload(uploader)
     return [c.hex() for c in ctx.store.missing_chunks(ids)]
 
 
-def store_bundle(ctx: ServerContext, uploader: str, data: bytes) -> UploadResponse:
-    """Verify every chunk of a bundle against its id before storing any of them; answer
-    once they are durable and indexed."""
-    ctx.touch_upload(uploader)
+def _layer_chunks(ctx: ServerContext, ep: Endpoint) -> list[frozenset[bytes]]:
+    """The chunk sets of the layers (and snapshots) the endpoint's desired state names:
+    it may download them, so it holds them."""
+    return [ctx.snapshot_chunks(sid) for sid in sorted(allowed_snapshots(ctx, ep))]
+
+
+def _head_chunks(ctx: ServerContext, ep: Endpoint) -> frozenset[bytes]:
+    """The chunks of the endpoint's head snapshot: what it holds from before the server
+    kept holdings (an upgraded server), so that its next commit is not refused."""
+    head, _ = snapshots.cached_head(ctx, ep.id)
+    return ctx.snapshot_chunks(head) if head else frozenset()
+
+
+def possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
+               ) -> tuple[set[bytes], set[bytes]]:
+    """Of `ids` (distinct): those the endpoint holds (its uploads, proofs, snapshots,
+    layers) and those it may be told the server holds (shared) but must prove first."""
+    recorded, through_layers, shared = _possession(ctx, ep, ids)
+    held = recorded | through_layers
+    return held, shared - held
+
+
+def _possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
+                ) -> tuple[set[bytes], set[bytes], set[bytes]]:
+    """`possession`, with what the holdings record apart from what the layers add."""
+    ctx.holdings.seed_once(ep.id, lambda: _head_chunks(ctx, ep))
+    recorded, shared = ctx.holdings.view(ep.id, ids)
+    through_layers: set[bytes] = set()
+    rest = [c for c in ids if c not in recorded]
+    if rest:
+        for chunks in _layer_chunks(ctx, ep):
+            through_layers.update(c for c in rest if c in chunks)
+    return recorded, through_layers, shared
+
+
+def _take_queries(ctx: ServerContext, ep: Endpoint, count: int) -> None:
+    """Spend the endpoint's budget of chunk queries; a refusal is audited (once a while)."""
     try:
-        chunks = list(read_bundle(data))
-        for cid, raw_length, payload in chunks:
-            decode_payload(cid, payload, raw_length)
+        ctx.id_queries.take(ep.id, count, "chunk queries")
+    except TooManyRequests as exc:
+        if exc.first:
+            audit.record(ctx, f"endpoint:{ep.id}", "rate-limited", "chunk queries",
+                         asked=count)
+        raise
+
+
+def missing(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> MissingResponse:
+    """The endpoint's view of which chunks the server lacks: a chunk held only by other
+    endpoints' private data is reported missing exactly like one nobody holds; a shared
+    one is to be proven (a keyed hash, not the bytes)."""
+    ids = list(dict.fromkeys(parse_chunk_ids(hex_ids)))
+    _take_queries(ctx, ep, len(ids))
+    ctx.touch_upload(ep.id)
+    absent = set(ctx.store.missing_chunks(ids))
+    held, shared = possession(ctx, ep, [c for c in ids if c not in absent])
+    prove = [c for c in ids if c in shared]
+    lacking = [c for c in ids if c not in held and c not in shared]
+    return MissingResponse(missing=[c.hex() for c in lacking], prove=[c.hex() for c in prove],
+                           nonce=ctx.possession.mint(ep.id) if prove else "")
+
+
+def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
+    """Check the endpoint's keyed hashes of shared chunks (a `model/possession.py` body);
+    what it proved it now holds. A refused proof (wrong, or not of a shared chunk) only
+    means: upload the bytes."""
+    try:
+        nonce, claims = decode_proofs(body)
+    except CorruptData as exc:
+        raise Invalid(str(exc)) from None
+    ctx.possession.check(ep.id, nonce)
+    _take_queries(ctx, ep, len(claims))
+    ctx.touch_upload(ep.id)
+    sizes = ctx.store.raw_sizes(claims)
+    if sum(sizes.values()) > MAX_PROOF_BYTES:
+        raise TooLarge(f"prove at most {MAX_PROOF_BYTES >> 20} MiB of chunks per request")
+    _, shared = possession(ctx, ep, list(sizes))
+    accepted: list[bytes] = []
+    for cid in shared:  # held chunks need no proof; absent or private ones get none
+        try:
+            raw = ctx.store.load_chunk(cid)  # verified against its id
+        except CorruptData:
+            continue
+        if hmac.compare_digest(proof(nonce, raw), claims[cid]):
+            accepted.append(cid)
+    ctx.holdings.record(ep.id, accepted)
+    proven = set(accepted)
+    refused = [c for c in claims if c not in proven]
+    if refused:
+        metrics.REJECTED_CHUNKS.inc(len(refused))
+        audit.record(ctx, f"endpoint:{ep.id}", "possession-refused", f"{len(refused)} chunks",
+                     kind="proof")
+    return ProveResponse(accepted=len(accepted), refused=[c.hex() for c in refused])
+
+
+def store_bundle(ctx: ServerContext, uploader: str, data: bytes, *,
+                 endpoint: bool = True) -> UploadResponse:
+    """Verify every chunk of a bundle against its id before storing any of them (a chunk
+    repeated in the bundle is decoded once; none may be larger than the store's chunker
+    makes); answer once they are durable and indexed. The uploader now holds them all:
+    what it is told counts only what it had not sent before, never what others did. An
+    administrator's upload (`endpoint=False`: a layer capture) sees the whole store and
+    holds nothing: a layer's content is shared when the layer is saved."""
+    limit = ctx.store.config.chunker.max_size
+    ctx.touch_upload(uploader)
+    chunks: dict[bytes, tuple[int, bytes]] = {}
+    try:
+        for cid, raw_length, payload in read_bundle(data):
+            if raw_length > limit or len(payload) > limit + PAYLOAD_OVERHEAD:
+                raise CorruptData(f"chunk {cid.hex()[:16]} is larger than the store's "
+                                  f"largest chunk ({limit} bytes)")
+            if cid not in chunks:
+                decode_payload(cid, payload, raw_length)
+                chunks[cid] = (raw_length, payload)
     except CorruptData as exc:
         metrics.REJECTED_CHUNKS.inc()
         raise Invalid(f"upload rejected: {exc}") from None
     store = ctx.store
-    stored = dup = nbytes = 0
-    with store.claimed([cid for cid, _, _ in chunks]) as mine:
-        for cid, raw_length, payload in chunks:
+    before = ctx.holdings.view(uploader, chunks)[0] if endpoint else \
+        set(chunks) - set(store.missing_chunks(chunks))
+    stored = nbytes = 0
+    with store.claimed(list(chunks)) as mine:
+        for cid, (raw_length, payload) in chunks.items():
             if cid in mine:
                 blob = store.codec.seal(cid, payload)
                 mine.discard(cid)
-                nbytes += store.put_claimed(cid, blob, raw_length)
-                stored += 1
+                store.put_claimed(cid, blob, raw_length)
             else:
-                dup += 1
                 metrics.BYTES_DEDUPLICATED.inc(raw_length)
+            if cid not in before:
+                stored += 1
+                nbytes += len(payload)
     store.flush()  # durable and indexed before we acknowledge
-    return UploadResponse(chunks=len(chunks), stored=stored, duplicates=dup,
+    if endpoint:
+        ctx.holdings.record(uploader, chunks)
+    return UploadResponse(chunks=len(chunks), stored=stored, duplicates=len(chunks) - stored,
                           bytes_stored=nbytes)
 
 
 def commit(ctx: ServerContext, ep: Endpoint, req: CommitRequest) -> str:
-    """Record a snapshot of the endpoint; raises `MissingChunks` (the agent uploads them
-    and retries) if it names a chunk the server does not hold."""
+    """Record a snapshot of the endpoint; raises `MissingChunks` (the agent uploads or
+    proves them and retries) if it names a chunk the endpoint has not shown it holds,
+    whether or not the server has it. Nothing is written before every check passed."""
+    # The manifest's own chunks first: reading one the endpoint does not hold would tell
+    # it, by how the commit fails, whether someone else does.
+    manifest_ids = list(dict.fromkeys(parse_chunk_ids([h for h, _ in req.manifest])))
+    held, _ = possession(ctx, ep, manifest_ids)
+    if len(held) < len(manifest_ids):
+        raise MissingChunks([c for c in manifest_ids if c not in held])
+    with ctx.session() as db:
+        rules = rules_for(ctx, db, endpoint_family(ep))
     try:
-        verified = verify_manifest(ctx.store, req.manifest, req.manifest_id)
+        verified = verify_manifest(ctx.store, req.manifest, req.manifest_id,
+                                   shareable=lambda path: shareable_path(rules, path))
+    except CorruptData as exc:
+        raise Invalid(f"commit rejected: {exc}") from None
+    referenced = list(verified.referenced)
+    recorded, through_layers, _ = _possession(ctx, ep, referenced)
+    unproven = [c for c in referenced if c not in recorded and c not in through_layers]
+    if unproven:
+        if ctx.store.raw_sizes(unproven):  # named chunks the server holds for others
+            audit.record(ctx, f"endpoint:{ep.id}", "possession-refused",
+                         f"{len(unproven)} chunks", kind="commit")
+        raise MissingChunks(unproven)
+    try:
         with ctx.session() as db:
             cvd = snapshots.cvd_of(db, ep.id)
             assert cvd is not None
@@ -71,6 +219,9 @@ def commit(ctx: ServerContext, ep: Endpoint, req: CommitRequest) -> str:
         sid = ctx.store.commit_snapshot(snap, verified.referenced)
     except CorruptData as exc:
         raise Invalid(f"commit rejected: {exc}") from None
+    # A later snapshot may name them again (after a layer that held them is gone, say).
+    ctx.holdings.record(ep.id, [c for c in referenced if c not in recorded])
+    ctx.holdings.share(verified.shareable)
     _record_commit(ctx, ep, req, sid, snap.datetime)
     ctx.end_upload(ep.id)
     snapshots.uncache_head(ctx, ep.id)
@@ -126,16 +277,7 @@ def snapshot_manifest(ctx: ServerContext, ep: Endpoint, ref: str) -> tuple[str, 
 
 def snapshot_chunks(ctx: ServerContext, ep: Endpoint, ref: str, hex_ids: list[str]) -> bytes:
     """Chunks of one of the endpoint's own snapshots, as a bundle of verified payloads."""
-    sid = own_snapshot(ctx, ep, ref)
-    allowed = ctx.snapshot_chunks(sid)
-    ids = parse_chunk_ids(hex_ids)
-    if any(c not in allowed for c in ids):
-        raise Forbidden("a requested chunk is not part of this snapshot")
-    out = BundleWriter()
-    for cid in ids:
-        payload, raw_length = ctx.store.load_payload(cid)  # verified on the way out
-        out.add(cid, raw_length, payload)
-    return out.getvalue()
+    return snapshots.chunk_bundle(ctx, own_snapshot(ctx, ep, ref), hex_ids)
 
 
 def report_restore(ctx: ServerContext, ep: Endpoint, report: RestoreReport) -> None:

@@ -1,0 +1,134 @@
+"""Console page loads with a large fleet in the catalog.
+
+`python -m bench.console [--endpoints 1000] [--snapshots 10] [--runs 30]` starts a server
+on loopback, enrolls the endpoints through the real API (with an agent's inventory),
+gives each CVD snapshot records, signs in as an administrator like a browser (cookie,
+CSRF token), then times each page over keep-alive HTTP: median and 95th percentile.
+Writes bench/console-results.json, which `make bench` puts into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+
+from .checkins import inventory, start_server
+
+PASSWORD = "bench password 123"
+RESULTS = Path(__file__).parent / "console-results.json"  # read by bench.run's report
+
+
+def _enroll(url: str, admin: str, count: int) -> list[str]:
+    api = {"Authorization": f"Bearer {admin}"}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        token = http.post("/api/v1/admin/tokens", headers=api,
+                          json={"uses": None, "expires": None}).json()["token"]
+        ids = []
+        for i in range(count):
+            resp = http.post("/api/v1/agent/enroll", json={
+                "token": token, "hostname": f"sim-{i:05d}", "os": "debian",
+                "inventory": inventory(i)})
+            resp.raise_for_status()
+            ids.append(resp.json()["endpoint_id"])
+        http.post("/api/v1/admin/users", headers=api, json={
+            "name": "bench", "role": "administrator", "password": PASSWORD}).raise_for_status()
+    return ids
+
+
+def _add_snapshots(data: Path, per_cvd: int) -> None:
+    """Snapshot records straight into the catalog (what the pages read; a real
+    centralization of each would only take longer to set up)."""
+    from sqlalchemy import select
+
+    from strata.server.catalog.db import open_catalog
+    from strata.server.catalog.models import Cvd, SnapshotRecord
+
+    engine, sessions = open_catalog(f"sqlite:///{data / 'catalog.sqlite'}")
+    start = datetime.now(UTC) - timedelta(days=per_cvd)
+    with sessions() as db:
+        for cvd in db.scalars(select(Cvd)):
+            for k in range(per_cvd):
+                db.add(SnapshotRecord(id=f"{cvd.id:08x}{k:056x}", cvd_id=cvd.id,
+                                      time=start + timedelta(days=k), files=50_000,
+                                      bytes_total=20 << 30, bytes_new=64 << 20))
+        db.commit()
+    engine.dispose()
+
+
+def _sign_in(http: httpx.Client) -> None:
+    page = http.get("/login").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf, page
+    resp = http.post("/login", data={"name": "bench", "password": PASSWORD,
+                                     "csrf": csrf.group(1)})
+    assert resp.status_code == 303, resp.text
+
+
+def _time(http: httpx.Client, path: str, runs: int, headers: dict | None = None) -> dict:
+    http.get(path, headers=headers).raise_for_status()  # warm-up
+    ms = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        resp = http.get(path, headers=headers)
+        ms.append((time.perf_counter() - t) * 1000)
+        resp.raise_for_status()
+    ms.sort()
+    return {"median_ms": round(statistics.median(ms), 1),
+            "p95_ms": round(ms[max(0, int(len(ms) * 0.95) - 1)], 1), "bytes": len(resp.content)}
+
+
+def measure(endpoints: int, snapshots: int, runs: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="strata-bench-console-"))
+    proc = None
+    try:
+        data = work / "data"
+        proc, url = start_server(data)
+        admin = (data / "admin.token").read_text().strip()
+        t = time.perf_counter()
+        ids = _enroll(url, admin, endpoints)
+        _add_snapshots(data, snapshots)
+        setup = time.perf_counter() - t
+        with httpx.Client(base_url=url, timeout=60, follow_redirects=False) as http:
+            _sign_in(http)
+            pages = {
+                "/ (dashboard)": _time(http, "/", runs),
+                "/endpoints (first 200)": _time(http, "/endpoints", runs),
+                "/endpoints?q=sim-0042 (htmx rows)": _time(
+                    http, "/endpoints?q=sim-0042", runs, {"HX-Request": "true"}),
+                "/endpoints/ID (detail)": _time(http, f"/endpoints/{ids[len(ids) // 2]}",
+                                                runs),
+                "/audit (200 records)": _time(http, "/audit", runs),
+                "/users": _time(http, "/users", runs),
+            }
+        return {"endpoints": endpoints, "snapshots_per_endpoint": snapshots, "runs": runs,
+                "setup_seconds": round(setup, 1), "pages": pages}
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.console", description=__doc__)
+    p.add_argument("--endpoints", type=int, default=1000)
+    p.add_argument("--snapshots", type=int, default=10, help="snapshot records per CVD")
+    p.add_argument("--runs", type=int, default=30)
+    args = p.parse_args()
+    result = measure(args.endpoints, args.snapshots, args.runs)
+    result["date"] = datetime.now(UTC).strftime("%Y-%m-%d")
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

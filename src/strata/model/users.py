@@ -1,0 +1,59 @@
+"""Request and response schemas of the user routes of the admin API (IT staff accounts,
+their personal API tokens, who is calling), shared by the server and the CLI."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from strata.model.admin import AdminModel
+from strata.model.roles import USER_NAME
+
+RoleName = Literal["administrator", "image-manager", "protection-manager", "help-desk"]
+PASSWORD_MIN, PASSWORD_MAX = 12, 1024  # the upper bound bounds the work of one hash
+
+
+class UserRequest(AdminModel):
+    name: str = Field(pattern=USER_NAME)
+    role: RoleName
+    password: str = Field(min_length=PASSWORD_MIN, max_length=PASSWORD_MAX, repr=False)
+
+
+class PasswordRequest(AdminModel):
+    password: str = Field(min_length=PASSWORD_MIN, max_length=PASSWORD_MAX, repr=False)
+
+
+class UserTokenRequest(AdminModel):
+    label: str = Field(default="", max_length=128)
+
+
+class UserInfo(AdminModel):
+    name: str
+    role: RoleName
+    created_at: datetime
+    tokens: int  # personal API tokens not revoked
+
+
+class UserTokenCreated(AdminModel):
+    id: int
+    user: str
+    label: str
+    token: str  # shown once: the server keeps only its hash
+
+
+class UserTokenInfo(AdminModel):
+    id: int
+    label: str
+    created_at: datetime
+    last_used: datetime | None
+    revoked: bool
+
+
+class Caller(AdminModel):
+    """Who a credential belongs to: a user, or `admin` (the break-glass admin.token)."""
+
+    name: str
+    role: RoleName
+    permissions: list[str]

@@ -1,0 +1,62 @@
+"""Rendering console pages: one Jinja2 environment that always escapes (every string from
+an endpoint is hostile: a hostname may be `<script>`), and the security headers every
+page carries (a content security policy that allows only this server's own scripts and
+styles, no framing, no caching of pages)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, Response
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from strata import __version__
+from strata.model.units import human_bytes
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+# No inline script or style anywhere (htmx's own indicator style is turned off in
+# base.html): a string that slipped through escaping still could not run.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+PAGE_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value else "never"
+
+
+def _shown(value: object) -> str:
+    """A value an agent reported: text as it is, anything else as JSON (not Python's
+    repr). Escaped by the template like everything else."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}×" if value else "–"
+
+
+ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True,
+                  undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+ENV.filters.update(when=_when, size=human_bytes, ratio=_ratio, shown=_shown)
+ENV.globals.update(version=__version__)
+
+
+def secure(response: Response) -> Response:
+    response.headers.update(PAGE_HEADERS)
+    return response
+
+
+def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+    html = ENV.get_template(template).render(request=request, **context)
+    return secure(HTMLResponse(html, status_code=status))  # type: ignore[return-value]
