@@ -41,8 +41,8 @@ from strata.store.backend import atomic_write
 from strata.store.repository import Store
 from strata.tree.scan import open_path
 
-# New bytes per request: some 16 s of the server's CPU when none is cached (level 19), well
-# inside the client's timeout; a larger group goes alone (the server takes up to 64 MiB).
+# New bytes per request (what the server accepts): some 16 s of its CPU when none is
+# cached (level 19), well inside the client's timeout; a larger group goes alone.
 BATCH_BYTES = 16 << 20
 _SNAPSHOT_ID = re.compile(r"[0-9a-f]{64}")
 _DIGITS = re.compile(rb"\d+(?:\.\d+)*")  # a version: 3, 1.1, 2.36

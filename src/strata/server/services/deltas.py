@@ -43,7 +43,9 @@ from strata.server.services import snapshots
 from strata.server.services.layer_downloads import allowed_snapshots
 from strata.server.stream_cache import StreamCache
 
-MAX_BATCH_BYTES = MAX_DELTA_BYTES  # new bytes one request may ask deltas for
+# New bytes one request may ask deltas for (some 16 s of level-19 work when nothing is
+# cached); a single group may be larger (one file of up to MAX_DELTA_BYTES).
+MAX_BATCH_BYTES = 16 << 20
 _ALONE = struct.Struct("<Q")  # a cache entry: the new file's size compressed alone, delta
 _INDEXES = 8  # snapshots whose file index is kept (a fleet moves between a few bases)
 
@@ -138,9 +140,9 @@ def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> b
             if old is not None:  # else edited on the endpoint since its snapshot: the
                 files.append((old_hash, old, new_hash, new))  # same answer whoever holds it
         total += sum(f[3][0] for f in files)
-        if total > MAX_BATCH_BYTES:
+        if total > MAX_BATCH_BYTES and len(parsed) > 1:
             raise TooLarge(f"ask for deltas of at most {MAX_BATCH_BYTES} bytes of files "
-                           "per request")
+                           "per request, or one group")
         if len(files) == len(pairs):  # a group the endpoint holds every old file of
             found.append((files, lacking))
     out = []
