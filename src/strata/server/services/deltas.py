@@ -13,6 +13,7 @@ it is only made against content the endpoint may read whole.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -59,6 +60,10 @@ class DeltaService:
     def __init__(self, directory: Path, max_bytes: int = 4 << 30,
                  metric: Counter | None = None):
         self.cache = StreamCache(directory, max_bytes, *([metric] if metric else []))
+        # Computations at once: each holds both sides of a group, a match window over
+        # them and level 19's tables (some 170 MiB for an 8 MiB group), so a burst of
+        # first requests queues here rather than taking the server's memory.
+        self.computing = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
         self._files: OrderedDict[str, Files] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -179,10 +184,11 @@ def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> byt
     old_hash, new_hash = content_id(old), content_id(new)
 
     def make() -> bytes:
-        started = time.thread_time()
-        body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
-        DELTA_CPU.inc(time.thread_time() - started)
-        return body
+        with ctx.deltas.computing:
+            started = time.thread_time()
+            body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
+            DELTA_CPU.inc(time.thread_time() - started)
+            return body
 
     body = ctx.deltas.cache.get_or_make(DELTA_LEVEL, [old_hash, new_hash], make)
     (alone,) = _ALONE.unpack_from(body)
@@ -199,12 +205,13 @@ def _cached_delta(ctx: ServerContext, files: list[tuple[bytes, File, bytes, File
     the store cannot give back a version (the files then go by chunks, whose own read
     reports the damage)."""
     def make() -> bytes:
-        started = time.thread_time()
-        old = b"".join(_content(ctx, h, f[1]) for h, f, _, _ in files)
-        new = b"".join(_content(ctx, h, f[1]) for _, _, h, f in files)
-        body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
-        DELTA_CPU.inc(time.thread_time() - started)
-        return body
+        with ctx.deltas.computing:
+            started = time.thread_time()
+            old = b"".join(_content(ctx, h, f[1]) for h, f, _, _ in files)
+            new = b"".join(_content(ctx, h, f[1]) for _, _, h, f in files)
+            body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
+            DELTA_CPU.inc(time.thread_time() - started)
+            return body
 
     ids = [h for old_hash, _, new_hash, _ in files for h in (old_hash, new_hash)]
     try:
