@@ -118,11 +118,12 @@ def _applied_layers(ctx: ServerContext, ep: Endpoint) -> list[str]:
 
 
 def _held(ctx: ServerContext, ep: Endpoint, layers: list[str]) -> list[str]:
-    """What the endpoint may name as its old version: its own latest snapshot, the layers
-    it last applied, the layers its desired state names."""
+    """What the endpoint may name as its old version: the layers it last applied, the
+    layers its desired state names, its own latest snapshot. Looked up in that order: the
+    layers' file indexes serve the whole fleet, an endpoint's own snapshot only itself."""
     head, _ = snapshots.cached_head(ctx, ep.id)
-    return list(dict.fromkeys([*([head] if head else []), *_applied_layers(ctx, ep),
-                               *layers]))
+    return list(dict.fromkeys([*_applied_layers(ctx, ep), *layers,
+                               *([head] if head else [])]))
 
 
 def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> bytes:
