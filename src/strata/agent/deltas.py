@@ -187,6 +187,7 @@ def rebuild(root: bytes, group: list[Candidate], delta: GroupDelta, cache: Store
     new = memoryview(decode(old, delta.delta, sum(c.new.size for c in group)))
     ids: list[bytes] = []
     datas: list[bytes | memoryview] = []
+    taken: set[bytes] = set()
     offset = 0
     for c in group:
         data = new[offset:offset + c.new.size]
@@ -198,9 +199,10 @@ def rebuild(root: bytes, group: list[Candidate], delta: GroupDelta, cache: Store
         for cid, n in c.new.chunks:
             piece = data[pos:pos + n]
             pos += n
-            if cid in lacking and cid not in ids:
+            if cid in lacking and cid not in taken:
                 if content_id(piece) != cid:
                     raise CorruptData(f"{_show(c.new)}: a rebuilt chunk does not match its id")
+                taken.add(cid)
                 ids.append(cid)
                 datas.append(piece)
     if ids:
