@@ -391,6 +391,7 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         state.save_update({"key": desired.key, "state": UpdateState.DOWNLOADING,
                            "desired": desired.model_dump(), "approval": approval.to_dict()})
         lengths = plan.chunks_in_order()
+        report(client, desired.key, UpdateState.DOWNLOADING, percent=0.0)
         by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
                                   source.lacking(list(lengths)))
         lacking = source.lacking(list(lengths))
@@ -406,7 +407,6 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
                 last[0] = time.monotonic()
                 report(client, desired.key, UpdateState.DOWNLOADING,
                        percent=100.0 * done / max(total, 1), downloaded=received())
-        report(client, desired.key, UpdateState.DOWNLOADING, percent=0.0)
         source.download(lacking, lengths, progress)
         summary = plan.summary()
         state.save_update({"key": desired.key, "state": UpdateState.READY,
