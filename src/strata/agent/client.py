@@ -3,9 +3,11 @@ a count of every byte that crosses the wire in either direction."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import httpx
@@ -39,7 +41,8 @@ def _header_bytes(headers: httpx.Headers) -> int:
 class ServerClient:
     def __init__(self, server: str, credential: str | None = None, *, retries: int = 5,
                  timeout: float = 120.0, upload_rate: float | None = None,
-                 download_rate: float | None = None, verify: bool | str | ssl.SSLContext = True):
+                 download_rate: float | None = None, verify: bool | str | ssl.SSLContext = True,
+                 sleep: Callable[[float], None] = time.sleep):
         self.server = server.rstrip("/")
         headers = {"Authorization": f"Bearer {credential}"} if credential else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout,
@@ -50,6 +53,7 @@ class ServerClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.retried = 0
+        self.sleep = sleep  # injected: tests run a backoff without waiting it out
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -66,6 +70,24 @@ class ServerClient:
     def request(self, method: str, path: str, *, json: object = None,
                 content: bytes | None = None, retries: int | None = None) -> httpx.Response:
         """Send with retries on network errors and 502-504; raise one clear error."""
+        return self._send(method, path, json=json, content=content, retries=retries)
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, *, json: object = None,
+               retries: int | None = None) -> Iterator[BodyReader]:
+        """Send like `request`, then read the answer's body as it arrives (BodyReader), so
+        that what came before a broken connection can be kept (agent/resume.py). A
+        connection lost while reading is a ServerUnreachable; it is not retried here: only
+        the caller knows what is still missing."""
+        resp = self._send(method, path, json=json, retries=retries, stream=True)
+        try:
+            yield BodyReader(self, resp)
+        finally:
+            resp.close()
+
+    def _send(self, method: str, path: str, *, json: object = None,
+              content: bytes | None = None, retries: int | None = None,
+              stream: bool = False) -> httpx.Response:
         delay = 0.5
         retries = self.retries if retries is None else retries
         for attempt in range(retries + 1):
@@ -75,7 +97,9 @@ class ServerClient:
             body = req.content
             self.upload.consume(len(body))
             try:
-                resp = self.http.send(req)
+                resp = self.http.send(req, stream=stream)
+                if stream and (resp.status_code >= 400 or resp.status_code == 409):
+                    resp.read()  # an error's detail, not a download: read it whole
             except httpx.TransportError as exc:
                 failure: str = describe_transport_error(self.server, exc)
                 if is_certificate_error(exc):
@@ -83,23 +107,57 @@ class ServerClient:
                     # its next check-in (someone in between may have left by then).
                     raise ServerUnreachable(failure) from None
             else:
+                streamed = stream and not resp.is_stream_consumed
                 with self._lock:
                     self.bytes_sent += len(body) + _header_bytes(req.headers) + len(path) + 16
-                    self.bytes_received += len(resp.content) + _header_bytes(resp.headers) + 16
-                self.download.consume(len(resp.content))
+                    self.bytes_received += _header_bytes(resp.headers) + 16 + (
+                        0 if streamed else len(resp.content))
+                if not streamed:
+                    self.download.consume(len(resp.content))
                 if resp.status_code not in RETRY_STATUS:
                     if resp.status_code >= 400 and resp.status_code != 409:
                         raise self.refusal(resp.status_code, _message(resp))
                     return resp
+                resp.close()
                 failure = f"server busy ({resp.status_code})"
                 delay = max(delay, _retry_after(resp))
             if attempt == retries:
                 raise ServerUnreachable(failure)
             with self._lock:
                 self.retried += 1
-            time.sleep(delay)
+            self.sleep(delay)
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
+
+
+class BodyReader:
+    """An answer's body read piece by piece (a file-like `read`): every piece is counted
+    and passes the download cap as it arrives, so the cap holds on the byte stream itself
+    rather than on whole answers; a connection that breaks midway is a ServerUnreachable."""
+
+    PIECE = 16 << 10
+
+    def __init__(self, client: ServerClient, resp: httpx.Response):
+        self.client = client
+        self.resp = resp
+        self._pieces = resp.iter_bytes(self.PIECE)
+        self._buffer = b""
+
+    def read(self, n: int = -1, /) -> bytes:
+        if not self._buffer:
+            try:
+                self._buffer = next(self._pieces, b"")
+            except httpx.TransportError as exc:
+                raise ServerUnreachable(describe_transport_error(self.client.server, exc)
+                                        ) from None
+            if self._buffer:
+                with self.client._lock:
+                    self.client.bytes_received += len(self._buffer)
+                self.client.download.consume(len(self._buffer))
+        if n < 0:
+            n = len(self._buffer)
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
 
 
 class MalformedAnswer(StrataError):

@@ -64,6 +64,7 @@ class AgentContext:
     upload_rate: float | None = None  # --limit-upload, bytes per second
     clock: Clock = time.time
     with_progress: WithProgress = no_progress
+    sleep: Callable[[float], None] = time.sleep  # the backoff between retries (injected)
 
     @classmethod
     def load(cls, state: AgentState, **options: Any) -> AgentContext:
@@ -78,7 +79,8 @@ class AgentContext:
         # a check-in of this daemon, or of `agent status` beside it).
         with contextlib.suppress(StrataError):
             self.credential = self.state.credential()
-        return device_client(self.credential, upload_rate=self.upload_rate, **options)
+        return device_client(self.credential, upload_rate=self.upload_rate,
+                             sleep=self.sleep, **options)
 
 
 # -- one cycle ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ class AgentStatus:
     pending_work: list[str] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
-    layer_update: dict = field(default_factory=dict)  # key, state, error
+    layer_update: dict = field(default_factory=dict)  # key, state, error, paused (why)
     applied_layers_key: str = ""
     signing_root: str | None = None  # the pinned root's fingerprint (None: none pinned)
 
@@ -74,5 +74,6 @@ def read_status(ctx: AgentContext) -> AgentStatus:
         last_checkin=doc.get("last_checkin"), pending_work=list(doc.get("pending_work", [])),
         bytes_sent=int(doc.get("bytes_sent", 0)),
         bytes_received=int(doc.get("bytes_received", 0)),
-        layer_update={k: v for k, v in st.update().items() if k in ("key", "state", "error")},
+        layer_update={k: v for k, v in st.update().items()
+                      if k in ("key", "state", "error", "paused")},
         applied_layers_key=st.applied_key(), signing_root=pinned_fingerprint(st))
