@@ -4,6 +4,8 @@ a count of every byte that crosses the wire in either direction."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import math
 import ssl
 import threading
 import time
@@ -15,10 +17,12 @@ from pydantic import BaseModel, ValidationError
 
 from strata.agent.throttle import TokenBucket
 from strata.errors import StrataError
+from strata.model.wire import BandwidthLimits
 from strata.transport import describe_transport_error, is_certificate_error
 
 M = TypeVar("M", bound=BaseModel)
 RETRY_STATUS = {429, 502, 503, 504}
+OCTETS = "application/octet-stream"
 MAX_RETRY_AFTER = 60.0  # seconds: a server asking for longer is waited on for this long
 
 
@@ -42,14 +46,20 @@ class ServerClient:
     def __init__(self, server: str, credential: str | None = None, *, retries: int = 5,
                  timeout: float = 120.0, upload_rate: float | None = None,
                  download_rate: float | None = None, verify: bool | str | ssl.SSLContext = True,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         self.server = server.rstrip("/")
         headers = {"Authorization": f"Bearer {credential}"} if credential else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout,
                                  verify=verify)
         self.retries = retries
-        self.upload = TokenBucket(upload_rate)
-        self.download = TokenBucket(download_rate)
+        self.upload = TokenBucket(upload_rate, clock=clock, sleep=sleep)
+        self.download = TokenBucket(download_rate, clock=clock, sleep=sleep)
+        self.clock = clock
+        self._bandwidth: BandwidthLimits | None = None  # the policy's, once followed
+        self._local_upload = upload_rate
+        self._local_time: Callable[[], dt.time] = _local_time_of_day
+        self._caps_checked = -math.inf
         self.bytes_sent = 0
         self.bytes_received = 0
         self.retried = 0
@@ -59,9 +69,27 @@ class ServerClient:
     def close(self) -> None:
         self.http.close()
 
-    def set_limits(self, upload_rate: float | None, download_rate: float | None) -> None:
-        self.upload = TokenBucket(upload_rate)
-        self.download = TokenBucket(download_rate)
+    def follow(self, bandwidth: BandwidthLimits | None, local_upload: float | None = None,
+               local_time: Callable[[], dt.time] | None = None) -> None:
+        """Cap every transfer by the bandwidth policy (`local_upload`, the agent's own
+        upload cap, too: the lower wins). The policy's time windows are read on the
+        endpoint's clock at each request, and each second of a long body."""
+        self._bandwidth, self._local_upload = bandwidth, local_upload
+        if local_time is not None:
+            self._local_time = local_time
+        self._caps_checked = -math.inf
+        self._check_caps()
+
+    def _check_caps(self) -> None:
+        now = self.clock()
+        if now - self._caps_checked < 1.0:
+            return
+        self._caps_checked = now
+        up, down = (self._bandwidth.caps_at(self._local_time()) if self._bandwidth
+                    else (None, None))
+        ups = [r for r in (up, self._local_upload) if r]
+        self.upload.set_rate(min(ups) if ups else None)
+        self.download.set_rate(down)
 
     def refusal(self, status: int, message: str) -> StrataError:
         """The error for a client-error answer (a subclass says more: see DeviceClient)."""
@@ -91,14 +119,23 @@ class ServerClient:
         delay = 0.5
         retries = self.retries if retries is None else retries
         for attempt in range(retries + 1):
-            req = self.http.build_request(
-                method, path, json=json, content=content,
-                headers={"Content-Type": "application/octet-stream"} if content else None)
-            body = req.content
-            self.upload.consume(len(body))
+            self._check_caps()
+            if content and self.upload.rate:
+                # The body goes out in small pieces, each paid for as it leaves.
+                req = self.http.build_request(method, path, content=self._paced(content),
+                                              headers={"Content-Type": OCTETS,
+                                                       "Content-Length": str(len(content))})
+                body = content
+            else:
+                req = self.http.build_request(
+                    method, path, json=json, content=content,
+                    headers={"Content-Type": OCTETS} if content else None)
+                body = req.content
+                self.upload.consume(len(body))
             try:
                 resp = self.http.send(req, stream=stream)
-                if stream and (resp.status_code >= 400 or resp.status_code == 409):
+                streamed = stream and resp.status_code < 400 and resp.status_code != 409
+                if stream and not streamed:
                     resp.read()  # an error's detail, not a download: read it whole
             except httpx.TransportError as exc:
                 failure: str = describe_transport_error(self.server, exc)
@@ -107,7 +144,6 @@ class ServerClient:
                     # its next check-in (someone in between may have left by then).
                     raise ServerUnreachable(failure) from None
             else:
-                streamed = stream and not resp.is_stream_consumed
                 with self._lock:
                     self.bytes_sent += len(body) + _header_bytes(req.headers) + len(path) + 16
                     self.bytes_received += _header_bytes(resp.headers) + 16 + (
@@ -130,17 +166,28 @@ class ServerClient:
         raise AssertionError("unreachable")
 
 
+    def _paced(self, body: bytes) -> Iterator[bytes]:
+        view = memoryview(body)
+        for start in range(0, len(body), self.upload.piece):
+            piece = view[start:start + self.upload.piece]
+            self.upload.consume(len(piece))
+            yield bytes(piece)
+            self._check_caps()
+
+
+def _local_time_of_day() -> dt.time:
+    return dt.datetime.now().time()
+
+
 class BodyReader:
     """An answer's body read piece by piece (a file-like `read`): every piece is counted
     and passes the download cap as it arrives, so the cap holds on the byte stream itself
     rather than on whole answers; a connection that breaks midway is a ServerUnreachable."""
 
-    PIECE = 16 << 10
-
     def __init__(self, client: ServerClient, resp: httpx.Response):
         self.client = client
         self.resp = resp
-        self._pieces = resp.iter_bytes(self.PIECE)
+        self._pieces = resp.iter_bytes(client.download.piece)
         self._buffer = b""
 
     def read(self, n: int = -1, /) -> bytes:
@@ -154,6 +201,7 @@ class BodyReader:
                 with self.client._lock:
                     self.client.bytes_received += len(self._buffer)
                 self.client.download.consume(len(self._buffer))
+                self.client._check_caps()
         if n < 0:
             n = len(self._buffer)
         out, self._buffer = self._buffer[:n], self._buffer[n:]
