@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from strata.agent.client import ServerClient, ServerUnreachable
 from strata.errors import CorruptData
-from strata.model.transfer import MAGIC, bundle_record, iter_bundle, iter_stream
+from strata.model.transfer import MAGIC, Readable, bundle_record, iter_bundle, iter_stream
 from strata.store.pack import decode_payload
 from strata.store.repository import Store
 
@@ -85,12 +85,20 @@ class ChunkReceiver:
             self.journal.unlink()
 
 
+Decoder = Callable[[Readable], Iterator[tuple[bytes, int, bytes]]]
+
+
 def fetch_chunks(client: ServerClient, path: str, ids: list[bytes],
-                 keep: Callable[[bytes, bytes], None]) -> None:
-    """Download `ids` from `path` (a chunk stream, model/transfer.py) into `keep`, chunk by
-    chunk as they arrive. A broken connection is retried for the chunks still missing, after
-    0.5 s, 1 s, 2 s, ... (the count restarts whenever a try brought something); after
-    `client.retries` fruitless tries the download is paused (DownloadPaused)."""
+                 keep: Callable[[bytes, bytes], None], *, decode: Decoder = iter_stream,
+                 on_corrupt: Callable[[bytes, CorruptData], None] | None = None
+                 ) -> list[bytes]:
+    """Download `ids` from `path` into `keep`, chunk by chunk as they arrive (`decode`: a
+    chunk stream, as layer downloads are, or a bundle, as restores are: model/transfer.py).
+    A broken connection is retried for the chunks still missing, after 0.5 s, 1 s, 2 s, ...
+    (the count restarts whenever a try brought something); after `client.retries`
+    fruitless tries the download is paused (DownloadPaused). A chunk that fails its check
+    goes to `on_corrupt` (without one, the download stops with CorruptData). Returns the
+    ids the server did not send."""
     wanted = set(ids)
     done: set[bytes] = set()
     failures = 0
@@ -101,10 +109,17 @@ def fetch_chunks(client: ServerClient, path: str, ids: list[bytes],
         try:
             with client.stream("POST", path, json={"ids": [c.hex() for c in remaining]},
                                retries=0) as body:
-                for cid, raw_length, payload in iter_stream(body):
+                for cid, raw_length, payload in decode(body):
                     if cid not in wanted or cid in done:
                         raise CorruptData("the server sent a chunk that was not asked for")
-                    keep(cid, decode_payload(cid, payload, raw_length))  # verified by its id
+                    try:
+                        data = decode_payload(cid, payload, raw_length)  # verified by its id
+                    except CorruptData as exc:
+                        if on_corrupt is None:
+                            raise
+                        on_corrupt(cid, exc)
+                    else:
+                        keep(cid, data)
                     done.add(cid)
         except ServerUnreachable as exc:
             if len(done) > before:  # the link works, if badly: start the backoff over
@@ -119,5 +134,5 @@ def fetch_chunks(client: ServerClient, path: str, ids: list[bytes],
             client.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
             continue
-        if len(done) < len(wanted):
-            raise CorruptData(f"server did not send {len(wanted) - len(done)} chunk(s)")
+        break  # the answer ended: whatever is still missing, the server did not send
+    return [c for c in dict.fromkeys(ids) if c not in done]

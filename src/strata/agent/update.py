@@ -215,7 +215,10 @@ class LayerSource:
         assert self.client is not None
         before, received = self.client.bytes_received, self.receiver.received
         try:
-            fetch_chunks(self.client, "/api/v1/agent/layers/chunks", ids, self.receiver.keep)
+            missing = fetch_chunks(self.client, "/api/v1/agent/layers/chunks", ids,
+                                   self.receiver.keep)
+            if missing:
+                raise CorruptData(f"server did not send {len(missing)} chunk(s)")
         finally:
             self.receiver.settle()
             self.chunks_downloaded += self.receiver.received - received
