@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from datetime import time as tod
 
 import httpx
@@ -145,7 +145,6 @@ RULES = [
 def test_rules_match_the_reported_subnet_and_site_in_the_endpoints_local_time():
     # 07:30 UTC is 09:30 in an endpoint two hours ahead: inside its working day.
     at_0730_utc = datetime(2026, 12, 2, 7, 30, tzinfo=UTC)
-    from datetime import timedelta, timezone
     local = at_0730_utc.astimezone(timezone(timedelta(hours=2)))
     # Behind NAT the server sees 203.0.113.9; the agent reports 10.20.3.4/16.
     nat = bandwidth_for(RULES, ["10.20.3.4/16", "203.0.113.9"], "", local)

@@ -21,7 +21,7 @@ import pytest
 
 from server_fixtures import Agent, Server, centralized, kill_group, spawn, strata_json
 from strata.agent.client import ServerUnreachable
-from strata.agent.cycle import AgentContext, run_cycle
+from strata.agent.cycle import AgentContext, apply_now, run_cycle
 from strata.agent.resume import ChunkReceiver, DownloadPaused, fetch_chunks
 from strata.agent.state import AgentState
 from strata.agent.update import DOWNLOAD_JOURNAL
@@ -365,3 +365,33 @@ def test_a_killed_agent_resumes_its_download_without_fetching_a_chunk_twice(worl
     assert proxy.answer_bytes <= LAYER_BYTES + 600 * 1024, (received, proxy.answer_bytes)
     assert not (agent.state / DOWNLOAD_JOURNAL).exists()
     assert os.path.getsize(agent.state / "update.json") > 0
+
+
+@pytest.mark.e2e
+def test_an_outage_during_apply_leaves_it_to_carry_on_not_failed(world, tmp_path):
+    server, proxy = world
+    agent = endpoint_with_assigned_layer(server, proxy, tmp_path)
+    waits: list[float] = []
+    ctx = AgentContext.load(AgentState(agent.state), sleep=waits.append)
+    assert agent.run_once()["update"]["state"] == "ready"
+    # The cache lost (a disk cleaned up): the apply must fetch the layer again, and the
+    # link breaks half-way through that.
+    shutil.rmtree(agent.state / "cache")
+    proxy.requested.clear()
+    proxy.cut_after = proxy.answer_bytes + LAYER_BYTES // 2
+    with pytest.raises(ServerUnreachable):
+        apply_now(ctx)
+    saved = json.loads((agent.state / "update.json").read_text())
+    assert saved["state"] == "applying" and saved["pre_update_snapshot"], saved
+    assert "paused" in saved["paused"]
+    all_ids = set(proxy.requested[0])
+    kept = cached(agent, all_ids)
+    assert 0 < len(kept) < len(all_ids)
+
+    proxy.up()
+    outcome = apply_now(ctx)
+    assert outcome.update is not None and outcome.update.state == "applied"
+    assert outcome.update.pre_update_snapshot == saved["pre_update_snapshot"]  # not retaken
+    resumed = {c for req in proxy.requested[1:] for c in req}
+    assert resumed == all_ids - kept
+    assert (agent.root / "usr/lib/big0.bin").stat().st_size == LAYER_BYTES // 6

@@ -605,6 +605,11 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
     except LayerRefused as exc:
         refuse(client, state, desired, exc)
         raise
+    except ServerUnreachable as exc:
+        # Lost before the switch (it needs the network only for what it still lacks): the
+        # apply stays where it was, and the next cycle or `agent apply` carries on.
+        state.save_update({**state.update(), "paused": str(exc)})
+        raise
     except StrataError as exc:
         state.save_update({**saved, "state": UpdateState.FAILED, "error": str(exc)})
         report(client, desired.key, UpdateState.FAILED, detail=str(exc))
