@@ -161,3 +161,48 @@ def test_a_60_second_outage_mid_download_then_completion_with_no_byte_twice(wan,
     # IP and TCP headers (4.6%), plus check-ins, manifests and reports. The old agent
     # downloaded the whole batch (here the whole layer) again after a broken connection.
     assert carried <= LAYER_BYTES * 1.046 + 768 * 1024, carried
+
+
+def test_a_download_cap_holds_on_the_link_over_every_second(wan, tmp_path):
+    """The policy's cap as the link carries it: the kernel's byte count sampled every few
+    milliseconds during a layer download capped at 4000 kbps (500 kB/s) on the 20 Mbit/s
+    link; every 1-second window within 10% of the cap (plus the frames' headers)."""
+    server, link = wan
+    cap = 4_000 * 125
+    layer = tmp_path / "layer"
+    (layer / "usr/lib").mkdir(parents=True)
+    (layer / "usr/lib/blob.bin").write_bytes(random.Random(15).randbytes(4 * MIB))
+    root, state = tmp_path / "endpoint", tmp_path / "state"
+    (root / "home/ann").mkdir(parents=True)
+    (root / "home/ann/notes.txt").write_text("mine\n")
+    link.run("agent", "enroll", "--server", f"http://{link.dc_ip}:{server.port}", "--token",
+             server.create_token(), "--root", root, "--state", state, "--insecure", "--json")
+    link.run("agent", "run", "--once", "--state", state, "--json")
+    rules = tmp_path / "bandwidth.json"
+    rules.write_text(json.dumps({"rules": [{"subnet": "10.231.0.0/16", "download_kbps": 4000}]}))
+    server.admin_cli("policy", "set", "bandwidth", rules, "--replace")
+    server.admin_cli("layer", "capture", "--kind", "base", "--name", "os", "--version", "1",
+                     "--from-dir", layer)
+    server.admin_cli("assign", "--all", "--base", "os:1")
+
+    samples: list[tuple[float, int]] = []
+    run = link.spawn("agent", "run", "--once", "--state", state, "--json")
+    while run.poll() is None:
+        samples.append((time.monotonic(), link.bytes_to_branch()))
+        time.sleep(0.005)  # sampling the link, not waiting for an outcome
+    out, err = run.communicate()
+    assert run.returncode == 0 and json.loads(out)["update"]["state"] == "ready", (out, err)
+    most, worst_at = 0, 0.0
+    for i, (t, n) in enumerate(samples):
+        j = next(k for k in range(i + 1) if samples[k][0] > t - 1.0)
+        start = samples[j - 1][1] if j else samples[0][1]
+        if n - start > most:
+            most, worst_at = n - start, t - samples[0][0]
+    moved = samples[-1][1] - samples[0][1]
+    print(f"\n{moved:,} B in {samples[-1][0] - samples[0][0]:.1f} s at a cap of {cap:,} B/s: "
+          f"the busiest second carried {most:,} B ({most / cap:.1%} of the cap, "
+          f"{worst_at:.1f} s in)")
+    assert moved >= 4 * MIB
+    # The cap is on the transfer's bytes; the link also carries their frames' Ethernet,
+    # IP and TCP headers (66 bytes per 1448: 4.6%).
+    assert most <= 1.1 * cap * 1514 / 1448, most

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
+import socket
 import ssl
 import threading
 import time
@@ -23,6 +24,7 @@ from strata.transport import describe_transport_error, is_certificate_error
 M = TypeVar("M", bound=BaseModel)
 RETRY_STATUS = {429, 502, 503, 504}
 OCTETS = "application/octet-stream"
+RCVBUF_SECONDS = 0.02  # a capped download's socket receive buffer, in seconds of the cap
 MAX_RETRY_AFTER = 60.0  # seconds: a server asking for longer is waited on for this long
 
 
@@ -52,6 +54,8 @@ class ServerClient:
         headers = {"Authorization": f"Bearer {credential}"} if credential else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout,
                                  verify=verify)
+        self._verify, self._timeout = verify, timeout
+        self._capped: dict[int, httpx.Client] = {}  # receive buffer -> client (downloads)
         self.retries = retries
         self.upload = TokenBucket(upload_rate, clock=clock, sleep=sleep)
         self.download = TokenBucket(download_rate, clock=clock, sleep=sleep)
@@ -68,6 +72,25 @@ class ServerClient:
 
     def close(self) -> None:
         self.http.close()
+        for client in self._capped.values():
+            client.close()
+
+    def _downloads(self) -> httpx.Client:
+        """The client a download is read with. Under a cap, one whose connections have a
+        small receive buffer (RCVBUF_SECONDS of the cap): the kernel otherwise takes in a
+        megabyte or more at line speed (receive-buffer autotuning) before the agent has
+        read any of it, and that burst crosses the link whatever the bucket does."""
+        rate = self.download.rate
+        if not rate:
+            return self.http
+        size = int(min(1 << 20, max(4096, rate * RCVBUF_SECONDS)))
+        with self._lock:
+            if size not in self._capped:
+                option = (socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+                self._capped[size] = httpx.Client(
+                    timeout=self._timeout, transport=httpx.HTTPTransport(
+                        verify=self._verify, socket_options=[option]))
+            return self._capped[size]
 
     def follow(self, bandwidth: BandwidthLimits | None, local_upload: float | None = None,
                local_time: Callable[[], dt.time] | None = None) -> None:
@@ -133,7 +156,7 @@ class ServerClient:
                 body = req.content
                 self.upload.consume(len(body))
             try:
-                resp = self.http.send(req, stream=stream)
+                resp = (self._downloads() if stream else self.http).send(req, stream=stream)
                 streamed = stream and resp.status_code < 400 and resp.status_code != 409
                 if stream and not streamed:
                     resp.read()  # an error's detail, not a download: read it whole

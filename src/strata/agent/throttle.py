@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
-BURST_SECONDS = 0.04  # the most the bucket holds: 4% of a second's worth
+BURST_SECONDS = 0.02  # the most the bucket holds: 2% of a second's worth
 MIN_PIECE, MAX_PIECE = 256, 16 << 10
 
 
@@ -29,11 +29,11 @@ class TokenBucket:
 
     @property
     def piece(self) -> int:
-        """How many bytes to move between two calls: 2% of a second's worth, within
-        256 B..16 KiB (with the burst, that keeps any second within 6% of the cap)."""
+        """How many bytes to move between two calls: 1% of a second's worth, within
+        256 B..16 KiB (with the burst, that keeps any second within 3% of the cap)."""
         if not self.rate:
             return MAX_PIECE
-        return int(min(MAX_PIECE, max(MIN_PIECE, self.rate * 0.02)))
+        return int(min(MAX_PIECE, max(MIN_PIECE, self.rate * 0.01)))
 
     def set_rate(self, rate: float | None) -> None:
         """A new cap (the time window changed): what was paid so far stays paid."""
