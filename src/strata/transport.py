@@ -18,7 +18,7 @@ import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from strata.errors import StrataError
+from strata.errors import StrataError, transport_cause
 
 FINGERPRINT_HINT = "64 hex digits, as `strata server` printed it"
 
@@ -145,8 +145,7 @@ def describe_transport_error(server: str, exc: BaseException) -> str:
                 "reached with http://?)")
     if name == "UnsupportedProtocol":
         return f"server URL {server!r} must start with https:// or http://"
-    reason = next((str(e) for e in chain if str(e)), name)
-    return f"cannot reach {server}: {reason}"
+    return f"cannot reach {server}: {transport_cause(exc)}"
 
 
 def _os_reason(exc: BaseException) -> str:
