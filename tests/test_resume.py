@@ -127,6 +127,26 @@ def test_an_outage_backs_off_then_pauses_keeping_what_arrived():
     assert sorted(kept) == sorted(ids)
 
 
+def test_a_busy_server_is_asked_again_after_the_wait_it_names():
+    chunks = random_chunks(5)
+
+    class Busy(FlakyServer):
+        busy = 2
+
+        @contextlib.contextmanager
+        def stream(self, method: str, path: str, json: dict, **kw: object) -> Iterator[object]:
+            if self.busy:
+                self.busy -= 1
+                raise ServerUnreachable("server busy (429)", retry_after=20.0)
+            with super().stream(method, path, json, **kw) as body:
+                yield body
+
+    server = Busy(chunks, cuts=[])
+    kept: list[bytes] = []
+    assert fetch_chunks(server, "/chunks", list(chunks), lambda c, d: kept.append(c)) == []  # type: ignore[arg-type]
+    assert server.sleeps == [20.0, 20.0] and sorted(kept) == sorted(chunks)
+
+
 def test_a_killed_download_leaves_its_chunks_in_the_journal(tmp_path):
     Store.init(tmp_path / "cache", compression="zstd:3").close()
     chunks = random_chunks(12)

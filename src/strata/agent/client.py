@@ -31,6 +31,10 @@ MAX_RETRY_AFTER = 60.0  # seconds: a server asking for longer is waited on for t
 class ServerUnreachable(StrataError):
     exit_code = 3
 
+    def __init__(self, message: str, *, retry_after: float = 0.0):
+        super().__init__(message)
+        self.retry_after = retry_after  # a busy server's Retry-After (seconds), else 0
+
 
 class ServerRefused(StrataError):
     """The server answered with a client error; retrying will not help."""
@@ -155,6 +159,7 @@ class ServerClient:
                     headers={"Content-Type": OCTETS} if content else None)
                 body = req.content
                 self.upload.consume(len(body))
+            resp_busy = False
             try:
                 resp = (self._downloads() if stream else self.http).send(req, stream=stream)
                 streamed = stream and resp.status_code < 400 and resp.status_code != 409
@@ -180,8 +185,9 @@ class ServerClient:
                 resp.close()
                 failure = f"server busy ({resp.status_code})"
                 delay = max(delay, _retry_after(resp))
+                resp_busy = True
             if attempt == retries:
-                raise ServerUnreachable(failure)
+                raise ServerUnreachable(failure, retry_after=delay if resp_busy else 0.0)
             with self._lock:
                 self.retried += 1
             self.sleep(delay)

@@ -131,7 +131,7 @@ def fetch_chunks(client: ServerClient, path: str, ids: list[bytes],
                     "batch kept: it resumes when the server answers") from None
             with client._lock:
                 client.retried += 1
-            client.sleep(delay)
+            client.sleep(max(delay, exc.retry_after))  # a busy server says how long
             delay = min(delay * 2, BACKOFF_MAX)
             continue
         break  # the answer ended: whatever is still missing, the server did not send
