@@ -194,11 +194,10 @@ class ServerClient:
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
 
-
     def _paced(self, body: bytes) -> Iterator[bytes]:
-        view = memoryview(body)
-        for start in range(0, len(body), self.upload.piece):
-            piece = view[start:start + self.upload.piece]
+        view, step = memoryview(body), self.upload.piece  # one size: the cap may change
+        for start in range(0, len(body), step):
+            piece = view[start:start + step]
             self.upload.consume(len(piece))
             yield bytes(piece)
             self._check_caps()
