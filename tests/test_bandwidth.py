@@ -113,6 +113,34 @@ def test_the_lower_upload_cap_wins_and_windows_follow_the_local_clock():
     assert (client.upload.rate, client.download.rate) == (100_000.0, 200_000.0)
 
 
+def test_a_window_that_starts_mid_upload_slows_it_there_and_the_body_stays_whole():
+    ft = FakeTime()
+    got: list[tuple[float, bytes]] = []
+
+    class Receiver(httpx.BaseTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            for piece in request.stream:  # type: ignore[union-attr]
+                got.append((ft.now, piece))
+            return httpx.Response(200, json={})
+
+    client = ServerClient("http://strata.test", sleep=ft.sleep, clock=ft.clock)
+    client.http = httpx.Client(base_url="http://strata.test", transport=Receiver())
+    # 07:59:57 when the upload starts: three seconds at 8000 kbps, then 800 kbps.
+    client.follow(BandwidthLimits(windows=[
+        BandwidthWindow(start="08:00", end="18:00", upload_kbps=800),
+        BandwidthWindow(upload_kbps=8_000)]),
+        local_time=lambda: tod(7, 59, 57 + min(int(ft.now - 100.0), 2)) if ft.now < 103.0
+        else tod(8, 0, int(ft.now - 103.0) % 60))
+    body = random.Random(4).randbytes(3 * 1_000_000 + 4 * 100_000)
+    client.request("POST", "/upload", content=body)
+    assert b"".join(p for _, p in got) == body  # the piece size changed midway: no gap
+    before = sum(len(p) for t, p in got if t < 103.0)
+    after = sum(len(p) for t, p in got if t >= 104.0)
+    assert 0.9 * 3_000_000 <= before <= 1.1 * 3_000_000, before
+    assert ft.now - 100.0 == pytest.approx(7.0, abs=0.3)  # 3 s fast, then 4 s at 100 kB/s
+    assert after <= 1.1 * 300_000, after
+
+
 def test_token_bucket_starts_empty_and_never_lends_more_than_a_sliver():
     ft = FakeTime()
     bucket = TokenBucket(100_000, clock=ft.clock, sleep=ft.sleep)
@@ -203,6 +231,9 @@ def test_the_site_and_subnet_an_agent_reports_pick_its_rules_and_restore_follows
         centralized(agent.run_once())
         policy = json.loads((agent.state / "status.json").read_text())["policy"]
         assert policy["bandwidth"]["download_kbps"] == 1_600, policy
+        status = agent.status()
+        assert status["site"] == "lyon"
+        assert status["bandwidth_kbps"] == {"upload": None, "download": 1_600}, status
         (root / "home/ann/photo.raw").unlink()
         started = time.monotonic()
         agent.restore("home/ann/photo.raw")
