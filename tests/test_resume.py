@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 
 from server_fixtures import Agent, Server, centralized, kill_group, spawn, strata_json
+from strata.agent.access import Access
 from strata.agent.client import ServerUnreachable
 from strata.agent.cycle import AgentContext, apply_now, run_cycle
+from strata.agent.daemon import run_daemon
 from strata.agent.resume import ChunkReceiver, DownloadPaused, fetch_chunks
 from strata.agent.state import AgentState
 from strata.agent.update import DOWNLOAD_JOURNAL
@@ -415,3 +417,30 @@ def test_an_outage_during_apply_leaves_it_to_carry_on_not_failed(world, tmp_path
     resumed = {c for req in proxy.requested[1:] for c in req}
     assert resumed == all_ids - kept
     assert (agent.root / "usr/lib/big0.bin").stat().st_size == LAYER_BYTES // 6
+
+
+@pytest.mark.e2e
+def test_the_daemon_keeps_running_through_an_outage_and_finishes_the_download(world,
+                                                                              tmp_path):
+    server, proxy = world
+    agent = endpoint_with_assigned_layer(server, proxy, tmp_path)
+    ctx = AgentContext.load(AgentState(agent.state), sleep=lambda s: None)
+    proxy.cut_after = LAYER_BYTES // 2
+    daemon_waits: list[float] = []
+
+    def between_cycles(seconds: float) -> None:
+        daemon_waits.append(seconds)
+        proxy.up()  # the link comes back while the daemon waits
+
+    def failed(exc: Exception) -> None:
+        raise AssertionError(f"a cycle raised: {exc}")
+
+    results: list = []
+    run_daemon(ctx, poll=60, on_cycle=results.append, on_error=failed,
+               sleep=between_cycles, max_cycles=2)
+    assert [r.access for r in results] == [Access.UNREACHABLE, Access.OK], results
+    assert "download paused" in results[0].message
+    assert daemon_waits == [120.0]  # an offline cycle: the wait grows from the poll
+    assert results[1].update is not None and results[1].update.state == "ready"
+    first, rest = proxy.requested[0], [c for req in proxy.requested[1:] for c in req]
+    assert len(rest) < len(first) and set(rest) < set(first)
