@@ -39,8 +39,8 @@ T = TypeVar("T")
 app = typer.Typer(help="The endpoint agent.", no_args_is_help=True)
 STATE = typer.Option(None, "--state", help="Agent state directory (credential, caches).")
 JSON = typer.Option(False, "--json", help="Print JSON.")
-LIMIT_UP = typer.Option(None, "--limit-upload", help="Upload cap, e.g. 512K or 2M "
-                        "(bytes per second).")
+LIMIT_UP = typer.Option(None, "--limit-upload", help="Upload cap: 512K or 2M bytes per "
+                        "second, or 20mbit / 512kbps bits per second.")
 
 
 def _state(state: Path | None) -> AgentState:
@@ -119,6 +119,25 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
         console.print(f"this state directory was endpoint {done.replaced}: it stays on the "
                       f"server until an administrator revokes or deletes it "
                       f"(`strata endpoint delete {done.replaced}`)", highlight=False)
+
+
+@app.command()
+def site(name: str | None = typer.Argument(None, help="The site, e.g. lyon (letters, "
+                                           "digits, '.', '_', '-')."),
+         clear: bool = typer.Option(False, "--clear", help="This endpoint has no site."),
+         state: Path | None = STATE, json: bool = JSON) -> None:
+    """Show or set the site this endpoint reports at check-in (the server's bandwidth
+    rules match on it, as on its subnet)."""
+    from strata.agent.location import read_site, write_site
+
+    st = _state(state)
+    if clear or name is not None:
+        write_site(st.path, None if clear else name)
+    current = read_site(st.path)
+    if json:
+        print_json({"site": current})
+    else:
+        console.print(current or "(no site)", markup=False, highlight=False)
 
 
 def _report(out: CycleResult, json: bool) -> None:
@@ -303,6 +322,7 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     """Restore files from any of this endpoint's snapshots. In place, every local file
     that differs from the snapshot's version is kept beside it (NAME.strata-TIME) after a
     confirmation (--yes for scripts)."""
+    from strata.agent.cycle import last_bandwidth
     from strata.agent.remote_source import RemoteSource
     from strata.engine.restore import restore as run_restore
     from strata.engine.restore_inplace import (
@@ -316,6 +336,7 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     st = _state(state)
     cred = st.credential()
     client = _client(cred)
+    client.follow(last_bandwidth(st))  # the caps of the last check-in, by the local clock
     try:
         source = RemoteSource(client)
         snap = source.snapshot(snapshot)
