@@ -7,12 +7,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from strata.errors import Invalid
 from strata.model.wire import CheckinRequest, CheckinResponse, ChunkerSpec
 from strata.server import metrics
 from strata.server.catalog.models import Endpoint
+from strata.server.catalog.types import CatalogValueError, check_json
 from strata.server.context import ServerContext
 from strata.server.services import snapshots
 from strata.server.services.assignments import cached_desired, mark_applied
+from strata.server.services.facts import endpoint_facts, endpoint_family
 from strata.server.services.policies import agent_policy
 
 
@@ -39,11 +42,30 @@ def checkin(ctx: ServerContext, ep: Endpoint, req: CheckinRequest, ip: str) -> C
 
 
 def _update_inventory(ctx: ServerContext, ep: Endpoint, inventory: dict[str, Any]) -> None:
+    try:
+        check_json(inventory)  # before it waits in a batch, which it must not fail
+    except CatalogValueError as exc:
+        raise Invalid(f"refused: {exc}") from None
+    new = Endpoint(inventory=inventory, hostname=str(inventory.get("hostname", ep.hostname)),
+                   os=str(inventory.get("os", ep.os)))
+    if _rule_facts(new) == _rule_facts(ep):
+        # Figures such as free disk space, in nearly every check-in of a real agent:
+        # written with the next batch of visits, and no cache cleared (clearing made each
+        # check-in of the fleet reload its credential, policy and state from the catalog).
+        ctx.note_inventory(ep.id, inventory)
+        ep.inventory = inventory  # the cached record: what the next check-in compares with
+        return
     with ctx.write() as db:
+        ctx.forget_inventory(ep.id)  # older than this one
         row = db.get(Endpoint, ep.id)
         assert row is not None
-        row.inventory = inventory
-        row.hostname = str(inventory.get("hostname", row.hostname))
-        row.os = str(inventory.get("os", row.os))
-        ep.inventory, ep.hostname, ep.os = row.inventory, row.hostname, row.os
-    ctx.invalidate()  # drivers follow the hardware: the desired state is recomputed
+        row.inventory, row.hostname, row.os = inventory, new.hostname, new.os
+    ep.inventory, ep.hostname, ep.os = inventory, new.hostname, new.os
+    # Drivers and collections follow the hardware, the OS and the name: the desired state
+    # is recomputed.
+    ctx.invalidate()
+
+
+def _rule_facts(ep: Endpoint) -> tuple[dict[str, str], str]:
+    """What layer and collection rules see of an endpoint's inventory."""
+    return endpoint_facts(ep), endpoint_family(ep)
