@@ -239,13 +239,19 @@ def extra_sections(meta: dict) -> list[str]:
             f"{con['snapshots_per_endpoint']} snapshot records), an administrator signed in "
             f"like a browser, each page fetched {con['runs']} times over keep-alive HTTP on "
             f"loopback (`python -m bench.console`, {con['date']}; target: under 200 ms). The "
-            "dashboard's storage figures come from the store and are kept for a minute; "
-            "these are the loads in between:", "",
-            "| Page | Median ms | p95 ms | Bytes | Target |", "|---|---:|---:|---:|---|",
-            *[f"| {name} | {r['median_ms']} | {r['p95_ms']} | {r['bytes']:,} | "
-              f"{'met' if r['p95_ms'] < 200 else 'not met'} |"
+            "dashboard's storage figures and the compliance report are kept for a minute: "
+            "the first load pays for them, the others are the loads in between:", "",
+            "| Page | First ms | Median ms | p95 ms | Bytes | Target (p95) |",
+            "|---|---:|---:|---:|---:|---|",
+            *[f"| {name} | {r.get('first_ms', '–')} | {r['median_ms']} | {r['p95_ms']} | "
+              f"{r['bytes']:,} | {'met' if r['p95_ms'] < 200 else 'not met'} |"
               for name, r in con["pages"].items()], "",
         ]
+        slow = [f"{name} ({r['first_ms']:.0f} ms)" for name, r in con["pages"].items()
+                if r.get("first_ms", 0) > 200]
+        if slow:
+            out += [f"First loads over 200 ms: {', '.join(slow)}; each is then kept for a "
+                    "minute.", ""]
     if meta.get("layers"):
         out += layer_section(meta["layers"])
     if meta.get("mount"):

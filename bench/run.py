@@ -1,6 +1,6 @@
 """`make bench`: Strata's store against restic and borg on the same data, in one run,
-then centralization over loopback, a fleet's check-ins (bench/openloop.py), and the base
-layer update (bench/layers.py).
+then centralization over loopback, a fleet's check-ins (bench/openloop.py), the base layer
+update (bench/layers.py) and the OS migration (bench/migration.py).
 
     .venv/bin/python -m bench.run [--usr-bytes 1.5G] [--docs-bytes 200M]
                                   [--tools strata,restic,borg] [--wait-idle 60] [--keep-work]
@@ -53,8 +53,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "BENCHMARKS.md then shows the check-in figures saved last in "
                         "bench/openloop-results.json")
     p.add_argument("--no-layers", action="store_true",
-                   help="skip the base layer update benchmark (bench/layers.py); BENCHMARKS.md "
-                        "then shows the figures it saved last in bench/layers-results.json")
+                   help="skip the base layer update and OS migration benchmarks "
+                        "(bench/layers.py, bench/migration.py); BENCHMARKS.md then shows the "
+                        "figures they saved last in bench/*-results.json")
     p.add_argument("--no-mount", action="store_true",
                    help="skip the mount benchmark (bench/mount.py); BENCHMARKS.md then shows "
                         "the figures it saved last in bench/mount-results.json")

@@ -41,6 +41,10 @@ CACHE_SECONDS = 300.0
 # asks about some 16 million, in hours; probing for other endpoints' data needs far more.
 IDS_PER_SECOND = 20_000
 IDS_BURST = 1_000_000
+# Bytes one endpoint may have the server read and hash to check its proofs: a clone's OS
+# (some GB) proves in one burst; more costs the server real time, so it is paced.
+PROOF_BYTES_PER_SECOND = 64 << 20
+PROOF_BYTES_BURST = 4 << 30
 UPLOADS_AT_ONCE = 2  # per endpoint (and layer downloads): the agent does one at a time
 
 
@@ -60,6 +64,9 @@ class ServerSettings:
     passphrase: str | None = field(default=None, repr=False)  # of an encrypted store
     credential_rotation: timedelta = timedelta(days=7)
     credential_lifetime: timedelta = timedelta(days=90)
+    # Endpoints that must hold a chunk of private data before any endpoint may learn the
+    # server has it: an attacker needs this many enrolled endpoints of its own to probe.
+    common_holders: int = 3
 
     def __post_init__(self) -> None:
         if not self.catalog_url:
@@ -76,6 +83,8 @@ class ServerContext:
     possession: NonceMinter
     id_queries: RateLimiter = field(
         default_factory=lambda: RateLimiter(IDS_PER_SECOND, IDS_BURST))
+    proof_bytes: RateLimiter = field(
+        default_factory=lambda: RateLimiter(PROOF_BYTES_PER_SECOND, PROOF_BYTES_BURST))
     upload_slots: ConcurrencyLimit = field(
         default_factory=lambda: ConcurrencyLimit(UPLOADS_AT_ONCE))
     download_slots: ConcurrencyLimit = field(

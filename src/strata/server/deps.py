@@ -194,8 +194,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             parts.append(piece)
     except ClientDisconnect:
         # Routine (a laptop closed, a network change): one line, not a traceback.
-        client = request.client.host if request.client else "?"
-        log.warning("client %s went away during %s after %d bytes", client, request.url.path,
-                 size)
+        log.warning("%s went away during %s %s after %d bytes",
+                    client_ip(request) or "a client", request.method, request.url.path, size)
         raise ClientGone("the client disconnected before its request was complete") from None
     return b"".join(parts)

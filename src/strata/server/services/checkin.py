@@ -25,7 +25,8 @@ def checkin(ctx: ServerContext, ep: Endpoint, req: CheckinRequest, ip: str) -> C
     if req.inventory and req.inventory != ep.inventory:  # most check-ins change nothing
         _update_inventory(ctx, ep, req.inventory)
     with ctx.session() as db:
-        policy = agent_policy(ctx, db, ep, now, ip=ip)
+        policy = agent_policy(ctx, db, ep, now, ip=ip, site=req.site, subnet=req.subnet,
+                              utc_offset_minutes=req.utc_offset_minutes)
     last_id, last_time = snapshots.cached_head(ctx, ep.id)
     desired = cached_desired(ctx, ep)
     applied = req.status.get("applied_key")
