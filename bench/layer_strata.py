@@ -48,9 +48,13 @@ def server_cpu(proc: subprocess.Popen) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _metrics(url: str) -> dict[str, float]:
-    """The server's delta counters from /metrics."""
-    text = httpx.get(url + "/metrics", timeout=10).text
+def _metrics(url: str, data: Path) -> dict[str, float]:
+    """The server's delta counters from /metrics (with its metrics token; an answer
+    without them is an error, never zeros)."""
+    token = (data / "metrics.token").read_text().strip()
+    resp = httpx.get(url + "/metrics", timeout=10, headers={"Authorization": f"Bearer {token}"})
+    resp.raise_for_status()
+    text = resp.text
     out = {}
     for key, pattern in (("deltas_sent", r'strata_file_deltas_total\{outcome="sent"\}'),
                          ("deltas_not_paying",
@@ -97,11 +101,11 @@ def measure_strata(v1: Path, v2: Path, work: Path, name: str = "debian") -> dict
         strata("assign", "--all", "--base", f"{name}:2", *admin, *sign)
         runs = []
         for root, state, _ in endpoints:
-            before, cpu0, m0 = _received(state), server_cpu(proc), _metrics(url)
+            before, cpu0, m0 = _received(state), server_cpu(proc), _metrics(url, work / "server")
             t = time.monotonic()
             out = strata("agent", "run", "--once", "--state", str(state))
             download_s = time.monotonic() - t
-            cpu, m1 = server_cpu(proc) - cpu0, _metrics(url)
+            cpu, m1 = server_cpu(proc) - cpu0, _metrics(url, work / "server")
             cycle = _received(state) - before
             update = out["update"]
             if out.get("centralized") or update.get("state") != "ready":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
+from strata.agent.location import local_subnet, read_site, utc_offset_minutes
 from strata.agent.sink import RemoteSink
 from strata.agent.state import AgentState
 from strata.agent.update import LocalTree
@@ -58,7 +59,10 @@ def checkin(client: ServerClient, root: Path, state: AgentState, *,
     status = state.status()
     body = {"inventory": collect_inventory(root, state.path / "hardware.json"),
             "status": {**{k: status.get(k) for k in ("last_centralization", "pending_work")},
-                       "applied_key": state.applied_key()}}
+                       "applied_key": state.applied_key()},
+            # Where it is, for the bandwidth rules (agent/location.py).
+            "site": read_site(state.path), "subnet": local_subnet(client.server),
+            "utc_offset_minutes": utc_offset_minutes(clock())}
     # Few retries: an unreachable server means "offline, try next cycle", not a stall.
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
     info = parse_answer(resp, CheckinResponse)

@@ -41,8 +41,8 @@ from strata.store.backend import atomic_write
 from strata.store.repository import Store
 from strata.tree.scan import open_path
 
-# New bytes per request: some 16 s of the server's CPU when none is cached (level 19), well
-# inside the client's timeout; a larger group goes alone (the server takes up to 64 MiB).
+# New bytes per request (what the server accepts): some 16 s of its CPU when none is
+# cached (level 19), well inside the client's timeout; a larger group goes alone.
 BATCH_BYTES = 16 << 20
 _SNAPSHOT_ID = re.compile(r"[0-9a-f]{64}")
 _DIGITS = re.compile(rb"\d+(?:\.\d+)*")  # a version: 3, 1.1, 2.36
@@ -187,6 +187,7 @@ def rebuild(root: bytes, group: list[Candidate], delta: GroupDelta, cache: Store
     new = memoryview(decode(old, delta.delta, sum(c.new.size for c in group)))
     ids: list[bytes] = []
     datas: list[bytes | memoryview] = []
+    taken: set[bytes] = set()
     offset = 0
     for c in group:
         data = new[offset:offset + c.new.size]
@@ -198,9 +199,10 @@ def rebuild(root: bytes, group: list[Candidate], delta: GroupDelta, cache: Store
         for cid, n in c.new.chunks:
             piece = data[pos:pos + n]
             pos += n
-            if cid in lacking and cid not in ids:
+            if cid in lacking and cid not in taken:
                 if content_id(piece) != cid:
                     raise CorruptData(f"{_show(c.new)}: a rebuilt chunk does not match its id")
+                taken.add(cid)
                 ids.append(cid)
                 datas.append(piece)
     if ids:

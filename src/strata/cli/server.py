@@ -10,7 +10,7 @@ import typer
 
 from strata.errors import StrataError
 
-from .output import err_console
+from .output import err_console, log_to_stderr
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -86,7 +86,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
 
     from strata.server.app import create_app
     from strata.server.context import ServerSettings
-    from strata.server.data_dir import lock_down, tighten
+    from strata.server.data_dir import lock_down
     from strata.server.http_timeouts import timed_protocol
     from strata.server.listener import DataDirLock, bind, parse_listen, serve_metrics
     from strata.server.services.credentials import parse_duration
@@ -120,10 +120,9 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
         app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
         if metrics_address is not None:
             serve_metrics(metrics_address)
-        if not store.startswith("s3://"):
-            tighten(Path(store) if store else data_dir / "store")
         lines = _banner(address, data_dir, store, app, certificate, metrics_address)
         err_console.print("\n".join(lines), highlight=False)
+        log_to_stderr()  # the server's own warnings, cleaned of what clients put in them
         config = uvicorn.Config(
             app, log_level="warning", loop="uvloop",
             http=timed_protocol(header_timeout, body_timeout),

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
-from sqlalchemy import update
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
@@ -94,6 +94,7 @@ class ServerContext:
     _snapshot_chunks: OrderedDict[str, frozenset[bytes]] = field(default_factory=OrderedDict)
     _write_lock: threading.Lock = field(default_factory=threading.Lock)
     _seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
+    _inventories: dict[str, dict] = field(default_factory=dict)
     _cache: ReadCache = field(default_factory=lambda: ReadCache(CACHE_SECONDS))
 
     @functools.cached_property
@@ -144,14 +145,39 @@ class ServerContext:
         with self._uploads_lock:
             self._seen[endpoint_id] = (datetime.now(UTC), ip)
 
-    def flush_seen(self) -> None:
+    def note_inventory(self, endpoint_id: str, inventory: dict) -> None:
+        """Keep a check-in's new inventory for the next batch of visits: a real agent's
+        differs at nearly every check-in (free disk space), and a write each would make
+        the fleet's check-ins take turns on the catalog."""
         with self._uploads_lock:
-            seen, self._seen = self._seen, {}
-        if not seen:
+            self._inventories[endpoint_id] = inventory
+
+    def forget_inventory(self, endpoint_id: str) -> None:
+        """Drop a noted inventory (call holding the write lock, about to write a newer one)."""
+        with self._uploads_lock:
+            self._inventories.pop(endpoint_id, None)
+
+    def flush_seen(self) -> None:
+        if not (self._seen or self._inventories):
             return
-        with self.write() as db:  # one executemany for the lot
-            db.execute(update(Endpoint), [{"id": eid, "last_seen": when, "last_ip": ip}
-                                          for eid, (when, ip) in seen.items()])
+        # Under the write lock: an inventory written at once meanwhile (new hardware) is
+        # never overwritten by an older one from this batch.
+        with self.write() as db:
+            with self._uploads_lock:
+                seen, self._seen = self._seen, {}
+                inventories, self._inventories = self._inventories, {}
+            # One executemany for the lot, and a row deleted meanwhile (a forgotten
+            # endpoint) is left out rather than failing the batch, as the ORM's would.
+            endpoints = cast(Table, Endpoint.__table__)
+            by_id = endpoints.c.id == bindparam("eid")
+            if seen:
+                db.execute(update(endpoints).where(by_id).values(
+                    last_seen=bindparam("when"), last_ip=bindparam("ip")),
+                    [{"eid": eid, "when": when, "ip": ip} for eid, (when, ip) in seen.items()])
+            if inventories:
+                db.execute(update(endpoints).where(by_id).values(
+                    inventory=bindparam("inventory")),
+                    [{"eid": eid, "inventory": inv} for eid, inv in inventories.items()])
 
     def touch_upload(self, endpoint_id: str) -> None:
         """Register (or refresh) the endpoint's upload session in the store, so a prune

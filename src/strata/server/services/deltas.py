@@ -13,6 +13,7 @@ it is only made against content the endpoint may read whole.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -43,7 +44,9 @@ from strata.server.services import snapshots
 from strata.server.services.layer_downloads import allowed_snapshots
 from strata.server.stream_cache import StreamCache
 
-MAX_BATCH_BYTES = MAX_DELTA_BYTES  # new bytes one request may ask deltas for
+# New bytes one request may ask deltas for (some 16 s of level-19 work when nothing is
+# cached); a single group may be larger (one file of up to MAX_DELTA_BYTES).
+MAX_BATCH_BYTES = 16 << 20
 _ALONE = struct.Struct("<Q")  # a cache entry: the new file's size compressed alone, delta
 _INDEXES = 8  # snapshots whose file index is kept (a fleet moves between a few bases)
 
@@ -57,6 +60,10 @@ class DeltaService:
     def __init__(self, directory: Path, max_bytes: int = 4 << 30,
                  metric: Counter | None = None):
         self.cache = StreamCache(directory, max_bytes, *([metric] if metric else []))
+        # Computations at once: each holds both sides of a group, a match window over
+        # them and level 19's tables (some 170 MiB for an 8 MiB group), so a burst of
+        # first requests queues here rather than taking the server's memory.
+        self.computing = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
         self._files: OrderedDict[str, Files] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -111,11 +118,12 @@ def _applied_layers(ctx: ServerContext, ep: Endpoint) -> list[str]:
 
 
 def _held(ctx: ServerContext, ep: Endpoint, layers: list[str]) -> list[str]:
-    """What the endpoint may name as its old version: its own latest snapshot, the layers
-    it last applied, the layers its desired state names."""
+    """What the endpoint may name as its old version: the layers it last applied, the
+    layers its desired state names, its own latest snapshot. Looked up in that order: the
+    layers' file indexes serve the whole fleet, an endpoint's own snapshot only itself."""
     head, _ = snapshots.cached_head(ctx, ep.id)
-    return list(dict.fromkeys([*([head] if head else []), *_applied_layers(ctx, ep),
-                               *layers]))
+    return list(dict.fromkeys([*_applied_layers(ctx, ep), *layers,
+                               *([head] if head else [])]))
 
 
 def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> bytes:
@@ -138,9 +146,9 @@ def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> b
             if old is not None:  # else edited on the endpoint since its snapshot: the
                 files.append((old_hash, old, new_hash, new))  # same answer whoever holds it
         total += sum(f[3][0] for f in files)
-        if total > MAX_BATCH_BYTES:
+        if total > MAX_BATCH_BYTES and len(parsed) > 1:
             raise TooLarge(f"ask for deltas of at most {MAX_BATCH_BYTES} bytes of files "
-                           "per request")
+                           "per request, or one group")
         if len(files) == len(pairs):  # a group the endpoint holds every old file of
             found.append((files, lacking))
     out = []
@@ -177,10 +185,11 @@ def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> byt
     old_hash, new_hash = content_id(old), content_id(new)
 
     def make() -> bytes:
-        started = time.thread_time()
-        body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
-        DELTA_CPU.inc(time.thread_time() - started)
-        return body
+        with ctx.deltas.computing:
+            started = time.thread_time()
+            body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
+            DELTA_CPU.inc(time.thread_time() - started)
+            return body
 
     body = ctx.deltas.cache.get_or_make(DELTA_LEVEL, [old_hash, new_hash], make)
     (alone,) = _ALONE.unpack_from(body)
@@ -197,12 +206,13 @@ def _cached_delta(ctx: ServerContext, files: list[tuple[bytes, File, bytes, File
     the store cannot give back a version (the files then go by chunks, whose own read
     reports the damage)."""
     def make() -> bytes:
-        started = time.thread_time()
-        old = b"".join(_content(ctx, h, f[1]) for h, f, _, _ in files)
-        new = b"".join(_content(ctx, h, f[1]) for _, _, h, f in files)
-        body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
-        DELTA_CPU.inc(time.thread_time() - started)
-        return body
+        with ctx.deltas.computing:
+            started = time.thread_time()
+            old = b"".join(_content(ctx, h, f[1]) for h, f, _, _ in files)
+            new = b"".join(_content(ctx, h, f[1]) for _, _, h, f in files)
+            body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
+            DELTA_CPU.inc(time.thread_time() - started)
+            return body
 
     ids = [h for old_hash, _, new_hash, _ in files for h in (old_hash, new_hash)]
     try:
