@@ -4,7 +4,6 @@ endpoint has shown it holds, and reading its own snapshots back for a file resto
 
 from __future__ import annotations
 
-import functools
 import hmac
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -28,7 +27,7 @@ from strata.server.holdings import shareable_path
 from strata.server.rate_limit import RateLimiter, TooManyRequests
 from strata.server.services import audit, snapshots
 from strata.server.services.facts import endpoint_family
-from strata.server.services.layer_downloads import allowed_snapshots
+from strata.server.services.layer_downloads import allowed_chunks
 from strata.server.services.layers import rules_for
 from strata.server.services.manifests import parse_chunk_ids, verify_manifest
 from strata.store.pack import decode_payload
@@ -48,14 +47,6 @@ def missing_for_admin(ctx: ServerContext, uploader: str, hex_ids: list[str]) -> 
     return [c.hex() for c in ctx.store.missing_chunks(ids)]
 
 
-def _through_layers(ctx: ServerContext, ep: Endpoint, ids: list[bytes]) -> set[bytes]:
-    """Of `ids`: those in the layers (and snapshots) the endpoint's desired state names.
-    It may download them, so it holds them. Each layer's chunks are indexed once (in the
-    holdings), not decoded from its manifest at every question."""
-    sids = sorted(allowed_snapshots(ctx, ep))
-    for sid in sids:
-        ctx.holdings.index_snapshot(sid, functools.partial(ctx.snapshot_chunks, sid))
-    return ctx.holdings.in_snapshots(sids, ids)
 
 
 def _head_chunks(ctx: ServerContext, ep: Endpoint) -> frozenset[bytes]:
@@ -85,7 +76,8 @@ def _possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
     seed_holdings(ctx, ep)
     recorded, shared = ctx.holdings.view(ep.id, ids)
     rest = [c for c in ids if c not in recorded]
-    through_layers = _through_layers(ctx, ep, rest) if rest else set()
+    # What its layers hold: it may download them, so it holds them.
+    through_layers = allowed_chunks(ctx, ep, rest) if rest else set()
     return recorded, through_layers, shared
 
 
