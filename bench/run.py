@@ -1,6 +1,6 @@
 """`make bench`: Strata's store against restic and borg on the same data, in one run,
-then centralization over loopback, check-ins, the base layer update (bench/layers.py) and the
-OS migration (bench/migration.py).
+then centralization over loopback, a fleet's check-ins (bench/openloop.py), the base layer
+update (bench/layers.py) and the OS migration (bench/migration.py).
 
     .venv/bin/python -m bench.run [--usr-bytes 1.5G] [--docs-bytes 200M]
                                   [--tools strata,restic,borg] [--wait-idle 60] [--keep-work]
@@ -24,7 +24,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from . import checkins, console, data, fleet, layers, migration, mount, report, scale
+from . import console, data, fleet, layers, migration, mount, openloop, report, scale
 from .tools import ROOT, TOOLS, Step, Tool, busy_cpu_s, ensure_installed, run
 
 WORK = ROOT / "bench" / "work"
@@ -49,7 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="wait up to this long for other load on the machine to stop before "
                         "measuring (default 60)")
     p.add_argument("--no-fleet", action="store_true",
-                   help="skip centralization over loopback and the check-in load test")
+                   help="skip centralization over loopback and the fleet check-ins; "
+                        "BENCHMARKS.md then shows the check-in figures saved last in "
+                        "bench/openloop-results.json")
     p.add_argument("--no-layers", action="store_true",
                    help="skip the base layer update and OS migration benchmarks "
                         "(bench/layers.py, bench/migration.py); BENCHMARKS.md then shows the "
@@ -57,7 +59,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-mount", action="store_true",
                    help="skip the mount benchmark (bench/mount.py); BENCHMARKS.md then shows "
                         "the figures it saved last in bench/mount-results.json")
-    p.add_argument("--agents", type=int, default=1000, help="simulated agents (check-ins)")
+    p.add_argument("--fleet-endpoints", type=int, default=10_000, metavar="N",
+                   help="simulated endpoints checking in (open loop, bench/openloop.py)")
+    p.add_argument("--fleet-seconds", type=float, default=60,
+                   help="length of the fleet check-in run (default 60)")
+    p.add_argument("--fleet-long", action="store_true",
+                   help="also a 10-minute fleet check-in run (past the caches' 5 minutes)")
     p.add_argument("--scale", type=int, default=0, metavar="CHUNKS",
                    help="also measure peak memory on a synthetic store of this many chunks "
                         "(10000000 takes about 20 minutes)")
@@ -169,8 +176,18 @@ def main(argv: list[str] | None = None) -> int:
         say("centralization: a server on loopback, four endpoints sharing the data set")
         extra["fleet"] = fleet.measure(src, WORK / "fleet")
         shutil.rmtree(WORK / "fleet", ignore_errors=True)
-        say(f"check-ins: {args.agents} simulated agents against one server process")
-        extra["checkins"] = checkins.measure(args.agents, checkins_total(args.agents), 64)
+        say(f"check-ins: {args.fleet_endpoints} simulated endpoints at Poisson arrivals "
+            "against one server process")
+        results = openloop.measure(WORK / "openloop", args.fleet_endpoints,
+                                   seconds=args.fleet_seconds, say=say)
+        openloop.save(results, f"{python} -m bench.openloop")
+        if args.fleet_long:
+            say("check-ins: the same fleet for 10 minutes")
+            results = openloop.measure(WORK / "openloop", args.fleet_endpoints,
+                                       **openloop.LONG, say=say)
+            openloop.save(results, f"{python} -m bench.openloop --long", long=True)
+    if openloop.RESULTS.exists():
+        extra["openloop"] = json.loads(openloop.RESULTS.read_text())
     if not args.no_layers:
         say("base layer update: Debian minbase v1 -> v2 (+ packages), Strata against rsync, "
             "casync and zstd --patch-from")
@@ -248,10 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     say(f"wrote {ROOT / 'BENCHMARKS.md'} and {ROOT / 'bench' / 'results.json'} "
         f"in {meta['total_seconds']:.0f} s")
     return 0 if all(s.ok for s in steps) else 1
-
-
-def checkins_total(agents: int) -> int:
-    return max(5 * agents, 1000)
 
 
 if __name__ == "__main__":

@@ -198,8 +198,13 @@ class Server:
         self.passphrase_file.write_text(self.PASSPHRASE + "\n")
         out = strata("signing", "init", "--keys", self.keys, "--passphrase-file",
                      self.passphrase_file, "--server", self.url, "--admin-token-file",
-                     self.token_file, "--json")
+                     self.token_file, "--json", env=self.trust_env)
         return json.loads(out.stdout)["fingerprint"]
+
+    @property
+    def trust_env(self) -> dict[str, str]:
+        """What makes an admin command trust this server's certificate (TLS only)."""
+        return {"STRATA_CA_CERT": str(self.data / "tls" / "cert.pem")} if self.tls else {}
 
     @property
     def signing_env(self) -> dict[str, str]:
@@ -259,7 +264,7 @@ class Server:
                   sign: bool = True) -> subprocess.CompletedProcess[str]:
         """An admin command; with the signing keys unless `sign` is False."""
         return strata(*args, "--server", self.url, "--admin-token-file", self.token_file, rc=rc,
-                      env=self.signing_env if sign else None)
+                      env={**self.trust_env, **(self.signing_env if sign else {})})
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=5, verify=self.verify,

@@ -16,6 +16,7 @@ from strata.agent.cycle import AgentContext, CycleResult, centralization_due, ru
 from strata.agent.daemon import APPROVAL_MAX_WAIT, OFFLINE_MAX_WAIT, next_wait, run_daemon
 from strata.agent.enrollment import enroll
 from strata.agent.state import AgentState
+from strata.engine.progress import Progress
 from strata.errors import StrataError
 
 pytestmark = pytest.mark.e2e
@@ -194,3 +195,27 @@ def test_daemon_retries_a_failed_backup_soon_not_after_the_interval(server, tmp_
     assert ctx.state.status()["pending_work"] == [] and waits == [60]
     # And the daemon's wait after the failure itself is short, growing on repeats.
     assert next_wait(failed, 60, 60) == 120 and next_wait(failed, 120, 60) == 240
+
+
+def test_a_layer_download_shows_its_progress(server, tmp_path):
+    """The bytes of a layer download reach the context's progress (a bar with an ETA on a
+    terminal), as a centralization's do."""
+    ctx = enrolled(server, tmp_path)
+    assert run_cycle(ctx).centralization is not None
+    ref = tmp_path / "reference"
+    (ref / "usr/lib/app").mkdir(parents=True)
+    for i in range(3):
+        (ref / f"usr/lib/app/part{i}.bin").write_bytes(bytes([i]) * 300_000 + b"%d" % i)
+    server.admin_cli("layer", "capture", "--kind", "base", "--name", "shown", "--version", "1",
+                     "--from-dir", ref)
+    server.admin_cli("assign", "--endpoint", ctx.credential.endpoint_id, "--base", "shown:1")
+    seen: dict[str, Progress] = {}
+
+    def with_progress(label, work):
+        seen[label] = Progress()
+        return work(seen[label])
+    ctx.with_progress = with_progress
+    out = run_cycle(ctx)
+    assert out.update is not None and out.update.state == "ready", out
+    shown = seen["layer download"]
+    assert shown.total_bytes and shown.bytes_done == shown.total_bytes >= 900_000

@@ -143,6 +143,8 @@ def test_enroll_again_is_refused_without_force(server, tmp_path):
     r = centralized(agent.run_once())
     assert r["kind"] == "centralize"  # the new endpoint starts its own CVD
     assert [s["id"] for s in agent.snapshots()] == [r["snapshot"]]
+    # ... but the machine showed its old credential: nothing it had is sent again.
+    assert r["chunks_uploaded"] == 0 and r["chunks_proven"] == 0, r
 
 
 # -- apply -----------------------------------------------------------------------------------

@@ -61,19 +61,19 @@ def test_latest_of_an_empty_store_is_one_line(cli, tmp_path):
 def test_missing_store_directory_is_one_line(cli):
     for args in (("snapshots", "nope"), ("backup", "nope", "."),
                  ("restore", "nope", "latest", "out")):
-        assert_one_line_error(cli.run(*args), "no Strata store", "nope")
+        assert_one_line_error(cli.run(*args), "no Strata store", "nope", rc=10)
 
 
 def test_directory_that_is_not_a_store_is_one_line(cli, tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "some-file").write_text("not a store")
-    assert_one_line_error(cli.run("snapshots", "plain"), "no Strata store", "plain")
-    assert_one_line_error(cli.run("check", "plain", "--read-data"), "no Strata store")
+    assert_one_line_error(cli.run("snapshots", "plain"), "no Strata store", "plain", rc=10)
+    assert_one_line_error(cli.run("check", "plain", "--read-data"), "no Strata store", rc=10)
 
 
 def test_wrong_passphrase_is_one_line(cli, encrypted_store):
     proc = cli.run("snapshots", encrypted_store, passphrase="not the passphrase")
-    assert_one_line_error(proc, "wrong passphrase")
+    assert_one_line_error(proc, "wrong passphrase", rc=12)
 
 
 def test_encrypted_store_without_passphrase_is_one_line(cli, encrypted_store):
@@ -115,7 +115,7 @@ def test_forget_without_policy_is_one_line(cli, store_with_snapshot):
 def test_long_error_message_stays_on_one_line(cli, tmp_path):
     deep = tmp_path / ("a-rather-long-directory-name-" * 3) / "and-the-store-that-is-not-there"
     assert len(str(deep)) > 100
-    assert_one_line_error(cli.run("snapshots", deep), "no Strata store")
+    assert_one_line_error(cli.run("snapshots", deep), "no Strata store", rc=10)
 
 
 def test_each_command_alone_has_what_the_whole_tree_has():

@@ -19,6 +19,8 @@ from strata.engine.backup import backup
 from strata.errors import transport_cause
 from strata.store.repository import Store
 
+pytestmark = pytest.mark.e2e  # the CLI as a real process
+
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 
@@ -51,6 +53,8 @@ def test_version():
     (("ls", "st", "latest", "nope/x"), ["not in snapshot", "nope/x"]),
     (("restore", "st", "latest", "/proc/no-such-dir/out"), ["/proc/no-such-dir"]),
     (("restore", "st", "latest", "out", "--include", "/"), ["'/' names no path"]),
+    (("restore", "st", "latest", "/etc/hostname"), ["/etc/hostname exists and is not a "
+                                                    "directory"]),
 ])
 def test_every_error_is_one_plain_line(cli, store, args, words):
     proc = cli.run(*args)
@@ -70,9 +74,10 @@ def test_an_unreachable_server_is_named_by_its_cause(tmp_path):
     proc = strata("endpoint", "list", "--server", "http://127.0.0.1:1", "--admin-token-file",
                   token, rc=None)
     assert_one_line_error(proc, "cannot reach http://127.0.0.1:1: connection refused")
+    assert "ConnectError" not in proc.stderr
     proc = strata("endpoint", "list", "--server", "127.0.0.1:1", "--admin-token-file", token,
                   rc=None)
-    assert_one_line_error(proc, "must look like https://HOST:PORT")
+    assert_one_line_error(proc, "server URL '127.0.0.1:1' must look like https://HOST:PORT")
 
 
 def test_transport_causes_are_words():
@@ -100,5 +105,8 @@ def test_one_timestamp_format(capsys):
     assert iso_time("2026-12-02T10:03:00.5+00:00") == "2026-12-02T10:03:00Z"
     assert iso_time(datetime(2026, 12, 2, 10, 3)) == "2026-12-02T10:03:00Z"  # naive: UTC
     assert iso_time(None) == ""
-    print_json({"when": datetime(2026, 12, 2, 11, 3, tzinfo=plus_one)})
-    assert json.loads(capsys.readouterr().out) == {"when": "2026-12-02T10:03:00Z"}
+    print_json({"when": datetime(2026, 12, 2, 11, 3, tzinfo=plus_one),
+                "made": ["2026-12-02T10:03:00.123456+00:00"], "text": "at 10:00+00:00"})
+    assert json.loads(capsys.readouterr().out) == {
+        "when": "2026-12-02T10:03:00Z", "made": ["2026-12-02T10:03:00.123456Z"],
+        "text": "at 10:00+00:00"}

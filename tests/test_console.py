@@ -5,8 +5,12 @@ driven by Playwright) against a real server with enrolled endpoints."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
+import threading
+import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,17 +26,27 @@ try:
 except ImportError:  # the dev dependencies bring it; without them the browser tests skip
     expect = sync_playwright = None  # type: ignore[assignment]
 
+from fastapi.routing import APIRoute
+
 from server_fixtures import Agent, Server, device, enroll_request, write_documents
+from strata.engine.backup import backup
+from strata.model.entry import Entry, EntryType
 from strata.model.roles import ROLES, Permission
+from strata.server import passwords
 from strata.server.app import create_app
-from strata.server.catalog.models import Cvd, SnapshotRecord, UserSession
+from strata.server.catalog.models import Assignment, Cvd, SnapshotRecord, Task, UserSession
 from strata.server.console.chart import storage_chart
-from strata.server.console.pages import NAV
+from strata.server.console.pages import ROUTERS
+from strata.server.console.portal import portal_visitor
+from strata.server.console.portal import router as portal_router
 from strata.server.console.render import HERE
+from strata.server.console.session import Page
+from strata.server.console.views import NAV
 from strata.server.context import ServerSettings
 from strata.server.services import fleet as fleet_service
-from strata.server.services import users
+from strata.server.services import snapshots
 from strata.server.services.fleet import HistoryPoint
+from strata.server.services.layers import save_layer
 
 ADMIN = "/api/v1/admin"
 PASSWORD = "correct horse battery"
@@ -42,7 +56,7 @@ PASSWORD = "correct horse battery"
 def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process servers hash with scrypt N=2^10 rather than 2^15: each hash records
     its own parameters, so nothing else changes, and a test makes a dozen of them."""
-    monkeypatch.setattr(users, "SCRYPT_LOG_N", 10)
+    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)
 XSS = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 # The pages each role may open, by permission (the menu shows exactly these).
 PAGES = {href: perm for href, _label, perm in NAV}
@@ -114,6 +128,38 @@ def test_pages_carry_a_content_security_policy_and_no_inline_script(console):
         assert not re.search(r"\s(on\w+|style)=", resp.text), href  # handlers, styles
 
 
+OPEN_PAGES = {"/login", "/logout", "/portal/login"}  # before a session, or ending one
+
+
+def _needs(dependant: object) -> set[str]:
+    """The console permissions (Page) and portal sessions a route's dependencies ask."""
+    found = set()
+    for sub in dependant.dependencies:  # type: ignore[attr-defined]
+        if isinstance(sub.call, Page):
+            found.add(sub.call.permission.value)
+        elif sub.call is portal_visitor:
+            found.add("portal")
+        found |= _needs(sub)
+    return found
+
+
+def test_every_console_page_needs_a_permission_or_a_portal_session():
+    """Like the admin API's route walk: a console or portal page added without a
+    permission (Page) or a portal session fails here."""
+    pages = [r for router in [*ROUTERS, portal_router] for r in router.routes
+             if isinstance(r, APIRoute)]
+    assert len(pages) > 25
+    for route in pages:
+        needs = _needs(route.dependant)
+        if route.path in OPEN_PAGES:
+            continue
+        assert needs, f"{sorted(route.methods)} {route.path} needs no permission"
+        if route.path.startswith("/portal"):
+            assert needs == {"portal"}, route.path
+        else:
+            assert "portal" not in needs and len(needs) == 1, (route.path, needs)
+
+
 def test_a_wrong_password_is_refused_in_the_page_and_locks_after_five(console):
     c = console.client
     for _ in range(5):
@@ -122,6 +168,23 @@ def test_a_wrong_password_is_refused_in_the_page_and_locks_after_five(console):
     resp = sign_in(c, "hana")
     assert resp.status_code == 429 and "too many failed sign-ins" in resp.text
     assert sign_in(c, "nobody").status_code == 401  # an unknown name reads the same
+
+
+def test_password_hashes_take_turns_and_a_crowd_is_told_to_retry(console, monkeypatch):
+    """Each hash takes 32 MiB: at most HASHES_AT_ONCE run together; a sign-in that cannot
+    get a turn in time is a 429 page, not a queue of threads eating memory."""
+    turns = threading.BoundedSemaphore(1)
+    monkeypatch.setattr(passwords, "_turns", turns)
+    monkeypatch.setattr(passwords, "HASH_WAIT", 0.01)
+    c = console.client
+    token = _csrf(c.get("/login").text)
+    assert turns.acquire()  # someone else is hashing
+    try:
+        resp = c.post("/login", data={"name": "ada", "password": PASSWORD, "csrf": token})
+        assert resp.status_code == 429 and "busy signing others in" in resp.text
+    finally:
+        turns.release()
+    assert sign_in(c, "ada").status_code == 303
 
 
 def test_the_session_cookie_is_httponly_strict_and_secure_over_tls(tmp_path):
@@ -135,6 +198,8 @@ def test_the_session_cookie_is_httponly_strict_and_secure_over_tls(tmp_path):
             assert "strata_session=" in cookie and "HttpOnly" in cookie
             assert "SameSite=strict" in cookie
             assert ("Secure" in cookie) == base.startswith("https")
+            hsts = c.get("/login").headers.get("strict-transport-security")
+            assert (hsts == "max-age=31536000") == base.startswith("https")
 
 
 def test_every_form_needs_its_csrf_token_and_this_origin(console):
@@ -158,6 +223,10 @@ def test_every_form_needs_its_csrf_token_and_this_origin(console):
     # With the token (as a field, or as htmx's header) it goes through.
     resp = c.post("/users", data={**new, "csrf": token})
     assert resp.status_code == 200 and "created user mallory" in resp.text
+    resp = c.post("/users/mallory/role", data={"role": "help-desk", "csrf": token})
+    assert resp.status_code == 200 and "mallory is now help-desk" in resp.text
+    assert c.post("/users/mallory/role", data={"role": "god", "csrf": token}
+                  ).status_code == 422
     resp = c.post("/users/mallory/delete", headers={"X-CSRF-Token": token})
     assert resp.status_code == 200 and "deleted user mallory" in resp.text
 
@@ -298,6 +367,30 @@ def test_the_storage_chart_is_drawn_on_the_server():
     assert xs == [4.0, 300.0, 596.0] and ys[0] > ys[1] > ys[2] == 4.0
 
 
+def test_tables_export_as_csv_with_formulas_kept_as_text(console):
+    c = console.client
+    console.enroll("=HYPERLINK(\"http://evil\",\"x\")")
+    console.enroll("lab-01")
+    assert sign_in(c, "ada").status_code == 303
+    resp = c.get("/endpoints", params={"q": "", "format": "csv"})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/csv")
+    assert "attachment" in resp.headers["content-disposition"]
+    rows = list(csv.reader(io.StringIO(resp.text)))
+    assert rows[0][:3] == ["id", "hostname", "state"] and len(rows) == 3
+    hosts = sorted(r[1] for r in rows[1:])
+    assert hosts == ["'=HYPERLINK(\"http://evil\",\"x\")", "lab-01"]
+    only_lab = list(csv.reader(io.StringIO(c.get("/endpoints", params={
+        "q": "lab", "format": "csv"}).text)))
+    assert [r[1] for r in only_lab[1:]] == ["lab-01"]
+    log = list(csv.reader(io.StringIO(c.get("/audit", params={
+        "who": "user:ada", "format": "csv"}).text)))
+    assert log[0] == ["time", "actor", "action", "target", "detail"]
+    assert {r[1] for r in log[1:]} == {"user:ada"} and "login" in {r[2] for r in log[1:]}
+    page = c.get("/audit", params={"who": "endpoint:"}).text
+    assert "user:ada" not in page and "enroll" in page
+    assert 'data-testid="audit-row"' not in c.get("/audit", params={"who": "%"}).text
+
+
 def test_the_dashboard_counts_endpoints_by_state(console):
     c = console.client
     for host in ("a", "b", "c"):
@@ -326,6 +419,41 @@ def test_console_changes_are_audited_under_the_user(console):
     assert any(e["actor"] == "user:paula" and e["action"] == "login" for e in log)
 
 
+def test_upload_and_bandwidth_policies_are_forms_with_validation(console):
+    c = console.client
+    assert sign_in(c, "paula").status_code == 303
+    token = _csrf(c.get("/policies").text)
+    resp = c.post("/policies/upload", data={
+        "interval_seconds": "900", "exclude_linux": "/tmp/\n\n/var/cache/\n",
+        "exclude_windows": "/pagefile.sys", "csrf": token})
+    assert resp.status_code == 200 and "Upload policy saved" in resp.text
+    doc = c.get(f"{ADMIN}/policies/upload", headers=console.api).json()
+    assert doc == {"interval_seconds": 900, "exclusions": {
+        "linux": ["/tmp/", "/var/cache/"], "windows": ["/pagefile.sys"]}}
+    for bad, why in (("30", "at least 60"), ("soon", "whole number")):
+        resp = c.post("/policies/upload", data={"interval_seconds": bad, "csrf": token})
+        assert resp.status_code == 422 and why in resp.text, bad
+    resp = c.post("/policies/bandwidth", data={"subnet": "10.1.0.0/16", "start": "08:00",
+                                               "end": "18:00", "upload_kbps": "512",
+                                               "csrf": token})
+    assert resp.status_code == 200 and resp.text.count('data-testid="bandwidth-rule"') == 1
+    c.post("/policies/bandwidth", data={"site": "paris", "download_kbps": "2048",
+                                        "csrf": token})
+    rules = c.get(f"{ADMIN}/policies/bandwidth", headers=console.api).json()["rules"]
+    assert rules == [{"subnet": "10.1.0.0/16", "start": "08:00", "end": "18:00",
+                      "upload_kbps": 512}, {"site": "paris", "download_kbps": 2048}]
+    for bad in ({"subnet": "10.1.0.0/99"}, {"start": "8 o'clock"}, {"upload_kbps": "-5"},
+                {}):
+        resp = c.post("/policies/bandwidth", data={**bad, "csrf": token})
+        assert resp.status_code == 422, bad
+    c.post("/policies/bandwidth", data={"remove": "1", "csrf": token})
+    rules = c.get(f"{ADMIN}/policies/bandwidth", headers=console.api).json()["rules"]
+    assert rules == [{"site": "paris", "download_kbps": 2048}]
+    assert c.post("/policies/bandwidth", data={"remove": "9", "csrf": token}
+                  ).status_code == 422
+    assert c.post("/policies/upload", data={"interval_seconds": "900"}).status_code == 403
+
+
 def test_a_protection_manager_runs_retention_and_prune_and_a_help_desk_cannot(console):
     c = console.client
     assert sign_in(c, "hana").status_code == 303
@@ -339,6 +467,165 @@ def test_a_protection_manager_runs_retention_and_prune_and_a_help_desk_cannot(co
     assert resp.status_code == 200 and "removed by retention; prune freed" in resp.text
     log = c.get(f"{ADMIN}/audit", headers=console.api).json()
     assert {"actor": "user:paula", "action": "maintenance"}.items() <= log[0].items()
+
+
+def _task(ctx, endpoints: dict[str, tuple[str, float]], hostile: bool = True) -> int:
+    """A migration task over these endpoints, each at (state, percent): catalog rows, as
+    `strata migrate` and the agents' reports leave them."""
+    with ctx.write() as db:
+        task = Task(kind="migrate", params={"collection": "lab", "base": "corp-os:2"},
+                    endpoints=list(endpoints))
+        db.add(task)
+        db.flush()
+        for eid, (state, percent) in endpoints.items():
+            db.merge(Assignment(endpoint_id=eid, task_id=task.id, state=state,
+                                percent=percent,
+                                detail=f"<i>{state}</i>" if hostile else ""))
+        return task.id
+
+
+def test_tasks_show_each_endpoints_progress_and_poll_while_running(console):
+    c = console.client
+    a, b = console.enroll("lab-01"), console.enroll("lab-02")
+    tid = _task(console.ctx, {a: ("applied", 100.0), b: ("downloading", 40.0)})
+    assert sign_in(c, "hana").status_code == 303
+    listing = c.get("/tasks").text
+    assert f'<a href="/tasks/{tid}">{tid}</a>' in listing and "50%" in listing
+    page = c.get(f"/tasks/{tid}").text
+    assert 'data-testid="task-state">running<' in page and 'hx-trigger="every 2s"' in page
+    assert "&lt;i&gt;downloading&lt;/i&gt;" in page and "corp-os:2" in page
+    with console.ctx.write() as db:
+        db.execute(update(Assignment).where(Assignment.endpoint_id == b)
+                   .values(state="applied", percent=100.0))
+    part = c.get(f"/tasks/{tid}", headers={"HX-Request": "true"}).text
+    assert part.startswith('<section id="task-progress" data-state="done"')
+    assert "hx-trigger" not in part  # done: the page stops asking
+    assert c.get("/tasks/9999").status_code == 404
+
+
+def test_the_compliance_page_lists_endpoints_it_cannot_measure_yet(console):
+    console.enroll(XSS)
+    c = console.client
+    assert sign_in(c, "ivan").status_code == 303
+    page = c.get("/compliance")
+    assert page.status_code == 200 and page.text.count('data-testid="compliance-row"') == 1
+    assert "&lt;script&gt;" in page.text and "<script>document" not in page.text
+
+
+def _centralize(ctx, endpoint_id: str, src: Path) -> str:
+    """A snapshot of `src` in the server's store, recorded as the endpoint's."""
+    sid = backup(ctx.store, src).snapshot
+    with ctx.write() as db:
+        cvd = snapshots.cvd_of(db, endpoint_id)
+        db.add(SnapshotRecord(id=sid, cvd_id=cvd.id, time=datetime.now(UTC)))
+        cvd.last_snapshot = sid
+    return sid
+
+
+def test_the_help_desk_browses_a_snapshot_and_downloads_a_users_file(console, tmp_path):
+    src = tmp_path / "laptop"
+    (src / "home/alice/Documents").mkdir(parents=True)
+    (src / "home/alice/Documents/report.txt").write_bytes(b"the quarterly report\n")
+    odd = os.fsdecode(b"caf\xe9")  # a name that is not UTF-8
+    (src / "home/alice" / odd).write_bytes(b"latin-1 name")
+    (src / "home/alice/<script>x.txt").write_bytes(b"")
+    eid = console.enroll("laptop-7")
+    sid = _centralize(console.ctx, eid, src)
+    other = _centralize(console.ctx, console.enroll("elsewhere"), src)
+    c = console.client
+    assert sign_in(c, "hana").status_code == 303
+    assert f"/endpoints/{eid}/snapshots/{sid}/files" in c.get(f"/endpoints/{eid}").text
+    base = f"/endpoints/{eid}/snapshots/{sid}"
+    page = c.get(base + "/files", params={"path_hex": b"home/alice".hex()}).text
+    assert "Documents/" in page and "caf\ufffd" in page and "&lt;script&gt;x.txt" in page
+    doc = c.get(base + "/download",
+                params={"path_hex": b"home/alice/Documents/report.txt".hex()})
+    assert doc.status_code == 200 and doc.content == b"the quarterly report\n"
+    assert "report.txt" in doc.headers["content-disposition"]
+    assert c.get(base + "/download", params={"path_hex": (b"home/alice/caf\xe9").hex()}
+                 ).content == b"latin-1 name"
+    folder = c.get(base + "/download", params={"path_hex": b"home".hex(), "format": "zip"})
+    names = zipfile.ZipFile(io.BytesIO(folder.content)).namelist()
+    assert "home/alice/Documents/report.txt" in names
+    log = c.get(f"{ADMIN}/audit", headers=console.api).json()
+    assert {"actor": "user:hana", "action": "snapshot-download"}.items() <= log[0].items()
+    # Another endpoint's snapshot through this endpoint's URL, and paths out of the tree.
+    assert c.get(f"/endpoints/{eid}/snapshots/{other}/files").status_code == 404
+    for bad in (b"../etc".hex(), "zz", b"home/../..".hex()):
+        assert c.get(base + "/files", params={"path_hex": bad}).status_code in (404, 422)
+    # An image manager may browse, not download.
+    im = TestClient(console.app)
+    assert sign_in(im, "ivan").status_code == 303
+    assert "Download" not in im.get(base + "/files").text
+    resp = im.get(base + "/download", params={"path_hex": b"home".hex()})
+    assert resp.status_code == 403
+
+
+def test_an_image_manager_reads_compares_and_deletes_layers(console):
+    ctx = console.ctx
+    with ctx.write() as db:
+        ids = [save_layer(ctx, db, kind="base", name="corp-os", version=v, family="linux",
+                          entries=[Entry(path=b"usr", type=EntryType.DIR, mode=0o755),
+                                   Entry(path=f"usr/v{v}".encode(), type=EntryType.DIR)]).id
+               for v in ("1", "2")]
+    eid = console.enroll("pc")
+    with ctx.write() as db:  # a snapshot taken with corp-os:1 applied: revert needs it
+        cvd = snapshots.cvd_of(db, eid)
+        db.add(SnapshotRecord(id="ab" * 32, cvd_id=cvd.id, time=datetime.now(UTC),
+                              layers=[ids[0]]))
+    c = console.client
+    assert sign_in(c, "ivan").status_code == 303
+    listing = c.get("/layers").text
+    assert listing.count('data-testid="layer-row"') == 2
+    page = c.get(f"/layers/{ids[0]}").text
+    assert "base layer corp-os:1" in page and f"/layers/{ids[0]}/diff/{ids[1]}" in page
+    diff = c.get(f"/layers/{ids[0]}/diff/{ids[1]}").text
+    assert "corp-os:1 → corp-os:2" in diff and "<code>usr/v2</code>" in diff
+    assert "<code>usr/v1</code>" in diff  # removed
+    token = _csrf(page)
+    resp = c.post(f"/layers/{ids[0]}/delete", data={"csrf": token})
+    assert resp.status_code == 409 and "referenced by 1 snapshot" in resp.text
+    resp = c.post(f"/layers/{ids[1]}/delete", data={"csrf": token}, follow_redirects=False)
+    assert resp.status_code == 303
+    assert "deleted layer corp-os:2" in c.get(resp.headers["location"]).text
+    assert c.get(f"/layers/{ids[1]}").status_code == 404
+    assert c.post(f"/layers/{ids[0]}/delete").status_code == 403  # no CSRF token
+    log = c.get(f"{ADMIN}/audit", headers=console.api).json()
+    assert any(e["actor"] == "user:ivan" and e["action"] == "delete-layer" for e in log)
+    hd = TestClient(console.app)
+    assert sign_in(hd, "hana").status_code == 303
+    assert hd.get(f"/layers/{ids[0]}").status_code == 403
+
+
+def test_an_image_manager_defines_collections_by_rule_and_members(console):
+    a, b = console.enroll("lab-01"), console.enroll("lab-02")
+    console.enroll("office-pc")
+    c = console.client
+    assert sign_in(c, "ivan").status_code == 303
+    token = _csrf(c.get("/collections").text)
+    resp = c.post("/collections", data={"name": "labs", "hostname": "lab-*", "csrf": token})
+    assert resp.status_code == 200 and "saved collection labs: 2 endpoint(s) now" in resp.text
+    resp = c.post("/collections", data={"name": "pair", "members": f"{a[:8]}, {b}",
+                                        "csrf": token})
+    assert "saved collection pair: 2 endpoint(s)" in resp.text
+    assert c.post("/collections", data={"name": "bad name!", "os": "x", "csrf": token}
+                  ).status_code == 422
+    resp = c.post("/collections", data={"name": "empty", "csrf": token})
+    assert resp.status_code == 422 and "needs a rule or member" in resp.text
+    resp = c.post("/collections", data={"name": "ghost", "members": "ffffffff",
+                                        "csrf": token})
+    assert resp.status_code == 404 and "no endpoint" in resp.text
+    assert c.post("/collections", data={"name": "x", "os": "y"}).status_code == 403  # CSRF
+    rows = c.get("/endpoints", params={"collection": "labs"},
+                 headers={"HX-Request": "true"}).text
+    assert rows.count('data-testid="endpoint-row"') == 2
+    resp = c.post("/collections/pair/delete", data={"csrf": token})
+    assert "deleted collection pair" in resp.text
+    names = [x["name"] for x in c.get(f"{ADMIN}/collections", headers=console.api).json()]
+    assert names == ["labs"]
+    hd = TestClient(console.app)
+    assert sign_in(hd, "paula").status_code == 303
+    assert hd.get("/collections").status_code == 403
 
 
 def test_an_administrator_hands_out_and_revokes_api_tokens_in_the_console(console):
@@ -443,7 +730,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             device(server, resp.json()["credential"]).close()
         resp = enroll_request(server, server.create_token(require_approval=True), "newcomer")
         assert resp.status_code == 200
-        yield SimpleNamespace(server=server, tokens=tokens, agent=agent)
+        yield SimpleNamespace(server=server, tokens=tokens, agent=agent, root=root)
     finally:
         server.stop()
         server.kill()
@@ -520,6 +807,19 @@ def test_browser_help_desk_finds_a_machine_and_is_refused_the_rest(browser, flee
         page.goto(fleet.server.url + f"/endpoints/{fleet.agent.endpoint_id}")
         assert page.locator("main table").nth(1).locator("tbody tr").count() >= 1
         _shot(page, "endpoint")
+        # A user lost a document: the help desk finds it in the last snapshot and
+        # downloads it for them.
+        page.click("[data-testid=snapshot-row] a")
+        page.click("text=home/")
+        page.click("text=alice/")
+        expect(page.locator("[data-testid=file-row]")).to_have_count(20)
+        _shot(page, "snapshot")
+        with page.expect_download() as got:
+            page.locator("[data-testid=file-row]", has_text="doc-007.txt").locator(
+                "text=Download").click()
+        saved = got.value.path()
+        assert got.value.suggested_filename == "doc-007.txt"
+        assert Path(saved).read_bytes() == (fleet.root / "home/alice/doc-007.txt").read_bytes()
         _refused_elsewhere(page, fleet, "hana")
         assert page.problems == []
     finally:
@@ -580,6 +880,90 @@ def test_browser_administrator_manages_users_and_reads_the_audit_log(browser, fl
         page.goto(fleet.server.url + "/users")
         assert page.url.endswith("/login")
         assert page.problems == []
+    finally:
+        context.close()
+
+
+@pytest.mark.e2e
+def test_browser_task_progress_updates_without_a_reload(browser, fleet):
+    """A migration's progress page polls (htmx, under the CSP) and shows the endpoints'
+    reports as they arrive, until the task is done."""
+    from strata.server.catalog.db import open_catalog
+
+    engine, sessions = open_catalog(f"sqlite:///{fleet.server.data / 'catalog.sqlite'}")
+    ctx = SimpleNamespace(write=lambda: _committing(sessions))
+    eids = [e["id"] for e in fleet.server.admin("GET", "/endpoints")
+            if e["hostname"].startswith("lab-")]
+    tid = _task(ctx, {eids[0]: ("applied", 100.0), eids[1]: ("downloading", 10.0)},
+                hostile=False)
+    context, page = _signed_in(browser, fleet, "hana")
+    try:
+        page.goto(fleet.server.url + f"/tasks/{tid}")
+        expect(page.locator("[data-testid=task-state]")).to_have_text("running")
+        _shot(page, "task")
+        with sessions() as db:
+            db.execute(update(Assignment).where(Assignment.endpoint_id == eids[1])
+                       .values(state="applied", percent=100.0))
+            db.commit()
+        expect(page.locator("[data-testid=task-state]")).to_have_text("done", timeout=15_000)
+        assert "100% of 2 endpoint(s) done" in page.text_content("#task-progress")
+        assert page.problems == []
+    finally:
+        context.close()
+        engine.dispose()
+
+
+class _committing:
+    """`ctx.write()` for a plain sessionmaker: a session committed at the end."""
+
+    def __init__(self, sessions: object):
+        self.db = sessions()  # type: ignore[operator]
+
+    def __enter__(self) -> object:
+        return self.db
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.db.commit()
+        self.db.close()
+
+
+@pytest.mark.e2e
+def test_browser_a_portal_user_downloads_their_own_file_and_nothing_else(browser, fleet):
+    eid = fleet.agent.endpoint_id
+    fleet.server.admin("POST", f"/endpoints/{eid}/portal-accounts",
+                       {"name": "alice", "password": PASSWORD})
+    other = next(e["id"] for e in fleet.server.admin("GET", "/endpoints")
+                 if e["hostname"] == "lab-01")
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    page = context.new_page()
+    try:
+        page.goto(fleet.server.url + "/portal")
+        assert page.url.endswith("/portal/login")
+        page.fill("input[name=name]", "alice")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(fleet.server.url + "/portal")
+        page.click("[data-testid=portal-snapshot] a")
+        expect(page.locator("[data-testid=portal-entry]")).to_have_count(20)
+        page.fill("input[name=q]", "doc-01")
+        page.click("text=Find")
+        expect(page.locator("[data-testid=portal-entry]")).to_have_count(10)
+        _shot(page, "portal")
+        with page.expect_download() as got:
+            page.locator("[data-testid=portal-entry]", has_text="doc-012.txt").locator(
+                "text=Download").click()
+        assert Path(got.value.path()).read_bytes() == \
+            (fleet.root / "home/alice/doc-012.txt").read_bytes()
+        # The IT console stays closed to a portal user, and guessing URLs gets nothing.
+        page.goto(fleet.server.url + "/endpoints")
+        assert page.url.endswith("/login")
+        snap = fleet.server.admin("GET", f"/endpoints/{eid}")["snapshot_list"][0]["id"]
+        resp = page.goto(fleet.server.url + f"/portal/snapshots/{snap}/download?path_hex="
+                         + b"etc/hostname".hex())
+        assert resp.status == 403
+        resp = page.request.get(fleet.server.url + f"/api/v1/admin/endpoints/{other}")
+        assert resp.status == 401
     finally:
         context.close()
 

@@ -127,12 +127,25 @@ def test_a_lost_rotation_answer_locks_nobody_out(server: Server, tmp_path: Path)
     _, state = _agent(server, tmp_path)
     held = _credential(state)
     # A check-in whose answer (with the new credential) never reaches the agent.
-    lost = httpx.post(server.url + "/api/v1/agent/checkin", json={},
+    lost = httpx.post(server.url + "/api/v1/agent/checkin",
+                      json={"inventory": {"hostname": "h", "os": "linux"}},
                       headers={"Authorization": f"Bearer {held}"})
     assert lost.status_code == 200 and lost.json()["credential"]
     out = json.loads(strata("agent", "backup", "--state", state, "--json").stdout)
     assert out["centralized"], out
     assert _credential(state) not in (held, lost.json()["credential"])
+
+
+def test_agent_status_beside_the_daemon_never_rotates(server: Server, tmp_path: Path) -> None:
+    """`agent status` probes with an empty check-in: were it to rotate, it and the
+    daemon could each keep a different new credential and lock the endpoint out."""
+    _, state = _agent(server, tmp_path)
+    held = _credential(state)
+    strata("agent", "status", "--state", state)
+    assert _credential(state) == held
+    probe = httpx.post(server.url + "/api/v1/agent/checkin", json={},
+                       headers={"Authorization": f"Bearer {held}"})
+    assert probe.status_code == 200 and probe.json()["credential"] is None
 
 
 def test_an_expired_credential_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -167,7 +180,7 @@ def test_catalog_with_endpoints_upgrades(tmp_path: Path) -> None:
             cfg.attributes["connection"] = conn
             getattr(command, action)(cfg, revision)
     try:
-        alembic("upgrade", "0002")
+        alembic("upgrade", "0003")
         with engine.begin() as conn:
             conn.execute(text(
                 "INSERT INTO endpoints (id, hostname, os, state, credential_hash, enrolled_at,"

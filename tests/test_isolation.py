@@ -47,14 +47,16 @@ def server(tmp_path: Path) -> Iterator[SimpleNamespace]:
 class Device:
     """One enrolled endpoint speaking the agent API."""
 
-    def __init__(self, server: SimpleNamespace, hostname: str):
+    def __init__(self, server: SimpleNamespace, hostname: str, previous: str = ""):
         tok = server.admin.post("/api/v1/admin/tokens", json={"uses": 1}).json()["token"]
         self.http = TestClient(server.app)
         resp = self.http.post(f"{API}/enroll", json={"token": tok, "hostname": hostname,
-                                                     "os": "debian"})
+                                                     "os": "debian",
+                                                     "previous_credential": previous})
         assert resp.status_code == 200, resp.text
         self.id = resp.json()["endpoint_id"]
-        self.http.headers["Authorization"] = f"Bearer {resp.json()['credential']}"
+        self.credential = resp.json()["credential"]
+        self.http.headers["Authorization"] = f"Bearer {self.credential}"
 
     def missing(self, *chunks: bytes) -> dict:
         resp = self.http.post(f"{API}/chunks/missing",
@@ -293,7 +295,119 @@ def test_chunks_of_an_assigned_layer_are_held_without_sending_or_proving(server)
                            family="linux")
         db.add(Assignment(endpoint_id=assigned.id, base_id=layer.id))
     ctx.invalidate()
+    decoded = []
+    real = ctx.snapshot_chunks
+    ctx.snapshot_chunks = lambda sid: decoded.append(sid) or real(sid)  # type: ignore[method-assign]
     assert assigned.missing(lib) == {"missing": [], "prove": [], "nonce": ""}
+    assert assigned.missing(secret(51)) and decoded == []  # indexed when saved, not decoded
+    ctx.holdings = Holdings(Path(ctx.settings.data_dir) / "fresh-holdings.sqlite")
+    for _ in range(3):  # a layer from before holdings existed: decoded once, then indexed
+        assert assigned.missing(lib)["missing"] == []
+    assert decoded == [layer.snapshot]
     assert assigned.commit({"usr/lib/libcorp.so": lib}).status_code == 200
+    assert ctx.holdings.view(assigned.id, [content_id(lib)])[0] == set()  # no row per endpoint
     assert other.missing(lib)["prove"] == [content_id(lib).hex()]  # IT content: shared
     assert other.commit({"usr/lib/libcorp.so": lib}).status_code == 409
+
+
+def test_the_bytes_proofs_make_the_server_read_are_paced_per_endpoint(server):
+    first, second = Device(server, "first"), Device(server, "second")
+    libs = [secret(60 + i, 30_000) for i in range(3)]
+    first.upload(*libs)
+    assert first.commit({f"usr/lib/l{i}": d for i, d in enumerate(libs)}).status_code == 200
+    server.ctx.proof_bytes = RateLimiter(rate=1.0, burst=70_000, clock=lambda: 0.0)
+    answer = second.missing(*libs)
+    assert second.prove(answer["nonce"], *libs[:2])["accepted"] == 2  # 60 KB: in budget
+    resp = second.http.post(f"{API}/chunks/prove", content=encode_proofs(
+        answer["nonce"], [(content_id(libs[2]), proof(answer["nonce"], libs[2]))]))
+    assert resp.status_code == 429 and "bytes to prove" in resp.json()["detail"]
+
+
+def test_the_holdings_sweep_is_bounded_and_resumes(tmp_path, monkeypatch):
+    holdings = Holdings(tmp_path / "h.sqlite")
+    chunks = [bytes([i]) * 32 for i in range(1, 13)]
+    holdings.record("e", chunks)
+    alive = set(chunks[::2])
+
+    def present(batch: list[bytes]) -> set[bytes]:
+        return alive & set(batch)
+    monkeypatch.setattr("strata.server.holdings._SWEEP_BATCH", 5)
+    dropped = [holdings.sweep(present, budget=5) for _ in range(3)]
+    assert sum(dropped) == 6 and all(n <= 3 for n in dropped)  # a bounded share each pass
+    assert holdings.view("e", chunks)[0] == alive
+
+
+def test_a_deleted_endpoint_holds_nothing_and_counts_for_nothing(server):
+    doc = secret(70)
+    devices = [Device(server, f"ep{i}") for i in range(COMMON_HOLDERS + 1)]
+    for dev in devices[:COMMON_HOLDERS]:
+        dev.upload(doc)
+    assert devices[-1].missing(doc)["prove"] == [content_id(doc).hex()]
+    resp = server.admin.delete(f"/api/v1/admin/endpoints/{devices[0].id}")
+    assert resp.status_code == 200, resp.text
+    # Held by one endpoint fewer: private again to the others.
+    assert devices[-1].missing(doc)["missing"] == [content_id(doc).hex()]
+
+
+def test_the_number_of_holders_that_makes_a_chunk_shared_is_a_setting(tmp_path):
+    app = create_app(ServerSettings(data_dir=tmp_path / "data", common_holders=2))
+    token = (tmp_path / "data/admin.token").read_text().strip()
+    with TestClient(app) as admin:
+        admin.headers["Authorization"] = f"Bearer {token}"
+        server = SimpleNamespace(app=app, ctx=app.state.ctx, admin=admin)
+        one, two, three = (Device(server, n) for n in ("one", "two", "three"))
+        doc = secret(80)
+        one.upload(doc)
+        assert two.missing(doc)["missing"] == [content_id(doc).hex()]
+        two.upload(doc)
+        assert three.missing(doc)["prove"] == [content_id(doc).hex()]
+
+
+def test_request_size_bounds_reveal_nothing_about_other_endpoints_chunks(server, monkeypatch):
+    """A bound checked over chunks the endpoint may not see would be an oracle: 413 when a
+    guess exists, not when it does not. Both bounds count only what the endpoint may read."""
+    ctx: ServerContext = server.ctx
+    first, bob, alice = Device(server, "first"), Device(server, "bob"), Device(server, "alice")
+    lib, bobs, nobody = secret(90, 30_000), secret(91, 30_000), secret(92, 30_000)
+    first.upload(lib)
+    assert first.commit({"usr/lib/libz.so": lib}).status_code == 200
+    bob.upload(bobs)
+    monkeypatch.setattr("strata.server.services.sync.MAX_PROOF_BYTES", 40_000)
+    monkeypatch.setattr("strata.server.services.layer_downloads.MAX_STREAM_BYTES", 40_000)
+    nonce = alice.missing(lib)["nonce"]
+    answers = [alice.http.post(f"{API}/chunks/prove", content=encode_proofs(nonce, [
+        (content_id(c), proof(nonce, c)) for c in (lib, guess)])) for guess in (bobs, nobody)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].json()["refused"] == [content_id(bobs).hex()]
+    assert answers[1].json()["refused"] == [content_id(nobody).hex()]
+
+    entry = Entry(path=b"usr/lib/libz.so", type=EntryType.FILE, size=len(lib),
+                  chunks=[(content_id(lib), len(lib))])
+    with ctx.write() as db:
+        layer = save_layer(ctx, db, kind="base", name="z", version="1", entries=[entry],
+                           family="linux")
+        db.add(Assignment(endpoint_id=alice.id, base_id=layer.id))
+    ctx.invalidate()
+    for guess in (bobs, nobody):
+        resp = alice.http.post(f"{API}/layers/chunks", json={
+            "ids": [content_id(lib).hex(), content_id(guess).hex()]})
+        assert resp.status_code == 403, resp.text
+
+
+def test_a_machine_enrolling_again_keeps_what_it_held(server):
+    """`agent enroll --force` makes a new endpoint; shown the old credential, the server
+    lets it hold what the old one did, so it sends none of its data again. A wrong or
+    revoked credential counts for nothing."""
+    old = Device(server, "laptop")
+    data = secret(100)
+    old.upload(data)
+    assert old.commit({"home/u/thesis.pdf": data}).status_code == 200
+    again = Device(server, "laptop", previous=old.credential)
+    assert again.missing(data)["missing"] == []
+    assert again.commit({"home/u/thesis.pdf": data}).status_code == 200
+    assert Device(server, "thief", previous="sdev_" + "x" * 40).missing(data)["missing"] \
+        == [content_id(data).hex()]
+    resp = server.admin.post(f"/api/v1/admin/endpoints/{old.id}/revoke")
+    assert resp.status_code == 200, resp.text
+    assert Device(server, "thief", previous=old.credential).missing(data)["missing"] == \
+        [content_id(data).hex()]

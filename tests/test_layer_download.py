@@ -3,7 +3,10 @@ server accepts, each batch one zstd stream whose window spans the whole batch.""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -41,6 +44,10 @@ class FakeServer:
         body = pack_stream([(c, self.chunks[c]) for c in ids], 1)
         self.bytes_received += len(body)
         return SimpleNamespace(content=body)
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, json: dict, **_: object) -> Iterator[io.BytesIO]:
+        yield io.BytesIO(self.request(method, path, json).content)
 
 
 def test_download_follows_the_tree_order_in_batches_the_server_accepts(tmp_path,

@@ -159,15 +159,15 @@ def test_mount_refusals_are_one_line(sample_store, tmp_path: Path) -> None:
     full.mkdir()
     (full / "x").write_text("x")
     (tmp_path / "mnt").mkdir()
-    for args, message in [
-        ((store, sid, full), "is not empty"),
-        ((store, sid, tmp_path / "absent"), "does not exist"),
-        ((store, "ffffffff", tmp_path / "mnt"), "no snapshot"),
-        ((tmp_path / "nostore", sid, tmp_path / "mnt"), "no Strata store"),
+    for args, message, code in [
+        ((store, sid, full), "is not empty", 2),
+        ((store, sid, tmp_path / "absent"), "does not exist", 2),
+        ((store, "ffffffff", tmp_path / "mnt"), "no snapshot", 2),
+        ((tmp_path / "nostore", sid, tmp_path / "mnt"), "no Strata store", 10),
     ]:
         proc = spawn("store", "mount", *args)
         out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 2, (args, out, err)
+        assert proc.returncode == code, (args, out, err)
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err
 
@@ -245,3 +245,30 @@ def test_only_the_mounting_user_reads_unless_allow_other(sample_store, tmp_path:
         for m in mounts:
             m.ensure_gone()
         mnt.rmdir()
+
+
+@needs_fuse
+def test_a_snapshot_in_an_encrypted_object_store_mounts_too(s3, s3_bucket, tmp_path: Path,
+                                                            monkeypatch, mounts) -> None:
+    """The mount reads through the store's own interface: S3, encryption and all."""
+    from server_fixtures import strata
+
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**s3.env(), "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    src, pw = tmp_path / "src", tmp_path / "passphrase"
+    src.mkdir()
+    build_sample(src, random.Random(4))
+    pw.write_text("mount me\n")
+    where = f"s3://{s3_bucket}/mounted"
+    key = ("--passphrase-file", pw)
+    strata("store", "init", where, "--state", tmp_path / "s1", "--encrypt", *key)
+    strata("store", "backup", where, src, "--state", tmp_path / "s1", *key)
+    strata("store", "restore", where, "latest", tmp_path / "restored", "--state",
+           tmp_path / "s2", *key)
+    (tmp_path / "mnt").mkdir()
+    m = Mounted("--state", tmp_path / "s3", *key, where, "latest", tmp_path / "mnt")
+    mounts.append(m)
+    assert tree_state(tmp_path / "mnt") == tree_state(tmp_path / "restored")
+    assert m.stop()[0] == 0

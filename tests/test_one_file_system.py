@@ -87,8 +87,10 @@ def tmpfs(where: Path) -> Iterator[Path]:
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+e2e = pytest.mark.e2e
 
 
+@e2e
 @needs_root
 def test_store_backup_x_leaves_a_mounted_tmpfs_out(tmp_path, cli):
     src = tmp_path / "src"
@@ -108,6 +110,7 @@ def test_store_backup_x_leaves_a_mounted_tmpfs_out(tmp_path, cli):
         assert "not crossed into another file system: home/ann/share" in out.stdout
 
 
+@e2e
 @needs_root
 def test_agent_enrolled_with_one_file_system_does_not_upload_a_mount(tmp_path):
     for server in running_server(tmp_path / "server"):

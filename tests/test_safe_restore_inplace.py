@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from server_fixtures import Agent, assert_one_line_error, centralized, running_server, strata
+from server_fixtures import (
+    Agent,
+    argv,
+    assert_one_line_error,
+    centralized,
+    cli_env,
+    running_server,
+    strata,
+)
 from strata.engine.backup import backup
 from strata.engine.restore import restore
 from strata.engine.restore_inplace import displaced_by, keep_aside, kept_suffix, put_back_failed
-from strata.errors import CorruptData
+from strata.errors import CorruptData, StrataError
 from strata.model.snapshot import Snapshot
 from strata.store.repository import Store
 
@@ -142,13 +152,14 @@ def agent(tmp_path: Path):
         yield a
 
 
+@pytest.mark.e2e
 def test_agent_restore_in_place_asks_and_keeps_the_newer_edit(agent, tmp_path):
     report = agent.root / "home/alice/report.odt"
     report.write_text("version 2, edited after the snapshot\n")
 
     # No terminal and no --yes: one line, nothing touched.
     proc = strata(*agent.cmd("restore", "home/alice/report.odt"), rc=None)
-    assert_one_line_error(proc, "refusing without --yes", rc=1)
+    assert_one_line_error(proc, "refusing without --yes")
     assert report.read_text() == "version 2, edited after the snapshot\n"
     assert sorted(p.name for p in report.parent.iterdir()) == [
         "link", "notes.txt", "photos", "report.odt"]
@@ -170,3 +181,56 @@ def test_agent_restore_in_place_asks_and_keeps_the_newer_edit(agent, tmp_path):
     assert doc["kept"] == []
     assert (tmp_path / "elsewhere/home/alice/report.odt").read_text() == "version 1\n"
     assert report.read_text() == "version 3\n"
+
+
+def test_a_failed_rename_puts_back_what_was_kept_and_restores_nothing(tmp_path, monkeypatch):
+    from strata.engine import restore_inplace
+
+    src = tmp_path / "src"
+    make_tree(src)
+    with Store.init(tmp_path / "st") as store:
+        snap = store.load_snapshot(backup(store, src).snapshot)
+        (src / "home/alice/notes.txt").write_text("edited\n")
+        (src / "home/alice/report.odt").write_text("edited too\n")
+        displaced = displaced_by(store, snap, src, ["home/alice"])
+    assert len(displaced) == 2
+    real, calls = os.rename, []
+
+    def rename(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise PermissionError(13, "Operation not permitted")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(restore_inplace.os, "rename", rename)
+    with pytest.raises(StrataError, match="cannot keep the local home/alice/report.odt aside"):
+        keep_aside(src, displaced, SUFFIX)
+    assert sorted(p.name for p in (src / "home/alice").iterdir()) == [
+        "link", "notes.txt", "photos", "report.odt"]
+    assert (src / "home/alice/notes.txt").read_text() == "edited\n"
+
+
+def run_on_a_terminal(args: list[object], answer: str) -> subprocess.CompletedProcess[str]:
+    """`strata ARGS` with a terminal as stdin (a pty) on which `answer` is typed."""
+    master, slave = pty.openpty()
+    try:
+        os.write(master, answer.encode())
+        return subprocess.run(argv(args), env=cli_env(), stdin=slave, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.e2e
+def test_on_a_terminal_the_person_is_asked(agent):
+    report = agent.root / "home/alice/report.odt"
+    report.write_text("version 2\n")
+    no = run_on_a_terminal(agent.cmd("restore", "home/alice/report.odt"), "n\n")
+    assert no.returncode == 2 and "cancelled: nothing was changed" in no.stderr, no.stderr
+    assert "home/alice/report.odt (10 bytes, modified " in no.stderr  # what would go
+    assert report.read_text() == "version 2\n"
+    yes = run_on_a_terminal(agent.cmd("restore", "home/alice/report.odt"), "y\n")
+    assert yes.returncode == 0, yes.stderr
+    assert report.read_text() == "version 1\n"
+    [kept] = [p for p in report.parent.iterdir() if p.name.startswith("report.odt.strata-")]
+    assert kept.read_text() == "version 2\n"

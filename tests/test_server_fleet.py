@@ -131,6 +131,7 @@ def test_second_endpoint_sends_only_new_data(fleet):
         budget = own * 1.05 + fleet.common_docs + 0.01 * size + OVERHEAD
         assert r["bytes_sent"] <= budget, (i + 1, r, own, size)
         assert r["bytes_sent"] >= own  # its own (random) data did have to travel
+        assert r["chunks_proven"] > 0  # the OS files: proven with keyed hashes, not sent
     # A clone of endpoint 1 proves its OS files; endpoint 1's user data it sends again.
     clone, size = fleet.results[-1], fleet.sizes[-1]
     own = fleet.user_bytes[0] + fleet.common_docs

@@ -70,8 +70,8 @@ def test_one_snapshot_lookup_resolves_latest_prefixes_and_never_another_cvd(serv
         assert snapshots.find_snapshot(db, mine, "latest").id.startswith("bb33")
         assert snapshots.find_snapshot(db, mine, "").id.startswith("bb33")
         assert snapshots.find_snapshot(db, mine, "AA22").id.startswith("aa22")
-        with pytest.raises(NotFound, match="no snapshot 'aa'"):
-            snapshots.find_snapshot(db, mine, "aa")  # ambiguous
+        with pytest.raises(Invalid, match="snapshot 'aa' of endpoint .* is ambiguous"):
+            snapshots.find_snapshot(db, mine, "aa")  # two of mine: said so
         with pytest.raises(NotFound, match="of this endpoint"):
             snapshots.find_snapshot(db, mine, "cc44", owner="this endpoint")
         with pytest.raises(NotFound):

@@ -232,6 +232,23 @@ def test_manifest_and_chunks_read_a_snapshot_remotely(world) -> None:
     assert any(a["action"] == "snapshot-read" for a in c.get(f"{API}/audit").json())
 
 
+def test_remote_reads_split_a_request_the_server_finds_too_large(world, monkeypatch) -> None:
+    """A store of large chunks can exceed what one answer may carry: the CLI's source
+    asks again in halves, and the file still reads back whole."""
+    from strata.cli.admin_client import AdminClient
+    from strata.cli.snapshot_source import AdminSnapshotSource
+    from strata.engine.snapshot_tree import SnapshotTree
+
+    monkeypatch.setattr(snapshots, "MAX_STREAM_BYTES", 200_000)  # a few chunks' worth
+    admin = AdminClient("http://testserver", None)
+    with AdminSnapshotSource(admin, world.ep, "latest", http=world.client) as src:
+        snap = src.snapshot()
+        tree = SnapshotTree(snap.manifest, src.load_chunks)
+        ino = tree.resolve("docs/deep/big.bin")
+        assert tree.read(ino, 0, 1 << 20) == (world.src / "docs/deep/big.bin").read_bytes()
+    assert tree.cache.stats.requests == 1  # one call of load_chunks, several requests in it
+
+
 # -- the CLI against a real server -------------------------------------------------------------
 
 
@@ -321,3 +338,25 @@ def test_cli_mounts_an_endpoints_snapshot_through_the_server(fleet, tmp_path: Pa
         assert "fetched" in out
     finally:
         m.ensure_gone()
+
+
+@pytest.mark.e2e
+def test_export_and_mount_trust_the_server_as_every_admin_command_does(tmp_path: Path) -> None:
+    """Over HTTPS with the server's own certificate: refused in one line unless trusted
+    (--ca-cert), then the request reaches the server (which knows no such endpoint)."""
+    from server_fixtures import Server, strata
+
+    srv = Server(tmp_path / "data", signing=False, tls=True).start()
+    try:
+        base = ("--server", srv.url, "--admin-token-file", srv.token_file)
+        for cmd in (("endpoint", "export", "nobody", "--snapshot", "latest", "--to",
+                     tmp_path / "out"),
+                    ("endpoint", "export", "nobody", "--snapshot", "latest", "--to",
+                     tmp_path / "out.tar")):
+            untrusted = strata(*cmd, *base, rc=2)
+            assert "not trusted" in untrusted.stderr, untrusted.stderr
+            assert len(untrusted.stderr.strip().splitlines()) == 1
+            trusted = strata(*cmd, *base, "--ca-cert", srv.data / "tls/cert.pem", rc=2)
+            assert "no endpoint 'nobody'" in trusted.stderr, trusted.stderr
+    finally:
+        srv.stop()

@@ -15,6 +15,8 @@ import pytest
 from strata.engine.backup import backup
 from strata.store.repository import Store
 
+pytestmark = pytest.mark.e2e  # the CLI as a real process
+
 VICTIM = "sub/victim.bin"
 
 
@@ -93,3 +95,14 @@ def test_a_missing_pack_is_dropped_and_named(cli, damaged, tmp_path):
     assert VICTIM in doc["hurt"][0]["files"]
     cli.json("backup", store_dir, src)
     assert cli.json("check", store_dir, "--read-data")["ok"] is True
+
+
+def test_repair_reports_its_progress_pack_by_pack(damaged):
+    from strata.engine.repair import repair
+
+    store_dir, _, _, _ = damaged
+    with Store.open(store_dir) as store:
+        total = sum(store.index.packs().values())
+        sizes: list[int] = []
+        result = repair(store, dry_run=True, on_pack=sizes.append)
+    assert sum(sizes) == total and len(sizes) == result.packs_checked

@@ -311,7 +311,7 @@ def test_store_commands_work_on_an_object_store(s3_env, s3_bucket, tmp_path, tre
     trees.assert_same_state(trees.tree_state(tmp_path / "out"), trees.tree_state(src))
     assert_one_line_error(strata("store", "snapshots", where, rc=None), "needs --state")
     assert_one_line_error(strata("store", "snapshots", f"s3://{s3_bucket}/none", "--state",
-                                 tmp_path / "s3", rc=None), "no Strata store at")
+                                 tmp_path / "s3", rc=None), "no Strata store at", rc=10)
 
 
 def test_server_data_directory_keeps_to_its_store(s3_env, s3_bucket, tmp_path):

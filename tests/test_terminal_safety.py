@@ -108,3 +108,15 @@ def test_server_error_message_is_one_clean_line(monkeypatch: pytest.MonkeyPatch,
 def test_clean_and_safe() -> None:
     assert clean("a\x1b[2Jb\nc\td\u202e") == "a?[2Jb?c?d?"
     assert safe("[/]x") == "\\[/]x"
+
+
+def test_server_log_lines_carry_no_control_characters() -> None:
+    import logging
+
+    from strata.cli.output import CleanLogFormatter
+
+    record = logging.LogRecord("strata.server", logging.WARNING, __file__, 1,
+                               "client %s went away during %s", ("10.0.0.9", "/x\x1b[2J\x9b"),
+                               None)
+    line = CleanLogFormatter("%(levelname)s: %(message)s").format(record)
+    assert line == "WARNING: client 10.0.0.9 went away during /x?[2J?"

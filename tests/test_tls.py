@@ -5,19 +5,20 @@ refuse plain HTTP to another machine, and a certificate failure reads as one lin
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
 from pathlib import Path
 
 import httpx
 import pytest
 
-from server_fixtures import Server, assert_one_line_error, strata
+from server_fixtures import Server, assert_one_line_error, free_port, strata
 from strata.errors import StrataError
 from strata.server.listener import ListenAddress
 from strata.server.tls import server_certificate
 from strata.transport import check_server_url, fingerprint, normalize_fingerprint
 
-pytestmark = pytest.mark.e2e  # real servers and agents
+E2E = pytest.mark.e2e  # the tests that run real servers, agents or CLIs
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +64,26 @@ def test_plain_http_is_only_for_loopback_or_insecure(tmp_path: Path) -> None:
         server_certificate(ListenAddress("10.0.0.5", 8470), tmp_path, insecure=True, tls=True)
 
 
+@E2E
 def test_server_prints_the_fingerprint(tls_server: Server) -> None:
     log = tls_server.log.read_text()
     assert f"Strata server on https://127.0.0.1:{tls_server.port}" in log
     assert cert_fingerprint(tls_server) in log
 
 
+def test_an_administrators_certificate_chain_is_taken_as_given(tmp_path: Path) -> None:
+    made = server_certificate(ListenAddress("127.0.0.1", 1), tmp_path / "made", tls=True)
+    assert made is not None
+    chain = tmp_path / "chain.pem"  # as openssl pkcs12 writes it: text, leaf, then CA
+    chain.write_text("Bag Attributes\n    localKeyID: 01\n" + made.cert.read_text() * 2)
+    given = server_certificate(ListenAddress("0.0.0.0", 1), tmp_path / "data",
+                               tls_cert=chain, tls_key=made.key)
+    assert given is not None and not given.self_signed
+    assert given.fingerprint == made.fingerprint
+    assert not (tmp_path / "data" / "tls").exists()  # nothing made when one is given
+
+
+@E2E
 def test_a_bad_certificate_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "cert.pem").write_text("not a certificate\n")
     (tmp_path / "key.pem").write_text("not a key\n")
@@ -81,11 +96,13 @@ def test_a_bad_certificate_file_is_one_line(tmp_path: Path) -> None:
 # -- the admin CLI ----------------------------------------------------------------------------
 
 
+@E2E
 def test_admin_cli_refuses_an_untrusted_certificate_in_one_line(tls_server: Server) -> None:
     proc = admin(tls_server, "endpoint", "list", rc=2)
     assert_one_line_error(proc, "TLS certificate", "not trusted", "--ca-cert")
 
 
+@E2E
 def test_admin_cli_trusts_a_ca_cert_or_a_fingerprint(tls_server: Server) -> None:
     admin(tls_server, "endpoint", "list", "--ca-cert", tls_server.data / "tls/cert.pem")
     fp = cert_fingerprint(tls_server)
@@ -96,6 +113,7 @@ def test_admin_cli_trusts_a_ca_cert_or_a_fingerprint(tls_server: Server) -> None
     assert_one_line_error(wrong, "has fingerprint", "not " + "0" * 64)
 
 
+@E2E
 def test_clients_refuse_plain_http_to_another_machine(tmp_path: Path) -> None:
     # 192.0.2.0/24 is reserved for documentation: nothing is ever sent there.
     proc = strata("endpoint", "list", "--server", "http://192.0.2.10:8470", rc=2,
@@ -133,6 +151,7 @@ def _agent_files(tmp_path: Path, token: str) -> tuple[Path, Path, Path]:
     return root, tmp_path / "state", token_file
 
 
+@E2E
 def test_agent_pins_the_certificate_at_enrollment_and_uses_it(tls_server: Server,
                                                               tmp_path: Path) -> None:
     root, state, token_file = _agent_files(tmp_path, tls_server.create_token())
@@ -152,6 +171,7 @@ def test_agent_pins_the_certificate_at_enrollment_and_uses_it(tls_server: Server
     assert "not trusted" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@E2E
 def test_agent_enrollment_stops_on_a_wrong_fingerprint(tls_server: Server,
                                                        tmp_path: Path) -> None:
     token = tls_server.create_token()
@@ -166,6 +186,7 @@ def test_agent_enrollment_stops_on_a_wrong_fingerprint(tls_server: Server,
     assert resp.status_code == 200, resp.text
 
 
+@E2E
 def test_agent_without_trust_gets_one_line(tls_server: Server, tmp_path: Path) -> None:
     root, state, token_file = _agent_files(tmp_path, tls_server.create_token())
     proc = strata("agent", "enroll", "--server", tls_server.url, "--token-file", token_file,
@@ -173,6 +194,7 @@ def test_agent_without_trust_gets_one_line(tls_server: Server, tmp_path: Path) -
     assert_one_line_error(proc, "not trusted", "--server-fingerprint", rc=3)
 
 
+@E2E
 def test_https_to_a_plain_http_server_says_so(tmp_path: Path) -> None:
     srv = Server(tmp_path / "plain", signing=False).start()
     try:
@@ -206,3 +228,67 @@ def test_every_command_that_talks_to_the_server_takes_ca_cert_and_a_fingerprint(
     for name, callback in talking:
         params = inspect.signature(callback).parameters  # type: ignore[arg-type]
         assert {"ca_cert", "server_fingerprint", "insecure"} <= set(params), name
+
+
+@E2E
+def test_an_endpoint_follows_its_server_to_https_and_a_renewed_certificate(
+        tmp_path: Path, tls_server: Server) -> None:
+    srv = Server(tmp_path / "data", signing=False).start()  # plain HTTP on loopback
+    try:
+        root, state, token_file = _agent_files(tmp_path, srv.create_token())
+        strata("agent", "enroll", "--server", srv.url, "--token-file", token_file,
+               "--root", root, "--state", state)
+        endpoint = json.loads((state / "credential.json").read_text())["endpoint_id"]
+        srv.stop()
+        srv.tls = True  # the upgrade: the same server, now serving HTTPS
+        srv.start()
+        proc = strata("agent", "backup", "--state", state, rc=3)
+        assert "an https:// server reached with http://" in proc.stderr, proc.stderr
+        out = strata("agent", "trust-server", "--server", srv.url, "--server-fingerprint",
+                     cert_fingerprint(srv), "--state", state, "--json")
+        assert json.loads(out.stdout)["server_trust"] == \
+            f"pinned certificate {cert_fingerprint(srv)}"
+        assert json.loads(strata("agent", "backup", "--state", state, "--json").stdout)[
+            "centralized"]
+
+        srv.stop()  # the certificate is renewed (made anew at the next start)
+        shutil.rmtree(srv.data / "tls")
+        srv.start()
+        proc = strata("agent", "backup", "--state", state, rc=3)
+        assert "not trusted" in proc.stderr, proc.stderr
+        # Another server's certificate and address: it does not know this endpoint, so
+        # nothing is changed.
+        wrong = strata("agent", "trust-server", "--server", tls_server.url,
+                       "--server-fingerprint", cert_fingerprint(tls_server), "--state", state,
+                       rc=2)
+        assert_one_line_error(wrong, "unknown device credential")
+        strata("agent", "trust-server", "--server-fingerprint", cert_fingerprint(srv),
+               "--state", state)
+        status = json.loads(strata("agent", "status", "--state", state, "--json").stdout)
+        assert status["endpoint_id"] == endpoint and status["access"] == "ok", status
+        assert status["server_trust"] == f"pinned certificate {cert_fingerprint(srv)}"
+    finally:
+        srv.stop()
+
+
+@E2E
+def test_signing_and_admin_commands_over_tls(tmp_path: Path) -> None:
+    """The whole admin side over HTTPS: signing set up through the CLI (it trusts the
+    certificate through STRATA_CA_CERT), then admin commands with the signing keys."""
+    srv = Server(tmp_path / "data", tls=True).start()  # signing init runs over TLS
+    try:
+        assert srv.keys.exists()
+        shown = json.loads(srv.admin_cli("signing", "status", "--json").stdout)
+        assert shown, shown
+        srv.admin_cli("endpoint", "list")
+    finally:
+        srv.stop()
+
+
+@E2E
+def test_connection_failures_name_their_cause() -> None:
+    closed = f"https://127.0.0.1:{free_port()}"
+    proc = strata("endpoint", "list", "--server", closed, rc=2,
+                  env={"STRATA_ADMIN_TOKEN": "sadm_x"})
+    assert_one_line_error(proc, f"cannot reach {closed}: connection refused")
+    assert "ConnectError" not in proc.stderr

@@ -17,22 +17,19 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from server_fixtures import Server, assert_one_line_error, strata
+from strata.cli.confirm import NotConfirmed
 from strata.model.roles import ROLES, Permission
+from strata.server import passwords
 from strata.server.app import create_app
 from strata.server.catalog.models import User, UserSession
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.deps import admin_router, get_ctx, label_permissions
-from strata.server.services import users
-from strata.server.services.users import (
-    AddressThrottle,
-    LoginRefused,
-    TooManyAttempts,
-    check_password,
-    hash_password,
-)
+from strata.server.passwords import check_password, hash_password
+from strata.server.services import signin, users
+from strata.server.services.signin import AddressThrottle, LoginRefused, TooManyAttempts
 
 ADMIN = "/api/v1/admin"
-REAL_SCRYPT_LOG_N = users.SCRYPT_LOG_N  # read before any test lowers it
+REAL_SCRYPT_LOG_N = passwords.SCRYPT_LOG_N  # read before any test lowers it
 PASSWORD = "correct horse battery"
 
 
@@ -40,7 +37,7 @@ PASSWORD = "correct horse battery"
 def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process servers hash with scrypt N=2^10 rather than 2^15: each hash records
     its own parameters, so nothing else changes, and a test makes a dozen of them."""
-    monkeypatch.setattr(users, "SCRYPT_LOG_N", 10)
+    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)
 
 
 def _server(data: Path, catalog: str = "") -> tuple[TestClient, ServerContext]:
@@ -171,6 +168,20 @@ def test_a_role_is_refused_outside_its_job_and_served_inside_it(staff):
     assert "layers" in me["permissions"] and "users" not in me["permissions"]
 
 
+def test_a_new_role_is_in_force_at_the_next_request(staff):
+    c, token = staff.client, staff.tokens["image-manager"]
+    assert c.get(f"{ADMIN}/layers", headers=_as(token)).status_code == 200
+    resp = c.put(f"{ADMIN}/users/imagemanager/role", json={"role": "help-desk"})
+    assert resp.status_code == 200 and resp.json()["role"] == "help-desk"
+    assert c.get(f"{ADMIN}/layers", headers=_as(token)).status_code == 403
+    assert c.get(f"{ADMIN}/me", headers=_as(token)).json()["role"] == "help-desk"
+    assert c.put(f"{ADMIN}/users/imagemanager/role", json={"role": "root"}
+                 ).status_code == 422
+    log = c.get(f"{ADMIN}/audit").json()
+    assert {"action": "set-role", "target": "imagemanager"}.items() <= log[0].items()
+    assert log[0]["detail"] == {"role": "help-desk", "was": "image-manager"}
+
+
 def test_the_audit_log_names_the_user(staff):
     c, t = staff.client, staff.tokens
     resp = c.post(f"{ADMIN}/collections", headers=_as(t["image-manager"]),
@@ -223,18 +234,18 @@ def test_bad_user_requests_get_one_plain_refusal(staff):
 
 
 def test_passwords_are_salted_scrypt_hashes(monkeypatch):
-    monkeypatch.setattr(users, "SCRYPT_LOG_N", REAL_SCRYPT_LOG_N)  # the server's own cost
+    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", REAL_SCRYPT_LOG_N)  # the server's own cost
     a, b = hash_password(PASSWORD), hash_password(PASSWORD)
     assert a != b and a.startswith("scrypt$15$8$3$") and PASSWORD not in a
     assert check_password(PASSWORD, a) and not check_password(PASSWORD + "!", a)
-    monkeypatch.setattr(users, "SCRYPT_LOG_N", 10)  # older hashes keep their parameters
+    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)  # older hashes keep their parameters
     assert check_password(PASSWORD, a) and hash_password(PASSWORD).startswith("scrypt$10$")
     assert not check_password(PASSWORD, "") and not check_password(PASSWORD, "md5$x")
 
 
 def test_sign_ins_lock_an_account_after_repeated_failures(staff):
     ctx, throttle = staff.ctx, AddressThrottle()
-    for i in range(users.LOCK_AFTER):
+    for i in range(signin.LOCK_AFTER):
         with pytest.raises(LoginRefused):
             users.login(ctx, "helpdesk", f"wrong {i}", f"10.0.0.{i}", throttle)
     # Locked: even the right password is not checked now.
@@ -246,7 +257,7 @@ def test_sign_ins_lock_an_account_after_repeated_failures(staff):
     signed = users.login(ctx, "helpdesk", PASSWORD, "10.0.0.99", throttle)
     assert signed.staff.role == "help-desk"
     actions = [e["action"] for e in staff.client.get(f"{ADMIN}/audit").json()]
-    assert actions.count("login-failed") == users.LOCK_AFTER and "login" in actions
+    assert actions.count("login-failed") == signin.LOCK_AFTER and "login" in actions
 
 
 def test_one_address_trying_many_names_is_throttled(staff):
@@ -262,7 +273,7 @@ def test_one_address_trying_many_names_is_throttled(staff):
 def test_sessions_expire_when_idle_or_old_and_end_with_a_new_password(staff):
     ctx, throttle = staff.ctx, AddressThrottle()
     now = datetime.now(UTC)
-    for field, when in (("last_seen", now - users.SESSION_IDLE - timedelta(seconds=5)),
+    for field, when in (("last_seen", now - signin.SESSION_IDLE - timedelta(seconds=5)),
                         ("expires_at", now - timedelta(seconds=1))):
         signed = users.login(ctx, "imagemanager", PASSWORD, "10.1.1.1", throttle)
         found = users.session_staff(ctx, signed.session)
@@ -317,8 +328,14 @@ def test_user_commands_end_to_end(tmp_path):
         assert_one_line_error(proc, "not valid")
         proc = strata("user", "create", "x", "--role", "root", *common, rc=2)
         assert_one_line_error(proc, "unknown role")
-        proc = strata("user", "delete", "hana", *common, rc=2)
-        assert_one_line_error(proc, "--yes")
+        proc = strata("user", "delete", "hana", *common, rc=None)
+        assert_one_line_error(proc, "refusing without --yes", rc=NotConfirmed.exit_code)
+        assert_one_line_error(strata("user", "delete", "nobody", "--yes", *common, rc=2),
+                              "no user 'nobody'")
+        assert "hana is now image-manager" in strata("user", "role", "hana", "image-manager",
+                                                      *common).stdout
+        assert_one_line_error(strata("user", "role", "hana", "root", *common, rc=2),
+                              "unknown role")
         strata("user", "token", "hana", "--revoke", "1", *common)
         assert_one_line_error(strata("endpoint", "list", *mine, rc=2), "403")
         strata("user", "delete", "hana", "--yes", *common)

@@ -127,6 +127,22 @@ def test_a_chunk_larger_than_the_chunker_makes_is_refused(server):
     assert dev.missing(big)["missing"] == [content_id(big).hex()]
 
 
+def test_a_chunk_repeated_in_a_bundle_is_decoded_once(server, monkeypatch):
+    from strata.server.services import sync
+    calls = []
+    real = sync.decode_payload
+    monkeypatch.setattr(sync, "decode_payload",
+                        lambda cid, payload, n: calls.append(cid) or real(cid, payload, n))
+    dev = Device(server, "hostile")
+    data = b"\0" * server.ctx.store.config.chunker.max_size
+    bundle = BundleWriter()
+    for _ in range(200):
+        bundle.add(content_id(data), len(data), CODEC.compress(data))
+    resp = dev.http.post(f"{API}/chunks", content=bundle.getvalue())
+    assert resp.status_code == 200 and resp.json()["chunks"] == 1
+    assert calls == [content_id(data)]
+
+
 def test_a_manifest_naming_one_chunk_many_times_is_refused_before_it_is_read(server):
     """The memory blow-up: a 3 KB commit asking the server to read and join gigabytes."""
     dev = Device(server, "hostile")

@@ -9,8 +9,12 @@ class StrataError(Exception):
     http_status = 400
 
 
+# Exit codes a script can tell apart, as restic's: 10 no store there, 11 locked by
+# another process, 12 wrong passphrase (every other refusal is 2).
+
+
 class StoreNotFound(StrataError):
-    pass
+    exit_code = 10
 
 
 class StoreExists(StrataError):
@@ -18,7 +22,7 @@ class StoreExists(StrataError):
 
 
 class WrongPassphrase(StrataError):
-    pass
+    exit_code = 12
 
 
 class SnapshotNotFound(StrataError):
@@ -30,7 +34,7 @@ class PathNotInSnapshot(StrataError):
 
 
 class StoreLocked(StrataError):
-    pass
+    exit_code = 11
 
 
 class UnsafePath(StrataError):

@@ -82,6 +82,14 @@ def fetch_pinned_certificate(url: str, expected: str, *, timeout: float = 30.0) 
     return pem
 
 
+def certificate_file_fingerprint(path: str | Path) -> str:
+    """The fingerprint of the (first) certificate in a PEM file, or why there is none."""
+    try:
+        return fingerprint(ssl.PEM_cert_to_DER_cert(Path(path).read_text()))
+    except (OSError, ValueError) as exc:
+        return f"(unreadable: {exc})"
+
+
 def verify_setting(ca_cert: str | Path | None = None, pinned_cert: str | Path | None = None,
                    *, pinned_pem: str = "") -> bool | ssl.SSLContext:
     """What httpx is told to verify: a pinned certificate (a file, or `pinned_pem` itself:
@@ -138,8 +146,6 @@ def describe_transport_error(server: str, exc: BaseException) -> str:
     if "name or service not known" in text or "nodename nor servname" in text or \
             any(isinstance(e, socket.gaierror) for e in chain):
         return f"cannot reach {server}: unknown host name"
-    if "timeout" in name.lower() or "timed out" in text:
-        return f"cannot reach {server}: timed out"
     if name == "RemoteProtocolError":
         return (f"{server} closed the connection without an answer (an https:// server "
                 "reached with http://?)")

@@ -4,6 +4,8 @@ in, stop and say so), so a refusal is classified here once, not matched in every
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from enum import IntEnum, StrEnum
 
 from strata.agent.client import ServerClient, ServerRefused
@@ -82,7 +84,8 @@ class DeviceClient(ServerClient):
 
 
 def device_client(cred: Credential, *, retries: int = 5, timeout: float = 120.0,
-                  upload_rate: float | None = None) -> DeviceClient:
+                  upload_rate: float | None = None,
+                  sleep: Callable[[float], None] = time.sleep) -> DeviceClient:
     server = check_server_url(cred.server, insecure=cred.insecure is not False)
     return DeviceClient(server, cred.credential, retries=retries, timeout=timeout,
-                        upload_rate=upload_rate, verify=cred.verify)
+                        upload_rate=upload_rate, verify=cred.verify, sleep=sleep)

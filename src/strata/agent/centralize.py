@@ -12,6 +12,7 @@ from pathlib import Path
 
 from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
+from strata.agent.location import local_subnet, read_site, utc_offset_minutes
 from strata.agent.sink import RemoteSink
 from strata.agent.state import AgentState
 from strata.agent.update import LocalTree
@@ -34,6 +35,7 @@ class CentralizeResult:
     bytes_new: int = 0  # raw bytes the server lacked (what dedup could not save)
     bytes_uploaded: int = 0  # those bytes compressed, as sent in bundles
     chunks_uploaded: int = 0
+    chunks_proven: int = 0  # held by others: shown by a keyed hash instead of sent
     bytes_sent: int = 0  # everything on the wire, requests and headers included
     bytes_received: int = 0
     retries: int = 0
@@ -57,7 +59,10 @@ def checkin(client: ServerClient, root: Path, state: AgentState, *,
     status = state.status()
     body = {"inventory": collect_inventory(root, state.path / "hardware.json"),
             "status": {**{k: status.get(k) for k in ("last_centralization", "pending_work")},
-                       "applied_key": state.applied_key()}}
+                       "applied_key": state.applied_key()},
+            # Where it is, for the bandwidth rules (agent/location.py).
+            "site": read_site(state.path), "subnet": local_subnet(client.server),
+            "utc_offset_minutes": utc_offset_minutes(clock())}
     # Few retries: an unreachable server means "offline, try next cycle", not a stall.
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
     info = parse_answer(resp, CheckinResponse)
@@ -159,6 +164,7 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
         files_changed=r.files_new + r.files_changed, bytes_read=r.bytes_read,
         bytes_total=r.bytes_total, bytes_new=sink.raw_uploaded,
         bytes_uploaded=sink.payload_uploaded, chunks_uploaded=sink.chunks_uploaded,
+        chunks_proven=sink.chunks_proven,
         bytes_sent=client.bytes_sent - sent0, bytes_received=client.bytes_received - recv0,
         retries=client.retried - retried0, seconds=round(time.monotonic() - started, 3),
         errors=r.errors, mounts_skipped=r.mounts_skipped)

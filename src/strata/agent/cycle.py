@@ -64,6 +64,7 @@ class AgentContext:
     upload_rate: float | None = None  # --limit-upload, bytes per second
     clock: Clock = time.time
     with_progress: WithProgress = no_progress
+    sleep: Callable[[float], None] = time.sleep  # the backoff between retries (injected)
 
     @classmethod
     def load(cls, state: AgentState, **options: Any) -> AgentContext:
@@ -78,7 +79,8 @@ class AgentContext:
         # a check-in of this daemon, or of `agent status` beside it).
         with contextlib.suppress(StrataError):
             self.credential = self.state.credential()
-        return device_client(self.credential, upload_rate=self.upload_rate, **options)
+        return device_client(self.credential, upload_rate=self.upload_rate,
+                             sleep=self.sleep, **options)
 
 
 # -- one cycle ---------------------------------------------------------------------------
@@ -204,7 +206,9 @@ def _after_checkin(ctx: AgentContext, client: ServerClient, info: CheckinRespons
         result.centralization = ctx.with_progress("centralize", lambda p: centralize(
             client, st, root, info, trigger=trigger, progress=p, clock=ctx.clock))
     if info.desired is not None:
-        result.update = on_checkin(client, st, tree, info.desired, central) or result.update
+        desired = info.desired
+        result.update = ctx.with_progress("layer download", lambda p: on_checkin(
+            client, st, tree, desired, central, progress=p)) or result.update
 
 
 def _offline(ctx: AgentContext, result: CycleResult, exc: ServerUnreachable, *,
@@ -245,14 +249,20 @@ def _enforced(info: CheckinResponse, st: AgentState) -> bool:
     return desired is not None and desired.enforce and desired.key == st.applied_key()
 
 
-def apply_bandwidth(client: ServerClient, policy: BandwidthLimits,
+def apply_bandwidth(client: ServerClient, policy: BandwidthLimits | None,
                     local_upload: float | None) -> None:
-    """The server's caps for this endpoint's subnet and hour, and the local cap: the
-    lower upload cap wins."""
-    up = policy.upload_kbps * 1024 if policy.upload_kbps else None
-    caps = [r for r in (up, local_upload) if r]
-    client.set_limits(min(caps) if caps else None,
-                      policy.download_kbps * 1024 if policy.download_kbps else None)
+    """The server's caps for this endpoint's site and subnet, by its local time, and the
+    local cap: the lower upload cap wins. Without a check-in (offline), the last one's."""
+    client.follow(policy, local_upload)
+
+
+def last_bandwidth(st: AgentState) -> BandwidthLimits | None:
+    """The bandwidth rules of the last check-in (`agent apply` offline, `agent restore`)."""
+    try:
+        return BandwidthLimits.model_validate(
+            (st.status().get("policy") or {}).get("bandwidth") or {})
+    except ValueError:
+        return None  # a damaged status file: no cap rather than no transfer
 
 
 # -- apply (the restart) -----------------------------------------------------------------
@@ -289,6 +299,8 @@ def apply_now(ctx: AgentContext) -> ApplyOutcome:
                 info: CheckinResponse | None = checkin(client, root, st, clock=ctx.clock)
             except ServerUnreachable:
                 info = None
+            apply_bandwidth(client, info.policy.bandwidth if info else last_bandwidth(st),
+                            ctx.upload_rate)
             central: Centralizer | None = None
             if info is not None:
                 def central(trig: str) -> str:

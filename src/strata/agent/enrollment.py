@@ -5,6 +5,7 @@ server and leave the first orphaned, so that takes `force`, and says what it rep
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,13 @@ def enroll(state: AgentState, *, server: str, token: str, root: Path, ca_cert: s
                                   "was never run there), yet --root-fingerprint was given")
             if signing_root is not None:
                 check_root(signing_root, root_fingerprint)
+            same_server = old is not None and old.server == server
             resp = parse_answer(client.request(
                 "POST", "/api/v1/agent/enroll", json={
                     "token": token, "hostname": inv["hostname"] or socket.gethostname(),
-                    "os": inv["os"], "inventory": inv}), EnrollResponse)
+                    "os": inv["os"], "inventory": inv,
+                    "previous_credential": old.credential if old and same_server else ""}),
+                EnrollResponse)
         finally:
             client.close()
         if old is not None:
@@ -105,3 +109,30 @@ def _enrolled_as(state: AgentState, force: bool) -> Credential | None:
             f"{cred.server}; `--force` enrolls it anew as a new endpoint (the old one stays "
             "on the server until an administrator revokes or deletes it)")
     return cred
+
+
+def trust_server(state: AgentState, *, server: str | None = None, ca_cert: str = "",
+                 server_fingerprint: str | None = None, insecure: bool = False) -> Credential:
+    """Point an enrolled endpoint at its server anew: a renewed certificate to pin, a CA,
+    or a new URL (HTTPS after an upgrade, a new name). The same endpoint carries on: the
+    server must accept its credential over the new connection, checked before anything
+    is saved."""
+    if not (server or ca_cert or server_fingerprint):
+        raise StrataError("give --server-fingerprint FP, --ca-cert FILE or --server URL")
+    with state.exclusive():
+        cred = state.credential()
+        url = check_server_url(server or cred.server, insecure=insecure)
+        pinned_pem = fetch_pinned_certificate(url, server_fingerprint) \
+            if server_fingerprint else ""
+        client = ServerClient(url, cred.credential, retries=1,
+                              verify=verify_setting(ca_cert, pinned_pem=pinned_pem))
+        try:
+            client.request("POST", "/api/v1/agent/checkin", json={})  # proves it is ours
+        finally:
+            state.add_wire_bytes(client.bytes_sent, client.bytes_received)
+            client.close()
+        server_cert = str(state.save_server_certificate(pinned_pem)) if pinned_pem else ""
+        updated = dataclasses.replace(cred, server=url, ca_cert=ca_cert,
+                                      server_cert=server_cert, insecure=insecure)
+        state.save_credential(updated)
+    return updated

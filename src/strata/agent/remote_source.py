@@ -6,12 +6,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from strata.agent.client import ServerClient
+from strata.agent.resume import fetch_chunks
 from strata.errors import CorruptData
 from strata.model.entry import Entry
 from strata.model.ids import is_hex_id
 from strata.model.manifest import decode_manifest
-from strata.model.transfer import read_bundle
-from strata.store.pack import decode_payload
+from strata.model.transfer import iter_bundle
 
 
 @dataclass
@@ -41,14 +41,11 @@ class RemoteSource:
         return decode_manifest([snap.manifest])
 
     def load_chunks(self, ids: list[bytes]) -> list[bytes | CorruptData]:
-        resp = self.client.request("POST", f"/api/v1/agent/snapshots/{self._sid}/chunks",
-                                   json={"ids": [c.hex() for c in ids]})
+        """Read as the answer arrives (the bandwidth cap holds on the stream), resuming a
+        broken connection for the chunks still missing (agent/resume.py)."""
         got: dict[bytes, bytes | CorruptData] = {}
-        for cid, raw_length, payload in read_bundle(resp.content):
-            try:
-                got[cid] = decode_payload(cid, payload, raw_length)
-            except CorruptData as exc:
-                got[cid] = exc
+        fetch_chunks(self.client, f"/api/v1/agent/snapshots/{self._sid}/chunks",
+                     list(dict.fromkeys(ids)), got.__setitem__, decode=iter_bundle,
+                     on_corrupt=got.__setitem__)
         return [got.get(c, CorruptData(f"server did not send chunk {c.hex()[:16]}"))
                 for c in ids]
-

@@ -53,6 +53,17 @@ class Credential:
     insecure: bool | None = None
 
     @property
+    def server_trust(self) -> str:
+        """How the server's identity is checked, in words (`agent status`)."""
+        if not self.server.startswith("https://"):
+            return "none: plain HTTP"
+        if self.server_cert:
+            from strata.transport import certificate_file_fingerprint
+
+            return f"pinned certificate {certificate_file_fingerprint(self.server_cert)}"
+        return f"CA bundle {self.ca_cert}" if self.ca_cert else "the system's CAs"
+
+    @property
     def verify(self) -> bool | ssl.SSLContext:
         from strata.transport import verify_setting
 

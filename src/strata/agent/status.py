@@ -4,12 +4,15 @@ the update in progress, bytes on the wire) and whether the server lets it in now
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from strata.agent.access import Access, AccessDenied
-from strata.agent.centralize import adopt_credential
-from strata.agent.cycle import AgentContext
+from strata.agent.cycle import AgentContext, last_bandwidth
+from strata.agent.location import read_site
 from strata.agent.signing import pinned_fingerprint
 from strata.errors import StrataError
+from strata.model.bandwidth import BYTES_PER_KBPS
+from strata.model.wire import BandwidthLimits
 
 
 @dataclass
@@ -24,9 +27,13 @@ class AgentStatus:
     pending_work: list[str] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
-    layer_update: dict = field(default_factory=dict)  # key, state, error
+    layer_update: dict = field(default_factory=dict)  # key, state, error, paused (why)
     applied_layers_key: str = ""
     signing_root: str | None = None  # the pinned root's fingerprint (None: none pinned)
+    server_trust: str = ""  # how the server's certificate is checked
+    site: str | None = None  # as reported at check-in (`strata agent site`)
+    # The caps in force now by the endpoint's clock (the last check-in's rules), kbps.
+    bandwidth_kbps: dict = field(default_factory=dict)
 
     @property
     def server_reachable(self) -> bool:
@@ -41,7 +48,8 @@ class AgentStatus:
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
                 "layer_update": self.layer_update,
                 "applied_layers_key": self.applied_layers_key,
-                "signing_root": self.signing_root}
+                "signing_root": self.signing_root, "server_trust": self.server_trust,
+                "site": self.site, "bandwidth_kbps": self.bandwidth_kbps}
 
 
 def probe_access(ctx: AgentContext) -> tuple[Access, str]:
@@ -50,9 +58,7 @@ def probe_access(ctx: AgentContext) -> tuple[Access, str]:
     every call the agent makes."""
     client = ctx.client(retries=0, timeout=5)
     try:
-        answer = client.request("POST", "/api/v1/agent/checkin", json={}).json()
-        adopt_credential(client, ctx.state,
-                         answer.get("credential") if isinstance(answer, dict) else None)
+        client.request("POST", "/api/v1/agent/checkin", json={})
         return Access.OK, ""
     except AccessDenied as exc:
         return exc.access, str(exc)
@@ -74,5 +80,14 @@ def read_status(ctx: AgentContext) -> AgentStatus:
         last_checkin=doc.get("last_checkin"), pending_work=list(doc.get("pending_work", [])),
         bytes_sent=int(doc.get("bytes_sent", 0)),
         bytes_received=int(doc.get("bytes_received", 0)),
-        layer_update={k: v for k, v in st.update().items() if k in ("key", "state", "error")},
-        applied_layers_key=st.applied_key(), signing_root=pinned_fingerprint(st))
+        layer_update={k: v for k, v in st.update().items()
+                      if k in ("key", "state", "error", "paused")},
+        applied_layers_key=st.applied_key(), signing_root=pinned_fingerprint(st),
+        server_trust=cred.server_trust, site=read_site(st.path),
+        bandwidth_kbps=_caps_now(last_bandwidth(st)))
+
+
+def _caps_now(limits: BandwidthLimits | None) -> dict:
+    up, down = limits.caps_at(datetime.now().time()) if limits else (None, None)
+    return {"upload": up and round(up / BYTES_PER_KBPS),
+            "download": down and round(down / BYTES_PER_KBPS)}

@@ -20,9 +20,11 @@ import zstandard
 from strata.agent.client import ServerClient, ServerUnreachable
 from strata.agent.deltas import fill_by_deltas, manifest_by_delta, note_manifest
 from strata.agent.drift import tree_changed
+from strata.agent.resume import ChunkReceiver, fetch_chunks
 from strata.agent.signing import approve_update, save_record
 from strata.agent.state import AgentState
 from strata.engine.backup import HashOnlySink, archive_tree
+from strata.engine.progress import Progress
 from strata.errors import CorruptData, StrataError
 from strata.layers.accounts import MAX_DATABASE_BYTES, database_for
 from strata.layers.apply import ApplyJournal
@@ -34,14 +36,12 @@ from strata.layers.rules import LayerRules, PathClass
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id, is_hex_id
 from strata.model.manifest import decode_manifest, encode_manifest
-from strata.model.transfer import read_stream
 from strata.model.update import UpdateState
 from strata.model.wire import DesiredLayer, DesiredState
 from strata.signing import LayerRefused
 from strata.signing.policy import Approval
 from strata.store.backend import atomic_write
 from strata.store.chunker import Chunker, ChunkerParams
-from strata.store.pack import decode_payload
 from strata.store.repository import Store
 from strata.tree.scan import open_path
 
@@ -50,6 +50,7 @@ BATCH_BYTES = 64 << 20  # raw bytes per download request (the most the server se
 BATCH_CHUNKS = 4096  # chunk ids per download request
 _REPORT_SECONDS = 2.0
 MAX_MANIFEST = 1 << 30
+DOWNLOAD_JOURNAL = "download.journal"  # chunks received since the cache was last flushed
 
 
 class UpdateFailed(StrataError):
@@ -114,6 +115,7 @@ class LayerSource:
         self.root = root
         self.approval = approval
         self.cache = _open_cache(state.path / "cache")
+        self.receiver = ChunkReceiver(self.cache, state.path / DOWNLOAD_JOURNAL)
         self.seeds: dict[bytes, tuple[bytes, int, int]] = {}  # id -> (path, offset, length)
         self.computed: dict[bytes, bytes] = {}  # content merged here (Plan.computed_chunks)
         self.bytes_downloaded = 0
@@ -209,20 +211,19 @@ class LayerSource:
                 size += n
 
     def _fetch(self, ids: list[bytes]) -> None:
+        """One batch, kept chunk by chunk as it arrives (agent/resume.py): a broken link
+        costs at most the chunk in flight, even if the agent is killed."""
         assert self.client is not None
-        before = self.client.bytes_received
-        resp = self.client.request("POST", "/api/v1/agent/layers/chunks",
-                                   json={"ids": [c.hex() for c in ids]})
-        got = {}
-        for cid, raw_length, payload in read_stream(resp.content):
-            got[cid] = decode_payload(cid, payload, raw_length)  # verified against its id
-        missing = [c for c in ids if c not in got]
-        if missing:
-            raise CorruptData(f"server did not send {len(missing)} chunk(s)")
-        self.cache.store_chunks(ids, [got[cid] for cid in ids])
-        self.cache.flush()
-        self.chunks_downloaded += len(ids)
-        self.bytes_downloaded += self.client.bytes_received - before
+        before, received = self.client.bytes_received, self.receiver.received
+        try:
+            missing = fetch_chunks(self.client, "/api/v1/agent/layers/chunks", ids,
+                                   self.receiver.keep)
+            if missing:
+                raise CorruptData(f"server did not send {len(missing)} chunk(s)")
+        finally:
+            self.receiver.settle()
+            self.chunks_downloaded += self.receiver.received - received
+            self.bytes_downloaded += self.client.bytes_received - before
 
     def local_chunk(self, cid: bytes) -> bytes | None:
         """A chunk from the endpoint's files or the cache, never the network (None)."""
@@ -378,8 +379,10 @@ def refuse(client: ServerClient | None, state: AgentState, desired: DesiredState
 
 
 def prepare(client: ServerClient, state: AgentState, root: Path, desired: DesiredState,
-            current: list[Entry], approval: Approval) -> UpdateResult:
-    """Download what the update needs (in the background of normal work) and say ready."""
+            current: list[Entry], approval: Approval,
+            shown: Progress | None = None) -> UpdateResult:
+    """Download what the update needs (in the background of normal work) and say ready;
+    `shown` follows the bytes (a bar with an ETA on a terminal)."""
     started = time.monotonic()
     received0 = client.bytes_received  # manifests, chunks, reports: all of it counts
     source = LayerSource(client, state, root, approval=approval)
@@ -398,6 +401,8 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
             return client.bytes_received - received0
 
         def progress(done: int, total: int) -> None:
+            if shown is not None:
+                shown.total_bytes, shown.bytes_done = total, done
             if time.monotonic() - last[0] >= _REPORT_SECONDS or done >= total:
                 last[0] = time.monotonic()
                 report(client, desired.key, UpdateState.DOWNLOADING,
@@ -516,7 +521,8 @@ def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
 
 
 def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
-               desired: DesiredState | None, centralize: Centralizer) -> UpdateResult | None:
+               desired: DesiredState | None, centralize: Centralizer,
+               progress: Progress | None = None) -> UpdateResult | None:
     """What a check-in does about layers: download a new desired state and report ready
     (or apply at once when nothing needs a restart), or repair drift when enforced."""
     if desired is None:
@@ -534,9 +540,16 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
         approval = approve_update(client, state, desired, root)
         if desired.key == state.applied_key():
             return repair(client, state, tree, desired, centralize, approval)
-        result = prepare(client, state, root, desired, current_entries(state, tree), approval)
+        result = prepare(client, state, root, desired, current_entries(state, tree), approval,
+                         progress)
     except LayerRefused as exc:
         return refuse(client, state, desired, exc)
+    except ServerUnreachable as exc:
+        # An outage pauses the download, it does not fail it: what arrived is in the cache,
+        # and the next check-in resumes (the cycle reports the agent offline meanwhile).
+        state.save_update({"key": desired.key, "state": UpdateState.DOWNLOADING,
+                           "paused": str(exc), "desired": desired.model_dump()})
+        raise
     except StrataError as exc:
         state.save_update({"key": desired.key, "state": UpdateState.FAILED, "error": str(exc),
                            "desired": desired.model_dump()})
@@ -598,6 +611,11 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
         switch(client, state, root, desired, current_entries(state, tree), result, approval)
     except LayerRefused as exc:
         refuse(client, state, desired, exc)
+        raise
+    except ServerUnreachable as exc:
+        # Lost before the switch (it needs the network only for what it still lacks): the
+        # apply stays where it was, and the next cycle or `agent apply` carries on.
+        state.save_update({**state.update(), "paused": str(exc)})
         raise
     except StrataError as exc:
         state.save_update({**saved, "state": UpdateState.FAILED, "error": str(exc)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -61,6 +62,9 @@ from strata.model.snapshot_files import SnapshotFolder
 from strata.model.users import (
     Caller,
     PasswordRequest,
+    PortalAccountInfo,
+    PortalAccountRequest,
+    RoleRequest,
     UserInfo,
     UserRequest,
     UserTokenCreated,
@@ -89,6 +93,10 @@ def admin_token(token_file: Path | None) -> str:
         except OSError as exc:
             raise StrataError(f"cannot read admin token file {token_file}: "
                               f"{exc.strerror}") from None
+    if not token and sys.stdin.isatty():  # typed, never in argv where `ps` shows it
+        import getpass
+
+        token = getpass.getpass("Admin token: ").strip()
     if not token:
         raise StrataError("no admin token: pass --admin-token-file or set STRATA_ADMIN_TOKEN")
     return token
@@ -158,6 +166,7 @@ class AdminClient:
         self._server = server
         self._token_file = token_file
         self._verify: bool | ssl.SSLContext | None = None
+        self._token: str | None = None
 
     @property
     def server(self) -> str:
@@ -177,7 +186,9 @@ class AdminClient:
 
     @property
     def token(self) -> str:
-        return admin_token(self._token_file)
+        if self._token is None:  # once: it may be typed at a prompt
+            self._token = admin_token(self._token_file)
+        return self._token
 
     def call(self, method: str, path: str, body: object = None,
              params: dict[str, str] | None = None) -> object:
@@ -385,6 +396,10 @@ class AdminClient:
         return self._typed(UserInfo, "PUT",
                            f"{API}/users/{path_part(name, 'user name')}/password", req)
 
+    def set_role(self, name: str, req: RoleRequest) -> UserInfo:
+        return self._typed(UserInfo, "PUT",
+                           f"{API}/users/{path_part(name, 'user name')}/role", req)
+
     def create_user_token(self, name: str, req: UserTokenRequest) -> UserTokenCreated:
         return self._typed(UserTokenCreated, "POST",
                            f"{API}/users/{path_part(name, 'user name')}/tokens", req)
@@ -396,3 +411,18 @@ class AdminClient:
     def revoke_user_token(self, name: str, token_id: int) -> UserTokenInfo:
         return self._typed(UserTokenInfo, "DELETE",
                            f"{API}/users/{path_part(name, 'user name')}/tokens/{token_id}")
+
+    # -- file portal accounts ------------------------------------------------------------------
+
+    def create_portal_account(self, endpoint: str,
+                              req: PortalAccountRequest) -> PortalAccountInfo:
+        return self._typed(PortalAccountInfo, "POST", f"{API}/endpoints/"
+                           f"{path_part(endpoint, 'endpoint id')}/portal-accounts", req)
+
+    def portal_accounts(self, endpoint: str = "") -> list[PortalAccountInfo]:
+        return self._typed(list[PortalAccountInfo], "GET", f"{API}/portal-accounts",
+                           params={"endpoint": endpoint} if endpoint else None)
+
+    def delete_portal_account(self, name: str) -> Deleted:
+        return self._typed(Deleted, "DELETE",
+                           f"{API}/portal-accounts/{path_part(name, 'account name')}")

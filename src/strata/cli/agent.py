@@ -39,8 +39,8 @@ T = TypeVar("T")
 app = typer.Typer(help="The endpoint agent.", no_args_is_help=True)
 STATE = typer.Option(None, "--state", help="Agent state directory (credential, caches).")
 JSON = typer.Option(False, "--json", help="Print JSON.")
-LIMIT_UP = typer.Option(None, "--limit-upload", help="Upload cap, e.g. 512K or 2M "
-                        "(bytes per second).")
+LIMIT_UP = typer.Option(None, "--limit-upload", help="Upload cap: 512K or 2M bytes per "
+                        "second, or 20mbit / 512kbps bits per second.")
 
 
 def _state(state: Path | None) -> AgentState:
@@ -121,6 +121,25 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
                       f"(`strata endpoint delete {done.replaced}`)", highlight=False)
 
 
+@app.command()
+def site(name: str | None = typer.Argument(None, help="The site, e.g. lyon (letters, "
+                                           "digits, '.', '_', '-')."),
+         clear: bool = typer.Option(False, "--clear", help="This endpoint has no site."),
+         state: Path | None = STATE, json: bool = JSON) -> None:
+    """Show or set the site this endpoint reports at check-in (the server's bandwidth
+    rules match on it, as on its subnet)."""
+    from strata.agent.location import read_site, write_site
+
+    st = _state(state)
+    if clear or name is not None:
+        write_site(st.path, None if clear else name)
+    current = read_site(st.path)
+    if json:
+        print_json({"site": current})
+    else:
+        console.print(current or "(no site)", markup=False, highlight=False)
+
+
 def _report(out: CycleResult, json: bool) -> None:
     from strata.agent.access import Access
 
@@ -175,6 +194,28 @@ def trust_root(fingerprint: str = typer.Option(..., "--fingerprint", help="The r
     pinned = pin(st, root, fingerprint)
     print_json({"signing_root": pinned}) if json else console.print(
         f"pinned signing root {pinned}", highlight=False)
+
+
+@app.command("trust-server")
+def trust_server(server: str | None = typer.Option(None, "--server", help="The server's new "
+                                                   "URL (e.g. https:// after an upgrade)."),
+                 server_fingerprint: str | None = typer.Option(
+                     None, "--server-fingerprint", help="Pin the server's (renewed) "
+                     "certificate: its SHA-256 fingerprint, as `strata server` printed it."),
+                 ca_cert: Path | None = typer.Option(None, "--ca-cert", help="Trust the "
+                                                     "server's certificate through this CA."),
+                 insecure: bool = typer.Option(False, "--insecure", help="Allow plain "
+                                               "http:// to another machine."),
+                 state: Path | None = STATE, json: bool = JSON) -> None:
+    """Trust the server anew without enrolling again: a renewed certificate, a CA, or a new
+    URL. The server must accept this endpoint's credential over the new connection before
+    anything is changed."""
+    from strata.agent.enrollment import trust_server as run_trust
+
+    cred = run_trust(_state(state), server=server, server_fingerprint=server_fingerprint,
+                     ca_cert=str(ca_cert.resolve()) if ca_cert else "", insecure=insecure)
+    print_json({"server": cred.server, "server_trust": cred.server_trust}) if json else \
+        console.print(f"{cred.server}: {cred.server_trust}", highlight=False)
 
 
 def _report_update(u: UpdateResult) -> None:
@@ -281,6 +322,7 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     """Restore files from any of this endpoint's snapshots. In place, every local file
     that differs from the snapshot's version is kept beside it (NAME.strata-TIME) after a
     confirmation (--yes for scripts)."""
+    from strata.agent.cycle import last_bandwidth
     from strata.agent.remote_source import RemoteSource
     from strata.engine.restore import restore as run_restore
     from strata.engine.restore_inplace import (
@@ -294,6 +336,7 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     st = _state(state)
     cred = st.credential()
     client = _client(cred)
+    client.follow(last_bandwidth(st))  # the caps of the last check-in, by the local clock
     try:
         source = RemoteSource(client)
         snap = source.snapshot(snapshot)
@@ -360,6 +403,7 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
               Access.UNKNOWN: "reachable; CREDENTIAL UNKNOWN TO THE SERVER"}[out.access]
     last = out.last_centralization or {}
     lines = [f"endpoint {out.endpoint_id} on {out.server} ({access})",
+             f"server trust: {out.server_trust}",
              f"last centralization: {iso_time(last.get('time')) or 'never'} "
              f"{last.get('result', '')}"]
     if out.access in (Access.REVOKED, Access.UNKNOWN):

@@ -17,9 +17,8 @@ SHOWN = 20  # lines of "what will be lost" printed before "… and N more"
 
 
 class NotConfirmed(StrataError):
-    """Refused, or answered no: nothing was changed."""
-
-    exit_code = 1
+    """Refused, or answered no: nothing was changed (exit code 2, as any refusal: 1 means
+    done in part)."""
 
 
 def confirm(action: str, losses: list[str], *, yes: bool) -> None:

@@ -323,23 +323,14 @@ def endpoint_files(endpoint: str,
         if e.link_target is not None:
             name += " -> " + e.link_target
         console.print(f"{mode} {e.uid:>5} {e.gid:>5} {e.size:>12} "
-                      f"{e.mtime.strftime('%Y-%m-%d %H:%M')} {name}",
+                      f"{iso_time(e.mtime)} {name}",
                       markup=False, highlight=False)
     console.print(f"{len(entries)} entries", highlight=False)
 
 
 def _may_overwrite(what: str, yes: bool) -> None:
     """Ask before replacing `what`; without a terminal, only --yes does."""
-    import sys
-
-    from strata.errors import StrataError
-
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise StrataError(f"{what} already exists: pass --yes to overwrite it")
-    if not typer.confirm(f"{what} already exists. Overwrite?", default=False):
-        raise typer.Exit(1)
+    confirm(f"{what} already exists: overwrite it", [], yes=yes)
 
 
 @endpoint_app.command("export")

@@ -34,6 +34,7 @@ _ENTRIES = [
     ("migrate", "layers", "migrate", False),
     ("signing", "signing", "signing_app", True),
     ("user", "users", "user_app", True),
+    ("portal", "portal", "portal_app", True),
     ("server", "server", "serve", False),
 ]
 

@@ -11,6 +11,7 @@ from whatever they render (`SafeConsole`), tables and progress bars included.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -73,6 +74,24 @@ class SafeConsole(Console):
                 yield segment
 
 
+class CleanLogFormatter(logging.Formatter):
+    """The server's log lines name paths and hosts that clients chose: an escape sequence
+    in a URL must not reach the terminal `strata server` runs in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _UNSAFE.sub("?", super().format(record))
+
+
+def log_to_stderr(logger_name: str = "strata") -> None:
+    """Warnings and errors of `logger_name` as clean lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(CleanLogFormatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
 # soft_wrap: never fold long paths or messages when output goes to a pipe or a file.
 # Piped, there is no width to fit: a table keeps every id and path whole (Rich would
 # assume 80 columns and cut them with an ellipsis).
@@ -115,8 +134,24 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
+_UTC_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00")
+
+
+def _one_time_format(doc: object) -> object:
+    """Timestamps in UTC written `…Z` whoever made them (the API's models write `Z`,
+    Python's isoformat `+00:00`): one format in every JSON document the CLI prints."""
+    if isinstance(doc, dict):
+        return {k: _one_time_format(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_one_time_format(v) for v in doc]
+    if isinstance(doc, str) and _UTC_ISO.fullmatch(doc):
+        return doc[:-6] + "Z"
+    return doc
+
+
 def print_json(doc: object) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    sys.stdout.write(json.dumps(_one_time_format(doc), indent=2, default=_json_default)
+                     + "\n")
 
 
 def plural(n: int, word: str) -> str:

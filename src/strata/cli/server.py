@@ -10,7 +10,7 @@ import typer
 
 from strata.errors import StrataError
 
-from .output import err_console
+from .output import err_console, log_to_stderr
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -75,6 +75,9 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
           body_timeout: float = typer.Option(
               30, "--body-timeout", min=0.1, help="Seconds a request body may stall before "
               "the connection is closed."),
+          common_holders: int = typer.Option(
+              3, "--common-holders", min=2, help="How many endpoints must hold the same "
+              "private file before others skip sending it (docs/security.md)."),
           ) -> None:
     """Run the Strata server (agent sync API, admin API, retention and GC)."""
     # Imported here: the server stack costs a second of start-up every other command
@@ -83,7 +86,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
 
     from strata.server.app import create_app
     from strata.server.context import ServerSettings
-    from strata.server.data_dir import lock_down, tighten
+    from strata.server.data_dir import lock_down
     from strata.server.http_timeouts import timed_protocol
     from strata.server.listener import DataDirLock, bind, parse_listen, serve_metrics
     from strata.server.services.credentials import parse_duration
@@ -105,7 +108,8 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
                               maintenance_interval=maintenance_interval, store=store,
                               s3_endpoint_url=s3_endpoint_url, s3_region=s3_region,
                               encrypt=encrypt, passphrase=passphrase,
-                              credential_rotation=rotation, credential_lifetime=lifetime)
+                              credential_rotation=rotation, credential_lifetime=lifetime,
+                              common_holders=common_holders)
     lock_down(data_dir)  # 0700, and 0600 for every file this process writes
     lock = DataDirLock(data_dir).acquire()  # one server per data directory
     sock = bind(address)  # a bad or busy address: one line, before anything is announced
@@ -116,10 +120,9 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
         app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
         if metrics_address is not None:
             serve_metrics(metrics_address)
-        if not store.startswith("s3://"):
-            tighten(Path(store) if store else data_dir / "store")
         lines = _banner(address, data_dir, store, app, certificate, metrics_address)
         err_console.print("\n".join(lines), highlight=False)
+        log_to_stderr()  # the server's own warnings, cleaned of what clients put in them
         config = uvicorn.Config(
             app, log_level="warning", loop="uvloop",
             http=timed_protocol(header_timeout, body_timeout),

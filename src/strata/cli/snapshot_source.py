@@ -18,6 +18,7 @@ from strata.model.manifest import decode_manifest
 from strata.model.snapshot_files import MAX_CHUNKS
 from strata.model.transfer import read_bundle
 from strata.store.pack import decode_payload
+from strata.transport import describe_transport_error
 
 from .admin_client import API, AdminClient, error_detail, path_part, snapshot_path
 
@@ -29,15 +30,27 @@ class RemoteSnapshot:
     time: str = ""  # ISO 8601, as the server recorded it
 
 
-class AdminSnapshotSource:
-    """One snapshot of one endpoint, over one HTTP connection kept open."""
+class Refused(StrataError):
+    """The server answered with an error status (`status`)."""
 
-    def __init__(self, admin: AdminClient, endpoint: str, snapshot: str = "latest") -> None:
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AdminSnapshotSource:
+    """One snapshot of one endpoint, over one HTTP connection kept open (`http`: another
+    client to the same API, for tests)."""
+
+    def __init__(self, admin: AdminClient, endpoint: str, snapshot: str = "latest",
+                 http: httpx.Client | None = None) -> None:
         self._admin = admin
         self._endpoint = path_part(endpoint, "endpoint id")
         self._ref = path_part(snapshot or "latest", "snapshot")
-        self._http = httpx.Client(base_url=admin.server.rstrip("/"), timeout=120,
-                                  headers={"Authorization": f"Bearer {admin.token}"})
+        # The same trust as every admin command (--ca-cert, --server-fingerprint).
+        self._http = http or httpx.Client(
+            base_url=admin.server.rstrip("/"), timeout=120, verify=admin.verify,
+            headers={"Authorization": f"Bearer {admin.token}"})
         self.bytes_received = 0
 
     def __enter__(self) -> AdminSnapshotSource:
@@ -57,16 +70,15 @@ class AdminSnapshotSource:
                 detail = error_detail(resp.json())
             except ValueError:
                 detail = resp.text[:200].strip()
-            raise StrataError(f"server refused ({resp.status_code}): "
-                              f"{detail or resp.reason_phrase}")
+            raise Refused(resp.status_code, f"server refused ({resp.status_code}): "
+                                            f"{detail or resp.reason_phrase}")
         return resp
 
     def _send(self, method: str, url: str, **kw: object) -> httpx.Response:
         try:
             resp = self._http.request(method, url, **kw)  # type: ignore[arg-type]
         except httpx.TransportError as exc:
-            raise StrataError(f"cannot reach {self._admin.server}: "
-                              f"{exc.__class__.__name__}") from None
+            raise StrataError(describe_transport_error(self._admin.server, exc)) from None
         self.bytes_received += len(resp.content)
         return self._check(resp)
 
@@ -87,15 +99,26 @@ class AdminSnapshotSource:
     def load_chunks(self, ids: list[bytes]) -> list[bytes | CorruptData]:
         got: dict[bytes, bytes | CorruptData] = {}
         for start in range(0, len(ids), MAX_CHUNKS):
-            part = list(dict.fromkeys(ids[start:start + MAX_CHUNKS]))
-            resp = self._send("POST", self._url("chunks"), json={"ids": [c.hex() for c in part]})
-            for cid, raw_length, payload in read_bundle(resp.content):
-                try:
-                    got[cid] = decode_payload(cid, payload, raw_length)  # verified here
-                except CorruptData as exc:
-                    got[cid] = exc
+            self._fetch(list(dict.fromkeys(ids[start:start + MAX_CHUNKS])), got)
         return [got.get(c, CorruptData(f"server did not send chunk {c.hex()[:16]}"))
                 for c in ids]
+
+    def _fetch(self, part: list[bytes], got: dict[bytes, bytes | CorruptData]) -> None:
+        try:
+            resp = self._send("POST", self._url("chunks"), json={"ids": [c.hex() for c in part]})
+        except Refused as exc:
+            # More bytes than one answer may carry (a store of large chunks): in halves.
+            if exc.status != 413 or len(part) == 1:
+                raise
+            half = len(part) // 2
+            self._fetch(part[:half], got)
+            self._fetch(part[half:], got)
+            return
+        for cid, raw_length, payload in read_bundle(resp.content):
+            try:
+                got[cid] = decode_payload(cid, payload, raw_length)  # verified here
+            except CorruptData as exc:
+                got[cid] = exc
 
     def download(self, path: str, fmt: str | None, target: Path) -> int:
         """Stream a file or an archive into `target` (written beside it, then renamed
@@ -116,8 +139,8 @@ class AdminSnapshotSource:
                     os.fsync(out.fileno())
             os.replace(part, target)
         except httpx.TransportError as exc:
-            raise StrataError(f"download from {self._admin.server} failed: "
-                              f"{exc.__class__.__name__}") from None
+            raise StrataError("download failed: "
+                              + describe_transport_error(self._admin.server, exc)) from None
         finally:
             part.unlink(missing_ok=True)
         self.bytes_received += written

@@ -465,7 +465,11 @@ def repair(store_dir: str = StoreDir, state: Path | None = STATE,
     from strata.engine.repair import repair as run_repair
 
     with open_store(store_dir, passfile, state) as store:
-        result = run_repair(store, dry_run=dry_run)
+        result = run_with_progress(
+            "repair", lambda p: run_repair(store, dry_run=dry_run,
+                                           on_pack=lambda n: p.advance(files=1, nbytes=n)),
+            counter=lambda p: setattr(p, "total_bytes", sum(store.index.packs().values())),
+            json_mode=json)
     if json:
         print_json(result.to_dict())
     else:

@@ -13,7 +13,8 @@ from strata.errors import StrataError
 from strata.model.roles import ROLE_NAMES, USER_NAME
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, print_model
-from .output import console
+from .confirm import YES, confirm
+from .output import console, iso_time
 
 user_app = typer.Typer(help="IT staff accounts (roles: " + ", ".join(ROLE_NAMES) + ").",
                        no_args_is_help=True)
@@ -77,20 +78,22 @@ def user_list(server: str | None = SERVER, admin_token_file: Path | None = TOKEN
 
     table = Table("Name", "Role", "Created", "API tokens")
     for u in rows:
-        table.add_row(u.name, u.role, u.created_at.strftime("%Y-%m-%d %H:%M"), str(u.tokens))
+        table.add_row(u.name, u.role, iso_time(u.created_at), str(u.tokens))
     console.print(table)
 
 
 @user_app.command("delete")
-def user_delete(name: str, yes: bool = typer.Option(False, "--yes", help="Do not ask."),
-                server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
-                json: bool = JSON) -> None:
+def user_delete(name: str, yes: bool = YES, server: str | None = SERVER,
+                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Delete a user: their console sessions and API tokens stop working at once."""
-    if not yes:
-        if not sys.stdin.isatty():
-            raise StrataError(f"deleting user {name} needs confirmation: add --yes")
-        typer.confirm(f"Delete user {name} and their API tokens?", abort=True)
-    doc = client(server, admin_token_file).delete_user(name)
+    api = client(server, admin_token_file)
+    user = next((u for u in api.users() if u.name == name), None)
+    if user is None:
+        raise StrataError(f"no user {name!r}")
+    confirm(f"delete user {name} ({user.role})", [
+        f"their console sessions and {user.tokens} personal API token(s) stop working"],
+        yes=yes)
+    doc = api.delete_user(name)
     print_model(doc) if json else console.print(f"deleted user {doc.deleted}")
 
 
@@ -106,6 +109,20 @@ def user_passwd(name: str, password_file: Path | None = PASSWORD_FILE,
     req = build(PasswordRequest, password=read_password(password_file))
     doc = client(server, admin_token_file).set_password(name, req)
     print_model(doc) if json else console.print(f"new password set for {doc.name}")
+
+
+@user_app.command("role")
+def user_role(name: str, role: str = typer.Argument(..., help=" | ".join(ROLE_NAMES)),
+              server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
+              json: bool = JSON) -> None:
+    """Give a user another role (in force at their next request; tokens stay)."""
+    from strata.model.users import RoleRequest
+
+    from .admin_client import build
+
+    req = build(RoleRequest, role=_check_role(role))
+    doc = client(server, admin_token_file).set_role(name, req)
+    print_model(doc) if json else console.print(f"{doc.name} is now {doc.role}")
 
 
 @user_app.command("token")
@@ -130,8 +147,8 @@ def user_token(name: str,
 
         table = Table("ID", "Label", "Created", "Last used", "State")
         for t in rows:
-            used = t.last_used.strftime("%Y-%m-%d %H:%M") if t.last_used else "never"
-            table.add_row(str(t.id), t.label, t.created_at.strftime("%Y-%m-%d %H:%M"), used,
+            used = iso_time(t.last_used) or "never"
+            table.add_row(str(t.id), t.label, iso_time(t.created_at), used,
                           "revoked" if t.revoked else "active")
         console.print(table)
         return

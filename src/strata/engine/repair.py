@@ -15,6 +15,7 @@ Repair and prune exclude each other (the same lock); backups may run beside it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,9 +57,10 @@ class RepairResult:
         return {**asdict(self), "whole": self.whole}
 
 
-def repair(store: Store, *, dry_run: bool = False) -> RepairResult:
+def repair(store: Store, *, dry_run: bool = False,
+           on_pack: Callable[[int], None] | None = None) -> RepairResult:
     """Find damaged packs, keep what verifies, drop the rest from the store; report what
-    snapshots lost (see the module's docstring)."""
+    snapshots lost (see the module's docstring). `on_pack(size)` after each pack read."""
     started = time.monotonic()
     result = RepairResult(dry_run=dry_run)
     with file_lock(store.locks_dir / "prune.lock", blocking=False, what="repair or prune"), \
@@ -68,6 +70,8 @@ def repair(store: Store, *, dry_run: bool = False) -> RepairResult:
         for name, size in sorted(store.index.packs().items()):
             result.packs_checked += 1
             reason, bad = verify_pack(store, name, size)
+            if on_pack:
+                on_pack(size)
             if reason:
                 result.damaged.append(DamagedPack(name, reason, lost=len(bad)))
                 bad_chunks[name] = bad

@@ -160,6 +160,9 @@ def restore(store: ChunkSource, snap: Snapshot, target: str | os.PathLike, *,
     (for the machine's own tree): device nodes, setuid/setgid bits and every xattr too.
     Raises StrataError if the target itself refuses writes (full, read-only)."""
     started = time.monotonic()
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise StrataError(f"restore target {os.fsdecode(target)} exists and is not a "
+                          "directory: give a directory (new or existing)")
     result = RestoreResult(snapshot=snap.id)
     entries_a, entries_b = itertools.tee(select_entries(store, snap, includes))
     chunk_ids = (cid for e in entries_b if e.type is EntryType.FILE for cid, _ in e.chunks)

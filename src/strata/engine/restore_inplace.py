@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from strata.errors import UnsafePath
+from strata.errors import StrataError, UnsafePath
 from strata.model.entry import Entry, EntryType
 from strata.tree.dirfd import DirFds, lstat_at, split
 from strata.tree.scan import display
@@ -116,19 +116,25 @@ def displaced_by(source: ChunkSource, snap: object, root: str | os.PathLike,
 def keep_aside(root: str | os.PathLike, displaced: list[Displaced],
                suffix: bytes) -> list[Kept]:
     """Rename each displaced path to NAME+suffix in its own directory (a name already
-    taken gets -2, -3, …). Nothing is copied: the kept version is the very file."""
+    taken gets -2, -3, …). Nothing is copied: the kept version is the very file. If one
+    cannot be renamed, those already renamed go back and nothing is restored."""
     kept: list[Kept] = []
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     fds = DirFds(root_fd)
     try:
         for d in displaced:
             parent, name = split(d.path)
-            pfd = fds.get(parent)
-            new, n = name + suffix, 1
-            while lstat_at(pfd, new) is not None:
-                n += 1
-                new = name + suffix + b"-%d" % n
-            os.rename(name, new, src_dir_fd=pfd, dst_dir_fd=pfd)
+            try:
+                pfd = fds.get(parent)
+                new, n = name + suffix, 1
+                while lstat_at(pfd, new) is not None:
+                    n += 1
+                    new = name + suffix + b"-%d" % n
+                os.rename(name, new, src_dir_fd=pfd, dst_dir_fd=pfd)
+            except OSError as exc:
+                _undo(fds, kept)
+                raise StrataError(f"cannot keep the local {display(d.path)} aside: "
+                                  f"{exc.strerror or exc}; nothing was restored") from None
             if d.is_dir:
                 fds.forget(d.path)
             kept.append(Kept(d.path, (parent + b"/" if parent else b"") + new))
@@ -136,6 +142,15 @@ def keep_aside(root: str | os.PathLike, displaced: list[Displaced],
         fds.close()
         os.close(root_fd)
     return kept
+
+
+def _undo(fds: DirFds, kept: list[Kept]) -> None:
+    for k in reversed(kept):
+        try:
+            pfd = fds.get(split(k.path)[0])
+            os.rename(split(k.kept_as)[1], split(k.path)[1], src_dir_fd=pfd, dst_dir_fd=pfd)
+        except (OSError, UnsafePath):
+            pass  # it stays under its kept name, which the error's reader can find
 
 
 def put_back_failed(root: str | os.PathLike, kept: list[Kept]) -> list[Kept]:

@@ -17,20 +17,41 @@ import os
 import tarfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from strata.model.entry import EntryType
 
-from .snapshot_tree import ROOT_INODE, SnapshotTree
+from .snapshot_tree import ROOT_INODE, Attr, SnapshotTree
 
 _SAFE_BITS = 0o1777  # permission bits kept: not setuid/setgid
 _TAR_TYPES = {EntryType.FILE: tarfile.REGTYPE, EntryType.DIR: tarfile.DIRTYPE,
               EntryType.SYMLINK: tarfile.SYMTYPE, EntryType.FIFO: tarfile.FIFOTYPE}
 
 
-def _members(tree: SnapshotTree, path: bytes) -> Iterator[tuple[bytes, int]]:
+# Which members an archive may hold: (snapshot path, attributes of the file it names);
+# a folder refused takes everything beneath it along.
+Keep = Callable[[bytes, Attr], bool]
+
+
+def _members(tree: SnapshotTree, path: bytes,
+             keep: Keep | None = None) -> Iterator[tuple[bytes, int]]:
     """(snapshot path, inode) of the parents of `path`, `path` itself, then everything
     beneath it; the root folder itself is not a member."""
+    members = _all_members(tree, path)
+    if keep is None:
+        yield from members
+        return
+    refused: bytes | None = None  # the last folder refused: its subtree follows it
+    for rel, ino in members:
+        if refused is not None and rel.startswith(refused + b"/"):
+            continue
+        if keep(rel, tree.attr(tree.link_of(ino) or ino)):
+            yield rel, ino
+        elif tree.is_dir(ino):
+            refused = rel
+
+
+def _all_members(tree: SnapshotTree, path: bytes) -> Iterator[tuple[bytes, int]]:
     p = path.strip(b"/")
     if not p:
         yield from tree.walk(ROOT_INODE)
@@ -45,10 +66,12 @@ def _members(tree: SnapshotTree, path: bytes) -> Iterator[tuple[bytes, int]]:
         yield from tree.walk(ino, p + b"/")
 
 
-def tar_stream(tree: SnapshotTree, path: bytes = b"") -> Iterator[bytes]:
-    """A POSIX (pax) tar of `path` (b"" for the whole snapshot)."""
+def tar_stream(tree: SnapshotTree, path: bytes = b"",
+               keep: Keep | None = None) -> Iterator[bytes]:
+    """A POSIX (pax) tar of `path` (b"" for the whole snapshot); only the members `keep`
+    accepts, if given."""
     first_name: dict[int, str] = {}  # a file with further names -> where it went first
-    for rel, ino in _members(tree, path):
+    for rel, ino in _members(tree, path, keep):
         target = tree.link_of(ino) or ino
         a = tree.attr(target)
         if a.type not in _TAR_TYPES:
@@ -106,13 +129,14 @@ def _zip_time(mtime_ns: int) -> tuple[int, int, int, int, int, int]:
     return (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
 
 
-def zip_stream(tree: SnapshotTree, path: bytes = b"") -> Iterator[bytes]:
+def zip_stream(tree: SnapshotTree, path: bytes = b"",
+               keep: Keep | None = None) -> Iterator[bytes]:
     """A zip (deflate, zip64) of `path`; symlinks stored as Info-ZIP does (the target as
     content, S_IFLNK in the mode); hardlinks and FIFOs become plain copies and are left
     out, respectively. Names that are not UTF-8 are shown with U+FFFD in their place."""
     sink = _Sink()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        for rel, ino in _members(tree, path):
+        for rel, ino in _members(tree, path, keep):
             target = tree.link_of(ino) or ino
             a = tree.attr(target)
             if a.type not in (EntryType.FILE, EntryType.DIR, EntryType.SYMLINK):

@@ -17,6 +17,7 @@ import itertools
 import os
 import stat
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -199,10 +200,13 @@ class SnapshotTree:
         # there when it is read.
         self._read_ahead = min(read_ahead, cache_bytes // 4)
         self._root_mtime = mtime_ns
-        self._spans: list[tuple[int, int]] = []  # inode - 2 -> record [start, end)
+        # inode - 2 -> where its record starts and ends in the manifest; its last path
+        # component. Arrays and a list, not dicts: a few bytes per entry, not a hundred.
+        self._starts = array("Q")
+        self._ends = array("Q")
+        self._names: list[bytes] = []
         self._by_path: dict[bytes, int] = {b"": ROOT_INODE}
         self._children: dict[int, list[int]] = {ROOT_INODE: []}
-        self._names: dict[int, bytes] = {}  # inode -> its last path component
         self._link: dict[int, int] = {}  # a hardlink's inode -> its file's inode
         self._nlink: dict[int, int] = {}  # a file with further names -> its name count
         self._subdirs: dict[int, int] = {}  # dir inode -> how many dirs it holds
@@ -268,10 +272,11 @@ class SnapshotTree:
             if not target or self._type_of(target) is not EntryType.FILE:
                 self.skipped.append(f"{display(e.path)}: hardlink to a file not before it")
                 return
-        ino = len(self._spans) + 2
-        self._spans.append((start, end))
+        ino = len(self._starts) + 2
+        self._starts.append(start)
+        self._ends.append(end)
         self._by_path[e.path] = ino
-        self._names[ino] = name
+        self._names.append(name)
         self._children[parent].append(ino)
         if e.type is EntryType.DIR:
             self._children[ino] = []
@@ -285,7 +290,7 @@ class SnapshotTree:
 
     # -- lookups ---------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._spans)
+        return len(self._starts)
 
     @property
     def manifest_size(self) -> int:
@@ -322,9 +327,9 @@ class SnapshotTree:
             if hit is not None:
                 self._entries.move_to_end(ino)
                 return hit
-        if not 2 <= ino < len(self._spans) + 2:
+        if not 2 <= ino < len(self._starts) + 2:
             raise PathNotInSnapshot(f"no inode {ino} in the snapshot")
-        start, end = self._spans[ino - 2]
+        start, end = self._starts[ino - 2], self._ends[ino - 2]
         e = decode_entry(msgpack.unpackb(self._manifest[start:end], raw=False,
                                          use_list=True, strict_map_key=False))
         with self._lock:
@@ -350,7 +355,7 @@ class SnapshotTree:
         kids = self._children.get(ino)
         if kids is None:
             raise NotADirectory(f"not a folder: {display(self.entry(ino).path)}")
-        return [(self._names[k], self._link.get(k, k)) for k in kids]
+        return [(self._names[k - 2], self._link.get(k, k)) for k in kids]
 
     def readlink(self, ino: int) -> bytes:
         e = self.entry(ino)
@@ -369,7 +374,7 @@ class SnapshotTree:
             if k is None:
                 stack.pop()
                 continue
-            rel = base + self._names[k]
+            rel = base + self._names[k - 2]
             yield rel, k
             if k in self._children:
                 stack.append((iter(self._children[k]), rel + b"/"))

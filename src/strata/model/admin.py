@@ -396,7 +396,7 @@ class TaskInfo(AdminModel):
 
 class AuditEntryInfo(AdminModel):
     time: datetime
-    actor: str  # "admin" or "endpoint:ID"
+    actor: str  # "admin" (break-glass token), "user:NAME", "portal:NAME", "endpoint:ID"
     action: str
     target: str
     detail: dict[str, JsonValue]  # what the action was given; its keys vary by action

@@ -111,7 +111,8 @@ def decode_manifest(pieces: Iterable[bytes]) -> Iterator[Entry]:
                     header_seen = True
                     continue
                 yield decode_entry(rec)
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError,
+            TypeError) as exc:  # TypeError: a map keyed by a map or a list (unhashable)
         raise CorruptData(f"malformed manifest ({exc})") from None
     if not header_seen:
         raise CorruptData("empty manifest")

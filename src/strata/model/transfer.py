@@ -7,8 +7,10 @@ bytes). The receiver verifies every chunk against its id before using it.
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Iterator
+from typing import IO, Protocol, cast
 
 from strata.errors import CorruptData
 from strata.model.ids import ID_LEN
@@ -18,6 +20,11 @@ _HEAD = struct.Struct(f"<{ID_LEN}sII")
 MAX_RAW_CHUNK = 16 << 20  # larger than any chunker's max size
 
 
+def bundle_record(cid: bytes, raw_length: int, payload: bytes) -> bytes:
+    """One record of a bundle (what follows MAGIC)."""
+    return _HEAD.pack(cid, raw_length, len(payload)) + payload
+
+
 class BundleWriter:
     def __init__(self) -> None:
         self.parts: list[bytes] = [MAGIC]
@@ -25,8 +32,7 @@ class BundleWriter:
         self.count = 0
 
     def add(self, cid: bytes, raw_length: int, payload: bytes) -> None:
-        self.parts.append(_HEAD.pack(cid, raw_length, len(payload)))
-        self.parts.append(payload)
+        self.parts.append(bundle_record(cid, raw_length, payload))
         self.size += _HEAD.size + len(payload)
         self.count += 1
 
@@ -34,23 +40,50 @@ class BundleWriter:
         return b"".join(self.parts)
 
 
+class Readable(Protocol):
+    """Where a bundle or stream is read from: bytes in memory or a body arriving from the
+    network (agent/client.py: BodyReader), piece by piece."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def _read_exact(reader: Readable, n: int) -> bytes:
+    """`n` bytes, or fewer only at the end of the input."""
+    parts, got = [], 0
+    while got < n:
+        piece = reader.read(n - got)
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+def iter_bundle(reader: Readable) -> Iterator[tuple[bytes, int, bytes]]:
+    """Yield (id, raw length, payload) as each record arrives whole, so that a receiver
+    keeps what came before a connection broke; CorruptData on any framing error."""
+    if _read_exact(reader, len(MAGIC)) != MAGIC:
+        raise CorruptData("not a chunk bundle (bad magic)")
+    while True:
+        head = _read_exact(reader, _HEAD.size)
+        if not head:
+            return
+        if len(head) < _HEAD.size:
+            raise CorruptData("chunk bundle is truncated")
+        cid, raw_length, plen = _HEAD.unpack(head)
+        if raw_length > MAX_RAW_CHUNK or plen > MAX_RAW_CHUNK + 64:
+            raise CorruptData("chunk in bundle is too large")
+        payload = _read_exact(reader, plen)
+        if len(payload) < plen:
+            raise CorruptData("chunk bundle is truncated")
+        yield cid, raw_length, payload
+
+
 def read_bundle(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
     """Yield (id, raw length, payload); raise CorruptData on any framing error."""
     if not data.startswith(MAGIC):
         raise CorruptData("not a chunk bundle (bad magic)")
-    view = memoryview(data)
-    pos = len(MAGIC)
-    while pos < len(data):
-        if pos + _HEAD.size > len(data):
-            raise CorruptData("chunk bundle is truncated")
-        cid, raw_length, plen = _HEAD.unpack_from(view, pos)
-        pos += _HEAD.size
-        if plen > len(data) - pos:
-            raise CorruptData("chunk bundle is truncated")
-        if raw_length > MAX_RAW_CHUNK or plen > MAX_RAW_CHUNK + 64:
-            raise CorruptData("chunk in bundle is too large")
-        yield cid, raw_length, bytes(view[pos:pos + plen])
-        pos += plen
+    return iter_bundle(io.BytesIO(data))
 
 
 STREAM_MAGIC = b"STRXFZ01"
@@ -83,18 +116,39 @@ def pack_stream(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
     return STREAM_MAGIC + cctx.compress(body)
 
 
-def read_stream(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
-    """The records of a `pack_stream` body; CorruptData if it is not one or too large."""
-    import zstandard
+class _Inflated:
+    """The decompressed side of a stream, bounded (a small body must not inflate into
+    gigabytes) and with zstd's errors as CorruptData."""
 
+    def __init__(self, reader: Readable):
+        import zstandard
+
+        self._zstd_error = zstandard.ZstdError
+        source = cast(IO[bytes], reader)  # zstd needs only its read()
+        self._inner = zstandard.ZstdDecompressor().stream_reader(source, read_size=16 << 10)
+        self.total = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        try:
+            data = self._inner.read(min(n, 1 << 20) if n >= 0 else 1 << 20)
+        except self._zstd_error as exc:
+            raise CorruptData(f"chunk stream does not decompress: {exc}") from None
+        self.total += len(data)
+        if self.total > MAX_STREAM_RAW:
+            raise CorruptData("chunk stream is too large")
+        return data
+
+
+def iter_stream(reader: Readable) -> Iterator[tuple[bytes, int, bytes]]:
+    """The records of a `pack_stream` body as they arrive (each one as soon as it is
+    whole); CorruptData if it is not one or too large."""
+    if _read_exact(reader, len(STREAM_MAGIC)) != STREAM_MAGIC:
+        raise CorruptData("not a chunk stream (bad magic)")
+    return iter_bundle(_Inflated(reader))
+
+
+def read_stream(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
+    """The records of a `pack_stream` body held in memory."""
     if not data.startswith(STREAM_MAGIC):
         raise CorruptData("not a chunk stream (bad magic)")
-    try:
-        dctx = zstandard.ZstdDecompressor()
-        reader = dctx.stream_reader(memoryview(data)[len(STREAM_MAGIC):])
-        inner = reader.read(MAX_STREAM_RAW + 1)
-    except zstandard.ZstdError as exc:
-        raise CorruptData(f"chunk stream does not decompress: {exc}") from None
-    if len(inner) > MAX_STREAM_RAW:
-        raise CorruptData("chunk stream is too large")
-    return read_bundle(inner)
+    return iter_stream(io.BytesIO(data))

@@ -25,6 +25,10 @@ class PasswordRequest(AdminModel):
     password: str = Field(min_length=PASSWORD_MIN, max_length=PASSWORD_MAX, repr=False)
 
 
+class RoleRequest(AdminModel):
+    role: RoleName
+
+
 class UserTokenRequest(AdminModel):
     label: str = Field(default="", max_length=128)
 
@@ -57,3 +61,22 @@ class Caller(AdminModel):
     name: str
     role: RoleName
     permissions: list[str]
+
+
+# -- the file portal's end users ---------------------------------------------------------------
+
+
+class PortalAccountRequest(AdminModel):
+    name: str = Field(pattern=USER_NAME)
+    password: str = Field(min_length=PASSWORD_MIN, max_length=PASSWORD_MAX, repr=False)
+    # The user's own folder in the endpoint's snapshots; "" is home/NAME on Linux and
+    # Users/NAME on Windows.
+    home: str = Field(default="", max_length=1024)
+
+
+class PortalAccountInfo(AdminModel):
+    name: str
+    endpoint: str
+    hostname: str
+    home: str
+    created_at: datetime

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
-from datetime import datetime
+from datetime import datetime, time
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator
 
+from strata.model.bandwidth import in_window, kbps_to_bytes
 from strata.model.ids import is_hex_id
 from strata.model.update import UpdateState
 
@@ -39,9 +41,42 @@ class ChunkerSpec(BaseModel):
     zstd_level: int
 
 
+Kbps = Annotated[int, Field(gt=0, le=INT64_MAX)]  # kilobits per second (model/bandwidth.py)
+TimeOfDay = Annotated[str, StringConstraints(
+    pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?$")]
+MAX_BANDWIDTH_WINDOWS = 100
+
+
+class BandwidthWindow(BaseModel):
+    """One bandwidth rule as an agent receives it: already matched on its site and
+    subnet; the agent checks the time window by its own clock."""
+
+    start: TimeOfDay | None = None  # local time of day; no window: always
+    end: TimeOfDay | None = None
+    upload_kbps: Kbps | None = None  # None: unlimited
+    download_kbps: Kbps | None = None
+
+
 class BandwidthLimits(BaseModel):
-    upload_kbps: int | None = None  # None: unlimited
-    download_kbps: int | None = None
+    """The caps for this endpoint, in kilobits per second: those in force at check-in
+    (in the endpoint's local time), and the rules they come from, so that the agent
+    follows the windows through long transfers and between check-ins. `windows` None:
+    an older server that sent only the caps."""
+
+    upload_kbps: Kbps | None = None  # None: unlimited
+    download_kbps: Kbps | None = None
+    windows: list[BandwidthWindow] | None = Field(default=None,
+                                                   max_length=MAX_BANDWIDTH_WINDOWS)
+
+    def caps_at(self, local: time) -> tuple[float | None, float | None]:
+        """(upload, download) in bytes per second at the endpoint's local time `local`:
+        the first rule whose window holds it (first match wins, as on the server)."""
+        if self.windows is None:
+            return kbps_to_bytes(self.upload_kbps), kbps_to_bytes(self.download_kbps)
+        for w in self.windows:
+            if in_window(w.start, w.end, local):
+                return kbps_to_bytes(w.upload_kbps), kbps_to_bytes(w.download_kbps)
+        return None, None
 
 
 class AgentPolicy(BaseModel):
@@ -68,6 +103,9 @@ class EnrollRequest(BaseModel):
     hostname: str = Field(default="", max_length=255)
     os: str = Field(default="", max_length=64)
     inventory: BoundedReport = Field(default_factory=dict)
+    # A re-enrollment of the same machine: the credential it held until now, so the new
+    # endpoint holds what the old one did (it sends none of its data again).
+    previous_credential: str = Field(default="", max_length=512)
 
 
 class EnrollResponse(BaseModel):
@@ -77,9 +115,24 @@ class EnrollResponse(BaseModel):
     state: str  # active or pending (waiting for an admin's approval)
 
 
+SiteName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+def _interface(text: str) -> str:
+    ipaddress.ip_interface(text)  # ValueError: refused with the request
+    return text
+
+
 class CheckinRequest(BaseModel):
     inventory: BoundedReport = Field(default_factory=dict)
     status: BoundedReport = Field(default_factory=dict)
+    # Where the endpoint is, for the bandwidth rules: the site it was given (`strata agent
+    # site`), the address and prefix it reaches the server from (behind NAT the server
+    # sees another), and its clock's offset from UTC (windows are in its local time).
+    site: SiteName | None = None
+    subnet: Annotated[str, StringConstraints(max_length=64),
+                      AfterValidator(_interface)] | None = None
+    utc_offset_minutes: int | None = Field(default=None, ge=-18 * 60, le=18 * 60)
 
 
 class DesiredLayer(BaseModel):

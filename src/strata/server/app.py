@@ -49,6 +49,7 @@ from strata.server.routes import (
     maintenance,
     operations,
     policies,
+    portal,
     signing,
     snapshot_files,
     tokens,
@@ -78,7 +79,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                               encrypt=settings.encrypt)
     ctx = ServerContext(settings=settings, store=store, db=sessions,
                         streams=StreamCache(settings.data_dir / "cache" / "streams"),
-                        holdings=Holdings(settings.data_dir / "holdings.sqlite"),
+                        holdings=Holdings(settings.data_dir / "holdings.sqlite",
+                                          settings.common_holders),
                         possession=NonceMinter(settings.data_dir / "possession.key"))
 
     @asynccontextmanager
@@ -102,7 +104,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.metrics_digest = digest(read_token_file(metrics_token_path))
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
                    collections, compliance, operations, audit, signing, snapshot_files,
-                   users, maintenance, agent_deltas):
+                   users, maintenance, agent_deltas, portal):
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)

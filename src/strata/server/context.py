@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
-from sqlalchemy import update
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
@@ -41,6 +41,10 @@ CACHE_SECONDS = 300.0
 # asks about some 16 million, in hours; probing for other endpoints' data needs far more.
 IDS_PER_SECOND = 20_000
 IDS_BURST = 1_000_000
+# Bytes one endpoint may have the server read and hash to check its proofs: a clone's OS
+# (some GB) proves in one burst; more costs the server real time, so it is paced.
+PROOF_BYTES_PER_SECOND = 64 << 20
+PROOF_BYTES_BURST = 4 << 30
 UPLOADS_AT_ONCE = 2  # per endpoint (and layer downloads): the agent does one at a time
 
 
@@ -60,6 +64,9 @@ class ServerSettings:
     passphrase: str | None = field(default=None, repr=False)  # of an encrypted store
     credential_rotation: timedelta = timedelta(days=7)
     credential_lifetime: timedelta = timedelta(days=90)
+    # Endpoints that must hold a chunk of private data before any endpoint may learn the
+    # server has it: an attacker needs this many enrolled endpoints of its own to probe.
+    common_holders: int = 3
 
     def __post_init__(self) -> None:
         if not self.catalog_url:
@@ -76,6 +83,8 @@ class ServerContext:
     possession: NonceMinter
     id_queries: RateLimiter = field(
         default_factory=lambda: RateLimiter(IDS_PER_SECOND, IDS_BURST))
+    proof_bytes: RateLimiter = field(
+        default_factory=lambda: RateLimiter(PROOF_BYTES_PER_SECOND, PROOF_BYTES_BURST))
     upload_slots: ConcurrencyLimit = field(
         default_factory=lambda: ConcurrencyLimit(UPLOADS_AT_ONCE))
     download_slots: ConcurrencyLimit = field(
@@ -85,6 +94,7 @@ class ServerContext:
     _snapshot_chunks: OrderedDict[str, frozenset[bytes]] = field(default_factory=OrderedDict)
     _write_lock: threading.Lock = field(default_factory=threading.Lock)
     _seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
+    _inventories: dict[str, dict] = field(default_factory=dict)
     _cache: ReadCache = field(default_factory=lambda: ReadCache(CACHE_SECONDS))
 
     @functools.cached_property
@@ -135,14 +145,39 @@ class ServerContext:
         with self._uploads_lock:
             self._seen[endpoint_id] = (datetime.now(UTC), ip)
 
-    def flush_seen(self) -> None:
+    def note_inventory(self, endpoint_id: str, inventory: dict) -> None:
+        """Keep a check-in's new inventory for the next batch of visits: a real agent's
+        differs at nearly every check-in (free disk space), and a write each would make
+        the fleet's check-ins take turns on the catalog."""
         with self._uploads_lock:
-            seen, self._seen = self._seen, {}
-        if not seen:
+            self._inventories[endpoint_id] = inventory
+
+    def forget_inventory(self, endpoint_id: str) -> None:
+        """Drop a noted inventory (call holding the write lock, about to write a newer one)."""
+        with self._uploads_lock:
+            self._inventories.pop(endpoint_id, None)
+
+    def flush_seen(self) -> None:
+        if not (self._seen or self._inventories):
             return
-        with self.write() as db:  # one executemany for the lot
-            db.execute(update(Endpoint), [{"id": eid, "last_seen": when, "last_ip": ip}
-                                          for eid, (when, ip) in seen.items()])
+        # Under the write lock: an inventory written at once meanwhile (new hardware) is
+        # never overwritten by an older one from this batch.
+        with self.write() as db:
+            with self._uploads_lock:
+                seen, self._seen = self._seen, {}
+                inventories, self._inventories = self._inventories, {}
+            # One executemany for the lot, and a row deleted meanwhile (a forgotten
+            # endpoint) is left out rather than failing the batch, as the ORM's would.
+            endpoints = cast(Table, Endpoint.__table__)
+            by_id = endpoints.c.id == bindparam("eid")
+            if seen:
+                db.execute(update(endpoints).where(by_id).values(
+                    last_seen=bindparam("when"), last_ip=bindparam("ip")),
+                    [{"eid": eid, "when": when, "ip": ip} for eid, (when, ip) in seen.items()])
+            if inventories:
+                db.execute(update(endpoints).where(by_id).values(
+                    inventory=bindparam("inventory")),
+                    [{"eid": eid, "inventory": inv} for eid, inv in inventories.items()])
 
     def touch_upload(self, endpoint_id: str) -> None:
         """Register (or refresh) the endpoint's upload session in the store, so a prune

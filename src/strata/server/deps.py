@@ -26,8 +26,14 @@ ADMIN_API = "/api/v1/admin"
 AGENT_API = "/api/v1/agent"
 
 
-def get_ctx(request: Request) -> ServerContext:
+def context_of(request: Request) -> ServerContext:
     return request.app.state.ctx
+
+
+async def get_ctx(request: Request) -> ServerContext:
+    """The dependency. async: FastAPI would run a plain function in the thread pool, a
+    hand-off that cost every request (a check-in most of all) more than the lookup."""
+    return context_of(request)
 
 
 def client_ip(request: Request) -> str:
@@ -48,7 +54,7 @@ def current_staff(request: Request, authorization: str | None = Header(None)) ->
     if same_secret(token, request.app.state.admin_digest):
         staff = BREAK_GLASS_STAFF
     else:
-        found = staff_for_token(get_ctx(request), token)
+        found = staff_for_token(context_of(request), token)
         if found is None:
             raise HTTPException(403, "this token is not an admin token or a user's API token")
         staff = found
@@ -164,7 +170,7 @@ NO_SIGNING = ("layer signing is not set up on this server: run `strata signing i
 def signing_required(request: Request) -> None:
     """For the routes that send layers to endpoints: agents accept only signed layers, so
     without signing such an assignment could never be carried out."""
-    if not get_ctx(request).signing.initialized:
+    if not context_of(request).signing.initialized:
         raise HTTPException(409, NO_SIGNING)
 
 

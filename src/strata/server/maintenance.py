@@ -21,6 +21,7 @@ from strata.server.services import audit
 from strata.server.services.retention import plan_retention
 
 log = logging.getLogger("strata.server")
+AUDITED_ENDPOINTS = 200  # named one by one in a maintenance's audit record; all are counted
 
 
 def run_maintenance(ctx: ServerContext, actor: str = "server") -> dict:
@@ -30,19 +31,26 @@ def run_maintenance(ctx: ServerContext, actor: str = "server") -> dict:
     ctx.expire_uploads()
     with ctx.write() as db:
         removed: list[str] = []
+        per_endpoint: dict[str, int] = {}  # what the audit log says was forgotten, and where
         for cvd in plan_retention(db, get_policy(db, "retention")):
             for sid in cvd.removed:
                 ctx.store.remove_snapshot(sid)
             if cvd.removed:
                 db.execute(delete(SnapshotRecord).where(SnapshotRecord.id.in_(cvd.removed)))
+                per_endpoint[cvd.endpoint_id] = len(cvd.removed)
             removed += cvd.removed
         db.commit()
+    if removed:
+        log.info("retention forgot %d snapshots of %d endpoints", len(removed),
+                 len(per_endpoint))
     try:
         result = prune(ctx.store).to_dict()
         result["holdings_forgotten"] = ctx.holdings.sweep(ctx.store.present)
     except StrataError as exc:  # e.g. another prune is running: try next time
         result = {"error": str(exc)}
-    summary = {"snapshots_removed": len(removed), "prune": result}
+    shown = dict(sorted(per_endpoint.items())[:AUDITED_ENDPOINTS])
+    summary = {"snapshots_removed": len(removed), "prune": result,
+               "removed_per_endpoint": shown}
     audit.record(ctx, actor, "maintenance", "", **summary)
     return summary
 

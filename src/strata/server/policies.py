@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from strata.engine.retention import RetentionPolicy
 from strata.layers.rules import DEFAULT_RULES, validate_rules
-from strata.model.wire import BandwidthLimits
+from strata.model.bandwidth import in_window
+from strata.model.wire import BandwidthLimits, BandwidthWindow
 from strata.server.catalog.models import Policy
 
 # Never centralized: caches, temp, swap and paging files, trash, the agent's own state.
@@ -181,26 +182,34 @@ def revert_point_days(doc: dict) -> int:
                   doc.get("revert_points_days", REVERT_POINT_DAYS))
 
 
-def _in_window(rule: dict, now: datetime) -> bool:
-    start, end = rule.get("start"), rule.get("end")
-    if not start or not end:
-        return True
-    t, a, b = now.time(), time.fromisoformat(start), time.fromisoformat(end)
-    return a <= t < b if a <= b else (t >= a or t < b)  # windows may wrap midnight
-
-
-def bandwidth_for(rules: list[dict], ip: str, site: str, now: datetime) -> BandwidthLimits:
+def bandwidth_for(rules: list[dict], addresses: list[str], site: str,
+                  local: datetime) -> BandwidthLimits:
+    """The rules that apply to an endpoint at `addresses` (the one it reports, then the
+    one the server sees) and `site`, in order, and the caps in force at its local time
+    `local` (the first rule whose window holds it). The agent gets both: it follows the
+    windows by its own clock until its next check-in."""
+    windows = []
     for rule in rules:
-        if rule.get("subnet"):
-            try:
-                if ipaddress.ip_address(ip) not in ipaddress.ip_network(rule["subnet"],
-                                                                        strict=False):
-                    continue
-            except ValueError:
-                continue
+        if rule.get("subnet") and not any(_in_subnet(a, rule["subnet"]) for a in addresses):
+            continue
         if rule.get("site") and rule["site"] != site:
             continue
-        if _in_window(rule, now):
-            return BandwidthLimits(upload_kbps=rule.get("upload_kbps"),
-                                   download_kbps=rule.get("download_kbps"))
-    return BandwidthLimits()
+        windows.append(BandwidthWindow(
+            start=_time_of_day(rule.get("start")) if rule.get("end") else None,
+            end=_time_of_day(rule.get("end")) if rule.get("start") else None,
+            upload_kbps=rule.get("upload_kbps"), download_kbps=rule.get("download_kbps")))
+    now = next((w for w in windows if in_window(w.start, w.end, local.time())), None)
+    return BandwidthLimits(upload_kbps=now.upload_kbps if now else None,
+                           download_kbps=now.download_kbps if now else None,
+                           windows=windows)
+
+
+def _in_subnet(address: str, subnet: str) -> bool:
+    try:
+        return ipaddress.ip_interface(address).ip in ipaddress.ip_network(subnet, strict=False)
+    except ValueError:
+        return False
+
+
+def _time_of_day(text: str | None) -> str | None:
+    return time.fromisoformat(text).isoformat() if text else None

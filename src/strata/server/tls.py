@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -60,8 +61,13 @@ def load_certificate(cert: Path, key: Path) -> ServerCertificate:
         reason = exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror
         raise StrataError(f"cannot use --tls-cert {cert} with --tls-key {key}: "
                           f"{reason or exc}") from None
-    der = ssl.PEM_cert_to_DER_cert(cert.read_text().split("-----END CERTIFICATE-----")[0]
-                                   + "-----END CERTIFICATE-----\n")
+    # The first certificate of the file is the server's own (a chain follows it); text
+    # around it (openssl's "Bag Attributes") is skipped.
+    pem = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                    cert.read_text(errors="replace"), re.S)
+    if pem is None:
+        raise StrataError(f"--tls-cert {cert} holds no PEM certificate")
+    der = ssl.PEM_cert_to_DER_cert(pem.group(0) + "\n")
     return ServerCertificate(cert, key, fingerprint(der), self_signed=False)
 
 

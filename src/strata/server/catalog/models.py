@@ -121,7 +121,7 @@ class AuditEntry(Base):
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     time: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    actor: Mapped[str] = mapped_column(Str(64, clip=True))  # "admin" or "endpoint:<id>"
+    actor: Mapped[str] = mapped_column(Str(64, clip=True))  # admin, user:NAME, endpoint:ID...
     action: Mapped[str] = mapped_column(Str(64, clip=True))
     target: Mapped[str] = mapped_column(Str(128, clip=True), default="")
     detail: Mapped[dict] = mapped_column(default=dict)
@@ -226,6 +226,35 @@ class UserSession(Base):
     id: Mapped[str] = mapped_column(Str(64), primary_key=True)  # SHA-256 of the cookie
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"),
                                          index=True)
+    csrf: Mapped[str] = mapped_column(Str(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+
+
+class PortalAccount(Base):
+    """An end user of the file portal: their own endpoint's snapshots, their own folder
+    in them (`home`, e.g. home/alice or Users/alice), nothing else."""
+
+    __tablename__ = "portal_accounts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(Str(64), unique=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             index=True)
+    home: Mapped[str] = mapped_column(Str(1024))
+    password_hash: Mapped[str] = mapped_column(Str(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    failed_logins: Mapped[int] = mapped_column(Int32, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class PortalSession(Base):
+    """A file portal sign-in (like UserSession, for a portal account)."""
+
+    __tablename__ = "portal_sessions"
+    id: Mapped[str] = mapped_column(Str(64), primary_key=True)  # SHA-256 of the cookie
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("portal_accounts.id", ondelete="CASCADE"), index=True)
     csrf: Mapped[str] = mapped_column(Str(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)

@@ -152,9 +152,14 @@ class CheckedJSON(TypeDecorator[object]):
 
     def process_bind_param(self, value: object, dialect: Dialect) -> object:
         if value is not None:
-            try:
-                json.dumps(value, allow_nan=False)
-            except ValueError:
-                raise CatalogValueError("JSON numbers must be finite (no NaN or Infinity)") \
-                    from None
+            check_json(value)
         return value
+
+
+def check_json(value: object) -> None:
+    """Refuse (CatalogValueError) what a CheckedJSON column would: for a value written
+    later, in a batch that one bad value must not fail."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise CatalogValueError("JSON numbers must be finite (no NaN or Infinity)") from None

@@ -5,6 +5,8 @@ styles, no framing, no caching of pages)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +59,30 @@ def secure(response: Response) -> Response:
     return response
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> str:
+    """One CSV cell. Text a spreadsheet would run as a formula (a hostname like
+    `=HYPERLINK(...)` from a hostile endpoint) is kept as text with a leading quote."""
+    text = "" if value is None else (value.strftime("%Y-%m-%dT%H:%M:%SZ")
+                                     if isinstance(value, datetime) else str(value))
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def csv_response(name: str, header: list[str], rows: list[list[object]]) -> Response:
+    """A table as a CSV download (UTF-8, one header line)."""
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(header)
+    w.writerows([_cell(v) for v in row] for row in rows)
+    return secure(Response(out.getvalue().encode(), media_type="text/csv; charset=utf-8",
+                           headers={"Content-Disposition": f'attachment; filename="{name}.csv"'}))
+
+
 def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
     html = ENV.get_template(template).render(request=request, **context)
-    return secure(HTMLResponse(html, status_code=status))  # type: ignore[return-value]
+    page = HTMLResponse(html, status_code=status)
+    if request.url.scheme == "https":  # a browser that saw TLS here never falls back
+        page.headers["Strict-Transport-Security"] = "max-age=31536000"
+    return secure(page)  # type: ignore[return-value]

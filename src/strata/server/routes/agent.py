@@ -28,6 +28,7 @@ async def checkin(body: CheckinRequest, request: Request,
     # async: the common check-in touches only caches, so it runs on the event loop
     # instead of paying a thread hand-off; the rare writes are short.
     answer = checkins.checkin(ctx, ep, body, client_ip(request))
-    presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    answer.credential = credentials.renew_credential(ctx, ep, presented)
+    if body.inventory:  # an agent's cycle; not `agent status` probing beside the daemon
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        answer.credential = credentials.renew_credential(ctx, ep, presented)
     return answer

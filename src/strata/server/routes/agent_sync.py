@@ -45,8 +45,9 @@ async def prove(request: Request, ep: Endpoint = Depends(require_device),
                 ctx: ServerContext = Depends(get_ctx)) -> ProveResponse:
     """Keyed hashes of chunks the server asked this endpoint to prove it has (binary:
     strata.model.possession)."""
-    data = await read_body(request, PROOF_BODY_LIMIT)
-    return await run_in_threadpool(sync.prove, ctx, ep, data)
+    with ctx.upload_slots.slot(ep.id, "uploads and proofs"):
+        data = await read_body(request, PROOF_BODY_LIMIT)
+        return await run_in_threadpool(sync.prove, ctx, ep, data)
 
 
 @router.post("/chunks", response_model=UploadResponse,

@@ -9,6 +9,7 @@ from strata.model.roles import Permission
 from strata.model.users import (
     Caller,
     PasswordRequest,
+    RoleRequest,
     UserInfo,
     UserRequest,
     UserTokenCreated,
@@ -53,6 +54,13 @@ def set_password(name: str, body: PasswordRequest, ctx: ServerContext = Depends(
                  actor: str = USERS) -> UserInfo:
     """A new password; the user's console sessions end."""
     return users.set_password(ctx, name, body.password, actor=actor)
+
+
+@router.put("/users/{name}/role", response_model=UserInfo)
+def set_role(name: str, body: RoleRequest, ctx: ServerContext = Depends(get_ctx),
+             actor: str = USERS) -> UserInfo:
+    """Another role, in force from the user's next request."""
+    return users.set_role(ctx, name, body.role, actor=actor)
 
 
 @router.post("/users/{name}/tokens", response_model=UserTokenCreated)

@@ -7,12 +7,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from strata.errors import Invalid
 from strata.model.wire import CheckinRequest, CheckinResponse, ChunkerSpec
 from strata.server import metrics
 from strata.server.catalog.models import Endpoint
+from strata.server.catalog.types import CatalogValueError, check_json
 from strata.server.context import ServerContext
 from strata.server.services import snapshots
 from strata.server.services.assignments import cached_desired, mark_applied
+from strata.server.services.facts import endpoint_facts, endpoint_family
 from strata.server.services.policies import agent_policy
 
 
@@ -22,7 +25,8 @@ def checkin(ctx: ServerContext, ep: Endpoint, req: CheckinRequest, ip: str) -> C
     if req.inventory and req.inventory != ep.inventory:  # most check-ins change nothing
         _update_inventory(ctx, ep, req.inventory)
     with ctx.session() as db:
-        policy = agent_policy(ctx, db, ep, now, ip=ip)
+        policy = agent_policy(ctx, db, ep, now, ip=ip, site=req.site, subnet=req.subnet,
+                              utc_offset_minutes=req.utc_offset_minutes)
     last_id, last_time = snapshots.cached_head(ctx, ep.id)
     desired = cached_desired(ctx, ep)
     applied = req.status.get("applied_key")
@@ -38,11 +42,30 @@ def checkin(ctx: ServerContext, ep: Endpoint, req: CheckinRequest, ip: str) -> C
 
 
 def _update_inventory(ctx: ServerContext, ep: Endpoint, inventory: dict[str, Any]) -> None:
+    try:
+        check_json(inventory)  # before it waits in a batch, which it must not fail
+    except CatalogValueError as exc:
+        raise Invalid(f"refused: {exc}") from None
+    new = Endpoint(inventory=inventory, hostname=str(inventory.get("hostname", ep.hostname)),
+                   os=str(inventory.get("os", ep.os)))
+    if _rule_facts(new) == _rule_facts(ep):
+        # Figures such as free disk space, in nearly every check-in of a real agent:
+        # written with the next batch of visits, and no cache cleared (clearing made each
+        # check-in of the fleet reload its credential, policy and state from the catalog).
+        ctx.note_inventory(ep.id, inventory)
+        ep.inventory = inventory  # the cached record: what the next check-in compares with
+        return
     with ctx.write() as db:
+        ctx.forget_inventory(ep.id)  # older than this one
         row = db.get(Endpoint, ep.id)
         assert row is not None
-        row.inventory = inventory
-        row.hostname = str(inventory.get("hostname", row.hostname))
-        row.os = str(inventory.get("os", row.os))
-        ep.inventory, ep.hostname, ep.os = row.inventory, row.hostname, row.os
-    ctx.invalidate()  # drivers follow the hardware: the desired state is recomputed
+        row.inventory, row.hostname, row.os = inventory, new.hostname, new.os
+    ep.inventory, ep.hostname, ep.os = inventory, new.hostname, new.os
+    # Drivers and collections follow the hardware, the OS and the name: the desired state
+    # is recomputed.
+    ctx.invalidate()
+
+
+def _rule_facts(ep: Endpoint) -> tuple[dict[str, str], str]:
+    """What layer and collection rules see of an endpoint's inventory."""
+    return endpoint_facts(ep), endpoint_family(ep)

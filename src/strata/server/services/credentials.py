@@ -19,6 +19,7 @@ from strata.server.auth import digest, new_secret, write_token_file
 from strata.server.catalog.models import Cvd, Endpoint, EnrollmentToken
 from strata.server.context import ServerContext
 from strata.server.services import audit
+from strata.server.services.sync import seed_holdings
 
 
 class EnrollmentRefused(StrataError):
@@ -135,7 +136,25 @@ def enroll(ctx: ServerContext, req: EnrollRequest, ip: str) -> EnrollResponse:
         db.add(Cvd(endpoint_id=ep.id))
         state, eid = ep.state, ep.id
     audit.record(ctx, f"endpoint:{eid}", "enroll", eid, hostname=req.hostname, state=state)
+    if req.previous_credential:
+        _inherit_holdings(ctx, eid, req.previous_credential)
     return EnrollResponse(endpoint_id=eid, credential=credential, state=state)
+
+
+def _inherit_holdings(ctx: ServerContext, eid: str, previous_credential: str) -> None:
+    """A machine enrolling again shows the credential it had: the new endpoint holds what
+    the old one did (docs/security.md), so it sends none of its data again. A wrong,
+    expired or revoked credential counts for nothing (it reads like none given); a thief
+    of a live credential could read that endpoint's data through it anyway."""
+    try:
+        old = device_for_credential(ctx, previous_credential)
+    except StrataError:  # expired
+        return
+    if old is None or old.state == "revoked" or old.id == eid:
+        return
+    seed_holdings(ctx, old)
+    ctx.holdings.inherit(eid, old.id)
+    audit.record(ctx, f"endpoint:{eid}", "inherit-holdings", old.id)
 
 
 def device_for_credential(ctx: ServerContext, credential: str) -> Endpoint | None:

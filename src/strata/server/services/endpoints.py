@@ -144,6 +144,7 @@ def delete_endpoint(ctx: ServerContext, ref: str, *, actor: str) -> EndpointDele
     # data, which prune frees; the other order could leave a record without its snapshot.
     for sid in sids:
         ctx.store.remove_snapshot(sid)  # a missing one is no error (backend contract)
+    ctx.holdings.forget_endpoint(eid)
     ctx.invalidate()
     audit.record(ctx, actor, "delete-endpoint", eid, hostname=hostname, snapshots=len(sids))
     return EndpointDeleted(deleted=eid, hostname=hostname, snapshots=len(sids))

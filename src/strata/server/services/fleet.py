@@ -17,11 +17,10 @@ from strata.server.catalog.models import (
     Cvd,
     Endpoint,
     SnapshotRecord,
-    Task,
 )
 from strata.server.context import ServerContext
 from strata.server.services.collections import collection_members
-from strata.server.services.operations import task_info
+from strata.server.services.operations import recent_tasks
 from strata.server.services.storage import storage_figures
 
 SEARCH_ROWS = 200  # one page of search results
@@ -146,7 +145,6 @@ def overview(ctx: ServerContext) -> FleetOverview:
             select(Endpoint.state, func.count()).group_by(Endpoint.state))}
         updates = {s: n for s, n in db.execute(
             select(Assignment.state, func.count()).group_by(Assignment.state))}
-        task_ids = list(db.scalars(select(Task.id).order_by(Task.id.desc()).limit(RECENT_TASKS)))
     storage = ctx.cached("console:storage", lambda: storage_figures(ctx),
                          ttl=STORAGE_CACHE_SECONDS)
     history = ctx.cached("console:history", lambda: storage_history(ctx),
@@ -155,4 +153,4 @@ def overview(ctx: ServerContext) -> FleetOverview:
                          recent=_rows(ctx, [], [Endpoint.last_seen.desc().nulls_last()],
                                       RECENT),
                          storage=storage, updates=dict(sorted(updates.items())),
-                         tasks=[task_info(ctx, t) for t in task_ids], history=history)
+                         tasks=recent_tasks(ctx, RECENT_TASKS), history=history)

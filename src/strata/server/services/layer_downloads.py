@@ -41,13 +41,15 @@ def layer_chunks(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> bytes:
     the level (a client asking for the costliest would be a denial of service) and keeps
     the stream: the next endpoint asking for the same batch costs no compression."""
     ids = list(dict.fromkeys(parse_chunk_ids(hex_ids)))
-    if sum(ctx.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:  # known before any read
-        raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per request")
     allowed: set[bytes] = set()
     for sid in allowed_snapshots(ctx, ep):
         allowed |= ctx.snapshot_chunks(sid)
     if any(c not in allowed for c in ids):
         raise Forbidden("a requested chunk is not part of this endpoint's layers")
+    # Only then the size: summed over chunks the endpoint may not read, it would tell
+    # (413 or not) whether the server holds them.
+    if sum(ctx.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:  # known before any read
+        raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per request")
 
     def make() -> bytes:
         chunks, total = [], 0

@@ -107,8 +107,10 @@ def save_layer(ctx: ServerContext, db: Session, *, kind: str, name: str, version
                     manifest_id=content_id(manifest_bytes).hex(), tags=["layer", kind],
                     trigger="layer", stats={"files": files, "bytes_total": nbytes})
     sid = store.commit_snapshot(snap, referenced)
-    # IT content: any endpoint may learn the server holds it (and then proves it has it).
+    # IT content: any endpoint may learn the server holds it (and then proves it has it);
+    # an endpoint it is assigned to holds it.
     ctx.holdings.share(c for e in kept for c, _ in e.chunks)
+    ctx.holdings.index_snapshot(sid, lambda: referenced)
     row = Layer(kind=kind, name=name, version=version, snapshot=sid, os=family,
                 match=match or {}, removes=[os.fsdecode(p) for p in removes or []],
                 files=files, bytes=nbytes, source=source)

@@ -170,6 +170,13 @@ def task_info(ctx: ServerContext, tid: int) -> TaskInfo:
                         else ("failed" if failed else "running"))
 
 
+def recent_tasks(ctx: ServerContext, count: int) -> list[TaskInfo]:
+    """The latest `count` tasks, newest first."""
+    with ctx.session() as db:
+        ids = list(db.scalars(select(Task.id).order_by(Task.id.desc()).limit(count)))
+    return [task_info(ctx, t) for t in ids]
+
+
 def list_tasks(ctx: ServerContext) -> list[TaskInfo]:
     with ctx.session() as db:
         ids = list(db.scalars(select(Task.id).order_by(Task.id)))

@@ -5,7 +5,7 @@ server/policies.py), and the policy one endpoint receives at check-in."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -117,13 +117,17 @@ def cached_policy(ctx: ServerContext, db: Session, kind: str) -> dict[str, Any]:
 
 
 def agent_policy(ctx: ServerContext, db: Session, ep: Endpoint, now: datetime,
-                 ip: str = "") -> AgentPolicy:
-    """What the endpoint must exclude, how often it centralizes, and its bandwidth now
-    (by subnet, site and time of day)."""
+                 ip: str = "", *, site: str | None = None, subnet: str | None = None,
+                 utc_offset_minutes: int | None = None) -> AgentPolicy:
+    """What the endpoint must exclude, how often it centralizes, and its bandwidth: the
+    rules for its site and subnet (as it reports them; else the site of its inventory
+    and the address the server sees), with the caps in force at its local time."""
     upload = cached_policy(ctx, db, "upload")
     rules = cached_policy(ctx, db, "bandwidth")
-    site = str((ep.inventory or {}).get("site", ""))
+    site = site or str((ep.inventory or {}).get("site", ""))
+    addresses = [a for a in (subnet, ip or ep.last_ip) if a]
+    local = now.astimezone(timezone(timedelta(minutes=utc_offset_minutes or 0)))
     return AgentPolicy(
         interval_seconds=int(upload.get("interval_seconds", 3600)),
         exclusions=list(upload.get("exclusions", {}).get(endpoint_family(ep), [])),
-        bandwidth=bandwidth_for(rules.get("rules", []), ip or ep.last_ip, site, now))
+        bandwidth=bandwidth_for(rules.get("rules", []), addresses, site, local))

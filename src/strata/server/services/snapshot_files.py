@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import quote
 
-from strata.engine.snapshot_archive import tar_stream, zip_stream
+from strata.engine.snapshot_archive import Keep, tar_stream, zip_stream
 from strata.engine.snapshot_tree import SnapshotTree, snapshot_mtime_ns
 from strata.errors import Invalid, NotFound, PathNotInSnapshot, StrataError, TooLarge, UnsafePath
 from strata.model.entry import EntryType
@@ -36,7 +36,8 @@ from strata.tree.writer import validate_path
 
 MAX_DOWNLOADS = 4  # streaming at once, per server process
 TREES_KEPT = 4  # indexed snapshots kept between requests ...
-TREES_KEPT_BYTES = 256 << 20  # ... and their manifests' bytes, at most
+TREES_KEPT_BYTES = 128 << 20  # ... and their manifests' bytes (an index costs about as
+                              # much again), at most
 TREE_CACHE_BYTES = 8 << 20  # chunks each kept tree holds
 FORMATS = ("raw", "tar", "zip")
 _TYPES = {EntryType.FILE: "file", EntryType.DIR: "dir", EntryType.SYMLINK: "symlink",
@@ -171,8 +172,9 @@ def list_folder(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str,
 
 
 def download(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str, path: str | bytes,
-             fmt: str | None, actor: str) -> Download:
+             fmt: str | None, actor: str, keep: Keep | None = None) -> Download:
     """A file's bytes (`raw`, the default for a file) or a tar/zip of a folder or file
+    (only the members `keep` accepts, if given)
     (`tar` is the default for a folder), streamed. Refused with 429 while MAX_DOWNLOADS
     others are streaming."""
     if fmt is not None and fmt not in FORMATS:
@@ -198,8 +200,10 @@ def download(ctx: ServerContext, endpoint_ref: str, snapshot_ref: str, path: str
         return Download(base, "application/octet-stream",
                         _released(tree.iter_content(ino)), tree.file_size(ino))
     if fmt == "zip":
-        return Download(base + ".zip", "application/zip", _released(zip_stream(tree, p)), None)
-    return Download(base + ".tar", "application/x-tar", _released(tar_stream(tree, p)), None)
+        return Download(base + ".zip", "application/zip",
+                        _released(zip_stream(tree, p, keep)), None)
+    return Download(base + ".tar", "application/x-tar",
+                    _released(tar_stream(tree, p, keep)), None)
 
 
 def _released(body: Iterator[bytes]) -> Iterator[bytes]:

@@ -14,6 +14,7 @@ from strata.errors import (
     Conflict,
     CorruptData,
     Forbidden,
+    Invalid,
     NotFound,
     SnapshotNotFound,
     TooLarge,
@@ -55,7 +56,9 @@ def find_snapshot(db: Session, endpoint_id: str, ref: str,
     hits = list(db.scalars(select(SnapshotRecord).where(
         SnapshotRecord.cvd_id == cvd.id,
         SnapshotRecord.id.startswith(ref.lower(), autoescape=True)).limit(2)))
-    if len(hits) != 1:
+    if len(hits) > 1:  # both in this CVD: saying so reveals nothing of another's
+        raise Invalid(f"snapshot {ref!r} of {owner} is ambiguous: give more characters")
+    if not hits:
         raise NotFound(f"no snapshot {ref!r} of {owner}")
     return hits[0]
 

@@ -4,6 +4,7 @@ endpoint has shown it holds, and reading its own snapshots back for a file resto
 
 from __future__ import annotations
 
+import functools
 import hmac
 from datetime import UTC, datetime, timedelta
 
@@ -23,7 +24,7 @@ from strata.server import metrics
 from strata.server.catalog.models import Assignment, Endpoint, SnapshotRecord, Transaction
 from strata.server.context import ServerContext
 from strata.server.holdings import shareable_path
-from strata.server.rate_limit import TooManyRequests
+from strata.server.rate_limit import RateLimiter, TooManyRequests
 from strata.server.services import audit, snapshots
 from strata.server.services.facts import endpoint_family
 from strata.server.services.layer_downloads import allowed_snapshots
@@ -45,10 +46,14 @@ def missing_for_admin(ctx: ServerContext, uploader: str, hex_ids: list[str]) -> 
     return [c.hex() for c in ctx.store.missing_chunks(ids)]
 
 
-def _layer_chunks(ctx: ServerContext, ep: Endpoint) -> list[frozenset[bytes]]:
-    """The chunk sets of the layers (and snapshots) the endpoint's desired state names:
-    it may download them, so it holds them."""
-    return [ctx.snapshot_chunks(sid) for sid in sorted(allowed_snapshots(ctx, ep))]
+def _through_layers(ctx: ServerContext, ep: Endpoint, ids: list[bytes]) -> set[bytes]:
+    """Of `ids`: those in the layers (and snapshots) the endpoint's desired state names.
+    It may download them, so it holds them. Each layer's chunks are indexed once (in the
+    holdings), not decoded from its manifest at every question."""
+    sids = sorted(allowed_snapshots(ctx, ep))
+    for sid in sids:
+        ctx.holdings.index_snapshot(sid, functools.partial(ctx.snapshot_chunks, sid))
+    return ctx.holdings.in_snapshots(sids, ids)
 
 
 def _head_chunks(ctx: ServerContext, ep: Endpoint) -> frozenset[bytes]:
@@ -56,6 +61,11 @@ def _head_chunks(ctx: ServerContext, ep: Endpoint) -> frozenset[bytes]:
     kept holdings (an upgraded server), so that its next commit is not refused."""
     head, _ = snapshots.cached_head(ctx, ep.id)
     return ctx.snapshot_chunks(head) if head else frozenset()
+
+
+def seed_holdings(ctx: ServerContext, ep: Endpoint) -> None:
+    """Once per endpoint: what it held before the server kept holdings."""
+    ctx.holdings.seed_once(ep.id, lambda: _head_chunks(ctx, ep))
 
 
 def possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
@@ -70,24 +80,25 @@ def possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
 def _possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
                 ) -> tuple[set[bytes], set[bytes], set[bytes]]:
     """`possession`, with what the holdings record apart from what the layers add."""
-    ctx.holdings.seed_once(ep.id, lambda: _head_chunks(ctx, ep))
+    seed_holdings(ctx, ep)
     recorded, shared = ctx.holdings.view(ep.id, ids)
-    through_layers: set[bytes] = set()
     rest = [c for c in ids if c not in recorded]
-    if rest:
-        for chunks in _layer_chunks(ctx, ep):
-            through_layers.update(c for c in rest if c in chunks)
+    through_layers = _through_layers(ctx, ep, rest) if rest else set()
     return recorded, through_layers, shared
 
 
 def _take_queries(ctx: ServerContext, ep: Endpoint, count: int) -> None:
-    """Spend the endpoint's budget of chunk queries; a refusal is audited (once a while)."""
+    _take(ctx, ctx.id_queries, ep, count, "chunk queries")
+
+
+def _take(ctx: ServerContext, limiter: RateLimiter, ep: Endpoint, amount: int,
+          what: str) -> None:
+    """Spend the endpoint's budget; a refusal is audited (once in a while)."""
     try:
-        ctx.id_queries.take(ep.id, count, "chunk queries")
+        limiter.take(ep.id, amount, what)
     except TooManyRequests as exc:
         if exc.first:
-            audit.record(ctx, f"endpoint:{ep.id}", "rate-limited", "chunk queries",
-                         asked=count)
+            audit.record(ctx, f"endpoint:{ep.id}", "rate-limited", what, asked=amount)
         raise
 
 
@@ -117,12 +128,16 @@ def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
     ctx.possession.check(ep.id, nonce)
     _take_queries(ctx, ep, len(claims))
     ctx.touch_upload(ep.id)
-    sizes = ctx.store.raw_sizes(claims)
+    present = ctx.store.present(list(claims))
+    held, shared = possession(ctx, ep, list(present))
+    # Sizes only of what the endpoint may know exists: summed over others' private chunks,
+    # the bound (413 or not) would tell whether the server holds them.
+    sizes = ctx.store.raw_sizes(shared)
     if sum(sizes.values()) > MAX_PROOF_BYTES:
         raise TooLarge(f"prove at most {MAX_PROOF_BYTES >> 20} MiB of chunks per request")
-    _, shared = possession(ctx, ep, list(sizes))
+    _take(ctx, ctx.proof_bytes, ep, sum(sizes.values()), "bytes to prove")
     accepted: list[bytes] = []
-    for cid in shared:  # held chunks need no proof; absent or private ones get none
+    for cid in shared:  # absent or private chunks get no proof checked: "upload them"
         try:
             raw = ctx.store.load_chunk(cid)  # verified against its id
         except CorruptData:
@@ -130,13 +145,13 @@ def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
         if hmac.compare_digest(proof(nonce, raw), claims[cid]):
             accepted.append(cid)
     ctx.holdings.record(ep.id, accepted)
-    proven = set(accepted)
+    proven = set(accepted) | held  # held already (a race with its own upload): fine
     refused = [c for c in claims if c not in proven]
     if refused:
         metrics.REJECTED_CHUNKS.inc(len(refused))
         audit.record(ctx, f"endpoint:{ep.id}", "possession-refused", f"{len(refused)} chunks",
                      kind="proof")
-    return ProveResponse(accepted=len(accepted), refused=[c.hex() for c in refused])
+    return ProveResponse(accepted=len(proven), refused=[c.hex() for c in refused])
 
 
 def store_bundle(ctx: ServerContext, uploader: str, data: bytes, *,
@@ -219,8 +234,11 @@ def commit(ctx: ServerContext, ep: Endpoint, req: CommitRequest) -> str:
         sid = ctx.store.commit_snapshot(snap, verified.referenced)
     except CorruptData as exc:
         raise Invalid(f"commit rejected: {exc}") from None
-    # A later snapshot may name them again (after a layer that held them is gone, say).
-    ctx.holdings.record(ep.id, [c for c in referenced if c not in recorded])
+    # A later snapshot may name them again. What its layers hold is not recorded for each
+    # endpoint (a fleet on one base would repeat the base's chunks per endpoint): should
+    # the layer go, the next commit naming them asks the endpoint to prove them (shared).
+    ctx.holdings.record(ep.id, [c for c in referenced
+                                if c not in recorded and c not in through_layers])
     ctx.holdings.share(verified.shareable)
     _record_commit(ctx, ep, req, sid, snap.datetime)
     ctx.end_upload(ep.id)

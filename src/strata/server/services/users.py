@@ -1,29 +1,20 @@
-"""IT staff accounts: users and their roles, passwords (scrypt, memory-hard), personal API
-tokens, console sessions, and finding who a credential belongs to.
+"""IT staff accounts: users and their roles, passwords (server/passwords.py), personal API
+tokens, console sessions (services/signin.py), and finding who a credential belongs to.
 
 Secrets (tokens, session cookies) are random 256-bit values shown once; the catalog keeps
-their SHA-256. Passwords are kept as scrypt hashes with their own salt and parameters, so
-the parameters can be raised later without invalidating older hashes.
+their SHA-256.
 """
 
 from __future__ import annotations
 
-import base64
-import functools
-import hmac
-import secrets
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from strata.errors import Conflict, NotFound, StrataError
+from strata.errors import Conflict, NotFound
 from strata.model.admin import Deleted
 from strata.model.roles import ROLES, Permission
 from strata.model.users import (
@@ -36,27 +27,19 @@ from strata.model.users import (
 from strata.server.auth import digest, new_secret
 from strata.server.catalog.models import User, UserSession, UserToken
 from strata.server.context import ServerContext
+from strata.server.passwords import check_password, hash_password
 from strata.server.services import audit
+from strata.server.services.signin import (
+    TOUCH,
+    AddressThrottle,
+    LoginRefused,
+    check_sign_in,
+    end_session,
+    live_session,
+    open_session,
+)
 
-# scrypt with N=2^15, r=8, p=3: 32 MiB and 0.2-0.5 s per hash here, one of
-# OWASP's recommended settings (the same strength as N=2^17, p=1, with a quarter of the
-# memory, which matters when several sign-ins arrive at once on a small server).
-SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P = 15, 8, 3
-SESSION_IDLE = timedelta(minutes=30)  # a console left alone this long signs out
-SESSION_MAX = timedelta(hours=12)  # and any session ends after a working day
-LOCK_AFTER = 5  # failed sign-ins in a row before an account is locked for a while
-LOCK_FIRST, LOCK_MAX = timedelta(seconds=30), timedelta(minutes=15)
-IP_WINDOW, IP_MAX_FAILURES = 300.0, 20  # failures one address may have in 5 minutes
-_TOUCH = timedelta(minutes=1)  # last_seen / last_used are written at most this often
 BREAK_GLASS = "admin"  # the name the bootstrap admin.token acts under
-
-
-class LoginRefused(StrataError):
-    http_status = 401
-
-
-class TooManyAttempts(StrataError):
-    http_status = 429
 
 
 @dataclass(frozen=True)
@@ -80,43 +63,6 @@ class Staff:
 
 
 BREAK_GLASS_STAFF = Staff(BREAK_GLASS, "administrator")
-
-
-# -- passwords -------------------------------------------------------------------------------
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text + "=" * (-len(text) % 4))
-
-
-def hash_password(password: str) -> str:
-    salt = secrets.token_bytes(16)
-    key = Scrypt(salt=salt, length=32, n=1 << SCRYPT_LOG_N, r=SCRYPT_R,
-                 p=SCRYPT_P).derive(password.encode())
-    return f"scrypt${SCRYPT_LOG_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(key)}"
-
-
-def check_password(password: str, encoded: str) -> bool:
-    try:
-        kind, log_n, r, p, salt, key = encoded.split("$")
-        if kind != "scrypt":
-            return False
-        got = Scrypt(salt=_unb64(salt), length=32, n=1 << int(log_n), r=int(r),
-                     p=int(p)).derive(password.encode())
-    except ValueError:  # a malformed hash (or none: no console login for this user)
-        return False
-    return hmac.compare_digest(got, _unb64(key))
-
-
-@functools.cache
-def _dummy_hash() -> str:
-    """An unknown name costs the same hash as a known one: timing tells nothing about who
-    exists. Made on first use, not at import (a hash takes a few tenths of a second)."""
-    return hash_password(secrets.token_urlsafe(16))
 
 
 # -- accounts --------------------------------------------------------------------------------
@@ -191,6 +137,16 @@ def change_own_password(ctx: ServerContext, name: str, current: str, new: str) -
     set_password(ctx, name, new, actor=f"user:{name}")
 
 
+def set_role(ctx: ServerContext, name: str, role: str, *, actor: str) -> UserInfo:
+    """A new role, in force from the user's next request (sessions and tokens stay)."""
+    with ctx.write() as db:
+        row = _user(db, name)
+        before, row.role = row.role, role
+        info = _info(db, row)
+    audit.record(ctx, actor, "set-role", name, role=role, was=before)
+    return info
+
+
 # -- personal API tokens ---------------------------------------------------------------------
 
 
@@ -240,7 +196,7 @@ def staff_for_token(ctx: ServerContext, token: str) -> Staff | None:
             return None
         tok, user = row
         staff, stale = Staff(user.name, user.role), (tok.last_used is None
-                                                     or now - tok.last_used > _TOUCH)
+                                                     or now - tok.last_used > TOUCH)
         tid = tok.id
     if stale:
         with ctx.write() as db:
@@ -253,33 +209,6 @@ def staff_for_token(ctx: ServerContext, token: str) -> Staff | None:
 # -- console sign-in and sessions ------------------------------------------------------------
 
 
-class AddressThrottle:
-    """Failed sign-ins per client address in a sliding window, in this process: a second
-    line behind the per-account lock, against one address trying many names."""
-
-    def __init__(self, window: float = IP_WINDOW, limit: int = IP_MAX_FAILURES):
-        self.window, self.limit = window, limit
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def _recent(self, ip: str, now: float) -> deque[float]:
-        q = self._failures.setdefault(ip, deque())
-        while q and now - q[0] > self.window:
-            q.popleft()
-        return q
-
-    def blocked(self, ip: str) -> bool:
-        with self._lock:
-            return len(self._recent(ip, time.monotonic())) >= self.limit
-
-    def failed(self, ip: str) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self._recent(ip, now).append(now)
-            if len(self._failures) > 10_000:  # bounded memory under a spray of addresses
-                self._failures = {k: v for k, v in self._failures.items() if v}
-
-
 @dataclass(frozen=True)
 class SignedIn:
     staff: Staff
@@ -287,78 +216,30 @@ class SignedIn:
     csrf: str
 
 
-def _lock_for(failures: int) -> timedelta:
-    return min(LOCK_MAX, LOCK_FIRST * (1 << min(failures - LOCK_AFTER, 10)))
-
-
 def login(ctx: ServerContext, name: str, password: str, ip: str,
           throttle: AddressThrottle) -> SignedIn:
-    """Check a user's password and open a console session. Refused alike for an unknown
-    name and a wrong password; after LOCK_AFTER failures in a row the account is locked
-    for a while (doubling up to LOCK_MAX), without the password even being checked."""
-    if throttle.blocked(ip):
-        raise TooManyAttempts("too many failed sign-ins from this address: try again in a "
-                              "few minutes")
-    now = datetime.now(UTC)
+    """Check a user's password (services/signin.py: throttles, lock) and open a console
+    session."""
+    uid = check_sign_in(ctx, User, name, password, ip, throttle, who=f"user:{name}")
+    secret, csrf = open_session(ctx, UserSession, {"user_id": uid})
     with ctx.session() as db:
-        user = db.scalar(select(User).where(User.name == name))
-        if user is not None and user.locked_until is not None and user.locked_until > now:
-            raise TooManyAttempts("too many failed sign-ins for this account: try again "
-                                  "in a few minutes")
-        uid, encoded = (user.id, user.password_hash) if user else (None, _dummy_hash())
-    ok = check_password(password, encoded) and uid is not None
-    if not ok:
-        throttle.failed(ip)
-        if uid is not None:
-            with ctx.write() as db:
-                u = db.get(User, uid)
-                if u is not None:
-                    u.failed_logins += 1
-                    if u.failed_logins >= LOCK_AFTER:
-                        u.locked_until = now + _lock_for(u.failed_logins)
-        audit.record(ctx, f"user:{name}"[:64], "login-failed", "", ip=ip)
-        raise LoginRefused("unknown user name or wrong password")
-    secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    with ctx.write() as db:
         u = db.get(User, uid)
         if u is None:
             raise LoginRefused("unknown user name or wrong password")
-        u.failed_logins, u.locked_until = 0, None
-        db.execute(delete(UserSession).where(UserSession.expires_at < now))
-        db.add(UserSession(id=digest(secret), user_id=u.id, csrf=csrf, created_at=now,
-                           last_seen=now, expires_at=now + SESSION_MAX))
         staff = Staff(u.name, u.role)
     audit.record(ctx, staff.actor, "login", "", ip=ip)
     return SignedIn(staff, secret, csrf)
 
 
 def session_staff(ctx: ServerContext, secret: str) -> tuple[Staff, str] | None:
-    """The user of a console session and its CSRF token, if the session is still open:
-    not past SESSION_MAX since sign-in, nor idle for SESSION_IDLE."""
-    now = datetime.now(UTC)
-    sid = digest(secret)
-    with ctx.session() as db:
-        row = db.execute(select(UserSession, User).join(User, User.id == UserSession.user_id)
-                         .where(UserSession.id == sid)).first()
-        if row is None:
-            return None
-        sess, user = row
-        if sess.expires_at <= now or now - sess.last_seen > SESSION_IDLE:
-            alive = False
-        else:
-            alive, stale = True, now - sess.last_seen > _TOUCH
-            found = Staff(user.name, user.role), sess.csrf
-    if not alive:
-        logout(ctx, secret)
+    """The user of a console session and its CSRF token, if the session is still open."""
+    sess = live_session(ctx, UserSession, secret)
+    if sess is None:
         return None
-    if stale:
-        with ctx.write() as db:
-            s = db.get(UserSession, sid)
-            if s is not None:
-                s.last_seen = now
-    return found
+    with ctx.session() as db:
+        user = db.get(User, sess.user_id)
+        return (Staff(user.name, user.role), sess.csrf) if user else None
 
 
 def logout(ctx: ServerContext, secret: str) -> None:
-    with ctx.write() as db:
-        db.execute(delete(UserSession).where(UserSession.id == digest(secret)))
+    end_session(ctx, UserSession, secret)

@@ -1,0 +1,199 @@
+"""Console pages about the fleet: endpoints (search, filters, detail, file portal
+accounts), their snapshots (browse, download), tasks and compliance."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import Response, StreamingResponse
+
+from strata.errors import NotFound, StrataError
+from strata.model.roles import Permission
+from strata.model.snapshot_files import SnapshotFileInfo
+from strata.model.users import PortalAccountRequest
+from strata.server.console.render import csv_response, render
+from strata.server.console.session import (
+    Page,
+    Visitor,
+    check_csrf,
+)
+from strata.server.console.views import page
+from strata.server.context import ServerContext
+from strata.server.deps import get_ctx
+from strata.server.services import (
+    compliance,
+    endpoints,
+    fleet,
+    operations,
+    portal,
+    snapshot_files,
+)
+from strata.server.services.lookup import find_endpoint
+
+router = APIRouter(include_in_schema=False)
+TASKS_SHOWN = 50
+SNAPSHOT_ROWS = 500  # entries of a folder on one page
+COMPLIANCE_SECONDS = 60.0
+
+
+@router.get("/endpoints")
+def endpoint_list(request: Request, q: str = "", state: str = "", os: str = "", tag: str = "",
+                  collection: str = "", format: str = "",
+                  v: Visitor = Depends(Page(Permission.VIEW)),
+                  ctx: ServerContext = Depends(get_ctx)) -> Response:
+    f = fleet.EndpointFilter(text=q[:128], state=state[:16], os=os[:64], tag=tag[:128],
+                             collection=collection[:128])
+    error = ""
+    try:
+        rows = fleet.search_endpoints(ctx, f)
+    except StrataError as exc:  # an unknown collection
+        rows, error = [], str(exc)
+    if format == "csv":
+        return csv_response("endpoints", ["id", "hostname", "state", "os", "last_seen",
+                                          "last_ip", "snapshots"],
+                            [[e.id, e.hostname, e.state, e.os, e.last_seen, e.last_ip,
+                              e.snapshots] for e in rows])
+    if request.headers.get("HX-Request") == "true":  # the filters ask for rows only
+        return render(request, "_endpoint_rows.html", rows=rows, error=error)
+    return page(request, "endpoints.html", v, rows=rows, f=f, error=error,
+                 choices=fleet.filter_choices(ctx), limit=fleet.SEARCH_ROWS)
+
+
+def _endpoint_page(request: Request, v: Visitor, ctx: ServerContext, ref: str,
+                   status: int = 200, error: str = "", done: str = "") -> Response:
+    try:
+        detail = endpoints.endpoint_detail(ctx, ref)
+    except StrataError as exc:
+        return page(request, "message.html", v, exc.http_status, title="Endpoint",
+                     message=str(exc))
+    accounts = portal.list_accounts(ctx, detail.id) if v.may(Permission.RESTORE) else []
+    return page(request, "endpoint.html", v, status, ep=detail, accounts=accounts,
+                 error=error, done=done)
+
+
+@router.get("/endpoints/{ref}")
+def endpoint_page(ref: str, request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
+                  ctx: ServerContext = Depends(get_ctx)) -> Response:
+    return _endpoint_page(request, v, ctx, ref)
+
+
+@router.post("/endpoints/{ref}/portal-accounts")
+def portal_account_create(ref: str, request: Request, name: str = Form("", max_length=64),
+                          home: str = Form("", max_length=1024),
+                          password: str = Form("", max_length=1024),
+                          csrf: str = Form("", max_length=64),
+                          v: Visitor = Depends(Page(Permission.RESTORE)),
+                          ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """The help desk gives a user of this endpoint the file portal."""
+    check_csrf(request, v.csrf, csrf)
+    from pydantic import ValidationError
+
+    try:
+        req = PortalAccountRequest(name=name, home=home, password=password)
+        made = portal.create_account(ctx, ref, req, actor=v.staff.actor)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        return _endpoint_page(request, v, ctx, ref, 422,
+                              error=f"{first['loc'][0]}: {first['msg']}")
+    except StrataError as exc:
+        return _endpoint_page(request, v, ctx, ref, exc.http_status, error=str(exc))
+    return _endpoint_page(request, v, ctx, ref,
+                          done=f"portal account {made.name}: folder {made.home}")
+
+
+@router.post("/endpoints/{ref}/portal-accounts/{name}/delete")
+def portal_account_delete(ref: str, name: str, request: Request,
+                          csrf: str = Form("", max_length=64),
+                          v: Visitor = Depends(Page(Permission.RESTORE)),
+                          ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    try:
+        if name not in {a.name for a in portal.list_accounts(ctx, ref)}:
+            raise NotFound(f"this endpoint has no portal account {name!r}")
+        portal.delete_account(ctx, name, actor=v.staff.actor)
+    except StrataError as exc:
+        return _endpoint_page(request, v, ctx, ref, exc.http_status, error=str(exc))
+    return _endpoint_page(request, v, ctx, ref, done=f"deleted portal account {name}")
+
+
+SNAPSHOT = "/endpoints/{ref}/snapshots/{snapshot}"
+
+
+def _hex_path(path_hex: str) -> bytes:
+    """The folder or file a browser link names: its bytes in hex, so that names that are
+    not UTF-8 work like any other (checked by the snapshot service)."""
+    return snapshot_files.parse_path(snapshot_files.path_from_hex("", path_hex[:8192]))
+
+
+def _child(folder: bytes, entry: SnapshotFileInfo) -> str:
+    name = bytes.fromhex(entry.raw_name) if entry.raw_name else entry.name.encode()
+    return (folder + b"/" + name if folder else name).hex()
+
+
+@router.get(SNAPSHOT + "/files")
+def snapshot_page(ref: str, snapshot: str, request: Request, path_hex: str = "",
+                  offset: int = 0, v: Visitor = Depends(Page(Permission.VIEW)),
+                  ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """A folder of a snapshot, with download links for those who may restore files."""
+    try:
+        folder = _hex_path(path_hex)
+        listing = snapshot_files.list_folder(ctx, ref, snapshot, folder, max(offset, 0),
+                                             SNAPSHOT_ROWS)
+        with ctx.session() as db:
+            host = find_endpoint(db, listing.endpoint).hostname
+    except StrataError as exc:
+        return page(request, "message.html", v, exc.http_status, title="Snapshot",
+                     message=str(exc))
+    crumbs, acc = [], b""
+    for part in folder.split(b"/") if folder else []:
+        acc = acc + b"/" + part if acc else part
+        crumbs.append((part.decode("utf-8", "replace"), acc.hex()))
+    rows = [(e, _child(folder, e)) for e in listing.entries]
+    return page(request, "snapshot.html", v, listing=listing, host=host, crumbs=crumbs,
+                 rows=rows, here=folder.hex(), may_restore=v.may(Permission.RESTORE))
+
+
+@router.get(SNAPSHOT + "/download")
+def snapshot_download(ref: str, snapshot: str, request: Request, path_hex: str = "",
+                      format: str | None = None,
+                      v: Visitor = Depends(Page(Permission.RESTORE)),
+                      ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """A file, or a folder as tar or zip: restoring files for a user (audited)."""
+    try:
+        d = snapshot_files.download(ctx, ref, snapshot, _hex_path(path_hex), format,
+                                    v.staff.actor)
+    except StrataError as exc:
+        return page(request, "message.html", v, exc.http_status, title="Download",
+                     message=str(exc))
+    headers = {"Content-Disposition": d.disposition, "X-Content-Type-Options": "nosniff"}
+    if d.size is not None:
+        headers["Content-Length"] = str(d.size)
+    return StreamingResponse(d.body, media_type=d.media_type, headers=headers)
+
+
+@router.get("/tasks")
+def task_list(request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
+              ctx: ServerContext = Depends(get_ctx)) -> Response:
+    return page(request, "tasks.html", v, tasks=operations.recent_tasks(ctx, TASKS_SHOWN))
+
+
+@router.get("/tasks/{tid}")
+def task_page(tid: int, request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
+              ctx: ServerContext = Depends(get_ctx)) -> Response:
+    try:
+        task = operations.task_info(ctx, tid)
+    except StrataError as exc:
+        return page(request, "message.html", v, exc.http_status, title="Task",
+                     message=str(exc))
+    if request.headers.get("HX-Request") == "true":  # the progress polls itself
+        return render(request, "_task_progress.html", task=task)
+    return page(request, "task.html", v, task=task)
+
+
+@router.get("/compliance")
+def compliance_page(request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
+                    ctx: ServerContext = Depends(get_ctx)) -> Response:
+    # Measuring drift reads every endpoint's latest snapshot against its layers: kept for
+    # a minute (COMPLIANCE_SECONDS), as the API's report is not.
+    report = ctx.cached("console:compliance", lambda: compliance.compliance_report(ctx),
+                        ttl=COMPLIANCE_SECONDS)
+    return page(request, "compliance.html", v, report=report)
