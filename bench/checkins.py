@@ -3,6 +3,9 @@
 `python -m bench.checkins [--agents 1000] [--checkins 5000] [--concurrency 64]` starts a
 server on loopback, enrolls the agents through the real API, then has them check in
 (with inventory, like the real agent) and reports throughput and latency percentiles.
+Closed loop (a fixed number in flight): how fast the server can go. `make bench` runs
+the open-loop fleet instead (bench/openloop.py), which says how a fleet is served; this
+module also gives the other benches their server and inventories.
 """
 
 from __future__ import annotations

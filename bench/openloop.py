@@ -358,7 +358,7 @@ async def run_all(url: str, admin: str, server_pid: int, fleet: Path, endpoints:
                 f"{enrolled['seconds']:.1f} s ({reused} kept from an earlier run)")
 
     await grow(endpoints)
-    main = await measure_phase(pool, creds, interval, seconds, change, server_pid)
+    main = await measure_phase(pool, creds[:endpoints], interval, seconds, change, server_pid)
     say(_line(main))
     tried: list[dict] = []
     if search_steps:

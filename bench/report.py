@@ -190,8 +190,8 @@ def markdown(meta: dict, steps: list[Step], goals: list[dict]) -> str:
 
 
 def extra_sections(meta: dict) -> list[str]:
-    """Centralization over loopback, check-in load, the base layer update, and memory
-    at scale."""
+    """Centralization over loopback, a fleet's check-ins, the base layer update, and
+    memory at scale."""
     out: list[str] = []
     fleet = meta.get("fleet")
     if fleet:
@@ -219,16 +219,6 @@ def extra_sections(meta: dict) -> list[str]:
                        f"{'first endpoint' if e['endpoint'] == 1 else ('met' if ok else 'not met')}"
                        " |")
         out.append("")
-    ck = meta.get("checkins")
-    if ck:
-        out += [
-            "## Check-ins from simulated agents", "",
-            f"{ck['agents']} agents enrolled through the API, then {ck['checkins']} check-ins "
-            f"(with inventory, {ck['concurrency']} in flight) against one server process "
-            f"(`python -m bench.checkins`): **{ck['checkins_per_second']:.0f} check-ins/s**, "
-            f"p50 {ck['p50_ms']:.1f} ms, p99 {ck['p99_ms']:.1f} ms, {ck['errors']} errors. "
-            "The load generator runs on the same 2 CPUs.", "",
-        ]
     if meta.get("openloop"):
         out += fleet_checkin_section(meta["openloop"])
     con = meta.get("console")
