@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server_fixtures import Server, assert_one_line_error, strata
+from strata.cli.confirm import NotConfirmed
 from strata.engine.backup import backup
 from strata.server import passwords
 from strata.server.app import create_app
@@ -231,8 +232,8 @@ def test_portal_commands(tmp_path):
         assert "ann" in strata("portal", "list", *common).stdout
         assert_one_line_error(strata("portal", "add", eid, "Ann", "--password-file", pw,
                                      *common, rc=2), "not valid")
-        assert_one_line_error(strata("portal", "delete", "ann", *common, rc=1),
-                              "refusing without --yes", rc=1)
+        assert_one_line_error(strata("portal", "delete", "ann", *common, rc=None),
+                              "refusing without --yes", rc=NotConfirmed.exit_code)
         strata("portal", "delete", "ann", "--yes", *common)
         assert "ann" not in strata("portal", "list", *common).stdout
     finally:

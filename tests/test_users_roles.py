@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from server_fixtures import Server, assert_one_line_error, strata
+from strata.cli.confirm import NotConfirmed
 from strata.model.roles import ROLES, Permission
 from strata.server import passwords
 from strata.server.app import create_app
@@ -327,8 +328,8 @@ def test_user_commands_end_to_end(tmp_path):
         assert_one_line_error(proc, "not valid")
         proc = strata("user", "create", "x", "--role", "root", *common, rc=2)
         assert_one_line_error(proc, "unknown role")
-        proc = strata("user", "delete", "hana", *common, rc=1)
-        assert_one_line_error(proc, "refusing without --yes", rc=1)
+        proc = strata("user", "delete", "hana", *common, rc=None)
+        assert_one_line_error(proc, "refusing without --yes", rc=NotConfirmed.exit_code)
         assert_one_line_error(strata("user", "delete", "nobody", "--yes", *common, rc=2),
                               "no user 'nobody'")
         assert "hana is now image-manager" in strata("user", "role", "hana", "image-manager",

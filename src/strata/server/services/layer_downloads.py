@@ -4,6 +4,8 @@ what is assigned to it."""
 
 from __future__ import annotations
 
+import functools
+
 import zstandard
 
 from strata.errors import Forbidden, NotFound, TooLarge
@@ -26,6 +28,16 @@ def allowed_snapshots(ctx: ServerContext, ep: Endpoint) -> set[str]:
     return {dl.snapshot for dl in [*desired.layers, *(desired.owned or [])]}
 
 
+def allowed_chunks(ctx: ServerContext, ep: Endpoint, ids: list[bytes]) -> set[bytes]:
+    """Of `ids`: those in the layers and snapshots the endpoint's desired state names.
+    Each one's chunks are indexed once (server/holdings.py) and looked up by query, not
+    gathered from its manifest for every request."""
+    sids = sorted(allowed_snapshots(ctx, ep))
+    for sid in sids:
+        ctx.holdings.index_snapshot(sid, functools.partial(ctx.snapshot_chunks, sid))
+    return ctx.holdings.in_snapshots(sids, ids)
+
+
 def layer_manifest(ctx: ServerContext, ep: Endpoint, sid: str) -> bytes:
     """The zstd-compressed manifest of a layer or snapshot the endpoint's desired state
     names (a manifest is highly redundant: compressed it is a fraction)."""
@@ -41,10 +53,7 @@ def layer_chunks(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> bytes:
     the level (a client asking for the costliest would be a denial of service) and keeps
     the stream: the next endpoint asking for the same batch costs no compression."""
     ids = list(dict.fromkeys(parse_chunk_ids(hex_ids)))
-    allowed: set[bytes] = set()
-    for sid in allowed_snapshots(ctx, ep):
-        allowed |= ctx.snapshot_chunks(sid)
-    if any(c not in allowed for c in ids):
+    if len(allowed_chunks(ctx, ep, ids)) < len(ids):
         raise Forbidden("a requested chunk is not part of this endpoint's layers")
     # Only then the size: summed over chunks the endpoint may not read, it would tell
     # (413 or not) whether the server holds them.

@@ -4,8 +4,8 @@ endpoint has shown it holds, and reading its own snapshots back for a file resto
 
 from __future__ import annotations
 
-import functools
 import hmac
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from strata.errors import CorruptData, Invalid, MissingChunks, TooLarge
@@ -27,7 +27,7 @@ from strata.server.holdings import shareable_path
 from strata.server.rate_limit import RateLimiter, TooManyRequests
 from strata.server.services import audit, snapshots
 from strata.server.services.facts import endpoint_family
-from strata.server.services.layer_downloads import allowed_snapshots
+from strata.server.services.layer_downloads import allowed_chunks
 from strata.server.services.layers import rules_for
 from strata.server.services.manifests import parse_chunk_ids, verify_manifest
 from strata.store.pack import decode_payload
@@ -35,6 +35,7 @@ from strata.store.pack import decode_payload
 OWN_CVD = "this endpoint"  # how the agent's own CVD is named in its error messages
 PAYLOAD_OVERHEAD = 64  # a payload's flag byte, or zstd's frame around incompressible data
 MAX_PROOF_BYTES = 256 << 20  # raw bytes one proof request makes the server read and hash
+_PROOF_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="proofs")
 
 
 def missing_for_admin(ctx: ServerContext, uploader: str, hex_ids: list[str]) -> list[str]:
@@ -46,14 +47,6 @@ def missing_for_admin(ctx: ServerContext, uploader: str, hex_ids: list[str]) -> 
     return [c.hex() for c in ctx.store.missing_chunks(ids)]
 
 
-def _through_layers(ctx: ServerContext, ep: Endpoint, ids: list[bytes]) -> set[bytes]:
-    """Of `ids`: those in the layers (and snapshots) the endpoint's desired state names.
-    It may download them, so it holds them. Each layer's chunks are indexed once (in the
-    holdings), not decoded from its manifest at every question."""
-    sids = sorted(allowed_snapshots(ctx, ep))
-    for sid in sids:
-        ctx.holdings.index_snapshot(sid, functools.partial(ctx.snapshot_chunks, sid))
-    return ctx.holdings.in_snapshots(sids, ids)
 
 
 def _head_chunks(ctx: ServerContext, ep: Endpoint) -> frozenset[bytes]:
@@ -83,7 +76,8 @@ def _possession(ctx: ServerContext, ep: Endpoint, ids: list[bytes]
     seed_holdings(ctx, ep)
     recorded, shared = ctx.holdings.view(ep.id, ids)
     rest = [c for c in ids if c not in recorded]
-    through_layers = _through_layers(ctx, ep, rest) if rest else set()
+    # What its layers hold: it may download them, so it holds them.
+    through_layers = allowed_chunks(ctx, ep, rest) if rest else set()
     return recorded, through_layers, shared
 
 
@@ -136,14 +130,18 @@ def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
     if sum(sizes.values()) > MAX_PROOF_BYTES:
         raise TooLarge(f"prove at most {MAX_PROOF_BYTES >> 20} MiB of chunks per request")
     _take(ctx, ctx.proof_bytes, ep, sum(sizes.values()), "bytes to prove")
-    accepted: list[bytes] = []
-    for cid in shared:  # absent or private chunks get no proof checked: "upload them"
+    def checks_out(cid: bytes) -> bool:
         try:
             raw = ctx.store.load_chunk(cid)  # verified against its id
         except CorruptData:
-            continue
-        if hmac.compare_digest(proof(nonce, raw), claims[cid]):
-            accepted.append(cid)
+            return False
+        return hmac.compare_digest(proof(nonce, raw), claims[cid])
+
+    # Absent or private chunks get no proof checked ("upload them"). Reading, zstd and
+    # BLAKE3 release the GIL: the checks run side by side.
+    order = list(shared)
+    accepted = [c for c, ok in zip(order, _PROOF_CHECKS.map(checks_out, order), strict=True)
+                if ok]
     ctx.holdings.record(ep.id, accepted)
     proven = set(accepted) | held  # held already (a race with its own upload): fine
     refused = [c for c in claims if c not in proven]
