@@ -276,6 +276,17 @@ def test_endpoint_strings_are_escaped_everywhere(console):
     assert "&lt;script&gt;document.title=" in c.get(f"/endpoints/{eid}").text
 
 
+def test_the_endpoint_page_title_is_its_hostname(console):
+    """The page's <title> holds the hostname alone (it once held the portal form)."""
+    c = console.client
+    eid = console.enroll("lab-07")
+    assert sign_in(c, "ada").status_code == 303
+    html = c.get(f"/endpoints/{eid}").text
+    title = html[html.index("<title>") + 7:html.index("</title>")]
+    assert title == "lab-07 · Strata", title
+    assert html.count("<h2>File portal</h2>") == 1
+
+
 def test_the_endpoint_search_matches_text_not_patterns_and_filters(console):
     c = console.client
     ids = {host: console.enroll(host) for host in ("lab-01", "lab-02", "finance-pc",
