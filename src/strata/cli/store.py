@@ -454,6 +454,7 @@ def repair_index(store_dir: str = StoreDir, state: Path | None = STATE,
         console.print(f"[red]unreadable pack[/] {safe(name)} (its trailer is damaged)",
                       markup=True)
 
+
 @app.command("repair")
 def repair(store_dir: str = StoreDir, state: Path | None = STATE,
            dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; "
