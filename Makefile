@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
-# The unit tier: no servers, agents, CLIs or databases (under a minute).
+# The unit tier: no servers, agents, CLIs or databases (about a minute).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
 
