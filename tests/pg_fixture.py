@@ -168,7 +168,10 @@ class Catalogs:
         return self.new() or f"sqlite:///{data_dir / 'catalog.sqlite'}"
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# The PostgreSQL variant starts a cluster, asked for lazily below, so the tier hook in
+# conftest.py cannot see it among a test's fixtures: the parameter carries the mark.
+@pytest.fixture(scope="module",
+                params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])
 def catalogs(request: pytest.FixtureRequest) -> Catalogs:
     """Parametrizes a module over both catalog databases; the PostgreSQL cluster is only
     started when a PostgreSQL variant runs."""
