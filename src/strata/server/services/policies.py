@@ -45,11 +45,16 @@ def read_policy(ctx: ServerContext, kind: str) -> PolicyDocument:
         return get_policy(db, kind)
 
 
-def _validated(kind: str, document: dict) -> dict:
+def _validated(kind: str, document: dict, ctx: ServerContext | None = None) -> dict:
     try:
-        return validate_policy(kind, document)
+        doc = validate_policy(kind, document)
     except (ValueError, TypeError) as exc:
         raise Invalid(f"invalid {kind} policy: {exc}") from None
+    if kind == "reflectors" and ctx is not None:
+        from strata.server.services.reflectors import check_known
+
+        check_known(ctx, doc["rules"])
+    return doc
 
 
 def _changes(before: dict, after: dict) -> list[PolicyChange]:
@@ -69,7 +74,7 @@ def plan_policy(ctx: ServerContext, kind: str, req: PolicyPlanRequest) -> Policy
             proposed = req.document
         else:
             proposed = merge_policy(current, req.document)
-        doc = _validated(kind, proposed)
+        doc = _validated(kind, proposed, ctx)
         losses = []
         if kind == "retention":
             losses = [RetentionLoss(endpoint_id=c.endpoint_id, hostname=c.hostname,
@@ -84,7 +89,7 @@ def write_policy(ctx: ServerContext, kind: str, document: PolicyDocument, *,
                  actor: str) -> PolicyDocument:
     """Replace the kind's document; the audit record holds what changed."""
     _known(kind)
-    doc = _validated(kind, document)
+    doc = _validated(kind, document, ctx)
     with ctx.write() as db:
         before = get_policy(db, kind)
         row = db.get(Policy, kind)
