@@ -91,6 +91,8 @@ def run(state: Path | None = STATE, poll: float = typer.Option(
     from strata.reflector.daemon import run as run_reflector
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("httpx", "httpcore"):  # a line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     run_reflector(_state(state), poll_seconds=poll)
 
 

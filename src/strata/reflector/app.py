@@ -17,6 +17,7 @@ from strata.model.ids import is_hex_id
 from strata.model.transfer import BundleWriter, pack_stream
 from strata.model.wire import ChunkRequest
 from strata.reflector.service import ReflectorService
+from strata.server.body_limit import JSON_LIMIT, BodyLimitMiddleware
 from strata.server.services.manifests import parse_chunk_ids as parse_ids
 
 log = logging.getLogger("strata.reflector")
@@ -32,6 +33,8 @@ def _ticket(authorization: str | None) -> str:
 def create_app(service: ReflectorService) -> FastAPI:
     app = FastAPI(title="Strata branch reflector", version=__version__, openapi_url=None,
                   docs_url=None, redoc_url=None)
+    # Agents send only JSON lists of ids: 4 MiB holds 10,000 of them many times over.
+    app.add_middleware(BodyLimitMiddleware, upload_limit=JSON_LIMIT)
 
     @app.exception_handler(StrataError)
     async def strata_error(_request: Request, exc: StrataError) -> JSONResponse:

@@ -74,17 +74,15 @@ class ChunkCache:
     def make_room(self) -> None:
         """Evict least recently used packs until the cache fits its limit."""
         packs = self.store.pack_sizes()
-        total = sum(packs.values())
-        if total <= self.limit:
-            return
         now = time.monotonic()
         with self._lock:
-            for name in packs:
+            for name in packs:  # a pack is used when it is written (or first seen)
                 self._used.setdefault(name, now)
             order = sorted(packs, key=lambda n: self._used[n])
+        total = sum(packs.values())
         doomed = []
         for name in order:
-            if total <= self.limit * 0.9:  # some slack: not one eviction per batch
+            if total <= self.limit:
                 break
             doomed.append(name)
             total -= packs[name]

@@ -25,6 +25,7 @@ from strata.store.pack import decode_payload
 log = logging.getLogger("strata.reflector")
 POLL_SECONDS = 10.0  # how often the reflector asks the server what to warm
 IMPORT_BATCH = 256
+COUNTERS_SECONDS = 2.0  # how often the counters are saved for `reflector status`
 
 
 def enroll(state: ReflectorState, *, server: str, token: str, listen: str, cache: Path,
@@ -99,9 +100,13 @@ class Poller(threading.Thread):
         self.status = "unknown"
 
     def run(self) -> None:
+        due = 0.0
         while not self.stop.is_set():
-            self.once()
-            self.stop.wait(self.interval)
+            if time.monotonic() >= due:
+                self.once()
+                due = time.monotonic() + self.interval
+            self.state.save_counters(self.service.counters.snapshot())  # for `status`
+            self.stop.wait(min(COUNTERS_SECONDS, self.interval))
 
     def once(self) -> None:
         try:
@@ -134,6 +139,8 @@ def run(state: ReflectorState, *, poll_seconds: float = POLL_SECONDS) -> None:
     with opened(state) as service:
         poller = Poller(service, state, poll_seconds)
         poller.start()
+        log.info("reflector %s serving on %s (cache %s, at most %d bytes)", cfg.reflector_id,
+                 cfg.url, cfg.cache, cfg.cache_size)
         try:
             config = uvicorn.Config(create_app(service), log_level="warning",
                                     timeout_keep_alive=30,

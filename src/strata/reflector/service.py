@@ -12,15 +12,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from strata.agent.client import ServerRefused
-from strata.errors import CorruptData, StrataError
+from strata.errors import CorruptData, StrataError, TooLarge
 from strata.model.reflector import ReflectorStats
 from strata.model.tickets import Ticket, TicketRefused, verify_ticket
+from strata.model.transfer import MAX_STREAM_BYTES
 from strata.reflector.cache import ChunkCache
 from strata.reflector.upstream import Upstream
+from strata.server.rate_limit import ConcurrencyLimit
 
 SETS_KEPT = 16  # chunk lists of layers and snapshots held in memory
 WAIT_SECONDS = 300.0  # how long a request waits on another's fetch of the same chunk
 WARM_BATCH = 256  # chunks per warm-up request (at most 64 MiB at the largest chunk size)
+MAX_CHUNKS = 4096  # per request, as the agent batches them (agent/update.py)
+PER_ENDPOINT = 2  # requests of one endpoint at once (the agent makes one at a time)
 
 
 class NotAllowed(StrataError):
@@ -61,6 +65,7 @@ class ReflectorService:
         self.counters = Counters()
         self.counters.add(**{k: v for k, v in (counters or {}).items()
                              if k in Counters.__dataclass_fields__ and not k.startswith("_")})
+        self.slots = ConcurrencyLimit(PER_ENDPOINT)
         self._lock = threading.Lock()
         self._inflight: dict[bytes, Future[bytes]] = {}
         self._fetch_lock = threading.Lock()  # one fetch from the server at a time
@@ -120,8 +125,15 @@ class ReflectorService:
         """Chunks (id, bytes) in the order asked, each verified against its id: from the
         cache, or fetched from the server with the same ticket."""
         ids = list(dict.fromkeys(ids))
-        self.authorize(ticket_text, ids, snapshot)
-        return self.chunks(ids, ticket_text, snapshot)
+        ticket = self.authorize(ticket_text, ids, snapshot)
+        # Bounded per request as the server bounds it: what the cache holds is known
+        # before anything is read; a miss the server refuses beyond its own bound.
+        if len(ids) > MAX_CHUNKS or \
+                sum(self.cache.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:
+            raise TooLarge(f"ask for at most {MAX_CHUNKS} chunks and {MAX_STREAM_BYTES} "
+                           "bytes per request")
+        with self.slots.slot(ticket.endpoint, "downloads"):
+            return self.chunks(ids, ticket_text, snapshot)
 
     def chunks(self, ids: list[bytes], ticket_text: str = "", snapshot: str | None = None
                ) -> list[tuple[bytes, bytes]]:

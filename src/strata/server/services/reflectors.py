@@ -45,6 +45,7 @@ from strata.server.services.manifests import parse_chunk_ids
 
 TICKET_SECONDS = 3600  # a ticket's life: agents renew it at check-in or when it runs out
 TICKET_REISSUE = 600.0  # a check-in within this long of the last gets the same ticket
+WARM_CACHE = 5.0  # seconds a reflector's warm list is reused between its requests
 ACTIVE, RETIRED, QUARANTINED = "active", "retired", "quarantined"
 
 
@@ -81,7 +82,13 @@ class ReflectorRoutes:
 def warm_layers(ctx: ServerContext, reflector_id: str) -> dict[str, str]:
     """snapshot id -> NAME:VERSION of every IT layer that the endpoints routed to this
     reflector are assigned now: an assignment made a minute ago is on the list at the
-    reflector's next poll, before those endpoints check in and ask."""
+    reflector's next poll, before those endpoints check in and ask. Cached briefly: each
+    warm-up request checks against it."""
+    return ctx.cached(f"warm:{reflector_id}", lambda: _warm_layers(ctx, reflector_id),
+                      ttl=WARM_CACHE)
+
+
+def _warm_layers(ctx: ServerContext, reflector_id: str) -> dict[str, str]:
     from strata.server.services.assignments import cached_desired
 
     served = sorted(ctx.reflector_routes.served(reflector_id))
