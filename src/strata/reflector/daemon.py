@@ -80,10 +80,12 @@ def opened(state: ReflectorState) -> Iterator[ReflectorService]:
     cfg = state.config()
     cache = ChunkCache(Path(cfg.cache), cfg.cache_size)
     upstream = Upstream(cfg)
-    try:
-        yield ReflectorService(cfg.reflector_id, bytes.fromhex(cfg.ticket_key), cache,
+    service = ReflectorService(cfg.reflector_id, bytes.fromhex(cfg.ticket_key), cache,
                                upstream, counters=state.counters())
+    try:
+        yield service
     finally:
+        service.close()
         upstream.close()
         cache.close()
 
