@@ -86,6 +86,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     import uvicorn
 
     from strata.server.app import create_app
+    from strata.server.catalog.db import is_postgresql
     from strata.server.context import ServerSettings
     from strata.server.data_dir import lock_down
     from strata.server.http_timeouts import timed_protocol
@@ -112,7 +113,8 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
                               credential_rotation=rotation, credential_lifetime=lifetime,
                               common_holders=common_holders)
     lock_down(data_dir)  # 0700, and 0600 for every file this process writes
-    lock = DataDirLock(data_dir).acquire()  # one server per data directory
+    # One server per data directory, or several on one PostgreSQL catalog.
+    lock = DataDirLock(data_dir, shared=is_postgresql(settings.catalog_url)).acquire()
     sock = bind(address)  # a bad or busy address: one line, before anything is announced
     try:
         certificate = server_certificate(address, data_dir, tls=tls, tls_cert=tls_cert,

@@ -28,12 +28,14 @@ from strata.server.auth import (
     same_secret,
 )
 from strata.server.body_limit import BodyLimitMiddleware
+from strata.server.cache_coherence import CatalogGeneration
 from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
 from strata.server.console.pages import mount_console
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.deps import client_ip, label_permissions
-from strata.server.holdings import Holdings
+from strata.server.holdings import ChunkHoldings, Holdings
+from strata.server.holdings_pg import PgHoldings
 from strata.server.maintenance import upkeep_threads
 from strata.server.possession import NonceMinter
 from strata.server.routes import (
@@ -57,6 +59,7 @@ from strata.server.routes import (
 )
 from strata.server.store_location import open_server_store
 from strata.server.stream_cache import StreamCache
+from strata.store.pg_shared import PgShared
 
 log = logging.getLogger("strata.server")
 
@@ -72,16 +75,27 @@ def create_app(settings: ServerSettings) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     token_path, _ = ensure_admin_token(settings.data_dir)
     metrics_token_path, _ = ensure_token_file(settings.data_dir / "metrics.token", "smet")
-    _, sessions = open_catalog(settings.catalog_url)
+    engine, sessions = open_catalog(settings.catalog_url)
+    scaled_out = engine.dialect.name == "postgresql"
+    holdings: ChunkHoldings
+    if scaled_out:
+        # Every server process on this catalog shares the chunk index, the store's locks,
+        # the holdings and a cache generation in it (docs/deployment.md).
+        shared: PgShared | None = PgShared(engine.raw_connection)
+        holdings = PgHoldings(engine.raw_connection, settings.common_holders)
+    else:
+        shared = None
+        holdings = Holdings(settings.data_dir / "holdings.sqlite", settings.common_holders)
     store = open_server_store(settings.data_dir, settings.store,
                               s3_endpoint_url=settings.s3_endpoint_url,
                               s3_region=settings.s3_region, passphrase=settings.passphrase,
-                              encrypt=settings.encrypt)
+                              encrypt=settings.encrypt, shared=shared)
     ctx = ServerContext(settings=settings, store=store, db=sessions,
                         streams=StreamCache(settings.data_dir / "cache" / "streams"),
-                        holdings=Holdings(settings.data_dir / "holdings.sqlite",
-                                          settings.common_holders),
-                        possession=NonceMinter(settings.data_dir / "possession.key"))
+                        holdings=holdings,
+                        possession=NonceMinter(settings.data_dir / "possession.key"),
+                        coherence=CatalogGeneration(engine.raw_connection)
+                        if scaled_out else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
