@@ -15,9 +15,11 @@ import json
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 
 from server_fixtures import (
@@ -26,6 +28,7 @@ from server_fixtures import (
     Server,
     build_os_tree,
     centralized,
+    device,
     file_map,
     finish,
     kill_group,
@@ -194,6 +197,27 @@ def test_kill_9_of_one_process_mid_upload_loses_nothing(world, tmp_path):
     world.two = _server(world.data, "two", world.two.catalog, world.two.args)
     world.two.start()
     assert len(world.two.admin("GET", "/endpoints")) == 4
+
+
+def test_changes_through_one_process_hold_on_the_other_within_a_second(world):
+    # A revoked device: process two cached its credential; one revokes it.
+    agent = world.agents[2]  # enrolled through process two; not used after this
+    with device(world.two, agent.credential) as http:
+        assert http.get("/api/v1/agent/snapshots").status_code == 200  # cached now
+        world.one.admin("POST", f"/endpoints/{agent.endpoint_id}/revoke")
+        started = time.monotonic()
+        assert wait_for(lambda: http.get("/api/v1/agent/snapshots").status_code != 200, 10)
+        print(f"revocation through one refused on two after {time.monotonic() - started:.2f} s")
+        assert http.get("/api/v1/agent/snapshots").status_code in (401, 403)
+    # The admin token rotated through one process is the only one either accepts.
+    old = world.one.admin_token
+    world.one.admin("POST", "/admin-token/rotate")
+    assert world.one.admin_token != old
+    for srv in (world.one, world.two):
+        refused = httpx.get(srv.url + "/api/v1/admin/endpoints", timeout=30,
+                            headers={"Authorization": f"Bearer {old}"})
+        assert refused.status_code == 403
+        assert len(srv.admin("GET", "/endpoints")) == 4  # with the new one
 
 
 def test_check_read_data_is_clean_at_the_end(world):

@@ -20,13 +20,7 @@ from strata import __version__
 from strata.errors import StrataError
 from strata.server import metrics
 from strata.server.asgi_metrics import MetricsMiddleware
-from strata.server.auth import (
-    digest,
-    ensure_admin_token,
-    ensure_token_file,
-    read_token_file,
-    same_secret,
-)
+from strata.server.auth import TokenFile, ensure_admin_token, ensure_token_file, same_secret
 from strata.server.body_limit import BodyLimitMiddleware
 from strata.server.cache_coherence import CatalogGeneration
 from strata.server.catalog.db import db_reason, open_catalog
@@ -113,9 +107,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="Strata server", version=__version__, lifespan=lifespan,
                   openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs")
     app.state.ctx = ctx
-    app.state.admin_digest = digest(read_token_file(token_path))
+    app.state.admin_token = TokenFile(token_path)  # rotated by any process: re-read
     app.state.admin_token_path = token_path
-    app.state.metrics_digest = digest(read_token_file(metrics_token_path))
+    app.state.metrics_token = TokenFile(metrics_token_path)
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
                    collections, compliance, operations, audit, signing, snapshot_files,
                    users, maintenance, agent_deltas, portal):
@@ -175,8 +169,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         request rates and byte counts say when and how much each fleet backs up.
         `strata server --metrics-listen` serves them without a token on another address."""
         token = (authorization or "").removeprefix("Bearer ").strip()
-        if not token or not (same_secret(token, app.state.metrics_digest)
-                             or same_secret(token, app.state.admin_digest)):
+        if not token or not (same_secret(token, app.state.metrics_token.digest())
+                             or same_secret(token, app.state.admin_token.digest())):
             raise HTTPException(401, "metrics need 'Authorization: Bearer <token>' with the "
                                 "token in DATA/metrics.token",
                                 headers={"WWW-Authenticate": "Bearer"})
