@@ -5,8 +5,8 @@ locks, upload spool) in a local directory of its own.
 A state directory remembers the one store it serves (`store.json`): an index that claims
 chunks another store lacks would let writers skip uploading them. Every process that
 writes to one object store must use the same state directory (its locks keep prune from
-deleting what a backup is about to reference); several servers on one object store need
-a shared index and locks instead (issue #15).
+deleting what a backup is about to reference); several servers on one object store keep
+the index and locks in their PostgreSQL catalog instead (`shared`, store/pg_shared.py).
 """
 
 from __future__ import annotations
