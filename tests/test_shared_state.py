@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from strata.engine.check import check
 from strata.engine.prune import prune
-from strata.errors import StoreLocked
+from strata.errors import StoreLocked, StrataError
 from strata.model.ids import content_id
 from strata.server.cache_coherence import CatalogGeneration
 from strata.server.holdings import Holdings
@@ -171,6 +171,18 @@ def test_two_processes_storing_the_same_chunks_lose_and_orphan_nothing(pg, tmp_p
     assert res.ok, res
     a.close()
     b.close()
+
+
+def test_a_store_whose_index_is_in_the_database_is_refused_without_it(pg, tmp_path):
+    """`strata store` on the servers' store would trust a stale SQLite index (dedup
+    against pruned chunks) and take locks no server sees: it is refused in one line."""
+    path = tmp_path / "store"
+    Store.init(path, shared=PgShared(pg().raw_connection)).close()
+    with pytest.raises(StrataError, match="PostgreSQL catalog; work on it through the "
+                       "server") as caught:
+        Store.open(path)
+    assert "\n" not in str(caught.value)
+    Store.open(path, shared=PgShared(pg().raw_connection)).close()  # the servers' way
 
 
 def test_holdings_in_postgresql_answer_as_in_sqlite(pg, tmp_path):

@@ -59,6 +59,9 @@ def check_pack_size(pack_size: int) -> None:
         raise StrataError(f"pack size {pack_size} bytes is out of range: give 64KiB to 1GiB "
                           "(default 16MiB)")
 SNAPSHOT_AAD = b"strata-snapshot"
+# In a working state whose index and locks live in a database (several server processes):
+# `strata store` refuses it rather than trust its stale SQLite index.
+SHARED_MARKER = "index-in-database"
 
 PassphraseSource = Callable[[], str | None]  # None: no passphrase to be had
 
@@ -148,11 +151,23 @@ class Store:
         # share them in a database (`SharedState`, store/pg_shared.py).
         self.index: Index
         self.coordination: Coordination
+        marker = self.state_dir / SHARED_MARKER
         if shared is None:
+            if marker.exists():
+                # The SQLite index here is stale and the lock files unused: a backup
+                # would dedup against chunks prune has removed, a prune would not see
+                # the servers' uploads.
+                raise StrataError(f"the index and locks of the store served from "
+                                  f"{self.state_dir} are in the servers' PostgreSQL catalog; "
+                                  "work on it through the server (for a read-only look at an "
+                                  "object store, give another --state directory)")
             self.index = ChunkIndex(self.state_dir / "index.sqlite")
             self.coordination = LocalCoordination(self.locks_dir)
         else:
             self.index, self.coordination = shared.open(config.id)
+            if not marker.exists():
+                marker.write_text("The chunk index and locks of this store are in a "
+                                  "PostgreSQL database (strata server --catalog).\n")
         self.spool_dir = self.state_dir / "tmp"
         self._lock = threading.Lock()  # the pending set, the index connection, pack list
         self._slots = [_PackSlot() for _ in range(max(2, os.cpu_count() or 2))]
