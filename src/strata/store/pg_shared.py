@@ -359,10 +359,14 @@ class PgCoordination:
 
     def __init__(self, db: Connections):
         self.db = db
+        # This process's commits queue here, not in the database: a waiter on the
+        # advisory lock holds a pooled connection, and forty of them would leave the
+        # holder none to check its chunks with.
+        self._commits = threading.Lock()
 
     @contextlib.contextmanager
     def commit_lock(self) -> Iterator[None]:
-        with self.db.held() as conn:
+        with self._commits, self.db.held() as conn:
             conn.cursor().execute("SELECT pg_advisory_lock(%s)", (_COMMIT_LOCK,))
             try:
                 yield
