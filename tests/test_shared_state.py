@@ -17,7 +17,7 @@ from strata.engine.check import check
 from strata.engine.prune import prune
 from strata.errors import StoreLocked, StrataError
 from strata.model.ids import content_id
-from strata.server.cache_coherence import CatalogGeneration
+from strata.server.cache_coherence import ALL, CacheInvalidations
 from strata.server.holdings import Holdings
 from strata.server.holdings_pg import PgHoldings
 from strata.store.index import ChunkIndex
@@ -215,19 +215,54 @@ def test_holdings_in_postgresql_answer_as_in_sqlite(pg, tmp_path):
 
 def test_another_processes_change_reaches_this_cache_within_the_interval(pg):
     now = [0.0]
-    one = CatalogGeneration(pg().raw_connection, clock=lambda: now[0])
-    two = CatalogGeneration(pg().raw_connection, clock=lambda: now[0])
-    assert not two.changed()  # first look: nothing to compare with
-    one.changed()
-    one.bump()
-    assert not two.changed()  # looked less than a second ago: trusts its cache
+    one = CacheInvalidations(pg().raw_connection, clock=lambda: now[0])
+    two = CacheInvalidations(pg().raw_connection, clock=lambda: now[0])
+    assert two.changes() == set()  # first look: its cache holds nothing older
+    assert one.changes() == set()
+    one.publish("device:abc")
+    assert two.changes() is None  # looked less than a second ago: trusts its cache
     now[0] += 1.0
-    assert two.changed()  # at most a second later it sees the change
+    assert two.changes() == {"device:abc"}  # at most a second later: that key only
     now[0] += 1.0
-    assert not two.changed()
-    # A process's own bump does not hide another's made just before it.
-    one.bump()
-    two.bump()
+    assert two.changes() == set()
+    one.publish("last:ep1")
+    one.publish()  # an administrator's change: everything
     now[0] += 1.0
-    assert two.changed()
-    assert one.changed()
+    assert two.changes() == {"last:ep1", ALL}
+
+
+def test_invalidations_committed_out_of_order_are_never_skipped(pg):
+    """Two processes publishing at once: each reader sees every key, in counter order."""
+    now = [0.0]
+    reader = CacheInvalidations(pg().raw_connection, clock=lambda: now[0])
+    reader.changes()
+    writers = [CacheInvalidations(pg().raw_connection) for _ in range(4)]
+    seen: set[str] = set()
+
+    def write(k: int) -> None:
+        for i in range(25):
+            writers[k].publish(f"key-{k}-{i}")
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        now[0] += 1.0
+        seen |= reader.changes() or set()
+    for t in threads:
+        t.join()
+    now[0] += 1.0
+    seen |= reader.changes() or set()
+    assert seen == {f"key-{k}-{i}" for k in range(4) for i in range(25)}
+
+
+def test_a_reader_that_missed_trimmed_rows_drops_everything(pg):
+    now = [0.0]
+    one = CacheInvalidations(pg().raw_connection, clock=lambda: now[0])
+    two = CacheInvalidations(pg().raw_connection, clock=lambda: now[0])
+    two.changes()
+    one.publish("a")
+    one.publish("b")
+    one.db.query("DELETE FROM strata_invalidations WHERE key='a'")  # as the trim does
+    now[0] += 1.0
+    assert two.changes() == {ALL}

@@ -22,7 +22,7 @@ from strata.server import metrics
 from strata.server.asgi_metrics import MetricsMiddleware
 from strata.server.auth import TokenFile, ensure_admin_token, ensure_token_file, same_secret
 from strata.server.body_limit import BodyLimitMiddleware
-from strata.server.cache_coherence import CatalogGeneration
+from strata.server.cache_coherence import CacheInvalidations
 from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
 from strata.server.console.pages import mount_console
@@ -88,7 +88,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                         streams=StreamCache(settings.data_dir / "cache" / "streams"),
                         holdings=holdings,
                         possession=NonceMinter(settings.data_dir / "possession.key"),
-                        coherence=CatalogGeneration(engine.raw_connection)
+                        coherence=CacheInvalidations(engine.raw_connection)
                         if scaled_out else None)
 
     @asynccontextmanager

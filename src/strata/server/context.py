@@ -17,7 +17,7 @@ from sqlalchemy import Table, bindparam, update
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
-from strata.server.cache_coherence import CatalogGeneration
+from strata.server.cache_coherence import ALL, CacheInvalidations
 from strata.server.catalog.models import Endpoint
 from strata.server.holdings import ChunkHoldings
 from strata.server.possession import NonceMinter
@@ -98,8 +98,8 @@ class ServerContext:
     _inventories: dict[str, dict] = field(default_factory=dict)
     _cache: ReadCache = field(default_factory=lambda: ReadCache(CACHE_SECONDS))
     # With a PostgreSQL catalog shared by several processes: another process's changes
-    # clear this one's cache within a second (server/cache_coherence.py).
-    coherence: CatalogGeneration | None = None
+    # reach this one's cache within a second (server/cache_coherence.py).
+    coherence: CacheInvalidations | None = None
 
     @functools.cached_property
     def signing(self) -> SigningRepository:
@@ -134,20 +134,25 @@ class ServerContext:
         """What every check-in needs (credentials, policies, desired states), read through
         a cache that an admin change clears (`invalidate`) and that never keeps a value
         read before such a change (see read_cache.py), here or in another process."""
-        if self.coherence is not None and self.coherence.changed():
-            self._cache.clear()
+        if self.coherence is not None:
+            changed = self.coherence.changes()
+            if changed and ALL in changed:
+                self._cache.clear()
+            elif changed:
+                for outdated in changed:
+                    self._cache.discard(outdated)
         return self._cache.get(key, load, ttl)
 
     def uncache(self, key: str) -> None:
         self._cache.discard(key)
         if self.coherence is not None:  # other processes may hold the key too
-            self.coherence.bump()
+            self.coherence.publish(key)
 
     def invalidate(self) -> None:
         """Call after the change's transaction has committed."""
         self._cache.clear()
         if self.coherence is not None:
-            self.coherence.bump()
+            self.coherence.publish(ALL)
 
     def mark_seen(self, endpoint_id: str, ip: str) -> None:
         """Note a device's visit; a background thread writes them in batches (every
