@@ -67,3 +67,32 @@ def test_clone_of_a_known_endpoint_sends_under_two_per_mille(server: Server, tmp
     assert f["bytes_uploaded"] > 0 and f["chunks_proven"] > 0
     assert f["bytes_sent"] > r["bytes_sent"]
 
+
+
+def test_next_snapshot_sends_its_manifest_as_a_delta(server: Server, tmp_path: Path):
+    """Files changed here and there touch most of a manifest's chunks; sent as a delta
+    against the last manifest, only the change travels."""
+    root = tmp_path / "endpoint"
+    build_base(root, 1)
+    random_tree(root, 8 * MIB, seed=7, sizes=(1 << 10, 5 << 10), sub="opt/app/lib")
+    agent = Agent(server, root, tmp_path / "state")
+    agent.enroll(server.create_token())
+    first = centralized(agent.backup())
+    manifest = (agent.state / "parent.manifest").stat().st_size
+    assert manifest > 150_000  # several chunks' worth of entries
+    before = server.metric("strata_manifest_deltas_total")
+    files = sorted((root / "opt/app/lib").iterdir())
+    for f in files[::max(1, len(files) // 12)]:  # a dozen files across the tree
+        with f.open("r+b") as fh:
+            fh.write(b"changed")
+    r = centralized(agent.backup())
+    print(f"\nnext snapshot: manifest {manifest:,} B, sent {r['bytes_sent']:,} B, of which "
+          f"chunks {r['bytes_uploaded']:,} B")
+    assert server.metric("strata_manifest_deltas_total") == before + 1
+    assert r["snapshot"] != first["snapshot"]
+    # the changed files' chunks, and a few kilobytes for the manifest and the protocol
+    assert r["bytes_sent"] - r["bytes_uploaded"] < 32 << 10, r
+    got = agent.restore("opt/app/lib", to=tmp_path / "out")
+    assert not got["errors"]
+    for f in files:
+        assert (tmp_path / "out/opt/app/lib" / f.name).read_bytes() == f.read_bytes()

@@ -8,18 +8,29 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
-from hypothesis import given, settings
+import pytest
+import zstandard
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from strata.agent.sink import HeldChunks
 from strata.engine.backup import HashOnlySink, archive_tree, make_snapshot
+from strata.engine.delta import MAGIC, MAX_DELTA_BYTES, GroupDelta, encode, pack_deltas
 from strata.engine.restore import restore
 from strata.layers.image import LayerContent, build_image, resolve_hardlinks
 from strata.layers.rules import LayerRules
 from strata.model.entry import Entry, EntryType
-from strata.model.manifest import decode_manifest, encode_manifest
+from strata.model.ids import content_id
+from strata.model.manifest import HEADER, decode_manifest, encode_manifest
+from strata.model.transfer import BundleWriter
+from strata.server.app import create_app
+from strata.server.context import ServerSettings
 from strata.store.chunker import Chunker, ChunkerParams
+from strata.store.crypto import PlainCipher
+from strata.store.pack import BlobCodec
 from strata.store.repository import Store
 
 names = st.binary(min_size=1, max_size=12).map(
@@ -143,3 +154,127 @@ def test_held_chunks_answers_from_the_last_manifest(tmp_path: Path):
     assert os.urandom(32) not in held
     assert b"\0" * 32 not in held
     assert os.urandom(32) not in HeldChunks(b"not a manifest")  # damaged: ask about all
+
+
+# -- a manifest sent as a delta (POST /agent/manifests) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory: pytest.TempPathFactory):
+    """An enrolled endpoint with one committed snapshot (its manifest: two entries)."""
+    data: Path = tmp_path_factory.mktemp("manifests") / "data"
+    app = create_app(ServerSettings(data_dir=data))
+    token = (data / "admin.token").read_text().strip()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        tok = client.post("/api/v1/admin/tokens", json={"uses": 1},
+                          headers={"Authorization": f"Bearer {token}"}).json()["token"]
+        cred = client.post("/api/v1/agent/enroll", json={"token": tok}).json()["credential"]
+        client.headers["Authorization"] = f"Bearer {cred}"
+        base = _manifest([Entry(path=b"etc", type=EntryType.DIR),
+                          Entry(path=b"etc/motd", type=EntryType.SYMLINK, link_target=b"x")])
+        w = BundleWriter()
+        w.add(content_id(base), len(base), BlobCodec(PlainCipher(), 1).compress(base))
+        assert client.post("/api/v1/agent/chunks", content=w.getvalue()).status_code == 200
+        resp = client.post("/api/v1/agent/snapshots", json={
+            "manifest": [[content_id(base).hex(), len(base)]],
+            "manifest_id": content_id(base).hex(), "kind": "centralize"})
+        assert resp.status_code == 200, resp.text
+        yield SimpleNamespace(client=client)
+
+
+def _head(device) -> tuple[str, bytes]:
+    """The endpoint's latest snapshot and its manifest (the base a delta may patch)."""
+    resp = device.client.get("/api/v1/agent/snapshots/latest/manifest")
+    assert resp.status_code == 200, resp.text
+    return resp.headers["X-Strata-Snapshot"], resp.content
+
+
+def _manifest(es: list[Entry]) -> bytes:
+    return b"".join(encode_manifest(es, stat_keys=False))
+
+
+def _delta_body(old: bytes, new: bytes, size: int | None = None, key: bytes | None = None,
+                old_key: bytes | None = None) -> bytes:
+    return pack_deltas([GroupDelta(old_key or content_id(old), key or content_id(new),
+                                   len(new) if size is None else size, encode(old, new, 3))])
+
+
+def _send(device, body: bytes, base: str | None = None):
+    return device.client.post(f"/api/v1/agent/manifests?base={base or _head(device)[0]}",
+                              content=body)
+
+
+def test_manifest_delta_is_rebuilt_stored_and_committed(device):
+    es = [Entry(path=b"etc", type=EntryType.DIR), Entry(path=b"etc/hostname",
+                                                        type=EntryType.SYMLINK, link_target=b"h"),
+          Entry(path=b"etc/motd", type=EntryType.SYMLINK, link_target=b"x")]
+    new = _manifest(es)
+    resp = _send(device, _delta_body(_head(device)[1], new))
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert answer["manifest_id"] == content_id(new).hex()
+    assert answer["manifest"] == [[content_id(new).hex(), len(new)]]
+    commit = device.client.post("/api/v1/agent/snapshots", json={
+        "manifest": answer["manifest"], "manifest_id": answer["manifest_id"]})
+    assert commit.status_code == 200, commit.text
+    got = device.client.get(f"/api/v1/agent/snapshots/{commit.json()['snapshot']}/manifest")
+    assert list(decode_manifest([got.content])) == es
+
+
+def test_manifest_delta_refusals(device):
+    new = _manifest([Entry(path=b"a", type=EntryType.DIR)])
+    other = "ab" * 32
+    assert _send(device, _delta_body(_head(device)[1], new), base=other).status_code == 404
+    assert _send(device, _delta_body(_head(device)[1], new), base="../../x").status_code == 422
+    # made against something else than the base's manifest
+    assert _send(device, _delta_body(b"something else", new)).status_code == 422
+    # the rebuilt bytes are not what the record names
+    assert _send(device, _delta_body(_head(device)[1], new, key=b"\1" * 32)).status_code == 422
+    # not a manifest at all, though it rebuilds and matches its id
+    assert _send(device, _delta_body(_head(device)[1], b"just bytes")).status_code == 422
+    assert _send(device, b"not a delta").status_code == 422
+    assert _send(device, pack_deltas([])).status_code == 422
+
+
+def test_manifest_delta_bomb_is_bounded(device):
+    """A delta that rebuilds far more than it declares is refused having decoded at most
+    the declared size plus one byte; one declaring more than the bound is refused unread."""
+    base = _head(device)[1]
+    bomb = HEADER + bytes(MAX_DELTA_BYTES)  # 64 MiB of zeros: a few kilobytes as a delta
+    body = _delta_body(base, bomb, size=1000)
+    assert len(body) < 64 << 10
+    resp = _send(device, body)  # its window alone is too large for what it declares
+    assert resp.status_code == 422 and "too much memory" in resp.text
+    # within the window a 1000-byte manifest may use, it still rebuilds 64 MiB
+    small_window = zstandard.ZstdCompressor(
+        dict_data=zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT),
+        compression_params=zstandard.ZstdCompressionParameters.from_level(3, window_log=17))
+    frame = small_window.compress(bomb)
+    assert len(frame) < 64 << 10
+    body = pack_deltas([GroupDelta(content_id(base), content_id(bomb), 1000, frame)])
+    resp = _send(device, body)
+    assert resp.status_code == 422 and "1001 bytes, not 1000" in resp.text, resp.text
+    huge = pack_deltas([GroupDelta(content_id(_head(device)[1]), b"\0" * 32, MAX_DELTA_BYTES + 1,
+                                   b"\x28\xb5\x2f\xfd")])
+    assert _send(device, huge).status_code == 422
+    # a frame asking for a window far larger than the sizes need
+    frame = zstandard.ZstdCompressor(
+        compression_params=zstandard.ZstdCompressionParameters.from_level(
+            3, window_log=30)).compress(b"x" * 1000)
+    forged = pack_deltas([GroupDelta(content_id(_head(device)[1]), content_id(b"x" * 1000), 1000,
+                                     frame)])
+    assert _send(device, forged).status_code == 422
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda recs: pack_deltas(recs), st.lists(st.builds(
+        GroupDelta, st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32),
+        st.integers(0, 1 << 20), st.binary(max_size=64)), max_size=2)),
+    st.builds(lambda data: MAGIC + data, st.binary(max_size=120))),
+    own_base=st.booleans())
+def test_manifest_delta_route_answers_4xx_never_500(device, body, own_base):
+    resp = _send(device, body, base=None if own_base else "cd" * 32)
+    assert resp.status_code in (200, 404, 413, 422), resp.text

@@ -13,10 +13,11 @@ from pathlib import Path
 from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
 from strata.agent.location import local_subnet, read_site, utc_offset_minutes
+from strata.agent.manifest_delta import send_manifest_delta
 from strata.agent.sink import HeldChunks, RemoteSink
 from strata.agent.state import AgentState
 from strata.agent.update import LocalTree
-from strata.engine.backup import archive_tree, commit_with_heal, make_snapshot
+from strata.engine.backup import archive_tree, commit_with_heal, make_snapshot, store_manifest
 from strata.engine.progress import Progress
 from strata.errors import MissingChunks, StrataError
 from strata.model.manifest import decode_manifest
@@ -140,7 +141,12 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
                            excludes=info.policy.exclusions + own_exclusions(root, state),
                            progress=progress,
                            one_file_system=state.credential().stays_on_root_fs,
-                           stat_keys=False)
+                           stat_keys=False, manifest_to_sink=False)
+    # The manifest as a delta against the last one, else by chunks (agent/manifest_delta.py).
+    # Only against the server's head: the server patches from no other snapshot of ours.
+    base = parent_id if parent_id == info.last_snapshot else None
+    if not send_manifest_delta(client, base, parent_bytes, archive):
+        store_manifest(sink, archive.manifest_bytes)
     sink.flush()
     # The sink, not the engine, knows what the server lacked: record its figures.
     archive.result.bytes_new = sink.raw_uploaded

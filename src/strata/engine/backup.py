@@ -170,11 +170,14 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
                  excludes: list[str] | None = None, progress: Progress | None = None,
                  workers: int | None = None,
                  keepalive: Callable[[], None] | None = None,
-                 one_file_system: bool = False, stat_keys: bool = True) -> Archive:
+                 one_file_system: bool = False, stat_keys: bool = True,
+                 manifest_to_sink: bool = True) -> Archive:
     """Scan `src`, send new data to `sink`, and build the manifest (stored in the sink).
     `one_file_system`: do not walk what is mounted inside `src` (scan_tree).
     `stat_keys=False`: the stored manifest leaves out ctime, inode and device (a tree that
     leaves the machine: model/manifest.py); `Archive.local_manifest` keeps them.
+    `manifest_to_sink=False`: the manifest is cut into chunks but not stored (the caller
+    sends it another way, or calls `store_manifest`).
 
     This is the one implementation of backup shared by `strata store backup` and the
     agent's centralization."""
@@ -278,7 +281,10 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
         manifest_bytes = mf.read()
         local_mf.seek(0)
         local_manifest = local_mf.read()
-    manifest = store_manifest(sink, manifest_bytes, counters)
+    if manifest_to_sink:
+        manifest = store_manifest(sink, manifest_bytes, counters)
+    else:
+        manifest = [(content_id(p), len(p)) for p in sink.chunker.cut(manifest_bytes)]
     referenced.update(cid for cid, _ in manifest)
     result.bytes_read = counters.bytes_read
     result.bytes_new = counters.bytes_new

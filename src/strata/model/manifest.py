@@ -23,6 +23,7 @@ from strata.model.entry import Entry, EntryType
 from strata.model.ids import ID_LEN
 
 FORMAT = 1
+HEADER = msgpack.packb({"strata-manifest": FORMAT}, use_bin_type=True)  # how one begins
 _TYPES = {t.value: t for t in EntryType}
 
 
