@@ -19,38 +19,16 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from bench.checkins import free_port
+from bench.checkins import start_server
 from bench.data import mutate, prepare
 from bench.fleet import strata, tree_bytes
 from bench.run import size
 
 WORK = Path("bench/work")
 TARGET = 0.002  # the clone's bytes sent, as a share of its tree
-
-
-def start_server(data: Path) -> tuple[subprocess.Popen, str]:
-    """A server on loopback; its log beside the data directory (which must start empty:
-    bench.checkins.start_server puts the log inside it, and the server refuses that)."""
-    port = free_port()
-    exe = str(Path(sys.executable).with_name("strata"))
-    log = open(data.with_name(data.name + ".log"), "w")  # noqa: SIM115
-    proc = subprocess.Popen([exe, "server", "--data", str(data), "--listen",
-                             f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/api/v1/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server did not start (see {log.name})")
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
