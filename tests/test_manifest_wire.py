@@ -16,7 +16,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from strata.agent.manifest_delta import as_stored, desired_manifests, pick_base
 from strata.agent.sink import HeldChunks
+from strata.agent.state import AgentState
 from strata.engine.backup import HashOnlySink, archive_tree, make_snapshot
 from strata.engine.delta import MAGIC, MAX_DELTA_BYTES, GroupDelta, encode, pack_deltas
 from strata.engine.restore import restore
@@ -26,6 +28,7 @@ from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
 from strata.model.manifest import HEADER, decode_manifest, encode_manifest
 from strata.model.transfer import BundleWriter
+from strata.model.wire import CheckinResponse
 from strata.server.app import create_app
 from strata.server.context import ServerSettings
 from strata.store.chunker import Chunker, ChunkerParams
@@ -148,12 +151,12 @@ def test_hardlinks_survive_a_manifest_without_inodes(tmp_path: Path):
 def test_held_chunks_answers_from_the_last_manifest(tmp_path: Path):
     _tree(tmp_path / "t")
     archive = _scan(tmp_path / "t", False)
-    held = HeldChunks(archive.local_manifest)
+    held = HeldChunks([archive.local_manifest])
     ids = [c for e in decode_manifest([archive.manifest_bytes]) for c, _ in e.chunks]
     assert ids and all(c in held for c in ids)
     assert os.urandom(32) not in held
     assert b"\0" * 32 not in held
-    assert os.urandom(32) not in HeldChunks(b"not a manifest")  # damaged: ask about all
+    assert os.urandom(32) not in HeldChunks([b"not a manifest"])  # damaged: ask about all
 
 
 # -- a manifest sent as a delta (POST /agent/manifests) ---------------------------------------
@@ -278,3 +281,38 @@ def test_manifest_delta_bomb_is_bounded(device):
 def test_manifest_delta_route_answers_4xx_never_500(device, body, own_base):
     resp = _send(device, body, base=None if own_base else "cd" * 32)
     assert resp.status_code in (200, 404, 413, 422), resp.text
+
+
+def test_manifest_delta_base_is_the_head_else_the_largest_kept_layer(tmp_path: Path):
+    state = AgentState(tmp_path / "state")
+    state.path.mkdir()
+    (state.path / "layers").mkdir()
+    local = b"".join(encode_manifest([Entry(path=b"a", type=EntryType.FILE, inode=7,
+                                            ctime_ns=9, dev=3)]))
+    state.save_parent("1" * 64, local)
+    small, large = _manifest([Entry(path=b"x", type=EntryType.DIR)]), \
+        _manifest([Entry(path=b"x" * 50, type=EntryType.DIR)])
+    (state.path / "layers" / f"{'2' * 64}.manifest").write_bytes(small)
+    (state.path / "layers" / f"{'3' * 64}.manifest").write_bytes(large)
+
+    def info(head: str | None, layers: list[str]) -> CheckinResponse:
+        return CheckinResponse.model_validate({
+            "endpoint_id": "e", "state": "active", "policy": {}, "last_snapshot": head,
+            "server_time": "2026-12-02T00:00:00Z",
+            "chunker": {"min_size": 1, "avg_size": 2, "max_size": 4, "zstd_level": 3},
+            "desired": {"key": "k", "layers": [
+                {"id": 1, "kind": "base", "name": "n", "version": "1", "snapshot": s}
+                for s in layers]}})
+
+    # the last snapshot, as the server stored it (no stat keys)
+    assert pick_base(state, info("1" * 64, ["2" * 64, "3" * 64])) == \
+        ("1" * 64, as_stored(local))
+    assert as_stored(local) == _manifest([Entry(path=b"a", type=EntryType.FILE)])
+    # the server's head is another (a restore to new hardware): the largest kept layer
+    assert pick_base(state, info("f" * 64, ["2" * 64, "3" * 64, "4" * 64])) == \
+        ("3" * 64, large)
+    state.reset_parent()
+    assert pick_base(state, info(None, ["2" * 64])) == ("2" * 64, small)
+    assert pick_base(state, info(None, [])) is None
+    assert sorted(desired_manifests(state, info(None, ["3" * 64, "2" * 64, "9" * 64]))) == \
+        sorted([small, large])

@@ -13,7 +13,7 @@ from pathlib import Path
 from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
 from strata.agent.location import local_subnet, read_site, utc_offset_minutes
-from strata.agent.manifest_delta import send_manifest_delta
+from strata.agent.manifest_delta import desired_manifests, pick_base, send_manifest_delta
 from strata.agent.sink import HeldChunks, RemoteSink
 from strata.agent.state import AgentState
 from strata.agent.update import LocalTree
@@ -116,12 +116,13 @@ def centralize(client: ServerClient, state: AgentState, root: Path, info: Checki
     started = time.monotonic()
     sent0, recv0, retried0 = client.bytes_sent, client.bytes_received, client.retried
     # Chunks of the last snapshot are the endpoint's already (committed, or inherited by
-    # a re-enrolled machine): a file read again for a new ctime or inode (a restored or
-    # cloned disk) costs no question about them. Should one have gone meanwhile, the
-    # commit says so and it is sent then (commit_with_heal).
+    # a re-enrolled machine), and so are those of the layers its desired state names: a
+    # file read again for a new ctime or inode (a restored, cloned or updated disk) costs
+    # no question about them. Should one have gone meanwhile, the commit says so and it
+    # is sent then (commit_with_heal).
     _, parent_bytes = state.parent()
-    sink = RemoteSink(client, info.chunker,
-                      held=HeldChunks(parent_bytes) if parent_bytes else None)
+    held = [m for m in [parent_bytes, *desired_manifests(state, info)] if m]
+    sink = RemoteSink(client, info.chunker, held=HeldChunks(held) if held else None)
     try:
         return _centralize(client, state, root, info, sink, trigger=trigger, tags=tags,
                            progress=progress, started=started, sent0=sent0, recv0=recv0,
@@ -143,9 +144,7 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
                            one_file_system=state.credential().stays_on_root_fs,
                            stat_keys=False, manifest_to_sink=False)
     # The manifest as a delta against the last one, else by chunks (agent/manifest_delta.py).
-    # Only against the server's head: the server patches from no other snapshot of ours.
-    base = parent_id if parent_id == info.last_snapshot else None
-    if not send_manifest_delta(client, base, parent_bytes, archive):
+    if not send_manifest_delta(client, pick_base(state, info), archive):
         store_manifest(sink, archive.manifest_bytes)
     sink.flush()
     # The sink, not the engine, knows what the server lacked: record its figures.

@@ -43,33 +43,34 @@ def _kept(data: bytes | memoryview) -> bytes | memoryview:
 
 
 class HeldChunks:
-    """The chunks a manifest names (the endpoint's last snapshot), for "does the endpoint
-    hold this already?" without asking the server. Built at the first question (a backup
-    that reads no file never decodes the manifest), as sorted 8-byte id prefixes: 8 bytes
-    a chunk, so a manifest of millions of chunks stays small. A prefix that matches
-    another chunk only means that chunk is not asked about; the commit then names it as
-    missing and it is sent (commit_with_heal)."""
+    """The chunks some manifests name (the endpoint's last snapshot, the layers its desired
+    state names), for "does the endpoint hold this already?" without asking the server.
+    Built at the first question (a backup that reads no file decodes nothing), as sorted
+    8-byte id prefixes: 8 bytes a chunk, so manifests of millions of chunks stay small. A
+    prefix that matches another chunk only means that chunk is not asked about; the commit
+    then names it as missing and it is sent (commit_with_heal)."""
 
-    def __init__(self, manifest: bytes):
-        self._manifest: bytes | None = manifest
+    def __init__(self, manifests: list[bytes]):
+        self._manifests: list[bytes] | None = manifests
         self._prefixes = array("Q")
         self._lock = threading.Lock()
 
     def _build(self) -> None:
         with self._lock:
-            if self._manifest is None:
+            if self._manifests is None:
                 return
-            prefixes = array("Q")
-            try:
-                for e in decode_manifest([self._manifest]):
-                    prefixes.extend(int.from_bytes(c[:8], "little") for c, _ in e.chunks)
-            except CorruptData:
-                prefixes = array("Q")  # a damaged local file: ask about everything
-            self._prefixes = array("Q", sorted(set(prefixes)))
-            self._manifest = None
+            found: set[int] = set()
+            for manifest in self._manifests:
+                try:
+                    for e in decode_manifest([manifest]):
+                        found.update(int.from_bytes(c[:8], "little") for c, _ in e.chunks)
+                except CorruptData:  # a damaged local file: what it names is asked about
+                    continue
+            self._prefixes = array("Q", sorted(found))
+            self._manifests = None
 
     def __contains__(self, cid: bytes) -> bool:
-        if self._manifest is not None:
+        if self._manifests is not None:
             self._build()
         key = int.from_bytes(cid[:8], "little")
         i = bisect_left(self._prefixes, key)
