@@ -86,6 +86,8 @@ def send_manifest_delta(client: ServerClient, base: tuple[str, bytes] | None,
     if base is None or len(new) > MAX_DELTA_BYTES or len(base[1]) > MAX_DELTA_BYTES:
         return False
     base_sid, old = base
+    if old == new:  # nothing changed: its chunks are held, asking costs a few ids
+        return False
     body = pack_deltas([GroupDelta(content_id(old), content_id(new), len(new),
                                    encode(old, new, MANIFEST_DELTA_LEVEL))])
     try:
