@@ -20,7 +20,7 @@ from strata.agent.manifest_delta import as_stored, desired_manifests, pick_base
 from strata.agent.sink import HeldChunks
 from strata.agent.state import AgentState
 from strata.engine.backup import HashOnlySink, archive_tree, make_snapshot
-from strata.engine.delta import MAGIC, MAX_DELTA_BYTES, GroupDelta, encode, pack_deltas
+from strata.engine.delta import MAGIC, MAX_DELTA_BYTES, GroupDelta, decode, encode, pack_deltas
 from strata.engine.restore import restore
 from strata.layers.image import LayerContent, build_image, resolve_hardlinks
 from strata.layers.rules import LayerRules
@@ -316,3 +316,16 @@ def test_manifest_delta_base_is_the_head_else_the_largest_kept_layer(tmp_path: P
     assert pick_base(state, info(None, [])) is None
     assert sorted(desired_manifests(state, info(None, ["3" * 64, "2" * 64, "9" * 64]))) == \
         sorted([small, large])
+
+
+@settings(max_examples=100, deadline=None)
+@given(old=entries(), new=entries())
+def test_manifest_delta_round_trips(old: list[Entry], new: list[Entry]):
+    """What the agent sends rebuilds, from the manifest the server stored, exactly the new
+    one; the stored form of a local manifest is the stat-key-free encoding."""
+    local_old = b"".join(encode_manifest(old))
+    stored_old = as_stored(local_old)
+    assert stored_old == _manifest(old)
+    stored_new = _manifest(new)
+    frame = encode(stored_old, stored_new, 9)
+    assert decode(stored_old, frame, len(stored_new)) == stored_new
