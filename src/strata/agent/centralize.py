@@ -13,10 +13,11 @@ from pathlib import Path
 from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
 from strata.agent.location import local_subnet, read_site, utc_offset_minutes
-from strata.agent.sink import RemoteSink
+from strata.agent.manifest_delta import desired_manifests, pick_base, send_manifest_delta
+from strata.agent.sink import HeldChunks, RemoteSink
 from strata.agent.state import AgentState
 from strata.agent.update import LocalTree
-from strata.engine.backup import archive_tree, commit_with_heal, make_snapshot
+from strata.engine.backup import archive_tree, commit_with_heal, make_snapshot, store_manifest
 from strata.engine.progress import Progress
 from strata.errors import MissingChunks, StrataError
 from strata.model.manifest import decode_manifest
@@ -114,7 +115,14 @@ def centralize(client: ServerClient, state: AgentState, root: Path, info: Checki
                progress: Progress | None = None, clock: Clock = time.time) -> CentralizeResult:
     started = time.monotonic()
     sent0, recv0, retried0 = client.bytes_sent, client.bytes_received, client.retried
-    sink = RemoteSink(client, info.chunker)
+    # Chunks of the last snapshot are the endpoint's already (committed, or inherited by
+    # a re-enrolled machine), and so are those of the layers its desired state names: a
+    # file read again for a new ctime or inode (a restored, cloned or updated disk) costs
+    # no question about them. Should one have gone meanwhile, the commit says so and it
+    # is sent then (commit_with_heal).
+    _, parent_bytes = state.parent()
+    held = [m for m in [parent_bytes, *desired_manifests(state, info)] if m]
+    sink = RemoteSink(client, info.chunker, held=HeldChunks(held) if held else None)
     try:
         return _centralize(client, state, root, info, sink, trigger=trigger, tags=tags,
                            progress=progress, started=started, sent0=sent0, recv0=recv0,
@@ -133,7 +141,11 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
     archive = archive_tree(sink, root, parent_entries=parent_entries,
                            excludes=info.policy.exclusions + own_exclusions(root, state),
                            progress=progress,
-                           one_file_system=state.credential().stays_on_root_fs)
+                           one_file_system=state.credential().stays_on_root_fs,
+                           stat_keys=False, manifest_to_sink=False)
+    # The manifest as a delta against the last one, else by chunks (agent/manifest_delta.py).
+    if not send_manifest_delta(client, pick_base(state, info), archive):
+        store_manifest(sink, archive.manifest_bytes)
     sink.flush()
     # The sink, not the engine, knows what the server lacked: record its figures.
     archive.result.bytes_new = sink.raw_uploaded
@@ -157,7 +169,7 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
         result["snapshot"] = resp.json()["snapshot"]
 
     commit_with_heal(commit, sink, root, archive.manifest_bytes)
-    state.save_parent(result["snapshot"], archive.manifest_bytes)
+    state.save_parent(result["snapshot"], archive.local_manifest)
     r = archive.result
     out = CentralizeResult(
         snapshot=result["snapshot"], kind=kind, files=r.files,

@@ -94,13 +94,13 @@ def _upload_tree(api: AdminClient, directory: Path, family: str, before: Path | 
                 excludes=rules.capture_excludes(), progress=p), json_mode=json)
             entries, gone = app_difference(decode_manifest([hashed.manifest_bytes]),
                                            decode_manifest([after.manifest_bytes]))
-            manifest_bytes = b"".join(encode_manifest(entries))
+            manifest_bytes = b"".join(encode_manifest(entries, stat_keys=False))
             _upload_files(sink, directory, entries)
             removes = [os.fsdecode(p) for p in gone]
         else:
             archive = run_with_progress("capture", lambda p: archive_tree(
                 sink, directory, parent_entries=None, excludes=rules.capture_excludes(),
-                progress=p), json_mode=json)
+                progress=p, stat_keys=False), json_mode=json)
             manifest_bytes = archive.manifest_bytes
         manifest = store_manifest(sink, manifest_bytes)
         sink.flush()

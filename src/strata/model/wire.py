@@ -202,6 +202,14 @@ class UploadResponse(BaseModel):
     bytes_stored: int
 
 
+class ManifestUploadResponse(BaseModel):
+    """A manifest sent as a delta, rebuilt and stored: its chunks, as the commit names
+    them (the endpoint now holds them)."""
+
+    manifest: list[tuple[str, int]]
+    manifest_id: str
+
+
 class CommitRequest(BaseModel):
     manifest: list[ManifestChunk] = Field(min_length=1, max_length=MAX_IDS_PER_QUERY)
     manifest_id: HexId
