@@ -75,6 +75,10 @@ class SnapshotRecord(Base):
     bytes_new: Mapped[int] = mapped_column(Int64, default=0)
     tags: Mapped[list] = mapped_column(default=list)
     layers: Mapped[list] = mapped_column(default=list)  # layer ids applied when it was taken
+    # When a restore to new hardware moved it to another CVD: retention protects moved
+    # history for the policy's `protect_days` from then (the new machine's own snapshots
+    # would otherwise soon push it out of the hourly and daily counts).
+    moved_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class EnrollmentToken(Base):
