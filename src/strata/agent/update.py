@@ -508,16 +508,21 @@ def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
     changed ones are hashed here, nothing is uploaded). The last snapshot alone can be stale:
     user work since, or an apply whose post-update snapshot never completed (a power cut),
     after which an update back to the old image would look like nothing to do."""
+    return live_entries(state, tree)[0]
+
+
+def live_entries(state: AgentState, tree: LocalTree) -> tuple[list[Entry], int]:
+    """`current_entries`, and how many bytes were read to hash what changed."""
     _, manifest = state.parent()
     if manifest is None:
         raise UpdateFailed("this endpoint has not centralized yet: it must, before an update")
     if not tree_changed(tree.root, tree.excludes, manifest,
                         one_file_system=tree.one_file_system):
-        return list(decode_manifest([manifest]))
+        return list(decode_manifest([manifest])), 0
     archive = archive_tree(HashOnlySink(Chunker(tree.chunker)), tree.root,
                            parent_entries=decode_manifest([manifest]), excludes=tree.excludes,
                            one_file_system=tree.one_file_system)
-    return list(decode_manifest([archive.manifest_bytes]))
+    return list(decode_manifest([archive.manifest_bytes])), archive.result.bytes_read
 
 
 def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
@@ -622,7 +627,7 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
         report(client, desired.key, UpdateState.FAILED, detail=str(exc))
         raise
     save_record(state, approval.after)
-    state.save_applied(desired.key)
+    state.save_applied(desired.key, desired.model_dump(mode="json"))
     state.save_update({"key": desired.key, "state": UpdateState.APPLIED,
                        "changes": result.changes})
     if desired.operation == "provision":

@@ -334,6 +334,10 @@ class EndpointCompliance(AdminModel):
     added: list[str]
     counts: DriftCounts
     layers: dict[str, LayerFigures]
+    # "live": measured by the agent on its tree at `measured_at` (newer than the
+    # snapshot); "snapshot": from its latest snapshot, as of `snapshot_time`.
+    source: str = "snapshot"
+    measured_at: datetime | None = None
 
 
 class ComplianceUnavailable(AdminModel):
