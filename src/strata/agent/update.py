@@ -186,9 +186,12 @@ class LayerSource:
         return [c for c in ids if c in missing and c not in self.seeds]
 
     def download(self, ids: list[bytes], lengths: dict[bytes, int],
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 arriving: Callable[[int, int], None] | None = None) -> None:
         """Fetch into the cache in batches; each batch is durable before the next, so an
-        interrupted download resumes where it stopped."""
+        interrupted download resumes where it stopped. `progress` is told (done, total)
+        bytes after each batch, `arriving` as each chunk arrives (a bar on a terminal:
+        the first batch can take minutes while the server compresses it)."""
         if not ids:
             return
         if self.client is None:
@@ -198,10 +201,14 @@ class LayerSource:
         done = 0
         batch: list[bytes] = []
         size = 0
+
+        def arrived(nbytes: int) -> None:
+            if arriving:
+                arriving(min(done + nbytes, total), total)
         for cid in [*ids, None]:
             n = 0 if cid is None else lengths.get(cid, 0)
             if batch and (cid is None or size + n > BATCH_BYTES or len(batch) >= BATCH_CHUNKS):
-                self._fetch(batch)
+                self._fetch(batch, arrived)
                 done += size
                 if progress:
                     progress(done, total)
@@ -210,14 +217,21 @@ class LayerSource:
                 batch.append(cid)
                 size += n
 
-    def _fetch(self, ids: list[bytes]) -> None:
+    def _fetch(self, ids: list[bytes], arrived: Callable[[int], None] | None = None) -> None:
         """One batch, kept chunk by chunk as it arrives (agent/resume.py): a broken link
-        costs at most the chunk in flight, even if the agent is killed."""
+        costs at most the chunk in flight, even if the agent is killed. `arrived` is told
+        the raw bytes of this batch received so far, as each chunk comes."""
         assert self.client is not None
         before, received = self.client.bytes_received, self.receiver.received
+        got = [0]
+
+        def keep(cid: bytes, data: bytes) -> None:
+            self.receiver.keep(cid, data)
+            got[0] += len(data)
+            if arrived is not None:
+                arrived(got[0])
         try:
-            missing = fetch_chunks(self.client, "/api/v1/agent/layers/chunks", ids,
-                                   self.receiver.keep)
+            missing = fetch_chunks(self.client, "/api/v1/agent/layers/chunks", ids, keep)
             if missing:
                 raise CorruptData(f"server did not send {len(missing)} chunk(s)")
         finally:
@@ -400,14 +414,17 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         def received() -> int:  # one figure everywhere: all this update took on the wire
             return client.bytes_received - received0
 
-        def progress(done: int, total: int) -> None:
+        def show(done: int, total: int) -> None:
             if shown is not None:
                 shown.total_bytes, shown.bytes_done = total, done
+
+        def progress(done: int, total: int) -> None:
+            show(done, total)
             if time.monotonic() - last[0] >= _REPORT_SECONDS or done >= total:
                 last[0] = time.monotonic()
                 report(client, desired.key, UpdateState.DOWNLOADING,
                        percent=100.0 * done / max(total, 1), downloaded=received())
-        source.download(lacking, lengths, progress)
+        source.download(lacking, lengths, progress, show)
         summary = plan.summary()
         state.save_update({"key": desired.key, "state": UpdateState.READY,
                            "desired": desired.model_dump(), "plan": summary,
