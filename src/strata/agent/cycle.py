@@ -332,14 +332,21 @@ def apply_now(ctx: AgentContext) -> ApplyOutcome:
                 info = None
             apply_bandwidth(client, info.policy.bandwidth if info else last_bandwidth(st),
                             ctx.upload_rate)
-            central: Centralizer | None = None
-            if info is not None:
-                def central(trig: str) -> str:
-                    assert info is not None
-                    return centralize(client, st, root, info, trigger=trig,
-                                      clock=ctx.clock).snapshot
-            outcome.update = apply_update(client if info else None, st,
-                                          local_tree(root, st, info), central)
+            tree = local_tree(root, st, info)
+
+            def work(progress: Progress) -> UpdateResult:
+                central: Centralizer | None = None
+                if info is not None:
+                    def central(trig: str) -> str:
+                        assert info is not None
+                        progress.restart(f"{trig} snapshot")
+                        return centralize(client, st, root, info, trigger=trig,
+                                          progress=progress, clock=ctx.clock).snapshot
+                return apply_update(client if info else None, st, tree, central,
+                                    progress=progress)
+            # One bar through the steps: pre-update snapshot, download of what is still
+            # missing, the files written, post-update snapshot.
+            outcome.update = ctx.with_progress("apply", work)
         finally:
             st.add_wire_bytes(client.bytes_sent, client.bytes_received)
             client.close()

@@ -453,9 +453,10 @@ def _describe(summary: dict, *, done: bool = False) -> str:
 
 def switch(client: ServerClient | None, state: AgentState, root: Path, desired: DesiredState,
            current: list[Entry], result: UpdateResult, approval: Approval, *,
-           repair: bool = False) -> None:
+           repair: bool = False, progress: Progress | None = None) -> None:
     """Plan against the tree as it is now, fetch anything still missing, check the disk,
-    then switch under the journal and record what IT now owns on the endpoint."""
+    then switch under the journal and record what IT now owns on the endpoint.
+    `progress` follows the download of what is missing, then the files written."""
     source = LayerSource(client, state, root, approval=approval)
     try:
         plan, image, rules = compute_plan(source, desired, current, state.owned(),
@@ -464,7 +465,14 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
                                   source.lacking(list(lengths)))
         result.files_by_delta += by_delta.rebuilt
-        source.download(source.lacking(list(lengths)), lengths)
+        lacking = source.lacking(list(lengths))
+        if progress is not None and lacking:
+            progress.restart("download")
+
+        def arriving(done: int, total: int) -> None:
+            if progress is not None:
+                progress.total_bytes, progress.bytes_done = total, done
+        source.download(lacking, lengths, arriving=arriving)
         need = plan.bytes_to_write()
         free = shutil.disk_usage(root).free
         if need > free:
@@ -476,8 +484,12 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
                                        and database_for(p, rules.family) is not None)
         source.computed = plan.computed_chunks()
         journal = ApplyJournal(root, root / WORK_DIR)
+        data: Callable[[Entry], Iterable[bytes]] = source.data
+        if progress is not None:
+            progress.restart("apply", len(plan.changes), need)
+            data = _counted(source.data, progress)
         try:
-            stats = journal.apply(plan.changes, source.data)
+            stats = journal.apply(plan.changes, data)
         finally:
             journal.remove_work_dir()  # kept only while an apply is pending in it
         state.save_owned(b"".join(encode_manifest(owned.sorted_entries())))
@@ -490,6 +502,17 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         result.bytes_seeded += source.bytes_seeded
     finally:
         source.close()
+
+
+def _counted(data: Callable[[Entry], Iterable[bytes]],
+             progress: Progress) -> Callable[[Entry], Iterator[bytes]]:
+    """`data`, telling `progress` of each file's bytes as they are written."""
+    def counted(entry: Entry) -> Iterator[bytes]:
+        for piece in data(entry):
+            progress.advance(nbytes=len(piece))
+            yield piece
+        progress.advance(files=1)
+    return counted
 
 
 def recover(root: Path) -> str | None:
@@ -593,7 +616,8 @@ def appliable(saved: dict) -> bool:
 
 def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree,
                  centralize: Centralizer | None, *, snapshot: bool = True,
-                 approval: Approval | None = None) -> UpdateResult:
+                 approval: Approval | None = None,
+                 progress: Progress | None = None) -> UpdateResult:
     """The restart: pre-update snapshot, switch under the journal, report, centralize.
 
     An apply found in the APPLYING state was interrupted (killed, power cut): it carries
@@ -630,7 +654,8 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
                 state.save_update({**saved, "state": UpdateState.APPLYING,
                                    "pre_update_snapshot": pre})
             result.pre_update_snapshot = pre
-        switch(client, state, root, desired, current_entries(state, tree), result, approval)
+        switch(client, state, root, desired, current_entries(state, tree), result, approval,
+               progress=progress)
     except LayerRefused as exc:
         refuse(client, state, desired, exc)
         raise

@@ -391,6 +391,7 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
                 kept = keep_aside(target, displaced, kept_suffix())
         result = run_with_progress("restore", lambda p: run_restore(
             source, snap, target, includes=paths, progress=p, full_metadata=full),  # type: ignore[arg-type]
+            counter=lambda p: restore_totals(source, snap, paths, p),
             json_mode=json)
         kept = put_back_failed(target, kept)
         client.request("POST", "/api/v1/agent/transactions/restore", json={
@@ -421,6 +422,23 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
                           "out: --full-metadata restores them", highlight=False)
     if result.errors:
         raise typer.Exit(1)
+
+
+def restore_totals(source: object, snap: object, paths: list[str],
+                   progress: EngineProgress) -> None:
+    """What a restore of `paths` writes, for the bar's ETA (beside the restore)."""
+    import contextlib
+
+    from strata.engine.restore import select_entries
+    from strata.model.entry import EntryType
+
+    files = size = 0
+    with contextlib.suppress(Exception):  # only an estimate: the restore says what failed
+        for e in select_entries(source, snap, paths):  # type: ignore[arg-type]
+            if e.type is EntryType.FILE:
+                files += 1
+                size += e.size
+        progress.total_files, progress.total_bytes = files, size
 
 
 @app.command()
