@@ -174,8 +174,18 @@ class AgentState:
         except (FileNotFoundError, ValueError, KeyError):
             return ""
 
-    def save_applied(self, key: str) -> None:
-        atomic_write(self.path / "applied.json", json.dumps({"key": key}).encode())
+    def save_applied(self, key: str, desired: dict | None = None) -> None:
+        """The applied desired state's key, and the state itself (what `agent compliance`
+        measures against when the server is unreachable)."""
+        doc: dict = {"key": key} if desired is None else {"key": key, "desired": desired}
+        atomic_write(self.path / "applied.json", json.dumps(doc).encode())
+
+    def applied_desired(self) -> dict | None:
+        try:
+            doc = json.loads((self.path / "applied.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return doc.get("desired") if isinstance(doc, dict) else None
 
     def owned(self) -> dict[bytes, Entry]:
         """What the applied IT layers put on the endpoint (path -> entry)."""

@@ -158,6 +158,10 @@ def as_json(value: object) -> object:
     return value
 
 
+def _if_match(revision: str | None) -> dict[str, str]:
+    return {"If-Match": f'"{revision}"'} if revision else {}
+
+
 class AdminClient:
     """The server and the admin token are checked at the first request, so that a
     command's own checks of its arguments come first."""
@@ -191,15 +195,17 @@ class AdminClient:
         return self._token
 
     def call(self, method: str, path: str, body: object = None,
-             params: dict[str, str] | None = None) -> object:
+             params: dict[str, str] | None = None,
+             headers: dict[str, str] | None = None) -> object:
         """One request; the JSON answer, or a `StrataError` saying why there is none."""
         import httpx
 
         server, token = self.server, self.token
         try:
             resp = httpx.request(method, server + path, json=body, params=params,
-                                 timeout=60, headers={"Authorization": f"Bearer {token}"},
-                                 verify=self.verify)
+                                 timeout=60, verify=self.verify,
+                                 headers={**(headers or {}),
+                                          "Authorization": f"Bearer {token}"})
         except httpx.TransportError as exc:
             raise StrataError(describe_transport_error(server, exc)) from None
         try:
@@ -285,17 +291,21 @@ class AdminClient:
         return self._typed(PolicyDocument, "GET",
                            f"{API}/policies/{path_part(kind, 'policy kind')}")
 
-    def set_policy(self, kind: str, document: object) -> PolicyDocument:
-        doc = self.call("PUT", f"{API}/policies/{path_part(kind, 'policy kind')}", document)
+    def set_policy(self, kind: str, document: object,
+                   revision: str | None = None) -> PolicyDocument:
+        """Store `document`; with `revision`, only over that revision (else 409)."""
+        doc = self.call("PUT", f"{API}/policies/{path_part(kind, 'policy kind')}", document,
+                        headers=_if_match(revision))
         return TypeAdapter(PolicyDocument).validate_python(doc)
 
     def plan_policy(self, kind: str, req: PolicyPlanRequest) -> PolicyPlan:
         return self._typed(PolicyPlan, "POST",
                            f"{API}/policies/{path_part(kind, 'policy kind')}/plan", req)
 
-    def reset_policy(self, kind: str) -> PolicyDocument:
-        return self._typed(PolicyDocument, "DELETE",
-                           f"{API}/policies/{path_part(kind, 'policy kind')}")
+    def reset_policy(self, kind: str, revision: str | None = None) -> PolicyDocument:
+        doc = self.call("DELETE", f"{API}/policies/{path_part(kind, 'policy kind')}",
+                        headers=_if_match(revision))
+        return TypeAdapter(PolicyDocument).validate_python(doc)
 
     # -- layers ------------------------------------------------------------------------------------
 

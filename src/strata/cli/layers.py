@@ -463,9 +463,10 @@ def collection_delete(name: str, server: str | None = SERVER,
 def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
                server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                json: bool = JSON) -> None:
-    """Drift of each endpoint from its IT layers (as of its latest snapshot), with scores
-    per endpoint and layer. Exit code 1 when any endpoint drifts, as `store check` does
-    when it finds damage."""
+    """Drift of each endpoint from its IT layers, with scores per endpoint and layer: as
+    its agent last measured its live tree, or as its latest snapshot shows, whichever is
+    newer. Exit code 1 when any endpoint drifts, as `store check` does when it finds
+    damage."""
     from strata.model.admin import EndpointCompliance
 
     doc = client(server, admin_token_file).compliance(endpoint)
@@ -475,15 +476,19 @@ def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
         if drifting:
             raise typer.Exit(1)
         return
-    # Drift is measured against each endpoint's latest snapshot: say how old that is.
-    table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added", "As of")
+    # Drift is measured on the live tree (by the agent) or from the latest snapshot,
+    # whichever is newer: say which, and how old it is.
+    table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added", "As of",
+                  "From")
     for r in doc.endpoints:
         if not isinstance(r, EndpointCompliance):
-            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "", "")
+            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "", "", "")
             continue
         n = r.counts
         table.add_row(r.endpoint[:8], r.hostname, f"{r.score}%", str(n.changed),
-                      str(n.missing), str(n.added), iso_time(r.snapshot_time))
+                      str(n.missing), str(n.added),
+                      iso_time(r.measured_at or r.snapshot_time),
+                      "live tree" if r.source == "live" else f"snapshot {r.snapshot[:8]}")
     console.print(table)
     for label, score in doc.layers.items():
         console.print(f"layer {label}: {score}% compliant", highlight=False)

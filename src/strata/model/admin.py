@@ -10,6 +10,8 @@ into a failure of the admin's view.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
@@ -332,6 +334,10 @@ class EndpointCompliance(AdminModel):
     added: list[str]
     counts: DriftCounts
     layers: dict[str, LayerFigures]
+    # "live": measured by the agent on its tree at `measured_at` (newer than the
+    # snapshot); "snapshot": from its latest snapshot, as of `snapshot_time`.
+    source: str = "snapshot"
+    measured_at: datetime | None = None
 
 
 class ComplianceUnavailable(AdminModel):
@@ -419,6 +425,15 @@ class StoreFigures(AdminModel):
 PolicyDocument = dict[str, JsonValue]
 
 
+def policy_revision(document: PolicyDocument) -> str:
+    """A document's revision: a digest of its content, the same on the server and in the
+    CLI. Two administrators who plan against the same revision plan against the same
+    document, so `policy set` can refuse to overwrite a change it never showed (changed
+    and changed back is the same revision again, and overwriting it loses nothing)."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
 class PolicyPlanRequest(AdminModel):
     """A document to merge over the current one (or to replace it with `replace`); no
     document: the kind's default (what `policy reset` puts back)."""
@@ -450,6 +465,9 @@ class PolicyPlan(AdminModel):
     document: PolicyDocument  # what would be stored (merged, validated)
     changes: list[PolicyChange]
     retention: list[RetentionLoss]  # kind retention: endpoints that would lose snapshots
+    # The revision of the current document the plan was made against: `policy set` sends
+    # it back, and the server refuses to store over a revision nobody reviewed.
+    revision: str = ""
 
 
 class EndpointDeleted(AdminModel):

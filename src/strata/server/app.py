@@ -34,6 +34,7 @@ from strata.server.maintenance import upkeep_threads
 from strata.server.possession import NonceMinter
 from strata.server.routes import (
     agent,
+    agent_compliance,
     agent_deltas,
     agent_layers,
     agent_sync,
@@ -112,7 +113,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.metrics_token = TokenFile(metrics_token_path)
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
                    collections, compliance, operations, audit, signing, snapshot_files,
-                   users, maintenance, agent_deltas, portal):
+                   users, maintenance, agent_deltas, portal, agent_compliance):
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)

@@ -75,6 +75,10 @@ class SnapshotRecord(Base):
     bytes_new: Mapped[int] = mapped_column(Int64, default=0)
     tags: Mapped[list] = mapped_column(default=list)
     layers: Mapped[list] = mapped_column(default=list)  # layer ids applied when it was taken
+    # When a restore to new hardware moved it to another CVD: retention protects moved
+    # history for the policy's `protect_days` from then (the new machine's own snapshots
+    # would otherwise soon push it out of the hourly and daily counts).
+    moved_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class EnrollmentToken(Base):
@@ -259,3 +263,16 @@ class PortalSession(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class LiveCompliance(Base):
+    """The compliance an agent last measured on its live tree against its applied layers
+    (agent/live_compliance.py): newer than its latest snapshot, it is what `strata
+    compliance` reports. Only for the applied state it was measured against."""
+
+    __tablename__ = "live_compliance"
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    applied_key: Mapped[str] = mapped_column(Str(32))
+    measured_at: Mapped[datetime] = mapped_column()  # the server's clock, when received
+    report: Mapped[dict] = mapped_column()  # model.wire.LiveComplianceReport, validated
