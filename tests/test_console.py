@@ -34,7 +34,14 @@ from strata.model.entry import Entry, EntryType
 from strata.model.roles import ROLES, Permission
 from strata.server import passwords
 from strata.server.app import create_app
-from strata.server.catalog.models import Assignment, Cvd, SnapshotRecord, Task, UserSession
+from strata.server.catalog.models import (
+    Assignment,
+    Cvd,
+    SnapshotRecord,
+    Task,
+    TaskMember,
+    UserSession,
+)
 from strata.server.console.chart import storage_chart
 from strata.server.console.pages import ROUTERS
 from strata.server.console.portal import portal_visitor
@@ -492,6 +499,8 @@ def _task(ctx, endpoints: dict[str, tuple[str, float]], hostile: bool = True) ->
             db.merge(Assignment(endpoint_id=eid, task_id=task.id, state=state,
                                 percent=percent,
                                 detail=f"<i>{state}</i>" if hostile else ""))
+            db.add(TaskMember(task_id=task.id, endpoint_id=eid, previous={"task_id": None},
+                              target={}))
         return task.id
 
 
@@ -512,6 +521,39 @@ def test_tasks_show_each_endpoints_progress_and_poll_while_running(console):
     assert part.startswith('<section id="task-progress" data-state="done"')
     assert "hx-trigger" not in part  # done: the page stops asking
     assert c.get("/tasks/9999").status_code == 404
+
+
+def test_the_tasks_page_cancels_and_retries_for_the_roles_that_may(console):
+    """Cancel and retry are forms with the CSRF token, shown and allowed only to a role
+    that may start the task's kind (a migration: image managers, not the help desk)."""
+    c = console.client
+    a, b = console.enroll("lab-01"), console.enroll("lab-02")
+    tid = _task(console.ctx, {a: ("assigned", 0.0), b: ("failed", 10.0)}, hostile=False)
+    assert sign_in(c, "hana").status_code == 303
+    page = c.get(f"/tasks/{tid}").text
+    assert "task-cancel" not in page and "task-retry" not in page
+    token = _csrf(c.get("/account").text)
+    resp = c.post(f"/tasks/{tid}/cancel", data={"csrf": token})
+    assert resp.status_code == 403 and "needs the &#39;migrate&#39; permission" in resp.text
+    c.post("/logout", data={"csrf": token})
+    assert sign_in(c, "ivan").status_code == 303
+    listing = c.get("/tasks").text
+    assert f'action="/tasks/{tid}/cancel"' in listing and f'action="/tasks/{tid}/retry"' in listing
+    assert c.post(f"/tasks/{tid}/cancel", data={"csrf": "forged"}).status_code == 403
+    token = _csrf(c.get(f"/tasks/{tid}").text)
+    page = c.post(f"/tasks/{tid}/cancel", data={"csrf": token}).text
+    assert "cancelled: 1 endpoint(s) skipped" in page and "task-cancel" not in page
+    page = c.post(f"/tasks/{tid}/retry", data={"csrf": token}).text
+    assert "queued again: 2 endpoint(s)" in page
+    with console.ctx.session() as db:
+        assert {db.get(Assignment, e).state for e in (a, b)} == {"assigned"}
+    rows = list(csv.reader(io.StringIO(c.get(f"/tasks/{tid}?format=csv").text)))
+    assert rows[0][:3] == ["endpoint", "hostname", "state"]
+    assert sorted((r[1], r[2], r[4]) for r in rows[1:]) == [("lab-01", "assigned", "2"),
+                                                            ("lab-02", "assigned", "2")]
+    log = c.get(f"{ADMIN}/audit", headers=console.api).json()
+    assert [e["action"] for e in log if e["actor"] == "user:ivan"][:2] == \
+        ["retry-task", "cancel-task"]
 
 
 def test_the_compliance_page_lists_endpoints_it_cannot_measure_yet(console):

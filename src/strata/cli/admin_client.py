@@ -369,6 +369,12 @@ class AdminClient:
     def task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "GET", f"{API}/tasks/{task_id}")
 
+    def cancel_task(self, task_id: int) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/{task_id}/cancel")
+
+    def retry_task(self, task_id: int) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/{task_id}/retry")
+
     # -- snapshot browsing (downloads and chunks: cli/snapshot_source.py) --------------------------
 
     def snapshot_files(self, ref: str, snapshot: str, path: str = "", offset: int = 0,

@@ -39,7 +39,8 @@ layer_app = typer.Typer(help="Base images, driver sets and application layers.",
                         no_args_is_help=True)
 collection_app = typer.Typer(help="Collections of endpoints (by name or by rule).",
                              no_args_is_help=True)
-task_app = typer.Typer(help="Tracked operations (migrations).", no_args_is_help=True)
+task_app = typer.Typer(help="Tracked operations (assignments, migrations): list, show, "
+                        "cancel, retry.", no_args_is_help=True)
 # The shape the server accepts, checked here first for a clear message.
 COLLECTION_RE = re.compile(COLLECTION_NAME)
 
@@ -396,8 +397,9 @@ def assign(endpoint: list[str] | None = typer.Option(None, "--endpoint", help="E
         print_json({**doc.model_dump(mode="json"), "signed": signed})
     else:
         console.print(f"assigned to {len(doc.endpoints)} endpoint(s)"
-                      + (f", signed (metadata version {signed})" if signed else ""),
-                      highlight=False)
+                      + (f", signed (metadata version {signed})" if signed else "")
+                      + (f"; task {doc.task} (`strata task show {doc.task}`)"
+                         if doc.task is not None else ""), highlight=False)
 
 
 def _scopes(all_: bool, collection: str | None,
@@ -532,26 +534,58 @@ def migrate(collection: str | None = typer.Option(None, "--collection"),
 
 
 def _print_task(doc: TaskInfo) -> None:
-    console.print(f"task {doc.id} ({doc.kind}): {doc.state}, {doc.progress}% "
-                  "of endpoints done", highlight=False)
+    size = doc.size or len(doc.endpoints)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(doc.counts.items()))
+    console.print(f"task {doc.id} ({doc.kind}): {doc.state}, {doc.progress}% of {size} "
+                  f"endpoint(s) done" + (f" ({counts})" if counts else ""), highlight=False)
     for r in doc.endpoints:
-        console.print(f"  {r.endpoint[:8]} {r.hostname}: {r.state} {r.percent}% {r.detail}",
-                      highlight=False)
+        again = f" (attempt {r.attempts})" if r.attempts > 1 else ""
+        console.print(f"  {r.endpoint[:8]} {r.hostname}: {r.state} {r.percent}%{again} "
+                      f"{r.detail}".rstrip(), highlight=False)
 
 
 @task_app.command("list")
 def task_list(server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
               json: bool = JSON) -> None:
+    """Every task, oldest first, with its endpoints counted by state."""
     rows = client(server, admin_token_file).tasks()
     if json:
         print_model(rows)
         return
+    table = Table("Task", "Kind", "Created", "Endpoints", "State", "Done", "By state")
     for doc in rows:
-        _print_task(doc)
+        table.add_row(str(doc.id), doc.kind, iso_time(doc.created_at), str(doc.size),
+                      doc.state, f"{doc.progress:.0f}%",
+                      ", ".join(f"{n} {k}" for k, n in sorted(doc.counts.items())))
+    console.print(table)
 
 
 @task_app.command("show")
 def task_show(task_id: int, server: str | None = SERVER,
               admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """A task and each endpoint's progress."""
     doc = client(server, admin_token_file).task(task_id)
+    print_model(doc) if json else _print_task(doc)
+
+
+@task_app.command("cancel")
+def task_cancel(task_id: int, yes: bool = YES, server: str | None = SERVER,
+                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Skip the endpoints that have not started (their assignment goes back to what it
+    was); those already downloading or applying finish."""
+    api = client(server, admin_token_file)
+    doc = api.task(task_id)
+    waiting = [r for r in doc.endpoints if r.state == "assigned"]
+    confirm(f"cancel task {task_id} ({doc.kind}): {len(waiting)} endpoint(s) not started "
+            "go back to their previous assignment",
+            [f"{r.endpoint[:8]} {r.hostname}" for r in waiting], yes=yes)
+    doc = api.cancel_task(task_id)
+    print_model(doc) if json else _print_task(doc)
+
+
+@task_app.command("retry")
+def task_retry(task_id: int, server: str | None = SERVER,
+               admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Queue the task's failed and cancelled endpoints again."""
+    doc = client(server, admin_token_file).retry_task(task_id)
     print_model(doc) if json else _print_task(doc)

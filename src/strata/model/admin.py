@@ -301,6 +301,7 @@ class AssignResult(AdminModel):
     endpoints: list[str]
     base: str | None
     apps: list[str] | None
+    task: int | None = None  # the tracked task (`strata task show N`)
 
 
 # -- compliance -------------------------------------------------------------------------------
@@ -376,19 +377,23 @@ class ProvisionResult(AdminModel):
 class TaskEndpoint(AdminModel):
     endpoint: str
     hostname: str
-    state: str  # an update state, or superseded (a later assignment took over)
+    # An update state, cancelled, or superseded (a later assignment took over)
+    state: str
     percent: float
     detail: str
+    attempts: int = 1  # 1 + the retries that put it back in the task
 
 
 class TaskInfo(AdminModel):
     id: int
-    kind: str  # migrate
-    params: MigrateRequest  # what the task was asked to do
+    kind: str  # assign, migrate
+    params: dict[str, JsonValue]  # what the task was asked to do (the request's fields)
     created_at: datetime
-    endpoints: list[TaskEndpoint]
+    endpoints: list[TaskEndpoint]  # empty in lists of tasks: see `counts`
+    size: int = 0  # how many endpoints
+    counts: dict[str, int] = Field(default_factory=dict)  # endpoints by state
     progress: float  # share of endpoints done, in percent
-    state: str  # running, done, failed
+    state: str  # running, done, failed, cancelled
 
 
 # -- records -------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from strata.server.services import (
     compliance,
     endpoints,
     fleet,
-    operations,
     portal,
     snapshot_files,
+    tasks,
 )
 from strata.server.services.lookup import find_endpoint
 
@@ -170,23 +170,80 @@ def snapshot_download(ref: str, snapshot: str, request: Request, path_hex: str =
     return StreamingResponse(d.body, media_type=d.media_type, headers=headers)
 
 
+def _may_change(v: Visitor) -> set[str]:
+    """The kinds of task whose cancel and retry buttons this user sees."""
+    return {kind for kind, perm in tasks.TASK_PERMISSION.items() if v.may(perm)}
+
+
 @router.get("/tasks")
-def task_list(request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
+def task_list(request: Request, format: str = "",
+              v: Visitor = Depends(Page(Permission.VIEW)),
               ctx: ServerContext = Depends(get_ctx)) -> Response:
-    return page(request, "tasks.html", v, tasks=operations.recent_tasks(ctx, TASKS_SHOWN))
+    rows = tasks.recent_tasks(ctx, TASKS_SHOWN)
+    if format == "csv":
+        return csv_response("tasks", ["id", "kind", "created_at", "endpoints", "state",
+                                      "progress", *tasks.CSV_STATES],
+                            [[t.id, t.kind, t.created_at, t.size, t.state, t.progress,
+                              *(t.counts.get(s, 0) for s in tasks.CSV_STATES)] for t in rows])
+    return page(request, "tasks.html", v, tasks=rows, may_change=_may_change(v))
 
 
-@router.get("/tasks/{tid}")
-def task_page(tid: int, request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
-              ctx: ServerContext = Depends(get_ctx)) -> Response:
+def _task_page(request: Request, v: Visitor, ctx: ServerContext, tid: int,
+               status: int = 200, error: str = "", done: str = "") -> Response:
     try:
-        task = operations.task_info(ctx, tid)
+        task = tasks.task_info(ctx, tid)
     except StrataError as exc:
         return page(request, "message.html", v, exc.http_status, title="Task",
                      message=str(exc))
     if request.headers.get("HX-Request") == "true":  # the progress polls itself
         return render(request, "_task_progress.html", task=task)
-    return page(request, "task.html", v, task=task)
+    return page(request, "task.html", v, status, task=task, may_change=_may_change(v),
+                 error=error, done=done)
+
+
+@router.get("/tasks/{tid}")
+def task_page(tid: int, request: Request, format: str = "",
+              v: Visitor = Depends(Page(Permission.VIEW)),
+              ctx: ServerContext = Depends(get_ctx)) -> Response:
+    if format == "csv":
+        try:
+            task = tasks.task_info(ctx, tid)
+        except StrataError as exc:
+            return page(request, "message.html", v, exc.http_status, title="Task",
+                         message=str(exc))
+        return csv_response(f"task-{tid}", ["endpoint", "hostname", "state", "percent",
+                                             "attempts", "detail"],
+                            [[e.endpoint, e.hostname, e.state, e.percent, e.attempts,
+                              e.detail] for e in task.endpoints])
+    return _task_page(request, v, ctx, tid)
+
+
+@router.post("/tasks/{tid}/cancel")
+def task_cancel(tid: int, request: Request, csrf: str = Form("", max_length=64),
+                v: Visitor = Depends(Page(Permission.VIEW)),
+                ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """Skip the endpoints that have not started (the kind's permission is checked by the
+    service: an image manager's migration is not the help desk's to cancel)."""
+    check_csrf(request, v.csrf, csrf)
+    try:
+        task = tasks.cancel(ctx, tid, v.staff)
+    except StrataError as exc:
+        return _task_page(request, v, ctx, tid, exc.http_status, error=str(exc))
+    return _task_page(request, v, ctx, tid, done=f"cancelled: {task.counts.get('cancelled', 0)}"
+                      " endpoint(s) skipped; those already under way finish")
+
+
+@router.post("/tasks/{tid}/retry")
+def task_retry(tid: int, request: Request, csrf: str = Form("", max_length=64),
+               v: Visitor = Depends(Page(Permission.VIEW)),
+               ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    try:
+        task = tasks.retry(ctx, tid, v.staff)
+    except StrataError as exc:
+        return _task_page(request, v, ctx, tid, exc.http_status, error=str(exc))
+    return _task_page(request, v, ctx, tid,
+                      done=f"queued again: {task.counts.get('assigned', 0)} endpoint(s)")
 
 
 @router.get("/compliance")

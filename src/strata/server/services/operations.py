@@ -1,6 +1,6 @@
 """One-off operations on endpoints, carried out by their agents at the next check-in:
 revert the system to a snapshot, restore a CVD onto new hardware, provision from
-layers, and migrations (to another base or driver layer) tracked as tasks."""
+layers, and migrations (to another base or driver layer) tracked as tasks (tasks.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 from sqlalchemy import select
 
-from strata.errors import Invalid, NotFound
+from strata.errors import Invalid
 from strata.model.admin import (
     MigrateRequest,
     ProvisionRequest,
@@ -17,13 +17,12 @@ from strata.model.admin import (
     RestoreResult,
     RevertRequest,
     RevertResult,
-    TaskEndpoint,
     TaskInfo,
 )
 from strata.model.entry import EntryType
-from strata.server.catalog.models import Assignment, Endpoint, Layer, SnapshotRecord, Task
+from strata.server.catalog.models import Assignment, Layer, SnapshotRecord
 from strata.server.context import ServerContext
-from strata.server.services import audit, snapshots
+from strata.server.services import audit, snapshots, tasks
 from strata.server.services.assignments import apply_assignment, assignment_of, set_state
 from strata.server.services.collections import targets
 from strata.server.services.facts import endpoint_family
@@ -133,51 +132,11 @@ def migrate(ctx: ServerContext, req: MigrateRequest, *, actor: str) -> TaskInfo:
         raise Invalid("migrate to a --base or --driver layer")
     with ctx.write() as db:
         eps = targets(db, req.endpoints, req.collection, False)
-        task = Task(kind="migrate", params=req.model_dump(), endpoints=[e.id for e in eps])
-        db.add(task)
-        db.flush()
+        task, previous = tasks.begin(db, "migrate", req.model_dump(), eps)
         apply_assignment(db, eps, base=req.base, drivers=req.drivers, task=task)
+        tasks.enlist(db, task, eps, previous)
         tid = task.id
     ctx.invalidate()
     audit.record(ctx, actor, "migrate", str(tid), base=req.base, drivers=req.drivers,
                  endpoints=len(eps))
-    return task_info(ctx, tid)
-
-
-def task_info(ctx: ServerContext, tid: int) -> TaskInfo:
-    """A task and each of its endpoints' progress (an endpoint a later assignment took
-    over is "superseded")."""
-    with ctx.session() as db:
-        task = db.get(Task, tid)
-        if task is None:
-            raise NotFound(f"no task {tid}")
-        rows = []
-        for eid in task.endpoints:
-            a, ep = db.get(Assignment, eid), db.get(Endpoint, eid)
-            hostname = ep.hostname if ep else ""
-            if a is not None and a.task_id == task.id:
-                rows.append(TaskEndpoint(endpoint=eid, hostname=hostname, state=a.state,
-                                         percent=round(a.percent, 1), detail=a.detail))
-            else:
-                rows.append(TaskEndpoint(endpoint=eid, hostname=hostname, state="superseded",
-                                         percent=0.0, detail=""))
-        done = sum(r.state == "applied" for r in rows)
-        failed = sum(r.state == "failed" for r in rows)
-        return TaskInfo(id=task.id, kind=task.kind, params=MigrateRequest(**task.params),
-                        created_at=task.created_at, endpoints=rows,
-                        progress=round(100.0 * done / len(rows), 1) if rows else 100.0,
-                        state="done" if done == len(rows)
-                        else ("failed" if failed else "running"))
-
-
-def recent_tasks(ctx: ServerContext, count: int) -> list[TaskInfo]:
-    """The latest `count` tasks, newest first."""
-    with ctx.session() as db:
-        ids = list(db.scalars(select(Task.id).order_by(Task.id.desc()).limit(count)))
-    return [task_info(ctx, t) for t in ids]
-
-
-def list_tasks(ctx: ServerContext) -> list[TaskInfo]:
-    with ctx.session() as db:
-        ids = list(db.scalars(select(Task.id).order_by(Task.id)))
-    return [task_info(ctx, t) for t in ids]
+    return tasks.task_info(ctx, tid)
