@@ -16,7 +16,7 @@ from strata.server.console.session import (
     Visitor,
     check_csrf,
 )
-from strata.server.console.views import page
+from strata.server.console.views import page, see_other
 from strata.server.context import ServerContext
 from strata.server.deps import get_ctx
 from strata.server.services import (
@@ -201,8 +201,13 @@ def _task_page(request: Request, v: Visitor, ctx: ServerContext, tid: int,
                  error=error, done=done)
 
 
+# What the page says after a cancel or retry (the redirect names one, with a count).
+DONE = {"cancel": "cancelled: {n} endpoint(s) not started are skipped; those under way finish",
+        "retry": "queued again: {n} endpoint(s)"}
+
+
 @router.get("/tasks/{tid}")
-def task_page(tid: int, request: Request, format: str = "",
+def task_page(tid: int, request: Request, format: str = "", done: str = "", n: int = 0,
               v: Visitor = Depends(Page(Permission.VIEW)),
               ctx: ServerContext = Depends(get_ctx)) -> Response:
     if format == "csv":
@@ -215,7 +220,8 @@ def task_page(tid: int, request: Request, format: str = "",
                                              "attempts", "detail"],
                             [[e.endpoint, e.hostname, e.state, e.percent, e.attempts,
                               e.detail] for e in task.endpoints])
-    return _task_page(request, v, ctx, tid)
+    said = DONE[done].format(n=max(n, 0)) if done in DONE else ""
+    return _task_page(request, v, ctx, tid, done=said)
 
 
 @router.post("/tasks/{tid}/cancel")
@@ -229,8 +235,8 @@ def task_cancel(tid: int, request: Request, csrf: str = Form("", max_length=64),
         task = tasks.cancel(ctx, tid, v.staff)
     except StrataError as exc:
         return _task_page(request, v, ctx, tid, exc.http_status, error=str(exc))
-    return _task_page(request, v, ctx, tid, done=f"cancelled: {task.counts.get('cancelled', 0)}"
-                      " endpoint(s) skipped; those already under way finish")
+    # Post, redirect, get: a reload of the page does not send the form again.
+    return see_other(f"/tasks/{tid}?done=cancel&n={task.counts.get('cancelled', 0)}")
 
 
 @router.post("/tasks/{tid}/retry")
@@ -242,8 +248,7 @@ def task_retry(tid: int, request: Request, csrf: str = Form("", max_length=64),
         task = tasks.retry(ctx, tid, v.staff)
     except StrataError as exc:
         return _task_page(request, v, ctx, tid, exc.http_status, error=str(exc))
-    return _task_page(request, v, ctx, tid,
-                      done=f"queued again: {task.counts.get('assigned', 0)} endpoint(s)")
+    return see_other(f"/tasks/{tid}?done=retry&n={task.counts.get('assigned', 0)}")
 
 
 @router.get("/compliance")
