@@ -110,6 +110,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
     app.include_router(reports.agent_router)
+    app.include_router(portal.agent_router)
     mount_console(app)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
