@@ -38,7 +38,9 @@ def start_server(data: Path) -> tuple[subprocess.Popen, str]:
     exe = str(Path(sys.executable).with_name("strata"))
     proc = subprocess.Popen([exe, "server", "--data", str(data), "--listen",
                              f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=open(data / "server.log", "w"))  # noqa: SIM115
+                            # Beside the data directory: the server refuses to start in
+                            # a directory that holds anything but its own files.
+                            stderr=open(data.parent / "server.log", "w"))  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120  # a loaded machine takes 20 s and more to start it
     while time.monotonic() < deadline:

@@ -215,3 +215,55 @@ def test_an_agent_drops_a_downloaded_update_the_server_no_longer_wants(tmp_path)
     state.save_update({"key": "new", "state": UpdateState.APPLYING, "desired": {}})
     drop_unwanted(state, "old")
     assert state.update()["state"] == UpdateState.APPLYING
+
+
+def _snapshot_rows(f: SimpleNamespace, host: str, triggers: list[str]) -> list[str]:
+    """Catalog records of the endpoint's snapshots (what a mass revert chooses from)."""
+    from datetime import UTC, datetime, timedelta
+
+    from strata.server.catalog.models import SnapshotRecord
+    from strata.server.services import snapshots
+
+    eid = f.devices[host][0]
+    ids = []
+    with f.ctx.write() as db:
+        cvd = snapshots.cvd_of(db, eid)
+        assert cvd is not None
+        for i, trigger in enumerate(triggers):
+            sid = f"{eid[:8]}{i:056x}"
+            db.add(SnapshotRecord(id=sid, cvd_id=cvd.id, trigger=trigger, layers=[],
+                                  time=datetime(2026, 12, 1, tzinfo=UTC) + timedelta(hours=i)))
+            ids.append(sid)
+        cvd.last_snapshot = ids[-1]
+    return ids
+
+
+def test_a_revert_of_a_collection_is_a_task_each_to_its_own_snapshot(fleet):
+    snaps = {h: _snapshot_rows(fleet, h, ["scheduled", "pre-update", "post-update"])
+             for h in ("pc-1", "pc-2")}
+    resp = fleet.client.post(f"{ADMIN}/tasks/revert", json={"collection": "lab"})
+    assert resp.status_code == 409 and "pc-3 has no pre-update snapshot" in resp.text
+    assert fleet.client.get(f"{ADMIN}/tasks").json() == []  # nothing was started
+    resp = fleet.client.post(f"{ADMIN}/tasks/revert", json={
+        "endpoints": [fleet.devices[h][0] for h in ("pc-1", "pc-2")]})
+    assert resp.status_code == 200, resp.text
+    task = resp.json()
+    assert task["kind"] == "revert" and task["counts"] == {"assigned": 2}
+    with fleet.ctx.session() as db:
+        for h in ("pc-1", "pc-2"):
+            a = db.get(Assignment, fleet.devices[h][0])
+            assert a is not None and a.operation["snapshot"] == snaps[h][1]
+    # The help desk may revert, so it may cancel a revert; not a provisioning.
+    hana = {"Authorization": f"Bearer {fleet.tokens['hana']}"}
+    resp = fleet.client.post(f"{ADMIN}/tasks/{task['id']}/cancel", headers=hana)
+    assert resp.status_code == 200 and resp.json()["counts"] == {"cancelled": 2}
+    with fleet.ctx.session() as db:
+        assert all(db.get(Assignment, fleet.devices[h][0]).operation == {}  # type: ignore[union-attr]
+                   for h in ("pc-1", "pc-2"))
+    resp = fleet.client.post(f"{ADMIN}/tasks/provision", json={"collection": "lab",
+                                                                "base": "os:1"})
+    assert resp.status_code == 200, resp.text
+    tid = resp.json()["id"]
+    assert resp.json()["kind"] == "provision" and resp.json()["size"] == 3
+    resp = fleet.client.post(f"{ADMIN}/tasks/{tid}/cancel", headers=hana)
+    assert resp.status_code == 403 and "'provision' permission" in resp.text

@@ -115,3 +115,25 @@ def test_a_mass_assignment_is_cancelled_then_retried_to_completion(world):
     assert {e["attempts"] for e in task["endpoints"]} == {1, 2}
     listed = admin(world, "task", "list").stdout
     assert f"{tid}" in listed and "done" in listed
+
+
+def test_a_collection_is_reverted_to_its_pre_update_snapshots_as_a_task(world):
+    """After the update above, the whole collection goes back to the system each endpoint
+    had before it (signed per endpoint, one metadata version); user data as it is now."""
+    for i, agent in enumerate(world.agents, 1):
+        (agent.root / f"home/user{i}/today.txt").write_text("written after the update\n")
+        centralized(agent.backup())
+    proc = admin(world, "task", "revert", "--collection", "lab", rc=2)
+    assert "refusing without --yes" in proc.stderr
+    task = admin_json(world, "task", "revert", "--collection", "lab", "--yes")
+    assert task["kind"] == "revert" and task["size"] == 3 and task["signed"]
+    for agent in world.agents:
+        assert agent.run_once()["update"]["state"] == "ready"
+        assert strata_json(*agent.cmd("apply"))["state"] == "applied"
+        agent.run_once()
+    for i, agent in enumerate(world.agents, 1):
+        assert (agent.root / "usr/bin/tool").read_bytes() == b"#!/bin/sh\necho v1\n"
+        assert not (agent.root / "usr/lib/libnew.so").exists()
+        assert (agent.root / f"home/user{i}/today.txt").exists()
+    task = admin_json(world, "task", "show", str(task["id"]))
+    assert task["state"] == "done", task

@@ -40,6 +40,8 @@ from strata.model.admin import (
     LayerDetailWithFiles,
     LayerDiff,
     LayerInfo,
+    MassProvisionRequest,
+    MassRevertRequest,
     MigrateRequest,
     PolicyDocument,
     PolicyPlan,
@@ -369,6 +371,12 @@ class AdminClient:
 
     def task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "GET", f"{API}/tasks/{task_id}")
+
+    def revert_task(self, req: MassRevertRequest) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/revert", req)
+
+    def provision_task(self, req: MassProvisionRequest) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/provision", req)
 
     def cancel_task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "POST", f"{API}/tasks/{task_id}/cancel")

@@ -11,6 +11,7 @@ into a failure of the admin's view.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
@@ -88,6 +89,23 @@ class RestoreRequest(AdminModel):
 
 
 class ProvisionRequest(AdminModel):
+    base: str
+    apps: list[str] = Field(default_factory=list)
+
+
+class MassRevertRequest(AdminModel):
+    """A revert of many endpoints as one task: each to its own snapshot, `latest` or
+    `pre-update` (the newest one its agent took before applying an update)."""
+
+    endpoints: list[str] = Field(default_factory=list)
+    collection: str = ""
+    snapshot: Literal["latest", "pre-update"] = "pre-update"
+    keep_user_apps: bool = False
+
+
+class MassProvisionRequest(AdminModel):
+    endpoints: list[str] = Field(default_factory=list)
+    collection: str = ""
     base: str
     apps: list[str] = Field(default_factory=list)
 

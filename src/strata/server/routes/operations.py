@@ -6,6 +6,8 @@ from __future__ import annotations
 from fastapi import Depends
 
 from strata.model.admin import (
+    MassProvisionRequest,
+    MassRevertRequest,
     MigrateRequest,
     ProvisionRequest,
     ProvisionResult,
@@ -57,6 +59,24 @@ def provision(ref: str, body: ProvisionRequest, ctx: ServerContext = Depends(get
 def migrate(body: MigrateRequest, ctx: ServerContext = Depends(get_ctx),
             actor: str = Depends(require(Permission.MIGRATE))) -> TaskInfo:
     return operations.migrate(ctx, body, actor=actor)
+
+
+@router.post("/tasks/revert", response_model=TaskInfo,
+             dependencies=[Depends(require(Permission.REVERT)),
+                           Depends(signing_required)])
+def revert_task(body: MassRevertRequest, ctx: ServerContext = Depends(get_ctx),
+                actor: str = Depends(require(Permission.REVERT))) -> TaskInfo:
+    """Revert endpoints or a collection, each to its latest or pre-update snapshot."""
+    return operations.revert_task(ctx, body, actor=actor)
+
+
+@router.post("/tasks/provision", response_model=TaskInfo,
+             dependencies=[Depends(require(Permission.PROVISION)),
+                           Depends(signing_required)])
+def provision_task(body: MassProvisionRequest, ctx: ServerContext = Depends(get_ctx),
+                   actor: str = Depends(require(Permission.PROVISION))) -> TaskInfo:
+    """Provision endpoints or a collection from layers."""
+    return operations.provision_task(ctx, body, actor=actor)
 
 
 @router.get("/tasks", response_model=list[TaskInfo], dependencies=VIEW)

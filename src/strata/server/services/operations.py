@@ -7,9 +7,12 @@ from __future__ import annotations
 import os
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from strata.errors import Invalid
+from strata.errors import Conflict, Invalid
 from strata.model.admin import (
+    MassProvisionRequest,
+    MassRevertRequest,
     MigrateRequest,
     ProvisionRequest,
     ProvisionResult,
@@ -20,7 +23,7 @@ from strata.model.admin import (
     TaskInfo,
 )
 from strata.model.entry import EntryType
-from strata.server.catalog.models import Assignment, Layer, SnapshotRecord
+from strata.server.catalog.models import Assignment, Endpoint, Layer, SnapshotRecord
 from strata.server.context import ServerContext
 from strata.server.services import audit, snapshots, tasks
 from strata.server.services.assignments import apply_assignment, assignment_of, set_state
@@ -36,16 +39,71 @@ def revert(ctx: ServerContext, ref: str, req: RevertRequest, *, actor: str) -> R
         ep = find_endpoint(db, ref)
         rec = snapshots.find_snapshot(db, ep.id, req.snapshot)
         sid = rec.id
-        a = assignment_of(db, ep)
-        layers = [db.get(Layer, i) for i in rec.layers or []]
-        a.base_id = next((r.id for r in layers if r is not None and r.kind == "base"), None)
-        a.app_ids = [r.id for r in layers if r is not None and r.kind == "app"]
-        a.operation = {"kind": "revert", "snapshot": sid, "keep_user_apps": req.keep_user_apps}
-        set_state(a, "assigned", percent=0.0)
+        _revert_assignment(db, ep, rec, req.keep_user_apps)
         eid = ep.id
     ctx.invalidate()
     audit.record(ctx, actor, "revert", eid, snapshot=sid, keep_user_apps=req.keep_user_apps)
     return RevertResult(endpoint=eid, snapshot=sid, state="assigned")
+
+
+def _revert_assignment(db: Session, ep: Endpoint, rec: SnapshotRecord,
+                       keep_user_apps: bool) -> None:
+    """The endpoint's assignment becomes the layers `rec` was taken with, plus the revert."""
+    a = assignment_of(db, ep)
+    layers = [db.get(Layer, i) for i in rec.layers or []]
+    a.base_id = next((r.id for r in layers if r is not None and r.kind == "base"), None)
+    a.app_ids = [r.id for r in layers if r is not None and r.kind == "app"]
+    a.operation = {"kind": "revert", "snapshot": rec.id, "keep_user_apps": keep_user_apps}
+    set_state(a, "assigned", percent=0.0)
+
+
+def _task_snapshot(db: Session, ep: Endpoint, which: str) -> SnapshotRecord:
+    """The snapshot a mass revert takes an endpoint back to: its latest, or the newest
+    its agent took before applying an update."""
+    if which == "latest":
+        return snapshots.find_snapshot(db, ep.id, "latest")
+    cvd = snapshots.cvd_of(db, ep.id)
+    rec = db.scalar(select(SnapshotRecord).where(
+        SnapshotRecord.cvd_id == (cvd.id if cvd else -1),
+        SnapshotRecord.trigger == "pre-update").order_by(SnapshotRecord.time.desc()).limit(1))
+    if rec is None:
+        raise Conflict(f"endpoint {ep.hostname or ep.id[:8]} has no pre-update snapshot: "
+                       "leave it out, or revert it to a snapshot by id")
+    return rec
+
+
+def revert_task(ctx: ServerContext, req: MassRevertRequest, *, actor: str) -> TaskInfo:
+    """Revert endpoints (a collection) as one tracked task, each to its own snapshot;
+    every endpoint's snapshot is found before anything changes."""
+    with ctx.write() as db:
+        eps = targets(db, req.endpoints, req.collection, False)
+        recs = {ep.id: _task_snapshot(db, ep, req.snapshot) for ep in eps}
+        task, previous = tasks.begin(db, "revert", req.model_dump(), eps)
+        for ep in eps:
+            _revert_assignment(db, ep, recs[ep.id], req.keep_user_apps)
+        tasks.enlist(db, task, eps, previous)
+        tid = task.id
+    ctx.invalidate()
+    audit.record(ctx, actor, "revert", f"task {tid}", snapshot=req.snapshot,
+                 keep_user_apps=req.keep_user_apps, endpoints=len(eps))
+    return tasks.task_info(ctx, tid)
+
+
+def provision_task(ctx: ServerContext, req: MassProvisionRequest, *,
+                   actor: str) -> TaskInfo:
+    """Provision endpoints (a collection) from layers as one tracked task."""
+    with ctx.write() as db:
+        eps = targets(db, req.endpoints, req.collection, False)
+        task, previous = tasks.begin(db, "provision", req.model_dump(), eps)
+        apply_assignment(db, eps, base=req.base, apps=req.apps, task=task)
+        for ep in eps:
+            assignment_of(db, ep).operation = {"kind": "provision"}
+        tasks.enlist(db, task, eps, previous)
+        tid = task.id
+    ctx.invalidate()
+    audit.record(ctx, actor, "provision", f"task {tid}", base=req.base, apps=req.apps,
+                 endpoints=len(eps))
+    return tasks.task_info(ctx, tid)
 
 
 def restore_to(ctx: ServerContext, ref: str, req: RestoreRequest, *,
