@@ -306,6 +306,10 @@ def test_the_console_reports_software_and_storage_with_csv(fleet):
     assert "openssl" in page and "3.0.11 (1), 3.0.15 (1)" in page
     rows = list(csv.reader(io.StringIO(c.get("/reports/software?format=csv").text)))
     assert rows[1:] == [["openssl", "2", "3.0.11", "1"], ["openssl", "2", "3.0.15", "1"]]
+    eid = fleet.devices["pc-1"][0]
+    page = c.get(f"/endpoints/{eid}").text
+    assert f'href="/reports/software?endpoint={eid}"' in page and "1 installed packages" in page
+    assert "no package list reported" in c.get(f"/endpoints/{fleet.devices['pc-2'][0]}").text
     page = c.get("/reports/storage")
     assert page.status_code == 200
     rows = list(csv.reader(io.StringIO(c.get("/reports/storage?format=csv").text)))

@@ -55,6 +55,11 @@ class SoftwareStored(BaseModel):
     packages: int
 
 
+class SoftwareListInfo(BaseModel):
+    packages: int
+    updated_at: datetime  # when the endpoint last sent it (changed or not)
+
+
 # -- reports ---------------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from strata.server.services import (
     fleet,
     portal,
     snapshot_files,
+    software,
     tasks,
 )
 from strata.server.services.lookup import find_endpoint
@@ -67,7 +68,7 @@ def _endpoint_page(request: Request, v: Visitor, ctx: ServerContext, ref: str,
                      message=str(exc))
     accounts = portal.list_accounts(ctx, detail.id) if v.may(Permission.RESTORE) else []
     return page(request, "endpoint.html", v, status, ep=detail, accounts=accounts,
-                 error=error, done=done)
+                 error=error, done=done, software=software.list_of(ctx, detail.id))
 
 
 @router.get("/endpoints/{ref}")

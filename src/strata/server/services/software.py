@@ -13,6 +13,7 @@ from sqlalchemy import delete, func, insert, select
 from strata.errors import Invalid
 from strata.model.software import (
     PackageOnEndpoint,
+    SoftwareListInfo,
     SoftwareReport,
     SoftwareReportPage,
     SoftwareStored,
@@ -58,6 +59,14 @@ def store_software(ctx: ServerContext, ep: Endpoint, report: SoftwareReport, *,
             db.add(row)
         row.digest, row.packages, row.updated_at = digest, len(report.packages), now
     return SoftwareStored(digest=digest, packages=len(report.packages))
+
+
+def list_of(ctx: ServerContext, endpoint_id: str) -> SoftwareListInfo | None:
+    """When the endpoint last sent its package list, and how many packages."""
+    with ctx.session() as db:
+        row = db.get(SoftwareList, endpoint_id)
+        return None if row is None else SoftwareListInfo(packages=row.packages,
+                                                         updated_at=row.updated_at)
 
 
 def software_report(ctx: ServerContext, *, package: str = "", endpoint: str = "",
