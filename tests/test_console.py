@@ -499,8 +499,9 @@ def _task(ctx, endpoints: dict[str, tuple[str, float]], hostile: bool = True) ->
             db.merge(Assignment(endpoint_id=eid, task_id=task.id, state=state,
                                 percent=percent,
                                 detail=f"<i>{state}</i>" if hostile else ""))
-            db.add(TaskMember(task_id=task.id, endpoint_id=eid, previous={"task_id": None},
-                              target={}))
+            db.add(TaskMember(task_id=task.id, endpoint_id=eid,
+                              previous={"task_id": None, "app_ids": []},
+                              target={"app_ids": []}))
         return task.id
 
 
@@ -777,6 +778,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             tokens[name] = server.admin("POST", f"/users/{name}/tokens", {})["token"]
         root = base / "laptop"
         write_documents(root / "home/alice", seed=3, count=20, size=64 << 10)
+        (root / "var/lib/dpkg").mkdir(parents=True)
+        (root / "var/lib/dpkg/status").write_text(
+            "Package: openssl\nStatus: install ok installed\nArchitecture: amd64\n"
+            "Version: 3.0.15-1~deb12u1\n\nPackage: bash\nStatus: install ok installed\n"
+            "Architecture: amd64\nVersion: 5.2.15-2+b7\n")
         agent = Agent(server, root, base / "agent-state")
         agent.enroll(server.create_token())
         agent.backup()
@@ -1014,6 +1020,28 @@ def test_browser_an_image_manager_cancels_and_retries_a_task(browser, fleet):
     finally:
         context.close()
         engine.dispose()
+
+
+@pytest.mark.e2e
+def test_browser_software_and_storage_reports(browser, fleet):
+    """The fleet summary fills in by itself once computed in the background; a package
+    leads to the endpoints that have it; storage per CVD; a CSV link on each table."""
+    context, page = _signed_in(browser, fleet, "hana")
+    try:
+        page.click("header nav a[href='/reports/software']")
+        expect(page.locator("#software-summary table")).to_be_visible(timeout=30_000)
+        page.click("#software-summary a:text-is('openssl')")
+        rows = page.locator("[data-testid=software-row]")
+        expect(rows).to_have_count(1)
+        assert "3.0.15-1~deb12u1" in rows.first.text_content()
+        _shot(page, "software")
+        page.goto(fleet.server.url + "/reports/storage")
+        expect(page.locator("[data-testid=storage-row]").first).to_be_visible(timeout=30_000)
+        assert page.locator("[data-testid=csv-link]").count() >= 1
+        _shot(page, "storage")
+        assert page.problems == []
+    finally:
+        context.close()
 
 
 class _committing:

@@ -257,9 +257,8 @@ def test_a_revert_of_a_collection_is_a_task_each_to_its_own_snapshot(fleet):
     hana = {"Authorization": f"Bearer {fleet.tokens['hana']}"}
     resp = fleet.client.post(f"{ADMIN}/tasks/{task['id']}/cancel", headers=hana)
     assert resp.status_code == 200 and resp.json()["counts"] == {"cancelled": 2}
-    with fleet.ctx.session() as db:
-        assert all(db.get(Assignment, fleet.devices[h][0]).operation == {}  # type: ignore[union-attr]
-                   for h in ("pc-1", "pc-2"))
+    with fleet.ctx.session() as db:  # they had no assignment before: none again
+        assert all(db.get(Assignment, fleet.devices[h][0]) is None for h in ("pc-1", "pc-2"))
     resp = fleet.client.post(f"{ADMIN}/tasks/provision", json={"collection": "lab",
                                                                 "base": "os:1"})
     assert resp.status_code == 200, resp.text
@@ -267,3 +266,31 @@ def test_a_revert_of_a_collection_is_a_task_each_to_its_own_snapshot(fleet):
     assert resp.json()["kind"] == "provision" and resp.json()["size"] == 3
     resp = fleet.client.post(f"{ADMIN}/tasks/{tid}/cancel", headers=hana)
     assert resp.status_code == 403 and "'provision' permission" in resp.text
+
+
+def test_an_endpoint_without_an_assignment_before_the_task_has_none_after_a_cancel(fleet):
+    """An empty assignment is not "none" (drivers would follow the hardware): the row the
+    task made goes, and a retry makes it again."""
+    task = _assign(fleet, "os:1")
+    fleet.client.post(f"{ADMIN}/tasks/{task['id']}/cancel")
+    assert _checkin(fleet, "pc-1") is None
+    with fleet.ctx.session() as db:
+        assert db.get(Assignment, fleet.devices["pc-1"][0]) is None
+    task = fleet.client.post(f"{ADMIN}/tasks/{task['id']}/retry").json()
+    assert task["counts"] == {"assigned": 3}
+    assert [dl["version"] for dl in _checkin(fleet, "pc-1")["layers"]] == ["1"]
+    fleet.client.post(f"{ADMIN}/tasks/{task['id']}/cancel")
+    assert _checkin(fleet, "pc-1") is None
+
+
+def test_a_task_from_before_members_recorded_anything_is_not_cancelled(fleet):
+    """Tasks migrated from an older catalog have members with nothing to put back: a
+    cancel leaves them running rather than guess."""
+    from strata.server.catalog.models import TaskMember
+
+    task = _assign(fleet, "os:1")
+    with fleet.ctx.write() as db:
+        for m in db.query(TaskMember).filter_by(task_id=task["id"]):
+            m.previous, m.target = {}, {}
+    task = fleet.client.post(f"{ADMIN}/tasks/{task['id']}/cancel").json()
+    assert task["counts"] == {"assigned": 3}

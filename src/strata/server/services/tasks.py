@@ -68,7 +68,13 @@ def begin(db: Session, kind: str, params: dict[str, Any],
     task = Task(kind=kind, params=params, endpoints=[e.id for e in eps])
     db.add(task)
     db.flush()
-    return task, {ep.id: _fields(assignment_of(db, ep)) for ep in eps}
+    previous = {}
+    for ep in eps:
+        had = db.get(Assignment, ep.id) is not None
+        # An endpoint that had no assignment at all: a cancel removes the row again (an
+        # empty assignment is not the same as none: drivers would follow the hardware).
+        previous[ep.id] = {**_fields(assignment_of(db, ep)), "absent": not had}
+    return task, previous
 
 
 def enlist(db: Session, task: Task, eps: list[Endpoint],
@@ -185,19 +191,18 @@ def check_may_change(ctx: ServerContext, tid: int, staff: Staff, verb: str) -> N
 # -- cancel and retry ----------------------------------------------------------------------
 
 
-def _members(db: Session, tid: int) -> list[tuple[TaskMember, Assignment, Endpoint]]:
+def _members(db: Session, tid: int) -> list[tuple[TaskMember, Assignment | None, Endpoint]]:
     task = db.get(Task, tid)
     if task is None:
         raise NotFound(f"no task {tid}")
-    # Every member has an assignment (made when it joined; deleting the endpoint deletes
-    # both), so an inner join, which PostgreSQL can lock.
-    rows = db.execute(select(TaskMember, Assignment, Endpoint)
+    rows = db.execute(select(TaskMember, Endpoint)
                       .join(Endpoint, Endpoint.id == TaskMember.endpoint_id)
-                      .join(Assignment, Assignment.endpoint_id == TaskMember.endpoint_id)
-                      .where(TaskMember.task_id == tid)
-                      # PostgreSQL: an agent's report waits until this decision is made.
-                      .with_for_update(of=Assignment)).all()
-    return [(m, a, ep) for m, a, ep in rows]
+                      .where(TaskMember.task_id == tid)).all()
+    # Locked (PostgreSQL): an agent's progress report waits until this decision is made.
+    locked = {a.endpoint_id: a for a in db.scalars(
+        select(Assignment).where(Assignment.endpoint_id.in_([ep.id for _, ep in rows]))
+        .with_for_update())}
+    return [(m, locked.get(ep.id), ep) for m, ep in rows]
 
 
 def cancel(ctx: ServerContext, tid: int, staff: Staff) -> TaskInfo:
@@ -206,10 +211,17 @@ def cancel(ctx: ServerContext, tid: int, staff: Staff) -> TaskInfo:
     with ctx.write() as db:
         cancelled, running = [], 0
         for m, a, ep in _members(db, tid):
-            if m.state == "cancelled" or a.task_id != tid:
+            if m.state == "cancelled" or a is None or a.task_id != tid:
                 continue
-            if a.state != NOT_STARTED:
+            if a.state != NOT_STARTED or not m.previous:
+                # Under way (it finishes), or joined before members recorded what to
+                # put back (a task from an older version: it cannot be cancelled).
                 running += a.state in ACTIVE
+                continue
+            m.state = "cancelled"
+            cancelled.append(ep.id)
+            if m.previous.get("absent"):
+                db.delete(a)  # no assignment before the task: none again
                 continue
             _put(a, m.previous)
             a.task_id = m.previous.get("task_id")
@@ -220,8 +232,6 @@ def cancel(ctx: ServerContext, tid: int, staff: Staff) -> TaskInfo:
                 set_state(a, "applied", percent=100.0)
             else:
                 set_state(a, "assigned", percent=0.0)
-            m.state = "cancelled"
-            cancelled.append(ep.id)
     ctx.invalidate()
     audit.record(ctx, staff.actor, "cancel-task", str(tid), cancelled=len(cancelled),
                  finishing=running)
@@ -235,8 +245,12 @@ def retry(ctx: ServerContext, tid: int, staff: Staff) -> TaskInfo:
         again = []
         for m, a, ep in _members(db, tid):
             if m.state == "cancelled":
-                m.previous = _fields(a)  # what a second cancel puts back
-            elif not (a.task_id == tid and a.state == "failed"):
+                # What a second cancel puts back: the assignment it has now, or none.
+                m.previous = {**_fields(a), "absent": False} if a is not None \
+                    else {"absent": True}
+                a = a or assignment_of(db, ep)
+            elif a is None or not (a.task_id == tid and a.state == "failed") \
+                    or not m.target:
                 continue
             _put(a, m.target)
             a.task_id = tid
