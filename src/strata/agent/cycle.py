@@ -27,6 +27,7 @@ from strata.agent.centralize import (
 from strata.agent.client import ServerClient, ServerUnreachable
 from strata.agent.drift import tree_changed
 from strata.agent.live_compliance import LiveCompliance
+from strata.agent.software import report_software
 from strata.agent.state import AgentState, Credential
 from strata.agent.update import (
     Centralizer,
@@ -180,6 +181,7 @@ def _cycle(ctx: AgentContext, client: ServerClient, result: CycleResult, *, forc
         return
     result.checked_in = True
     apply_bandwidth(client, info.policy.bandwidth, ctx.upload_rate)
+    report_software(client, st, root)  # with the inventory; only when the list changed
     try:
         _after_checkin(ctx, client, info, result, force=force, trigger=trigger)
     except ServerUnreachable as exc:  # lost midway: what is owed stays in pending_work

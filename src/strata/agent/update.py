@@ -574,6 +574,7 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
         return None
     root = tree.root
     if desired.key == state.applied_key() and not desired.enforce:
+        drop_unwanted(state, desired.key)
         return None
     saved = state.update()
     if saved.get("key") == desired.key and saved.get("state") == UpdateState.READY:
@@ -607,6 +608,16 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
 
 
 APPLIABLE = (UpdateState.READY, UpdateState.APPLYING, UpdateState.FAILED)
+
+
+def drop_unwanted(state: AgentState, wanted: str) -> None:
+    """The server wants what the endpoint already has (a task cancelled, an assignment
+    taken back): an update downloaded for something else is not applied at the next
+    restart. One being applied (APPLYING) is never dropped: its journal must finish."""
+    saved = state.update()
+    if saved.get("key") not in (None, wanted) and saved.get("state") in (
+            UpdateState.DOWNLOADING, UpdateState.READY, UpdateState.FAILED):
+        state.save_update({"key": saved.get("key"), "state": "dropped"})
 
 
 def appliable(saved: dict) -> bool:

@@ -40,6 +40,8 @@ from strata.model.admin import (
     LayerDetailWithFiles,
     LayerDiff,
     LayerInfo,
+    MassProvisionRequest,
+    MassRevertRequest,
     MigrateRequest,
     PolicyDocument,
     PolicyPlan,
@@ -59,6 +61,7 @@ from strata.model.admin import (
     TransactionInfo,
 )
 from strata.model.snapshot_files import SnapshotFolder
+from strata.model.software import SoftwareReportPage, StorageReport
 from strata.model.users import (
     Caller,
     PasswordRequest,
@@ -378,6 +381,28 @@ class AdminClient:
 
     def task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "GET", f"{API}/tasks/{task_id}")
+
+    def revert_task(self, req: MassRevertRequest) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/revert", req)
+
+    def provision_task(self, req: MassProvisionRequest) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/provision", req)
+
+    def cancel_task(self, task_id: int) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/{task_id}/cancel")
+
+    def retry_task(self, task_id: int) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/{task_id}/retry")
+
+    # -- reports -----------------------------------------------------------------------------------
+
+    def software_report(self, package: str = "", endpoint: str = "") -> SoftwareReportPage:
+        params = {k: v for k, v in (("package", package), ("endpoint", endpoint)) if v}
+        return self._typed(SoftwareReportPage, "GET", f"{API}/reports/software",
+                           params=params)
+
+    def storage_report(self) -> StorageReport:
+        return self._typed(StorageReport, "GET", f"{API}/reports/storage")
 
     # -- snapshot browsing (downloads and chunks: cli/snapshot_source.py) --------------------------
 

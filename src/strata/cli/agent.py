@@ -441,6 +441,50 @@ def restore_totals(source: object, snap: object, paths: list[str],
         progress.total_files, progress.total_bytes = files, size
 
 
+@app.command("portal-password")
+def portal_password(name: str | None = typer.Option(None, "--name", help="The portal "
+                                                    "account (default: the user who runs "
+                                                    "this, or who ran sudo)."),
+                    home: str = typer.Option("", "--home", help="Your folder in this "
+                                             "endpoint's snapshots (default home/NAME, or "
+                                             "Users/NAME on Windows): user data only."),
+                    password_file: Path | None = typer.Option(
+                        None, "--password-file", help="Read the password from this file "
+                        "(first line); without it, it is asked for twice."),
+                    state: Path | None = STATE, json: bool = JSON) -> None:
+    """Set your file portal password (/portal on the server), through this endpoint's
+    agent: the account can only read this endpoint's snapshots, in your own folder."""
+    import getpass
+    import os
+    import re
+
+    from strata.agent.client import parse_answer
+    from strata.model.roles import USER_NAME
+    from strata.model.users import PortalPasswordRequest, PortalPasswordSet
+
+    from .users import read_password
+
+    who = name or os.environ.get("SUDO_USER") or getpass.getuser()
+    if not re.fullmatch(USER_NAME, who):  # before asking for a password
+        raise StrataError(f"account name {who!r} is not valid: lower-case letters, digits, "
+                          "'.', '_' and '-', starting with a letter (give --name)")
+    cred = _state(state).credential()
+    body = PortalPasswordRequest(name=who, home=home, password=read_password(password_file))
+    client = _client(cred)
+    try:
+        resp = client.request("POST", "/api/v1/agent/portal-password",
+                              json=body.model_dump(), retries=1)
+        doc = parse_answer(resp, PortalPasswordSet)
+    finally:
+        client.close()
+    if json:
+        print_json(doc.model_dump())
+    else:
+        console.print(f"portal account {doc.name} {'created' if doc.created else 'updated'}:"
+                      f" your files in {doc.home}, at {cred.server}/portal",
+                      markup=False, highlight=False)
+
+
 @app.command()
 def status(state: Path | None = STATE, json: bool = JSON) -> None:
     """Last centralization, pending work, whether the server lets this endpoint in, and

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
@@ -90,6 +91,23 @@ class RestoreRequest(AdminModel):
 
 
 class ProvisionRequest(AdminModel):
+    base: str
+    apps: list[str] = Field(default_factory=list)
+
+
+class MassRevertRequest(AdminModel):
+    """A revert of many endpoints as one task: each to its own snapshot, `latest` or
+    `pre-update` (the newest one its agent took before applying an update)."""
+
+    endpoints: list[str] = Field(default_factory=list)
+    collection: str = ""
+    snapshot: Literal["latest", "pre-update"] = "pre-update"
+    keep_user_apps: bool = False
+
+
+class MassProvisionRequest(AdminModel):
+    endpoints: list[str] = Field(default_factory=list)
+    collection: str = ""
     base: str
     apps: list[str] = Field(default_factory=list)
 
@@ -303,6 +321,7 @@ class AssignResult(AdminModel):
     endpoints: list[str]
     base: str | None
     apps: list[str] | None
+    task: int | None = None  # the tracked task (`strata task show N`)
 
 
 # -- compliance -------------------------------------------------------------------------------
@@ -382,19 +401,23 @@ class ProvisionResult(AdminModel):
 class TaskEndpoint(AdminModel):
     endpoint: str
     hostname: str
-    state: str  # an update state, or superseded (a later assignment took over)
+    # An update state, cancelled, or superseded (a later assignment took over)
+    state: str
     percent: float
     detail: str
+    attempts: int = 1  # 1 + the retries that put it back in the task
 
 
 class TaskInfo(AdminModel):
     id: int
-    kind: str  # migrate
-    params: MigrateRequest  # what the task was asked to do
+    kind: str  # assign, migrate
+    params: dict[str, JsonValue]  # what the task was asked to do (the request's fields)
     created_at: datetime
-    endpoints: list[TaskEndpoint]
+    endpoints: list[TaskEndpoint]  # empty in lists of tasks: see `counts`
+    size: int = 0  # how many endpoints
+    counts: dict[str, int] = Field(default_factory=dict)  # endpoints by state
     progress: float  # share of endpoints done, in percent
-    state: str  # running, done, failed
+    state: str  # running, done, failed, cancelled
 
 
 # -- records -------------------------------------------------------------------------------
