@@ -16,6 +16,7 @@ from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
 from strata.agent.location import local_subnet, read_site, utc_offset_minutes
 from strata.agent.manifest_delta import desired_manifests, pick_base, send_manifest_delta
+from strata.agent.reflector_source import save_route
 from strata.agent.sink import HeldChunks, RemoteSink
 from strata.agent.state import AgentState
 from strata.agent.update import LocalTree
@@ -73,6 +74,7 @@ def checkin(client: ServerClient, root: Path, state: AgentState, *,
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
     info = parse_answer(resp, CheckinResponse)
     adopt_credential(client, state, info.credential)
+    save_route(state, info.reflector)  # where layer downloads go first
     state.update_status(server_reachable=True, access="ok", last_checkin=iso(clock),
                         policy=info.policy.model_dump(), chunker=info.chunker.model_dump())
     return info

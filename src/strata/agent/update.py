@@ -20,6 +20,7 @@ import zstandard
 from strata.agent.client import ServerClient, ServerUnreachable
 from strata.agent.deltas import fill_by_deltas, manifest_by_delta, note_manifest
 from strata.agent.drift import tree_changed
+from strata.agent.reflector_source import ReflectorFetcher
 from strata.agent.resume import ChunkReceiver, fetch_chunks
 from strata.agent.signing import approve_update, save_record
 from strata.agent.state import AgentState
@@ -73,6 +74,7 @@ class UpdateResult:
     bytes_downloaded: int = 0  # on the wire, compressed
     bytes_seeded: int = 0  # read from the endpoint's own files instead
     files_by_delta: int = 0  # changed files rebuilt from the endpoint's old copy + a delta
+    reflector: dict = field(default_factory=dict)  # what came through the branch reflector
     warnings: list[str] = field(default_factory=list)
     pre_update_snapshot: str | None = None
     seconds: float = 0.0
@@ -121,9 +123,13 @@ class LayerSource:
         self.bytes_downloaded = 0
         self.chunks_downloaded = 0
         self.bytes_seeded = 0
+        # The branch reflector first, when the check-in named one (agent/reflector_source.py).
+        self.reflectors = ReflectorFetcher.for_state(client, state)
 
     def close(self) -> None:
         self.cache.close()
+        if self.reflectors is not None:
+            self.reflectors.close()
 
     def manifest(self, layer: DesiredLayer) -> bytes:
         if not is_hex_id(layer.snapshot):  # it names a file: never a path from the server
@@ -223,6 +229,7 @@ class LayerSource:
         the raw bytes of this batch received so far, as each chunk comes."""
         assert self.client is not None
         before, received = self.client.bytes_received, self.receiver.received
+        path = "/api/v1/agent/layers/chunks"
         got = [0]
 
         def keep(cid: bytes, data: bytes) -> None:
@@ -231,7 +238,9 @@ class LayerSource:
             if arrived is not None:
                 arrived(got[0])
         try:
-            missing = fetch_chunks(self.client, "/api/v1/agent/layers/chunks", ids, keep)
+            rest = self.reflectors.fetch(path, ids, keep) \
+                if self.reflectors is not None else ids
+            missing = fetch_chunks(self.client, path, rest, keep) if rest else []
             if missing:
                 raise CorruptData(f"server did not send {len(missing)} chunk(s)")
         finally:
@@ -436,6 +445,7 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
                             conflicts=summary["conflicts"],
                             chunks_downloaded=source.chunks_downloaded,
                             bytes_downloaded=received(), files_by_delta=by_delta.rebuilt,
+                            reflector=source.reflectors.summary() if source.reflectors else {},
                             warnings=by_delta.failed[:20],
                             seconds=round(time.monotonic() - started, 3))
     finally:

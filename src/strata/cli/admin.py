@@ -34,16 +34,19 @@ def token_create(uses: int = typer.Option(1, "--uses", help="How many enrollment
                  expires: str = typer.Option("24h", "--expires", help="e.g. 30m, 24h, 7d; "
                                              "'never' for no expiry."),
                  require_approval: bool = typer.Option(False, "--require-approval"),
+                 reflector: bool = typer.Option(False, "--reflector", help="A token that "
+                                                "enrolls branch reflectors, not endpoints."),
                  server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                  json: bool = JSON) -> None:
-    """Create an enrollment token for agents."""
+    """Create an enrollment token for agents (or, with --reflector, branch reflectors)."""
     from strata.model.admin import TokenRequest
 
     from .admin_client import build
 
     req = build(TokenRequest, uses=uses or None,
                 expires=None if expires == "never" else expires,
-                require_approval=require_approval)
+                require_approval=require_approval,
+                purpose="reflector" if reflector else "endpoint")
     doc = client(server, admin_token_file).create_token(req)
     if json:
         print_model(doc)

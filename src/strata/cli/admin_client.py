@@ -60,6 +60,7 @@ from strata.model.admin import (
     TokenRequest,
     TransactionInfo,
 )
+from strata.model.reflector import ReflectorInfo
 from strata.model.snapshot_files import SnapshotFolder
 from strata.model.software import SoftwareReportPage, StorageReport
 from strata.model.users import (
@@ -461,3 +462,46 @@ class AdminClient:
     def delete_portal_account(self, name: str) -> Deleted:
         return self._typed(Deleted, "DELETE",
                            f"{API}/portal-accounts/{path_part(name, 'account name')}")
+
+    # -- branch reflectors -------------------------------------------------------------------
+
+    def reflectors(self) -> list[ReflectorInfo]:
+        return self._typed(list[ReflectorInfo], "GET", f"{API}/reflectors")
+
+    def reflector(self, ref: str) -> ReflectorInfo:
+        return self._typed(ReflectorInfo, "GET",
+                           f"{API}/reflectors/{path_part(ref, 'reflector id')}")
+
+    def set_reflector(self, ref: str, action: str) -> ReflectorInfo:
+        return self._typed(ReflectorInfo, "POST",
+                           f"{API}/reflectors/{path_part(ref, 'reflector id')}/{action}")
+
+    def export_layer(self, ref: str, target: Path) -> int:
+        """Stream a layer's chunk bundle into `target` (written beside it, then renamed);
+        the bytes written."""
+        import httpx
+
+        server, token = self.server, self.token
+        url = f"{server}{API}/layers/{path_part(ref, 'layer')}/export"
+        tmp = target.with_name(f".{target.name}.part")
+        written = 0
+        try:
+            with httpx.stream("GET", url, timeout=300, verify=self.verify,
+                              headers={"Authorization": f"Bearer {token}"}) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    try:
+                        detail = error_detail(resp.json())
+                    except ValueError:
+                        detail = resp.text[:200]
+                    raise StrataError(f"server refused ({resp.status_code}): {detail}")
+                with open(tmp, "wb") as out:
+                    for piece in resp.iter_bytes():
+                        out.write(piece)
+                        written += len(piece)
+            tmp.replace(target)
+        except httpx.TransportError as exc:
+            raise StrataError(describe_transport_error(server, exc)) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return written

@@ -321,6 +321,22 @@ def layer_delete(ref: str, yes: bool = YES, server: str | None = SERVER,
     print_model(doc) if json else console.print(f"deleted {doc.deleted}")
 
 
+@layer_app.command("export")
+def layer_export(ref: str, file: Path = typer.Argument(..., help="The bundle to write."),
+                 yes: bool = YES, server: str | None = SERVER,
+                 admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Write every chunk of a layer to FILE (a chunk bundle), to seed a branch
+    reflector's cache offline: `strata reflector import FILE` on the reflector."""
+    if file.exists():
+        confirm(f"overwrite {file}", [f"{file}: {file.stat().st_size} bytes"], yes=yes)
+    written = client(server, admin_token_file).export_layer(layer_ref(ref), file)
+    if json:
+        print_model({"layer": ref, "file": str(file), "bytes": written})
+    else:
+        console.print(f"exported layer {ref} to {file} ({human_bytes(written)})",
+                      markup=False, highlight=False)
+
+
 @layer_app.command("dry-run")
 def layer_dry_run(endpoint: str = typer.Option(..., "--endpoint"),
                   base: str | None = typer.Option(None, "--base", help="NAME:VERSION"),

@@ -35,6 +35,7 @@ class TokenRequest(AdminModel):
     uses: int | None = Field(default=1, ge=1)  # None: unlimited
     expires: str | None = "24h"  # e.g. 30m, 24h, 7d; None: never
     require_approval: bool = False
+    purpose: Literal["endpoint", "reflector"] = "endpoint"  # what it enrolls
 
 
 class TagsRequest(AdminModel):
@@ -128,6 +129,7 @@ class TokenCreated(AdminModel):
     uses: int | None
     expires_at: datetime | None
     require_approval: bool
+    purpose: str = "endpoint"
 
 
 class TokenInfo(AdminModel):
@@ -141,6 +143,7 @@ class TokenInfo(AdminModel):
     revoked: bool
     status: str  # usable, expired, used up, revoked
     enrolled: int  # endpoints enrolled with it
+    purpose: str = "endpoint"  # what it enrolls: endpoints or reflectors
 
 
 class AdminTokenRotated(AdminModel):

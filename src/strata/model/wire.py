@@ -172,6 +172,31 @@ class DesiredState(BaseModel):
     rules: dict[str, list[str]] = Field(default_factory=dict)
 
 
+ReflectorId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f-]{36}$")]
+PemText = Annotated[str, StringConstraints(max_length=8192)]
+ReflectorUrl = Annotated[str, StringConstraints(
+    pattern=r"^https?://[A-Za-z0-9.\-\[\]:]{1,200}$")]
+
+
+class ReflectorAssignment(BaseModel):
+    """One reflector an agent downloads from first, in the order to try them. Its
+    certificate, when it serves HTTPS, is pinned as given here (the server had it from
+    the reflector's enrollment)."""
+
+    id: ReflectorId
+    url: ReflectorUrl
+    tls_cert: PemText = ""
+
+
+class ReflectorRoute(BaseModel):
+    """What a check-in says about reflectors: the ones to use, and the ticket that lets
+    this endpoint read its own layers (and snapshots) through them."""
+
+    reflectors: list[ReflectorAssignment] = Field(default_factory=list, max_length=8)
+    ticket: str = Field(default="", max_length=16 << 10)
+    expires: datetime | None = None
+
+
 class CheckinResponse(BaseModel):
     endpoint_id: str
     state: str
@@ -183,6 +208,9 @@ class CheckinResponse(BaseModel):
     desired: DesiredState | None = None
     # A new device credential (rotation): the agent keeps it in place of the one it used.
     credential: str | None = None
+    # The branch reflector(s) to download from first, and the ticket they honour (None:
+    # straight from the server; model/reflector.py, docs/reflectors.md).
+    reflector: ReflectorRoute | None = None
 
 
 class MissingRequest(BaseModel):

@@ -46,11 +46,16 @@ def read_policy(ctx: ServerContext, kind: str) -> PolicyDocument:
         return get_policy(db, kind)
 
 
-def _validated(kind: str, document: dict) -> dict:
+def _validated(kind: str, document: dict, ctx: ServerContext | None = None) -> dict:
     try:
-        return validate_policy(kind, document)
+        doc = validate_policy(kind, document)
     except (ValueError, TypeError) as exc:
         raise Invalid(f"invalid {kind} policy: {exc}") from None
+    if kind == "reflectors" and ctx is not None:
+        from strata.server.services.reflectors import check_known
+
+        check_known(ctx, doc["rules"])
+    return doc
 
 
 def _changes(before: dict, after: dict) -> list[PolicyChange]:
@@ -70,7 +75,7 @@ def plan_policy(ctx: ServerContext, kind: str, req: PolicyPlanRequest) -> Policy
             proposed = req.document
         else:
             proposed = merge_policy(current, req.document)
-        doc = _validated(kind, proposed)
+        doc = _validated(kind, proposed, ctx)
         losses = []
         if kind == "retention":
             losses = [RetentionLoss(endpoint_id=c.endpoint_id, hostname=c.hostname,
@@ -99,7 +104,7 @@ def write_policy(ctx: ServerContext, kind: str, document: PolicyDocument, *,
     """Replace the kind's document, if it is still at revision `expected` (when given);
     the audit record holds what changed."""
     _known(kind)
-    doc = _validated(kind, document)
+    doc = _validated(kind, document, ctx)
     with ctx.write() as db:
         before = _check_revision(db, kind, expected)
         row = db.get(Policy, kind)
