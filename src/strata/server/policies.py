@@ -53,11 +53,14 @@ def get_policy(db: Session, kind: str) -> dict:
     return row.document if row else DEFAULTS[kind]
 
 
-# A revert point (the snapshot an update takes before it applies) is kept this long
-# whatever the retention counts say: cutting `hourly` must not take away the way back from
-# last week's update. The retention document's `revert_points_days` changes it.
-REVERT_POINT_DAYS = 30
+# A revert point (the snapshot an update takes before it applies) and the history a restore
+# moved onto new hardware are kept this long whatever the retention counts say: cutting
+# `hourly` must not take away the way back from last week's update, nor the old machine's
+# history while the new one fills its counts. The retention document's `protect_days`
+# changes it (`revert_points_days` is its older name).
+PROTECT_DAYS = 30
 REVERT_POINT_TRIGGERS = ("pre-update",)
+_PROTECT_KEYS = ("protect_days", "revert_points_days")
 _TOP_KEYS = {"upload": {"interval_seconds", "exclusions"}, "bandwidth": {"rules"},
              "reflectors": {"rules"}}
 MAX_REFLECTOR_RULES = 1000
@@ -136,8 +139,6 @@ def validate_policy(kind: str, doc: dict) -> dict:
         policy = retention_policy(doc)
         if policy.is_empty():
             raise ValueError("a retention policy must keep something")
-        if revert_point_days(doc) < 0:
-            raise ValueError("revert_points_days must be 0 or more")
         return {k: _count("retention", k, v) for k, v in doc.items()}
     if kind == "bandwidth":
         rules = doc.get("rules", [])
@@ -220,7 +221,7 @@ def reflectors_for(rules: list[dict], addresses: list[str], site: str) -> list[s
 
 
 def retention_policy(doc: dict) -> RetentionPolicy:
-    allowed = {"last", "hourly", "daily", "weekly", "monthly", "yearly", "revert_points_days"}
+    allowed = {"last", "hourly", "daily", "weekly", "monthly", "yearly", *_PROTECT_KEYS}
     unknown = set(doc) - allowed
     if unknown:
         raise ValueError(f"unknown retention keys: {', '.join(sorted(unknown))} (known: "
@@ -228,12 +229,20 @@ def retention_policy(doc: dict) -> RetentionPolicy:
     counts = {k: _count("retention", k, v) for k, v in doc.items()}
     return RetentionPolicy(last=counts.get("last", 0), hourly=counts.get("hourly", 0),
                            daily=counts.get("daily", 0), weekly=counts.get("weekly", 0),
-                           monthly=counts.get("monthly", 0), yearly=counts.get("yearly", 0))
+                           monthly=counts.get("monthly", 0), yearly=counts.get("yearly", 0),
+                           protect_days=protect_days(doc))
 
 
-def revert_point_days(doc: dict) -> int:
-    return _count("retention", "revert_points_days",
-                  doc.get("revert_points_days", REVERT_POINT_DAYS))
+def protect_days(doc: dict) -> int:
+    """How long revert points and moved history are protected (days; 0: not at all)."""
+    given = [k for k in _PROTECT_KEYS if k in doc]
+    if len(given) > 1:
+        raise ValueError("give protect_days only (revert_points_days is its older name)")
+    key = given[0] if given else "protect_days"
+    days = _count("retention", key, doc.get(key, PROTECT_DAYS))
+    if days < 0:
+        raise ValueError(f"{key} must be 0 or more, got {days}")
+    return days
 
 
 def bandwidth_for(rules: list[dict], addresses: list[str], site: str,

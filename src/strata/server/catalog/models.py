@@ -75,6 +75,10 @@ class SnapshotRecord(Base):
     bytes_new: Mapped[int] = mapped_column(Int64, default=0)
     tags: Mapped[list] = mapped_column(default=list)
     layers: Mapped[list] = mapped_column(default=list)  # layer ids applied when it was taken
+    # When a restore to new hardware moved it to another CVD: retention protects moved
+    # history for the policy's `protect_days` from then (the new machine's own snapshots
+    # would otherwise soon push it out of the hourly and daily counts).
+    moved_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class EnrollmentToken(Base):
@@ -288,3 +292,57 @@ class PortalSession(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class LiveCompliance(Base):
+    """The compliance an agent last measured on its live tree against its applied layers
+    (agent/live_compliance.py): newer than its latest snapshot, it is what `strata
+    compliance` reports. Only for the applied state it was measured against."""
+
+    __tablename__ = "live_compliance"
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    applied_key: Mapped[str] = mapped_column(Str(32))
+    measured_at: Mapped[datetime] = mapped_column()  # the server's clock, when received
+    report: Mapped[dict] = mapped_column()  # model.wire.LiveComplianceReport, validated
+
+
+class TaskMember(Base):
+    """One endpoint of a task: its assignment before the task (`previous`, what a cancel
+    puts back), the one the task gives it (`target`, what a retry puts again), and whether
+    it was cancelled. Its progress is its assignment's while the assignment is the task's."""
+
+    __tablename__ = "task_members"
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True, index=True)
+    state: Mapped[str] = mapped_column(Str(16), default="queued")  # queued / cancelled
+    previous: Mapped[dict] = mapped_column(default=dict)
+    target: Mapped[dict] = mapped_column(default=dict)
+    attempts: Mapped[int] = mapped_column(Int32, default=1)
+
+
+class SoftwareList(Base):
+    """An endpoint's installed-package list as last reported: its digest (the agent sends
+    the list again only when it changes) and when."""
+
+    __tablename__ = "software_lists"
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    digest: Mapped[str] = mapped_column(Str(64))
+    packages: Mapped[int] = mapped_column(Int32, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class InstalledPackage(Base):
+    """One installed package on one endpoint (dpkg or rpm), indexed by name for the
+    fleet-wide question "which endpoints have X, at which version"."""
+
+    __tablename__ = "installed_packages"
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    name: Mapped[str] = mapped_column(Str(128), primary_key=True, index=True)
+    arch: Mapped[str] = mapped_column(Str(32), primary_key=True)
+    version: Mapped[str] = mapped_column(Str(128))
+    manager: Mapped[str] = mapped_column(Str(8))  # dpkg / rpm

@@ -102,8 +102,9 @@ def revoke_enrollment_token(ctx: ServerContext, token_id: int, *, actor: str) ->
 
 
 def rotate_admin_token(path: Path) -> str:
-    """A new admin token in `path` (0600, replaced atomically); the caller swaps the
-    digest the server checks, so the old token is refused from the next request."""
+    """A new admin token in `path` (0600, replaced atomically); every server process on
+    that data directory re-reads it (auth.TokenFile), so the old token is refused from
+    the next request, whichever process gets it."""
     token = new_secret("sadm")
     write_token_file(path, token)
     return token

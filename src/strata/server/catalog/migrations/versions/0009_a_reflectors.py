@@ -1,15 +1,15 @@
 """branch reflectors, and what an enrollment token enrolls
 
-Revision ID: 0006_a_reflectors
-Revises: 0005
+Revision ID: 0009_a_reflectors
+Revises: 0008_d_task_members_software
 Create Date: 2026-12-02 15:20:00
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0006_a_reflectors'
-down_revision = '0005'
+revision = '0009_a_reflectors'
+down_revision = '0008_d_task_members_software'
 branch_labels = None
 depends_on = None
 
