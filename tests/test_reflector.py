@@ -174,6 +174,9 @@ def test_one_update_reaches_every_agent_through_the_reflector_each_chunk_crossin
     # What crossed the WAN: about one endpoint's download, not three.
     wan = after["bytes_from_server"] - before["bytes_from_server"]
     assert 2.5 * MIB < wan < 3.5 * MIB, wan
+    status = world.refl.status()  # what `strata reflector status --json` shows
+    assert status["status"] == "active" and status["reflector_id"] == world.refl.id
+    assert status["cache_bytes"] > 2.5 * MIB and status["misses"] > 0, status
     applied = strata_json(*world.agents[0].cmd("apply"))
     assert applied["state"] == "applied", applied  # type: ignore[index]
     assert (world.agents[0].root / "usr/lib/part0.bin").read_bytes() == \
