@@ -34,6 +34,7 @@ from strata.server.maintenance import upkeep_threads
 from strata.server.possession import NonceMinter
 from strata.server.routes import (
     agent,
+    agent_compliance,
     agent_deltas,
     agent_layers,
     agent_sync,
@@ -46,6 +47,8 @@ from strata.server.routes import (
     operations,
     policies,
     portal,
+    reflectors,
+    reports,
     signing,
     snapshot_files,
     tokens,
@@ -112,10 +115,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.metrics_token = TokenFile(metrics_token_path)
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
                    collections, compliance, operations, audit, signing, snapshot_files,
-                   users, maintenance, agent_deltas, portal):
+                   users, maintenance, agent_deltas, portal, agent_compliance, reports,
+                   reflectors):
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
+    app.include_router(reports.agent_router)
+    app.include_router(portal.agent_router)
+    app.include_router(reflectors.reflector_router)
+    app.include_router(reflectors.agent_router)
     mount_console(app)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)

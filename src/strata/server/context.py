@@ -28,7 +28,9 @@ from strata.store.coordination import WriterSession
 from strata.store.repository import Store
 
 if TYPE_CHECKING:
+    from strata.model.tickets import TicketSigner
     from strata.server.services.deltas import DeltaService
+    from strata.server.services.reflectors import ReflectorRoutes
     from strata.signing.repository import SigningRepository
 
 UPLOAD_IDLE_SECONDS = 3600  # an upload session nobody touched for this long is over
@@ -115,6 +117,20 @@ class ServerContext:
         from strata.server.services.deltas import DeltaService
 
         return DeltaService(self.settings.data_dir / "cache" / "deltas", metric=DELTA_CACHE)
+
+    @functools.cached_property
+    def tickets(self) -> TicketSigner:
+        """The key that signs reflector tickets (DATA/reflector-tickets.key)."""
+        from strata.model.tickets import TicketSigner
+
+        return TicketSigner(self.settings.data_dir / "reflector-tickets.key")
+
+    @functools.cached_property
+    def reflector_routes(self) -> ReflectorRoutes:
+        """Which endpoints each reflector serves now, as their check-ins were answered."""
+        from strata.server.services.reflectors import ReflectorRoutes
+
+        return ReflectorRoutes()
 
     def session(self) -> DbSession:
         """A session for reading (SQLite in WAL mode and PostgreSQL run reads side by side)."""

@@ -495,6 +495,25 @@ class Store:
             where = self.index.locate(list(dict.fromkeys(ids)))
         return {c: loc.raw_length for c, loc in where.items()}
 
+    def pack_of(self, cid: bytes) -> str | None:
+        """The pack holding `cid`, or None (a cache's recency is kept per pack)."""
+        with self._lock:
+            loc = self.index.lookup(cid)
+        return loc.pack if loc is not None else None
+
+    def pack_sizes(self) -> dict[str, int]:
+        """Every indexed pack and its size."""
+        with self._lock:
+            return self.index.packs()
+
+    def evict_packs(self, names: Iterable[str]) -> None:
+        """Forget whole packs and delete them: a bounded cache (the branch reflector's)
+        makes room. Not for a store whose snapshots may reference them (that is prune)."""
+        names = sorted(names)
+        with self._lock:
+            self.index.drop_packs(names)
+        self.backend.remove_many("packs", names)
+
     def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
         want = list(dict.fromkeys(ids))
         with self._index_lock:

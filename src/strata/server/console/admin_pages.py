@@ -40,7 +40,7 @@ DIFF_ROWS = 500  # paths of each kind a layer diff page lists
 AUDIT_ROWS = 200  # records the audit page shows
 # Every key of the retention document, so that saving the form keeps nothing stale.
 RETENTION_FIELDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly",
-                    "revert_points_days")
+                    "protect_days")
 BANDWIDTH_FIELDS = ("subnet", "site", "start", "end", "upload_kbps", "download_kbps")
 OS_NAMES = ("linux", "windows")
 
