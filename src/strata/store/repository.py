@@ -135,7 +135,8 @@ class Store:
     """A store on a `Backend`, with this process's local working state in `state_dir`:
     the chunk index (derived data, rebuilt from pack trailers if lost), the writer
     sessions and locks, and the spool where packs are written before they are saved.
-    For a store in a local directory the two are the same folder."""
+    For a store in a local directory the two are the same folder. With `shared`, the
+    index, locks and sessions are in a database several processes share instead."""
 
     def __init__(self, backend: Backend, config: StoreConfig, cipher: crypto.Cipher,
                  state_dir: Path, shared: SharedState | None = None):
