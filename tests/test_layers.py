@@ -27,6 +27,7 @@ from server_fixtures import (
     centralized,
     strata,
     strata_json,
+    tree_bytes,
     write_random,
 )
 
@@ -354,6 +355,13 @@ def test_full_restore_to_new_hardware(world):
     assert not (new_root / "usr/lib/firmware/vendor-a").exists()
     assert (new_root / "usr/share/doc/own-tool/changelog.Debian.gz").read_bytes() == \
         own_changelog.read_bytes()
+    # Its first snapshot of the restored tree cost next to nothing on the wire: every file
+    # was read again (new inodes), but their chunks are the restored snapshot's (not asked
+    # about) and the manifest went as a delta against that snapshot's.
+    post = [s["id"] for s in new.snapshots() if s["trigger"] == "post-update"]
+    txs = world.server.admin("GET", f"/transactions?endpoint={new.endpoint_id}")
+    wire = [t["bytes_on_wire"] for t in txs if t["snapshot"] in post]
+    assert len(wire) == 1 and wire[0] <= 0.002 * tree_bytes(new_root), (wire, txs)
     # The old machine is retired; the new one carries the CVD's snapshots on.
     assert endpoint(world, a1)["state"] == "revoked"
     assert len(new.snapshots()) > len([s for s in new.snapshots() if s["trigger"] == "x"])
