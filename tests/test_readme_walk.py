@@ -55,22 +55,37 @@ def code_lines(text: str) -> list[str]:
     return out
 
 
-def _drop_optional(text: str) -> str:
-    """`[...]` groups left out, innermost first, except those naming a KEPT_OPTIONS."""
+def table_lines(text: str) -> list[str]:
+    """The `strata …` the README's prose and tables show inline, less those that only
+    name a group of commands (`strata store …`)."""
+    out = []
+    in_code = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code:
+            out += [s for s in re.findall(r"`([^`]+)`", line.replace("\\|", "|"))
+                    if s.startswith("strata ") and not re.fullmatch(r"strata \w+ …", s)]
+    return out
+
+
+def _drop_optional(text: str, kept: tuple[str, ...] = KEPT_OPTIONS) -> str:
+    """`[...]` groups left out, innermost first, except those naming one of `kept`."""
     while True:
         m = re.search(r"\s*\[([^\[\]]*)\]", text)
         if m is None:
             return text
         inner = m.group(1)
-        keep = inner.split()[0] in KEPT_OPTIONS if inner.split() else False
+        keep = inner.split()[0] in kept if inner.split() else False
         text = text[:m.start()] + (" " + inner if keep else "") + text[m.end():]
 
 
-def expand(line: str) -> list[str]:
+def expand(line: str, kept: tuple[str, ...] = KEPT_OPTIONS) -> list[str]:
     """One README line as the commands it shows: `(a | b)` takes its first choice,
     optional parts go, and `cmd x | y` alternatives name sibling commands."""
     line = re.sub(r"\(([^()|]*)\|[^()]*\)", r"\1", line).replace("…", "")
-    line = _drop_optional(line)
+    line = line.replace("--keep-last/-hourly/-daily/-weekly/-monthly/-yearly", "--keep-last")
+    line = _drop_optional(line, kept)
     line = re.sub(r"(?<=\S)\|\S+", "", line)  # a value's choices: targets|root|online
     parts = [p.strip() for p in line.split(" | ")]
     words = parts[0].split()
@@ -98,8 +113,11 @@ class Walk:
             "N:V": "corp-os:2", "NAME": "hana",
             "/srv/backup": str(base / "backup"), "/home": str(base / "home"),
             "/tmp/restore": str(base / "restore"), "/tmp/alice": str(base / "alice"),
-            "cvd.tar": str(base / "cvd.tar"),
+            "cvd.tar": str(base / "cvd.tar"), "DATA/admin.token": str(server.token_file),
+            "KIND": "retention", "FILE.json": str(base / "retention.json"),
+            "P": "home/alice", "PATH": "home", "N": "3",
         }
+        (base / "retention.json").write_text('{"daily": 14}')
         self.results: list[tuple[str, subprocess.CompletedProcess[str]]] = []
 
     def ids(self) -> None:
@@ -121,6 +139,11 @@ class Walk:
         if ">" in words:
             at = words.index(">")
             out_file, words = Path(self.sub(words[at + 1])), words[:at]
+        if words[1:2] == ["store"]:  # the table's names for the store's own things
+            where = {"DIR": self.values["/srv/backup"], "SOURCE": self.values["/home"],
+                     "SNAP": "latest", "SNAP1": "latest", "SNAP2": "latest",
+                     "TARGET": str(self.base / "restore2"), "PATH": "alice", "N": "5"}
+            words = [where.get(w, w) for w in words]
         if words[1:2] == ["store"] and "1d33b094" in words:  # the store's own snapshot
             words[words.index("1d33b094")] = strata_json(  # type: ignore[index]
                 "store", "snapshots", self.values["/srv/backup"])[0]["id"][:8]
@@ -211,6 +234,13 @@ def test_the_readme_walked_through_on_a_fresh_checkout(tmp_path):
                     text=True).stdout or "{}").get("root_fingerprint", "FP")
             for command in expand(line):
                 if command.startswith(NOT_RUN) or not command.startswith(("strata", "export")):
+                    continue
+                walk.run(command)
+        # Then the tables' commands, as a reader tries them: without --yes (a command
+        # that would destroy refuses in one line).
+        for line in table_lines((REPO / "README.md").read_text()):
+            for command in expand(line, kept=("--password-file",)):
+                if command == "strata server" or command.startswith(NOT_RUN):
                     continue
                 walk.run(command)
     finally:
