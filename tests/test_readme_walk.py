@@ -32,6 +32,10 @@ DOCUMENTED = {0, 1, 2, 3, 4, 5, 10, 11, 12}  # README: exit codes
 NOT_RUN = ("strata server ", "strata endpoint mount ", "strata store mount ")
 # Optional arguments the walk gives (the others are left out, as a first try would).
 KEPT_OPTIONS = ("--password-file", "--yes", "--json")
+# In what a command prints when it works: Python's own forms instead of the documented
+# ones (bytes and dict reprs, 0o modes, None, timestamps not in ISO 8601 UTC with Z).
+PYTHON_OUTPUT = re.compile(r"(?<![\w])b'|\{'|\b0o[0-7]{3,4}\b|\bNone\b|datetime\(|"
+                           r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(\+00:00|[+-]\d\d:\d\d)")
 PYTHON_TEXT = re.compile(r"Errno|Traceback|Error\(|Exception|b'|\\x[0-9a-f]{2}|"
                          r"could not convert|object has no attribute|NoneType")
 
@@ -190,6 +194,10 @@ class Walk:
                 wrong.append(f"{command}: exit {proc.returncode}, not one plain line:\n{err}")
             elif proc.returncode != 0 and PYTHON_TEXT.search(err):
                 wrong.append(f"{command}: Python's words, not plain ones: {err}")
+            found = PYTHON_OUTPUT.search(proc.stdout)
+            if found:
+                at = proc.stdout[max(0, found.start() - 80):found.end() + 40]
+                wrong.append(f"{command}: prints {found.group(0)!r}: …{at}…")
         return wrong
 
 
