@@ -32,6 +32,7 @@ from .output import (
     iso_time,
     print_error,
     print_json,
+    restore_totals,
     run_with_progress,
 )
 from .secrets import read_secret
@@ -422,23 +423,6 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
                           "out: --full-metadata restores them", highlight=False)
     if result.errors:
         raise typer.Exit(1)
-
-
-def restore_totals(source: object, snap: object, paths: list[str],
-                   progress: EngineProgress) -> None:
-    """What a restore of `paths` writes, for the bar's ETA (beside the restore)."""
-    import contextlib
-
-    from strata.engine.restore import select_entries
-    from strata.model.entry import EntryType
-
-    files = size = 0
-    with contextlib.suppress(Exception):  # only an estimate: the restore says what failed
-        for e in select_entries(source, snap, paths):  # type: ignore[arg-type]
-            if e.type is EntryType.FILE:
-                files += 1
-                size += e.size
-        progress.total_files, progress.total_bytes = files, size
 
 
 @app.command("portal-password")

@@ -346,7 +346,7 @@ def endpoint_export(endpoint: str,
     """Export a snapshot (or one folder of it) into a folder or a tar/zip file."""
     from strata.engine.restore import restore as run_restore
 
-    from .output import err_console, run_with_progress
+    from .output import err_console, restore_totals, run_with_progress
     from .snapshot_source import AdminSnapshotSource
 
     archive = to.suffix.lower() in (".tar", ".zip")
@@ -364,9 +364,10 @@ def endpoint_export(endpoint: str,
                               highlight=False)
             return
         snap = src.snapshot()
+        includes = [path] if path.strip("/") else []
         result = run_with_progress("export", lambda p: run_restore(
-            src, snap, to, includes=[path] if path.strip("/") else None,  # type: ignore[arg-type]
-            progress=p), json_mode=json)
+            src, snap, to, includes=includes or None, progress=p),  # type: ignore[arg-type]
+            counter=lambda p: restore_totals(src, snap, includes, p), json_mode=json)
     if json:
         print_json(result.to_dict())
     else:

@@ -27,7 +27,15 @@ from .admin_args import (
     print_model,
 )
 from .confirm import YES, confirm
-from .output import console, err_console, human_bytes, iso_time, print_json, run_with_progress
+from .output import (
+    console,
+    count_tree,
+    err_console,
+    human_bytes,
+    iso_time,
+    print_json,
+    run_with_progress,
+)
 from .signing import KEYS, PASSPHRASE_FILE, publisher_for, signable_refs, signed_after
 
 if TYPE_CHECKING:
@@ -93,7 +101,8 @@ def _upload_tree(api: AdminClient, directory: Path, family: str, before: Path | 
                                   excludes=rules.capture_excludes())
             after = run_with_progress("scan", lambda p: archive_tree(
                 hash_only, directory, parent_entries=None,
-                excludes=rules.capture_excludes(), progress=p), json_mode=json)
+                excludes=rules.capture_excludes(), progress=p),
+                counter=lambda p: count_tree(str(directory), p), json_mode=json)
             entries, gone = app_difference(decode_manifest([hashed.manifest_bytes]),
                                            decode_manifest([after.manifest_bytes]))
             manifest_bytes = b"".join(encode_manifest(entries, stat_keys=False))
@@ -102,7 +111,8 @@ def _upload_tree(api: AdminClient, directory: Path, family: str, before: Path | 
         else:
             archive = run_with_progress("capture", lambda p: archive_tree(
                 sink, directory, parent_entries=None, excludes=rules.capture_excludes(),
-                progress=p, stat_keys=False), json_mode=json)
+                progress=p, stat_keys=False), counter=lambda p: count_tree(str(directory), p),
+                json_mode=json)
             manifest_bytes = archive.manifest_bytes
         manifest = store_manifest(sink, manifest_bytes)
         sink.flush()
