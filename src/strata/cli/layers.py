@@ -96,13 +96,13 @@ def _upload_tree(api: AdminClient, directory: Path, family: str, before: Path | 
                 excludes=rules.capture_excludes(), progress=p), json_mode=json)
             entries, gone = app_difference(decode_manifest([hashed.manifest_bytes]),
                                            decode_manifest([after.manifest_bytes]))
-            manifest_bytes = b"".join(encode_manifest(entries))
+            manifest_bytes = b"".join(encode_manifest(entries, stat_keys=False))
             _upload_files(sink, directory, entries)
             removes = [os.fsdecode(p) for p in gone]
         else:
             archive = run_with_progress("capture", lambda p: archive_tree(
                 sink, directory, parent_entries=None, excludes=rules.capture_excludes(),
-                progress=p), json_mode=json)
+                progress=p, stat_keys=False), json_mode=json)
             manifest_bytes = archive.manifest_bytes
         manifest = store_manifest(sink, manifest_bytes)
         sink.flush()
@@ -321,6 +321,22 @@ def layer_delete(ref: str, yes: bool = YES, server: str | None = SERVER,
     print_model(doc) if json else console.print(f"deleted {doc.deleted}")
 
 
+@layer_app.command("export")
+def layer_export(ref: str, file: Path = typer.Argument(..., help="The bundle to write."),
+                 yes: bool = YES, server: str | None = SERVER,
+                 admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Write every chunk of a layer to FILE (a chunk bundle), to seed a branch
+    reflector's cache offline: `strata reflector import FILE` on the reflector."""
+    if file.exists():
+        confirm(f"overwrite {file}", [f"{file}: {file.stat().st_size} bytes"], yes=yes)
+    written = client(server, admin_token_file).export_layer(layer_ref(ref), file)
+    if json:
+        print_model({"layer": ref, "file": str(file), "bytes": written})
+    else:
+        console.print(f"exported layer {ref} to {file} ({human_bytes(written)})",
+                      markup=False, highlight=False)
+
+
 @layer_app.command("dry-run")
 def layer_dry_run(endpoint: str = typer.Option(..., "--endpoint"),
                   base: str | None = typer.Option(None, "--base", help="NAME:VERSION"),
@@ -466,9 +482,10 @@ def collection_delete(name: str, server: str | None = SERVER,
 def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
                server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                json: bool = JSON) -> None:
-    """Drift of each endpoint from its IT layers (as of its latest snapshot), with scores
-    per endpoint and layer. Exit code 1 when any endpoint drifts, as `store check` does
-    when it finds damage."""
+    """Drift of each endpoint from its IT layers, with scores per endpoint and layer: as
+    its agent last measured its live tree, or as its latest snapshot shows, whichever is
+    newer. Exit code 1 when any endpoint drifts, as `store check` does when it finds
+    damage."""
     from strata.model.admin import EndpointCompliance
 
     doc = client(server, admin_token_file).compliance(endpoint)
@@ -478,15 +495,19 @@ def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
         if drifting:
             raise typer.Exit(1)
         return
-    # Drift is measured against each endpoint's latest snapshot: say how old that is.
-    table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added", "As of")
+    # Drift is measured on the live tree (by the agent) or from the latest snapshot,
+    # whichever is newer: say which, and how old it is.
+    table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added", "As of",
+                  "From")
     for r in doc.endpoints:
         if not isinstance(r, EndpointCompliance):
-            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "", "")
+            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "", "", "")
             continue
         n = r.counts
         table.add_row(r.endpoint[:8], r.hostname, f"{r.score}%", str(n.changed),
-                      str(n.missing), str(n.added), iso_time(r.snapshot_time))
+                      str(n.missing), str(n.added),
+                      iso_time(r.measured_at or r.snapshot_time),
+                      "live tree" if r.source == "live" else f"snapshot {r.snapshot[:8]}")
     console.print(table)
     for label, score in doc.layers.items():
         console.print(f"layer {label}: {score}% compliant", highlight=False)

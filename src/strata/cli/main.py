@@ -36,6 +36,7 @@ _ENTRIES = [
     ("user", "users", "user_app", True),
     ("portal", "portal", "portal_app", True),
     ("report", "reports", "report_app", True),
+    ("reflector", "reflector", "reflector_app", True),
     ("server", "server", "serve", False),
 ]
 

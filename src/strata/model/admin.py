@@ -10,6 +10,8 @@ into a failure of the admin's view.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
 from typing import Literal
 
@@ -33,6 +35,7 @@ class TokenRequest(AdminModel):
     uses: int | None = Field(default=1, ge=1)  # None: unlimited
     expires: str | None = "24h"  # e.g. 30m, 24h, 7d; None: never
     require_approval: bool = False
+    purpose: Literal["endpoint", "reflector"] = "endpoint"  # what it enrolls
 
 
 class TagsRequest(AdminModel):
@@ -126,6 +129,7 @@ class TokenCreated(AdminModel):
     uses: int | None
     expires_at: datetime | None
     require_approval: bool
+    purpose: str = "endpoint"
 
 
 class TokenInfo(AdminModel):
@@ -139,6 +143,7 @@ class TokenInfo(AdminModel):
     revoked: bool
     status: str  # usable, expired, used up, revoked
     enrolled: int  # endpoints enrolled with it
+    purpose: str = "endpoint"  # what it enrolls: endpoints or reflectors
 
 
 class AdminTokenRotated(AdminModel):
@@ -351,6 +356,10 @@ class EndpointCompliance(AdminModel):
     added: list[str]
     counts: DriftCounts
     layers: dict[str, LayerFigures]
+    # "live": measured by the agent on its tree at `measured_at` (newer than the
+    # snapshot); "snapshot": from its latest snapshot, as of `snapshot_time`.
+    source: str = "snapshot"
+    measured_at: datetime | None = None
 
 
 class ComplianceUnavailable(AdminModel):
@@ -442,6 +451,15 @@ class StoreFigures(AdminModel):
 PolicyDocument = dict[str, JsonValue]
 
 
+def policy_revision(document: PolicyDocument) -> str:
+    """A document's revision: a digest of its content, the same on the server and in the
+    CLI. Two administrators who plan against the same revision plan against the same
+    document, so `policy set` can refuse to overwrite a change it never showed (changed
+    and changed back is the same revision again, and overwriting it loses nothing)."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
 class PolicyPlanRequest(AdminModel):
     """A document to merge over the current one (or to replace it with `replace`); no
     document: the kind's default (what `policy reset` puts back)."""
@@ -473,6 +491,9 @@ class PolicyPlan(AdminModel):
     document: PolicyDocument  # what would be stored (merged, validated)
     changes: list[PolicyChange]
     retention: list[RetentionLoss]  # kind retention: endpoints that would lose snapshots
+    # The revision of the current document the plan was made against: `policy set` sends
+    # it back, and the server refuses to store over a revision nobody reviewed.
+    revision: str = ""
 
 
 class EndpointDeleted(AdminModel):

@@ -5,6 +5,7 @@ layers, and migrations (to another base or driver layer) tracked as tasks (tasks
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -127,10 +128,11 @@ def restore_to(ctx: ServerContext, ref: str, req: RestoreRequest, *,
                                  .where(SnapshotRecord.cvd_id == c_old.id)))
         staying = list(db.scalars(select(SnapshotRecord)
                                   .where(SnapshotRecord.cvd_id == c_new.id)))
+        moved_at = datetime.now(UTC)
         for r in moving:
-            r.cvd_id = c_new.id
+            r.cvd_id, r.moved_at = c_new.id, moved_at
         for r in staying:
-            r.cvd_id = c_old.id
+            r.cvd_id, r.moved_at = c_old.id, moved_at
         c_old.last_snapshot, c_new.last_snapshot = c_new.last_snapshot, c_old.last_snapshot
         a = assignment_of(db, new)
         a.base_id = old_a.base_id if old_a else None

@@ -1,15 +1,15 @@
 """task members (cancel, retry) and installed software
 
-Revision ID: 0006_d_task_members_software
-Revises: 0005
+Revision ID: 0008_d_task_members_software
+Revises: 0007_e_live_compliance
 Create Date: 2026-12-02 15:20:00
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0006_d_task_members_software'
-down_revision = '0005'
+revision = '0008_d_task_members_software'
+down_revision = '0007_e_live_compliance'
 branch_labels = None
 depends_on = None
 
