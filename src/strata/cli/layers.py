@@ -27,7 +27,15 @@ from .admin_args import (
     print_model,
 )
 from .confirm import YES, confirm
-from .output import console, err_console, human_bytes, iso_time, print_json, run_with_progress
+from .output import (
+    clean,
+    console,
+    err_console,
+    human_bytes,
+    iso_time,
+    print_json,
+    run_with_progress,
+)
 from .signing import KEYS, PASSPHRASE_FILE, publisher_for, signable_refs, signed_after
 
 if TYPE_CHECKING:
@@ -562,8 +570,8 @@ def _print_task(doc: TaskInfo) -> None:
                   f"endpoint(s) done" + (f" ({counts})" if counts else ""), highlight=False)
     for r in doc.endpoints:
         again = f" (attempt {r.attempts})" if r.attempts > 1 else ""
-        console.print(f"  {r.endpoint[:8]} {r.hostname}: {r.state} {r.percent}%{again} "
-                      f"{r.detail}".rstrip(), highlight=False)
+        console.print(f"  {r.endpoint[:8]} {clean(r.hostname)}: {r.state} {r.percent}%"
+                      f"{again} {clean(r.detail)}".rstrip(), highlight=False)
 
 
 @task_app.command("list")
@@ -599,7 +607,7 @@ def _members(api: AdminClient, collection: str | None, endpoints: list[str] | No
         ids = found[0].endpoints
     else:
         ids = endpoints or []
-    return [f"{(d := api.endpoint(e)).hostname} ({d.id[:8]})" for e in ids]
+    return [f"{clean((d := api.endpoint(e)).hostname)} ({d.id[:8]})" for e in ids]
 
 
 @task_app.command("revert")
