@@ -28,6 +28,7 @@ from .admin_args import (
 )
 from .confirm import YES, confirm
 from .output import (
+    clean,
     console,
     count_tree,
     err_console,
@@ -572,8 +573,8 @@ def _print_task(doc: TaskInfo) -> None:
                   f"endpoint(s) done" + (f" ({counts})" if counts else ""), highlight=False)
     for r in doc.endpoints:
         again = f" (attempt {r.attempts})" if r.attempts > 1 else ""
-        console.print(f"  {r.endpoint[:8]} {r.hostname}: {r.state} {r.percent}%{again} "
-                      f"{r.detail}".rstrip(), highlight=False)
+        console.print(f"  {r.endpoint[:8]} {clean(r.hostname)}: {r.state} {r.percent}%"
+                      f"{again} {clean(r.detail)}".rstrip(), highlight=False)
 
 
 @task_app.command("list")
@@ -609,7 +610,7 @@ def _members(api: AdminClient, collection: str | None, endpoints: list[str] | No
         ids = found[0].endpoints
     else:
         ids = endpoints or []
-    return [f"{(d := api.endpoint(e)).hostname} ({d.id[:8]})" for e in ids]
+    return [f"{clean((d := api.endpoint(e)).hostname)} ({d.id[:8]})" for e in ids]
 
 
 @task_app.command("revert")
