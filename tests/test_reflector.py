@@ -174,6 +174,9 @@ def test_one_update_reaches_every_agent_through_the_reflector_each_chunk_crossin
     # What crossed the WAN: about one endpoint's download, not three.
     wan = after["bytes_from_server"] - before["bytes_from_server"]
     assert 2.5 * MIB < wan < 3.5 * MIB, wan
+    status = world.refl.status()  # what `strata reflector status --json` shows
+    assert status["status"] == "active" and status["reflector_id"] == world.refl.id
+    assert status["cache_bytes"] > 2.5 * MIB and status["misses"] > 0, status
     applied = strata_json(*world.agents[0].cmd("apply"))
     assert applied["state"] == "applied", applied  # type: ignore[index]
     assert (world.agents[0].root / "usr/lib/part0.bin").read_bytes() == \
@@ -404,3 +407,23 @@ def test_a_layer_exported_offline_seeds_a_reflector_and_bad_bytes_are_refused(br
     proc = strata("reflector", "import", bundle, "--state", again.state, "--json", rc=1)
     doc = json.loads(proc.stdout)
     assert doc["bad_chunks"] == 1, doc
+
+
+def test_retiring_a_reflector_asks_first_and_its_credential_stops_working(branch):
+    world = branch
+    refl = Reflector(world.server, world.base, "grenoble")
+    refl.enroll()
+    admin = ("--server", world.server.url, "--admin-token-file", world.server.token_file)
+    refused = strata("reflector", "retire", refl.id, *admin, rc=2)  # no terminal, no --yes
+    assert "refusing without --yes" in refused.stderr and refused.stderr.count("\n") == 1
+    assert info(world.server, refl.id)["status"] == "active"
+    done = strata_json("reflector", "retire", refl.id, "--yes", *admin)
+    assert done["status"] == "retired"  # type: ignore[index]
+    cred = json.loads((refl.state / "reflector.json").read_text())["credential"]
+    resp = httpx.post(world.server.url + "/api/v1/reflector/poll", json={}, timeout=30,
+                      headers={"Authorization": f"Bearer {cred}"})
+    assert resp.status_code == 401 and "retired" in resp.text, resp.text
+    again = strata("reflector", "reinstate", refl.id, *admin, rc=2)
+    assert "enroll it again" in again.stderr
+    shown = strata("reflector", "show", refl.id[:8], *admin).stdout
+    assert "status: retired" in shown, shown

@@ -211,6 +211,9 @@ def test_many_agents_asking_at_once_cost_one_fetch_per_chunk(world, signer):
     for t in [leader, *followers]:
         t.join(30)
     assert upstream.fetched == [ids[:4]]  # once, however many asked
+    while service._inflight:  # released once the cache has them (durable)
+        assert time.monotonic() < deadline
+        threading.Event().wait(0.01)
     assert len(results) == 5 and all([c for c, _ in r] == ids[:4] for r in results)
     assert service.serve(ids[:4], text) and upstream.fetched == [ids[:4]]  # now a hit
     assert service.counters.hits == 4

@@ -25,7 +25,10 @@ from strata.model.transfer import iter_stream
 from strata.store.backend import atomic_write
 
 ROUTE_FILE = "reflector.json"
-TIMEOUT = 15.0  # seconds without a byte from a reflector before the server takes over
+# Seconds without a byte from a reflector before the server takes over. A cold miss costs
+# the reflector a fetch over the WAN first (in slices of some 8 MiB: seconds, even on a
+# thin link), so this is not much shorter than the server's own timeout.
+TIMEOUT = 60.0
 RENEW_BEFORE = 120  # seconds: a ticket closer than this to its end is renewed first
 
 

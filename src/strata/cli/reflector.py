@@ -106,7 +106,8 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
         print_json(doc)
         return
     for key, value in doc.items():
-        shown = human_bytes(value) if "bytes" in key or key == "cache_limit" else value
+        shown = human_bytes(value) if "bytes" in key or key == "cache_limit" else \
+            ", ".join(value) if isinstance(value, list) else value
         console.print(f"{key}: {shown}", markup=False, highlight=False)
 
 

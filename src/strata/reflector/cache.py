@@ -68,6 +68,17 @@ class ChunkCache:
         self.make_room()
         return added
 
+    def put(self, cid: bytes, data: bytes) -> None:
+        """Keep one verified chunk (durable at the next `settle`)."""
+        if content_id(data) != cid:
+            raise CorruptData(f"chunk {cid.hex()[:16]} does not match its id: not cached")
+        self.store.store_chunks([cid], [data])
+
+    def settle(self) -> None:
+        """Make what `put` kept durable and findable, then make room if needed."""
+        self.store.flush()
+        self.make_room()
+
     def stored_bytes(self) -> int:
         return sum(self.store.pack_sizes().values())
 

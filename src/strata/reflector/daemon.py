@@ -80,10 +80,12 @@ def opened(state: ReflectorState) -> Iterator[ReflectorService]:
     cfg = state.config()
     cache = ChunkCache(Path(cfg.cache), cfg.cache_size)
     upstream = Upstream(cfg)
-    try:
-        yield ReflectorService(cfg.reflector_id, bytes.fromhex(cfg.ticket_key), cache,
+    service = ReflectorService(cfg.reflector_id, bytes.fromhex(cfg.ticket_key), cache,
                                upstream, counters=state.counters())
+    try:
+        yield service
     finally:
+        service.close()
         upstream.close()
         cache.close()
 
@@ -113,6 +115,8 @@ class Poller(threading.Thread):
             answer = self.service.upstream.poll(self.service.stats())
             self.service.ticket_key = bytes.fromhex(answer.ticket_key)
             self.status = answer.status
+            self.state.save_heard({"status": answer.status, "at": time.time(),
+                                   "assigned": [w.name for w in answer.warm]})
             for layer in answer.warm:
                 if layer.snapshot not in self.service.warmed and not self.stop.is_set():
                     n = self.service.warm(layer.snapshot, layer.name)
@@ -164,8 +168,12 @@ def status(state: ReflectorState) -> dict:
         cache_bytes = cache.stored_bytes()
     finally:
         cache.close()
+    heard = state.heard()
     return {"reflector_id": cfg.reflector_id, "name": cfg.name, "server": cfg.server,
             "url": cfg.url, "listen": cfg.listen, "cache": cfg.cache,
+            # as the server said at the last poll: active, quarantined (out of rotation)
+            "status": heard.get("status", "unknown"),
+            "assigned_layers": heard.get("assigned", []),
             "cache_limit": cfg.cache_size, "cache_bytes": cache_bytes,
             **{k: counters.get(k, 0) for k in ("bytes_from_server", "bytes_served", "hits",
                                                 "misses", "refused")}}

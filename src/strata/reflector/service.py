@@ -4,11 +4,12 @@ ask for them at the same moment (single flight), and warm layers ahead of demand
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from strata.agent.client import ServerRefused
@@ -20,9 +21,10 @@ from strata.reflector.cache import ChunkCache
 from strata.reflector.upstream import Upstream
 from strata.server.rate_limit import ConcurrencyLimit
 
+log = logging.getLogger("strata.reflector")
+UPSTREAM_BATCH = 128  # chunks per fetch from the server: some 8 MiB, seconds on a WAN
 SETS_KEPT = 16  # chunk lists of layers and snapshots held in memory
 WAIT_SECONDS = 300.0  # how long a request waits on another's fetch of the same chunk
-WARM_BATCH = 256  # chunks per warm-up request (at most 64 MiB at the largest chunk size)
 MAX_CHUNKS = 4096  # per request, as the agent batches them (agent/update.py)
 PER_ENDPOINT = 2  # requests of one endpoint at once (the agent makes one at a time)
 
@@ -66,11 +68,17 @@ class ReflectorService:
         self.counters.add(**{k: v for k, v in (counters or {}).items()
                              if k in Counters.__dataclass_fields__ and not k.startswith("_")})
         self.slots = ConcurrencyLimit(PER_ENDPOINT)
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="reflector-fetch")
         self._lock = threading.Lock()
         self._inflight: dict[bytes, Future[bytes]] = {}
         self._fetch_lock = threading.Lock()  # one fetch from the server at a time
         self._sets: OrderedDict[tuple[str, str], frozenset[bytes]] = OrderedDict()
         self.warmed: dict[str, str] = {}  # snapshot -> NAME:VERSION, warmed whole
+
+    def close(self) -> None:
+        """Let the fetches under way finish (their chunks made durable) before the cache
+        closes: a closing store drops what was not flushed."""
+        self._pool.shutdown(wait=True)
 
     # -- authorization ------------------------------------------------------------------
 
@@ -120,89 +128,111 @@ class ReflectorService:
 
     # -- serving -----------------------------------------------------------------------------
 
-    def serve(self, ids: list[bytes], ticket_text: str, snapshot: str | None = None
-              ) -> list[tuple[bytes, bytes]]:
-        """Chunks (id, bytes) in the order asked, each verified against its id: from the
-        cache, or fetched from the server with the same ticket."""
+    def admit(self, ids: list[bytes], ticket_text: str, snapshot: str | None = None
+              ) -> tuple[list[bytes], Ticket]:
+        """Check a request before anything is sent: the ticket allows every chunk, and the
+        request is bounded as the server bounds its own (what the cache holds is known
+        before anything is read; the server refuses a miss beyond its own bound)."""
         ids = list(dict.fromkeys(ids))
         ticket = self.authorize(ticket_text, ids, snapshot)
-        # Bounded per request as the server bounds it: what the cache holds is known
-        # before anything is read; a miss the server refuses beyond its own bound.
         if len(ids) > MAX_CHUNKS or \
                 sum(self.cache.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:
             raise TooLarge(f"ask for at most {MAX_CHUNKS} chunks and {MAX_STREAM_BYTES} "
                            "bytes per request")
+        return ids, ticket
+
+    def stream(self, ids: list[bytes], ticket: Ticket, ticket_text: str,
+               snapshot: str | None = None) -> Iterator[tuple[bytes, bytes] | None]:
+        """The chunks of an admitted request in the order asked, each verified against its
+        id, as they become available: hits at once, misses as the server's answer arrives
+        (fetched once, by whichever request missed them first). None before a wait: the
+        caller sends what it has so far."""
         with self.slots.slot(ticket.endpoint, "downloads"):
-            return self.chunks(ids, ticket_text, snapshot)
+            lacking = set(self.cache.missing(ids))
+            self.counters.add(hits=len(ids) - len(lacking), misses=len(lacking))
+            waits = self._claim([c for c in ids if c in lacking], ticket_text, snapshot)
+            for cid in ids:
+                data = None if cid in waits else self.cache.get(cid)
+                if data is None and cid not in waits:  # damaged or evicted since: again
+                    waits.update(self._claim([cid], ticket_text, snapshot))
+                if data is None:
+                    fut = waits[cid]
+                    if not fut.done():
+                        yield None  # what is ready goes out before the wait
+                    try:
+                        data = fut.result(timeout=WAIT_SECONDS)
+                    except TimeoutError:
+                        raise StrataError("timed out waiting for the server to send a "
+                                          "chunk") from None
+                yield cid, data
 
-    def chunks(self, ids: list[bytes], ticket_text: str = "", snapshot: str | None = None
-               ) -> list[tuple[bytes, bytes]]:
-        found: dict[bytes, bytes] = {}
-        for cid in ids:
-            data = self.cache.get(cid)
-            if data is not None:
-                found[cid] = data
-        lacking = [c for c in ids if c not in found]
-        self.counters.add(hits=len(found), misses=len(lacking))
-        if lacking:
-            found.update(self._single_flight(lacking, ticket_text, snapshot))
-        return [(c, found[c]) for c in ids]
+    def serve(self, ids: list[bytes], ticket_text: str, snapshot: str | None = None
+              ) -> list[tuple[bytes, bytes]]:
+        """`admit` and `stream`, gathered (for callers that want the whole answer)."""
+        ids, ticket = self.admit(ids, ticket_text, snapshot)
+        return [x for x in self.stream(ids, ticket, ticket_text, snapshot) if x is not None]
 
-    def _single_flight(self, ids: list[bytes], ticket_text: str, snapshot: str | None
-                       ) -> dict[bytes, bytes]:
-        """Fetch what nobody is fetching yet; wait for the rest. Each chunk crosses the WAN
-        once, however many agents ask for it at the same moment."""
+    def _claim(self, ids: list[bytes], ticket_text: str, snapshot: str | None,
+               tasks: list[Future[None]] | None = None) -> dict[bytes, Future[bytes]]:
+        """A future per chunk: the one of the fetch already under way for it, or of a new
+        fetch of all those nobody is fetching yet (started in the background). Each chunk
+        crosses the WAN once, however many agents ask for it at the same moment."""
         with self._lock:
             mine = [c for c in ids if c not in self._inflight]
             for c in mine:
                 self._inflight[c] = Future()
             waits = {c: self._inflight[c] for c in ids}
-        if mine:
-            self._fetch(mine, ticket_text, snapshot, waits)
-        out = {}
-        for cid, fut in waits.items():
-            try:
-                out[cid] = fut.result(timeout=WAIT_SECONDS)
-            except TimeoutError:
-                raise StrataError("timed out waiting for the server to send a chunk") from None
-        return out
+        # In slices, so that the first chunks reach the agents within seconds, not after
+        # the server has compressed and sent a whole 64 MiB batch.
+        for i in range(0, len(mine), UPSTREAM_BATCH):
+            task = self._pool.submit(self._fetch, mine[i:i + UPSTREAM_BATCH], ticket_text,
+                                     snapshot, waits)
+            if tasks is not None:
+                tasks.append(task)
+        return waits
 
     def _fetch(self, mine: list[bytes], ticket_text: str, snapshot: str | None,
                waits: dict[bytes, Future[bytes]]) -> None:
-        got: dict[bytes, bytes] = {}
+        """Fetch `mine` from the server, handing each chunk to its waiters as it arrives
+        (verified, and in the cache, durable before the claim is released)."""
+        got: set[bytes] = set()
+
+        def keep(cid: bytes, data: bytes) -> None:
+            self.cache.put(cid, data)  # CorruptData for a chunk that is not its id
+            got.add(cid)
+            waits[cid].set_result(data)
+
         error: BaseException | None = None
         try:
-            # A chunk someone else fetched and cached while this one waited is not asked for.
             with self._fetch_lock:
-                again = set(self.cache.missing(mine))
+                # A chunk another process (an import) cached meanwhile is not asked for.
                 for cid in mine:
-                    if cid not in again:
+                    if cid not in self.cache.missing([cid]):
                         data = self.cache.get(cid)
                         if data is not None:
-                            got[cid] = data
+                            got.add(cid)
+                            waits[cid].set_result(data)
                 ask = [c for c in mine if c not in got]
                 before = self.upstream.bytes_received
                 try:
                     if ask:
-                        self.upstream.fetch(ask, got.__setitem__, ticket=ticket_text,
-                                            snapshot=snapshot)
+                        self.upstream.fetch(ask, keep, ticket=ticket_text, snapshot=snapshot)
                 finally:
                     self.counters.add(bytes_from_server=self.upstream.bytes_received - before)
-                self.cache.put_many([(c, got[c]) for c in ask if c in got])
-        except BaseException as exc:  # every waiter hears of it, then it goes up
+        except BaseException as exc:  # every waiter hears of it
             error = exc
-            raise
+            log.warning("fetching %d chunks from the server: %s", len(mine), exc)
         finally:
-            with self._lock:
-                for cid in mine:
-                    fut = waits[cid]
-                    if cid in got:
-                        fut.set_result(got[cid])
-                    else:
-                        fut.set_exception(error if isinstance(error, StrataError) else
-                                          CorruptData(f"the server did not send chunk "
-                                                      f"{cid.hex()[:16]}"))
-                    self._inflight.pop(cid, None)
+            try:
+                self.cache.settle()
+            finally:
+                with self._lock:
+                    for cid in mine:
+                        if cid not in got:
+                            waits[cid].set_exception(
+                                error if isinstance(error, StrataError) else CorruptData(
+                                    f"the server did not send chunk {cid.hex()[:16]}"))
+                        self._inflight.pop(cid, None)
 
     # -- warm-up ---------------------------------------------------------------------------
 
@@ -212,8 +242,11 @@ class ReflectorService:
         before = self.counters.bytes_from_server
         ids = self.upstream.chunk_ids(sid)
         lacking = self.cache.missing(ids)
-        for i in range(0, len(lacking), WARM_BATCH):
-            self._single_flight(lacking[i:i + WARM_BATCH], "", None)
+        tasks: list[Future[None]] = []
+        for fut in self._claim(lacking, "", None, tasks).values():
+            fut.result(timeout=WAIT_SECONDS)
+        for task in tasks:  # and durable: this process may close the cache next
+            task.result(timeout=WAIT_SECONDS)
         self.warmed[sid] = label
         return self.counters.bytes_from_server - before
 

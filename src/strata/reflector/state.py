@@ -15,6 +15,7 @@ from strata.store.backend import atomic_write
 
 CONFIG = "reflector.json"
 COUNTERS = "counters.json"
+HEARD = "server.json"  # what the server said at the last poll
 
 
 def default_state_dir() -> Path:
@@ -70,6 +71,16 @@ class ReflectorState:
 
     def save_counters(self, counters: dict[str, int]) -> None:
         atomic_write(self.path / COUNTERS, json.dumps(counters).encode(), durable=False)
+
+    def save_heard(self, doc: dict) -> None:
+        atomic_write(self.path / HEARD, json.dumps(doc).encode(), durable=False)
+
+    def heard(self) -> dict:
+        try:
+            doc = json.loads((self.path / HEARD).read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def counters(self) -> dict[str, int]:
         try:
