@@ -41,6 +41,7 @@ from strata.server.routes import (
     agent_deltas,
     agent_layers,
     agent_sync,
+    agent_usage,
     audit,
     collections,
     compliance,
@@ -104,10 +105,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.metrics_digest = digest(read_token_file(metrics_token_path))
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
                    collections, compliance, operations, audit, signing, snapshot_files,
-                   users, maintenance, agent_deltas, portal):
+                   users, maintenance, agent_deltas, portal, agent_usage):
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
+    app.include_router(agent_usage.agent_router)
     mount_console(app)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)
