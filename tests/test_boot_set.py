@@ -120,13 +120,13 @@ def test_learned_from_a_real_tree_and_sent_once(tmp_path):
                          first_login=lambda after: LOGIN)
     state = tmp_path / "state"
     state.mkdir()
-    out = learn_and_report(state, root, manifest, sent.append, clock=clock)
+    out = learn_and_report(state, root, lambda: manifest, sent.append, clock=clock)
     assert out is not None and sent == [out]
     assert out.boot == ["etc/login.defs", "usr/lib/libboot.so"]
     assert out.working == ["home/ann/doc.odt"] and out.boots_seen == 1
     # Nothing new: nothing sent again (the next pass is not even due).
     now[0] += 600
-    assert learn_and_report(state, root, manifest, sent.append, clock=clock) is None
+    assert learn_and_report(state, root, lambda: manifest, sent.append, clock=clock) is None
     assert len(sent) == 1
     # A server that was unreachable: the sets stay unsent and go with the next cycle.
     (state / USAGE_FILE).write_text(json.dumps({**json.loads((state / USAGE_FILE)
@@ -135,15 +135,17 @@ def test_learned_from_a_real_tree_and_sent_once(tmp_path):
     def down(sets: UsageSets) -> None:
         raise OSError("unreachable")
     with pytest.raises(OSError):
-        learn_and_report(state, root, manifest, down, clock=clock)
-    assert learn_and_report(state, root, manifest, sent.append, clock=clock) is not None
+        learn_and_report(state, root, lambda: manifest, down, clock=clock)
+    assert learn_and_report(state, root, lambda: manifest, sent.append, clock=clock) is not None
 
 
 def test_no_boot_time_or_no_snapshot_learns_nothing(tmp_path):
     clock = SessionClock(now=time.time, boot_time=lambda: None)
-    assert learn_and_report(tmp_path, tmp_path, b"x", lambda s: None, clock=clock) is None
+    assert learn_and_report(tmp_path, tmp_path, lambda: b"x", lambda s: None,
+                            clock=clock) is None
     clock = SessionClock(now=time.time, boot_time=lambda: BOOT, first_login=lambda a: None)
-    assert learn_and_report(tmp_path, tmp_path, None, lambda s: None, clock=clock) is None
+    assert learn_and_report(tmp_path, tmp_path, lambda: None, lambda s: None,
+                            clock=clock) is None
 
 
 def _utmp_record(kind: int, sec: int) -> bytes:

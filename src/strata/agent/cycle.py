@@ -214,7 +214,7 @@ def _after_checkin(ctx: AgentContext, client: ServerClient, info: CheckinRespons
     if result.update is not None and result.update.state == UpdateState.READY:
         prompt_restart(st.path, result.update.key, ready_detail(st.update()), ctx.clock())
     with contextlib.suppress(StrataError, OSError):  # a hint for restores: the next cycle
-        learn_and_report(st.path, root, st.parent()[1], send_with(client),
+        learn_and_report(st.path, root, lambda: st.parent()[1], send_with(client),
                          clock=SessionClock(now=ctx.clock))
 
 

@@ -40,6 +40,7 @@ WORKING_DAYS = 14.0
 SESSIONS_KEPT = 8  # boots whose reads count (relatime shows each boot only part of them)
 RELEARN_SECONDS = 86400.0  # the working set moves with the user's days
 USAGE_FILE = "usage.json"
+PATHS_FILE = "usage-paths.json"
 
 _UTMP_RECORD = 384  # struct utmp on Linux (glibc, 64-bit): ut_type at 0, ut_tv at 340
 _USER_PROCESS = 7
@@ -187,32 +188,41 @@ def observe(root: Path, manifest: bytes) -> list[Observation]:
 
 @dataclass
 class Learned:
-    """What the agent keeps between passes (state/usage.json)."""
+    """What the agent keeps between passes: a small head read at every cycle
+    (state/usage.json: sessions, when learned, what the server has) and the paths, read
+    only for a pass or a send (state/usage-paths.json)."""
 
     sessions: list[Session] = field(default_factory=list)
     boot_paths: dict[str, list[float]] = field(default_factory=dict)  # path -> boots seen
     working: list[str] = field(default_factory=list)
     learned: float | None = None
     sent: str = ""  # digest of the sets the server has
+    current: str = ""  # digest of the sets learned last
 
     @classmethod
-    def load(cls, path: Path) -> Learned:
+    def load(cls, state_dir: Path, *, paths: bool = True) -> Learned:
         try:
-            doc = json.loads(path.read_text())
-            return cls(sessions=[Session(float(s["boot"]), None if s.get("login") is None
-                                         else float(s["login"])) for s in doc["sessions"]],
-                       boot_paths={str(k): [float(b) for b in v]
-                                   for k, v in doc["boot_paths"].items()},
-                       working=[str(p) for p in doc["working"]],
-                       learned=doc.get("learned"), sent=str(doc.get("sent", "")))
+            doc = json.loads((state_dir / USAGE_FILE).read_text())
+            out = cls(sessions=[Session(float(s["boot"]), None if s.get("login") is None
+                                        else float(s["login"])) for s in doc["sessions"]],
+                      learned=doc.get("learned"), sent=str(doc.get("sent", "")),
+                      current=str(doc.get("current", "")))
+            if paths:
+                more = json.loads((state_dir / PATHS_FILE).read_text())
+                out.boot_paths = {str(k): [float(b) for b in v]
+                                  for k, v in more["boot_paths"].items()}
+                out.working = [str(p) for p in more["working"]]
+            return out
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return cls()  # none yet, or damaged: learned again from the files' times
 
-    def save(self, path: Path) -> None:
+    def save(self, state_dir: Path, *, paths: bool = True) -> None:
+        if paths:  # first: a head never names sets whose paths are not on disk
+            atomic_write(state_dir / PATHS_FILE, json.dumps(
+                {"boot_paths": self.boot_paths, "working": self.working}).encode())
         doc = {"sessions": [{"boot": s.boot, "login": s.login} for s in self.sessions],
-               "boot_paths": self.boot_paths, "working": self.working,
-               "learned": self.learned, "sent": self.sent}
-        atomic_write(path, json.dumps(doc).encode())
+               "learned": self.learned, "sent": self.sent, "current": self.current}
+        atomic_write(state_dir / USAGE_FILE, json.dumps(doc).encode())
 
     def sets(self) -> UsageSets:
         """The sets to send: the files read at the most boots first, then the most
@@ -269,7 +279,8 @@ def learn(learned: Learned, session: Session, observations: Iterable[Observation
         ranked = sorted(paths.items(), key=lambda kv: (-len(kv[1]), -max(kv[1]), kv[0]))
         paths = dict(ranked[:2 * MAX_BOOT_PATHS])
     return Learned(sessions=sessions, boot_paths=paths,
-                   working=working[:MAX_WORKING_PATHS], learned=now, sent=learned.sent)
+                   working=working[:MAX_WORKING_PATHS], learned=now, sent=learned.sent,
+                   current=learned.current)
 
 
 def digest(sets: UsageSets) -> str:
@@ -277,31 +288,36 @@ def digest(sets: UsageSets) -> str:
     return hashlib.blake2b(doc, digest_size=16).hexdigest()
 
 
-def learn_and_report(state_dir: Path, root: Path, manifest: bytes | None,
+def learn_and_report(state_dir: Path, root: Path, manifest: Callable[[], bytes | None],
                      send: Callable[[UsageSets], object], *,
                      clock: SessionClock | None = None,
                      windows: Windows = Windows()) -> UsageSets | None:
-    """What a cycle does after centralizing: a learning pass when one is due, and the
-    sets sent when the server does not have them yet. Returns the sets sent, if any.
-    Failing to send is not an error: the next cycle sends them."""
+    """What a cycle does: a learning pass when one is due (over the last snapshot's files,
+    `manifest` read only then), and the sets sent when the server does not have them
+    yet. Returns the sets sent, if any. A failed send raises; the next cycle sends them.
+    Between passes a cycle reads only the small head file."""
     clock = clock or SessionClock()
     session = clock.session()
-    if session is None or manifest is None:
-        return None  # no boot time (not Linux) or nothing centralized yet
-    path = state_dir / USAGE_FILE
-    learned = Learned.load(path)
+    if session is None:
+        return None  # no boot time: not Linux
+    learned = Learned.load(state_dir, paths=False)
     now = clock.now()
     if learn_due(learned, session, now, windows):
-        learned = learn(learned, session, observe(root, manifest), now, windows)
-        learned.save(path)
-    sets = learned.sets()
-    d = digest(sets)
-    if d == learned.sent:
+        data = manifest()
+        if data is None:
+            return None  # nothing centralized yet
+        learned = learn(Learned.load(state_dir), session, observe(root, data), now, windows)
+        learned.current = digest(learned.sets())
+        learned.save(state_dir)
+    if not learned.current or learned.current == learned.sent:
         return None
+    if not learned.boot_paths and not learned.working:
+        learned = Learned.load(state_dir)
+    sets = learned.sets()
     send(sets)
-    learned.sent = d
+    learned.sent = learned.current
     with contextlib.suppress(OSError):
-        learned.save(path)
+        learned.save(state_dir, paths=False)
     return sets
 
 
