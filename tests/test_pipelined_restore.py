@@ -268,3 +268,18 @@ def test_killed_mid_restore_resumes_with_nothing_downloaded_twice(tmp_path):
         server.stop()
         server.kill()
     shutil.rmtree(tmp_path / "server", ignore_errors=True)
+
+
+def test_install_service_writes_units_where_told_and_enables_nothing_there(tmp_path):
+    state = tmp_path / "state"
+    dry = strata_json("agent", "install-service", "--unit-dir", tmp_path / "units",
+                      "--state", state, "--dry-run")
+    assert dry["dry_run"] and not (tmp_path / "units").exists()
+    out = strata_json("agent", "install-service", "--root", tmp_path / "image", "--state",
+                      state, "--strata", "/usr/bin/strata")
+    units = tmp_path / "image/etc/systemd/system"
+    assert not out["enabled"] and out["commands"] == []
+    assert sorted(p.name for p in units.iterdir()) == ["strata-agent-apply.service",
+                                                       "strata-agent.service"]
+    assert f"ExecStart=/usr/bin/strata agent apply --state {state}" in \
+        (units / "strata-agent-apply.service").read_text()
