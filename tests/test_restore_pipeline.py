@@ -247,3 +247,30 @@ def test_units_go_under_the_root_given_or_the_directory_given(tmp_path):
         Path("/mnt/image/etc/systemd/system")
     assert service.unit_dir_for(None, None) == Path("/etc/systemd/system")
     assert service.unit_dir_for(Path("/mnt/image"), tmp_path) == tmp_path
+
+
+def test_without_a_learned_boot_set_the_system_comes_first_then_user_data():
+    from strata.agent.pipeline import first_sets
+    from strata.layers.rules import LayerRules
+    from strata.model.usage import UsageSets
+
+    changes = [add(f("etc/fstab", 10)), add(f("usr/bin/tool", 5000)),
+               add(f("home/ann/thesis.odt", 9000)), add(f("home/ann/recent.txt", 20))]
+    rules = LayerRules.default("linux")
+    boot, working, how = first_sets(UsageSets(working=["home/ann/recent.txt"]), changes,
+                                    rules)
+    assert "none learned" in how
+    slices = order_restore(changes, boot, working)
+    assert [(s.phase, paths(s.changes)) for s in slices] == [
+        (BOOT, ["etc/fstab", "usr/bin/tool"]), (WORKING, ["home/ann/recent.txt"]),
+        (REST, ["home/ann/thesis.odt"])]
+    learned, _, how = first_sets(UsageSets(boot=["etc/fstab"], boots_seen=4), changes, rules)
+    assert learned == {b"etc/fstab"} and how == "learned over 4 boot(s)"
+
+
+def test_the_working_set_comes_most_recently_used_first():
+    changes = [add(f("home/a.txt", 10)), add(f("home/b.txt", 10)), add(f("home/c.txt", 10))]
+    slices = order_restore(changes, set(), {b"home/c.txt": 0, b"home/a.txt": 1},
+                           slice_bytes=15)
+    assert [(s.phase, paths(s.changes)) for s in slices[1:]] == [
+        (WORKING, ["home/c.txt"]), (WORKING, ["home/a.txt"]), (REST, ["home/b.txt"])]

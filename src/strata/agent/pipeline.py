@@ -79,14 +79,17 @@ def _content(ch: Change) -> int:
     return 0
 
 
-def order_restore(changes: list[Change], boot: set[bytes], working: set[bytes], *,
+def order_restore(changes: list[Change], boot: set[bytes],
+                  working: set[bytes] | dict[bytes, int], *,
                   slice_bytes: int = SLICE_BYTES) -> list[Slice]:
     """Cut a restore's changes into slices: first one slice with the boot set and
     everything that carries no content (directories, symlinks, empty files, metadata:
-    the tree's skeleton, so that every later file has its parent), then the working set,
-    then the rest, in slices of about `slice_bytes`, in tree order; deletions last (the
-    new machine's own files stay until the CVD is whole). A hardlink goes with the file
-    it names, a directory that becomes a file with the deletions that empty it."""
+    the tree's skeleton, so that every later file has its parent), then the working set
+    (by rank when `working` gives one: the most recently used first), then the rest in
+    tree order (neighbours compress together), in slices of about `slice_bytes`;
+    deletions last (the new machine's own files stay until the CVD is whole). A hardlink
+    goes with the file it names, a directory that becomes a file with the deletions that
+    empty it."""
     first: list[Change] = []
     by_phase: dict[str, list[Change]] = {WORKING: [], REST: []}
     last: list[Change] = []
@@ -103,6 +106,8 @@ def order_restore(changes: list[Change], boot: set[bytes], working: set[bytes], 
             first.append(ch)
         else:
             by_phase[WORKING if ch.path in working else REST].append(ch)
+    if isinstance(working, dict):
+        by_phase[WORKING].sort(key=lambda c: working[c.path])
     slices = [Slice(BOOT, first, sum(map(_content, first)))]
     for phase in (WORKING, REST):
         current: Slice | None = None
@@ -125,12 +130,13 @@ def order_restore(changes: list[Change], boot: set[bytes], working: set[bytes], 
 
 
 def first_sets(sets: UsageSets, changes: list[Change],
-               rules: LayerRules) -> tuple[set[bytes], set[bytes], str]:
-    """The boot set and working set as paths of the plan, and where they come from. With
-    nothing learned (a CVD whose endpoint never reported them), the system comes first
-    and the user's data after: the best order known without it."""
+               rules: LayerRules) -> tuple[set[bytes], dict[bytes, int], str]:
+    """The boot set and the working set (path -> rank, most recent first) as paths of the
+    plan, and where they come from. With nothing learned (a CVD whose endpoint never
+    reported them), the system comes first and the user's data after: the best order
+    known without it."""
     boot = {p.encode() for p in sets.boot}
-    working = {p.encode() for p in sets.working}
+    working = {p.encode(): rank for rank, p in enumerate(sets.working)}
     if boot:
         return boot, working, f"learned over {sets.boots_seen} boot(s)"
     system = {ch.path for ch in changes if ch.entry is not None and
