@@ -54,10 +54,12 @@ def test_files_read_at_boot_and_first_login_are_the_boot_set():
         obs("home/ann/edited.txt", BOOT - 30 * DAY, mtime=now - 5 * DAY),  # written lately
         obs("usr/share/doc/old/README", BOOT - 40 * DAY),  # not used lately: the rest
         obs("var/cache/x", LOGIN + 301),  # after both windows
+        obs("var/log/boot.log", BOOT + 30, mtime=BOOT + 30),  # written by the boot, unread
     ], [Session(BOOT, LOGIN)], now)
     assert set(boot) == {"usr/lib/systemd/systemd", "etc/fstab", "home/ann/.bashrc",
                          "usr/share/gnome/shell.js"}
-    assert working == ["home/ann/report.odt", "var/cache/x", "home/ann/edited.txt"]
+    assert working == ["home/ann/report.odt", "var/cache/x", "var/log/boot.log",
+                       "home/ann/edited.txt"]
 
 
 def test_relatime_reads_missed_by_one_boot_are_kept_from_earlier_boots():

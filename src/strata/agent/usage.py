@@ -151,14 +151,18 @@ def classify(observations: Iterable[Observation], sessions: list[Session], now: 
              windows: Windows = Windows()) -> tuple[dict[str, list[float]], list[str]]:
     """Which files were read at boot or first login (path -> the boots they were read
     at), and the working set: used (read or written) within the last `working_days`,
-    most recent first. A file both is in the boot set only."""
+    most recent first. A file both is in the boot set only; a file only written in a
+    window (atime not after mtime) is not in it."""
     spans = [(s.boot, w) for s in sessions
              for w in s.windows(windows.boot_seconds, windows.login_seconds)]
     since = now - windows.working_days * 86400
     boot: dict[str, list[float]] = {}
     recent: list[tuple[float, str]] = []
     for o in observations:
-        hit = [b for b, (lo, hi) in spans if lo <= o.atime <= hi]
+        # Read, not only written: a file a boot creates (a log, a cache) has its atime
+        # at its creation, in the window, and is not needed from the CVD to boot.
+        hit = [b for b, (lo, hi) in spans if lo <= o.atime <= hi] if o.atime > o.mtime \
+            else []
         if hit:
             boot[o.path] = sorted(set(hit))
             continue
