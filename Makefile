@@ -30,7 +30,7 @@ test: lint
 
 # The unit tier: no servers, agents, CLIs or databases (about a minute).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -n 2 --dist load -m "not e2e"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

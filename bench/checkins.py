@@ -36,11 +36,13 @@ def start_server(data: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     data.mkdir(parents=True, exist_ok=True)
     exe = str(Path(sys.executable).with_name("strata"))
+    # The log beside the data directory: the server refuses a new one holding other files.
     proc = subprocess.Popen([exe, "server", "--data", str(data), "--listen",
                              f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=open(data / "server.log", "w"))  # noqa: SIM115
+                            stderr=open(data.with_name(data.name + ".log"), "w"))  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    deadline = time.monotonic() + 120  # a loaded machine takes 20 s and more to start it
+    while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/api/v1/health", timeout=1).status_code == 200:
                 return proc, url

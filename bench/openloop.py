@@ -231,9 +231,13 @@ def _cpu_self() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_of(pid: int | list[int]) -> float:
+    """CPU seconds of a process, or of several (the server processes of bench/scaleout.py)."""
+    total = 0.0
+    for one in [pid] if isinstance(pid, int) else pid:
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -243,7 +247,7 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 async def measure_phase(pool: Pool, creds: list[str], interval: float, seconds: float,
-                        change: float, server_pid: int, seed: int = 1) -> dict:
+                        change: float, server_pid: int | list[int], seed: int = 1) -> dict:
     """One open-loop run with its figures: latency percentiles from the schedule, errors,
     achieved rate, and the CPU of the generator, the server and the rest of the machine."""
     cpu0, srv0, busy0, load0 = _cpu_self(), _cpu_of(server_pid), busy_cpu_s(), os.getloadavg()
@@ -277,7 +281,7 @@ async def measure_phase(pool: Pool, creds: list[str], interval: float, seconds: 
     }
 
 
-async def _sample_cpu(server_pid: int, out: list[tuple[float, float]]) -> None:
+async def _sample_cpu(server_pid: int | list[int], out: list[tuple[float, float]]) -> None:
     """Each second of a run: the CPU the server got and the CPU the machine was busy
     with (both in CPUs), to tell a slow server from a starved one."""
     srv, busy = _cpu_of(server_pid), busy_cpu_s()
@@ -306,7 +310,7 @@ def _when_slow(worst: dict[int, float], samples: list[tuple[float, float]]) -> d
 
 
 async def search(pool: Pool, creds: list[str], grow: Callable, interval: float,
-                 seconds: float, change: float, server_pid: int, passed: int,
+                 seconds: float, change: float, server_pid: int | list[int], passed: int,
                  failed: int | None, steps: int, say: Callable[[str], None]) -> list[dict]:
     """The largest endpoint count whose p99 holds: up by 1.5x from the last that held
     until one fails, then halve the gap; `steps` short runs in all."""

@@ -226,11 +226,19 @@ def extra_sections(meta: dict) -> list[str]:
         out += [
             "## Console page loads", "",
             f"{con['endpoints']:,} endpoints enrolled through the API (each CVD with "
-            f"{con['snapshots_per_endpoint']} snapshot records), an administrator signed in "
+            f"{con['snapshots_per_endpoint']} snapshot records"
+            + (f", {con['packages_per_endpoint']:,} installed packages, and a task over the "
+               "whole fleet" if con.get("packages_per_endpoint") else "")
+            + f"), an administrator signed in "
             f"like a browser, each page fetched {con['runs']} times over keep-alive HTTP on "
             f"loopback (`python -m bench.console`, {con['date']}; target: under 200 ms). The "
             "dashboard's storage figures and the compliance report are kept for a minute: "
-            "the first load pays for them, the others are the loads in between:", "",
+            "the first load pays for them, the others are the loads in between"
+            + ("; the software summary and the storage per CVD are computed in the "
+               "background (first computation: " + ", ".join(
+                   f"{k} {v} s" for k, v in con["background_reports_seconds"].items())
+               + "), the pages show the last result" if con.get("background_reports_seconds")
+               else "") + ":", "",
             "| Page | First ms | Median ms | p95 ms | Bytes | Target (p95) |",
             "|---|---:|---:|---:|---:|---|",
             *[f"| {name} | {r.get('first_ms', '–')} | {r['median_ms']} | {r['p95_ms']} | "

@@ -34,7 +34,14 @@ from strata.model.entry import Entry, EntryType
 from strata.model.roles import ROLES, Permission
 from strata.server import passwords
 from strata.server.app import create_app
-from strata.server.catalog.models import Assignment, Cvd, SnapshotRecord, Task, UserSession
+from strata.server.catalog.models import (
+    Assignment,
+    Cvd,
+    SnapshotRecord,
+    Task,
+    TaskMember,
+    UserSession,
+)
 from strata.server.console.chart import storage_chart
 from strata.server.console.pages import ROUTERS
 from strata.server.console.portal import portal_visitor
@@ -492,6 +499,9 @@ def _task(ctx, endpoints: dict[str, tuple[str, float]], hostile: bool = True) ->
             db.merge(Assignment(endpoint_id=eid, task_id=task.id, state=state,
                                 percent=percent,
                                 detail=f"<i>{state}</i>" if hostile else ""))
+            db.add(TaskMember(task_id=task.id, endpoint_id=eid,
+                              previous={"task_id": None, "app_ids": []},
+                              target={"app_ids": []}))
         return task.id
 
 
@@ -512,6 +522,42 @@ def test_tasks_show_each_endpoints_progress_and_poll_while_running(console):
     assert part.startswith('<section id="task-progress" data-state="done"')
     assert "hx-trigger" not in part  # done: the page stops asking
     assert c.get("/tasks/9999").status_code == 404
+
+
+def test_the_tasks_page_cancels_and_retries_for_the_roles_that_may(console):
+    """Cancel and retry are forms with the CSRF token, shown and allowed only to a role
+    that may start the task's kind (a migration: image managers, not the help desk)."""
+    c = console.client
+    a, b = console.enroll("lab-01"), console.enroll("lab-02")
+    tid = _task(console.ctx, {a: ("assigned", 0.0), b: ("failed", 10.0)}, hostile=False)
+    assert sign_in(c, "hana").status_code == 303
+    page = c.get(f"/tasks/{tid}").text
+    assert "task-cancel" not in page and "task-retry" not in page
+    token = _csrf(c.get("/account").text)
+    resp = c.post(f"/tasks/{tid}/cancel", data={"csrf": token})
+    assert resp.status_code == 403 and "needs the &#39;migrate&#39; permission" in resp.text
+    c.post("/logout", data={"csrf": token})
+    assert sign_in(c, "ivan").status_code == 303
+    listing = c.get("/tasks").text
+    assert f'action="/tasks/{tid}/cancel"' in listing and f'action="/tasks/{tid}/retry"' in listing
+    assert c.post(f"/tasks/{tid}/cancel", data={"csrf": "forged"}).status_code == 403
+    token = _csrf(c.get(f"/tasks/{tid}").text)
+    resp = c.post(f"/tasks/{tid}/cancel", data={"csrf": token}, follow_redirects=False)
+    assert resp.status_code == 303  # a reload of the page that follows sends nothing
+    page = c.get(resp.headers["location"]).text
+    assert "cancelled: 1 endpoint(s) not started are skipped" in page
+    assert "task-cancel" not in page
+    page = c.post(f"/tasks/{tid}/retry", data={"csrf": token}).text
+    assert "queued again: 2 endpoint(s)" in page
+    with console.ctx.session() as db:
+        assert {db.get(Assignment, e).state for e in (a, b)} == {"assigned"}
+    rows = list(csv.reader(io.StringIO(c.get(f"/tasks/{tid}?format=csv").text)))
+    assert rows[0][:3] == ["endpoint", "hostname", "state"]
+    assert sorted((r[1], r[2], r[4]) for r in rows[1:]) == [("lab-01", "assigned", "2"),
+                                                            ("lab-02", "assigned", "2")]
+    log = c.get(f"{ADMIN}/audit", headers=console.api).json()
+    assert [e["action"] for e in log if e["actor"] == "user:ivan"][:2] == \
+        ["retry-task", "cancel-task"]
 
 
 def test_the_compliance_page_lists_endpoints_it_cannot_measure_yet(console):
@@ -732,6 +778,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             tokens[name] = server.admin("POST", f"/users/{name}/tokens", {})["token"]
         root = base / "laptop"
         write_documents(root / "home/alice", seed=3, count=20, size=64 << 10)
+        (root / "var/lib/dpkg").mkdir(parents=True)
+        (root / "var/lib/dpkg/status").write_text(
+            "Package: openssl\nStatus: install ok installed\nArchitecture: amd64\n"
+            "Version: 3.0.15-1~deb12u1\n\nPackage: bash\nStatus: install ok installed\n"
+            "Architecture: amd64\nVersion: 5.2.15-2+b7\n")
         agent = Agent(server, root, base / "agent-state")
         agent.enroll(server.create_token())
         agent.backup()
@@ -922,6 +973,75 @@ def test_browser_task_progress_updates_without_a_reload(browser, fleet):
     finally:
         context.close()
         engine.dispose()
+
+
+@pytest.mark.e2e
+def test_browser_an_image_manager_cancels_and_retries_a_task(browser, fleet):
+    """The buttons on the task page: cancel skips the endpoint not started, the one under
+    way goes on; retry queues the cancelled and failed ones again. The help desk does
+    not see the buttons of a migration."""
+    from strata.server.catalog.db import open_catalog
+
+    engine, sessions = open_catalog(f"sqlite:///{fleet.server.data / 'catalog.sqlite'}")
+    ctx = SimpleNamespace(write=lambda: _committing(sessions))
+    eids = sorted(e["id"] for e in fleet.server.admin("GET", "/endpoints")
+                  if e["hostname"].startswith("lab-"))
+    tid = _task(ctx, {eids[0]: ("assigned", 0.0), eids[1]: ("downloading", 30.0)},
+                hostile=False)
+    context, page = _signed_in(browser, fleet, "hana")
+    try:
+        page.goto(fleet.server.url + f"/tasks/{tid}")
+        expect(page.locator("[data-testid=task-state]")).to_have_text("running")
+        assert page.locator("[data-testid=task-cancel]").count() == 0
+    finally:
+        context.close()
+    context, page = _signed_in(browser, fleet, "ivan")
+    try:
+        page.goto(fleet.server.url + "/tasks")
+        page.click(f"form[action='/tasks/{tid}/cancel'] button")
+        expect(page.locator("[data-testid=task-done]")).to_contain_text(
+            "cancelled: 1 endpoint(s) not started are skipped")
+        rows = page.locator("[data-testid=task-endpoint]")
+        expect(rows).to_have_count(2)
+        states = sorted(r.locator("td").nth(1).text_content() for r in rows.all())
+        assert states == ["cancelled", "downloading"]
+        _shot(page, "task-cancelled")
+        with sessions() as db:  # the one under way fails
+            db.execute(update(Assignment).where(Assignment.endpoint_id == eids[1])
+                       .values(state="failed", detail="not enough disk space"))
+            db.commit()
+        page.reload()
+        page.click("[data-testid=task-retry]")
+        expect(page.locator("[data-testid=task-done]")).to_contain_text(
+            "queued again: 2 endpoint(s)")
+        expect(page.locator("[data-testid=task-state]")).to_have_text("running")
+        assert page.locator("[data-testid=task-retry]").count() == 0
+        assert page.problems == []
+    finally:
+        context.close()
+        engine.dispose()
+
+
+@pytest.mark.e2e
+def test_browser_software_and_storage_reports(browser, fleet):
+    """The fleet summary fills in by itself once computed in the background; a package
+    leads to the endpoints that have it; storage per CVD; a CSV link on each table."""
+    context, page = _signed_in(browser, fleet, "hana")
+    try:
+        page.click("header nav a[href='/reports/software']")
+        expect(page.locator("#software-summary table")).to_be_visible(timeout=30_000)
+        page.click("#software-summary a:text-is('openssl')")
+        rows = page.locator("[data-testid=software-row]")
+        expect(rows).to_have_count(1)
+        assert "3.0.15-1~deb12u1" in rows.first.text_content()
+        _shot(page, "software")
+        page.goto(fleet.server.url + "/reports/storage")
+        expect(page.locator("[data-testid=storage-row]").first).to_be_visible(timeout=30_000)
+        assert page.locator("[data-testid=csv-link]").count() >= 1
+        _shot(page, "storage")
+        assert page.problems == []
+    finally:
+        context.close()
 
 
 class _committing:

@@ -36,8 +36,10 @@ API = "/api/v1/agent"
 
 
 @pytest.fixture()
-def server(tmp_path: Path) -> Iterator[SimpleNamespace]:
-    app = create_app(ServerSettings(data_dir=tmp_path / "data"))
+def server(tmp_path: Path, catalogs) -> Iterator[SimpleNamespace]:
+    """On both catalogs: with PostgreSQL the holdings are its tables (server/holdings_pg.py),
+    shared by every server process, and must refuse what the SQLite file refuses."""
+    app = create_app(ServerSettings(data_dir=tmp_path / "data", catalog_url=catalogs.new()))
     token = (tmp_path / "data/admin.token").read_text().strip()
     with TestClient(app) as admin:
         admin.headers["Authorization"] = f"Bearer {token}"
@@ -270,8 +272,8 @@ def test_an_upgraded_server_counts_an_endpoints_head_snapshot_as_held(server):
     alice.upload(data)
     assert alice.commit({"home/alice/x": data}).status_code == 200
     ctx: ServerContext = server.ctx
-    ctx.holdings.close()  # the server before holdings: none recorded
-    (Path(ctx.settings.data_dir) / "holdings.sqlite").unlink()
+    ctx.holdings.close()  # the server before holdings: none recorded (either catalog)
+    (Path(ctx.settings.data_dir) / "holdings.sqlite").unlink(missing_ok=True)
     for extra in ("-wal", "-shm"):
         (Path(ctx.settings.data_dir) / f"holdings.sqlite{extra}").unlink(missing_ok=True)
     ctx.holdings = Holdings(Path(ctx.settings.data_dir) / "holdings.sqlite")

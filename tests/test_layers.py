@@ -374,9 +374,13 @@ def test_migration_task_and_provisioning(world):
     task = admin_json(world, "task", "show", str(task["id"]))
     assert task["state"] == "done" and task["progress"] == 100.0, task
     # Provisioning wipes the system (a user app too) and lays the layers down fresh.
+    deltas = world.server.metric("strata_manifest_deltas_total")
     admin(world, "endpoint", "provision", a3.endpoint_id, "--base", "corp:1", "--yes")
     a3.run_once()
     strata_json(*a3.cmd("apply"))
+    # The snapshot after the wipe (a fresh CVD: no parent) sent its manifest as a delta
+    # against the base layer's; the one before had nothing new (its chunks were held).
+    assert world.server.metric("strata_manifest_deltas_total") == deltas + 1
     assert not (a3.root / "opt/userapp3").exists()
     assert (a3.root / "etc/hostname").read_text() == "endpoint-3\n"  # identity kept
     assert (a3.root / "usr/bin/old-tool").exists()

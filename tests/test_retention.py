@@ -316,3 +316,97 @@ def test_keep_last_keeps_exactly_the_n_newest_per_group(snapshots, n):
 def test_keep_last_newest_are_kept_whatever_else_is_set(snapshots, policy):
     decisions = apply_policy(snapshots, policy, tz=UTC)
     assert newest_per_host(snapshots, policy.last) <= set(kept(decisions))
+
+
+# --- protection: revert points and moved history, kept for protect_days ---------------------
+
+NOW = datetime(2021, 3, 1, tzinfo=UTC)
+
+
+def protected(when: str, since: str, label: str = "pre-update revert point") -> SnapshotInfo:
+    return SnapshotInfo(id=when, time=datetime.fromisoformat(when).replace(tzinfo=UTC),
+                        host="h", paths=("/data",), protected_as=label,
+                        protected_since=datetime.fromisoformat(since).replace(tzinfo=UTC))
+
+
+PROTECTION_CASES = [
+    pytest.param(
+        RetentionPolicy(last=1, protect_days=30),
+        [protected("2021-02-20", "2021-02-20"), snap("2021-02-28")],
+        ["2021-02-28", "2021-02-20"],
+        id="a-revert-point-younger-than-protect-days-is-kept-beyond-the-counts",
+    ),
+    pytest.param(
+        RetentionPolicy(last=1, protect_days=30),
+        [protected("2021-01-20", "2021-01-20"), snap("2021-02-28")],
+        ["2021-02-28"],
+        id="an-older-revert-point-is-counted-like-any-snapshot",
+    ),
+    pytest.param(
+        RetentionPolicy(last=1, protect_days=30),
+        [protected("2019-05-01", "2021-02-27", "history moved by a restore"),
+         snap("2021-02-28")],
+        ["2021-02-28", "2019-05-01"],
+        id="moved-history-is-protected-from-when-it-moved-not-from-when-it-was-taken",
+    ),
+    pytest.param(
+        RetentionPolicy(last=1, protect_days=0),
+        [protected("2021-02-28T10:00", "2021-02-28T10:00"), snap("2021-02-28T11:00")],
+        ["2021-02-28T11:00"],
+        id="protect-days-0-protects-nothing",
+    ),
+    pytest.param(
+        RetentionPolicy(last=1, protect_days=1),
+        [protected("2021-02-28", "2021-02-28"), snap("2021-02-28T12:00")],
+        ["2021-02-28T12:00"],
+        id="protection-ends-exactly-protect-days-after-it-starts",
+    ),
+]
+
+
+@pytest.mark.parametrize(("policy", "snapshots", "expected"), PROTECTION_CASES)
+def test_protected_snapshots(policy, snapshots, expected):
+    assert kept(apply_policy(snapshots, policy, tz=UTC, now=NOW)) == expected
+
+
+def test_protection_says_why_and_until_when():
+    decisions = apply_policy([protected("2021-02-20", "2021-02-20"), snap("2021-02-28")],
+                             RetentionPolicy(last=1, protect_days=30), tz=UTC, now=NOW)
+    assert reasons(decisions)["2021-02-20"] == (
+        "pre-update revert point (protected until 2021-03-22)",)
+
+
+def test_protection_without_the_time_now_is_refused():
+    with pytest.raises(ValueError, match="needs the time now"):
+        apply_policy([protected("2021-02-20", "2021-02-20")],
+                     RetentionPolicy(last=1, protect_days=30), tz=UTC)
+
+
+@pytest.mark.parametrize("days", [-1, True, 1.5])
+def test_invalid_protect_days_rejected(days):
+    with pytest.raises(ValueError, match="protect_days"):
+        RetentionPolicy(last=1, protect_days=days)
+
+
+# Some snapshots of each set carry a protection start at any time up to NOW.
+protected_sets = st.lists(st.tuples(minutes, hosts, st.none() | minutes), max_size=60,
+                          unique_by=lambda t: t[0]).map(lambda items: [
+    SnapshotInfo(id=f"s{i}", time=EPOCH + timedelta(minutes=m), host=h,
+                 protected_since=None if p is None else EPOCH + timedelta(minutes=p))
+    for i, (m, h, p) in enumerate(items)])
+PROPERTY_NOW = EPOCH + timedelta(days=3 * 366)
+
+
+@settings(max_examples=300, deadline=None)
+@given(protected_sets, finite_policies, st.integers(min_value=0, max_value=400))
+def test_protection_only_adds_the_protected_to_what_the_counts_keep(snapshots, policy, days):
+    """Protected snapshots are kept uncounted: every other decision is exactly the one the
+    counts alone make, and nothing still protected at `now` is forgotten."""
+    from dataclasses import replace
+
+    counted = set(kept(apply_policy(snapshots, policy, tz=UTC)))
+    with_protection = set(kept(apply_policy(snapshots, replace(policy, protect_days=days),
+                                            tz=UTC, now=PROPERTY_NOW)))
+    still = {s.id for s in snapshots if s.protected_since is not None and days and
+             PROPERTY_NOW < s.protected_since + timedelta(days=days)}
+    assert with_protection == counted | still

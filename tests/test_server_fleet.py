@@ -85,7 +85,9 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         for name, value in {**s3.env(), "AWS_EC2_METADATA_DISABLED": "true"}.items():
             env.setenv(name, value)
         server_args: list[object] = ["--store", where]
-        store_args: list[object] = [where, "--state", data / "store-state"]
+        # A working state of the CLI's own: the server's index is in its PostgreSQL
+        # catalog, which `strata store` does not use (it indexes the bucket's packs).
+        store_args: list[object] = [where, "--state", base / "check-state"]
     else:
         server_args, store_args = [], [data / "store"]
     server = Server(data, args=server_args, catalog=catalog).start()

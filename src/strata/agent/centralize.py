@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,15 +15,20 @@ from pathlib import Path
 from strata.agent.client import ServerClient, parse_answer
 from strata.agent.inventory import collect_inventory
 from strata.agent.location import local_subnet, read_site, utc_offset_minutes
-from strata.agent.sink import RemoteSink
+from strata.agent.manifest_delta import desired_manifests, pick_base, send_manifest_delta
+from strata.agent.reflector_source import save_route
+from strata.agent.sink import HeldChunks, RemoteSink
 from strata.agent.state import AgentState
 from strata.agent.update import LocalTree
-from strata.engine.backup import archive_tree, commit_with_heal, make_snapshot
+from strata.engine.backup import archive_tree, commit_with_heal, make_snapshot, store_manifest
 from strata.engine.progress import Progress
 from strata.errors import MissingChunks, StrataError
+from strata.model.entry import Entry, EntryType
 from strata.model.manifest import decode_manifest
 from strata.model.wire import AgentPolicy, CheckinResponse, ChunkerSpec
 from strata.store.chunker import ChunkerParams
+from strata.tree.excludes import ExcludeMatcher
+from strata.tree.scan import scan_tree
 
 
 @dataclass
@@ -67,6 +74,7 @@ def checkin(client: ServerClient, root: Path, state: AgentState, *,
     resp = client.request("POST", "/api/v1/agent/checkin", json=body, retries=2)
     info = parse_answer(resp, CheckinResponse)
     adopt_credential(client, state, info.credential)
+    save_route(state, info.reflector)  # where layer downloads go first
     state.update_status(server_reachable=True, access="ok", last_checkin=iso(clock),
                         policy=info.policy.model_dump(), chunker=info.chunker.model_dump())
     return info
@@ -109,12 +117,40 @@ def local_tree(root: Path, state: AgentState, info: CheckinResponse | None) -> L
                      one_file_system=state.credential().stays_on_root_fs)
 
 
+def estimate_totals(progress: Progress, parent: bytes | None, root: Path, excludes: list[str],
+                    *, one_file_system: bool) -> None:
+    """Totals for a bar's ETA: the last snapshot's (a tree changes little between two),
+    or, for a first centralization, a stat-only count of the tree beside the work."""
+    def count(entries: Iterable[Entry]) -> None:
+        files = size = 0
+        for e in entries:
+            if e.type is EntryType.FILE:
+                files += 1
+                size += e.size
+        progress.total_files, progress.total_bytes = files, size
+    if parent:
+        count(decode_manifest([parent]))
+        return
+    def walk() -> None:
+        with contextlib.suppress(OSError, StrataError):  # only an estimate
+            count(e for e, _ in scan_tree(root, ExcludeMatcher(excludes),
+                                          one_file_system=one_file_system))
+    threading.Thread(target=walk, daemon=True, name="count-tree").start()
+
+
 def centralize(client: ServerClient, state: AgentState, root: Path, info: CheckinResponse, *,
                trigger: str = "scheduled", tags: list[str] | None = None,
                progress: Progress | None = None, clock: Clock = time.time) -> CentralizeResult:
     started = time.monotonic()
     sent0, recv0, retried0 = client.bytes_sent, client.bytes_received, client.retried
-    sink = RemoteSink(client, info.chunker)
+    # Chunks of the last snapshot are the endpoint's already (committed, or inherited by
+    # a re-enrolled machine), and so are those of the layers its desired state names: a
+    # file read again for a new ctime or inode (a restored, cloned or updated disk) costs
+    # no question about them. Should one have gone meanwhile, the commit says so and it
+    # is sent then (commit_with_heal).
+    _, parent_bytes = state.parent()
+    held = [m for m in [parent_bytes, *desired_manifests(state, info)] if m]
+    sink = RemoteSink(client, info.chunker, held=HeldChunks(held) if held else None)
     try:
         return _centralize(client, state, root, info, sink, trigger=trigger, tags=tags,
                            progress=progress, started=started, sent0=sent0, recv0=recv0,
@@ -130,10 +166,16 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
     parent_id, parent_bytes = state.parent()
     parent_entries = decode_manifest([parent_bytes]) if parent_bytes else None
     kind = "incremental" if info.last_snapshot else "centralize"
-    archive = archive_tree(sink, root, parent_entries=parent_entries,
-                           excludes=info.policy.exclusions + own_exclusions(root, state),
-                           progress=progress,
-                           one_file_system=state.credential().stays_on_root_fs)
+    excludes = info.policy.exclusions + own_exclusions(root, state)
+    one_fs = state.credential().stays_on_root_fs
+    if progress is not None and progress.watched and progress.total_bytes is None:
+        estimate_totals(progress, parent_bytes, root, excludes, one_file_system=one_fs)
+    archive = archive_tree(sink, root, parent_entries=parent_entries, excludes=excludes,
+                           progress=progress, one_file_system=one_fs,
+                           stat_keys=False, manifest_to_sink=False)
+    # The manifest as a delta against the last one, else by chunks (agent/manifest_delta.py).
+    if not send_manifest_delta(client, pick_base(state, info), archive):
+        store_manifest(sink, archive.manifest_bytes)
     sink.flush()
     # The sink, not the engine, knows what the server lacked: record its figures.
     archive.result.bytes_new = sink.raw_uploaded
@@ -157,7 +199,7 @@ def _centralize(client: ServerClient, state: AgentState, root: Path, info: Check
         result["snapshot"] = resp.json()["snapshot"]
 
     commit_with_heal(commit, sink, root, archive.manifest_bytes)
-    state.save_parent(result["snapshot"], archive.manifest_bytes)
+    state.save_parent(result["snapshot"], archive.local_manifest)
     r = archive.result
     out = CentralizeResult(
         snapshot=result["snapshot"], kind=kind, files=r.files,

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from strata.agent import live_compliance
 from strata.agent.access import Access, AccessDenied, DeviceClient, ExitCode, device_client
 from strata.agent.centralize import (
     CentralizeResult,
@@ -25,10 +26,13 @@ from strata.agent.centralize import (
 )
 from strata.agent.client import ServerClient, ServerUnreachable
 from strata.agent.drift import tree_changed
+from strata.agent.live_compliance import LiveCompliance
 from strata.agent.notify import prompt_restart, ready_detail
+from strata.agent.software import report_software
 from strata.agent.state import AgentState, Credential
 from strata.agent.update import (
     Centralizer,
+    LocalTree,
     UpdateResult,
     appliable,
     apply_update,
@@ -97,6 +101,10 @@ class CycleResult:
     recovered: str | None = None  # what the recovery of an interrupted apply did
     centralization: CentralizeResult | None = None
     update: UpdateResult | None = None
+    # Drift of the live tree from the applied layers, when measured this cycle (a failure
+    # to measure is said, and fails nothing else).
+    compliance: LiveCompliance | None = None
+    compliance_error: str = ""
     error: str = ""  # a failure after the check-in; the rest is still reported
     error_code: int = ExitCode.OK
 
@@ -127,6 +135,10 @@ class CycleResult:
             out["result"] = self.centralization.to_dict()
         if self.update is not None:
             out["update"] = self.update.to_dict()
+        if self.compliance is not None:
+            out["compliance"] = self.compliance.to_dict()
+        if self.compliance_error:
+            out["compliance_error"] = self.compliance_error
         if self.error:
             out["error"] = self.error
         return out
@@ -171,6 +183,7 @@ def _cycle(ctx: AgentContext, client: ServerClient, result: CycleResult, *, forc
         return
     result.checked_in = True
     apply_bandwidth(client, info.policy.bandwidth, ctx.upload_rate)
+    report_software(client, st, root)  # with the inventory; only when the list changed
     try:
         _after_checkin(ctx, client, info, result, force=force, trigger=trigger)
     except ServerUnreachable as exc:  # lost midway: what is owed stays in pending_work
@@ -216,6 +229,26 @@ def _after_checkin(ctx: AgentContext, client: ServerClient, info: CheckinRespons
     with contextlib.suppress(StrataError, OSError):  # a hint for restores: the next cycle
         learn_and_report(st.path, root, lambda: st.parent()[1], send_with(client),
                          clock=SessionClock(now=ctx.clock))
+    _measure_compliance(ctx, client, info, tree, result)
+
+
+def _measure_compliance(ctx: AgentContext, client: ServerClient, info: CheckinResponse,
+                        tree: LocalTree, result: CycleResult) -> None:
+    """Live compliance, when the applied layers are the desired ones (an update in
+    flight is measured once applied) and a measurement is due."""
+    desired, st = info.desired, ctx.state
+    if desired is None or desired.key != st.applied_key():
+        return
+    changed = result.centralization is not None or result.update is not None
+    if not live_compliance.due(st, desired.key, ctx.clock(), changed=changed):
+        return
+    try:
+        result.compliance = live_compliance.measure_and_report(client, st, tree, desired,
+                                                               now=ctx.clock())
+    except (ServerUnreachable, AccessDenied):
+        raise
+    except StrataError as exc:
+        result.compliance_error = f"compliance not measured: {exc}"
 
 
 def _offline(ctx: AgentContext, result: CycleResult, exc: ServerUnreachable, *,
@@ -308,14 +341,21 @@ def apply_now(ctx: AgentContext) -> ApplyOutcome:
                 info = None
             apply_bandwidth(client, info.policy.bandwidth if info else last_bandwidth(st),
                             ctx.upload_rate)
-            central: Centralizer | None = None
-            if info is not None:
-                def central(trig: str) -> str:
-                    assert info is not None
-                    return centralize(client, st, root, info, trigger=trig,
-                                      clock=ctx.clock).snapshot
-            outcome.update = apply_update(client if info else None, st,
-                                          local_tree(root, st, info), central)
+            tree = local_tree(root, st, info)
+
+            def work(progress: Progress) -> UpdateResult:
+                central: Centralizer | None = None
+                if info is not None:
+                    def central(trig: str) -> str:
+                        assert info is not None
+                        progress.restart(f"{trig} snapshot")
+                        return centralize(client, st, root, info, trigger=trig,
+                                          progress=progress, clock=ctx.clock).snapshot
+                return apply_update(client if info else None, st, tree, central,
+                                    progress=progress)
+            # One bar through the steps: pre-update snapshot, download of what is still
+            # missing, the files written, post-update snapshot.
+            outcome.update = ctx.with_progress("apply", work)
         finally:
             st.add_wire_bytes(client.bytes_sent, client.bytes_received)
             client.close()
@@ -329,3 +369,36 @@ def _not_appliable(saved: dict) -> str:
     if state == UpdateState.APPLIED:
         return "the last update is applied"
     return "no layer update is assigned to this endpoint" if not saved else ""
+
+
+# -- compliance of the live tree -----------------------------------------------------------
+
+
+def compliance_now(ctx: AgentContext) -> LiveCompliance | None:
+    """`strata agent compliance`: measure the live tree against the applied layers now
+    and report it (offline: measured from what the agent holds, reported next cycle).
+    None when no IT layers are applied on this endpoint."""
+    st, root = ctx.state, ctx.root
+    with st.exclusive():
+        client = ctx.client()
+        try:
+            try:
+                info: CheckinResponse | None = checkin(client, root, st, clock=ctx.clock)
+            except ServerUnreachable:
+                info = None
+            desired = live_compliance.applied_state(st, info.desired if info else None)
+            if desired is None:
+                if st.applied_key():
+                    raise StrataError("the layers applied on this endpoint are not known "
+                                      "here yet: the next check-in tells them (`strata "
+                                      "agent run --once`)")
+                return None
+            live = live_compliance.measure(st, local_tree(root, st, info), desired,
+                                           client if info else None, now=ctx.clock())
+            if info is not None:
+                live_compliance.report(client, live)
+            st.update_status(compliance=live.summary())
+            return live
+        finally:
+            st.add_wire_bytes(client.bytes_sent, client.bytes_received)
+            client.close()

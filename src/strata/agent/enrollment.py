@@ -79,8 +79,8 @@ def enroll(state: AgentState, *, server: str, token: str, root: Path, ca_cert: s
                 EnrollResponse)
         finally:
             client.close()
-        if old is not None:
-            state.forget_endpoint()  # the new endpoint starts its own CVD
+        if old is not None:  # the new endpoint starts its own CVD
+            state.forget_endpoint(keep_files_cache=same_server)
         server_cert = ""
         if pinned_pem:
             server_cert = str(state.save_server_certificate(pinned_pem))

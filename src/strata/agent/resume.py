@@ -90,15 +90,16 @@ Decoder = Callable[[Readable], Iterator[tuple[bytes, int, bytes]]]
 
 def fetch_chunks(client: ServerClient, path: str, ids: list[bytes],
                  keep: Callable[[bytes, bytes], None], *, decode: Decoder = iter_stream,
-                 on_corrupt: Callable[[bytes, CorruptData], None] | None = None
-                 ) -> list[bytes]:
+                 on_corrupt: Callable[[bytes, CorruptData], None] | None = None,
+                 extra: dict[str, object] | None = None) -> list[bytes]:
     """Download `ids` from `path` into `keep`, chunk by chunk as they arrive (`decode`: a
     chunk stream, as layer downloads are, or a bundle, as restores are: model/transfer.py).
     A broken connection is retried for the chunks still missing, after 0.5 s, 1 s, 2 s, ...
     (the count restarts whenever a try brought something); after `client.retries`
     fruitless tries the download is paused (DownloadPaused). A chunk that fails its check
     goes to `on_corrupt` (without one, the download stops with CorruptData). Returns the
-    ids the server did not send."""
+    ids the server did not send. `extra`: more fields of each request's JSON body (a
+    reflector's ticket)."""
     wanted = set(ids)
     done: set[bytes] = set()
     failures = 0
@@ -107,8 +108,9 @@ def fetch_chunks(client: ServerClient, path: str, ids: list[bytes],
         remaining = [c for c in dict.fromkeys(ids) if c not in done]
         before = len(done)
         try:
-            with client.stream("POST", path, json={"ids": [c.hex() for c in remaining]},
-                               retries=0) as body:
+            with client.stream("POST", path, retries=0,
+                               json={**(extra or {}), "ids": [c.hex() for c in remaining]}
+                               ) as body:
                 for cid, raw_length, payload in decode(body):
                     if cid not in wanted or cid in done:
                         raise CorruptData("the server sent a chunk that was not asked for")

@@ -7,11 +7,15 @@ again and the server answers with what is still missing."""
 from __future__ import annotations
 
 import threading
+from array import array
+from bisect import bisect_left
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from strata.agent.client import ServerClient, parse_answer
 from strata.engine.filechunks import ChunkStore
+from strata.errors import CorruptData
+from strata.model.manifest import decode_manifest
 from strata.model.possession import MAX_PROOFS, encode_proofs, proof
 from strata.model.transfer import BundleWriter
 from strata.model.wire import (
@@ -38,9 +42,46 @@ def _kept(data: bytes | memoryview) -> bytes | memoryview:
     return bytes(data)
 
 
+class HeldChunks:
+    """The chunks some manifests name (the endpoint's last snapshot, the layers its desired
+    state names), for "does the endpoint hold this already?" without asking the server.
+    Built at the first question (a backup that reads no file decodes nothing), as sorted
+    8-byte id prefixes: 8 bytes a chunk, so manifests of millions of chunks stay small. A
+    prefix that matches another chunk only means that chunk is not asked about; the commit
+    then names it as missing and it is sent (commit_with_heal)."""
+
+    def __init__(self, manifests: list[bytes]):
+        self._manifests: list[bytes] | None = manifests
+        self._prefixes = array("Q")
+        self._lock = threading.Lock()
+
+    def _build(self) -> None:
+        with self._lock:
+            if self._manifests is None:
+                return
+            found: set[int] = set()
+            for manifest in self._manifests:
+                try:
+                    for e in decode_manifest([manifest]):
+                        found.update(int.from_bytes(c[:8], "little") for c, _ in e.chunks)
+                except CorruptData:  # a damaged local file: what it names is asked about
+                    continue
+            self._prefixes = array("Q", sorted(found))
+            self._manifests = None
+
+    def __contains__(self, cid: bytes) -> bool:
+        if self._manifests is not None:
+            self._build()
+        key = int.from_bytes(cid[:8], "little")
+        i = bisect_left(self._prefixes, key)
+        return i < len(self._prefixes) and self._prefixes[i] == key
+
+
 class RemoteSink(ChunkStore):
-    def __init__(self, client: ServerClient, spec: ChunkerSpec, api: str = "/api/v1/agent"):
+    def __init__(self, client: ServerClient, spec: ChunkerSpec, api: str = "/api/v1/agent",
+                 held: HeldChunks | None = None):
         self.client = client
+        self._held = held  # chunks the endpoint holds already: never asked about
         self.api = api  # the admin API takes uploads too (layers captured from a directory)
         self.chunker = Chunker(ChunkerParams(spec.min_size, spec.avg_size, spec.max_size))
         self.codec = BlobCodec(PlainCipher(), spec.zstd_level)
@@ -115,8 +156,10 @@ class RemoteSink(ChunkStore):
     def store_chunks(self, ids: list[bytes], chunks: list[bytes | memoryview]) -> list[int]:
         """Queue a read's chunks under one lock; copies of those that view a buffer the
         reader will reuse are made before it, so readers do not wait on each other."""
+        held = self._held
         fresh = [(cid, _kept(data)) for cid, data in zip(ids, chunks, strict=True)
-                 if cid not in self._known]  # re-checked under the lock
+                 if cid not in self._known and (held is None or cid not in held)]
+        # (`_known` is re-checked under the lock)
         queue = None
         with self._lock:
             for cid, raw in fresh:
@@ -180,6 +223,8 @@ class RemoteSink(ChunkStore):
         self._uploader.shutdown(wait=True, cancel_futures=True)
 
     def forget(self, ids: set[bytes]) -> None:
-        """The server lost these since we asked (a prune): ask again next time."""
+        """The server lost these since we asked (a prune), or the endpoint does not hold
+        them after all: ask again next time."""
         with self._lock:
             self._known.difference_update(ids)
+            self._held = None

@@ -128,21 +128,31 @@ class AgentState:
         atomic_write(self.path / "parent.json", json.dumps({"snapshot": snapshot}).encode())
 
     def parent(self) -> tuple[str | None, bytes | None]:
+        """The last snapshot's id (None after a re-enrollment) and manifest, with the
+        stat keys (the files cache)."""
         try:
             sid = json.loads((self.path / "parent.json").read_text())["snapshot"]
+            if sid is not None and not isinstance(sid, str):
+                raise ValueError("snapshot")
             return sid, (self.path / "parent.manifest").read_bytes()
-        except (FileNotFoundError, ValueError, KeyError):
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None, None
 
     def reset_parent(self) -> None:
         for name in ("parent.json", "parent.manifest"):
             (self.path / name).unlink(missing_ok=True)
 
-    def forget_endpoint(self) -> None:
+    def forget_endpoint(self, keep_files_cache: bool = False) -> None:
         """Drop what belonged to the endpoint this directory was enrolled as (its status,
         its last snapshot, its update in progress). What describes the tree stays: the
-        layers applied to it, the chunk cache, hardware.json."""
-        self.reset_parent()
+        layers applied to it, the chunk cache, hardware.json, and with `keep_files_cache`
+        the last snapshot's manifest, as the files cache (no longer as a parent): a
+        machine enrolling again on the same server holds what it held (docs/security.md),
+        so the files it has not changed are neither read nor sent again."""
+        if keep_files_cache and self.parent()[1] is not None:
+            atomic_write(self.path / "parent.json", json.dumps({"snapshot": None}).encode())
+        else:
+            self.reset_parent()
         for name in ("status.json", "update.json"):
             (self.path / name).unlink(missing_ok=True)
 
@@ -164,8 +174,18 @@ class AgentState:
         except (FileNotFoundError, ValueError, KeyError):
             return ""
 
-    def save_applied(self, key: str) -> None:
-        atomic_write(self.path / "applied.json", json.dumps({"key": key}).encode())
+    def save_applied(self, key: str, desired: dict | None = None) -> None:
+        """The applied desired state's key, and the state itself (what `agent compliance`
+        measures against when the server is unreachable)."""
+        doc: dict = {"key": key} if desired is None else {"key": key, "desired": desired}
+        atomic_write(self.path / "applied.json", json.dumps(doc).encode())
+
+    def applied_desired(self) -> dict | None:
+        try:
+            doc = json.loads((self.path / "applied.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return doc.get("desired") if isinstance(doc, dict) else None
 
     def owned(self) -> dict[bytes, Entry]:
         """What the applied IT layers put on the endpoint (path -> entry)."""

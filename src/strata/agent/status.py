@@ -30,6 +30,7 @@ class AgentStatus:
     bytes_received: int = 0
     layer_update: dict = field(default_factory=dict)  # key, state, error, paused (why)
     applied_layers_key: str = ""
+    compliance: dict = field(default_factory=dict)  # the live tree's last measurement
     signing_root: str | None = None  # the pinned root's fingerprint (None: none pinned)
     server_trust: str = ""  # how the server's certificate is checked
     site: str | None = None  # as reported at check-in (`strata agent site`)
@@ -52,6 +53,7 @@ class AgentStatus:
                 "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
                 "layer_update": self.layer_update,
                 "applied_layers_key": self.applied_layers_key,
+                "compliance": self.compliance,
                 "signing_root": self.signing_root, "server_trust": self.server_trust,
                 "site": self.site, "bandwidth_kbps": self.bandwidth_kbps,
                 "restore": self.restore}
@@ -87,7 +89,8 @@ def read_status(ctx: AgentContext) -> AgentStatus:
         bytes_received=int(doc.get("bytes_received", 0)),
         layer_update={k: v for k, v in st.update().items()
                       if k in ("key", "state", "error", "paused")},
-        applied_layers_key=st.applied_key(), signing_root=pinned_fingerprint(st),
+        applied_layers_key=st.applied_key(), compliance=doc.get("compliance") or {},
+        signing_root=pinned_fingerprint(st),
         server_trust=cred.server_trust, site=read_site(st.path),
         bandwidth_kbps=_caps_now(last_bandwidth(st)), restore=restore_status(st.path))
 

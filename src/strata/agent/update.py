@@ -20,6 +20,7 @@ import zstandard
 from strata.agent.client import ServerClient, ServerUnreachable
 from strata.agent.deltas import fill_by_deltas, manifest_by_delta, note_manifest
 from strata.agent.drift import tree_changed
+from strata.agent.reflector_source import ReflectorFetcher
 from strata.agent.resume import ChunkReceiver, fetch_chunks
 from strata.agent.signing import approve_update, save_record
 from strata.agent.state import AgentState
@@ -73,6 +74,7 @@ class UpdateResult:
     bytes_downloaded: int = 0  # on the wire, compressed
     bytes_seeded: int = 0  # read from the endpoint's own files instead
     files_by_delta: int = 0  # changed files rebuilt from the endpoint's old copy + a delta
+    reflector: dict = field(default_factory=dict)  # what came through the branch reflector
     warnings: list[str] = field(default_factory=list)
     pre_update_snapshot: str | None = None
     seconds: float = 0.0
@@ -121,9 +123,13 @@ class LayerSource:
         self.bytes_downloaded = 0
         self.chunks_downloaded = 0
         self.bytes_seeded = 0
+        # The branch reflector first, when the check-in named one (agent/reflector_source.py).
+        self.reflectors = ReflectorFetcher.for_state(client, state)
 
     def close(self) -> None:
         self.cache.close()
+        if self.reflectors is not None:
+            self.reflectors.close()
 
     def manifest(self, layer: DesiredLayer) -> bytes:
         if not is_hex_id(layer.snapshot):  # it names a file: never a path from the server
@@ -186,9 +192,12 @@ class LayerSource:
         return [c for c in ids if c in missing and c not in self.seeds]
 
     def download(self, ids: list[bytes], lengths: dict[bytes, int],
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 arriving: Callable[[int, int], None] | None = None) -> None:
         """Fetch into the cache in batches; each batch is durable before the next, so an
-        interrupted download resumes where it stopped."""
+        interrupted download resumes where it stopped. `progress` is told (done, total)
+        bytes after each batch, `arriving` as each chunk arrives (a bar on a terminal:
+        the first batch can take minutes while the server compresses it)."""
         if not ids:
             return
         if self.client is None:
@@ -198,10 +207,14 @@ class LayerSource:
         done = 0
         batch: list[bytes] = []
         size = 0
+
+        def arrived(nbytes: int) -> None:
+            if arriving:
+                arriving(min(done + nbytes, total), total)
         for cid in [*ids, None]:
             n = 0 if cid is None else lengths.get(cid, 0)
             if batch and (cid is None or size + n > BATCH_BYTES or len(batch) >= BATCH_CHUNKS):
-                self._fetch(batch)
+                self._fetch(batch, arrived)
                 done += size
                 if progress:
                     progress(done, total)
@@ -210,14 +223,24 @@ class LayerSource:
                 batch.append(cid)
                 size += n
 
-    def _fetch(self, ids: list[bytes]) -> None:
+    def _fetch(self, ids: list[bytes], arrived: Callable[[int], None] | None = None) -> None:
         """One batch, kept chunk by chunk as it arrives (agent/resume.py): a broken link
-        costs at most the chunk in flight, even if the agent is killed."""
+        costs at most the chunk in flight, even if the agent is killed. `arrived` is told
+        the raw bytes of this batch received so far, as each chunk comes."""
         assert self.client is not None
         before, received = self.client.bytes_received, self.receiver.received
+        path = "/api/v1/agent/layers/chunks"
+        got = [0]
+
+        def keep(cid: bytes, data: bytes) -> None:
+            self.receiver.keep(cid, data)
+            got[0] += len(data)
+            if arrived is not None:
+                arrived(got[0])
         try:
-            missing = fetch_chunks(self.client, "/api/v1/agent/layers/chunks", ids,
-                                   self.receiver.keep)
+            rest = self.reflectors.fetch(path, ids, keep) \
+                if self.reflectors is not None else ids
+            missing = fetch_chunks(self.client, path, rest, keep) if rest else []
             if missing:
                 raise CorruptData(f"server did not send {len(missing)} chunk(s)")
         finally:
@@ -400,14 +423,17 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         def received() -> int:  # one figure everywhere: all this update took on the wire
             return client.bytes_received - received0
 
-        def progress(done: int, total: int) -> None:
+        def show(done: int, total: int) -> None:
             if shown is not None:
                 shown.total_bytes, shown.bytes_done = total, done
+
+        def progress(done: int, total: int) -> None:
+            show(done, total)
             if time.monotonic() - last[0] >= _REPORT_SECONDS or done >= total:
                 last[0] = time.monotonic()
                 report(client, desired.key, UpdateState.DOWNLOADING,
                        percent=100.0 * done / max(total, 1), downloaded=received())
-        source.download(lacking, lengths, progress)
+        source.download(lacking, lengths, progress, show)
         summary = plan.summary()
         state.save_update({"key": desired.key, "state": UpdateState.READY,
                            "desired": desired.model_dump(), "plan": summary,
@@ -419,6 +445,7 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
                             conflicts=summary["conflicts"],
                             chunks_downloaded=source.chunks_downloaded,
                             bytes_downloaded=received(), files_by_delta=by_delta.rebuilt,
+                            reflector=source.reflectors.summary() if source.reflectors else {},
                             warnings=by_delta.failed[:20],
                             seconds=round(time.monotonic() - started, 3))
     finally:
@@ -436,9 +463,10 @@ def _describe(summary: dict, *, done: bool = False) -> str:
 
 def switch(client: ServerClient | None, state: AgentState, root: Path, desired: DesiredState,
            current: list[Entry], result: UpdateResult, approval: Approval, *,
-           repair: bool = False) -> None:
+           repair: bool = False, progress: Progress | None = None) -> None:
     """Plan against the tree as it is now, fetch anything still missing, check the disk,
-    then switch under the journal and record what IT now owns on the endpoint."""
+    then switch under the journal and record what IT now owns on the endpoint.
+    `progress` follows the download of what is missing, then the files written."""
     source = LayerSource(client, state, root, approval=approval)
     try:
         plan, image, rules = compute_plan(source, desired, current, state.owned(),
@@ -447,7 +475,14 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
                                   source.lacking(list(lengths)))
         result.files_by_delta += by_delta.rebuilt
-        source.download(source.lacking(list(lengths)), lengths)
+        lacking = source.lacking(list(lengths))
+        if progress is not None and lacking:
+            progress.restart("download")
+
+        def arriving(done: int, total: int) -> None:
+            if progress is not None:
+                progress.total_bytes, progress.bytes_done = total, done
+        source.download(lacking, lengths, arriving=arriving)
         need = plan.bytes_to_write()
         free = shutil.disk_usage(root).free
         if need > free:
@@ -459,8 +494,12 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
                                        and database_for(p, rules.family) is not None)
         source.computed = plan.computed_chunks()
         journal = ApplyJournal(root, root / WORK_DIR)
+        data: Callable[[Entry], Iterable[bytes]] = source.data
+        if progress is not None:
+            progress.restart("apply", len(plan.changes), need)
+            data = _counted(source.data, progress)
         try:
-            stats = journal.apply(plan.changes, source.data)
+            stats = journal.apply(plan.changes, data)
         finally:
             journal.remove_work_dir()  # kept only while an apply is pending in it
         state.save_owned(b"".join(encode_manifest(owned.sorted_entries())))
@@ -473,6 +512,17 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
         result.bytes_seeded += source.bytes_seeded
     finally:
         source.close()
+
+
+def _counted(data: Callable[[Entry], Iterable[bytes]],
+             progress: Progress) -> Callable[[Entry], Iterator[bytes]]:
+    """`data`, telling `progress` of each file's bytes as they are written."""
+    def counted(entry: Entry) -> Iterator[bytes]:
+        for piece in data(entry):
+            progress.advance(nbytes=len(piece))
+            yield piece
+        progress.advance(files=1)
+    return counted
 
 
 def recover(root: Path) -> str | None:
@@ -508,16 +558,21 @@ def current_entries(state: AgentState, tree: LocalTree) -> list[Entry]:
     changed ones are hashed here, nothing is uploaded). The last snapshot alone can be stale:
     user work since, or an apply whose post-update snapshot never completed (a power cut),
     after which an update back to the old image would look like nothing to do."""
+    return live_entries(state, tree)[0]
+
+
+def live_entries(state: AgentState, tree: LocalTree) -> tuple[list[Entry], int]:
+    """`current_entries`, and how many bytes were read to hash what changed."""
     _, manifest = state.parent()
     if manifest is None:
         raise UpdateFailed("this endpoint has not centralized yet: it must, before an update")
     if not tree_changed(tree.root, tree.excludes, manifest,
                         one_file_system=tree.one_file_system):
-        return list(decode_manifest([manifest]))
+        return list(decode_manifest([manifest])), 0
     archive = archive_tree(HashOnlySink(Chunker(tree.chunker)), tree.root,
                            parent_entries=decode_manifest([manifest]), excludes=tree.excludes,
                            one_file_system=tree.one_file_system)
-    return list(decode_manifest([archive.manifest_bytes]))
+    return list(decode_manifest([archive.manifest_bytes])), archive.result.bytes_read
 
 
 def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
@@ -529,6 +584,7 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
         return None
     root = tree.root
     if desired.key == state.applied_key() and not desired.enforce:
+        drop_unwanted(state, desired.key)
         return None
     saved = state.update()
     if saved.get("key") == desired.key and saved.get("state") == UpdateState.READY:
@@ -569,6 +625,16 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
 APPLIABLE = (UpdateState.READY, UpdateState.APPLYING, UpdateState.FAILED)
 
 
+def drop_unwanted(state: AgentState, wanted: str) -> None:
+    """The server wants what the endpoint already has (a task cancelled, an assignment
+    taken back): an update downloaded for something else is not applied at the next
+    restart. One being applied (APPLYING) is never dropped: its journal must finish."""
+    saved = state.update()
+    if saved.get("key") not in (None, wanted) and saved.get("state") in (
+            UpdateState.DOWNLOADING, UpdateState.READY, UpdateState.FAILED):
+        state.save_update({"key": saved.get("key"), "state": "dropped"})
+
+
 def appliable(saved: dict) -> bool:
     """An update is waiting to be applied: downloaded, interrupted, or failed (retried)."""
     return saved.get("state") in APPLIABLE and "desired" in saved
@@ -576,7 +642,8 @@ def appliable(saved: dict) -> bool:
 
 def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree,
                  centralize: Centralizer | None, *, snapshot: bool = True,
-                 approval: Approval | None = None) -> UpdateResult:
+                 approval: Approval | None = None,
+                 progress: Progress | None = None) -> UpdateResult:
     """The restart: pre-update snapshot, switch under the journal, report, centralize.
 
     An apply found in the APPLYING state was interrupted (killed, power cut): it carries
@@ -613,7 +680,8 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
                 state.save_update({**saved, "state": UpdateState.APPLYING,
                                    "pre_update_snapshot": pre})
             result.pre_update_snapshot = pre
-        switch(client, state, root, desired, current_entries(state, tree), result, approval)
+        switch(client, state, root, desired, current_entries(state, tree), result, approval,
+               progress=progress)
     except LayerRefused as exc:
         refuse(client, state, desired, exc)
         raise
@@ -627,7 +695,7 @@ def apply_update(client: ServerClient | None, state: AgentState, tree: LocalTree
         report(client, desired.key, UpdateState.FAILED, detail=str(exc))
         raise
     save_record(state, approval.after)
-    state.save_applied(desired.key)
+    state.save_applied(desired.key, desired.model_dump(mode="json"))
     state.save_update({"key": desired.key, "state": UpdateState.APPLIED,
                        "changes": result.changes})
     if desired.operation == "provision":

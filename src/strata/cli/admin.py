@@ -16,7 +16,7 @@ from strata.errors import StrataError
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, print_model
 from .confirm import YES, confirm
-from .output import console, plural, print_json
+from .output import console, err_console, plural, print_json
 from .secrets import write_secret_file
 
 if TYPE_CHECKING:
@@ -34,16 +34,19 @@ def token_create(uses: int = typer.Option(1, "--uses", help="How many enrollment
                  expires: str = typer.Option("24h", "--expires", help="e.g. 30m, 24h, 7d; "
                                              "'never' for no expiry."),
                  require_approval: bool = typer.Option(False, "--require-approval"),
+                 reflector: bool = typer.Option(False, "--reflector", help="A token that "
+                                                "enrolls branch reflectors, not endpoints."),
                  server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                  json: bool = JSON) -> None:
-    """Create an enrollment token for agents."""
+    """Create an enrollment token for agents (or, with --reflector, branch reflectors)."""
     from strata.model.admin import TokenRequest
 
     from .admin_client import build
 
     req = build(TokenRequest, uses=uses or None,
                 expires=None if expires == "never" else expires,
-                require_approval=require_approval)
+                require_approval=require_approval,
+                purpose="reflector" if reflector else "endpoint")
     doc = client(server, admin_token_file).create_token(req)
     if json:
         print_model(doc)
@@ -110,8 +113,14 @@ POLICY_KIND = typer.Argument(..., help="upload, retention, bandwidth or layers")
 @policy_app.command("show")
 def policy_show(kind: str = POLICY_KIND, server: str | None = SERVER,
                 admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
-    """Print a policy document (always JSON; --json is accepted like everywhere)."""
-    print_json(client(server, admin_token_file).policy(kind))
+    """Print a policy document (always JSON; --json is accepted like everywhere), and its
+    revision on stderr (for `policy set --revision`)."""
+    from strata.model.admin import policy_revision
+
+    doc = client(server, admin_token_file).policy(kind)
+    print_json(doc)
+    err_console.print(f"policy {kind}, revision {policy_revision(doc)}", markup=False,
+                      highlight=False)
 
 
 def _read_document(file: Path) -> object:
@@ -127,10 +136,11 @@ def _read_document(file: Path) -> object:
 
 def _show_plan(plan: PolicyPlan) -> None:
     """The changes, one line each, and what retention would remove per endpoint."""
+    at = f" (revision {plan.revision})" if plan.revision else ""
     if not plan.changes:
-        console.print(f"policy {plan.kind}: no change", highlight=False)
+        console.print(f"policy {plan.kind}{at}: no change", highlight=False)
     else:
-        console.print(f"policy {plan.kind}: {plural(len(plan.changes), 'change')}",
+        console.print(f"policy {plan.kind}{at}: {plural(len(plan.changes), 'change')}",
                       highlight=False)
     for c in plan.changes:
         if c.before is None:
@@ -146,6 +156,25 @@ def _losses(plan: PolicyPlan) -> list[str]:
     return [f"{r.endpoint_id} ({r.hostname}): {r.removed} of {plural(r.snapshots, 'snapshot')}"
             + (f", {plural(r.revert_points_removed, 'pre-update revert point')} among them"
                if r.revert_points_removed else "") for r in plan.retention]
+
+
+REVISION = typer.Option(None, "--revision", help="The revision you reviewed (`policy "
+                        "show` and `policy diff` print it): refused if the policy has "
+                        "changed since.")
+FORCE = typer.Option(False, "--force", help="Store even if someone else changed the "
+                     "policy since it was shown or diffed.")
+
+
+def _check_revision(plan: PolicyPlan, revision: str | None, force: bool) -> str | None:
+    """The revision the write must still find (the server checks it as it stores): the
+    one given, else the one this plan was made against; none with --force."""
+    if force:
+        return None
+    if revision is not None and revision != plan.revision:
+        raise StrataError(f"the {plan.kind} policy changed since revision {revision} (it "
+                          f"is now revision {plan.revision}): review it again (strata "
+                          f"policy diff {plan.kind} FILE), or overwrite it with --force")
+    return plan.revision or None
 
 
 def _apply_plan(plan: PolicyPlan, *, dry_run: bool, yes: bool, json: bool,
@@ -186,11 +215,13 @@ def policy_set(kind: str = POLICY_KIND,
                                             "document instead of merging FILE over it."),
                dry_run: bool = typer.Option(False, "--dry-run", help="Show what would "
                                             "change and store nothing."),
+               revision: str | None = REVISION, force: bool = FORCE,
                yes: bool = YES, server: str | None = SERVER,
                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Change a policy: FILE is merged over the current document (objects key by key,
     lists and values replaced), or replaces it with --replace. Shows what changes; a
-    retention change that would remove snapshots asks first (--yes for scripts)."""
+    retention change that would remove snapshots asks first (--yes for scripts). Refused
+    if another administrator changed the policy since the revision shown (--force)."""
     from strata.model.admin import PolicyPlanRequest
 
     from .admin_client import build
@@ -200,8 +231,9 @@ def policy_set(kind: str = POLICY_KIND,
         raise StrataError(f"{file} must hold a JSON object")
     api = client(server, admin_token_file)
     plan = api.plan_policy(kind, build(PolicyPlanRequest, document=doc, replace=replace))
+    expected = _check_revision(plan, revision, force)
     _apply_plan(plan, dry_run=dry_run, yes=yes, json=json,
-                store=lambda: api.set_policy(kind, plan.document))
+                store=lambda: api.set_policy(kind, plan.document, expected))
 
 
 @policy_app.command("diff")
@@ -212,13 +244,14 @@ def policy_diff(kind: str = POLICY_KIND,
                 server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                 json: bool = JSON) -> None:
     """What `policy set KIND FILE` would change (the same as set --dry-run)."""
-    policy_set(kind, file, replace=replace, dry_run=True, yes=False, server=server,
-               admin_token_file=admin_token_file, json=json)
+    policy_set(kind, file, replace=replace, dry_run=True, revision=None, force=False,
+               yes=False, server=server, admin_token_file=admin_token_file, json=json)
 
 
 @policy_app.command("reset")
 def policy_reset(kind: str = POLICY_KIND, dry_run: bool = typer.Option(
                      False, "--dry-run", help="Show what would change and store nothing."),
+                 revision: str | None = REVISION, force: bool = FORCE,
                  yes: bool = YES, server: str | None = SERVER,
                  admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Put a policy back to its built-in default, after showing what changes and asking
@@ -229,5 +262,6 @@ def policy_reset(kind: str = POLICY_KIND, dry_run: bool = typer.Option(
 
     api = client(server, admin_token_file)
     plan = api.plan_policy(kind, build(PolicyPlanRequest, document=None, replace=True))
+    expected = _check_revision(plan, revision, force)
     _apply_plan(plan, dry_run=dry_run, yes=yes, json=json, ask=f"reset policy {kind} to "
-                "its default", store=lambda: api.reset_policy(kind))
+                "its default", store=lambda: api.reset_policy(kind, expected))

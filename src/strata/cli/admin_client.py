@@ -40,6 +40,8 @@ from strata.model.admin import (
     LayerDetailWithFiles,
     LayerDiff,
     LayerInfo,
+    MassProvisionRequest,
+    MassRevertRequest,
     MigrateRequest,
     PolicyDocument,
     PolicyPlan,
@@ -58,7 +60,9 @@ from strata.model.admin import (
     TokenRequest,
     TransactionInfo,
 )
+from strata.model.reflector import ReflectorInfo
 from strata.model.snapshot_files import SnapshotFolder
+from strata.model.software import SoftwareReportPage, StorageReport
 from strata.model.users import (
     Caller,
     PasswordRequest,
@@ -158,6 +162,10 @@ def as_json(value: object) -> object:
     return value
 
 
+def _if_match(revision: str | None) -> dict[str, str]:
+    return {"If-Match": f'"{revision}"'} if revision else {}
+
+
 class AdminClient:
     """The server and the admin token are checked at the first request, so that a
     command's own checks of its arguments come first."""
@@ -191,15 +199,17 @@ class AdminClient:
         return self._token
 
     def call(self, method: str, path: str, body: object = None,
-             params: dict[str, str] | None = None) -> object:
+             params: dict[str, str] | None = None,
+             headers: dict[str, str] | None = None) -> object:
         """One request; the JSON answer, or a `StrataError` saying why there is none."""
         import httpx
 
         server, token = self.server, self.token
         try:
             resp = httpx.request(method, server + path, json=body, params=params,
-                                 timeout=60, headers={"Authorization": f"Bearer {token}"},
-                                 verify=self.verify)
+                                 timeout=60, verify=self.verify,
+                                 headers={**(headers or {}),
+                                          "Authorization": f"Bearer {token}"})
         except httpx.TransportError as exc:
             raise StrataError(describe_transport_error(server, exc)) from None
         try:
@@ -285,17 +295,21 @@ class AdminClient:
         return self._typed(PolicyDocument, "GET",
                            f"{API}/policies/{path_part(kind, 'policy kind')}")
 
-    def set_policy(self, kind: str, document: object) -> PolicyDocument:
-        doc = self.call("PUT", f"{API}/policies/{path_part(kind, 'policy kind')}", document)
+    def set_policy(self, kind: str, document: object,
+                   revision: str | None = None) -> PolicyDocument:
+        """Store `document`; with `revision`, only over that revision (else 409)."""
+        doc = self.call("PUT", f"{API}/policies/{path_part(kind, 'policy kind')}", document,
+                        headers=_if_match(revision))
         return TypeAdapter(PolicyDocument).validate_python(doc)
 
     def plan_policy(self, kind: str, req: PolicyPlanRequest) -> PolicyPlan:
         return self._typed(PolicyPlan, "POST",
                            f"{API}/policies/{path_part(kind, 'policy kind')}/plan", req)
 
-    def reset_policy(self, kind: str) -> PolicyDocument:
-        return self._typed(PolicyDocument, "DELETE",
-                           f"{API}/policies/{path_part(kind, 'policy kind')}")
+    def reset_policy(self, kind: str, revision: str | None = None) -> PolicyDocument:
+        doc = self.call("DELETE", f"{API}/policies/{path_part(kind, 'policy kind')}",
+                        headers=_if_match(revision))
+        return TypeAdapter(PolicyDocument).validate_python(doc)
 
     # -- layers ------------------------------------------------------------------------------------
 
@@ -369,6 +383,28 @@ class AdminClient:
     def task(self, task_id: int) -> TaskInfo:
         return self._typed(TaskInfo, "GET", f"{API}/tasks/{task_id}")
 
+    def revert_task(self, req: MassRevertRequest) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/revert", req)
+
+    def provision_task(self, req: MassProvisionRequest) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/provision", req)
+
+    def cancel_task(self, task_id: int) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/{task_id}/cancel")
+
+    def retry_task(self, task_id: int) -> TaskInfo:
+        return self._typed(TaskInfo, "POST", f"{API}/tasks/{task_id}/retry")
+
+    # -- reports -----------------------------------------------------------------------------------
+
+    def software_report(self, package: str = "", endpoint: str = "") -> SoftwareReportPage:
+        params = {k: v for k, v in (("package", package), ("endpoint", endpoint)) if v}
+        return self._typed(SoftwareReportPage, "GET", f"{API}/reports/software",
+                           params=params)
+
+    def storage_report(self) -> StorageReport:
+        return self._typed(StorageReport, "GET", f"{API}/reports/storage")
+
     # -- snapshot browsing (downloads and chunks: cli/snapshot_source.py) --------------------------
 
     def snapshot_files(self, ref: str, snapshot: str, path: str = "", offset: int = 0,
@@ -426,3 +462,46 @@ class AdminClient:
     def delete_portal_account(self, name: str) -> Deleted:
         return self._typed(Deleted, "DELETE",
                            f"{API}/portal-accounts/{path_part(name, 'account name')}")
+
+    # -- branch reflectors -------------------------------------------------------------------
+
+    def reflectors(self) -> list[ReflectorInfo]:
+        return self._typed(list[ReflectorInfo], "GET", f"{API}/reflectors")
+
+    def reflector(self, ref: str) -> ReflectorInfo:
+        return self._typed(ReflectorInfo, "GET",
+                           f"{API}/reflectors/{path_part(ref, 'reflector id')}")
+
+    def set_reflector(self, ref: str, action: str) -> ReflectorInfo:
+        return self._typed(ReflectorInfo, "POST",
+                           f"{API}/reflectors/{path_part(ref, 'reflector id')}/{action}")
+
+    def export_layer(self, ref: str, target: Path) -> int:
+        """Stream a layer's chunk bundle into `target` (written beside it, then renamed);
+        the bytes written."""
+        import httpx
+
+        server, token = self.server, self.token
+        url = f"{server}{API}/layers/{path_part(ref, 'layer')}/export"
+        tmp = target.with_name(f".{target.name}.part")
+        written = 0
+        try:
+            with httpx.stream("GET", url, timeout=300, verify=self.verify,
+                              headers={"Authorization": f"Bearer {token}"}) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    try:
+                        detail = error_detail(resp.json())
+                    except ValueError:
+                        detail = resp.text[:200]
+                    raise StrataError(f"server refused ({resp.status_code}): {detail}")
+                with open(tmp, "wb") as out:
+                    for piece in resp.iter_bytes():
+                        out.write(piece)
+                        written += len(piece)
+            tmp.replace(target)
+        except httpx.TransportError as exc:
+            raise StrataError(describe_transport_error(server, exc)) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return written

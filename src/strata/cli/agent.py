@@ -17,6 +17,7 @@ from strata.errors import StrataError
 if TYPE_CHECKING:
     from strata.agent.client import ServerClient
     from strata.agent.cycle import AgentContext, CycleResult
+    from strata.agent.live_compliance import LiveCompliance
     from strata.agent.update import UpdateResult
     from strata.engine.progress import Progress as EngineProgress
 
@@ -170,8 +171,24 @@ def _report(out: CycleResult, json: bool) -> None:
         console.print("checked in; nothing due")
     if out.update is not None:
         _report_update(out.update)
+    if out.compliance is not None and out.compliance.report.drift:
+        _report_compliance(out.compliance, paths=False)
+    if out.compliance_error:
+        err_console.print(out.compliance_error, markup=False, highlight=False)
     if out.error:
         print_error(out.error)
+
+
+def _report_compliance(live: LiveCompliance, *, paths: bool) -> None:
+    r = live.report
+    console.print(f"compliance of the live tree at {iso_time(live.measured_at)}: {r.score}% "
+                  f"({len(r.changed)} changed, {len(r.missing)} missing, {len(r.added)} "
+                  f"added of {r.managed} managed paths)", highlight=False)
+    if paths:
+        for kind, items in (("changed", r.changed), ("missing", r.missing),
+                            ("added", r.added)):
+            for p in items:
+                console.print(f"  {kind}: {p}", markup=False, highlight=False)
 
 
 @app.command("trust-root")
@@ -289,6 +306,26 @@ def apply(state: Path | None = STATE, json: bool = JSON) -> None:
 
 
 @app.command()
+def compliance(state: Path | None = STATE, json: bool = JSON) -> None:
+    """Measure this endpoint's live tree against the IT layers applied on it now (a
+    stat-only walk; only files changed since the last snapshot are read) and report it to
+    the server. Exit code 1 when anything drifts."""
+    from strata.agent.cycle import compliance_now
+
+    live = compliance_now(_context(state, None, json))
+    if live is None:
+        print_json({"state": "no layers applied"}) if json else console.print(
+            "no IT layers are applied on this endpoint: nothing to measure")
+        return
+    if json:
+        print_json(live.to_dict())
+    else:
+        _report_compliance(live, paths=True)
+    if live.report.drift:
+        raise typer.Exit(1)
+
+
+@app.command()
 def snapshots(state: Path | None = STATE, json: bool = JSON) -> None:
     """This endpoint's snapshots on the server."""
     st = _state(state)
@@ -360,6 +397,7 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
                 kept = keep_aside(target, displaced, kept_suffix())
         result = run_with_progress("restore", lambda p: run_restore(
             source, snap, target, includes=paths, progress=p, full_metadata=full),  # type: ignore[arg-type]
+            counter=lambda p: restore_totals(source, snap, paths, p),
             json_mode=json)
         kept = put_back_failed(target, kept)
         client.request("POST", "/api/v1/agent/transactions/restore", json={
@@ -392,6 +430,67 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
         raise typer.Exit(1)
 
 
+def restore_totals(source: object, snap: object, paths: list[str],
+                   progress: EngineProgress) -> None:
+    """What a restore of `paths` writes, for the bar's ETA (beside the restore)."""
+    import contextlib
+
+    from strata.engine.restore import select_entries
+    from strata.model.entry import EntryType
+
+    files = size = 0
+    with contextlib.suppress(Exception):  # only an estimate: the restore says what failed
+        for e in select_entries(source, snap, paths):  # type: ignore[arg-type]
+            if e.type is EntryType.FILE:
+                files += 1
+                size += e.size
+        progress.total_files, progress.total_bytes = files, size
+
+
+@app.command("portal-password")
+def portal_password(name: str | None = typer.Option(None, "--name", help="The portal "
+                                                    "account (default: the user who runs "
+                                                    "this, or who ran sudo)."),
+                    home: str = typer.Option("", "--home", help="Your folder in this "
+                                             "endpoint's snapshots (default home/NAME, or "
+                                             "Users/NAME on Windows): user data only."),
+                    password_file: Path | None = typer.Option(
+                        None, "--password-file", help="Read the password from this file "
+                        "(first line); without it, it is asked for twice."),
+                    state: Path | None = STATE, json: bool = JSON) -> None:
+    """Set your file portal password (/portal on the server), through this endpoint's
+    agent: the account can only read this endpoint's snapshots, in your own folder."""
+    import getpass
+    import os
+    import re
+
+    from strata.agent.client import parse_answer
+    from strata.model.roles import USER_NAME
+    from strata.model.users import PortalPasswordRequest, PortalPasswordSet
+
+    from .users import read_password
+
+    who = name or os.environ.get("SUDO_USER") or getpass.getuser()
+    if not re.fullmatch(USER_NAME, who):  # before asking for a password
+        raise StrataError(f"account name {who!r} is not valid: lower-case letters, digits, "
+                          "'.', '_' and '-', starting with a letter (give --name)")
+    cred = _state(state).credential()
+    body = PortalPasswordRequest(name=who, home=home, password=read_password(password_file))
+    client = _client(cred)
+    try:
+        resp = client.request("POST", "/api/v1/agent/portal-password",
+                              json=body.model_dump(), retries=1)
+        doc = parse_answer(resp, PortalPasswordSet)
+    finally:
+        client.close()
+    if json:
+        print_json(doc.model_dump())
+    else:
+        console.print(f"portal account {doc.name} {'created' if doc.created else 'updated'}:"
+                      f" your files in {doc.home}, at {cred.server}/portal",
+                      markup=False, highlight=False)
+
+
 @app.command()
 def status(state: Path | None = STATE, json: bool = JSON) -> None:
     """Last centralization, pending work, whether the server lets this endpoint in, and
@@ -416,9 +515,13 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
         lines.append(out.access_detail)  # instead of pending work it can no longer do
     else:
         lines.append(f"pending: {', '.join(out.pending_work) or 'nothing'}")
-    lines += [f"layer update: {out.layer_update.get('state', 'none')}",
-              f"on the wire: sent {human_bytes(out.bytes_sent)}, received "
-              f"{human_bytes(out.bytes_received)}"]
+    lines.append(f"layer update: {out.layer_update.get('state', 'none')}")
+    if out.compliance.get("time"):
+        c = out.compliance
+        lines.append(f"compliance: {c.get('score')}% of the live tree at "
+                     f"{iso_time(c['time'])} ({c.get('drift', 0)} drifted)")
+    lines.append(f"on the wire: sent {human_bytes(out.bytes_sent)}, received "
+                 f"{human_bytes(out.bytes_received)}")
     if out.restore is not None:
         r = out.restore
         lines.append(f"restore: {r['phase']}, {human_bytes(r['bytes_done'])} of "

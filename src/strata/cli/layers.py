@@ -39,7 +39,9 @@ layer_app = typer.Typer(help="Base images, driver sets and application layers.",
                         no_args_is_help=True)
 collection_app = typer.Typer(help="Collections of endpoints (by name or by rule).",
                              no_args_is_help=True)
-task_app = typer.Typer(help="Tracked operations (migrations).", no_args_is_help=True)
+task_app = typer.Typer(help="Tracked operations (assignments, migrations, reverts and "
+                        "provisioning of a collection): list, show, cancel, retry.",
+                        no_args_is_help=True)
 # The shape the server accepts, checked here first for a clear message.
 COLLECTION_RE = re.compile(COLLECTION_NAME)
 
@@ -94,13 +96,13 @@ def _upload_tree(api: AdminClient, directory: Path, family: str, before: Path | 
                 excludes=rules.capture_excludes(), progress=p), json_mode=json)
             entries, gone = app_difference(decode_manifest([hashed.manifest_bytes]),
                                            decode_manifest([after.manifest_bytes]))
-            manifest_bytes = b"".join(encode_manifest(entries))
+            manifest_bytes = b"".join(encode_manifest(entries, stat_keys=False))
             _upload_files(sink, directory, entries)
             removes = [os.fsdecode(p) for p in gone]
         else:
             archive = run_with_progress("capture", lambda p: archive_tree(
                 sink, directory, parent_entries=None, excludes=rules.capture_excludes(),
-                progress=p), json_mode=json)
+                progress=p, stat_keys=False), json_mode=json)
             manifest_bytes = archive.manifest_bytes
         manifest = store_manifest(sink, manifest_bytes)
         sink.flush()
@@ -319,6 +321,22 @@ def layer_delete(ref: str, yes: bool = YES, server: str | None = SERVER,
     print_model(doc) if json else console.print(f"deleted {doc.deleted}")
 
 
+@layer_app.command("export")
+def layer_export(ref: str, file: Path = typer.Argument(..., help="The bundle to write."),
+                 yes: bool = YES, server: str | None = SERVER,
+                 admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Write every chunk of a layer to FILE (a chunk bundle), to seed a branch
+    reflector's cache offline: `strata reflector import FILE` on the reflector."""
+    if file.exists():
+        confirm(f"overwrite {file}", [f"{file}: {file.stat().st_size} bytes"], yes=yes)
+    written = client(server, admin_token_file).export_layer(layer_ref(ref), file)
+    if json:
+        print_model({"layer": ref, "file": str(file), "bytes": written})
+    else:
+        console.print(f"exported layer {ref} to {file} ({human_bytes(written)})",
+                      markup=False, highlight=False)
+
+
 @layer_app.command("dry-run")
 def layer_dry_run(endpoint: str = typer.Option(..., "--endpoint"),
                   base: str | None = typer.Option(None, "--base", help="NAME:VERSION"),
@@ -396,8 +414,9 @@ def assign(endpoint: list[str] | None = typer.Option(None, "--endpoint", help="E
         print_json({**doc.model_dump(mode="json"), "signed": signed})
     else:
         console.print(f"assigned to {len(doc.endpoints)} endpoint(s)"
-                      + (f", signed (metadata version {signed})" if signed else ""),
-                      highlight=False)
+                      + (f", signed (metadata version {signed})" if signed else "")
+                      + (f"; task {doc.task} (`strata task show {doc.task}`)"
+                         if doc.task is not None else ""), highlight=False)
 
 
 def _scopes(all_: bool, collection: str | None,
@@ -463,9 +482,10 @@ def collection_delete(name: str, server: str | None = SERVER,
 def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
                server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
                json: bool = JSON) -> None:
-    """Drift of each endpoint from its IT layers (as of its latest snapshot), with scores
-    per endpoint and layer. Exit code 1 when any endpoint drifts, as `store check` does
-    when it finds damage."""
+    """Drift of each endpoint from its IT layers, with scores per endpoint and layer: as
+    its agent last measured its live tree, or as its latest snapshot shows, whichever is
+    newer. Exit code 1 when any endpoint drifts, as `store check` does when it finds
+    damage."""
     from strata.model.admin import EndpointCompliance
 
     doc = client(server, admin_token_file).compliance(endpoint)
@@ -475,15 +495,19 @@ def compliance(endpoint: str | None = typer.Option(None, "--endpoint"),
         if drifting:
             raise typer.Exit(1)
         return
-    # Drift is measured against each endpoint's latest snapshot: say how old that is.
-    table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added", "As of")
+    # Drift is measured on the live tree (by the agent) or from the latest snapshot,
+    # whichever is newer: say which, and how old it is.
+    table = Table("Endpoint", "Host", "Score", "Changed", "Missing", "Added", "As of",
+                  "From")
     for r in doc.endpoints:
         if not isinstance(r, EndpointCompliance):
-            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "", "")
+            table.add_row(r.endpoint[:8], r.hostname, r.state, "", "", "", "", "")
             continue
         n = r.counts
         table.add_row(r.endpoint[:8], r.hostname, f"{r.score}%", str(n.changed),
-                      str(n.missing), str(n.added), iso_time(r.snapshot_time))
+                      str(n.missing), str(n.added),
+                      iso_time(r.measured_at or r.snapshot_time),
+                      "live tree" if r.source == "live" else f"snapshot {r.snapshot[:8]}")
     console.print(table)
     for label, score in doc.layers.items():
         console.print(f"layer {label}: {score}% compliant", highlight=False)
@@ -532,26 +556,144 @@ def migrate(collection: str | None = typer.Option(None, "--collection"),
 
 
 def _print_task(doc: TaskInfo) -> None:
-    console.print(f"task {doc.id} ({doc.kind}): {doc.state}, {doc.progress}% "
-                  "of endpoints done", highlight=False)
+    size = doc.size or len(doc.endpoints)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(doc.counts.items()))
+    console.print(f"task {doc.id} ({doc.kind}): {doc.state}, {doc.progress}% of {size} "
+                  f"endpoint(s) done" + (f" ({counts})" if counts else ""), highlight=False)
     for r in doc.endpoints:
-        console.print(f"  {r.endpoint[:8]} {r.hostname}: {r.state} {r.percent}% {r.detail}",
-                      highlight=False)
+        again = f" (attempt {r.attempts})" if r.attempts > 1 else ""
+        console.print(f"  {r.endpoint[:8]} {r.hostname}: {r.state} {r.percent}%{again} "
+                      f"{r.detail}".rstrip(), highlight=False)
 
 
 @task_app.command("list")
 def task_list(server: str | None = SERVER, admin_token_file: Path | None = TOKEN_FILE,
               json: bool = JSON) -> None:
+    """Every task, oldest first, with its endpoints counted by state."""
     rows = client(server, admin_token_file).tasks()
     if json:
         print_model(rows)
         return
+    table = Table("Task", "Kind", "Created", "Endpoints", "State", "Done", "By state")
     for doc in rows:
-        _print_task(doc)
+        table.add_row(str(doc.id), doc.kind, iso_time(doc.created_at), str(doc.size),
+                      doc.state, f"{doc.progress:.0f}%",
+                      ", ".join(f"{n} {k}" for k, n in sorted(doc.counts.items())))
+    console.print(table)
 
 
 @task_app.command("show")
 def task_show(task_id: int, server: str | None = SERVER,
               admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """A task and each endpoint's progress."""
     doc = client(server, admin_token_file).task(task_id)
+    print_model(doc) if json else _print_task(doc)
+
+
+def _members(api: AdminClient, collection: str | None, endpoints: list[str] | None) -> list[str]:
+    """What a task over a collection or endpoints will touch, for the confirmation."""
+    if collection:
+        found = [c for c in api.collections() if c.name == collection]
+        if not found:
+            raise StrataError(f"no collection {collection!r}")
+        ids = found[0].endpoints
+    else:
+        ids = endpoints or []
+    return [f"{(d := api.endpoint(e)).hostname} ({d.id[:8]})" for e in ids]
+
+
+@task_app.command("revert")
+def task_revert(collection: str | None = typer.Option(None, "--collection"),
+                endpoint: list[str] | None = typer.Option(None, "--endpoint"),
+                snapshot: str = typer.Option("pre-update", "--snapshot", help="Each "
+                                             "endpoint's pre-update (the newest taken "
+                                             "before an update) or latest snapshot."),
+                keep_user_apps: bool = typer.Option(False, "--keep-user-apps"),
+                keys: Path | None = KEYS, passphrase_file: Path | None = PASSPHRASE_FILE,
+                yes: bool = YES, server: str | None = SERVER,
+                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Revert a collection (or endpoints) as one tracked task: each endpoint's system back
+    to its own snapshot, today's user data kept (signed with --keys). Asks first."""
+    from strata.model.admin import MassRevertRequest
+
+    from .admin_client import build
+
+    if snapshot not in ("pre-update", "latest"):
+        raise StrataError(f"--snapshot is pre-update or latest for a task; got {snapshot!r} "
+                          "(`strata endpoint revert ID --snapshot S` takes a snapshot id)")
+    api = client(server, admin_token_file)
+    req = build(MassRevertRequest, collection=collection or "", endpoints=endpoint or [],
+                snapshot=snapshot, keep_user_apps=keep_user_apps)
+    if not yes:
+        confirm(f"revert each endpoint to its {snapshot} snapshot (system files and "
+                f"{'' if keep_user_apps else 'user '}applications back as they were then; "
+                "user data kept as it is now)", _members(api, collection, endpoint), yes=yes)
+    pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=True)
+    doc = api.revert_task(req)
+    signed = None
+    if pub is not None:
+        signed = signed_after(f"revert task {doc.id}", lambda: pub.sign_operations(
+            [r.endpoint for r in doc.endpoints], "revert"))
+    if json:
+        print_json({**doc.model_dump(mode="json"), "signed": signed})
+    else:
+        _print_task(doc)
+
+
+@task_app.command("provision")
+def task_provision(collection: str | None = typer.Option(None, "--collection"),
+                   endpoint: list[str] | None = typer.Option(None, "--endpoint"),
+                   base: str = typer.Option(..., "--base"),
+                   app: list[str] | None = typer.Option(None, "--app"),
+                   keys: Path | None = KEYS, passphrase_file: Path | None = PASSPHRASE_FILE,
+                   yes: bool = YES, server: str | None = SERVER,
+                   admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Provision a collection (or endpoints) from layers as one tracked task: each is
+    wiped but for its identity, user data too (signed with --keys). Asks first."""
+    from strata.model.admin import MassProvisionRequest
+
+    from .admin_client import build
+
+    fields: dict[str, Any] = {"base": layer_ref(base), "apps": layer_refs(app) or []}
+    api = client(server, admin_token_file)
+    if not yes:
+        confirm("provision each endpoint: everything on it but its identity is wiped "
+                "(system, applications, user data); its snapshots stay on the server",
+                _members(api, collection, endpoint), yes=yes)
+    pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=True)
+    if pub is not None:
+        fields = signable_refs(pub, server, admin_token_file, fields)
+    doc = api.provision_task(build(MassProvisionRequest, collection=collection or "",
+                                   endpoints=endpoint or [], **fields))
+    signed = None
+    if pub is not None:
+        signed = signed_after(f"provisioning task {doc.id}", lambda: pub.sign_operations(
+            [r.endpoint for r in doc.endpoints], "provision", base=fields["base"],
+            apps=fields["apps"]))
+    if json:
+        print_json({**doc.model_dump(mode="json"), "signed": signed})
+    else:
+        _print_task(doc)
+
+
+@task_app.command("cancel")
+def task_cancel(task_id: int, yes: bool = YES, server: str | None = SERVER,
+                admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Skip the endpoints that have not started (their assignment goes back to what it
+    was); those already downloading or applying finish."""
+    api = client(server, admin_token_file)
+    doc = api.task(task_id)
+    waiting = [r for r in doc.endpoints if r.state == "assigned"]
+    confirm(f"cancel task {task_id} ({doc.kind}): {len(waiting)} endpoint(s) not started "
+            "go back to their previous assignment",
+            [f"{r.endpoint[:8]} {r.hostname}" for r in waiting], yes=yes)
+    doc = api.cancel_task(task_id)
+    print_model(doc) if json else _print_task(doc)
+
+
+@task_app.command("retry")
+def task_retry(task_id: int, server: str | None = SERVER,
+               admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
+    """Queue the task's failed and cancelled endpoints again."""
+    doc = client(server, admin_token_file).retry_task(task_id)
     print_model(doc) if json else _print_task(doc)

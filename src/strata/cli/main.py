@@ -35,6 +35,8 @@ _ENTRIES = [
     ("signing", "signing", "signing_app", True),
     ("user", "users", "user_app", True),
     ("portal", "portal", "portal_app", True),
+    ("report", "reports", "report_app", True),
+    ("reflector", "reflector", "reflector_app", True),
     ("server", "server", "serve", False),
 ]
 

@@ -184,6 +184,7 @@ def run_with_progress(label: str, work: Callable[[EngineProgress], T],
     prog = EngineProgress()
     if json_mode or not show_progress():
         return work(prog)
+    prog.watched = True
     if counter:
         threading.Thread(target=counter, args=(prog,), daemon=True).start()
     box: dict = {}
@@ -203,7 +204,8 @@ def run_with_progress(label: str, work: Callable[[EngineProgress], T],
         thread.start()
         while thread.is_alive():
             thread.join(0.1)
-            bar.update(task, completed=prog.bytes_done, total=prog.total_bytes,
+            bar.update(task, description=prog.phase or label,
+                       completed=prog.bytes_done, total=prog.total_bytes,
                        files=f"{prog.files_done}" + (f"/{prog.total_files}"
                                                       if prog.total_files else ""))
     if "error" in box:

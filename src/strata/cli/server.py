@@ -11,7 +11,7 @@ import typer
 
 from strata.errors import StrataError
 
-from .output import err_console, log_to_stderr
+from .output import err_console, log_to_stderr, print_error
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -24,7 +24,12 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("STRATA_DATA", "/var/lib/strata-server"))
 
 
-def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalog, store, "
+def serve(ctx: typer.Context,
+          config: Path | None = typer.Option(
+              None, "--config", help="A TOML file of these options, one key per flag "
+              "(listen = \"0.0.0.0:8470\", tls-cert = \"/etc/strata/cert.pem\", ...); "
+              "flags given here override it (docs/deployment.md)."),
+          data: Path = typer.Option(None, "--data", help="Data directory (catalog, store, "
                                     "admin token). Default: $STRATA_DATA or "
                                     "/var/lib/strata-server."),
           listen: str = typer.Option("127.0.0.1:8470", "--listen", help="HOST:PORT to serve."),
@@ -86,6 +91,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
     import uvicorn
 
     from strata.server.app import create_app
+    from strata.server.catalog.db import is_postgresql
     from strata.server.context import ServerSettings
     from strata.server.data_dir import lock_down
     from strata.server.http_timeouts import timed_protocol
@@ -95,6 +101,24 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
 
     from .store import get_passphrase  # the same rules as `strata store --passphrase-file`
 
+    if config is not None:
+        f = _file_settings(ctx, config)
+        data, listen, catalog, store = (f.get("data", data), f.get("listen", listen),
+                                        f.get("catalog", catalog), f.get("store", store))
+        tls_cert, tls_key, tls, tls_name, insecure = (
+            f.get("tls_cert", tls_cert), f.get("tls_key", tls_key), f.get("tls", tls),
+            f.get("tls_name", tls_name), f.get("insecure", insecure))
+        maintenance_interval = f.get("maintenance_interval", maintenance_interval)
+        s3_endpoint_url, s3_region = (f.get("s3_endpoint_url", s3_endpoint_url),
+                                      f.get("s3_region", s3_region))
+        encrypt, passphrase_file = f.get("encrypt", encrypt), f.get("passphrase_file",
+                                                                    passphrase_file)
+        credential_rotation = f.get("credential_rotation", credential_rotation)
+        credential_lifetime = f.get("credential_lifetime", credential_lifetime)
+        metrics_listen = f.get("metrics_listen", metrics_listen)
+        header_timeout = f.get("header_timeout", header_timeout)
+        body_timeout = f.get("body_timeout", body_timeout)
+        common_holders = f.get("common_holders", common_holders)
     data_dir = (data or default_data_dir()).resolve()
     address = parse_listen(listen)
     if (s3_endpoint_url or s3_region) and not store.startswith("s3://"):
@@ -112,7 +136,8 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
                               credential_rotation=rotation, credential_lifetime=lifetime,
                               common_holders=common_holders)
     lock_down(data_dir)  # 0700, and 0600 for every file this process writes
-    lock = DataDirLock(data_dir).acquire()  # one server per data directory
+    # One server per data directory, or several on one PostgreSQL catalog.
+    lock = DataDirLock(data_dir, shared=is_postgresql(settings.catalog_url)).acquire()
     sock = bind(address)  # a bad or busy address: one line, before anything is announced
     try:
         certificate = server_certificate(address, data_dir, tls=tls, tls_cert=tls_cert,
@@ -124,7 +149,7 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
         lines = _banner(address, data_dir, store, app, certificate, metrics_address)
         err_console.print("\n".join(lines), highlight=False)
         log_to_stderr()  # the server's own warnings, cleaned of what clients put in them
-        config = uvicorn.Config(
+        uv_config = uvicorn.Config(
             app, log_level="warning", loop="uvloop",
             http=timed_protocol(header_timeout, body_timeout),
             timeout_keep_alive=30,  # agents reuse their connection between requests
@@ -137,10 +162,30 @@ def serve(data: Path = typer.Option(None, "--data", help="Data directory (catalo
         # endpoints' records cached, 15-40 ms frozen (bench/openloop.py).
         gc.collect()
         gc.freeze()
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(uv_config).run(sockets=[sock])
     finally:
         sock.close()
         lock.release()
+
+
+def _file_settings(ctx: typer.Context, path: Path) -> dict:
+    """The configuration file's settings (by parameter name) that no flag or environment
+    variable overrides; every fault in the file printed, one line each, and exit 2."""
+    from strata.server.config_file import ConfigFileInvalid, load_config
+
+    try:
+        found = load_config(path)
+    except ConfigFileInvalid as exc:
+        for problem in exc.problems:
+            print_error(problem)
+        raise SystemExit(2) from None
+    out = {}
+    for key, value in found.items():
+        name = key.replace("-", "_")
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name == "DEFAULT":
+            out[name] = value
+    return out
 
 
 def _banner(address: ListenAddress, data_dir: Path, store: str, app: FastAPI,

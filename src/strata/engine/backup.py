@@ -156,18 +156,28 @@ class Archive:
     """A tree turned into chunks held by the sink, and the manifest that lists them."""
 
     result: BackupResult
-    manifest_bytes: bytes
+    manifest_bytes: bytes  # as stored (without stat keys when the tree leaves the machine)
     manifest: list[tuple[bytes, int]]  # the manifest's own chunks
     referenced: set[bytes]  # every chunk the snapshot will need
+    local_manifest: bytes = b""  # with the stat keys: this machine's next files cache
+
+    def __post_init__(self) -> None:
+        if not self.local_manifest:
+            self.local_manifest = self.manifest_bytes
 
 
 def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] | None,
                  excludes: list[str] | None = None, progress: Progress | None = None,
                  workers: int | None = None,
                  keepalive: Callable[[], None] | None = None,
-                 one_file_system: bool = False) -> Archive:
+                 one_file_system: bool = False, stat_keys: bool = True,
+                 manifest_to_sink: bool = True) -> Archive:
     """Scan `src`, send new data to `sink`, and build the manifest (stored in the sink).
     `one_file_system`: do not walk what is mounted inside `src` (scan_tree).
+    `stat_keys=False`: the stored manifest leaves out ctime, inode and device (a tree that
+    leaves the machine: model/manifest.py); `Archive.local_manifest` keeps them.
+    `manifest_to_sink=False`: the manifest is cut into chunks but not stored (the caller
+    sends it another way, or calls `store_manifest`).
 
     This is the one implementation of backup shared by `strata store backup` and the
     agent's centralization."""
@@ -181,7 +191,8 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
     readers = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2,
                                  thread_name_prefix="reader")
     prefetch = Prefetcher()
-    with tempfile.TemporaryFile(prefix="strata-manifest-") as mf:
+    with tempfile.TemporaryFile(prefix="strata-manifest-") as mf, \
+            tempfile.TemporaryFile(prefix="strata-manifest-") as local_mf:
         # Entries in tree order, each with the batch reading it (if any) and its place there.
         inflight: deque[tuple[Entry, _Batch | None, int]] = deque()
         filling: _Batch | None = None  # the batch being filled, not yet submitted
@@ -197,6 +208,8 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
 
         def emit(entry: Entry) -> None:
             manifest_out.write(entry)
+            if local_out is not None:
+                local_out.write(entry)
             referenced.update(cid for cid, _ in entry.chunks)
             if entry.type is EntryType.FILE:
                 result.files += 1
@@ -225,7 +238,8 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
                         progress.advance(files=1)
                 emit(entry)
 
-        manifest_out = ManifestWriter(mf)
+        manifest_out = ManifestWriter(mf, stat_keys=stat_keys)
+        local_out = None if stat_keys else ManifestWriter(local_mf)
         last_tick = time.monotonic()
         try:
             for entry, abspath in scan_tree(src, matcher, errors=result.errors,
@@ -265,13 +279,18 @@ def archive_tree(sink: ChunkSink, src: Path, *, parent_entries: Iterator[Entry] 
         sink.flush()
         mf.seek(0)
         manifest_bytes = mf.read()
-    manifest = store_manifest(sink, manifest_bytes, counters)
+        local_mf.seek(0)
+        local_manifest = local_mf.read()
+    if manifest_to_sink:
+        manifest = store_manifest(sink, manifest_bytes, counters)
+    else:
+        manifest = [(content_id(p), len(p)) for p in sink.chunker.cut(manifest_bytes)]
     referenced.update(cid for cid, _ in manifest)
     result.bytes_read = counters.bytes_read
     result.bytes_new = counters.bytes_new
     result.bytes_stored = counters.bytes_stored
     result.chunks_new = counters.chunks_new
-    return Archive(result, manifest_bytes, manifest, referenced)
+    return Archive(result, manifest_bytes, manifest, referenced, local_manifest)
 
 
 def store_manifest(sink: ChunkSink, manifest_bytes: bytes,

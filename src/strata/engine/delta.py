@@ -109,8 +109,10 @@ def decode(old: bytes, delta: bytes, size: int) -> bytes:
     more output than `size`, however the delta was forged)."""
     if size > MAX_DELTA_BYTES:
         raise CorruptData("delta target is too large")
+    # No larger a window than `encode` uses for these sizes: a forged frame declaring a
+    # huge one would have the decoder allocate it.
     dctx = zstandard.ZstdDecompressor(dict_data=_dictionary(old),
-                                      max_window_size=1 << MAX_WINDOW_LOG)
+                                      max_window_size=1 << _window_log(len(old), size))
     parts, got = [], 0
     try:
         reader = dctx.stream_reader(delta)

@@ -17,7 +17,7 @@ from typing import Any
 
 from strata.errors import CorruptData, SnapshotNotFound, StrataError
 from strata.store.backend import ObjectNotFound
-from strata.store.locks import Session, file_lock, live_sessions
+from strata.store.coordination import WriterSession
 from strata.store.pack import PackWriter
 from strata.store.repository import Store
 
@@ -86,7 +86,7 @@ def _unmarked(store: Store, marked: set[str]) -> list[str]:
 
 
 def plan_prune(store: Store, *, repack_fraction: float = REPACK_DEAD_FRACTION,
-               own_session: Session | None = None) -> PrunePlan:
+               own_session: WriterSession | None = None) -> PrunePlan:
     """Decide what to delete and repack. Leaves its marks in the index for execute."""
     store.reconcile_index()
     index = store.index
@@ -98,7 +98,7 @@ def plan_prune(store: Store, *, repack_fraction: float = REPACK_DEAD_FRACTION,
     if lost:
         raise StrataError(f"{lost} chunk(s) that snapshots need are missing: run "
                           "`strata store check` before pruning")
-    sessions = live_sessions(store.locks_dir, exclude=own_session)
+    sessions = store.coordination.live_sessions(exclude=own_session)
     cutoff = min((s["started"] for s in sessions), default=time.time()) - _SLACK_SECONDS
     for pack in index.pack_usage():
         plan.packs += 1
@@ -186,7 +186,7 @@ def _remove_stale_temp_files(store: Store) -> int:
     tmp = store.spool_dir
     if not tmp.is_dir():
         return 0
-    others = [s for s in live_sessions(store.locks_dir) if s.get("kind") != "prune"]
+    others = [s for s in store.coordination.live_sessions() if s.get("kind") != "prune"]
     removed = 0
     for p in tmp.glob("pack-*.tmp"):
         try:
@@ -200,7 +200,7 @@ def _remove_stale_temp_files(store: Store) -> int:
 
 def prune(store: Store, *, dry_run: bool = False,
           on_step: Callable[[str], None] | None = None) -> PruneResult:
-    with file_lock(store.locks_dir / "prune.lock", blocking=False, what="prune"), \
+    with store.coordination.exclusive("prune", what="prune"), \
             store.session("prune") as session:
         try:
             plan = plan_prune(store, own_session=session)

@@ -21,7 +21,6 @@ from typing import Any
 
 from strata.errors import CorruptData
 from strata.store.backend import ObjectNotFound
-from strata.store.locks import file_lock
 from strata.store.pack import PackWriter
 from strata.store.repository import Store
 
@@ -63,7 +62,7 @@ def repair(store: Store, *, dry_run: bool = False,
     snapshots lost (see the module's docstring). `on_pack(size)` after each pack read."""
     started = time.monotonic()
     result = RepairResult(dry_run=dry_run)
-    with file_lock(store.locks_dir / "prune.lock", blocking=False, what="repair or prune"), \
+    with store.coordination.exclusive("prune", what="repair or prune"), \
             store.session("repair"):
         store.reconcile_index()
         bad_chunks: dict[str, set[bytes]] = {}

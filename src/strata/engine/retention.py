@@ -1,14 +1,17 @@
 """Retention: decide which snapshots a keep-policy retains, with restic ``forget`` semantics.
 
 A pure function over snapshot metadata; it never touches a store, so a dry run and the real
-forget see exactly the same decisions.
+forget see exactly the same decisions. Besides the counts, a policy may protect some
+snapshots for a time whatever the counts say (a revert point taken before an update, the
+history a restore moved onto new hardware): `protect_days` from each one's `protected_since`,
+judged against the `now` the caller passes (no clock is read here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
 
 UNLIMITED = -1
 """Count meaning "no limit" for a keep rule, as restic's ``--keep-daily -1``."""
@@ -27,8 +30,15 @@ class RetentionPolicy:
     monthly: int = 0
     yearly: int = 0
     tags: tuple[str, ...] = ()  # keep any snapshot having one of these tags
+    # Keep a snapshot that carries `protected_since` for this many days after it, uncounted
+    # (as tags are); 0 protects nothing.
+    protect_days: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.protect_days, int) or isinstance(self.protect_days, bool) or \
+                self.protect_days < 0:
+            raise ValueError(f"protect_days must be a whole number of days >= 0, "
+                             f"got {self.protect_days!r}")
         for name in _COUNT_FIELDS:
             value = getattr(self, name)
             # bool is an int, but keep_daily=True is almost certainly a mistake
@@ -60,11 +70,16 @@ class SnapshotInfo:
     host: str = ""
     paths: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    # The start of its protection (a revert point: when it was taken; moved history: when
+    # it moved), and what it is, for the reason; None: counts alone decide.
+    protected_since: datetime | None = None
+    protected_as: str = "protected snapshot"
 
     def __post_init__(self) -> None:
         # naive times cannot be ordered against aware ones nor bucketed in a chosen zone
-        if self.time.tzinfo is None or self.time.utcoffset() is None:
-            raise ValueError(f"snapshot {self.id}: time must be timezone-aware")
+        for when in (self.time, self.protected_since):
+            if when is not None and (when.tzinfo is None or when.utcoffset() is None):
+                raise ValueError(f"snapshot {self.id}: time must be timezone-aware")
         object.__setattr__(self, "paths", tuple(self.paths))
         object.__setattr__(self, "tags", tuple(self.tags))
 
@@ -120,8 +135,22 @@ def _group_key(snap: SnapshotInfo) -> tuple[str, tuple[str, ...]]:
     return (snap.host, tuple(sorted(snap.paths)))
 
 
+def _protection(snap: SnapshotInfo, policy: RetentionPolicy,
+                now: datetime | None) -> str | None:
+    """Why `snap` is protected at `now`, or None."""
+    if snap.protected_since is None or policy.protect_days == 0:
+        return None
+    if now is None:  # a forgotten clock must not silently drop the protection
+        raise ValueError("protect_days needs the time now to judge protection against")
+    until = snap.protected_since + timedelta(days=policy.protect_days)
+    if now >= until:
+        return None
+    return f"{snap.protected_as} (protected until {until.astimezone(now.tzinfo):%Y-%m-%d})"
+
+
 def _apply_to_group(
-    group: list[SnapshotInfo], policy: RetentionPolicy, tz: tzinfo | None
+    group: list[SnapshotInfo], policy: RetentionPolicy, tz: tzinfo | None,
+    now: datetime | None = None,
 ) -> list[Decision]:
     # reverse=True keeps the sort stable, so equal times stay in input order as in restic
     ordered = sorted(group, key=lambda s: s.time, reverse=True)
@@ -133,6 +162,9 @@ def _apply_to_group(
         local = snap.time.astimezone(tz)  # tz=None converts to the system's local time
         # tags are not counted against anything, like restic's --keep-tag
         reasons = [f"has tags [{tag}]" for tag in policy.tags if tag in snap.tags]
+        protected = _protection(snap, policy, now)  # not counted either
+        if protected:
+            reasons.append(protected)
         for kind, reason, bucket in _BUCKETS:
             if remaining[kind] == 0:
                 continue
@@ -153,14 +185,15 @@ def _apply_to_group(
 
 
 def apply_policy(
-    snapshots: Iterable[SnapshotInfo], policy: RetentionPolicy, tz: tzinfo | None = None
+    snapshots: Iterable[SnapshotInfo], policy: RetentionPolicy, tz: tzinfo | None = None,
+    *, now: datetime | None = None,
 ) -> list[Decision]:
     """Decide keep/forget for every snapshot, per (host, paths) group as restic's default.
 
     Returns one decision per snapshot: groups in (host, sorted paths) order, newest first within
     a group. `tz` is the zone hour/day/week/month/year buckets are computed in (default: the
-    system's local time). An empty policy raises ValueError rather than silently keeping (or
-    forgetting) everything.
+    system's local time). `now` is the time protection (`protect_days`) is judged at. An
+    empty policy raises ValueError rather than silently keeping (or forgetting) everything.
     """
     if policy.is_empty():
         raise ValueError("empty policy")
@@ -169,5 +202,5 @@ def apply_policy(
         groups.setdefault(_group_key(snap), []).append(snap)
     decisions: list[Decision] = []
     for key in sorted(groups):
-        decisions.extend(_apply_to_group(groups[key], policy, tz))
+        decisions.extend(_apply_to_group(groups[key], policy, tz, now))
     return decisions

@@ -49,10 +49,12 @@ class Image:
 
 
 def resolve_hardlinks(entries: Iterable[Entry]) -> Iterator[Entry]:
-    """Yield entries with every HARDLINK turned into a copy of its first name (a FILE)."""
+    """Yield entries with every HARDLINK turned into a copy of its first name (a FILE).
+    A hardlink names its first name by path (the manifest's `link_target`), never by
+    inode: manifests that leave a machine carry no inode numbers."""
     firsts: dict[bytes, Entry] = {}
     for e in entries:
-        if e.type is EntryType.FILE and e.inode:
+        if e.type is EntryType.FILE:
             firsts[e.path] = e
         elif e.type is EntryType.HARDLINK:
             first = firsts.get(e.link_target)

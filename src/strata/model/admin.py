@@ -10,7 +10,10 @@ into a failure of the admin's view.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
@@ -32,6 +35,7 @@ class TokenRequest(AdminModel):
     uses: int | None = Field(default=1, ge=1)  # None: unlimited
     expires: str | None = "24h"  # e.g. 30m, 24h, 7d; None: never
     require_approval: bool = False
+    purpose: Literal["endpoint", "reflector"] = "endpoint"  # what it enrolls
 
 
 class TagsRequest(AdminModel):
@@ -95,6 +99,23 @@ class ProvisionRequest(AdminModel):
     apps: list[str] = Field(default_factory=list)
 
 
+class MassRevertRequest(AdminModel):
+    """A revert of many endpoints as one task: each to its own snapshot, `latest` or
+    `pre-update` (the newest one its agent took before applying an update)."""
+
+    endpoints: list[str] = Field(default_factory=list)
+    collection: str = ""
+    snapshot: Literal["latest", "pre-update"] = "pre-update"
+    keep_user_apps: bool = False
+
+
+class MassProvisionRequest(AdminModel):
+    endpoints: list[str] = Field(default_factory=list)
+    collection: str = ""
+    base: str
+    apps: list[str] = Field(default_factory=list)
+
+
 class MigrateRequest(AdminModel):
     endpoints: list[str] = Field(default_factory=list)
     collection: str = ""
@@ -111,6 +132,7 @@ class TokenCreated(AdminModel):
     uses: int | None
     expires_at: datetime | None
     require_approval: bool
+    purpose: str = "endpoint"
 
 
 class TokenInfo(AdminModel):
@@ -124,6 +146,7 @@ class TokenInfo(AdminModel):
     revoked: bool
     status: str  # usable, expired, used up, revoked
     enrolled: int  # endpoints enrolled with it
+    purpose: str = "endpoint"  # what it enrolls: endpoints or reflectors
 
 
 class AdminTokenRotated(AdminModel):
@@ -304,6 +327,7 @@ class AssignResult(AdminModel):
     endpoints: list[str]
     base: str | None
     apps: list[str] | None
+    task: int | None = None  # the tracked task (`strata task show N`)
 
 
 # -- compliance -------------------------------------------------------------------------------
@@ -335,6 +359,10 @@ class EndpointCompliance(AdminModel):
     added: list[str]
     counts: DriftCounts
     layers: dict[str, LayerFigures]
+    # "live": measured by the agent on its tree at `measured_at` (newer than the
+    # snapshot); "snapshot": from its latest snapshot, as of `snapshot_time`.
+    source: str = "snapshot"
+    measured_at: datetime | None = None
 
 
 class ComplianceUnavailable(AdminModel):
@@ -382,19 +410,23 @@ class ProvisionResult(AdminModel):
 class TaskEndpoint(AdminModel):
     endpoint: str
     hostname: str
-    state: str  # an update state, or superseded (a later assignment took over)
+    # An update state, cancelled, or superseded (a later assignment took over)
+    state: str
     percent: float
     detail: str
+    attempts: int = 1  # 1 + the retries that put it back in the task
 
 
 class TaskInfo(AdminModel):
     id: int
-    kind: str  # migrate
-    params: MigrateRequest  # what the task was asked to do
+    kind: str  # assign, migrate
+    params: dict[str, JsonValue]  # what the task was asked to do (the request's fields)
     created_at: datetime
-    endpoints: list[TaskEndpoint]
+    endpoints: list[TaskEndpoint]  # empty in lists of tasks: see `counts`
+    size: int = 0  # how many endpoints
+    counts: dict[str, int] = Field(default_factory=dict)  # endpoints by state
     progress: float  # share of endpoints done, in percent
-    state: str  # running, done, failed
+    state: str  # running, done, failed, cancelled
 
 
 # -- records -------------------------------------------------------------------------------
@@ -423,6 +455,15 @@ class StoreFigures(AdminModel):
 # A policy document as stored: its shape depends on its kind (upload, retention,
 # bandwidth, layers; see server/policies.py, which validates each).
 PolicyDocument = dict[str, JsonValue]
+
+
+def policy_revision(document: PolicyDocument) -> str:
+    """A document's revision: a digest of its content, the same on the server and in the
+    CLI. Two administrators who plan against the same revision plan against the same
+    document, so `policy set` can refuse to overwrite a change it never showed (changed
+    and changed back is the same revision again, and overwriting it loses nothing)."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 class PolicyPlanRequest(AdminModel):
@@ -456,6 +497,9 @@ class PolicyPlan(AdminModel):
     document: PolicyDocument  # what would be stored (merged, validated)
     changes: list[PolicyChange]
     retention: list[RetentionLoss]  # kind retention: endpoints that would lose snapshots
+    # The revision of the current document the plan was made against: `policy set` sends
+    # it back, and the server refuses to store over a revision nobody reviewed.
+    revision: str = ""
 
 
 class EndpointDeleted(AdminModel):

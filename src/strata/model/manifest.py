@@ -4,6 +4,11 @@ A manifest is a header record followed by one record per entry. It is stored as
 content-defined chunks in the store itself, so consecutive snapshots of a tree share
 most of their manifest bytes. Decoding validates every field: a manifest may have been
 crafted by someone who wants a restore to misbehave.
+
+The files-cache keys (ctime, inode, device) describe one machine's disk, not the tree: a
+manifest that leaves the machine (an agent's snapshot, a layer) carries them as zeros
+(`stat_keys=False`), so that a clone's manifest, or the next snapshot's, is byte for byte
+the same wherever the tree is, and its chunks deduplicate on the wire and in the store.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from strata.model.entry import Entry, EntryType
 from strata.model.ids import ID_LEN
 
 FORMAT = 1
+HEADER = msgpack.packb({"strata-manifest": FORMAT}, use_bin_type=True)  # how one begins
 _TYPES = {t.value: t for t in EntryType}
 
 
-def encode_entry(e: Entry) -> list[object]:
-    return [
+def encode_entry(e: Entry, stat_keys: bool = True) -> list[object]:
+    """The msgpack record of an entry; without `stat_keys`, ctime, inode and device are
+    written as zeros."""
+    rec: list[object] = [
         e.path,
         e.type.value,
         e.mode,
@@ -41,6 +49,12 @@ def encode_entry(e: Entry) -> list[object]:
         e.inode,
         e.dev,
     ]
+    if not stat_keys:
+        rec[14:] = _NO_STAT_KEYS
+    return rec
+
+
+_NO_STAT_KEYS = (0, 0, 0)
 
 
 _FIELDS = 17  # the length of an `encode_entry` record
@@ -79,21 +93,22 @@ def decode_entry(rec: object) -> Entry:
 class ManifestWriter:
     """Streams a manifest into a binary file, one entry at a time (in tree order)."""
 
-    def __init__(self, out: BinaryIO):
+    def __init__(self, out: BinaryIO, stat_keys: bool = True):
         self._out = out
+        self._stat_keys = stat_keys
         self._packer = msgpack.Packer(use_bin_type=True)
         out.write(self._packer.pack({"strata-manifest": FORMAT}))
 
     def write(self, entry: Entry) -> None:
-        self._out.write(self._packer.pack(encode_entry(entry)))
+        self._out.write(self._packer.pack(encode_entry(entry, self._stat_keys)))
 
 
-def encode_manifest(entries: Iterable[Entry]) -> Iterator[bytes]:
+def encode_manifest(entries: Iterable[Entry], stat_keys: bool = True) -> Iterator[bytes]:
     """Yield the serialized manifest piece by piece (entries must already be sorted)."""
     packer = msgpack.Packer(use_bin_type=True)
     yield packer.pack({"strata-manifest": FORMAT})
     for e in entries:
-        yield packer.pack(encode_entry(e))
+        yield packer.pack(encode_entry(e, stat_keys))
 
 
 def decode_manifest(pieces: Iterable[bytes]) -> Iterator[Entry]:

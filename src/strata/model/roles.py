@@ -40,6 +40,7 @@ ROLE_NAMES = tuple(ROLES)
 POLICY_PERMISSION: dict[str, Permission] = {
     "upload": Permission.PROTECTION, "retention": Permission.PROTECTION,
     "bandwidth": Permission.PROTECTION, "layers": Permission.LAYERS,
+    "reflectors": Permission.PROTECTION,  # where branches download from: the WAN, as bandwidth
 }
 USER_NAME = r"^[a-z][a-z0-9._-]{0,63}$"  # lower case: "Alice" and "alice" are one person
 

@@ -94,6 +94,9 @@ MAX_STREAM_BYTES = 64 << 20  # raw bytes a server sends in one download response
 STREAM_WINDOW_LOG = 26  # 64 MiB: a whole download batch; decoders allow up to 2**27
 
 
+STREAM_PIECE = 1 << 20  # raw bytes compressed before the output so far is handed on
+
+
 def pack_stream(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
     """Chunks (id, raw bytes) as one zstd stream: compressing what travels together, not
     chunk by chunk, finds the redundancy between chunks (downloads of layer updates).
@@ -104,6 +107,14 @@ def pack_stream(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
     90 MiB more at level 19 on a 64 MiB batch) and saved little time on 2 CPUs; a server
     serves many downloads at once anyway.
     """
+    return b"".join(pack_stream_pieces(chunks, level))
+
+
+def pack_stream_pieces(chunks: list[tuple[bytes, bytes]], level: int) -> Iterator[bytes]:
+    """`pack_stream`, handed on as it is compressed: the output of each STREAM_PIECE of
+    input (a flushed zstd block, in the same single frame), so that a receiver sees a
+    64 MiB batch arrive, and can show its progress, while level 19 works through it
+    (most of a minute), rather than nothing until the end."""
     import zstandard
 
     inner = BundleWriter()
@@ -112,8 +123,15 @@ def pack_stream(chunks: list[tuple[bytes, bytes]], level: int) -> bytes:
     body = inner.getvalue()
     window = min(STREAM_WINDOW_LOG, max(17, (len(body) - 1).bit_length()))
     params = zstandard.ZstdCompressionParameters.from_level(level, window_log=window)
-    cctx = zstandard.ZstdCompressor(compression_params=params)
-    return STREAM_MAGIC + cctx.compress(body)
+    cobj = zstandard.ZstdCompressor(compression_params=params).compressobj(size=len(body))
+    yield STREAM_MAGIC
+    view = memoryview(body)
+    for start in range(0, len(body), STREAM_PIECE):
+        out = cobj.compress(view[start:start + STREAM_PIECE]) + \
+            cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        if out:
+            yield out
+    yield cobj.flush()
 
 
 class _Inflated:

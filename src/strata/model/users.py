@@ -80,3 +80,19 @@ class PortalAccountInfo(AdminModel):
     hostname: str
     home: str
     created_at: datetime
+
+
+class PortalPasswordRequest(AdminModel):
+    """POST /api/v1/agent/portal-password (`strata agent portal-password`): a user of the
+    endpoint sets their own file portal password, through the endpoint's credential. The
+    endpoint is the credential's; the folder must be user data on it."""
+
+    name: str = Field(pattern=USER_NAME)
+    password: str = Field(min_length=PASSWORD_MIN, max_length=PASSWORD_MAX, repr=False)
+    home: str = Field(default="", max_length=1024)  # "": home/NAME, or Users/NAME
+
+
+class PortalPasswordSet(AdminModel):
+    name: str
+    home: str
+    created: bool  # a new account (else: the password of this endpoint's account changed)

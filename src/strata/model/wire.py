@@ -8,7 +8,14 @@ import math
 from datetime import datetime, time
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from strata.model.bandwidth import in_window, kbps_to_bytes
 from strata.model.ids import is_hex_id
@@ -166,6 +173,31 @@ class DesiredState(BaseModel):
     rules: dict[str, list[str]] = Field(default_factory=dict)
 
 
+ReflectorId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f-]{36}$")]
+PemText = Annotated[str, StringConstraints(max_length=8192)]
+ReflectorUrl = Annotated[str, StringConstraints(
+    pattern=r"^https?://[A-Za-z0-9.\-\[\]:]{1,200}$")]
+
+
+class ReflectorAssignment(BaseModel):
+    """One reflector an agent downloads from first, in the order to try them. Its
+    certificate, when it serves HTTPS, is pinned as given here (the server had it from
+    the reflector's enrollment)."""
+
+    id: ReflectorId
+    url: ReflectorUrl
+    tls_cert: PemText = ""
+
+
+class ReflectorRoute(BaseModel):
+    """What a check-in says about reflectors: the ones to use, and the ticket that lets
+    this endpoint read its own layers (and snapshots) through them."""
+
+    reflectors: list[ReflectorAssignment] = Field(default_factory=list, max_length=8)
+    ticket: str = Field(default="", max_length=16 << 10)
+    expires: datetime | None = None
+
+
 class CheckinResponse(BaseModel):
     endpoint_id: str
     state: str
@@ -177,6 +209,9 @@ class CheckinResponse(BaseModel):
     desired: DesiredState | None = None
     # A new device credential (rotation): the agent keeps it in place of the one it used.
     credential: str | None = None
+    # The branch reflector(s) to download from first, and the ticket they honour (None:
+    # straight from the server; model/reflector.py, docs/reflectors.md).
+    reflector: ReflectorRoute | None = None
 
 
 class MissingRequest(BaseModel):
@@ -201,6 +236,14 @@ class UploadResponse(BaseModel):
     stored: int  # chunks the server did not hold before
     duplicates: int
     bytes_stored: int
+
+
+class ManifestUploadResponse(BaseModel):
+    """A manifest sent as a delta, rebuilt and stored: its chunks, as the commit names
+    them (the endpoint now holds them)."""
+
+    manifest: list[tuple[str, int]]
+    manifest_id: str
 
 
 class CommitRequest(BaseModel):
@@ -291,3 +334,59 @@ class RestoreReport(BaseModel):
     result: str = Field(default="ok", max_length=16)  # ok / failed
     error: str = Field(default="", max_length=2000)
     bytes_on_wire: int = Field(default=0, ge=0, le=INT64_MAX)
+
+
+# -- compliance measured on the endpoint ---------------------------------------------------
+
+LIVE_PATHS = 50  # drifted paths of each kind an agent names (all are counted)
+LIVE_PATH_CHARS = 256  # a longer path is cut (with "…"): the report is for people to read
+MAX_LIVE_LAYERS = 64
+
+
+class DriftCountsWire(BaseModel):
+    changed: int = Field(ge=0, le=INT64_MAX)
+    missing: int = Field(ge=0, le=INT64_MAX)
+    added: int = Field(ge=0, le=INT64_MAX)
+
+
+class LayerDriftWire(BaseModel):
+    managed: int = Field(ge=0, le=INT64_MAX)
+    drift: int = Field(ge=0, le=INT64_MAX)
+
+
+LivePath = Annotated[str, StringConstraints(max_length=LIVE_PATH_CHARS + 1)]
+
+
+class LiveComplianceReport(BaseModel):
+    """Drift of the endpoint's live tree from its applied layers, as the agent measured
+    it (agent/live_compliance.py): the counts, the first paths of each kind, the figures
+    per layer. `key` is the applied desired state it was measured against; the server
+    keeps the report only while that is still the applied one, and computes the scores
+    from the counts itself."""
+
+    key: str = Field(max_length=32)
+    managed: int = Field(ge=0, le=INT64_MAX)
+    counts: DriftCountsWire
+    changed: list[LivePath] = Field(default_factory=list, max_length=LIVE_PATHS)
+    missing: list[LivePath] = Field(default_factory=list, max_length=LIVE_PATHS)
+    added: list[LivePath] = Field(default_factory=list, max_length=LIVE_PATHS)
+    layers: dict[Annotated[str, StringConstraints(max_length=300)], LayerDriftWire] = Field(
+        default_factory=dict, max_length=MAX_LIVE_LAYERS)
+
+    @field_validator("layers")
+    @classmethod
+    def _figures_add_up(cls, layers: dict[str, LayerDriftWire]) -> dict[str, LayerDriftWire]:
+        for name, figures in layers.items():
+            if figures.drift > figures.managed:
+                raise ValueError(f"layer {name}: more drift than managed paths")
+        return layers
+
+    @model_validator(mode="after")
+    def _lists_within_counts(self) -> LiveComplianceReport:
+        c = self.counts
+        if c.changed + c.missing > self.managed:
+            raise ValueError("more changed and missing paths than managed ones")
+        for kind in ("changed", "missing", "added"):
+            if len(getattr(self, kind)) > getattr(c, kind):
+                raise ValueError(f"more {kind} paths listed than counted")
+        return self

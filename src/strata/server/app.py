@@ -20,24 +20,21 @@ from strata import __version__
 from strata.errors import StrataError
 from strata.server import metrics
 from strata.server.asgi_metrics import MetricsMiddleware
-from strata.server.auth import (
-    digest,
-    ensure_admin_token,
-    ensure_token_file,
-    read_token_file,
-    same_secret,
-)
+from strata.server.auth import TokenFile, ensure_admin_token, ensure_token_file, same_secret
 from strata.server.body_limit import BodyLimitMiddleware
+from strata.server.cache_coherence import CacheInvalidations
 from strata.server.catalog.db import db_reason, open_catalog
 from strata.server.catalog.types import CatalogValueError
 from strata.server.console.pages import mount_console
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.deps import client_ip, label_permissions
-from strata.server.holdings import Holdings
+from strata.server.holdings import ChunkHoldings, Holdings
+from strata.server.holdings_pg import PgHoldings
 from strata.server.maintenance import upkeep_threads
 from strata.server.possession import NonceMinter
 from strata.server.routes import (
     agent,
+    agent_compliance,
     agent_deltas,
     agent_layers,
     agent_sync,
@@ -51,6 +48,8 @@ from strata.server.routes import (
     operations,
     policies,
     portal,
+    reflectors,
+    reports,
     signing,
     snapshot_files,
     tokens,
@@ -58,6 +57,7 @@ from strata.server.routes import (
 )
 from strata.server.store_location import open_server_store
 from strata.server.stream_cache import StreamCache
+from strata.store.pg_shared import PgShared
 
 log = logging.getLogger("strata.server")
 
@@ -73,16 +73,27 @@ def create_app(settings: ServerSettings) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     token_path, _ = ensure_admin_token(settings.data_dir)
     metrics_token_path, _ = ensure_token_file(settings.data_dir / "metrics.token", "smet")
-    _, sessions = open_catalog(settings.catalog_url)
+    engine, sessions = open_catalog(settings.catalog_url)
+    scaled_out = engine.dialect.name == "postgresql"
+    holdings: ChunkHoldings
+    if scaled_out:
+        # Every server process on this catalog shares the chunk index, the store's locks,
+        # the holdings and a cache generation in it (docs/deployment.md).
+        shared: PgShared | None = PgShared(engine.raw_connection)
+        holdings = PgHoldings(engine.raw_connection, settings.common_holders)
+    else:
+        shared = None
+        holdings = Holdings(settings.data_dir / "holdings.sqlite", settings.common_holders)
     store = open_server_store(settings.data_dir, settings.store,
                               s3_endpoint_url=settings.s3_endpoint_url,
                               s3_region=settings.s3_region, passphrase=settings.passphrase,
-                              encrypt=settings.encrypt)
+                              encrypt=settings.encrypt, shared=shared)
     ctx = ServerContext(settings=settings, store=store, db=sessions,
                         streams=StreamCache(settings.data_dir / "cache" / "streams"),
-                        holdings=Holdings(settings.data_dir / "holdings.sqlite",
-                                          settings.common_holders),
-                        possession=NonceMinter(settings.data_dir / "possession.key"))
+                        holdings=holdings,
+                        possession=NonceMinter(settings.data_dir / "possession.key"),
+                        coherence=CacheInvalidations(engine.raw_connection)
+                        if scaled_out else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,15 +111,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="Strata server", version=__version__, lifespan=lifespan,
                   openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs")
     app.state.ctx = ctx
-    app.state.admin_digest = digest(read_token_file(token_path))
+    app.state.admin_token = TokenFile(token_path)  # rotated by any process: re-read
     app.state.admin_token_path = token_path
-    app.state.metrics_digest = digest(read_token_file(metrics_token_path))
+    app.state.metrics_token = TokenFile(metrics_token_path)
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
                    collections, compliance, operations, audit, signing, snapshot_files,
-                   users, maintenance, agent_deltas, portal, agent_usage):
+                   users, maintenance, agent_deltas, portal, agent_compliance, reports,
+                   reflectors, agent_usage):
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
+    app.include_router(reports.agent_router)
+    app.include_router(portal.agent_router)
+    app.include_router(reflectors.reflector_router)
+    app.include_router(reflectors.agent_router)
     app.include_router(agent_usage.agent_router)
     mount_console(app)
 
@@ -163,8 +179,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         request rates and byte counts say when and how much each fleet backs up.
         `strata server --metrics-listen` serves them without a token on another address."""
         token = (authorization or "").removeprefix("Bearer ").strip()
-        if not token or not (same_secret(token, app.state.metrics_digest)
-                             or same_secret(token, app.state.admin_digest)):
+        if not token or not (same_secret(token, app.state.metrics_token.digest())
+                             or same_secret(token, app.state.admin_token.digest())):
             raise HTTPException(401, "metrics need 'Authorization: Bearer <token>' with the "
                                 "token in DATA/metrics.token",
                                 headers={"WWW-Authenticate": "Bearer"})

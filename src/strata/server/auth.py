@@ -53,3 +53,22 @@ def write_token_file(path: Path, token: str) -> None:
 
 def read_token_file(path: Path) -> str:
     return path.read_text().strip()
+
+
+class TokenFile:
+    """A token file's digest, read again whenever the file is replaced: a rotation made
+    through one server process (a new file, renamed into place) is in force in every
+    process sharing the data directory from their next request. Costs a stat."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._seen: tuple[int, int, int] | None = None
+        self._digest = ""
+
+    def digest(self) -> str:
+        st = self.path.stat()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp != self._seen:
+            self._digest = digest(read_token_file(self.path))
+            self._seen = stamp
+        return self._digest

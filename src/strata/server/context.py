@@ -17,17 +17,20 @@ from sqlalchemy import Table, bindparam, update
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
+from strata.server.cache_coherence import ALL, CacheInvalidations
 from strata.server.catalog.models import Endpoint
-from strata.server.holdings import Holdings
+from strata.server.holdings import ChunkHoldings
 from strata.server.possession import NonceMinter
 from strata.server.rate_limit import ConcurrencyLimit, RateLimiter
 from strata.server.read_cache import ReadCache
 from strata.server.stream_cache import StreamCache
-from strata.store.locks import Session as StoreSession
+from strata.store.coordination import WriterSession
 from strata.store.repository import Store
 
 if TYPE_CHECKING:
+    from strata.model.tickets import TicketSigner
     from strata.server.services.deltas import DeltaService
+    from strata.server.services.reflectors import ReflectorRoutes
     from strata.signing.repository import SigningRepository
 
 UPLOAD_IDLE_SECONDS = 3600  # an upload session nobody touched for this long is over
@@ -79,7 +82,7 @@ class ServerContext:
     store: Store
     db: sessionmaker
     streams: StreamCache
-    holdings: Holdings
+    holdings: ChunkHoldings
     possession: NonceMinter
     id_queries: RateLimiter = field(
         default_factory=lambda: RateLimiter(IDS_PER_SECOND, IDS_BURST))
@@ -89,13 +92,16 @@ class ServerContext:
         default_factory=lambda: ConcurrencyLimit(UPLOADS_AT_ONCE))
     download_slots: ConcurrencyLimit = field(
         default_factory=lambda: ConcurrencyLimit(UPLOADS_AT_ONCE))
-    uploads: dict[str, tuple[StoreSession, float]] = field(default_factory=dict)
+    uploads: dict[str, tuple[WriterSession, float]] = field(default_factory=dict)
     _uploads_lock: threading.Lock = field(default_factory=threading.Lock)
     _snapshot_chunks: OrderedDict[str, frozenset[bytes]] = field(default_factory=OrderedDict)
     _write_lock: threading.Lock = field(default_factory=threading.Lock)
     _seen: dict[str, tuple[datetime, str]] = field(default_factory=dict)
     _inventories: dict[str, dict] = field(default_factory=dict)
     _cache: ReadCache = field(default_factory=lambda: ReadCache(CACHE_SECONDS))
+    # With a PostgreSQL catalog shared by several processes: another process's changes
+    # reach this one's cache within a second (server/cache_coherence.py).
+    coherence: CacheInvalidations | None = None
 
     @functools.cached_property
     def signing(self) -> SigningRepository:
@@ -111,6 +117,20 @@ class ServerContext:
         from strata.server.services.deltas import DeltaService
 
         return DeltaService(self.settings.data_dir / "cache" / "deltas", metric=DELTA_CACHE)
+
+    @functools.cached_property
+    def tickets(self) -> TicketSigner:
+        """The key that signs reflector tickets (DATA/reflector-tickets.key)."""
+        from strata.model.tickets import TicketSigner
+
+        return TicketSigner(self.settings.data_dir / "reflector-tickets.key")
+
+    @functools.cached_property
+    def reflector_routes(self) -> ReflectorRoutes:
+        """Which endpoints each reflector serves now, as their check-ins were answered."""
+        from strata.server.services.reflectors import ReflectorRoutes
+
+        return ReflectorRoutes()
 
     def session(self) -> DbSession:
         """A session for reading (SQLite in WAL mode and PostgreSQL run reads side by side)."""
@@ -129,15 +149,26 @@ class ServerContext:
     def cached(self, key: str, load: Callable[[], T], ttl: float | None = None) -> T:
         """What every check-in needs (credentials, policies, desired states), read through
         a cache that an admin change clears (`invalidate`) and that never keeps a value
-        read before such a change (see read_cache.py)."""
+        read before such a change (see read_cache.py), here or in another process."""
+        if self.coherence is not None:
+            changed = self.coherence.changes()
+            if changed and ALL in changed:
+                self._cache.clear()
+            elif changed:
+                for outdated in changed:
+                    self._cache.discard(outdated)
         return self._cache.get(key, load, ttl)
 
     def uncache(self, key: str) -> None:
         self._cache.discard(key)
+        if self.coherence is not None:  # other processes may hold the key too
+            self.coherence.publish(key)
 
     def invalidate(self) -> None:
         """Call after the change's transaction has committed."""
         self._cache.clear()
+        if self.coherence is not None:
+            self.coherence.publish(ALL)
 
     def mark_seen(self, endpoint_id: str, ip: str) -> None:
         """Note a device's visit; a background thread writes them in batches (every

@@ -51,7 +51,7 @@ def current_staff(request: Request, authorization: str | None = Header(None)) ->
     """Who is calling the admin API: the break-glass admin.token, or a user's personal API
     token. FastAPI computes it once per request, however many dependencies ask."""
     token = _bearer(authorization)
-    if same_secret(token, request.app.state.admin_digest):
+    if same_secret(token, request.app.state.admin_token.digest()):
         staff = BREAK_GLASS_STAFF
     else:
         found = staff_for_token(context_of(request), token)

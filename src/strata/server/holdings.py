@@ -9,8 +9,9 @@ when it is IT content (a layer's), when some endpoint committed it at a software
 is private: to another endpoint it reads exactly like a chunk the server lacks.
 
 Kept in SQLite beside the server's data, like the chunk index (ids are 32-byte keys in a
-B-tree, not in RAM). It is derived data: lost, an endpoint only uploads again. Several
-server processes on one store need it in the shared database too, with the index (#15).
+B-tree, not in RAM), or, with a PostgreSQL catalog, in that database, shared by every
+server process (server/holdings_pg.py). It is derived data: lost, an endpoint only
+uploads again.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from strata.layers.rules import LayerRules, PathClass
 
@@ -56,6 +58,24 @@ def shareable_path(rules: LayerRules, path: bytes) -> bool:
         return False
     top = path.lstrip(b"/").split(b"/", 1)[0].lower()
     return not rules.configuration(path) and top not in _VARIABLE_TOPS
+
+
+class ChunkHoldings(Protocol):
+    """What the services need of holdings: this SQLite file, or PostgreSQL's tables."""
+
+    common_holders: int
+
+    def close(self) -> None: ...
+    def record(self, endpoint: str, ids: Iterable[bytes]) -> None: ...
+    def seed_once(self, endpoint: str, load: Callable[[], Iterable[bytes]]) -> None: ...
+    def index_snapshot(self, sid: str, load: Callable[[], Iterable[bytes]]) -> None: ...
+    def in_snapshots(self, sids: list[str], ids: Iterable[bytes]) -> set[bytes]: ...
+    def share(self, ids: Iterable[bytes]) -> None: ...
+    def view(self, endpoint: str, ids: Iterable[bytes]) -> tuple[set[bytes], set[bytes]]: ...
+    def inherit(self, endpoint: str, previous: str) -> None: ...
+    def forget_endpoint(self, endpoint: str) -> None: ...
+    def sweep(self, present: Callable[[list[bytes]], set[bytes]],
+              budget: int = SWEEP_BUDGET) -> int: ...
 
 
 class Holdings:

@@ -14,6 +14,7 @@ from pathlib import Path
 from strata.errors import StrataError
 
 LOCK_NAME = "server.lock"
+SHARED_MARK = "postgresql"  # in the lock file: held by servers of a PostgreSQL catalog
 
 
 @dataclass(frozen=True)
@@ -84,25 +85,39 @@ def bind(address: ListenAddress) -> socket.socket:
 
 
 class DataDirLock:
-    """DATA/server.lock, held (flock) for as long as the server runs: two servers on one
-    data directory would each keep their own upload sessions and caches, and the second
-    one's prune would not see the first one's uploads in progress."""
+    """DATA/server.lock, held (flock) for as long as the server runs. With the SQLite
+    catalog it is exclusive: two servers on one data directory would each keep their own
+    upload sessions and caches, and the second one's prune would not see the first one's
+    uploads in progress. With a PostgreSQL catalog (`shared`) it is a shared lock: what
+    processes must agree on (index, locks, sessions, holdings, cache generation) is in
+    that database, so several server processes may share the directory (its secrets,
+    certificate and signed metadata), while an SQLite server is still kept out."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, *, shared: bool = False):
         self.path = data_dir / LOCK_NAME
+        self.shared = shared
         self._fd: int | None = None
 
     def acquire(self) -> DataDirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip()
             os.close(fd)
+            if self.shared:
+                raise StrataError(f"a Strata server with an SQLite catalog is running on "
+                                  f"{self.path.parent}" + (f" (pid {holder})" if
+                                                            holder.isdigit() else "")
+                                  + "; several processes need a PostgreSQL catalog") from None
+            if holder == SHARED_MARK:
+                raise StrataError(f"Strata servers with a PostgreSQL catalog are running on "
+                                  f"{self.path.parent}: give this one the same --catalog "
+                                  "to run beside them") from None
             raise StrataError(f"another Strata server is running on {self.path.parent}"
                               + (f" (pid {holder})" if holder.isdigit() else "")) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{SHARED_MARK if self.shared else os.getpid()}\n".encode())
         self._fd = fd
         return self
 

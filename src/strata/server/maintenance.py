@@ -2,6 +2,9 @@
 
 Runs in a background thread of the server. Prune is safe against uploads in flight:
 each upload holds a store session, and commits re-check their chunks (see docs/safety.md).
+With several server processes, one at a time runs it: each pass takes the store's
+"maintenance" lock (a PostgreSQL advisory lock with a PostgreSQL catalog, a file lock
+otherwise) without waiting, and a process that finds it taken skips its turn.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable
 from sqlalchemy import delete
 
 from strata.engine.prune import prune
-from strata.errors import StrataError
+from strata.errors import Conflict, StoreLocked, StrataError
 from strata.server.catalog.models import SnapshotRecord
 from strata.server.context import SEEN_FLUSH_SECONDS, ServerContext
 from strata.server.policies import get_policy
@@ -27,8 +30,26 @@ AUDITED_ENDPOINTS = 200  # named one by one in a maintenance's audit record; all
 def run_maintenance(ctx: ServerContext, actor: str = "server") -> dict:
     """One pass: forget what the retention policy does not keep (recent revert points
     excepted: services/retention.py), then prune. `actor`: who asked (the schedule is
-    "server"; a protection manager may run one at once)."""
-    ctx.expire_uploads()
+    "server"; a protection manager may run one at once). `Conflict` if another server
+    process is running one."""
+    ctx.expire_uploads()  # this process's own upload sessions, whoever maintains
+    try:
+        with ctx.store.coordination.exclusive("maintenance", what="maintenance"):
+            return _maintain(ctx, actor)
+    except StoreLocked:
+        raise Conflict("maintenance is running in another server process; "
+                       "try again later") from None
+
+
+def scheduled_maintenance(ctx: ServerContext) -> None:
+    """The schedule's pass: skipped, not an error, while another process runs one."""
+    try:
+        run_maintenance(ctx)
+    except Conflict:
+        log.info("maintenance skipped: another server process is running it")
+
+
+def _maintain(ctx: ServerContext, actor: str) -> dict:
     with ctx.write() as db:
         removed: list[str] = []
         per_endpoint: dict[str, int] = {}  # what the audit log says was forgotten, and where
@@ -78,6 +99,6 @@ class PeriodicThread(threading.Thread):
 def upkeep_threads(ctx: ServerContext) -> list[PeriodicThread]:
     """Retention + prune on the configured interval; last-seen times in batches."""
     return [PeriodicThread("maintenance", ctx.settings.maintenance_interval,
-                           lambda: run_maintenance(ctx)),
+                           lambda: scheduled_maintenance(ctx)),
             PeriodicThread("seen-flusher", SEEN_FLUSH_SECONDS, ctx.flush_seen,
                            on_stop=ctx.flush_seen)]

@@ -28,6 +28,9 @@ DELTAS = Counter("strata_file_deltas_total",
                  "Changed files of layer updates answered with a delta (sent), or not (it "
                  "did not pay: the agent takes chunks); layer manifests sent as deltas",
                  ["outcome"], registry=REGISTRY)
+MANIFEST_DELTAS = Counter("strata_manifest_deltas_total",
+                          "Snapshot manifests agents sent as a delta against an earlier one",
+                          registry=REGISTRY)
 DELTA_CACHE = Counter("strata_file_delta_cache_total",
                       "File deltas looked up, by whether the delta cache had them", ["cache"],
                       registry=REGISTRY)

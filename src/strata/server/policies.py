@@ -40,6 +40,9 @@ DEFAULTS: dict[str, dict] = {
     # Layer rules per OS family: which paths are identity, user data, never in a layer,
     # do-not-override, do-not-download, system areas (strata.layers.rules).
     "layers": DEFAULT_RULES,
+    # rules: [{"subnet": "10.20.0.0/16" | "site": "lyon", "reflectors": ["ID", ...]}]: the
+    # first rule matching an endpoint names the reflectors it downloads from (in order)
+    "reflectors": {"rules": []},
 }
 
 
@@ -50,12 +53,18 @@ def get_policy(db: Session, kind: str) -> dict:
     return row.document if row else DEFAULTS[kind]
 
 
-# A revert point (the snapshot an update takes before it applies) is kept this long
-# whatever the retention counts say: cutting `hourly` must not take away the way back from
-# last week's update. The retention document's `revert_points_days` changes it.
-REVERT_POINT_DAYS = 30
+# A revert point (the snapshot an update takes before it applies) and the history a restore
+# moved onto new hardware are kept this long whatever the retention counts say: cutting
+# `hourly` must not take away the way back from last week's update, nor the old machine's
+# history while the new one fills its counts. The retention document's `protect_days`
+# changes it (`revert_points_days` is its older name).
+PROTECT_DAYS = 30
 REVERT_POINT_TRIGGERS = ("pre-update",)
-_TOP_KEYS = {"upload": {"interval_seconds", "exclusions"}, "bandwidth": {"rules"}}
+_PROTECT_KEYS = ("protect_days", "revert_points_days")
+_TOP_KEYS = {"upload": {"interval_seconds", "exclusions"}, "bandwidth": {"rules"},
+             "reflectors": {"rules"}}
+MAX_REFLECTOR_RULES = 1000
+MAX_REFLECTORS_PER_RULE = 8
 
 
 def merge_policy(current: dict, partial: dict) -> dict:
@@ -130,8 +139,6 @@ def validate_policy(kind: str, doc: dict) -> dict:
         policy = retention_policy(doc)
         if policy.is_empty():
             raise ValueError("a retention policy must keep something")
-        if revert_point_days(doc) < 0:
-            raise ValueError("revert_points_days must be 0 or more")
         return {k: _count("retention", k, v) for k, v in doc.items()}
     if kind == "bandwidth":
         rules = doc.get("rules", [])
@@ -162,11 +169,59 @@ def validate_policy(kind: str, doc: dict) -> dict:
         return {"rules": rules}
     if kind == "layers":
         return validate_rules(doc)
+    if kind == "reflectors":
+        return {"rules": _reflector_rules(doc.get("rules", []))}
     raise ValueError(f"unknown policy kind {kind!r}")
 
 
+def _reflector_rules(rules: object) -> list[dict]:
+    """Each rule matches by subnet or site (or both) and names 1-8 reflector ids."""
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ValueError('rules must be a list of objects, e.g. [{"subnet": "10.20.0.0/16", '
+                         '"reflectors": ["ID"]}]')
+    if len(rules) > MAX_REFLECTOR_RULES:
+        raise ValueError(f"at most {MAX_REFLECTOR_RULES} rules")
+    allowed = {"subnet", "site", "reflectors"}
+    out = []
+    for i, r in enumerate(rules, 1):
+        unknown = set(r) - allowed
+        if unknown:
+            raise ValueError(f"rule {i}: unknown keys {', '.join(sorted(unknown))} (known: "
+                             f"{', '.join(sorted(allowed))})")
+        if not r.get("subnet") and not r.get("site"):
+            raise ValueError(f"rule {i}: give a subnet or a site to match")
+        for key in ("subnet", "site"):
+            if r.get(key) is not None and not isinstance(r[key], str):
+                raise ValueError(f"rule {i}: {key} must be a string")
+        if r.get("subnet"):
+            try:
+                ipaddress.ip_network(r["subnet"], strict=False)
+            except ValueError:
+                raise ValueError(f"rule {i}: {r['subnet']!r} is not a subnet such as "
+                                 "10.20.0.0/16") from None
+        ids = r.get("reflectors")
+        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_REFLECTORS_PER_RULE or \
+                not all(isinstance(x, str) and 0 < len(x) <= 64 for x in ids):
+            raise ValueError(f"rule {i}: reflectors must be a list of 1 to "
+                             f"{MAX_REFLECTORS_PER_RULE} reflector ids")
+        out.append({k: r[k] for k in ("subnet", "site", "reflectors") if r.get(k)})
+    return out
+
+
+def reflectors_for(rules: list[dict], addresses: list[str], site: str) -> list[str]:
+    """The reflector ids of the first rule matching an endpoint at `addresses` (the one
+    it reports, then the one the server sees) and `site`, as the bandwidth rules match."""
+    for rule in rules:
+        if rule.get("subnet") and not any(_in_subnet(a, rule["subnet"]) for a in addresses):
+            continue
+        if rule.get("site") and rule["site"] != site:
+            continue
+        return list(rule.get("reflectors", []))
+    return []
+
+
 def retention_policy(doc: dict) -> RetentionPolicy:
-    allowed = {"last", "hourly", "daily", "weekly", "monthly", "yearly", "revert_points_days"}
+    allowed = {"last", "hourly", "daily", "weekly", "monthly", "yearly", *_PROTECT_KEYS}
     unknown = set(doc) - allowed
     if unknown:
         raise ValueError(f"unknown retention keys: {', '.join(sorted(unknown))} (known: "
@@ -174,12 +229,20 @@ def retention_policy(doc: dict) -> RetentionPolicy:
     counts = {k: _count("retention", k, v) for k, v in doc.items()}
     return RetentionPolicy(last=counts.get("last", 0), hourly=counts.get("hourly", 0),
                            daily=counts.get("daily", 0), weekly=counts.get("weekly", 0),
-                           monthly=counts.get("monthly", 0), yearly=counts.get("yearly", 0))
+                           monthly=counts.get("monthly", 0), yearly=counts.get("yearly", 0),
+                           protect_days=protect_days(doc))
 
 
-def revert_point_days(doc: dict) -> int:
-    return _count("retention", "revert_points_days",
-                  doc.get("revert_points_days", REVERT_POINT_DAYS))
+def protect_days(doc: dict) -> int:
+    """How long revert points and moved history are protected (days; 0: not at all)."""
+    given = [k for k in _PROTECT_KEYS if k in doc]
+    if len(given) > 1:
+        raise ValueError("give protect_days only (revert_points_days is its older name)")
+    key = given[0] if given else "protect_days"
+    days = _count("retention", key, doc.get(key, PROTECT_DAYS))
+    if days < 0:
+        raise ValueError(f"{key} must be 0 or more, got {days}")
+    return days
 
 
 def bandwidth_for(rules: list[dict], addresses: list[str], site: str,

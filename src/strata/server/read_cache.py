@@ -11,8 +11,9 @@ to its own caller (it began before the change) but never stored.
 Changes must invalidate *after* their transaction committed (the server's `ctx.write()`
 then `ctx.invalidate()`), so that any load which starts after the invalidation reads the
 committed state. Within one process this makes every change visible at the very next
-request. Across processes, nothing tells one process of another's invalidation: the TTL
-is the bound there (see docs/centralization.md).
+request. Across processes on one PostgreSQL catalog, every invalidation is also written
+to a log in the catalog that the others read at most once a second before using their
+cache (server/cache_coherence.py): a second is the bound there.
 """
 
 from __future__ import annotations

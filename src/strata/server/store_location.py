@@ -9,17 +9,18 @@ from pathlib import Path
 
 from strata.errors import StoreNotFound, StrataError
 from strata.store.location import init_store_at, is_object_store, open_store_at, read_binding
-from strata.store.repository import Store
+from strata.store.repository import SharedState, Store
 
 STATE_DIR = "store-state"
 
 
 def open_server_store(data_dir: Path, location: str = "", *, s3_endpoint_url: str = "",
                       s3_region: str = "", passphrase: str | None = None,
-                      encrypt: bool = False) -> Store:
+                      encrypt: bool = False, shared: SharedState | None = None) -> Store:
     """Open (or create, on first start) the server's store at `location`. With `encrypt`
     a new store is encrypted under `passphrase`, and an existing one must be; an
-    encrypted store opens with `passphrase` whether `encrypt` is given or not."""
+    encrypted store opens with `passphrase` whether `encrypt` is given or not. `shared`:
+    the index and locks in the catalog database, for several server processes."""
     state: Path | None = data_dir / STATE_DIR
     bound = read_binding(data_dir / STATE_DIR)
     if not is_object_store(location):
@@ -32,14 +33,14 @@ def open_server_store(data_dir: Path, location: str = "", *, s3_endpoint_url: st
         raise StrataError(f"{data_dir / 'store'} holds this data directory's local store; to "
                           f"move it to {location}, copy its objects there and move that "
                           "folder away (see docs/deployment.md)")
-    s3 = {"s3_endpoint_url": s3_endpoint_url, "s3_region": s3_region}
+    options: dict = {"s3_endpoint_url": s3_endpoint_url, "s3_region": s3_region, "shared": shared}
     if encrypt and not passphrase:
         raise StrataError("--encrypt needs the passphrase or key: --passphrase-file FILE "
                           "(or STRATA_PASSPHRASE_FILE, STRATA_PASSPHRASE)")
     try:
-        store = open_store_at(location, state, passphrase, **s3)
+        store = open_store_at(location, state, passphrase, **options)
     except StoreNotFound:
-        return init_store_at(location, state, passphrase=passphrase if encrypt else None, **s3)
+        return init_store_at(location, state, passphrase=passphrase if encrypt else None, **options)
     except StrataError as exc:
         if "encrypted" in str(exc) and not passphrase:
             raise StrataError(f"the store at {location} is encrypted: start the server with "

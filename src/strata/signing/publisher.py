@@ -29,6 +29,7 @@ from strata.signing import SigningError
 from strata.signing.catalog import (
     ManifestDigest,
     SignedAssignment,
+    SignedCatalog,
     SignedLayer,
     SignedOperation,
     assignment_path,
@@ -206,15 +207,9 @@ class Publisher:
         self.check_refs(base=base, apps=apps, drivers=drivers)
         catalog = self.trusted().catalog
         seq = catalog.next_serial()
-        add = []
-        for scope, name, members in scopes:
-            prev = catalog.assignments.get(assignment_path(scope, name))
-            add.append(assignment_target(SignedAssignment(
-                scope=scope, name=name, members=sorted(members) if members is not None
-                else None, base=base if base is not None else (prev.base if prev else None),
-                apps=apps if apps is not None else (prev.apps if prev else None),
-                drivers=drivers if drivers is not None else (prev.drivers if prev else None),
-                operation=operation, seq=seq)))
+        add = [_scope_target(catalog, scope, name, members, base=base, apps=apps,
+                             drivers=drivers, operation=operation, seq=seq)
+               for scope, name, members in scopes]
         return self.publish(add=add)
 
     def sign_operation(self, endpoint_id: str, kind: str, *, snapshot: str | None = None,
@@ -222,22 +217,38 @@ class Publisher:
         """Sign the one-off operation the server now holds for an endpoint, after checking
         it is the one the admin ordered (`snapshot`: the id or prefix they gave; `base`,
         `apps`: a provision's layers)."""
-        view = self.api.get(f"/signing/assignment/{_path(endpoint_id)}")
-        op = view.get("operation") or {}
-        if op.get("kind") != kind:
-            raise SigningError(f"the server holds no {kind} for endpoint {endpoint_id[:8]}")
-        if snapshot and not str(op.get("snapshot", "")).startswith(snapshot.lower()):
-            raise SigningError(f"the server's {kind} names snapshot "
-                               f"{str(op.get('snapshot'))[:8]}, not {snapshot}")
-        if kind == "provision" and (view.get("base") != base or view.get("apps") != apps):
-            raise SigningError("the server's provisioning differs from the layers given")
-        signed_op = SignedOperation(kind=kind, snapshot=op.get("snapshot"),
-                                    keep_user_apps=bool(op.get("keep_user_apps")),
-                                    removes=op.get("removes", []),
-                                    manifest=op.get("manifest"))
-        return self.sign_assignments([("endpoint", view["endpoint"], [view["endpoint"]])],
-                                     base=view.get("base"), apps=view.get("apps"),
-                                     operation=signed_op)
+        return self.sign_operations([endpoint_id], kind, snapshot=snapshot, base=base,
+                                    apps=apps)
+
+    def sign_operations(self, endpoint_ids: list[str], kind: str, *,
+                        snapshot: str | None = None, base: str | None = None,
+                        apps: list[str] | None = None) -> int:
+        """`sign_operation` for each endpoint of a task (a revert or provisioning of a
+        collection), checked one by one and published as one metadata version."""
+        catalog = self.trusted().catalog
+        seq = catalog.next_serial()
+        add = []
+        for endpoint_id in endpoint_ids:
+            view = self.api.get(f"/signing/assignment/{_path(endpoint_id)}")
+            op = view.get("operation") or {}
+            if op.get("kind") != kind:
+                raise SigningError(f"the server holds no {kind} for endpoint "
+                                   f"{endpoint_id[:8]}")
+            if snapshot and not str(op.get("snapshot", "")).startswith(snapshot.lower()):
+                raise SigningError(f"the server's {kind} names snapshot "
+                                   f"{str(op.get('snapshot'))[:8]}, not {snapshot}")
+            if kind == "provision" and (view.get("base") != base or view.get("apps") != apps):
+                raise SigningError("the server's provisioning differs from the layers given")
+            signed_op = SignedOperation(kind=kind, snapshot=op.get("snapshot"),
+                                        keep_user_apps=bool(op.get("keep_user_apps")),
+                                        removes=op.get("removes", []),
+                                        manifest=op.get("manifest"))
+            self.check_refs(base=view.get("base"), apps=view.get("apps"))
+            add.append(_scope_target(catalog, "endpoint", view["endpoint"],
+                                     [view["endpoint"]], base=view.get("base"),
+                                     apps=view.get("apps"), drivers=None,
+                                     operation=signed_op, seq=seq))
+        return self.publish(add=add)
 
     # -- keys and expiry ---------------------------------------------------------------------
     def rotate(self, role: str) -> dict:
@@ -294,6 +305,20 @@ def _key(doc: dict) -> SSlibKey:
         return SSlibKey.from_dict(doc["keyid"], dict(doc["key"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise SigningError(f"the server sent no usable online key ({exc})") from None
+
+
+def _scope_target(catalog: SignedCatalog, scope: str, name: str, members: list[str] | None, *,
+                  base: str | None, apps: list[str] | None, drivers: list[str] | None,
+                  operation: SignedOperation | None, seq: int) -> TargetFile:
+    """One scope's signed assignment: the fields given replace the scope's earlier ones,
+    the others stay; a one-off operation is dropped unless this assignment is one."""
+    prev = catalog.assignments.get(assignment_path(scope, name))
+    return assignment_target(SignedAssignment(
+        scope=scope, name=name, members=sorted(members) if members is not None else None,
+        base=base if base is not None else (prev.base if prev else None),
+        apps=apps if apps is not None else (prev.apps if prev else None),
+        drivers=drivers if drivers is not None else (prev.drivers if prev else None),
+        operation=operation, seq=seq))
 
 
 def _path(text: str) -> str:

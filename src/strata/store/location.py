@@ -5,8 +5,8 @@ locks, upload spool) in a local directory of its own.
 A state directory remembers the one store it serves (`store.json`): an index that claims
 chunks another store lacks would let writers skip uploading them. Every process that
 writes to one object store must use the same state directory (its locks keep prune from
-deleting what a backup is about to reference); several servers on one object store need
-a shared index and locks instead (issue #15).
+deleting what a backup is about to reference); several servers on one object store keep
+the index and locks in their PostgreSQL catalog instead (`shared`, store/pg_shared.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from strata.errors import StoreNotFound, StrataError
 from strata.store.backend import atomic_write
 from strata.store.blockcache import BlockCache
-from strata.store.repository import PassphraseSource, Store
+from strata.store.repository import PassphraseSource, SharedState, Store
 
 if TYPE_CHECKING:
     from strata.store.s3 import S3Backend
@@ -32,13 +32,15 @@ def is_object_store(location: str) -> bool:
 
 def open_store_at(location: str, state: Path | None,
                   passphrase: str | PassphraseSource | None = None, *,
-                  s3_endpoint_url: str = "", s3_region: str = "") -> Store:
-    """Open the store at `location` (`StoreNotFound` if it has none)."""
+                  s3_endpoint_url: str = "", s3_region: str = "",
+                  shared: SharedState | None = None) -> Store:
+    """Open the store at `location` (`StoreNotFound` if it has none). `shared`: the index
+    and locks in a database several processes share, not in the working state."""
     if not is_object_store(location):
-        return Store.open(_local(location, state), passphrase)
+        return Store.open(_local(location, state), passphrase, shared=shared)
     backend, state = _object_store(location, state, s3_endpoint_url, s3_region)
     try:
-        store = Store.open_on(BlockCache(backend), state, passphrase)
+        store = Store.open_on(BlockCache(backend), state, passphrase, shared)
     except StoreNotFound:
         backend.close()
         raise StoreNotFound(f"no Strata store at {backend.location}") from None
@@ -51,8 +53,8 @@ def open_store_at(location: str, state: Path | None,
 def init_store_at(location: str, state: Path | None, *, passphrase: str | None = None,
                   s3_endpoint_url: str = "", s3_region: str = "",
                   **init_options: Any) -> Store:
-    """Create a store at `location` (`StoreExists` if it has one); `init_options` go to
-    `Store.init_on`."""
+    """Create a store at `location` (`StoreExists` if it has one); `init_options` (and
+    `shared`) go to `Store.init_on`."""
     if not is_object_store(location):
         return Store.init(_local(location, state), passphrase=passphrase, **init_options)
     backend, state = _object_store(location, state, s3_endpoint_url, s3_region)

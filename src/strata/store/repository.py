@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from strata.errors import (
     CorruptData,
@@ -34,8 +35,8 @@ from strata.model.snapshot import Snapshot
 from strata.store import crypto
 from strata.store.backend import Backend, LocalBackend, ObjectNotFound, StoreFull
 from strata.store.chunker import Chunker, ChunkerParams
-from strata.store.index import ChunkIndex, Location
-from strata.store.locks import Session, file_lock
+from strata.store.coordination import Coordination, LocalCoordination, WriterSession
+from strata.store.index import ChunkIndex, Index, Location
 from strata.store.pack import (
     BlobCodec,
     PackEntry,
@@ -58,8 +59,18 @@ def check_pack_size(pack_size: int) -> None:
         raise StrataError(f"pack size {pack_size} bytes is out of range: give 64KiB to 1GiB "
                           "(default 16MiB)")
 SNAPSHOT_AAD = b"strata-snapshot"
+# In a working state whose index and locks live in a database (several server processes):
+# `strata store` refuses it rather than trust its stale SQLite index.
+SHARED_MARKER = "index-in-database"
 
 PassphraseSource = Callable[[], str | None]  # None: no passphrase to be had
+
+
+class SharedState(Protocol):
+    """Where several processes' stores keep one index and one set of locks (a database):
+    `open(store_id)` gives this process's handle on both."""
+
+    def open(self, store_id: str) -> tuple[Index, Coordination]: ...
 
 
 class _PackSlot:
@@ -127,7 +138,7 @@ class Store:
     For a store in a local directory the two are the same folder."""
 
     def __init__(self, backend: Backend, config: StoreConfig, cipher: crypto.Cipher,
-                 state_dir: Path):
+                 state_dir: Path, shared: SharedState | None = None):
         self.backend = backend
         self.state_dir = Path(state_dir)
         self.config = config
@@ -135,8 +146,28 @@ class Store:
         self.codec = BlobCodec(cipher, config.zstd_level)
         self.chunker = Chunker(config.chunker)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.index = ChunkIndex(self.state_dir / "index.sqlite")
         self.locks_dir = self.state_dir / "locks"
+        # The index and the locks are this folder's, unless processes on several hosts
+        # share them in a database (`SharedState`, store/pg_shared.py).
+        self.index: Index
+        self.coordination: Coordination
+        marker = self.state_dir / SHARED_MARKER
+        if shared is None:
+            if marker.exists():
+                # The SQLite index here is stale and the lock files unused: a backup
+                # would dedup against chunks prune has removed, a prune would not see
+                # the servers' uploads.
+                raise StrataError(f"the index and locks of the store served from "
+                                  f"{self.state_dir} are in the servers' PostgreSQL catalog; "
+                                  "work on it through the server (for a read-only look at an "
+                                  "object store, give another --state directory)")
+            self.index = ChunkIndex(self.state_dir / "index.sqlite")
+            self.coordination = LocalCoordination(self.locks_dir)
+        else:
+            self.index, self.coordination = shared.open(config.id)
+            if not marker.exists():
+                marker.write_text("The chunk index and locks of this store are in a "
+                                  "PostgreSQL database (strata server --catalog).\n")
         self.spool_dir = self.state_dir / "tmp"
         self._lock = threading.Lock()  # the pending set, the index connection, pack list
         self._slots = [_PackSlot() for _ in range(max(2, os.cpu_count() or 2))]
@@ -151,7 +182,8 @@ class Store:
     # -- lifecycle ------------------------------------------------------------
     @classmethod
     def init(cls, path: Path, *, chunk_avg: int = 64 * 1024, compression: str = "zstd:3",
-             passphrase: str | None = None, pack_size: int = DEFAULT_PACK_SIZE) -> Store:
+             passphrase: str | None = None, pack_size: int = DEFAULT_PACK_SIZE,
+             shared: SharedState | None = None) -> Store:
         """Create a store in the local directory `path` (new or empty)."""
         check_pack_size(pack_size)
         path = Path(path)
@@ -164,12 +196,12 @@ class Store:
             (path / folder).mkdir(exist_ok=True)
         return cls.init_on(LocalBackend(path), path, chunk_avg=chunk_avg,
                            compression=compression, passphrase=passphrase,
-                           pack_size=pack_size)
+                           pack_size=pack_size, shared=shared)
 
     @classmethod
     def init_on(cls, backend: Backend, state_dir: Path, *, chunk_avg: int = 64 * 1024,
                 compression: str = "zstd:3", passphrase: str | None = None,
-                pack_size: int = DEFAULT_PACK_SIZE) -> Store:
+                pack_size: int = DEFAULT_PACK_SIZE, shared: SharedState | None = None) -> Store:
         """Create a store on `backend`, keeping local working state in `state_dir`."""
         check_pack_size(pack_size)
         if backend.exists("config", "config"):
@@ -191,19 +223,21 @@ class Store:
             cipher = crypto.AesGcmCipher(master)
         # The config last: a store without one was never made (`init` may be run again).
         backend.save("config", "config", config.to_json())
-        return cls(backend, config, cipher, state_dir)
+        return cls(backend, config, cipher, state_dir, shared)
 
     @classmethod
-    def open(cls, path: Path, passphrase: str | PassphraseSource | None = None) -> Store:
+    def open(cls, path: Path, passphrase: str | PassphraseSource | None = None,
+             shared: SharedState | None = None) -> Store:
         """Open the store in the local directory `path`."""
         path = Path(path)
         if not (path / "config").is_file():
             raise StoreNotFound(f"no Strata store at {path}")
-        return cls.open_on(LocalBackend(path), path, passphrase)
+        return cls.open_on(LocalBackend(path), path, passphrase, shared)
 
     @classmethod
     def open_on(cls, backend: Backend, state_dir: Path,
-                passphrase: str | PassphraseSource | None = None) -> Store:
+                passphrase: str | PassphraseSource | None = None,
+                shared: SharedState | None = None) -> Store:
         """Open the store on `backend`, keeping local working state in `state_dir`."""
         try:
             config = StoreConfig.from_json(backend.load("config", "config"))
@@ -229,7 +263,7 @@ class Store:
             if master is None:
                 raise last
             cipher = crypto.AesGcmCipher(master)
-        return cls(backend, config, cipher, state_dir)
+        return cls(backend, config, cipher, state_dir, shared)
 
     def close(self) -> None:
         self._pack_io.shutdown(wait=True)
@@ -244,11 +278,11 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def session(self, kind: str) -> Session:
-        return Session(self.locks_dir, kind)
+    def session(self, kind: str) -> WriterSession:
+        return self.coordination.session(kind)
 
     def commit_lock(self) -> contextlib.AbstractContextManager[None]:
-        return file_lock(self.locks_dir / "commit.lock")
+        return self.coordination.commit_lock()
 
     # -- writing chunks -------------------------------------------------------
     def claim_many(self, ids: list[bytes]) -> set[bytes]:
@@ -445,6 +479,25 @@ class Store:
         with self._lock:
             where = self.index.locate(list(dict.fromkeys(ids)))
         return {c: loc.raw_length for c, loc in where.items()}
+
+    def pack_of(self, cid: bytes) -> str | None:
+        """The pack holding `cid`, or None (a cache's recency is kept per pack)."""
+        with self._lock:
+            loc = self.index.lookup(cid)
+        return loc.pack if loc is not None else None
+
+    def pack_sizes(self) -> dict[str, int]:
+        """Every indexed pack and its size."""
+        with self._lock:
+            return self.index.packs()
+
+    def evict_packs(self, names: Iterable[str]) -> None:
+        """Forget whole packs and delete them: a bounded cache (the branch reflector's)
+        makes room. Not for a store whose snapshots may reference them (that is prune)."""
+        names = sorted(names)
+        with self._lock:
+            self.index.drop_packs(names)
+        self.backend.remove_many("packs", names)
 
     def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
         want = list(dict.fromkeys(ids))

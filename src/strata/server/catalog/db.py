@@ -57,6 +57,11 @@ def catalog_url(url: str) -> URL:
                        f"{redact(url)} (use {URL_FORMS})")
 
 
+def is_postgresql(url: str) -> bool:
+    """A URL naming a PostgreSQL catalog (which several server processes may share)."""
+    return url.split(":", 1)[0].split("+", 1)[0] in ("postgres", "postgresql")
+
+
 def db_reason(exc: BaseException) -> str:
     """The database's own words for a failure, on one line: 'connection refused',
     'password authentication failed for user "strata"', 'database "x" does not exist'."""

@@ -75,6 +75,10 @@ class SnapshotRecord(Base):
     bytes_new: Mapped[int] = mapped_column(Int64, default=0)
     tags: Mapped[list] = mapped_column(default=list)
     layers: Mapped[list] = mapped_column(default=list)  # layer ids applied when it was taken
+    # When a restore to new hardware moved it to another CVD: retention protects moved
+    # history for the policy's `protect_days` from then (the new machine's own snapshots
+    # would otherwise soon push it out of the hourly and daily counts).
+    moved_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class EnrollmentToken(Base):
@@ -86,6 +90,35 @@ class EnrollmentToken(Base):
     require_approval: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What it enrolls: "endpoint" (agents) or "reflector" (branch reflectors). One kind
+    # each, so that a token handed to a hundred laptops cannot register a reflector.
+    purpose: Mapped[str] = mapped_column(Str(16), default="endpoint")
+
+
+class Reflector(Base):
+    """A branch reflector: a chunk cache at a branch office that the agents of its subnets
+    and sites download from (services/reflectors.py). It authenticates like an endpoint
+    (an enrollment token for a credential) and reads only what tickets allow."""
+
+    __tablename__ = "reflectors"
+    id: Mapped[str] = mapped_column(Str(36), primary_key=True)
+    name: Mapped[str] = mapped_column(Str(128, clip=True), default="")
+    url: Mapped[str] = mapped_column(Str(255))  # where the branch's agents reach it
+    tls_cert: Mapped[str] = mapped_column(CleanText, default="")  # PEM, pinned by agents
+    tls_fingerprint: Mapped[str] = mapped_column(Str(64), default="")
+    status: Mapped[str] = mapped_column(Str(16), default="active")  # /retired/quarantined
+    status_reason: Mapped[str] = mapped_column(CleanText, default="")
+    credential_hash: Mapped[str] = mapped_column(Str(64), unique=True)
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("enrollment_tokens.id"))
+    enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    last_ip: Mapped[str] = mapped_column(Str(64, clip=True), default="")
+    # Counted by the server: what it sent the reflector, and what agents reported of it.
+    bytes_from_server: Mapped[int] = mapped_column(Int64, default=0)
+    chunks_from_server: Mapped[int] = mapped_column(Int64, default=0)
+    fallbacks: Mapped[int] = mapped_column(Int64, default=0)  # agents that went around it
+    bad_chunks: Mapped[int] = mapped_column(Int64, default=0)  # reported failing their id
+    stats: Mapped[dict] = mapped_column(default=dict)  # as the reflector reports them
 
 
 class Policy(Base):
@@ -259,6 +292,60 @@ class PortalSession(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column()
+
+
+class LiveCompliance(Base):
+    """The compliance an agent last measured on its live tree against its applied layers
+    (agent/live_compliance.py): newer than its latest snapshot, it is what `strata
+    compliance` reports. Only for the applied state it was measured against."""
+
+    __tablename__ = "live_compliance"
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    applied_key: Mapped[str] = mapped_column(Str(32))
+    measured_at: Mapped[datetime] = mapped_column()  # the server's clock, when received
+    report: Mapped[dict] = mapped_column()  # model.wire.LiveComplianceReport, validated
+
+
+class TaskMember(Base):
+    """One endpoint of a task: its assignment before the task (`previous`, what a cancel
+    puts back), the one the task gives it (`target`, what a retry puts again), and whether
+    it was cancelled. Its progress is its assignment's while the assignment is the task's."""
+
+    __tablename__ = "task_members"
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True, index=True)
+    state: Mapped[str] = mapped_column(Str(16), default="queued")  # queued / cancelled
+    previous: Mapped[dict] = mapped_column(default=dict)
+    target: Mapped[dict] = mapped_column(default=dict)
+    attempts: Mapped[int] = mapped_column(Int32, default=1)
+
+
+class SoftwareList(Base):
+    """An endpoint's installed-package list as last reported: its digest (the agent sends
+    the list again only when it changes) and when."""
+
+    __tablename__ = "software_lists"
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    digest: Mapped[str] = mapped_column(Str(64))
+    packages: Mapped[int] = mapped_column(Int32, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class InstalledPackage(Base):
+    """One installed package on one endpoint (dpkg or rpm), indexed by name for the
+    fleet-wide question "which endpoints have X, at which version"."""
+
+    __tablename__ = "installed_packages"
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    name: Mapped[str] = mapped_column(Str(128), primary_key=True, index=True)
+    arch: Mapped[str] = mapped_column(Str(32), primary_key=True)
+    version: Mapped[str] = mapped_column(Str(128))
+    manager: Mapped[str] = mapped_column(Str(8))  # dpkg / rpm
 
 
 class UsageSet(Base):

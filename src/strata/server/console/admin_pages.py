@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from strata.errors import StrataError
+from strata.errors import Conflict, StrataError
 from strata.model.admin import CollectionRequest
 from strata.model.roles import ROLE_NAMES, Permission
 from strata.model.units import human_bytes
@@ -40,7 +40,7 @@ DIFF_ROWS = 500  # paths of each kind a layer diff page lists
 AUDIT_ROWS = 200  # records the audit page shows
 # Every key of the retention document, so that saving the form keeps nothing stale.
 RETENTION_FIELDS = ("last", "hourly", "daily", "weekly", "monthly", "yearly",
-                    "revert_points_days")
+                    "protect_days")
 BANDWIDTH_FIELDS = ("subnet", "site", "start", "end", "upload_kbps", "download_kbps")
 OS_NAMES = ("linux", "windows")
 
@@ -259,9 +259,14 @@ def run_upkeep(request: Request, csrf: str = Form("", max_length=64),
                v: Visitor = Depends(Page(Permission.PRUNE)),
                ctx: ServerContext = Depends(get_ctx)) -> Response:
     check_csrf(request, v.csrf, csrf)
-    done = run_maintenance(ctx, actor=v.staff.actor)
+    try:
+        done = run_maintenance(ctx, actor=v.staff.actor)
+    except Conflict as exc:  # another server process is running it
+        done = {"busy": str(exc)}
     prune = done.get("prune", {})
-    if "error" in prune:
+    if "busy" in done:
+        note = f"maintenance did not run: {done['busy']}"
+    elif "error" in prune:
         note = f"retention applied; prune did not run: {prune['error']}"
     else:
         note = (f"{done['snapshots_removed']} snapshot(s) removed by retention; prune freed "

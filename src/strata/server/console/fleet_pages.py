@@ -16,16 +16,17 @@ from strata.server.console.session import (
     Visitor,
     check_csrf,
 )
-from strata.server.console.views import page
+from strata.server.console.views import page, see_other
 from strata.server.context import ServerContext
 from strata.server.deps import get_ctx
 from strata.server.services import (
     compliance,
     endpoints,
     fleet,
-    operations,
     portal,
     snapshot_files,
+    software,
+    tasks,
 )
 from strata.server.services.lookup import find_endpoint
 
@@ -67,7 +68,7 @@ def _endpoint_page(request: Request, v: Visitor, ctx: ServerContext, ref: str,
                      message=str(exc))
     accounts = portal.list_accounts(ctx, detail.id) if v.may(Permission.RESTORE) else []
     return page(request, "endpoint.html", v, status, ep=detail, accounts=accounts,
-                 error=error, done=done)
+                 error=error, done=done, software=software.list_of(ctx, detail.id))
 
 
 @router.get("/endpoints/{ref}")
@@ -170,23 +171,85 @@ def snapshot_download(ref: str, snapshot: str, request: Request, path_hex: str =
     return StreamingResponse(d.body, media_type=d.media_type, headers=headers)
 
 
+def _may_change(v: Visitor) -> set[str]:
+    """The kinds of task whose cancel and retry buttons this user sees."""
+    return {kind for kind, perm in tasks.TASK_PERMISSION.items() if v.may(perm)}
+
+
 @router.get("/tasks")
-def task_list(request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
+def task_list(request: Request, format: str = "",
+              v: Visitor = Depends(Page(Permission.VIEW)),
               ctx: ServerContext = Depends(get_ctx)) -> Response:
-    return page(request, "tasks.html", v, tasks=operations.recent_tasks(ctx, TASKS_SHOWN))
+    rows = tasks.recent_tasks(ctx, TASKS_SHOWN)
+    if format == "csv":
+        return csv_response("tasks", ["id", "kind", "created_at", "endpoints", "state",
+                                      "progress", *tasks.CSV_STATES],
+                            [[t.id, t.kind, t.created_at, t.size, t.state, t.progress,
+                              *(t.counts.get(s, 0) for s in tasks.CSV_STATES)] for t in rows])
+    return page(request, "tasks.html", v, tasks=rows, may_change=_may_change(v))
 
 
-@router.get("/tasks/{tid}")
-def task_page(tid: int, request: Request, v: Visitor = Depends(Page(Permission.VIEW)),
-              ctx: ServerContext = Depends(get_ctx)) -> Response:
+def _task_page(request: Request, v: Visitor, ctx: ServerContext, tid: int,
+               status: int = 200, error: str = "", done: str = "") -> Response:
     try:
-        task = operations.task_info(ctx, tid)
+        task = tasks.task_info(ctx, tid)
     except StrataError as exc:
         return page(request, "message.html", v, exc.http_status, title="Task",
                      message=str(exc))
     if request.headers.get("HX-Request") == "true":  # the progress polls itself
         return render(request, "_task_progress.html", task=task)
-    return page(request, "task.html", v, task=task)
+    return page(request, "task.html", v, status, task=task, may_change=_may_change(v),
+                 error=error, done=done)
+
+
+# What the page says after a cancel or retry (the redirect names one, with a count).
+DONE = {"cancel": "cancelled: {n} endpoint(s) not started are skipped; those under way finish",
+        "retry": "queued again: {n} endpoint(s)"}
+
+
+@router.get("/tasks/{tid}")
+def task_page(tid: int, request: Request, format: str = "", done: str = "", n: int = 0,
+              v: Visitor = Depends(Page(Permission.VIEW)),
+              ctx: ServerContext = Depends(get_ctx)) -> Response:
+    if format == "csv":
+        try:
+            task = tasks.task_info(ctx, tid)
+        except StrataError as exc:
+            return page(request, "message.html", v, exc.http_status, title="Task",
+                         message=str(exc))
+        return csv_response(f"task-{tid}", ["endpoint", "hostname", "state", "percent",
+                                             "attempts", "detail"],
+                            [[e.endpoint, e.hostname, e.state, e.percent, e.attempts,
+                              e.detail] for e in task.endpoints])
+    said = DONE[done].format(n=max(n, 0)) if done in DONE else ""
+    return _task_page(request, v, ctx, tid, done=said)
+
+
+@router.post("/tasks/{tid}/cancel")
+def task_cancel(tid: int, request: Request, csrf: str = Form("", max_length=64),
+                v: Visitor = Depends(Page(Permission.VIEW)),
+                ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """Skip the endpoints that have not started (the kind's permission is checked by the
+    service: an image manager's migration is not the help desk's to cancel)."""
+    check_csrf(request, v.csrf, csrf)
+    try:
+        task = tasks.cancel(ctx, tid, v.staff)
+    except StrataError as exc:
+        return _task_page(request, v, ctx, tid, exc.http_status, error=str(exc))
+    # Post, redirect, get: a reload of the page does not send the form again.
+    return see_other(f"/tasks/{tid}?done=cancel&n={task.counts.get('cancelled', 0)}")
+
+
+@router.post("/tasks/{tid}/retry")
+def task_retry(tid: int, request: Request, csrf: str = Form("", max_length=64),
+               v: Visitor = Depends(Page(Permission.VIEW)),
+               ctx: ServerContext = Depends(get_ctx)) -> Response:
+    check_csrf(request, v.csrf, csrf)
+    try:
+        task = tasks.retry(ctx, tid, v.staff)
+    except StrataError as exc:
+        return _task_page(request, v, ctx, tid, exc.http_status, error=str(exc))
+    return see_other(f"/tasks/{tid}?done=retry&n={task.counts.get('assigned', 0)}")
 
 
 @router.get("/compliance")

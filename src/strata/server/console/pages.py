@@ -11,7 +11,7 @@ from fastapi.staticfiles import StaticFiles
 
 from strata.errors import StrataError
 from strata.model.roles import Permission
-from strata.server.console import admin_pages, fleet_pages
+from strata.server.console import admin_pages, fleet_pages, report_pages
 from strata.server.console.chart import storage_chart
 from strata.server.console.portal import mount_portal
 from strata.server.console.render import STATIC, render, secure
@@ -41,7 +41,7 @@ from strata.server.services.signin import AddressThrottle, LoginRefused, TooMany
 
 router = APIRouter(include_in_schema=False)
 # Every router of console pages (the portal's are in console/portal.py).
-ROUTERS = [router, fleet_pages.router, admin_pages.router]
+ROUTERS = [router, fleet_pages.router, admin_pages.router, report_pages.router]
 
 
 # -- signing in and out ----------------------------------------------------------------------

@@ -5,9 +5,8 @@ styles, no framing, no caching of pages)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from strata import __version__
+from strata.model.csv_table import csv_text
 from strata.model.units import human_bytes
 
 HERE = Path(__file__).parent
@@ -59,25 +59,20 @@ def secure(response: Response) -> Response:
     return response
 
 
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _cell(value: object) -> str:
-    """One CSV cell. Text a spreadsheet would run as a formula (a hostname like
-    `=HYPERLINK(...)` from a hostile endpoint) is kept as text with a leading quote."""
-    text = "" if value is None else (value.strftime("%Y-%m-%dT%H:%M:%SZ")
-                                     if isinstance(value, datetime) else str(value))
-    return "'" + text if text.startswith(FORMULA_START) else text
-
-
-def csv_response(name: str, header: list[str], rows: list[list[object]]) -> Response:
-    """A table as a CSV download (UTF-8, one header line)."""
-    out = io.StringIO()
-    w = csv.writer(out)
-    w.writerow(header)
-    w.writerows([_cell(v) for v in row] for row in rows)
-    return secure(Response(out.getvalue().encode(), media_type="text/csv; charset=utf-8",
+def csv_response(name: str, header: Sequence[str],
+                 rows: Iterable[Sequence[object]]) -> Response:
+    """A table as a CSV download (model/csv_table.py: formulas kept as text)."""
+    return secure(Response(csv_text(header, rows).encode(), media_type="text/csv; charset=utf-8",
                            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'}))
+
+
+def render_html(page: HTMLResponse, html: str) -> HTMLResponse:
+    """The same response (status, headers) with its HTML replaced."""
+    out = HTMLResponse(html, status_code=page.status_code)
+    for key, value in page.headers.items():
+        if key.lower() not in ("content-length", "content-type"):
+            out.headers[key] = value
+    return out
 
 
 def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:

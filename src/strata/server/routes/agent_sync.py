@@ -4,7 +4,7 @@ reading back the endpoint's own snapshots for a file restore."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from strata.errors import MissingChunks
@@ -13,6 +13,7 @@ from strata.model.wire import (
     ChunkRequest,
     CommitRequest,
     CommitResponse,
+    ManifestUploadResponse,
     MissingRequest,
     MissingResponse,
     ProveResponse,
@@ -59,6 +60,21 @@ async def upload(request: Request, ep: Endpoint = Depends(require_device),
     with ctx.upload_slots.slot(ep.id, "uploads"):  # before its body is held in memory
         data = await read_body(request, ctx.settings.max_upload_bytes)
         return await run_in_threadpool(sync.store_bundle, ctx, ep.id, data)
+
+
+@router.post("/manifests", response_model=ManifestUploadResponse,
+             openapi_extra={"requestBody": {"content": {"application/x-strata-deltas": {}}}},
+             responses={429: {"description": "this endpoint has uploads in flight already"}})
+async def upload_manifest_delta(request: Request, base: str = Query(max_length=64),
+                                ep: Endpoint = Depends(require_device),
+                                ctx: ServerContext = Depends(get_ctx)
+                                ) -> ManifestUploadResponse:
+    """The manifest of the snapshot about to be committed, as a delta against the
+    manifest of `base` (this endpoint's latest snapshot, or a layer it applied or is
+    assigned); answered with its chunks, now held, for the commit to name."""
+    with ctx.upload_slots.slot(ep.id, "uploads"):  # before its body is held in memory
+        data = await read_body(request, sync.MAX_MANIFEST_DELTA_BODY)
+        return await run_in_threadpool(sync.store_manifest_delta, ctx, ep, base, data)
 
 
 @router.post("/snapshots", response_model=CommitResponse,

@@ -6,7 +6,6 @@ from fastapi import Depends, Request
 
 from strata.model.admin import AdminTokenRotated, TokenCreated, TokenInfo, TokenRequest
 from strata.model.roles import Permission
-from strata.server.auth import digest
 from strata.server.context import ServerContext
 from strata.server.deps import admin_router, get_ctx, require, require_admin
 from strata.server.services import audit, credentials
@@ -41,7 +40,6 @@ def rotate_admin_token(request: Request, ctx: ServerContext = Depends(get_ctx),
     """A new admin token, written to DATA/admin.token and in force at once: the old one
     is refused from the next request."""
     path = request.app.state.admin_token_path
-    token = credentials.rotate_admin_token(path)
-    request.app.state.admin_digest = digest(token)
+    token = credentials.rotate_admin_token(path)  # every process reads the new file
     audit.record(ctx, actor, "rotate-admin-token", "admin")
     return AdminTokenRotated(token=token, path=str(path))

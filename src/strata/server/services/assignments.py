@@ -171,19 +171,25 @@ def apply_assignment(db: Session, eps: list[Endpoint], *, base: str | None = Non
 
 
 def assign(ctx: ServerContext, req: AssignRequest, *, actor: str) -> AssignResult:
-    """Assign layers to endpoints, a collection or all; agents learn it at check-in."""
+    """Assign layers to endpoints, a collection or all, as a tracked task; agents learn it
+    at check-in."""
     if req.base is None and req.apps is None and req.drivers is None \
             and req.enforce is None:
         raise Invalid("nothing to assign: give a base, apps, drivers or enforce")
+    from strata.server.services import tasks  # it builds on this module
+
     with ctx.write() as db:
         eps = targets(db, req.endpoints, req.collection, req.all)
+        task, previous = tasks.begin(db, "assign", req.model_dump(), eps)
         done = apply_assignment(db, eps, base=req.base, apps=req.apps, drivers=req.drivers,
-                                enforce=req.enforce)
+                                enforce=req.enforce, task=task)
+        tasks.enlist(db, task, eps, previous)
+        tid = task.id
     ctx.invalidate()
     audit.record(ctx, actor, "assign",
                  req.collection or ("all" if req.all else ",".join(done)), base=req.base,
                  apps=req.apps, drivers=req.drivers, enforce=req.enforce, endpoints=len(done))
-    return AssignResult(endpoints=done, base=req.base, apps=req.apps)
+    return AssignResult(endpoints=done, base=req.base, apps=req.apps, task=tid)
 
 
 # -- the agent's progress -----------------------------------------------------------------------

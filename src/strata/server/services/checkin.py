@@ -13,7 +13,7 @@ from strata.server import metrics
 from strata.server.catalog.models import Endpoint
 from strata.server.catalog.types import CatalogValueError, check_json
 from strata.server.context import ServerContext
-from strata.server.services import snapshots
+from strata.server.services import reflectors, snapshots
 from strata.server.services.assignments import cached_desired, mark_applied
 from strata.server.services.facts import endpoint_facts, endpoint_family
 from strata.server.services.policies import agent_policy
@@ -33,12 +33,15 @@ def checkin(ctx: ServerContext, ep: Endpoint, req: CheckinRequest, ip: str) -> C
     if desired is not None and applied == desired.key:
         ctx.cached(f"applied:{ep.id}:{applied}", lambda: mark_applied(ctx, ep.id, desired))
     cfg = ctx.store.config
+    route = reflectors.route_for(
+        ctx, ep, site=req.site or str((ep.inventory or {}).get("site", "")),
+        addresses=[a for a in (req.subnet, ip or ep.last_ip) if a], desired=desired)
     return CheckinResponse(
         endpoint_id=ep.id, state=ep.state, policy=policy,
         chunker=ChunkerSpec(min_size=cfg.chunker.min_size, avg_size=cfg.chunker.avg_size,
                             max_size=cfg.chunker.max_size, zstd_level=cfg.zstd_level or 3),
         last_snapshot=last_id, last_snapshot_time=last_time, server_time=now,
-        desired=desired)
+        desired=desired, reflector=route)
 
 
 def _update_inventory(ctx: ServerContext, ep: Endpoint, inventory: dict[str, Any]) -> None:

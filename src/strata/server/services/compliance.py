@@ -1,5 +1,6 @@
-"""Compliance: how far each endpoint's latest snapshot has drifted from the IT layers
-applied on it, with scores per endpoint and per layer."""
+"""Compliance: how far each endpoint has drifted from the IT layers applied on it, with
+scores per endpoint and per layer: as its agent last measured its live tree, or as its
+latest snapshot shows, whichever is newer."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from strata.server.context import ServerContext
 from strata.server.services import snapshots
 from strata.server.services.facts import endpoint_family
 from strata.server.services.layers import image_of, rules_for
+from strata.server.services.live_compliance import live_compliance
 from strata.server.services.lookup import find_endpoint
 
 
@@ -26,12 +28,16 @@ def endpoint_compliance(ctx: ServerContext, db: Session, ep: Endpoint
     if snap is None:
         return ComplianceUnavailable(endpoint=ep.id, hostname=ep.hostname,
                                      state="not centralized")
+    live = live_compliance(db, ep, a, snap)
+    if live is not None:
+        return live
     family = endpoint_family(ep)
     image = image_of(ctx, db, list(a.applied_layers), family)
     report = check_compliance(snapshots.entries(ctx, snap.id), image,
                               rules_for(ctx, db, family))
     return EndpointCompliance(endpoint=ep.id, hostname=ep.hostname, snapshot=snap.id,
-                              snapshot_time=snap.time, enforce=a.enforce, **report.to_dict())
+                              snapshot_time=snap.time, enforce=a.enforce,
+                              measured_at=snap.time, **report.to_dict())
 
 
 def compliance_report(ctx: ServerContext, endpoint: str | None = None) -> ComplianceReport:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
 
 from strata.errors import Invalid, NotFound, StrataError
 from strata.model.admin import TokenCreated, TokenInfo, TokenRequest
@@ -54,14 +55,14 @@ def create_enrollment_token(ctx: ServerContext, req: TokenRequest, *,
     expires = datetime.now(UTC) + parse_duration(req.expires) if req.expires else None
     with ctx.write() as db:
         row = EnrollmentToken(token_hash=digest(token), uses_left=req.uses, expires_at=expires,
-                              require_approval=req.require_approval)
+                              require_approval=req.require_approval, purpose=req.purpose)
         db.add(row)
         db.flush()
         tid = row.id
     audit.record(ctx, actor, "create-token", str(tid), uses=req.uses, expires=req.expires,
-                 require_approval=req.require_approval)
+                 require_approval=req.require_approval, purpose=req.purpose)
     return TokenCreated(id=tid, token=token, uses=req.uses, expires_at=expires,
-                        require_approval=req.require_approval)
+                        require_approval=req.require_approval, purpose=req.purpose)
 
 
 def _token_status(tok: EnrollmentToken, now: datetime) -> str:
@@ -84,6 +85,7 @@ def list_enrollment_tokens(ctx: ServerContext, *, all_tokens: bool = False) -> l
         listed = [TokenInfo(id=t.id, created_at=t.created_at, uses_left=t.uses_left,
                             expires_at=t.expires_at, require_approval=t.require_approval,
                             revoked=t.revoked, status=_token_status(t, now),
+                            purpose=t.purpose or "endpoint",
                             enrolled=counts.get(t.id, 0)) for t in rows]
     return listed if all_tokens else [t for t in listed if t.status == "usable"]
 
@@ -100,8 +102,9 @@ def revoke_enrollment_token(ctx: ServerContext, token_id: int, *, actor: str) ->
 
 
 def rotate_admin_token(path: Path) -> str:
-    """A new admin token in `path` (0600, replaced atomically); the caller swaps the
-    digest the server checks, so the old token is refused from the next request."""
+    """A new admin token in `path` (0600, replaced atomically); every server process on
+    that data directory re-reads it (auth.TokenFile), so the old token is refused from
+    the next request, whichever process gets it."""
     token = new_secret("sadm")
     write_token_file(path, token)
     return token
@@ -112,19 +115,7 @@ def enroll(ctx: ServerContext, req: EnrollRequest, ip: str) -> EnrollResponse:
     CVD (pending if the token asks for an administrator's approval)."""
     now = datetime.now(UTC)
     with ctx.write() as db:
-        # FOR UPDATE: another server process on the same PostgreSQL catalog waits here, so
-        # a token's last use is spent once (SQLite has no row locks; its writers take turns).
-        tok = db.scalar(select(EnrollmentToken).where(
-            EnrollmentToken.token_hash == digest(req.token)).with_for_update())
-        if tok is None or tok.revoked:
-            raise EnrollmentRefused("unknown or revoked enrollment token")
-        expires = tok.expires_at
-        if expires is not None and expires < now:
-            raise EnrollmentRefused("this enrollment token has expired")
-        if tok.uses_left is not None:
-            if tok.uses_left <= 0:
-                raise EnrollmentRefused("this enrollment token has been used up")
-            tok.uses_left -= 1
+        tok = spend_token(db, req.token, "endpoint", now)
         credential = new_secret("sdev")
         ep = Endpoint(id=str(uuid.uuid4()), hostname=req.hostname, os=req.os,
                       state="pending" if tok.require_approval else "active",
@@ -139,6 +130,28 @@ def enroll(ctx: ServerContext, req: EnrollRequest, ip: str) -> EnrollResponse:
     if req.previous_credential:
         _inherit_holdings(ctx, eid, req.previous_credential)
     return EnrollResponse(endpoint_id=eid, credential=credential, state=state)
+
+
+def spend_token(db: Session, token: str, purpose: str, now: datetime) -> EnrollmentToken:
+    """The enrollment token `token`, one use spent, if it is usable and enrolls `purpose`
+    (an endpoint or a reflector); EnrollmentRefused otherwise."""
+    # FOR UPDATE: another server process on the same PostgreSQL catalog waits here, so
+    # a token's last use is spent once (SQLite has no row locks; its writers take turns).
+    tok = db.scalar(select(EnrollmentToken).where(
+        EnrollmentToken.token_hash == digest(token)).with_for_update())
+    if tok is None or tok.revoked:
+        raise EnrollmentRefused("unknown or revoked enrollment token")
+    if (tok.purpose or "endpoint") != purpose:
+        raise EnrollmentRefused(f"this enrollment token enrolls {tok.purpose}s, not "
+                                f"{purpose}s")
+    expires = tok.expires_at
+    if expires is not None and expires < now:
+        raise EnrollmentRefused("this enrollment token has expired")
+    if tok.uses_left is not None:
+        if tok.uses_left <= 0:
+            raise EnrollmentRefused("this enrollment token has been used up")
+        tok.uses_left -= 1
+    return tok
 
 
 def _inherit_holdings(ctx: ServerContext, eid: str, previous_credential: str) -> None:

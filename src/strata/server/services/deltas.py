@@ -126,6 +126,12 @@ def _held(ctx: ServerContext, ep: Endpoint, layers: list[str]) -> list[str]:
                                *([head] if head else [])]))
 
 
+def delta_bases(ctx: ServerContext, ep: Endpoint) -> list[str]:
+    """The snapshots whose manifest the endpoint may send its new one as a delta against
+    (the same it may name as old versions of files: `_held`)."""
+    return _held(ctx, ep, sorted(allowed_snapshots(ctx, ep)))
+
+
 def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> bytes:
     """A `pack_deltas` body: a delta for each named group where one pays, nothing for the
     others (the agent fetches those by chunks)."""

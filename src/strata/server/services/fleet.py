@@ -20,8 +20,8 @@ from strata.server.catalog.models import (
 )
 from strata.server.context import ServerContext
 from strata.server.services.collections import collection_members
-from strata.server.services.operations import recent_tasks
 from strata.server.services.storage import storage_figures
+from strata.server.services.tasks import recent_tasks
 
 SEARCH_ROWS = 200  # one page of search results
 RECENT = 10

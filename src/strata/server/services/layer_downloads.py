@@ -5,11 +5,12 @@ what is assigned to it."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import zstandard
 
 from strata.errors import Forbidden, NotFound, TooLarge
-from strata.model.transfer import MAX_STREAM_BYTES, pack_stream
+from strata.model.transfer import MAX_STREAM_BYTES, pack_stream_pieces
 from strata.server.catalog.models import Endpoint
 from strata.server.context import ServerContext
 from strata.server.services import snapshots
@@ -49,9 +50,19 @@ def layer_manifest(ctx: ServerContext, ep: Endpoint, sid: str) -> bytes:
 
 
 def layer_chunks(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> bytes:
-    """Chunks of the endpoint's assigned layers, as one zstd stream. The server alone picks
-    the level (a client asking for the costliest would be a denial of service) and keeps
-    the stream: the next endpoint asking for the same batch costs no compression."""
+    """Chunks of the endpoint's assigned layers, as one zstd stream (`layer_chunk_stream`
+    read to the end)."""
+    return b"".join(layer_chunk_stream(ctx, ep, hex_ids))
+
+
+def layer_chunk_stream(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]
+                       ) -> Iterator[bytes]:
+    """Chunks of the endpoint's assigned layers, as one zstd stream, handed on piece by
+    piece as it is compressed. The server alone picks the level (a client asking for the
+    costliest would be a denial of service) and keeps the stream: the next endpoint asking
+    for the same batch costs no compression. Every check, and the reading of the chunks,
+    is done before the first piece: a refusal or an unreadable chunk is this answer's
+    status, not a broken stream."""
     ids = list(dict.fromkeys(parse_chunk_ids(hex_ids)))
     if len(allowed_chunks(ctx, ep, ids)) < len(ids):
         raise Forbidden("a requested chunk is not part of this endpoint's layers")
@@ -60,7 +71,7 @@ def layer_chunks(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> bytes:
     if sum(ctx.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:  # known before any read
         raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per request")
 
-    def make() -> bytes:
+    def load() -> list[tuple[bytes, bytes]]:
         chunks, total = [], 0
         for cid in ids:
             raw = ctx.store.load_chunk(cid)  # verified against its id on the way out
@@ -69,6 +80,7 @@ def layer_chunks(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> bytes:
                 raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per "
                                "request")
             chunks.append((cid, raw))
-        return pack_stream(chunks, DOWNLOAD_LEVEL)
+        return chunks
 
-    return ctx.streams.get_or_make(DOWNLOAD_LEVEL, ids, make)
+    return ctx.streams.stream(DOWNLOAD_LEVEL, ids,
+                              lambda: pack_stream_pieces(load(), DOWNLOAD_LEVEL))

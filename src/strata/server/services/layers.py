@@ -94,7 +94,8 @@ def save_layer(ctx: ServerContext, db: Session, *, kind: str, name: str, version
     kept = sorted((e for e in entries if rules.layer_may_carry(e.path,
                                                                  e.type is EntryType.DIR)),
                   key=lambda e: path_key(e.path))
-    manifest_bytes = b"".join(encode_manifest(kept))
+    # A layer is the same on every machine: no ctime, inode or device (model/manifest.py).
+    manifest_bytes = b"".join(encode_manifest(kept, stat_keys=False))
     store = ctx.store
     manifest = store_manifest(store, manifest_bytes)
     referenced = {c for c, _ in manifest}

@@ -1,15 +1,19 @@
 """One-off operations on endpoints, carried out by their agents at the next check-in:
 revert the system to a snapshot, restore a CVD onto new hardware, provision from
-layers, and migrations (to another base or driver layer) tracked as tasks."""
+layers, and migrations (to another base or driver layer) tracked as tasks (tasks.py)."""
 
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from strata.errors import Invalid, NotFound
+from strata.errors import Conflict, Invalid
 from strata.model.admin import (
+    MassProvisionRequest,
+    MassRevertRequest,
     MigrateRequest,
     ProvisionRequest,
     ProvisionResult,
@@ -17,13 +21,12 @@ from strata.model.admin import (
     RestoreResult,
     RevertRequest,
     RevertResult,
-    TaskEndpoint,
     TaskInfo,
 )
 from strata.model.entry import EntryType
-from strata.server.catalog.models import Assignment, Endpoint, Layer, SnapshotRecord, Task
+from strata.server.catalog.models import Assignment, Endpoint, Layer, SnapshotRecord
 from strata.server.context import ServerContext
-from strata.server.services import audit, snapshots, usage
+from strata.server.services import audit, snapshots, tasks, usage
 from strata.server.services.assignments import apply_assignment, assignment_of, set_state
 from strata.server.services.collections import targets
 from strata.server.services.facts import endpoint_family
@@ -37,16 +40,71 @@ def revert(ctx: ServerContext, ref: str, req: RevertRequest, *, actor: str) -> R
         ep = find_endpoint(db, ref)
         rec = snapshots.find_snapshot(db, ep.id, req.snapshot)
         sid = rec.id
-        a = assignment_of(db, ep)
-        layers = [db.get(Layer, i) for i in rec.layers or []]
-        a.base_id = next((r.id for r in layers if r is not None and r.kind == "base"), None)
-        a.app_ids = [r.id for r in layers if r is not None and r.kind == "app"]
-        a.operation = {"kind": "revert", "snapshot": sid, "keep_user_apps": req.keep_user_apps}
-        set_state(a, "assigned", percent=0.0)
+        _revert_assignment(db, ep, rec, req.keep_user_apps)
         eid = ep.id
     ctx.invalidate()
     audit.record(ctx, actor, "revert", eid, snapshot=sid, keep_user_apps=req.keep_user_apps)
     return RevertResult(endpoint=eid, snapshot=sid, state="assigned")
+
+
+def _revert_assignment(db: Session, ep: Endpoint, rec: SnapshotRecord,
+                       keep_user_apps: bool) -> None:
+    """The endpoint's assignment becomes the layers `rec` was taken with, plus the revert."""
+    a = assignment_of(db, ep)
+    layers = [db.get(Layer, i) for i in rec.layers or []]
+    a.base_id = next((r.id for r in layers if r is not None and r.kind == "base"), None)
+    a.app_ids = [r.id for r in layers if r is not None and r.kind == "app"]
+    a.operation = {"kind": "revert", "snapshot": rec.id, "keep_user_apps": keep_user_apps}
+    set_state(a, "assigned", percent=0.0)
+
+
+def _task_snapshot(db: Session, ep: Endpoint, which: str) -> SnapshotRecord:
+    """The snapshot a mass revert takes an endpoint back to: its latest, or the newest
+    its agent took before applying an update."""
+    if which == "latest":
+        return snapshots.find_snapshot(db, ep.id, "latest")
+    cvd = snapshots.cvd_of(db, ep.id)
+    rec = db.scalar(select(SnapshotRecord).where(
+        SnapshotRecord.cvd_id == (cvd.id if cvd else -1),
+        SnapshotRecord.trigger == "pre-update").order_by(SnapshotRecord.time.desc()).limit(1))
+    if rec is None:
+        raise Conflict(f"endpoint {ep.hostname or ep.id[:8]} has no pre-update snapshot: "
+                       "leave it out, or revert it to a snapshot by id")
+    return rec
+
+
+def revert_task(ctx: ServerContext, req: MassRevertRequest, *, actor: str) -> TaskInfo:
+    """Revert endpoints (a collection) as one tracked task, each to its own snapshot;
+    every endpoint's snapshot is found before anything changes."""
+    with ctx.write() as db:
+        eps = targets(db, req.endpoints, req.collection, False)
+        recs = {ep.id: _task_snapshot(db, ep, req.snapshot) for ep in eps}
+        task, previous = tasks.begin(db, "revert", req.model_dump(), eps)
+        for ep in eps:
+            _revert_assignment(db, ep, recs[ep.id], req.keep_user_apps)
+        tasks.enlist(db, task, eps, previous)
+        tid = task.id
+    ctx.invalidate()
+    audit.record(ctx, actor, "revert", f"task {tid}", snapshot=req.snapshot,
+                 keep_user_apps=req.keep_user_apps, endpoints=len(eps))
+    return tasks.task_info(ctx, tid)
+
+
+def provision_task(ctx: ServerContext, req: MassProvisionRequest, *,
+                   actor: str) -> TaskInfo:
+    """Provision endpoints (a collection) from layers as one tracked task."""
+    with ctx.write() as db:
+        eps = targets(db, req.endpoints, req.collection, False)
+        task, previous = tasks.begin(db, "provision", req.model_dump(), eps)
+        apply_assignment(db, eps, base=req.base, apps=req.apps, task=task)
+        for ep in eps:
+            assignment_of(db, ep).operation = {"kind": "provision"}
+        tasks.enlist(db, task, eps, previous)
+        tid = task.id
+    ctx.invalidate()
+    audit.record(ctx, actor, "provision", f"task {tid}", base=req.base, apps=req.apps,
+                 endpoints=len(eps))
+    return tasks.task_info(ctx, tid)
 
 
 def restore_to(ctx: ServerContext, ref: str, req: RestoreRequest, *,
@@ -70,10 +128,11 @@ def restore_to(ctx: ServerContext, ref: str, req: RestoreRequest, *,
                                  .where(SnapshotRecord.cvd_id == c_old.id)))
         staying = list(db.scalars(select(SnapshotRecord)
                                   .where(SnapshotRecord.cvd_id == c_new.id)))
+        moved_at = datetime.now(UTC)
         for r in moving:
-            r.cvd_id = c_new.id
+            r.cvd_id, r.moved_at = c_new.id, moved_at
         for r in staying:
-            r.cvd_id = c_old.id
+            r.cvd_id, r.moved_at = c_old.id, moved_at
         c_old.last_snapshot, c_new.last_snapshot = c_new.last_snapshot, c_old.last_snapshot
         a = assignment_of(db, new)
         a.base_id = old_a.base_id if old_a else None
@@ -135,51 +194,11 @@ def migrate(ctx: ServerContext, req: MigrateRequest, *, actor: str) -> TaskInfo:
         raise Invalid("migrate to a --base or --driver layer")
     with ctx.write() as db:
         eps = targets(db, req.endpoints, req.collection, False)
-        task = Task(kind="migrate", params=req.model_dump(), endpoints=[e.id for e in eps])
-        db.add(task)
-        db.flush()
+        task, previous = tasks.begin(db, "migrate", req.model_dump(), eps)
         apply_assignment(db, eps, base=req.base, drivers=req.drivers, task=task)
+        tasks.enlist(db, task, eps, previous)
         tid = task.id
     ctx.invalidate()
     audit.record(ctx, actor, "migrate", str(tid), base=req.base, drivers=req.drivers,
                  endpoints=len(eps))
-    return task_info(ctx, tid)
-
-
-def task_info(ctx: ServerContext, tid: int) -> TaskInfo:
-    """A task and each of its endpoints' progress (an endpoint a later assignment took
-    over is "superseded")."""
-    with ctx.session() as db:
-        task = db.get(Task, tid)
-        if task is None:
-            raise NotFound(f"no task {tid}")
-        rows = []
-        for eid in task.endpoints:
-            a, ep = db.get(Assignment, eid), db.get(Endpoint, eid)
-            hostname = ep.hostname if ep else ""
-            if a is not None and a.task_id == task.id:
-                rows.append(TaskEndpoint(endpoint=eid, hostname=hostname, state=a.state,
-                                         percent=round(a.percent, 1), detail=a.detail))
-            else:
-                rows.append(TaskEndpoint(endpoint=eid, hostname=hostname, state="superseded",
-                                         percent=0.0, detail=""))
-        done = sum(r.state == "applied" for r in rows)
-        failed = sum(r.state == "failed" for r in rows)
-        return TaskInfo(id=task.id, kind=task.kind, params=MigrateRequest(**task.params),
-                        created_at=task.created_at, endpoints=rows,
-                        progress=round(100.0 * done / len(rows), 1) if rows else 100.0,
-                        state="done" if done == len(rows)
-                        else ("failed" if failed else "running"))
-
-
-def recent_tasks(ctx: ServerContext, count: int) -> list[TaskInfo]:
-    """The latest `count` tasks, newest first."""
-    with ctx.session() as db:
-        ids = list(db.scalars(select(Task.id).order_by(Task.id.desc()).limit(count)))
-    return [task_info(ctx, t) for t in ids]
-
-
-def list_tasks(ctx: ServerContext) -> list[TaskInfo]:
-    with ctx.session() as db:
-        ids = list(db.scalars(select(Task.id).order_by(Task.id)))
-    return [task_info(ctx, t) for t in ids]
+    return tasks.task_info(ctx, tid)

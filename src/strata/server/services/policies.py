@@ -10,13 +10,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from strata.errors import Invalid, NotFound
+from strata.errors import Conflict, Invalid, NotFound
 from strata.model.admin import (
     PolicyChange,
     PolicyDocument,
     PolicyPlan,
     PolicyPlanRequest,
     RetentionLoss,
+    policy_revision,
 )
 from strata.model.wire import AgentPolicy
 from strata.server.catalog.models import Endpoint, Policy
@@ -45,11 +46,16 @@ def read_policy(ctx: ServerContext, kind: str) -> PolicyDocument:
         return get_policy(db, kind)
 
 
-def _validated(kind: str, document: dict) -> dict:
+def _validated(kind: str, document: dict, ctx: ServerContext | None = None) -> dict:
     try:
-        return validate_policy(kind, document)
+        doc = validate_policy(kind, document)
     except (ValueError, TypeError) as exc:
         raise Invalid(f"invalid {kind} policy: {exc}") from None
+    if kind == "reflectors" and ctx is not None:
+        from strata.server.services.reflectors import check_known
+
+        check_known(ctx, doc["rules"])
+    return doc
 
 
 def _changes(before: dict, after: dict) -> list[PolicyChange]:
@@ -69,7 +75,7 @@ def plan_policy(ctx: ServerContext, kind: str, req: PolicyPlanRequest) -> Policy
             proposed = req.document
         else:
             proposed = merge_policy(current, req.document)
-        doc = _validated(kind, proposed)
+        doc = _validated(kind, proposed, ctx)
         losses = []
         if kind == "retention":
             losses = [RetentionLoss(endpoint_id=c.endpoint_id, hostname=c.hostname,
@@ -77,16 +83,30 @@ def plan_policy(ctx: ServerContext, kind: str, req: PolicyPlanRequest) -> Policy
                                     revert_points_removed=c.revert_points_removed)
                       for c in plan_retention(db, doc) if c.removed]
     return PolicyPlan(kind=kind, document=doc, changes=_changes(current, doc),
-                      retention=losses)
+                      retention=losses, revision=policy_revision(current))
+
+
+def _check_revision(db: Session, kind: str, expected: str | None) -> dict:
+    """The stored document, locked for this transaction; refused if it is no longer the
+    revision the administrator reviewed (`expected`; None: no check)."""
+    row = db.get(Policy, kind, with_for_update=True)
+    current = row.document if row else DEFAULTS[kind]
+    now = policy_revision(current)
+    if expected is not None and expected != now:
+        raise Conflict(f"the {kind} policy changed since revision {expected} (it is now "
+                       f"revision {now}): review it again (strata policy diff {kind} FILE), "
+                       "or overwrite it with --force")
+    return current
 
 
 def write_policy(ctx: ServerContext, kind: str, document: PolicyDocument, *,
-                 actor: str) -> PolicyDocument:
-    """Replace the kind's document; the audit record holds what changed."""
+                 actor: str, expected: str | None = None) -> PolicyDocument:
+    """Replace the kind's document, if it is still at revision `expected` (when given);
+    the audit record holds what changed."""
     _known(kind)
-    doc = _validated(kind, document)
+    doc = _validated(kind, document, ctx)
     with ctx.write() as db:
-        before = get_policy(db, kind)
+        before = _check_revision(db, kind, expected)
         row = db.get(Policy, kind)
         if row is None:
             db.add(Policy(kind=kind, document=doc))
@@ -98,11 +118,13 @@ def write_policy(ctx: ServerContext, kind: str, document: PolicyDocument, *,
     return doc
 
 
-def reset_policy(ctx: ServerContext, kind: str, *, actor: str) -> PolicyDocument:
-    """Back to the built-in default (the stored document goes); audited with what changed."""
+def reset_policy(ctx: ServerContext, kind: str, *, actor: str,
+                 expected: str | None = None) -> PolicyDocument:
+    """Back to the built-in default (the stored document goes), if still at revision
+    `expected` (when given); audited with what changed."""
     _known(kind)
     with ctx.write() as db:
-        before = get_policy(db, kind)
+        before = _check_revision(db, kind, expected)
         row = db.get(Policy, kind)
         if row is not None:
             db.delete(row)

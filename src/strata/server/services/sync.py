@@ -5,15 +5,20 @@ endpoint has shown it holds, and reading its own snapshots back for a file resto
 from __future__ import annotations
 
 import hmac
+import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
-from strata.errors import CorruptData, Invalid, MissingChunks, TooLarge
+from strata.engine.delta import MAX_DELTA_BYTES, decode, read_deltas
+from strata.errors import CorruptData, Invalid, MissingChunks, NotFound, TooLarge
+from strata.model.ids import content_id
+from strata.model.manifest import HEADER as MANIFEST_HEADER
 from strata.model.possession import decode_proofs, proof
 from strata.model.snapshot import Snapshot, now_iso
 from strata.model.transfer import read_bundle
 from strata.model.wire import (
     CommitRequest,
+    ManifestUploadResponse,
     MissingResponse,
     ProveResponse,
     RestoreReport,
@@ -25,7 +30,7 @@ from strata.server.catalog.models import Assignment, Endpoint, SnapshotRecord, T
 from strata.server.context import ServerContext
 from strata.server.holdings import shareable_path
 from strata.server.rate_limit import RateLimiter, TooManyRequests
-from strata.server.services import audit, snapshots
+from strata.server.services import audit, deltas, snapshots
 from strata.server.services.facts import endpoint_family
 from strata.server.services.layer_downloads import allowed_chunks
 from strata.server.services.layers import rules_for
@@ -36,6 +41,9 @@ OWN_CVD = "this endpoint"  # how the agent's own CVD is named in its error messa
 PAYLOAD_OVERHEAD = 64  # a payload's flag byte, or zstd's frame around incompressible data
 MAX_PROOF_BYTES = 256 << 20  # raw bytes one proof request makes the server read and hash
 _PROOF_CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="proofs")
+_SNAPSHOT_ID = re.compile(r"[0-9a-f]{64}")
+# A manifest delta's body: the delta of a manifest of up to MAX_DELTA_BYTES and its record.
+MAX_MANIFEST_DELTA_BODY = MAX_DELTA_BYTES + (1 << 16)
 
 
 def missing_for_admin(ctx: ServerContext, uploader: str, hex_ids: list[str]) -> list[str]:
@@ -194,6 +202,52 @@ def store_bundle(ctx: ServerContext, uploader: str, data: bytes, *,
         ctx.holdings.record(uploader, chunks)
     return UploadResponse(chunks=len(chunks), stored=stored, duplicates=len(chunks) - stored,
                           bytes_stored=nbytes)
+
+
+def store_manifest_delta(ctx: ServerContext, ep: Endpoint, base: str,
+                         body: bytes) -> ManifestUploadResponse:
+    """A manifest the endpoint is about to commit, sent as a delta (strata.engine.delta,
+    one `pack_deltas` record) against the manifest of `base`: its own latest snapshot or
+    a layer it applied or is assigned (never another endpoint's). Rebuilt within the
+    record's declared size, checked against its id, cut and stored like any upload; the
+    endpoint holds the chunks. The commit then checks the manifest as it checks any."""
+    if not _SNAPSHOT_ID.fullmatch(base):
+        raise Invalid("base must be a snapshot id (64 hex digits)")
+    try:
+        records = list(read_deltas(body))
+    except CorruptData as exc:
+        raise Invalid(f"manifest delta rejected: {exc}") from None
+    if len(records) != 1:
+        raise Invalid("send exactly one manifest delta")
+    record = records[0]
+    if base not in deltas.delta_bases(ctx, ep):
+        raise NotFound(f"no snapshot or layer {base[:8]} of this endpoint to patch from")
+    if sum(n for _, n in ctx.store.load_snapshot(base).manifest) > MAX_DELTA_BYTES:
+        raise TooLarge("that manifest is too large to patch from: send it by chunks")
+    ctx.touch_upload(ep.id)
+    with ctx.deltas.computing:  # both manifests and a match window in memory
+        old = snapshots.manifest_bytes(ctx, base)
+        if content_id(old) != record.old_key:
+            raise Invalid(f"snapshot {base[:8]}'s manifest is not the one the delta was "
+                          "made against: send it by chunks")
+        try:
+            new = decode(old, record.delta, record.new_size)
+        except CorruptData as exc:
+            raise Invalid(f"manifest delta rejected: {exc}") from None
+    if content_id(new) != record.new_key:
+        raise Invalid("manifest delta rejected: the rebuilt manifest does not match its id")
+    if not new.startswith(MANIFEST_HEADER):
+        raise Invalid("manifest delta rejected: not a Strata manifest")
+    store = ctx.store
+    pieces: list[bytes | memoryview] = list(store.chunker.cut(new))
+    ids = [content_id(p) for p in pieces]
+    store.store_chunks(ids, pieces)
+    store.flush()  # durable and indexed before we acknowledge
+    ctx.holdings.record(ep.id, ids)
+    metrics.MANIFEST_DELTAS.inc()
+    return ManifestUploadResponse(manifest=[(c.hex(), len(p)) for c, p in zip(ids, pieces,
+                                                                              strict=True)],
+                                  manifest_id=record.new_key.hex())
 
 
 def commit(ctx: ServerContext, ep: Endpoint, req: CommitRequest) -> str:

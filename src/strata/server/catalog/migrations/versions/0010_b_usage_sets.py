@@ -1,15 +1,15 @@
 """usage sets: each endpoint's learned boot set and working set (pipelined restore)
 
-Revision ID: 0006_b_usage_sets
-Revises: 0005
+Revision ID: 0010_b_usage_sets
+Revises: 0009_a_reflectors
 Create Date: 2026-12-02 15:20:00.000000
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0006_b_usage_sets'
-down_revision = '0005'
+revision = '0010_b_usage_sets'
+down_revision = '0009_a_reflectors'
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,60 @@
+"""The reflector's side of its channel to the server: its own credential, the agent's HTTP
+client (retries, byte counts, pinned TLS) and the agent's resumable chunk download,
+reused rather than copied."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import zstandard
+
+from strata.agent.client import ServerClient, parse_answer
+from strata.agent.resume import fetch_chunks
+from strata.errors import CorruptData
+from strata.model.ids import ID_LEN
+from strata.model.reflector import ReflectorConfig as ServerAnswer
+from strata.model.reflector import ReflectorStats
+from strata.reflector.state import ReflectorConfig
+
+API = "/api/v1/reflector"
+MAX_CHUNK_IDS = 64 << 20  # bytes of ids a chunk list may inflate to (2 million chunks)
+
+
+class Upstream:
+    def __init__(self, cfg: ReflectorConfig, *, retries: int = 3, timeout: float = 120.0):
+        self.client = ServerClient(cfg.server, cfg.credential, retries=retries,
+                                   timeout=timeout, verify=cfg.verify)
+
+    def close(self) -> None:
+        self.client.close()
+
+    @property
+    def bytes_received(self) -> int:
+        return self.client.bytes_received
+
+    def poll(self, stats: ReflectorStats) -> ServerAnswer:
+        resp = self.client.request("POST", f"{API}/poll", json=stats.model_dump(), retries=1)
+        return parse_answer(resp, ServerAnswer)
+
+    def chunk_ids(self, sid: str, ticket: str = "") -> list[bytes]:
+        """The chunks a layer or snapshot needs, in its tree's order, as the server lists
+        them for this ticket (or for warm-up)."""
+        resp = self.client.request("POST", f"{API}/snapshots/{sid}/chunk-ids",
+                                   json={"ticket": ticket})
+        try:
+            raw = zstandard.ZstdDecompressor().stream_reader(resp.content).read(
+                MAX_CHUNK_IDS + 1)
+        except zstandard.ZstdError as exc:
+            raise CorruptData(f"the server's chunk list does not decompress: {exc}") from None
+        if len(raw) > MAX_CHUNK_IDS or len(raw) % ID_LEN:
+            raise CorruptData("the server's chunk list is malformed")
+        return [raw[i:i + ID_LEN] for i in range(0, len(raw), ID_LEN)]
+
+    def fetch(self, ids: list[bytes], keep: Callable[[bytes, bytes], None], *,
+              ticket: str = "", snapshot: str | None = None) -> list[bytes]:
+        """Download `ids` into `keep` (each verified against its id as it arrives); the
+        ids the server did not send."""
+        extra: dict[str, object] = {"ticket": ticket}
+        if snapshot:
+            extra["snapshot"] = snapshot
+        return fetch_chunks(self.client, f"{API}/chunks", ids, keep, extra=extra)

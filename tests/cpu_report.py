@@ -1,0 +1,52 @@
+"""Where the suite's CPU goes: `pytest -p cpu_report` adds, per test module, the CPU seconds
+of the test process and of every child it waited for (servers, agents, CLIs) and prints
+the heaviest modules at the end. Wall time says little on a shared 2-core machine; CPU
+seconds are what `make test` pays for on any machine.
+
+Under xdist the workers' summaries are not shown: set STRATA_CPU_REPORT=FILE and each
+process appends its lines there (`sort -rn FILE | head` after the run).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections import defaultdict
+from collections.abc import Iterator
+
+import pytest
+
+_spent: dict[str, float] = defaultdict(float)
+_calls: dict[str, int] = defaultdict(int)
+
+
+def _cpu() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    start = _cpu()
+    yield
+    module = item.nodeid.split("::", 1)[0]
+    _spent[module] += _cpu() - start
+    _calls[module] += 1
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    out = os.environ.get("STRATA_CPU_REPORT")
+    if out and _spent:
+        with open(out, "a") as f:
+            f.writelines(f"{cpu:.1f} {_calls[m]} {m}\n" for m, cpu in _spent.items())
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _spent:
+        return
+    terminalreporter.section("CPU seconds per module (test process and its children)")
+    total = sum(_spent.values())
+    for module, cpu in sorted(_spent.items(), key=lambda kv: -kv[1])[:40]:
+        terminalreporter.write_line(f"{cpu:8.1f}  {_calls[module]:4d} tests  {module}")
+    terminalreporter.write_line(f"{total:8.1f}  total")

@@ -1,0 +1,246 @@
+"""The branch reflector's pieces without processes: tickets (signed, bound to an endpoint,
+a reflector and an expiry, refused otherwise), the `reflectors` policy, the bounded chunk
+cache (verified, least recently used out), and the service's single flight (one fetch
+from the server however many agents ask at once) and authorization."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strata.agent.client import ServerRefused
+from strata.errors import CorruptData
+from strata.model.ids import content_id
+from strata.model.tickets import Ticket, TicketRefused, TicketSigner, parse_ticket, verify_ticket
+from strata.reflector.cache import ChunkCache
+from strata.reflector.service import NotAllowed, ReflectorService
+from strata.server.policies import reflectors_for, validate_policy
+
+NOW = 1_800_000_000
+RID = "11111111-2222-3333-4444-555555555555"
+LAYER = "ab" * 32
+OWN = "cd" * 32
+
+
+def ticket(**changes: object) -> Ticket:
+    fields: dict = {"endpoint": "ep-1", "reflectors": (RID,), "snapshots": frozenset({LAYER}),
+                    "own_cvd": True, "issued": NOW, "expires": NOW + 3600}
+    fields.update(changes)
+    return Ticket(**fields)
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> TicketSigner:
+    return TicketSigner(tmp_path_factory.mktemp("keys") / "tickets.key")
+
+
+# -- tickets ------------------------------------------------------------------------------
+
+
+def test_a_ticket_verifies_only_for_its_reflector_until_it_expires(signer, tmp_path):
+    text = signer.sign(ticket())
+    assert verify_ticket(text, signer.public_key, reflector=RID, now=NOW) == ticket()
+    with pytest.raises(TicketRefused, match="not for this reflector"):
+        verify_ticket(text, signer.public_key, reflector="another", now=NOW)
+    with pytest.raises(TicketRefused, match="expired"):
+        verify_ticket(text, signer.public_key, reflector=RID, now=NOW + 3600)
+    other = TicketSigner(tmp_path / "other.key")
+    with pytest.raises(TicketRefused, match="signature"):
+        verify_ticket(other.sign(ticket()), signer.public_key, reflector=RID, now=NOW)
+    assert (tmp_path / "other.key").stat().st_mode & 0o077 == 0
+
+
+def test_a_ticket_changed_after_signing_is_refused(signer):
+    body, sig = signer.sign(ticket()).split(".")
+    widened = signer.sign(ticket(snapshots=frozenset({LAYER, OWN}))).split(".")[0]
+    with pytest.raises(TicketRefused):
+        verify_ticket(f"{widened}.{sig}", signer.public_key, reflector=RID, now=NOW)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300) | st.binary(max_size=300).map(lambda b: b.hex() + "." + b.hex()))
+def test_any_text_is_a_ticket_or_one_refusal(text):
+    try:
+        parse_ticket(text)
+    except TicketRefused:
+        pass
+
+
+def test_malformed_tickets_are_refused(signer):
+    body, sig = signer.sign(ticket()).split(".")
+    for bad in ("", ".", "a.b.c", "x" * 20_000, f"{body}.!!", f"{sig}.{sig}"):
+        with pytest.raises(TicketRefused):
+            verify_ticket(bad, signer.public_key, reflector=RID, now=NOW)
+
+
+# -- the policy ----------------------------------------------------------------------------
+
+
+def test_the_reflectors_policy_is_validated_and_matched_first_rule_first():
+    doc = {"rules": [{"subnet": "10.20.0.0/16", "reflectors": ["a", "b"]},
+                     {"site": "lyon", "reflectors": ["c"]}]}
+    assert validate_policy("reflectors", doc) == doc
+    rules = doc["rules"]
+    assert reflectors_for(rules, ["10.20.3.4/24"], "lyon") == ["a", "b"]
+    assert reflectors_for(rules, ["10.30.3.4"], "lyon") == ["c"]
+    assert reflectors_for(rules, ["10.30.3.4"], "paris") == []
+    for bad, why in (({"rules": [{"reflectors": ["a"]}]}, "subnet or a site"),
+                     ({"rules": [{"site": "x", "reflectors": []}]}, "1 to 8"),
+                     ({"rules": [{"site": "x", "reflectors": ["a"] * 9}]}, "1 to 8"),
+                     ({"rules": [{"subnet": "10.0.0.300/8", "reflectors": ["a"]}]}, "subnet"),
+                     ({"rules": [{"site": "x", "reflectors": ["a"], "speed": 1}]}, "unknown"),
+                     ({"rules": "all"}, "list"), ({"rulez": []}, "unknown")):
+        with pytest.raises(ValueError, match=why):
+            validate_policy("reflectors", bad)
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+
+def chunks(n: int, size: int, seed: int) -> list[tuple[bytes, bytes]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        data = rng.randbytes(size)
+        out.append((content_id(data), data))
+    return out
+
+
+def test_the_cache_keeps_only_chunks_that_match_their_id(tmp_path):
+    cache = ChunkCache(tmp_path / "cache", 64 << 20)
+    try:
+        good, = chunks(1, 1000, 1)
+        with pytest.raises(CorruptData):
+            cache.put_many([good, (good[0], b"not it")])
+        assert cache.get(good[0]) is None  # nothing of the batch was kept
+        cache.put_many([good])
+        assert cache.get(good[0]) == good[1]
+    finally:
+        cache.close()
+
+
+def test_the_cache_stays_within_its_size_evicting_the_least_recently_used(tmp_path):
+    cache = ChunkCache(tmp_path / "cache", 16 << 20)  # the smallest
+    try:
+        puts = [chunks(15, 256 << 10, seed) for seed in range(5)]  # 3.75 MiB: a pack each
+        cache.put_many(puts[0])
+        cache.put_many(puts[1])
+        assert all(cache.get(cid) is not None for cid, _ in puts[0])  # used again
+        for batch in puts[2:]:
+            cache.put_many(batch)
+            assert cache.stored_bytes() <= cache.limit
+        assert all(cache.get(cid) is None for cid, _ in puts[1])  # least recently used
+        assert all(cache.get(cid) is not None for cid, _ in puts[0])
+        assert all(cache.get(cid) is not None for cid, _ in puts[4])
+        assert cache.evicted_bytes >= 15 * (256 << 10)
+    finally:
+        cache.close()
+
+
+# -- the service -----------------------------------------------------------------------------
+
+
+class FakeUpstream:
+    """The server as the reflector sees it: chunk lists per snapshot, chunks on request
+    (optionally held until released, or altered)."""
+
+    def __init__(self, sets: dict[str, list[bytes]], data: dict[bytes, bytes]):
+        self.sets, self.data = sets, data
+        self.fetched: list[list[bytes]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.release.set()
+        self.alter = False
+        self.bytes_received = 0
+
+    def chunk_ids(self, sid: str, ticket: str = "") -> list[bytes]:
+        if sid not in self.sets:
+            raise ServerRefused(404, "server refused (404): no such snapshot")
+        return self.sets[sid]
+
+    def fetch(self, ids: list[bytes], keep: Callable[[bytes, bytes], None], *,
+              ticket: str = "", snapshot: str | None = None) -> list[bytes]:
+        self.fetched.append(list(ids))
+        self.entered.set()
+        assert self.release.wait(30)
+        for cid in ids:
+            data = self.data[cid]
+            keep(cid, b"X" + data[1:] if self.alter else data)
+            self.bytes_received += len(data)
+        return []
+
+
+@pytest.fixture
+def world(tmp_path, signer):
+    data = dict(chunks(8, 5000, 7))
+    ids = list(data)
+    upstream = FakeUpstream({LAYER: ids[:6]}, data)
+    cache = ChunkCache(tmp_path / "cache", 64 << 20)
+    service = ReflectorService(RID, signer.public_key, cache, upstream,  # type: ignore[arg-type]
+                               clock=lambda: NOW)
+    yield service, upstream, ids, signer.sign(ticket())
+    cache.close()
+
+
+def other_agents(signer: TicketSigner, n: int) -> list[str]:
+    return [signer.sign(ticket(endpoint=f"ep-{i + 2}")) for i in range(n)]
+
+
+def test_many_agents_asking_at_once_cost_one_fetch_per_chunk(world, signer):
+    service, upstream, ids, text = world
+    upstream.release.clear()
+    results: list[list[tuple[bytes, bytes]]] = []
+    leader = threading.Thread(target=lambda: results.append(service.serve(ids[:4], text)))
+    leader.start()
+    assert upstream.entered.wait(30)  # the first one is fetching now
+    followers = [threading.Thread(target=lambda t=t: results.append(service.serve(ids[:4], t)))
+                 for t in other_agents(signer, 4)]
+    for t in followers:
+        t.start()
+    deadline = time.monotonic() + 30
+    while service.counters.misses < 20:  # all five are waiting for the one fetch
+        assert time.monotonic() < deadline
+        threading.Event().wait(0.01)
+    upstream.release.set()
+    for t in [leader, *followers]:
+        t.join(30)
+    assert upstream.fetched == [ids[:4]]  # once, however many asked
+    assert len(results) == 5 and all([c for c, _ in r] == ids[:4] for r in results)
+    assert service.serve(ids[:4], text) and upstream.fetched == [ids[:4]]  # now a hit
+    assert service.counters.hits == 4
+
+
+def test_a_ticket_reads_only_the_chunks_of_what_it_names(world):
+    service, upstream, ids, text = world
+    with pytest.raises(NotAllowed):
+        service.serve([ids[6]], text)  # a chunk of no snapshot the ticket names
+    with pytest.raises(NotAllowed):
+        service.serve([ids[0]], text, snapshot=OWN)  # the server does not confirm it
+    with pytest.raises(TicketRefused):
+        service.serve([ids[0]], text.replace(".", ".A", 1))
+    assert upstream.fetched == []
+    assert service.counters.refused == 3
+
+
+def test_a_chunk_the_server_sends_wrong_is_never_cached_or_served(world):
+    service, upstream, ids, text = world
+    upstream.alter = True
+    with pytest.raises(CorruptData):
+        service.serve(ids[:2], text)
+    assert service.cache.missing(ids[:2]) == ids[:2]
+    upstream.alter = False
+    assert [c for c, _ in service.serve(ids[:2], text)] == ids[:2]
+
+
+def test_path_is_not_part_of_the_cache(tmp_path: Path):
+    # A cache folder that holds something else is refused, not taken over.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="not empty"):
+        ChunkCache(tmp_path / "cache", 64 << 20)
