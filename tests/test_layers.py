@@ -344,8 +344,10 @@ def test_full_restore_to_new_hardware(world):
                  new.endpoint_id, "--yes").stdout
     assert "that match the do-not-download rule too" in said, said
     out = new.run_once()
-    assert out["update"]["state"] == "ready", out
-    strata_json(*new.cmd("apply"))
+    # Pipelined (the default): laid down in that cycle, boot set first; no restart needed.
+    assert out["update"]["state"] == "applied", out
+    assert strata_json(*new.cmd("apply"))["state"] == "nothing-to-apply"
+    assert new.status()["restore"]["phase"] == "complete"
     now = tree_state(new_root)
     # Identity and user data follow the CVD; drivers were chosen for the new hardware.
     assert (new_root / "etc/hostname").read_text() == "endpoint-1\n"
