@@ -48,6 +48,8 @@ def test_version():
     (("backup", "st"), ["Missing argument 'source'"]),
     (("init", "x", "--chunk-avg", "LOTS"), ["not a size: 'LOTS'"]),
     (("forget", "st", "--keep-last", "-5"), ["--keep-last must be >= -1", "-5"]),
+    (("forget", "st", "--keep-last", "LOTS"), ["--keep-last: 'LOTS' is not a whole number"]),
+    (("forget", "st", "--keep-daily=1.5"), ["--keep-daily: '1.5' is not a whole number"]),
     (("init", "zero", "--pack-size", "0"), ["pack size 0 bytes is out of range"]),
     (("init", "huge", "--pack-size", "100GiB"), ["out of range: give 64KiB to 1GiB"]),
     (("ls", "st", "latest", "nope/x"), ["not in snapshot", "nope/x"]),

@@ -146,6 +146,11 @@ def test_the_server_bounds_and_scopes_what_an_endpoint_reports(world):
     resp = http.post("/api/v1/agent/compliance", json={**good, "key": "0" * 24})
     assert resp.json() == {"recorded": False, "reason": "not the applied desired state"}
     assert admin_report(world, rc=0)["changed"] == []
+    # What the endpoint says is shown as text, never run by the admin's terminal.
+    hostile = {**good, "changed": ["usr/bin/\x1b]0;owned\x07\x1b[2Jtool"]}
+    assert http.post("/api/v1/agent/compliance", json=hostile).json()["recorded"] is True
+    out = admin(world, "compliance", "--endpoint", world.agent.endpoint_id, rc=1).stdout
+    assert "\x1b" not in out and "\x07" not in out and "changed: usr/bin/" in out
     # Without a device credential: refused.
     import httpx
 

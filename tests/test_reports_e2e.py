@@ -11,7 +11,15 @@ import json
 
 import pytest
 
-from server_fixtures import Agent, Server, centralized, strata, write_random
+from server_fixtures import (
+    Agent,
+    Server,
+    centralized,
+    device,
+    enroll_request,
+    strata,
+    write_random,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -96,3 +104,17 @@ def test_storage_report_per_cvd(world):
     assert "Share of store" in strata("report", "storage", "--server", server.url,
                                       "--admin-token-file", server.token_file).stdout
 
+
+
+def test_a_hostile_hostname_reaches_the_terminal_without_control_characters(world):
+    server, _ = world
+    resp = enroll_request(server, server.create_token(), "evil\x1b]0;owned\x07\x1b[31m\nrow")
+    assert resp.status_code == 200, resp.text
+    with device(server, resp.json()["credential"]) as http:
+        sent = http.post("/api/v1/agent/software", json={"packages": [
+            {"name": "openssl", "version": "0.9.8", "arch": "amd64", "manager": "dpkg"}]})
+        assert sent.status_code == 200, sent.text
+    for fmt in ("--csv", None):
+        out = _report(server, "software", "--package", "openssl", *([fmt] if fmt else []))
+        assert "\x1b" not in out and "\x07" not in out, out
+        assert "evil" in out and "0.9.8" in out

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from sqlalchemy import create_engine
 
 from server_fixtures import (
     MIB,
@@ -39,6 +40,7 @@ from server_fixtures import (
     wait_for,
     write_random,
 )
+from strata.store.pg_shared import PgShared
 
 pytestmark = pytest.mark.e2e
 
@@ -165,6 +167,23 @@ def test_prune_on_one_process_while_the_other_takes_uploads_loses_nothing(world,
     assert not r["errors"], r
     assert file_map(out) == {k: v for k, v in file_map(root).items()
                              if k.split("/")[0] in ("home", "etc", "usr")}
+
+
+def test_maintenance_runs_in_one_process_at_a_time(world):
+    """While one process holds the maintenance lock (here: the test, as a third process
+    would), another is refused with a 409 rather than pruning beside it."""
+    store_id = httpx.get(world.one.url + "/api/v1/health", timeout=30).json()["store"]
+    engine = create_engine(world.one.catalog.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        _, coordination = PgShared(engine.raw_connection).open(store_id)
+        with coordination.exclusive("maintenance", what="maintenance"):
+            busy = httpx.post(world.two.url + "/api/v1/admin/maintenance", timeout=60,
+                              headers={"Authorization": f"Bearer {world.two.admin_token}"})
+            assert busy.status_code == 409, busy.text
+            assert "running in another server process" in busy.json()["detail"]
+        assert "prune" in world.two.admin("POST", "/maintenance")  # free again
+    finally:
+        engine.dispose()
 
 
 def test_kill_9_of_one_process_mid_upload_loses_nothing(world, tmp_path):

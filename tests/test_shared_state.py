@@ -102,6 +102,26 @@ def test_prune_and_maintenance_locks_are_one_holder_at_a_time(pg):
         pass
 
 
+def test_a_prune_that_lost_its_lock_with_its_connection_stops(pg):
+    """A cut connection releases the advisory lock: another process may start a prune, so
+    the first one checks before its irreversible step (engine/prune.py) and stops."""
+    _, one = PgShared(pg().raw_connection).open("s")
+    _, two = PgShared(pg().raw_connection).open("s")
+    with one.exclusive("prune", what="prune") as job:
+        job.confirm()
+        cur = job.conn.cursor()
+        cur.execute("SELECT pg_backend_pid()")
+        pid = cur.fetchone()[0]
+        killer = pg().raw_connection()
+        killer.cursor().execute("SELECT pg_terminate_backend(%s)", (pid,))
+        killer.commit()
+        killer.close()
+        with pytest.raises(StoreLocked, match="its lock's database connection was lost"):
+            job.confirm()
+        with two.exclusive("prune", what="prune") as other:  # free for another process
+            other.confirm()
+
+
 def test_commit_lock_excludes_other_processes(pg):
     _, one = PgShared(pg().raw_connection).open("s")
     _, two = PgShared(pg().raw_connection).open("s")

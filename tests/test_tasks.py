@@ -9,6 +9,7 @@ endpoint's own credential, as a real agent sends them."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,8 +34,14 @@ def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture()
 def fleet(tmp_path: Path) -> Iterator[SimpleNamespace]:
+    with _fleet(tmp_path) as f:
+        yield f
+
+
+@contextmanager
+def _fleet(tmp_path: Path, catalog: str = "") -> Iterator[SimpleNamespace]:
     """Three enrolled endpoints in collection `lab`, base layers os:1 and os:2."""
-    app = create_app(ServerSettings(data_dir=tmp_path / "data"))
+    app = create_app(ServerSettings(data_dir=tmp_path / "data", catalog_url=catalog))
     ctx: ServerContext = app.state.ctx
     token = (tmp_path / "data/admin.token").read_text().strip()
     with TestClient(app) as client:
@@ -294,3 +301,18 @@ def test_a_task_from_before_members_recorded_anything_is_not_cancelled(fleet):
             m.previous, m.target = {}, {}
     task = fleet.client.post(f"{ADMIN}/tasks/{task['id']}/cancel").json()
     assert task["counts"] == {"assigned": 3}
+
+
+def test_cancel_and_retry_on_both_catalog_databases(catalogs, tmp_path):
+    """The cancel locks the members' assignments (FOR UPDATE on PostgreSQL) and reads
+    them back alike on both databases."""
+    with _fleet(tmp_path, catalogs.url(tmp_path)) as f:
+        task = _assign(f, "os:2")
+        _report(f, "pc-1", "downloading")
+        task = f.client.post(f"{ADMIN}/tasks/{task['id']}/cancel").json()
+        assert task["counts"] == {"downloading": 1, "cancelled": 2}
+        task = f.client.post(f"{ADMIN}/tasks/{task['id']}/retry").json()
+        assert task["counts"] == {"downloading": 1, "assigned": 2}
+        assert {e["attempts"] for e in task["endpoints"]} == {1, 2}
+        listed = f.client.get(f"{ADMIN}/tasks").json()
+        assert listed[-1]["counts"] == task["counts"]

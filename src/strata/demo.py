@@ -19,14 +19,18 @@ WORDS = ("quarterly budget endpoint layer driver image snapshot restore policy l
          "office travel invoice meeting roadmap customer support network update").split()
 
 
-def run(*args: str, quiet: bool = False, codes: tuple[int, ...] = (0,)) -> str:
+def run(*args: str, quiet: bool = False, codes: tuple[int, ...] = (0,),
+        progress: bool = False) -> str:
     """Run a strata command, echoing it; its output too unless `quiet`. An exit code
-    outside `codes` stops the demo (compliance exits 1 when it finds drift)."""
+    outside `codes` stops the demo (compliance exits 1 when it finds drift). `progress`:
+    its bar (with an ETA) is drawn on the terminal, for the waits of more than a moment."""
     cmd = ["strata", *args]
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     exe = Path(sys.executable).with_name("strata")
-    out = subprocess.run([str(exe), *args], text=True, stdout=subprocess.PIPE,
-                         env={**os.environ, "STRATA_NO_PROGRESS": "1", "COLUMNS": "110"})
+    env = {**os.environ, "COLUMNS": "110"}
+    if not progress:
+        env["STRATA_NO_PROGRESS"] = "1"
+    out = subprocess.run([str(exe), *args], text=True, stdout=subprocess.PIPE, env=env)
     if out.returncode not in codes:
         raise subprocess.CalledProcessError(out.returncode, cmd, out.stdout)
     if not quiet:
@@ -317,18 +321,18 @@ def layer_tour(work: Path, image: Path, admin: Path, names: tuple[str, ...]) -> 
         "corp-os:2", *tok)
     run("assign", "--all", "--base", "corp-os:2", *tok)
     print("\n# Each agent checks in, downloads in the background only what it lacks, and "
-          "reports ready.\n# (The first one waits a minute or two while the server "
-          "compresses this batch once, hard; the others get the same bytes at once.)",
-          flush=True)
+          "reports ready.\n# (The first one takes a minute or two while the server "
+          "compresses this batch once, hard, and sends it as it goes: its bar shows the "
+          "ETA;\n# the others get the same bytes at once.)", flush=True)
     got = {}
     for name in names:
-        out = json.loads(run("agent", "run", "--once", "--state", str(work / "agents" / name),
-                             "--json", quiet=True))
-        got[name] = out["update"]["bytes_downloaded"]
+        state = work / "agents" / name
+        run("agent", "run", "--once", "--state", str(state), quiet=True, progress=True)
+        got[name] = json.loads((state / "update.json").read_text())["downloaded"]
     run("endpoint", "list", *tok)
     print("# At restart each agent applies: pre-update snapshot, then a journaled switch.")
     for name in names:
-        run("agent", "apply", "--state", str(work / "agents" / name))
+        run("agent", "apply", "--state", str(work / "agents" / name), progress=True)
     run("endpoint", "list", *tok)
     for name in names:
         print(f"{name}: downloaded {got[name] / 2**20:.2f} MiB for a "

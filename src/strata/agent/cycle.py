@@ -27,6 +27,7 @@ from strata.agent.centralize import (
 from strata.agent.client import ServerClient, ServerUnreachable
 from strata.agent.drift import tree_changed
 from strata.agent.live_compliance import LiveCompliance
+from strata.agent.notify import prompt_restart, ready_detail
 from strata.agent.software import report_software
 from strata.agent.state import AgentState, Credential
 from strata.agent.update import (
@@ -38,6 +39,7 @@ from strata.agent.update import (
     on_checkin,
     recover,
 )
+from strata.agent.usage import SessionClock, learn_and_report, send_with
 from strata.engine.progress import Progress
 from strata.errors import StrataError
 from strata.model.update import UpdateState
@@ -222,6 +224,11 @@ def _after_checkin(ctx: AgentContext, client: ServerClient, info: CheckinRespons
         desired = info.desired
         result.update = ctx.with_progress("layer download", lambda p: on_checkin(
             client, st, tree, desired, central, progress=p)) or result.update
+    if result.update is not None and result.update.state == UpdateState.READY:
+        prompt_restart(st.path, result.update.key, ready_detail(st.update()), ctx.clock())
+    with contextlib.suppress(StrataError, OSError):  # a hint for restores: the next cycle
+        learn_and_report(st.path, root, lambda: st.parent()[1], send_with(client),
+                         clock=SessionClock(now=ctx.clock))
     _measure_compliance(ctx, client, info, tree, result)
 
 

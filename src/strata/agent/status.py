@@ -9,6 +9,7 @@ from datetime import datetime
 from strata.agent.access import Access, AccessDenied
 from strata.agent.cycle import AgentContext, last_bandwidth
 from strata.agent.location import read_site
+from strata.agent.pipeline import restore_status
 from strata.agent.signing import pinned_fingerprint
 from strata.errors import StrataError
 from strata.model.bandwidth import BYTES_PER_KBPS
@@ -35,6 +36,9 @@ class AgentStatus:
     site: str | None = None  # as reported at check-in (`strata agent site`)
     # The caps in force now by the endpoint's clock (the last check-in's rules), kbps.
     bandwidth_kbps: dict = field(default_factory=dict)
+    # A pipelined restore onto this endpoint (agent/pipeline.py): phase, usable_after_s,
+    # complete_after_s, bytes_total, bytes_done; None: there was none.
+    restore: dict | None = None
 
     @property
     def server_reachable(self) -> bool:
@@ -51,7 +55,8 @@ class AgentStatus:
                 "applied_layers_key": self.applied_layers_key,
                 "compliance": self.compliance,
                 "signing_root": self.signing_root, "server_trust": self.server_trust,
-                "site": self.site, "bandwidth_kbps": self.bandwidth_kbps}
+                "site": self.site, "bandwidth_kbps": self.bandwidth_kbps,
+                "restore": self.restore}
 
 
 def probe_access(ctx: AgentContext) -> tuple[Access, str]:
@@ -87,7 +92,7 @@ def read_status(ctx: AgentContext) -> AgentStatus:
         applied_layers_key=st.applied_key(), compliance=doc.get("compliance") or {},
         signing_root=pinned_fingerprint(st),
         server_trust=cred.server_trust, site=read_site(st.path),
-        bandwidth_kbps=_caps_now(last_bandwidth(st)))
+        bandwidth_kbps=_caps_now(last_bandwidth(st)), restore=restore_status(st.path))
 
 
 def _caps_now(limits: BandwidthLimits | None) -> dict:

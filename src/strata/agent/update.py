@@ -596,6 +596,11 @@ def on_checkin(client: ServerClient, state: AgentState, tree: LocalTree,
         approval = approve_update(client, state, desired, root)
         if desired.key == state.applied_key():
             return repair(client, state, tree, desired, centralize, approval)
+        if desired.pipelined and desired.operation == "restore":
+            from strata.agent.pipeline import restore_pipelined  # it builds on this module
+
+            return restore_pipelined(client, state, tree, desired, approval, centralize,
+                                     progress)
         result = prepare(client, state, root, desired, current_entries(state, tree), approval,
                          progress)
     except LayerRefused as exc:

@@ -16,7 +16,7 @@ from strata.errors import StrataError
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, print_model
 from .confirm import YES, confirm
-from .output import console, err_console, plural, print_json
+from .output import console, err_console, iso_time, plural, print_json
 from .secrets import write_secret_file
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def token_list(all_tokens: bool = typer.Option(False, "--all", help="Also expire
 
 
 def _when(value: datetime | None) -> str:
-    return value.isoformat(timespec="seconds") if value else ""
+    return iso_time(value)
 
 
 @token_app.command("revoke")

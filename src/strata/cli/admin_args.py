@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from .admin_client import AdminClient
 
 SERVER = typer.Option(None, "--server", envvar="STRATA_SERVER", help="Server URL.")
-TOKEN_FILE = typer.Option(None, "--admin-token-file", help="File with the admin token "
-                          "(or set STRATA_ADMIN_TOKEN).")
+TOKEN_FILE = typer.Option(None, "--admin-token-file", envvar="STRATA_ADMIN_TOKEN_FILE",
+                          help="File with the admin token (or set STRATA_ADMIN_TOKEN to "
+                          "the token itself).")
 JSON = typer.Option(False, "--json", help="Print JSON.")
 
 NAME_RE, VERSION_RE = re.compile(LAYER_NAME), re.compile(LAYER_VERSION)

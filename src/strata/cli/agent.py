@@ -32,6 +32,7 @@ from .output import (
     iso_time,
     print_error,
     print_json,
+    restore_totals,
     run_with_progress,
 )
 from .secrets import read_secret
@@ -348,7 +349,9 @@ def snapshots(state: Path | None = STATE, json: bool = JSON) -> None:
 @app.command()
 def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relative to the "
                                               "endpoint root, e.g. home/alice/report.txt)."),
-            snapshot: str = typer.Option("latest", "--snapshot", help="Snapshot id or prefix."),
+            snapshot: str | None = typer.Option(None, "--snapshot", help="Snapshot id or "
+                                                "prefix (default: the latest, or during a "
+                                                "pipelined restore the one it lays down)."),
             to: Path | None = typer.Option(None, "--to", help="Restore under this directory "
                                            "instead of in place."),
             full_metadata: bool = typer.Option(
@@ -360,6 +363,7 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     that differs from the snapshot's version is kept beside it (NAME.strata-TIME) after a
     confirmation (--yes for scripts)."""
     from strata.agent.cycle import last_bandwidth
+    from strata.agent.pipeline import restoring_snapshot
     from strata.agent.remote_source import RemoteSource
     from strata.engine.restore import restore as run_restore
     from strata.engine.restore_inplace import (
@@ -372,6 +376,9 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
 
     st = _state(state)
     cred = st.credential()
+    # A file that a pipelined restore has not laid down yet comes from that restore's
+    # snapshot at once (the restore then finds it in place).
+    snapshot = snapshot or restoring_snapshot(st.path) or "latest"
     client = _client(cred)
     client.follow(last_bandwidth(st))  # the caps of the last check-in, by the local clock
     try:
@@ -422,23 +429,6 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
                           "out: --full-metadata restores them", highlight=False)
     if result.errors:
         raise typer.Exit(1)
-
-
-def restore_totals(source: object, snap: object, paths: list[str],
-                   progress: EngineProgress) -> None:
-    """What a restore of `paths` writes, for the bar's ETA (beside the restore)."""
-    import contextlib
-
-    from strata.engine.restore import select_entries
-    from strata.model.entry import EntryType
-
-    files = size = 0
-    with contextlib.suppress(Exception):  # only an estimate: the restore says what failed
-        for e in select_entries(source, snap, paths):  # type: ignore[arg-type]
-            if e.type is EntryType.FILE:
-                files += 1
-                size += e.size
-        progress.total_files, progress.total_bytes = files, size
 
 
 @app.command("portal-password")
@@ -516,4 +506,50 @@ def status(state: Path | None = STATE, json: bool = JSON) -> None:
                      f"{iso_time(c['time'])} ({c.get('drift', 0)} drifted)")
     lines.append(f"on the wire: sent {human_bytes(out.bytes_sent)}, received "
                  f"{human_bytes(out.bytes_received)}")
+    if out.restore is not None:
+        r = out.restore
+        lines.append(f"restore: {r['phase']}, {human_bytes(r['bytes_done'])} of "
+                     f"{human_bytes(r['bytes_total'])} in place"
+                     + (f"; usable after {r['usable_after_s']} s" if r["usable_after_s"]
+                        is not None else "; not usable yet (boot set arriving)")
+                     + (f"; complete after {r['complete_after_s']} s"
+                        if r["complete_after_s"] is not None else ""))
     console.print("\n".join(lines), highlight=False)
+
+
+@app.command("install-service")
+def install_service(state: Path | None = STATE,
+                    root: Path | None = typer.Option(None, "--root", help="Install into "
+                                                     "this root (an image, a mounted disk): "
+                                                     "ROOT/etc/systemd/system; default /."),
+                    unit_dir: Path | None = typer.Option(None, "--unit-dir", help="Write the "
+                                                         "units here instead (not enabled)."),
+                    strata: str | None = typer.Option(None, "--strata", help="The strata "
+                                                      "command the units run (default: this "
+                                                      "one)."),
+                    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would "
+                                                 "be written and run; change nothing."),
+                    json: bool = JSON) -> None:
+    """Write systemd units for the agent daemon and for the boot-time apply (a downloaded
+    update is applied at the next boot, before the display manager), and enable them when
+    they go into the system's own unit directory."""
+    import shutil
+    import sys
+
+    from strata.agent.service import install_service as install
+    from strata.agent.service import unit_dir_for
+
+    command = strata or shutil.which("strata") or str(Path(sys.argv[0]).resolve())
+    out = install(command, unit_dir=unit_dir_for(root, unit_dir),
+                  state=state.resolve() if state is not None else None, dry_run=dry_run)
+    if json:
+        print_json(out.to_dict())
+        return
+    for name in out.written or out.units:
+        console.print(("would write " if dry_run else "wrote ") + str(Path(out.unit_dir, name)
+                                                                      if dry_run else name),
+                      markup=False, highlight=False)
+    if out.enabled:
+        console.print("enabled: " + ", ".join(out.units), markup=False, highlight=False)
+    if out.note:
+        console.print(out.note, markup=False, highlight=False)

@@ -161,24 +161,33 @@ def _done(doc: BaseModel, signed: int | None, json: bool, text: str) -> None:
 
 @endpoint_app.command("restore")
 def endpoint_restore(endpoint: str, to_endpoint: str = typer.Option(..., "--to-endpoint"),
+                     whole: bool = typer.Option(False, "--whole", help="Download it all "
+                                                "first and switch at the next restart, "
+                                                "instead of the boot set first."),
                      keys: Path | None = KEYS, passphrase_file: Path | None = PASSPHRASE_FILE,
                      yes: bool = YES, server: str | None = SERVER,
                      admin_token_file: Path | None = TOKEN_FILE, json: bool = JSON) -> None:
     """Full restore of an endpoint's CVD onto new hardware (drivers chosen again); signed
-    with --keys. Asks first: the new machine's own files are replaced (--yes for
-    scripts)."""
+    with --keys. Pipelined: the files it reads at boot and login first (usable then), the
+    rest while the user works. Asks first: the new machine's own files are replaced
+    (--yes for scripts)."""
     from strata.model.admin import RestoreRequest
 
     from .admin_client import build
 
-    req = build(RestoreRequest, to_endpoint=to_endpoint)
+    req = build(RestoreRequest, to_endpoint=to_endpoint, pipelined=not whole)
     _confirm_restore(client(server, admin_token_file), endpoint, to_endpoint, yes)
     pub = publisher_for(server, admin_token_file, keys, passphrase_file, required=True)
     doc = client(server, admin_token_file).restore(endpoint, req)
     signed = None if pub is None else signed_after("the restore", lambda: pub.sign_operation(
         doc.to, "restore", snapshot=doc.snapshot))
+    order = (f"; boot set of {doc.boot_set} file(s) first, then {doc.working_set} of the "
+             "working set, then the rest" if doc.boot_set else
+             "; no boot set learned: the system first, then user data") \
+        if doc.pipelined else "; whole, at the next restart"
     _done(doc, signed, json,
           f"CVD of {doc.from_[:8]} moves to {doc.to[:8]} (snapshot {doc.snapshot[:8]})"
+          + order
           + (f"; all of its own files come along, the {doc.own_do_not_download} that match "
              "the do-not-download rule too (that rule applies to layers)"
              if doc.own_do_not_download else ""))
@@ -346,7 +355,7 @@ def endpoint_export(endpoint: str,
     """Export a snapshot (or one folder of it) into a folder or a tar/zip file."""
     from strata.engine.restore import restore as run_restore
 
-    from .output import err_console, run_with_progress
+    from .output import err_console, restore_totals, run_with_progress
     from .snapshot_source import AdminSnapshotSource
 
     archive = to.suffix.lower() in (".tar", ".zip")
@@ -364,9 +373,10 @@ def endpoint_export(endpoint: str,
                               highlight=False)
             return
         snap = src.snapshot()
+        includes = [path] if path.strip("/") else []
         result = run_with_progress("export", lambda p: run_restore(
-            src, snap, to, includes=[path] if path.strip("/") else None,  # type: ignore[arg-type]
-            progress=p), json_mode=json)
+            src, snap, to, includes=includes or None, progress=p),  # type: ignore[arg-type]
+            counter=lambda p: restore_totals(src, snap, includes, p), json_mode=json)
     if json:
         print_json(result.to_dict())
     else:

@@ -27,7 +27,16 @@ from .admin_args import (
     print_model,
 )
 from .confirm import YES, confirm
-from .output import console, err_console, human_bytes, iso_time, print_json, run_with_progress
+from .output import (
+    clean,
+    console,
+    count_tree,
+    err_console,
+    human_bytes,
+    iso_time,
+    print_json,
+    run_with_progress,
+)
 from .signing import KEYS, PASSPHRASE_FILE, publisher_for, signable_refs, signed_after
 
 if TYPE_CHECKING:
@@ -93,7 +102,8 @@ def _upload_tree(api: AdminClient, directory: Path, family: str, before: Path | 
                                   excludes=rules.capture_excludes())
             after = run_with_progress("scan", lambda p: archive_tree(
                 hash_only, directory, parent_entries=None,
-                excludes=rules.capture_excludes(), progress=p), json_mode=json)
+                excludes=rules.capture_excludes(), progress=p),
+                counter=lambda p: count_tree(str(directory), p), json_mode=json)
             entries, gone = app_difference(decode_manifest([hashed.manifest_bytes]),
                                            decode_manifest([after.manifest_bytes]))
             manifest_bytes = b"".join(encode_manifest(entries, stat_keys=False))
@@ -102,7 +112,8 @@ def _upload_tree(api: AdminClient, directory: Path, family: str, before: Path | 
         else:
             archive = run_with_progress("capture", lambda p: archive_tree(
                 sink, directory, parent_entries=None, excludes=rules.capture_excludes(),
-                progress=p, stat_keys=False), json_mode=json)
+                progress=p, stat_keys=False), counter=lambda p: count_tree(str(directory), p),
+                json_mode=json)
             manifest_bytes = archive.manifest_bytes
         manifest = store_manifest(sink, manifest_bytes)
         sink.flush()
@@ -562,8 +573,8 @@ def _print_task(doc: TaskInfo) -> None:
                   f"endpoint(s) done" + (f" ({counts})" if counts else ""), highlight=False)
     for r in doc.endpoints:
         again = f" (attempt {r.attempts})" if r.attempts > 1 else ""
-        console.print(f"  {r.endpoint[:8]} {r.hostname}: {r.state} {r.percent}%{again} "
-                      f"{r.detail}".rstrip(), highlight=False)
+        console.print(f"  {r.endpoint[:8]} {clean(r.hostname)}: {r.state} {r.percent}%"
+                      f"{again} {clean(r.detail)}".rstrip(), highlight=False)
 
 
 @task_app.command("list")
@@ -599,7 +610,7 @@ def _members(api: AdminClient, collection: str | None, endpoints: list[str] | No
         ids = found[0].endpoints
     else:
         ids = endpoints or []
-    return [f"{(d := api.endpoint(e)).hostname} ({d.id[:8]})" for e in ids]
+    return [f"{clean((d := api.endpoint(e)).hostname)} ({d.id[:8]})" for e in ids]
 
 
 @task_app.command("revert")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib import import_module
 
@@ -84,6 +85,26 @@ def _os_error(exc: OSError) -> str:
     return f"{name}: {reason}" if name else reason
 
 
+def _not_a_number(exc: cli_exc.UsageError, argv: list[str]) -> str | None:
+    """A number option given something else, in plain words with the value at fault
+    (click says "Input should be a valid integer, unable to parse string as an
+    integer", without the value)."""
+    text = exc.format_message()
+    if not isinstance(exc, cli_exc.BadParameter) or exc.param is None or \
+            not re.search(r"valid (integer|number)", text):
+        return None
+    kind = "a whole number" if "integer" in text else "a number"
+    opts = [o for o in getattr(exc.param, "opts", []) if o.startswith("-")]
+    name = opts[0] if opts else str(getattr(exc.param, "name", "") or "value").upper()
+    for i, word in enumerate(argv):
+        for opt in opts:
+            if word == opt and i + 1 < len(argv):
+                return f"{name}: {argv[i + 1]!r} is not {kind}"
+            if word.startswith(opt + "="):
+                return f"{name}: {word[len(opt) + 1:]!r} is not {kind}"
+    return f"{name}: not {kind}"
+
+
 def main() -> None:
     try:
         # Not standalone: click would print usage errors as a boxed panel of several
@@ -94,7 +115,7 @@ def main() -> None:
         sys.exit(2)
     except cli_exc.UsageError as exc:
         where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-        print_error(exc.format_message() + where)
+        print_error(_not_a_number(exc, sys.argv) or exc.format_message() + where)
         sys.exit(2)
     except cli_exc.ClickException as exc:
         print_error(exc.format_message())

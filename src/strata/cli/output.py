@@ -177,6 +177,23 @@ def count_tree(root: str, progress: EngineProgress) -> None:
     progress.total_files, progress.total_bytes = files, size
 
 
+def restore_totals(source: object, snap: object, paths: list[str],
+                   progress: EngineProgress) -> None:
+    """What a restore of `paths` writes, for the bar's ETA (beside the restore)."""
+    import contextlib
+
+    from strata.engine.restore import select_entries
+    from strata.model.entry import EntryType
+
+    files = size = 0
+    with contextlib.suppress(Exception):  # only an estimate: the restore says what failed
+        for e in select_entries(source, snap, paths):  # type: ignore[arg-type]
+            if e.type is EntryType.FILE:
+                files += 1
+                size += e.size
+        progress.total_files, progress.total_bytes = files, size
+
+
 def run_with_progress(label: str, work: Callable[[EngineProgress], T],
                       counter: Callable[[EngineProgress], None] | None = None,
                       json_mode: bool = False) -> T:

@@ -13,11 +13,17 @@ from strata.errors import StrataError
 from strata.model.csv_table import csv_text
 
 from .admin_args import JSON, SERVER, TOKEN_FILE, client, print_model
-from .output import console, human_bytes, iso_time
+from .output import clean, console, human_bytes, iso_time
 
 report_app = typer.Typer(help="Reports: installed software, storage per CVD.",
                          no_args_is_help=True)
 CSV = typer.Option(False, "--csv", help="Print CSV (one header line).")
+
+
+def _cleaned(rows: list[list[object]]) -> list[list[str]]:
+    """Hostnames come from endpoints: no control character reaches the terminal, CSV or
+    not (an escape sequence in a cell would run there)."""
+    return [[clean(v) for v in row] for row in rows]
 
 
 def _one_format(csv: bool, json: bool) -> None:
@@ -48,11 +54,11 @@ def report_software(package: str = typer.Option("", "--package", help="A package
         rows = [[r.endpoint, r.hostname, r.name, r.version, r.arch, r.manager]
                 for r in doc.rows]
     if csv:
-        sys.stdout.write(csv_text(header, rows))
+        sys.stdout.write(csv_text(header, _cleaned(rows)))
         return
     table = Table(*(h.capitalize() for h in header))
     for row in rows:
-        table.add_row(*(str(v)[:8] if h == "endpoint" else str(v)
+        table.add_row(*(str(v)[:8] if h == "endpoint" else clean(v)
                         for h, v in zip(header, row, strict=True)))
     console.print(table)
     shown = len(rows)
@@ -75,12 +81,12 @@ def report_storage(csv: bool = CSV, json: bool = JSON, server: str | None = SERV
     rows = [[c.endpoint, c.hostname, c.snapshots, c.logical_bytes, c.unique_bytes,
              c.unique_stored_bytes, c.share] for c in doc.cvds]
     if csv:
-        sys.stdout.write(csv_text(header, rows))
+        sys.stdout.write(csv_text(header, _cleaned(rows)))
         return
     table = Table("Endpoint", "Host", "Snapshots", "Logical", "Unique", "Stored",
                   "Share of store")
     for c in doc.cvds:
-        table.add_row(c.endpoint[:8], c.hostname, str(c.snapshots), human_bytes(
+        table.add_row(c.endpoint[:8], clean(c.hostname), str(c.snapshots), human_bytes(
             c.logical_bytes), human_bytes(c.unique_bytes), human_bytes(c.unique_stored_bytes),
             f"{c.share:.2f}%")
     console.print(table)

@@ -17,7 +17,7 @@ from typing import Any
 
 from strata.errors import CorruptData, SnapshotNotFound, StrataError
 from strata.store.backend import ObjectNotFound
-from strata.store.coordination import WriterSession
+from strata.store.coordination import JobLock, WriterSession
 from strata.store.pack import PackWriter
 from strata.store.repository import Store
 
@@ -125,7 +125,8 @@ def plan_prune(store: Store, *, repack_fraction: float = REPACK_DEAD_FRACTION,
 
 
 def execute_prune(store: Store, plan: PrunePlan,
-                  on_step: Callable[[str], None] | None = None) -> PruneResult:
+                  on_step: Callable[[str], None] | None = None,
+                  job: JobLock | None = None) -> PruneResult:
     started = time.monotonic()
     result = PruneResult(plan=plan)
     writer = store.new_pack_writer()
@@ -161,6 +162,8 @@ def execute_prune(store: Store, plan: PrunePlan,
     marked = set(plan.snapshots)
     _mark(store, _unmarked(store, marked), marked)
     with store.commit_lock():
+        if job is not None:  # still the only prune: never delete beside another one
+            job.confirm()
         _mark(store, _unmarked(store, marked), marked)
         # Keep the doomed packs that hold a marked chunk (a later prune reconsiders
         # them). This walks the doomed packs' chunks, as dropping them does anyway.
@@ -200,12 +203,12 @@ def _remove_stale_temp_files(store: Store) -> int:
 
 def prune(store: Store, *, dry_run: bool = False,
           on_step: Callable[[str], None] | None = None) -> PruneResult:
-    with store.coordination.exclusive("prune", what="prune"), \
+    with store.coordination.exclusive("prune", what="prune") as job, \
             store.session("prune") as session:
         try:
             plan = plan_prune(store, own_session=session)
             if dry_run:
                 return PruneResult(plan=plan)
-            return execute_prune(store, plan, on_step)
+            return execute_prune(store, plan, on_step, job)
         finally:
             store.index.end_marks()

@@ -89,6 +89,9 @@ class RevertRequest(AdminModel):
 
 class RestoreRequest(AdminModel):
     to_endpoint: str
+    # The boot set first, usable at once, the rest while the user works (agent/pipeline.py);
+    # False: everything downloaded first, switched whole at the next restart.
+    pipelined: bool = True
 
 
 class ProvisionRequest(AdminModel):
@@ -392,6 +395,9 @@ class RestoreResult(AdminModel):
     # The CVD's own files that match the do-not-download rule: they come along too (the
     # rule is about layers' content, not the endpoint's own data).
     own_do_not_download: int = 0
+    pipelined: bool = False
+    boot_set: int = 0  # files learned of the CVD's use that come first
+    working_set: int = 0
 
 
 class ProvisionResult(AdminModel):

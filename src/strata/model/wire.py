@@ -168,6 +168,7 @@ class DesiredState(BaseModel):
     operation: str = "update"  # update, revert, restore, provision
     keep_user_apps: bool = False
     enforce: bool = False  # repair drift at every check-in
+    pipelined: bool = False  # a restore laid down boot set first (agent/pipeline.py)
     family: str = "linux"
     rules: dict[str, list[str]] = Field(default_factory=dict)
 

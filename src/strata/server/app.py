@@ -38,6 +38,7 @@ from strata.server.routes import (
     agent_deltas,
     agent_layers,
     agent_sync,
+    agent_usage,
     audit,
     collections,
     compliance,
@@ -116,7 +117,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     for routes in (agent, agent_sync, agent_layers, tokens, endpoints, policies, layers,
                    collections, compliance, operations, audit, signing, snapshot_files,
                    users, maintenance, agent_deltas, portal, agent_compliance, reports,
-                   reflectors):
+                   reflectors, agent_usage):
         label_permissions(routes.router.routes)
         app.include_router(routes.router)
     app.include_router(signing.agent_router)
@@ -124,6 +125,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(portal.agent_router)
     app.include_router(reflectors.reflector_router)
     app.include_router(reflectors.agent_router)
+    app.include_router(agent_usage.agent_router)
     mount_console(app)
 
     app.add_middleware(BodyLimitMiddleware, upload_limit=settings.max_upload_bytes)

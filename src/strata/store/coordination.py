@@ -10,6 +10,7 @@ The store, prune and repair see only the contract.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,12 +28,24 @@ class WriterSession(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+class JobLock(Protocol):
+    def confirm(self) -> None:
+        """Raise `StoreLocked` if the lock was lost meanwhile (a database connection
+        cut): call before an irreversible step."""
+        ...
+
+
+class _FileJobLock:
+    def confirm(self) -> None:
+        pass  # a flock lasts as long as this process, which is running this
+
+
 class Coordination(Protocol):
     def commit_lock(self) -> contextlib.AbstractContextManager[None]:
         """Short and exclusive: snapshot commits against prune's switch of the index."""
         ...
 
-    def exclusive(self, name: str, what: str) -> contextlib.AbstractContextManager[None]:
+    def exclusive(self, name: str, what: str) -> contextlib.AbstractContextManager[JobLock]:
         """A job only one process may run at a time; `StoreLocked` at once if another
         process runs it (never a wait)."""
         ...
@@ -53,8 +66,10 @@ class LocalCoordination:
     def commit_lock(self) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.locks_dir / "commit.lock")
 
-    def exclusive(self, name: str, what: str) -> contextlib.AbstractContextManager[None]:
-        return file_lock(self.locks_dir / f"{name}.lock", blocking=False, what=what)
+    @contextlib.contextmanager
+    def exclusive(self, name: str, what: str) -> Iterator[JobLock]:
+        with file_lock(self.locks_dir / f"{name}.lock", blocking=False, what=what):
+            yield _FileJobLock()
 
     def session(self, kind: str) -> Session:
         return Session(self.locks_dir, kind)

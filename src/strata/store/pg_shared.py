@@ -354,6 +354,21 @@ class PgSession:
         self.close()
 
 
+class _PgJobLock:
+    """An advisory lock lives as long as its session: if this connection still answers,
+    it is the same session, and the lock is still ours."""
+
+    def __init__(self, conn: Any, what: str):
+        self.conn, self.what = conn, what
+
+    def confirm(self) -> None:
+        try:
+            self.conn.cursor().execute("SELECT 1")
+        except Exception:
+            raise StoreLocked(f"{self.what} stopped: its lock's database connection was "
+                              "lost, and another process may have taken the lock") from None
+
+
 class PgCoordination:
     """store/coordination.py's contract with advisory locks and a sessions table."""
 
@@ -374,7 +389,7 @@ class PgCoordination:
                 conn.cursor().execute("SELECT pg_advisory_unlock(%s)", (_COMMIT_LOCK,))
 
     @contextlib.contextmanager
-    def exclusive(self, name: str, what: str) -> Iterator[None]:
+    def exclusive(self, name: str, what: str) -> Iterator[_PgJobLock]:
         key = _JOB_LOCKS[name]
         with self.db.held() as conn:
             cur = conn.cursor()
@@ -383,9 +398,10 @@ class PgCoordination:
                 raise StoreLocked(f"{what} is running in another server process; "
                                   "try again later")
             try:
-                yield
+                yield _PgJobLock(conn, what)
             finally:
-                conn.cursor().execute("SELECT pg_advisory_unlock(%s)", (key,))
+                with contextlib.suppress(Exception):  # a dead connection released it
+                    conn.cursor().execute("SELECT pg_advisory_unlock(%s)", (key,))
 
     def session(self, kind: str) -> PgSession:
         return PgSession(self.db, kind)

@@ -135,7 +135,8 @@ class Store:
     """A store on a `Backend`, with this process's local working state in `state_dir`:
     the chunk index (derived data, rebuilt from pack trailers if lost), the writer
     sessions and locks, and the spool where packs are written before they are saved.
-    For a store in a local directory the two are the same folder."""
+    For a store in a local directory the two are the same folder. With `shared`, the
+    index, locks and sessions are in a database several processes share instead."""
 
     def __init__(self, backend: Backend, config: StoreConfig, cipher: crypto.Cipher,
                  state_dir: Path, shared: SharedState | None = None):
@@ -147,6 +148,9 @@ class Store:
         self.chunker = Chunker(config.chunker)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.locks_dir = self.state_dir / "locks"
+        self._lock = threading.Lock()  # the pending set, the index connection, pack list
+        self._index_lock: contextlib.AbstractContextManager[object] = self._lock
+        self._shared_index = shared is not None
         # The index and the locks are this folder's, unless processes on several hosts
         # share them in a database (`SharedState`, store/pg_shared.py).
         self.index: Index
@@ -165,11 +169,14 @@ class Store:
             self.coordination = LocalCoordination(self.locks_dir)
         else:
             self.index, self.coordination = shared.open(config.id)
+            # A database index takes calls from any thread on pooled connections, so
+            # lookups need not queue on the store's lock (a network round trip each,
+            # where SQLite's shared connection must be used by one thread at a time).
+            self._index_lock = contextlib.nullcontext()
             if not marker.exists():
                 marker.write_text("The chunk index and locks of this store are in a "
                                   "PostgreSQL database (strata server --catalog).\n")
         self.spool_dir = self.state_dir / "tmp"
-        self._lock = threading.Lock()  # the pending set, the index connection, pack list
         self._slots = [_PackSlot() for _ in range(max(2, os.cpu_count() or 2))]
         self._next_slot = itertools.count()
         self._thread = threading.local()  # which slot this thread writes to
@@ -287,10 +294,18 @@ class Store:
     # -- writing chunks -------------------------------------------------------
     def claim_many(self, ids: list[bytes]) -> set[bytes]:
         """The ids among `ids` the caller must store; one index query for the lot."""
+        if not self._shared_index:
+            with self._lock:
+                fresh = [c for c in dict.fromkeys(ids) if c not in self._pending]
+                held = self.index.present(fresh) if fresh else set()
+                mine = {c for c in fresh if c not in held}
+                self._pending.update(mine)
+                return mine
         with self._lock:
             fresh = [c for c in dict.fromkeys(ids) if c not in self._pending]
-            held = self.index.present(fresh) if fresh else set()
-            mine = {c for c in fresh if c not in held}
+        held = self.index.present(fresh) if fresh else set()
+        with self._lock:  # claimed meanwhile by another thread: that one stores it
+            mine = {c for c in fresh if c not in held and c not in self._pending}
             self._pending.update(mine)
             return mine
 
@@ -384,11 +399,12 @@ class Store:
         except (OSError, StoreFull) as exc:
             self._abandon(writer)  # a full disk must not also leave a half pack in tmp/
             raise _write_failed(exc) from exc
-        with self._lock:
+        with self._index_lock:
             if move:
                 self.index.move_chunks(done.name, done.size, done.entries)
             else:
                 self.index.add_pack(done.name, done.size, done.entries)
+        with self._lock:  # indexed first: a claim in between finds them held
             self._pending.difference_update(e.id for e in done.entries)
         return done.name
 
@@ -434,7 +450,7 @@ class Store:
         return data
 
     def load_chunk(self, cid: bytes) -> bytes:
-        with self._lock:
+        with self._index_lock:
             loc = self.index.lookup(cid)
         return self._load_at(cid, loc)
 
@@ -447,7 +463,7 @@ class Store:
     def load_chunks(self, ids: list[bytes]) -> list[bytes | CorruptData]:
         """Load several chunks (one index query for all); a damaged one is returned as its
         error, not raised."""
-        with self._lock:
+        with self._index_lock:
             where = self.index.locate(list(dict.fromkeys(ids)))
         out: list[bytes | CorruptData] = []
         for cid in ids:
@@ -460,7 +476,7 @@ class Store:
     def load_payload(self, cid: bytes) -> tuple[bytes, int]:
         """The chunk's unsealed stored form (flag + zstd or raw bytes) and its raw length,
         verified against its id: what a chunk bundle carries, without recompressing."""
-        with self._lock:
+        with self._index_lock:
             loc = self.index.lookup(cid)
         if loc is None:
             raise CorruptData(f"chunk {cid.hex()[:16]} is not in the store")
@@ -470,13 +486,13 @@ class Store:
 
     def present(self, ids: list[bytes]) -> set[bytes]:
         """Which of `ids` the store holds."""
-        with self._lock:
+        with self._index_lock:
             return self.index.present(ids)
 
     def raw_sizes(self, ids: Iterable[bytes]) -> dict[bytes, int]:
         """The raw length of each of `ids` the store holds, from the index alone: what
         reading them would cost, known before any is read."""
-        with self._lock:
+        with self._index_lock:
             where = self.index.locate(list(dict.fromkeys(ids)))
         return {c: loc.raw_length for c, loc in where.items()}
 
@@ -501,7 +517,7 @@ class Store:
 
     def missing_chunks(self, ids: Iterable[bytes]) -> list[bytes]:
         want = list(dict.fromkeys(ids))
-        with self._lock:
+        with self._index_lock:
             have = self.index.present(want)
         return [c for c in want if c not in have]
 

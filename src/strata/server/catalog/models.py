@@ -346,3 +346,18 @@ class InstalledPackage(Base):
     arch: Mapped[str] = mapped_column(Str(32), primary_key=True)
     version: Mapped[str] = mapped_column(Str(128))
     manager: Mapped[str] = mapped_column(Str(8))  # dpkg / rpm
+
+
+class UsageSet(Base):
+    """What an endpoint learned about its own use (model/usage.py): the files it reads at
+    boot and first login, and those its user works with. A restore of its CVD onto new
+    hardware lays them down first; the sets move with the CVD."""
+
+    __tablename__ = "usage_sets"
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    boot: Mapped[list] = mapped_column(default=list)
+    working: Mapped[list] = mapped_column(default=list)
+    boots_seen: Mapped[int] = mapped_column(Int32, default=0)
+    learned_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from strata.errors import Conflict, StrataError
-from strata.model.admin import CollectionRequest
+from strata.model.admin import CollectionRequest, policy_revision
 from strata.model.roles import ROLE_NAMES, Permission
 from strata.model.units import human_bytes
 from strata.model.users import UserRequest
@@ -152,8 +152,13 @@ def _policies_page(request: Request, v: Visitor, ctx: ServerContext, status: int
     upload = policies.read_policy(ctx, "upload")
     exclusions = upload.get("exclusions")
     by_os = exclusions if isinstance(exclusions, dict) else {}
-    return page(request, "policies.html", v, status,
-                 retention=policies.read_policy(ctx, "retention"), upload=upload,
+    retention, bandwidth = (policies.read_policy(ctx, k) for k in ("retention", "bandwidth"))
+    # Each form sends back the revision it shows: a save over another admin's change
+    # since is refused (policy set's check, services/policies.py).
+    revisions = {"retention": policy_revision(retention), "upload": policy_revision(upload),
+                 "bandwidth": policy_revision(bandwidth)}
+    return page(request, "policies.html", v, status, revisions=revisions,
+                 retention=retention, upload=upload,
                  exclusions={o: "\n".join(str(p) for p in by_os.get(o) or [])  # type: ignore[union-attr]
                              for o in OS_NAMES},
                  bandwidth=_bandwidth_rules(ctx),
@@ -167,9 +172,10 @@ def _bandwidth_rules(ctx: ServerContext) -> list[dict[str, Any]]:
 
 
 def _save_policy(request: Request, v: Visitor, ctx: ServerContext, kind: str,
-                 doc: dict[str, Any]) -> Response:
+                 doc: dict[str, Any], revision: str = "") -> Response:
     try:
-        policies.write_policy(ctx, kind, doc, actor=v.staff.actor)
+        policies.write_policy(ctx, kind, doc, actor=v.staff.actor,
+                              expected=revision[:64] or None)
     except StrataError as exc:
         return _policies_page(request, v, ctx, exc.http_status, error=str(exc))
     return _policies_page(request, v, ctx, saved=f"{kind.capitalize()} policy saved.")
@@ -193,7 +199,8 @@ async def save_upload(request: Request, v: Visitor = Depends(Page(Permission.PRO
     doc = {"interval_seconds": int(text), "exclusions": {
         o: [line.strip() for line in form.get(f"exclude_{o}", "").splitlines()
             if line.strip()] for o in OS_NAMES}}
-    return await run_in_threadpool(_save_policy, request, v, ctx, "upload", doc)
+    return await run_in_threadpool(_save_policy, request, v, ctx, "upload", doc,
+                                   form.get("revision", ""))
 
 
 @router.post("/policies/bandwidth")
@@ -228,7 +235,7 @@ async def save_bandwidth(request: Request,
                                            "a bandwidth rule needs at least one field")
         rules.append(rule)
     return await run_in_threadpool(_save_policy, request, v, ctx, "bandwidth",
-                                   {"rules": rules})
+                                   {"rules": rules}, form.get("revision", ""))
 
 
 @router.get("/policies")
@@ -251,7 +258,8 @@ async def save_retention(request: Request, v: Visitor = Depends(Page(Permission.
                 _policies_page, request, v, ctx, 422,
                 f"{key}: a whole number is needed (got {text!r})")
         doc[key] = int(text)
-    return await run_in_threadpool(_save_policy, request, v, ctx, "retention", doc)
+    return await run_in_threadpool(_save_policy, request, v, ctx, "retention", doc,
+                                   form.get("revision", ""))
 
 
 @router.post("/maintenance")

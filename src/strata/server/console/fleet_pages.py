@@ -32,6 +32,9 @@ from strata.server.services.lookup import find_endpoint
 
 router = APIRouter(include_in_schema=False)
 TASKS_SHOWN = 50
+TASK_ROWS = 200
+TASK_ROW_ORDER = {"failed": 0, "applying": 1, "ready": 2, "downloading": 3, "assigned": 4,
+                  "cancelled": 5, "superseded": 6, "applied": 7}
 SNAPSHOT_ROWS = 500  # entries of a folder on one page
 COMPLIANCE_SECONDS = 60.0
 
@@ -196,10 +199,13 @@ def _task_page(request: Request, v: Visitor, ctx: ServerContext, tid: int,
     except StrataError as exc:
         return page(request, "message.html", v, exc.http_status, title="Task",
                      message=str(exc))
+    # A task over the whole fleet: the endpoints that need a look first (failed, then
+    # those under way), at most TASK_ROWS of them; the CSV has every one.
+    rows = sorted(task.endpoints, key=lambda e: TASK_ROW_ORDER.get(e.state, 9))[:TASK_ROWS]
     if request.headers.get("HX-Request") == "true":  # the progress polls itself
-        return render(request, "_task_progress.html", task=task)
-    return page(request, "task.html", v, status, task=task, may_change=_may_change(v),
-                 error=error, done=done)
+        return render(request, "_task_progress.html", task=task, rows=rows)
+    return page(request, "task.html", v, status, task=task, rows=rows,
+                 may_change=_may_change(v), error=error, done=done)
 
 
 # What the page says after a cancel or retry (the redirect names one, with a count).

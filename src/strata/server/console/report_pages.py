@@ -20,8 +20,9 @@ from strata.server.services import software
 from strata.server.services.storage_report import storage_report_of
 
 router = APIRouter(include_in_schema=False)
-ROWS_SHOWN = 500  # on the page; the CSV has up to software.ROWS_LIMIT
-SUMMARY_SHOWN = 500  # packages on the summary page (most widespread first); CSV: all
+ROWS_SHOWN = 200  # on the page; the CSV has up to software.ROWS_LIMIT
+SUMMARY_SHOWN = 200  # packages on the summary page (most widespread first); CSV: all
+CVDS_SHOWN = 200  # CVDs on the storage page (most unique bytes first); CSV: all
 
 
 @router.get("/reports/software")
@@ -70,6 +71,7 @@ def storage_page(request: Request, format: str = "",
                             [[c.endpoint, c.hostname, c.snapshots, c.logical_bytes,
                               c.unique_bytes, c.unique_stored_bytes, c.share]
                              for c in report.cvds])
+    shown = report.cvds[:CVDS_SHOWN] if report is not None else []
     if request.headers.get("HX-Request") == "true":
-        return render(request, "_storage_table.html", report=report)
-    return page(request, "storage.html", v, report=report)
+        return render(request, "_storage_table.html", report=report, shown=shown)
+    return page(request, "storage.html", v, report=report, shown=shown)

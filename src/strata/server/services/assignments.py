@@ -120,7 +120,8 @@ def desired_state(ctx: ServerContext, db: Session, ep: Endpoint) -> DesiredState
     key = hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=12).hexdigest()
     return DesiredState(key=key, layers=layers, owned=owned, operation=kind,
                         keep_user_apps=bool(op.get("keep_user_apps")),
-                        enforce=a.enforce, family=family, rules=rules_doc(ctx, db, family))
+                        pipelined=bool(op.get("pipelined")), enforce=a.enforce,
+                        family=family, rules=rules_doc(ctx, db, family))
 
 
 def cached_desired(ctx: ServerContext, ep: Endpoint) -> DesiredState | None:

@@ -1,6 +1,8 @@
 """A report too costly for a page load (storage per CVD walks every snapshot's manifest;
 the fleet's software summary groups every package row): computed in a background thread
-at most every `max_age` seconds, while readers get the last result at once."""
+at most every `max_age` seconds, while readers get the last result at once. Each server
+process keeps and computes its own (several processes behind a load balancer each pay
+for it once per `max_age`)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from strata.server.catalog.models import (
     Transaction,
 )
 from strata.server.context import ServerContext
-from strata.server.services import audit, snapshots
+from strata.server.services import audit, snapshots, usage
 from strata.server.services.assignments import assignment_status
 from strata.server.services.lookup import find_endpoint
 
@@ -135,6 +135,7 @@ def delete_endpoint(ctx: ServerContext, ref: str, *, actor: str) -> EndpointDele
             db.delete(cvd)
         db.execute(delete(Transaction).where(Transaction.endpoint_id == eid))
         db.execute(delete(Assignment).where(Assignment.endpoint_id == eid))
+        usage.forget(db, eid)
         for col in db.scalars(select(Collection)):
             if eid in (col.members or []):
                 col.members = [m for m in col.members if m != eid]

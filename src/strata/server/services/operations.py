@@ -26,7 +26,7 @@ from strata.model.admin import (
 from strata.model.entry import EntryType
 from strata.server.catalog.models import Assignment, Endpoint, Layer, SnapshotRecord
 from strata.server.context import ServerContext
-from strata.server.services import audit, snapshots, tasks
+from strata.server.services import audit, snapshots, tasks, usage
 from strata.server.services.assignments import apply_assignment, assignment_of, set_state
 from strata.server.services.collections import targets
 from strata.server.services.facts import endpoint_family
@@ -139,19 +139,21 @@ def restore_to(ctx: ServerContext, ref: str, req: RestoreRequest, *,
         a.app_ids = list(old_a.app_ids) if old_a else []
         a.driver_ids = None
         a.operation = {"kind": "restore", "snapshot": sid, "removes": removes,
-                       "from": old.id}
+                       "from": old.id, **({"pipelined": True} if req.pipelined else {})}
         set_state(a, "assigned", percent=0.0)
         old.state = "revoked"
         new.hostname = old.hostname
+        learned = usage.move(db, old.id, new.id)  # of the CVD's use: the restore reads it
         ids = (old.id, new.id)
         rules = rules_for(ctx, db, endpoint_family(new))
     carried = sum(1 for e in snapshots.entries(ctx, sid)
                   if rules.do_not_download(e.path, e.type is EntryType.DIR))
     ctx.invalidate()
     audit.record(ctx, actor, "restore-to-endpoint", ids[1], source=ids[0], snapshot=sid,
-                 own_do_not_download=carried)
+                 own_do_not_download=carried, pipelined=req.pipelined)
     return RestoreResult(**{"from": ids[0]}, to=ids[1], snapshot=sid, state="assigned",
-                         own_do_not_download=carried)
+                         own_do_not_download=carried, pipelined=req.pipelined,
+                         boot_set=learned[0], working_set=learned[1])
 
 
 def _driver_paths(ctx: ServerContext, sid: str, drivers: list[Layer]) -> list[str]:

@@ -1,5 +1,5 @@
-"""Tracked tasks: one operation over many endpoints (an assignment, a migration) with each
-endpoint's progress, cancel and retry.
+"""Tracked tasks: one operation over many endpoints (an assignment, a migration, a revert
+or a provisioning) with each endpoint's progress, cancel and retry.
 
 An endpoint's progress is its assignment's (the agent reports it) for as long as the
 assignment is the task's; a later assignment "supersedes" it. Each member keeps the
@@ -36,7 +36,6 @@ TASK_PERMISSION = {"assign": Permission.ASSIGN, "migrate": Permission.MIGRATE,
                    "revert": Permission.REVERT, "provision": Permission.PROVISION}
 NOT_STARTED = "assigned"
 ACTIVE = frozenset({"assigned", "downloading", "ready", "applying"})
-RETRIABLE = frozenset({"failed", "cancelled"})
 # The per-state columns of a task list's CSV export.
 CSV_STATES = ("assigned", "downloading", "ready", "applying", "applied", "failed",
               "cancelled", "superseded")
