@@ -35,12 +35,12 @@ from strata.model.tickets import Ticket, TicketRefused, verify_ticket
 from strata.model.transfer import MAX_STREAM_BYTES, pack_stream
 from strata.model.wire import DesiredState, ReflectorAssignment, ReflectorRoute
 from strata.server.auth import digest, new_secret
-from strata.server.catalog.models import Cvd, Endpoint, Reflector, SnapshotRecord
+from strata.server.catalog.models import Cvd, Endpoint, Layer, Reflector, SnapshotRecord
 from strata.server.context import ServerContext
 from strata.server.policies import get_policy, reflectors_for
 from strata.server.services import audit
 from strata.server.services.credentials import spend_token
-from strata.server.services.layer_downloads import DOWNLOAD_LEVEL, allowed_snapshots
+from strata.server.services.layer_downloads import allowed_snapshots, stream_level
 from strata.server.services.manifests import parse_chunk_ids
 
 TICKET_SECONDS = 3600  # a ticket's life: agents renew it at check-in or when it runs out
@@ -342,10 +342,15 @@ def chunks(ctx: ServerContext, refl: Reflector, hex_ids: list[str], ticket: str,
     if sum(ctx.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:
         raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per request")
 
-    def make() -> bytes:
-        return pack_stream([(cid, ctx.store.load_chunk(cid)) for cid in ids], DOWNLOAD_LEVEL)
+    with ctx.session() as db:  # IT layers take the top level, a CVD a faster one
+        layer_sids = sorted(db.scalars(select(Layer.snapshot).where(
+            Layer.snapshot.in_(sids))).all()) if sids else []
+    level = stream_level(ctx, layer_sids, ids)
 
-    body = ctx.streams.get_or_make(DOWNLOAD_LEVEL, ids, make)
+    def make() -> bytes:
+        return pack_stream([(cid, ctx.store.load_chunk(cid)) for cid in ids], level)
+
+    body = ctx.streams.get_or_make(level, ids, make)
     with ctx.write() as db:
         row = db.get(Reflector, refl.id)
         if row is not None:
