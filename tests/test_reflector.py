@@ -427,3 +427,25 @@ def test_retiring_a_reflector_asks_first_and_its_credential_stops_working(branch
     assert "enroll it again" in again.stderr
     shown = strata("reflector", "show", refl.id[:8], *admin).stdout
     assert "status: retired" in shown, shown
+
+
+def test_the_reflectors_fetches_follow_the_bandwidth_rules_of_its_site(branch):
+    """The WAN is what a branch's caps protect: a reflector warming a layer is capped like
+    an agent, by the rule for its site (or subnet), at the rate the rule names."""
+    world = branch
+    run_all([a.cmd("run", "--once") for a in world.agents])  # routed to the reflector again
+    capture(world, 7, size=2 * MIB)  # random bytes: the stream does not compress them
+    world.server.admin_cli("assign", "--all", "--base", "os:7")
+    rules = world.base / "bandwidth.json"
+    rules.write_text(json.dumps({"rules": [{"site": "lyon", "download_kbps": 4000}]}))
+    world.server.admin_cli("policy", "set", "bandwidth", rules, "--replace", "--yes")
+    try:
+        (world.refl.state / "site").write_text("lyon\n")  # as `reflector enroll --site lyon`
+        out = strata_json("reflector", "warm", "os:7", "--state", world.refl.state)
+    finally:
+        (world.refl.state / "site").unlink()
+        world.server.admin_cli("policy", "reset", "bandwidth", "--yes")
+    assert out["bandwidth"]["download_kbps"] == 4000, out  # type: ignore[index]
+    # 2 MiB at 4,000 kbit/s (500,000 B/s) takes 4.2 s; the bucket may start a little full.
+    assert out["bytes_from_server"] > 2 * MIB, out  # type: ignore[index]
+    assert out["seconds"] >= 3.0, out  # type: ignore[index]

@@ -58,8 +58,12 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
            tls: bool = typer.Option(False, "--tls", help="Serve HTTPS on loopback too."),
            force: bool = typer.Option(False, "--force", help="Enroll anew a state "
                                       "directory already enrolled."),
+           site: str | None = typer.Option(None, "--site", help="The branch's site name, "
+                                           "for the bandwidth rules (as `strata agent "
+                                           "site`); its subnet is matched too."),
            state: Path | None = STATE, json: bool = JSON) -> None:
     """Register this host as a branch reflector with a reflector enrollment token."""
+    from strata.agent.location import check_site
     from strata.reflector.daemon import enroll as run_enroll
 
     from .store import parse_size
@@ -70,7 +74,7 @@ def enroll(server: str = typer.Option(..., "--server", envvar="STRATA_SERVER"),
                      cache_size=parse_size(cache_size), url=url, name=name,
                      ca_cert=str(ca_cert.resolve()) if ca_cert else "",
                      server_fingerprint=server_fingerprint, insecure=insecure, tls=tls,
-                     force=force)
+                     force=force, site=check_site(site) if site else None)
     if json:
         print_json({"reflector_id": cfg.reflector_id, "url": cfg.url, "cache": cfg.cache,
                     "cache_size": cfg.cache_size})

@@ -12,12 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from strata.model.wire import (
     INT64_MAX,
     MAX_IDS_PER_QUERY,
+    BandwidthLimits,
     HexId,
     PemText,
     ReflectorAssignment,
     ReflectorId,
     ReflectorRoute,
     ReflectorUrl,
+    ReportedSubnet,
+    SiteName,
 )
 
 __all__ = ["ReflectorAssignment", "ReflectorRoute"]
@@ -68,6 +71,9 @@ class ReflectorConfig(BaseModel):
     status: str
     ticket_key: HexId
     warm: list[WarmLayer] = Field(default_factory=list, max_length=1000)
+    # The bandwidth rules for the reflector's site and subnet, as an agent's check-in gets
+    # them: its fetches over the WAN are capped like every other transfer.
+    bandwidth: BandwidthLimits | None = None
 
 
 class ReflectorChunkRequest(BaseModel):
@@ -91,6 +97,15 @@ class ReflectorStats(BaseModel):
     misses: int = Field(default=0, ge=0, le=INT64_MAX)
     refused: int = Field(default=0, ge=0, le=INT64_MAX)
     evicted_bytes: int = Field(default=0, ge=0, le=INT64_MAX)
+
+
+class ReflectorPoll(ReflectorStats):
+    """A poll: the counters, and where the reflector is (site, the address and prefix it
+    reaches the server from, its clock's offset from UTC), checked as an agent's are."""
+
+    site: SiteName | None = None
+    subnet: ReportedSubnet | None = None
+    utc_offset_minutes: int | None = Field(default=None, ge=-18 * 60, le=18 * 60)
 
 
 # -- the administrator's view ------------------------------------------------------------

@@ -130,6 +130,10 @@ def _interface(text: str) -> str:
     return text
 
 
+# The address and prefix an agent or a reflector reaches the server from ('10.20.3.4/16').
+ReportedSubnet = Annotated[str, StringConstraints(max_length=64), AfterValidator(_interface)]
+
+
 class CheckinRequest(BaseModel):
     inventory: BoundedReport = Field(default_factory=dict)
     status: BoundedReport = Field(default_factory=dict)
@@ -137,8 +141,7 @@ class CheckinRequest(BaseModel):
     # site`), the address and prefix it reaches the server from (behind NAT the server
     # sees another), and its clock's offset from UTC (windows are in its local time).
     site: SiteName | None = None
-    subnet: Annotated[str, StringConstraints(max_length=64),
-                      AfterValidator(_interface)] | None = None
+    subnet: ReportedSubnet | None = None
     utc_offset_minutes: int | None = Field(default=None, ge=-18 * 60, le=18 * 60)
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import IO
 
 from strata.agent.client import ServerClient, parse_answer
+from strata.agent.location import read_site, write_site
 from strata.errors import CorruptData, StrataError
+from strata.model.reflector import ReflectorConfig as ServerAnswer
 from strata.model.reflector import ReflectorEnrollResponse
 from strata.model.transfer import iter_bundle
 from strata.reflector.cache import ChunkCache
@@ -31,10 +33,12 @@ COUNTERS_SECONDS = 2.0  # how often the counters are saved for `reflector status
 def enroll(state: ReflectorState, *, server: str, token: str, listen: str, cache: Path,
            cache_size: int, url: str = "", name: str = "", ca_cert: str = "",
            server_fingerprint: str | None = None, insecure: bool = False,
-           tls: bool = False, force: bool = False) -> ReflectorConfig:
+           tls: bool = False, force: bool = False, site: str | None = None
+           ) -> ReflectorConfig:
     """Register with the server: the reflector's certificate (HTTPS beyond loopback, made
     in STATE/tls), its URL and name go to the server; its credential and the server's
-    ticket key come back and are kept in STATE (0600)."""
+    ticket key come back and are kept in STATE (0600). `site`: matched by the bandwidth
+    rules, as an agent's (`strata agent site`), with the subnet it reaches the server from."""
     import socket
 
     from strata.server.listener import parse_listen
@@ -71,6 +75,7 @@ def enroll(state: ReflectorState, *, server: str, token: str, listen: str, cache
                           cache_size=cache_size, name=name, ca_cert=ca_cert,
                           server_cert=server_cert, insecure=insecure)
     ChunkCache(cache, cache_size).close()  # made now: a bad folder fails the enrollment
+    write_site(state.path, site)
     state.save_config(cfg)
     return cfg
 
@@ -112,11 +117,12 @@ class Poller(threading.Thread):
 
     def once(self) -> None:
         try:
-            answer = self.service.upstream.poll(self.service.stats())
+            answer = self.service.upstream.poll(self.service.stats(), read_site(self.state.path))
             self.service.ticket_key = bytes.fromhex(answer.ticket_key)
             self.status = answer.status
             self.state.save_heard({"status": answer.status, "at": time.time(),
-                                   "assigned": [w.name for w in answer.warm]})
+                                   "assigned": [w.name for w in answer.warm],
+                                   "bandwidth": caps(answer)})
             for layer in answer.warm:
                 if layer.snapshot not in self.service.warmed and not self.stop.is_set():
                     n = self.service.warm(layer.snapshot, layer.name)
@@ -158,6 +164,13 @@ def run(state: ReflectorState, *, poll_seconds: float = POLL_SECONDS) -> None:
             sock.close()
 
 
+def caps(answer: ServerAnswer) -> dict:
+    """The bandwidth caps in force at the last poll (kilobits per second; None: none)."""
+    bw = answer.bandwidth
+    return {"upload_kbps": bw.upload_kbps if bw else None,
+            "download_kbps": bw.download_kbps if bw else None}
+
+
 def status(state: ReflectorState) -> dict:
     """What `strata reflector status --json` prints: the counters the running reflector
     last saved, and the cache as it is now."""
@@ -174,6 +187,8 @@ def status(state: ReflectorState) -> dict:
             # as the server said at the last poll: active, quarantined (out of rotation)
             "status": heard.get("status", "unknown"),
             "assigned_layers": heard.get("assigned", []),
+            # the caps its fetches follow, from the bandwidth rules for its site and subnet
+            "bandwidth": heard.get("bandwidth", {}),
             "cache_limit": cfg.cache_size, "cache_bytes": cache_bytes,
             **{k: counters.get(k, 0) for k in ("bytes_from_server", "bytes_served", "hits",
                                                 "misses", "refused")}}
@@ -182,7 +197,7 @@ def status(state: ReflectorState) -> dict:
 def warm(state: ReflectorState, layer: str) -> dict:
     """Fetch one layer now (NAME:VERSION as the server lists it for this reflector)."""
     with opened(state) as service:
-        answer = service.upstream.poll(service.stats())
+        answer = service.upstream.poll(service.stats(), read_site(state.path))
         found = [w for w in answer.warm if w.name == layer or w.snapshot == layer]
         if not found:
             raise StrataError(f"layer {layer} is not assigned to any endpoint this reflector "
@@ -192,7 +207,7 @@ def warm(state: ReflectorState, layer: str) -> dict:
         n = service.warm(found[0].snapshot, found[0].name)
         state.save_counters(service.counters.snapshot())
         return {"layer": found[0].name, "bytes_from_server": n,
-                "seconds": round(time.monotonic() - started, 3)}
+                "seconds": round(time.monotonic() - started, 3), "bandwidth": caps(answer)}
 
 
 def import_bundle(state: ReflectorState, source: IO[bytes]) -> dict:

@@ -9,11 +9,12 @@ from collections.abc import Callable
 import zstandard
 
 from strata.agent.client import ServerClient, parse_answer
+from strata.agent.location import local_subnet, utc_offset_minutes
 from strata.agent.resume import fetch_chunks
 from strata.errors import CorruptData
 from strata.model.ids import ID_LEN
 from strata.model.reflector import ReflectorConfig as ServerAnswer
-from strata.model.reflector import ReflectorStats
+from strata.model.reflector import ReflectorPoll, ReflectorStats
 from strata.reflector.state import ReflectorConfig
 
 API = "/api/v1/reflector"
@@ -22,6 +23,7 @@ MAX_CHUNK_IDS = 64 << 20  # bytes of ids a chunk list may inflate to (2 million 
 
 class Upstream:
     def __init__(self, cfg: ReflectorConfig, *, retries: int = 3, timeout: float = 120.0):
+        self.server = cfg.server
         self.client = ServerClient(cfg.server, cfg.credential, retries=retries,
                                    timeout=timeout, verify=cfg.verify)
 
@@ -32,9 +34,17 @@ class Upstream:
     def bytes_received(self) -> int:
         return self.client.bytes_received
 
-    def poll(self, stats: ReflectorStats) -> ServerAnswer:
-        resp = self.client.request("POST", f"{API}/poll", json=stats.model_dump(), retries=1)
-        return parse_answer(resp, ServerAnswer)
+    def poll(self, stats: ReflectorStats, site: str | None = None) -> ServerAnswer:
+        """Report the counters and where this reflector is; the server answers with its
+        status, the layers to warm and the bandwidth caps for its site and subnet, which
+        every fetch from here on follows (by this host's clock, as an agent does)."""
+        body = ReflectorPoll(**stats.model_dump(), site=site,
+                             subnet=local_subnet(self.server),
+                             utc_offset_minutes=utc_offset_minutes())
+        resp = self.client.request("POST", f"{API}/poll", json=body.model_dump(), retries=1)
+        answer = parse_answer(resp, ServerAnswer)
+        self.client.follow(answer.bandwidth, None)
+        return answer
 
     def chunk_ids(self, sid: str, ticket: str = "") -> list[bytes]:
         """The chunks a layer or snapshot needs, in its tree's order, as the server lists

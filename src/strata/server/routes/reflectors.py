@@ -16,8 +16,8 @@ from strata.model.reflector import (
     ReflectorEnrollRequest,
     ReflectorEnrollResponse,
     ReflectorInfo,
+    ReflectorPoll,
     ReflectorProblem,
-    ReflectorStats,
 )
 from strata.model.roles import Permission
 from strata.model.transfer import MAGIC, bundle_record
@@ -130,7 +130,7 @@ def enroll(body: ReflectorEnrollRequest, request: Request,
 
 
 @reflector_router.post("/poll", response_model=ReflectorConfig)
-def poll(body: ReflectorStats, request: Request, refl: Reflector = Depends(require_reflector),
+def poll(body: ReflectorPoll, request: Request, refl: Reflector = Depends(require_reflector),
          ctx: ServerContext = Depends(get_ctx)) -> ReflectorConfig:
     """The reflector's counters in; its status and the layers to warm out."""
     return reflectors.poll(ctx, refl, body, client_ip(request))

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import zstandard
 from sqlalchemy import select
@@ -27,6 +27,7 @@ from strata.model.reflector import (
     ReflectorEnrollRequest,
     ReflectorEnrollResponse,
     ReflectorInfo,
+    ReflectorPoll,
     ReflectorProblem,
     ReflectorStats,
     WarmLayer,
@@ -37,11 +38,12 @@ from strata.model.wire import DesiredState, ReflectorAssignment, ReflectorRoute
 from strata.server.auth import digest, new_secret
 from strata.server.catalog.models import Cvd, Endpoint, Layer, Reflector, SnapshotRecord
 from strata.server.context import ServerContext
-from strata.server.policies import get_policy, reflectors_for
+from strata.server.policies import bandwidth_for, get_policy, reflectors_for
 from strata.server.services import audit
 from strata.server.services.credentials import spend_token
 from strata.server.services.layer_downloads import allowed_snapshots, stream_level
 from strata.server.services.manifests import parse_chunk_ids
+from strata.server.services.policies import cached_policy
 
 TICKET_SECONDS = 3600  # a ticket's life: agents renew it at check-in or when it runs out
 TICKET_REISSUE = 600.0  # a check-in within this long of the last gets the same ticket
@@ -359,17 +361,23 @@ def chunks(ctx: ServerContext, refl: Reflector, hex_ids: list[str], ticket: str,
     return body
 
 
-def poll(ctx: ServerContext, refl: Reflector, stats: ReflectorStats, ip: str) -> ReflectorConfig:
-    """A reflector's periodic visit: its counters in, its status and warm list out."""
+def poll(ctx: ServerContext, refl: Reflector, stats: ReflectorPoll, ip: str) -> ReflectorConfig:
+    """A reflector's periodic visit: its counters and location in; its status, warm list
+    and bandwidth caps (the rules for its site and subnet, as for an agent) out."""
+    now = datetime.now(UTC)
     with ctx.write() as db:
         row = db.get(Reflector, refl.id)
         if row is not None:
-            row.last_seen, row.last_ip = datetime.now(UTC), ip
-            row.stats = stats.model_dump()
+            row.last_seen, row.last_ip = now, ip
+            row.stats = ReflectorStats.model_validate(stats.model_dump()).model_dump()
+        rules = cached_policy(ctx, db, "bandwidth").get("rules", [])
+    local = now.astimezone(timezone(timedelta(minutes=stats.utc_offset_minutes or 0)))
+    caps = bandwidth_for(rules, [a for a in (stats.subnet, ip) if a], stats.site or "", local)
     warm = warm_layers(ctx, refl.id) if refl.status == ACTIVE else {}
     return ReflectorConfig(reflector_id=refl.id, status=refl.status,
                            ticket_key=ctx.tickets.public_key.hex(),
-                           warm=[WarmLayer(name=n, snapshot=s) for s, n in sorted(warm.items())])
+                           warm=[WarmLayer(name=n, snapshot=s) for s, n in sorted(warm.items())],
+                           bandwidth=caps)
 
 
 # -- what agents report ------------------------------------------------------------------------
