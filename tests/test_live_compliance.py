@@ -156,3 +156,10 @@ def test_the_server_bounds_and_scopes_what_an_endpoint_reports(world):
 
     resp = httpx.post(world.server.url + "/api/v1/agent/compliance", json=good, timeout=30)
     assert resp.status_code == 401
+
+
+def test_an_endpoint_with_a_live_report_is_deleted_with_it(world):
+    eid = world.agent.endpoint_id
+    admin(world, "endpoint", "delete", eid, "--yes")
+    proc = admin(world, "compliance", "--json", rc=0)
+    assert eid not in proc.stdout
