@@ -32,8 +32,8 @@ from bench.layers import (
 TARGET = 1.05
 
 
-def zstd_patch(v1: Path, v2: Path, work: Path) -> dict:
-    views, cache = work / "base-update-views", v1.parent
+def zstd_patch(v1: Path, v2: Path, scratch: Path) -> dict:
+    views, cache = scratch / "base-update-views", v1.parent
     remove_tree(views)
     views.mkdir(parents=True)
     try:
@@ -56,12 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.base_update",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=WORK)
+    p.add_argument("--scratch", type=Path, default=None,
+                   help="where Strata's server and endpoints go (default: --work); two runs "
+                        "side by side (two versions of Strata) need one each")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     v1, v2, pair = build_pair(args.work)
-    zstd = zstd_patch(v1, v2, args.work)
-    strata = measure_strata(v1, v2, args.work, "debian")
-    shutil.rmtree(args.work / "strata", ignore_errors=True)
+    scratch = args.scratch or args.work
+    zstd = zstd_patch(v1, v2, scratch)
+    strata = measure_strata(v1, v2, scratch, "debian")
+    shutil.rmtree(scratch / "strata", ignore_errors=True)
     ratio = strata["bytes"] / zstd["bytes"]
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "pair": {k: pair[k] for k in ("v1", "v2") if k in pair},
