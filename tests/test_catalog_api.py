@@ -119,11 +119,12 @@ def test_a_good_commit_is_recorded(api):
 
 
 def test_a_token_is_spent_once_by_two_servers_on_one_database(pg_cluster, tmp_path):
-    """Two server processes (here two apps, each with its own writer lock) enroll with the
+    """Two server processes (here two apps, each with its own writer lock, on the one
+    data directory and store that a PostgreSQL catalog's processes share) enroll with the
     same one-use tokens at the same moment: the row lock lets exactly one through."""
     url = pg_cluster.new_database()
-    apps = [create_app(ServerSettings(data_dir=tmp_path / f"server-{i}", catalog_url=url))
-            for i in range(2)]
+    apps = [create_app(ServerSettings(data_dir=tmp_path / "server", catalog_url=url))
+            for _ in range(2)]
     with TestClient(apps[0]) as one, TestClient(apps[1]) as two:
         admin = {"Authorization":
                  f"Bearer {apps[0].state.admin_token_path.read_text().strip()}"}

@@ -77,7 +77,8 @@ def reinstate_reflector(ref: str, ctx: ServerContext = Depends(get_ctx),
     return reflectors.set_status(ctx, ref, reflectors.ACTIVE, actor=actor)
 
 
-@router.get("/layers/{ref}/export")
+@router.get("/layers/{ref}/export", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
 def export_layer(ref: str, ctx: ServerContext = Depends(get_ctx),
                  actor: str = Depends(require(Permission.LAYERS))) -> StreamingResponse:
     """Every chunk of a layer (its manifest's too) as one chunk bundle, streamed: what
