@@ -19,7 +19,6 @@ import random
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,14 @@ from server_fixtures import (
     Agent,
     Server,
     cli_env,
-    free_port,
     kill_group,
     spawn,
     strata_json,
 )
 from strata.agent.usage import read_boot_time
-from test_wan_netns import Link, _netns_usable
+
+# The datacenter/branch link and its server, as the outage test sets them up.
+from test_wan_netns import wan  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -166,23 +166,7 @@ def check_done(old_state: dict[str, tuple], new_root: Path, out: str, err: str,
     return final
 
 
-@pytest.fixture
-def wan(tmp_path: Path) -> Iterator[tuple[Server, Link]]:
-    why = _netns_usable()
-    if why:
-        pytest.skip(why)
-    with Link() as link:
-        port = free_port()
-        server = Server(tmp_path / "server", port,
-                        args=["--listen", f"0.0.0.0:{port}", "--insecure"]).start()
-        try:
-            yield server, link
-        finally:
-            server.stop()
-            server.kill()
-
-
-def test_usable_within_a_tenth_of_the_full_restore_over_a_throttled_link(wan, tmp_path):
+def test_usable_within_a_tenth_of_the_full_restore_over_a_throttled_link(wan, tmp_path):  # noqa: F811
     server, link = wan
     old = Agent(server, tmp_path / "old", tmp_path / "old-state")
     groups, old_state = build_old_endpoint(old.root)
