@@ -17,7 +17,6 @@ from strata.agent.state import AgentState, Credential, NotEnrolled
 from strata.errors import StrataError
 from strata.model.update import UpdateState
 from strata.model.wire import EnrollResponse
-from strata.signing.trust import check_root
 from strata.transport import check_server_url, fetch_pinned_certificate, verify_setting
 
 
@@ -69,6 +68,8 @@ def enroll(state: AgentState, *, server: str, token: str, root: Path, ca_cert: s
                 raise StrataError("the server has no signing root (`strata signing init` "
                                   "was never run there), yet --root-fingerprint was given")
             if signing_root is not None:
+                from strata.signing.trust import check_root  # python-tuf: only here
+
                 check_root(signing_root, root_fingerprint)
             same_server = old is not None and old.server == server
             resp = parse_answer(client.request(

@@ -14,9 +14,12 @@ from strata.agent.inventory import collect_inventory
 from strata.agent.state import AgentState
 from strata.layers.matching import hardware_facts
 from strata.model.wire import DesiredState
+from strata.signing import PINNED_ROOT
 from strata.signing.policy import Approval, TrustRecord, approve
-from strata.signing.trust import PINNED_ROOT, MetadataMissing, pin_root, refresh
 from strata.store.backend import atomic_write
+
+# strata.signing.trust (python-tuf) is imported where used: importing it costs about a
+# third of a second of CPU, which every agent command would pay for nothing.
 
 TRUST_DIR = "trust"  # the pinned root and the verified metadata, in the state directory
 RECORD = "signing.json"  # what was applied: signed serials, assignment and operation seqs
@@ -36,6 +39,8 @@ def pin(state: AgentState, root: bytes, expected: str | None = None) -> str:
     """Trust this root from now on. Pinning another root than before (another server,
     or IT starting over) drops what was verified and recorded under the old one: its
     serials and versions mean nothing under the new one."""
+    from strata.signing.trust import pin_root
+
     before = pinned_fingerprint(state)
     fingerprint = pin_root(state.path / TRUST_DIR, root, expected)
     if before is not None and before != fingerprint:
@@ -57,6 +62,8 @@ def approve_update(client: ServerClient, state: AgentState, desired: DesiredStat
                    root: Path) -> Approval:
     """Refresh the signed metadata from the server and accept `desired`, or raise
     LayerRefused."""
+    from strata.signing.trust import MetadataMissing, refresh
+
     def fetch(name: str) -> bytes:
         try:
             return client.request("GET", f"/api/v1/agent/tuf/{name}", retries=2).content

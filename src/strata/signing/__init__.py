@@ -9,6 +9,8 @@ Modules: `keys` (key files on disk), `catalog` (what the signed targets say), `p
 
 from strata.errors import StrataError
 
+PINNED_ROOT = "pinned-root.json"  # the root an agent trusts, in its trust directory
+
 
 class SigningError(StrataError):
     """Signing cannot go on (keys, passphrase, metadata the server refused)."""

@@ -20,12 +20,11 @@ from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
 from strata.errors import StrataError
-from strata.signing import LayerRefused
+from strata.signing import PINNED_ROOT, LayerRefused
 from strata.signing.catalog import MalformedMetadata, SignedCatalog
 from strata.signing.metadata import MAX_METADATA_BYTES
 from strata.store.backend import atomic_write
 
-PINNED_ROOT = "pinned-root.json"
 _BASE_URL = "strata-metadata:/"  # never dialled: the fetcher maps names to requests
 
 
