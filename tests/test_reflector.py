@@ -449,3 +449,43 @@ def test_the_reflectors_fetches_follow_the_bandwidth_rules_of_its_site(branch):
     # 2 MiB at 4,000 kbit/s (500,000 B/s) takes 4.2 s; the bucket may start a little full.
     assert out["bytes_from_server"] > 2 * MIB, out  # type: ignore[index]
     assert out["seconds"] >= 3.0, out  # type: ignore[index]
+
+
+def _reflector_served(world: SimpleNamespace, after: int) -> int:
+    """The reflector's bytes_served once its saved counters pass `after` (they are saved
+    every two seconds)."""
+    wait_for(lambda: world.refl.status()["bytes_served"] > after, 30, "the counters")
+    return world.refl.status()["bytes_served"]
+
+
+def test_a_file_restore_reads_through_the_reflector_and_the_server_when_it_is_down(branch):
+    world = branch
+    agent = world.agents[2]
+    big = agent.root / "home/ann/film.bin"
+    content = random.Random(14).randbytes(MIB)  # incompressible: bytes on the wire show
+    big.write_bytes(content)
+    centralized(agent.backup())  # a snapshot holding it, and a check-in: the route
+    served = world.refl.status()["bytes_served"]
+    from_server = info(world.server, world.refl.id)["bytes_from_server"]
+    big.unlink()
+    out = strata_json(*agent.cmd("restore", "home/ann/film.bin", "--yes"))
+    assert big.read_bytes() == content
+    assert out["reflector"]["chunks_from_reflector"] > 0, out  # type: ignore[index]
+    assert not out["reflector"]["reflector_failures"], out  # type: ignore[index]
+    # The reflector fetched the file once over the WAN and served it; the agent's own
+    # traffic with the server is the manifest and the report, not the file.
+    assert out["bytes_from_server"] < MIB / 4, out  # type: ignore[index]
+    assert info(world.server, world.refl.id)["bytes_from_server"] - from_server > MIB * 0.9
+    assert _reflector_served(world, served) - served > MIB * 0.9
+
+    big.unlink()
+    world.refl.kill()
+    try:
+        out = strata_json(*agent.cmd("restore", "home/ann/film.bin", "--yes"))
+        assert big.read_bytes() == content
+        assert out["reflector"]["chunks_from_reflector"] == 0, out  # type: ignore[index]
+        why = list(out["reflector"]["reflector_failures"].values())  # type: ignore[index]
+        assert why and why[0].startswith("down"), out
+        assert out["bytes_from_server"] > MIB * 0.9, out  # type: ignore[index]
+    finally:
+        world.refl.start(poll=3600)
