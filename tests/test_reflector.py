@@ -489,3 +489,148 @@ def test_a_file_restore_reads_through_the_reflector_and_the_server_when_it_is_do
         assert out["bytes_from_server"] > MIB * 0.9, out  # type: ignore[index]
     finally:
         world.refl.start(poll=3600)
+
+
+# -- file deltas through the reflector (issue 17) ---------------------------------------------
+
+
+def _mutate(data: bytes, seed: int) -> bytes:
+    """A rebuilt binary, roughly: a byte changed every 1,500 and a few inserted, so no
+    chunk of the old file survives while a delta stays small."""
+    out = bytearray(data)
+    for pos in range(seed % 1500, len(out), 1500):
+        out[pos] ^= 0x5A
+    out[len(out) // 2:len(out) // 2] = random.Random(seed).randbytes(7)
+    return bytes(out)
+
+
+def _capture_files(world: SimpleNamespace, version: int, files: dict[str, bytes]) -> Path:
+    layer = world.base / f"layer{version}"
+    for rel, data in files.items():
+        (layer / rel).parent.mkdir(parents=True, exist_ok=True)
+        (layer / rel).write_bytes(data)
+    (layer / "etc").mkdir(parents=True, exist_ok=True)
+    (layer / "etc/os-release").write_text(f"NAME=test {version}\n")
+    world.server.admin_cli("layer", "capture", "--kind", "base", "--name", "os", "--version",
+                           version, "--from-dir", layer)
+    return layer
+
+
+def _assign(world: SimpleNamespace, agents: list[Agent], version: int) -> None:
+    for a in agents:
+        world.server.admin_cli("assign", "--endpoint", a.endpoint_id, "--base", f"os:{version}")
+
+
+def _apply(agents: list[Agent]) -> None:
+    for a in agents:
+        assert strata_json(*a.cmd("apply"))["state"] == "applied"  # type: ignore[index]
+        a.run_once()  # the server hears what it runs now (the old files of the next delta)
+
+
+DELTA_FILES = {f"opt/delta/app{i}.bin": random.Random(20 + i).randbytes(768 << 10)
+               for i in range(2)}
+
+
+def test_two_agents_rebuild_from_one_delta_the_server_sent_the_reflector_once(branch):
+    world = branch
+    pair = world.agents[:2]
+    _capture_files(world, 20, DELTA_FILES)
+    _assign(world, pair, 20)
+    for out in run_all([a.cmd("run", "--once") for a in pair]):
+        ready(out)  # type: ignore[arg-type]
+    _apply(pair)
+    new = {rel: _mutate(data, i) for i, (rel, data) in enumerate(DELTA_FILES.items())}
+    layer = _capture_files(world, 21, new)
+    _assign(world, pair, 21)
+    status = world.refl.status()
+    sent = world.server.metric('strata_file_deltas_total{outcome="sent"}')
+    to_refl = world.server.metric('strata_file_deltas_total{outcome="to-reflector"}')
+    updates = [ready(a.run_once()) for a in pair]  # one after the other: a miss, then a hit
+    for u in updates:
+        assert u["files_by_delta"] == len(new) + 1, u  # etc/os-release joined their group
+        assert u["reflector"]["deltas_from_reflector"] == 1, u
+        assert not u["reflector"]["reflector_failures"], u
+        # The agent's own traffic with the server: manifests, the offer, reports; not the
+        # 1.5 MiB of changed files, nor their delta.
+        assert u["bytes_downloaded"] < 256 << 10, u
+    # The server sent the delta's body once, to the reflector; none to the agents.
+    assert world.server.metric('strata_file_deltas_total{outcome="to-reflector"}') == \
+        to_refl + 1
+    assert world.server.metric('strata_file_deltas_total{outcome="sent"}') == sent
+    wait_for(lambda: world.refl.status()["deltas_served"] >= status["deltas_served"] + 2,
+             30, "the reflector's counters")
+    now = world.refl.status()
+    assert now["deltas_from_server"] == status["deltas_from_server"] + 1, now
+    assert now["deltas_served"] == status["deltas_served"] + 2, now
+    print(f"delta WAN bytes: {now['bytes_from_server'] - status['bytes_from_server']} "
+          f"(reflector, chunks of etc/os-release included); agents' own: "
+          f"{[u['bytes_downloaded'] for u in updates]}")
+
+    _hostile_delta_requests(world, pair[0], DELTA_FILES, new)
+    _apply(pair)
+    for a in pair:
+        for rel in new:
+            assert (a.root / rel).read_bytes() == (layer / rel).read_bytes()
+
+
+def _hostile_delta_requests(world: SimpleNamespace, agent: Agent, old: dict[str, bytes],
+                            new: dict[str, bytes]) -> None:
+    """A delta ticket reads exactly the deltas the server offered this endpoint, at this
+    reflector, until it expires; each refusal is one plain line."""
+    from strata.engine.delta import group_key
+    from strata.model.ids import content_id
+
+    files = [{"old": content_id(old[r]).hex(), "new": content_id(new[r]).hex()}
+             for r in sorted(new)]
+    with agent.http() as http:
+        resp = http.post("/api/v1/agent/layers/delta-offer", json={
+            "groups": [{"files": files, "lacking": 1 << 20}], "reflectors": [world.refl.id]})
+        assert resp.status_code == 200, resp.text
+        offer = resp.json()
+    [delta] = offer["deltas"]
+    assert delta["new_key"] == group_key([content_id(new[r]) for r in sorted(new)]).hex()
+
+    def ask(ticket: str, did: str = delta["id"]) -> httpx.Response:
+        return httpx.get(f"{world.refl.url}/api/v1/agent/deltas/{did}", timeout=30,
+                         headers={"Authorization": f"Bearer {ticket}"})
+
+    def refused(resp: httpx.Response, why: str) -> None:
+        assert resp.status_code == 403, resp.text
+        detail = resp.json()["detail"]
+        assert why in detail and "\n" not in detail, detail
+
+    ok = ask(offer["ticket"])
+    assert ok.status_code == 200 and content_id(ok.content).hex() == delta["id"]
+    assert len(ok.content) == delta["size"]
+    # The endpoint's read ticket names layers, not deltas.
+    refused(ask(_ticket_of(agent)["ticket"]), "does not allow reading that delta")
+    # Forged (another key), tampered (another endpoint under the server's signature),
+    # expired, for another reflector.
+    parsed = json.loads(base64.urlsafe_b64decode(offer["ticket"].split(".")[0] + "=="))
+    now = int(time.time())
+    mine = Ticket(agent.endpoint_id, (world.refl.id,), frozenset(), False, now, now + 600,
+                  frozenset(parsed["d"]))
+    refused(ask(TicketSigner(world.base / "forged.key").sign(mine)), "signature")
+    other = base64.urlsafe_b64encode(json.dumps(
+        {**parsed, "e": world.agents[2].endpoint_id}).encode()).rstrip(b"=").decode()
+    refused(ask(f"{other}.{offer['ticket'].split('.')[1]}"), "signature")
+    server_key = TicketSigner(world.server.data / "reflector-tickets.key")
+    refused(ask(server_key.sign(Ticket(agent.endpoint_id, (world.refl.id,), frozenset(),
+                                       False, now - 7200, now - 3600, mine.deltas))),
+            "expired")
+    refused(ask(server_key.sign(Ticket(agent.endpoint_id, ("0" * 36,), frozenset(), False,
+                                       now, now + 60, mine.deltas))), "not for this reflector")
+    # Another delta than the ticket names (with a valid ticket).
+    refused(ask(offer["ticket"], "ab" * 32), "does not allow reading that delta")
+    # The probe the server's check stops: an endpoint that is not assigned the new files
+    # gets no ticket for their delta at all.
+    with world.agents[2].http() as http:
+        resp = http.post("/api/v1/agent/layers/delta-offer", json={
+            "groups": [{"files": files, "lacking": 1 << 20}], "reflectors": [world.refl.id]})
+    assert resp.status_code == 403 and "not part of this endpoint's layers" in resp.text
+    # The reflector's credential with a ticket that does not name a delta: nothing.
+    cred = json.loads((world.refl.state / "reflector.json").read_text())["credential"]
+    resp = httpx.post(world.server.url + f"/api/v1/reflector/deltas/{'ab' * 32}", timeout=30,
+                      headers={"Authorization": f"Bearer {cred}"},
+                      json={"ticket": offer["ticket"]})
+    assert resp.status_code == 404, resp.text

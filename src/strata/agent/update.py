@@ -416,7 +416,7 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         lengths = plan.chunks_in_order()
         report(client, desired.key, UpdateState.DOWNLOADING, percent=0.0)
         by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
-                                  source.lacking(list(lengths)))
+                                  source.lacking(list(lengths)), source.reflectors)
         lacking = source.lacking(list(lengths))
         last = [0.0]
 
@@ -473,7 +473,7 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
                                           repair=repair)
         lengths = plan.chunks_in_order()
         by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
-                                  source.lacking(list(lengths)))
+                                  source.lacking(list(lengths)), source.reflectors)
         result.files_by_delta += by_delta.rebuilt
         lacking = source.lacking(list(lengths))
         if progress is not None and lacking:

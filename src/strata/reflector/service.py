@@ -29,6 +29,10 @@ MAX_CHUNKS = 4096  # per request, as the agent batches them (agent/update.py)
 PER_ENDPOINT = 2  # requests of one endpoint at once (the agent makes one at a time)
 
 
+COUNTERS = ("bytes_from_server", "bytes_served", "hits", "misses", "refused",
+            "deltas_from_server", "deltas_served")
+
+
 class NotAllowed(StrataError):
     """A request for a chunk the ticket does not cover."""
 
@@ -42,6 +46,8 @@ class Counters:
     hits: int = 0
     misses: int = 0
     refused: int = 0
+    deltas_from_server: int = 0
+    deltas_served: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **amounts: int) -> None:
@@ -51,8 +57,7 @@ class Counters:
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return {k: getattr(self, k) for k in ("bytes_from_server", "bytes_served", "hits",
-                                                   "misses", "refused")}
+            return {k: getattr(self, k) for k in COUNTERS}
 
 
 class ReflectorService:
@@ -233,6 +238,58 @@ class ReflectorService:
                                 error if isinstance(error, StrataError) else CorruptData(
                                     f"the server did not send chunk {cid.hex()[:16]}"))
                         self._inflight.pop(cid, None)
+
+    # -- file deltas -----------------------------------------------------------------------
+
+    def delta(self, did: bytes, ticket_text: str) -> bytes:
+        """A file delta's body, by id, if the ticket (a delta ticket the server signed for
+        this endpoint, after checking it holds the old files) names it: from the cache,
+        else fetched from the server once however many agents ask at the same moment,
+        checked against its id before it is cached or served. It is content-addressed
+        like a chunk, so it lives in the chunk cache (the store verifies it again on
+        every read, and evicts it like any pack)."""
+        try:
+            ticket = verify_ticket(ticket_text, self.ticket_key, reflector=self.reflector_id,
+                                   now=self.clock())
+            if did.hex() not in ticket.deltas:
+                raise NotAllowed("this ticket does not allow reading that delta")
+        except (TicketRefused, NotAllowed):
+            self.counters.add(refused=1)
+            raise
+        with self.slots.slot(ticket.endpoint, "downloads"):
+            data = self.cache.get(did)
+            if data is not None:
+                self.counters.add(hits=1)
+                return data
+            self.counters.add(misses=1)
+            with self._lock:
+                fut = self._inflight.get(did)
+                mine = fut is None
+                if fut is None:
+                    fut = self._inflight[did] = Future()
+            if mine:
+                try:
+                    before = self.upstream.bytes_received
+                    try:
+                        data = self.upstream.delta(did, ticket_text)  # checked by its id
+                    finally:
+                        self.counters.add(
+                            bytes_from_server=self.upstream.bytes_received - before)
+                    self.counters.add(deltas_from_server=1)
+                    self.cache.put(did, data)
+                    self.cache.settle()
+                    fut.set_result(data)
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                    raise
+                finally:
+                    with self._lock:
+                        self._inflight.pop(did, None)
+            try:
+                return fut.result(timeout=WAIT_SECONDS)
+            except TimeoutError:
+                raise StrataError("timed out waiting for the server to send a delta") \
+                    from None
 
     # -- warm-up ---------------------------------------------------------------------------
 

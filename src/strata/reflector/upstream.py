@@ -12,9 +12,9 @@ from strata.agent.client import ServerClient, parse_answer
 from strata.agent.location import local_subnet, utc_offset_minutes
 from strata.agent.resume import fetch_chunks
 from strata.errors import CorruptData
-from strata.model.ids import ID_LEN
+from strata.model.ids import ID_LEN, content_id
+from strata.model.reflector import MAX_DELTA_BODY, ReflectorPoll, ReflectorStats
 from strata.model.reflector import ReflectorConfig as ServerAnswer
-from strata.model.reflector import ReflectorPoll, ReflectorStats
 from strata.reflector.state import ReflectorConfig
 
 API = "/api/v1/reflector"
@@ -68,3 +68,17 @@ class Upstream:
         if snapshot:
             extra["snapshot"] = snapshot
         return fetch_chunks(self.client, f"{API}/chunks", ids, keep, extra=extra)
+
+    def delta(self, did: bytes, ticket: str) -> bytes:
+        """A file delta's body, by id, for an endpoint's delta ticket; CorruptData if what
+        the server sent is not the body `did` names (never cached, never served)."""
+        with self.client.stream("POST", f"{API}/deltas/{did.hex()}",
+                                json={"ticket": ticket}) as body:
+            parts, got = [], 0
+            while got <= MAX_DELTA_BODY and (part := body.read()):
+                parts.append(part)
+                got += len(part)
+        data = b"".join(parts)
+        if got > MAX_DELTA_BODY or content_id(data) != did:
+            raise CorruptData(f"the server's delta {did.hex()[:16]} does not match its id")
+        return data

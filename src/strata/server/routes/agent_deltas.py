@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Response
 
+from strata.model.reflector import DeltaOffer, DeltaOfferRequest
 from strata.model.wire import DeltaRequest
 from strata.server.catalog.models import Endpoint
 from strata.server.context import ServerContext
@@ -21,6 +22,14 @@ def file_deltas(body: DeltaRequest, ep: Endpoint = Depends(require_device),
     where one pays; the groups left out are fetched by chunks."""
     return Response(content=deltas.file_deltas(ctx, ep, body.groups),
                     media_type="application/x-strata-deltas")
+
+
+@router.post("/layers/delta-offer", response_model=DeltaOffer)
+def delta_offer(body: DeltaOfferRequest, ep: Endpoint = Depends(require_device),
+                ctx: ServerContext = Depends(get_ctx)) -> DeltaOffer:
+    """The deltas of these groups by id and size, with a ticket naming them, for the
+    agent to fetch from its branch reflector (docs/reflectors.md)."""
+    return deltas.delta_offer(ctx, ep, body)
 
 
 @router.get("/layers/{sid}/manifest-delta")

@@ -163,6 +163,19 @@ def chunks(body: ReflectorChunkRequest, refl: Reflector = Depends(require_reflec
     return Response(content=data, media_type="application/x-strata-stream")
 
 
+@reflector_router.post("/deltas/{did}")
+def delta(did: str, body: ChunkIdsRequest, refl: Reflector = Depends(require_reflector),
+          ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """A file delta's body, by id, for an endpoint's delta ticket that names it."""
+    from strata.model.ids import is_hex_id
+
+    if not is_hex_id(did):
+        raise HTTPException(422, "a delta id is 64 lowercase hex digits")
+    with ctx.download_slots.slot(f"reflector:{refl.id}", "reflector fetches"):
+        data = reflectors.delta(ctx, refl, did, body.ticket)
+    return Response(content=data, media_type="application/zstd")
+
+
 # -- agents ---------------------------------------------------------------------------------------
 
 
