@@ -174,7 +174,9 @@ def test_one_update_reaches_every_agent_through_the_reflector_each_chunk_crossin
     # What crossed the WAN: about one endpoint's download, not three.
     wan = after["bytes_from_server"] - before["bytes_from_server"]
     assert 2.5 * MIB < wan < 3.5 * MIB, wan
-    status = world.refl.status()  # what `strata reflector status --json` shows
+    # What `strata reflector status --json` shows (the counters are saved every 2 s).
+    wait_for(lambda: world.refl.status()["misses"] > 0, 30, "the reflector's counters")
+    status = world.refl.status()
     assert status["status"] == "active" and status["reflector_id"] == world.refl.id
     assert status["cache_bytes"] > 2.5 * MIB and status["misses"] > 0, status
     applied = strata_json(*world.agents[0].cmd("apply"))
@@ -293,7 +295,8 @@ def test_agents_finish_through_the_server_when_the_reflector_dies(branch):
 
 
 class BadReflector:
-    """A reflector that flips a byte in every chunk it serves (in-process, loopback)."""
+    """A reflector that flips a byte in every chunk it serves, and serves garbage for any
+    delta (in-process, loopback)."""
 
     def __init__(self, chunks: dict[bytes, bytes]):
         import http.server
@@ -311,10 +314,18 @@ class BadReflector:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_GET(self) -> None:  # noqa: N802
+                outer.deltas += 1  # a delta's body: garbage of some other length
+                body = random.Random(outer.deltas).randbytes(100)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.chunks, self.asked = chunks, 0
+        self.chunks, self.asked, self.deltas = chunks, 0, 0
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -634,3 +645,46 @@ def _hostile_delta_requests(world: SimpleNamespace, agent: Agent, old: dict[str,
                       headers={"Authorization": f"Bearer {cred}"},
                       json={"ticket": offer["ticket"]})
     assert resp.status_code == 404, resp.text
+
+
+def _enroll_bad(world: SimpleNamespace, bad: BadReflector, name: str) -> str:
+    token = world.server.admin("POST", "/tokens", {"uses": 1, "purpose": "reflector"})["token"]
+    resp = httpx.post(world.server.url + "/api/v1/reflector/enroll", timeout=30, json={
+        "token": token, "name": name, "url": bad.url})
+    assert resp.status_code == 200, resp.text
+    rid = resp.json()["reflector_id"]
+    _route_to(world, rid)
+    return rid
+
+
+def _route_to(world: SimpleNamespace, rid: str) -> None:
+    rules = world.base / f"route-{rid}.json"
+    rules.write_text(json.dumps({"rules": [{"subnet": "127.0.0.0/8", "reflectors": [rid]}]}))
+    world.server.admin_cli("policy", "set", "reflectors", rules, "--replace", "--yes")
+
+
+def test_a_reflector_serving_a_bad_delta_is_caught_and_the_server_sends_it(branch):
+    world = branch
+    agent = world.agents[0]  # on os:21 (the test before)
+    old = {rel: _mutate(data, i) for i, (rel, data) in enumerate(DELTA_FILES.items())}
+    new = {rel: _mutate(data, 7 + i) for i, (rel, data) in enumerate(old.items())}
+    layer = _capture_files(world, 22, new)
+    bad = BadReflector({})
+    try:
+        evil = _enroll_bad(world, bad, "evil-deltas")
+        _assign(world, [agent], 22)
+        update = ready(agent.run_once())
+        assert bad.deltas == 1, bad.deltas
+        # The body failed its id: reported, and the server sent the delta instead.
+        why = list(update["reflector"]["reflector_failures"].values())
+        assert why and why[0].startswith("corrupt: delta"), update
+        assert update["reflector"]["deltas_from_reflector"] == 0, update
+        assert update["files_by_delta"] == len(new) + 1, update
+        shown = info(world.server, evil)
+        assert shown["status"] == "quarantined" and shown["bad_chunks"] == 1, shown
+    finally:
+        bad.close()
+        _route_to(world, world.refl.id)
+    _apply([agent])
+    for rel in new:
+        assert (agent.root / rel).read_bytes() == (layer / rel).read_bytes()

@@ -1,10 +1,13 @@
 """The branch reflector's pieces without processes: tickets (signed, bound to an endpoint,
 a reflector and an expiry, refused otherwise), the `reflectors` policy, the bounded chunk
 cache (verified, least recently used out), and the service's single flight (one fetch
-from the server however many agents ask at once) and authorization."""
+from the server however many agents ask at once, for chunks and file deltas) and
+authorization."""
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 import threading
 import time
@@ -158,6 +161,8 @@ class FakeUpstream:
         self.release.set()
         self.alter = False
         self.bytes_received = 0
+        self.deltas: dict[bytes, bytes] = {}
+        self.deltas_fetched: list[bytes] = []
 
     def chunk_ids(self, sid: str, ticket: str = "") -> list[bytes]:
         if sid not in self.sets:
@@ -174,6 +179,15 @@ class FakeUpstream:
             keep(cid, b"X" + data[1:] if self.alter else data)
             self.bytes_received += len(data)
         return []
+
+
+    def delta(self, did: bytes, ticket: str) -> bytes:
+        self.deltas_fetched.append(did)
+        self.entered.set()
+        assert self.release.wait(30)
+        data = self.deltas[did]
+        self.bytes_received += len(data)
+        return b"X" + data[1:] if self.alter else data
 
 
 @pytest.fixture
@@ -239,6 +253,67 @@ def test_a_chunk_the_server_sends_wrong_is_never_cached_or_served(world):
     assert service.cache.missing(ids[:2]) == ids[:2]
     upstream.alter = False
     assert [c for c, _ in service.serve(ids[:2], text)] == ids[:2]
+
+
+def test_a_delta_is_fetched_once_for_many_agents_and_only_with_a_ticket_naming_it(world,
+                                                                                   signer):
+    service, upstream, ids, text = world
+    body = random.Random(3).randbytes(3000)
+    did = content_id(body)
+    upstream.deltas[did] = body
+    tickets = [signer.sign(ticket(endpoint=f"ep-{i}", snapshots=frozenset(), own_cvd=False,
+                                  expires=NOW + 600, deltas=frozenset({did.hex()})))
+               for i in range(4)]
+    assert parse_ticket(tickets[0])[0].deltas == {did.hex()}
+    upstream.release.clear()
+    results: list[bytes] = []
+    leader = threading.Thread(target=lambda: results.append(service.delta(did, tickets[0])))
+    leader.start()
+    assert upstream.entered.wait(30)
+    followers = [threading.Thread(target=lambda t=t: results.append(service.delta(did, t)))
+                 for t in tickets[1:]]
+    for t in followers:
+        t.start()
+    deadline = time.monotonic() + 30
+    while service.counters.misses < 4:  # all four wait for the one fetch
+        assert time.monotonic() < deadline
+        threading.Event().wait(0.01)
+    upstream.release.set()
+    for t in [leader, *followers]:
+        t.join(30)
+    assert results == [body] * 4 and upstream.deltas_fetched == [did]
+    assert service.delta(did, tickets[1]) == body and upstream.deltas_fetched == [did]
+    assert service.counters.deltas_from_server == 1 and service.counters.hits == 1
+    # A read ticket names no delta; a delta ticket names only its own.
+    with pytest.raises(NotAllowed, match="that delta"):
+        service.delta(did, text)
+    with pytest.raises(NotAllowed, match="that delta"):
+        service.delta(content_id(b"another"), tickets[0])
+    assert service.counters.refused == 2
+
+
+def test_a_delta_the_server_sends_wrong_is_never_cached_or_served(world, signer):
+    service, upstream, ids, text = world
+    body = random.Random(4).randbytes(3000)
+    did = content_id(body)
+    upstream.deltas[did] = body
+    upstream.alter = True
+    t = signer.sign(ticket(snapshots=frozenset(), deltas=frozenset({did.hex()})))
+    with pytest.raises(CorruptData):
+        service.delta(did, t)
+    assert service.cache.get(did) is None and not service._inflight
+    upstream.alter = False
+    assert service.delta(did, t) == body
+
+
+def test_a_ticket_naming_malformed_or_too_many_deltas_is_refused(signer):
+    for deltas in (["xyz"], ["AB" * 32], ["ab" * 32] * 65):
+        body = signer.sign(ticket()).split(".")[0]
+        doc = json.loads(base64.urlsafe_b64decode(body + "=="))
+        doc["d"] = deltas
+        forged = base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+        with pytest.raises(TicketRefused, match="malformed"):
+            parse_ticket(f"{forged}.AAAA")
 
 
 def test_path_is_not_part_of_the_cache(tmp_path: Path):
