@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import subprocess
 import threading
@@ -515,11 +516,16 @@ def _mutate(data: bytes, seed: int) -> bytes:
     return bytes(out)
 
 
+# Files every version holds alike (their times too): what makes a manifest's delta pay.
+ALIKE = {f"usr/share/doc/note{i:03}.txt": f"note {i}\n".encode() * 40 for i in range(200)}
+
+
 def _capture_files(world: SimpleNamespace, version: int, files: dict[str, bytes]) -> Path:
     layer = world.base / f"layer{version}"
-    for rel, data in files.items():
+    for rel, data in {**ALIKE, **files}.items():
         (layer / rel).parent.mkdir(parents=True, exist_ok=True)
         (layer / rel).write_bytes(data)
+        os.utime(layer / rel, (1_700_000_000, 1_700_000_000))
     (layer / "etc").mkdir(parents=True, exist_ok=True)
     (layer / "etc/os-release").write_text(f"NAME=test {version}\n")
     world.server.admin_cli("layer", "capture", "--kind", "base", "--name", "os", "--version",
@@ -554,25 +560,27 @@ def test_two_agents_rebuild_from_one_delta_the_server_sent_the_reflector_once(br
     layer = _capture_files(world, 21, new)
     _assign(world, pair, 21)
     status = world.refl.status()
-    sent = world.server.metric('strata_file_deltas_total{outcome="sent"}')
-    to_refl = world.server.metric('strata_file_deltas_total{outcome="to-reflector"}')
+    metrics = {k: world.server.metric(f'strata_file_deltas_total{{outcome="{k}"}}')
+               for k in ("sent", "manifest", "to-reflector")}
     updates = [ready(a.run_once()) for a in pair]  # one after the other: a miss, then a hit
     for u in updates:
         assert u["files_by_delta"] == len(new) + 1, u  # etc/os-release joined their group
-        assert u["reflector"]["deltas_from_reflector"] == 1, u
+        # The files' delta and the layer manifest's, both from the reflector.
+        assert u["reflector"]["deltas_from_reflector"] == 2, u
         assert not u["reflector"]["reflector_failures"], u
         # The agent's own traffic with the server: manifests, the offer, reports; not the
         # 1.5 MiB of changed files, nor their delta.
         assert u["bytes_downloaded"] < 256 << 10, u
-    # The server sent the delta's body once, to the reflector; none to the agents.
+    # The server sent each delta's body once, to the reflector; none to the agents.
     assert world.server.metric('strata_file_deltas_total{outcome="to-reflector"}') == \
-        to_refl + 1
-    assert world.server.metric('strata_file_deltas_total{outcome="sent"}') == sent
-    wait_for(lambda: world.refl.status()["deltas_served"] >= status["deltas_served"] + 2,
+        metrics["to-reflector"] + 2
+    for k in ("sent", "manifest"):
+        assert world.server.metric(f'strata_file_deltas_total{{outcome="{k}"}}') == metrics[k]
+    wait_for(lambda: world.refl.status()["deltas_served"] >= status["deltas_served"] + 4,
              30, "the reflector's counters")
     now = world.refl.status()
-    assert now["deltas_from_server"] == status["deltas_from_server"] + 1, now
-    assert now["deltas_served"] == status["deltas_served"] + 2, now
+    assert now["deltas_from_server"] == status["deltas_from_server"] + 2, now
+    assert now["deltas_served"] == status["deltas_served"] + 4, now
     print(f"delta WAN bytes: {now['bytes_from_server'] - status['bytes_from_server']} "
           f"(reflector, chunks of etc/os-release included); agents' own: "
           f"{[u['bytes_downloaded'] for u in updates]}")

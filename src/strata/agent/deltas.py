@@ -302,11 +302,13 @@ def note_manifest(layers_dir: Path, layer: DesiredLayer) -> None:
     atomic_write(_pointer(layers_dir, layer), layer.snapshot.encode(), durable=False)
 
 
-def manifest_by_delta(client: ServerClient, layers_dir: Path, layer: DesiredLayer
-                      ) -> bytes | None:
+def manifest_by_delta(client: ServerClient, layers_dir: Path, layer: DesiredLayer,
+                      reflectors: ReflectorFetcher | None = None) -> bytes | None:
     """The layer's manifest rebuilt from the one kept of its previous version plus a delta,
     or None (no previous version kept, no delta paid, anything amiss): fetch it whole.
-    The caller verifies it against its signature like a manifest fetched whole."""
+    With a branch reflector, the server names the delta by id and the reflector sends it
+    (the server does, if the reflector does not). The caller verifies the manifest against
+    its signature like a manifest fetched whole."""
     try:
         base = _pointer(layers_dir, layer).read_text().strip()
         if not _SNAPSHOT_ID.fullmatch(base) or base == layer.snapshot:
@@ -315,9 +317,14 @@ def manifest_by_delta(client: ServerClient, layers_dir: Path, layer: DesiredLaye
     except OSError:
         return None
     try:
-        resp = client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/manifest-delta"
-                                     f"?base={base}")
-        for d in read_deltas(resp.content):
+        deltas: list[GroupDelta] | None = None
+        if reflectors is not None and reflectors.usable():
+            deltas = _manifest_through_reflector(client, reflectors, layer, base)
+        if deltas is None:
+            resp = client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/"
+                                         f"manifest-delta?base={base}")
+            deltas = list(read_deltas(resp.content))
+        for d in deltas:
             if d.old_key != content_id(old):
                 return None
             new = decode(old, d.delta, d.new_size)
@@ -325,3 +332,24 @@ def manifest_by_delta(client: ServerClient, layers_dir: Path, layer: DesiredLaye
     except StrataError:
         return None
     return None
+
+
+def _manifest_through_reflector(client: ServerClient, reflectors: ReflectorFetcher,
+                                layer: DesiredLayer, base: str) -> list[GroupDelta] | None:
+    """The manifest's delta (checked against its id) from the reflector, [] when none
+    pays, None to ask the server for it."""
+    try:
+        offer = parse_answer(client.request(
+            "POST", f"/api/v1/agent/layers/{layer.snapshot}/manifest-delta-offer",
+            json={"base": base, "reflectors": reflectors.usable()}), DeltaOffer)
+    except StrataError:  # an older server
+        return None
+    if not offer.deltas:
+        return []
+    if not offer.ticket:
+        return None
+    o = offer.deltas[0]
+    body = reflectors.fetch_delta(bytes.fromhex(o.id), o.size, offer.ticket)
+    if body is None:
+        return None
+    return [GroupDelta(bytes.fromhex(o.old_key), bytes.fromhex(o.new_key), o.new_size, body)]

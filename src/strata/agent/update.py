@@ -150,7 +150,7 @@ class LayerSource:
             raise UpdateFailed(f"layer {layer.name}:{layer.version} is not cached and the "
                                "server is unreachable")
         cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        patched = manifest_by_delta(self.client, cached.parent, layer)
+        patched = manifest_by_delta(self.client, cached.parent, layer, self.reflectors)
         try:
             if patched is None:
                 raise LayerRefused("no delta")

@@ -54,6 +54,14 @@ class DeltaOfferRequest(DeltaRequest):
     reflectors: list[ReflectorId] = Field(min_length=1, max_length=8)
 
 
+class ManifestOfferRequest(BaseModel):
+    """A layer manifest's delta against `base` (a layer manifest the endpoint holds), its
+    body to be fetched from the agent's reflector."""
+
+    base: HexId
+    reflectors: list[ReflectorId] = Field(min_length=1, max_length=8)
+
+
 class OfferedDelta(BaseModel):
     """One group's delta, by id: the agent fetches the body from its reflector and checks
     it against `id` (and `size`) before using it."""

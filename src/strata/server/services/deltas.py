@@ -219,19 +219,35 @@ def delta_offer(ctx: ServerContext, ep: Endpoint, req: DeltaOfferRequest) -> Del
     the agent fetches the bodies there. The possession check is this one, at the server,
     per request; the reflector checks only the ticket. No ticket if none of the named
     reflectors serves the endpoint now (the agent then asks the server for the bodies)."""
-    from strata.server.services import reflectors
-
     if len(req.groups) > MAX_OFFERED:
         raise TooLarge(f"ask for at most {MAX_OFFERED} groups per delta offer")
     found = _group_deltas(ctx, ep, req.groups)
+    for _, _, n in found:
+        DELTAS.labels("offered").inc(n)
+    return _offer(ctx, ep, [(d, key) for d, key, _ in found], req.reflectors)
+
+
+def manifest_offer(ctx: ServerContext, ep: Endpoint, sid: str, base: str,
+                   reflector_ids: list[str]) -> DeltaOffer:
+    """A layer manifest's delta against one the endpoint holds, offered by id as file
+    deltas are (no delta: it does not pay, the agent fetches the manifest whole)."""
+    found = _manifest_delta(ctx, ep, sid, base)
+    if found is not None:
+        DELTAS.labels("manifest-offered").inc()
+    return _offer(ctx, ep, [found] if found is not None else [], reflector_ids)
+
+
+def _offer(ctx: ServerContext, ep: Endpoint, found: list[tuple[GroupDelta, str]],
+           reflector_ids: list[str]) -> DeltaOffer:
+    from strata.server.services import reflectors
+
     offered = []
-    for d, key, n in found:
+    for d, key in found:
         did = content_id(d.delta)
         ctx.deltas.note_id(did, key)
-        DELTAS.labels("offered").inc(n)
         offered.append(OfferedDelta(old_key=d.old_key.hex(), new_key=d.new_key.hex(),
                                     new_size=d.new_size, id=did.hex(), size=len(d.delta)))
-    ids = reflectors.serving(ctx, ep, req.reflectors)
+    ids = reflectors.serving(ctx, ep, reflector_ids)
     if not ids or not offered:
         return DeltaOffer(deltas=offered)
     now = int(time.time())
@@ -252,6 +268,17 @@ def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> byt
     """A layer manifest the endpoint's desired state names, as a `pack_deltas` body of one
     record against a layer manifest it holds (the previous version of the layer): a
     manifest changes little between versions. Empty when the delta does not pay."""
+    found = _manifest_delta(ctx, ep, sid, base)
+    if found is None:
+        return pack_deltas([])
+    DELTAS.labels("manifest").inc()
+    return pack_deltas([found[0]])
+
+
+def _manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str
+                    ) -> tuple[GroupDelta, str] | None:
+    """The delta of layer `sid`'s manifest against `base`'s (one the endpoint holds) and
+    its cache entry's key; None when it does not pay."""
     layers = sorted(allowed_snapshots(ctx, ep))
     if sid not in layers:
         raise NotFound(f"no layer or snapshot {sid[:8]} assigned to this endpoint")
@@ -260,7 +287,7 @@ def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> byt
     new = snapshots.manifest_bytes(ctx, sid, "layer")
     old = snapshots.manifest_bytes(ctx, base, "layer")
     if max(len(old), len(new)) > MAX_DELTA_BYTES:
-        return pack_deltas([])
+        return None
     old_hash, new_hash = content_id(old), content_id(new)
 
     def make() -> bytes:
@@ -274,9 +301,9 @@ def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> byt
     (alone,) = _ALONE.unpack_from(body)
     delta = body[_ALONE.size:]
     if not pays(len(delta), alone, len(new), len(new)):
-        return pack_deltas([])
-    DELTAS.labels("manifest").inc()
-    return pack_deltas([GroupDelta(old_hash, new_hash, len(new), delta)])
+        return None
+    return (GroupDelta(old_hash, new_hash, len(new), delta),
+            ctx.deltas.cache.key(DELTA_LEVEL, [old_hash, new_hash]))
 
 
 def _cached_delta(ctx: ServerContext, files: list[tuple[bytes, File, bytes, File]]
