@@ -162,12 +162,18 @@ class FakeUpstream:
         self.alter = False
         self.bytes_received = 0
         self.deltas: dict[bytes, bytes] = {}
+        self.checked: list[tuple[str, list[bytes]]] = []
         self.deltas_fetched: list[bytes] = []
 
     def chunk_ids(self, sid: str, ticket: str = "") -> list[bytes]:
         if sid not in self.sets:
             raise ServerRefused(404, "server refused (404): no such snapshot")
         return self.sets[sid]
+
+    def check_chunks(self, sid: str, ids: list[bytes], ticket: str) -> None:
+        self.checked.append((sid, list(ids)))
+        if sid not in self.sets or not set(ids) <= set(self.sets[sid]):
+            raise ServerRefused(404, "server refused (404): no such snapshot")
 
     def fetch(self, ids: list[bytes], keep: Callable[[bytes, bytes], None], *,
               ticket: str = "", snapshot: str | None = None) -> list[bytes]:
@@ -243,6 +249,14 @@ def test_a_ticket_reads_only_the_chunks_of_what_it_names(world):
         service.serve([ids[0]], text.replace(".", ".A", 1))
     assert upstream.fetched == []
     assert service.counters.refused == 3
+    # The endpoint's own snapshot (a file restore): each request checked by the server,
+    # its ids alone, never the snapshot's whole chunk list.
+    upstream.sets[OWN] = ids[6:]
+    assert [c for c, _ in service.serve([ids[7]], text, snapshot=OWN)] == [ids[7]]
+    with pytest.raises(NotAllowed):
+        service.serve([ids[0]], text, snapshot=OWN)  # not a chunk of that snapshot
+    assert upstream.checked[-2:] == [(OWN, [ids[7]]), (OWN, [ids[0]])]
+    assert not any(sid == OWN for _, sid in service._sets)  # no chunk list was fetched
 
 
 def test_a_chunk_the_server_sends_wrong_is_never_cached_or_served(world):

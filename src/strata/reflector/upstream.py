@@ -60,6 +60,12 @@ class Upstream:
             raise CorruptData("the server's chunk list is malformed")
         return [raw[i:i + ID_LEN] for i in range(0, len(raw), ID_LEN)]
 
+    def check_chunks(self, sid: str, ids: list[bytes], ticket: str) -> None:
+        """Whether the ticket's endpoint owns snapshot `sid` and it holds every one of
+        `ids` (ServerRefused 403/404 if not): a file restore's request, checked alone."""
+        self.client.request("POST", f"{API}/snapshots/{sid}/check-chunks",
+                            json={"ticket": ticket, "ids": [c.hex() for c in ids]})
+
     def fetch(self, ids: list[bytes], keep: Callable[[bytes, bytes], None], *,
               ticket: str = "", snapshot: str | None = None) -> list[bytes]:
         """Download `ids` into `keep` (each verified against its id as it arrives); the

@@ -331,6 +331,20 @@ def chunk_ids(ctx: ServerContext, refl: Reflector, sid: str, ticket: str) -> byt
     return zstandard.ZstdCompressor(level=3).compress(b"".join(ids))
 
 
+def check_chunks(ctx: ServerContext, refl: Reflector, sid: str, hex_ids: list[str],
+                 ticket: str) -> None:
+    """Forbidden unless the ticket lets `refl` read snapshot `sid` and it holds every one
+    of these chunks (NotFound for another endpoint's snapshot, as for one that does not
+    exist)."""
+    if not ticket:
+        raise Forbidden("a snapshot is read with the ticket of the endpoint it belongs to")
+    ids = list(dict.fromkeys(parse_chunk_ids(hex_ids)))
+    sids = readable(ctx, refl, ticket, sid)
+    ctx.holdings.index_snapshot(sid, functools.partial(ctx.snapshot_chunks, sid))
+    if len(ctx.holdings.in_snapshots(sids, ids)) < len(ids):
+        raise Forbidden("a requested chunk is not part of that snapshot")
+
+
 def chunks(ctx: ServerContext, refl: Reflector, hex_ids: list[str], ticket: str,
            snapshot: str | None) -> bytes:
     """Chunks for a reflector, as the one zstd stream the agents' downloads use; each one
