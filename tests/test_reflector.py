@@ -541,8 +541,8 @@ def _capture_files(world: SimpleNamespace, version: int, files: dict[str, bytes]
 
 
 def _assign(world: SimpleNamespace, agents: list[Agent], version: int) -> None:
-    for a in agents:
-        world.server.admin_cli("assign", "--endpoint", a.endpoint_id, "--base", f"os:{version}")
+    ids = [x for a in agents for x in ("--endpoint", a.endpoint_id)]
+    world.server.admin_cli("assign", *ids, "--base", f"os:{version}")
 
 
 def _apply(agents: list[Agent], tell: bool = True) -> None:
