@@ -205,6 +205,8 @@ def world(tmp_path, signer):
     service = ReflectorService(RID, signer.public_key, cache, upstream,  # type: ignore[arg-type]
                                clock=lambda: NOW)
     yield service, upstream, ids, signer.sign(ticket())
+    upstream.release.set()
+    service.close()  # its fetch threads end before the cache closes
     cache.close()
 
 
@@ -336,3 +338,22 @@ def test_path_is_not_part_of_the_cache(tmp_path: Path):
     (tmp_path / "cache" / "notes.txt").write_text("mine")
     with pytest.raises(Exception, match="not empty"):
         ChunkCache(tmp_path / "cache", 64 << 20)
+
+
+def test_the_server_finds_an_offered_delta_by_its_id_and_never_another(tmp_path):
+    from strata.server.services.deltas import _ALONE, DELTA_LEVEL, DeltaService
+
+    service = DeltaService(tmp_path / "deltas")
+    delta = random.Random(5).randbytes(2000)
+    key = service.cache.key(DELTA_LEVEL, [content_id(b"old"), content_id(b"new")])
+    service.cache.keep(key, _ALONE.pack(9000) + delta)
+    did = content_id(delta)
+    service.note_id(did, key)
+    assert service.by_id(did) == delta
+    assert service.by_id(content_id(b"never offered")) is None
+    # A pointer to an entry that holds another body (a collision, a bug): refused.
+    service.note_id(content_id(b"other"), key)
+    assert service.by_id(content_id(b"other")) is None
+    # The entry evicted or damaged: gone (the reflector fails, the agent asks the server).
+    (tmp_path / "deltas" / key).write_bytes(b"\0" * 64)
+    assert service.by_id(did) is None
