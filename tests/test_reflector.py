@@ -709,6 +709,8 @@ def test_a_reflector_serving_a_bad_delta_is_caught_and_the_server_sends_it(branc
         assert why and why[0].startswith("corrupt: delta"), update
         assert update["reflector"]["deltas_from_reflector"] == 0, update
         assert update["files_by_delta"] == len(new) + 1, update
+        print(f"agent's own traffic with the server, deltas from the server: "
+              f"{update['bytes_downloaded']}")
         shown = info(world.server, evil)
         assert shown["status"] == "quarantined" and shown["bad_chunks"] == 1, shown
     finally:
