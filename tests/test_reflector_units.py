@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,12 +20,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strata.agent.client import ServerRefused
+from strata.agent.reflector_source import ReflectorFetcher
+from strata.agent.state import AgentState
 from strata.errors import CorruptData
 from strata.model.ids import content_id
+from strata.model.reflector import ReflectorAssignment, ReflectorRoute
 from strata.model.tickets import Ticket, TicketRefused, TicketSigner, parse_ticket, verify_ticket
 from strata.reflector.cache import ChunkCache
 from strata.reflector.service import NotAllowed, ReflectorService
 from strata.server.policies import reflectors_for, validate_policy
+from strata.server.services.deltas import _ALONE, DELTA_LEVEL, DeltaService
 
 NOW = 1_800_000_000
 RID = "11111111-2222-3333-4444-555555555555"
@@ -341,8 +346,6 @@ def test_path_is_not_part_of_the_cache(tmp_path: Path):
 
 
 def test_the_server_finds_an_offered_delta_by_its_id_and_never_another(tmp_path):
-    from strata.server.services.deltas import _ALONE, DELTA_LEVEL, DeltaService
-
     service = DeltaService(tmp_path / "deltas")
     delta = random.Random(5).randbytes(2000)
     key = service.cache.key(DELTA_LEVEL, [content_id(b"old"), content_id(b"new")])
@@ -357,3 +360,38 @@ def test_the_server_finds_an_offered_delta_by_its_id_and_never_another(tmp_path)
     # The entry evicted or damaged: gone (the reflector fails, the agent asks the server).
     (tmp_path / "deltas" / key).write_bytes(b"\0" * 64)
     assert service.by_id(did) is None
+
+
+class RecordingServer:
+    """The agent's client to the server, as far as a reflector's fallback needs it: the
+    reports it is sent."""
+
+    server = "http://127.0.0.1:9"
+
+    def __init__(self) -> None:
+        self.reports: list[dict] = []
+
+    def request(self, method: str, path: str, **kw: object) -> None:
+        assert path == "/api/v1/agent/reflector-report"
+        self.reports.append(kw["json"])  # type: ignore[arg-type]
+
+
+def test_an_agent_goes_around_a_reflector_that_is_down_for_a_delta_and_says_so(tmp_path,
+                                                                               signer):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    route = ReflectorRoute(reflectors=[ReflectorAssignment(id=RID,
+                                                           url=f"http://127.0.0.1:{port}")],
+                           ticket=signer.sign(ticket()))
+    server = RecordingServer()
+    fetcher = ReflectorFetcher(server, AgentState(tmp_path), route)  # type: ignore[arg-type]
+    did = content_id(b"a delta")
+    other = signer.sign(ticket(reflectors=("another",), deltas=frozenset({did.hex()})))
+    assert fetcher.fetch_delta(did, 7, other) is None  # not for this reflector: not asked
+    assert server.reports == [] and fetcher.usable() == [RID]
+    mine = signer.sign(ticket(deltas=frozenset({did.hex()})))
+    assert fetcher.fetch_delta(did, 7, mine) is None
+    assert [r["problem"] for r in server.reports] == ["down"]
+    assert fetcher.usable() == []  # not asked again in this update
+    fetcher.close()
