@@ -3,7 +3,10 @@ run`) and three agents. One base update reaches every agent through the reflecto
 each chunk crosses the "WAN" (server -> reflector) once; agents finish through the server
 when the reflector dies; a reflector that serves a bad chunk is caught and quarantined;
 tickets let an endpoint read only its own layers and snapshots (forged, expired, other
-endpoints' snapshots, unassigned layers); a layer exported offline seeds a reflector."""
+endpoints' snapshots, unassigned layers); a layer exported offline seeds a reflector; a
+file restore reads through the reflector, and through the server when it is down; file
+and manifest deltas cross the WAN once for two agents, delta tickets read only what the
+server offered, and a reflector serving a bad delta is caught."""
 
 from __future__ import annotations
 
