@@ -633,8 +633,10 @@ def _hostile_delta_requests(world: SimpleNamespace, agent: Agent, old: dict[str,
     ok = ask(offer["ticket"])
     assert ok.status_code == 200 and content_id(ok.content).hex() == delta["id"]
     assert len(ok.content) == delta["size"]
-    # The endpoint's read ticket names layers, not deltas.
+    # The endpoint's read ticket names layers, not deltas; nor does another endpoint's
+    # (a genuine ticket of endpoint 2, which holds no old file of this group).
     refused(ask(_ticket_of(agent)["ticket"]), "does not allow reading that delta")
+    refused(ask(_ticket_of(world.agents[2])["ticket"]), "does not allow reading that delta")
     # Forged (another key), tampered (another endpoint under the server's signature),
     # expired, for another reflector.
     parsed = json.loads(base64.urlsafe_b64decode(offer["ticket"].split(".")[0] + "=="))
