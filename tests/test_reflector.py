@@ -3,12 +3,16 @@ run`) and three agents. One base update reaches every agent through the reflecto
 each chunk crosses the "WAN" (server -> reflector) once; agents finish through the server
 when the reflector dies; a reflector that serves a bad chunk is caught and quarantined;
 tickets let an endpoint read only its own layers and snapshots (forged, expired, other
-endpoints' snapshots, unassigned layers); a layer exported offline seeds a reflector."""
+endpoints' snapshots, unassigned layers); a layer exported offline seeds a reflector; a
+file restore reads through the reflector, and through the server when it is down; file
+and manifest deltas cross the WAN once for two agents, delta tickets read only what the
+server offered, and a reflector serving a bad delta is caught."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import subprocess
 import threading
@@ -99,6 +103,13 @@ class Reflector:
     def status(self) -> dict:
         return strata_json("reflector", "status", "--state", self.state)  # type: ignore[return-value]
 
+    def counters(self) -> dict:
+        """The counters the running reflector saved last (every 2 s), without a CLI run."""
+        try:
+            return json.loads((self.state / "counters.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
 
 def info(server: Server, rid: str) -> dict:
     return server.admin("GET", f"/reflectors/{rid}")  # type: ignore[return-value]
@@ -174,7 +185,9 @@ def test_one_update_reaches_every_agent_through_the_reflector_each_chunk_crossin
     # What crossed the WAN: about one endpoint's download, not three.
     wan = after["bytes_from_server"] - before["bytes_from_server"]
     assert 2.5 * MIB < wan < 3.5 * MIB, wan
-    status = world.refl.status()  # what `strata reflector status --json` shows
+    # What `strata reflector status --json` shows (the counters are saved every 2 s).
+    wait_for(lambda: world.refl.counters().get("misses", 0) > 0, 30, "the counters")
+    status = world.refl.status()
     assert status["status"] == "active" and status["reflector_id"] == world.refl.id
     assert status["cache_bytes"] > 2.5 * MIB and status["misses"] > 0, status
     applied = strata_json(*world.agents[0].cmd("apply"))
@@ -293,7 +306,8 @@ def test_agents_finish_through_the_server_when_the_reflector_dies(branch):
 
 
 class BadReflector:
-    """A reflector that flips a byte in every chunk it serves (in-process, loopback)."""
+    """A reflector that flips a byte in every chunk it serves, and serves garbage for any
+    delta (in-process, loopback)."""
 
     def __init__(self, chunks: dict[bytes, bytes]):
         import http.server
@@ -311,10 +325,18 @@ class BadReflector:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_GET(self) -> None:  # noqa: N802
+                outer.deltas += 1  # a delta's body: garbage of some other length
+                body = random.Random(outer.deltas).randbytes(100)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.chunks, self.asked = chunks, 0
+        self.chunks, self.asked, self.deltas = chunks, 0, 0
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -449,3 +471,256 @@ def test_the_reflectors_fetches_follow_the_bandwidth_rules_of_its_site(branch):
     # 2 MiB at 4,000 kbit/s (500,000 B/s) takes 4.2 s; the bucket may start a little full.
     assert out["bytes_from_server"] > 2 * MIB, out  # type: ignore[index]
     assert out["seconds"] >= 3.0, out  # type: ignore[index]
+
+
+def _reflector_served(world: SimpleNamespace, after: int) -> int:
+    """The reflector's bytes_served once its saved counters pass `after` (they are saved
+    every two seconds)."""
+    wait_for(lambda: world.refl.counters()["bytes_served"] > after, 30, "the counters")
+    return world.refl.counters()["bytes_served"]
+
+
+def test_a_file_restore_reads_through_the_reflector_and_the_server_when_it_is_down(branch):
+    world = branch
+    agent = world.agents[2]
+    big = agent.root / "home/ann/film.bin"
+    content = random.Random(14).randbytes(MIB)  # incompressible: bytes on the wire show
+    big.write_bytes(content)
+    centralized(agent.backup())  # a snapshot holding it, and a check-in: the route
+    served = world.refl.counters()["bytes_served"]
+    from_server = info(world.server, world.refl.id)["bytes_from_server"]
+    big.unlink()
+    out = strata_json(*agent.cmd("restore", "home/ann/film.bin", "--yes"))
+    assert big.read_bytes() == content
+    assert out["reflector"]["chunks_from_reflector"] > 0, out  # type: ignore[index]
+    assert not out["reflector"]["reflector_failures"], out  # type: ignore[index]
+    # The reflector fetched the file once over the WAN and served it; the agent's own
+    # traffic with the server is the manifest and the report, not the file.
+    assert out["bytes_from_server"] < MIB / 4, out  # type: ignore[index]
+    assert info(world.server, world.refl.id)["bytes_from_server"] - from_server > MIB * 0.9
+    assert _reflector_served(world, served) - served > MIB * 0.9
+
+    big.unlink()
+    world.refl.kill()
+    try:
+        out = strata_json(*agent.cmd("restore", "home/ann/film.bin", "--yes"))
+        assert big.read_bytes() == content
+        assert out["reflector"]["chunks_from_reflector"] == 0, out  # type: ignore[index]
+        why = list(out["reflector"]["reflector_failures"].values())  # type: ignore[index]
+        assert why and why[0].startswith("down"), out
+        assert out["bytes_from_server"] > MIB * 0.9, out  # type: ignore[index]
+    finally:
+        world.refl.start(poll=3600)
+
+
+# -- file deltas through the reflector (issue 17) ---------------------------------------------
+
+
+def _mutate(data: bytes, seed: int) -> bytes:
+    """A rebuilt binary, roughly: a byte changed every 1,500 and a few inserted, so no
+    chunk of the old file survives while a delta stays small."""
+    out = bytearray(data)
+    for pos in range(seed % 1500, len(out), 1500):
+        out[pos] ^= 0x5A
+    out[len(out) // 2:len(out) // 2] = random.Random(seed).randbytes(7)
+    return bytes(out)
+
+
+# Files every version holds alike (their times too): what makes a manifest's delta pay.
+ALIKE = {f"usr/share/doc/note{i:03}.txt": f"note {i}\n".encode() * 40 for i in range(200)}
+
+
+def _capture_files(world: SimpleNamespace, version: int, files: dict[str, bytes]) -> Path:
+    layer = world.base / f"layer{version}"
+    for rel, data in {**ALIKE, **files}.items():
+        (layer / rel).parent.mkdir(parents=True, exist_ok=True)
+        (layer / rel).write_bytes(data)
+        os.utime(layer / rel, (1_700_000_000, 1_700_000_000))
+    (layer / "etc").mkdir(parents=True, exist_ok=True)
+    (layer / "etc/os-release").write_text(f"NAME=test {version}\n")
+    world.server.admin_cli("layer", "capture", "--kind", "base", "--name", "os", "--version",
+                           version, "--from-dir", layer)
+    return layer
+
+
+def _assign(world: SimpleNamespace, agents: list[Agent], version: int) -> None:
+    ids = [x for a in agents for x in ("--endpoint", a.endpoint_id)]
+    world.server.admin_cli("assign", *ids, "--base", f"os:{version}")
+
+
+def _apply(agents: list[Agent], tell: bool = True) -> None:
+    for a in agents:
+        assert strata_json(*a.cmd("apply"))["state"] == "applied"  # type: ignore[index]
+        if tell:  # the server hears what it runs now (the old files of the next delta)
+            a.run_once()
+
+
+DELTA_FILES = {f"opt/delta/app{i}.bin": random.Random(20 + i).randbytes(768 << 10)
+               for i in range(2)}
+
+
+def test_two_agents_rebuild_from_one_delta_the_server_sent_the_reflector_once(branch):
+    world = branch
+    pair = world.agents[:2]
+    _capture_files(world, 20, DELTA_FILES)
+    _assign(world, pair, 20)
+    for out in run_all([a.cmd("run", "--once") for a in pair]):
+        ready(out)  # type: ignore[arg-type]
+    _apply(pair)
+    new = {rel: _mutate(data, i) for i, (rel, data) in enumerate(DELTA_FILES.items())}
+    layer = _capture_files(world, 21, new)
+    _assign(world, pair, 21)
+    status = world.refl.counters()
+    metrics = {k: world.server.metric(f'strata_file_deltas_total{{outcome="{k}"}}')
+               for k in ("sent", "manifest", "to-reflector")}
+    updates = [ready(a.run_once()) for a in pair]  # one after the other: a miss, then a hit
+    for u in updates:
+        assert u["files_by_delta"] == len(new) + 1, u  # etc/os-release joined their group
+        # The files' delta and the layer manifest's, both from the reflector.
+        assert u["reflector"]["deltas_from_reflector"] == 2, u
+        assert not u["reflector"]["reflector_failures"], u
+        # The agent's own traffic with the server: manifests, the offer, reports; not the
+        # 1.5 MiB of changed files, nor their delta.
+        assert u["bytes_downloaded"] < 256 << 10, u
+    # The server sent each delta's body once, to the reflector; none to the agents.
+    assert world.server.metric('strata_file_deltas_total{outcome="to-reflector"}') == \
+        metrics["to-reflector"] + 2
+    for k in ("sent", "manifest"):
+        assert world.server.metric(f'strata_file_deltas_total{{outcome="{k}"}}') == metrics[k]
+    wait_for(lambda: world.refl.counters().get("deltas_served", 0) >=
+             status.get("deltas_served", 0) + 4, 30, "the reflector's counters")
+    now = world.refl.status()  # as `strata reflector status --json` shows them
+    assert now["deltas_from_server"] == status.get("deltas_from_server", 0) + 2, now
+    assert now["deltas_served"] == status.get("deltas_served", 0) + 4, now
+    print(f"delta WAN bytes: {now['bytes_from_server'] - status.get('bytes_from_server', 0)} "
+          f"(reflector, chunks of etc/os-release included); agents' own: "
+          f"{[u['bytes_downloaded'] for u in updates]}")
+
+    _hostile_delta_requests(world, pair[0], DELTA_FILES, new)
+    _apply(pair[:1])  # the next test updates agent 0 from here
+    _apply(pair[1:], tell=False)
+    for a in pair:
+        for rel in new:
+            assert (a.root / rel).read_bytes() == (layer / rel).read_bytes()
+
+
+def _hostile_delta_requests(world: SimpleNamespace, agent: Agent, old: dict[str, bytes],
+                            new: dict[str, bytes]) -> None:
+    """A delta ticket reads exactly the deltas the server offered this endpoint, at this
+    reflector, until it expires; each refusal is one plain line."""
+    from strata.engine.delta import group_key
+    from strata.model.ids import content_id
+
+    files = [{"old": content_id(old[r]).hex(), "new": content_id(new[r]).hex()}
+             for r in sorted(new)]
+    with agent.http() as http:
+        resp = http.post("/api/v1/agent/layers/delta-offer", json={
+            "groups": [{"files": files, "lacking": 1 << 20}], "reflectors": [world.refl.id]})
+        assert resp.status_code == 200, resp.text
+        offer = resp.json()
+    [delta] = offer["deltas"]
+    assert delta["new_key"] == group_key([content_id(new[r]) for r in sorted(new)]).hex()
+
+    def ask(ticket: str, did: str = delta["id"]) -> httpx.Response:
+        return httpx.get(f"{world.refl.url}/api/v1/agent/deltas/{did}", timeout=30,
+                         headers={"Authorization": f"Bearer {ticket}"})
+
+    def refused(resp: httpx.Response, why: str) -> None:
+        assert resp.status_code == 403, resp.text
+        detail = resp.json()["detail"]
+        assert why in detail and "\n" not in detail, detail
+
+    ok = ask(offer["ticket"])
+    assert ok.status_code == 200 and content_id(ok.content).hex() == delta["id"]
+    assert len(ok.content) == delta["size"]
+    # The endpoint's read ticket names layers, not deltas; nor does another endpoint's
+    # (a genuine ticket of endpoint 2, which holds no old file of this group).
+    refused(ask(_ticket_of(agent)["ticket"]), "does not allow reading that delta")
+    refused(ask(_ticket_of(world.agents[2])["ticket"]), "does not allow reading that delta")
+    # Forged (another key), tampered (another endpoint under the server's signature),
+    # expired, for another reflector.
+    parsed = json.loads(base64.urlsafe_b64decode(offer["ticket"].split(".")[0] + "=="))
+    now = int(time.time())
+    mine = Ticket(agent.endpoint_id, (world.refl.id,), frozenset(), False, now, now + 600,
+                  frozenset(parsed["d"]))
+    refused(ask(TicketSigner(world.base / "forged.key").sign(mine)), "signature")
+    other = base64.urlsafe_b64encode(json.dumps(
+        {**parsed, "e": world.agents[2].endpoint_id}).encode()).rstrip(b"=").decode()
+    refused(ask(f"{other}.{offer['ticket'].split('.')[1]}"), "signature")
+    server_key = TicketSigner(world.server.data / "reflector-tickets.key")
+    refused(ask(server_key.sign(Ticket(agent.endpoint_id, (world.refl.id,), frozenset(),
+                                       False, now - 7200, now - 3600, mine.deltas))),
+            "expired")
+    refused(ask(server_key.sign(Ticket(agent.endpoint_id, ("0" * 36,), frozenset(), False,
+                                       now, now + 60, mine.deltas))), "not for this reflector")
+    # Another delta than the ticket names (with a valid ticket).
+    refused(ask(offer["ticket"], "ab" * 32), "does not allow reading that delta")
+    # The probe the server's check stops: an endpoint that is not assigned the new files
+    # gets no ticket for their delta at all.
+    with world.agents[2].http() as http:
+        resp = http.post("/api/v1/agent/layers/delta-offer", json={
+            "groups": [{"files": files, "lacking": 1 << 20}], "reflectors": [world.refl.id]})
+    assert resp.status_code == 403 and "not part of this endpoint's layers" in resp.text
+    # Malformed or oversized asks: one plain line each.
+    with agent.http() as http:
+        url = "/api/v1/agent/layers/delta-offer"
+        resp = http.post(url, json={"groups": [{"files": files[:1], "lacking": 1}] * 65,
+                                    "reflectors": [world.refl.id]})
+        assert resp.status_code == 413 and "at most 64 groups" in resp.text, resp.text
+        resp = http.post(url, json={"groups": [{"files": files, "lacking": 1}],
+                                    "reflectors": ["../../etc"]})
+        assert resp.status_code == 422, resp.text
+    assert httpx.get(f"{world.refl.url}/api/v1/agent/deltas/{delta['id']}",
+                     timeout=30).status_code == 401
+    assert ask(offer["ticket"], "not-an-id").status_code == 422
+    # The reflector's credential with a ticket that does not name a delta: nothing.
+    cred = json.loads((world.refl.state / "reflector.json").read_text())["credential"]
+    resp = httpx.post(world.server.url + f"/api/v1/reflector/deltas/{'ab' * 32}", timeout=30,
+                      headers={"Authorization": f"Bearer {cred}"},
+                      json={"ticket": offer["ticket"]})
+    assert resp.status_code == 404, resp.text
+
+
+def _enroll_bad(world: SimpleNamespace, bad: BadReflector, name: str) -> str:
+    token = world.server.admin("POST", "/tokens", {"uses": 1, "purpose": "reflector"})["token"]
+    resp = httpx.post(world.server.url + "/api/v1/reflector/enroll", timeout=30, json={
+        "token": token, "name": name, "url": bad.url})
+    assert resp.status_code == 200, resp.text
+    rid = resp.json()["reflector_id"]
+    _route_to(world, rid)
+    return rid
+
+
+def _route_to(world: SimpleNamespace, rid: str) -> None:
+    rules = world.base / f"route-{rid}.json"
+    rules.write_text(json.dumps({"rules": [{"subnet": "127.0.0.0/8", "reflectors": [rid]}]}))
+    world.server.admin_cli("policy", "set", "reflectors", rules, "--replace", "--yes")
+
+
+def test_a_reflector_serving_a_bad_delta_is_caught_and_the_server_sends_it(branch):
+    world = branch
+    agent = world.agents[0]  # on os:21 (the test before)
+    old = {rel: _mutate(data, i) for i, (rel, data) in enumerate(DELTA_FILES.items())}
+    new = {rel: _mutate(data, 7 + i) for i, (rel, data) in enumerate(old.items())}
+    layer = _capture_files(world, 22, new)
+    bad = BadReflector({})
+    try:
+        evil = _enroll_bad(world, bad, "evil-deltas")
+        _assign(world, [agent], 22)
+        update = ready(agent.run_once())
+        assert bad.deltas == 1, bad.deltas
+        # The body failed its id: reported, and the server sent the delta instead.
+        why = list(update["reflector"]["reflector_failures"].values())
+        assert why and why[0].startswith("corrupt: delta"), update
+        assert update["reflector"]["deltas_from_reflector"] == 0, update
+        assert update["files_by_delta"] == len(new) + 1, update
+        print(f"agent's own traffic with the server, deltas from the server: "
+              f"{update['bytes_downloaded']}")
+        shown = info(world.server, evil)
+        assert shown["status"] == "quarantined" and shown["bad_chunks"] == 1, shown
+    finally:
+        bad.close()
+        _route_to(world, world.refl.id)
+    _apply([agent], tell=False)
+    for rel in new:
+        assert (agent.root / rel).read_bytes() == (layer / rel).read_bytes()

@@ -1,11 +1,15 @@
 """The branch reflector's pieces without processes: tickets (signed, bound to an endpoint,
 a reflector and an expiry, refused otherwise), the `reflectors` policy, the bounded chunk
 cache (verified, least recently used out), and the service's single flight (one fetch
-from the server however many agents ask at once) and authorization."""
+from the server however many agents ask at once, for chunks and file deltas) and
+authorization."""
 
 from __future__ import annotations
 
+import base64
+import json
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,12 +20,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strata.agent.client import ServerRefused
+from strata.agent.reflector_source import ReflectorFetcher
+from strata.agent.state import AgentState
 from strata.errors import CorruptData
 from strata.model.ids import content_id
+from strata.model.reflector import ReflectorAssignment, ReflectorRoute
 from strata.model.tickets import Ticket, TicketRefused, TicketSigner, parse_ticket, verify_ticket
 from strata.reflector.cache import ChunkCache
 from strata.reflector.service import NotAllowed, ReflectorService
 from strata.server.policies import reflectors_for, validate_policy
+from strata.server.services.deltas import _ALONE, DELTA_LEVEL, DeltaService
 
 NOW = 1_800_000_000
 RID = "11111111-2222-3333-4444-555555555555"
@@ -158,11 +166,19 @@ class FakeUpstream:
         self.release.set()
         self.alter = False
         self.bytes_received = 0
+        self.deltas: dict[bytes, bytes] = {}
+        self.checked: list[tuple[str, list[bytes]]] = []
+        self.deltas_fetched: list[bytes] = []
 
     def chunk_ids(self, sid: str, ticket: str = "") -> list[bytes]:
         if sid not in self.sets:
             raise ServerRefused(404, "server refused (404): no such snapshot")
         return self.sets[sid]
+
+    def check_chunks(self, sid: str, ids: list[bytes], ticket: str) -> None:
+        self.checked.append((sid, list(ids)))
+        if sid not in self.sets or not set(ids) <= set(self.sets[sid]):
+            raise ServerRefused(404, "server refused (404): no such snapshot")
 
     def fetch(self, ids: list[bytes], keep: Callable[[bytes, bytes], None], *,
               ticket: str = "", snapshot: str | None = None) -> list[bytes]:
@@ -176,6 +192,15 @@ class FakeUpstream:
         return []
 
 
+    def delta(self, did: bytes, ticket: str) -> bytes:
+        self.deltas_fetched.append(did)
+        self.entered.set()
+        assert self.release.wait(30)
+        data = self.deltas[did]
+        self.bytes_received += len(data)
+        return b"X" + data[1:] if self.alter else data
+
+
 @pytest.fixture
 def world(tmp_path, signer):
     data = dict(chunks(8, 5000, 7))
@@ -185,6 +210,8 @@ def world(tmp_path, signer):
     service = ReflectorService(RID, signer.public_key, cache, upstream,  # type: ignore[arg-type]
                                clock=lambda: NOW)
     yield service, upstream, ids, signer.sign(ticket())
+    upstream.release.set()
+    service.close()  # its fetch threads end before the cache closes
     cache.close()
 
 
@@ -229,6 +256,14 @@ def test_a_ticket_reads_only_the_chunks_of_what_it_names(world):
         service.serve([ids[0]], text.replace(".", ".A", 1))
     assert upstream.fetched == []
     assert service.counters.refused == 3
+    # The endpoint's own snapshot (a file restore): each request checked by the server,
+    # its ids alone, never the snapshot's whole chunk list.
+    upstream.sets[OWN] = ids[6:]
+    assert [c for c, _ in service.serve([ids[7]], text, snapshot=OWN)] == [ids[7]]
+    with pytest.raises(NotAllowed):
+        service.serve([ids[0]], text, snapshot=OWN)  # not a chunk of that snapshot
+    assert upstream.checked[-2:] == [(OWN, [ids[7]]), (OWN, [ids[0]])]
+    assert not any(sid == OWN for _, sid in service._sets)  # no chunk list was fetched
 
 
 def test_a_chunk_the_server_sends_wrong_is_never_cached_or_served(world):
@@ -241,9 +276,122 @@ def test_a_chunk_the_server_sends_wrong_is_never_cached_or_served(world):
     assert [c for c, _ in service.serve(ids[:2], text)] == ids[:2]
 
 
+def test_a_delta_is_fetched_once_for_many_agents_and_only_with_a_ticket_naming_it(world,
+                                                                                   signer):
+    service, upstream, ids, text = world
+    body = random.Random(3).randbytes(3000)
+    did = content_id(body)
+    upstream.deltas[did] = body
+    tickets = [signer.sign(ticket(endpoint=f"ep-{i}", snapshots=frozenset(), own_cvd=False,
+                                  expires=NOW + 600, deltas=frozenset({did.hex()})))
+               for i in range(4)]
+    assert parse_ticket(tickets[0])[0].deltas == {did.hex()}
+    upstream.release.clear()
+    results: list[bytes] = []
+    leader = threading.Thread(target=lambda: results.append(service.delta(did, tickets[0])))
+    leader.start()
+    assert upstream.entered.wait(30)
+    followers = [threading.Thread(target=lambda t=t: results.append(service.delta(did, t)))
+                 for t in tickets[1:]]
+    for t in followers:
+        t.start()
+    deadline = time.monotonic() + 30
+    while service.counters.misses < 4:  # all four wait for the one fetch
+        assert time.monotonic() < deadline
+        threading.Event().wait(0.01)
+    upstream.release.set()
+    for t in [leader, *followers]:
+        t.join(30)
+    assert results == [body] * 4 and upstream.deltas_fetched == [did]
+    assert service.delta(did, tickets[1]) == body and upstream.deltas_fetched == [did]
+    assert service.counters.deltas_from_server == 1 and service.counters.hits == 1
+    # A read ticket names no delta; a delta ticket names only its own.
+    with pytest.raises(NotAllowed, match="that delta"):
+        service.delta(did, text)
+    with pytest.raises(NotAllowed, match="that delta"):
+        service.delta(content_id(b"another"), tickets[0])
+    assert service.counters.refused == 2
+
+
+def test_a_delta_the_server_sends_wrong_is_never_cached_or_served(world, signer):
+    service, upstream, ids, text = world
+    body = random.Random(4).randbytes(3000)
+    did = content_id(body)
+    upstream.deltas[did] = body
+    upstream.alter = True
+    t = signer.sign(ticket(snapshots=frozenset(), deltas=frozenset({did.hex()})))
+    with pytest.raises(CorruptData):
+        service.delta(did, t)
+    assert service.cache.get(did) is None and not service._inflight
+    upstream.alter = False
+    assert service.delta(did, t) == body
+
+
+def test_a_ticket_naming_malformed_or_too_many_deltas_is_refused(signer):
+    for deltas in (["xyz"], ["AB" * 32], ["ab" * 32] * 65):
+        body = signer.sign(ticket()).split(".")[0]
+        doc = json.loads(base64.urlsafe_b64decode(body + "=="))
+        doc["d"] = deltas
+        forged = base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+        with pytest.raises(TicketRefused, match="malformed"):
+            parse_ticket(f"{forged}.AAAA")
+
+
 def test_path_is_not_part_of_the_cache(tmp_path: Path):
     # A cache folder that holds something else is refused, not taken over.
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "notes.txt").write_text("mine")
     with pytest.raises(Exception, match="not empty"):
         ChunkCache(tmp_path / "cache", 64 << 20)
+
+
+def test_the_server_finds_an_offered_delta_by_its_id_and_never_another(tmp_path):
+    service = DeltaService(tmp_path / "deltas")
+    delta = random.Random(5).randbytes(2000)
+    key = service.cache.key(DELTA_LEVEL, [content_id(b"old"), content_id(b"new")])
+    service.cache.keep(key, _ALONE.pack(9000) + delta)
+    did = content_id(delta)
+    service.note_id(did, key)
+    assert service.by_id(did) == delta
+    assert service.by_id(content_id(b"never offered")) is None
+    # A pointer to an entry that holds another body (a collision, a bug): refused.
+    service.note_id(content_id(b"other"), key)
+    assert service.by_id(content_id(b"other")) is None
+    # The entry evicted or damaged: gone (the reflector fails, the agent asks the server).
+    (tmp_path / "deltas" / key).write_bytes(b"\0" * 64)
+    assert service.by_id(did) is None
+
+
+class RecordingServer:
+    """The agent's client to the server, as far as a reflector's fallback needs it: the
+    reports it is sent."""
+
+    server = "http://127.0.0.1:9"
+
+    def __init__(self) -> None:
+        self.reports: list[dict] = []
+
+    def request(self, method: str, path: str, **kw: object) -> None:
+        assert path == "/api/v1/agent/reflector-report"
+        self.reports.append(kw["json"])  # type: ignore[arg-type]
+
+
+def test_an_agent_goes_around_a_reflector_that_is_down_for_a_delta_and_says_so(tmp_path,
+                                                                               signer):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    route = ReflectorRoute(reflectors=[ReflectorAssignment(id=RID,
+                                                           url=f"http://127.0.0.1:{port}")],
+                           ticket=signer.sign(ticket()))
+    server = RecordingServer()
+    fetcher = ReflectorFetcher(server, AgentState(tmp_path), route)  # type: ignore[arg-type]
+    did = content_id(b"a delta")
+    other = signer.sign(ticket(reflectors=("another",), deltas=frozenset({did.hex()})))
+    assert fetcher.fetch_delta(did, 7, other) is None  # not for this reflector: not asked
+    assert server.reports == [] and fetcher.usable() == [RID]
+    mine = signer.sign(ticket(deltas=frozenset({did.hex()})))
+    assert fetcher.fetch_delta(did, 7, mine) is None
+    assert [r["problem"] for r in server.reports] == ["down"]
+    assert fetcher.usable() == []  # not asked again in this update
+    fetcher.close()

@@ -21,7 +21,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from strata.agent.client import ServerClient
+from strata.agent.client import ServerClient, parse_answer
+from strata.agent.reflector_source import ReflectorFetcher
 from strata.engine.delta import (
     MAX_DELTA_BYTES,
     GroupDelta,
@@ -36,6 +37,7 @@ from strata.layers.changes import Action
 from strata.layers.plan import Plan
 from strata.model.entry import Entry, EntryType
 from strata.model.ids import content_id
+from strata.model.reflector import MAX_OFFERED, DeltaOffer
 from strata.model.wire import MAX_DELTA_FILES, DesiredLayer
 from strata.store.backend import atomic_write
 from strata.store.repository import Store
@@ -60,6 +62,7 @@ class DeltaStats:
     asked: int = 0  # files a delta was asked for
     rebuilt: int = 0  # files rebuilt from a delta (their chunks now in the cache)
     bytes_saved: int = 0  # raw bytes of chunks that did not have to be downloaded
+    from_reflector: int = 0  # deltas whose body came from the branch reflector
     failed: list[str] = field(default_factory=list)  # why a delta was not used
 
 
@@ -147,12 +150,14 @@ def groups(cands: list[Candidate]) -> Iterator[list[Candidate]]:
         yield group
 
 
-def _requests(gs: Iterable[list[Candidate]]) -> Iterator[list[list[Candidate]]]:
+def _requests(gs: Iterable[list[Candidate]], max_groups: int = MAX_DELTA_FILES
+              ) -> Iterator[list[list[Candidate]]]:
     batch: list[list[Candidate]] = []
     size = files = 0
     for g in gs:
         n = sum(c.new.size for c in g)
-        if batch and (size + n > BATCH_BYTES or files + len(g) > MAX_DELTA_FILES):
+        if batch and (size + n > BATCH_BYTES or files + len(g) > MAX_DELTA_FILES
+                      or len(batch) >= max_groups):
             yield batch
             batch, size, files = [], 0, 0
         batch.append(g)
@@ -211,22 +216,30 @@ def rebuild(root: bytes, group: list[Candidate], delta: GroupDelta, cache: Store
 
 
 def fill_by_deltas(client: ServerClient | None, root: bytes, cache: Store, plan: Plan,
-                   current: Iterable[Entry], lacking: list[bytes]) -> DeltaStats:
+                   current: Iterable[Entry], lacking: list[bytes],
+                   reflectors: ReflectorFetcher | None = None) -> DeltaStats:
     """Put into `cache` the chunks of every file a delta rebuilds; the caller then
-    downloads what is still lacking as chunks."""
+    downloads what is still lacking as chunks. With a branch reflector, the server names
+    the deltas by id (and checks the endpoint holds the old files) and the bodies come
+    from the reflector; what it does not deliver comes from the server."""
     stats = DeltaStats()
     missing = set(lacking)
     if client is None or not missing:
         return stats
     try:
-        for batch in _requests(groups(candidates(plan, current, missing))):
+        for batch in _requests(groups(candidates(plan, current, missing)),
+                               MAX_OFFERED if reflectors is not None else MAX_DELTA_FILES):
             stats.asked += sum(len(g) for g in batch)
-            resp = client.request("POST", "/api/v1/agent/layers/deltas", json={"groups": [
-                {"files": [{"old": c.old.content_hash.hex(), "new": c.new.content_hash.hex()}
-                           for c in g], "lacking": sum(c.lacking for c in g)} for g in batch]})
             wanted = {(group_key([c.old.content_hash for c in g]),
                        group_key([c.new.content_hash for c in g])): g for g in batch}
-            for delta in read_deltas(resp.content):
+            got: list[GroupDelta] = []
+            rest = batch
+            if reflectors is not None and reflectors.usable():
+                got, rest = _through_reflector(client, reflectors, batch, wanted, stats)
+            if rest:
+                got.extend(read_deltas(client.request(
+                    "POST", "/api/v1/agent/layers/deltas", json=_ask(rest)).content))
+            for delta in got:
                 group = wanted.pop((delta.old_key, delta.new_key), None)
                 if group is None:
                     continue  # not asked for: ignored
@@ -243,6 +256,42 @@ def fill_by_deltas(client: ServerClient | None, root: bytes, cache: Store, plan:
     return stats
 
 
+def _ask(batch: list[list[Candidate]]) -> dict:
+    return {"groups": [{"files": [{"old": c.old.content_hash.hex(),
+                                   "new": c.new.content_hash.hex()} for c in g],
+                        "lacking": sum(c.lacking for c in g)} for g in batch]}
+
+
+def _through_reflector(client: ServerClient, reflectors: ReflectorFetcher,
+                       batch: list[list[Candidate]],
+                       wanted: dict[tuple[bytes, bytes], list[Candidate]], stats: DeltaStats
+                       ) -> tuple[list[GroupDelta], list[list[Candidate]]]:
+    """The deltas of `batch` whose bodies the reflector delivered (each checked against
+    the id the server named), and the groups still to ask the server for: those whose
+    body it did not deliver, or all of them when the server offers no ticket."""
+    try:
+        offer = parse_answer(client.request(
+            "POST", "/api/v1/agent/layers/delta-offer",
+            json={**_ask(batch), "reflectors": reflectors.usable()}), DeltaOffer)
+    except StrataError as exc:  # an older server: the bodies from the server, as before
+        stats.failed.append(f"delta offer: {exc}")
+        return [], batch
+    if not offer.ticket:
+        return [], batch
+    got, rest = [], []
+    for o in offer.deltas:
+        key = (bytes.fromhex(o.old_key), bytes.fromhex(o.new_key))
+        if key not in wanted:
+            continue  # not asked for: ignored
+        body = reflectors.fetch_delta(bytes.fromhex(o.id), o.size, offer.ticket)
+        if body is None:
+            rest.append(wanted[key])
+            continue
+        stats.from_reflector += 1
+        got.append(GroupDelta(key[0], key[1], o.new_size, body))
+    return got, rest  # groups the offer leaves out: no delta pays, they go by chunks
+
+
 def _pointer(layers_dir: Path, layer: DesiredLayer) -> Path:
     """Where the snapshot id of the last manifest kept of this layer (kind and name, any
     version) is noted: the base a later version's manifest is patched from."""
@@ -253,11 +302,13 @@ def note_manifest(layers_dir: Path, layer: DesiredLayer) -> None:
     atomic_write(_pointer(layers_dir, layer), layer.snapshot.encode(), durable=False)
 
 
-def manifest_by_delta(client: ServerClient, layers_dir: Path, layer: DesiredLayer
-                      ) -> bytes | None:
+def manifest_by_delta(client: ServerClient, layers_dir: Path, layer: DesiredLayer,
+                      reflectors: ReflectorFetcher | None = None) -> bytes | None:
     """The layer's manifest rebuilt from the one kept of its previous version plus a delta,
     or None (no previous version kept, no delta paid, anything amiss): fetch it whole.
-    The caller verifies it against its signature like a manifest fetched whole."""
+    With a branch reflector, the server names the delta by id and the reflector sends it
+    (the server does, if the reflector does not). The caller verifies the manifest against
+    its signature like a manifest fetched whole."""
     try:
         base = _pointer(layers_dir, layer).read_text().strip()
         if not _SNAPSHOT_ID.fullmatch(base) or base == layer.snapshot:
@@ -266,9 +317,14 @@ def manifest_by_delta(client: ServerClient, layers_dir: Path, layer: DesiredLaye
     except OSError:
         return None
     try:
-        resp = client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/manifest-delta"
-                                     f"?base={base}")
-        for d in read_deltas(resp.content):
+        deltas: list[GroupDelta] | None = None
+        if reflectors is not None and reflectors.usable():
+            deltas = _manifest_through_reflector(client, reflectors, layer, base)
+        if deltas is None:
+            resp = client.request("GET", f"/api/v1/agent/layers/{layer.snapshot}/"
+                                         f"manifest-delta?base={base}")
+            deltas = list(read_deltas(resp.content))
+        for d in deltas:
             if d.old_key != content_id(old):
                 return None
             new = decode(old, d.delta, d.new_size)
@@ -276,3 +332,24 @@ def manifest_by_delta(client: ServerClient, layers_dir: Path, layer: DesiredLaye
     except StrataError:
         return None
     return None
+
+
+def _manifest_through_reflector(client: ServerClient, reflectors: ReflectorFetcher,
+                                layer: DesiredLayer, base: str) -> list[GroupDelta] | None:
+    """The manifest's delta (checked against its id) from the reflector, [] when none
+    pays, None to ask the server for it."""
+    try:
+        offer = parse_answer(client.request(
+            "POST", f"/api/v1/agent/layers/{layer.snapshot}/manifest-delta-offer",
+            json={"base": base, "reflectors": reflectors.usable()}), DeltaOffer)
+    except StrataError:  # an older server
+        return None
+    if not offer.deltas:
+        return []
+    if not offer.ticket:
+        return None
+    o = offer.deltas[0]
+    body = reflectors.fetch_delta(bytes.fromhex(o.id), o.size, offer.ticket)
+    if body is None:
+        return None
+    return [GroupDelta(bytes.fromhex(o.old_key), bytes.fromhex(o.new_key), o.new_size, body)]

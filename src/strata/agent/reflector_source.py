@@ -20,7 +20,9 @@ from strata.agent.client import ServerClient, ServerRefused, ServerUnreachable, 
 from strata.agent.resume import Decoder, fetch_chunks
 from strata.agent.state import AgentState
 from strata.errors import CorruptData, StrataError
+from strata.model.ids import content_id
 from strata.model.reflector import ReflectorAssignment, ReflectorRoute
+from strata.model.tickets import TicketRefused, parse_ticket
 from strata.model.transfer import iter_stream
 from strata.store.backend import atomic_write
 
@@ -69,6 +71,7 @@ class ReflectorFetcher:
         self.failed: dict[str, str] = {}  # reflector id -> why
         self.bytes_received = 0
         self.chunks_received = 0
+        self.deltas_received = 0
         self._clients: dict[str, ServerClient] = {}
 
     @classmethod
@@ -117,18 +120,58 @@ class ReflectorFetcher:
                 self._went_around(refl, "refused", str(exc))
         return [c for c in ids if c not in done]
 
+    def usable(self) -> list[str]:
+        """The route's reflectors not yet gone around in this download."""
+        return [r.id for r in self.route.reflectors if r.id not in self.failed]
+
+    def fetch_delta(self, did: bytes, size: int, ticket: str) -> bytes | None:
+        """A file delta's body by id, from the first reflector that delivers one that is
+        `size` bytes and hashes to `did`, with the delta ticket the server signed for it;
+        None if none does (each failure reported, as for chunks)."""
+        try:
+            named = parse_ticket(ticket)[0].reflectors
+        except TicketRefused:
+            return None
+        for refl in self.route.reflectors:
+            if refl.id in self.failed or refl.id not in named:
+                continue
+            client = self._make_client(refl, ticket)
+            try:
+                with client.stream("GET", f"/api/v1/agent/deltas/{did.hex()}") as body:
+                    parts, got = [], 0
+                    while got <= size and (part := body.read()):
+                        parts.append(part)
+                        got += len(part)
+                data = b"".join(parts)
+                if len(data) != size or content_id(data) != did:
+                    self._went_around(refl, "corrupt", f"delta {did.hex()[:16]} does not "
+                                      "match its id", did)
+                    continue
+                self.deltas_received += 1
+                return data
+            except ServerUnreachable as exc:
+                slow = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+                self._went_around(refl, "slow" if slow else "down", str(exc))
+            except StrataError as exc:  # refused (an expired ticket), or an odd answer
+                self._went_around(refl, "refused", str(exc))
+            finally:
+                self.bytes_received += client.bytes_received
+                client.close()
+        return None
+
     def _client(self, refl: ReflectorAssignment) -> ServerClient:
         client = self._clients.get(refl.id)
         if client is None:
-            from strata.transport import verify_setting
-
-            # The reflector's certificate as the server vouched for it; no retries: on any
-            # trouble the server is asked at once, the reflector again at the next download.
-            verify = verify_setting(pinned_pem=refl.tls_cert) if refl.tls_cert else True
-            client = ServerClient(refl.url, self.route.ticket, retries=0,
-                                  timeout=self.timeout, verify=verify)
-            self._clients[refl.id] = client
+            client = self._clients[refl.id] = self._make_client(refl, self.route.ticket)
         return client
+
+    def _make_client(self, refl: ReflectorAssignment, ticket: str) -> ServerClient:
+        from strata.transport import verify_setting
+
+        # The reflector's certificate as the server vouched for it; no retries: on any
+        # trouble the server is asked at once, the reflector again at the next download.
+        verify = verify_setting(pinned_pem=refl.tls_cert) if refl.tls_cert else True
+        return ServerClient(refl.url, ticket, retries=0, timeout=self.timeout, verify=verify)
 
     def _renew_if_due(self) -> None:
         expires = self.route.expires
@@ -157,6 +200,7 @@ class ReflectorFetcher:
         return {"bytes_from_reflector": self.bytes_received + sum(
                     c.bytes_received for c in self._clients.values()),
                 "chunks_from_reflector": self.chunks_received,
+                "deltas_from_reflector": self.deltas_received,
                 "reflector_failures": dict(self.failed),
                 "at": datetime.now(UTC).isoformat()}
 

@@ -1,4 +1,6 @@
-"""Reading the endpoint's own snapshots back from the server, for file restore."""
+"""Reading the endpoint's own snapshots back for file restore: the manifest from the
+server, the chunks from the branch reflector the last check-in named (if any, with its
+ticket: agent/reflector_source.py), and whatever it does not deliver from the server."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from strata.agent.client import ServerClient
+from strata.agent.reflector_source import ReflectorFetcher
 from strata.agent.resume import fetch_chunks
 from strata.errors import CorruptData
 from strata.model.entry import Entry
@@ -23,8 +26,9 @@ class RemoteSnapshot:
 class RemoteSource:
     """A ChunkSource over the agent API; every chunk is verified against its id."""
 
-    def __init__(self, client: ServerClient):
+    def __init__(self, client: ServerClient, reflectors: ReflectorFetcher | None = None):
         self.client = client
+        self.reflectors = reflectors
         self._sid = ""
 
     def snapshot(self, ref: str) -> RemoteSnapshot:
@@ -44,8 +48,12 @@ class RemoteSource:
         """Read as the answer arrives (the bandwidth cap holds on the stream), resuming a
         broken connection for the chunks still missing (agent/resume.py)."""
         got: dict[bytes, bytes | CorruptData] = {}
-        fetch_chunks(self.client, f"/api/v1/agent/snapshots/{self._sid}/chunks",
-                     list(dict.fromkeys(ids)), got.__setitem__, decode=iter_bundle,
-                     on_corrupt=got.__setitem__)
+        path = f"/api/v1/agent/snapshots/{self._sid}/chunks"
+        want = list(dict.fromkeys(ids))
+        if self.reflectors is not None:  # the branch first; what it did not deliver: below
+            want = self.reflectors.fetch(path, want, got.__setitem__, decode=iter_bundle)
+        if want:
+            fetch_chunks(self.client, path, want, got.__setitem__, decode=iter_bundle,
+                         on_corrupt=got.__setitem__)
         return [got.get(c, CorruptData(f"server did not send chunk {c.hex()[:16]}"))
                 for c in ids]

@@ -150,7 +150,7 @@ class LayerSource:
             raise UpdateFailed(f"layer {layer.name}:{layer.version} is not cached and the "
                                "server is unreachable")
         cached.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        patched = manifest_by_delta(self.client, cached.parent, layer)
+        patched = manifest_by_delta(self.client, cached.parent, layer, self.reflectors)
         try:
             if patched is None:
                 raise LayerRefused("no delta")
@@ -416,7 +416,7 @@ def prepare(client: ServerClient, state: AgentState, root: Path, desired: Desire
         lengths = plan.chunks_in_order()
         report(client, desired.key, UpdateState.DOWNLOADING, percent=0.0)
         by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
-                                  source.lacking(list(lengths)))
+                                  source.lacking(list(lengths)), source.reflectors)
         lacking = source.lacking(list(lengths))
         last = [0.0]
 
@@ -473,7 +473,7 @@ def switch(client: ServerClient | None, state: AgentState, root: Path, desired: 
                                           repair=repair)
         lengths = plan.chunks_in_order()
         by_delta = fill_by_deltas(client, os.fsencode(root), source.cache, plan, current,
-                                  source.lacking(list(lengths)))
+                                  source.lacking(list(lengths)), source.reflectors)
         result.files_by_delta += by_delta.rebuilt
         lacking = source.lacking(list(lengths))
         if progress is not None and lacking:

@@ -364,6 +364,7 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     confirmation (--yes for scripts)."""
     from strata.agent.cycle import last_bandwidth
     from strata.agent.pipeline import restoring_snapshot
+    from strata.agent.reflector_source import ReflectorFetcher
     from strata.agent.remote_source import RemoteSource
     from strata.engine.restore import restore as run_restore
     from strata.engine.restore_inplace import (
@@ -381,8 +382,10 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     snapshot = snapshot or restoring_snapshot(st.path) or "latest"
     client = _client(cred)
     client.follow(last_bandwidth(st))  # the caps of the last check-in, by the local clock
+    # Chunks from the branch reflector the last check-in named, the server for the rest.
+    reflectors = ReflectorFetcher.for_state(client, st)
     try:
-        source = RemoteSource(client)
+        source = RemoteSource(client, reflectors)
         snap = source.snapshot(snapshot)
         target = to or Path(cred.root)
         # In place it is the endpoint's own system: everything comes back as it was.
@@ -408,8 +411,13 @@ def restore(paths: list[str] = typer.Argument(..., help="Paths to restore (relat
     finally:
         st.add_wire_bytes(client.bytes_sent, client.bytes_received)
         client.close()
+        if reflectors is not None:
+            reflectors.close()
     if json:
-        print_json({**result.to_dict(), "kept": [k.to_dict() for k in kept]})
+        print_json({**result.to_dict(), "kept": [k.to_dict() for k in kept],
+                    # what crossed to the server (the WAN) and what the branch served
+                    "bytes_from_server": client.bytes_received,
+                    "reflector": reflectors.summary() if reflectors is not None else {}})
     else:
         for k in kept:
             console.print(f"kept the local {k.path.decode(errors='replace')} as "

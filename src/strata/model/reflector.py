@@ -13,6 +13,7 @@ from strata.model.wire import (
     INT64_MAX,
     MAX_IDS_PER_QUERY,
     BandwidthLimits,
+    DeltaRequest,
     HexId,
     PemText,
     ReflectorAssignment,
@@ -40,6 +41,47 @@ class ReflectorProblem(BaseModel):
     problem: Literal["down", "slow", "refused", "corrupt"]
     detail: str = Field(default="", max_length=500)
     chunk: HexId | None = None  # the chunk that failed its check (corrupt)
+
+
+MAX_OFFERED = 64  # groups of one delta offer: what one delta ticket may name
+MAX_DELTA_BODY = 64 << 20  # a delta is never larger than the files it rebuilds
+
+
+class DeltaOfferRequest(DeltaRequest):
+    """A delta request whose bodies the agent will fetch from its reflector: the groups,
+    and the reflectors of its route (the ticket names those the server routes it to)."""
+
+    reflectors: list[ReflectorId] = Field(min_length=1, max_length=8)
+
+
+class ManifestOfferRequest(BaseModel):
+    """A layer manifest's delta against `base` (a layer manifest the endpoint holds), its
+    body to be fetched from the agent's reflector."""
+
+    base: HexId
+    reflectors: list[ReflectorId] = Field(min_length=1, max_length=8)
+
+
+class OfferedDelta(BaseModel):
+    """One group's delta, by id: the agent fetches the body from its reflector and checks
+    it against `id` (and `size`) before using it."""
+
+    old_key: HexId  # the group's keys (strata.engine.delta.group_key)
+    new_key: HexId
+    new_size: int = Field(ge=0, le=MAX_DELTA_BODY)  # bytes the delta rebuilds
+    id: HexId  # BLAKE3 of the delta's body
+    size: int = Field(gt=0, le=MAX_DELTA_BODY)  # the body's bytes
+
+
+class DeltaOffer(BaseModel):
+    """The server's answer: the groups that have a delta that pays (the others go by
+    chunks) and a short-lived ticket naming exactly those deltas, bound to this endpoint
+    and its reflectors. No ticket: no reflector of the request serves this endpoint now
+    (the agent asks the server for the bodies)."""
+
+    ticket: str = Field(default="", max_length=16 << 10)
+    expires: datetime | None = None
+    deltas: list[OfferedDelta] = Field(default_factory=list, max_length=MAX_OFFERED)
 
 
 # -- the reflector's side ----------------------------------------------------------------
@@ -97,6 +139,8 @@ class ReflectorStats(BaseModel):
     misses: int = Field(default=0, ge=0, le=INT64_MAX)
     refused: int = Field(default=0, ge=0, le=INT64_MAX)
     evicted_bytes: int = Field(default=0, ge=0, le=INT64_MAX)
+    deltas_from_server: int = Field(default=0, ge=0, le=INT64_MAX)  # delta bodies fetched
+    deltas_served: int = Field(default=0, ge=0, le=INT64_MAX)  # and served to agents
 
 
 class ReflectorPoll(ReflectorStats):

@@ -22,6 +22,7 @@ from strata.model.ids import is_hex_id
 VERSION = 1
 MAX_TICKET = 16 << 10  # characters: a ticket names a few layers, never thousands
 MAX_SNAPSHOTS = 64  # snapshot ids one ticket may name (an endpoint's layers, its restore)
+MAX_DELTAS = 64  # delta ids one ticket may name (the groups of one delta request)
 KEY_LEN = 32  # raw Ed25519 public key
 
 
@@ -39,12 +40,18 @@ class Ticket:
     own_cvd: bool  # may also read the endpoint's own CVD snapshots (file restore)
     issued: int  # seconds since the epoch
     expires: int
+    # File deltas it may fetch, by id (the BLAKE3 of the delta's body, hex): a delta
+    # ticket, made for one delta request once the server checked that the endpoint holds
+    # every old file (server/services/deltas.py); it names no snapshot.
+    deltas: frozenset[str] = frozenset()
 
     def to_json(self) -> bytes:
-        return json.dumps({"v": VERSION, "e": self.endpoint, "r": list(self.reflectors),
-                           "s": sorted(self.snapshots), "c": self.own_cvd,
-                           "iat": self.issued, "exp": self.expires},
-                          separators=(",", ":")).encode()
+        doc: dict[str, object] = {"v": VERSION, "e": self.endpoint, "r": list(self.reflectors),
+                                  "s": sorted(self.snapshots), "c": self.own_cvd,
+                                  "iat": self.issued, "exp": self.expires}
+        if self.deltas:
+            doc["d"] = sorted(self.deltas)
+        return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _b64(data: bytes) -> str:
@@ -76,6 +83,10 @@ def parse_ticket(text: str) -> tuple[Ticket, bytes, bytes]:
             raise ValueError("lists")
         if not all(isinstance(s, str) and is_hex_id(s) for s in snaps):
             raise ValueError("snapshot ids")
+        deltas = doc.get("d", [])
+        if not (isinstance(deltas, list) and len(deltas) <= MAX_DELTAS
+                and all(isinstance(d, str) and is_hex_id(d) for d in deltas)):
+            raise ValueError("delta ids")
         if not all(isinstance(r, str) and 0 < len(r) <= 64 for r in refs):
             raise ValueError("reflector ids")
         endpoint, own, iat, exp = doc["e"], doc["c"], doc["iat"], doc["exp"]
@@ -84,7 +95,8 @@ def parse_ticket(text: str) -> tuple[Ticket, bytes, bytes]:
             raise ValueError("fields")
     except (ValueError, KeyError, TypeError):
         raise TicketRefused("malformed ticket") from None
-    return Ticket(endpoint, tuple(refs), frozenset(snaps), own, iat, exp), body, sig
+    return Ticket(endpoint, tuple(refs), frozenset(snaps), own, iat, exp,
+                  frozenset(deltas)), body, sig
 
 
 class TicketSigner:

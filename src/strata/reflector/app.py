@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator
 
 from fastapi import FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from strata import __version__
 from strata.errors import StrataError
@@ -101,5 +101,15 @@ def create_app(service: ReflectorService) -> FastAPI:
                     yield record
 
         return StreamingResponse(records(), media_type="application/octet-stream")
+
+    @app.get("/api/v1/agent/deltas/{did}")
+    def delta(did: str, authorization: str | None = Header(None)) -> Response:
+        """A file delta's body, by id (the BLAKE3 of the body), for a delta ticket that
+        names it (docs/reflectors.md); the agent checks it against the id."""
+        if not is_hex_id(did):
+            raise HTTPException(422, "a delta id is 64 lowercase hex digits")
+        data = service.delta(bytes.fromhex(did), _ticket(authorization))
+        service.counters.add(bytes_served=len(data), deltas_served=1)
+        return Response(content=data, media_type="application/zstd")
 
     return app

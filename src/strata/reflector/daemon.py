@@ -19,7 +19,7 @@ from strata.model.reflector import ReflectorConfig as ServerAnswer
 from strata.model.reflector import ReflectorEnrollResponse
 from strata.model.transfer import iter_bundle
 from strata.reflector.cache import ChunkCache
-from strata.reflector.service import ReflectorService
+from strata.reflector.service import COUNTERS, ReflectorService
 from strata.reflector.state import ReflectorConfig, ReflectorState
 from strata.reflector.upstream import Upstream
 from strata.store.pack import decode_payload
@@ -190,8 +190,7 @@ def status(state: ReflectorState) -> dict:
             # the caps its fetches follow, from the bandwidth rules for its site and subnet
             "bandwidth": heard.get("bandwidth", {}),
             "cache_limit": cfg.cache_size, "cache_bytes": cache_bytes,
-            **{k: counters.get(k, 0) for k in ("bytes_from_server", "bytes_served", "hits",
-                                                "misses", "refused")}}
+            **{k: counters.get(k, 0) for k in COUNTERS}}
 
 
 def warm(state: ReflectorState, layer: str) -> dict:

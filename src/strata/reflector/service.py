@@ -29,6 +29,10 @@ MAX_CHUNKS = 4096  # per request, as the agent batches them (agent/update.py)
 PER_ENDPOINT = 2  # requests of one endpoint at once (the agent makes one at a time)
 
 
+COUNTERS = ("bytes_from_server", "bytes_served", "hits", "misses", "refused",
+            "deltas_from_server", "deltas_served")
+
+
 class NotAllowed(StrataError):
     """A request for a chunk the ticket does not cover."""
 
@@ -42,6 +46,8 @@ class Counters:
     hits: int = 0
     misses: int = 0
     refused: int = 0
+    deltas_from_server: int = 0
+    deltas_served: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **amounts: int) -> None:
@@ -51,8 +57,7 @@ class Counters:
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return {k: getattr(self, k) for k in ("bytes_from_server", "bytes_served", "hits",
-                                                   "misses", "refused")}
+            return {k: getattr(self, k) for k in COUNTERS}
 
 
 class ReflectorService:
@@ -94,9 +99,12 @@ class ReflectorService:
             elif snapshot in ticket.snapshots:
                 sets = [self._chunk_set("", snapshot, ticket_text)]
             elif ticket.own_cvd:
-                # One of the endpoint's own snapshots: the server says whether it is; the
-                # answer is kept for this endpoint alone.
-                sets = [self._chunk_set(ticket.endpoint, snapshot, ticket_text)]
+                # One of the endpoint's own snapshots (a file restore): the server says,
+                # for this request, whether it is and holds these chunks. One round trip
+                # of ids rather than the snapshot's whole chunk list, which for a large
+                # CVD would cost the WAN more than the few files restored.
+                self._confirm(snapshot, ids, ticket_text)
+                return ticket
             else:
                 raise NotAllowed("this ticket does not allow reading that snapshot")
             if any(not any(c in s for s in sets) for c in ids):
@@ -105,6 +113,15 @@ class ReflectorService:
             self.counters.add(refused=1)
             raise
         return ticket
+
+    def _confirm(self, sid: str, ids: list[bytes], ticket_text: str) -> None:
+        try:
+            self.upstream.check_chunks(sid, ids, ticket_text)
+        except ServerRefused as exc:
+            if exc.status in (403, 404):
+                raise NotAllowed(f"the server does not let this ticket read {sid[:8]}") \
+                    from None
+            raise
 
     def _chunk_set(self, owner: str, sid: str, ticket_text: str) -> frozenset[bytes]:
         key = (owner, sid)
@@ -134,9 +151,10 @@ class ReflectorService:
         request is bounded as the server bounds its own (what the cache holds is known
         before anything is read; the server refuses a miss beyond its own bound)."""
         ids = list(dict.fromkeys(ids))
+        if len(ids) > MAX_CHUNKS:  # before the ticket: an own snapshot's check sends them
+            raise TooLarge(f"ask for at most {MAX_CHUNKS} chunks per request")
         ticket = self.authorize(ticket_text, ids, snapshot)
-        if len(ids) > MAX_CHUNKS or \
-                sum(self.cache.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:
+        if sum(self.cache.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:
             raise TooLarge(f"ask for at most {MAX_CHUNKS} chunks and {MAX_STREAM_BYTES} "
                            "bytes per request")
         return ids, ticket
@@ -233,6 +251,58 @@ class ReflectorService:
                                 error if isinstance(error, StrataError) else CorruptData(
                                     f"the server did not send chunk {cid.hex()[:16]}"))
                         self._inflight.pop(cid, None)
+
+    # -- file deltas -----------------------------------------------------------------------
+
+    def delta(self, did: bytes, ticket_text: str) -> bytes:
+        """A file delta's body, by id, if the ticket (a delta ticket the server signed for
+        this endpoint, after checking it holds the old files) names it: from the cache,
+        else fetched from the server once however many agents ask at the same moment,
+        checked against its id before it is cached or served. It is content-addressed
+        like a chunk, so it lives in the chunk cache (the store verifies it again on
+        every read, and evicts it like any pack)."""
+        try:
+            ticket = verify_ticket(ticket_text, self.ticket_key, reflector=self.reflector_id,
+                                   now=self.clock())
+            if did.hex() not in ticket.deltas:
+                raise NotAllowed("this ticket does not allow reading that delta")
+        except (TicketRefused, NotAllowed):
+            self.counters.add(refused=1)
+            raise
+        with self.slots.slot(ticket.endpoint, "downloads"):
+            data = self.cache.get(did)
+            if data is not None:
+                self.counters.add(hits=1)
+                return data
+            self.counters.add(misses=1)
+            with self._lock:
+                fut = self._inflight.get(did)
+                mine = fut is None
+                if fut is None:
+                    fut = self._inflight[did] = Future()
+            if mine:
+                try:
+                    before = self.upstream.bytes_received
+                    try:
+                        data = self.upstream.delta(did, ticket_text)  # checked by its id
+                    finally:
+                        self.counters.add(
+                            bytes_from_server=self.upstream.bytes_received - before)
+                    self.counters.add(deltas_from_server=1)
+                    self.cache.put(did, data)
+                    self.cache.settle()
+                    fut.set_result(data)
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                    raise
+                finally:
+                    with self._lock:
+                        self._inflight.pop(did, None)
+            try:
+                return fut.result(timeout=WAIT_SECONDS)
+            except TimeoutError:
+                raise StrataError("timed out waiting for the server to send a delta") \
+                    from None
 
     # -- warm-up ---------------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ from strata.agent.client import ServerClient, parse_answer
 from strata.agent.location import local_subnet, utc_offset_minutes
 from strata.agent.resume import fetch_chunks
 from strata.errors import CorruptData
-from strata.model.ids import ID_LEN
+from strata.model.ids import ID_LEN, content_id
+from strata.model.reflector import MAX_DELTA_BODY, ReflectorPoll, ReflectorStats
 from strata.model.reflector import ReflectorConfig as ServerAnswer
-from strata.model.reflector import ReflectorPoll, ReflectorStats
 from strata.reflector.state import ReflectorConfig
 
 API = "/api/v1/reflector"
@@ -60,6 +60,12 @@ class Upstream:
             raise CorruptData("the server's chunk list is malformed")
         return [raw[i:i + ID_LEN] for i in range(0, len(raw), ID_LEN)]
 
+    def check_chunks(self, sid: str, ids: list[bytes], ticket: str) -> None:
+        """Whether the ticket's endpoint owns snapshot `sid` and it holds every one of
+        `ids` (ServerRefused 403/404 if not): a file restore's request, checked alone."""
+        self.client.request("POST", f"{API}/snapshots/{sid}/check-chunks",
+                            json={"ticket": ticket, "ids": [c.hex() for c in ids]})
+
     def fetch(self, ids: list[bytes], keep: Callable[[bytes, bytes], None], *,
               ticket: str = "", snapshot: str | None = None) -> list[bytes]:
         """Download `ids` into `keep` (each verified against its id as it arrives); the
@@ -68,3 +74,17 @@ class Upstream:
         if snapshot:
             extra["snapshot"] = snapshot
         return fetch_chunks(self.client, f"{API}/chunks", ids, keep, extra=extra)
+
+    def delta(self, did: bytes, ticket: str) -> bytes:
+        """A file delta's body, by id, for an endpoint's delta ticket; CorruptData if what
+        the server sent is not the body `did` names (never cached, never served)."""
+        with self.client.stream("POST", f"{API}/deltas/{did.hex()}",
+                                json={"ticket": ticket}) as body:
+            parts, got = [], 0
+            while got <= MAX_DELTA_BODY and (part := body.read()):
+                parts.append(part)
+                got += len(part)
+        data = b"".join(parts)
+        if got > MAX_DELTA_BODY or content_id(data) != did:
+            raise CorruptData(f"the server's delta {did.hex()[:16]} does not match its id")
+        return data

@@ -25,8 +25,10 @@ STREAM_CACHE = Counter("strata_download_streams_total",
                        "Layer download streams served, by whether the stream cache had them",
                        ["cache"], registry=REGISTRY)
 DELTAS = Counter("strata_file_deltas_total",
-                 "Changed files of layer updates answered with a delta (sent), or not (it "
-                 "did not pay: the agent takes chunks); layer manifests sent as deltas",
+                 "Changed files of layer updates answered with a delta (sent), offered by id "
+                 "for a branch reflector (offered), or not (it did not pay: the agent takes "
+                 "chunks); layer manifests sent as deltas; delta bodies sent to reflectors "
+                 "(to-reflector)",
                  ["outcome"], registry=REGISTRY)
 MANIFEST_DELTAS = Counter("strata_manifest_deltas_total",
                           "Snapshot manifests agents sent as a delta against an earlier one",

@@ -111,6 +111,10 @@ class StreamCache:
         self.metric.labels("miss" if body is None else "hit").inc()
         return body
 
+    def peek(self, key: str) -> bytes | None:
+        """The entry kept under `key`, not counted (an index entry, not a stream)."""
+        return self._load(key)
+
     def keep(self, key: str, body: bytes) -> None:
         try:
             atomic_write(self.dir / key, blake3.blake3(body).digest() + body,

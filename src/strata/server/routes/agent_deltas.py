@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Response
 
+from strata.model.reflector import DeltaOffer, DeltaOfferRequest, ManifestOfferRequest
 from strata.model.wire import DeltaRequest
 from strata.server.catalog.models import Endpoint
 from strata.server.context import ServerContext
@@ -23,6 +24,14 @@ def file_deltas(body: DeltaRequest, ep: Endpoint = Depends(require_device),
                     media_type="application/x-strata-deltas")
 
 
+@router.post("/layers/delta-offer", response_model=DeltaOffer)
+def delta_offer(body: DeltaOfferRequest, ep: Endpoint = Depends(require_device),
+                ctx: ServerContext = Depends(get_ctx)) -> DeltaOffer:
+    """The deltas of these groups by id and size, with a ticket naming them, for the
+    agent to fetch from its branch reflector (docs/reflectors.md)."""
+    return deltas.delta_offer(ctx, ep, body)
+
+
 @router.get("/layers/{sid}/manifest-delta")
 def manifest_delta(sid: str, base: str = Query(max_length=64),
                    ep: Endpoint = Depends(require_device),
@@ -32,3 +41,12 @@ def manifest_delta(sid: str, base: str = Query(max_length=64),
     whole)."""
     return Response(content=deltas.manifest_delta(ctx, ep, sid, base),
                     media_type="application/x-strata-deltas")
+
+
+@router.post("/layers/{sid}/manifest-delta-offer", response_model=DeltaOffer)
+def manifest_delta_offer(sid: str, body: ManifestOfferRequest,
+                         ep: Endpoint = Depends(require_device),
+                         ctx: ServerContext = Depends(get_ctx)) -> DeltaOffer:
+    """A layer manifest's delta by id and size, with a ticket naming it, for the agent to
+    fetch from its branch reflector; no delta when one does not pay."""
+    return deltas.manifest_offer(ctx, ep, sid, body.base, body.reflectors)

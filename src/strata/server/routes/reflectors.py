@@ -154,6 +154,20 @@ def chunk_ids(sid: str, body: ChunkIdsRequest, refl: Reflector = Depends(require
                     media_type="application/zstd")
 
 
+@reflector_router.post("/snapshots/{sid}/check-chunks")
+def check_chunks(sid: str, body: ReflectorChunkRequest,
+                 refl: Reflector = Depends(require_reflector),
+                 ctx: ServerContext = Depends(get_ctx)) -> dict[str, bool]:
+    """Whether a ticket's endpoint may read these chunks of its own snapshot `sid` (a file
+    restore through the reflector, checked per request)."""
+    from strata.model.ids import is_hex_id
+
+    if not is_hex_id(sid):
+        raise HTTPException(422, "a snapshot id is 64 lowercase hex digits")
+    reflectors.check_chunks(ctx, refl, sid, body.ids, body.ticket)
+    return {"ok": True}
+
+
 @reflector_router.post("/chunks")
 def chunks(body: ReflectorChunkRequest, refl: Reflector = Depends(require_reflector),
            ctx: ServerContext = Depends(get_ctx)) -> Response:
@@ -161,6 +175,19 @@ def chunks(body: ReflectorChunkRequest, refl: Reflector = Depends(require_reflec
     with ctx.download_slots.slot(f"reflector:{refl.id}", "reflector fetches"):
         data = reflectors.chunks(ctx, refl, body.ids, body.ticket, body.snapshot)
     return Response(content=data, media_type="application/x-strata-stream")
+
+
+@reflector_router.post("/deltas/{did}")
+def delta(did: str, body: ChunkIdsRequest, refl: Reflector = Depends(require_reflector),
+          ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """A file delta's body, by id, for an endpoint's delta ticket that names it."""
+    from strata.model.ids import is_hex_id
+
+    if not is_hex_id(did):
+        raise HTTPException(422, "a delta id is 64 lowercase hex digits")
+    with ctx.download_slots.slot(f"reflector:{refl.id}", "reflector fetches"):
+        data = reflectors.delta(ctx, refl, did, body.ticket)
+    return Response(content=data, media_type="application/zstd")
 
 
 # -- agents ---------------------------------------------------------------------------------------

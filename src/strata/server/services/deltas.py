@@ -14,10 +14,12 @@ it is only made against content the endpoint may read whole.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import threading
 import time
 from collections import OrderedDict
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client import Counter
@@ -36,6 +38,8 @@ from strata.engine.delta import (
 from strata.errors import CorruptData, Forbidden, Invalid, NotFound, StrataError, TooLarge
 from strata.model.entry import EntryType
 from strata.model.ids import ID_LEN, content_id
+from strata.model.reflector import MAX_OFFERED, DeltaOffer, DeltaOfferRequest, OfferedDelta
+from strata.model.tickets import Ticket
 from strata.model.wire import MAX_DELTA_FILES, DeltaGroup
 from strata.server.catalog.models import Assignment, Endpoint, Layer
 from strata.server.context import ServerContext
@@ -49,6 +53,9 @@ from strata.server.stream_cache import StreamCache
 MAX_BATCH_BYTES = 16 << 20
 _ALONE = struct.Struct("<Q")  # a cache entry: the new file's size compressed alone, delta
 _INDEXES = 8  # snapshots whose file index is kept (a fleet moves between a few bases)
+_BY_ID = 0xD1  # the cache "level" of the entries naming where a delta's body is
+_KEY = re.compile(rb"[0-9a-f]{64}")
+DELTA_TICKET_SECONDS = 600  # a delta ticket's life: the agent fetches the bodies at once
 
 File = tuple[int, list[tuple[bytes, int]]]  # a file's size and chunks
 Files = dict[bytes, File]  # content hash -> the file
@@ -66,6 +73,24 @@ class DeltaService:
         self.computing = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
         self._files: OrderedDict[str, Files] = OrderedDict()
         self._lock = threading.Lock()
+
+    def note_id(self, did: bytes, key: str) -> None:
+        """Remember which cache entry holds the delta `did` (a small entry of its own, so
+        that any server process sharing the data directory finds it)."""
+        pointer = self.cache.key(_BY_ID, [did])
+        if self.cache.peek(pointer) != key.encode():
+            self.cache.keep(pointer, key.encode())
+
+    def by_id(self, did: bytes) -> bytes | None:
+        """The delta whose body hashes to `did`, if its entry is still cached."""
+        key = self.cache.peek(self.cache.key(_BY_ID, [did]))
+        if key is None or not _KEY.fullmatch(key):
+            return None
+        body = self.cache.peek(key.decode())
+        if body is None or len(body) < _ALONE.size:
+            return None
+        delta = body[_ALONE.size:]
+        return delta if content_id(delta) == did else None
 
     def files(self, ctx: ServerContext, sid: str) -> Files:
         with self._lock:
@@ -132,9 +157,10 @@ def delta_bases(ctx: ServerContext, ep: Endpoint) -> list[str]:
     return _held(ctx, ep, sorted(allowed_snapshots(ctx, ep)))
 
 
-def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> bytes:
-    """A `pack_deltas` body: a delta for each named group where one pays, nothing for the
-    others (the agent fetches those by chunks)."""
+def _group_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]
+                  ) -> list[tuple[GroupDelta, str, int]]:
+    """A delta for each named group where one pays (with the key of its cache entry and
+    its number of files), nothing for the others (the agent fetches those by chunks)."""
     if sum(len(g.files) for g in groups) > MAX_DELTA_FILES:
         raise TooLarge(f"ask for deltas of at most {MAX_DELTA_FILES} files per request")
     parsed = [([(_hash(f.old), _hash(f.new)) for f in g.files], g.lacking) for g in groups]
@@ -165,20 +191,94 @@ def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> b
         entry = _cached_delta(ctx, files)
         if entry is None:
             continue
-        alone, delta = entry
+        alone, delta, key = entry
         if pays(len(delta), alone, new_size, lacking):
-            DELTAS.labels("sent").inc(len(files))
-            out.append(GroupDelta(group_key([f[0] for f in files]),
-                                  group_key([f[2] for f in files]), new_size, delta))
+            out.append((GroupDelta(group_key([f[0] for f in files]),
+                                   group_key([f[2] for f in files]), new_size, delta), key,
+                        len(files)))
         else:
             DELTAS.labels("does-not-pay").inc(len(files))
-    return pack_deltas(out)
+    return out
+
+
+def file_deltas(ctx: ServerContext, ep: Endpoint, groups: list[DeltaGroup]) -> bytes:
+    """A `pack_deltas` body: a delta for each named group where one pays, nothing for the
+    others (the agent fetches those by chunks)."""
+    out = _group_deltas(ctx, ep, groups)
+    for _, _, n in out:
+        DELTAS.labels("sent").inc(n)
+    return pack_deltas([d for d, _, _ in out])
+
+
+# -- through a branch reflector --------------------------------------------------------------
+
+
+def delta_offer(ctx: ServerContext, ep: Endpoint, req: DeltaOfferRequest) -> DeltaOffer:
+    """The deltas of a request, by id and size, and a short-lived ticket naming exactly
+    those ids, for the reflectors of the request that the server routes this endpoint to:
+    the agent fetches the bodies there. The possession check is this one, at the server,
+    per request; the reflector checks only the ticket. No ticket if none of the named
+    reflectors serves the endpoint now (the agent then asks the server for the bodies)."""
+    if len(req.groups) > MAX_OFFERED:
+        raise TooLarge(f"ask for at most {MAX_OFFERED} groups per delta offer")
+    found = _group_deltas(ctx, ep, req.groups)
+    for _, _, n in found:
+        DELTAS.labels("offered").inc(n)
+    return _offer(ctx, ep, [(d, key) for d, key, _ in found], req.reflectors)
+
+
+def manifest_offer(ctx: ServerContext, ep: Endpoint, sid: str, base: str,
+                   reflector_ids: list[str]) -> DeltaOffer:
+    """A layer manifest's delta against one the endpoint holds, offered by id as file
+    deltas are (no delta: it does not pay, the agent fetches the manifest whole)."""
+    found = _manifest_delta(ctx, ep, sid, base)
+    if found is not None:
+        DELTAS.labels("manifest-offered").inc()
+    return _offer(ctx, ep, [found] if found is not None else [], reflector_ids)
+
+
+def _offer(ctx: ServerContext, ep: Endpoint, found: list[tuple[GroupDelta, str]],
+           reflector_ids: list[str]) -> DeltaOffer:
+    from strata.server.services import reflectors
+
+    offered = []
+    for d, key in found:
+        did = content_id(d.delta)
+        ctx.deltas.note_id(did, key)
+        offered.append(OfferedDelta(old_key=d.old_key.hex(), new_key=d.new_key.hex(),
+                                    new_size=d.new_size, id=did.hex(), size=len(d.delta)))
+    ids = reflectors.serving(ctx, ep, reflector_ids)
+    if not ids or not offered:
+        return DeltaOffer(deltas=offered)
+    now = int(time.time())
+    ticket = Ticket(endpoint=ep.id, reflectors=tuple(ids), snapshots=frozenset(),
+                    own_cvd=False, issued=now, expires=now + DELTA_TICKET_SECONDS,
+                    deltas=frozenset(o.id for o in offered))
+    return DeltaOffer(ticket=ctx.tickets.sign(ticket), deltas=offered,
+                      expires=datetime.fromtimestamp(ticket.expires, UTC))
+
+
+def delta_by_id(ctx: ServerContext, did: bytes) -> bytes | None:
+    """The body of a delta offered earlier, from the cache (None once it is gone: the
+    reflector then fails the agent's request, and the agent asks the server)."""
+    return ctx.deltas.by_id(did)
 
 
 def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> bytes:
     """A layer manifest the endpoint's desired state names, as a `pack_deltas` body of one
     record against a layer manifest it holds (the previous version of the layer): a
     manifest changes little between versions. Empty when the delta does not pay."""
+    found = _manifest_delta(ctx, ep, sid, base)
+    if found is None:
+        return pack_deltas([])
+    DELTAS.labels("manifest").inc()
+    return pack_deltas([found[0]])
+
+
+def _manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str
+                    ) -> tuple[GroupDelta, str] | None:
+    """The delta of layer `sid`'s manifest against `base`'s (one the endpoint holds) and
+    its cache entry's key; None when it does not pay."""
     layers = sorted(allowed_snapshots(ctx, ep))
     if sid not in layers:
         raise NotFound(f"no layer or snapshot {sid[:8]} assigned to this endpoint")
@@ -187,7 +287,7 @@ def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> byt
     new = snapshots.manifest_bytes(ctx, sid, "layer")
     old = snapshots.manifest_bytes(ctx, base, "layer")
     if max(len(old), len(new)) > MAX_DELTA_BYTES:
-        return pack_deltas([])
+        return None
     old_hash, new_hash = content_id(old), content_id(new)
 
     def make() -> bytes:
@@ -201,16 +301,16 @@ def manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str) -> byt
     (alone,) = _ALONE.unpack_from(body)
     delta = body[_ALONE.size:]
     if not pays(len(delta), alone, len(new), len(new)):
-        return pack_deltas([])
-    DELTAS.labels("manifest").inc()
-    return pack_deltas([GroupDelta(old_hash, new_hash, len(new), delta)])
+        return None
+    return (GroupDelta(old_hash, new_hash, len(new), delta),
+            ctx.deltas.cache.key(DELTA_LEVEL, [old_hash, new_hash]))
 
 
 def _cached_delta(ctx: ServerContext, files: list[tuple[bytes, File, bytes, File]]
-                  ) -> tuple[int, bytes] | None:
-    """(the group's new files compressed alone, the delta), made once per group; None if
-    the store cannot give back a version (the files then go by chunks, whose own read
-    reports the damage)."""
+                  ) -> tuple[int, bytes, str] | None:
+    """(the group's new files compressed alone, the delta, its cache entry's key), made
+    once per group; None if the store cannot give back a version (the files then go by
+    chunks, whose own read reports the damage)."""
     def make() -> bytes:
         with ctx.deltas.computing:
             started = time.thread_time()
@@ -226,4 +326,4 @@ def _cached_delta(ctx: ServerContext, files: list[tuple[bytes, File, bytes, File
     except StrataError:
         return None
     (alone,) = _ALONE.unpack_from(body)
-    return alone, body[_ALONE.size:]
+    return alone, body[_ALONE.size:], ctx.deltas.cache.key(DELTA_LEVEL, ids)

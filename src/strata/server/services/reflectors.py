@@ -331,6 +331,20 @@ def chunk_ids(ctx: ServerContext, refl: Reflector, sid: str, ticket: str) -> byt
     return zstandard.ZstdCompressor(level=3).compress(b"".join(ids))
 
 
+def check_chunks(ctx: ServerContext, refl: Reflector, sid: str, hex_ids: list[str],
+                 ticket: str) -> None:
+    """Forbidden unless the ticket lets `refl` read snapshot `sid` and it holds every one
+    of these chunks (NotFound for another endpoint's snapshot, as for one that does not
+    exist)."""
+    if not ticket:
+        raise Forbidden("a snapshot is read with the ticket of the endpoint it belongs to")
+    ids = list(dict.fromkeys(parse_chunk_ids(hex_ids)))
+    sids = readable(ctx, refl, ticket, sid)
+    ctx.holdings.index_snapshot(sid, functools.partial(ctx.snapshot_chunks, sid))
+    if len(ctx.holdings.in_snapshots(sids, ids)) < len(ids):
+        raise Forbidden("a requested chunk is not part of that snapshot")
+
+
 def chunks(ctx: ServerContext, refl: Reflector, hex_ids: list[str], ticket: str,
            snapshot: str | None) -> bytes:
     """Chunks for a reflector, as the one zstd stream the agents' downloads use; each one
@@ -358,6 +372,37 @@ def chunks(ctx: ServerContext, refl: Reflector, hex_ids: list[str], ticket: str,
         if row is not None:
             row.bytes_from_server += len(body)
             row.chunks_from_server += len(ids)
+    return body
+
+
+def serving(ctx: ServerContext, ep: Endpoint, wanted: list[str]) -> list[str]:
+    """Those of `wanted` that are active and that the server routed this endpoint to at
+    its last check-in (what a delta ticket may name)."""
+    active = _active(ctx)
+    return [rid for rid in dict.fromkeys(wanted)
+            if rid in active and ep.id in ctx.reflector_routes.served(rid)]
+
+
+def delta(ctx: ServerContext, refl: Reflector, did: str, ticket: str) -> bytes:
+    """A delta's body for a reflector, if the endpoint's delta ticket names it (the server
+    checked, when it signed the ticket, that the endpoint holds every old file of the
+    group). Counted on the reflector's record."""
+    from strata.server.metrics import DELTAS
+    from strata.server.services.deltas import delta_by_id
+
+    if refl.status != ACTIVE:
+        raise Forbidden(f"this reflector is {refl.status}: it serves no endpoint now")
+    t = _ticket(ctx, refl, ticket)
+    if did not in t.deltas:
+        raise NotFound(f"no delta {did[:8]} for this ticket")
+    body = delta_by_id(ctx, bytes.fromhex(did))
+    if body is None:
+        raise NotFound(f"delta {did[:8]} is no longer cached: the agent asks the server")
+    DELTAS.labels("to-reflector").inc()
+    with ctx.write() as db:
+        row = db.get(Reflector, refl.id)
+        if row is not None:
+            row.bytes_from_server += len(body)
     return body
 
 
