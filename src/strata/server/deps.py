@@ -211,12 +211,15 @@ async def body_pieces(request: Request, limit: int) -> AsyncGenerator[bytes, Non
 class BundleSink(Protocol):
     """What takes in an upload's chunk bundle (services/sync.py: BundleIntake)."""
 
+    kept: int  # chunks taken so far: settling them makes them durable
+
     def feed(self, data: bytes) -> None: ...
     def end(self) -> None: ...
     def settle(self) -> UploadResponse: ...
 
 
 FEED_BYTES = 1 << 20  # body gathered before it is decoded and stored (one thread hand-off)
+INLINE_BYTES = 64 << 10  # less than this is decoded at once, with no hand-off
 
 
 async def receive_bundle(request: Request, intake: BundleSink,
@@ -224,9 +227,23 @@ async def receive_bundle(request: Request, intake: BundleSink,
     """Feed a bundle's body to `intake` as it arrives, and settle it however the body
     ends: whole, cut short (the client went away, stalled, or passed `limit`) or refused
     at a bad record. What arrived whole and verified is durable and the uploader's before
-    anything is answered; then the error, if any, is raised."""
+    anything is answered; then the error, if any, is raised.
+
+    A little body left at a cut (at most one chunk's worth), and a settle with nothing
+    to make durable, are done at once: a client that goes away leaves its upload slot as
+    soon as it did before uploads kept their chunks."""
     gathered: list[bytes] = []
     held = 0
+
+    async def feed(data: bytes) -> None:
+        if len(data) < INLINE_BYTES:
+            intake.feed(data)
+        else:
+            await run_in_threadpool(intake.feed, data)
+
+    async def settle() -> UploadResponse:
+        return await run_in_threadpool(intake.settle) if intake.kept else intake.settle()
+
     try:
         async with contextlib.aclosing(body_pieces(request, limit)) as pieces:
             async for piece in pieces:
@@ -234,14 +251,14 @@ async def receive_bundle(request: Request, intake: BundleSink,
                 held += len(piece)
                 if held >= FEED_BYTES:
                     data, gathered, held = b"".join(gathered), [], 0
-                    await run_in_threadpool(intake.feed, data)
+                    await feed(data)
         data, gathered = b"".join(gathered), []
-        await run_in_threadpool(intake.feed, data)
+        await feed(data)
         intake.end()
     except StrataError:
         if gathered:  # what arrived before the cut: its whole records are kept
             with contextlib.suppress(Invalid):
-                await run_in_threadpool(intake.feed, b"".join(gathered))
-        await run_in_threadpool(intake.settle)
+                await feed(b"".join(gathered))
+        await settle()
         raise
-    return await run_in_threadpool(intake.settle)
+    return await settle()

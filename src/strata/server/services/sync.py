@@ -183,6 +183,7 @@ class BundleIntake:
         self._seen: set[bytes] = set()
         self._failed = False
         self.ended = False  # the whole body arrived and ended between two records
+        self.kept = 0  # chunks taken so far
         self.stored = self.bytes_stored = 0
         ctx.touch_upload(uploader)
 
@@ -240,6 +241,7 @@ class BundleIntake:
                     self.stored += 1
                     self.bytes_stored += len(payload)
                 self._taken.append(cid)
+                self.kept += 1
 
     def settle(self) -> UploadResponse:
         """Make what was taken durable and indexed, then the uploader's: after this, it is
