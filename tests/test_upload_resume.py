@@ -82,6 +82,17 @@ def test_garbage_is_refused_at_its_first_bytes_and_a_huge_record_at_its_header()
         BundleParser(max_raw=256 << 10).feed(huge)
 
 
+def test_records_before_a_framing_error_in_the_same_piece_are_handed_on_first():
+    recs = records(3)
+    cid, _, payload = records(1, seed=2)[0]
+    body = bundle_of(recs) + bundle_of([(cid, 300_000, payload)])[8:8 + 40]
+    parser = BundleParser(max_raw=256 << 10)
+    assert parser.feed(body) == recs  # in one piece with the oversized header after them
+    for again in (lambda: parser.feed(b""), lambda: parser.feed(b"more"), parser.close):
+        with pytest.raises(CorruptData, match="larger than the largest chunk accepted"):
+            again()
+
+
 def test_a_bundle_writer_subset_keeps_only_the_named_chunks_in_order():
     recs = records(5)
     w = BundleWriter()

@@ -66,44 +66,61 @@ class BundleParser:
         self._buffer = bytearray()
         self._magic_seen = False
         self._head: tuple[bytes, int, int] | None = None  # the record being received
+        self._error: CorruptData | None = None  # the framing error that ended the input
 
     def feed(self, data: bytes) -> list[tuple[bytes, int, bytes]]:
-        """The (id, raw length, payload) of each record `data` completes; CorruptData on
-        a framing error (what was returned before it stands)."""
+        """The (id, raw length, payload) of each record `data` completes. A framing error
+        is raised (CorruptData) once the records before it are handed on: at once if
+        there are none, else at the next call (`feed(b"")` asks). Nothing is decoded
+        after it."""
+        if self._error is not None:
+            raise self._error
         self._buffer += data
         out: list[tuple[bytes, int, bytes]] = []
+        try:
+            self._parse(out)
+        except CorruptData as exc:
+            self._error = exc
+            self._buffer.clear()
+            if not out:
+                raise
+        return out
+
+    def _parse(self, out: list[tuple[bytes, int, bytes]]) -> None:
         if not self._magic_seen:
             if len(self._buffer) < len(MAGIC):
                 if not MAGIC.startswith(bytes(self._buffer)):
                     raise CorruptData("not a chunk bundle (bad magic)")
-                return out
+                return
             if self._buffer[:len(MAGIC)] != MAGIC:
                 raise CorruptData("not a chunk bundle (bad magic)")
             del self._buffer[:len(MAGIC)]
             self._magic_seen = True
         start = 0
-        while True:
-            if self._head is None:
-                if len(self._buffer) - start < _HEAD.size:
+        try:
+            while True:
+                if self._head is None:
+                    if len(self._buffer) - start < _HEAD.size:
+                        break
+                    cid, raw_length, plen = _HEAD.unpack_from(self._buffer, start)
+                    start += _HEAD.size
+                    if raw_length > self.max_raw or plen > self.max_payload:
+                        raise CorruptData(f"chunk {cid.hex()[:16]} is larger than the "
+                                          f"largest chunk accepted ({self.max_raw} bytes)")
+                    self._head = (cid, raw_length, plen)
+                cid, raw_length, plen = self._head
+                if len(self._buffer) - start < plen:
                     break
-                cid, raw_length, plen = _HEAD.unpack_from(self._buffer, start)
-                start += _HEAD.size
-                if raw_length > self.max_raw or plen > self.max_payload:
-                    del self._buffer[:start]
-                    raise CorruptData(f"chunk {cid.hex()[:16]} is larger than the largest "
-                                      f"chunk accepted ({self.max_raw} bytes)")
-                self._head = (cid, raw_length, plen)
-            cid, raw_length, plen = self._head
-            if len(self._buffer) - start < plen:
-                break
-            out.append((cid, raw_length, bytes(self._buffer[start:start + plen])))
-            start += plen
-            self._head = None
-        del self._buffer[:start]
-        return out
+                out.append((cid, raw_length, bytes(self._buffer[start:start + plen])))
+                start += plen
+                self._head = None
+        finally:
+            del self._buffer[:start]
 
     def close(self) -> None:
         """The input ended: CorruptData unless it ended between two records."""
+        if self._error is not None:
+            raise self._error
         if not self._magic_seen:
             raise CorruptData("not a chunk bundle (bad magic)")
         if self._head is not None or self._buffer:

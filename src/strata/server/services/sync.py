@@ -200,6 +200,8 @@ class BundleIntake:
                     decode_payload(cid, payload, raw_length)  # verified by its id
                     self._seen.add(cid)
                     good.append((cid, raw_length, payload))
+            if good:
+                self._parser.feed(b"")  # a framing error after them, if any
         except CorruptData as exc:
             refusal = exc
         self._put(good)
@@ -255,19 +257,6 @@ class BundleIntake:
         n = len(self._taken)
         return UploadResponse(chunks=n, stored=self.stored, duplicates=n - self.stored,
                               bytes_stored=self.bytes_stored)
-
-
-def store_bundle(ctx: ServerContext, uploader: str, data: bytes, *,
-                 endpoint: bool = True) -> UploadResponse:
-    """A whole bundle held in memory, taken in as `BundleIntake` does (what came before a
-    bad record is kept)."""
-    intake = BundleIntake(ctx, uploader, endpoint=endpoint)
-    try:
-        intake.feed(data)
-        intake.end()
-    finally:
-        answer = intake.settle()
-    return answer
 
 
 def store_manifest_delta(ctx: ServerContext, ep: Endpoint, base: str,
