@@ -1,6 +1,7 @@
 """Layer downloads that survive bad links: a broken connection costs at most the chunk in
 flight, an outage pauses the download instead of failing it, and a killed agent finds
-what it had received (issue 14, item 4)."""
+what it had received (issue 14, item 4). Uploads likewise: the server keeps every chunk
+of a cut bundle that arrived whole, and the next run sends only the rest."""
 
 from __future__ import annotations
 
