@@ -211,15 +211,16 @@ async def body_pieces(request: Request, limit: int) -> AsyncGenerator[bytes, Non
 class BundleSink(Protocol):
     """What takes in an upload's chunk bundle (services/sync.py: BundleIntake)."""
 
-    kept: int  # chunks taken so far: settling them makes them durable
+    kept: int  # chunks verified so far: settling them makes them durable
 
     def feed(self, data: bytes) -> None: ...
+    def check(self, data: bytes) -> None: ...
     def end(self) -> None: ...
     def settle(self) -> UploadResponse: ...
 
 
 FEED_BYTES = 1 << 20  # body gathered before it is decoded and stored (one thread hand-off)
-INLINE_BYTES = 64 << 10  # less than this is decoded at once, with no hand-off
+INLINE_BYTES = 64 << 10  # less than this is checked at once, with no hand-off
 
 
 async def receive_bundle(request: Request, intake: BundleSink,
@@ -229,15 +230,16 @@ async def receive_bundle(request: Request, intake: BundleSink,
     at a bad record. What arrived whole and verified is durable and the uploader's before
     anything is answered; then the error, if any, is raised.
 
-    A little body left at a cut (at most one chunk's worth), and a settle with nothing
-    to make durable, are done at once: a client that goes away leaves its upload slot as
-    soon as it did before uploads kept their chunks."""
+    The store's and the catalog's I/O runs in the thread pool. A little body left at the
+    end (at most one chunk's worth) is only checked at once, and a settle with nothing to
+    make durable is done at once: a client that goes away leaves its upload slot as soon
+    as it did before uploads kept their chunks."""
     gathered: list[bytes] = []
     held = 0
 
     async def feed(data: bytes) -> None:
         if len(data) < INLINE_BYTES:
-            intake.feed(data)
+            intake.check(data)  # verified: stored by the settle
         else:
             await run_in_threadpool(intake.feed, data)
 

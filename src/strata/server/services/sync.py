@@ -163,7 +163,7 @@ def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
 class BundleIntake:
     """One uploaded bundle, taken in as its body arrives (`feed` it in pieces of any
     size): every chunk is checked against its id (and the store's largest chunk size) as
-    soon as it is whole, and put into the store before the next one is read; `settle`
+    soon as it is whole, and put into the store before the next piece is read; `settle`
     makes them durable and indexed and records them as the uploader's. A body cut short
     (a dropped connection, a stalled client) or refused at a bad record still keeps
     every chunk that came before: the agent, asking again which chunks are missing, sends
@@ -173,40 +173,48 @@ class BundleIntake:
     The uploader now holds what it sent: what it is told counts only what it had not
     sent before, never what others did. An administrator's upload (`endpoint=False`: a
     layer capture) sees the whole store and holds nothing: a layer's content is shared
-    when the layer is saved."""
+    when the layer is saved. Creating one does no I/O (the event loop may)."""
 
     def __init__(self, ctx: ServerContext, uploader: str, *, endpoint: bool = True):
         self.ctx, self.uploader, self.endpoint = ctx, uploader, endpoint
         limit = ctx.store.config.chunker.max_size
         self._parser = BundleParser(max_raw=limit, max_payload=limit + PAYLOAD_OVERHEAD)
-        self._taken: list[bytes] = []  # verified and in the store (or held by it already)
+        self._verified: list[tuple[bytes, int, bytes]] = []  # not yet in the store
+        self._taken: list[bytes] = []  # in the store (or held by it already)
         self._seen: set[bytes] = set()
         self._failed = False
         self.ended = False  # the whole body arrived and ended between two records
-        self.kept = 0  # chunks taken so far
+        self.kept = 0  # chunks verified so far: settling makes them durable
         self.stored = self.bytes_stored = 0
-        ctx.touch_upload(uploader)
 
     def feed(self, data: bytes) -> None:
-        """Take in the next piece of the body; Invalid at the first bad record, after the
-        chunks before it went into the store. Nothing more is taken after that."""
+        """Take in the next piece of the body and store its whole chunks; Invalid at the
+        first bad record, after the chunks before it went into the store. Nothing more
+        is taken after that."""
+        try:
+            self.check(data)
+        finally:
+            self.store()
+
+    def check(self, data: bytes) -> None:
+        """`feed` without the store's I/O: the chunks are verified and held until the
+        next `feed`, `store` or `settle` (for the last few bytes of a body, read where a
+        thread hand-off would cost more than the check)."""
         if self._failed:
             return
-        good: list[tuple[bytes, int, bytes]] = []
-        refusal: CorruptData | None = None
         try:
+            fresh = 0
             for cid, raw_length, payload in self._parser.feed(data):
                 if cid not in self._seen:
                     decode_payload(cid, payload, raw_length)  # verified by its id
                     self._seen.add(cid)
-                    good.append((cid, raw_length, payload))
-            if good:
+                    self._verified.append((cid, raw_length, payload))
+                    self.kept += 1
+                    fresh += 1
+            if fresh:
                 self._parser.feed(b"")  # a framing error after them, if any
         except CorruptData as exc:
-            refusal = exc
-        self._put(good)
-        if refusal is not None:
-            self._refuse(refusal)
+            self._refuse(exc)
 
     def end(self) -> None:
         """The body ended: Invalid unless it ended between two records."""
@@ -221,13 +229,17 @@ class BundleIntake:
     def _refuse(self, exc: CorruptData) -> None:
         self._failed = True
         metrics.REJECTED_CHUNKS.inc()
-        kept = f" ({len(self._taken)} chunks before it were kept)" if self._taken else ""
+        kept = f" ({self.kept} chunks before it were kept)" if self.kept else ""
         raise Invalid(f"upload rejected: {exc}{kept}") from None
 
-    def _put(self, good: list[tuple[bytes, int, bytes]]) -> None:
+    def store(self) -> None:
+        """Put the verified chunks into the store (its open pack)."""
+        good, self._verified = self._verified, []
         if not good:
             return
         store = self.ctx.store
+        if not self._taken:  # a prune meanwhile spares what this upload stores
+            self.ctx.touch_upload(self.uploader)
         ids = [cid for cid, _, _ in good]
         before = self.ctx.holdings.view(self.uploader, ids)[0] if self.endpoint else \
             set(ids) - set(store.missing_chunks(ids))
@@ -243,11 +255,11 @@ class BundleIntake:
                     self.stored += 1
                     self.bytes_stored += len(payload)
                 self._taken.append(cid)
-                self.kept += 1
 
     def settle(self) -> UploadResponse:
-        """Make what was taken durable and indexed, then the uploader's: after this, it is
-        never asked for again. Called however the body ended."""
+        """Store what is verified, make it durable and indexed, then the uploader's: after
+        this, it is never asked for again. Called however the body ended."""
+        self.store()
         if self._taken:
             self.ctx.store.flush()  # durable and indexed before we acknowledge
             if self.endpoint:
