@@ -230,10 +230,10 @@ async def receive_bundle(request: Request, intake: BundleSink,
     at a bad record. What arrived whole and verified is durable and the uploader's before
     anything is answered; then the error, if any, is raised.
 
-    The store's and the catalog's I/O runs in the thread pool. A little body left at the
-    end (at most one chunk's worth) is only checked at once, and a settle with nothing to
-    make durable is done at once: a client that goes away leaves its upload slot as soon
-    as it did before uploads kept their chunks."""
+    The store's and the catalog's I/O runs in the thread pool. Less than INLINE_BYTES
+    left at the end is only verified at once (stored by the settle), and a settle with
+    nothing to make durable is done at once: a client that goes away leaves its upload
+    slot as soon as it did before uploads kept their chunks."""
     gathered: list[bytes] = []
     held = 0
 
