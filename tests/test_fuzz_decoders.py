@@ -21,7 +21,7 @@ from strata.model.ids import content_id
 from strata.model.manifest import FORMAT, decode_manifest
 from strata.model.possession import MAGIC as MAGIC_PROOFS
 from strata.model.possession import decode_proofs, encode_proofs
-from strata.model.transfer import MAGIC, STREAM_MAGIC, read_bundle, read_stream
+from strata.model.transfer import MAGIC, STREAM_MAGIC, BundleParser, read_bundle, read_stream
 from strata.server.app import create_app
 from strata.server.context import ServerSettings
 from strata.server.services.manifests import check_entry
@@ -66,6 +66,35 @@ def test_bundle_decoder_only_raises_corrupt_data(data):
             assert len(cid) == 32 and raw_length >= 0 and isinstance(payload, bytes)
     except CorruptData:
         pass
+
+
+def _all_records(decode) -> tuple[list, bool]:
+    """The records a decoder gives before it stops, and whether it stopped on an error."""
+    got: list = []
+    try:
+        decode(got)
+    except CorruptData:
+        return got, True
+    return got, False
+
+
+@FUZZ
+@given(bundles, st.lists(st.integers(1, 40), max_size=8))
+def test_bundle_parser_in_pieces_agrees_with_the_whole_bundle_decoder(data, cuts):
+    """Fed in pieces of any sizes, the upload side's parser gives the same records as the
+    decoder of a whole bundle, the same up to where that one stops, and fails where it
+    fails, with CorruptData only."""
+    def whole(got: list) -> None:
+        got.extend(read_bundle(data))
+
+    def pieces(got: list) -> None:
+        parser, at = BundleParser(), 0
+        for n in [*cuts, len(data)]:
+            got.extend(parser.feed(data[at:at + n]))
+            at += n
+        parser.close()
+
+    assert _all_records(pieces) == _all_records(whole)
 
 
 @FUZZ

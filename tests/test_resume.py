@@ -1,6 +1,7 @@
 """Layer downloads that survive bad links: a broken connection costs at most the chunk in
 flight, an outage pauses the download instead of failing it, and a killed agent finds
-what it had received (issue 14, item 4)."""
+what it had received (issue 14, item 4). Uploads likewise: the server keeps every chunk
+of a cut bundle that arrived whole, and the next run sends only the rest."""
 
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from server_fixtures import Agent, Server, centralized, kill_group, spawn, strata_json
+from server_fixtures import (
+    Agent,
+    Server,
+    centralized,
+    kill_group,
+    spawn,
+    strata_json,
+    wait_for,
+)
 from strata.agent.access import Access
 from strata.agent.client import ServerUnreachable
 from strata.agent.cycle import AgentContext, apply_now, run_cycle
@@ -27,8 +36,9 @@ from strata.agent.daemon import run_daemon
 from strata.agent.resume import ChunkReceiver, DownloadPaused, fetch_chunks
 from strata.agent.state import AgentState
 from strata.agent.update import DOWNLOAD_JOURNAL
+from strata.errors import CorruptData
 from strata.model.ids import content_id
-from strata.model.transfer import pack_stream
+from strata.model.transfer import iter_bundle, pack_stream
 from strata.store.repository import Store
 
 MIB = 1 << 20
@@ -184,13 +194,26 @@ def test_a_killed_download_leaves_its_chunks_in_the_journal(tmp_path):
 # -- end to end: a real server behind a proxy that cuts the link ------------------------------
 
 CHUNKS_PATH = b"/api/v1/agent/layers/chunks"
+UPLOAD_PATH = b"/api/v1/agent/chunks"
+MISSING_PATH = b"/api/v1/agent/chunks/missing"
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
 
 
 class LinkProxy:
     """A TCP proxy on loopback between an agent and the server. It records the ids of
     every chunk request and counts the bytes of their answers; armed with `cut_after`, it
     breaks the link once that many answer bytes have passed: the link then goes down
-    (connections refused until `up()`), or with `stall` it stops forwarding and holds on."""
+    (connections refused until `up()`), or with `stall` it stops forwarding and holds on.
+    Uploads likewise: it keeps the body of each (`uploads`, as far as it was forwarded)
+    and the ids each "missing?" asked about, and counts upload body bytes; armed with
+    `cut_upload_after`, it forwards that many and no more, and the link goes down."""
 
     def __init__(self, upstream: int):
         self.upstream = upstream
@@ -201,6 +224,10 @@ class LinkProxy:
         self.requested: list[list[bytes]] = []
         self.answer_bytes = 0
         self.cut_after: int | None = None
+        self.asked: list[list[bytes]] = []  # the ids of each "missing?" query
+        self.uploads: list[bytearray] = []  # each upload's body, as far as it went
+        self.upload_bytes = 0
+        self.cut_upload_after: int | None = None
         self.stall = False
         self.down = False
         self.released = threading.Event()
@@ -209,7 +236,7 @@ class LinkProxy:
 
     def up(self) -> None:
         with self.lock:
-            self.down, self.cut_after = False, None
+            self.down, self.cut_after, self.cut_upload_after = False, None, None
             self.released.set()
             for s in self.sockets:
                 with contextlib.suppress(OSError):
@@ -238,29 +265,58 @@ class LinkProxy:
                              daemon=True).start()
 
     def _requests(self, src: socket.socket, dst: socket.socket, current: dict) -> None:
-        buf = b""
+        header = b""  # a request's header, until it is whole
+        body_left = 0  # bytes still to come of the current request's body
+        body = bytearray()
+        cut = False
         with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                buf += data
-                while b"\r\n\r\n" in buf:  # whole requests: note the path and chunk ids
-                    head, rest = buf.split(b"\r\n\r\n", 1)
-                    length = 0
-                    for line in head.split(b"\r\n")[1:]:
-                        name, _, value = line.partition(b":")
-                        if name.strip().lower() == b"content-length":
-                            length = int(value)
-                    if len(rest) < length:
-                        break
-                    body, buf = rest[:length], rest[length:]
-                    path = head.split(b" ")[1]
-                    current["path"] = path
-                    if path == CHUNKS_PATH:
+            while not cut and (data := src.recv(65536)):
+                out = bytearray()
+                while data and not cut:
+                    if not body_left:
+                        header += data
+                        if b"\r\n\r\n" not in header:
+                            break
+                        head, data = header.split(b"\r\n\r\n", 1)
+                        header = b""
+                        out += head + b"\r\n\r\n"
+                        current["path"] = head.split(b" ")[1]
+                        body_left = _content_length(head)
+                        body = bytearray()
+                        if current["path"] == UPLOAD_PATH:
+                            with self.lock:
+                                self.uploads.append(body)
+                        if not body_left:
+                            self._request_done(current["path"], body)
+                        continue
+                    piece, data = data[:body_left], data[body_left:]
+                    if current["path"] == UPLOAD_PATH:
                         with self.lock:
-                            self.requested.append(
-                                [bytes.fromhex(h) for h in json.loads(body)["ids"]])
-                dst.sendall(data)
+                            limit = self.cut_upload_after
+                            if limit is not None and self.upload_bytes + len(piece) > limit:
+                                piece, cut = piece[:limit - self.upload_bytes], True
+                            self.upload_bytes += len(piece)
+                    out += piece
+                    body += piece
+                    body_left -= len(piece)
+                    if not body_left:
+                        self._request_done(current["path"], body)
+                dst.sendall(out)
+        if cut:  # the link goes down: both ends see the connection close
+            self.down = True
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            return
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+    def _request_done(self, path: bytes, body: bytearray) -> None:
+        """Note the chunk ids of a whole request: a chunk download's, a "missing?"."""
+        if path in (CHUNKS_PATH, MISSING_PATH):
+            ids = [bytes.fromhex(h) for h in json.loads(body)["ids"]]
+            with self.lock:
+                (self.requested if path == CHUNKS_PATH else self.asked).append(ids)
 
     def _answers(self, src: socket.socket, dst: socket.socket, current: dict) -> None:
         with contextlib.suppress(OSError):
@@ -444,3 +500,68 @@ def test_the_daemon_keeps_running_through_an_outage_and_finishes_the_download(wo
     assert results[1].update is not None and results[1].update.state == "ready"
     first, rest = proxy.requested[0], [c for req in proxy.requested[1:] for c in req]
     assert len(rest) < len(first) and set(rest) < set(first)
+
+
+# -- uploads: an outage mid-bundle costs the chunk in flight, not the bundle -----------------
+
+
+def whole_records(body: bytes | bytearray) -> list[bytes]:
+    """The ids of the records of a bundle that arrived whole (a cut body: the last is
+    cut short)."""
+    ids = []
+    with contextlib.suppress(CorruptData):
+        for cid, _, _ in iter_bundle(io.BytesIO(bytes(body))):
+            ids.append(cid)
+    return ids
+
+
+TREE_BYTES = 6 * MIB
+
+
+@pytest.mark.e2e
+def test_an_outage_mid_upload_keeps_what_arrived_and_the_next_run_sends_only_the_rest(
+        world, tmp_path):
+    server, proxy = world
+    rng = random.Random(7)
+    root = tmp_path / "endpoint"
+    for i in range(6):  # incompressible: the bundle's bytes are the tree's
+        p = root / f"home/ann/big{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(TREE_BYTES // 6))
+    state = tmp_path / "state"
+    strata_json("agent", "enroll", "--server", proxy.url, "--token", server.create_token(),
+                "--root", root, "--state", state)
+    waits: list[float] = []
+    ctx = AgentContext.load(AgentState(state), sleep=waits.append)
+    kept_before = server.metric("strata_upload_chunks_kept_total")
+    proxy.cut_upload_after = TREE_BYTES // 2  # mid-bundle (one bundle: up to 8 MiB)
+
+    first = run_cycle(ctx)
+    assert first.exit_code == 3, first.to_dict()  # unreachable: retried, then given up
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert len(proxy.uploads) == 1 and len(proxy.uploads[0]) == TREE_BYTES // 2
+    wanted = {c for ids in proxy.asked for c in ids}  # every chunk the server lacked
+    arrived = whole_records(proxy.uploads[0])
+    assert len(arrived) > 20 and set(arrived) < wanted
+    # The server keeps exactly the chunks that arrived whole (a moment after the cut).
+    assert wait_for(lambda: server.metric("strata_upload_chunks_kept_total")
+                    >= kept_before + len(arrived), 30)
+    assert server.metric("strata_upload_chunks_kept_total") == kept_before + len(arrived)
+    first_bytes = proxy.upload_bytes
+
+    proxy.up()
+    second = run_cycle(ctx)
+    assert second.exit_code == 0 and second.centralization is not None, second.to_dict()
+    resent = [c for body in proxy.uploads[1:] for c in whole_records(body)]
+    assert len(resent) == len(set(resent))
+    assert not set(resent) & set(arrived)  # nothing that arrived whole is sent again
+    assert set(resent) >= wanted - set(arrived)  # the rest, the chunk cut in two among it
+    # and the snapshot's manifest, which the first run did not reach (asked last)
+    assert set(resent) - wanted == set(proxy.asked[-1])
+    resent_bytes = proxy.upload_bytes - first_bytes
+    print(f"\ncut after {first_bytes:,} B ({len(arrived)} chunks whole); the next run sent "
+          f"{resent_bytes:,} B ({len(resent)} chunks) for a {TREE_BYTES:,} B tree; "
+          f"{first_bytes + resent_bytes:,} B in all")
+    # The tree once, plus the chunk in flight at the cut (at most 256 KiB) and framing;
+    # the old server kept nothing of a cut bundle: the next run sent it whole again.
+    assert first_bytes + resent_bytes <= TREE_BYTES + 300 * 1024

@@ -31,6 +31,7 @@ from server_fixtures import (
     running_server,
     strata,
     strata_json,
+    wait_for,
     write_random,
 )
 from strata.model.ids import content_id
@@ -249,24 +250,29 @@ def test_malformed_and_oversized_bodies_are_refused_and_nothing_is_stored(server
             resp = dev.post("/api/v1/agent/chunks", content=body)
             assert resp.status_code == 422, (body[:20], resp.text)
 
-        # Over 64 MiB: streamed (no length given), then a Content-Length that says so.
+        # Over 64 MiB: streamed (no length given), then a Content-Length that says so. The
+        # body is a well-formed bundle (one small chunk over and over): garbage would be
+        # refused at its first bytes.
+        good = b"a perfectly good chunk\n" * 200
+        record = bundle((content_id(good), good))[8:]
         def stream():
+            yield b"STRXFER1"
             for _ in range(65):
-                yield b"\0" * MIB
+                yield record * (MIB // len(record) + 1)
         resp = dev.post("/api/v1/agent/chunks", content=stream())
         assert resp.status_code == 413, resp.text
         assert b"413" in _declared_length_response(server, dev.headers["authorization"],
                                                    100 * MIB)
 
-        # A bundle whose second chunk is not what its id says: rejected whole.
-        good = b"a perfectly good chunk\n" * 200
+        # A bundle whose second chunk is not what its id says: refused at that chunk.
+        fresh = b"another good chunk\n" * 200
         lie_id = content_id(b"what the id promises")
         resp = dev.post("/api/v1/agent/chunks", content=bundle(
-            (content_id(good), good), (lie_id, b"what the bytes really are")))
+            (content_id(fresh), fresh), (lie_id, b"what the bytes really are")))
         assert resp.status_code == 422 and "does not match" in resp.json()["detail"], resp.text
-        ids = [content_id(good).hex(), lie_id.hex()]
+        ids = [content_id(fresh).hex(), lie_id.hex()]
         assert dev.post("/api/v1/agent/chunks/missing", json={"ids": ids}).json()["missing"] \
-            == ids
+            == [lie_id.hex()]  # the good one before it was kept
         # A raw length that lies about the zstd frame is caught too.
         w = BundleWriter()
         w.add(content_id(good), 10, CODEC.compress(good))
@@ -280,7 +286,7 @@ def test_malformed_and_oversized_bodies_are_refused_and_nothing_is_stored(server
         assert resp.json()["missing"] == [lacking]
         # ... and the chunks they name must be a manifest, matching its id.
         assert dev.post("/api/v1/agent/chunks", content=bundle(
-            (content_id(good), good))).json()["stored"] == 1
+            (content_id(good), good))).json()["stored"] == 0  # kept from the 413 above
         for manifest_id in (content_id(good).hex(), "00" * 32):
             resp = dev.post("/api/v1/agent/snapshots", json={
                 "manifest": [[content_id(good).hex(), len(good)]], "manifest_id": manifest_id})
@@ -289,6 +295,65 @@ def test_malformed_and_oversized_bodies_are_refused_and_nothing_is_stored(server
 
     assert server.alive()
     assert server.metric("strata_rejected_uploads_total") >= 2
+
+
+def _random_chunks(n: int, seed: int, size: int = 30_000) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(size) for _ in range(n)]
+
+
+def _missing(dev: httpx.Client, chunks: list[bytes]) -> list[bytes]:
+    resp = dev.post("/api/v1/agent/chunks/missing",
+                    json={"ids": [content_id(c).hex() for c in chunks]})
+    assert resp.status_code == 200, resp.text
+    return [bytes.fromhex(h) for h in resp.json()["missing"]]
+
+
+def test_an_upload_cut_mid_bundle_keeps_exactly_the_chunks_that_arrived_whole(server):
+    """A client sends half a bundle (the cut falls inside a chunk's bytes) and closes
+    the connection: the chunks before the cut are stored and the endpoint's, the one cut
+    in two is not, and "missing?" names only it and those after it."""
+    _, dev = enrolled_device(server, "cut-upload")
+    chunks = _random_chunks(8, seed=41)
+    body = bundle(*((content_id(c), c) for c in chunks))
+    record = len(body[8:]) // len(chunks)  # random data: every record is the same size
+    cut = 8 + 5 * record + record // 2  # the sixth chunk is half sent
+    kept_before = server.metric("strata_upload_chunks_kept_total")
+    with dev:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall((f"POST /api/v1/agent/chunks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       f"Authorization: {dev.headers['authorization']}\r\n"
+                       f"Content-Type: application/octet-stream\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:cut])
+        assert wait_for(lambda: server.metric("strata_upload_chunks_kept_total")
+                        >= kept_before + 5, 30)
+        assert server.metric("strata_upload_chunks_kept_total") == kept_before + 5
+        assert _missing(dev, chunks) == [content_id(c) for c in chunks[5:]]
+        # The rest, sent again alone, completes the set; nothing before counts as new.
+        resp = dev.post("/api/v1/agent/chunks", content=bundle(
+            *((content_id(c), c) for c in chunks[5:])))
+        assert resp.json()["stored"] == 3, resp.text
+        assert _missing(dev, chunks) == []
+
+
+def test_a_lying_chunk_after_good_ones_is_refused_in_one_line_and_the_good_ones_kept(server):
+    _, dev = enrolled_device(server, "liar")
+    good, after = _random_chunks(3, seed=42), _random_chunks(2, seed=43)
+    lie = content_id(b"what the id promises")
+    rejected_before = server.metric("strata_rejected_uploads_total")
+    with dev:
+        resp = dev.post("/api/v1/agent/chunks", content=bundle(
+            *((content_id(c), c) for c in good), (lie, b"what the bytes really are"),
+            *((content_id(c), c) for c in after)))
+        assert resp.status_code == 422, resp.text
+        detail = resp.json()["detail"]
+        assert "\n" not in detail and len(detail) < 200, detail
+        assert f"chunk {lie.hex()[:16]}" in detail and "3 chunks before it were kept" in detail
+        assert _missing(dev, good + after) == [content_id(c) for c in after]
+        ids = [lie.hex()]
+        assert dev.post("/api/v1/agent/chunks/missing", json={"ids": ids}).json()["missing"] \
+            == ids
+    assert server.metric("strata_rejected_uploads_total") == rejected_before + 1
 
 
 def test_oversized_json_bodies_are_refused_before_parsing(server):

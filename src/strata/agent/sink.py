@@ -2,7 +2,9 @@
 ask the server which chunks it lacks, in batches, prove possession of those it holds
 from others (a keyed hash per chunk) and upload only the rest, compressed, in bundles.
 Nothing the server acknowledged is ever sent again: after a crash the next run asks
-again and the server answers with what is still missing."""
+again and the server answers with what is still missing. The server keeps each chunk of
+a bundle that reached it whole, so a broken connection costs at most the chunk in flight:
+a retry sends only what it still lacks."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from bisect import bisect_left
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from strata.agent.client import ServerClient, parse_answer
+from strata.agent.client import ServerClient, ServerUnreachable, parse_answer
+from strata.agent.resume import BACKOFF_FIRST, BACKOFF_MAX
 from strata.engine.filechunks import ChunkStore
 from strata.errors import CorruptData
 from strata.model.manifest import decode_manifest
@@ -105,7 +108,8 @@ class RemoteSink(ChunkStore):
         self.payload_uploaded = 0  # their compressed size
         self.chunks_proven = 0  # shown to the server by a keyed hash instead of sent
 
-    def _ask(self, ids: list[bytes]) -> tuple[set[bytes], dict[bytes, str]]:
+    def _ask(self, ids: list[bytes], retries: int | None = None
+             ) -> tuple[set[bytes], dict[bytes, str]]:
         """The chunks the server lacks in this endpoint's view, and those to prove (each
         with the nonce to prove it under)."""
         lacking: set[bytes] = set()
@@ -113,7 +117,7 @@ class RemoteSink(ChunkStore):
         for i in range(0, len(ids), MAX_IDS_PER_QUERY):
             part = ids[i:i + MAX_IDS_PER_QUERY]
             resp = self.client.request("POST", f"{self.api}/chunks/missing",
-                                       json={"ids": [c.hex() for c in part]})
+                                       json={"ids": [c.hex() for c in part]}, retries=retries)
             answer = parse_answer(resp, MissingResponse)
             lacking.update(bytes.fromhex(h) for h in answer.missing)
             prove.update((bytes.fromhex(h), answer.nonce) for h in answer.prove)
@@ -194,11 +198,38 @@ class RemoteSink(ChunkStore):
 
     def _send(self, bundle: BundleWriter) -> None:
         self._upload_slots.acquire()
-        fut = self._uploader.submit(self.client.request, "POST", f"{self.api}/chunks",
-                                    content=bundle.getvalue())
+        fut = self._uploader.submit(self._upload, bundle)
         fut.add_done_callback(lambda _f: self._upload_slots.release())
         with self._lock:
             self._uploads.append(fut)
+
+    def _upload(self, bundle: BundleWriter) -> None:
+        """Send a bundle. The server keeps every chunk that reached it whole, even from a
+        connection that broke midway: before sending again, ask which of the bundle's
+        chunks it still lacks and send only those. Backs off as the client does (0.5 s,
+        1 s, 2 s, ...) and gives up after as many tries (ServerUnreachable: the next run
+        asks again, and is told the same)."""
+        client = self.client
+        delay, failures = BACKOFF_FIRST, 0
+        while bundle.count:
+            try:
+                client.request("POST", f"{self.api}/chunks", content=bundle.getvalue(),
+                               retries=0)
+                return
+            except ServerUnreachable as exc:
+                failures += 1
+                if failures > client.retries:
+                    raise
+                with client._lock:
+                    client.retried += 1
+                client.sleep(max(delay, exc.retry_after))  # a busy server says how long
+                delay = min(delay * 2, BACKOFF_MAX)
+            try:
+                lacking, prove = self._ask(bundle.ids, retries=0)
+            except ServerUnreachable:
+                continue  # still away: the next try sends the whole bundle, or asks again
+            # A chunk it now asks to be proven is sent all the same: it was lacking.
+            bundle = bundle.subset(lacking | set(prove))
 
     def flush(self) -> None:
         with self._lock:

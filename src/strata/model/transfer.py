@@ -28,16 +28,103 @@ def bundle_record(cid: bytes, raw_length: int, payload: bytes) -> bytes:
 class BundleWriter:
     def __init__(self) -> None:
         self.parts: list[bytes] = [MAGIC]
+        self.ids: list[bytes] = []  # the id of each record, in order (parts[1:])
         self.size = len(MAGIC)
         self.count = 0
 
     def add(self, cid: bytes, raw_length: int, payload: bytes) -> None:
         self.parts.append(bundle_record(cid, raw_length, payload))
+        self.ids.append(cid)
         self.size += _HEAD.size + len(payload)
         self.count += 1
 
     def getvalue(self) -> bytes:
         return b"".join(self.parts)
+
+    def subset(self, keep: set[bytes]) -> BundleWriter:
+        """The records of the chunks in `keep`, as a bundle of their own (what is left to
+        send of a bundle the server kept part of)."""
+        out = BundleWriter()
+        for cid, record in zip(self.ids, self.parts[1:], strict=True):
+            if cid in keep:
+                out.parts.append(record)
+                out.ids.append(cid)
+                out.size += len(record)
+                out.count += 1
+        return out
+
+
+class BundleParser:
+    """A bundle decoded as its bytes arrive, in pieces of any size (an upload's body off
+    the network): `feed` returns the records each piece completes, so a receiver can keep
+    every chunk that arrived whole before a connection broke. Holds at most one record's
+    worth of bytes; a record may declare no more than `max_raw` raw and `max_payload`
+    payload bytes (refused at its header, before any of its payload is held)."""
+
+    def __init__(self, max_raw: int = MAX_RAW_CHUNK, max_payload: int = MAX_RAW_CHUNK + 64):
+        self.max_raw, self.max_payload = max_raw, max_payload
+        self._buffer = bytearray()
+        self._magic_seen = False
+        self._head: tuple[bytes, int, int] | None = None  # the record being received
+        self._error: CorruptData | None = None  # the framing error that ended the input
+
+    def feed(self, data: bytes) -> list[tuple[bytes, int, bytes]]:
+        """The (id, raw length, payload) of each record `data` completes. A framing error
+        is raised (CorruptData) once the records before it are handed on: at once if
+        there are none, else at the next call (`feed(b"")` asks). Nothing is decoded
+        after it."""
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+        out: list[tuple[bytes, int, bytes]] = []
+        try:
+            self._parse(out)
+        except CorruptData as exc:
+            self._error = exc
+            self._buffer.clear()
+            if not out:
+                raise
+        return out
+
+    def _parse(self, out: list[tuple[bytes, int, bytes]]) -> None:
+        if not self._magic_seen:
+            if len(self._buffer) < len(MAGIC):
+                if not MAGIC.startswith(bytes(self._buffer)):
+                    raise CorruptData("not a chunk bundle (bad magic)")
+                return
+            if self._buffer[:len(MAGIC)] != MAGIC:
+                raise CorruptData("not a chunk bundle (bad magic)")
+            del self._buffer[:len(MAGIC)]
+            self._magic_seen = True
+        start = 0
+        try:
+            while True:
+                if self._head is None:
+                    if len(self._buffer) - start < _HEAD.size:
+                        break
+                    cid, raw_length, plen = _HEAD.unpack_from(self._buffer, start)
+                    start += _HEAD.size
+                    if raw_length > self.max_raw or plen > self.max_payload:
+                        raise CorruptData(f"chunk {cid.hex()[:16]} is larger than the "
+                                          f"largest chunk accepted ({self.max_raw} bytes)")
+                    self._head = (cid, raw_length, plen)
+                cid, raw_length, plen = self._head
+                if len(self._buffer) - start < plen:
+                    break
+                out.append((cid, raw_length, bytes(self._buffer[start:start + plen])))
+                start += plen
+                self._head = None
+        finally:
+            del self._buffer[:start]
+
+    def close(self) -> None:
+        """The input ended: CorruptData unless it ended between two records."""
+        if self._error is not None:
+            raise self._error
+        if not self._magic_seen:
+            raise CorruptData("not a chunk bundle (bad magic)")
+        if self._head is not None or self._buffer:
+            raise CorruptData("chunk bundle is truncated")
 
 
 class Readable(Protocol):

@@ -3,18 +3,21 @@ device), and reading a bounded request body."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 
-from strata.errors import StrataError, TooLarge
+from strata.errors import Invalid, StrataError, TooLarge
 from strata.model.roles import POLICY_PERMISSION, Permission
+from strata.model.wire import UploadResponse
 from strata.server.auth import same_secret
 from strata.server.catalog.models import Endpoint
 from strata.server.context import ServerContext
@@ -182,19 +185,82 @@ class ClientGone(StrataError):
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused (413) as soon as it passes `limit` bytes."""
+    return b"".join([piece async for piece in body_pieces(request, limit)])
+
+
+async def body_pieces(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The body as it arrives, refused (413) as soon as it passes `limit` bytes; a client
+    that goes away midway is a ClientGone, after the pieces that did arrive."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"body larger than {limit} bytes")
-    parts, size = [], 0
+    size = 0
     try:
         async for piece in request.stream():
             size += len(piece)
             if size > limit:
                 raise TooLarge(f"body larger than {limit} bytes")
-            parts.append(piece)
+            yield piece
     except ClientDisconnect:
         # Routine (a laptop closed, a network change): one line, not a traceback.
         log.warning("%s went away during %s %s after %d bytes",
                     client_ip(request) or "a client", request.method, request.url.path, size)
         raise ClientGone("the client disconnected before its request was complete") from None
-    return b"".join(parts)
+
+
+class BundleSink(Protocol):
+    """What takes in an upload's chunk bundle (services/sync.py: BundleIntake)."""
+
+    kept: int  # chunks verified so far: settling them makes them durable
+
+    def feed(self, data: bytes) -> None: ...
+    def check(self, data: bytes) -> None: ...
+    def end(self) -> None: ...
+    def settle(self) -> UploadResponse: ...
+
+
+FEED_BYTES = 1 << 20  # body gathered before it is decoded and stored (one thread hand-off)
+INLINE_BYTES = 64 << 10  # less than this is checked at once, with no hand-off
+
+
+async def receive_bundle(request: Request, intake: BundleSink,
+                         limit: int) -> UploadResponse:
+    """Feed a bundle's body to `intake` as it arrives, and settle it however the body
+    ends: whole, cut short (the client went away, stalled, or passed `limit`) or refused
+    at a bad record. What arrived whole and verified is durable and the uploader's before
+    anything is answered; then the error, if any, is raised.
+
+    The store's and the catalog's I/O runs in the thread pool. Less than INLINE_BYTES
+    left at the end is only verified at once (stored by the settle), and a settle with
+    nothing to make durable is done at once: a client that goes away leaves its upload
+    slot as soon as it did before uploads kept their chunks."""
+    gathered: list[bytes] = []
+    held = 0
+
+    async def feed(data: bytes) -> None:
+        if len(data) < INLINE_BYTES:
+            intake.check(data)  # verified: stored by the settle
+        else:
+            await run_in_threadpool(intake.feed, data)
+
+    async def settle() -> UploadResponse:
+        return await run_in_threadpool(intake.settle) if intake.kept else intake.settle()
+
+    try:
+        async with contextlib.aclosing(body_pieces(request, limit)) as pieces:
+            async for piece in pieces:
+                gathered.append(piece)
+                held += len(piece)
+                if held >= FEED_BYTES:
+                    data, gathered, held = b"".join(gathered), [], 0
+                    await feed(data)
+        data, gathered = b"".join(gathered), []
+        await feed(data)
+        intake.end()
+    except StrataError:
+        if gathered:  # what arrived before the cut: its whole records are kept
+            with contextlib.suppress(Invalid):
+                await feed(b"".join(gathered))
+        await settle()
+        raise
+    return await settle()

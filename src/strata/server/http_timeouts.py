@@ -6,6 +6,10 @@ would otherwise hold its socket (and the body read so far) until it goes away by
 Here the whole header must arrive within HEADER_SECONDS, and a body may pause for at most
 BODY_IDLE_SECONDS while the server is waiting for it; past either, the connection is
 closed and the request handler sees a disconnect, which frees what it held.
+
+A request whose connection goes is handed the body that had arrived before its
+disconnect, not only the disconnect: an upload keeps every chunk that came whole before a
+link went down (services/sync.py: BundleIntake).
 """
 
 from __future__ import annotations
@@ -14,10 +18,24 @@ import asyncio
 import time
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application, ASGIReceiveEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 HEADER_SECONDS = 20.0
 BODY_IDLE_SECONDS = 30.0
+
+
+class BodyFirstCycle(RequestResponseCycle):
+    """uvicorn drops the body bytes it holds, not yet read by the handler, when the
+    connection is lost (up to 64 KiB). This cycle hands them on first, as more body, and
+    only then the disconnect: what the client sent before a cut is what the server had."""
+
+    async def receive(self) -> ASGIReceiveEvent:
+        message = await super().receive()
+        if message["type"] == "http.disconnect" and self.body and not self.response_complete:
+            body, self.body = bytes(self.body), bytearray()
+            return {"type": "http.request", "body": body, "more_body": True}
+        return message
 
 
 class TimedHttpProtocol(HttpToolsProtocol):
@@ -44,6 +62,10 @@ class TimedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         self._last_piece = time.monotonic()
         self._expect("body", self.body_idle_seconds)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        cycle.__class__ = BodyFirstCycle  # before its task runs: it has read nothing yet
+        super()._start_asgi_task(cycle, app)
 
     def on_body(self, body: bytes) -> None:
         self._last_piece = time.monotonic()  # the timer checks this when it fires

@@ -18,6 +18,11 @@ BYTES_DEDUPLICATED = Counter(
 REJECTED_CHUNKS = Counter("strata_rejected_uploads_total",
                           "Uploads refused because a chunk did not match its id",
                           registry=REGISTRY)
+UPLOAD_CHUNKS_KEPT = Counter(
+    "strata_upload_chunks_kept_total",
+    "Chunks of uploads cut short or refused midway (a dropped connection, a stalled client, "
+    "a bad record) kept because they arrived whole and matched their ids",
+    registry=REGISTRY)
 CHECKINS = Counter("strata_checkins_total", "Agent check-ins", registry=REGISTRY)
 SNAPSHOTS = Counter("strata_snapshots_committed_total", "Snapshots committed",
                     registry=REGISTRY)

@@ -23,7 +23,7 @@ from strata.model.wire import (
 )
 from strata.server.catalog.models import Endpoint
 from strata.server.context import ServerContext
-from strata.server.deps import AGENT_API, get_ctx, read_body, require_device
+from strata.server.deps import AGENT_API, get_ctx, read_body, receive_bundle, require_device
 from strata.server.services import sync
 
 router = APIRouter(prefix=AGENT_API, tags=["agent"])
@@ -56,10 +56,12 @@ async def prove(request: Request, ep: Endpoint = Depends(require_device),
              responses={429: {"description": "this endpoint has uploads in flight already"}})
 async def upload(request: Request, ep: Endpoint = Depends(require_device),
                  ctx: ServerContext = Depends(get_ctx)) -> UploadResponse:
-    """Upload a chunk bundle (binary body); acknowledged only once durable."""
-    with ctx.upload_slots.slot(ep.id, "uploads"):  # before its body is held in memory
-        data = await read_body(request, ctx.settings.max_upload_bytes)
-        return await run_in_threadpool(sync.store_bundle, ctx, ep.id, data)
+    """Upload a chunk bundle (binary body); acknowledged only once durable. Each chunk
+    is kept as soon as it arrives whole and verified: after a cut, only the rest is
+    missing."""
+    with ctx.upload_slots.slot(ep.id, "uploads"):  # before its body is read
+        intake = sync.BundleIntake(ctx, ep.id)
+        return await receive_bundle(request, intake, ctx.settings.max_upload_bytes)
 
 
 @router.post("/manifests", response_model=ManifestUploadResponse,

@@ -3,10 +3,7 @@ dry run of an update."""
 
 from __future__ import annotations
 
-import functools
-
 from fastapi import Depends, Request
-from fastapi.concurrency import run_in_threadpool
 
 from strata.model.admin import (
     CaptureConfig,
@@ -22,7 +19,7 @@ from strata.model.admin import (
 from strata.model.roles import Permission
 from strata.model.wire import MissingRequest, MissingResponse, UploadResponse
 from strata.server.context import ServerContext
-from strata.server.deps import admin_router, get_ctx, read_body, require
+from strata.server.deps import admin_router, get_ctx, receive_bundle, require
 from strata.server.services import dry_run as dry_runs
 from strata.server.services import layers, sync
 
@@ -39,9 +36,8 @@ def admin_missing(body: MissingRequest, ctx: ServerContext = Depends(get_ctx)) -
              openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}}})
 async def admin_upload(request: Request,
                        ctx: ServerContext = Depends(get_ctx)) -> UploadResponse:
-    data = await read_body(request, ctx.settings.max_upload_bytes)
-    return await run_in_threadpool(functools.partial(
-        sync.store_bundle, ctx, layers.ADMIN_UPLOADS, data, endpoint=False))
+    intake = sync.BundleIntake(ctx, layers.ADMIN_UPLOADS, endpoint=False)
+    return await receive_bundle(request, intake, ctx.settings.max_upload_bytes)
 
 
 @router.get("/capture-config", response_model=CaptureConfig)

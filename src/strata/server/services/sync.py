@@ -15,7 +15,7 @@ from strata.model.ids import content_id
 from strata.model.manifest import HEADER as MANIFEST_HEADER
 from strata.model.possession import decode_proofs, proof
 from strata.model.snapshot import Snapshot, now_iso
-from strata.model.transfer import read_bundle
+from strata.model.transfer import BundleParser
 from strata.model.wire import (
     CommitRequest,
     ManifestUploadResponse,
@@ -160,48 +160,115 @@ def prove(ctx: ServerContext, ep: Endpoint, body: bytes) -> ProveResponse:
     return ProveResponse(accepted=len(proven), refused=[c.hex() for c in refused])
 
 
-def store_bundle(ctx: ServerContext, uploader: str, data: bytes, *,
-                 endpoint: bool = True) -> UploadResponse:
-    """Verify every chunk of a bundle against its id before storing any of them (a chunk
-    repeated in the bundle is decoded once; none may be larger than the store's chunker
-    makes); answer once they are durable and indexed. The uploader now holds them all:
-    what it is told counts only what it had not sent before, never what others did. An
-    administrator's upload (`endpoint=False`: a layer capture) sees the whole store and
-    holds nothing: a layer's content is shared when the layer is saved."""
-    limit = ctx.store.config.chunker.max_size
-    ctx.touch_upload(uploader)
-    chunks: dict[bytes, tuple[int, bytes]] = {}
-    try:
-        for cid, raw_length, payload in read_bundle(data):
-            if raw_length > limit or len(payload) > limit + PAYLOAD_OVERHEAD:
-                raise CorruptData(f"chunk {cid.hex()[:16]} is larger than the store's "
-                                  f"largest chunk ({limit} bytes)")
-            if cid not in chunks:
-                decode_payload(cid, payload, raw_length)
-                chunks[cid] = (raw_length, payload)
-    except CorruptData as exc:
+class BundleIntake:
+    """One uploaded bundle, taken in as its body arrives (`feed` it in pieces of any
+    size): every chunk is checked against its id (and the store's largest chunk size) as
+    soon as it is whole, and put into the store before the next piece is read; `settle`
+    makes them durable and indexed and records them as the uploader's. A body cut short
+    (a dropped connection, a stalled client) or refused at a bad record still keeps
+    every chunk that came before: the agent, asking again which chunks are missing, sends
+    only the rest. Nothing of a chunk that did not arrive whole, or does not match its
+    id, is written. A chunk repeated in the bundle is decoded once.
+
+    The uploader now holds what it sent: what it is told counts only what it had not
+    sent before, never what others did. An administrator's upload (`endpoint=False`: a
+    layer capture) sees the whole store and holds nothing: a layer's content is shared
+    when the layer is saved. Creating one does no I/O (the event loop may)."""
+
+    def __init__(self, ctx: ServerContext, uploader: str, *, endpoint: bool = True):
+        self.ctx, self.uploader, self.endpoint = ctx, uploader, endpoint
+        limit = ctx.store.config.chunker.max_size
+        self._parser = BundleParser(max_raw=limit, max_payload=limit + PAYLOAD_OVERHEAD)
+        self._verified: list[tuple[bytes, int, bytes]] = []  # not yet in the store
+        self._taken: list[bytes] = []  # in the store (or held by it already)
+        self._seen: set[bytes] = set()
+        self._failed = False
+        self.ended = False  # the whole body arrived and ended between two records
+        self.kept = 0  # chunks verified so far: settling makes them durable
+        self.stored = self.bytes_stored = 0
+
+    def feed(self, data: bytes) -> None:
+        """Take in the next piece of the body and store its whole chunks; Invalid at the
+        first bad record, after the chunks before it went into the store. Nothing more
+        is taken after that."""
+        try:
+            self.check(data)
+        finally:
+            self.store()
+
+    def check(self, data: bytes) -> None:
+        """`feed` without the store's I/O: the chunks are verified and held until the
+        next `feed`, `store` or `settle` (for the last few bytes of a body, read where a
+        thread hand-off would cost more than the check)."""
+        if self._failed:
+            return
+        try:
+            fresh = 0
+            for cid, raw_length, payload in self._parser.feed(data):
+                if cid not in self._seen:
+                    decode_payload(cid, payload, raw_length)  # verified by its id
+                    self._seen.add(cid)
+                    self._verified.append((cid, raw_length, payload))
+                    self.kept += 1
+                    fresh += 1
+            if fresh:
+                self._parser.feed(b"")  # a framing error after them, if any
+        except CorruptData as exc:
+            self._refuse(exc)
+
+    def end(self) -> None:
+        """The body ended: Invalid unless it ended between two records."""
+        if self._failed:
+            return
+        try:
+            self._parser.close()
+        except CorruptData as exc:
+            self._refuse(exc)
+        self.ended = True
+
+    def _refuse(self, exc: CorruptData) -> None:
+        self._failed = True
         metrics.REJECTED_CHUNKS.inc()
-        raise Invalid(f"upload rejected: {exc}") from None
-    store = ctx.store
-    before = ctx.holdings.view(uploader, chunks)[0] if endpoint else \
-        set(chunks) - set(store.missing_chunks(chunks))
-    stored = nbytes = 0
-    with store.claimed(list(chunks)) as mine:
-        for cid, (raw_length, payload) in chunks.items():
-            if cid in mine:
-                blob = store.codec.seal(cid, payload)
-                mine.discard(cid)
-                store.put_claimed(cid, blob, raw_length)
-            else:
-                metrics.BYTES_DEDUPLICATED.inc(raw_length)
-            if cid not in before:
-                stored += 1
-                nbytes += len(payload)
-    store.flush()  # durable and indexed before we acknowledge
-    if endpoint:
-        ctx.holdings.record(uploader, chunks)
-    return UploadResponse(chunks=len(chunks), stored=stored, duplicates=len(chunks) - stored,
-                          bytes_stored=nbytes)
+        kept = f" ({self.kept} chunks before it were kept)" if self.kept else ""
+        raise Invalid(f"upload rejected: {exc}{kept}") from None
+
+    def store(self) -> None:
+        """Put the verified chunks into the store (its open pack)."""
+        good, self._verified = self._verified, []
+        if not good:
+            return
+        store = self.ctx.store
+        if not self._taken:  # a prune meanwhile spares what this upload stores
+            self.ctx.touch_upload(self.uploader)
+        ids = [cid for cid, _, _ in good]
+        before = self.ctx.holdings.view(self.uploader, ids)[0] if self.endpoint else \
+            set(ids) - set(store.missing_chunks(ids))
+        with store.claimed(ids) as mine:
+            for cid, raw_length, payload in good:
+                if cid in mine:
+                    blob = store.codec.seal(cid, payload)
+                    mine.discard(cid)
+                    store.put_claimed(cid, blob, raw_length)
+                else:
+                    metrics.BYTES_DEDUPLICATED.inc(raw_length)
+                if cid not in before:
+                    self.stored += 1
+                    self.bytes_stored += len(payload)
+                self._taken.append(cid)
+
+    def settle(self) -> UploadResponse:
+        """Store what is verified, make it durable and indexed, then the uploader's: after
+        this, it is never asked for again. Called however the body ended."""
+        self.store()
+        if self._taken:
+            self.ctx.store.flush()  # durable and indexed before we acknowledge
+            if self.endpoint:
+                self.ctx.holdings.record(self.uploader, self._taken)
+            if not self.ended:
+                metrics.UPLOAD_CHUNKS_KEPT.inc(len(self._taken))
+        n = len(self._taken)
+        return UploadResponse(chunks=n, stored=self.stored, duplicates=n - self.stored,
+                              bytes_stored=self.bytes_stored)
 
 
 def store_manifest_delta(ctx: ServerContext, ep: Endpoint, base: str,
