@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from cli_forkserver import fork_server
+
 STRATA = Path(sys.executable).parent / "strata"
 HEALTH = "/api/v1/health"
 MIB = 1 << 20
@@ -49,8 +51,13 @@ def strata(*args: object, rc: int | None = 0, timeout: float = 300,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `strata ARGS…` to completion; check its exit code unless `rc` is None. `env`:
     settings on top of the clean environment (e.g. the signing keys)."""
-    proc = subprocess.run(argv(args), env={**cli_env(), **(env or {})}, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout)
+    forks = fork_server()
+    if forks is not None:  # the same process boundaries, without re-importing the CLI
+        proc = forks.run([str(a) for a in args], {**cli_env(), **(env or {})}, timeout)
+    else:
+        proc = subprocess.run(argv(args), env={**cli_env(), **(env or {})},
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout)
     if rc is not None:
         assert proc.returncode == rc, (args, proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,249 @@
+"""Run `strata` commands in processes forked from one that has already imported the CLI.
+
+About two thirds of the suite's CPU went to `strata` commands, and most of each
+command's CPU to importing Python modules (0.5-0.7 s of a 0.8 s `agent status`). A fork
+server, one per test worker, imports the CLI and what its commands use once; each
+command then runs in a child forked from it: its own process and session, its own
+environment, working directory, stdin, stdout and stderr, its own exit code, killed with
+its process group on a timeout, exactly as `subprocess.run` would give. Only the imports
+are shared. `STRATA_TEST_EXEC=1` runs every command as a fresh `exec` instead, as the
+README walk and the first-run tests always do.
+
+The server side is single-threaded (a fork copies only the calling thread): it accepts a
+connection, forks, hands the child the three descriptors it received, and reports the
+child's pid, then its exit status.
+"""
+
+from __future__ import annotations
+
+import array
+import atexit
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+# What the commands import: loaded once in the fork server. Server modules are left
+# out: `strata server` runs as its own process (tests/server_fixtures.Server).
+PRELOAD = ("strata.cli.main", "strata.cli.agent", "strata.cli.admin", "strata.cli.layers",
+           "strata.cli.store", "strata.cli.endpoint", "strata.cli.signing",
+           "strata.cli.reflector", "strata.cli.users", "strata.cli.reports",
+           "strata.agent.cycle", "strata.agent.centralize", "strata.agent.update",
+           "strata.agent.enrollment", "strata.agent.status", "strata.signing.trust",
+           "strata.signing.publisher", "strata.engine.backup", "strata.engine.restore",
+           "strata.layers.capture")
+
+
+def _recv_fds(conn: socket.socket) -> tuple[dict, list[int]]:
+    fds = array.array("i")
+    data, anc, _flags, _addr = conn.recvmsg(1 << 20, socket.CMSG_SPACE(3 * fds.itemsize))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return json.loads(data), list(fds)
+
+
+def _child(request: dict, fds: list[int], siblings: list[socket.socket]) -> None:
+    """In the forked child: become the command, run it, exit with its status."""
+    code = 1
+    try:
+        os.setsid()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        for other in siblings:  # the connections of commands still running
+            other.close()
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        sys.argv = ["strata", *request["args"]]
+        from strata.cli.main import main
+
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            if exc.code is None:
+                code = 0
+            elif isinstance(exc.code, int):
+                code = exc.code
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+        except KeyboardInterrupt:
+            code = 130
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code & 0xFF)
+
+
+def serve(path: str) -> None:
+    """The fork server's loop (runs in its own process: `python cli_forkserver.py PATH`)."""
+    for name in PRELOAD:
+        __import__(name)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    children: dict[int, socket.socket] = {}
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    while True:
+        for _key, _ev in sel.select(timeout=0.02):
+            conn, _ = listener.accept()
+            request, fds = _recv_fds(conn)
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                conn.close()
+                _child(request, fds, list(children.values()))
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(struct.pack("!q", pid))
+            children[pid] = conn
+        while children:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            conn = children.pop(pid, None)
+            if conn is not None:
+                try:
+                    conn.sendall(struct.pack("!qd", os.waitstatus_to_exitcode(status),
+                                             usage.ru_utime + usage.ru_stime))
+                except OSError:
+                    pass
+                conn.close()
+        if os.getppid() == 1:  # the test worker is gone
+            return
+
+
+class ForkServer:
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="strata-fork-")
+        self.path = os.path.join(self._dir, "sock")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+        self.proc = subprocess.Popen([sys.executable, __file__, self.path], env=env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the CLI fork server did not start")
+            time.sleep(0.02)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        for name in (self.path,):
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+        os.rmdir(self._dir)
+
+    def run(self, args: Sequence[str], env: dict[str, str],
+            timeout: float) -> subprocess.CompletedProcess[str]:
+        """`subprocess.run(["strata", *args], env=env, stdin=DEVNULL,
+        capture_output=True, text=True, timeout=timeout)`, forked."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        null = os.open(os.devnull, os.O_RDONLY)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(self.path)
+            request = json.dumps({"args": list(args), "env": env, "cwd": os.getcwd()})
+            conn.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", [null, out_w, err_w]))])
+        finally:
+            for fd in (null, out_w, err_w):
+                os.close(fd)
+        pid = struct.unpack("!q", _read_exact(conn, 8))[0]
+        chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+        deadline = time.monotonic() + timeout
+        sel = selectors.DefaultSelector()
+        for fd in chunks:
+            sel.register(fd, selectors.EVENT_READ)
+        try:
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    raise subprocess.TimeoutExpired(["strata", *args], timeout)
+                for key, _ in sel.select(timeout=left):
+                    data = os.read(key.fd, 1 << 16)
+                    if data:
+                        chunks[key.fd].append(data)
+                    else:
+                        sel.unregister(key.fd)
+            conn.settimeout(max(1.0, deadline - time.monotonic()))
+            code, cpu = struct.unpack("!qd", _read_exact(conn, 16))
+            global forked_cpu_s
+            forked_cpu_s += cpu
+        finally:
+            sel.close()
+            os.close(out_r)
+            os.close(err_r)
+            conn.close()
+        return subprocess.CompletedProcess(
+            ["strata", *args], code,
+            _text(b"".join(chunks[out_r])), _text(b"".join(chunks[err_r])))
+
+
+def _text(data: bytes) -> str:
+    """As subprocess's text mode reads a pipe: decoded, universal newlines."""
+    return data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_exact(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = conn.recv(n - len(data))
+        if not more:
+            raise RuntimeError("the CLI fork server went away")
+        data += more
+    return data
+
+
+_server: ForkServer | None = None
+# CPU seconds of the commands run here: not this process's children (the fork server's),
+# so tests/cpu_report.py adds them.
+forked_cpu_s = 0.0
+
+
+def fork_server() -> ForkServer | None:
+    """This worker's fork server, started at first use; None under STRATA_TEST_EXEC=1."""
+    global _server
+    if os.environ.get("STRATA_TEST_EXEC") == "1":
+        return None
+    if _server is None:
+        _server = ForkServer()
+    return _server
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    serve(sys.argv[1])
