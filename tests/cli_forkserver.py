@@ -31,9 +31,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-# What the commands import: loaded once in the fork server. Server modules are left
-# out: `strata server` runs as its own process (tests/server_fixtures.Server).
-PRELOAD = ("strata.cli.main", "strata.cli.agent", "strata.cli.admin", "strata.cli.layers",
+# What the commands import: loaded once in the fork server (`strata server` included:
+# its imports cost about 2 s of CPU at each start).
+PRELOAD = ("strata.server.app", "strata.server.catalog.db",
+           "strata.cli.main", "strata.cli.agent", "strata.cli.admin", "strata.cli.layers",
            "strata.cli.store", "strata.cli.endpoint", "strata.cli.signing",
            "strata.cli.reflector", "strata.cli.users", "strata.cli.reports",
            "strata.agent.cycle", "strata.agent.centralize", "strata.agent.update",
@@ -162,6 +163,27 @@ class ForkServer:
                 pass
         os.rmdir(self._dir)
 
+    def _start(self, args: Sequence[str], env: dict[str, str],
+               fds: tuple[int, int, int]) -> tuple[socket.socket, int]:
+        """Fork a child running `strata ARGS` on these stdin, stdout and stderr."""
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.path)
+        request = json.dumps({"args": list(args), "env": env, "cwd": os.getcwd()})
+        conn.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           array.array("i", fds))])
+        return conn, struct.unpack("!q", _read_exact(conn, 8))[0]
+
+    def spawn(self, args: Sequence[str], env: dict[str, str], stdout: int,
+              stderr: int) -> ForkedProcess:
+        """Like `subprocess.Popen(..., stdin=DEVNULL, start_new_session=True)` with the
+        output into these descriptors (a log file)."""
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            conn, pid = self._start(args, env, (null, stdout, stderr))
+        finally:
+            os.close(null)
+        return ForkedProcess(["strata", *args], pid, conn)
+
     def run(self, args: Sequence[str], env: dict[str, str],
             timeout: float) -> subprocess.CompletedProcess[str]:
         """`subprocess.run(["strata", *args], env=env, stdin=DEVNULL,
@@ -169,16 +191,11 @@ class ForkServer:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         null = os.open(os.devnull, os.O_RDONLY)
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            conn.connect(self.path)
-            request = json.dumps({"args": list(args), "env": env, "cwd": os.getcwd()})
-            conn.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                               array.array("i", [null, out_w, err_w]))])
+            conn, pid = self._start(args, env, (null, out_w, err_w))
         finally:
             for fd in (null, out_w, err_w):
                 os.close(fd)
-        pid = struct.unpack("!q", _read_exact(conn, 8))[0]
         chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
         deadline = time.monotonic() + timeout
         sel = selectors.DefaultSelector()
@@ -216,6 +233,50 @@ class ForkServer:
 def _text(data: bytes) -> str:
     """As subprocess's text mode reads a pipe: decoded, universal newlines."""
     return data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
+class ForkedProcess:
+    """The part of `subprocess.Popen` the server fixtures use, for a forked command: its
+    exit status comes over the fork server's connection (it is not our child)."""
+
+    def __init__(self, args: list[str], pid: int, conn: socket.socket) -> None:
+        self.args, self.pid, self._conn = args, pid, conn
+        self.returncode: int | None = None
+
+    def _collect(self, timeout: float | None) -> int | None:
+        if self.returncode is None:
+            self._conn.settimeout(timeout)
+            try:
+                code, cpu = struct.unpack("!qd", _read_exact(self._conn, 16))
+            except (TimeoutError, BlockingIOError):
+                return None
+            global forked_cpu_s
+            forked_cpu_s += cpu
+            self.returncode = code
+            self._conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._collect(0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._collect(timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def _read_exact(conn: socket.socket, n: int) -> bytes:

@@ -174,13 +174,18 @@ class Server:
     def start(self, timeout: float = 120) -> Server:
         """Start the process and wait until GET /api/v1/health answers."""
         self.data.mkdir(parents=True, exist_ok=True)
+        args = ["server", "--data", self.data, "--listen", f"127.0.0.1:{self.port}",
+                *(["--catalog", self.catalog] if self.catalog else []),
+                *(["--tls"] if self.tls else []), *self.args]
+        forks = fork_server()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv(["server", "--data", self.data, "--listen", f"127.0.0.1:{self.port}",
-                      *(["--catalog", self.catalog] if self.catalog else []),
-                      *(["--tls"] if self.tls else []), *self.args]),
-                env=cli_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
+            if forks is not None:  # see tests/cli_forkserver.py
+                self.proc = forks.spawn([str(a) for a in args], cli_env(), log.fileno(),
+                                        log.fileno())
+            else:
+                self.proc = subprocess.Popen(argv(args), env=cli_env(),
+                                             stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
