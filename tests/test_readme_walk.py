@@ -1,17 +1,26 @@
-"""A new administrator's walk through the README on a fresh checkout, server side
-included: every `strata …` line of its code blocks is run in order, as written, with
-its placeholders (`/srv/strata`, `ID`, `1d33b094`, `N:V`, `5eb2f21e…` …) replaced by the
-real ones of this walk, against a server started as the README starts it (HTTPS,
-self-signed, its fingerprint read from what it printed). Whatever a command does, it
-must end with a documented exit code and, when it fails, say why in one plain line on
-stderr: no traceback, no panel, no Python text. Most lines must simply work.
+"""A new administrator's walk through the README on a fresh clone: `make demo` as the
+Quick start says, then every `strata …` line of the README's code blocks and tables, in
+order, as written, against the demo's server, with their placeholders (`/srv/strata`,
+`ID`, `1d33b094`, `N:V`, `5eb2f21e…` …) replaced by what the demo printed (its HTTPS URL,
+its certificate's fingerprint, its admin token) and by the real ones of this walk.
+Whatever a command does, it must end with a documented exit code and, when it fails, say
+why in one plain line on stderr: no traceback, no panel, no Python text. Most lines must
+simply work. Then Ctrl-C stops the demo, which must end cleanly, its server gone, having
+written nothing outside its folder (demo-work/).
 
-What is not run, and why: `make` (this is the test), `strata server` (the one started
-here), `mount` (FUSE in the foreground: tests/test_mount.py), `reflector run` (a daemon
-in the foreground: tests/test_reflector.py), shell lines (`curl`, `cp`, `mkdir`). The
-daemon `agent run` runs one cycle (`--once`). Agent and reflector commands get this
-walk's `--state` (and `--root` to enroll), as the README says to do for a state
-directory that is not the default.
+The clone is of this checkout's last commit: uncommitted changes are not in it, so the
+walk tests what is committed (a file left out of a commit fails here). The clone's code
+runs (PYTHONPATH) in this checkout's virtual environment, linked as the clone's `.venv`
+so that `make demo` does not install one again (40 s of pip; CI's fresh clone and `make
+test` cover that install).
+
+What is not run, and why: `make` lines but `make demo` (this is the test), `strata
+server` (the demo's is used), `mount` (FUSE in the foreground: tests/test_mount.py),
+`reflector run` (a daemon in the foreground: tests/test_reflector.py), shell lines
+(`curl`, `cp`, `mkdir`). The daemon `agent run` runs one cycle (`--once`). Agent and
+reflector commands get this walk's `--state` (and `--root` to enroll), as the README says
+to do for a state directory that is not the default. The `strata store …` lines need no
+server: they run while the demo builds its fleet (two cores: one each).
 """
 
 from __future__ import annotations
@@ -19,12 +28,17 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from server_fixtures import Server, argv, cli_env, strata_json
+from server_fixtures import argv, cli_env
 
 pytestmark = pytest.mark.e2e
 
@@ -103,32 +117,47 @@ def expand(line: str, kept: tuple[str, ...] = KEPT_OPTIONS) -> list[str]:
     return [parts[0], *[" ".join([*group, p]) for p in parts[1:]]]
 
 
+@dataclass
+class Demo:
+    """What `make demo` printed of its server."""
+    url: str
+    token_file: Path
+    fingerprint: str
+
+
 class Walk:
-    def __init__(self, base: Path, server: Server, fingerprint: str):
-        self.base, self.server = base, server
-        self.env: dict[str, str] = {"STRATA_SIGNING_PASSPHRASE_FILE": str(base / "pass")}
-        (base / "pass").write_text("walk passphrase\n")
+    def __init__(self, base: Path, demo_work: Path, env: dict[str, str]):
+        self.base = base
+        # The demo's signing keys: `signing init` is refused on its server (set up already),
+        # so a reader goes on with the keys the demo made.
+        self.env = {**env,
+                    "STRATA_SIGNING_PASSPHRASE_FILE": str(demo_work / "signing-passphrase")}
         (base / "pw").write_text("a long enough password 1\n")
         self.root, self.state = base / "endpoint", base / "agent-state"
         self.values: dict[str, str] = {
-            "/srv/strata/admin.token": str(server.token_file),
-            "/srv/strata": str(server.data),
-            "https://strata.example.net:8470": server.url,
-            "https://server.example.net:8470": server.url,
-            "5eb2f21e": fingerprint, "TLS_FP": fingerprint,
             "enroll.token": str(base / "enroll.token"),
-            "~/strata-keys": str(base / "keys"), "F": str(base / "pw"),
+            "~/strata-keys": str(demo_work / "signing-keys"), "F": str(base / "pw"),
             "/mnt/reference": str(base / "reference"), "AFTER": str(base / "after"),
             "BEFORE": str(base / "before"), "DIR": str(base / "driver"),
             "N:V": "corp-os:2", "NAME": "hana",
             "/srv/backup": str(base / "backup"), "/home": str(base / "home"),
             "/tmp/restore": str(base / "restore"), "/tmp/alice": str(base / "alice"),
-            "cvd.tar": str(base / "cvd.tar"), "DATA/admin.token": str(server.token_file),
+            "cvd.tar": str(base / "cvd.tar"),
             "KIND": "retention", "FILE.json": str(base / "retention.json"),
             "P": "home/alice", "PATH": "home", "N": "3",
         }
         (base / "retention.json").write_text('{"daily": 14}')
         self.results: list[tuple[str, subprocess.CompletedProcess[str]]] = []
+
+    def serving(self, demo: Demo) -> None:
+        """The demo's server, in place of the README's."""
+        self.values.update({
+            "/srv/strata/admin.token": str(demo.token_file),
+            "DATA/admin.token": str(demo.token_file),
+            "/srv/strata": str(demo.token_file.parent),
+            "https://strata.example.net:8470": demo.url,
+            "https://server.example.net:8470": demo.url,
+            "5eb2f21e": demo.fingerprint, "TLS_FP": demo.fingerprint})
 
     def ids(self) -> None:
         """What later lines name: the endpoint, its first snapshot, the root key."""
@@ -139,7 +168,7 @@ class Walk:
             eid = json.loads(cred.read_text())["endpoint_id"]
             for name in ("ID", "3f2a", "ENDPOINT", "OLD", "NEW"):
                 self.values[name] = eid
-            snaps = strata_json("agent", "snapshots", "--state", self.state)
+            snaps = self.json("agent", "snapshots", "--state", self.state)
             if snaps:
                 self.values["1d33b094"] = self.values["S"] = snaps[-1]["id"][:8]  # type: ignore[index]
 
@@ -155,7 +184,7 @@ class Walk:
                      "TARGET": str(self.base / "restore2"), "PATH": "alice", "N": "5"}
             words = [where.get(w, w) for w in words]
         if words[1:2] == ["store"] and "1d33b094" in words:  # the store's own snapshot
-            words[words.index("1d33b094")] = strata_json(  # type: ignore[index]
+            words[words.index("1d33b094")] = self.json(  # type: ignore[index]
                 "store", "snapshots", self.values["/srv/backup"])[0]["id"][:8]
         args = [self.sub(w.replace("TILDE/", "~/")) for w in words[1:]]
         if args[:1] == ["agent"]:
@@ -184,13 +213,20 @@ class Walk:
             self.env[name] = self.sub(value.replace("…", ""))
             return
         args, out_file = self.args(command)
-        proc = subprocess.run(argv(args), env={**cli_env(), **self.env},
+        # In the walk's folder: a relative path (`> reflector.token`) lands there.
+        proc = subprocess.run(argv(args), env=self.env, cwd=self.base,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=300)
         if out_file is not None and proc.returncode == 0:
             out_file.write_text(proc.stdout)
         self.results.append((command, proc))
         self.ids()
+
+    def json(self, *args: object) -> object:
+        import json
+
+        return json.loads(subprocess.run(argv([*args, "--json"]), env=self.env, check=True,
+                                         capture_output=True, text=True).stdout)
 
     def problems(self) -> list[str]:
         wrong = []
@@ -229,41 +265,82 @@ def trees(base: Path) -> None:
     put(base / "home/alice/Documents/report.odt", "figures\n")
 
 
-def test_the_readme_walked_through_on_a_fresh_checkout(tmp_path):
-    trees(tmp_path)
-    server = Server(tmp_path / "srv", args=["--tls-name", "strata.example.net"],
-                    signing=False, tls=True).start()
-    try:
-        printed = re.search(r"certificate fingerprint \(SHA-256\): ([0-9a-f]{64})",
-                            server.log.read_text())
-        assert printed, server.log.read_text()
-        walk = Walk(tmp_path, server, printed.group(1))
-        lines = code_lines((REPO / "README.md").read_text())
-        assert len(lines) > 50
-        for line in lines:
-            if "root-fingerprint" in line and "FP" not in walk.values:
-                import json
+VENV = Path(sys.executable).parent.parent  # this checkout's virtual environment
+SERVING = re.compile(r"The server keeps serving at (https://127\.0\.0\.1:\d+) \(admin token in "
+                     r"(\S+); its certificate's fingerprint \(SHA-256\) is ([0-9a-f]{64})")
 
-                walk.values["FP"] = json.loads(subprocess.run(
-                    argv(["signing", "status", "--json", "--keys", str(tmp_path / "keys"),
-                          "--server", server.url, "--admin-token-file",
-                          str(server.token_file)]),
-                    env={**cli_env(), **walk.env}, capture_output=True,
-                    text=True).stdout or "{}").get("root_fingerprint", "FP")
-            for command in expand(line):
-                if command.startswith(NOT_RUN) or not command.startswith(("strata", "export")):
-                    continue
-                walk.run(command)
-        # Then the tables' commands, as a reader tries them: without --yes (a command
-        # that would destroy refuses in one line).
-        for line in table_lines((REPO / "README.md").read_text()):
-            for command in expand(line, kept=("--password-file",)):
-                if command == "strata server" or command.startswith(NOT_RUN):
-                    continue
-                walk.run(command)
+
+def fresh_clone(tmp_path: Path) -> Path:
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(clone)],
+                   check=True, capture_output=True, timeout=120)
+    if not (VENV / ".installed").exists():
+        pytest.skip(f"{VENV} was not made by `make venv`: `make demo` would install one "
+                    "(into this checkout's venv, through the link)")
+    (clone / ".venv").symlink_to(VENV)
+    # A fresh clone's pyproject.toml is newer than the venv's stamp: dated back, so `make`
+    # takes the venv as installed (it is: from this same pyproject.toml, or a later one).
+    os.utime(clone / "pyproject.toml", (0, 0))
+    return clone
+
+
+def wait_for_demo(demo: subprocess.Popen[bytes], log: Path, deadline: float) -> re.Match[str]:
+    """The demo's last words before it serves until Ctrl-C (polled, with a deadline)."""
+    while True:
+        text = log.read_text(errors="replace")
+        found = SERVING.search(text)
+        if found and "Ctrl-C to stop." in text:
+            return found
+        assert demo.poll() is None, f"make demo exited with {demo.returncode}:\n{text[-3000:]}"
+        assert time.monotonic() < deadline, f"make demo did not finish in time:\n{text[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
+    clone = fresh_clone(tmp_path)
+    base, home, tmp = tmp_path / "walk", tmp_path / "home", tmp_path / "tmp"
+    for folder in (base, home, tmp):
+        folder.mkdir()
+    trees(base)
+    code = {**cli_env(), "PYTHONPATH": str(clone / "src")}  # the clone's code, not this one's
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:  # `make demo` as the README gives it, in its own session
+        demo = subprocess.Popen(["make", "demo"], cwd=clone, stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**code, "STRATA_DEMO_SMALL": "1", "HOME": str(home),
+                                     "TMPDIR": str(tmp)})
+    try:
+        readme = (REPO / "README.md").read_text()
+        lines = code_lines(readme)
+        assert len(lines) > 50
+        # Every command as the walk runs it: (line, command); the tables' commands as a
+        # reader tries them, without --yes (one that would destroy refuses in one line).
+        commands = [(line, c) for line in lines for c in expand(line)
+                    if c.startswith(("strata", "export")) and not c.startswith(NOT_RUN)]
+        commands += [(line, c) for line in table_lines(readme)
+                     for c in expand(line, kept=("--password-file",))
+                     if c != "strata server" and not c.startswith(NOT_RUN)]
+        offline = [(line, c) for line, c in commands if c.startswith("strata store ")]
+        walk = Walk(base, clone / "demo-work", code)
+        for _, command in offline:  # no server needed: while the demo builds its fleet
+            walk.run(command)
+        serving = wait_for_demo(demo, log, time.monotonic() + 600)
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text, text
+        url, token_file, fingerprint = serving.groups()
+        # The fingerprint the demo names is the one its server printed at its start.
+        assert f"certificate fingerprint (SHA-256): {fingerprint}" in text, text
+        walk.serving(Demo(url, Path(token_file), fingerprint))
+        for line, command in commands:
+            if (line, command) in offline:
+                continue
+            if "root-fingerprint" in line and "FP" not in walk.values:
+                walk.values["FP"] = walk.json(  # type: ignore[index]
+                    "signing", "status", "--server", url, "--server-fingerprint", fingerprint,
+                    "--admin-token-file", token_file).get("root_fingerprint", "FP")
+            walk.run(command)
     finally:
-        server.stop()
-        server.kill()
+        stopped = stop(demo)
     ran = len(walk.results)
     ok = [c for c, p in walk.results if p.returncode == 0]
     report = "\n".join(f"{p.returncode:3} {c}" + (f"\n      {p.stderr.strip()}" if p.returncode
@@ -274,3 +351,38 @@ def test_the_readme_walked_through_on_a_fresh_checkout(tmp_path):
     # number, a reflector's id, debian:13); each was checked above to be one plain line.
     assert len(ok) >= 0.66 * ran, report
     os.environ.get("STRATA_WALK_REPORT") and print(report)
+    # Ctrl-C: the demo stops its server and ends, without a traceback.
+    text = log.read_text(errors="replace")
+    assert stopped and "stopping the server" in text and "Traceback" not in text, text[-3000:]
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as s, pytest.raises(OSError):
+        s.connect(("127.0.0.1", port))
+    # Nothing outside its folder: the clone holds nothing new but demo-work/ (and Python's
+    # bytecode caches), and its HOME and TMPDIR are empty.
+    new = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=clone,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [n for n in new if n not in ("?? .venv", "!! demo-work/")
+            and "__pycache__" not in n] == [], new
+    assert list(home.iterdir()) == [] and list(tmp.iterdir()) == []
+
+
+def stop(demo: subprocess.Popen[bytes]) -> bool:
+    """Ctrl-C as a terminal sends it (SIGINT to the foreground group); True if the whole
+    group ended by itself, SIGKILL after a deadline otherwise."""
+    try:
+        os.killpg(demo.pid, signal.SIGINT)
+        demo.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the server, make's grandchild, too
+            os.killpg(demo.pid, 0)
+            time.sleep(0.1)
+    except ProcessLookupError:
+        return True
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(demo.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    demo.wait(timeout=30)
+    return False
