@@ -54,7 +54,7 @@ KEPT_OPTIONS = ("--password-file", "--yes", "--json")
 # ones (bytes and dict reprs, 0o modes, None, timestamps not in ISO 8601 UTC with Z).
 PYTHON_OUTPUT = re.compile(r"(?<![\w])b'|\{'|\b0o[0-7]{3,4}\b|\bNone\b|datetime\(|"
                            r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(\+00:00|[+-]\d\d:\d\d)")
-PYTHON_TEXT = re.compile(r"Errno|Traceback|Error\(|Exception|b'|\\x[0-9a-f]{2}|"
+PYTHON_TEXT = re.compile(r"Errno|Traceback|Error\(|Exception|(?<![\w])b'|\\x[0-9a-f]{2}|"
                          r"could not convert|object has no attribute|NoneType")
 
 
@@ -127,7 +127,7 @@ class Demo:
 
 class Walk:
     def __init__(self, base: Path, demo_work: Path, env: dict[str, str]):
-        self.base = base
+        self.base, self.demo_work = base, demo_work
         # The demo's signing keys: `signing init` is refused on its server (set up already),
         # so a reader goes on with the keys the demo made.
         self.env = {**env,
@@ -142,12 +142,14 @@ class Walk:
             "N:V": "corp-os:2", "NAME": "hana",
             "/srv/backup": str(base / "backup"), "/home": str(base / "home"),
             "/tmp/restore": str(base / "restore"), "/tmp/alice": str(base / "alice"),
+            "/srv/strata-cache": str(base / "cache"),
             "cvd.tar": str(base / "cvd.tar"),
             "KIND": "retention", "FILE.json": str(base / "retention.json"),
             "P": "home/alice", "PATH": "home", "N": "3",
         }
         (base / "retention.json").write_text('{"daily": 14}')
         self.results: list[tuple[str, subprocess.CompletedProcess[str]]] = []
+        self.seconds: list[float] = []
 
     def serving(self, demo: Demo) -> None:
         """The demo's server, in place of the README's."""
@@ -166,8 +168,11 @@ class Walk:
             import json
 
             eid = json.loads(cred.read_text())["endpoint_id"]
-            for name in ("ID", "3f2a", "ENDPOINT", "OLD", "NEW"):
+            for name in ("ID", "3f2a", "ENDPOINT", "OLD"):
                 self.values[name] = eid
+            # New hardware: one of the demo's endpoints (the same one is refused: a revert).
+            self.values["NEW"] = json.loads(
+                (self.demo_work / "agents/bob/credential.json").read_text())["endpoint_id"]
             snaps = self.json("agent", "snapshots", "--state", self.state)
             if snaps:
                 self.values["1d33b094"] = self.values["S"] = snaps[-1]["id"][:8]  # type: ignore[index]
@@ -177,7 +182,7 @@ class Walk:
         out_file = None
         if ">" in words:
             at = words.index(">")
-            out_file, words = Path(self.sub(words[at + 1])), words[:at]
+            out_file, words = self.base / self.sub(words[at + 1]), words[:at]
         if words[1:2] == ["store"]:  # the table's names for the store's own things
             where = {"DIR": self.values["/srv/backup"], "SOURCE": self.values["/home"],
                      "SNAP": "latest", "SNAP1": "latest", "SNAP2": "latest",
@@ -214,9 +219,11 @@ class Walk:
             return
         args, out_file = self.args(command)
         # In the walk's folder: a relative path (`> reflector.token`) lands there.
+        began = time.monotonic()
         proc = subprocess.run(argv(args), env=self.env, cwd=self.base,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=300)
+        self.seconds.append(time.monotonic() - began)
         if out_file is not None and proc.returncode == 0:
             out_file.write_text(proc.stdout)
         self.results.append((command, proc))
@@ -343,8 +350,9 @@ def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
         stopped = stop(demo)
     ran = len(walk.results)
     ok = [c for c, p in walk.results if p.returncode == 0]
-    report = "\n".join(f"{p.returncode:3} {c}" + (f"\n      {p.stderr.strip()}" if p.returncode
-                                                   else "") for c, p in walk.results)
+    report = "\n".join(f"{p.returncode:3} {t:5.1f}s {c}" + (f"\n      {p.stderr.strip()}"
+                                                             if p.returncode else "")
+                       for (c, p), t in zip(walk.results, walk.seconds, strict=True))
     assert not walk.problems(), "\n\n".join(walk.problems()) + "\n\n" + report
     # Most lines work as written. The rest are refusals a reader meets on a first try (no
     # --yes, no terminal for a password) or name what this walk does not create (a task
