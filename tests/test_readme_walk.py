@@ -58,6 +58,11 @@ PYTHON_TEXT = re.compile(r"Errno|Traceback|Error\(|Exception|(?<![\w])b'|\\x[0-9
                          r"could not convert|object has no attribute|NoneType")
 
 
+def not_run(command: str) -> bool:
+    """A daemon or a mount in the foreground, named with its arguments or alone in prose."""
+    return command.strip() in [n.strip() for n in NOT_RUN] or command.startswith(NOT_RUN)
+
+
 def code_lines(text: str) -> list[str]:
     """The `strata …` and `export …` lines of the README's code blocks, in order
     (continuations joined, comments dropped)."""
@@ -139,7 +144,7 @@ class Walk:
             "~/strata-keys": str(demo_work / "signing-keys"), "F": str(base / "pw"),
             "/mnt/reference": str(base / "reference"), "AFTER": str(base / "after"),
             "BEFORE": str(base / "before"), "DIR": str(base / "driver"),
-            "N:V": "corp-os:2", "NAME": "hana",
+            "N:V": "corp-os:2", "corp-os:7": "corp-os:2", "NAME": "hana",
             "/srv/backup": str(base / "backup"), "/home": str(base / "home"),
             "/tmp/restore": str(base / "restore"), "/tmp/alice": str(base / "alice"),
             "/srv/strata-cache": str(base / "cache"),
@@ -200,6 +205,9 @@ class Walk:
                 args += ["--root", str(self.root)]
         if args[:2] == ["agent", "install-service"]:  # never into this host's systemd
             args += ["--unit-dir", str(self.base / "units")]
+        if args[:1] == ["reflector"] and "REFLECTOR_ID" in self.values:  # not an endpoint
+            args = [self.values["REFLECTOR_ID"] if w == self.values.get("ID") else w
+                    for w in args]
         if args[:1] == ["reflector"] and args[1:2] and args[1] in REFLECTOR_STATE:
             args += ["--state", str(self.base / "reflector.state")]
         return args, out_file
@@ -227,6 +235,10 @@ class Walk:
         if out_file is not None and proc.returncode == 0:
             out_file.write_text(proc.stdout)
         self.results.append((command, proc))
+        if args[:2] == ["reflector", "status"] and "--json" in args and proc.returncode == 0:
+            import json
+
+            self.values["REFLECTOR_ID"] = json.loads(proc.stdout)["reflector_id"]
         self.ids()
 
     def json(self, *args: object) -> object:
@@ -323,10 +335,9 @@ def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
         # Every command as the walk runs it: (line, command); the tables' commands as a
         # reader tries them, without --yes (one that would destroy refuses in one line).
         commands = [(line, c) for line in lines for c in expand(line)
-                    if c.startswith(("strata", "export")) and not c.startswith(NOT_RUN)]
+                    if c.startswith(("strata", "export")) and not not_run(c)]
         commands += [(line, c) for line in table_lines(readme)
-                     for c in expand(line, kept=("--password-file",))
-                     if c != "strata server" and not c.startswith(NOT_RUN)]
+                     for c in expand(line, kept=("--password-file",)) if not not_run(c)]
         offline = [(line, c) for line, c in commands if c.startswith("strata store ")]
         walk = Walk(base, clone / "demo-work", code)
         for _, command in offline:  # no server needed: while the demo builds its fleet
