@@ -307,7 +307,7 @@ def fleet(work: Path) -> None:
         print("Ctrl-C to stop.", flush=True)
         server.wait()
     except KeyboardInterrupt:
-        print("\nstopping the server")
+        print("\nstopping the server", flush=True)
     finally:
         server.terminate()
         server.wait()
