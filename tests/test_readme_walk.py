@@ -282,6 +282,14 @@ def trees(base: Path) -> None:
     put(base / "after/opt/office/office", "office 1\n")
     put(base / "driver/usr/lib/firmware/dell.bin", "firmware\n")
     put(base / "home/alice/Documents/report.odt", "figures\n")
+    put(base / "home/alice/.cache/thumb.bin", "x" * 1000)  # what the examples exclude
+    put(base / "home/alice/draft.tmp", "scratch\n")
+
+
+def examples(text: str) -> list[str]:
+    """The store's examples: the first code block after `### Examples`."""
+    block = text[text.index("### Examples"):].split("```")[1]
+    return code_lines(f"```{block}```")
 
 
 VENV = Path(sys.executable).parent.parent  # this checkout's virtual environment
@@ -342,6 +350,19 @@ def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
         walk = Walk(base, clone / "demo-work", code)
         for _, command in offline:  # no server needed: while the demo builds its fleet
             walk.run(command)
+        # The store's examples are the first thing a reader copies: each simply works.
+        shown = examples(readme)
+        assert len(shown) >= 6, shown
+        for command, proc in walk.results:
+            if command in shown:
+                assert (proc.returncode, proc.stderr) == (0, ""), (command, proc.stderr)
+        restored = base / "restore/alice/Documents/report.odt"
+        assert restored.read_text() == "figures\n"
+        store = base / "backup"
+        first = walk.json("store", "snapshots", store)[0]["id"]  # type: ignore[index]
+        listed = {e["path"] for e in walk.json("store", "ls", store, first)}  # type: ignore[attr-defined]
+        assert "alice/Documents/report.odt" in listed, listed
+        assert not {"alice/.cache/thumb.bin", "alice/draft.tmp"} & listed, listed  # excluded
         serving = wait_for_demo(demo, log, time.monotonic() + 600)
         text = log.read_text(errors="replace")
         assert "Traceback" not in text, text
