@@ -330,6 +330,8 @@ def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
         folder.mkdir()
     trees(base)
     code = {**cli_env(), "PYTHONPATH": str(clone / "src")}  # the clone's code, not this one's
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):  # under `make test`: not its jobs
+        code.pop(name, None)
     log = tmp_path / "demo.log"
     with open(log, "wb") as out:  # `make demo` as the README gives it, in its own session
         demo = subprocess.Popen(["make", "demo"], cwd=clone, stdout=out, stderr=out,
@@ -337,7 +339,7 @@ def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
                                 env={**code, "STRATA_DEMO_SMALL": "1", "HOME": str(home),
                                      "TMPDIR": str(tmp)})
     try:
-        readme = (REPO / "README.md").read_text()
+        readme = (clone / "README.md").read_text()  # the committed one
         lines = code_lines(readme)
         assert len(lines) > 50
         # Every command as the walk runs it: (line, command); the tables' commands as a
