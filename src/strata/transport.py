@@ -23,22 +23,6 @@ from strata.errors import StrataError, transport_cause
 FINGERPRINT_HINT = "64 hex digits, as `strata server` printed it"
 
 
-def import_httpcore_without_trio() -> None:
-    """Import httpx's transport before trio can be found. httpcore imports trio whenever it
-    is installed (pyfuse3 brings it), for async clients running under trio, which Strata
-    never uses: that import was 0.3 s of every command that talks to a server. trio stays
-    importable afterwards (a mount loads it)."""
-    import sys
-
-    if "httpcore" in sys.modules or "trio" in sys.modules:
-        return
-    sys.modules["trio"] = None  # type: ignore[assignment]  # `import trio` fails meanwhile
-    try:
-        import httpcore  # noqa: F401
-    finally:
-        del sys.modules["trio"]
-
-
 def is_loopback_host(host: str) -> bool:
     if host.lower().rstrip(".") == "localhost":
         return True
