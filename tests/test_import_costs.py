@@ -12,6 +12,7 @@ import sys
 import strata.import_costs as costs
 costs.httpcore_without_trio()
 import httpx, strata.signing.trust, strata.agent.client
+httpx.Client().close()  # httpx loads httpcore with its first client
 print("trio" in sys.modules, "boto3" in sys.modules)
 import trio, boto3
 from securesystemslib.signer import AWSSigner
