@@ -6,15 +6,12 @@ anything."""
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
 from pathlib import Path
 
 import pytest
 import typer
 
-from server_fixtures import strata
 from strata.cli.main import build_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,39 +106,5 @@ def test_alternatives_split_into_sibling_commands(snippet, paths):
     assert [p for p, _, _ in commands(snippet, root)] == paths
 
 
-def code_block_after(text: str, heading: str) -> list[str]:
-    """The `strata …` lines of the first code block after `heading`."""
-    rest = text[text.index(heading):]
-    block = rest[rest.index("```"):].split("```")[1]
-    return [line for line in snippets("```\n" + block + "\n```") if line.startswith("strata ")]
-
-
-@pytest.mark.e2e
-def test_the_store_examples_run_as_written(tmp_path):
-    """The README's store examples, run line by line as a reader would (paths moved under
-    a temporary directory, the example snapshot id replaced by a real one): each ends 0,
-    with no traceback and nothing on stderr."""
-    home = tmp_path / "home"
-    (home / "alice/Documents").mkdir(parents=True)
-    (home / "alice/Documents/report.odt").write_text("quarterly figures\n")
-    (home / "alice/.cache").mkdir()
-    (home / "alice/.cache/thumb.bin").write_bytes(b"x" * 1000)
-    (home / "alice/draft.tmp").write_text("scratch\n")
-    where = {"/srv/backup": str(tmp_path / "backup"), "/home": str(home),
-             "/tmp/restore": str(tmp_path / "restore")}
-    lines = code_block_after(PAGES[0].read_text(), "### Examples")
-    assert len(lines) >= 6, lines
-    first_id = ""
-    for line in lines:
-        args = [where.get(a, a) for a in shlex.split(line)[1:]]
-        if "1d33b094" in args:
-            args[args.index("1d33b094")] = first_id
-        proc = strata(*args)  # exit 0, no traceback
-        assert proc.stderr == "", (line, proc.stderr)
-        if args[:2] == ["store", "backup"] and not first_id:
-            first_id = json.loads(strata("store", "snapshots", where["/srv/backup"],
-                                         "--json").stdout)[0]["id"][:8]
-    restored = tmp_path / "restore/alice/Documents/report.odt"
-    assert restored.read_text() == "quarterly figures\n"
-    listed = strata("store", "ls", where["/srv/backup"], "latest", "--json").stdout
-    assert ".cache/thumb.bin" not in listed and "draft.tmp" not in listed  # excluded
+# The README's store examples are run as written, each expected to simply work, by the
+# README walk (tests/test_readme_walk.py), which runs every other line too.

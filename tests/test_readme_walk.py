@@ -1,17 +1,26 @@
-"""A new administrator's walk through the README on a fresh checkout, server side
-included: every `strata …` line of its code blocks is run in order, as written, with
-its placeholders (`/srv/strata`, `ID`, `1d33b094`, `N:V`, `5eb2f21e…` …) replaced by the
-real ones of this walk, against a server started as the README starts it (HTTPS,
-self-signed, its fingerprint read from what it printed). Whatever a command does, it
-must end with a documented exit code and, when it fails, say why in one plain line on
-stderr: no traceback, no panel, no Python text. Most lines must simply work.
+"""A new administrator's walk through the README on a fresh clone: `make demo` as the
+Quick start says, then every `strata …` line of the README's code blocks and tables, in
+order, as written, against the demo's server, with their placeholders (`/srv/strata`,
+`ID`, `1d33b094`, `N:V`, `5eb2f21e…` …) replaced by what the demo printed (its HTTPS URL,
+its certificate's fingerprint, its admin token) and by the real ones of this walk.
+Whatever a command does, it must end with a documented exit code and, when it fails, say
+why in one plain line on stderr: no traceback, no panel, no Python text. Most lines must
+simply work. Then Ctrl-C stops the demo, which must end cleanly, its server gone, having
+written nothing outside its folder (demo-work/).
 
-What is not run, and why: `make` (this is the test), `strata server` (the one started
-here), `mount` (FUSE in the foreground: tests/test_mount.py), `reflector run` (a daemon
-in the foreground: tests/test_reflector.py), shell lines (`curl`, `cp`, `mkdir`). The
-daemon `agent run` runs one cycle (`--once`). Agent and reflector commands get this
-walk's `--state` (and `--root` to enroll), as the README says to do for a state
-directory that is not the default.
+The clone is of this checkout's last commit: uncommitted changes are not in it, so the
+walk tests what is committed (a file left out of a commit fails here). The clone's code
+runs (PYTHONPATH) in this checkout's virtual environment, linked as the clone's `.venv`
+so that `make demo` does not install one again (40 s of pip; CI's fresh clone and `make
+test` cover that install).
+
+What is not run, and why: `make` lines but `make demo` (this is the test), `strata
+server` (the demo's is used), `mount` (FUSE in the foreground: tests/test_mount.py),
+`reflector run` (a daemon in the foreground: tests/test_reflector.py), shell lines
+(`curl`, `cp`, `mkdir`). The daemon `agent run` runs one cycle (`--once`). Agent and
+reflector commands get this walk's `--state` (and `--root` to enroll), as the README says
+to do for a state directory that is not the default. The `strata store …` lines need no
+server: they run while the demo builds its fleet (two cores: one each).
 """
 
 from __future__ import annotations
@@ -19,12 +28,17 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from server_fixtures import Server, argv, cli_env, strata_json
+from server_fixtures import argv, cli_env
 
 pytestmark = pytest.mark.e2e
 
@@ -40,8 +54,13 @@ KEPT_OPTIONS = ("--password-file", "--yes", "--json")
 # ones (bytes and dict reprs, 0o modes, None, timestamps not in ISO 8601 UTC with Z).
 PYTHON_OUTPUT = re.compile(r"(?<![\w])b'|\{'|\b0o[0-7]{3,4}\b|\bNone\b|datetime\(|"
                            r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(\+00:00|[+-]\d\d:\d\d)")
-PYTHON_TEXT = re.compile(r"Errno|Traceback|Error\(|Exception|b'|\\x[0-9a-f]{2}|"
+PYTHON_TEXT = re.compile(r"Errno|Traceback|Error\(|Exception|(?<![\w])b'|\\x[0-9a-f]{2}|"
                          r"could not convert|object has no attribute|NoneType")
+
+
+def not_run(command: str) -> bool:
+    """A daemon or a mount in the foreground, named with its arguments or alone in prose."""
+    return command.strip() in [n.strip() for n in NOT_RUN] or command.startswith(NOT_RUN)
 
 
 def code_lines(text: str) -> list[str]:
@@ -103,32 +122,49 @@ def expand(line: str, kept: tuple[str, ...] = KEPT_OPTIONS) -> list[str]:
     return [parts[0], *[" ".join([*group, p]) for p in parts[1:]]]
 
 
+@dataclass
+class Demo:
+    """What `make demo` printed of its server."""
+    url: str
+    token_file: Path
+    fingerprint: str
+
+
 class Walk:
-    def __init__(self, base: Path, server: Server, fingerprint: str):
-        self.base, self.server = base, server
-        self.env: dict[str, str] = {"STRATA_SIGNING_PASSPHRASE_FILE": str(base / "pass")}
-        (base / "pass").write_text("walk passphrase\n")
+    def __init__(self, base: Path, demo_work: Path, env: dict[str, str]):
+        self.base, self.demo_work = base, demo_work
+        # The demo's signing keys: `signing init` is refused on its server (set up already),
+        # so a reader goes on with the keys the demo made.
+        self.env = {**env,
+                    "STRATA_SIGNING_PASSPHRASE_FILE": str(demo_work / "signing-passphrase")}
         (base / "pw").write_text("a long enough password 1\n")
         self.root, self.state = base / "endpoint", base / "agent-state"
         self.values: dict[str, str] = {
-            "/srv/strata/admin.token": str(server.token_file),
-            "/srv/strata": str(server.data),
-            "https://strata.example.net:8470": server.url,
-            "https://server.example.net:8470": server.url,
-            "5eb2f21e": fingerprint, "TLS_FP": fingerprint,
             "enroll.token": str(base / "enroll.token"),
-            "~/strata-keys": str(base / "keys"), "F": str(base / "pw"),
+            "~/strata-keys": str(demo_work / "signing-keys"), "F": str(base / "pw"),
             "/mnt/reference": str(base / "reference"), "AFTER": str(base / "after"),
             "BEFORE": str(base / "before"), "DIR": str(base / "driver"),
-            "N:V": "corp-os:2", "NAME": "hana",
+            "N:V": "corp-os:2", "corp-os:7": "corp-os:2", "NAME": "hana",
             "/srv/backup": str(base / "backup"), "/home": str(base / "home"),
             "/tmp/restore": str(base / "restore"), "/tmp/alice": str(base / "alice"),
-            "cvd.tar": str(base / "cvd.tar"), "DATA/admin.token": str(server.token_file),
+            "/srv/strata-cache": str(base / "cache"),
+            "cvd.tar": str(base / "cvd.tar"),
             "KIND": "retention", "FILE.json": str(base / "retention.json"),
             "P": "home/alice", "PATH": "home", "N": "3",
         }
         (base / "retention.json").write_text('{"daily": 14}')
         self.results: list[tuple[str, subprocess.CompletedProcess[str]]] = []
+        self.seconds: list[float] = []
+
+    def serving(self, demo: Demo) -> None:
+        """The demo's server, in place of the README's."""
+        self.values.update({
+            "/srv/strata/admin.token": str(demo.token_file),
+            "DATA/admin.token": str(demo.token_file),
+            "/srv/strata": str(demo.token_file.parent),
+            "https://strata.example.net:8470": demo.url,
+            "https://server.example.net:8470": demo.url,
+            "5eb2f21e": demo.fingerprint, "TLS_FP": demo.fingerprint})
 
     def ids(self) -> None:
         """What later lines name: the endpoint, its first snapshot, the root key."""
@@ -137,9 +173,12 @@ class Walk:
             import json
 
             eid = json.loads(cred.read_text())["endpoint_id"]
-            for name in ("ID", "3f2a", "ENDPOINT", "OLD", "NEW"):
+            for name in ("ID", "3f2a", "ENDPOINT", "OLD"):
                 self.values[name] = eid
-            snaps = strata_json("agent", "snapshots", "--state", self.state)
+            # New hardware: one of the demo's endpoints (the same one is refused: a revert).
+            self.values["NEW"] = json.loads(
+                (self.demo_work / "agents/bob/credential.json").read_text())["endpoint_id"]
+            snaps = self.json("agent", "snapshots", "--state", self.state)
             if snaps:
                 self.values["1d33b094"] = self.values["S"] = snaps[-1]["id"][:8]  # type: ignore[index]
 
@@ -148,14 +187,14 @@ class Walk:
         out_file = None
         if ">" in words:
             at = words.index(">")
-            out_file, words = Path(self.sub(words[at + 1])), words[:at]
+            out_file, words = self.base / self.sub(words[at + 1]), words[:at]
         if words[1:2] == ["store"]:  # the table's names for the store's own things
             where = {"DIR": self.values["/srv/backup"], "SOURCE": self.values["/home"],
                      "SNAP": "latest", "SNAP1": "latest", "SNAP2": "latest",
                      "TARGET": str(self.base / "restore2"), "PATH": "alice", "N": "5"}
             words = [where.get(w, w) for w in words]
         if words[1:2] == ["store"] and "1d33b094" in words:  # the store's own snapshot
-            words[words.index("1d33b094")] = strata_json(  # type: ignore[index]
+            words[words.index("1d33b094")] = self.json(  # type: ignore[index]
                 "store", "snapshots", self.values["/srv/backup"])[0]["id"][:8]
         args = [self.sub(w.replace("TILDE/", "~/")) for w in words[1:]]
         if args[:1] == ["agent"]:
@@ -166,6 +205,9 @@ class Walk:
                 args += ["--root", str(self.root)]
         if args[:2] == ["agent", "install-service"]:  # never into this host's systemd
             args += ["--unit-dir", str(self.base / "units")]
+        if args[:1] == ["reflector"] and "REFLECTOR_ID" in self.values:  # not an endpoint
+            args = [self.values["REFLECTOR_ID"] if w == self.values.get("ID") else w
+                    for w in args]
         if args[:1] == ["reflector"] and args[1:2] and args[1] in REFLECTOR_STATE:
             args += ["--state", str(self.base / "reflector.state")]
         return args, out_file
@@ -184,13 +226,26 @@ class Walk:
             self.env[name] = self.sub(value.replace("…", ""))
             return
         args, out_file = self.args(command)
-        proc = subprocess.run(argv(args), env={**cli_env(), **self.env},
+        # In the walk's folder: a relative path (`> reflector.token`) lands there.
+        began = time.monotonic()
+        proc = subprocess.run(argv(args), env=self.env, cwd=self.base,
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=300)
+        self.seconds.append(time.monotonic() - began)
         if out_file is not None and proc.returncode == 0:
             out_file.write_text(proc.stdout)
         self.results.append((command, proc))
+        if args[:2] == ["reflector", "status"] and "--json" in args and proc.returncode == 0:
+            import json
+
+            self.values["REFLECTOR_ID"] = json.loads(proc.stdout)["reflector_id"]
         self.ids()
+
+    def json(self, *args: object) -> object:
+        import json
+
+        return json.loads(subprocess.run(argv([*args, "--json"]), env=self.env, check=True,
+                                         capture_output=True, text=True).stdout)
 
     def problems(self) -> list[str]:
         wrong = []
@@ -227,50 +282,151 @@ def trees(base: Path) -> None:
     put(base / "after/opt/office/office", "office 1\n")
     put(base / "driver/usr/lib/firmware/dell.bin", "firmware\n")
     put(base / "home/alice/Documents/report.odt", "figures\n")
+    put(base / "home/alice/.cache/thumb.bin", "x" * 1000)  # what the examples exclude
+    put(base / "home/alice/draft.tmp", "scratch\n")
 
 
-def test_the_readme_walked_through_on_a_fresh_checkout(tmp_path):
-    trees(tmp_path)
-    server = Server(tmp_path / "srv", args=["--tls-name", "strata.example.net"],
-                    signing=False, tls=True).start()
+def examples(text: str) -> list[str]:
+    """The store's examples: the first code block after `### Examples`."""
+    block = text[text.index("### Examples"):].split("```")[1]
+    return code_lines(f"```{block}```")
+
+
+VENV = Path(sys.executable).parent.parent  # this checkout's virtual environment
+SERVING = re.compile(r"The server keeps serving at (https://127\.0\.0\.1:\d+) \(admin token in "
+                     r"(\S+); its certificate's fingerprint \(SHA-256\) is ([0-9a-f]{64})")
+
+
+def fresh_clone(tmp_path: Path) -> Path:
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(clone)],
+                   check=True, capture_output=True, timeout=120)
+    if not (VENV / ".installed").exists():
+        pytest.skip(f"{VENV} was not made by `make venv`: `make demo` would install one "
+                    "(into this checkout's venv, through the link)")
+    (clone / ".venv").symlink_to(VENV)
+    # A fresh clone's pyproject.toml is newer than the venv's stamp: dated back, so `make`
+    # takes the venv as installed (it is: from this same pyproject.toml, or a later one).
+    os.utime(clone / "pyproject.toml", (0, 0))
+    return clone
+
+
+def wait_for_demo(demo: subprocess.Popen[bytes], log: Path, deadline: float) -> re.Match[str]:
+    """The demo's last words before it serves until Ctrl-C (polled, with a deadline)."""
+    while True:
+        text = log.read_text(errors="replace")
+        found = SERVING.search(text)
+        if found and "Ctrl-C to stop." in text:
+            return found
+        assert demo.poll() is None, f"make demo exited with {demo.returncode}:\n{text[-3000:]}"
+        assert time.monotonic() < deadline, f"make demo did not finish in time:\n{text[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
+    clone = fresh_clone(tmp_path)
+    base, home, tmp = tmp_path / "walk", tmp_path / "home", tmp_path / "tmp"
+    for folder in (base, home, tmp):
+        folder.mkdir()
+    trees(base)
+    code = {**cli_env(), "PYTHONPATH": str(clone / "src")}  # the clone's code, not this one's
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):  # under `make test`: not its jobs
+        code.pop(name, None)
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:  # `make demo` as the README gives it, in its own session
+        demo = subprocess.Popen(["make", "demo"], cwd=clone, stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**code, "STRATA_DEMO_SMALL": "1", "HOME": str(home),
+                                     "TMPDIR": str(tmp)})
     try:
-        printed = re.search(r"certificate fingerprint \(SHA-256\): ([0-9a-f]{64})",
-                            server.log.read_text())
-        assert printed, server.log.read_text()
-        walk = Walk(tmp_path, server, printed.group(1))
-        lines = code_lines((REPO / "README.md").read_text())
+        readme = (clone / "README.md").read_text()  # the committed one
+        lines = code_lines(readme)
         assert len(lines) > 50
-        for line in lines:
+        # Every command as the walk runs it: (line, command); the tables' commands as a
+        # reader tries them, without --yes (one that would destroy refuses in one line).
+        commands = [(line, c) for line in lines for c in expand(line)
+                    if c.startswith(("strata", "export")) and not not_run(c)]
+        commands += [(line, c) for line in table_lines(readme)
+                     for c in expand(line, kept=("--password-file",)) if not not_run(c)]
+        offline = [(line, c) for line, c in commands if c.startswith("strata store ")]
+        walk = Walk(base, clone / "demo-work", code)
+        for _, command in offline:  # no server needed: while the demo builds its fleet
+            walk.run(command)
+        # The store's examples are the first thing a reader copies: each simply works.
+        shown = examples(readme)
+        assert len(shown) >= 6, shown
+        for command, proc in walk.results:
+            if command in shown:
+                assert (proc.returncode, proc.stderr) == (0, ""), (command, proc.stderr)
+        restored = base / "restore/alice/Documents/report.odt"
+        assert restored.read_text() == "figures\n"
+        store = base / "backup"
+        first = walk.json("store", "snapshots", store)[0]["id"]  # type: ignore[index]
+        listed = {e["path"] for e in walk.json("store", "ls", store, first)}  # type: ignore[attr-defined]
+        assert "alice/Documents/report.odt" in listed, listed
+        assert not {"alice/.cache/thumb.bin", "alice/draft.tmp"} & listed, listed  # excluded
+        serving = wait_for_demo(demo, log, time.monotonic() + 600)
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text, text
+        url, token_file, fingerprint = serving.groups()
+        # The fingerprint the demo names is the one its server printed at its start.
+        assert f"certificate fingerprint (SHA-256): {fingerprint}" in text, text
+        walk.serving(Demo(url, Path(token_file), fingerprint))
+        for line, command in commands:
+            if (line, command) in offline:
+                continue
             if "root-fingerprint" in line and "FP" not in walk.values:
-                import json
-
-                walk.values["FP"] = json.loads(subprocess.run(
-                    argv(["signing", "status", "--json", "--keys", str(tmp_path / "keys"),
-                          "--server", server.url, "--admin-token-file",
-                          str(server.token_file)]),
-                    env={**cli_env(), **walk.env}, capture_output=True,
-                    text=True).stdout or "{}").get("root_fingerprint", "FP")
-            for command in expand(line):
-                if command.startswith(NOT_RUN) or not command.startswith(("strata", "export")):
-                    continue
-                walk.run(command)
-        # Then the tables' commands, as a reader tries them: without --yes (a command
-        # that would destroy refuses in one line).
-        for line in table_lines((REPO / "README.md").read_text()):
-            for command in expand(line, kept=("--password-file",)):
-                if command == "strata server" or command.startswith(NOT_RUN):
-                    continue
-                walk.run(command)
+                walk.values["FP"] = walk.json(  # type: ignore[index]
+                    "signing", "status", "--server", url, "--server-fingerprint", fingerprint,
+                    "--admin-token-file", token_file).get("root_fingerprint", "FP")
+            walk.run(command)
     finally:
-        server.stop()
-        server.kill()
+        stopped = stop(demo)
     ran = len(walk.results)
     ok = [c for c, p in walk.results if p.returncode == 0]
-    report = "\n".join(f"{p.returncode:3} {c}" + (f"\n      {p.stderr.strip()}" if p.returncode
-                                                   else "") for c, p in walk.results)
+    report = "\n".join(f"{p.returncode:3} {t:5.1f}s {c}" + (f"\n      {p.stderr.strip()}"
+                                                             if p.returncode else "")
+                       for (c, p), t in zip(walk.results, walk.seconds, strict=True))
     assert not walk.problems(), "\n\n".join(walk.problems()) + "\n\n" + report
     # Most lines work as written. The rest are refusals a reader meets on a first try (no
     # --yes, no terminal for a password) or name what this walk does not create (a task
     # number, a reflector's id, debian:13); each was checked above to be one plain line.
     assert len(ok) >= 0.66 * ran, report
     os.environ.get("STRATA_WALK_REPORT") and print(report)
+    # Ctrl-C: the demo stops its server and ends, without a traceback.
+    text = log.read_text(errors="replace")
+    assert stopped and "stopping the server" in text and "Traceback" not in text, text[-3000:]
+    # make itself dies of the SIGINT (as in a terminal); a crash would be another code
+    assert demo.returncode in (0, 130, -signal.SIGINT), (demo.returncode, text[-3000:])
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as s, pytest.raises(OSError):
+        s.connect(("127.0.0.1", port))
+    # Nothing outside its folder: the clone holds nothing new but demo-work/ (and Python's
+    # bytecode caches), and its HOME and TMPDIR are empty.
+    new = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=clone,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [n for n in new if n not in ("?? .venv", "!! demo-work/")
+            and "__pycache__" not in n] == [], new
+    assert list(home.iterdir()) == [] and list(tmp.iterdir()) == []
+
+
+def stop(demo: subprocess.Popen[bytes]) -> bool:
+    """Ctrl-C as a terminal sends it (SIGINT to the foreground group); True if the whole
+    group ended by itself, SIGKILL after a deadline otherwise."""
+    try:
+        os.killpg(demo.pid, signal.SIGINT)
+        demo.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the server, make's grandchild, too
+            os.killpg(demo.pid, 0)
+            time.sleep(0.1)
+    except ProcessLookupError:
+        return True
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(demo.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    demo.wait(timeout=30)
+    return False

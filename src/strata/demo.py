@@ -1,7 +1,11 @@
 """`make demo`: a sample endpoint backed up twice into a store, then browsed and restored.
 
-It runs the real `strata store …` commands, echoing each one, so the transcript doubles
-as a tour of the CLI.
+It runs the real `strata …` commands, echoing each one, so the transcript doubles as a
+tour of the CLI. The server serves HTTPS on loopback with its self-signed certificate, and
+every command pins that certificate's fingerprint, as a real deployment's do.
+
+`STRATA_DEMO_SMALL=1` makes the same tour with two endpoints and a few MiB of data instead
+of three and about a hundred (the README walk, tests/test_readme_walk.py, runs it so).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+SMALL = bool(os.environ.get("STRATA_DEMO_SMALL"))
 WORDS = ("quarterly budget endpoint layer driver image snapshot restore policy laptop "
          "office travel invoice meeting roadmap customer support network update").split()
 
@@ -55,7 +60,7 @@ def build_endpoint(root: Path) -> None:
             shutil.copy2(src, root / "etc" / name)
     usr = root / "usr/share/doc"
     usr.mkdir(parents=True)
-    for pkg in sorted(Path("/usr/share/doc").iterdir())[:60]:
+    for pkg in sorted(Path("/usr/share/doc").iterdir())[:8 if SMALL else 60]:
         if pkg.is_dir():
             shutil.copytree(pkg, usr / pkg.name, symlinks=True)
     (root / "usr/bin").mkdir()
@@ -66,7 +71,8 @@ def build_endpoint(root: Path) -> None:
     docs.mkdir(parents=True)
     for i in range(12):
         (docs / f"report-{i:02d}.txt").write_text(document(rng, 30))
-    (docs / "photo.raw").write_bytes(rng.randbytes(3 << 20))  # incompressible
+    photo = rng.randbytes((3 << 20) >> (3 if SMALL else 0))  # incompressible
+    (docs / "photo.raw").write_bytes(photo)
     shutil.copy2(docs / "report-00.txt", root / "home/alice/report-copy.txt")  # a duplicate
     os.link(docs / "report-01.txt", root / "home/alice/report-hardlink.txt")
     os.symlink("Documents/report-02.txt", root / "home/alice/latest-report")
@@ -152,7 +158,7 @@ def build_fleet_endpoint(root: Path, name: str, seed: int, shared: Path) -> int:
         text = document(rng, 25)
         (home / f"{name}-notes-{i}.txt").write_text(text)
         own += len(text)
-    blob = rng.randbytes(2 << 20)  # a photo: incompressible and only this user's
+    blob = rng.randbytes((2 << 20) >> (3 if SMALL else 0))  # a photo: only this user's
     (home / "photo.jpg").write_bytes(blob)
     return own + len(blob)
 
@@ -190,25 +196,37 @@ def demo_portal_user(work: Path, admin: Path) -> str:
 def fleet(work: Path) -> None:
     """A server, three endpoints that share an OS and company documents, centralized."""
     import json
+    import ssl
     import time
     import urllib.request
 
+    from strata.transport import certificate_file_fingerprint
+
     exe = str(Path(sys.executable).with_name("strata"))
     port = int(os.environ.get("STRATA_DEMO_PORT", "0")) or free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
     data = work / "server"
-    print(f"$ strata server --data {data} --listen 127.0.0.1:{port} &", flush=True)
+    print(f"$ strata server --data {data} --listen 127.0.0.1:{port} --tls &", flush=True)
     server = subprocess.Popen([exe, "server", "--data", str(data), "--listen",
-                               f"127.0.0.1:{port}"], env={**os.environ, "STRATA_NO_PROGRESS": "1"})
+                               f"127.0.0.1:{port}", "--tls"],
+                              env={**os.environ, "STRATA_NO_PROGRESS": "1"})
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/api/v1/health", timeout=1)
+        cert = data / "tls" / "cert.pem"
+        liveness = ssl.create_default_context()
+        liveness.check_hostname, liveness.verify_mode = False, ssl.CERT_NONE
+        for _ in range(300):
+            try:  # its certificate, made at this first start, is checked below
+                urllib.request.urlopen(url + "/api/v1/health", timeout=1, context=liveness)
                 break
             except OSError:
+                if server.poll() is not None:
+                    sys.exit(f"error: the server exited with {server.returncode}")
                 time.sleep(0.1)
+        tls = ssl.create_default_context(cafile=str(cert))
+        tls_fp = certificate_file_fingerprint(cert)
         admin = data / "admin.token"
-        os.environ.update(STRATA_SERVER=url)
+        # Every command below pins the server's certificate, as the README's commands do.
+        os.environ.update(STRATA_SERVER=url, STRATA_SERVER_FINGERPRINT=tls_fp)
         console = demo_administrator(work, admin)
         print(f"\n# The web console is at {url}/ : {console}", flush=True)
         token = run("token", "create", "--uses", "3", "--admin-token-file", str(admin)).strip()
@@ -237,12 +255,14 @@ def fleet(work: Path) -> None:
         for i in range(10):
             (company / f"policy-{i}.txt").write_text(document(rng, 40))
         rows = []
-        for i, name in enumerate(("alice", "bob", "carol")):
+        names = ("alice", "bob") if SMALL else ("alice", "bob", "carol")
+        for i, name in enumerate(names):
             root = work / "endpoints" / name
             own = build_fleet_endpoint(root, name, 100 + i, shared)
             state = work / "agents" / name
-            run("agent", "enroll", "--token-file", str(token_file), "--root", str(root),
-                "--state", str(state), "--root-fingerprint", fingerprint)
+            run("agent", "enroll", "--token-file", str(token_file), "--server-fingerprint",
+                tls_fp, "--root", str(root), "--state", str(state), "--root-fingerprint",
+                fingerprint)
             out = json.loads(run("agent", "run", "--once", "--state", str(state), "--json",
                                  quiet=True))
             r = out["result"]
@@ -266,25 +286,28 @@ def fleet(work: Path) -> None:
         run("endpoint", "list", "--admin-token-file", str(admin))
         print("\n# The help desk gives bob his own files on the web (the file portal).")
         portal = demo_portal_user(work, admin)
-        layer_tour(work, shared, admin, ("alice", "bob", "carol"))
+        layer_tour(work, shared, admin, names)
         req = urllib.request.Request(url + "/api/v1/admin/stats",
                                      headers={"Authorization": "Bearer "
                                               + admin.read_text().strip()})
-        stats = json.load(urllib.request.urlopen(req))
+        stats = json.load(urllib.request.urlopen(req, context=tls))
         print(f"\nserver store: {stats['logical_bytes'] / 2**20:.1f} MiB in "
               f"{stats['snapshots']} snapshots kept in {stats['stored_bytes'] / 2**20:.1f} MiB: "
               f"dedup {stats['dedup_ratio']:.1f}x, compression {stats['compression_ratio']:.1f}x,"
               f" total saving {stats['space_saving_ratio']:.1f}x")
-        print(f"\nThe server keeps serving at {url} (admin token in {admin}).")
+        print(f"\nThe server keeps serving at {url} (admin token in {admin}; its certificate's"
+              f" fingerprint (SHA-256) is {tls_fp}: your browser asks once about this "
+              "self-signed certificate).")
         print(f"Console: {url}/ ({console})")
         print(f"File portal: {url}/portal ({portal})")
-        print(f"Try: STRATA_SERVER={url} strata endpoint list --admin-token-file {admin}")
+        print(f"Try: STRATA_SERVER={url} STRATA_SERVER_FINGERPRINT={tls_fp} strata endpoint "
+              f"list --admin-token-file {admin}")
         if os.environ.get("STRATA_DEMO_EXIT"):
             return
         print("Ctrl-C to stop.", flush=True)
         server.wait()
     except KeyboardInterrupt:
-        print("\nstopping the server")
+        print("\nstopping the server", flush=True)
     finally:
         server.terminate()
         server.wait()
@@ -306,9 +329,11 @@ def layer_tour(work: Path, image: Path, admin: Path, names: tuple[str, ...]) -> 
     shutil.copytree(image, v2, symlinks=True)
     pkg = v2 / "usr/lib/newpkg"
     pkg.mkdir(parents=True)
-    added = 0
+    added, budget = 0, (256 << 10) if SMALL else (4 << 20)
     for src in sorted(Path("/usr/lib/x86_64-linux-gnu").glob("*.so*"))[:40]:
-        if src.is_file() and not src.is_symlink() and added < (4 << 20):
+        if SMALL and src.is_file() and added + src.stat().st_size > budget:
+            continue  # a budget, not a floor: one big library would be most of it
+        if src.is_file() and not src.is_symlink() and added < budget:
             shutil.copy2(src, pkg / src.name)
             added += src.stat().st_size
     (v2 / "usr/bin/corp-update").write_text("#!/bin/sh\necho corp-os 2\n")

@@ -106,6 +106,10 @@ def _not_a_number(exc: cli_exc.UsageError, argv: list[str]) -> str | None:
 
 
 def main() -> None:
+    if sys.argv[1:2] != ["store"]:  # every other group talks to a server, or may
+        from strata.import_costs import httpcore_without_trio
+
+        httpcore_without_trio()
     try:
         # Not standalone: click would print usage errors as a boxed panel of several
         # lines; each is one line here, like every other error.

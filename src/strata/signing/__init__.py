@@ -8,6 +8,9 @@ Modules: `keys` (key files on disk), `catalog` (what the signed targets say), `p
 """
 
 from strata.errors import StrataError
+from strata.import_costs import securesystemslib_signer_without_boto3
+
+securesystemslib_signer_without_boto3()  # before python-tuf loads it (0.3 s less per start)
 
 PINNED_ROOT = "pinned-root.json"  # the root an agent trusts, in its trust directory
 
