@@ -35,7 +35,7 @@ from server_fixtures import (
 from strata.agent.usage import read_boot_time
 
 # The datacenter/branch link and its server, as the outage test sets them up.
-from test_wan_netns import wan  # noqa: F401
+from test_wan_netns import wan, wan_args  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
