@@ -137,9 +137,15 @@ class ServerContext:
         return self.db()
 
     def connection(self) -> Connection:
-        """A plain connection, for a Core query where a session's bookkeeping would cost
-        more than the query (a check-in's credential lookup)."""
-        return cast(Engine, self.db.kw["bind"]).connect()
+        """A plain connection, for one Core query where a session's bookkeeping would
+        cost more than the query (a check-in's credential lookup). With PostgreSQL in
+        autocommit: a transaction's BEGIN and ROLLBACK are two more round trips, and a
+        lone SELECT reads one consistent state anyway (with SQLite, switching modes
+        costs more than it saves)."""
+        conn = cast(Engine, self.db.kw["bind"]).connect()
+        if conn.dialect.name == "postgresql":
+            return conn.execution_options(isolation_level="AUTOCOMMIT")
+        return conn
 
     @contextlib.contextmanager
     def write(self) -> Iterator[DbSession]:
