@@ -5,6 +5,7 @@ the desired state, as drivers and collections follow them."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from collections.abc import Iterator
@@ -62,6 +63,31 @@ def _free(inventory: dict, free: int) -> dict:
     moved = copy.deepcopy(inventory)
     moved["disks"][0]["free_bytes"] = free
     return moved
+
+
+def test_a_checkin_that_must_read_the_catalog_does_so_off_the_event_loop(fleet):
+    """A catalog read on the event loop holds every other request behind it (with
+    PostgreSQL, check-ins queued for seconds while the server idled): each load of a
+    cold check-in runs in a worker thread, and the credential lookup brings the head and
+    the (empty) desired state along, in one query."""
+    client, ctx, eid, device, loads = fleet
+    where: list[bool] = []
+
+    def on_loop(key: str) -> None:
+        loads.append(key)
+        try:
+            asyncio.get_running_loop()
+            where.append(True)
+        except RuntimeError:  # no loop runs in this thread: a worker
+            where.append(False)
+    read_cache.after_load_hook = on_loop
+    ctx.invalidate()
+    _checkin(client, device, INVENTORY)
+    assert loads and not any(where), list(zip(loads, where, strict=True))
+    assert not any(k.startswith(("last:", "desired:")) for k in loads), loads
+    loads.clear()
+    _checkin(client, device, _free(INVENTORY, 123))  # warm: served on the loop, no loads
+    assert loads == []
 
 
 def test_a_checkin_whose_free_space_moved_is_stored_in_a_batch_and_reloads_nothing(fleet):
