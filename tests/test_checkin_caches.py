@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +152,19 @@ def test_an_endpoint_forgotten_before_the_batch_does_not_lose_the_others(fleet, 
     delete_endpoint(ctx, other.json()["endpoint_id"], actor="admin")
     ctx.flush_seen()
     assert _stored(ctx, eid)["disks"][0]["free_bytes"] == 100
+
+
+def test_a_fresh_process_can_build_a_cached_record_before_any_other_orm_use():
+    """A server restarted under a fleet gets a check-in first: the credential lookup
+    builds the endpoint's record before any query or constructor configured the ORM's
+    mappings (it failed with AttributeError until it configured them itself)."""
+    code = ("from sqlalchemy.orm import make_transient_to_detached\n"
+            "from strata.server.services.credentials import _endpoint_factory\n"
+            "ep = _endpoint_factory()()\n"
+            "ep.__dict__.update(id='e1', hostname='h')\n"
+            "make_transient_to_detached(ep)\n"
+            "print(ep.id, ep.hostname)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["e1", "h"]
