@@ -13,7 +13,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, select, text, update
-from sqlalchemy.exc import StatementError
+from sqlalchemy.exc import OperationalError, StatementError
 
 from pg_fixture import PASSWORD, PgCluster
 from server_fixtures import assert_one_line_error, free_port, strata
@@ -121,6 +121,34 @@ def test_two_servers_starting_on_a_new_database_both_migrate(pg_cluster: PgClust
                               stderr=subprocess.STDOUT, text=True) for _ in range(4)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, outputs
+
+
+def test_a_pooled_connection_the_database_dropped_is_replaced_before_use(pg_cluster,
+                                                                         monkeypatch):
+    """A connection that sat in the pool is pinged when taken (not one used a moment
+    ago: that round trip cost every catalog read of a check-in); one the database closed
+    meanwhile (a restart) is replaced, and the request that takes it never sees it."""
+    from strata.server.catalog import db as catalog_db
+
+    url = pg_cluster.new_database()
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        pg_cluster.execute(f"SELECT pg_terminate_backend({pid})")
+        monkeypatch.setattr(catalog_db, "PING_IDLE_SECONDS", 0.0)  # it idled long enough
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pid
+        monkeypatch.setattr(catalog_db, "PING_IDLE_SECONDS", 3600.0)  # in use just now
+        with engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        pg_cluster.execute(f"SELECT pg_terminate_backend({pid})")
+        with pytest.raises(OperationalError), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))  # not pinged: the dead one is used (and dropped)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        engine.dispose()
 
 
 # -- the same values on both databases -------------------------------------------------------

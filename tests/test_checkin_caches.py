@@ -5,8 +5,11 @@ the desired state, as drivers and collections follow them."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +65,31 @@ def _free(inventory: dict, free: int) -> dict:
     moved = copy.deepcopy(inventory)
     moved["disks"][0]["free_bytes"] = free
     return moved
+
+
+def test_a_checkin_that_must_read_the_catalog_does_so_off_the_event_loop(fleet):
+    """A catalog read on the event loop holds every other request behind it (with
+    PostgreSQL, check-ins queued for seconds while the server idled): each load of a
+    cold check-in runs in a worker thread, and the credential lookup brings the head and
+    the (empty) desired state along, in one query."""
+    client, ctx, eid, device, loads = fleet
+    where: list[bool] = []
+
+    def on_loop(key: str) -> None:
+        loads.append(key)
+        try:
+            asyncio.get_running_loop()
+            where.append(True)
+        except RuntimeError:  # no loop runs in this thread: a worker
+            where.append(False)
+    read_cache.after_load_hook = on_loop
+    ctx.invalidate()
+    _checkin(client, device, INVENTORY)
+    assert loads and not any(where), list(zip(loads, where, strict=True))
+    assert not any(k.startswith(("last:", "desired:")) for k in loads), loads
+    loads.clear()
+    _checkin(client, device, _free(INVENTORY, 123))  # warm: served on the loop, no loads
+    assert loads == []
 
 
 def test_a_checkin_whose_free_space_moved_is_stored_in_a_batch_and_reloads_nothing(fleet):
@@ -124,3 +152,19 @@ def test_an_endpoint_forgotten_before_the_batch_does_not_lose_the_others(fleet, 
     delete_endpoint(ctx, other.json()["endpoint_id"], actor="admin")
     ctx.flush_seen()
     assert _stored(ctx, eid)["disks"][0]["free_bytes"] == 100
+
+
+def test_a_fresh_process_can_build_a_cached_record_before_any_other_orm_use():
+    """A server restarted under a fleet gets a check-in first: the credential lookup
+    builds the endpoint's record before any query or constructor configured the ORM's
+    mappings (it failed with AttributeError until it configured them itself)."""
+    code = ("from sqlalchemy.orm import make_transient_to_detached\n"
+            "from strata.server.services.credentials import _endpoint_factory\n"
+            "ep = _endpoint_factory()()\n"
+            "ep.__dict__.update(id='e1', hostname='h')\n"
+            "make_transient_to_detached(ep)\n"
+            "print(ep.id, ep.hostname)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["e1", "h"]

@@ -76,6 +76,37 @@ def test_without_a_race_values_are_cached():
     assert cache.get("a", lambda: 3) == 2
 
 
+def test_a_load_that_fills_other_keys_stores_all_or_none_of_them():
+    cache = ReadCache(ttl=300)
+    assert cache.get_filling("device", lambda: ("ep", {"head": "h1", "none": None})) == "ep"
+    assert cache.get("head", lambda: "reloaded") == "h1"  # filled with it
+    assert cache.get("none", lambda: "loaded") == "loaded"  # a None is never kept
+
+    def fill_then_change() -> tuple[str, dict[str, object]]:
+        cache.discard("unrelated")  # an invalidation lands while the load reads
+        return "ep2", {"head": "h2"}
+
+    cache.clear()
+    assert cache.get_filling("device", fill_then_change) == "ep2"
+    assert cache.get("device", lambda: "fresh") == "fresh"
+    assert cache.get("head", lambda: "fresh") == "fresh"
+
+
+def test_where_only_hits_may_be_served_a_miss_raises_instead_of_loading():
+    cache = ReadCache(ttl=300)
+    cache.get("warm", lambda: 1)
+    loads: list[str] = []
+    with read_cache.hits_only():
+        assert cache.get("warm", lambda: loads.append("warm") or 2) == 1
+        with pytest.raises(read_cache.NeedsLoad):
+            cache.get("cold", lambda: loads.append("cold") or 3)
+        with pytest.raises(read_cache.NeedsLoad):
+            cache.get_filling("cold", lambda: (loads.append("cold") or 3, {}))
+        assert not read_cache.may_load()
+    assert loads == [] and read_cache.may_load()
+    assert cache.get("cold", lambda: 3) == 3
+
+
 # -- check-ins against a real app ----------------------------------------------------------
 
 

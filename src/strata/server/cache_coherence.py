@@ -56,6 +56,10 @@ class CacheInvalidations:
                 cur.execute("DELETE FROM strata_invalidations WHERE gen <= %s",
                             (gen - KEEP_ROWS,))
 
+    def due(self) -> bool:
+        """Whether the next `changes` would read the catalog."""
+        return self.clock() - self._checked >= self.interval
+
     def changes(self) -> set[str] | None:
         """The keys other processes outdated since this one last looked ({ALL}: every
         key), or None when it looked less than `interval` ago."""

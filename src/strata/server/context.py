@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Connection, Engine, Table, bindparam, update
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
@@ -22,7 +22,7 @@ from strata.server.catalog.models import Endpoint
 from strata.server.holdings import ChunkHoldings
 from strata.server.possession import NonceMinter
 from strata.server.rate_limit import ConcurrencyLimit, RateLimiter
-from strata.server.read_cache import ReadCache
+from strata.server.read_cache import NeedsLoad, ReadCache, may_load
 from strata.server.stream_cache import StreamCache
 from strata.store.coordination import WriterSession
 from strata.store.repository import Store
@@ -136,6 +136,17 @@ class ServerContext:
         """A session for reading (SQLite in WAL mode and PostgreSQL run reads side by side)."""
         return self.db()
 
+    def connection(self) -> Connection:
+        """A plain connection, for one Core query where a session's bookkeeping would
+        cost more than the query (a check-in's credential lookup). With PostgreSQL in
+        autocommit: a transaction's BEGIN and ROLLBACK are two more round trips, and a
+        lone SELECT reads one consistent state anyway (with SQLite, switching modes
+        costs more than it saves)."""
+        conn = cast(Engine, self.db.kw["bind"]).connect()
+        if conn.dialect.name == "postgresql":
+            return conn.execution_options(isolation_level="AUTOCOMMIT")
+        return conn
+
     @contextlib.contextmanager
     def write(self) -> Iterator[DbSession]:
         """A session for writing, committed at the end. Writers take turns on a lock here
@@ -150,14 +161,27 @@ class ServerContext:
         """What every check-in needs (credentials, policies, desired states), read through
         a cache that an admin change clears (`invalidate`) and that never keeps a value
         read before such a change (see read_cache.py), here or in another process."""
+        self._catch_up()
+        return self._cache.get(key, load, ttl)
+
+    def cached_filling(self, key: str, load: Callable[[], tuple[T, dict[str, object]]]) -> T:
+        """As `cached`, for a load whose one query also finds other keys' values
+        (ReadCache.get_filling): a check-in's credential lookup brings its head and its
+        empty desired state along, one catalog round trip instead of three."""
+        self._catch_up()
+        return self._cache.get_filling(key, load)
+
+    def _catch_up(self) -> None:
+        """Drop what other processes on the catalog changed since this one last looked."""
         if self.coherence is not None:
+            if not may_load() and self.coherence.due():
+                raise NeedsLoad("coherence")  # a catalog query: not on the event loop
             changed = self.coherence.changes()
             if changed and ALL in changed:
                 self._cache.clear()
             elif changed:
                 for outdated in changed:
                     self._cache.discard(outdated)
-        return self._cache.get(key, load, ttl)
 
     def uncache(self, key: str) -> None:
         self._cache.discard(key)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -21,10 +21,12 @@ from strata.model.wire import UploadResponse
 from strata.server.auth import same_secret
 from strata.server.catalog.models import Endpoint
 from strata.server.context import ServerContext
+from strata.server.read_cache import NeedsLoad, hits_only
 from strata.server.services.credentials import device_for_credential
 from strata.server.services.users import BREAK_GLASS_STAFF, Staff, staff_for_token
 
 log = logging.getLogger("strata.server")
+T = TypeVar("T")
 ADMIN_API = "/api/v1/admin"
 AGENT_API = "/api/v1/agent"
 
@@ -150,11 +152,26 @@ def _permission_of(dependant: Dependant) -> str | dict | None:
     return None
 
 
+async def on_loop_if_cached(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) on the event loop when the values it reads are all cached, else in a
+    worker thread: a catalog query on the loop would hold every other request behind
+    it (with a PostgreSQL catalog, the server then idled at a third of a core while
+    check-ins queued for seconds). `fn` must be safe to run again after a NeedsLoad
+    (read_cache.hits_only)."""
+    try:
+        with hits_only():
+            return fn(*args)
+    except NeedsLoad:
+        pass
+    return await run_in_threadpool(fn, *args)
+
+
 async def require_device(request: Request, authorization: str | None = Header(None),
                          ctx: ServerContext = Depends(get_ctx)) -> Endpoint:
     """The calling endpoint, which must be enrolled and approved. Runs on the event loop:
-    it is a cache lookup nearly always, cheaper than a hop to the thread pool."""
-    ep = device_for_credential(ctx, _bearer(authorization))
+    it is a cache lookup nearly always, cheaper than a hop to the thread pool (which a
+    miss takes, to wait for the catalog there)."""
+    ep = await on_loop_if_cached(device_for_credential, ctx, _bearer(authorization))
     if ep is None:
         raise HTTPException(401, "unknown device credential: enroll this endpoint again")
     if ep.state == "revoked":

@@ -18,9 +18,11 @@ cache (server/cache_coherence.py): a second is the bound there.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -28,6 +30,31 @@ T = TypeVar("T")
 # Tests only: called with the key after a load finished and before its value is stored,
 # so a test can hold a load there while an administrator's change commits.
 after_load_hook: Callable[[str], None] | None = None
+
+# Set while a request runs on the event loop: a miss there would wait for the catalog
+# with every other request waiting behind it, so it raises NeedsLoad instead and the
+# request is run again in a worker thread (server/deps.py, routes/agent.py).
+_hits_only: contextvars.ContextVar[bool] = contextvars.ContextVar("hits_only", default=False)
+
+
+class NeedsLoad(Exception):  # noqa: N818 (a signal, not an error)
+    """A cache miss where only hits may be served (see `hits_only`)."""
+
+
+def may_load() -> bool:
+    """False within `hits_only`: whoever would wait for the catalog raises NeedsLoad."""
+    return not _hits_only.get()
+
+
+@contextlib.contextmanager
+def hits_only() -> Iterator[None]:
+    """Within: a miss raises NeedsLoad rather than loading. What ran before the miss must
+    be safe to run again (the caller repeats the whole request in a thread)."""
+    token = _hits_only.set(True)
+    try:
+        yield
+    finally:
+        _hits_only.reset(token)
 
 
 class ReadCache:
@@ -45,6 +72,8 @@ class ReadCache:
             if hit is not None and hit[1] > now:
                 return hit[0]  # type: ignore[return-value]
             generation = self._generation
+        if _hits_only.get():
+            raise NeedsLoad(key)
         value = load()
         if after_load_hook is not None:
             after_load_hook(key)
@@ -52,6 +81,33 @@ class ReadCache:
             with self._lock:
                 if generation == self._generation:
                     self._entries[key] = (value, now + (self.ttl if ttl is None else ttl))
+        return value
+
+    def get_filling(self, key: str, load: Callable[[], tuple[T, dict[str, object]]]) -> T:
+        """As `get`, for a load that reads more than `key` needs in the same query: it
+        returns the value and other entries, stored along with it under the same rule
+        (all, or none if an invalidation came while it loaded). Entries already cached
+        are left as they are."""
+        now = self._clock()
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[1] > now:
+                return hit[0]  # type: ignore[return-value]
+            generation = self._generation
+        if _hits_only.get():
+            raise NeedsLoad(key)
+        value, more = load()
+        if after_load_hook is not None:
+            after_load_hook(key)
+        if value is not None:
+            with self._lock:
+                if generation == self._generation:
+                    expires = now + self.ttl
+                    self._entries[key] = (value, expires)
+                    for other, found in more.items():
+                        held = self._entries.get(other)
+                        if found is not None and (held is None or held[1] <= now):
+                            self._entries[other] = (found, expires)
         return value
 
     def discard(self, key: str) -> None:

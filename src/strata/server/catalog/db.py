@@ -4,6 +4,7 @@ with Alembic. Any failure becomes one `CatalogError` line that never shows a pas
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 from alembic import command
@@ -12,8 +13,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import ArgumentError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from strata.errors import StrataError
 
@@ -26,6 +29,7 @@ PG_CONNECT_TIMEOUT = 10  # seconds; libpq's default is to wait as long as TCP do
 # a few open and opens more only under load (up to the 40 threads that serve requests).
 SQLITE_POOL = {"pool_size": 32, "max_overflow": 32}
 PG_POOL = {"pool_size": 10, "max_overflow": 30}
+PING_IDLE_SECONDS = 1.0
 
 
 class CatalogError(StrataError):
@@ -102,10 +106,33 @@ def create_catalog_engine(url: URL) -> Engine:
     connect_args: dict[str, object] = {"application_name": "strata-server"}
     if "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT
-    # pre_ping: after a database restart, a pooled connection is found dead and replaced
-    # before a request uses it, instead of failing that request.
-    return create_engine(url, **PG_POOL, pool_pre_ping=True,
-                         connect_args=connect_args)
+    engine = create_engine(url, **PG_POOL, connect_args=connect_args)
+
+    # After a database restart, a pooled connection is found dead and replaced before a
+    # request uses it, instead of failing that request: pinged when taken from the pool,
+    # if it sat there for PING_IDLE_SECONDS (SQLAlchemy's pool_pre_ping pinged at every
+    # checkout, a round trip more for each catalog read of a check-in). One in use when
+    # the database went away fails its request (503, retried by agents) and marks every
+    # older connection of the pool stale, so the next ones reconnect.
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn: object, record: ConnectionPoolEntry) -> None:
+        record.info["returned"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry,
+                      _proxy: object) -> None:
+        returned = record.info.get("returned")
+        if returned is None or time.monotonic() - returned < PING_IDLE_SECONDS:
+            return  # just opened, or in use a moment ago
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            alive = not engine.dialect.is_disconnect(exc, dbapi_conn, None)
+            if alive:
+                raise
+        if not alive:
+            raise DisconnectionError("the catalog connection was closed: reconnecting")
+    return engine
 
 
 def _check_postgresql(conn: Connection, shown: str) -> None:

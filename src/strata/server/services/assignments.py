@@ -128,7 +128,13 @@ def cached_desired(ctx: ServerContext, ep: Endpoint) -> DesiredState | None:
     def load() -> tuple[DesiredState | None]:
         with ctx.session() as db:
             return (desired_state(ctx, db, ep),)
-    return ctx.cached(f"desired:{ep.id}", load)[0]
+    return ctx.cached(desired_key(ep.id), load)[0]
+
+
+def desired_key(endpoint_id: str) -> str:
+    """The cache key of the endpoint's desired state (a credential lookup fills it for an
+    endpoint without an assignment: None, in a 1-tuple since a bare None is not kept)."""
+    return f"desired:{endpoint_id}"
 
 
 def mark_applied(ctx: ServerContext, endpoint_id: str, desired: DesiredState) -> bool:

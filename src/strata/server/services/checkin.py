@@ -13,6 +13,7 @@ from strata.server import metrics
 from strata.server.catalog.models import Endpoint
 from strata.server.catalog.types import CatalogValueError, check_json
 from strata.server.context import ServerContext
+from strata.server.read_cache import NeedsLoad, may_load
 from strata.server.services import reflectors, snapshots
 from strata.server.services.assignments import cached_desired, mark_applied
 from strata.server.services.facts import endpoint_facts, endpoint_family
@@ -20,13 +21,14 @@ from strata.server.services.policies import agent_policy
 
 
 def checkin(ctx: ServerContext, ep: Endpoint, req: CheckinRequest, ip: str) -> CheckinResponse:
+    """The answer to a check-in. Runs first on the event loop with cached values only
+    (read_cache.hits_only) and, when one is missing, again in a worker thread: until the
+    first NeedsLoad it does only what may be done twice."""
     now = datetime.now(UTC)
-    metrics.CHECKINS.inc()
     if req.inventory and req.inventory != ep.inventory:  # most check-ins change nothing
         _update_inventory(ctx, ep, req.inventory)
-    with ctx.session() as db:
-        policy = agent_policy(ctx, db, ep, now, ip=ip, site=req.site, subnet=req.subnet,
-                              utc_offset_minutes=req.utc_offset_minutes)
+    policy = agent_policy(ctx, None, ep, now, ip=ip, site=req.site, subnet=req.subnet,
+                          utc_offset_minutes=req.utc_offset_minutes)
     last_id, last_time = snapshots.cached_head(ctx, ep.id)
     desired = cached_desired(ctx, ep)
     applied = req.status.get("applied_key")
@@ -36,6 +38,7 @@ def checkin(ctx: ServerContext, ep: Endpoint, req: CheckinRequest, ip: str) -> C
     route = reflectors.route_for(
         ctx, ep, site=req.site or str((ep.inventory or {}).get("site", "")),
         addresses=[a for a in (req.subnet, ip or ep.last_ip) if a], desired=desired)
+    metrics.CHECKINS.inc()
     return CheckinResponse(
         endpoint_id=ep.id, state=ep.state, policy=policy,
         chunker=ChunkerSpec(min_size=cfg.chunker.min_size, avg_size=cfg.chunker.avg_size,
@@ -55,9 +58,12 @@ def _update_inventory(ctx: ServerContext, ep: Endpoint, inventory: dict[str, Any
         # Figures such as free disk space, in nearly every check-in of a real agent:
         # written with the next batch of visits, and no cache cleared (clearing made each
         # check-in of the fleet reload its credential, policy and state from the catalog).
+        # Safe to repeat: a check-in run again in a thread finds nothing changed.
         ctx.note_inventory(ep.id, inventory)
         ep.inventory = inventory  # the cached record: what the next check-in compares with
         return
+    if not may_load():
+        raise NeedsLoad("inventory")  # a write: in a worker thread, not on the event loop
     with ctx.write() as db:
         ctx.forget_inventory(ep.id)  # older than this one
         row = db.get(Endpoint, ep.id)

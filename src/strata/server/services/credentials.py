@@ -5,21 +5,31 @@ admin token's rotation. Secrets are shown once; the catalog keeps only their has
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
-from sqlalchemy import func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, bindparam, func, or_, select
+from sqlalchemy.orm import Session, configure_mappers, make_transient_to_detached
 
 from strata.errors import Invalid, NotFound, StrataError
 from strata.model.admin import TokenCreated, TokenInfo, TokenRequest
 from strata.model.wire import EnrollRequest, EnrollResponse
 from strata.server.auth import digest, new_secret, write_token_file
-from strata.server.catalog.models import Cvd, Endpoint, EnrollmentToken
+from strata.server.catalog.models import (
+    Assignment,
+    Cvd,
+    Endpoint,
+    EnrollmentToken,
+    SnapshotRecord,
+)
 from strata.server.context import ServerContext
-from strata.server.services import audit
+from strata.server.read_cache import NeedsLoad, may_load
+from strata.server.services import assignments, audit, snapshots
 from strata.server.services.sync import seed_holdings
 
 
@@ -176,15 +186,7 @@ def device_for_credential(ctx: ServerContext, credential: str) -> Endpoint | Non
     handed out before the current one still counts until the agent uses the new one.
     An expired credential is refused here, for every call (CredentialExpired)."""
     key = digest(credential)
-
-    def load() -> Endpoint | None:
-        with ctx.session() as db:
-            row = db.scalar(select(Endpoint).where(or_(
-                Endpoint.credential_hash == key, Endpoint.previous_credential_hash == key)))
-            if row is not None:
-                db.expunge(row)
-            return row
-    ep: Endpoint | None = ctx.cached(f"device:{key}", load)
+    ep: Endpoint | None = ctx.cached_filling(f"device:{key}", lambda: _load_device(ctx, key))
     if ep is not None and ep.credential_issued_at is not None and \
             datetime.now(UTC) - ep.credential_issued_at > ctx.settings.credential_lifetime:
         raise CredentialExpired(
@@ -192,6 +194,53 @@ def device_for_credential(ctx: ServerContext, credential: str) -> Endpoint | Non
             f"{ctx.settings.credential_lifetime.days} days; enroll it anew "
             "(`strata agent enroll --force`)")
     return ep
+
+
+_ENDPOINTS, _CVDS = cast(Table, Endpoint.__table__), cast(Table, Cvd.__table__)
+_SNAPSHOTS = cast(Table, SnapshotRecord.__table__)
+_ASSIGNMENTS = cast(Table, Assignment.__table__)
+_ENDPOINT_COLUMNS = [c.key for c in _ENDPOINTS.columns]
+
+
+@functools.cache
+def _endpoint_factory() -> Callable[[], Endpoint]:
+    """A blank Endpoint, as the ORM's loader makes one (the mappings configured first, as
+    a query or a constructor would have)."""
+    configure_mappers()
+    return Endpoint.__mapper__.class_manager.new_instance
+# A device by its credential, with what every check-in asks next (its head, whether it has
+# an assignment) in the same query: an endpoint whose entries expired or were cleared
+# costs one catalog round trip and no ORM load, where it cost three sessions and loads.
+_BY_CREDENTIAL = (
+    select(*_ENDPOINTS.columns, _SNAPSHOTS.c.id.label("head_id"),
+           _SNAPSHOTS.c.time.label("head_time"), _ASSIGNMENTS.c.endpoint_id.label("assigned"))
+    .select_from(_ENDPOINTS
+                 .outerjoin(_CVDS, _CVDS.c.endpoint_id == _ENDPOINTS.c.id)
+                 .outerjoin(_SNAPSHOTS, _SNAPSHOTS.c.id == _CVDS.c.last_snapshot)
+                 .outerjoin(_ASSIGNMENTS, _ASSIGNMENTS.c.endpoint_id == _ENDPOINTS.c.id))
+    .where(or_(_ENDPOINTS.c.credential_hash == bindparam("key"),
+               _ENDPOINTS.c.previous_credential_hash == bindparam("key"))))
+
+
+def _load_device(ctx: ServerContext, key: str) -> tuple[Endpoint | None, dict[str, object]]:
+    """The endpoint whose current or previous credential hashes to `key` (a detached
+    record, as a session would have loaded it), and the cache entries of its head and,
+    without an assignment, of its desired state (None)."""
+    with ctx.connection() as conn:
+        row = conn.execute(_BY_CREDENTIAL, {"key": key}).first()
+    if row is None:
+        return None, {}
+    fields = row._mapping
+    # Filled as the ORM's loader does (into the instance's dict, no change events), then
+    # given its identity: the same detached record a session's load and expunge gave.
+    ep = _endpoint_factory()()
+    ep.__dict__.update((name, fields[name]) for name in _ENDPOINT_COLUMNS)
+    make_transient_to_detached(ep)
+    more: dict[str, object] = {snapshots.head_key(ep.id): (fields["head_id"],
+                                                           fields["head_time"])}
+    if fields["assigned"] is None:
+        more[assignments.desired_key(ep.id)] = (None,)
+    return ep, more
 
 
 def renew_credential(ctx: ServerContext, ep: Endpoint, presented: str) -> str | None:
@@ -203,9 +252,11 @@ def renew_credential(ctx: ServerContext, ep: Endpoint, presented: str) -> str | 
     current = key == ep.credential_hash
     issued = ep.credential_issued_at
     due = issued is None or now - issued >= ctx.settings.credential_rotation
+    if current and not due and ep.previous_credential_hash is None:
+        return None  # nearly every check-in
+    if not may_load():
+        raise NeedsLoad("credential")  # a write: in a worker thread, not on the event loop
     if current and not due:
-        if ep.previous_credential_hash is None:
-            return None
         with ctx.write() as db:  # the agent has the new one: the old one is done
             row = db.get(Endpoint, ep.id)
             if row is not None and row.credential_hash == key:

@@ -134,11 +134,18 @@ def reset_policy(ctx: ServerContext, kind: str, *, actor: str,
     return DEFAULTS[kind]
 
 
-def cached_policy(ctx: ServerContext, db: Session, kind: str) -> dict[str, Any]:
-    return ctx.cached(f"policy:{kind}", lambda: get_policy(db, kind))
+def cached_policy(ctx: ServerContext, db: Session | None, kind: str) -> dict[str, Any]:
+    """The policy document (cached); read in `db`, or in a session of its own when None
+    (a check-in, which nearly always finds it cached, opens none)."""
+    def load() -> dict[str, Any]:
+        if db is not None:
+            return get_policy(db, kind)
+        with ctx.session() as own:
+            return get_policy(own, kind)
+    return ctx.cached(f"policy:{kind}", load)
 
 
-def agent_policy(ctx: ServerContext, db: Session, ep: Endpoint, now: datetime,
+def agent_policy(ctx: ServerContext, db: Session | None, ep: Endpoint, now: datetime,
                  ip: str = "", *, site: str | None = None, subnet: str | None = None,
                  utc_offset_minutes: int | None = None) -> AgentPolicy:
     """What the endpoint must exclude, how often it centralizes, and its bandwidth: the

@@ -78,11 +78,16 @@ def cached_head(ctx: ServerContext, endpoint_id: str) -> tuple[str | None, datet
         with ctx.session() as db:
             head = head_snapshot(db, endpoint_id)
             return (head.id, head.time) if head else (None, None)
-    return ctx.cached(f"last:{endpoint_id}", load)
+    return ctx.cached(head_key(endpoint_id), load)
+
+
+def head_key(endpoint_id: str) -> str:
+    """The cache key of the endpoint's head (filled by a credential lookup too)."""
+    return f"last:{endpoint_id}"
 
 
 def uncache_head(ctx: ServerContext, endpoint_id: str) -> None:
-    ctx.uncache(f"last:{endpoint_id}")
+    ctx.uncache(head_key(endpoint_id))
 
 
 def entries(ctx: ServerContext, sid: str) -> Iterator[Entry]:
