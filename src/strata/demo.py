@@ -209,7 +209,11 @@ def fleet(work: Path) -> None:
     print(f"$ strata server --data {data} --listen 127.0.0.1:{port} --tls &", flush=True)
     server = subprocess.Popen([exe, "server", "--data", str(data), "--listen",
                                f"127.0.0.1:{port}", "--tls"],
-                              env={**os.environ, "STRATA_NO_PROGRESS": "1"})
+                              env={**os.environ, "STRATA_NO_PROGRESS": "1"},
+                              # Its own session: a Ctrl-C reaches the demo alone, which then
+                              # stops the server (else both raced for the same signal and the
+                              # demo could miss it while waiting on the server).
+                              start_new_session=True)
     try:
         cert = data / "tls" / "cert.pem"
         liveness = ssl.create_default_context()
