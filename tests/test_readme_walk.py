@@ -334,8 +334,8 @@ def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
         code.pop(name, None)
     log = tmp_path / "demo.log"
     with open(log, "wb") as out:  # `make demo` as the README gives it, in its own session
-        demo = subprocess.Popen(["make", "demo"], cwd=clone, stdout=out, stderr=out,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
+        demo = subprocess.Popen([*AS_IN_A_TERMINAL, "make", "demo"], cwd=clone, stdout=out,
+                                stderr=out, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**code, "STRATA_DEMO_SMALL": "1", "HOME": str(home),
                                      "TMPDIR": str(tmp)})
     try:
@@ -408,6 +408,14 @@ def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
     assert [n for n in new if n not in ("?? .venv", "!! demo-work/")
             and "__pycache__" not in n] == [], new
     assert list(home.iterdir()) == [] and list(tmp.iterdir()) == []
+
+
+# A terminal's Ctrl-C works on what it runs; a command started in the background of a
+# non-interactive shell (CI's `... &`) inherits SIGINT ignored, and so would make and the
+# demo: the command is started with SIGINT at its default, as an interactive shell does.
+AS_IN_A_TERMINAL = [sys.executable, "-c", "import os, signal, sys; "
+                    "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                    "os.execvp(sys.argv[1], sys.argv[1:])"]
 
 
 def stop(demo: subprocess.Popen[bytes]) -> bool:
