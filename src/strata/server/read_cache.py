@@ -65,15 +65,23 @@ class ReadCache:
         self._entries: dict[str, tuple[object, float]] = {}
         self._generation = 0
 
-    def get(self, key: str, load: Callable[[], T], ttl: float | None = None) -> T:
-        now = self._clock()
+    def _cached(self, key: str, now: float) -> tuple[tuple[object] | None, int]:
+        """A live entry as a 1-tuple (its value may be anything), else None and the
+        generation a load must still see when it stores; NeedsLoad under `hits_only`."""
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None and hit[1] > now:
-                return hit[0]  # type: ignore[return-value]
+                return (hit[0],), self._generation
             generation = self._generation
         if _hits_only.get():
             raise NeedsLoad(key)
+        return None, generation
+
+    def get(self, key: str, load: Callable[[], T], ttl: float | None = None) -> T:
+        now = self._clock()
+        hit, generation = self._cached(key, now)
+        if hit is not None:
+            return hit[0]  # type: ignore[return-value]
         value = load()
         if after_load_hook is not None:
             after_load_hook(key)
@@ -89,13 +97,9 @@ class ReadCache:
         (all, or none if an invalidation came while it loaded). Entries already cached
         are left as they are."""
         now = self._clock()
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None and hit[1] > now:
-                return hit[0]  # type: ignore[return-value]
-            generation = self._generation
-        if _hits_only.get():
-            raise NeedsLoad(key)
+        hit, generation = self._cached(key, now)
+        if hit is not None:
+            return hit[0]  # type: ignore[return-value]
         value, more = load()
         if after_load_hook is not None:
             after_load_hook(key)
