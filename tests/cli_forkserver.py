@@ -97,8 +97,9 @@ def _child(request: dict, fds: list[int], siblings: list[socket.socket]) -> None
             os._exit(code & 0xFF)
 
 
-def serve(path: str) -> None:
-    """The fork server's loop (runs in its own process: `python cli_forkserver.py PATH`)."""
+def serve(path: str, report: str = "") -> None:
+    """The fork server's loop (runs in its own process: `python cli_forkserver.py PATH
+    [REPORT]`). REPORT: a file to append "CPU-seconds wall-seconds command" to per command."""
     for name in PRELOAD:
         __import__(name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -106,6 +107,7 @@ def serve(path: str) -> None:
     listener.listen(64)
     parent = os.getppid()
     children: dict[int, socket.socket] = {}
+    began: dict[int, tuple[float, list[str]]] = {}  # for the report
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     while True:
@@ -121,6 +123,7 @@ def serve(path: str) -> None:
                 os.close(fd)
             conn.sendall(struct.pack("!q", pid))
             children[pid] = conn
+            began[pid] = (time.monotonic(), request["args"])
         while children:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -129,6 +132,11 @@ def serve(path: str) -> None:
             if pid == 0:
                 break
             conn = children.pop(pid, None)
+            start, args = began.pop(pid, (time.monotonic(), []))
+            if report:
+                with open(report, "a") as f:
+                    f.write(f"{usage.ru_utime + usage.ru_stime:.3f} "
+                            f"{time.monotonic() - start:.3f} {' '.join(args[:3])}\n")
             if conn is not None:
                 try:
                     conn.sendall(struct.pack("!qd", os.waitstatus_to_exitcode(status),
@@ -145,7 +153,8 @@ class ForkServer:
         self._dir = tempfile.mkdtemp(prefix="strata-fork-")
         self.path = os.path.join(self._dir, "sock")
         env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
-        self.proc = subprocess.Popen([sys.executable, __file__, self.path], env=env,
+        report = os.environ.get("STRATA_CMD_REPORT", "")  # see serve()
+        self.proc = subprocess.Popen([sys.executable, __file__, self.path, report], env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not os.path.exists(self.path):
@@ -308,4 +317,4 @@ def fork_server() -> ForkServer | None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    serve(sys.argv[1])
+    serve(*sys.argv[1:3])

@@ -4,13 +4,15 @@ the heaviest modules at the end. Wall time says little on a shared 2-core machin
 seconds are what `make test` pays for on any machine.
 
 Under xdist the workers' summaries are not shown: set STRATA_CPU_REPORT=FILE and each
-process appends its lines there (`sort -rn FILE | head` after the run).
+process appends its lines there (`sort -rn FILE | head` after the run);
+STRATA_CPU_REPORT_TESTS=FILE does the same per test (CPU and wall seconds).
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -20,6 +22,7 @@ import cli_forkserver
 
 _spent: dict[str, float] = defaultdict(float)
 _calls: dict[str, int] = defaultdict(int)
+_per_test: list[tuple[float, float, str]] = []  # (CPU s, wall s, node id)
 
 
 def _cpu() -> float:
@@ -32,10 +35,12 @@ def _cpu() -> float:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    start = _cpu()
+    start, began = _cpu(), time.monotonic()
     yield
     module = item.nodeid.split("::", 1)[0]
-    _spent[module] += _cpu() - start
+    spent = _cpu() - start
+    _spent[module] += spent
+    _per_test.append((spent, time.monotonic() - began, item.nodeid))
     _calls[module] += 1
 
 
@@ -44,6 +49,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if out and _spent:
         with open(out, "a") as f:
             f.writelines(f"{cpu:.1f} {_calls[m]} {m}\n" for m, cpu in _spent.items())
+    # STRATA_CPU_REPORT_TESTS=FILE: one line per test, "CPU-seconds wall-seconds node-id"
+    per_test = os.environ.get("STRATA_CPU_REPORT_TESTS")
+    if per_test and _per_test:
+        with open(per_test, "a") as f:
+            f.writelines(f"{cpu:.2f} {wall:.2f} {node}\n" for cpu, wall, node in _per_test)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
