@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python -m strata.demo
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The unit tier: no servers, agents, CLIs or databases (664 tests, 88 s on 2 workers here).
 test-fast: $(STAMP)

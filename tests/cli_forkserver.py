@@ -7,7 +7,8 @@ command then runs in a child forked from it: its own process and session, its ow
 environment, working directory, stdin, stdout and stderr, its own exit code, killed with
 its process group on a timeout, exactly as `subprocess.run` would give. Only the imports
 are shared. `STRATA_TEST_EXEC=1` runs every command as a fresh `exec` instead, as the
-README walk and the first-run tests always do.
+first-run tests and the README walk's `make demo` always do (the walk's own commands
+run in a fork server of its clone's code).
 
 The server side is single-threaded (a fork copies only the calling thread): it accepts a
 connection, forks, hands the child the three descriptors it received, and reports the
@@ -21,6 +22,7 @@ import atexit
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -149,10 +151,14 @@ def serve(path: str, report: str = "") -> None:
 
 
 class ForkServer:
-    def __init__(self) -> None:
+    def __init__(self, pythonpath: str | None = None) -> None:
+        """`pythonpath`: where the fork server imports `strata` from (the README walk's
+        clone), instead of this checkout."""
         self._dir = tempfile.mkdtemp(prefix="strata-fork-")
         self.path = os.path.join(self._dir, "sock")
         env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+        if pythonpath is not None:
+            env["PYTHONPATH"] = pythonpath
         report = os.environ.get("STRATA_CMD_REPORT", "")  # see serve()
         self.proc = subprocess.Popen([sys.executable, __file__, self.path, report], env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
@@ -164,21 +170,17 @@ class ForkServer:
         atexit.register(self.close)
 
     def close(self) -> None:
+        atexit.unregister(self.close)  # closed once, by its owner or at exit
         self.proc.kill()
         self.proc.wait()
-        for name in (self.path,):
-            try:
-                os.unlink(name)
-            except OSError:
-                pass
-        os.rmdir(self._dir)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
-    def _start(self, args: Sequence[str], env: dict[str, str],
-               fds: tuple[int, int, int]) -> tuple[socket.socket, int]:
+    def _start(self, args: Sequence[str], env: dict[str, str], fds: tuple[int, int, int],
+               cwd: str | None = None) -> tuple[socket.socket, int]:
         """Fork a child running `strata ARGS` on these stdin, stdout and stderr."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.path)
-        request = json.dumps({"args": list(args), "env": env, "cwd": os.getcwd()})
+        request = json.dumps({"args": list(args), "env": env, "cwd": cwd or os.getcwd()})
         conn.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                            array.array("i", fds))])
         return conn, struct.unpack("!q", _read_exact(conn, 8))[0]
@@ -194,15 +196,15 @@ class ForkServer:
             os.close(null)
         return ForkedProcess(["strata", *args], pid, conn)
 
-    def run(self, args: Sequence[str], env: dict[str, str],
-            timeout: float) -> subprocess.CompletedProcess[str]:
-        """`subprocess.run(["strata", *args], env=env, stdin=DEVNULL,
-        capture_output=True, text=True, timeout=timeout)`, forked."""
+    def run(self, args: Sequence[str], env: dict[str, str], timeout: float,
+            cwd: str | None = None, errors: str = "replace") -> subprocess.CompletedProcess[str]:
+        """`subprocess.run(["strata", *args], env=env, cwd=cwd, stdin=DEVNULL,
+        capture_output=True, text=True, errors=errors, timeout=timeout)`, forked."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         null = os.open(os.devnull, os.O_RDONLY)
         try:
-            conn, pid = self._start(args, env, (null, out_w, err_w))
+            conn, pid = self._start(args, env, (null, out_w, err_w), cwd)
         finally:
             for fd in (null, out_w, err_w):
                 os.close(fd)
@@ -237,12 +239,12 @@ class ForkServer:
             conn.close()
         return subprocess.CompletedProcess(
             ["strata", *args], code,
-            _text(b"".join(chunks[out_r])), _text(b"".join(chunks[err_r])))
+            _text(b"".join(chunks[out_r]), errors), _text(b"".join(chunks[err_r]), errors))
 
 
-def _text(data: bytes) -> str:
+def _text(data: bytes, errors: str = "replace") -> str:
     """As subprocess's text mode reads a pipe: decoded, universal newlines."""
-    return data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    return data.decode(errors=errors).replace("\r\n", "\n").replace("\r", "\n")
 
 
 class ForkedProcess:

@@ -16,6 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from cli_forkserver import fork_server
+
 # The catalog fixtures live here, not imported by each module: one PostgreSQL cluster a session.
 from pg_fixture import catalogs, pg_cluster  # noqa: F401
 from strata.engine.backup import BackupResult, backup
@@ -34,13 +36,43 @@ PASSPHRASE = "correct horse battery staple"
 SERVICE_FIXTURES = {"pg_cluster", "s3"}
 
 
+# -- scheduling --------------------------------------------------------------------------------
+
+# `make test` hands whole modules to its workers (`--dist loadscope`), in collection order
+# (`--no-loadscope-reorder`). Longest first: a module of two minutes started last keeps one
+# worker busy alone at the end (xdist's own order, most tests first, started the one-test
+# network scenarios last: a minute and a half of one worker after the others were done).
+# Wall seconds per module in a full run on the 2-core reference machine, rounded; made
+# with `STRATA_CPU_REPORT_TESTS=F make test`-style runs (tests/cpu_report.py). Only the
+# order depends on them: a module missing here runs after these, a stale figure costs
+# a little time, never a result.
+LONGEST_FIRST = {
+    "test_wan_netns.py": 151, "test_reflector.py": 76, "test_reflector_netns.py": 74,
+    "test_pipelined_restore.py": 71, "test_readme_walk.py": 70, "test_console.py": 62,
+    "test_server_startup.py": 51, "test_crash_safety.py": 46, "test_scale_out.py": 40,
+    "test_agent_resilience.py": 38, "test_layer_power_loss.py": 34,
+    "test_agent_daemon.py": 33, "test_layers.py": 31, "test_validation.py": 30,
+    "test_server_security.py": 29, "test_resume.py": 29, "test_deltas.py": 26,
+    "test_server_fleet.py": 26, "test_signed_layers.py": 22, "test_cli_errors.py": 20,
+    "test_isolation.py": 19, "test_fuzz_decoders.py": 19, "test_apply_journal.py": 17,
+    "test_store_s3.py": 17, "test_users_roles.py": 15, "test_tls.py": 13,
+    "test_bandwidth.py": 13, "test_layer_endpoint_state.py": 12, "test_layers_cli.py": 12,
+}
+
+
+def _expected_seconds(item: pytest.Item) -> int:
+    return LONGEST_FIRST.get(item.path.name, 0)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tier the tests: `e2e` marks those that run real processes (servers, agents, CLIs,
     databases), set per module with `pytestmark` or found here from the fixtures a test
-    uses; `make test-fast` runs the rest, `make test` runs all."""
+    uses; `make test-fast` runs the rest, `make test` runs all. Then order the modules
+    longest first (above); a stable sort keeps each module's own order."""
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+    items.sort(key=lambda item: -_expected_seconds(item))
 
 
 # -- the CLI --------------------------------------------------------------------------------
@@ -65,6 +97,10 @@ class Cli:
 
     def run(self, *args: object, passphrase: str | None = None, timeout: float = 120,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        forks = fork_server()
+        if forks is not None:  # the same process boundaries, without re-importing the CLI
+            return forks.run(self.argv(args)[1:], env or self.env(passphrase), timeout,
+                             cwd=str(self.cwd), errors="surrogateescape")
         return subprocess.run(self.argv(args), cwd=self.cwd, env=env or self.env(passphrase),
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               errors="surrogateescape", timeout=timeout)
