@@ -15,6 +15,11 @@ MOUNT_EXTRA := $(shell pkg-config --exists fuse3 2>/dev/null && echo ,mount || \
 
 .PHONY: demo test test-fast bench lint clean venv
 
+# Python may cache compiled bytecode here even where the environment says not to: without
+# the cache every test worker and every fresh `strata` process compiles the sources again
+# (pytest's assertion rewriting of the tests alone: 5 s per worker).
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev$(MOUNT_EXTRA)]'
@@ -28,9 +33,9 @@ demo: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
-# The unit tier: no servers, agents, CLIs or databases (664 tests, 88 s on 2 workers here).
+# The unit tier: no servers, agents, CLIs, databases or killed processes, no fuzzing.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist load -m "not e2e"
+	$(BIN)/python -m pytest -q -n 2 --dist load -m "not e2e and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -727,6 +727,9 @@ def test_mount_point_inside_root_is_refused_before_switching(tmp_path, monkeypat
 
 # -- crash tests: SIGKILL at exact steps and at random times -----------------------------------
 
+# They kill real (forked) processes and wait for them: the end-to-end tier.
+KILLS = pytest.mark.e2e
+
 
 def run_child(fn: Callable[[], None], *, kill_after: float | None = None,
               go: Callable[[Callable[[], None]], None] | None = None,
@@ -814,6 +817,7 @@ def check_after_recovery(scenario: Scenario, old: dict, phase: str | None) -> st
     return state
 
 
+@KILLS
 def test_killed_at_every_kind_of_step_recovers_to_old_or_new(scenario, hook):
     labels, count = counting_hook()
     scenario.fresh()
@@ -845,6 +849,7 @@ def test_killed_at_every_kind_of_step_recovers_to_old_or_new(scenario, hook):
     assert outcomes["old"] >= 5 and outcomes["new"] >= 20, outcomes
 
 
+@KILLS
 def test_sigkill_at_random_times_recovers_to_old_or_new(scenario):
     """Real SIGKILLs, landing anywhere (inside syscalls too): half the rounds time the kill
     from the start of the apply, half from the end of staging (the switch is short)."""
@@ -906,6 +911,7 @@ def switch_window(scenario: Scenario, hook) -> tuple[int, int]:
     return labels.index("phase switching") + 1, labels.index("phase done") + 1
 
 
+@KILLS
 def test_killed_during_recovery_then_recovered_again(scenario, hook):
     """A switch killed mid-way; its roll-forward killed at its own steps; a last recovery
     still ends in exactly the new tree."""
@@ -942,6 +948,7 @@ def test_killed_during_recovery_then_recovered_again(scenario, hook):
     assert rounds == 18
 
 
+@KILLS
 def test_killed_during_rollback_then_rollback_finishes(scenario, hook):
     """The switch fails (disk full) and its rollback is killed at its own steps: recovery
     finishes the rollback (never a roll forward) and the old tree is back exactly."""

@@ -26,6 +26,9 @@ from strata.server.app import create_app
 from strata.server.context import ServerSettings
 from strata.server.services.manifests import check_entry
 
+# Thousands of crafted inputs per decoder: part of `make test`, not of the quick unit tier.
+pytestmark = pytest.mark.slow
+
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
