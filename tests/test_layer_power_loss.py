@@ -27,25 +27,28 @@ from test_layers import USER_LAYERS, tree_state, under, without
 pytestmark = pytest.mark.e2e
 
 ROUNDS = 6
+# Enough files that a kill lands inside each phase of an apply (the kill time is drawn
+# over how long one takes), few enough that six rounds stay cheap.
+FILES, NEW_FILES = 600, 280
 
 
 def base_pair(base: Path) -> tuple[Path, Path]:
     """Two bases of many small files: v2 rewrites half of v1, adds and removes some."""
     rng = random.Random(5)
     v1 = base / "v1"
-    for i in range(1500):
+    for i in range(FILES):
         p = v1 / f"usr/lib/pkg{i % 40}/file{i}.dat"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(rng.randbytes(rng.randint(100, 3000)))
     v2 = base / "v2"
     shutil.copytree(v1, v2)
-    for i in range(0, 1500, 2):
+    for i in range(0, FILES, 2):
         (v2 / f"usr/lib/pkg{i % 40}/file{i}.dat").write_bytes(rng.randbytes(900))
-    for i in range(1500, 2200):
+    for i in range(FILES, FILES + NEW_FILES):
         p = v2 / f"usr/lib/newpkg{i % 10}/file{i}.dat"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(rng.randbytes(500))
-    for i in range(1, 300, 3):
+    for i in range(1, FILES // 5, 3):
         (v2 / f"usr/lib/pkg{i % 40}/file{i}.dat").unlink()
     return v1, v2
 
