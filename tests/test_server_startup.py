@@ -14,9 +14,7 @@ import pytest
 
 from server_fixtures import (
     Server,
-    argv,
     assert_one_line_error,
-    cli_env,
     enrolled_device,
     free_port,
     strata,
@@ -30,8 +28,7 @@ pytestmark = pytest.mark.e2e  # real servers and agents
 
 def _server_once(data: Path, *args: object) -> subprocess.CompletedProcess[str]:
     """A `strata server` that is expected to refuse to start (so it exits by itself)."""
-    return subprocess.run(argv(["server", "--data", data, *args]), env=cli_env(),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    return strata("server", "--data", data, *args, rc=None, timeout=60)
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1:http",
