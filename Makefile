@@ -20,9 +20,11 @@ MOUNT_EXTRA := $(shell pkg-config --exists fuse3 2>/dev/null && echo ,mount || \
 # (pytest's assertion rewriting of the tests alone: 5 s per worker).
 unexport PYTHONDONTWRITEBYTECODE
 
+# --no-compile: pip would compile every module of every package (botocore alone is
+# thousands) for 20 s; Python compiles and caches what is imported, when it is.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev$(MOUNT_EXTRA)]'
+	$(BIN)/pip install -q --no-compile -e '.[dev$(MOUNT_EXTRA)]'
 	touch $(STAMP)
 
 venv: $(STAMP)
