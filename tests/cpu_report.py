@@ -22,25 +22,31 @@ import cli_forkserver
 
 _spent: dict[str, float] = defaultdict(float)
 _calls: dict[str, int] = defaultdict(int)
-_per_test: list[tuple[float, float, str]] = []  # (CPU s, wall s, node id)
+_per_test: list[tuple[float, float, float, float, str]] = []  # CPU s (own, children,
+# forked), wall s, node id
 
 
-def _cpu() -> float:
+def _parts() -> tuple[float, float, float]:
+    """CPU seconds so far: this process's, its children's, and the forked commands'."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     # `strata` commands forked by tests/cli_forkserver.py are the fork server's children
-    forked = cli_forkserver.forked_cpu_s
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + forked
+    return (own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime,
+            cli_forkserver.forked_cpu_s)
+
+
+def _cpu() -> float:
+    return sum(_parts())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    start, began = _cpu(), time.monotonic()
+    start, began = _parts(), time.monotonic()
     yield
     module = item.nodeid.split("::", 1)[0]
-    spent = _cpu() - start
-    _spent[module] += spent
-    _per_test.append((spent, time.monotonic() - began, item.nodeid))
+    parts = [b - a for a, b in zip(start, _parts(), strict=True)]
+    _spent[module] += sum(parts)
+    _per_test.append((*parts, time.monotonic() - began, item.nodeid))
     _calls[module] += 1
 
 
@@ -49,11 +55,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if out and _spent:
         with open(out, "a") as f:
             f.writelines(f"{cpu:.1f} {_calls[m]} {m}\n" for m, cpu in _spent.items())
-    # STRATA_CPU_REPORT_TESTS=FILE: one line per test, "CPU-seconds wall-seconds node-id"
+    # STRATA_CPU_REPORT_TESTS=FILE: one line per test, "CPU-seconds wall-seconds node-id
+    # own children forked" (CPU seconds of the test process, of its children, of the
+    # commands it had forked)
     per_test = os.environ.get("STRATA_CPU_REPORT_TESTS")
     if per_test and _per_test:
         with open(per_test, "a") as f:
-            f.writelines(f"{cpu:.2f} {wall:.2f} {node}\n" for cpu, wall, node in _per_test)
+            f.writelines(f"{own + kids + forked:.2f} {wall:.2f} {node} {own:.2f} {kids:.2f} "
+                         f"{forked:.2f}\n" for own, kids, forked, wall, node in _per_test)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
