@@ -13,7 +13,7 @@ TEST_WORKERS ?= 3
 MOUNT_EXTRA := $(shell pkg-config --exists fuse3 2>/dev/null && echo ,mount || \
 	echo "note: libfuse3-dev not found, mounts left out (apt-get install fuse3 libfuse3-dev pkg-config)" >&2)
 
-.PHONY: demo test test-fast bench lint clean venv
+.PHONY: demo test test-suite test-fast bench lint clean venv
 
 # Python may cache compiled bytecode here even where the environment says not to: without
 # the cache every test worker and every fresh `strata` process compiles the sources again
@@ -32,7 +32,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m strata.demo
 
-test: lint
+# Lint and tests side by side: mypy's 15 s of CPU fit in the time the tests wait on their
+# servers and links. Either failing fails `make test`.
+test: $(STAMP)
+	@$(MAKE) --no-print-directory -j2 lint test-suite
+
+# The whole suite without the lint.
+test-suite: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The unit tier: no servers, agents, CLIs, databases or killed processes, no fuzzing.
