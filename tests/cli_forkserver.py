@@ -8,7 +8,8 @@ environment, working directory, stdin, stdout and stderr, its own exit code, kil
 its process group on a timeout, exactly as `subprocess.run` would give. Only the imports
 are shared. `STRATA_TEST_EXEC=1` runs every command as a fresh `exec` instead, as the
 first-run tests and the README walk's `make demo` always do (the walk's own commands
-run in a fork server of its clone's code).
+run in a fork server of its clone's code). The tests with a network namespace
+(tests/test_wan_netns.py) start one more in it, as `ip netns exec` would run a command.
 
 The server side is single-threaded (a fork copies only the calling thread): it accepts a
 connection, forks, hands the child the three descriptors it received, and reports the
@@ -32,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 # What the commands import: loaded once in the fork server (`strata server` included:
 # its imports cost about 2 s of CPU at each start).
@@ -43,6 +45,9 @@ PRELOAD = ("strata.server.app", "strata.server.catalog.db",
            "strata.agent.enrollment", "strata.agent.status", "strata.signing.trust",
            "strata.signing.publisher", "strata.engine.backup", "strata.engine.restore",
            "strata.layers.capture")
+# In a branch's network namespace only agents and reflectors run: the server's imports
+# would cost the fork server more than they save there.
+ENDPOINT_PRELOAD = tuple(m for m in PRELOAD if not m.startswith("strata.server."))
 
 
 def _recv_fds(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -99,10 +104,11 @@ def _child(request: dict, fds: list[int], siblings: list[socket.socket]) -> None
             os._exit(code & 0xFF)
 
 
-def serve(path: str, report: str = "") -> None:
+def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None:
     """The fork server's loop (runs in its own process: `python cli_forkserver.py PATH
-    [REPORT]`). REPORT: a file to append "CPU-seconds wall-seconds command" to per command."""
-    for name in PRELOAD:
+    [REPORT [MODULES]]`). REPORT: a file to append "CPU-seconds wall-seconds command" to
+    per command. MODULES: what to import first, comma-separated."""
+    for name in preload.split(","):
         __import__(name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -133,34 +139,40 @@ def serve(path: str, report: str = "") -> None:
                 break
             if pid == 0:
                 break
-            conn = children.pop(pid, None)
+            waiter = children.pop(pid) if pid in children else None
             start, args = began.pop(pid, (time.monotonic(), []))
             if report:
                 with open(report, "a") as f:
                     f.write(f"{usage.ru_utime + usage.ru_stime:.3f} "
                             f"{time.monotonic() - start:.3f} {' '.join(args[:3])}\n")
-            if conn is not None:
+            if waiter is not None:
                 try:
-                    conn.sendall(struct.pack("!qd", os.waitstatus_to_exitcode(status),
-                                             usage.ru_utime + usage.ru_stime))
+                    waiter.sendall(struct.pack("!qd", os.waitstatus_to_exitcode(status),
+                                               usage.ru_utime + usage.ru_stime))
                 except OSError:
                     pass
-                conn.close()
+                waiter.close()
         if os.getppid() != parent:  # the test worker is gone (killed: no atexit)
             return
 
 
 class ForkServer:
-    def __init__(self, pythonpath: str | None = None) -> None:
-        """`pythonpath`: where the fork server imports `strata` from (the README walk's
-        clone), instead of this checkout."""
+    """`prefix`: what the server runs under, e.g. `ip netns exec NS` for a network
+    namespace (a pathname socket is reachable from any namespace); `preload`: the modules
+    it imports first; `pythonpath`: where it imports `strata` from (the README walk's
+    clone), instead of this checkout."""
+
+    def __init__(self, prefix: Sequence[str] = (), preload: Sequence[str] = PRELOAD,
+                 pythonpath: str | None = None) -> None:
         self._dir = tempfile.mkdtemp(prefix="strata-fork-")
         self.path = os.path.join(self._dir, "sock")
+        self.cpu_s = 0.0  # of its commands, as collected here (see close())
         env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
         if pythonpath is not None:
             env["PYTHONPATH"] = pythonpath
         report = os.environ.get("STRATA_CMD_REPORT", "")  # see serve()
-        self.proc = subprocess.Popen([sys.executable, __file__, self.path, report], env=env,
+        self.proc = subprocess.Popen([*prefix, sys.executable, __file__, self.path, report,
+                                      ",".join(preload)], env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not os.path.exists(self.path):
@@ -170,9 +182,15 @@ class ForkServer:
         atexit.register(self.close)
 
     def close(self) -> None:
+        if self.proc.returncode is not None:
+            return
         atexit.unregister(self.close)  # closed once, by its owner or at exit
         self.proc.kill()
         self.proc.wait()
+        # Waited for, the server brings the CPU of the commands it reaped into this
+        # process's children's: those collected here were counted already.
+        global forked_cpu_s
+        forked_cpu_s -= self.cpu_s
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _start(self, args: Sequence[str], env: dict[str, str], fds: tuple[int, int, int],
@@ -186,60 +204,55 @@ class ForkServer:
         return conn, struct.unpack("!q", _read_exact(conn, 8))[0]
 
     def spawn(self, args: Sequence[str], env: dict[str, str], stdout: int,
-              stderr: int) -> ForkedProcess:
+              stderr: int, cwd: str | None = None) -> ForkedProcess:
         """Like `subprocess.Popen(..., stdin=DEVNULL, start_new_session=True)` with the
         output into these descriptors (a log file)."""
         null = os.open(os.devnull, os.O_RDONLY)
         try:
-            conn, pid = self._start(args, env, (null, stdout, stderr))
+            conn, pid = self._start(args, env, (null, stdout, stderr), cwd)
         finally:
             os.close(null)
-        return ForkedProcess(["strata", *args], pid, conn)
+        return ForkedProcess(["strata", *args], pid, conn, self)
+
+    def popen(self, args: Sequence[str], env: dict[str, str], cwd: str | None = None,
+              errors: str = "replace") -> ForkedProcess:
+        """`subprocess.Popen(["strata", *args], env=env, cwd=cwd, stdin=DEVNULL,
+        stdout=PIPE, stderr=PIPE, text=True, errors=errors, start_new_session=True)`,
+        forked."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            proc = self.spawn(args, env, out_w, err_w, cwd)
+        except BaseException:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        # As text=True reads (universal newlines); undecodable bytes as `errors` says
+        proc.stdout = open(out_r, encoding="utf-8", errors=errors)  # noqa: SIM115
+        proc.stderr = open(err_r, encoding="utf-8", errors=errors)  # noqa: SIM115
+        proc.errors = errors
+        return proc
 
     def run(self, args: Sequence[str], env: dict[str, str], timeout: float,
             cwd: str | None = None, errors: str = "replace") -> subprocess.CompletedProcess[str]:
         """`subprocess.run(["strata", *args], env=env, cwd=cwd, stdin=DEVNULL,
         capture_output=True, text=True, errors=errors, timeout=timeout)`, forked."""
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        null = os.open(os.devnull, os.O_RDONLY)
+        proc = self.popen(args, env, cwd, errors)
         try:
-            conn, pid = self._start(args, env, (null, out_w, err_w), cwd)
+            out, err = proc.communicate(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            raise
         finally:
-            for fd in (null, out_w, err_w):
-                os.close(fd)
-        chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
-        deadline = time.monotonic() + timeout
-        sel = selectors.DefaultSelector()
-        for fd in chunks:
-            sel.register(fd, selectors.EVENT_READ)
-        try:
-            while sel.get_map():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    try:
-                        os.killpg(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                    raise subprocess.TimeoutExpired(["strata", *args], timeout)
-                for key, _ in sel.select(timeout=left):
-                    data = os.read(key.fd, 1 << 16)
-                    if data:
-                        chunks[key.fd].append(data)
-                    else:
-                        sel.unregister(key.fd)
-            conn.settimeout(max(1.0, deadline - time.monotonic()))
-            code, cpu = struct.unpack("!qd", _read_exact(conn, 16))
-            global forked_cpu_s
-            forked_cpu_s += cpu
-        finally:
-            sel.close()
-            os.close(out_r)
-            os.close(err_r)
-            conn.close()
-        return subprocess.CompletedProcess(
-            ["strata", *args], code,
-            _text(b"".join(chunks[out_r]), errors), _text(b"".join(chunks[err_r]), errors))
+            proc.close()
+        assert proc.returncode is not None and out is not None and err is not None
+        return subprocess.CompletedProcess(["strata", *args], proc.returncode, out, err)
 
 
 def _text(data: bytes, errors: str = "replace") -> str:
@@ -248,12 +261,18 @@ def _text(data: bytes, errors: str = "replace") -> str:
 
 
 class ForkedProcess:
-    """The part of `subprocess.Popen` the server fixtures use, for a forked command: its
-    exit status comes over the fork server's connection (it is not our child)."""
+    """The part of `subprocess.Popen` the tests use, for a forked command: its exit status
+    comes over the fork server's connection (it is not our child); `stdout` and `stderr`
+    are text files on its pipes when made by `ForkServer.popen`."""
 
-    def __init__(self, args: list[str], pid: int, conn: socket.socket) -> None:
-        self.args, self.pid, self._conn = args, pid, conn
+    def __init__(self, args: list[str], pid: int, conn: socket.socket,
+                 server: ForkServer) -> None:
+        self.args, self.pid, self._conn, self._server = args, pid, conn, server
         self.returncode: int | None = None
+        self.stdout: TextIO | None = None
+        self.stderr: TextIO | None = None
+        self._read: dict[TextIO, list[bytes]] = {}  # by communicate(), across timeouts
+        self.errors = "replace"  # how communicate() decodes what it read
 
     def _collect(self, timeout: float | None) -> int | None:
         if self.returncode is None:
@@ -264,6 +283,7 @@ class ForkedProcess:
                 return None
             global forked_cpu_s
             forked_cpu_s += cpu
+            self._server.cpu_s += cpu
             self.returncode = code
             self._conn.close()
         return self.returncode
@@ -276,6 +296,40 @@ class ForkedProcess:
         if code is None:
             raise subprocess.TimeoutExpired(self.args, timeout or 0)
         return code
+
+    def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
+        """Both pipes read to their end side by side (a child filling one does not block),
+        then the exit status; `subprocess.TimeoutExpired` keeps what was read so far."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            for f in (self.stdout, self.stderr):
+                if f is not None and not f.closed:
+                    self._read.setdefault(f, [])
+                    sel.register(f.fileno(), selectors.EVENT_READ, f)
+            while sel.get_map():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(self.args, timeout or 0)
+                for key, _ in sel.select(left):
+                    data = os.read(key.fd, 1 << 16)
+                    if data:
+                        self._read[key.data].append(data)
+                    else:
+                        sel.unregister(key.fd)
+                        key.data.close()
+        # The output ended: the status follows within the server's polling interval.
+        self.wait(None if deadline is None else max(1.0, deadline - time.monotonic()))
+        return self._output(self.stdout), self._output(self.stderr)
+
+    def _output(self, f: TextIO | None) -> str | None:
+        return None if f is None else _text(b"".join(self._read.get(f, [])), self.errors)
+
+    def close(self) -> None:
+        """Our ends of its pipes and of the fork server's connection."""
+        for f in (self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+        self._conn.close()
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
@@ -301,22 +355,35 @@ def _read_exact(conn: socket.socket, n: int) -> bytes:
     return data
 
 
-_server: ForkServer | None = None
+_servers: dict[str, ForkServer] = {}  # by network namespace ("": this process's)
 # CPU seconds of the commands run here: not this process's children (the fork server's),
 # so tests/cpu_report.py adds them.
 forked_cpu_s = 0.0
 
 
-def fork_server() -> ForkServer | None:
-    """This worker's fork server, started at first use; None under STRATA_TEST_EXEC=1."""
-    global _server
-    if os.environ.get("STRATA_TEST_EXEC") == "1":
+def exec_only() -> bool:
+    """STRATA_TEST_EXEC=1: every command a fresh exec, no fork server."""
+    return os.environ.get("STRATA_TEST_EXEC") == "1"
+
+
+def fork_server(netns: str = "") -> ForkServer | None:
+    """This worker's fork server, started at first use (in network namespace `netns` if
+    given: see close_fork_server); None under STRATA_TEST_EXEC=1."""
+    if exec_only():
         return None
-    if _server is None:
-        _server = ForkServer()
-    return _server
+    if netns not in _servers:
+        _servers[netns] = (ForkServer(("ip", "netns", "exec", netns), ENDPOINT_PRELOAD)
+                           if netns else ForkServer())
+    return _servers[netns]
+
+
+def close_fork_server(netns: str) -> None:
+    """End the fork server of a network namespace (before the namespace goes)."""
+    server = _servers.pop(netns, None)
+    if server is not None:
+        server.close()
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    serve(*sys.argv[1:3])
+    serve(*sys.argv[1:4])

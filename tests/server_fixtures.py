@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from cli_forkserver import fork_server
+from cli_forkserver import ForkedProcess, fork_server
 
 STRATA = Path(sys.executable).parent / "strata"
 HEALTH = "/api/v1/health"
@@ -43,19 +43,21 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def argv(args: Sequence[object]) -> list[str]:
-    return [str(STRATA), *(str(a) for a in args)]
+def argv(args: Sequence[object], netns: str = "") -> list[str]:
+    return [*(["ip", "netns", "exec", netns] if netns else []), str(STRATA),
+            *(str(a) for a in args)]
 
 
 def strata(*args: object, rc: int | None = 0, timeout: float = 300,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+           env: dict[str, str] | None = None, netns: str = "") -> subprocess.CompletedProcess[str]:
     """Run `strata ARGS…` to completion; check its exit code unless `rc` is None. `env`:
-    settings on top of the clean environment (e.g. the signing keys)."""
-    forks = fork_server()
+    settings on top of the clean environment (e.g. the signing keys). `netns`: in that
+    network namespace (`ip netns exec`)."""
+    forks = fork_server(netns)
     if forks is not None:  # the same process boundaries, without re-importing the CLI
         proc = forks.run([str(a) for a in args], {**cli_env(), **(env or {})}, timeout)
     else:
-        proc = subprocess.run(argv(args), env={**cli_env(), **(env or {})},
+        proc = subprocess.run(argv(args, netns), env={**cli_env(), **(env or {})},
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=timeout)
     if rc is not None:
@@ -68,19 +70,28 @@ def strata_json(*args: object, timeout: float = 300) -> object:
     return json.loads(strata(*args, "--json", timeout=timeout).stdout)
 
 
-def spawn(*args: object) -> subprocess.Popen[str]:
-    """Start `strata ARGS…` in its own process group (so a SIGKILL reaches its helpers)."""
-    return subprocess.Popen(argv(args), env=cli_env(), stdin=subprocess.DEVNULL,
+# A spawned command: forked (tests/cli_forkserver.py), or exec'd under STRATA_TEST_EXEC=1.
+Proc = subprocess.Popen[str] | ForkedProcess
+
+
+def spawn(*args: object, netns: str = "") -> Proc:
+    """Start `strata ARGS…` in its own process group (so a SIGKILL reaches its helpers),
+    its stdout and stderr on pipes (text), as `subprocess.Popen` does."""
+    forks = fork_server(netns)
+    if forks is not None:
+        return forks.popen([str(a) for a in args], cli_env())
+    return subprocess.Popen(argv(args, netns), env=cli_env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str, str]:
+def finish(proc: Proc, timeout: float = 300) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode is not None and out is not None and err is not None
     return proc.returncode, out, err
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen[Any] | ForkedProcess) -> None:
     """SIGKILL a process we spawned and the helpers it forked (its own process group)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -142,7 +153,7 @@ class Server:
         self.port = port or free_port()
         self.args = list(args)
         self.catalog = catalog
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | ForkedProcess | None = None
         self.log = data.parent / f"{data.name}.server.log"
         self.signing = signing
         self.keys = data.parent / f"{data.name}.keys"

@@ -17,19 +17,18 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from server_fixtures import (
-    STRATA,
     Agent,
+    Proc,
     Server,
-    cli_env,
     kill_group,
     spawn,
+    strata,
     strata_json,
 )
 from strata.agent.usage import read_boot_time
@@ -130,8 +129,8 @@ def learned_and_moved(server: Server, old: Agent, groups: dict[str, list[str]],
     return said
 
 
-def watch(proc: subprocess.Popen[str], state: Path, root: Path, groups: dict[str, list[str]],
-          status: list[str]) -> dict:
+def watch(proc: Proc, state: Path, root: Path, groups: dict[str, list[str]],
+          netns: str = "") -> dict:
     """Follow a restore until it ends; at the first sight of it usable with files still to
     come, check what is in place and what `agent status --json` says. Returns that
     status's restore block."""
@@ -144,8 +143,8 @@ def watch(proc: subprocess.Popen[str], state: Path, root: Path, groups: dict[str
             for rel in groups["boot"]:
                 assert (root / rel).is_file(), rel
             assert not all((root / r).exists() for r in groups["rest"])
-            out = subprocess.run([*status, "agent", "status", "--state", str(state), "--json"],
-                                 env=cli_env(), capture_output=True, text=True, timeout=120)
+            out = strata("agent", "status", "--state", state, "--json", timeout=120,
+                         netns=netns)
             seen = json.loads(out.stdout)["restore"]
         time.sleep(0.05)
     return seen
@@ -184,8 +183,7 @@ def test_usable_within_a_tenth_of_the_full_restore_over_a_throttled_link(wan, tm
     before = link.bytes_to_branch()
     proc = link.spawn("agent", "run", "--once", "--state", new_state, "--json")
     try:
-        seen = watch(proc, new_state, new_root, groups,
-                     ["ip", "netns", "exec", link.ns, str(STRATA)])
+        seen = watch(proc, new_state, new_root, groups, link.ns)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -242,7 +240,7 @@ def test_killed_mid_restore_resumes_with_nothing_downloaded_twice(tmp_path):
         assert (new.root / wanted).read_bytes() == old_state[wanted][3]
         wire_before = strata_json("agent", "status", "--state", new.state)["bytes_received"]
         proc = spawn(*new.cmd("run", "--once", "--json"))
-        seen = watch(proc, new.state, new.root, groups, [str(STRATA)])
+        seen = watch(proc, new.state, new.root, groups)
         out, err = proc.communicate(timeout=60)
         final = check_done(old_state, new.root, out, err, seen, new.state, resumed=True)
         assert final["kept_user_files"] == 0  # the file fetched early was the CVD's

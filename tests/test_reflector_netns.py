@@ -9,7 +9,6 @@ tx_bytes). Needs root and `ip netns`; skipped otherwise."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from server_fixtures import Server, free_port
+from server_fixtures import Server, free_port, kill_group
 from test_wan_netns import Link, _netns_usable
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +76,7 @@ def branch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace
             yield world
         finally:
             if world.refl is not None:
-                os.killpg(world.refl.pid, 9)
+                kill_group(world.refl)
             server.stop()
             server.kill()
 
@@ -117,8 +116,7 @@ def update_all(world: SimpleNamespace, version: int, *, kill_reflector_at: float
         while world.link.bytes_to_branch() - before < kill_reflector_at * LAYER_BYTES:
             assert time.monotonic() - started < 300
             time.sleep(0.05)  # sampling the link, not waiting for an outcome
-        os.killpg(world.refl.pid, 9)
-        world.refl.wait(timeout=30)
+        kill_group(world.refl)
         world.refl = None
     updates = []
     for p in procs:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from server_fixtures import STRATA, Server, cli_env, free_port
+from cli_forkserver import close_fork_server
+from server_fixtures import Proc, Server, free_port, kill_group, spawn, strata
 
 pytestmark = pytest.mark.e2e
 
@@ -72,6 +73,9 @@ class Link:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # The commands run in the namespace are forked from a server started in it at the
+        # first (tests/cli_forkserver.py), which goes with it.
+        close_fork_server(self.ns)
         subprocess.run(["ip", "link", "del", self.dc], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
 
@@ -85,17 +89,11 @@ class Link:
         return int(Path(f"/sys/class/net/{self.dc}/statistics/rx_bytes").read_text())
 
     def run(self, *args: object, rc: int = 0) -> str:
-        proc = subprocess.run(["ip", "netns", "exec", self.ns, str(STRATA),
-                               *(str(a) for a in args)], env=cli_env(), capture_output=True,
-                              text=True, timeout=300, stdin=subprocess.DEVNULL)
-        assert proc.returncode == rc, (args, proc.returncode, proc.stdout, proc.stderr)
-        return proc.stdout
+        """`strata ARGS…` in the branch namespace, to completion; its stdout."""
+        return strata(*args, rc=rc, netns=self.ns).stdout
 
-    def spawn(self, *args: object) -> subprocess.Popen[str]:
-        return subprocess.Popen(["ip", "netns", "exec", self.ns, str(STRATA),
-                                 *(str(a) for a in args)], env=cli_env(), text=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+    def spawn(self, *args: object) -> Proc:
+        return spawn(*args, netns=self.ns)
 
 
 @pytest.fixture
@@ -162,7 +160,7 @@ def test_a_60_second_outage_mid_download_then_completion_with_no_byte_twice(wan,
             time.sleep(0.2)
         resumed_after = time.monotonic() - outage_started - OUTAGE_SECONDS
     finally:
-        os.killpg(daemon.pid, 9)
+        kill_group(daemon)  # no error if it ended early (the fork server reaped it)
         out, _ = daemon.communicate(timeout=30)
     carried = link.bytes_to_branch() - before
     print(f"ready {resumed_after:.0f} s after the link came back; {carried:,} B crossed the "
