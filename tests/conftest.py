@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -117,10 +118,14 @@ class Cli:
         assert "Traceback" not in proc.stderr, proc.stderr
         return json.loads(proc.stdout)
 
-    def start(self, *args: object, passphrase: str | None = None) -> subprocess.Popen[bytes]:
+    def start(self, *args: object, passphrase: str | None = None) -> Any:
+        """`strata store ARGS` started (a Popen, or its forked likeness), text output."""
+        forks = fork_server()
+        if forks is not None:
+            return forks.popen(self.argv(args)[1:], self.env(passphrase), str(self.cwd))
         return subprocess.Popen(self.argv(args), cwd=self.cwd, env=self.env(passphrase),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, text=True, errors="replace")
 
     def snapshot_ids(self, store: Path, passphrase: str | None = None) -> list[str]:
         return [s["id"] for s in self.json("snapshots", store, passphrase=passphrase)]

@@ -63,7 +63,7 @@ def run_cli(cli, store: Path, args: tuple, *, kill_after: float | None) -> tuple
             proc.wait()
     if proc.returncode == -signal.SIGKILL:
         return "killed", took
-    assert proc.returncode == 0, (args, proc.returncode, err.decode(errors="replace"))
+    assert proc.returncode == 0, (args, proc.returncode, err)
     return "finished", took
 
 
@@ -233,7 +233,7 @@ def test_prune_concurrent_with_backup_is_safe(cli, tmp_path, trees, stores, rep)
     outs = {}
     for args, proc in ((first, p1), (second, p2)):
         out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, (args[0], err.decode(errors="replace"))
+        assert proc.returncode == 0, (args[0], err)
         outs[args[0]] = out
     sid = json.loads(outs["backup"])["snapshot"]
     assert trees.tree_state(src) == state
