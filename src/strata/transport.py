@@ -10,6 +10,7 @@ then kept as the only certificate that server may present.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -90,6 +91,16 @@ def certificate_file_fingerprint(path: str | Path) -> str:
         return f"(unreadable: {exc})"
 
 
+@functools.cache
+def system_trust() -> ssl.SSLContext:
+    """The system's CAs, as httpx trusts them by default, loaded once per process: a client
+    told `verify=True` loads the whole bundle again (35 ms of CPU), and a command makes
+    several clients. A context is safe to share between clients and threads."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
 def verify_setting(ca_cert: str | Path | None = None, pinned_cert: str | Path | None = None,
                    *, pinned_pem: str = "") -> bool | ssl.SSLContext:
     """What httpx is told to verify: a pinned certificate (a file, or `pinned_pem` itself:
@@ -108,7 +119,7 @@ def verify_setting(ca_cert: str | Path | None = None, pinned_cert: str | Path | 
         ctx = ssl.create_default_context()
         _load(ctx, ca_cert, "--ca-cert")
         return ctx
-    return True
+    return system_trust()
 
 
 def _load(ctx: ssl.SSLContext, path: str | Path, what: str) -> None:

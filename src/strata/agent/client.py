@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from strata.agent.throttle import TokenBucket
 from strata.errors import StrataError
 from strata.model.wire import BandwidthLimits
-from strata.transport import describe_transport_error, is_certificate_error
+from strata.transport import describe_transport_error, is_certificate_error, system_trust
 
 M = TypeVar("M", bound=BaseModel)
 RETRY_STATUS = {429, 502, 503, 504}
@@ -55,6 +55,8 @@ class ServerClient:
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic):
         self.server = server.rstrip("/")
+        if verify is True:
+            verify = system_trust()
         headers = {"Authorization": f"Bearer {credential}"} if credential else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout,
                                  verify=verify)

@@ -166,11 +166,11 @@ class ReflectorFetcher:
         return client
 
     def _make_client(self, refl: ReflectorAssignment, ticket: str) -> ServerClient:
-        from strata.transport import verify_setting
+        from strata.transport import system_trust, verify_setting
 
         # The reflector's certificate as the server vouched for it; no retries: on any
         # trouble the server is asked at once, the reflector again at the next download.
-        verify = verify_setting(pinned_pem=refl.tls_cert) if refl.tls_cert else True
+        verify = verify_setting(pinned_pem=refl.tls_cert) if refl.tls_cert else system_trust()
         return ServerClient(refl.url, ticket, retries=0, timeout=self.timeout, verify=verify)
 
     def _renew_if_due(self) -> None:
