@@ -192,7 +192,7 @@ def full_state(root: Path, skip: tuple[str, ...] = (".strata-apply",)) -> dict[s
 
 # -- an OS-like tree of a given size -------------------------------------------------------
 
-OS_T0 = 1_690_000_000  # seconds: the oldest package build of an os_tree
+OS_T0 = 1_680_000_000  # seconds: the oldest package build of an os_tree (2023)
 OS_MAX_FILE = 4 << 20
 _WORDS = ("the", "of", "to", "and", "a", "in", "is", "for", "file", "be", "this", "that",
           "with", "on", "not", "by", "or", "if", "it", "as", "are", "from", "value", "data",
@@ -236,9 +236,9 @@ class _Content:
         self.symbols = ["_".join(self.word(rng.randint(1, 3))) for _ in range(3000)]
         self.lines = {kind: [self._line(kind) for _ in range(1200)]
                       for kind in ("prose", "python", "c", "conf")}
-        # Code that real libraries share (static runtimes, inlined headers): blocks that
-        # several binaries of a tree carry byte for byte, long enough for whole chunks.
-        self.shared = [self.code(rng.randint(256, 512) << 10) for _ in range(3)]
+        # Code that real binaries share (a statically linked runtime): every big binary
+        # of a tree carries it byte for byte, long enough for whole chunks.
+        self.runtime = self.code(320 << 10)
 
     def word(self, k: int = 1) -> list[str]:
         return self.rng.choices(self.words, cum_weights=self.cum, k=k)
@@ -312,10 +312,9 @@ class _Content:
         table = self.table(size // 6)
         strings = self.strings(size // 6)
         code = self.code(max(0, size - len(table) - len(strings)))
-        block = rng.choice(self.shared)
-        if len(block) < len(code) // 2 and rng.random() < 0.7:
+        if len(code) >= 2 * len(self.runtime):
             at = rng.randrange(len(code) // 2)
-            code = code[:at] + block + code[at + len(block):]
+            code = code[:at] + self.runtime + code[at + len(self.runtime):]
         pad = bytes(rng.randrange(4096))  # section alignment
         return (head + table + pad + code + strings)[:size].ljust(size, b"\0")
 
@@ -360,7 +359,7 @@ def os_tree(dest: Path, budget: int, seed: int = 0) -> int:
     gen = _Content(rng)
     max_file = min(OS_MAX_FILE, max(budget // 4, 64 << 10))
     lib = "usr/lib/x86_64-linux-gnu"
-    total, names = 0, set()
+    total, names, libs = 0, set(), 0
     while total < budget:
         pkg = gen.name()
         if pkg in names:
@@ -378,7 +377,8 @@ def os_tree(dest: Path, budget: int, seed: int = 0) -> int:
         if roll < 0.35:  # a library
             major = rng.randint(0, 9)
             so = f"lib{pkg}.so.{major}.{rng.randint(0, 30)}.{rng.randint(0, 9)}"
-            big = rng.random() < 0.1  # libc, libstdc++, libcrypto, libpython...
+            big = libs % 8 == 0  # one in eight: libc, libstdc++, libcrypto, libpython...
+            libs += 1
             files[f"{lib}/{so}"] = gen.elf(size(2 << 20, 0.5) if big
                                            else size(120_000, 1.2, 4096)), 0o644
             links[f"{lib}/lib{pkg}.so.{major}"] = so
@@ -402,7 +402,7 @@ def os_tree(dest: Path, budget: int, seed: int = 0) -> int:
             for lang in rng.sample(_LANGS, rng.randint(2, 6)):
                 files[f"usr/share/locale/{lang}/LC_MESSAGES/{pkg}.mo"] = (
                     gen.mo(mo + rng.randrange(mo // 8 + 1)), 0o644)
-        when = (OS_T0 + rng.randrange(3 * 365 * 86400)) * 10**9  # the package's build
+        when = (OS_T0 + rng.randrange(2 * 365 * 86400)) * 10**9  # the package's build
         for path, (data, mode) in files.items():
             data = data[:budget - total]
             if not data:
@@ -420,6 +420,7 @@ def os_tree(dest: Path, budget: int, seed: int = 0) -> int:
     release = dest / "etc/os-release"
     release.parent.mkdir(parents=True, exist_ok=True)
     release.write_text('ID=stratatest\nVERSION_ID="1"\nPRETTY_NAME="Strata test OS 1"\n')
-    for p in [release, *(p for p in dest.rglob("*") if p.is_dir())]:
+    for p in [release, *(p for p in dest.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        p.chmod(0o644 if p == release else 0o755)  # whatever the umask
         os.utime(p, ns=(OS_T0 * 10**9, OS_T0 * 10**9))
     return total
