@@ -279,17 +279,17 @@ class _Content:
 
     def code(self, size: int) -> bytes:
         """Machine-code-like bytes: skewed literals, and about 2/3 of the pieces repeated
-        from the 32 KiB before (prologues, idioms), as a compiler leaves them; zstd -3
-        gets ~2.4x, as on x86-64 code, and zstd -19 takes as long over it."""
+        from the 32 KiB before (prologues, idioms), as a compiler leaves them. zstd -3
+        gets ~2.5x, and zstd -19 (deltas) takes as long, as on Debian's libraries."""
         rng = self.rng
         fresh = rng.randbytes(size).translate(_CODE)
-        n = size // 8 + 1  # pieces of 8-167 bytes: enough of them
+        n = size // 16 + 1  # pieces of 16-334 bytes: enough of them
         lengths, coins, back = rng.randbytes(n), rng.randbytes(n), rng.randbytes(2 * n)
         out, used = bytearray(), 0
         for i in range(n):
             if len(out) >= size:
                 break
-            k = 8 + lengths[i] * 5 // 8
+            k = 16 + lengths[i] * 10 // 8
             distance = max(k, back[2 * i] | (back[2 * i + 1] & 0x7F) << 8)
             if coins[i] < 166 and len(out) >= k:
                 at = len(out) - min(distance, len(out))
@@ -347,7 +347,7 @@ def os_tree(dest: Path, budget: int, seed: int = 0) -> int:
     several MiB, none over 4 MiB; binaries ~70 % of the bytes); text (docs, scripts,
     configuration, Python, headers) that zstd -3 compresses ~3x (2x when small, 5x when
     large); ELF-shaped binaries (header, symbol tables, code-like bytes, strings,
-    padding) that compress ~2.5x, a few big ones carrying the same blocks of code (so
+    padding) that compress 2.5-3x, a few big ones carrying the same blocks of code (so
     chunks dedup a little inside the tree, as real libraries do); already compressed
     man pages. Package docs have a copyright file but no changelog (as in Debian's
     minimal images; changelogs fall under a layer rule of their own).
