@@ -1,5 +1,5 @@
 """Helpers for the server and agent tests: real `strata server` processes on loopback, real
-`strata agent` processes, and real trees of files.
+`strata agent` processes, and trees of files to centralize.
 
 Not a conftest: test modules import what they use (`from server_fixtures import ...`) and
 declare their own fixtures around `running_server`, so every fixture is visible where used.
@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 
 from cli_forkserver import ForkedProcess, fork_server
+from generated_trees import os_tree
 
 STRATA = Path(sys.executable).parent / "strata"
 HEALTH = "/api/v1/health"
@@ -401,43 +401,11 @@ def centralized(out: dict) -> dict:
 # -- trees -----------------------------------------------------------------------------------
 
 
-def system_files(budget: int, max_file: int = 4 * MIB) -> Iterator[tuple[Path, int]]:
-    """Real files from /usr/lib (then /usr/share), in sorted order, until `budget` bytes."""
-    total = 0
-    for top in ("/usr/lib", "/usr/share"):
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath, name)
-                try:
-                    if path.is_symlink() or not path.is_file():
-                        continue
-                    size = path.stat().st_size
-                except OSError:
-                    continue
-                if not 0 < size <= max_file or not os.access(path, os.R_OK):
-                    continue
-                yield path, size
-                total += size
-                if total >= budget:
-                    return
-
-
-def build_os_tree(dest: Path, budget: int) -> int:
-    """Copy a deterministic selection of real system files under dest/usr/...; their bytes."""
-    total = 0
-    for src, _ in system_files(budget):
-        target = dest / src.relative_to("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            shutil.copy2(src, target)
-        except OSError:
-            continue
-        total += target.stat().st_size
-    (dest / "etc").mkdir(parents=True, exist_ok=True)
-    (dest / "etc/os-release").write_text('ID=stratatest\nVERSION_ID="1"\n'
-                                         'PRETTY_NAME="Strata test OS 1"\n')
-    return total
+def build_os_tree(dest: Path, budget: int, seed: int = 0) -> int:
+    """An OS-like tree of `budget` bytes under dest/usr plus dest/etc/os-release, generated
+    (generated_trees.os_tree: the same on every machine, nothing read from the host's /usr);
+    its bytes under usr."""
+    return os_tree(dest, budget, seed)
 
 
 WORDS = ("quarterly", "report", "budget", "meeting", "strata", "endpoint", "layer", "policy",

@@ -213,7 +213,7 @@ def test_agent_rebuilds_from_its_copy_or_falls_back_to_chunks(tmp_path, case):
 
 
 def make_bases(base: Path) -> tuple[Path, Path, dict[str, tuple[bytes, bytes]]]:
-    """v1 from real system files; v2 with every file over 32 KiB changed a little, one
+    """v1 a generated OS tree; v2 with every file over 32 KiB changed a little, one
     versioned library renamed (libdemo.so.1 -> libdemo.so.2) and a file added. Returns the
     trees and, per changed path of v2, (v1's content, v2's)."""
     v1 = base / "base-v1"

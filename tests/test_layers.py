@@ -73,13 +73,13 @@ USER_LAYERS = ("home", "etc/hostname", "etc/machine-id", "opt")
 
 
 def make_bases(base: Path) -> tuple[Path, Path, int]:
-    """Base v1 (real system files) and v2: some files changed, some added, some removed.
+    """Base v1 (a generated OS tree) and v2: some files changed, some added, some removed.
     Returns the trees and the bytes of new content v2 brings."""
     v1 = base / "base-v1"
     build_os_tree(v1, 12 * MIB)
     (v1 / "etc/app.conf").write_text("setting = 1\n")
     (v1 / "etc/fstab").write_text("# v1 fstab\n")
-    (v1 / "usr/bin").mkdir(parents=True)
+    (v1 / "usr/bin").mkdir(parents=True, exist_ok=True)
     (v1 / "usr/bin/tool").write_bytes(b"#!/bin/sh\necho v1\n")
     (v1 / "usr/bin/tool").chmod(0o755)
     (v1 / "usr/bin/old-tool").write_bytes(b"#!/bin/sh\necho going away\n")

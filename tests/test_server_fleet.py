@@ -33,7 +33,7 @@ from server_fixtures import (
 
 pytestmark = pytest.mark.e2e
 
-OS_BUDGET = 28 * MIB  # real files from /usr/lib: the shared "OS layer"
+OS_BUDGET = 28 * MIB  # a generated OS tree (build_os_tree): the shared "OS layer"
 ENDPOINTS = 4
 OVERHEAD = 64 << 10  # fixed allowance per run: check-in-free protocol chatter, headers
 
