@@ -22,8 +22,8 @@ import cli_forkserver
 
 _spent: dict[str, float] = defaultdict(float)
 _calls: dict[str, int] = defaultdict(int)
-_per_test: list[tuple[float, float, float, float, str]] = []  # CPU s (own, children,
-# forked), wall s, node id
+_per_test: list[tuple[float, float, float, float, str, float]] = []  # CPU s (own,
+# children, forked), wall s, node id, when it started (Unix time)
 
 
 def _parts() -> tuple[float, float, float]:
@@ -41,12 +41,12 @@ def _cpu() -> float:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    start, began = _parts(), time.monotonic()
+    start, began, at = _parts(), time.monotonic(), time.time()
     yield
     module = item.nodeid.split("::", 1)[0]
     parts = [b - a for a, b in zip(start, _parts(), strict=True)]
     _spent[module] += sum(parts)
-    _per_test.append((*parts, time.monotonic() - began, item.nodeid))
+    _per_test.append((*parts, time.monotonic() - began, item.nodeid, at))
     _calls[module] += 1
 
 
@@ -56,13 +56,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         with open(out, "a") as f:
             f.writelines(f"{cpu:.1f} {_calls[m]} {m}\n" for m, cpu in _spent.items())
     # STRATA_CPU_REPORT_TESTS=FILE: one line per test, "CPU-seconds wall-seconds node-id
-    # own children forked" (CPU seconds of the test process, of its children, of the
-    # commands it had forked)
+    # own children forked started worker" (CPU seconds of the test process, of its
+    # children, of the commands it had forked; when it started; which xdist worker)
     per_test = os.environ.get("STRATA_CPU_REPORT_TESTS")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     if per_test and _per_test:
         with open(per_test, "a") as f:
             f.writelines(f"{own + kids + forked:.2f} {wall:.2f} {node} {own:.2f} {kids:.2f} "
-                         f"{forked:.2f}\n" for own, kids, forked, wall, node in _per_test)
+                         f"{forked:.2f} {at:.1f} {worker}\n"
+                         for own, kids, forked, wall, node, at in _per_test)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

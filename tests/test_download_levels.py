@@ -1,6 +1,7 @@
 """Which zstd level a download stream gets: the top one for IT layer content (compressed
 once, then served from the stream cache to every endpoint of the layer), a faster one for
-an endpoint's own CVD (a restore or a revert: sent once, to that endpoint alone)."""
+an endpoint's own CVD (a restore or a revert: sent once, to that endpoint alone), a fast
+one for content that did not compress when it was stored (random, media, archives)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,36 @@ from types import SimpleNamespace
 
 from strata.model.ids import content_id
 from strata.server.holdings import Holdings
-from strata.server.services.layer_downloads import DOWNLOAD_LEVEL, PRIVATE_LEVEL, stream_level
+from strata.server.services.layer_downloads import (
+    DOWNLOAD_LEVEL,
+    INCOMPRESSIBLE_LEVEL,
+    PRIVATE_LEVEL,
+    stream_level,
+)
 
 LAYER, CVD = "a" * 64, "b" * 64
 in_layer = [content_id(b"layer %d" % i) for i in range(3)]
 own = [content_id(b"own %d" % i) for i in range(2)]
 
 
-def ctx(tmp_path):
+class Sizes:
+    """The store, as far as levels go: how well a batch compressed when it was stored."""
+
+    def __init__(self, stored_share: float | None):
+        self.share = stored_share
+
+    def compressed_sizes(self, ids):
+        if self.share is None:  # a store without compression
+            return None
+        raw = 65536 * len(set(ids))
+        return int(raw * self.share), raw
+
+
+def ctx(tmp_path, stored_share=0.4):
     holdings = Holdings(tmp_path / "holdings.sqlite")
     holdings.index_snapshot(LAYER, lambda: in_layer)
     holdings.index_snapshot(CVD, lambda: [*in_layer, *own])
-    return SimpleNamespace(holdings=holdings)
+    return SimpleNamespace(holdings=holdings, store=Sizes(stored_share))
 
 
 def test_a_batch_of_layer_content_takes_the_top_level(tmp_path):
@@ -31,3 +50,12 @@ def test_a_batch_with_any_of_an_endpoints_own_data_takes_the_faster_level(tmp_pa
     assert stream_level(ctx(tmp_path), [LAYER], [*in_layer, own[0]]) == PRIVATE_LEVEL
     assert stream_level(ctx(tmp_path), [], in_layer) == PRIVATE_LEVEL  # a CVD restore only
     assert PRIVATE_LEVEL < DOWNLOAD_LEVEL
+
+
+def test_a_batch_that_did_not_compress_when_stored_takes_a_fast_level(tmp_path):
+    for share in (0.96, 1.0, 1.01):  # raw, or raw plus the encrypted store's overhead
+        assert stream_level(ctx(tmp_path, share), [LAYER], in_layer) == INCOMPRESSIBLE_LEVEL
+        assert stream_level(ctx(tmp_path, share), [], own) == INCOMPRESSIBLE_LEVEL
+    assert stream_level(ctx(tmp_path, 0.9), [LAYER], in_layer) == DOWNLOAD_LEVEL
+    assert stream_level(ctx(tmp_path, None), [LAYER], in_layer) == DOWNLOAD_LEVEL  # cannot tell
+    assert INCOMPRESSIBLE_LEVEL < PRIVATE_LEVEL

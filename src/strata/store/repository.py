@@ -492,9 +492,19 @@ class Store:
     def raw_sizes(self, ids: Iterable[bytes]) -> dict[bytes, int]:
         """The raw length of each of `ids` the store holds, from the index alone: what
         reading them would cost, known before any is read."""
+        return {c: loc.raw_length for c, loc in self._locate(ids).items()}
+
+    def compressed_sizes(self, ids: Iterable[bytes]) -> tuple[int, int] | None:
+        """(stored, raw) bytes of those of `ids` the store holds, from the index alone: how
+        well they compressed. None when the store does not compress (it cannot tell)."""
+        if self.config.zstd_level <= 0:
+            return None
+        where = self._locate(ids).values()
+        return sum(loc.length for loc in where), sum(loc.raw_length for loc in where)
+
+    def _locate(self, ids: Iterable[bytes]) -> dict[bytes, Location]:
         with self._index_lock:
-            where = self.index.locate(list(dict.fromkeys(ids)))
-        return {c: loc.raw_length for c, loc in where.items()}
+            return self.index.locate(list(dict.fromkeys(ids)))
 
     def pack_of(self, cid: bytes) -> str | None:
         """The pack holding `cid`, or None (a cache's recency is kept per pack)."""
