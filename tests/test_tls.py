@@ -16,7 +16,12 @@ from server_fixtures import Server, assert_one_line_error, free_port, strata
 from strata.errors import StrataError
 from strata.server.listener import ListenAddress
 from strata.server.tls import server_certificate
-from strata.transport import check_server_url, fingerprint, normalize_fingerprint
+from strata.transport import (
+    check_server_url,
+    describe_transport_error,
+    fingerprint,
+    normalize_fingerprint,
+)
 
 E2E = pytest.mark.e2e  # the tests that run real servers, agents or CLIs
 
@@ -125,6 +130,19 @@ def test_clients_refuse_plain_http_to_another_machine(tmp_path: Path) -> None:
                   token, "--root", tmp_path, "--state", tmp_path / "state", rc=2)
     assert_one_line_error(proc, "refusing plain HTTP to 192.0.2.10")
     assert not (tmp_path / "state" / "credential.json").exists()
+
+
+def test_an_https_server_reached_with_http_is_named_whether_it_closes_or_resets() -> None:
+    """Which of the two a client sees is a race (the request unread in the server's buffer
+    turns its close into a reset): both name the likely mistake."""
+    url = "http://127.0.0.1:8470"
+    for exc in (httpx.RemoteProtocolError("Server disconnected without sending a response."),
+                httpx.ReadError("[Errno 104] Connection reset by peer")):
+        assert "an https:// server reached with http://" in describe_transport_error(url, exc)
+    # Over https:// a reset is something else, said as it is.
+    said = describe_transport_error("https://host:8470", httpx.ReadError(
+        "[Errno 104] Connection reset by peer"))
+    assert "reached with http://" not in said and "reset" in said.lower()
 
 
 def test_check_server_url() -> None:

@@ -160,6 +160,11 @@ def describe_transport_error(server: str, exc: BaseException) -> str:
     if name == "RemoteProtocolError":
         return (f"{server} closed the connection without an answer (an https:// server "
                 "reached with http://?)")
+    # A TLS server reached with plain HTTP closes at once; with the request still unread
+    # in its buffer, the close is a reset (which of the two the client sees is a race).
+    if "connection reset" in text and server.startswith("http://"):
+        return (f"{server} reset the connection without an answer (an https:// server "
+                "reached with http://?)")
     if name == "UnsupportedProtocol":
         return f"server URL {server!r} must start with https:// or http://"
     return f"cannot reach {server}: {transport_cause(exc)}"
