@@ -111,8 +111,11 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
     for name in preload.split(","):
         __import__(name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    # Bound under another name and renamed once listening: the client waits for `path`
+    # to exist, and a connect between bind and listen would be refused.
+    listener.bind(path + ".new")
     listener.listen(64)
+    os.rename(path + ".new", path)
     parent = os.getppid()
     children: dict[int, socket.socket] = {}
     began: dict[int, tuple[float, list[str]]] = {}  # for the report
