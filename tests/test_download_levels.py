@@ -13,6 +13,7 @@ from strata.server.services.layer_downloads import (
     DOWNLOAD_LEVEL,
     INCOMPRESSIBLE_LEVEL,
     PRIVATE_LEVEL,
+    batch_sizes,
     stream_level,
 )
 
@@ -26,12 +27,11 @@ class Sizes:
 
     def __init__(self, stored_share: float | None):
         self.share = stored_share
+        self.compresses = stored_share is not None  # None: a store without compression
 
-    def compressed_sizes(self, ids):
-        if self.share is None:  # a store without compression
-            return None
+    def stored_and_raw(self, ids):
         raw = 65536 * len(set(ids))
-        return int(raw * self.share), raw
+        return int(raw * (self.share or 1.0)), raw
 
 
 def ctx(tmp_path, stored_share=0.4):
@@ -41,21 +41,25 @@ def ctx(tmp_path, stored_share=0.4):
     return SimpleNamespace(holdings=holdings, store=Sizes(stored_share))
 
 
+def level(world, layers, ids):
+    return stream_level(world, layers, ids, batch_sizes(world, ids))
+
+
 def test_a_batch_of_layer_content_takes_the_top_level(tmp_path):
-    assert stream_level(ctx(tmp_path), [LAYER], in_layer) == DOWNLOAD_LEVEL
-    assert stream_level(ctx(tmp_path), [LAYER], [in_layer[0], in_layer[0]]) == DOWNLOAD_LEVEL
+    assert level(ctx(tmp_path), [LAYER], in_layer) == DOWNLOAD_LEVEL
+    assert level(ctx(tmp_path), [LAYER], [in_layer[0], in_layer[0]]) == DOWNLOAD_LEVEL
 
 
 def test_a_batch_with_any_of_an_endpoints_own_data_takes_the_faster_level(tmp_path):
-    assert stream_level(ctx(tmp_path), [LAYER], [*in_layer, own[0]]) == PRIVATE_LEVEL
-    assert stream_level(ctx(tmp_path), [], in_layer) == PRIVATE_LEVEL  # a CVD restore only
+    assert level(ctx(tmp_path), [LAYER], [*in_layer, own[0]]) == PRIVATE_LEVEL
+    assert level(ctx(tmp_path), [], in_layer) == PRIVATE_LEVEL  # a CVD restore only
     assert PRIVATE_LEVEL < DOWNLOAD_LEVEL
 
 
 def test_a_batch_that_did_not_compress_when_stored_takes_a_fast_level(tmp_path):
     for share in (0.96, 1.0, 1.01):  # raw, or raw plus the encrypted store's overhead
-        assert stream_level(ctx(tmp_path, share), [LAYER], in_layer) == INCOMPRESSIBLE_LEVEL
-        assert stream_level(ctx(tmp_path, share), [], own) == INCOMPRESSIBLE_LEVEL
-    assert stream_level(ctx(tmp_path, 0.9), [LAYER], in_layer) == DOWNLOAD_LEVEL
-    assert stream_level(ctx(tmp_path, None), [LAYER], in_layer) == DOWNLOAD_LEVEL  # cannot tell
+        assert level(ctx(tmp_path, share), [LAYER], in_layer) == INCOMPRESSIBLE_LEVEL
+        assert level(ctx(tmp_path, share), [], own) == INCOMPRESSIBLE_LEVEL
+    assert level(ctx(tmp_path, 0.9), [LAYER], in_layer) == DOWNLOAD_LEVEL
+    assert level(ctx(tmp_path, None), [LAYER], in_layer) == DOWNLOAD_LEVEL  # cannot tell
     assert INCOMPRESSIBLE_LEVEL < PRIVATE_LEVEL

@@ -494,13 +494,17 @@ class Store:
         reading them would cost, known before any is read."""
         return {c: loc.raw_length for c, loc in self._locate(ids).items()}
 
-    def compressed_sizes(self, ids: Iterable[bytes]) -> tuple[int, int] | None:
-        """(stored, raw) bytes of those of `ids` the store holds, from the index alone: how
-        well they compressed. None when the store does not compress (it cannot tell)."""
-        if self.config.zstd_level <= 0:
-            return None
+    def stored_and_raw(self, ids: Iterable[bytes]) -> tuple[int, int]:
+        """Bytes those of `ids` the store holds take in it, and their raw bytes, from the
+        index alone: what reading them would cost, and how well they compressed."""
         where = self._locate(ids).values()
         return sum(loc.length for loc in where), sum(loc.raw_length for loc in where)
+
+    @property
+    def compresses(self) -> bool:
+        """Whether chunks are compressed when stored (else their stored size says
+        nothing of how well they would)."""
+        return self.config.zstd_level > 0
 
     def _locate(self, ids: Iterable[bytes]) -> dict[bytes, Location]:
         with self._index_lock:

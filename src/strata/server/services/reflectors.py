@@ -21,7 +21,7 @@ import zstandard
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from strata.errors import Forbidden, NotFound, StrataError, TooLarge
+from strata.errors import Forbidden, NotFound, StrataError
 from strata.model.reflector import (
     ReflectorConfig,
     ReflectorEnrollRequest,
@@ -33,7 +33,7 @@ from strata.model.reflector import (
     WarmLayer,
 )
 from strata.model.tickets import Ticket, TicketRefused, verify_ticket
-from strata.model.transfer import MAX_STREAM_BYTES, pack_stream
+from strata.model.transfer import pack_stream
 from strata.model.wire import DesiredState, ReflectorAssignment, ReflectorRoute
 from strata.server.auth import digest, new_secret
 from strata.server.catalog.models import Cvd, Endpoint, Layer, Reflector, SnapshotRecord
@@ -41,7 +41,11 @@ from strata.server.context import ServerContext
 from strata.server.policies import bandwidth_for, get_policy, reflectors_for
 from strata.server.services import audit
 from strata.server.services.credentials import spend_token
-from strata.server.services.layer_downloads import allowed_snapshots, stream_level
+from strata.server.services.layer_downloads import (
+    allowed_snapshots,
+    batch_sizes,
+    stream_level,
+)
 from strata.server.services.manifests import parse_chunk_ids
 from strata.server.services.policies import cached_policy
 
@@ -355,13 +359,12 @@ def chunks(ctx: ServerContext, refl: Reflector, hex_ids: list[str], ticket: str,
         ctx.holdings.index_snapshot(sid, functools.partial(ctx.snapshot_chunks, sid))
     if len(ctx.holdings.in_snapshots(sids, ids)) < len(ids):
         raise Forbidden("a requested chunk is not part of what this reflector may read")
-    if sum(ctx.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:
-        raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per request")
+    sizes = batch_sizes(ctx, ids)
 
     with ctx.session() as db:  # IT layers take the top level, a CVD a faster one
         layer_sids = sorted(db.scalars(select(Layer.snapshot).where(
             Layer.snapshot.in_(sids))).all()) if sids else []
-    level = stream_level(ctx, layer_sids, ids)
+    level = stream_level(ctx, layer_sids, ids, sizes)
 
     def make() -> bytes:
         return pack_stream([(cid, ctx.store.load_chunk(cid)) for cid in ids], level)
