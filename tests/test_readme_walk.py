@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_forkserver import ForkServer
+from cli_forkserver import ForkServer, exec_only
 from server_fixtures import argv, cli_env
 
 pytestmark = pytest.mark.e2e
@@ -364,7 +364,7 @@ def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
         # (tests/cli_forkserver.py: each still its own process, environment, folder and
         # exit code; 0.06 s of CPU instead of 0.6). `make demo` and what it starts are
         # real execs; STRATA_TEST_EXEC=1 makes the commands so too.
-        if os.environ.get("STRATA_TEST_EXEC") != "1":
+        if not exec_only():
             forks = ForkServer(pythonpath=str(clone / "src"))
         walk = Walk(base, clone / "demo-work", code, forks)
         for _, command in offline:  # no server needed: while the demo builds its fleet
