@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import atexit
+import gc
 import json
 import os
 import selectors
@@ -36,18 +37,20 @@ from pathlib import Path
 from typing import TextIO
 
 # What the commands import: loaded once in the fork server (`strata server` included:
-# its imports cost about 2 s of CPU at each start).
-PRELOAD = ("strata.server.app", "strata.server.catalog.db",
-           "strata.cli.main", "strata.cli.agent", "strata.cli.admin", "strata.cli.layers",
-           "strata.cli.store", "strata.cli.endpoint", "strata.cli.signing",
-           "strata.cli.reflector", "strata.cli.users", "strata.cli.reports",
-           "strata.agent.cycle", "strata.agent.centralize", "strata.agent.update",
-           "strata.agent.enrollment", "strata.agent.status", "strata.signing.trust",
-           "strata.signing.publisher", "strata.engine.backup", "strata.engine.restore",
-           "strata.layers.capture")
-# In a branch's network namespace only agents and reflectors run: the server's imports
-# would cost the fork server more than they save there.
-ENDPOINT_PRELOAD = tuple(m for m in PRELOAD if not m.startswith("strata.server."))
+# its imports cost about 2 s of CPU at each start). httpx loads httpcore, and a server
+# uvicorn and the SQLite dialect, only when first used. In a branch's network namespace
+# only agents and reflectors run: the server's imports would cost more than they save.
+ENDPOINT_PRELOAD = (
+    "strata.cli.main", "strata.cli.agent", "strata.cli.admin", "strata.cli.layers",
+    "strata.cli.store", "strata.cli.endpoint", "strata.cli.signing", "strata.cli.reflector",
+    "strata.cli.users", "strata.cli.reports", "strata.agent.cycle", "strata.agent.centralize",
+    "strata.agent.update", "strata.agent.enrollment", "strata.agent.status",
+    "strata.signing.trust", "strata.signing.publisher", "strata.engine.backup",
+    "strata.engine.restore", "strata.layers.capture", "httpcore", "h11", "certifi")
+PRELOAD = ("strata.server.app", "strata.server.catalog.db", "strata.cli.server",
+           "uvicorn.main", "uvicorn.loops.uvloop", "uvicorn.lifespan.on",
+           "uvicorn.protocols.http.httptools_impl", "sqlalchemy.dialects.sqlite.pysqlite",
+           *ENDPOINT_PRELOAD)
 
 
 def _recv_fds(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -110,6 +113,15 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
     per command. MODULES: what to import first, comma-separated."""
     for name in preload.split(","):
         __import__(name)
+    import kdf_cost  # beside this file
+
+    kdf_cost.lower(passwords=True)
+    if "strata.server.app" in sys.modules:  # what every server would build at its start
+        sys.modules["strata.server.app"].prepare_routes()
+    # What was imported lives as long as every child: frozen, the children's collections
+    # never walk it (`strata server` starts with a full one: 0.14 s of CPU otherwise).
+    gc.collect()
+    gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bound under another name and renamed once listening: the client waits for `path`
     # to exist, and a connect between bind and listen would be refused.

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import kdf_cost
 from cli_forkserver import fork_server
 
 # The catalog fixtures live here, not imported by each module: one PostgreSQL cluster a session.
@@ -24,6 +25,8 @@ from pg_fixture import catalogs, pg_cluster  # noqa: F401
 from strata.engine.backup import BackupResult, backup
 from strata.engine.restore import RestoreResult, restore
 from strata.store.repository import Store
+
+kdf_cost.lower(passwords=False)  # see tests/kdf_cost.py
 
 STRATA = Path(sys.executable).parent / "strata"
 SMALL_PACK = 256 << 10

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from strata.errors import CorruptData
 from strata.model.wire import DesiredLayer, DesiredState
 from strata.signing import LayerRefused, SigningError
 from strata.signing.catalog import (
@@ -33,6 +36,7 @@ from strata.signing.policy import AppliedLayer, TrustRecord, approve
 from strata.signing.publisher import Keys, Publisher, initialize
 from strata.signing.repository import MetadataRefused, SigningRepository
 from strata.signing.trust import MetadataMissing, pin_root, refresh
+from strata.store.crypto import unwrap_secret, wrap_secret
 
 PASS = b"correct horse battery"
 ENDPOINT = "0b5e3c1a-0000-4000-8000-000000000001"
@@ -505,3 +509,24 @@ def test_pinning_another_root_forgets_what_the_old_one_vouched_for(world, tmp_pa
     pin(state, other.read("root.json"))
     assert load_record(state) == TrustRecord() and not (state.path / RECORD).exists()
     assert not (state.path / TRUST_DIR / "metadata").exists()
+
+
+def test_new_key_files_take_the_full_scrypt_cost():
+    """The suite derives keys at a test cost (tests/kdf_cost.py); the product's own, as a
+    fresh interpreter has it, is scrypt N=2^15, r=8."""
+    code = ("import json; from strata.store import crypto; "
+            "print(json.dumps(crypto.wrap_secret(b'k' * 32, 'pass', b'purpose')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    doc = json.loads(out.stdout)
+    assert (doc["kdf"], doc["n"], doc["r"], doc["p"]) == ("scrypt", 1 << 15, 8, 1)
+    assert unwrap_secret(doc, "pass", b"purpose") == b"k" * 32
+
+
+@pytest.mark.parametrize("n, r, p", [(1 << 22, 8, 1), (3, 8, 1), (1 << 10, 1000, 1),
+                                     (1 << 10, 8, 0)])
+def test_a_key_file_asking_an_absurd_scrypt_cost_is_refused_not_computed(n, r, p):
+    doc = wrap_secret(b"k" * 32, "pass", b"purpose")
+    doc.update(n=n, r=r, p=p)
+    with pytest.raises(CorruptData, match="out of bounds"):
+        unwrap_secret(doc, "pass", b"purpose")

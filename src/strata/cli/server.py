@@ -92,7 +92,7 @@ def serve(ctx: typer.Context,
     # would pay for nothing.
     import uvicorn
 
-    from strata.server.app import create_app
+    from strata.server.app import create_app, prepare_routes
     from strata.server.catalog.db import is_postgresql
     from strata.server.context import ServerSettings
     from strata.server.data_dir import lock_down
@@ -146,6 +146,7 @@ def serve(ctx: typer.Context,
                                          tls_key=tls_key, tls_names=tls_name,
                                          insecure=insecure)
         app = create_app(settings)  # a catalog that cannot be opened: one CatalogError line
+        prepare_routes()  # the first agents' requests do not wait for it
         if metrics_address is not None:
             serve_metrics(metrics_address)
         lines = _banner(address, data_dir, store, app, certificate, metrics_address)

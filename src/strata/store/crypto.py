@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 NONCE_LEN = 12
 TAG_LEN = 16
 MASTER_KEY_PURPOSE = b"strata-master-key"
+# scrypt's cost for a new key file: N=2^15, r=8, p=1 (32 MiB, 0.1 s here); each file
+# records its own, so the cost can rise later. The test suite lowers it in its processes
+# (tests/conftest.py): it derives some 370 keys a run.
+SCRYPT_LOG_N = 15
+# A key file asking for more than this is refused, not computed: N=2^21 with r=8 would
+# take 2 GiB (key files can come from a shared bucket).
+MAX_LOG_N, MAX_R, MAX_P = 20, 32, 16
 
 
 class Cipher(Protocol):
@@ -75,11 +82,12 @@ def _kdf(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode())
 
 
-def wrap_secret(secret: bytes, passphrase: str, purpose: bytes, *, n: int = 2**15,
+def wrap_secret(secret: bytes, passphrase: str, purpose: bytes, *, n: int | None = None,
                 r: int = 8, p: int = 1) -> dict[str, str | int]:
     """`secret` encrypted under a key derived from the passphrase (scrypt), as a JSON-able
     document; `purpose` is authenticated with it, so one kind of key file cannot be
     passed off as another."""
+    n = n or 1 << SCRYPT_LOG_N
     salt = os.urandom(16)
     wrap = _aesgcm(_kdf(passphrase, salt, n, r, p))
     nonce = os.urandom(NONCE_LEN)
@@ -96,7 +104,11 @@ def unwrap_secret(doc: dict[str, Any], passphrase: str, purpose: bytes) -> bytes
     """The secret of a wrap_secret document; a wrong passphrase raises WrongPassphrase."""
     try:
         salt = base64.b64decode(doc["salt"])
-        derived = _kdf(passphrase, salt, int(doc["n"]), int(doc["r"]), int(doc["p"]))
+        n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
+        if not (2 <= n <= 1 << MAX_LOG_N and n & (n - 1) == 0 and 1 <= r <= MAX_R
+                and 1 <= p <= MAX_P):
+            raise ValueError(f"scrypt cost n={n} r={r} p={p} is out of bounds")
+        derived = _kdf(passphrase, salt, n, r, p)
         nonce = base64.b64decode(doc["nonce"])
         wrapped = base64.b64decode(doc["key"])
     except (ValueError, KeyError, TypeError) as exc:
@@ -108,7 +120,7 @@ def unwrap_secret(doc: dict[str, Any], passphrase: str, purpose: bytes) -> bytes
         raise WrongPassphrase("wrong passphrase") from None
 
 
-def make_key_file(passphrase: str, *, n: int = 2**15, r: int = 8,
+def make_key_file(passphrase: str, *, n: int | None = None, r: int = 8,
                   p: int = 1) -> tuple[bytes, bytes]:
     """Create a new master key; return (master key, key file bytes)."""
     master = os.urandom(32)  # what AESGCM.generate_key(256) returns
