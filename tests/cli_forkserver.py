@@ -118,6 +118,9 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
     kdf_cost.lower(passwords=True)
     if "strata.server.app" in sys.modules:  # what every server would build at its start
         sys.modules["strata.server.app"].prepare_routes()
+    from strata.transport import system_trust
+
+    system_trust()  # the system's CAs, which every client command loads once (35 ms)
     # What was imported lives as long as every child: frozen, the children's collections
     # never walk it (`strata server` starts with a full one: 0.14 s of CPU otherwise).
     gc.collect()

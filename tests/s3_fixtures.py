@@ -45,7 +45,7 @@ class MotoServer:
             if self.proc.poll() is not None:
                 raise RuntimeError("moto server exited:\n" + self.log.read_text(errors="replace"))
             try:
-                httpx.get(self.url + "/moto-api/", timeout=2)
+                httpx.get(self.url + "/moto-api/", timeout=2, verify=False)  # plain HTTP
                 return self
             except httpx.TransportError:
                 time.sleep(0.1)

@@ -217,7 +217,7 @@ def make_bases(base: Path) -> tuple[Path, Path, dict[str, tuple[bytes, bytes]]]:
     versioned library renamed (libdemo.so.1 -> libdemo.so.2) and a file added. Returns the
     trees and, per changed path of v2, (v1's content, v2's)."""
     v1 = base / "base-v1"
-    build_os_tree(v1, 10 * MIB)
+    build_os_tree(v1, 6 * MIB)
     rng = random.Random(11)
     big = max((p for p in (v1 / "usr").rglob("*") if p.is_file() and not p.is_symlink()),
               key=lambda p: p.stat().st_size)
