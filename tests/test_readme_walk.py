@@ -11,8 +11,8 @@ written nothing outside its folder (demo-work/).
 The clone is of this checkout's last commit: uncommitted changes are not in it, so the
 walk tests what is committed (a file left out of a commit fails here). The clone's code
 runs (PYTHONPATH) in this checkout's virtual environment, linked as the clone's `.venv`
-so that `make demo` does not install one again (40 s of pip; CI's fresh clone and `make
-test` cover that install). The walk's commands are forked from a process that imported
+so that `make demo` does not install one again (15-30 s; CI's fresh clone and `make test`
+cover that install). The walk's commands are forked from a process that imported
 the clone's code once (tests/cli_forkserver.py), `make demo` is a real exec.
 
 What is not run, and why: `make` lines but `make demo` (this is the test), `strata
