@@ -523,8 +523,9 @@ def test_new_key_files_take_the_full_scrypt_cost():
     assert unwrap_secret(doc, "pass", b"purpose") == b"k" * 32
 
 
-@pytest.mark.parametrize("n, r, p", [(1 << 22, 8, 1), (3, 8, 1), (1 << 10, 1000, 1),
-                                     (1 << 10, 8, 0)])
+@pytest.mark.parametrize("n, r, p", [(1 << 22, 8, 1), (1 << 20, 32, 1), (3, 8, 1),
+                                     (1 << 10, 1 << 20, 1), (1 << 10, 8, 0), (1 << 10, 8, 17),
+                                     (1 << 10, 0, 1)])
 def test_a_key_file_asking_an_absurd_scrypt_cost_is_refused_not_computed(n, r, p):
     doc = wrap_secret(b"k" * 32, "pass", b"purpose")
     doc.update(n=n, r=r, p=p)

@@ -27,11 +27,11 @@ TAG_LEN = 16
 MASTER_KEY_PURPOSE = b"strata-master-key"
 # scrypt's cost for a new key file: N=2^15, r=8, p=1 (32 MiB, 0.1 s here); each file
 # records its own, so the cost can rise later. The test suite lowers it in its processes
-# (tests/conftest.py): it derives some 370 keys a run.
+# (tests/kdf_cost.py): it derives some 370 keys a run.
 SCRYPT_LOG_N = 15
-# A key file asking for more than this is refused, not computed: N=2^21 with r=8 would
-# take 2 GiB (key files can come from a shared bucket).
-MAX_LOG_N, MAX_R, MAX_P = 20, 32, 16
+# A key file asking for more is refused, not computed (key files can come from a shared
+# bucket): scrypt takes 128 * r * N bytes, and p passes of that.
+MAX_KDF_MEMORY, MAX_P = 1 << 30, 16
 
 
 class Cipher(Protocol):
@@ -105,7 +105,7 @@ def unwrap_secret(doc: dict[str, Any], passphrase: str, purpose: bytes) -> bytes
     try:
         salt = base64.b64decode(doc["salt"])
         n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
-        if not (2 <= n <= 1 << MAX_LOG_N and n & (n - 1) == 0 and 1 <= r <= MAX_R
+        if not (n >= 2 and n & (n - 1) == 0 and r >= 1 and 128 * r * n <= MAX_KDF_MEMORY
                 and 1 <= p <= MAX_P):
             raise ValueError(f"scrypt cost n={n} r={r} p={p} is out of bounds")
         derived = _kdf(passphrase, salt, n, r, p)
