@@ -13,9 +13,9 @@ from strata.server.services.layer_downloads import (
     DOWNLOAD_LEVEL,
     INCOMPRESSIBLE_LEVEL,
     PRIVATE_LEVEL,
-    batch_sizes,
     stream_level,
 )
+from strata.server.services.snapshots import batch_sizes
 
 LAYER, CVD = "a" * 64, "b" * 64
 in_layer = [content_id(b"layer %d" % i) for i in range(3)]

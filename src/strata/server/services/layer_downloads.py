@@ -33,20 +33,11 @@ INCOMPRESSIBLE_LEVEL = 3
 INCOMPRESSIBLE = 0.95  # stored bytes at least this share of the raw bytes: did not compress
 
 
-def batch_sizes(ctx: ServerContext, ids: list[bytes]) -> tuple[int, int]:
-    """(stored, raw) bytes of a batch of chunks to stream, from the store's index before
-    any is read; TooLarge past MAX_STREAM_BYTES raw."""
-    stored, raw = ctx.store.stored_and_raw(ids)
-    if raw > MAX_STREAM_BYTES:
-        raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per request")
-    return stored, raw
-
-
 def stream_level(ctx: ServerContext, layer_sids: list[str], ids: list[bytes],
                  sizes: tuple[int, int]) -> int:
     """DOWNLOAD_LEVEL when every chunk of the batch belongs to one of `layer_sids` (IT
     layers, downloaded by many endpoints), else PRIVATE_LEVEL; INCOMPRESSIBLE_LEVEL for
-    a batch that did not compress when it was stored (`sizes`: its batch_sizes)."""
+    a batch that did not compress when it was stored (`sizes`: its snapshots.batch_sizes)."""
     stored, raw = sizes
     if ctx.store.compresses and raw and stored >= INCOMPRESSIBLE * raw:
         return INCOMPRESSIBLE_LEVEL
@@ -108,7 +99,7 @@ def layer_chunk_stream(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]
         raise Forbidden("a requested chunk is not part of this endpoint's layers")
     # Only then the size: summed over chunks the endpoint may not read, it would tell
     # (413 or not) whether the server holds them.
-    sizes = batch_sizes(ctx, ids)
+    sizes = snapshots.batch_sizes(ctx, ids)
 
     def load() -> list[tuple[bytes, bytes]]:
         chunks, total = [], 0

@@ -41,13 +41,10 @@ from strata.server.context import ServerContext
 from strata.server.policies import bandwidth_for, get_policy, reflectors_for
 from strata.server.services import audit
 from strata.server.services.credentials import spend_token
-from strata.server.services.layer_downloads import (
-    allowed_snapshots,
-    batch_sizes,
-    stream_level,
-)
+from strata.server.services.layer_downloads import allowed_snapshots, stream_level
 from strata.server.services.manifests import parse_chunk_ids
 from strata.server.services.policies import cached_policy
+from strata.server.services.snapshots import batch_sizes
 
 TICKET_SECONDS = 3600  # a ticket's life: agents renew it at check-in or when it runs out
 TICKET_REISSUE = 600.0  # a check-in within this long of the last gets the same ticket

@@ -104,6 +104,15 @@ def manifest_bytes(ctx: ServerContext, sid: str, what: str = "snapshot") -> byte
         raise CorruptData(f"{what} {sid[:8]} cannot be read: {exc}") from None
 
 
+def batch_sizes(ctx: ServerContext, ids: list[bytes]) -> tuple[int, int]:
+    """(stored, raw) bytes of a batch of chunks to stream, from the store's index before
+    any is read; TooLarge past MAX_STREAM_BYTES raw."""
+    stored, raw = ctx.store.stored_and_raw(ids)
+    if raw > MAX_STREAM_BYTES:
+        raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per request")
+    return stored, raw
+
+
 def chunk_bundle(ctx: ServerContext, sid: str, hex_ids: list[str]) -> bytes:
     """Chunks of a stored snapshot, as a bundle of payloads verified on the way out; a
     chunk that snapshot does not reference is refused, whoever else holds it."""
@@ -111,8 +120,7 @@ def chunk_bundle(ctx: ServerContext, sid: str, hex_ids: list[str]) -> bytes:
     ids = list(dict.fromkeys(parse_chunk_ids(hex_ids)))  # a repeat is sent once
     if any(c not in allowed for c in ids):
         raise Forbidden("a requested chunk is not part of this snapshot")
-    if sum(ctx.store.raw_sizes(ids).values()) > MAX_STREAM_BYTES:  # known before any read
-        raise TooLarge(f"ask for at most {MAX_STREAM_BYTES} bytes of chunks per request")
+    batch_sizes(ctx, ids)  # the bound, known before any chunk is read
     out = BundleWriter()
     for cid in ids:
         payload, raw_length = ctx.store.load_payload(cid)
