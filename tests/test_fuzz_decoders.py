@@ -142,7 +142,10 @@ def test_proofs_round_trip():
     assert decode_proofs(encode_proofs("ab12", claims)) == ("ab12", dict(claims))
 
 
-entry_records = st.lists(values, min_size=17, max_size=17)
+entry_values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=4)
+entry_records = st.lists(entry_values, min_size=17, max_size=17)
 
 
 @FUZZ
