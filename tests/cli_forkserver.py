@@ -115,7 +115,7 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
         __import__(name)
     import kdf_cost  # beside this file
 
-    kdf_cost.lower(passwords=True)
+    kdf_cost.lower()
     if "strata.server.app" in sys.modules:  # what every server would build at its start
         sys.modules["strata.server.app"].prepare_routes()
     from strata.transport import system_trust

@@ -27,7 +27,7 @@ from strata.engine.backup import BackupResult, backup
 from strata.engine.restore import RestoreResult, restore
 from strata.store.repository import Store
 
-kdf_cost.lower(passwords=False)  # see tests/kdf_cost.py
+kdf_cost.lower()  # see tests/kdf_cost.py
 
 STRATA = Path(sys.executable).parent / "strata"
 SMALL_PACK = 256 << 10

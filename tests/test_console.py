@@ -59,11 +59,6 @@ ADMIN = "/api/v1/admin"
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture(autouse=True)
-def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process servers hash with scrypt N=2^10 rather than 2^15: each hash records
-    its own parameters, so nothing else changes, and a test makes a dozen of them."""
-    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)
 XSS = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 # The pages each role may open, by permission (the menu shows exactly these).
 PAGES = {href: perm for href, _label, perm in NAV}

@@ -10,10 +10,10 @@ import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import text
 
+import web
 from server_fixtures import (
     Server,
     assert_one_line_error,
@@ -77,7 +77,7 @@ def test_admin_token_rotates_at_once(server: Server, tmp_path: Path) -> None:
     assert stat.S_IMODE(mine.stat().st_mode) == 0o600
     assert server.admin_token == new  # the server's own copy (DATA/admin.token)
     headers = {"Authorization": f"Bearer {old}"}
-    refused = httpx.get(server.url + "/api/v1/admin/endpoints", headers=headers)
+    refused = web.get(server.url + "/api/v1/admin/endpoints", headers=headers)
     assert refused.status_code == 403
     assert strata("endpoint", "list", "--server", server.url, "--admin-token-file", mine)
 
@@ -102,7 +102,7 @@ def _credential(state: Path) -> str:
 
 
 def _works(server: Server, credential: str) -> int:
-    return httpx.get(server.url + "/api/v1/agent/snapshots",
+    return web.get(server.url + "/api/v1/agent/snapshots",
                      headers={"Authorization": f"Bearer {credential}"}).status_code
 
 
@@ -127,7 +127,7 @@ def test_a_lost_rotation_answer_locks_nobody_out(server: Server, tmp_path: Path)
     _, state = _agent(server, tmp_path)
     held = _credential(state)
     # A check-in whose answer (with the new credential) never reaches the agent.
-    lost = httpx.post(server.url + "/api/v1/agent/checkin",
+    lost = web.post(server.url + "/api/v1/agent/checkin",
                       json={"inventory": {"hostname": "h", "os": "linux"}},
                       headers={"Authorization": f"Bearer {held}"})
     assert lost.status_code == 200 and lost.json()["credential"]
@@ -143,7 +143,7 @@ def test_agent_status_beside_the_daemon_never_rotates(server: Server, tmp_path: 
     held = _credential(state)
     strata("agent", "status", "--state", state)
     assert _credential(state) == held
-    probe = httpx.post(server.url + "/api/v1/agent/checkin", json={},
+    probe = web.post(server.url + "/api/v1/agent/checkin", json={},
                        headers={"Authorization": f"Bearer {held}"})
     assert probe.status_code == 200 and probe.json()["credential"] is None
 
@@ -223,15 +223,15 @@ def test_metrics_need_a_token_or_their_own_address(tmp_path: Path) -> None:
     srv = Server(tmp_path / "data", signing=False,
                  args=["--metrics-listen", f"127.0.0.1:{port}"]).start()
     try:
-        anonymous = httpx.get(srv.url + "/metrics")
+        anonymous = web.get(srv.url + "/metrics")
         assert anonymous.status_code == 401
         token = (srv.data / "metrics.token").read_text().strip()
         assert stat.S_IMODE((srv.data / "metrics.token").stat().st_mode) == 0o600
-        scraped = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+        scraped = web.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
         assert scraped.status_code == 200 and "strata_requests_total" in scraped.text
-        device = httpx.get(srv.url + "/metrics", headers={"Authorization": "Bearer sdev_x"})
+        device = web.get(srv.url + "/metrics", headers={"Authorization": "Bearer sdev_x"})
         assert device.status_code == 401
-        own = httpx.get(f"http://127.0.0.1:{port}/metrics")
+        own = web.get(f"http://127.0.0.1:{port}/metrics")
         assert own.status_code == 200 and "strata_requests_total" in own.text
     finally:
         srv.stop()

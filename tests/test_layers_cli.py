@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
 
+import web
 from server_fixtures import (
     Agent,
     Server,
@@ -93,7 +93,7 @@ def test_malformed_layer_references_are_refused_before_any_request(world):
     refused(world, "endpoint", "provision", eid, "--base", "corp-os", needle="no version")
     refused(world, "migrate", "--endpoint", eid, "--base", "corp-os:", needle="NAME:VERSION")
     # The server checks the same, whoever calls it.
-    resp = httpx.post(world.server.url + "/api/v1/admin/assign", timeout=30,
+    resp = web.post(world.server.url + "/api/v1/admin/assign", timeout=30,
                       headers={"Authorization": f"Bearer {world.server.admin_token}"},
                       json={"all": True, "base": "corp-os"})
     assert resp.status_code == 422 and "NAME:VERSION" in resp.text, resp.text
@@ -110,7 +110,7 @@ def test_unknown_layers_and_endpoints(world):
     refused(world, "endpoint", "show", "", needle="must not be empty")
     refused(world, "endpoint", "show", "a/b", needle="not valid")
     refused(world, "layer", "list", "--kind", "os", needle="base, driver, app")
-    resp = httpx.get(world.server.url + "/api/v1/admin/layers?kind=os", timeout=30,
+    resp = web.get(world.server.url + "/api/v1/admin/layers?kind=os", timeout=30,
                      headers={"Authorization": f"Bearer {world.server.admin_token}"})
     assert resp.status_code == 422
 

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import web
 from server_fixtures import Agent, Server, admin, centralized, strata
 
 pytestmark = pytest.mark.e2e
@@ -152,9 +153,8 @@ def test_the_server_bounds_and_scopes_what_an_endpoint_reports(world):
     out = admin(world, "compliance", "--endpoint", world.agent.endpoint_id, rc=1).stdout
     assert "\x1b" not in out and "\x07" not in out and "changed: usr/bin/" in out
     # Without a device credential: refused.
-    import httpx
 
-    resp = httpx.post(world.server.url + "/api/v1/agent/compliance", json=good, timeout=30)
+    resp = web.post(world.server.url + "/api/v1/agent/compliance", json=good, timeout=30)
     assert resp.status_code == 401
 
 

@@ -18,10 +18,10 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
+import web
 from server_fixtures import Server, assert_one_line_error, strata
 from strata.cli.confirm import NotConfirmed
 from strata.engine.backup import backup
-from strata.server import passwords
 from strata.server.app import create_app
 from strata.server.catalog.models import SnapshotRecord
 from strata.server.context import ServerContext, ServerSettings
@@ -30,11 +30,6 @@ from strata.server.services import snapshots
 ADMIN = "/api/v1/admin"
 PASSWORD = "alice's long password"
 ALICE = 1000  # the uid of alice's home folder in the endpoint's tree
-
-
-@pytest.fixture(autouse=True)
-def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)
 
 
 def _centralize(ctx: ServerContext, endpoint_id: str, src: Path) -> str:
@@ -223,9 +218,8 @@ def test_portal_commands(tmp_path):
     try:
         common = ("--server", server.url, "--admin-token-file", server.token_file)
         tok = server.create_token()
-        import httpx
 
-        eid = httpx.post(server.url + "/api/v1/agent/enroll", json={
+        eid = web.post(server.url + "/api/v1/agent/enroll", json={
             "token": tok, "hostname": "w1", "os": "windows"}).json()["endpoint_id"]
         out = strata("portal", "add", eid, "ann", "--password-file", pw, *common).stdout
         assert "folder Users/ann" in out

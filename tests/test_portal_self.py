@@ -14,18 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server_fixtures import Agent, Server, strata, strata_json, write_documents
-from strata.server import passwords
 from strata.server.app import create_app
 from strata.server.context import ServerSettings
 from strata.server.services import portal_self
 
 ADMIN = "/api/v1/admin"
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture(autouse=True)
-def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)
 
 
 @pytest.fixture()

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+import web
 from server_fixtures import (
     Agent,
     Server,
@@ -92,7 +93,7 @@ class Reflector:
 
     def alive(self) -> bool:
         try:
-            return httpx.get(self.url + "/api/v1/health", timeout=2).status_code == 200
+            return web.get(self.url + "/api/v1/health", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -202,7 +203,7 @@ def _ticket_of(agent: Agent) -> dict:
 
 def _ask(world: SimpleNamespace, ticket: str, ids: list[bytes], path: str = "layers/chunks"
          ) -> httpx.Response:
-    return httpx.post(f"{world.refl.url}/api/v1/agent/{path}", timeout=30,
+    return web.post(f"{world.refl.url}/api/v1/agent/{path}", timeout=30,
                       headers={"Authorization": f"Bearer {ticket}"},
                       json={"ids": [c.hex() for c in ids]})
 
@@ -240,7 +241,7 @@ def test_tickets_let_an_endpoint_read_only_its_own_layers_and_snapshots(branch):
                        frozenset(parsed["s"]), True, int(time.time()), int(time.time()) + 60)
     assert _ask(world, server_key.sign(elsewhere), store_ids[:1]).status_code == 403
     # No ticket at all.
-    assert httpx.post(f"{world.refl.url}/api/v1/agent/layers/chunks", json={"ids": []},
+    assert web.post(f"{world.refl.url}/api/v1/agent/layers/chunks", json={"ids": []},
                       timeout=10).status_code == 401
 
     # A layer that is not assigned to this endpoint: captured, never assigned.
@@ -260,15 +261,15 @@ def test_tickets_let_an_endpoint_read_only_its_own_layers_and_snapshots(branch):
 
     # The reflector's own credential buys nothing beyond a ticket at the server either.
     cred = json.loads((world.refl.state / "reflector.json").read_text())["credential"]
-    resp = httpx.post(world.server.url + "/api/v1/reflector/chunks", timeout=30,
+    resp = web.post(world.server.url + "/api/v1/reflector/chunks", timeout=30,
                       headers={"Authorization": f"Bearer {cred}"},
                       json={"ids": [unassigned[0].hex()], "ticket": ticket})
     assert resp.status_code == 403, resp.text
-    resp = httpx.post(world.server.url + f"/api/v1/reflector/snapshots/{theirs}/chunk-ids",
+    resp = web.post(world.server.url + f"/api/v1/reflector/snapshots/{theirs}/chunk-ids",
                       timeout=30, headers={"Authorization": f"Bearer {cred}"},
                       json={"ticket": ticket})
     assert resp.status_code in (403, 404), resp.text
-    resp = httpx.get(world.server.url + f"/api/v1/agent/snapshots/{theirs}/manifest",
+    resp = web.get(world.server.url + f"/api/v1/agent/snapshots/{theirs}/manifest",
                      timeout=30, headers={"Authorization": f"Bearer {cred}"})
     assert resp.status_code == 401, resp.text  # not a device credential
 
@@ -353,7 +354,7 @@ def test_a_reflector_that_serves_a_bad_chunk_is_caught_and_quarantined(branch):
     try:
         token = world.server.admin("POST", "/tokens", {"uses": 1, "purpose": "reflector"}
                                    )["token"]
-        resp = httpx.post(world.server.url + "/api/v1/reflector/enroll", timeout=30, json={
+        resp = web.post(world.server.url + "/api/v1/reflector/enroll", timeout=30, json={
             "token": token, "name": "evil", "url": bad.url})
         assert resp.status_code == 200, resp.text
         evil = resp.json()["reflector_id"]
@@ -442,7 +443,7 @@ def test_retiring_a_reflector_asks_first_and_its_credential_stops_working(branch
     done = strata_json("reflector", "retire", refl.id, "--yes", *admin)
     assert done["status"] == "retired"  # type: ignore[index]
     cred = json.loads((refl.state / "reflector.json").read_text())["credential"]
-    resp = httpx.post(world.server.url + "/api/v1/reflector/poll", json={}, timeout=30,
+    resp = web.post(world.server.url + "/api/v1/reflector/poll", json={}, timeout=30,
                       headers={"Authorization": f"Bearer {cred}"})
     assert resp.status_code == 401 and "retired" in resp.text, resp.text
     again = strata("reflector", "reinstate", refl.id, *admin, rc=2)
@@ -622,7 +623,7 @@ def _hostile_delta_requests(world: SimpleNamespace, agent: Agent, old: dict[str,
     assert delta["new_key"] == group_key([content_id(new[r]) for r in sorted(new)]).hex()
 
     def ask(ticket: str, did: str = delta["id"]) -> httpx.Response:
-        return httpx.get(f"{world.refl.url}/api/v1/agent/deltas/{did}", timeout=30,
+        return web.get(f"{world.refl.url}/api/v1/agent/deltas/{did}", timeout=30,
                          headers={"Authorization": f"Bearer {ticket}"})
 
     def refused(resp: httpx.Response, why: str) -> None:
@@ -670,12 +671,12 @@ def _hostile_delta_requests(world: SimpleNamespace, agent: Agent, old: dict[str,
         resp = http.post(url, json={"groups": [{"files": files, "lacking": 1}],
                                     "reflectors": ["../../etc"]})
         assert resp.status_code == 422, resp.text
-    assert httpx.get(f"{world.refl.url}/api/v1/agent/deltas/{delta['id']}",
+    assert web.get(f"{world.refl.url}/api/v1/agent/deltas/{delta['id']}",
                      timeout=30).status_code == 401
     assert ask(offer["ticket"], "not-an-id").status_code == 422
     # The reflector's credential with a ticket that does not name a delta: nothing.
     cred = json.loads((world.refl.state / "reflector.json").read_text())["credential"]
-    resp = httpx.post(world.server.url + f"/api/v1/reflector/deltas/{'ab' * 32}", timeout=30,
+    resp = web.post(world.server.url + f"/api/v1/reflector/deltas/{'ab' * 32}", timeout=30,
                       headers={"Authorization": f"Bearer {cred}"},
                       json={"ticket": offer["ticket"]})
     assert resp.status_code == 404, resp.text
@@ -683,7 +684,7 @@ def _hostile_delta_requests(world: SimpleNamespace, agent: Agent, old: dict[str,
 
 def _enroll_bad(world: SimpleNamespace, bad: BadReflector, name: str) -> str:
     token = world.server.admin("POST", "/tokens", {"uses": 1, "purpose": "reflector"})["token"]
-    resp = httpx.post(world.server.url + "/api/v1/reflector/enroll", timeout=30, json={
+    resp = web.post(world.server.url + "/api/v1/reflector/enroll", timeout=30, json={
         "token": token, "name": name, "url": bad.url})
     assert resp.status_code == 200, resp.text
     rid = resp.json()["reflector_id"]

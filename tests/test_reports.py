@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient
 from strata.agent.software import dpkg_packages, installed_packages, rpm_header, rpm_packages
 from strata.engine.backup import backup
 from strata.model.software import MAX_PACKAGES, InstalledPackage, SoftwareReport
-from strata.server import passwords
 from strata.server.app import create_app
 from strata.server.catalog.models import Endpoint, SnapshotRecord
 from strata.server.context import ServerContext, ServerSettings
@@ -70,11 +69,6 @@ Status: install ok installed
 Architecture: all
 Version: 1
 """
-
-
-@pytest.fixture(autouse=True)
-def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)
 
 
 # -- reading the package databases -------------------------------------------------------------

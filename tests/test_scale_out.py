@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
 from sqlalchemy import create_engine
 
+import web
 from server_fixtures import (
     MIB,
     Agent,
@@ -172,12 +172,12 @@ def test_prune_on_one_process_while_the_other_takes_uploads_loses_nothing(world,
 def test_maintenance_runs_in_one_process_at_a_time(world):
     """While one process holds the maintenance lock (here: the test, as a third process
     would), another is refused with a 409 rather than pruning beside it."""
-    store_id = httpx.get(world.one.url + "/api/v1/health", timeout=30).json()["store"]
+    store_id = web.get(world.one.url + "/api/v1/health", timeout=30).json()["store"]
     engine = create_engine(world.one.catalog.replace("postgresql://", "postgresql+psycopg://"))
     try:
         _, coordination = PgShared(engine.raw_connection).open(store_id)
         with coordination.exclusive("maintenance", what="maintenance"):
-            busy = httpx.post(world.two.url + "/api/v1/admin/maintenance", timeout=60,
+            busy = web.post(world.two.url + "/api/v1/admin/maintenance", timeout=60,
                               headers={"Authorization": f"Bearer {world.two.admin_token}"})
             assert busy.status_code == 409, busy.text
             assert "running in another server process" in busy.json()["detail"]
@@ -233,7 +233,7 @@ def test_changes_through_one_process_hold_on_the_other_within_a_second(world):
     world.one.admin("POST", "/admin-token/rotate")
     assert world.one.admin_token != old
     for srv in (world.one, world.two):
-        refused = httpx.get(srv.url + "/api/v1/admin/endpoints", timeout=30,
+        refused = web.get(srv.url + "/api/v1/admin/endpoints", timeout=30,
                             headers={"Authorization": f"Bearer {old}"})
         assert refused.status_code == 403
         assert len(srv.admin("GET", "/endpoints")) == 4  # with the new one

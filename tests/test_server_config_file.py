@@ -9,6 +9,7 @@ import httpx
 import pytest
 import typer.main
 
+import web
 from server_fixtures import HEALTH, Server, free_port, kill_group, spawn, strata, wait_for
 from strata.cli.server import serve
 from strata.server.config_file import KEYS, ConfigFileInvalid, load_config
@@ -99,9 +100,9 @@ def test_server_starts_from_the_file_and_flags_override_it(tmp_path):
     srv = Server(tmp_path / "data", port=other, args=["--config", path], signing=False)
     srv.start()  # --listen (the fixture's) overrides the file's
     try:
-        assert httpx.get(f"http://127.0.0.1:{other}{HEALTH}", timeout=5).status_code == 200
+        assert web.get(f"http://127.0.0.1:{other}{HEALTH}", timeout=5).status_code == 200
         with pytest.raises(httpx.TransportError):
-            httpx.get(f"http://127.0.0.1:{port}{HEALTH}", timeout=2)
+            web.get(f"http://127.0.0.1:{port}{HEALTH}", timeout=2)
     finally:
         srv.stop()
     # Without --listen, the file's address is used.
@@ -114,7 +115,7 @@ def test_server_starts_from_the_file_and_flags_override_it(tmp_path):
 
 def _answers(port: int) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}{HEALTH}", timeout=2).status_code == 200
+        return web.get(f"http://127.0.0.1:{port}{HEALTH}", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
 

@@ -18,6 +18,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+import web
 from server_fixtures import (
     MIB,
     Agent,
@@ -120,11 +121,11 @@ ADMIN_CALLS = [("GET", "/api/v1/admin/endpoints", None),
 def test_calls_without_credentials_get_401_with_a_clear_message(server):
     for method, path, body in AGENT_CALLS + ADMIN_CALLS:
         for headers in ({}, {"Authorization": "Basic dXNlcjpwYXNz"}):
-            resp = httpx.request(method, server.url + path, json=body, headers=headers)
+            resp = web.request(method, server.url + path, json=body, headers=headers)
             assert resp.status_code == 401, (method, path, resp.text)
             assert "missing credentials" in resp.json()["detail"], resp.text
             assert resp.headers["www-authenticate"] == "Bearer"
-    resp = httpx.post(server.url + "/api/v1/agent/chunks", content=b"STRXFER1")
+    resp = web.post(server.url + "/api/v1/agent/chunks", content=b"STRXFER1")
     assert resp.status_code == 401
     with device(server, "sdev_not-a-real-credential") as stranger:
         resp = stranger.post("/api/v1/agent/checkin", json={})
@@ -362,7 +363,7 @@ def test_oversized_json_bodies_are_refused_before_parsing(server):
         for _ in range(65):
             yield b"a" * MIB
         yield b'"}'
-    resp = httpx.post(server.url + "/api/v1/agent/enroll", content=huge_json(), timeout=120,
+    resp = web.post(server.url + "/api/v1/agent/enroll", content=huge_json(), timeout=120,
                       headers={"Content-Type": "application/json"})
     assert resp.status_code == 413, (resp.status_code, resp.text[:200])
 

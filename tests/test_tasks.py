@@ -18,18 +18,12 @@ from fastapi.testclient import TestClient
 
 from signing_fixtures import init_signing_in_process
 from strata.model.entry import Entry, EntryType
-from strata.server import passwords
 from strata.server.app import create_app
 from strata.server.catalog.models import Assignment
 from strata.server.context import ServerContext, ServerSettings
 from strata.server.services.layers import save_layer
 
 ADMIN = "/api/v1/admin"
-
-
-@pytest.fixture(autouse=True)
-def quick_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)
 
 
 @pytest.fixture()
