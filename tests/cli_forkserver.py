@@ -113,9 +113,9 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
     per command. MODULES: what to import first, comma-separated."""
     for name in preload.split(","):
         __import__(name)
-    import kdf_cost  # beside this file
+    import cost_factors  # beside this file
 
-    kdf_cost.lower()
+    cost_factors.lower()
     if "strata.server.app" in sys.modules:  # what every server would build at its start
         sys.modules["strata.server.app"].prepare_routes()
     from strata.transport import system_trust

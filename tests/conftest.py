@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-import kdf_cost
+import cost_factors
 from cli_forkserver import fork_server
 
 # The catalog fixtures live here, not imported by each module: one PostgreSQL cluster a session.
@@ -27,7 +27,7 @@ from strata.engine.backup import BackupResult, backup
 from strata.engine.restore import RestoreResult, restore
 from strata.store.repository import Store
 
-kdf_cost.lower()  # see tests/kdf_cost.py
+cost_factors.lower()  # see tests/cost_factors.py
 
 STRATA = Path(sys.executable).parent / "strata"
 SMALL_PACK = 256 << 10

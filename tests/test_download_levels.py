@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
+import cost_factors
 from strata.model.ids import content_id
 from strata.server.holdings import Holdings
-from strata.server.services.layer_downloads import (
-    DOWNLOAD_LEVEL,
-    INCOMPRESSIBLE_LEVEL,
-    PRIVATE_LEVEL,
-    stream_level,
-)
+from strata.server.services import layer_downloads
+from strata.server.services.layer_downloads import INCOMPRESSIBLE_LEVEL, stream_level
 from strata.server.services.snapshots import batch_sizes
+
+# The product's levels: the suite's processes compress at a test cost (tests/cost_factors.py).
+DOWNLOAD_LEVEL = cost_factors.PRODUCT_LEVELS["DOWNLOAD_LEVEL"]
+PRIVATE_LEVEL = cost_factors.PRODUCT_LEVELS["PRIVATE_LEVEL"]
 
 LAYER, CVD = "a" * 64, "b" * 64
 in_layer = [content_id(b"layer %d" % i) for i in range(3)]
@@ -39,6 +42,12 @@ def ctx(tmp_path, stored_share=0.4):
     holdings.index_snapshot(LAYER, lambda: in_layer)
     holdings.index_snapshot(CVD, lambda: [*in_layer, *own])
     return SimpleNamespace(holdings=holdings, store=Sizes(stored_share))
+
+
+@pytest.fixture(autouse=True)
+def product_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in cost_factors.PRODUCT_LEVELS.items():
+        monkeypatch.setattr(layer_downloads, name, value)
 
 
 def level(world, layers, ids):

@@ -512,7 +512,7 @@ def test_pinning_another_root_forgets_what_the_old_one_vouched_for(world, tmp_pa
 
 
 def test_new_key_files_take_the_full_scrypt_cost():
-    """The suite derives keys at a test cost (tests/kdf_cost.py); the product's own, as a
+    """The suite derives keys at a test cost (tests/cost_factors.py); the product's own, as a
     fresh interpreter has it, is scrypt N=2^15, r=8."""
     code = ("import json; from strata.store import crypto; "
             "print(json.dumps(crypto.wrap_secret(b'k' * 32, 'pass', b'purpose')))")

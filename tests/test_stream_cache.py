@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
+import pytest
+import zstandard
+
+from strata.errors import NotFound
+from strata.server.services import layer_downloads, snapshots
 from strata.server.stream_cache import StreamCache
 
 IDS = [bytes([i]) * 32 for i in range(3)]
@@ -64,3 +70,26 @@ def test_an_unusable_cache_still_serves_the_stream(tmp_path):
     (tmp_path / "cache").write_bytes(b"")  # nothing can be read or written under it now
     assert cache.get_or_make(19, IDS, make) == make.body
     assert cache.get_or_make(19, IDS, make) == make.body and make.calls == 2
+
+
+def test_a_layer_manifest_is_compressed_once_for_the_fleet(tmp_path, monkeypatch):
+    """Each endpoint of a layer asks for its manifest: the server reads and compresses it
+    once, and still refuses it to an endpoint the layer is not assigned to."""
+    manifests = {"a" * 64: b"manifest of layer a" * 500, "b" * 64: b"manifest of b" * 500}
+    reads: list[str] = []
+
+    def manifest_bytes(ctx, sid, what="snapshot"):
+        reads.append(sid)
+        return manifests[sid]
+
+    monkeypatch.setattr(snapshots, "manifest_bytes", manifest_bytes)
+    assigned = {"ep1": {"a" * 64, "b" * 64}, "ep2": {"a" * 64}}
+    monkeypatch.setattr(layer_downloads, "allowed_snapshots", lambda ctx, ep: assigned[ep])
+    ctx = SimpleNamespace(streams=StreamCache(tmp_path))
+    bodies = [layer_downloads.layer_manifest(ctx, ep, "a" * 64) for ep in ("ep1", "ep2")]
+    assert bodies[0] == bodies[1] and reads == ["a" * 64]
+    assert zstandard.ZstdDecompressor().decompress(bodies[0]) == manifests["a" * 64]
+    layer_downloads.layer_manifest(ctx, "ep1", "b" * 64)
+    assert reads == ["a" * 64, "b" * 64]
+    with pytest.raises(NotFound):
+        layer_downloads.layer_manifest(ctx, "ep2", "b" * 64)  # kept, but not ep2's

@@ -16,7 +16,7 @@ from fastapi import Depends
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-import kdf_cost
+import cost_factors
 from server_fixtures import Server, assert_one_line_error, strata
 from strata.cli.confirm import NotConfirmed
 from strata.model.roles import ROLES, Permission
@@ -227,9 +227,9 @@ def test_bad_user_requests_get_one_plain_refusal(staff):
 
 
 def test_passwords_are_salted_scrypt_hashes(monkeypatch):
-    # The server's own cost (the suite hashes at a test cost: tests/kdf_cost.py), for one
+    # The server's own cost (the suite hashes at a test cost: tests/cost_factors.py), for one
     # hash and its check: 0.2-0.5 s of CPU each.
-    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", kdf_cost.PRODUCT_PASSWORD_LOG_N)
+    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", cost_factors.PRODUCT_PASSWORD_LOG_N)
     real = hash_password(PASSWORD)
     assert real.startswith("scrypt$15$8$3$") and PASSWORD not in real
     assert check_password(PASSWORD, real)

@@ -27,7 +27,7 @@ TAG_LEN = 16
 MASTER_KEY_PURPOSE = b"strata-master-key"
 # scrypt's cost for a new key file: N=2^15, r=8, p=1 (32 MiB, 0.1 s here); each file
 # records its own, so the cost can rise later. The test suite lowers it in its processes
-# (tests/kdf_cost.py): it derives some 370 keys a run.
+# (tests/cost_factors.py): it derives some 370 keys a run.
 SCRYPT_LOG_N = 15
 # A key file asking for more is refused, not computed (key files can come from a shared
 # bucket): scrypt takes 128 * r * N bytes, and p passes of that.

@@ -1,0 +1,41 @@
+"""The product's work factors at a test cost in the suite's processes.
+
+What the suite checks of a key derivation or a compressed download does not depend on
+how hard it works, and the product's factors are set for production:
+
+- scrypt at N=2^15 for every key file's key (signing keys, an encrypted store's master
+  key) and every password hash: 0.1-0.3 s of CPU each, some 400 a run. Lowered to N=2^10;
+  each file and hash records its own cost, so nothing else changes.
+- zstd level 19 (12 for an endpoint's own data) for the download streams of layers and
+  their manifests: on the suite's trees, most of a server's CPU (a migration test's
+  server: 11.8 CPU s, 5.3 at level 3). Lowered to 3; a stream says nothing of its level
+  to its reader. Which level the server picks is checked against the product's values
+  kept here (tests/test_download_levels.py). File deltas keep level 19: whether a delta
+  pays, which the tests check, depends on it.
+
+The fork server (tests/cli_forkserver.py) and the test workers (tests/conftest.py) lower
+them. The real costs are checked: the key files' in a fresh interpreter
+(test_signing.test_new_key_files_take_the_full_scrypt_cost), the passwords' with the
+product's value kept here (test_users_roles.test_passwords_are_salted_scrypt_hashes); the
+commands run by real exec (STRATA_TEST_EXEC=1, the README walk's `make demo`) and the
+benchmarks keep them all.
+"""
+
+from strata.server import passwords
+from strata.server.services import layer_downloads
+from strata.store import crypto
+
+# The product's own factors, read before anything lowers them.
+PRODUCT_KEY_FILE_LOG_N = crypto.SCRYPT_LOG_N
+PRODUCT_PASSWORD_LOG_N = passwords.SCRYPT_LOG_N
+PRODUCT_LEVELS = {name: getattr(layer_downloads, name)
+                  for name in ("DOWNLOAD_LEVEL", "PRIVATE_LEVEL", "MANIFEST_LEVEL")}
+TEST_LOG_N = 10
+TEST_LEVEL = 3
+
+
+def lower() -> None:
+    crypto.SCRYPT_LOG_N = TEST_LOG_N
+    passwords.SCRYPT_LOG_N = TEST_LOG_N
+    for name in PRODUCT_LEVELS:
+        setattr(layer_downloads, name, TEST_LEVEL)
