@@ -10,8 +10,11 @@ how hard it works, and the product's factors are set for production:
   their manifests: on the suite's trees, most of a server's CPU (a migration test's
   server: 11.8 CPU s, 5.3 at level 3). Lowered to 3; a stream says nothing of its level
   to its reader. Which level the server picks is checked against the product's values
-  kept here (tests/test_download_levels.py). File deltas keep level 19: whether a delta
-  pays, which the tests check, depends on it.
+  kept here (tests/test_download_levels.py).
+- zstd level 19 for file deltas: most of the rest (a 1.5 MiB binary with small edits:
+  0.38 s at 19 for a 2.5 kB delta, 0.03 s at 9 for 18 kB). Lowered to 9, not 3: whether a
+  delta pays against the chunks, which the tests check, needs a delta that finds the old
+  file's matches (at 3 most of the tests' deltas did not pay).
 
 The fork server (tests/cli_forkserver.py) and the test workers (tests/conftest.py) lower
 them. The real costs are checked: the key files' in a fresh interpreter
@@ -21,6 +24,7 @@ commands run by real exec (STRATA_TEST_EXEC=1, the README walk's `make demo`) an
 benchmarks keep them all.
 """
 
+from strata.engine import delta
 from strata.server import passwords
 from strata.server.services import layer_downloads
 from strata.store import crypto
@@ -32,6 +36,7 @@ PRODUCT_LEVELS = {name: getattr(layer_downloads, name)
                   for name in ("DOWNLOAD_LEVEL", "PRIVATE_LEVEL", "MANIFEST_LEVEL")}
 TEST_LOG_N = 10
 TEST_LEVEL = 3
+TEST_DELTA_LEVEL = 9
 
 
 def lower() -> None:
@@ -39,3 +44,4 @@ def lower() -> None:
     passwords.SCRYPT_LOG_N = TEST_LOG_N
     for name in PRODUCT_LEVELS:
         setattr(layer_downloads, name, TEST_LEVEL)
+    delta.DELTA_LEVEL = TEST_DELTA_LEVEL

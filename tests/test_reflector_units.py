@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from strata.agent.client import ServerRefused
 from strata.agent.reflector_source import ReflectorFetcher
 from strata.agent.state import AgentState
+from strata.engine.delta import DELTA_LEVEL
 from strata.errors import CorruptData
 from strata.model.ids import content_id
 from strata.model.reflector import ReflectorAssignment, ReflectorRoute
@@ -29,7 +30,7 @@ from strata.model.tickets import Ticket, TicketRefused, TicketSigner, parse_tick
 from strata.reflector.cache import ChunkCache
 from strata.reflector.service import NotAllowed, ReflectorService
 from strata.server.policies import reflectors_for, validate_policy
-from strata.server.services.deltas import _ALONE, DELTA_LEVEL, DeltaService
+from strata.server.services.deltas import _ALONE, DeltaService
 
 NOW = 1_800_000_000
 RID = "11111111-2222-3333-4444-555555555555"

@@ -30,7 +30,8 @@ from strata.errors import CorruptData
 from strata.model.ids import ID_LEN, content_id
 
 # zstd level of a delta. The server computes each (old, new) pair once and keeps it
-# (server/services/deltas.py), so it is a one-off per pair, not per endpoint.
+# (server/services/deltas.py), so it is a one-off per pair, not per endpoint. Read at each
+# call (the test suite lowers it: tests/cost_factors.py).
 DELTA_LEVEL = 19
 # A group whose lacking chunks come to less goes by chunks (a frame and its record cost
 # more than the chunk stream saves on so little).
@@ -90,9 +91,10 @@ def _dictionary(old: bytes) -> zstandard.ZstdCompressionDict:
     return zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
-def encode(old: bytes, new: bytes, level: int = DELTA_LEVEL) -> bytes:
+def encode(old: bytes, new: bytes, level: int | None = None) -> bytes:
     """`new` as a zstd frame against `old` (long-distance matching on, window over both:
-    a change that moves code by megabytes still finds it)."""
+    a change that moves code by megabytes still finds it), at DELTA_LEVEL by default."""
+    level = DELTA_LEVEL if level is None else level
     params = zstandard.ZstdCompressionParameters.from_level(
         level, window_log=_window_log(len(old), len(new)), enable_ldm=True)
     cctx = zstandard.ZstdCompressor(dict_data=_dictionary(old), compression_params=params)

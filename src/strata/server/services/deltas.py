@@ -24,8 +24,8 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
+from strata.engine import delta as codec
 from strata.engine.delta import (
-    DELTA_LEVEL,
     MAX_DELTA_BYTES,
     GroupDelta,
     compressed_alone,
@@ -289,21 +289,22 @@ def _manifest_delta(ctx: ServerContext, ep: Endpoint, sid: str, base: str
     if max(len(old), len(new)) > MAX_DELTA_BYTES:
         return None
     old_hash, new_hash = content_id(old), content_id(new)
+    level = codec.DELTA_LEVEL
 
     def make() -> bytes:
         with ctx.deltas.computing:
             started = time.thread_time()
-            body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
+            body = _ALONE.pack(compressed_alone(new)) + encode(old, new, level)
             DELTA_CPU.inc(time.thread_time() - started)
             return body
 
-    body = ctx.deltas.cache.get_or_make(DELTA_LEVEL, [old_hash, new_hash], make)
+    body = ctx.deltas.cache.get_or_make(level, [old_hash, new_hash], make)
     (alone,) = _ALONE.unpack_from(body)
     delta = body[_ALONE.size:]
     if not pays(len(delta), alone, len(new), len(new)):
         return None
     return (GroupDelta(old_hash, new_hash, len(new), delta),
-            ctx.deltas.cache.key(DELTA_LEVEL, [old_hash, new_hash]))
+            ctx.deltas.cache.key(level, [old_hash, new_hash]))
 
 
 def _cached_delta(ctx: ServerContext, files: list[tuple[bytes, File, bytes, File]]
@@ -311,19 +312,21 @@ def _cached_delta(ctx: ServerContext, files: list[tuple[bytes, File, bytes, File
     """(the group's new files compressed alone, the delta, its cache entry's key), made
     once per group; None if the store cannot give back a version (the files then go by
     chunks, whose own read reports the damage)."""
+    level = codec.DELTA_LEVEL
+
     def make() -> bytes:
         with ctx.deltas.computing:
             started = time.thread_time()
             old = b"".join(_content(ctx, h, f[1]) for h, f, _, _ in files)
             new = b"".join(_content(ctx, h, f[1]) for _, _, h, f in files)
-            body = _ALONE.pack(compressed_alone(new)) + encode(old, new)
+            body = _ALONE.pack(compressed_alone(new)) + encode(old, new, level)
             DELTA_CPU.inc(time.thread_time() - started)
             return body
 
     ids = [h for old_hash, _, new_hash, _ in files for h in (old_hash, new_hash)]
     try:
-        body = ctx.deltas.cache.get_or_make(DELTA_LEVEL, ids, make)
+        body = ctx.deltas.cache.get_or_make(level, ids, make)
     except StrataError:
         return None
     (alone,) = _ALONE.unpack_from(body)
-    return alone, body[_ALONE.size:], ctx.deltas.cache.key(DELTA_LEVEL, ids)
+    return alone, body[_ALONE.size:], ctx.deltas.cache.key(level, ids)
