@@ -115,7 +115,7 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
         __import__(name)
     import cost_factors  # beside this file
 
-    cost_factors.lower()
+    cost_factors.lower(server="strata.server.app" in sys.modules)
     if "strata.server.app" in sys.modules:  # what every server would build at its start
         sys.modules["strata.server.app"].prepare_routes()
     from strata.transport import system_trust

@@ -27,7 +27,7 @@ from strata.engine.backup import BackupResult, backup
 from strata.engine.restore import RestoreResult, restore
 from strata.store.repository import Store
 
-cost_factors.lower()  # see tests/cost_factors.py
+cost_factors.lower(server=True)  # see tests/cost_factors.py
 
 STRATA = Path(sys.executable).parent / "strata"
 SMALL_PACK = 256 << 10

@@ -26,22 +26,27 @@ benchmarks keep them all.
 
 from strata.engine import delta
 from strata.server import passwords
-from strata.server.services import layer_downloads
 from strata.store import crypto
 
-# The product's own factors, read before anything lowers them.
+# The product's own factors, read before anything lowers them (the download levels by
+# lower(server=True)).
 PRODUCT_KEY_FILE_LOG_N = crypto.SCRYPT_LOG_N
 PRODUCT_PASSWORD_LOG_N = passwords.SCRYPT_LOG_N
-PRODUCT_LEVELS = {name: getattr(layer_downloads, name)
-                  for name in ("DOWNLOAD_LEVEL", "PRIVATE_LEVEL", "MANIFEST_LEVEL")}
+PRODUCT_LEVELS: dict[str, int] = {}  # layer_downloads' DOWNLOAD_, PRIVATE_, MANIFEST_LEVEL
 TEST_LOG_N = 10
 TEST_LEVEL = 3
 TEST_DELTA_LEVEL = 9
 
 
-def lower() -> None:
+def lower(*, server: bool) -> None:
+    """`server`: the download levels too, in a process that runs servers (importing the
+    server's services costs 0.7 s of CPU where only agents and reflectors run)."""
     crypto.SCRYPT_LOG_N = TEST_LOG_N
     passwords.SCRYPT_LOG_N = TEST_LOG_N
-    for name in PRODUCT_LEVELS:
-        setattr(layer_downloads, name, TEST_LEVEL)
     delta.DELTA_LEVEL = TEST_DELTA_LEVEL
+    if server:
+        from strata.server.services import layer_downloads
+
+        for name in ("DOWNLOAD_LEVEL", "PRIVATE_LEVEL", "MANIFEST_LEVEL"):
+            PRODUCT_LEVELS.setdefault(name, getattr(layer_downloads, name))
+            setattr(layer_downloads, name, TEST_LEVEL)
