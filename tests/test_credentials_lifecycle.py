@@ -103,7 +103,7 @@ def _credential(state: Path) -> str:
 
 def _works(server: Server, credential: str) -> int:
     return web.get(server.url + "/api/v1/agent/snapshots",
-                     headers={"Authorization": f"Bearer {credential}"}).status_code
+                   headers={"Authorization": f"Bearer {credential}"}).status_code
 
 
 def test_device_credential_rotates_at_checkin(server: Server, tmp_path: Path) -> None:
@@ -128,8 +128,8 @@ def test_a_lost_rotation_answer_locks_nobody_out(server: Server, tmp_path: Path)
     held = _credential(state)
     # A check-in whose answer (with the new credential) never reaches the agent.
     lost = web.post(server.url + "/api/v1/agent/checkin",
-                      json={"inventory": {"hostname": "h", "os": "linux"}},
-                      headers={"Authorization": f"Bearer {held}"})
+                    json={"inventory": {"hostname": "h", "os": "linux"}},
+                    headers={"Authorization": f"Bearer {held}"})
     assert lost.status_code == 200 and lost.json()["credential"]
     out = json.loads(strata("agent", "backup", "--state", state, "--json").stdout)
     assert out["centralized"], out
@@ -144,7 +144,7 @@ def test_agent_status_beside_the_daemon_never_rotates(server: Server, tmp_path: 
     strata("agent", "status", "--state", state)
     assert _credential(state) == held
     probe = web.post(server.url + "/api/v1/agent/checkin", json={},
-                       headers={"Authorization": f"Bearer {held}"})
+                     headers={"Authorization": f"Bearer {held}"})
     assert probe.status_code == 200 and probe.json()["credential"] is None
 
 

@@ -94,8 +94,8 @@ def test_malformed_layer_references_are_refused_before_any_request(world):
     refused(world, "migrate", "--endpoint", eid, "--base", "corp-os:", needle="NAME:VERSION")
     # The server checks the same, whoever calls it.
     resp = web.post(world.server.url + "/api/v1/admin/assign", timeout=30,
-                      headers={"Authorization": f"Bearer {world.server.admin_token}"},
-                      json={"all": True, "base": "corp-os"})
+                    headers={"Authorization": f"Bearer {world.server.admin_token}"},
+                    json={"all": True, "base": "corp-os"})
     assert resp.status_code == 422 and "NAME:VERSION" in resp.text, resp.text
     assert admin_json(world, "layer", "show", "corp-os:2")["endpoints"] == []
 
@@ -111,7 +111,7 @@ def test_unknown_layers_and_endpoints(world):
     refused(world, "endpoint", "show", "a/b", needle="not valid")
     refused(world, "layer", "list", "--kind", "os", needle="base, driver, app")
     resp = web.get(world.server.url + "/api/v1/admin/layers?kind=os", timeout=30,
-                     headers={"Authorization": f"Bearer {world.server.admin_token}"})
+                   headers={"Authorization": f"Bearer {world.server.admin_token}"})
     assert resp.status_code == 422
 
 

@@ -204,8 +204,8 @@ def _ticket_of(agent: Agent) -> dict:
 def _ask(world: SimpleNamespace, ticket: str, ids: list[bytes], path: str = "layers/chunks"
          ) -> httpx.Response:
     return web.post(f"{world.refl.url}/api/v1/agent/{path}", timeout=30,
-                      headers={"Authorization": f"Bearer {ticket}"},
-                      json={"ids": [c.hex() for c in ids]})
+                    headers={"Authorization": f"Bearer {ticket}"},
+                    json={"ids": [c.hex() for c in ids]})
 
 
 def test_tickets_let_an_endpoint_read_only_its_own_layers_and_snapshots(branch):
@@ -242,7 +242,7 @@ def test_tickets_let_an_endpoint_read_only_its_own_layers_and_snapshots(branch):
     assert _ask(world, server_key.sign(elsewhere), store_ids[:1]).status_code == 403
     # No ticket at all.
     assert web.post(f"{world.refl.url}/api/v1/agent/layers/chunks", json={"ids": []},
-                      timeout=10).status_code == 401
+                    timeout=10).status_code == 401
 
     # A layer that is not assigned to this endpoint: captured, never assigned.
     capture(world, 9, size=MIB)
@@ -262,15 +262,15 @@ def test_tickets_let_an_endpoint_read_only_its_own_layers_and_snapshots(branch):
     # The reflector's own credential buys nothing beyond a ticket at the server either.
     cred = json.loads((world.refl.state / "reflector.json").read_text())["credential"]
     resp = web.post(world.server.url + "/api/v1/reflector/chunks", timeout=30,
-                      headers={"Authorization": f"Bearer {cred}"},
-                      json={"ids": [unassigned[0].hex()], "ticket": ticket})
+                    headers={"Authorization": f"Bearer {cred}"},
+                    json={"ids": [unassigned[0].hex()], "ticket": ticket})
     assert resp.status_code == 403, resp.text
     resp = web.post(world.server.url + f"/api/v1/reflector/snapshots/{theirs}/chunk-ids",
-                      timeout=30, headers={"Authorization": f"Bearer {cred}"},
-                      json={"ticket": ticket})
+                    timeout=30, headers={"Authorization": f"Bearer {cred}"},
+                    json={"ticket": ticket})
     assert resp.status_code in (403, 404), resp.text
     resp = web.get(world.server.url + f"/api/v1/agent/snapshots/{theirs}/manifest",
-                     timeout=30, headers={"Authorization": f"Bearer {cred}"})
+                   timeout=30, headers={"Authorization": f"Bearer {cred}"})
     assert resp.status_code == 401, resp.text  # not a device credential
 
 
@@ -444,7 +444,7 @@ def test_retiring_a_reflector_asks_first_and_its_credential_stops_working(branch
     assert done["status"] == "retired"  # type: ignore[index]
     cred = json.loads((refl.state / "reflector.json").read_text())["credential"]
     resp = web.post(world.server.url + "/api/v1/reflector/poll", json={}, timeout=30,
-                      headers={"Authorization": f"Bearer {cred}"})
+                    headers={"Authorization": f"Bearer {cred}"})
     assert resp.status_code == 401 and "retired" in resp.text, resp.text
     again = strata("reflector", "reinstate", refl.id, *admin, rc=2)
     assert "enroll it again" in again.stderr
@@ -624,7 +624,7 @@ def _hostile_delta_requests(world: SimpleNamespace, agent: Agent, old: dict[str,
 
     def ask(ticket: str, did: str = delta["id"]) -> httpx.Response:
         return web.get(f"{world.refl.url}/api/v1/agent/deltas/{did}", timeout=30,
-                         headers={"Authorization": f"Bearer {ticket}"})
+                       headers={"Authorization": f"Bearer {ticket}"})
 
     def refused(resp: httpx.Response, why: str) -> None:
         assert resp.status_code == 403, resp.text
@@ -672,13 +672,13 @@ def _hostile_delta_requests(world: SimpleNamespace, agent: Agent, old: dict[str,
                                     "reflectors": ["../../etc"]})
         assert resp.status_code == 422, resp.text
     assert web.get(f"{world.refl.url}/api/v1/agent/deltas/{delta['id']}",
-                     timeout=30).status_code == 401
+                   timeout=30).status_code == 401
     assert ask(offer["ticket"], "not-an-id").status_code == 422
     # The reflector's credential with a ticket that does not name a delta: nothing.
     cred = json.loads((world.refl.state / "reflector.json").read_text())["credential"]
     resp = web.post(world.server.url + f"/api/v1/reflector/deltas/{'ab' * 32}", timeout=30,
-                      headers={"Authorization": f"Bearer {cred}"},
-                      json={"ticket": offer["ticket"]})
+                    headers={"Authorization": f"Bearer {cred}"},
+                    json={"ticket": offer["ticket"]})
     assert resp.status_code == 404, resp.text
 
 

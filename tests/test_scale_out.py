@@ -178,7 +178,7 @@ def test_maintenance_runs_in_one_process_at_a_time(world):
         _, coordination = PgShared(engine.raw_connection).open(store_id)
         with coordination.exclusive("maintenance", what="maintenance"):
             busy = web.post(world.two.url + "/api/v1/admin/maintenance", timeout=60,
-                              headers={"Authorization": f"Bearer {world.two.admin_token}"})
+                            headers={"Authorization": f"Bearer {world.two.admin_token}"})
             assert busy.status_code == 409, busy.text
             assert "running in another server process" in busy.json()["detail"]
         assert "prune" in world.two.admin("POST", "/maintenance")  # free again
@@ -234,7 +234,7 @@ def test_changes_through_one_process_hold_on_the_other_within_a_second(world):
     assert world.one.admin_token != old
     for srv in (world.one, world.two):
         refused = web.get(srv.url + "/api/v1/admin/endpoints", timeout=30,
-                            headers={"Authorization": f"Bearer {old}"})
+                          headers={"Authorization": f"Bearer {old}"})
         assert refused.status_code == 403
         assert len(srv.admin("GET", "/endpoints")) == 4  # with the new one
 

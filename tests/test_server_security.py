@@ -364,7 +364,7 @@ def test_oversized_json_bodies_are_refused_before_parsing(server):
             yield b"a" * MIB
         yield b'"}'
     resp = web.post(server.url + "/api/v1/agent/enroll", content=huge_json(), timeout=120,
-                      headers={"Content-Type": "application/json"})
+                    headers={"Content-Type": "application/json"})
     assert resp.status_code == 413, (resp.status_code, resp.text[:200])
 
 
