@@ -871,7 +871,15 @@ def test_sigkill_at_random_times_recovers_to_old_or_new(scenario):
         window[name] = min(took)
     rng = random.Random(0xBEEF)
     seen: dict[tuple[str, str | None], int] = {}
-    for rnd in range(20):
+
+    def killed() -> int:
+        return sum(n for (outcome, _), n in seen.items() if outcome == "killed")
+
+    # At least 20 rounds, and more (up to 40) until 10 kills, 3 of them while switching,
+    # landed: on a busy machine a short switch escapes more kills than the window expects.
+    for rnd in range(40):
+        if rnd >= 20 and killed() >= 10 and seen.get(("killed", "switching"), 0) >= 3:
+            break
         name, go = ("apply", None) if rnd % 2 else ("switch", staged_then_switch)
         old = scenario.fresh()
         took = []
@@ -883,8 +891,7 @@ def test_sigkill_at_random_times_recovers_to_old_or_new(scenario):
         key = (outcome, phase)
         seen[key] = seen.get(key, 0) + 1
         check_after_recovery(scenario, old, phase)
-    killed = sum(n for (outcome, _), n in seen.items() if outcome == "killed")
-    assert killed >= 10, seen
+    assert killed() >= 10, seen
     assert seen.get(("killed", "switching"), 0) >= 3, seen
 
 

@@ -81,7 +81,11 @@ def test_kill_during_apply_never_leaves_a_mix(server, tmp_path: Path):
     rng = random.Random(42)
     duration = None
     outcomes = []
-    for round_ in range(ROUNDS):
+    # ROUNDS rounds, and more (up to twice as many) until 2 of them were killed mid-apply:
+    # on a busy machine an apply may finish before its kill more often than expected.
+    for round_ in range(2 * ROUNDS):
+        if round_ >= ROUNDS and outcomes.count("killed") >= 2:
+            break
         target = "2" if round_ % 2 == 0 else "1"
         server.admin_cli("assign", "--all", "--base", f"os:{target}")
         assert agent.run_once()["update"]["state"] == "ready"
