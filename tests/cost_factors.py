@@ -28,9 +28,8 @@ from strata.engine import delta
 from strata.server import passwords
 from strata.store import crypto
 
-# The product's own factors, read before anything lowers them (the download levels by
-# lower(server=True)).
-PRODUCT_KEY_FILE_LOG_N = crypto.SCRYPT_LOG_N
+# The product's own factors checked in this process, read before anything lowers them
+# (the download levels by lower(server=True)); the key files' is checked in a fresh one.
 PRODUCT_PASSWORD_LOG_N = passwords.SCRYPT_LOG_N
 PRODUCT_LEVELS: dict[str, int] = {}  # layer_downloads' DOWNLOAD_, PRIVATE_, MANIFEST_LEVEL
 TEST_LOG_N = 10

@@ -45,13 +45,20 @@ class StreamCache:
         # The set of ids names the stream, not their order: shuffled ids must not make
         # the server compress the same batch again (the first request's order is kept;
         # receivers read a stream by id).
-        key = self.key(level, ids)
+        return self._get_or_make(self.key(level, ids), make, self.lookup)
+
+    def kept(self, key: str, make: Callable[[], bytes]) -> bytes:
+        """The entry named `key` (not a set of chunk ids: a layer's manifest), else
+        `make()` (then kept); not counted as a download stream."""
+        return self._get_or_make(key, make, self.peek)
+
+    def _get_or_make(self, key: str, make: Callable[[], bytes],
+                     load: Callable[[str], bytes | None]) -> bytes:
         with self.lock(key):
-            body = self.lookup(key)
-            if body is not None:
-                return body
-            body = make()
-            self.keep(key, body)
+            body = load(key)
+            if body is None:
+                body = make()
+                self.keep(key, body)
             return body
 
     def stream(self, level: int, ids: list[bytes],

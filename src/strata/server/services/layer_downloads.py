@@ -80,16 +80,13 @@ def layer_manifest(ctx: ServerContext, ep: Endpoint, sid: str) -> bytes:
     if sid not in allowed_snapshots(ctx, ep):
         # Not assigned to this endpoint: reported like a layer that does not exist.
         raise NotFound(f"no layer or snapshot {sid[:8]} assigned to this endpoint")
-    # Named apart from any set of chunk ids (theirs are 32 bytes each), not counted as a
-    # download stream; a snapshot's manifest never changes.
-    key = ctx.streams.key(MANIFEST_LEVEL, [b"layer manifest " + sid.encode()])
-    with ctx.streams.lock(key):
-        body = ctx.streams.peek(key)
-        if body is None:
-            data = snapshots.manifest_bytes(ctx, sid, "layer")
-            body = zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(data)
-            ctx.streams.keep(key, body)
-    return body
+    # Named apart from any set of chunk ids (theirs are 32 bytes each); a snapshot's
+    # manifest never changes.
+    level = MANIFEST_LEVEL
+    return ctx.streams.kept(
+        ctx.streams.key(level, [b"layer manifest " + sid.encode()]),
+        lambda: zstandard.ZstdCompressor(level=level).compress(
+            snapshots.manifest_bytes(ctx, sid, "layer")))
 
 
 def layer_chunks(ctx: ServerContext, ep: Endpoint, hex_ids: list[str]) -> bytes:
