@@ -51,17 +51,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	@$(MAKE) --no-print-directory -j2 lint test-suite
 
-# The whole suite without the lint. Collected once first, beside mypy: pytest writes each
-# test module as it rewrites its asserts (4 s of CPU) to __pycache__, which the workers then
-# read instead of each rewriting all of them (20 s of CPU on a fresh clone). Its failures
-# are the suite's to report.
+# The whole suite without the lint, its temporary files on a tmpfs (tests/scratch.sh).
+# Collected once first, beside mypy: pytest writes each test module as it rewrites its
+# asserts (4 s of CPU) to __pycache__, which the workers then read instead of each
+# rewriting all of them (20 s of CPU on a fresh clone). Its failures are the suite's to
+# report.
 test-suite: $(STAMP)
 	-@$(BIN)/python -m pytest -q --collect-only -p no:cacheprovider > /dev/null 2>&1
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	tests/scratch.sh $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope \
+		--no-loadscope-reorder
 
 # The unit tier: no servers, agents, CLIs, databases or killed processes, no fuzzing.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist load -m "not e2e and not slow"
+	tests/scratch.sh $(BIN)/python -m pytest -q -n 2 --dist load -m "not e2e and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
