@@ -13,7 +13,8 @@ walk tests what is committed (a file left out of a commit fails here). The clone
 runs (PYTHONPATH) in this checkout's virtual environment, linked as the clone's `.venv`
 so that `make demo` does not install one again (15-30 s; CI's fresh clone and `make test`
 cover that install). The walk's commands are forked from a process that imported
-the clone's code once (tests/cli_forkserver.py), `make demo` is a real exec.
+the clone's code once (tests/cli_forkserver.py), `make demo` is a real exec (and forks its
+own commands from itself, as it does for a user).
 
 What is not run, and why: `make` lines but `make demo` (this is the test), `strata
 server` (the demo's is used), `mount` (FUSE in the foreground: tests/test_mount.py),
@@ -362,8 +363,8 @@ def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
         offline = [(line, c) for line, c in commands if c.startswith("strata store ")]
         # The commands run in children of a fork server that imported the clone's code
         # (tests/cli_forkserver.py: each still its own process, environment, folder and
-        # exit code; 0.06 s of CPU instead of 0.6). `make demo` and what it starts are
-        # real execs; STRATA_TEST_EXEC=1 makes the commands so too.
+        # exit code; 0.06 s of CPU instead of 0.6). `make demo` and its server are real
+        # execs (its commands fork from it); STRATA_TEST_EXEC=1 makes the walk's so too.
         if not exec_only():
             forks = ForkServer(pythonpath=str(clone / "src"))
         walk = Walk(base, clone / "demo-work", code, forks)
