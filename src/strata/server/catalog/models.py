@@ -1,4 +1,6 @@
-"""SQLAlchemy 2 models of the catalog. The schema itself is owned by Alembic migrations."""
+"""SQLAlchemy 2 models of the catalog. The schema is owned by Alembic migrations; a new
+database is created from these models and stamped (catalog/db.py), and
+tests/test_catalog.py checks that both build the same schema."""
 
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ class Endpoint(Base):
     bytes_received: Mapped[int] = mapped_column(Int64, default=0)  # from the agent
     bytes_sent: Mapped[int] = mapped_column(Int64, default=0)  # to the agent
     token_id: Mapped[int | None] = mapped_column(ForeignKey("enrollment_tokens.id"))
-    tags: Mapped[list] = mapped_column(default=list)
+    # server_default: as the migration that added it gave rows already there (see migrate()).
+    tags: Mapped[list] = mapped_column(default=list, server_default="[]")
 
 
 class Cvd(Base):
@@ -74,7 +77,8 @@ class SnapshotRecord(Base):
     bytes_total: Mapped[int] = mapped_column(Int64, default=0)
     bytes_new: Mapped[int] = mapped_column(Int64, default=0)
     tags: Mapped[list] = mapped_column(default=list)
-    layers: Mapped[list] = mapped_column(default=list)  # layer ids applied when it was taken
+    # layer ids applied when it was taken (server_default: as for Endpoint.tags)
+    layers: Mapped[list] = mapped_column(default=list, server_default="[]")
     # When a restore to new hardware moved it to another CVD: retention protects moved
     # history for the policy's `protect_days` from then (the new machine's own snapshots
     # would otherwise soon push it out of the hourly and daily counts).
@@ -92,7 +96,8 @@ class EnrollmentToken(Base):
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     # What it enrolls: "endpoint" (agents) or "reflector" (branch reflectors). One kind
     # each, so that a token handed to a hundred laptops cannot register a reflector.
-    purpose: Mapped[str] = mapped_column(Str(16), default="endpoint")
+    purpose: Mapped[str] = mapped_column(Str(16), default="endpoint",  # server_default: as
+                                         server_default="endpoint")  # for Endpoint.tags
 
 
 class Reflector(Base):
