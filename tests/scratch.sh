@@ -14,6 +14,7 @@ if [ -n "${TMPDIR:-}" ] || [ "$(stat -f -c %T /dev/shm 2>/dev/null)" != tmpfs ] 
     exec "$@"
 fi
 dir=$(mktemp -d /dev/shm/strata-tests.XXXXXX) || exec "$@"
+chmod 755 "$dir"  # the tests' PostgreSQL runs as `postgres` in a folder of its own in it
 trap 'rm -rf "$dir"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
