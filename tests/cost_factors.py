@@ -4,7 +4,7 @@ What the suite checks of a key derivation or a compressed download does not depe
 how hard it works, and the product's factors are set for production:
 
 - scrypt at N=2^15 for every key file's key (signing keys, an encrypted store's master
-  key) and every password hash: 0.1-0.3 s of CPU each, some 400 a run. Lowered to N=2^10;
+  key) and every password hash: 0.1-0.3 s of CPU each, some 400 a run. Lowered to N=2^4;
   each file and hash records its own cost, so nothing else changes.
 - zstd level 19 (12 for an endpoint's own data) for the download streams of layers and
   their manifests: on the suite's trees, most of a server's CPU (a migration test's
@@ -32,7 +32,7 @@ from strata.store import crypto
 # (the download levels by lower(server=True)); the key files' is checked in a fresh one.
 PRODUCT_PASSWORD_LOG_N = passwords.SCRYPT_LOG_N
 PRODUCT_LEVELS: dict[str, int] = {}  # layer_downloads' DOWNLOAD_, PRIVATE_, MANIFEST_LEVEL
-TEST_LOG_N = 10
+TEST_LOG_N = 4
 TEST_LEVEL = 3
 TEST_DELTA_LEVEL = 9
 

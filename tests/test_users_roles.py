@@ -232,10 +232,10 @@ def test_passwords_are_salted_scrypt_hashes(monkeypatch):
     monkeypatch.setattr(passwords, "SCRYPT_LOG_N", cost_factors.PRODUCT_PASSWORD_LOG_N)
     real = hash_password(PASSWORD)
     assert real.startswith("scrypt$15$8$3$") and PASSWORD not in real
-    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", 10)
+    monkeypatch.setattr(passwords, "SCRYPT_LOG_N", cost_factors.TEST_LOG_N)
     assert check_password(PASSWORD, real)  # older hashes keep their parameters
     a, b = hash_password(PASSWORD), hash_password(PASSWORD)
-    assert a != b and a.startswith("scrypt$10$8$3$")  # salted
+    assert a != b and a.startswith(f"scrypt${cost_factors.TEST_LOG_N}$8$3$")  # salted
     assert check_password(PASSWORD, a) and not check_password(PASSWORD + "!", a)
     assert not check_password(PASSWORD, "") and not check_password(PASSWORD, "md5$x")
 
