@@ -227,3 +227,37 @@ def test_sequential_reads_are_fetched_ahead_in_the_background(sample) -> None:
     assert b"".join(data) == (src / "docs/deep/big.bin").read_bytes()
     assert [c for c, _ in asked] == own  # in order, only this file's, each once
     assert any(name.startswith("readahead") for _, name in asked)
+
+
+def test_a_late_read_ahead_skips_what_the_reader_has_passed(sample, monkeypatch) -> None:
+    """On a busy machine the read-ahead thread may only get to fetch once the reader has
+    gone past its window, and the cache (smaller than the file) has let those chunks go:
+    it must not fetch them a second time (a mount read 382 chunks for a file of 353)."""
+    import threading
+
+    store, snap, src = sample
+    asked: list[bytes] = []
+
+    def load(ids: list[bytes]):
+        asked.extend(ids)
+        return store.load_chunks(ids)
+
+    manifest = b"".join(store.load_chunk(c) for c in snap.manifest_chunk_ids())
+    tree = SnapshotTree(manifest, load, cache_bytes=300_000, read_ahead=64 << 10)
+    reader_done = threading.Event()
+    real_warm = tree._warm
+
+    def late_warm(*args):  # the read-ahead thread gets the CPU only after the reader
+        reader_done.wait(30)
+        real_warm(*args)
+
+    monkeypatch.setattr(tree, "_warm", late_warm)
+    ino = tree.resolve("docs/deep/big.bin")
+    own = [cid for cid, _ in tree.entry(ino).chunks]
+    size = tree.entry(ino).size
+    data = [tree.read(ino, off, 16 << 10) for off in range(0, size, 16 << 10)]
+    reader_done.set()
+    tree.close()  # waits for the read-ahead
+    assert b"".join(data) == (src / "docs/deep/big.bin").read_bytes()
+    assert sum(len(store.load_chunk(c)) for c in set(own)) > 300_000  # the cache let go
+    assert sorted(asked) == sorted(set(own))  # each once

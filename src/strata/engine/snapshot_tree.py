@@ -159,11 +159,14 @@ class ChunkCache:
                             found[cid] = data
         return [found[c] for c in need]
 
-    def warm(self, ids: Sequence[bytes]) -> None:
-        """Fetch and keep those of `ids` not in the cache (a read-ahead in the
-        background); a chunk that fails is left for its own read to report."""
+    def warm(self, ids: Callable[[], Sequence[bytes]]) -> None:
+        """Fetch and keep those of `ids()` not in the cache (a read-ahead in the
+        background); a chunk that fails is left for its own read to report. `ids` is
+        asked once the fetch lock is held: a read-ahead that waited for it (a busy
+        machine, the reader's own fetches) must not fetch again what the reader has
+        since read and the cache let go."""
         with self._fetch_lock:
-            want = [c for c in dict.fromkeys(ids) if not self.has(c)]
+            want = [c for c in dict.fromkeys(ids()) if not self.has(c)]
             if want:
                 self._fetch(want)
 
@@ -418,12 +421,12 @@ class SnapshotTree:
             ahead = f.ids[last:min(stop, len(f.ids))]
         chunks = self.cache.get(f.ids[first:last], ahead)
         if sequential and self._read_ahead:
-            self._read_ahead_of(f, last)
+            self._read_ahead_of(ino, f, last)
         data = b"".join(chunks)
         skip = offset - f.starts[first]
         return data[skip:skip + size]
 
-    def _read_ahead_of(self, f: _File, last: int) -> None:
+    def _read_ahead_of(self, ino: int, f: _File, last: int) -> None:
         """Start fetching, in the background, the file's chunks up to twice READ_AHEAD
         past `last` that are not cached yet: a sequential reader then finds them there
         instead of waiting for a request of its own each READ_AHEAD bytes."""
@@ -434,18 +437,23 @@ class SnapshotTree:
         # for every few chunks the reader moves on.
         if gap == stop or f.starts[gap] - f.starts[last] >= self._read_ahead:
             return
-        window = [c for c in f.ids[gap:stop] if not self.cache.has(c)]
         with self._lock:
             if self._warming:
                 return
             self._warming = True
             if self._warmer is None:
                 self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readahead")
-        self._warmer.submit(self._warm, window)
+        self._warmer.submit(self._warm, f, ino, gap, stop)
 
-    def _warm(self, ids: list[bytes]) -> None:
+    def _still_ahead(self, f: _File, ino: int, gap: int, stop: int) -> list[bytes]:
+        """The chunks [gap, stop) of the file that its reader has not passed yet."""
+        with self._lock:
+            at = self._sequential.get(ino, 0)
+        return f.ids[max(gap, bisect.bisect_right(f.starts, at) - 1):stop]
+
+    def _warm(self, f: _File, ino: int, gap: int, stop: int) -> None:
         try:
-            self.cache.warm(ids)
+            self.cache.warm(lambda: self._still_ahead(f, ino, gap, stop))
         except Exception:  # the read that needs the chunk reports its failure
             pass
         finally:

@@ -53,7 +53,8 @@ class Endpoint(Base):
     bytes_received: Mapped[int] = mapped_column(Int64, default=0)  # from the agent
     bytes_sent: Mapped[int] = mapped_column(Int64, default=0)  # to the agent
     token_id: Mapped[int | None] = mapped_column(ForeignKey("enrollment_tokens.id"))
-    # server_default: as the migration that added it gave rows already there (see migrate()).
+    # server_default: what its migration gave the rows already there, so that a catalog
+    # made from these models equals a migrated one (catalog/db.py, migrate()).
     tags: Mapped[list] = mapped_column(default=list, server_default="[]")
 
 
