@@ -50,6 +50,7 @@ ENDPOINT_PRELOAD = (
 PRELOAD = ("strata.server.app", "strata.server.catalog.db", "strata.cli.server",
            "uvicorn.main", "uvicorn.loops.uvloop", "uvicorn.lifespan.on",
            "uvicorn.protocols.http.httptools_impl", "sqlalchemy.dialects.sqlite.pysqlite",
+           "anyio._backends._asyncio",
            *ENDPOINT_PRELOAD)
 
 
@@ -118,6 +119,7 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
     cost_factors.lower(server="strata.server.app" in sys.modules)
     if "strata.server.app" in sys.modules:  # what every server would build at its start
         sys.modules["strata.server.app"].prepare_routes()
+        sys.modules["strata.server.catalog.db"].prepare()
     from strata.transport import system_trust
 
     system_trust()  # the system's CAs, which every client command loads once (35 ms)

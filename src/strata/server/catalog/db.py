@@ -3,17 +3,29 @@ with Alembic. Any failure becomes one `CatalogError` line that never shows a pas
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import URL, Connection, Engine, create_engine, event, inspect, make_url, text
-from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy import (
+    URL,
+    Connection,
+    Engine,
+    create_engine,
+    create_mock_engine,
+    event,
+    inspect,
+    make_url,
+    text,
+)
+from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
 from sqlalchemy.exc import ArgumentError, DisconnectionError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -147,6 +159,49 @@ def _check_postgresql(conn: Connection, shown: str) -> None:
     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
 
 
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    """The migration scripts, read once per process (their revision map: 15 ms each time)."""
+    return ScriptDirectory(str(MIGRATIONS))
+
+
+# The statements `create_all` runs on an empty database, by database, driver and server
+# version (on which the compiled SQL may depend).
+_SCHEMA_DDL: dict[tuple[str, str, object], tuple[str, ...]] = {}
+
+
+def _schema_ddl(dialect: Dialect) -> tuple[str, ...]:
+    """What `create_all` would run on an empty database of this kind, compiled once per
+    process: compiling it took half of a new catalog's 40 ms."""
+    key = (dialect.name, dialect.driver, dialect.server_version_info)
+    if key not in _SCHEMA_DDL:
+        statements: list[str] = []
+
+        def compiled(sql: Any, *_args: object, **_kw: object) -> None:
+            statements.append(str(sql.compile(dialect=dialect)).strip())
+
+        mock = create_mock_engine(URL.create(f"{dialect.name}+{dialect.driver}"), compiled)
+        Base.metadata.create_all(mock, checkfirst=False)
+        _SCHEMA_DDL[key] = tuple(statements)
+    return _SCHEMA_DDL[key]
+
+
+def create_schema(conn: Connection) -> None:
+    """The newest schema on an empty database, as `Base.metadata.create_all` makes it."""
+    for statement in _schema_ddl(conn.dialect):
+        conn.exec_driver_sql(statement)
+
+
+def prepare() -> None:
+    """Read the migrations and compile a new SQLite catalog's schema now: a process that
+    forks servers (the tests' fork server) does it once instead of each server."""
+    engine = create_engine("sqlite://")
+    with engine.connect() as conn:
+        _schema_ddl(conn.dialect)
+    engine.dispose()
+    _scripts().revision_map.get_current_head()
+
+
 def migrate(conn: Connection, url: URL, shown: str) -> None:
     """Upgrade the schema to the newest revision, refusing one newer than this code. An
     empty database gets the newest schema at once, from the models, stamped with the head
@@ -156,9 +211,9 @@ def migrate(conn: Connection, url: URL, shown: str) -> None:
     cfg.attributes["connection"] = conn
     context = MigrationContext.configure(conn)
     current = context.get_current_revision()
-    scripts = ScriptDirectory.from_config(cfg)
+    scripts = _scripts()
     if current is None and not inspect(conn).get_table_names():
-        Base.metadata.create_all(conn)
+        create_schema(conn)
         context.stamp(scripts, "head")
         return
     if current is not None:

@@ -12,8 +12,8 @@ from fastapi.staticfiles import StaticFiles
 from strata.errors import StrataError
 from strata.model.roles import Permission
 from strata.server.console import admin_pages, fleet_pages, report_pages
+from strata.server.console import portal as portal_pages
 from strata.server.console.chart import storage_chart
-from strata.server.console.portal import mount_portal
 from strata.server.console.render import STATIC, render, secure
 from strata.server.console.session import (
     LOGIN_COOKIE,
@@ -40,8 +40,10 @@ from strata.server.services import (
 from strata.server.services.signin import AddressThrottle, LoginRefused, TooManyAttempts
 
 router = APIRouter(include_in_schema=False)
-# Every router of console pages (the portal's are in console/portal.py).
-ROUTERS = [router, fleet_pages.router, admin_pages.router, report_pages.router]
+# Every router of console and portal pages, included with the API's once per process
+# (server/app.py: shared_routes).
+ROUTERS = [router, fleet_pages.router, admin_pages.router, report_pages.router,
+           portal_pages.router]
 
 
 # -- signing in and out ----------------------------------------------------------------------
@@ -138,12 +140,11 @@ def change_password(request: Request, current: str = Form("", max_length=1024),
 
 
 def mount_console(app: FastAPI) -> None:
-    """The console at `/` of the server itself, its assets under /static (all vendored:
-    it works without internet)."""
+    """What the console's pages (ROUTERS, at `/` of the server itself) need of their app:
+    the sign-in throttle, the assets under /static (all vendored: it works without
+    internet) and the answers to a visitor who must sign in or may not see a page."""
     app.state.login_throttle = AddressThrottle()
-    for pages in ROUTERS:
-        app.include_router(pages)
-    mount_portal(app)
+    portal_pages.handle_sign_in(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(SignInNeeded)

@@ -137,8 +137,8 @@ def download(snapshot: str, request: Request, path_hex: str = "",
     return StreamingResponse(d.body, media_type=d.media_type, headers=headers)
 
 
-def mount_portal(app: FastAPI) -> None:
-    app.include_router(router)
+def handle_sign_in(app: FastAPI) -> None:
+    """A portal page asked for without a portal session goes to the portal's sign-in."""
 
     @app.exception_handler(PortalSignInNeeded)
     async def sign_in(_request: Request, _exc: PortalSignInNeeded) -> Response:
