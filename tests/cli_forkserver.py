@@ -36,22 +36,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-# What the commands import: loaded once in the fork server (`strata server` included:
-# its imports cost about 2 s of CPU at each start). httpx loads httpcore, and a server
-# uvicorn and the SQLite dialect, only when first used. In a branch's network namespace
-# only agents and reflectors run: the server's imports would cost more than they save.
-ENDPOINT_PRELOAD = (
-    "strata.cli.main", "strata.cli.agent", "strata.cli.admin", "strata.cli.layers",
-    "strata.cli.store", "strata.cli.endpoint", "strata.cli.signing", "strata.cli.reflector",
-    "strata.cli.users", "strata.cli.reports", "strata.agent.cycle", "strata.agent.centralize",
-    "strata.agent.update", "strata.agent.enrollment", "strata.agent.status",
-    "strata.signing.trust", "strata.signing.publisher", "strata.engine.backup",
-    "strata.engine.restore", "strata.layers.capture", "httpcore", "h11", "certifi")
-PRELOAD = ("strata.server.app", "strata.server.catalog.db", "strata.cli.server",
-           "uvicorn.main", "uvicorn.loops.uvloop", "uvicorn.lifespan.on",
-           "uvicorn.protocols.http.httptools_impl", "sqlalchemy.dialects.sqlite.pysqlite",
-           "anyio._backends._asyncio",
-           *ENDPOINT_PRELOAD)
+# Loaded once in the fork server: what the commands import (strata.cli.main's
+# COMMAND_MODULES), and what `strata server` does (its imports cost about 2 s of CPU at
+# each start): httpx loads uvicorn, the SQLite dialect and anyio's event loop only when
+# first used. In a branch's network namespace only agents and reflectors run: the server's
+# imports would cost more than they save.
+PRELOAD = ("strata.server.app", "strata.server.catalog.db", "uvicorn.main",
+           "uvicorn.loops.uvloop", "uvicorn.lifespan.on", "uvicorn.protocols.http.httptools_impl",
+           "sqlalchemy.dialects.sqlite.pysqlite", "anyio._backends._asyncio")
 
 
 def _recv_fds(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -111,8 +103,11 @@ def _child(request: dict, fds: list[int], siblings: list[socket.socket]) -> None
 def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None:
     """The fork server's loop (runs in its own process: `python cli_forkserver.py PATH
     [REPORT [MODULES]]`). REPORT: a file to append "CPU-seconds wall-seconds command" to
-    per command. MODULES: what to import first, comma-separated."""
-    for name in preload.split(","):
+    per command. MODULES: what to import first besides the commands, comma-separated."""
+    from strata.cli.main import import_commands
+
+    import_commands()
+    for name in filter(None, preload.split(",")):
         __import__(name)
     import cost_factors  # beside this file
 
@@ -179,8 +174,8 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
 class ForkServer:
     """`prefix`: what the server runs under, e.g. `ip netns exec NS` for a network
     namespace (a pathname socket is reachable from any namespace); `preload`: the modules
-    it imports first; `pythonpath`: where it imports `strata` from (the README walk's
-    clone), instead of this checkout."""
+    it imports besides the commands'; `pythonpath`: where it imports `strata` from (the
+    README walk's clone), instead of this checkout."""
 
     def __init__(self, prefix: Sequence[str] = (), preload: Sequence[str] = PRELOAD,
                  pythonpath: str | None = None) -> None:
@@ -392,7 +387,7 @@ def fork_server(netns: str = "") -> ForkServer | None:
     if exec_only():
         return None
     if netns not in _servers:
-        _servers[netns] = (ForkServer(("ip", "netns", "exec", netns), ENDPOINT_PRELOAD)
+        _servers[netns] = (ForkServer(("ip", "netns", "exec", netns), preload=())
                            if netns else ForkServer())
     return _servers[netns]
 

@@ -366,7 +366,7 @@ def test_make_demo_then_the_readme_on_a_fresh_clone(tmp_path):
         # exit code; 0.06 s of CPU instead of 0.6). `make demo` and its server are real
         # execs (its commands fork from it); STRATA_TEST_EXEC=1 makes the walk's so too.
         if not exec_only():
-            forks = ForkServer(pythonpath=str(clone / "src"))
+            forks = ForkServer(preload=(), pythonpath=str(clone / "src"))  # no server
         walk = Walk(base, clone / "demo-work", code, forks)
         for _, command in offline:  # no server needed: while the demo builds its fleet
             walk.run(command)

@@ -44,26 +44,15 @@ def run(*args: str, quiet: bool = False, codes: tuple[int, ...] = (0,),
     return out
 
 
-# The commands the tour runs, imported once here before the first fork (the trio-free
-# httpcore first, as the `strata` command does).
-_CLI_MODULES = ("strata.cli.main", "strata.cli.store", "strata.cli.agent", "strata.cli.admin",
-                "strata.cli.layers", "strata.cli.endpoint", "strata.cli.signing",
-                "strata.cli.users", "strata.cli.portal")
-
-
 def _forked_strata(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     """(exit code, standard output) of `strata ARGS`, run in a child forked from this
     process: its own process, environment and exit code, as an exec of the `strata`
     command gives, without each of the tour's commands spending half a second of CPU
     importing the same modules again (the small tour: 32 CPU s with an exec each, 17.7
     forked)."""
-    import importlib
+    from strata.cli.main import import_commands
 
-    from strata.import_costs import httpcore_without_trio
-
-    httpcore_without_trio()
-    for module in _CLI_MODULES:
-        importlib.import_module(module)
+    import_commands()  # once: the modules are then in every child
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe()
