@@ -1,6 +1,6 @@
-"""A local S3-compatible server for the tests: moto's server mode in a subprocess on a free
-loopback port (its own process, so it does not share the tests' GIL, and `strata server`
-processes can reach it too). Every test takes a bucket of its own.
+"""A local S3-compatible server for the tests: moto's server mode (tests/moto_server.py) in a
+subprocess on a free loopback port (its own process, so it does not share the tests' GIL,
+and `strata server` processes can reach it too). Every test takes a bucket of its own.
 
 The `s3` and `s3_bucket` fixtures in conftest.py start it only for tests that ask.
 """
@@ -38,7 +38,8 @@ class MotoServer:
     def start(self, timeout: float = 60) -> MotoServer:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, str(Path(__file__).with_name("moto_server.py")), "-H",
+                 "127.0.0.1", "-p", str(self.port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
