@@ -75,6 +75,7 @@ class PgCluster:
         self.log = self.base / "postgres.log"
         self._names = itertools.count(1)
         self._as_service_user: list[str] = []
+        self._create_strategy = ""
         if os.geteuid() == 0:
             try:
                 pw = pwd.getpwnam(SERVICE_USER)
@@ -106,6 +107,14 @@ class PgCluster:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
                   "-o", options, "-w", "-t", "60", "start")
         self.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'")
+        import psycopg
+
+        with psycopg.connect(host=str(self.socket_dir), port=self.port, user=SERVICE_USER,
+                             dbname="postgres") as conn:
+            version = int(conn.execute("SHOW server_version_num").fetchone()[0])  # type: ignore[index]
+        # New databases copied as files, not written block by block to the WAL (the default
+        # since PostgreSQL 15, which added the choice): 28 ms instead of 45 here.
+        self._create_strategy = " STRATEGY = FILE_COPY" if version >= 150000 else ""
         return self
 
     def stop(self) -> None:
@@ -131,7 +140,7 @@ class PgCluster:
     def new_database(self, prefix: str = "catalog") -> str:
         """A new empty database owned by the test role; its URL (password included)."""
         name = f"{prefix}_{next(self._names)}"
-        self.execute(f"CREATE DATABASE {name} OWNER {ROLE}")
+        self.execute(f"CREATE DATABASE {name} OWNER {ROLE}{self._create_strategy}")
         return self.url(name)
 
 
