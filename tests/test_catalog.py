@@ -160,14 +160,36 @@ def test_a_schema_newer_than_the_code_is_refused_in_one_line(catalogs, tmp_path)
 def test_two_servers_starting_on_a_new_database_both_migrate(pg_cluster: PgCluster):
     """A race of first starts, in separate processes like real servers: the later ones wait
     for the first's migration, then find the schema up to date (without the lock, they
-    create the same tables at once and all but one fail)."""
+    create the same tables at once and all but one fail). Six children forked from one
+    interpreter that imported the catalog code, released together."""
     url = pg_cluster.new_database()
-    code = ("import sys; from strata.server.catalog.db import open_catalog; "
-            "open_catalog(sys.argv[1])[0].dispose()")
-    procs = [subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(4)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * 4, outputs
+    code = """
+import os, sys
+from strata.server.catalog.db import open_catalog
+go_read, go_write = os.pipe()
+pids = []
+for _ in range(6):
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_write)
+        os.read(go_read, 1)  # all six wait here, then start at once
+        try:
+            open_catalog(sys.argv[1])[0].dispose()
+        except BaseException as exc:
+            print(f"{type(exc).__name__}: {exc}", flush=True)
+            os._exit(1)
+        os._exit(0)
+    pids.append(pid)
+os.close(go_read)
+os.close(go_write)  # end of file: every child's read returns
+codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+print(codes)
+sys.exit(1 if any(codes) else 0)
+"""
+    proc = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert proc.stdout.strip().endswith("[0, 0, 0, 0, 0, 0]"), proc.stdout
 
 
 def test_a_pooled_connection_the_database_dropped_is_replaced_before_use(pg_cluster,
