@@ -44,40 +44,61 @@ SERVICE_FIXTURES = {"pg_cluster", "s3"}
 # -- scheduling --------------------------------------------------------------------------------
 
 # `make test` hands whole modules to its workers (`--dist loadscope`), in collection order
-# (`--no-loadscope-reorder`). Longest first: a module of two minutes started last keeps one
-# worker busy alone at the end (xdist's own order, most tests first, started the one-test
-# network scenarios last: a minute and a half of one worker after the others were done).
-# Wall seconds per module in a full run on the 2-core reference machine, rounded; made
-# with `STRATA_CPU_REPORT_TESTS=F make test`-style runs (tests/cpu_report.py). Only the
-# order depends on them: a module missing here runs after these, a stale figure costs
-# a little time, never a result.
-LONGEST_FIRST = {
-    "test_wan_netns.py": 151, "test_reflector.py": 76, "test_reflector_netns.py": 74,
-    "test_pipelined_restore.py": 71, "test_readme_walk.py": 70, "test_console.py": 62,
-    "test_server_startup.py": 51, "test_crash_safety.py": 46, "test_scale_out.py": 40,
-    "test_agent_resilience.py": 38, "test_layer_power_loss.py": 34,
-    "test_agent_daemon.py": 33, "test_layers.py": 31, "test_validation.py": 30,
-    "test_server_security.py": 29, "test_resume.py": 29, "test_deltas.py": 26,
-    "test_server_fleet.py": 26, "test_signed_layers.py": 22, "test_cli_errors.py": 20,
-    "test_isolation.py": 19, "test_fuzz_decoders.py": 19, "test_apply_journal.py": 17,
-    "test_store_s3.py": 17, "test_users_roles.py": 15, "test_tls.py": 13,
-    "test_bandwidth.py": 13, "test_layer_endpoint_state.py": 12, "test_layers_cli.py": 12,
-}
+# (`--no-loadscope-reorder`), which this list sets: the long modules first (a module of two
+# minutes started last keeps one worker busy alone at the end), and those that mostly
+# wait (on a throttled link, an outage, a timer: `W` below, 5-25% of one core) spread
+# among those that use the CPU, so that no more than three wait at once. With the four
+# waiting modules started together, both cores sat 18% idle for 40 s of every run. The
+# wall seconds are those of a fresh-clone run at de772ea (tests/cpu_report.py); only the
+# order depends on them: a module missing here runs after these, a stale figure costs a
+# little time, never a result.
+SCHEDULE = [
+    "test_wan_netns.py",  # W 172 s
+    "test_readme_walk.py",  # 35
+    "test_pipelined_restore.py",  # W 92
+    "test_console.py",  # 53
+    "test_crash_safety.py",  # 23
+    "test_reflector_netns.py",  # W 54
+    "test_layers.py",  # 21
+    "test_server_fleet.py",  # 28
+    "test_layer_power_loss.py",  # 31
+    "test_reflector.py",  # W 63
+    "test_agent_daemon.py",  # 17
+    "test_scale_out.py",  # W 67
+    "test_agent_resilience.py",  # 35
+    "test_fuzz_decoders.py",  # 43
+    "test_store_s3.py",  # 29
+    "test_accounts.py",  # 28
+    "test_isolation.py",  # 25
+    "test_validation.py",  # 24
+    "test_server_security.py",  # 20
+    "test_catalog.py",  # 19
+    "test_apply_journal.py",  # 17
+    "test_layer_download.py",  # 16
+    "test_manifest_wire.py",  # 16
+    "test_resume.py",  # 15
+    "test_signed_layers.py",  # 14
+    "test_snapshot_files.py",  # 14
+    "test_users_roles.py",  # 13
+    "test_clone_wire.py",  # 13
+    "test_retention.py",  # 13
+]
+_RANK = {name: i for i, name in enumerate(SCHEDULE)}
 
 
-def _expected_seconds(item: pytest.Item) -> int:
-    return LONGEST_FIRST.get(item.path.name, 0)
+def _rank(item: pytest.Item) -> int:
+    return _RANK.get(item.path.name, len(SCHEDULE))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tier the tests: `e2e` marks those that run real processes (servers, agents, CLIs,
     databases), set per module with `pytestmark` or found here from the fixtures a test
-    uses; `make test-fast` runs the rest, `make test` runs all. Then order the modules
-    longest first (above); a stable sort keeps each module's own order."""
+    uses; `make test-fast` runs the rest, `make test` runs all. Then order the modules as
+    SCHEDULE says; a stable sort keeps each module's own order."""
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
-    items.sort(key=lambda item: -_expected_seconds(item))
+    items.sort(key=_rank)
 
 
 # -- memory -----------------------------------------------------------------------------------
