@@ -51,8 +51,8 @@ COMMAND_MODULES = (
     "strata.agent.cycle", "strata.agent.centralize", "strata.agent.update",
     "strata.agent.enrollment", "strata.agent.status", "strata.agent.live_compliance",
     "strata.signing.trust", "strata.signing.publisher", "strata.engine.backup",
-    "strata.engine.restore", "strata.layers.capture", "h11", "certifi", "typer._adapters",
-    "encodings.idna", "_strptime")
+    "strata.engine.restore", "strata.layers.capture", "strata.cli.admin_client", "h11",
+    "certifi", "typer._adapters", "encodings.idna", "_strptime")
 
 
 def import_commands() -> None:
