@@ -62,9 +62,11 @@ test-suite: $(STAMP)
 	tests/scratch.sh $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope \
 		--no-loadscope-reorder
 
-# The unit tier: no servers, agents, CLIs, databases or killed processes, no fuzzing.
+# The unit tier: no servers, agents, CLIs, databases or killed processes, no fuzzing; the
+# property tests try a quarter of their examples (tests/tier.py).
 test-fast: $(STAMP)
-	tests/scratch.sh $(BIN)/python -m pytest -q -n 2 --dist load -m "not e2e and not slow"
+	STRATA_FAST_TIER=1 tests/scratch.sh $(BIN)/python -m pytest -q -n 2 --dist load \
+		-m "not e2e and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

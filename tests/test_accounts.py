@@ -17,6 +17,7 @@ from strata.layers.accounts import (
     Format,
     merge_database,
 )
+from tier import examples
 
 
 def db(*lines: str) -> bytes:
@@ -215,7 +216,7 @@ def parsed(content: bytes) -> list[list[str]]:
     return [line.split(":") for line in content.decode().splitlines()]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(three_copies())
 def test_properties_of_a_three_way_merge(copies):
     old, endpoint, new = copies
@@ -238,7 +239,7 @@ def test_properties_of_a_three_way_merge(copies):
             assert out[n][6] == rec[1] and out[n][2] == str(new[n][0])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(three_copies())
 def test_properties_of_a_two_way_merge(copies):
     _, endpoint, new = copies
@@ -248,7 +249,7 @@ def test_properties_of_a_two_way_merge(copies):
     assert set(new) | set(endpoint) == set(out)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(three_copies(), st.data())
 def test_a_new_account_on_a_local_uid_is_always_a_clash(copies, data):
     old, endpoint, new = copies
@@ -261,7 +262,7 @@ def test_a_new_account_on_a_local_uid_is_always_a_clash(copies, data):
                and c.base == "zz-intruder" for c in clashes), clashes
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(NAMES, max_size=6, unique=True), st.lists(NAMES, max_size=6, unique=True),
        st.lists(NAMES, max_size=6, unique=True))
 def test_group_members_three_way(o, e, n):

@@ -33,6 +33,7 @@ from strata.store.repository import Store
 from strata.tree.content import HOLE_BLOCK
 from strata.tree.scan import scan_tree
 from strata.tree.writer import TreeWriter
+from tier import examples
 
 pytestmark = pytest.mark.e2e
 
@@ -147,7 +148,7 @@ pieces = st.lists(st.tuples(st.booleans(), st.integers(1, 3 * HOLE_BLOCK)), min_
                   max_size=12)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@settings(max_examples=examples(60), deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layout=pieces, cuts=st.lists(st.integers(1, 40_000), max_size=8))
 def test_holes_exactly_where_whole_blocks_are_zero(tmp_path, layout, cuts):

@@ -35,6 +35,7 @@ from strata.store.chunker import Chunker, ChunkerParams
 from strata.store.crypto import PlainCipher
 from strata.store.pack import BlobCodec
 from strata.store.repository import Store
+from tier import examples
 
 names = st.binary(min_size=1, max_size=12).map(
     lambda b: b.replace(b"/", b"_").replace(b"\0", b"_")).filter(lambda b: b not in (b".", b".."))
@@ -69,7 +70,7 @@ def _strip(e: Entry) -> Entry:
                     "ctime_ns": 0, "inode": 0, "dev": 0})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(es=entries())
 def test_manifest_round_trips_with_and_without_stat_keys(es: list[Entry]):
     full = b"".join(encode_manifest(es))
@@ -269,7 +270,7 @@ def test_manifest_delta_bomb_is_bounded(device):
     assert _send(device, forged).status_code == 422
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=examples(150), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=st.one_of(
     st.binary(max_size=200),
@@ -318,7 +319,7 @@ def test_manifest_delta_base_is_the_head_else_the_largest_kept_layer(tmp_path: P
         sorted([small, large])
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(old=entries(), new=entries())
 def test_manifest_delta_round_trips(old: list[Entry], new: list[Entry]):
     """What the agent sends rebuilds, from the manifest the server stored, exactly the new

@@ -31,6 +31,7 @@ from strata.reflector.cache import ChunkCache
 from strata.reflector.service import NotAllowed, ReflectorService
 from strata.server.policies import reflectors_for, validate_policy
 from strata.server.services.deltas import _ALONE, DeltaService
+from tier import examples
 
 NOW = 1_800_000_000
 RID = "11111111-2222-3333-4444-555555555555"
@@ -73,7 +74,7 @@ def test_a_ticket_changed_after_signing_is_refused(signer):
         verify_ticket(f"{widened}.{sig}", signer.public_key, reflector=RID, now=NOW)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.text(max_size=300) | st.binary(max_size=300).map(lambda b: b.hex() + "." + b.hex()))
 def test_any_text_is_a_ticket_or_one_refusal(text):
     try:

@@ -12,6 +12,7 @@ from strata.engine.retention import (
     SnapshotInfo,
     apply_policy,
 )
+from tier import examples
 
 
 def snap(when: str, host: str = "h", paths: tuple[str, ...] = ("/data",), tags=()) -> SnapshotInfo:
@@ -293,7 +294,7 @@ def newest_per_host(snapshots: list[SnapshotInfo], n: int) -> set[str]:
     return ids
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(snapshot_sets, finite_policies)
 def test_kept_never_exceeds_sum_of_counts_per_group(snapshots, policy):
     decisions = apply_policy(snapshots, policy, tz=UTC)
@@ -304,14 +305,14 @@ def test_kept_never_exceeds_sum_of_counts_per_group(snapshots, policy):
         assert sum(d.keep for d in decisions if d.snapshot.host == host) <= budget
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(snapshot_sets, st.integers(min_value=1, max_value=8))
 def test_keep_last_keeps_exactly_the_n_newest_per_group(snapshots, n):
     decisions = apply_policy(snapshots, RetentionPolicy(last=n), tz=UTC)
     assert set(kept(decisions)) == newest_per_host(snapshots, n)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(snapshot_sets, finite_policies)
 def test_keep_last_newest_are_kept_whatever_else_is_set(snapshots, policy):
     decisions = apply_policy(snapshots, policy, tz=UTC)
@@ -397,7 +398,7 @@ protected_sets = st.lists(st.tuples(minutes, hosts, st.none() | minutes), max_si
 PROPERTY_NOW = EPOCH + timedelta(days=3 * 366)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(protected_sets, finite_policies, st.integers(min_value=0, max_value=400))
 def test_protection_only_adds_the_protected_to_what_the_counts_keep(snapshots, policy, days):
     """Protected snapshots are kept uncounted: every other decision is exactly the one the
