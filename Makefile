@@ -53,12 +53,11 @@ test: $(STAMP)
 	@$(MAKE) --no-print-directory -j2 lint test-suite
 
 # The whole suite without the lint, its temporary files on a tmpfs (tests/scratch.sh).
-# Collected once first, beside mypy: pytest writes each test module as it rewrites its
-# asserts (4 s of CPU) to __pycache__, which the workers then read instead of each
-# rewriting all of them (20 s of CPU on a fresh clone). Its failures are the suite's to
-# report.
+# The test modules' bytecode is written first, beside mypy (tests/rewrite_ahead.py: pytest
+# rewrites a test module's asserts as it imports it, and every worker imports them all:
+# 20 s of CPU when they all do it at once). Its failures are the suite's to report.
 test-suite: $(STAMP)
-	-@$(BIN)/python -m pytest -q --collect-only -p no:cacheprovider > /dev/null 2>&1
+	-@$(BIN)/python tests/rewrite_ahead.py
 	tests/scratch.sh $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope \
 		--no-loadscope-reorder
 
