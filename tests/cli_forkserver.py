@@ -38,9 +38,9 @@ from typing import TextIO
 
 # Loaded once in the fork server: what the commands import (strata.cli.main's
 # COMMAND_MODULES), and what `strata server` does (its imports cost about 2 s of CPU at
-# each start): httpx loads uvicorn, the SQLite dialect and anyio's event loop only when
-# first used. In a branch's network namespace only agents and reflectors run: the server's
-# imports would cost more than they save.
+# each start; a server loads uvicorn, the SQLite dialect and anyio's event loop only when
+# first used). In a branch's network namespace only agents and reflectors run: the
+# server's imports would cost more than they save.
 PRELOAD = ("strata.server.app", "strata.server.catalog.db", "uvicorn.main",
            "uvicorn.loops.uvloop", "uvicorn.lifespan.on", "uvicorn.protocols.http.httptools_impl",
            "sqlalchemy.dialects.sqlite.pysqlite", "anyio._backends._asyncio")
