@@ -71,22 +71,10 @@ def _child(request: dict, fds: list[int], siblings: list[socket.socket]) -> None
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         sys.argv = ["strata", *request["args"]]
-        from strata.cli.main import main
+        from strata.cli.main import main_status
 
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            if exc.code is None:
-                code = 0
-            elif isinstance(exc.code, int):
-                code = exc.code
-            else:
-                print(exc.code, file=sys.stderr)
-                code = 1
-        except KeyboardInterrupt:
-            code = 130
-    except BaseException:
+        code = main_status()
+    except BaseException:  # in the set-up above
         import traceback
 
         traceback.print_exc()

@@ -66,16 +66,10 @@ def _forked_strata(args: list[str], env: dict[str, str]) -> tuple[int, str]:
             os.environ.clear()
             os.environ.update(env)
             sys.argv = ["strata", *args]
-            from strata.cli.main import main
+            from strata.cli.main import main_status
 
-            main()
-            code = 0
-        except SystemExit as exc:
-            if isinstance(exc.code, int) or exc.code is None:
-                code = exc.code or 0
-            else:  # sys.exit("message"), as Python's own exit prints it
-                print(exc.code, file=sys.stderr)
-        except BaseException:
+            code = main_status()
+        except BaseException:  # in the set-up above
             import traceback
 
             traceback.print_exc()

@@ -177,5 +177,28 @@ def main() -> None:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def main_status() -> int:
+    """Run `main` in this process and return the exit status a `strata` process would end
+    with, instead of ending this one: for a child forked to be one command (the demo's,
+    the tests' fork server's). As Python ends a process: `sys.exit()` 0, a number that
+    number, a message printed on stderr and 1; an interrupt 130; anything else its
+    traceback and 1."""
+    try:
+        main()
+        return 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
 if __name__ == "__main__":
     main()
