@@ -756,7 +756,11 @@ def test_users_change_their_own_password_with_the_current_one(console):
 
 # -- in a real browser -------------------------------------------------------------------------
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian's chromium-headless-shell: the same Chromium, without the desktop browser's
+# windowing, what Playwright itself runs headless. The full browser (`chromium`) works
+# too, at 2.7 times the CPU (43 CPU s instead of 16 for these tests).
+CHROMIUM = next((p for p in map(Path, ("/usr/bin/chromium-headless-shell", "/usr/bin/chromium"))
+                 if p.exists()), Path("/usr/bin/chromium-headless-shell"))
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                 "--disable-background-networking", "--disable-component-update",
                 "--no-first-run"]
@@ -768,8 +772,8 @@ def _browser_or_skip() -> None:
         return
     if os.environ.get("STRATA_REQUIRE_BROWSER"):
         pytest.fail(f"{CHROMIUM} is missing and STRATA_REQUIRE_BROWSER is set "
-                    "(apt-get install chromium)")
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+                    "(apt-get install chromium-headless-shell)")
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium-headless-shell)")
 
 
 @pytest.fixture(scope="module")
