@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import atexit
+import ctypes
 import gc
 import json
 import os
@@ -88,6 +89,30 @@ def _child(request: dict, fds: list[int], siblings: list[socket.socket]) -> None
             os._exit(code & 0xFF)
 
 
+def _heap_in_huge_pages() -> None:
+    """Back this process's heap (about 75 of its 120 MiB) with 2 MiB pages where the
+    kernel offers them (transparent huge pages in `madvise` mode, collapse since Linux
+    6.1). A fork then copies one page-table entry per 2 MiB instead of 512, and exiting
+    drops as few: a fork and exit of this process cost about 35 ms of CPU with 4 KiB
+    pages, 25 ms with these; what a child writes is still copied 4 KiB at a time."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madv_hugepage, madv_collapse, huge = 14, 25, 2 << 20  # <sys/mman.h>, Linux
+    for line in maps:
+        fields = line.split()
+        if not fields[1].startswith("rw") or fields[5:] not in ([], ["[heap]"]):
+            continue  # anonymous, writable memory only: no files, no stack
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        first, end = -(-lo // huge) * huge, hi // huge * huge
+        if end > first:  # a failure (no THP, an older kernel) leaves the pages as they are
+            libc.madvise(lo, hi - lo, madv_hugepage)
+            libc.madvise(first, end - first, madv_collapse)
+
+
 def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None:
     """The fork server's loop (runs in its own process: `python cli_forkserver.py PATH
     [REPORT [MODULES]]`). REPORT: a file to append "CPU-seconds wall-seconds command" to
@@ -110,6 +135,7 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
     # never walk it (`strata server` starts with a full one: 0.14 s of CPU otherwise).
     gc.collect()
     gc.freeze()
+    _heap_in_huge_pages()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bound under another name and renamed once listening: the client waits for `path`
     # to exist, and a connect between bind and listen would be refused.
