@@ -2,14 +2,16 @@
 
 About two thirds of the suite's CPU went to `strata` commands, and most of each
 command's CPU to importing Python modules (0.5-0.7 s of a 0.8 s `agent status`). A fork
-server, one per test worker, imports the CLI and what its commands use once; each
+server, one per test session (all its workers share it), imports the CLI and what its
+commands use once; each
 command then runs in a child forked from it: its own process and session, its own
 environment, working directory, stdin, stdout and stderr, its own exit code, killed with
 its process group on a timeout, exactly as `subprocess.run` would give. Only the imports
 are shared. `STRATA_TEST_EXEC=1` runs every command as a fresh `exec` instead, as the
 first-run tests and the README walk's `make demo` always do (the walk's own commands
 run in a fork server of its clone's code). The tests with a network namespace
-(tests/test_wan_netns.py) start one more in it, as `ip netns exec` would run a command.
+(tests/test_wan_netns.py) start one of their own in it, as `ip netns exec` would run a
+command.
 
 The server side is single-threaded (a fork copies only the calling thread): it accepts a
 connection, forks, hands the child the three descriptors it received, and reports the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import array
 import atexit
 import ctypes
+import fcntl
 import gc
 import json
 import os
@@ -113,10 +116,12 @@ def _heap_in_huge_pages() -> None:
             libc.madvise(first, end - first, madv_collapse)
 
 
-def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None:
+def serve(path: str, owner: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None:
     """The fork server's loop (runs in its own process: `python cli_forkserver.py PATH
-    [REPORT [MODULES]]`). REPORT: a file to append "CPU-seconds wall-seconds command" to
-    per command. MODULES: what to import first besides the commands, comma-separated."""
+    OWNER [REPORT [MODULES]]`). OWNER: the pid of the process whose end ends this one.
+    REPORT: a file to append "CPU-seconds wall-seconds command" to per command. MODULES:
+    what to import first besides the commands, comma-separated."""
+    owner_fd = os.pidfd_open(int(owner))  # readable once the owner has ended
     from strata.cli.main import import_commands
 
     import_commands()
@@ -142,13 +147,15 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
     listener.bind(path + ".new")
     listener.listen(64)
     os.rename(path + ".new", path)
-    parent = os.getppid()
     children: dict[int, socket.socket] = {}
     began: dict[int, tuple[float, list[str]]] = {}  # for the report
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
+    sel.register(owner_fd, selectors.EVENT_READ)
     while True:
-        for _key, _ev in sel.select(timeout=0.02):
+        for key, _ev in sel.select(timeout=0.02):
+            if key.fd == owner_fd:  # the owner is gone (killed: no atexit)
+                return
             conn, _ = listener.accept()
             request, fds = _recv_fds(conn)
             pid = os.fork()
@@ -181,37 +188,48 @@ def serve(path: str, report: str = "", preload: str = ",".join(PRELOAD)) -> None
                 except OSError:
                     pass
                 waiter.close()
-        if os.getppid() != parent:  # the test worker is gone (killed: no atexit)
-            return
 
 
 class ForkServer:
     """`prefix`: what the server runs under, e.g. `ip netns exec NS` for a network
     namespace (a pathname socket is reachable from any namespace); `preload`: the modules
     it imports besides the commands'; `pythonpath`: where it imports `strata` from (the
-    README walk's clone), instead of this checkout."""
+    README walk's clone), instead of this checkout; `folder`: where its socket goes (a
+    new folder, removed with it, by default); `owner`: the process whose end ends it
+    (this one by default, which then closes it at exit)."""
 
     def __init__(self, prefix: Sequence[str] = (), preload: Sequence[str] = PRELOAD,
-                 pythonpath: str | None = None) -> None:
-        self._dir = tempfile.mkdtemp(prefix="strata-fork-")
+                 pythonpath: str | None = None, folder: str | None = None,
+                 owner: int | None = None) -> None:
+        self._dir = folder or tempfile.mkdtemp(prefix="strata-fork-")
         self.path = os.path.join(self._dir, "sock")
         self.cpu_s = 0.0  # of its commands, as collected here (see close())
         env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
         if pythonpath is not None:
             env["PYTHONPATH"] = pythonpath
         report = os.environ.get("STRATA_CMD_REPORT", "")  # see serve()
-        self.proc = subprocess.Popen([*prefix, sys.executable, __file__, self.path, report,
-                                      ",".join(preload)], env=env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        owner = os.getpid() if owner is None else owner
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [*prefix, sys.executable, __file__, self.path, str(owner), report,
+             ",".join(preload)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not os.path.exists(self.path):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the CLI fork server did not start")
             time.sleep(0.02)
-        atexit.register(self.close)
+        if owner == os.getpid():
+            atexit.register(self.close)
+
+    @classmethod
+    def attach(cls, folder: str) -> ForkServer:
+        """A client of the fork server already listening in `folder`."""
+        self = cls.__new__(cls)
+        self._dir, self.path = folder, os.path.join(folder, "sock")
+        self.cpu_s, self.proc = 0.0, None
+        return self
 
     def close(self) -> None:
-        if self.proc.returncode is not None:
+        if self.proc is None or self.proc.returncode is not None:
             return
         atexit.unregister(self.close)  # closed once, by its owner or at exit
         self.proc.kill()
@@ -384,7 +402,7 @@ def _read_exact(conn: socket.socket, n: int) -> bytes:
     return data
 
 
-_servers: dict[str, ForkServer] = {}  # by network namespace ("": this process's)
+_servers: dict[str, ForkServer] = {}  # by network namespace ("": this session's)
 # CPU seconds of the commands run here: not this process's children (the fork server's),
 # so tests/cpu_report.py adds them.
 forked_cpu_s = 0.0
@@ -395,14 +413,56 @@ def exec_only() -> bool:
     return os.environ.get("STRATA_TEST_EXEC") == "1"
 
 
+# One fork server serves every test worker of a session: each would otherwise import the
+# same modules into one of its own (4.4 s of CPU each). The session's first process
+# (tests/conftest.py) names a folder for it; the first worker that needs it starts it
+# there, under a lock, and it lives as long as that first process.
+SHARED = "STRATA_TEST_FORK_DIR"
+
+
+def share_fork_servers() -> str:
+    """In the session's first process, before the workers start: the shared server's
+    folder, which `fork_server()` finds through the environment. End with
+    `end_shared_fork_server(folder)`."""
+    folder = tempfile.mkdtemp(prefix="strata-forks-")
+    Path(folder, "owner").write_text(str(os.getpid()))
+    os.environ[SHARED] = folder
+    return folder
+
+
+def end_shared_fork_server(folder: str) -> None:
+    pid = Path(folder, "pid")
+    if pid.exists():
+        try:
+            os.kill(int(pid.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _shared(folder: str) -> ForkServer:
+    with open(os.path.join(folder, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker starts it, the others wait and attach
+        if os.path.exists(os.path.join(folder, "sock")):
+            return ForkServer.attach(folder)
+        server = ForkServer(folder=folder, owner=int(Path(folder, "owner").read_text()))
+        assert server.proc is not None
+        Path(folder, "pid").write_text(str(server.proc.pid))
+        return server
+
+
 def fork_server(netns: str = "") -> ForkServer | None:
-    """This worker's fork server, started at first use (in network namespace `netns` if
-    given: see close_fork_server); None under STRATA_TEST_EXEC=1."""
+    """The session's fork server, started at first use; in network namespace `netns` if
+    given, this worker's own (see close_fork_server). None under STRATA_TEST_EXEC=1."""
     if exec_only():
         return None
     if netns not in _servers:
-        _servers[netns] = (ForkServer(("ip", "netns", "exec", netns), preload=())
-                           if netns else ForkServer())
+        if netns:
+            _servers[netns] = ForkServer(("ip", "netns", "exec", netns), preload=())
+        elif os.environ.get(SHARED):
+            _servers[netns] = _shared(os.environ[SHARED])
+        else:
+            _servers[netns] = ForkServer()
     return _servers[netns]
 
 
@@ -415,4 +475,4 @@ def close_fork_server(netns: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    serve(*sys.argv[1:4])
+    serve(*sys.argv[1:5])

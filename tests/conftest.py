@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import cost_factors
-from cli_forkserver import fork_server
+from cli_forkserver import end_shared_fork_server, fork_server, share_fork_servers
 
 # The catalog fixtures live here, not imported by each module: one PostgreSQL cluster a session.
 from pg_fixture import catalogs, pg_cluster  # noqa: F401
@@ -99,6 +99,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
     items.sort(key=_rank)
+
+
+# -- one fork server a session ------------------------------------------------------------------
+
+_shared_forks = ""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In the session's first process (not in an xdist worker): the folder of the fork
+    server every worker shares (tests/cli_forkserver.py), before the workers start."""
+    global _shared_forks
+    if not hasattr(config, "workerinput"):
+        _shared_forks = share_fork_servers()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _shared_forks:
+        end_shared_fork_server(_shared_forks)
 
 
 # -- memory -----------------------------------------------------------------------------------
