@@ -3,11 +3,10 @@
 About two thirds of the suite's CPU went to `strata` commands, and most of each
 command's CPU to importing Python modules (0.5-0.7 s of a 0.8 s `agent status`). A fork
 server, one per test session (all its workers share it), imports the CLI and what its
-commands use once; each
-command then runs in a child forked from it: its own process and session, its own
-environment, working directory, stdin, stdout and stderr, its own exit code, killed with
-its process group on a timeout, exactly as `subprocess.run` would give. Only the imports
-are shared. `STRATA_TEST_EXEC=1` runs every command as a fresh `exec` instead, as the
+commands use once; each command then runs in a child forked from it: its own process and
+session, its own environment, working directory, stdin, stdout and stderr, its own exit
+code, killed with its process group on a timeout, exactly as `subprocess.run` would
+give. Only the imports are shared. `STRATA_TEST_EXEC=1` runs every command as a fresh `exec` instead, as the
 first-run tests and the README walk's `make demo` always do (the walk's own commands
 run in a fork server of its clone's code). The tests with a network namespace
 (tests/test_wan_netns.py) start one of their own in it, as `ip netns exec` would run a
