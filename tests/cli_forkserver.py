@@ -6,11 +6,11 @@ server, one per test session (all its workers share it), imports the CLI and wha
 commands use once; each command then runs in a child forked from it: its own process and
 session, its own environment, working directory, stdin, stdout and stderr, its own exit
 code, killed with its process group on a timeout, exactly as `subprocess.run` would
-give. Only the imports are shared. `STRATA_TEST_EXEC=1` runs every command as a fresh `exec` instead, as the
-first-run tests and the README walk's `make demo` always do (the walk's own commands
-run in a fork server of its clone's code). The tests with a network namespace
-(tests/test_wan_netns.py) start one of their own in it, as `ip netns exec` would run a
-command.
+give. Only the imports are shared. `STRATA_TEST_EXEC=1` runs every command as a fresh
+`exec` instead, as the first-run tests and the README walk's `make demo` always do (the
+walk's own commands run in a fork server of its clone's code). The tests with a network
+namespace (tests/test_wan_netns.py) start one of their own in it, as `ip netns exec`
+would run a command.
 
 The server side is single-threaded (a fork copies only the calling thread): it accepts a
 connection, forks, hands the child the three descriptors it received, and reports the
