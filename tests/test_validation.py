@@ -22,6 +22,7 @@ from strata.model.ids import content_id
 from strata.model.manifest import encode_manifest
 from strata.model.transfer import BundleWriter
 from strata.model.wire import CheckinResponse, DesiredLayer, EnrollResponse
+from strata.server.app import MAX_LISTED_ERRORS, _short
 from strata.server.services.manifests import MAX_MANIFEST_BYTES
 from strata.server.stream_cache import StreamCache
 from test_isolation import API, CODEC, Device, secret, server  # noqa: F401 -- fixture
@@ -102,6 +103,33 @@ def test_reports_an_endpoint_keeps_in_the_catalog_are_bounded(server):
         assert resp.status_code == 422 and "at most 65536 bytes" in resp.text
         assert len(resp.content) < 1000  # the refused value is not echoed back
     assert inventory() == before
+
+
+def test_a_refused_body_lists_its_first_problems_and_repeats_short_values_only(server):
+    dev = Device(server, "hostile")
+    resp = dev.http.post(f"{API}/snapshots", json={"manifest": [["x", "y"]] * 5000,
+                                                   "manifest_id": "ab"})
+    assert resp.status_code == 422
+    problems = resp.json()["detail"]  # 10,001 of them: the first ones are listed
+    assert len(problems) == MAX_LISTED_ERRORS
+    assert problems[0]["loc"] == ["body", "manifest", 0, 0] and problems[0]["input"] == "x"
+    # Python's JSON parser takes a NaN: it comes back as text, not as a 500
+    resp = dev.http.post(f"{API}/snapshots", headers={"Content-Type": "application/json"},
+                         content=b'{"manifest": [["ab", NaN]], "manifest_id": "ab"}')
+    assert resp.status_code == 422
+    assert {"loc": ["body", "manifest", 0, 1], "input": "nan"}.items() <= \
+        resp.json()["detail"][1].items()
+
+
+@pytest.mark.parametrize(("value", "short"), [
+    ("x" * 100, True), ("x" * 300, False), (b"x" * 300, False), (None, True), (1e308, True),
+    (True, True), (10**5000, False),
+    ([1] * 30, True), ([1] * 10**6, False), ({"a": [1, 2, {"b": "c"}]}, True),
+    ({"a": "y" * (3 << 20)}, False), ({str(i): i for i in range(10**5)}, False),
+    ([[[["z" * 60]] * 2] * 2], False),
+])
+def test_only_short_values_are_repeated(value, short):
+    assert _short(value) is short
 
 
 def test_admin_bounds_are_4xx(server):

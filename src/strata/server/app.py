@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -66,10 +65,36 @@ log = logging.getLogger("strata.server")
 
 
 MAX_ECHOED_INPUT = 200  # characters of a refused value a 422 repeats back
+MAX_LISTED_ERRORS = 20  # of a refused request's problems, the first ones a 422 lists
 
 
 def _finite_or_text(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
+
+
+def _short(value: object, budget: int = MAX_ECHOED_INPUT) -> bool:
+    """Whether `value` takes about `budget` characters or fewer as JSON, found by looking
+    at no more of it than that: a refused body may hold megabytes."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            budget -= 2 + 2 * len(item)
+            if budget >= 0:
+                todo += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            budget -= 2 + len(item)
+            if budget >= 0:
+                todo += item
+        elif isinstance(item, (str, bytes)):
+            budget -= len(item) + 2
+        elif isinstance(item, int):  # its digits, about (repr would write them all out)
+            budget -= item.bit_length() // 3 + 1
+        else:  # a float, null
+            budget -= len(repr(item))
+        if budget < 0:
+            return False
+    return True
 
 
 @functools.cache
@@ -173,12 +198,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes the input back and fails (a 500) when that holds a
-        # NaN or an infinity, which Python's JSON parser accepts: write those as strings.
-        errors = jsonable_encoder(exc.errors(), custom_encoder={float: _finite_or_text})
-        for error in errors:  # the input is echoed only when short: never megabytes back
-            if len(json.dumps(error.get("input"))) > MAX_ECHOED_INPUT:
-                error.pop("input", None)
+        # FastAPI's own handler echoes the whole input back: megabytes of a refused body,
+        # encoded in Python (seconds of CPU), and a 500 when it holds a NaN or an
+        # infinity, which Python's JSON parser accepts. Here: the first problems, each
+        # input only when short, NaN and infinities as strings.
+        shown = [{k: v for k, v in error.items() if k != "input" or _short(v)}
+                 for error in exc.errors()[:MAX_LISTED_ERRORS]]
+        errors = jsonable_encoder(shown, custom_encoder={float: _finite_or_text})
         return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(StatementError)
