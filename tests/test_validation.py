@@ -123,7 +123,7 @@ def test_a_refused_body_lists_its_first_problems_and_repeats_short_values_only(s
 
 @pytest.mark.parametrize(("value", "short"), [
     ("x" * 100, True), ("x" * 300, False), (b"x" * 300, False), (None, True), (1e308, True),
-    (True, True), (10**5000, False),
+    (True, True), pytest.param(1 << 20000, False, id="an-int-of-6021-digits"),
     ([1] * 30, True), ([1] * 10**6, False), ({"a": [1, 2, {"b": "c"}]}, True),
     ({"a": "y" * (3 << 20)}, False), ({str(i): i for i in range(10**5)}, False),
     ([[[["z" * 60]] * 2] * 2], False),
