@@ -430,6 +430,8 @@ def share_fork_servers() -> str:
 
 
 def end_shared_fork_server(folder: str) -> None:
+    """At the session's end, in its first process: the shared server, if a worker started
+    one, and its folder."""
     pid = Path(folder, "pid")
     if pid.exists():
         try:
