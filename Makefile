@@ -67,9 +67,14 @@ test-fast: $(STAMP)
 	STRATA_FAST_TIER=1 tests/scratch.sh $(BIN)/python -m pytest -q -n 2 --dist load \
 		-m "not e2e and not slow"
 
+# mypy keeps its cache beside uv's, outside the checkout: a fresh clone on a machine that
+# ran the checks before re-checks only what changed (0.8 s instead of 20-32 CPU s beside
+# the tests). mypy checks each cached module against its source's size and hash.
+MYPY_CACHE ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(if $(HOME),$(HOME)/.cache,.cache))/strata/mypy
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
-	$(BIN)/mypy
+	$(BIN)/mypy --cache-dir "$(MYPY_CACHE)"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
