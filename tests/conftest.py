@@ -125,7 +125,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # million objects that live until the end. Python's cyclic GC walked all of them at each
 # full collection (a fifth of a worker's collection CPU, 8% of its tests'). Collection
 # runs without it; what it built is then frozen, out of every later collection's walk,
-# without a collection first (0.37 s a worker, to free the few cycles imports leave).
+# without a collection first (0.4-1 CPU s a worker, to free the few cycles imports leave).
 @pytest.hookimpl(wrapper=True)
 def pytest_collection(session: pytest.Session) -> object:
     gc.disable()
