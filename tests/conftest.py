@@ -20,6 +20,7 @@ import pytest
 
 import cost_factors
 from cli_forkserver import end_shared_fork_server, fork_server, share_fork_servers
+from generated_trees import word_text, words_by_byte
 
 # The catalog fixtures live here, not imported by each module: one PostgreSQL cluster a session.
 from pg_fixture import catalogs, pg_cluster  # noqa: F401
@@ -198,10 +199,7 @@ def cli(tmp_path: Path) -> Cli:
 
 # -- trees ----------------------------------------------------------------------------------
 
-WORDS = [b"alpha", b"beta", b"gamma", b"delta", b"strata", b"chunk", b"pack", b"index"]
-# A word and its space for each value of a random byte: text drawn by the byte, in C
-# (a draw per word in Python took 73 us per KiB, a third of some tests' CPU).
-_WORD_OF_BYTE = [WORDS[b % len(WORDS)] + b" " for b in range(256)]
+WORDS = words_by_byte(("alpha", "beta", "gamma", "delta", "strata", "chunk", "pack", "index"))
 
 
 def file_content(rng: random.Random, size: int) -> bytes:
@@ -209,7 +207,7 @@ def file_content(rng: random.Random, size: int) -> bytes:
     if size == 0:
         return b""
     random_part = rng.randbytes(size // 2)
-    text = b"".join(map(_WORD_OF_BYTE.__getitem__, rng.randbytes(size // 8 + 2)))
+    text = word_text(rng, WORDS, size // 8 + 2)
     return (random_part + text)[:size]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from cli_forkserver import ForkedProcess, fork_server
-from generated_trees import os_tree
+from generated_trees import os_tree, word_text, words_by_byte
 from strata.transport import system_trust
 
 STRATA = Path(sys.executable).parent / "strata"
@@ -412,9 +412,9 @@ def build_os_tree(dest: Path, budget: int, seed: int = 0) -> int:
     return os_tree(dest, budget, seed)
 
 
-WORDS = ("quarterly", "report", "budget", "meeting", "strata", "endpoint", "layer", "policy",
-         "customer", "invoice", "the", "and", "of", "a", "to", "is")
-_WORD_OF_BYTE = [f"{WORDS[b % len(WORDS)]} ".encode() for b in range(256)]  # drawn in C
+WORDS = words_by_byte(("quarterly", "report", "budget", "meeting", "strata", "endpoint",
+                       "layer", "policy", "customer", "invoice", "the", "and", "of", "a",
+                       "to", "is"))
 
 
 def write_documents(dest: Path, seed: int, count: int, size: int) -> int:
@@ -423,7 +423,7 @@ def write_documents(dest: Path, seed: int, count: int, size: int) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     total = 0
     for i in range(count):
-        words = b"".join(map(_WORD_OF_BYTE.__getitem__, rng.randbytes(size // 5)))
+        words = word_text(rng, WORDS, size // 5)
         data = (f"document {i} seed {seed}\n".encode() + words + b"\n")[:size]
         (dest / f"doc-{i:03d}.txt").write_bytes(data)
         total += len(data)
